@@ -1,0 +1,53 @@
+/**
+ * The lifecycle every hook shares (Ganeti's BlockDev contract, reduced to what a hotplug
+ * script needs):
+ *
+ *   plan(disk)        parse and check the disk spec; nothing is touched. Throws HotplugError.
+ *   add(ctx, plan)    build the device through `ctx.build.step(...)`, each step journaled before
+ *                     it runs and paired with an undoer in `undo`. Returns the finished device.
+ *   remove            generic: the journal's steps are undone newest first (journal/steps.ts).
+ *
+ * Idempotence is the runtime's job (an add whose `physical-device` exists returns at once; a
+ * remove with no record has nothing to do), so backends only build and undo.
+ */
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import type { DiskSpec } from '../hotplug/disk.js';
+import type { HotplugRequest } from '../hotplug/request.js';
+import type { Build, UndoRegistry } from '../journal/steps.js';
+import type { Journal } from '../journal/journal.js';
+import type { Logger } from '../log/logger.js';
+import type { XenstoreClient } from '../xenstore/types.js';
+
+export interface BuiltDevice {
+  /** What goes into physical-device-path: /dev/mapper/NAME when udev made it, else /dev/dm-N, /dev/loopN, /dev/nbdN. */
+  path: string;
+  major: number;
+  minor: number;
+  /** Written to the backend's `node` key (the stock scripts' convention); defaults to `path`. */
+  node?: string;
+}
+
+export interface HookContext {
+  request: HotplugRequest;
+  disk: DiskSpec;
+  config: Config;
+  run: Runner;
+  log: Logger;
+  xs: XenstoreClient;
+  journal: Journal;
+  build: Build;
+  env: NodeJS.ProcessEnv;
+}
+
+export interface Backend<Plan = unknown> {
+  /** Installed script name, e.g. `block-cow`. */
+  readonly script: string;
+  /** One line for --help. */
+  readonly summary: string;
+  /** The params grammar and options, for --help and the man page. */
+  readonly usage: string;
+  plan(disk: DiskSpec, ctx: { config: Config; env: NodeJS.ProcessEnv; xenbusPath: string }): Promise<Plan> | Plan;
+  add(ctx: HookContext, plan: Plan): Promise<BuiltDevice>;
+  readonly undo: UndoRegistry;
+}

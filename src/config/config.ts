@@ -1,0 +1,161 @@
+/**
+ * One configuration file, `/etc/xen/blockhooks.conf`, in the `key = value` style of xl.conf:
+ *
+ *     # where copy-on-write stores, overlays and thin pools live (root-only, created 0700)
+ *     store_dir = /var/lib/xen-blockhooks
+ *     # base images must lie below one of these (space-separated)
+ *     image_dirs = /var/lib/xen/images /srv/xen /mnt /media
+ *     cow.chunk = 64K
+ *
+ * A missing file means the defaults below. Environment variables override the file (tests and
+ * `simulate` use them): XEN_BLOCKHOOKS_CONF names another file, and each key has an override
+ * named XEN_BLOCKHOOKS_<KEY> with dots and dashes as underscores, e.g. XEN_BLOCKHOOKS_STORE_DIR,
+ * XEN_BLOCKHOOKS_IMAGE_DIRS (colon- or space-separated), XEN_BLOCKHOOKS_COW_CHUNK.
+ */
+import { readFileSync } from 'node:fs';
+import { isAbsolute } from 'node:path';
+
+export interface Config {
+  /** Copy-on-write stores, qcow2 overlays, thin pool files. */
+  storeDir: string;
+  /** Journal, reference records and our own locks (tmpfs: gone at reboot, like the devices). */
+  stateDir: string;
+  /** Directories base images may come from. */
+  imageDirs: string[];
+  /** The stock scripts' lock directory (`/var/run/xen-hotplug`), for Xen's `block` lock. */
+  xenLockDir: string;
+  /** Where `block` finds `block-<type>` for the xend type dispatch. */
+  xenScriptDir: string;
+  /** Log file; empty string turns file logging off. */
+  logFile: string;
+  /** Milliseconds a remove keeps retrying a busy device. */
+  busyRetryMs: number;
+  /** Milliseconds to wait for a lock before giving up. */
+  lockTimeoutMs: number;
+  cow: { chunkKiB: number; defaultSizeMiB: number };
+  thin: { blockKiB: number; dataMiB: number; metadataMiB: number; keepPool: boolean };
+  qcow: { cache: string };
+  watch: { thresholdPercent: number; stepPercent: number; intervalMs: number };
+}
+
+export const DEFAULT_CONFIG_FILE = '/etc/xen/blockhooks.conf';
+
+export function defaultConfig(): Config {
+  return {
+    storeDir: '/var/lib/xen-blockhooks',
+    stateDir: '/run/xen-blockhooks',
+    imageDirs: ['/var/lib/xen/images', '/srv/xen', '/mnt', '/media'],
+    xenLockDir: '/var/run/xen-hotplug',
+    xenScriptDir: '/etc/xen/scripts',
+    logFile: '/var/log/xen/xen-hotplug.log',
+    busyRetryMs: 10_000,
+    lockTimeoutMs: 20_000,
+    cow: { chunkKiB: 64, defaultSizeMiB: 1024 },
+    thin: { blockKiB: 64, dataMiB: 4096, metadataMiB: 64, keepPool: false },
+    qcow: { cache: 'writeback' },
+    watch: { thresholdPercent: 80, stepPercent: 25, intervalMs: 2000 },
+  };
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+type Setter = (c: Config, v: string, where: string) => void;
+
+function dir(v: string, where: string): string {
+  if (!isAbsolute(v)) throw new ConfigError(`${where}: "${v}" is not an absolute path`);
+  return v.replace(/\/+$/, '') || '/';
+}
+
+function int(v: string, where: string, min = 0): number {
+  if (!/^\d+$/.test(v) || Number(v) < min) throw new ConfigError(`${where}: "${v}" is not a whole number ≥ ${min}`);
+  return Number(v);
+}
+
+/** `64K`, `64k`, `64` (KiB) → KiB. */
+function kib(v: string, where: string): number {
+  const m = /^(\d+)\s*([kKmM]?)(?:i?B)?$/.exec(v);
+  if (!m) throw new ConfigError(`${where}: "${v}" is not a size such as 64K`);
+  const n = Number(m[1]) * (/[mM]/.test(m[2] ?? '') ? 1024 : 1);
+  if (n <= 0) throw new ConfigError(`${where}: "${v}" must be more than zero`);
+  return n;
+}
+
+function mib(v: string, where: string): number {
+  const m = /^(\d+)\s*([mMgG]?)(?:i?B)?$/.exec(v);
+  if (!m) throw new ConfigError(`${where}: "${v}" is not a size such as 512M or 4G`);
+  return Number(m[1]) * (/[gG]/.test(m[2] ?? '') ? 1024 : 1);
+}
+
+function bool(v: string, where: string): boolean {
+  if (/^(1|yes|true|on)$/i.test(v)) return true;
+  if (/^(0|no|false|off)$/i.test(v)) return false;
+  throw new ConfigError(`${where}: "${v}" is not yes or no`);
+}
+
+const SETTERS: Record<string, Setter> = {
+  store_dir: (c, v, w) => { c.storeDir = dir(v, w); },
+  state_dir: (c, v, w) => { c.stateDir = dir(v, w); },
+  image_dirs: (c, v, w) => { c.imageDirs = v.split(/[\s:]+/).filter(Boolean).map((d) => dir(d, w)); },
+  xen_lock_dir: (c, v, w) => { c.xenLockDir = dir(v, w); },
+  xen_script_dir: (c, v, w) => { c.xenScriptDir = dir(v, w); },
+  log_file: (c, v, w) => { c.logFile = v === '' || v === 'none' ? '' : dir(v, w); },
+  busy_retry_ms: (c, v, w) => { c.busyRetryMs = int(v, w); },
+  lock_timeout_ms: (c, v, w) => { c.lockTimeoutMs = int(v, w, 1); },
+  'cow.chunk': (c, v, w) => {
+    const k = kib(v, w);
+    if (k < 4 || k > 512 || (k & (k - 1)) !== 0) throw new ConfigError(`${w}: chunk "${v}" must be a power of two from 4K to 512K`);
+    c.cow.chunkKiB = k;
+  },
+  'cow.default_size': (c, v, w) => { c.cow.defaultSizeMiB = mib(v, w); },
+  'thin.block': (c, v, w) => { c.thin.blockKiB = kib(v, w); },
+  'thin.data_size': (c, v, w) => { c.thin.dataMiB = mib(v, w); },
+  'thin.metadata_size': (c, v, w) => { c.thin.metadataMiB = mib(v, w); },
+  'thin.keep_pool': (c, v, w) => { c.thin.keepPool = bool(v, w); },
+  'qcow.cache': (c, v, w) => {
+    if (!/^(none|writeback|writethrough|directsync|unsafe)$/.test(v)) throw new ConfigError(`${w}: unknown qemu cache mode "${v}"`);
+    c.qcow.cache = v;
+  },
+  'watch.threshold': (c, v, w) => { c.watch.thresholdPercent = int(v.replace(/%$/, ''), w, 1); },
+  'watch.step': (c, v, w) => { c.watch.stepPercent = int(v.replace(/%$/, ''), w, 1); },
+  'watch.interval_ms': (c, v, w) => { c.watch.intervalMs = int(v, w, 100); },
+};
+
+export const CONFIG_KEYS = Object.keys(SETTERS);
+
+/** Parse the text of a configuration file on top of `base`. */
+export function parseConfig(text: string, file: string, base: Config = defaultConfig()): Config {
+  const c = structuredClone(base);
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.replace(/(^|\s)#.*$/, '').trim();
+    if (line === '') return;
+    const m = /^([a-z_.]+)\s*=\s*(.*)$/.exec(line);
+    const where = `${file}:${i + 1}`;
+    if (!m) throw new ConfigError(`${where}: expected "key = value", found "${raw.trim()}"`);
+    const set = SETTERS[m[1] as string];
+    if (!set) throw new ConfigError(`${where}: unknown setting "${m[1]}" (known: ${CONFIG_KEYS.join(', ')})`);
+    set(c, (m[2] as string).replace(/^"(.*)"$/, '$1'), where);
+  });
+  return c;
+}
+
+/** The configuration in force: defaults, then the file (if it exists), then the environment. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const file = env.XEN_BLOCKHOOKS_CONF ?? DEFAULT_CONFIG_FILE;
+  let c = defaultConfig();
+  let text: string | undefined;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new ConfigError(`cannot read ${file}: ${(e as Error).message}`);
+  }
+  if (text !== undefined) c = parseConfig(text, file, c);
+  for (const key of CONFIG_KEYS) {
+    const name = `XEN_BLOCKHOOKS_${key.replace(/[.-]/g, '_').toUpperCase()}`;
+    const v = env[name];
+    if (v !== undefined) (SETTERS[key] as Setter)(c, v, name);
+  }
+  if (env.XEN_SCRIPT_DIR !== undefined && env.XEN_BLOCKHOOKS_XEN_SCRIPT_DIR === undefined) c.xenScriptDir = dir(env.XEN_SCRIPT_DIR, 'XEN_SCRIPT_DIR');
+  return c;
+}

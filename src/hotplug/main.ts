@@ -1,0 +1,227 @@
+/**
+ * The hook runtime: one code path for every hook and both dialects.
+ *
+ *   add:    parse → connect to xenstore → lock the backend path → physical-device already there?
+ *           done (exit 0) → read the disk spec → plan → journal + build step by step → report
+ *           success in one transaction. Any failure: undo what was built, report hotplug-error +
+ *           hotplug-status in one transaction, exit 1.
+ *   remove: parse → connect (optional: the journal alone is enough) → lock → undo the journal's
+ *           steps newest first, gathering every failure → exit 0, or 1 with all failures reported.
+ *
+ * Exit codes: 0 success (also: nothing to do), 1 the hotplug failed (hotplug-error says why),
+ * 2 bad command line. `main()` returns the code; nothing here calls process.exit().
+ */
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { ConfigError, loadConfig, type Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import { execaRunner } from '../devices/exec.js';
+import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
+import { Build, undoAll } from '../journal/steps.js';
+import { acquireFlock, type HeldLock } from '../lock/flock.js';
+import { createLogger, type Logger } from '../log/logger.js';
+import { connectXenstore } from '../xenstore/client.js';
+import type { XenstoreClient } from '../xenstore/types.js';
+import type { Backend, BuiltDevice } from '../backends/types.js';
+import { readDisk } from './disk.js';
+import { dispatchTarget, runScript } from './dispatch.js';
+import { HotplugError, TeardownError, UsageError, messageOf } from './errors.js';
+import { reportFailure, reportSuccess } from './report.js';
+import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
+import { helpText } from './help.js';
+
+export interface RuntimeDeps {
+  connect?: () => Promise<XenstoreClient>;
+  run?: Runner;
+  config?: Config;
+  logger?: Logger;
+  out?: (s: string) => void;
+  err?: (s: string) => void;
+  /** The drop-in `block` sets this: xend `type` values it does not handle go to block-<type>. */
+  typeDispatch?: boolean;
+  version?: string;
+}
+
+interface Env {
+  req: HotplugRequest;
+  backend: Backend;
+  config: Config;
+  run: Runner;
+  log: Logger;
+  journal: Journal;
+  env: NodeJS.ProcessEnv;
+}
+
+export async function runHook(backend: Backend, argv: readonly string[], env: NodeJS.ProcessEnv, deps: RuntimeDeps = {}): Promise<number> {
+  const out = deps.out ?? ((s: string) => process.stdout.write(`${s}\n`));
+  const err = deps.err ?? ((s: string) => process.stderr.write(`${s}\n`));
+  let req: HotplugRequest;
+  try {
+    const parsed = parseArgs(backend.script, argv, env);
+    if (parsed.kind === 'help') {
+      out(helpText(backend));
+      return 0;
+    }
+    if (parsed.kind === 'version') {
+      out(`${backend.script} (xen-blockhooks) ${deps.version ?? 'development'}`);
+      return 0;
+    }
+    req = parsed.request;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      err(`${backend.script}: ${e.message}; run "${backend.script} --help" for usage`);
+      return 2;
+    }
+    throw e;
+  }
+  const bad = checkBackendPath(req.xenbusPath);
+  if (bad) {
+    // Nothing is written: a path we refuse is not a place to write an error either.
+    err(`${backend.script}: ${bad}; refusing to touch xenstore`);
+    return 1;
+  }
+  let config: Config;
+  try {
+    config = deps.config ?? loadConfig(env);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    err(`${backend.script}: configuration error: ${e.message}`);
+    return 1;
+  }
+  const log = deps.logger ?? createLogger({ tag: backend.script, file: config.logFile, verbose: req.verbose });
+  const started = performance.now();
+  const ctx: Env = { req, backend, config, run: deps.run ?? execaRunner(env), log, journal: new Journal(config.stateDir), env };
+  let xs: XenstoreClient | undefined;
+  try {
+    try {
+      xs = await (deps.connect ?? (() => connectXenstore({ env })))();
+    } catch (e) {
+      if (req.action === 'add') {
+        log.error(`${req.action} ${req.xenbusPath}: cannot reach xenstore: ${messageOf(e)}`, { outcome: 'error' });
+        return 1;
+      }
+      log.warn(`remove ${req.xenbusPath}: cannot reach xenstore (${messageOf(e)}); tearing down from the journal alone`);
+    }
+    if (deps.typeDispatch && xs) {
+      const target = dispatchTarget(await xs.tryRead(`${req.xenbusPath}/type`), config.xenScriptDir);
+      if (target) {
+        log.info(`${req.action} ${req.xenbusPath}: type dispatch to ${target}`);
+        return await runScript(target, argv, env);
+      }
+    }
+    const code = req.action === 'add' ? await add(ctx, xs as XenstoreClient) : await remove(ctx, xs);
+    log.info(`${req.action} ${req.xenbusPath}: ${code === 0 ? 'done' : 'failed'}`, { ms: Math.round(performance.now() - started), dialect: req.dialect });
+    return code;
+  } finally {
+    await xs?.close().catch(() => {});
+    if (!deps.logger) await log.close();
+  }
+}
+
+function pathLock(config: Config, xenbusPath: string): string {
+  return join(config.stateDir, 'locks', `path-${journalFileName(xenbusPath).replace(/\.json$/, '')}`);
+}
+
+async function lockPath(e: Env): Promise<HeldLock> {
+  mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
+  return acquireFlock(pathLock(e.config, e.req.xenbusPath), { timeoutMs: e.config.lockTimeoutMs, runner: e.run });
+}
+
+async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number> {
+  const status = error instanceof HotplugError ? error.status : 'error';
+  const message = error instanceof HotplugError ? error.message : `${e.backend.script} failed unexpectedly on ${e.req.xenbusPath}: ${messageOf(error)}`;
+  e.log.error(`${e.req.action} ${e.req.xenbusPath}: ${message}`, { outcome: status });
+  if (!(error instanceof HotplugError) && error instanceof Error && error.stack) e.log.debug(error.stack);
+  try {
+    await reportFailure(xs, e.req.xenbusPath, message, status);
+  } catch (w) {
+    e.log.error(`could not write hotplug-error to ${e.req.xenbusPath}: ${messageOf(w)}`);
+  }
+  return 1;
+}
+
+/** Take away what an earlier, unfinished or forgotten record built before building again. */
+async function clearStale(e: Env, xs: XenstoreClient | undefined, entry: JournalEntry): Promise<void> {
+  e.log.warn(`${e.req.xenbusPath}: found a ${entry.phase} record from pid ${entry.pid}; undoing it before building again`);
+  const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+  if (failures.length) throw new TeardownError(`${e.req.xenbusPath}: could not clear what an earlier attempt left`, failures);
+}
+
+async function add(e: Env, xs: XenstoreClient): Promise<number> {
+  let lock: HeldLock | undefined;
+  let built: JournalEntry | undefined;
+  try {
+    lock = await lockPath(e);
+    const existing = await xs.tryRead(`${e.req.xenbusPath}/physical-device`);
+    if (existing !== undefined) {
+      e.log.info(`add ${e.req.xenbusPath}: physical-device ${existing} already written; nothing to do`);
+      return 0;
+    }
+    const disk = await readDisk(xs, e.req.xenbusPath);
+    if (disk.state !== undefined && disk.state >= 5) {
+      throw new HotplugError(`${e.req.xenbusPath} is closing (backend state ${disk.state}): the device was removed while it was being added; nothing was built.`);
+    }
+    const previous = e.journal.load(e.req.xenbusPath);
+    if (previous) {
+      if (previous.phase === 'adding' && previous.pid !== process.pid && processAlive(previous.pid)) {
+        throw new HotplugError(`${e.req.xenbusPath} is being added by process ${previous.pid} already; wait for it or run remove.`, 'busy');
+      }
+      await clearStale(e, xs, previous);
+    }
+    const plan = await e.backend.plan(disk, { config: e.config, env: e.env, xenbusPath: e.req.xenbusPath });
+    const entry = Journal.begin(e.backend.script, e.req.xenbusPath, {
+      params: disk.params,
+      mode: disk.mode,
+      frontendId: disk.frontendId,
+      vdev: disk.vdev,
+      domainName: disk.domainName,
+    });
+    e.journal.save(entry);
+    built = entry;
+    const build = new Build(entry, e.journal);
+    const dev: BuiltDevice = await e.backend.add({ request: e.req, disk, config: e.config, run: e.run, log: e.log, xs, journal: e.journal, build, env: e.env }, plan);
+    entry.phase = 'ready';
+    entry.device = { path: dev.path, major: dev.major, minor: dev.minor };
+    e.journal.save(entry);
+    await reportSuccess(xs, e.req.xenbusPath, dev);
+    e.log.info(`add ${e.req.xenbusPath}: connected ${dev.path}`, { dev: `${dev.major}:${dev.minor}`, params: disk.params, mode: disk.mode, outcome: 'connected' });
+    return 0;
+  } catch (error) {
+    let reported = error;
+    if (built) {
+      const failures = await undoAll(built, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+      if (failures.length) {
+        const extra = new TeardownError('and undoing the partial device also failed', failures);
+        e.log.error(`${e.req.xenbusPath}: ${extra.message}; the record stays for "xen-blockhooks gc"`);
+        if (error instanceof HotplugError) reported = new HotplugError(`${error.message} (cleanup also failed: ${extra.message}; run "xen-blockhooks gc")`, error.status);
+      }
+    }
+    return await fail(e, xs, reported);
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
+  let lock: HeldLock | undefined;
+  try {
+    lock = await lockPath(e);
+    const entry = e.journal.load(e.req.xenbusPath);
+    if (!entry) {
+      e.log.info(`remove ${e.req.xenbusPath}: nothing recorded; nothing to undo`);
+      return 0;
+    }
+    const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+    if (failures.length === 0) return 0;
+    const error = new TeardownError(`${e.backend.script} remove ${e.req.xenbusPath} left devices behind (the record stays for "xen-blockhooks gc")`, failures);
+    if (xs) return await fail(e, xs, error);
+    e.log.error(error.message);
+    return 1;
+  } catch (error) {
+    if (xs) return await fail(e, xs, error);
+    e.log.error(`remove ${e.req.xenbusPath}: ${messageOf(error)}`);
+    return 1;
+  } finally {
+    await lock?.release();
+  }
+}

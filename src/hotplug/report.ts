@@ -1,0 +1,35 @@
+/**
+ * Success and failure as the toolstack reads them.
+ *
+ * Success, in one transaction: physical-device-path, node, then physical-device (lowercase hex
+ * `maj:min`, written once, after the device is fully built: blkback watches it and refuses a later
+ * change) and hotplug-status=connected; a hotplug-error left by an earlier failed attempt is removed.
+ *
+ * Failure, in one transaction (block-common.sh's fatal()/ebusy()): hotplug-error = one sentence,
+ * hotplug-status = error|busy. libxl reads hotplug-error when the script exits non-zero and prints
+ * it as `script: <sentence>`.
+ */
+import type { XsOps, XenstoreClient } from '../xenstore/types.js';
+import type { BuiltDevice } from '../backends/types.js';
+import type { FailureStatus } from './errors.js';
+
+export function physicalDevice(major: number, minor: number): string {
+  return `${major.toString(16)}:${minor.toString(16)}`;
+}
+
+export async function reportSuccess(xs: XenstoreClient, path: string, dev: BuiltDevice): Promise<void> {
+  await xs.transaction(async (tx: XsOps) => {
+    await tx.write(`${path}/physical-device-path`, dev.path);
+    await tx.write(`${path}/node`, dev.node ?? dev.path);
+    await tx.write(`${path}/physical-device`, physicalDevice(dev.major, dev.minor));
+    await tx.write(`${path}/hotplug-status`, 'connected');
+    await tx.rm(`${path}/hotplug-error`);
+  });
+}
+
+export async function reportFailure(xs: XenstoreClient, path: string, message: string, status: FailureStatus): Promise<void> {
+  await xs.transaction(async (tx: XsOps) => {
+    await tx.write(`${path}/hotplug-error`, message);
+    await tx.write(`${path}/hotplug-status`, status);
+  });
+}

@@ -1,0 +1,124 @@
+/**
+ * What was built for each backend path, kept in `<stateDir>/journal/` (tmpfs: the devices it
+ * describes are gone after a reboot too). One JSON file per backend path, replaced atomically
+ * (write a temporary file, rename over) so a reader sees the old or the new record, never half.
+ *
+ * The rule that makes remove, a crash and gc agree: a step is written down *before* it is done
+ * (`done: false`, with everything needed to find what it may have made), and marked done after.
+ * Undo walks the steps backwards; every undoer is idempotent and also copes with a step that was
+ * only intended, so the same record serves a clean remove, a remove after a SIGKILLed add, and
+ * `xen-blockhooks gc` after xenstore forgot the device.
+ */
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { DiskSpec } from '../hotplug/disk.js';
+
+export interface StepRecord {
+  /** Which undoer applies, e.g. `loop`, `dm`, `store-file`, `base-ref`. */
+  kind: string;
+  /** Everything the undoer needs; filled in further as the step completes (e.g. the loop device). */
+  data: Record<string, unknown>;
+  done: boolean;
+}
+
+export type Phase = 'adding' | 'ready' | 'removing' | 'failed';
+
+export interface JournalEntry {
+  version: 1;
+  /** The hook that built it, e.g. `block-cow`. */
+  script: string;
+  backendPath: string;
+  phase: Phase;
+  /** The process working on it; a dead pid in phase `adding` means a killed add. */
+  pid: number;
+  created: string;
+  updated: string;
+  disk: Pick<DiskSpec, 'params' | 'mode' | 'frontendId' | 'vdev' | 'domainName'>;
+  device?: { path: string; major: number; minor: number };
+  steps: StepRecord[];
+}
+
+/** `backend/vbd/5/51712` → `backend~vbd~5~51712.json` (`~` never occurs in xenstore paths). */
+export function journalFileName(backendPath: string): string {
+  return `${backendPath.replace(/^\//, '').replace(/\//g, '~')}.json`;
+}
+
+export class Journal {
+  readonly dir: string;
+  constructor(stateDir: string) {
+    this.dir = join(stateDir, 'journal');
+  }
+
+  file(backendPath: string): string {
+    return join(this.dir, journalFileName(backendPath));
+  }
+
+  load(backendPath: string): JournalEntry | undefined {
+    return this.read(this.file(backendPath));
+  }
+
+  private read(file: string): JournalEntry | undefined {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw e;
+    }
+    const entry = JSON.parse(text) as JournalEntry;
+    if (entry.version !== 1 || !Array.isArray(entry.steps)) throw new Error(`${file} is not a journal record this version understands`);
+    return entry;
+  }
+
+  save(entry: JournalEntry): void {
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    entry.updated = new Date().toISOString();
+    const file = this.file(entry.backendPath);
+    const tmp = `${file}.${process.pid}.tmp`;
+    writeFileSync(tmp, `${JSON.stringify(entry, null, 1)}\n`, { mode: 0o600 });
+    renameSync(tmp, file);
+  }
+
+  delete(backendPath: string): void {
+    rmSync(this.file(backendPath), { force: true });
+  }
+
+  /** Every record, oldest first; unreadable files are reported, not skipped silently. */
+  list(): { entries: JournalEntry[]; unreadable: { file: string; error: string }[] } {
+    let names: string[];
+    try {
+      names = readdirSync(this.dir);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { entries: [], unreadable: [] };
+      throw e;
+    }
+    const entries: JournalEntry[] = [];
+    const unreadable: { file: string; error: string }[] = [];
+    for (const n of names.filter((n) => n.endsWith('.json')).sort()) {
+      try {
+        const e = this.read(join(this.dir, n));
+        if (e) entries.push(e);
+      } catch (err) {
+        unreadable.push({ file: join(this.dir, n), error: (err as Error).message });
+      }
+    }
+    entries.sort((a, b) => a.created.localeCompare(b.created));
+    return { entries, unreadable };
+  }
+
+  /** A fresh record for an add about to start. */
+  static begin(script: string, backendPath: string, disk: JournalEntry['disk']): JournalEntry {
+    const now = new Date().toISOString();
+    return { version: 1, script, backendPath, phase: 'adding', pid: process.pid, created: now, updated: now, disk, steps: [] };
+  }
+}
+
+/** True when `pid` names a live process (used to tell a killed add from one still running). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

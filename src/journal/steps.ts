@@ -1,0 +1,87 @@
+/**
+ * Steps and their undo. A backend's add is a sequence of `build.step(kind, data, doIt)` calls;
+ * each is journaled before it runs, and each `kind` has an undoer registered by the backend that
+ * knows how to take it away again from the recorded data alone (no closures survive a crash).
+ */
+import type { Journal, JournalEntry, StepRecord } from './journal.js';
+import type { Runner } from '../devices/runner.js';
+import type { Logger } from '../log/logger.js';
+import type { Config } from '../config/config.js';
+import type { XenstoreClient } from '../xenstore/types.js';
+
+export interface UndoContext {
+  run: Runner;
+  config: Config;
+  log: Logger;
+  journal: Journal;
+  /** The record being undone (to look at its other steps or its disk). */
+  entry: JournalEntry;
+  /** Absent when xenstore is unreachable (remove and gc still work). */
+  xs: XenstoreClient | undefined;
+}
+
+/** Undo one step. Must be idempotent, and must cope with `done: false` (the step may or may not have happened). */
+export type Undoer = (step: StepRecord, ctx: UndoContext) => Promise<void>;
+export type UndoRegistry = Record<string, Undoer>;
+
+export class Build {
+  constructor(
+    readonly entry: JournalEntry,
+    private readonly journal: Journal,
+  ) {}
+
+  /**
+   * Record `kind` with `data`, run `doIt`, merge what it returns into the record, mark it done.
+   * If `doIt` throws, the record stays (done: false) for the rollback to undo whatever part of it happened.
+   */
+  async step<R>(kind: string, data: Record<string, unknown>, doIt: () => Promise<R>, recordResult?: (r: R) => Record<string, unknown>): Promise<R> {
+    const rec: StepRecord = { kind, data: { ...data }, done: false };
+    this.entry.steps.push(rec);
+    this.journal.save(this.entry);
+    const r = await doIt();
+    if (recordResult) Object.assign(rec.data, recordResult(r));
+    rec.done = true;
+    this.journal.save(this.entry);
+    return r;
+  }
+
+  /** Add facts to the last step without running anything (e.g. a device learned after the fact). */
+  note(data: Record<string, unknown>): void {
+    const last = this.entry.steps[this.entry.steps.length - 1];
+    if (last) Object.assign(last.data, data);
+    this.journal.save(this.entry);
+  }
+}
+
+/**
+ * Undo every step of `entry`, newest first. Keeps going past a failing step and returns every
+ * failure. Each undone step is dropped from the record as soon as it is gone, so a remove that is
+ * itself killed resumes where it stopped. The record is deleted once nothing is left.
+ */
+export async function undoAll(entry: JournalEntry, registry: UndoRegistry, ctx: Omit<UndoContext, 'entry'>): Promise<Error[]> {
+  const failures: Error[] = [];
+  entry.phase = 'removing';
+  entry.pid = process.pid;
+  ctx.journal.save(entry);
+  for (let i = entry.steps.length - 1; i >= 0; i--) {
+    const step = entry.steps[i] as StepRecord;
+    const undo = registry[step.kind];
+    if (!undo) {
+      failures.push(new Error(`no undo known for step "${step.kind}" recorded by ${entry.script}`));
+      continue;
+    }
+    try {
+      await undo(step, { ...ctx, entry });
+      entry.steps.splice(i, 1);
+      ctx.journal.save(entry);
+    } catch (e) {
+      failures.push(e instanceof Error ? e : new Error(String(e)));
+    }
+  }
+  if (failures.length === 0) ctx.journal.delete(entry.backendPath);
+  else {
+    entry.phase = 'failed';
+    ctx.journal.save(entry);
+  }
+  return failures;
+}

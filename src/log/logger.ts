@@ -1,0 +1,113 @@
+/**
+ * One line per event, appended to the stock scripts' log (`/var/log/xen/xen-hotplug.log` by
+ * default), e.g.
+ *
+ *     2026-11-25T19:44:24.123Z block-cow[4242] info add backend/vbd/5/51712: connected /dev/dm-3 (fd:3) ms=412
+ *
+ * Warnings and errors also go to stderr, which libxl passes on to the person running xl.
+ * Lines are never lost on exit: `close()` ends the logger and waits until the file transport
+ * has flushed (entry points await it before returning their exit code; nothing calls
+ * process.exit()). Rotation is logrotate's job: several hook processes append to one file.
+ */
+import winston from 'winston';
+
+export type Fields = Record<string, string | number | boolean | undefined>;
+
+export interface Logger {
+  debug(msg: string, fields?: Fields): void;
+  info(msg: string, fields?: Fields): void;
+  warn(msg: string, fields?: Fields): void;
+  error(msg: string, fields?: Fields): void;
+  /** Flush and close; safe to call twice. */
+  close(): Promise<void>;
+}
+
+export interface LoggerOptions {
+  /** Name shown on every line, e.g. `block-cow`. */
+  tag: string;
+  /** Log file; '' for none. */
+  file: string;
+  /** Also print warnings and errors to stderr (default true). */
+  stderr?: boolean;
+  /** Print every level to stderr (`--verbose`). */
+  verbose?: boolean;
+}
+
+function render(fields: Fields): string {
+  return Object.entries(fields)
+    .filter(([, v]) => v !== undefined)
+    .map(([k, v]) => {
+      const s = String(v);
+      return `${k}=${/[\s"=]/.test(s) || s === '' ? JSON.stringify(s) : s}`;
+    })
+    .join(' ');
+}
+
+export function formatLine(time: Date, tag: string, pid: number, level: string, msg: string, fields: Fields = {}): string {
+  const f = render(fields);
+  return `${time.toISOString()} ${tag}[${pid}] ${level} ${msg}${f ? ` ${f}` : ''}`;
+}
+
+export function createLogger(opts: LoggerOptions): Logger {
+  const line = winston.format.printf((info) =>
+    formatLine(new Date(), opts.tag, process.pid, info.level, String(info.message), (info.fields ?? {}) as Fields),
+  );
+  const transports: winston.transport[] = [];
+  let file: winston.transports.FileTransportInstance | undefined;
+  if (opts.file) {
+    file = new winston.transports.File({ filename: opts.file, format: line, options: { flags: 'a', mode: 0o640 } });
+    // A log we cannot write must never fail the hook: the device matters more than the line.
+    file.on('error', () => {});
+    transports.push(file);
+  }
+  if (opts.stderr !== false) {
+    const levels = ['error', 'warn', 'info', 'debug'];
+    transports.push(
+      new winston.transports.Console({
+        level: opts.verbose ? 'debug' : 'warn',
+        stderrLevels: levels,
+        format: winston.format.printf((info) => `${opts.tag}: ${String(info.message)}`),
+      }),
+    );
+  }
+  const w = winston.createLogger({ level: 'debug', transports, exitOnError: false });
+  let closed: Promise<void> | undefined;
+  const log = (level: string) => (msg: string, fields?: Fields) => {
+    if (!closed) w.log({ level, message: msg, fields });
+  };
+  return {
+    debug: log('debug'),
+    info: log('info'),
+    warn: log('warn'),
+    error: log('error'),
+    close() {
+      closed ??= new Promise<void>((resolve) => {
+        if (!file) {
+          w.end();
+          resolve();
+          return;
+        }
+        let done = false;
+        const finish = () => {
+          if (!done) {
+            done = true;
+            resolve();
+          }
+        };
+        file.once('finish', finish);
+        file.once('error', finish);
+        w.end();
+      });
+      return closed;
+    },
+  };
+}
+
+/** A logger that keeps lines in memory (tests, and `simulate` to show what a hook logged). */
+export function memoryLogger(): Logger & { lines: { level: string; msg: string; fields: Fields }[] } {
+  const lines: { level: string; msg: string; fields: Fields }[] = [];
+  const log = (level: string) => (msg: string, fields: Fields = {}) => {
+    lines.push({ level, msg, fields });
+  };
+  return { lines, debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error'), close: async () => {} };
+}
