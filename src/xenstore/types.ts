@@ -14,7 +14,7 @@ export type XsErrno =
 
 /** A failed xenstore request: `errno` is the daemon's answer, `op` and `path` what we asked. */
 export class XsError extends Error {
-  readonly errno: XsErrno | 'ECONNECT' | 'ECLOSED' | 'EPROTO';
+  readonly errno: XsErrno | 'ECONNECT' | 'ECLOSED' | 'EPROTO' | 'ETIMEDOUT';
   readonly op: string;
   readonly path: string | undefined;
   constructor(errno: XsError['errno'], op: string, path?: string, detail?: string) {
