@@ -1,0 +1,94 @@
+import t from 'tap';
+import { existsSync, readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { defaultConfig } from '../../src/config/config.js';
+import { Journal, journalFileName, processAlive } from '../../src/journal/journal.js';
+import { Build, undoAll, type UndoRegistry } from '../../src/journal/steps.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import type { Runner } from '../../src/devices/runner.js';
+
+const noRun: Runner = {
+  run: async () => { throw new Error('no commands expected'); },
+  probe: async () => { throw new Error('no commands expected'); },
+};
+const disk = { params: '/img/base.img 30', mode: 'w' as const, frontendId: 5, vdev: 'xvda', domainName: 'web' };
+
+function setup(t: { testdir: (f: object) => string }) {
+  const dir = t.testdir({});
+  const journal = new Journal(dir);
+  const config = { ...defaultConfig(), stateDir: dir };
+  return { dir, journal, ctx: { run: noRun, config, log: memoryLogger(), journal, xs: undefined } };
+}
+
+t.test('file names are reversible and flat', async (t) => {
+  t.equal(journalFileName('backend/vbd/5/51712'), 'backend~vbd~5~51712.json');
+  t.equal(journalFileName('/local/domain/0/backend/vbd/5/51712'), 'local~domain~0~backend~vbd~5~51712.json');
+});
+
+t.test('each step is written before it runs and marked done after', async (t) => {
+  const { journal } = setup(t);
+  const entry = Journal.begin('block-cow', 'backend/vbd/5/51712', disk);
+  journal.save(entry);
+  const b = new Build(entry, journal);
+  let seenDuring: unknown;
+  await b.step('loop', { file: '/img/base.img' }, async () => {
+    seenDuring = journal.load('backend/vbd/5/51712')?.steps[0];
+    return '/dev/loop7';
+  }, (dev) => ({ device: dev }));
+  t.same(seenDuring, { kind: 'loop', data: { file: '/img/base.img' }, done: false }, 'intent recorded before the command');
+  t.same(journal.load('backend/vbd/5/51712')?.steps[0], { kind: 'loop', data: { file: '/img/base.img', device: '/dev/loop7' }, done: true });
+});
+
+t.test('a failing step stays recorded, not done', async (t) => {
+  const { journal } = setup(t);
+  const entry = Journal.begin('block-cow', 'backend/vbd/5/1', disk);
+  const b = new Build(entry, journal);
+  await t.rejects(b.step('dm', { name: 'x' }, async () => { throw new Error('boom'); }), /boom/);
+  t.same(journal.load('backend/vbd/5/1')?.steps, [{ kind: 'dm', data: { name: 'x' }, done: false }]);
+});
+
+t.test('undoAll goes newest first, keeps going past failures, keeps what failed', async (t) => {
+  const { journal, ctx } = setup(t);
+  const entry = Journal.begin('block-cow', 'backend/vbd/5/2', disk);
+  const b = new Build(entry, journal);
+  const order: string[] = [];
+  for (const k of ['a', 'b', 'c']) await b.step(k, { k }, async () => k);
+  const registry: UndoRegistry = {
+    a: async (s) => { order.push(String(s.data.k)); },
+    b: async () => { order.push('b'); throw new Error('b is busy'); },
+    c: async (s) => { order.push(String(s.data.k)); },
+  };
+  const failures = await undoAll(entry, registry, ctx);
+  t.same(order, ['c', 'b', 'a']);
+  t.same(failures.map((f) => f.message), ['b is busy']);
+  const left = journal.load('backend/vbd/5/2');
+  t.equal(left?.phase, 'failed');
+  t.same(left?.steps.map((s) => s.kind), ['b'], 'only the step that failed remains for gc');
+  registry.b = async () => { order.push('b again'); };
+  t.same(await undoAll(left!, registry, ctx), []);
+  t.equal(journal.load('backend/vbd/5/2'), undefined, 'record deleted when everything is undone');
+});
+
+t.test('an unknown step kind is a failure, not silently skipped', async (t) => {
+  const { journal, ctx } = setup(t);
+  const entry = Journal.begin('block-cow', 'backend/vbd/5/3', disk);
+  await new Build(entry, journal).step('mystery', {}, async () => 0);
+  const failures = await undoAll(entry, {}, ctx);
+  t.match(failures[0]?.message, /no undo known for step "mystery"/);
+});
+
+t.test('list reports unreadable records instead of hiding them', async (t) => {
+  const { journal, dir } = setup(t);
+  journal.save(Journal.begin('block-cow', 'backend/vbd/1/1', disk));
+  writeFileSync(join(dir, 'journal', 'backend~vbd~1~2.json'), '{ not json');
+  const { entries, unreadable } = journal.list();
+  t.equal(entries.length, 1);
+  t.equal(unreadable.length, 1);
+  t.ok(existsSync(join(dir, 'journal')));
+  t.notOk(readdirSync(join(dir, 'journal')).some((n) => n.endsWith('.tmp')), 'no temporary files left');
+});
+
+t.test('processAlive', async (t) => {
+  t.equal(processAlive(process.pid), true);
+  t.equal(processAlive(2 ** 22 + 12345), false);
+});
