@@ -1,0 +1,93 @@
+// The guest tier: bundles test/guest/*.test.ts (node:test) with esbuild into .cache/guest-tests/,
+// runs them all in one guest boot, and prints their TAP folded into one stream.
+//
+//   node scripts/vm/run-guest-tests.mjs [NAME...]     (npm run test:guest -- NAME...)
+//
+// NAMEs filter the files by substring of their file name.
+import { mkdirSync, readdirSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { PROJECT_ROOT } from './build-guest.mjs';
+import { describeJobFailure, runInGuest } from './run-guest.mjs';
+import { assertionPoints, parseTap } from './tap.mjs';
+
+export const GUEST_TEST_DIR = join(PROJECT_ROOT, 'test', 'guest');
+export const BUNDLE_DIR = join(PROJECT_ROOT, '.cache', 'guest-tests');
+
+const BANNER = "import { createRequire as __guestCreateRequire } from 'node:module';\n"
+  + 'const require = __guestCreateRequire(import.meta.url);';
+
+/** test/guest/*.test.ts, optionally only those whose name contains one of `filters`. */
+export function guestTestFiles(filters = []) {
+  return readdirSync(GUEST_TEST_DIR)
+    .filter((f) => f.endsWith('.test.ts'))
+    .filter((f) => filters.length === 0 || filters.some((n) => f.includes(n)))
+    .sort()
+    .map((f) => join(GUEST_TEST_DIR, f));
+}
+
+/** Bundles each file (src/ and dependencies included) to .cache/guest-tests/NAME.mjs. */
+export async function bundleGuestTests(files) {
+  const { build } = await import('esbuild');
+  mkdirSync(BUNDLE_DIR, { recursive: true });
+  const out = [];
+  for (const file of files) {
+    const outfile = join(BUNDLE_DIR, basename(file).replace(/\.ts$/, '.mjs'));
+    await build({
+      entryPoints: [file], outfile, bundle: true, platform: 'node', target: 'node18', format: 'esm',
+      banner: { js: BANNER }, logLevel: 'warning',
+    });
+    out.push(outfile);
+  }
+  return out;
+}
+
+/**
+ * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
+ * result carrying `source` (the .ts file) and `points` (its parsed TAP).
+ */
+export async function runGuestTests({ filters = [], timeoutMs = 540_000, onConsole, log } = {}) {
+  const sources = guestTestFiles(filters);
+  if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${filters.join(' ') || '*'}`);
+  const bundles = await bundleGuestTests(sources);
+  const run = await runInGuest({ files: bundles, timeoutMs, fileTimeoutMs: Math.min(timeoutMs, 300_000), onConsole, log });
+  run.results.forEach((r, i) => {
+    r.source = sources[i];
+    r.points = parseTap(r.stdout);
+  });
+  return run;
+}
+
+function indent(text, by = '    ') {
+  return text.split('\n').map((l) => (l ? by + l : l)).join('\n');
+}
+
+async function main(filters) {
+  const run = await runGuestTests({ filters, log: (m) => console.error(m) });
+  console.log('TAP version 13');
+  let n = 0;
+  let failed = 0;
+  for (const r of run.results) {
+    const name = basename(r.source);
+    const why = describeJobFailure(r, run);
+    const points = assertionPoints(r.points);
+    const bad = points.filter((p) => !p.ok && !p.todo).length;
+    const ok = !why && bad === 0 && points.length > 0;
+    if (!ok) failed++;
+    console.log(`# Subtest: ${name}`);
+    console.log(indent(r.stdout.trimEnd()));
+    console.log(`${ok ? 'ok' : 'not ok'} ${++n} - ${name}`);
+    const notes = [why, points.length === 0 ? 'no test points in its output' : '', r.stderr.trim() && !ok ? `stderr:\n${r.stderr.trim().split('\n').slice(-30).join('\n')}` : '']
+      .filter(Boolean).join('\n');
+    if (notes) console.log(indent(notes, '  # ').replace(/^ {2}# $/gm, '  #'));
+  }
+  console.log(`1..${n}`);
+  if (!run.done) console.log(`# the guest did not finish${run.timedOut ? ' (time limit, QEMU killed)' : ''}; console tail:\n${indent(run.consoleTail, '# ')}`);
+  console.log(`# guest: ${run.totalMs} ms in all, agent ready after ${run.readyMs ?? '?'} ms`);
+  console.log(`# ${n - failed} passed, ${failed} failed`);
+  return failed === 0 && run.done ? 0 : 1;
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  process.exitCode = await main(process.argv.slice(2));
+}
