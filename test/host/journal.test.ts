@@ -13,7 +13,7 @@ const noRun: Runner = {
 };
 const disk = { params: '/img/base.img 30', mode: 'w' as const, frontendId: 5, vdev: 'xvda', domainName: 'web' };
 
-function setup(t: { testdir: (f: object) => string }) {
+function setup(t: { testdir: (f?: Record<string, never>) => string }) {
   const dir = t.testdir({});
   const journal = new Journal(dir);
   const config = { ...defaultConfig(), stateDir: dir };
