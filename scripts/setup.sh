@@ -1,0 +1,30 @@
+#!/bin/sh
+# Set up a Debian 12 machine to build, demo and test xen-blockhooks: the system packages the
+# test tiers use (QEMU for the real-kernel and real-Xen guests, the device tools, Debian's
+# xenstore clients), then npm ci and the bundles. Idempotent; run as root.
+set -eu
+cd "$(dirname "$0")/.."
+
+PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio xz-utils kmod \
+dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio"
+
+if [ "$(id -u)" -ne 0 ]; then
+	echo "setup.sh: run as root (it installs packages with apt-get)" >&2
+	exit 1
+fi
+missing=""
+for p in $PACKAGES; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+# The test tiers take Debian's kernel and Xen packages with apt-get download: lists must be there.
+if [ -n "$missing" ] || [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
+	echo "setup.sh: apt-get update"
+	apt-get update -q
+fi
+if [ -n "$missing" ]; then
+	echo "setup.sh: installing$missing"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+fi
+echo "setup.sh: npm ci"
+npm ci --no-audit --no-fund
+npm run build
