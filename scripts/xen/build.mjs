@@ -1,0 +1,383 @@
+// Builds the real-Xen test tier once into .cache/xen/, from Debian packages fetched with
+// `apt-get download` (nothing is installed on this machine):
+//   xen.elf          Debian's Xen 4.17 hypervisor, gunzipped (an ELF32 multiboot image for -kernel)
+//   vmlinux          Debian's kernel as an ELF image: dom0 (PV) and the test domUs (PV)
+//   xenroot/         a root layer: Xen 4.17 tools and libraries, kmod, and Debian 12's own
+//                    nodejs 18.20 (so /usr/bin/node in dom0 is Debian's node, not this machine's)
+//   modroot/         the kernel's modules, depmod'ed, at usr/lib/modules/<version>
+//   dom0-initrd.cpio busybox + virtio/9p/overlay modules + dom0-init.sh
+//   domu-initrd.cpio busybox + xen-blkfront + domu-init.sh (the guest the scenarios boot)
+// Rebuilt only when an input changes (package file names, the init scripts, this file).
+//
+//   node scripts/xen/build.mjs      build (or confirm the cache) and print the paths
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import {
+  chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
+  readdirSync, renameSync, rmSync, symlinkSync, writeFileSync,
+} from 'node:fs';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { kernelPackage } from '../vm/build-guest.mjs';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+export const PROJECT_ROOT = join(HERE, '..', '..');
+export const CACHE_DIR = join(PROJECT_ROOT, '.cache', 'xen');
+const DEB_DIR = join(CACHE_DIR, 'debs');
+const VM_DEB_DIR = join(PROJECT_ROOT, '.cache', 'vm', 'debs');
+const BUSYBOX = '/bin/busybox';
+const DOM0_INIT = join(HERE, 'dom0-init.sh');
+const DOMU_INIT = join(HERE, 'domu-init.sh');
+
+export const XEN_PACKAGES = [
+  'xen-hypervisor-4.17-amd64', 'xen-utils-4.17', 'xen-utils-common', 'xenstore-utils',
+  'libxenmisc4.17', 'libxenstore4', 'libxentoolcore1', 'libxentoollog1', 'libxencall1',
+  'libxenevtchn1', 'libxenforeignmemory1', 'libxengnttab1', 'libxendevicemodel1', 'libxenhypfs1',
+  'libyajl2', 'kmod', 'libkmod2',
+];
+/** Debian 12's nodejs; its dependencies that this machine lacks are added by nodePackages(). */
+const NODE_ROOTS = ['nodejs', 'libnode108'];
+const NODE_MAJOR = '18.';
+
+/** Modules of the dom0 initramfs, busybox insmod order (each after its `depends=`). */
+const DOM0_EARLY_MODULES = [
+  'virtio_ring', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio', 'virtio_pci',
+  '9pnet', '9pnet_virtio', 'netfs', 'fscache', '9p', 'overlay',
+];
+const DOMU_MODULES = ['xen-blkfront'];
+/** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */
+const MODULE_TREES = [
+  'kernel/drivers/xen', 'kernel/drivers/block', 'kernel/drivers/md', 'kernel/drivers/virtio',
+  'kernel/fs/9p', 'kernel/fs/overlayfs', 'kernel/fs/netfs', 'kernel/fs/fscache', 'kernel/fs/ext4',
+  'kernel/fs/jbd2', 'kernel/fs/mbcache.ko', 'kernel/net/9p', 'kernel/lib', 'kernel/crypto',
+  'kernel/arch/x86/crypto', 'modules.builtin', 'modules.builtin.modinfo', 'modules.order',
+];
+const INITRD_APPLETS = [
+  'sh', 'mount', 'umount', 'mkdir', 'insmod', 'cat', 'ln', 'rm', 'chmod', 'poweroff', 'sync',
+  'echo', 'sleep', 'switch_root', 'dd', 'ls', 'test', '[', 'grep', 'head', 'tr', 'cmp', 'blockdev',
+  'mknod', 'seq', 'date', 'hostname',
+];
+
+function run(file, args, opts = {}) {
+  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 64 << 20, ...opts });
+}
+
+function have(file) {
+  try {
+    run(file, ['--version']);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+let aptUpdated = false;
+function aptCache(args) {
+  try {
+    return run('apt-cache', args);
+  } catch (e) {
+    if (aptUpdated) throw e;
+    aptUpdated = true;
+    run('apt-get', ['update']);
+    return run('apt-cache', args);
+  }
+}
+
+/** True when dpkg says the package is installed on this machine. */
+function installedHere(pkg) {
+  try {
+    return /install ok installed/.test(run('dpkg-query', ['-W', '-f=${Status}', pkg]));
+  } catch {
+    return false;
+  }
+}
+
+/** The Debian version of nodejs that matches libnode108 (the host may carry another vendor's nodejs). */
+function debianNodeVersion() {
+  const out = aptCache(['madison', 'nodejs']);
+  const versions = out.split('\n').map((l) => l.split('|').map((s) => s.trim())).filter((c) => c[1]?.startsWith(NODE_MAJOR) && /debian/.test(c[2] ?? ''));
+  if (!versions.length) throw new Error(`apt knows no Debian nodejs ${NODE_MAJOR}x (apt-cache madison nodejs):\n${out}`);
+  return versions[0][1]; // madison lists the newest first
+}
+
+/**
+ * nodejs + libnode108 and, recursively, the packages they depend on that are not installed
+ * here (they are on a Debian 12 dom0; e.g. libc-ares2 and the node-* builtins in /usr/share/nodejs).
+ */
+function nodePackages() {
+  const want = new Set(NODE_ROOTS);
+  let frontier = [...NODE_ROOTS];
+  while (frontier.length) {
+    const out = aptCache(['depends', '--no-recommends', '--no-suggests', '--no-conflicts', '--no-breaks', '--no-replaces', '--no-enhances', ...frontier]);
+    const next = [];
+    for (const line of out.split('\n')) {
+      // "  Depends: libuv1" / " |Depends: <nodejs:any>" (virtual or alternative: skip)
+      const m = /^\s*\|?(?:Pre)?Depends:\s*([^\s<>]+)\s*$/.exec(line);
+      if (!m || line.includes('|Depends')) continue;
+      const pkg = m[1].replace(/:any$/, '');
+      if (want.has(pkg) || installedHere(pkg)) continue;
+      want.add(pkg);
+      next.push(pkg);
+    }
+    frontier = next;
+  }
+  return [...want].sort();
+}
+
+/** Downloads the missing .debs into DEB_DIR; returns { pkg: path }. */
+function download(specs, log) {
+  mkdirSync(DEB_DIR, { recursive: true });
+  const files = () => readdirSync(DEB_DIR).filter((f) => f.endsWith('.deb'));
+  const find = (name, version) => files().find((f) => f.startsWith(`${name}_${version ? `${version.replace(/^\d+:/, '')}_` : ''}`));
+  const missing = specs.filter(({ name, version }) => !find(name, version));
+  if (missing.length) {
+    const args = missing.map(({ name, version }) => (version ? `${name}=${version}` : name));
+    log(`apt-get download ${args.join(' ')}`);
+    try {
+      run('apt-get', ['download', ...args], { cwd: DEB_DIR });
+    } catch {
+      log('apt-get download failed; running apt-get update and retrying');
+      run('apt-get', ['update']);
+      run('apt-get', ['download', ...args], { cwd: DEB_DIR });
+    }
+  }
+  const out = {};
+  for (const { name, version } of specs) {
+    const f = find(name, version);
+    if (!f) throw new Error(`apt-get download ${name} left no .deb in ${DEB_DIR}`);
+    out[name] = join(DEB_DIR, f);
+  }
+  return out;
+}
+
+/** dpkg-deb --fsys-tarfile DEB | tar -x (only the given members), without a shell. */
+function extract(deb, dest, patterns) {
+  return new Promise((resolve, reject) => {
+    const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const tar = spawn('tar', ['-x', '-C', dest, '--wildcards', ...patterns], { stdio: [dpkg.stdout, 'ignore', 'pipe'] });
+    let err = '';
+    dpkg.stderr.on('data', (d) => { err += d; });
+    tar.stderr.on('data', (d) => { err += d; });
+    let left = 2;
+    let failed = false;
+    const done = (what) => (code) => {
+      if (code !== 0) {
+        failed = true;
+        err += `\n${what} exited with status ${code}`;
+      }
+      if (--left === 0) (failed ? reject(new Error(`extracting ${deb}: ${err.trim()}`)) : resolve());
+    };
+    dpkg.on('exit', done('dpkg-deb'));
+    tar.on('close', done('tar'));
+    dpkg.on('error', reject);
+    tar.on('error', reject);
+  });
+}
+
+function walk(dir, base = dir) {
+  const out = [];
+  for (const e of readdirSync(dir, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
+    const p = join(dir, e.name);
+    out.push(relative(base, p));
+    if (e.isDirectory()) out.push(...walk(p, base));
+  }
+  return out;
+}
+
+/** vmlinuz → ELF vmlinux: find the xz stream inside the bzImage and decompress it. */
+function unpackVmlinux(vmlinuz, vmlinux) {
+  const img = readFileSync(vmlinuz);
+  const at = img.indexOf(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]));
+  if (at < 0) throw new Error(`${vmlinuz}: no xz payload found`);
+  const fd = openSync(vmlinux, 'w');
+  try {
+    execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 30 });
+  } finally {
+    closeSync(fd);
+  }
+  if (!readFileSync(vmlinux).subarray(0, 4).equals(Buffer.from([0x7f, 0x45, 0x4c, 0x46]))) throw new Error(`${vmlinux}: not an ELF image`);
+}
+
+/**
+ * Moves dir/{bin,sbin,lib,lib64} into dir/usr/…: this machine is merged-/usr, and a layer with
+ * real /bin or /lib folders would hide the host's /bin → usr/bin symlinks.
+ */
+function foldIntoUsr(dir) {
+  for (const top of ['bin', 'sbin', 'lib', 'lib64']) {
+    const src = join(dir, top);
+    if (!existsSync(src) || lstatSync(src).isSymbolicLink()) continue;
+    mergeMove(src, join(dir, 'usr', top));
+  }
+}
+
+function mergeMove(src, dst) {
+  if (!existsSync(dst)) {
+    mkdirSync(dirname(dst), { recursive: true });
+    renameSync(src, dst);
+    return;
+  }
+  if (!lstatSync(dst).isDirectory() || !lstatSync(src).isDirectory()) {
+    rmSync(dst, { recursive: true, force: true });
+    renameSync(src, dst);
+    return;
+  }
+  for (const e of readdirSync(src)) mergeMove(join(src, e), join(dst, e));
+  rmSync(src, { recursive: true, force: true });
+}
+
+function cpio(root, out) {
+  const fd = openSync(out, 'w');
+  try {
+    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: walk(root).join('\n') + '\n', stdio: ['pipe', fd, 'pipe'] });
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** A busybox initramfs at dir with init script and modules (copied from modDir, in order). */
+function buildInitramfs(dir, out, init, modules, modFiles) {
+  rmSync(dir, { recursive: true, force: true });
+  for (const d of ['bin', 'dev', 'proc', 'sys', 'mnt', 'lib/modules', 'newroot', 'tmp']) mkdirSync(join(dir, d), { recursive: true });
+  copyFileSync(BUSYBOX, join(dir, 'bin', 'busybox'));
+  chmodSync(join(dir, 'bin', 'busybox'), 0o755);
+  for (const a of INITRD_APPLETS) symlinkSync('busybox', join(dir, 'bin', a));
+  copyFileSync(init, join(dir, 'init'));
+  chmodSync(join(dir, 'init'), 0o755);
+  for (const m of modules) {
+    const found = modFiles.filter((f) => f.endsWith(`/${m}.ko`));
+    if (found.length !== 1) throw new Error(`module ${m}: expected one ${m}.ko in the kernel package, found ${found.length}`);
+    copyFileSync(found[0], join(dir, 'lib', 'modules', `${m}.ko`));
+  }
+  writeFileSync(join(dir, 'lib', 'modules', 'order'), modules.join('\n') + '\n');
+  cpio(dir, out);
+}
+
+function stampOf(debs) {
+  const h = createHash('sha256');
+  for (const part of [
+    Object.values(debs).map((p) => p.split('/').pop()).sort().join(' '),
+    readFileSync(DOM0_INIT), readFileSync(DOMU_INIT), readFileSync(fileURLToPath(import.meta.url)),
+  ]) {
+    h.update(part);
+    h.update('\0');
+  }
+  return h.digest('hex');
+}
+
+/**
+ * Returns the tier's paths, building them first when the cache is stale:
+ * { xen, vmlinux, dom0Initrd, domuInitrd, xenroot, modroot, kernelVersion, nodeVersion, packages }.
+ */
+export async function buildXen({ log = () => {} } = {}) {
+  for (const tool of ['apt-get', 'apt-cache', 'dpkg-deb', 'xz', 'cpio', 'tar', 'gzip']) {
+    if (!have(tool)) throw new Error(`${tool} is not installed (needed to build the Xen test tier)`);
+  }
+  mkdirSync(CACHE_DIR, { recursive: true });
+  // Package resolution costs a few apt-cache calls: remember it until apt's lists change.
+  const memo = join(CACHE_DIR, 'packages.json');
+  let listsKey = 'none';
+  try {
+    listsKey = String(readdirSync('/var/lib/apt/lists').length) + ':' + String(lstatSync('/var/lib/apt/lists').mtimeMs);
+  } catch {}
+  let resolved;
+  if (existsSync(memo)) {
+    const m = JSON.parse(readFileSync(memo, 'utf8'));
+    if (m.listsKey === listsKey) resolved = m;
+  }
+  if (!resolved) {
+    resolved = { listsKey, kernel: kernelPackage(), nodeVersion: debianNodeVersion(), node: nodePackages() };
+    writeFileSync(memo, JSON.stringify(resolved, null, 1));
+  }
+  // Reuse the guest tier's copy of the kernel package when it has one.
+  mkdirSync(DEB_DIR, { recursive: true });
+  if (existsSync(VM_DEB_DIR)) {
+    const k = readdirSync(VM_DEB_DIR).find((f) => f.startsWith(`${resolved.kernel}_`) && f.endsWith('.deb'));
+    if (k && !existsSync(join(DEB_DIR, k))) copyFileSync(join(VM_DEB_DIR, k), join(DEB_DIR, k));
+  }
+  const specs = [
+    ...XEN_PACKAGES.map((name) => ({ name })),
+    ...resolved.node.map((name) => ({ name, version: name === 'nodejs' || name === 'libnode108' ? resolved.nodeVersion : undefined })),
+    { name: resolved.kernel },
+  ];
+  const debs = download(specs, log);
+  const stamp = stampOf(debs);
+  const paths = {
+    xen: join(CACHE_DIR, 'xen.elf'),
+    vmlinux: join(CACHE_DIR, 'vmlinux'),
+    dom0Initrd: join(CACHE_DIR, 'dom0-initrd.cpio'),
+    domuInitrd: join(CACHE_DIR, 'domu-initrd.cpio'),
+    xenroot: join(CACHE_DIR, 'xenroot'),
+    modroot: join(CACHE_DIR, 'modroot'),
+    kernelPackage: resolved.kernel,
+    nodeVersion: resolved.nodeVersion,
+    packages: Object.keys(debs),
+  };
+  const stampFile = join(CACHE_DIR, 'stamp');
+  if (existsSync(stampFile) && readFileSync(stampFile, 'utf8') === stamp && [paths.xen, paths.vmlinux, paths.dom0Initrd, paths.domuInitrd].every(existsSync)) {
+    paths.kernelVersion = readdirSync(join(paths.modroot, 'usr', 'lib', 'modules'))[0];
+    return paths;
+  }
+  if (!existsSync(BUSYBOX)) throw new Error(`${BUSYBOX} missing: install busybox-static`);
+  log('building the Xen test tier');
+  rmSync(stampFile, { force: true });
+
+  // xenroot: every Xen and node package, folded into usr/.
+  rmSync(paths.xenroot, { recursive: true, force: true });
+  mkdirSync(paths.xenroot, { recursive: true });
+  for (const [name, deb] of Object.entries(debs)) {
+    if (name === resolved.kernel) continue;
+    run('dpkg-deb', ['-x', deb, paths.xenroot]);
+  }
+  const xenGz = join(paths.xenroot, 'boot', 'xen-4.17-amd64.gz');
+  if (!existsSync(xenGz)) throw new Error(`${debs['xen-hypervisor-4.17-amd64']} has no boot/xen-4.17-amd64.gz`);
+  const fd = openSync(paths.xen, 'w');
+  try {
+    execFileSync('gzip', ['-dc', xenGz], { stdio: ['ignore', fd, 'pipe'] });
+  } finally {
+    closeSync(fd);
+  }
+  rmSync(join(paths.xenroot, 'boot'), { recursive: true, force: true });
+  foldIntoUsr(paths.xenroot);
+  // Debian's node is /usr/bin/node in this layer; check it is an executable file, not a link out.
+  if (!existsSync(join(paths.xenroot, 'usr', 'bin', 'node'))) throw new Error('the nodejs package left no usr/bin/node');
+
+  // The kernel: ELF vmlinux, and the module trees dom0 needs, depmod'ed with Debian's kmod.
+  const kdir = join(CACHE_DIR, 'kernel');
+  rmSync(kdir, { recursive: true, force: true });
+  mkdirSync(kdir, { recursive: true });
+  await extract(debs[resolved.kernel], kdir, ['./boot/vmlinuz-*', ...MODULE_TREES.map((t) => `./lib/modules/*/${t}`)]);
+  const vmlinuz = readdirSync(join(kdir, 'boot')).find((f) => f.startsWith('vmlinuz-'));
+  if (!vmlinuz) throw new Error(`${debs[resolved.kernel]} has no boot/vmlinuz-*`);
+  unpackVmlinux(join(kdir, 'boot', vmlinuz), paths.vmlinux);
+  const kver = vmlinuz.replace(/^vmlinuz-/, '');
+  rmSync(paths.modroot, { recursive: true, force: true });
+  mkdirSync(join(paths.modroot, 'usr', 'lib'), { recursive: true });
+  renameSync(join(kdir, 'lib', 'modules'), join(paths.modroot, 'usr', 'lib', 'modules'));
+  rmSync(kdir, { recursive: true, force: true });
+  // kmod picks the tool from its argv[0]; the package's usr/sbin/depmod links to /bin/kmod,
+  // which this machine lacks, so make a local link.
+  const depmod = join(CACHE_DIR, 'depmod');
+  rmSync(depmod, { force: true });
+  symlinkSync(join(paths.xenroot, 'usr', 'bin', 'kmod'), depmod);
+  execFileSync(depmod, ['-b', join(paths.modroot, 'usr'), kver], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, LD_LIBRARY_PATH: join(paths.xenroot, 'usr', 'lib', 'x86_64-linux-gnu') },
+  });
+  if (!existsSync(join(paths.modroot, 'usr', 'lib', 'modules', kver, 'modules.dep'))) throw new Error('depmod wrote no modules.dep');
+  const modFiles = walk(join(paths.modroot, 'usr', 'lib', 'modules', kver)).filter((f) => f.endsWith('.ko'))
+    .map((f) => join(paths.modroot, 'usr', 'lib', 'modules', kver, f));
+
+  buildInitramfs(join(CACHE_DIR, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, DOM0_EARLY_MODULES, modFiles);
+  buildInitramfs(join(CACHE_DIR, 'domu-initramfs'), paths.domuInitrd, DOMU_INIT, DOMU_MODULES, modFiles);
+  writeFileSync(stampFile, stamp);
+  paths.kernelVersion = kver;
+  log(`Xen test tier ready in ${CACHE_DIR}`);
+  return paths;
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  const t0 = Date.now();
+  const p = await buildXen({ log: (m) => console.error(m) });
+  console.log(JSON.stringify(p, null, 1));
+  console.error(`(${Date.now() - t0} ms)`);
+}

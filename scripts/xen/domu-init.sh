@@ -1,0 +1,77 @@
+#!/bin/sh
+# PID 1 of the test domU (busybox, PV, console on hvc0). What it does comes from the kernel
+# command line (xl's extra="..."; key=value words reach init's environment):
+#   xbh_mode=marker xbh_marker=WORD  wait for /dev/xvda, print the 16 bytes at 4096 (what the
+#                                    base holds), write "XBH:WORD" at 0, flush, drop caches,
+#                                    read it back, print it, power off
+#   xbh_mode=watch                   print "ready", then report /dev/xvdb appearing (with the
+#                                    bytes at 0) and disappearing; power off when it is gone
+# Every line it prints starts with "xbh-domu:" so dom0 can find them in the console log.
+export PATH=/bin
+
+say() { echo "xbh-domu: $*"; }
+finish() {
+	say "done"
+	sync
+	poweroff -f
+	sleep 1000
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec >/dev/hvc0 2>&1 </dev/null
+say "booted mode=${xbh_mode:-none}"
+for m in $(cat /lib/modules/order); do
+	insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+done
+
+wait_for() { # wait_for PATH SECONDS
+	n=0
+	while [ ! -e "$1" ]; do
+		n=$((n + 1))
+		[ $n -gt $(($2 * 10)) ] && return 1
+		sleep 0.1
+	done
+}
+
+# Printable bytes of DEV at byte OFFSET, 16 of them.
+peek() {
+	dd if="$1" bs=16 count=1 skip=$(($2 / 16)) 2>/dev/null | tr -c 'A-Za-z0-9:._-' '.'
+}
+
+case "${xbh_mode:-}" in
+marker)
+	wait_for /dev/xvda 30 || { say "no /dev/xvda"; finish; }
+	say "xvda sectors=$(cat /sys/block/xvda/size)"
+	say "xvda base=$(peek /dev/xvda 4096)"
+	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc 2>/dev/null || say "write failed"
+	sync
+	blockdev --flushbufs /dev/xvda
+	echo 3 >/proc/sys/vm/drop_caches
+	say "xvda readback=$(peek /dev/xvda 0)"
+	finish
+	;;
+watch)
+	say "ready"
+	n=0
+	seen=
+	while [ $n -lt 1800 ]; do
+		if [ -z "$seen" ] && [ -e /dev/xvdb ]; then
+			seen=1
+			say "xvdb appeared sectors=$(cat /sys/block/xvdb/size) data=$(peek /dev/xvdb 0)"
+		elif [ -n "$seen" ] && [ ! -e /sys/block/xvdb ]; then
+			say "xvdb gone"
+			finish
+		fi
+		n=$((n + 1))
+		sleep 0.1
+	done
+	say "watch timed out"
+	finish
+	;;
+*)
+	say "unknown mode"
+	finish
+	;;
+esac
