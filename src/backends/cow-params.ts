@@ -1,0 +1,113 @@
+/**
+ * The block-cow params grammar:
+ *
+ *     <base-image> [<cow-size>] [persistent[=yes|no]] [store=<name>] [chunk=<size>]
+ *
+ *   base-image   absolute path of the read-only base (a regular file or a block device) below one
+ *                of the configured image directories; no whitespace in it.
+ *   cow-size     size of the copy-on-write store: a bare number is MiB (`30`), or `30M`, `2G`
+ *                (also `30MiB`, `2GiB`); 1 MiB at least. Default: cow.default_size.
+ *   persistent   keep the store after remove and reattach it on the next add of the same domain
+ *                and vdev (dm-snapshot `P`); without it the store is thrown away (`N`).
+ *   store=NAME   the persistent store's file name inside the store directory (implies persistent);
+ *                letters, digits, `.`, `_`, `-`, `+`, `@` only, not starting with `.`.
+ *   chunk=SIZE   dm-snapshot chunk size, a power of two from 4K to 512K (default cow.chunk).
+ *
+ * Everything else is refused with a message naming the word, why, and what to write instead.
+ */
+import { HotplugError } from '../hotplug/errors.js';
+
+export interface CowParams {
+  base: string;
+  /** Store size in MiB, when given. */
+  sizeMiB: number | undefined;
+  persistent: boolean;
+  /** Explicit store file name (inside storeDir), when given. */
+  store: string | undefined;
+  /** Chunk size in KiB, when given. */
+  chunkKiB: number | undefined;
+}
+
+/** 16 TiB: far beyond any sensible store; stops typos such as `30000000`. */
+export const MAX_STORE_MIB = 16 * 1024 * 1024;
+
+const SIZE = /^(\d+)(?:([MmGg])(?:i?B)?)?$/;
+const STORE_NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}$/;
+
+function bad(params: string, what: string): HotplugError {
+  return new HotplugError(`block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`);
+}
+
+/** `30`, `30M`, `2G` → MiB, or undefined when the word is not a size at all. */
+export function parseSizeMiB(word: string): number | undefined {
+  const m = SIZE.exec(word);
+  if (!m) return undefined;
+  const n = Number(m[1]);
+  return /[gG]/.test(m[2] ?? '') ? n * 1024 : n;
+}
+
+/** `4K`, `64k`, `64KiB`, `1M` → KiB, or undefined when not of that form. */
+export function parseChunkKiB(word: string): number | undefined {
+  const m = /^(\d+)([KkMm])(?:i?B)?$/.exec(word);
+  if (!m) return undefined;
+  return Number(m[1]) * (/[mM]/.test(m[2] ?? '') ? 1024 : 1);
+}
+
+function yesNo(params: string, key: string, v: string): boolean {
+  if (/^(1|yes|true|on)$/i.test(v)) return true;
+  if (/^(0|no|false|off)$/i.test(v)) return false;
+  throw bad(params, `${key}=${v}: the value must be yes or no`);
+}
+
+export function parseCowParams(params: string): CowParams {
+  const words = params.trim().split(/\s+/).filter(Boolean);
+  const base = words[0];
+  if (base === undefined) throw bad(params, 'no base image given');
+  if (base.includes('=')) throw bad(params, `the first word "${base}" looks like an option; the base image path comes first`);
+  if (!base.startsWith('/')) throw bad(params, `the base image "${base}" is not an absolute path; give the full path, e.g. /srv/xen/${base.replace(/^.*\//, '')}`);
+  const out: CowParams = { base, sizeMiB: undefined, persistent: false, store: undefined, chunkKiB: undefined };
+  const seen = new Set<string>();
+  let persistentGiven: boolean | undefined;
+  words.slice(1).forEach((w, i) => {
+    const eq = w.indexOf('=');
+    if (eq < 0 && w !== 'persistent') {
+      const size = parseSizeMiB(w);
+      if (size === undefined) {
+        if (i === 0) throw bad(params, `"${w}" is neither a size (such as 30, 30M or 2G) nor an option; a base image path cannot contain spaces`);
+        throw bad(params, `"${w}" is not an option (known: persistent, store=, chunk=)`);
+      }
+      if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
+      if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
+      if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+      out.sizeMiB = size;
+      return;
+    }
+    const key = eq < 0 ? w : w.slice(0, eq);
+    const value = eq < 0 ? undefined : w.slice(eq + 1);
+    if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
+    seen.add(key);
+    switch (key) {
+      case 'persistent':
+        persistentGiven = value === undefined ? true : yesNo(params, key, value);
+        break;
+      case 'store':
+        if (!value) throw bad(params, 'store= needs a file name');
+        if (value.includes('/')) throw bad(params, `store=${value}: give a plain file name, not a path; stores always live in the store directory`);
+        if (!STORE_NAME.test(value) || value === '..') throw bad(params, `store=${value}: the name may hold letters, digits, ".", "_", "-", "+", "@" only and must not start with "."`);
+        out.store = value;
+        break;
+      case 'chunk': {
+        const k = value === undefined ? undefined : parseChunkKiB(value);
+        if (k === undefined) throw bad(params, `chunk=${value ?? ''}: give a size such as 16K or 64K`);
+        if (k < 4 || k > 512 || (k & (k - 1)) !== 0) throw bad(params, `chunk=${value}: the chunk size must be a power of two from 4K to 512K`);
+        out.chunkKiB = k;
+        break;
+      }
+      default:
+        throw bad(params, `unknown option "${key}" (known: persistent, store=, chunk=)`);
+    }
+  });
+  if (out.store !== undefined && persistentGiven === false) throw bad(params, `store=${out.store} names a persistent store; drop persistent=no or drop store=`);
+  out.persistent = persistentGiven ?? out.store !== undefined;
+  return out;
+}

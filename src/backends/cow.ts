@@ -1,0 +1,308 @@
+/**
+ * block-cow: LiveCD-style copy-on-write disks on device-mapper.
+ *
+ *   mode w:  base image ──losetup -r (shared by every disk on that image)──┐
+ *            sparse store (0600, store dir) ──losetup──────────────────────┴─ dm snapshot N|P ─→ guest
+ *   mode r:  base image ──losetup -r (shared)── dm linear, read-only ─→ guest
+ *
+ * plan() checks the params and the base image and touches nothing; add() builds with the shared
+ * steps of steps.ts (each journaled before it runs); remove is the runtime's undo of the journal.
+ * See docs/block-cow.md for the grammar, names and sharing rules.
+ */
+import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, unlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Config } from '../config/config.js';
+import type { DiskSpec } from '../hotplug/disk.js';
+import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { XsOps } from '../xenstore/types.js';
+import type { Backend, BuiltDevice, HookContext } from './types.js';
+import { parseCowParams, type CowParams } from './cow-params.js';
+import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
+import { addBaseRef, addDm, addLoop, addStoreFile, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
+
+export interface CowPlan {
+  params: CowParams;
+  /** The base image after symlinks were resolved; the only path ever opened. */
+  base: string;
+  baseId: FileId;
+  /** Set when the base is a block device: its own major:minor (decimal). */
+  baseRdev: string | undefined;
+  readOnly: boolean;
+  /** The dm device's name. */
+  name: string;
+  domid: string;
+  devid: string;
+  /** mode w only. */
+  store: { path: string; bytes: number; persistent: boolean; chunkKiB: number } | undefined;
+}
+
+/** `backend/vbd/5/51712` (or absolute) → domid and devid. */
+export function backendIds(xenbusPath: string): { domid: string; devid: string } {
+  const m = /backend\/vbd3?\/(\d+)\/(\d+)$/.exec(xenbusPath);
+  if (!m) throw new HotplugError(`${xenbusPath} is not a block backend path.`);
+  return { domid: m[1] as string, devid: m[2] as string };
+}
+
+/** Who the disk belongs to, for names: the domain's name, else d<frontend-id>. */
+export function ownerName(disk: Pick<DiskSpec, 'domainName' | 'frontendId'>, domid: string): string {
+  return disk.domainName ?? `d${disk.frontendId ?? domid}`;
+}
+
+/** `xbh-cow-<owner>-<vdev>-<devid>`: at most 8+48+1+48+1+10 < 127 characters, no `/`. */
+export function dmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  const { domid, devid } = backendIds(xenbusPath);
+  return `xbh-cow-${ownerName(disk, domid)}-${disk.vdev ?? 'disk'}-${devid}`;
+}
+
+/** The store's file name: persistent ones by owner and vdev (so the next add finds them), transient ones by backend path. */
+export function storeName(params: CowParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  const { domid, devid } = backendIds(xenbusPath);
+  if (params.store !== undefined) return params.store;
+  if (params.persistent) return `${ownerName(disk, domid)}-${disk.vdev ?? devid}.cow`;
+  return `transient-${domid}-${devid}.cow`;
+}
+
+function inside(path: string, dir: string): boolean {
+  return dir === '/' || path === dir || path.startsWith(`${dir}/`);
+}
+
+/**
+ * The base image: absolute, no `..`, symlinks resolved before the directory check, a regular file
+ * or a block device below one of config.imageDirs, opened read-only (non-blocking, so a FIFO
+ * cannot hang us) to prove it is what we stat'ed.
+ */
+export function checkBase(raw: string, config: Config): { base: string; id: FileId; rdev: string | undefined; bytes: bigint } {
+  if (!raw.startsWith('/')) throw new HotplugError(`block-cow: the base image "${raw}" is not an absolute path; give the full path.`);
+  if (raw.split('/').includes('..')) throw new HotplugError(`block-cow: the base image "${raw}" contains "..": give the path without ".." components.`);
+  let base: string;
+  try {
+    base = realpathSync(raw);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new HotplugError(`block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.`);
+    throw new HotplugError(`block-cow: cannot resolve the base image ${raw}: ${messageOf(e)}.`);
+  }
+  const dirs = config.imageDirs.flatMap((d) => {
+    try {
+      return [realpathSync(d)];
+    } catch {
+      return [];
+    }
+  });
+  if (!dirs.some((d) => inside(base, d))) {
+    const via = base === raw ? '' : ` (it resolves to ${base})`;
+    throw new HotplugError(`block-cow: the base image ${raw}${via} is not inside an image directory (${config.imageDirs.join(', ')}); move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`);
+  }
+  const st = lstatSync(base, { bigint: true });
+  const kind = st.isDirectory() ? 'a directory' : st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : st.isCharacterDevice() ? 'a character device' : undefined;
+  if (kind || !(st.isFile() || st.isBlockDevice())) {
+    throw new HotplugError(`block-cow: the base image ${raw} is ${kind ?? 'not a regular file'}; give a disk image file or a block device.`);
+  }
+  let fd: number;
+  try {
+    fd = openSync(base, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (e) {
+    throw new HotplugError(`block-cow: cannot open the base image ${base} for reading: ${messageOf(e)}.`);
+  }
+  try {
+    const fst = fstatSync(fd, { bigint: true });
+    if (fst.dev !== st.dev || fst.ino !== st.ino) throw new HotplugError(`block-cow: the base image ${base} changed while it was being checked; try again.`);
+    const bytes = fst.isFile() ? fst.size : 1n;
+    if (bytes < 512n) throw new HotplugError(`block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
+    return { base, id: { dev: devString(fst.dev), ino: fst.ino.toString() }, rdev: fst.isBlockDevice() ? devString(fst.rdev) : undefined, bytes };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export function planCow(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): CowPlan {
+  const params = parseCowParams(disk.params);
+  const { base, id, rdev } = checkBase(params.base, ctx.config);
+  const { domid, devid } = backendIds(ctx.xenbusPath);
+  const readOnly = disk.mode === 'r';
+  const store = readOnly
+    ? undefined
+    : {
+        path: join(ctx.config.storeDir, storeName(params, disk, ctx.xenbusPath)),
+        bytes: (params.sizeMiB ?? ctx.config.cow.defaultSizeMiB) * 1024 * 1024,
+        persistent: params.persistent,
+        chunkKiB: params.chunkKiB ?? ctx.config.cow.chunkKiB,
+      };
+  return { params, base, baseId: id, baseRdev: rdev, readOnly, name: dmName(disk, ctx.xenbusPath), domid, devid, store };
+}
+
+// ---------------------------------------------------------------------------------------------
+// sharing
+
+function hexMM(major: number, minor: number): string {
+  return `${major.toString(16)}:${minor.toString(16)}`;
+}
+
+function decToHex(mm: string): string {
+  const [a, b] = mm.split(':').map(Number);
+  return hexMM(a ?? 0, b ?? 0);
+}
+
+/** Read-write mounts of any of `devs` (decimal major:minor), from /proc/self/mountinfo. */
+export function rwMounts(devs: Set<string>, mountinfo?: string): { dev: string; at: string }[] {
+  let text = mountinfo;
+  if (text === undefined) {
+    try {
+      text = readFileSync('/proc/self/mountinfo', 'utf8');
+    } catch {
+      return [];
+    }
+  }
+  const out: { dev: string; at: string }[] = [];
+  for (const line of text.split('\n')) {
+    const f = line.split(' ');
+    const dev = f[2];
+    if (!dev || !devs.has(dev)) continue;
+    if ((f[5] ?? '').split(',').includes('rw')) out.push({ dev, at: f[4] ?? '?' });
+  }
+  return out;
+}
+
+function stripHome(p: string): string {
+  return p.replace(/^\/local\/domain\/\d+\//, '');
+}
+
+/** vbds (other than `self`) with mode w on one of `hexDevs`, or whose plain params name the base file. */
+async function writableVbds(xs: XsOps, self: string, hexDevs: Set<string>, baseKey: string): Promise<string[]> {
+  const found: string[] = [];
+  let doms: string[];
+  try {
+    doms = await xs.directory('backend/vbd');
+  } catch {
+    return found;
+  }
+  await Promise.all(
+    doms.map(async (d) => {
+      const devs = await xs.directory(`backend/vbd/${d}`).catch(() => [] as string[]);
+      await Promise.all(
+        devs.map(async (v) => {
+          const p = `backend/vbd/${d}/${v}`;
+          if (p === stripHome(self)) return;
+          const [mode, pd, params, script, type] = await Promise.all(['mode', 'physical-device', 'params', 'script', 'type'].map((k) => xs.tryRead(`${p}/${k}`).catch(() => undefined)));
+          if (!mode || !mode.includes('w')) return;
+          if (pd && hexDevs.has(pd.toLowerCase())) {
+            found.push(`${p} (mode ${mode}, device ${pd})`);
+            return;
+          }
+          const ours = (script ?? '').endsWith('block-cow') || type === 'cow';
+          if (ours || !params || !params.startsWith('/')) return;
+          try {
+            const st = statSync(params, { bigint: true });
+            if (fileIdKey({ dev: devString(st.dev), ino: st.ino.toString() }) === baseKey) found.push(`${p} (mode ${mode}, params ${params})`);
+          } catch {
+            // not a path we can see
+          }
+        }),
+      );
+    }),
+  );
+  return found.sort();
+}
+
+/** Refuse (busy) a base that is writable anywhere else: a writable loop, a rw mount, a vbd with mode w. */
+async function checkBaseSharing(ctx: HookContext, plan: CowPlan, onBase: LoopInfo[]): Promise<void> {
+  const writable = onBase.filter((l) => !l.readOnly);
+  if (writable.length) {
+    throw new HotplugError(`block-cow: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its copy-on-write disks: detach it (losetup -d) or stop its user first.`, 'busy');
+  }
+  const devs = new Set(onBase.map((l) => `${l.major}:${l.minor}`));
+  if (plan.baseRdev) devs.add(plan.baseRdev);
+  const mounts = rwMounts(devs);
+  if (mounts.length) {
+    throw new HotplugError(`block-cow: the base image ${plan.base} is mounted read-write at ${mounts.map((m) => m.at).join(', ')}; unmount it or remount it read-only first.`, 'busy');
+  }
+  const vbds = await writableVbds(ctx.xs, ctx.request.xenbusPath, new Set([...devs].map(decToHex)), fileIdKey(plan.baseId));
+  if (vbds.length) {
+    throw new HotplugError(`block-cow: the base image ${plan.base} is given writable to another guest: ${vbds.join(', ')}; detach that disk or make it access=r first.`, 'busy');
+  }
+}
+
+/** The journal record (backend path) whose loop step is on file `id`, for messages. */
+function loopOwner(ctx: HookContext, id: FileId): string | undefined {
+  for (const e of ctx.journal.list().entries) {
+    if (e.backendPath === ctx.build.entry.backendPath) continue;
+    if (e.steps.some((s) => s.kind === STEP.loop && s.data.dev === id.dev && s.data.ino === id.ino)) return e.backendPath;
+  }
+  return undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// add
+
+async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
+  const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
+  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseSharing(ctx, plan, onBase));
+  const sectors = deviceSectors(baseLoop.major, baseLoop.minor);
+  if (sectors === 0) throw new HotplugError(`block-cow: the base image ${plan.base} has no whole 512-byte sector.`);
+  const origin = `${baseLoop.major}:${baseLoop.minor}`;
+
+  if (!plan.store) {
+    const dm = await addDm(env, plan.name, `0 ${sectors} linear ${origin} 0`, { readOnly: true });
+    return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
+  }
+
+  const s = plan.store;
+  ensureStoreDir(ctx.config.storeDir);
+  if (!s.persistent) await clearLeftoverTransient(ctx, s.path);
+  const store = await addStoreFile(env, s.path, s.bytes, s.persistent);
+  const storeId = { dev: store.dev, ino: store.ino };
+  if (store.existed) {
+    const have = statSync(s.path).size;
+    ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent store ${s.path} (${Math.round(have / 1048576)} MiB)`);
+  }
+  const storeLoop = await addLoop(env, s.path, storeId, { readOnly: false }, async (onStore) => {
+    if (onStore.length === 0) return;
+    const owner = loopOwner(ctx, storeId);
+    throw new HotplugError(`block-cow: the copy-on-write store ${s.path} is already in use by ${onStore.map((l) => l.name).join(', ')}${owner ? ` (disk ${owner})` : ''}; a store serves one writer: remove that disk first or choose another store=.`, 'busy');
+  });
+  const table = `0 ${sectors} snapshot ${origin} ${storeLoop.major}:${storeLoop.minor} ${s.persistent ? 'P' : 'N'} ${s.chunkKiB * 2}`;
+  const dm = await addDm(env, plan.name, table);
+  return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
+}
+
+/**
+ * A transient store is named after its backend path, and that path's earlier record was undone
+ * before this add began: a file still there is a leftover of a crash or a reboot, unless a loop
+ * still uses it.
+ */
+async function clearLeftoverTransient(ctx: HookContext, path: string): Promise<void> {
+  let st;
+  try {
+    st = lstatSync(path, { bigint: true });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  if (!st.isFile()) throw new HotplugError(`block-cow: ${path} is in the way of this disk's store and is not a regular file; move it away.`);
+  const id = { dev: devString(st.dev), ino: st.ino.toString() };
+  const loops = await loopsBacking(ctx.run, id);
+  if (loops.length) {
+    throw new HotplugError(`block-cow: the leftover store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; run "xen-blockhooks gc" or detach it first.`, 'busy');
+  }
+  ctx.log.warn(`${ctx.request.xenbusPath}: deleting leftover transient store ${path}`);
+  unlinkSync(path);
+}
+
+export const cowBackend: Backend<CowPlan> = {
+  script: 'block-cow',
+  summary: 'copy-on-write disk on device-mapper over a shared read-only base image',
+  usage: [
+    'params: <base-image> [<cow-size>] [persistent[=yes|no]] [store=NAME] [chunk=SIZE]',
+    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only',
+    '  cow-size    size of the copy-on-write store: 30 (MiB), 30M, 2G; default cow.default_size',
+    '  persistent  keep the store after remove and reattach it on the next add of the same domain and vdev',
+    '  store=NAME  persistent store file NAME in store_dir (implies persistent)',
+    '  chunk=SIZE  snapshot chunk size, a power of two from 4K to 512K; default cow.chunk',
+    'xl:  disk = [ "vdev=sda1,access=w,script=block-cow,target=/srv/xen/rootfs.img 30" ]',
+    'xm:  disk = [ "cow:/srv/xen/rootfs.img 30,sda1,w" ]',
+    'access=r hands out a read-only device over the base and needs no store.',
+  ].join('\n'),
+  plan: (disk, ctx) => planCow(disk, ctx),
+  add: addCow,
+  undo: sharedUndo,
+};

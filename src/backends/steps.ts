@@ -1,0 +1,357 @@
+/**
+ * Steps every device-mapper backend builds with, and their undoers. Each `add*` helper journals
+ * its step (through `build.step`) before doing anything, with enough data for the undoer to find
+ * what it may have made after a crash; each undoer is idempotent and copes with `done: false`.
+ *
+ *   base-ref    a reference to a shared read-only loop over a base image, keyed by the image's
+ *               dev:inode. There is no counter: the references are the journal records holding a
+ *               base-ref step with that key. All base-ref work happens under the base's flock
+ *               (`<stateDir>/locks/base-<dev>-<ino>`); the undoer detaches the loop only when no
+ *               other record refers to the key.
+ *   store-file  a file in the store directory (a copy-on-write store). Transient: deleted on undo.
+ *               Persistent: kept, unless this very add created it and never finished.
+ *   loop        a loop device over a file unique to this disk (a store): found again through
+ *               losetup by the file's dev:inode, so an intent-only record still finds it.
+ *   dm          a device-mapper device, by name; removal retries EBUSY for config.busyRetryMs.
+ *
+ * Lock order: the base lock, then Xen's `block` lock (held only around loop allocation and the
+ * sharing check that must not race it).
+ */
+import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, unlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
+import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
+import { acquireFlock, withFlock, xenBlockLockPath } from '../lock/flock.js';
+import type { Logger } from '../log/logger.js';
+import { baseImageLockPath } from '../lock/paths.js';
+import { HotplugError } from '../hotplug/errors.js';
+import type { XsOps } from '../xenstore/types.js';
+import {
+  attachLoop, detachLoop, devString, devT, dmCreate, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
+} from './cow-devices.js';
+
+export const STEP = { baseRef: 'base-ref', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
+
+export interface StepEnv {
+  build: Build;
+  run: Runner;
+  config: Config;
+  log: Logger;
+  journal: Journal;
+}
+
+function lockOpts(env: { config: Config; run: Runner }) {
+  return { timeoutMs: env.config.lockTimeoutMs, runner: env.run };
+}
+
+function idOf(data: Record<string, unknown>): FileId | undefined {
+  return typeof data.dev === 'string' && typeof data.ino === 'string' ? { dev: data.dev, ino: data.ino } : undefined;
+}
+
+// ---------------------------------------------------------------------------------------------
+// base-ref
+
+export interface BaseRefHolder {
+  backendPath: string;
+  loop: string | undefined;
+}
+
+/** Records other than `exceptPath` that hold a base-ref step for `key`, and records we could not read. */
+export function baseRefHolders(journal: Journal, key: string, exceptPath: string): { holders: BaseRefHolder[]; unreadable: string[] } {
+  const { entries, unreadable } = journal.list();
+  const holders: BaseRefHolder[] = [];
+  for (const e of entries) {
+    if (e.backendPath === exceptPath) continue;
+    for (const s of e.steps) {
+      if (s.kind === STEP.baseRef && s.data.key === key) holders.push({ backendPath: e.backendPath, loop: typeof s.data.loop === 'string' ? s.data.loop : undefined });
+    }
+  }
+  return { holders, unreadable: unreadable.map((u) => u.file) };
+}
+
+/**
+ * Take a reference on the shared read-only loop of base image `file` (identity `id`): reuse the
+ * loop another record already holds, or attach one. `check` runs under Xen's `block` lock before
+ * the loop is used (the sharing check); it throws to refuse.
+ */
+export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: (loops: LoopInfo[]) => Promise<void>): Promise<LoopInfo> {
+  const key = fileIdKey(id);
+  const lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(env));
+  try {
+    return await env.build.step(
+      STEP.baseRef,
+      { key, file, dev: id.dev, ino: id.ino },
+      async () => {
+        const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
+        return withFlock(
+          xenBlockLockPath(env.config.xenLockDir),
+          async () => {
+            const onBase = await loopsBacking(env.run, id);
+            await check(onBase);
+            const known = new Set(holders.map((h) => h.loop).filter((l): l is string => l !== undefined));
+            const shared = onBase.find((l) => known.has(l.name) && l.readOnly && l.offset === 0 && l.sizeLimit === 0);
+            if (shared) {
+              env.log.debug(`base ${file}: sharing ${shared.name} with ${holders.length} other disk(s)`);
+              return shared;
+            }
+            return attachLoop(env.run, file, { readOnly: true });
+          },
+          lockOpts(env),
+        );
+      },
+      (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
+    );
+  } finally {
+    await lock.release();
+  }
+}
+
+/** physical-device values (hex maj:min) of vbds other than `exceptPath`, for the intent-only base-ref undo. */
+async function vbdDevices(xs: XsOps | undefined): Promise<Set<string>> {
+  const out = new Set<string>();
+  if (!xs) return out;
+  let doms: string[] = [];
+  try {
+    doms = await xs.directory('backend/vbd');
+  } catch {
+    return out;
+  }
+  for (const d of doms) {
+    let devs: string[] = [];
+    try {
+      devs = await xs.directory(`backend/vbd/${d}`);
+    } catch {
+      continue;
+    }
+    for (const v of devs) {
+      const pd = await xs.tryRead(`backend/vbd/${d}/${v}/physical-device`).catch(() => undefined);
+      if (pd) out.add(pd.toLowerCase());
+    }
+  }
+  return out;
+}
+
+async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const id = idOf(step.data);
+  const key = typeof step.data.key === 'string' ? step.data.key : undefined;
+  if (!id || !key) return; // nothing was ever looked up
+  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(ctx));
+  try {
+    const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
+    if (holders.length > 0) {
+      ctx.log.debug(`base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`);
+      return;
+    }
+    if (unreadable.length > 0) {
+      ctx.log.warn(`base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`);
+      return;
+    }
+    const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
+    let targets: LoopInfo[];
+    if (typeof step.data.loop === 'string') {
+      targets = onBase.filter((l) => l.name === step.data.loop);
+    } else {
+      // Intent only: the loop may have been attached without being recorded. Take read-only loops
+      // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop).
+      const inUse = await vbdDevices(ctx.xs);
+      targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`));
+    }
+    for (const l of targets) await detachLoop(ctx.run, l.name);
+    await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function assertGone(run: Runner, loops: LoopInfo[], what: string): Promise<void> {
+  if (loops.length === 0) return;
+  const names = new Set(loops.map((l) => l.name));
+  const left = (await listLoops(run)).filter((l) => names.has(l.name) && l.backIno !== undefined);
+  if (left.length) {
+    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${what}) is still open by something and stays until it is closed (autoclear set)`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// store-file
+
+export interface StoreFileResult {
+  existed: boolean;
+  dev: string;
+  ino: string;
+}
+
+/** A store directory we may write in: create it 0700, refuse one that others could write into. */
+export function ensureStoreDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = lstatSync(dir);
+  if (!st.isDirectory()) throw new HotplugError(`the store directory ${dir} is not a directory; fix store_dir in /etc/xen/blockhooks.conf.`);
+  if ((st.mode & 0o022) !== 0) throw new HotplugError(`the store directory ${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); run chmod 700 ${dir}.`);
+  if (typeof process.getuid === 'function' && st.uid !== process.getuid()) throw new HotplugError(`the store directory ${dir} is owned by uid ${st.uid}, not by us; chown it to root.`);
+}
+
+function fidOfStats(st: { dev: bigint; ino: bigint }): FileId {
+  return { dev: devString(st.dev), ino: st.ino.toString() };
+}
+
+/**
+ * A sparse store of `bytes` at `path`, mode 0600, never following a symlink. Transient: created
+ * O_EXCL. Persistent: reused when it exists (a regular file), else created under a temporary name
+ * and linked into place (link(2) fails if someone else got there first), so an undo never deletes
+ * a store it did not make.
+ */
+export async function addStoreFile(env: StepEnv, path: string, bytes: number, persistent: boolean): Promise<StoreFileResult> {
+  const tmp = persistent ? join(path, '..', `.${path.replace(/^.*\//, '')}.${process.pid}.new`) : undefined;
+  return env.build.step(
+    STEP.storeFile,
+    { path, persistent, ...(tmp ? { tmp } : {}) },
+    async () => {
+      if (persistent) {
+        const existing = openExisting(path);
+        if (existing) return { existed: true, ...existing };
+        const made = createSparse(tmp as string, bytes);
+        try {
+          linkSync(tmp as string, path);
+        } catch (e) {
+          unlinkSync(tmp as string);
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+          const other = openExisting(path);
+          if (!other) throw new Error(`store ${path} appeared and vanished while it was being created`);
+          return { existed: true, ...other };
+        }
+        unlinkSync(tmp as string);
+        return { existed: false, ...made };
+      }
+      return { existed: false, ...createSparse(path, bytes) };
+    },
+    (r) => ({ existed: r.existed, dev: r.dev, ino: r.ino }),
+  );
+}
+
+function createSparse(path: string, bytes: number): FileId {
+  const fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+  try {
+    ftruncateSync(fd, bytes);
+    return fidOfStats(fstatSync(fd, { bigint: true }));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function openExisting(path: string): FileId | undefined {
+  let fd: number;
+  try {
+    fd = openSync(path, fsc.O_RDWR | fsc.O_NOFOLLOW);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    if (code === 'ELOOP') throw new HotplugError(`the store ${path} is a symbolic link; stores must be plain files in the store directory.`);
+    throw e;
+  }
+  try {
+    const st = fstatSync(fd, { bigint: true });
+    if (!st.isFile()) throw new HotplugError(`the store ${path} is not a regular file; move it away or choose another store= name.`);
+    return fidOfStats(st);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function statId(path: string): FileId | undefined {
+  try {
+    return fidOfStats(lstatSync(path, { bigint: true }));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+async function unlinkUnattached(run: Runner, path: string, expect: FileId | undefined): Promise<void> {
+  const id = statId(path);
+  if (!id) return;
+  if (expect && fileIdKey(expect) !== fileIdKey(id)) return; // another file by now: not ours
+  const loops = await loopsBacking(run, id);
+  if (loops.length) throw new Error(`store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; not deleting it`);
+  unlinkSync(path);
+}
+
+async function undoStoreFile(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const path = typeof step.data.path === 'string' ? step.data.path : undefined;
+  if (!path) return;
+  const recorded = idOf(step.data);
+  if (step.data.persistent !== true) {
+    // Transient stores are unique to their disk: whatever is at the path is this disk's.
+    await unlinkUnattached(ctx.run, path, step.done ? recorded : undefined);
+    return;
+  }
+  const tmp = typeof step.data.tmp === 'string' ? step.data.tmp : undefined;
+  if (tmp) {
+    const t = statId(tmp);
+    if (t) {
+      const p = statId(path);
+      if (p && fileIdKey(p) === fileIdKey(t)) await unlinkUnattached(ctx.run, path, t);
+      unlinkSync(tmp);
+    }
+  }
+  // A persistent store made by an add that never finished holds nothing of value.
+  if (step.done && step.data.existed === false && ctx.entry.device === undefined && recorded) await unlinkUnattached(ctx.run, path, recorded);
+}
+
+// ---------------------------------------------------------------------------------------------
+// loop
+
+/** Attach a loop over `file` (unique to this disk), under Xen's `block` lock; `check` runs first, under it. */
+export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { readOnly: boolean }, check?: (loops: LoopInfo[]) => Promise<void>): Promise<LoopInfo> {
+  return env.build.step(
+    STEP.loop,
+    { file, dev: id.dev, ino: id.ino, readOnly: opts.readOnly },
+    () =>
+      withFlock(
+        xenBlockLockPath(env.config.xenLockDir),
+        async () => {
+          if (check) await check(await loopsBacking(env.run, id));
+          return attachLoop(env.run, file, opts);
+        },
+        lockOpts(env),
+      ),
+    (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
+  );
+}
+
+async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const id = idOf(step.data);
+  if (!id) return;
+  const loops = await loopsBacking(ctx.run, id);
+  for (const l of loops) await detachLoop(ctx.run, l.name);
+  await assertGone(ctx.run, loops, String(step.data.file));
+}
+
+// ---------------------------------------------------------------------------------------------
+// dm
+
+export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmInfo> {
+  return env.build.step(
+    STEP.dm,
+    { name, table, ...(opts.uuid ? { uuid: opts.uuid } : {}), readOnly: opts.readOnly === true },
+    () => dmCreate(env.run, name, table, opts),
+    (d) => ({ major: d.major, minor: d.minor }),
+  );
+}
+
+async function undoDm(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const name = typeof step.data.name === 'string' ? step.data.name : undefined;
+  if (!name) return;
+  await dmRemove(ctx.run, name, ctx.config.busyRetryMs);
+}
+
+/** The undoers of this file, for a backend's `undo` registry. */
+export const sharedUndo: UndoRegistry = {
+  [STEP.baseRef]: undoBaseRef,
+  [STEP.storeFile]: undoStoreFile,
+  [STEP.loop]: undoLoop,
+  [STEP.dm]: undoDm,
+};
+
+export type { JournalEntry };
