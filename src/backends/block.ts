@@ -1,0 +1,313 @@
+/**
+ * The drop-in `block`: phy: and file: disks, as Xen's stock `/etc/xen/scripts/block` does them.
+ *
+ *   params is a path and what it is on disk decides: a block device is handed to blkback directly
+ *   (phy), a regular file through a loop device of its own (file). Relative names get `/dev/`
+ *   in front (expand_dev), symbolic links are resolved. mode r gives a read-only loop.
+ *
+ *   Under Xen's own `block` lock (/var/run/xen-hotplug/block, the flock protocol of locking.sh,
+ *   so stock scripts and ours exclude each other): the state guard (file: the backend must still
+ *   be waiting in InitWait, else nothing is built), the read-only-file check, the sharing check
+ *   (sharing.ts), the loop allocation, and, through BuiltDevice.release, the runtime's writing of
+ *   physical-device. Only then may the next instance look.
+ *
+ *   remove undoes the journal: the loop device recorded at add time is detached, after checking it
+ *   still backs the same file (device and inode numbers, which survive the file's deletion), so a
+ *   deleted or moved image does not leak its loop as it does with the stock script.
+ */
+import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
+import { isAbsolute } from 'node:path';
+import { CommandError, type Runner } from '../devices/runner.js';
+import { HotplugError } from '../hotplug/errors.js';
+import type { StepRecord, JournalEntry } from '../journal/journal.js';
+import type { UndoContext } from '../journal/steps.js';
+import { acquireFlock, LockTimeoutError, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
+import type { XsOps } from '../xenstore/types.js';
+import { checkSharing, findUsers, type AccessDevice } from './sharing.js';
+import type { Backend, BuiltDevice, HookContext } from './types.js';
+
+export interface BlockPlan {
+  kind: 'phy' | 'file';
+  /** params as given. */
+  given: string;
+  /** The resolved path (symlinks followed). */
+  path: string;
+}
+
+/** The step kind of this backend: one loop over a file that other disks may share read-only. */
+export const BLOCK_LOOP_STEP = 'block-loop';
+
+// ---------------------------------------------------------------------------------------------
+// device numbers and loop devices
+
+/** glibc's dev_t layout → [major, minor]. */
+export function splitDev(dev: bigint): [number, number] {
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  return [Number(major), Number(minor)];
+}
+
+/** A file's identity: its filesystem's `major:minor` (decimal, as losetup prints it) and inode. */
+export interface FileIdentity {
+  dev: string;
+  ino: string;
+}
+
+export interface Loop {
+  name: string;
+  major: number;
+  minor: number;
+  readOnly: boolean;
+  backDev: string | undefined;
+  backIno: string | undefined;
+}
+
+function decMm(s: unknown): string | undefined {
+  if (typeof s !== 'string') return undefined;
+  const m = /^\s*(\d+):(\d+)\s*$/.exec(s);
+  return m ? `${Number(m[1])}:${Number(m[2])}` : undefined;
+}
+
+/** `losetup --list --json` (util-linux 2.3x) → loops. */
+export function parseLoops(text: string): Loop[] {
+  if (text.trim() === '') return [];
+  const doc = JSON.parse(text) as { loopdevices?: Record<string, unknown>[] };
+  const out: Loop[] = [];
+  for (const d of doc.loopdevices ?? []) {
+    const self = decMm(d['maj:min']);
+    if (typeof d.name !== 'string' || !self) continue;
+    const [major, minor] = self.split(':').map(Number) as [number, number];
+    const ino = d['back-ino'];
+    out.push({
+      name: d.name,
+      major,
+      minor,
+      readOnly: d.ro === true || d.ro === 1 || d.ro === '1',
+      backDev: decMm(d['back-maj:min']),
+      backIno: ino === null || ino === undefined ? undefined : String(ino).trim(),
+    });
+  }
+  return out;
+}
+
+export async function listLoops(run: Runner): Promise<Loop[]> {
+  const r = await run.run('losetup', ['--list', '--json', '--output', 'NAME,MAJ:MIN,RO,BACK-MAJ:MIN,BACK-INO']);
+  return parseLoops(r.stdout);
+}
+
+export function backs(l: Loop, id: FileIdentity): boolean {
+  return l.backDev === id.dev && l.backIno === id.ino;
+}
+
+function accessOf(l: Loop): AccessDevice {
+  return { path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly };
+}
+
+async function detach(run: Runner, name: string): Promise<void> {
+  const r = await run.probe('losetup', ['--detach', name]);
+  if (!r.failed || /No such device or address|No such file or directory/.test(r.stderr)) return;
+  throw new CommandError(r);
+}
+
+// ---------------------------------------------------------------------------------------------
+// plan
+
+function describeKind(st: { isDirectory(): boolean; isCharacterDevice(): boolean; isFIFO(): boolean; isSocket(): boolean }): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isSocket()) return 'a socket';
+  return 'not a block device or regular file';
+}
+
+/** params → what to attach: expand_dev, resolve symlinks, and look at what it is. */
+export function planBlock(params: string, where: string): BlockPlan {
+  const given = params;
+  const expanded = isAbsolute(given) ? given : `/dev/${given}`;
+  let path: string;
+  try {
+    path = realpathSync(expanded);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const hint = isAbsolute(given) ? '' : ' (a relative target names a device under /dev; give a file as an absolute path)';
+    throw new HotplugError(`${where}/params: ${expanded} does not exist${code && code !== 'ENOENT' ? ` (${code})` : ''}${hint}; check the disk's target.`);
+  }
+  const st = statSync(path);
+  if (st.isBlockDevice()) return { kind: 'phy', given, path };
+  if (st.isFile()) return { kind: 'file', given, path };
+  throw new HotplugError(`${where}/params: ${path} is ${describeKind(st)}; a disk must be a block device or a regular file.`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// add
+
+async function takeXenLock(ctx: HookContext): Promise<HeldLock> {
+  try {
+    return await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run });
+  } catch (e) {
+    if (e instanceof LockTimeoutError) {
+      throw new HotplugError(`${ctx.request.xenbusPath}: Xen's block lock is busy: ${e.message}; another hotplug script is stuck, find it and retry.`, 'error', { cause: e });
+    }
+    throw e;
+  }
+}
+
+/** Re-resolve under the lock: the path must still be what plan() saw. */
+function recheck(plan: BlockPlan, where: string): { path: string; st: BigIntStats } {
+  const again = planBlock(plan.given, where);
+  if (again.kind !== plan.kind) throw new HotplugError(`${where}/params: ${plan.given} changed from a ${plan.kind} to a ${again.kind} disk while it was being attached; try again.`);
+  return { path: again.path, st: statSync(again.path, { bigint: true }) };
+}
+
+/** The kernel's read-only flag of a block device (a read-only loop, a write-protected disk). */
+function readOnlyDevice(major: number, minor: number): boolean {
+  try {
+    return readFileSync(`/sys/dev/block/${major}:${minor}/ro`, 'utf8').trim() === '1';
+  } catch {
+    return false;
+  }
+}
+
+async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
+  const where = ctx.request.xenbusPath;
+  const { path, st } = recheck(plan, where);
+  const [major, minor] = splitDev(st.rdev);
+  if (ctx.disk.mode === 'w' && readOnlyDevice(major, minor)) {
+    throw new HotplugError(`Device ${path} is read-only, and so will not be given read-write to a guest domain; use access=r.`, 'busy');
+  }
+  const devices: AccessDevice[] = [{ path, major, minor, readOnly: false }];
+  // A loop device given as phy: every other loop over the same file reaches the same data.
+  if (major === 7) {
+    const loops = await listLoops(ctx.run);
+    const me = loops.find((l) => l.major === major && l.minor === minor);
+    if (me) devices[0] = { ...accessOf(me), path };
+    if (me?.backDev && me.backIno) {
+      const id = { dev: me.backDev, ino: me.backIno };
+      for (const l of loops) if (l !== me && backs(l, id)) devices.push(accessOf(l));
+    }
+  }
+  await checkSharing(ctx.xs, { what: `Device ${path}`, devices, mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
+  return { path, major, minor };
+}
+
+function writable(path: string, mode: bigint): boolean {
+  if ((mode & 0o222n) === 0n) return false;
+  try {
+    accessSync(path, fsc.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
+  const where = ctx.request.xenbusPath;
+  const state = await ctx.xs.tryRead(`${where}/state`);
+  if (state !== '2') {
+    throw new HotplugError(`Path closed or removed during hotplug add: ${where} state: ${state ?? 'unknown'}; nothing was attached.`);
+  }
+  const { path, st } = recheck(plan, where);
+  const readOnly = ctx.disk.mode === 'r';
+  if (!readOnly && !writable(path, st.mode)) {
+    throw new HotplugError(`File ${path} is read-only, and so I will not mount it read-write in a guest domain; use access=r or make the file writable.`, 'busy');
+  }
+  const [fmaj, fmin] = splitDev(st.dev);
+  const id: FileIdentity = { dev: `${fmaj}:${fmin}`, ino: st.ino.toString() };
+  const before = (await listLoops(ctx.run)).filter((l) => backs(l, id));
+  await checkSharing(ctx.xs, { what: `File ${path}`, devices: before.map(accessOf), mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
+  const loop = await ctx.build.step(
+    BLOCK_LOOP_STEP,
+    { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.name) },
+    async () => {
+      const r = await ctx.run.run('losetup', ['--find', '--show', ...(readOnly ? ['--read-only'] : []), '--', path]);
+      const name = r.stdout.trim();
+      if (!/^\/dev\/loop\d+$/.test(name)) throw new Error(`losetup --find --show printed "${name}", not a loop device`);
+      const [major, minor] = splitDev(statSync(name, { bigint: true }).rdev);
+      return { name, major, minor };
+    },
+    (l) => ({ device: l.name, major: l.major, minor: l.minor }),
+  );
+  return { path: loop.name, major: loop.major, minor: loop.minor, node: loop.name };
+}
+
+async function addBlock(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
+  const lock = await takeXenLock(ctx);
+  try {
+    const dev = plan.kind === 'phy' ? await addPhy(ctx, plan) : await addFile(ctx, plan);
+    // Held until the runtime has written physical-device (see BuiltDevice.release).
+    return { ...dev, release: () => lock.release() };
+  } catch (e) {
+    await lock.release();
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// remove
+
+function str(v: unknown): string | undefined {
+  return typeof v === 'string' ? v : undefined;
+}
+
+/** Loops whose device number is some vbd's physical-device (they belong to a disk, maybe not ours). */
+async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: Loop[]): Promise<Set<string>> {
+  const used = new Set<string>();
+  if (!xs) return used;
+  const users = await findUsers(xs, { devices: loops.map(accessOf), self: entry.backendPath }, {});
+  for (const u of users) used.add(u.via);
+  return used;
+}
+
+/**
+ * Detach this disk's loop. With a recorded device: detach it if it still backs the recorded file
+ * (by device and inode numbers, which stay valid after the file was deleted), else leave it, it is
+ * someone else's by now. With an intent only (the add was killed while losetup ran): loops over
+ * the file that were not there before, are not any vbd's physical-device and are not mounted or
+ * stacked on are this add's.
+ */
+export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const dev = str(step.data.dev);
+  const ino = str(step.data.ino);
+  if (!dev || !ino) return;
+  const id: FileIdentity = { dev, ino };
+  const loops = await listLoops(ctx.run);
+  let targets: Loop[];
+  const device = str(step.data.device);
+  if (device) {
+    const l = loops.find((x) => x.name === device);
+    if (!l) return;
+    if (!backs(l, id)) {
+      ctx.log.warn(`${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`);
+      return;
+    }
+    targets = [l];
+  } else {
+    const before = new Set(Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : []);
+    const fresh = loops.filter((l) => backs(l, id) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true));
+    const used = await loopsInUse(ctx.xs, ctx.entry, fresh);
+    targets = fresh.filter((l) => !used.has(l.name));
+  }
+  for (const l of targets) await detach(ctx.run, l.name);
+  const left = (await listLoops(ctx.run)).filter((l) => targets.some((t) => t.name === l.name) && backs(l, id));
+  if (left.length) {
+    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export const blockBackend: Backend<BlockPlan> = {
+  script: 'block',
+  summary: 'Attach a phy: (block device) or file: (regular file, through a loop device) disk, with Xen\'s sharing check.',
+  usage: `params is a path; what it is on disk decides:
+  a block device        given to blkback directly (a relative name means /dev/<name>)
+  a regular file        attached to a loop device of its own (read-only for access=r)
+Symbolic links are followed. A device or file given read-write to one domain is never given
+to another; read-only may be shared with read-only (hotplug-status=busy otherwise).
+xend's type dispatch: a backend whose type is not phy or file runs <xen script dir>/block-<type>.`,
+  plan(disk, { xenbusPath }) {
+    return planBlock(disk.params, xenbusPath);
+  },
+  add: addBlock,
+  undo: { [BLOCK_LOOP_STEP]: undoBlockLoop },
+};
