@@ -26,6 +26,13 @@ export interface BuiltDevice {
   minor: number;
   /** Written to the backend's `node` key (the stock scripts' convention); defaults to `path`. */
   node?: string;
+  /**
+   * A lock the backend still holds (Xen's `block` lock) that must stay held until physical-device
+   * is written: the sharing check of every other instance reads physical-device, so nobody may
+   * decide between our check and our report. The runtime calls it exactly once, right after the
+   * success report, or, when the add fails after add() returned, before undoing anything.
+   */
+  release?: () => Promise<void>;
 }
 
 export interface HookContext {

@@ -150,6 +150,12 @@ async function clearStale(e: Env, xs: XenstoreClient | undefined, entry: Journal
 async function add(e: Env, xs: XenstoreClient): Promise<number> {
   let lock: HeldLock | undefined;
   let built: JournalEntry | undefined;
+  let held: (() => Promise<void>) | undefined;
+  const releaseHeld = async (): Promise<void> => {
+    const r = held;
+    held = undefined;
+    if (r) await r().catch((w: unknown) => e.log.warn(`${e.req.xenbusPath}: releasing the backend's lock failed: ${messageOf(w)}`));
+  };
   try {
     lock = await lockPath(e);
     const existing = await xs.tryRead(`${e.req.xenbusPath}/physical-device`);
@@ -180,13 +186,16 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     built = entry;
     const build = new Build(entry, e.journal);
     const dev: BuiltDevice = await e.backend.add({ request: e.req, disk, config: e.config, run: e.run, log: e.log, xs, journal: e.journal, build, env: e.env }, plan);
+    held = dev.release;
     entry.phase = 'ready';
     entry.device = { path: dev.path, major: dev.major, minor: dev.minor };
     e.journal.save(entry);
     await reportSuccess(xs, e.req.xenbusPath, dev);
+    await releaseHeld();
     e.log.info(`add ${e.req.xenbusPath}: connected ${dev.path}`, { dev: `${dev.major}:${dev.minor}`, params: disk.params, mode: disk.mode, outcome: 'connected' });
     return 0;
   } catch (error) {
+    await releaseHeld();
     let reported = error;
     if (built) {
       const failures = await undoAll(built, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
@@ -198,6 +207,7 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     }
     return await fail(e, xs, reported);
   } finally {
+    await releaseHeld();
     await lock?.release();
   }
 }
