@@ -54,9 +54,10 @@ export async function connectXenstore(opts: ConnectOptions = {}): Promise<Xensto
     }
     try {
       const client = new Client(opts.transactionAttempts ?? DEFAULT_TX_ATTEMPTS, timeoutMs);
-      const transport = st.isSocket()
-        ? await openSocket(path, timeoutMs, client)
-        : await openDevice(path, client);
+      let transport: Transport;
+      if (st.isSocket()) transport = await openSocket(path, timeoutMs, client);
+      else if (st.isCharacterDevice() || st.isFIFO()) transport = await openDevice(path, client);
+      else throw Object.assign(new Error('not a socket or device'), { code: 'not a socket or device' });
       client.attach(transport);
       return client;
     } catch (e) {
