@@ -1,0 +1,20 @@
+import type { GuestJobResult, GuestRun } from './run-guest.mjs';
+import type { TapPoint } from './tap.mjs';
+
+export const GUEST_TEST_DIR: string;
+export const BUNDLE_DIR: string;
+export interface GuestTestResult extends GuestJobResult {
+  source: string;
+  points: TapPoint[];
+}
+export interface GuestTestRun extends GuestRun {
+  results: GuestTestResult[];
+}
+export function guestTestFiles(filters?: string[]): string[];
+export function bundleGuestTests(files: string[]): Promise<string[]>;
+export function runGuestTests(options?: {
+  filters?: string[];
+  timeoutMs?: number;
+  onConsole?: (chunk: string) => void;
+  log?: (message: string) => void;
+}): Promise<GuestTestRun>;
