@@ -1,0 +1,19 @@
+/**
+ * Every hook the project ships, by the name it is installed under. The CLI finds a record's
+ * undoers here (`gc`), `simulate` finds the hook to run, and `install` installs a wrapper for
+ * each bundle. A new hook is one line in HOOKS.
+ */
+import type { Backend } from './types.js';
+
+export const HOOKS: Readonly<Record<string, Backend>> = {};
+
+/**
+ * Device-mapper names the hooks give their devices start with one of these; a dm device named so
+ * that no journal record mentions is reported as leaked (and `gc` removes it).
+ */
+export const DM_NAME_PREFIXES: readonly string[] = ['xbh-'];
+
+export function hookNamed(script: string): Backend | undefined {
+  const base = script.slice(script.lastIndexOf('/') + 1);
+  return Object.prototype.hasOwnProperty.call(HOOKS, base) ? HOOKS[base] : undefined;
+}

@@ -1,0 +1,34 @@
+/** Human sizes and plain-text tables for the CLI's output. */
+
+/** Bytes → `64.0M`, `1.5G`, `512K` (binary units, like lvs). */
+export function humanBytes(n: number): string {
+  const units = ['B', 'K', 'M', 'G', 'T', 'P'];
+  let v = n;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${v}B` : `${v >= 100 ? v.toFixed(0) : v.toFixed(1)}${units[i]}`;
+}
+
+/** Columns padded to the widest cell; the last column is not padded. */
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+/**
+ * `+64M`, `+1G`, `+512` (MiB) → { relative, bytes }. Without `+` the size is the new total.
+ * K, M, G, T suffixes (binary), optional `iB`/`B`.
+ */
+export function parseGrowSize(s: string): { relative: boolean; bytes: number } | undefined {
+  const m = /^(\+?)(\d+(?:\.\d+)?)\s*([KkMmGgTt]?)(?:i?B)?$/.exec(s.trim());
+  if (!m) return undefined;
+  const mult: Record<string, number> = { '': 2 ** 20, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+  const bytes = Math.round(Number(m[2]) * (mult[(m[3] ?? '').toLowerCase()] as number));
+  if (!(bytes > 0)) return undefined;
+  return { relative: m[1] === '+', bytes };
+}

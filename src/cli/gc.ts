@@ -1,0 +1,139 @@
+/**
+ * `xen-blockhooks gc`: take away what nobody will ever remove.
+ *
+ * Candidates: records whose backend path or domain is gone from xenstore (libxl can wipe the
+ * nodes without running remove; a domain can die with its devices attached), records of adds
+ * and removes that were killed half-way once xenstore forgot them, and kernel objects named or
+ * backed like ours that no record mentions (leaked). Without `--apply` only the plan is printed.
+ * With it, a record is undone through its hook's own undoers (the same code `remove` runs, under
+ * the same per-path lock), and a leaked object is removed directly: dm devices first (users
+ * before what they sit on), then loop devices, then nbd connections.
+ */
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import { Journal, journalFileName } from '../journal/journal.js';
+import { undoAll } from '../journal/steps.js';
+import { acquireFlock } from '../lock/flock.js';
+import type { Logger } from '../log/logger.js';
+import type { XenstoreClient } from '../xenstore/types.js';
+import { hookNamed } from '../backends/index.js';
+import { lockFileFor, type Inventory, type Row } from './inventory.js';
+
+export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
+
+Find what the hooks built for devices whose backend path or domain no longer exists in xenstore
+(orphans, and adds or removes killed half-way), and kernel objects named or backed like ours
+that no record mentions (leaked dm devices, loop devices on files in the store directory or
+under a leaked dm device, nbd connections serving such files). Prints the plan; --apply carries
+it out: a record is undone with its hook's own teardown under the hook's lock, a leaked object
+is removed directly (dmsetup remove, losetup -d, qemu-nbd -d). Persistent stores are files, not
+devices: gc never deletes them.
+
+Options:
+  --apply              do it (default: only print the plan)
+  --without-xenstore   xenstore is down for good (Xen not running): treat every record as orphaned
+  --json               print the plan (and results) as JSON
+  -h, --help           this text
+
+Exit status: 0 nothing to collect or everything collected, 1 some removals failed (each is
+named), 2 bad usage, 3 there is something to collect and --apply was not given.`;
+
+export interface PlanItem {
+  row: Row;
+  /** One line for the plan. */
+  action: string;
+}
+
+/** What gc would do. Rows owned by a running process are never in it. */
+export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): PlanItem[] {
+  const items: PlanItem[] = [];
+  for (const r of inv.rows) {
+    if (r.kind === 'record') {
+      const gone = r.state === 'orphan' || (opts.withoutXenstore && r.state !== 'adding');
+      if (!gone) continue;
+      const why = r.state === 'orphan' ? r.why : 'xenstore is down (--without-xenstore)';
+      items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
+    }
+  }
+  const order = { dm: 0, loop: 1, nbd: 2, record: 3 } as const;
+  const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
+  for (const r of leaked) {
+    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : `qemu-nbd -d ${r.device}`;
+    items.push({ row: r, action: `${what}: ${r.why}` });
+  }
+  return items;
+}
+
+export interface GcDeps {
+  config: Config;
+  run: Runner;
+  log: Logger;
+  xs: XenstoreClient | undefined;
+  journal?: Journal;
+  /** Progress lines (one per item). */
+  progress?: (s: string) => void;
+}
+
+export interface GcResult {
+  item: PlanItem;
+  ok: boolean;
+  error?: string;
+}
+
+async function removeDm(run: Runner, name: string, config: Config): Promise<void> {
+  const deadline = Date.now() + Math.max(config.busyRetryMs, 1000);
+  for (;;) {
+    const r = await run.probe('dmsetup', ['remove', name]);
+    if (!r.failed) return;
+    if (/No such device or address|not found|does not exist/i.test(r.stderr)) return;
+    if (!/busy/i.test(r.stderr) || Date.now() >= deadline) throw new Error(`${r.command} failed: ${r.stderr.trim().split('\n').pop() ?? ''}`);
+    await new Promise((res) => setTimeout(res, 200));
+  }
+}
+
+export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult[]> {
+  const journal = deps.journal ?? new Journal(deps.config.stateDir);
+  const results: GcResult[] = [];
+  for (const item of items) {
+    const r = item.row;
+    deps.progress?.(item.action);
+    try {
+      if (r.kind === 'record') {
+        const bp = r.backendPath as string;
+        const backend = hookNamed(r.hook ?? '');
+        if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
+        const lockFile = lockFileFor(deps.config, bp, journalFileName);
+        mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
+        const lock = await acquireFlock(lockFile, { timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000), runner: deps.run });
+        try {
+          const entry = journal.load(bp);
+          if (entry) {
+            const failures = await undoAll(entry, backend.undo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: deps.xs });
+            if (failures.length) throw new Error(failures.map((f) => f.message).join('; '));
+          }
+        } finally {
+          await lock.release();
+        }
+        deps.log.info(`gc: undid ${r.hook} record for ${bp}`, { device: r.device });
+      } else if (r.kind === 'dm') {
+        await removeDm(deps.run, (r.device as string).replace('/dev/mapper/', ''), deps.config);
+        deps.log.info(`gc: removed leaked dm device ${r.device}`);
+      } else if (r.kind === 'loop') {
+        const p = await deps.run.probe('losetup', ['-d', r.device as string]);
+        if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
+        deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
+      } else {
+        await deps.run.run('qemu-nbd', ['-d', r.device as string]);
+        deps.log.info(`gc: disconnected leaked nbd ${r.device}`, { file: r.store });
+      }
+      results.push({ item, ok: true });
+    } catch (e) {
+      const error = e instanceof Error ? e.message : String(e);
+      deps.log.error(`gc: ${item.action}: ${error}`);
+      results.push({ item, ok: false, error });
+    }
+  }
+  return results;
+}

@@ -1,0 +1,243 @@
+/**
+ * `xen-blockhooks COMMAND …`: the operator's tool. Each command parses its own options, returns
+ * an exit code (nothing here calls process.exit) and reports an error as one sentence on stderr.
+ *
+ * Exit codes (all commands): 0 success, 1 the operation failed (the message says what and why),
+ * 2 bad usage, 3 `gc` found something to collect and --apply was not given, 70 internal error.
+ */
+import { ConfigError, loadConfig, type Config } from '../config/config.js';
+import { execaRunner } from '../devices/exec.js';
+import type { Runner } from '../devices/runner.js';
+import { UsageError } from '../hotplug/errors.js';
+import { createLogger, type Logger } from '../log/logger.js';
+import { connectXenstore } from '../xenstore/client.js';
+import { startXenstoreServer } from '../xenstore/server.js';
+import type { XenstoreClient } from '../xenstore/types.js';
+import { HOOKS } from '../backends/index.js';
+import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
+import { DiskSpecError } from './diskspec.js';
+import { GC_HELP, applyGc, gcPlan } from './gc.js';
+import { GROW_HELP, GrowError, grow } from './grow.js';
+import { takeInventory } from './inventory.js';
+import { SIMULATE_HELP, simulate } from './simulate.js';
+import { STATUS_HELP, renderStatus, rowJson } from './status.js';
+import { VdevError } from './vdev.js';
+
+export const MAIN_HELP = `Usage: xen-blockhooks COMMAND [options]
+
+Commands:
+  simulate DISKSPEC      play the domain builder for one disk without Xen: write the nodes,
+                         run the hook's add, show what it built, run remove, show nothing is left
+  status [--json]        every device the hooks built: domain, vdev, device, store usage, state
+  gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
+  grow DOMAIN VDEV +SIZE enlarge a copy-on-write store while the guest runs
+  xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
+                         hook tests on a machine without Xen)
+  version                print the version
+
+Run "xen-blockhooks COMMAND --help" for a command's options.
+Hooks known to this build: ${Object.keys(HOOKS).join(', ') || '(none)'}.
+Configuration: /etc/xen/blockhooks.conf (XEN_BLOCKHOOKS_CONF names another file).
+Exit status: 0 success, 1 failure (one sentence on stderr says why), 2 bad usage,
+3 gc found something and --apply was not given, 70 internal error.`;
+
+const XENSTORED_HELP = `Usage: xen-blockhooks xenstored --socket PATH
+
+Run an in-memory xenstore server on the unix socket PATH until interrupted (SIGINT/SIGTERM).
+Point hooks and tools at it with XENSTORED_PATH=PATH (Debian's xenstore-* clients work too).
+Relative paths resolve under /local/domain/0, as in dom0.
+
+Exit status: 0 stopped by a signal, 1 could not listen, 2 bad usage.`;
+
+export interface CliDeps {
+  out?: (s: string) => void;
+  err?: (s: string) => void;
+  run?: Runner;
+  config?: Config;
+  connect?: () => Promise<XenstoreClient>;
+  logger?: Logger;
+  version?: string;
+  bundleDir?: string;
+  /** Resolves when the foreground server should stop (tests); default SIGINT/SIGTERM. */
+  stopSignal?: Promise<void>;
+}
+
+/** Print `label…` if `fn` takes longer than a second. */
+export async function withProgress<T>(label: string, err: (s: string) => void, fn: () => Promise<T>): Promise<T> {
+  const t = setTimeout(() => err(`${label}…`), 1000);
+  try {
+    return await fn();
+  } finally {
+    clearTimeout(t);
+  }
+}
+
+const HELP: OptionSpec = { name: 'help', short: 'h', type: 'flag' };
+
+export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, deps: CliDeps = {}): Promise<number> {
+  const out = deps.out ?? ((s: string) => process.stdout.write(`${s}\n`));
+  const err = deps.err ?? ((s: string) => process.stderr.write(`${s}\n`));
+  const [cmd, ...rest] = argv;
+  const usage = (m: string, c?: string) => {
+    err(`xen-blockhooks${c ? ` ${c}` : ''}: ${m}; run "xen-blockhooks ${c ? `${c} ` : ''}--help" for usage`);
+    return 2;
+  };
+  if (cmd === undefined) return usage('no command given');
+  if (cmd === '-h' || cmd === '--help' || cmd === 'help') {
+    out(MAIN_HELP);
+    return 0;
+  }
+  if (cmd === '-V' || cmd === '--version' || cmd === 'version') {
+    out(`xen-blockhooks ${deps.version ?? 'development'}`);
+    return 0;
+  }
+  const commands: Record<string, { help: string; specs: OptionSpec[] }> = {
+    simulate: {
+      help: SIMULATE_HELP,
+      specs: [HELP, { name: 'domid', type: 'int' }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
+        { name: 'action', type: 'string' }, { name: 'keep', type: 'flag' }, { name: 'real-xenstore', type: 'flag' },
+        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int' }],
+    },
+    status: { help: STATUS_HELP, specs: [HELP, { name: 'json', type: 'flag' }] },
+    gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
+    grow: { help: GROW_HELP, specs: [HELP] },
+    xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
+  };
+  const c = commands[cmd];
+  if (!c) return usage(`unknown command "${cmd}" (simulate, status, gc, grow, xenstored, version)`);
+  let p;
+  try {
+    p = parseOptions(rest, c.specs);
+  } catch (e) {
+    if (e instanceof UsageError) return usage(e.message, cmd);
+    throw e;
+  }
+  if (flag(p, 'help')) {
+    out(c.help);
+    return 0;
+  }
+  let config: Config;
+  try {
+    config = deps.config ?? loadConfig(env);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      err(`xen-blockhooks: configuration error: ${e.message}`);
+      return 1;
+    }
+    throw e;
+  }
+  const run = deps.run ?? execaRunner(env);
+  const connect = deps.connect ?? (() => connectXenstore({ env, timeoutMs: 5000 }));
+  const tryConnect = async () => {
+    try {
+      return await connect();
+    } catch {
+      return undefined;
+    }
+  };
+  const fail = (m: string) => {
+    err(`xen-blockhooks ${cmd}: ${m}`);
+    return 1;
+  };
+
+  try {
+    switch (cmd) {
+      case 'simulate': {
+        const spec = p.positional.join(' ').trim();
+        if (spec === '') return usage('no disk spec given', cmd);
+        if (flag(p, 'xl') && flag(p, 'xm')) return usage('--xl and --xm exclude each other', cmd);
+        const actionArg = str(p, 'action');
+        if (actionArg !== undefined && actionArg !== 'add' && actionArg !== 'remove') return usage(`--action must be add or remove, not "${actionArg}"`, cmd);
+        if (actionArg === 'remove' && flag(p, 'keep')) return usage('--keep makes no sense with --action remove', cmd);
+        const domid = int(p, 'domid') ?? 1;
+        if (domid === 0) return usage('--domid 0 is dom0 itself; give the guest a domain id of 1 or more', cmd);
+        return await simulate({
+          spec,
+          syntax: flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto',
+          domid,
+          name: str(p, 'name') ?? `sim${domid}`,
+          action: actionArg === 'remove' ? 'remove' : actionArg === 'add' || flag(p, 'keep') ? 'add' : 'both',
+          realXenstore: flag(p, 'real-xenstore'),
+          scriptDir: str(p, 'script-dir'),
+          timeoutMs: (int(p, 'timeout') ?? 40) * 1000,
+        }, { config, run, env, out, err, ...(deps.bundleDir ? { bundleDir: deps.bundleDir } : {}) });
+      }
+      case 'status': {
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        const xs = await tryConnect();
+        try {
+          const inv = await withProgress('status: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          out(renderStatus(inv, flag(p, 'json')));
+          return 0;
+        } finally {
+          await xs?.close().catch(() => {});
+        }
+      }
+      case 'gc': {
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        const xs = await tryConnect();
+        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        try {
+          const inv = await withProgress('gc: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          const withoutXenstore = flag(p, 'without-xenstore');
+          const plan = gcPlan(inv, { withoutXenstore });
+          const json = flag(p, 'json');
+          const undecided = !inv.xenstore && !withoutXenstore && inv.rows.some((r) => r.kind === 'record');
+          if (!flag(p, 'apply')) {
+            if (json) out(JSON.stringify({ xenstore: inv.xenstore, plan: plan.map((i) => ({ action: i.action, ...rowJson(i.row) })) }, null, 2));
+            else {
+              if (plan.length === 0) out('Nothing to collect.');
+              else {
+                out(`Plan (${plan.length}; run "xen-blockhooks gc --apply" to carry it out):`);
+                for (const i of plan) out(`  ${i.action}`);
+              }
+              if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
+            }
+            return plan.length ? 3 : 0;
+          }
+          const results = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
+          const failed = results.filter((r) => !r.ok);
+          if (json) out(JSON.stringify({ results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) }, null, 2));
+          else {
+            if (results.length === 0) out('Nothing to collect.');
+            for (const r of results) out(`${r.ok ? 'done' : 'FAILED'}: ${r.item.action}${r.error ? `: ${r.error}` : ''}`);
+            if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
+          }
+          if (failed.length) return fail(`${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed: ${failed.map((f) => f.error).join('; ')}`);
+          return 0;
+        } finally {
+          await xs?.close().catch(() => {});
+          if (!deps.logger) await log.close();
+        }
+      }
+      case 'grow': {
+        if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
+        const [domain, vdev, size] = p.positional as [string, string, string];
+        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        try {
+          await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }));
+          return 0;
+        } finally {
+          if (!deps.logger) await log.close();
+        }
+      }
+      case 'xenstored': {
+        const socketPath = str(p, 'socket');
+        if (!socketPath) return usage('--socket PATH is required', cmd);
+        const server = await startXenstoreServer({ socketPath });
+        out(`xenstore server listening on ${socketPath}; XENSTORED_PATH=${socketPath}`);
+        await (deps.stopSignal ?? new Promise<void>((res) => {
+          process.once('SIGINT', () => res());
+          process.once('SIGTERM', () => res());
+        }));
+        await server.close();
+        return 0;
+      }
+    }
+  } catch (e) {
+    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError) return fail(e.message);
+    if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
+    throw e;
+  }
+  return 0;
+}

@@ -1,0 +1,405 @@
+/**
+ * `xen-blockhooks simulate`: be the domain builder for one disk, without Xen.
+ *
+ * The nodes are the ones libxl's device_disk_add() writes (xl syntax) or xend's blkif controller
+ * wrote (xm syntax, `type` = the prefix), in one transaction, into an embedded xenstore server
+ * (or the real xenstored with --real-xenstore). The hook then runs as libxl runs it: a child
+ * process, argv `add`, environment = ours plus script, XENBUS_TYPE=vbd,
+ * XENBUS_PATH=backend/vbd/<domid>/<devid> (relative), XENBUS_BASE_PATH=backend, stdin
+ * /dev/null, SIGKILL after 40 s. Before add the backend is put in state 2 (what blkback does);
+ * before remove `online` = 0 and state 6 (libxl's Closing, then blkback's Closed); after remove
+ * the backend, frontend and /libxl nodes are deleted (libxl__device_destroy).
+ */
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import { Journal, type JournalEntry } from '../journal/journal.js';
+import { connectXenstore } from '../xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../xenstore/server.js';
+import type { XenstoreClient, XsOps } from '../xenstore/types.js';
+import { parseDisk, type Disk } from './diskspec.js';
+import { readKernel, type KernelState } from './kernel.js';
+import { recordStrings } from './inventory.js';
+
+export const SIMULATE_HELP = `Usage: xen-blockhooks simulate [options] DISKSPEC
+
+Play the domain builder for one disk without Xen: write the backend and frontend nodes exactly
+as libxl (xl syntax) or xend (xm syntax) does, run the hook's add as libxl runs it, print what
+it built and the keys it wrote, then run remove and show that nothing is left.
+
+DISKSPEC, xl syntax (xl-disk-configuration(5); target= takes the rest, spaces and commas included):
+  'vdev=xvda,access=w,script=block-cow,target=/images/base.img 64'
+DISKSPEC, xm syntax (<type>:<params>,<dev>,<mode>; the prefix becomes the backend's type):
+  'cow:/images/base.img 64,xvda,w'
+Several words are joined with spaces, so quoting the spec is optional.
+
+Options:
+  --domid N          the guest's domain id (default 1)
+  --name NAME        the guest's name, written to /local/domain/N/name (default sim<N>)
+  --xl | --xm        force the syntax (default: xm only when xl would reject the prefix)
+  --action add|remove  one step only: add (leaves the device, like --keep) or remove
+  --keep             add only; leave the device and the nodes for a later --action remove
+  --real-xenstore    use the running xenstored (XENSTORED_PATH or /var/run/xenstored/socket)
+                     instead of an embedded server that lives only as long as this command
+  --script-dir DIR   run DIR/<script> as libxl would (e.g. /etc/xen/scripts, the installed
+                     wrappers); default: node with the <script>.mjs bundle beside this program
+  --timeout SECONDS  kill the hook after this long, as libxl does (default 40)
+  -h, --help         this text
+
+Exit status: 0 the hook did its job (and remove left nothing), 1 the hook failed or left
+something behind (what, is printed), 2 bad usage.`;
+
+const BACKEND_DOMID = 0;
+
+export interface SimulateOptions {
+  spec: string;
+  syntax: 'xl' | 'xm' | 'auto';
+  domid: number;
+  name: string;
+  action: 'both' | 'add' | 'remove';
+  realXenstore: boolean;
+  scriptDir: string | undefined;
+  timeoutMs: number;
+}
+
+export interface SimulateDeps {
+  config: Config;
+  run: Runner;
+  env: NodeJS.ProcessEnv;
+  out: (s: string) => void;
+  err: (s: string) => void;
+  /** Where the hook bundles are (default: beside this program, else the checkout's dist/). */
+  bundleDir?: string;
+}
+
+/** `block-cow` for `cow:`; the drop-in `block` for the types it handles itself. */
+export function scriptFor(disk: Disk): string {
+  if (disk.syntax === 'xl') return disk.script ?? 'block';
+  return disk.type === 'file' || disk.type === 'phy' ? 'block' : `block-${disk.type}`;
+}
+
+export function backendPaths(disk: Disk, domid: number) {
+  const rel = `backend/vbd/${domid}/${disk.devid}`;
+  return {
+    rel,
+    back: `/local/domain/${BACKEND_DOMID}/${rel}`,
+    front: `/local/domain/${domid}/device/vbd/${disk.devid}`,
+    libxl: `/libxl/${domid}/device/vbd/${disk.devid}`,
+  };
+}
+
+/** The nodes the toolstack writes for this disk, in order: [path, value]. */
+export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPath: string): [string, string][] {
+  const p = backendPaths(disk, domid);
+  const nodes: [string, string][] = [[`/local/domain/${domid}/name`, name], [`/local/domain/${domid}/domid`, String(domid)]];
+  if (disk.syntax === 'xl') {
+    const b = (k: string, v: string) => nodes.push([`${p.back}/${k}`, v]);
+    b('frontend', p.front);
+    b('params', disk.target ?? '');
+    b('script', scriptPath);
+    b('frontend-id', String(domid));
+    b('online', '1');
+    b('removable', '0');
+    b('bootable', '1');
+    b('state', '1');
+    b('dev', disk.vdev);
+    b('type', 'phy');
+    b('mode', disk.mode);
+    b('device-type', disk.cdrom ? 'cdrom' : 'disk');
+    b('discard-enable', disk.discard ? '1' : '0');
+    b('specification', disk.specification ?? 'xen');
+    if (disk.directIoSafe) b('direct-io-safe', '1');
+    const f = (k: string, v: string) => nodes.push([`${p.front}/${k}`, v]);
+    f('backend', p.back);
+    f('backend-id', String(BACKEND_DOMID));
+    f('state', '1');
+    f('virtual-device', String(disk.devid));
+    f('device-type', disk.cdrom ? 'cdrom' : 'disk');
+    f('trusted', disk.trusted === false ? '0' : '1');
+    nodes.push([`${p.libxl}/frontend`, p.front], [`${p.libxl}/backend`, p.back]);
+  } else {
+    const b = (k: string, v: string) => nodes.push([`${p.back}/${k}`, v]);
+    b('domain', name);
+    b('frontend', p.front);
+    b('frontend-id', String(domid));
+    b('online', '1');
+    b('state', '1');
+    b('dev', disk.vdev);
+    b('type', disk.type);
+    b('params', disk.params);
+    b('mode', disk.mode);
+    const f = (k: string, v: string) => nodes.push([`${p.front}/${k}`, v]);
+    f('backend', p.back);
+    f('backend-id', String(BACKEND_DOMID));
+    f('state', '1');
+    f('virtual-device', String(disk.devid));
+    f('device-type', disk.cdrom ? 'cdrom' : 'disk');
+  }
+  return nodes;
+}
+
+/** The directory with the hook bundles: beside this program, or the checkout's dist/. */
+export function defaultBundleDir(): string {
+  const here = dirname(fileURLToPath(import.meta.url));
+  for (const d of [here, resolve(here, '../../dist'), resolve(here, '../dist')]) {
+    if (existsSync(join(d, 'xen-blockhooks.mjs')) || existsSync(join(d, 'block-cow.mjs')) || existsSync(join(d, 'block.mjs'))) return d;
+  }
+  return here;
+}
+
+interface HookRun {
+  code: number | null;
+  signal: string | null;
+  ms: number;
+  output: string;
+  timedOut: boolean;
+}
+
+function runHookProcess(file: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<HookRun> {
+  return new Promise((res) => {
+    const t0 = Date.now();
+    let output = '';
+    let timedOut = false;
+    const child = spawn(file, args, { env, cwd: '/', stdio: ['ignore', 'pipe', 'pipe'] });
+    child.stdout.on('data', (d: Buffer) => { output += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { output += d.toString(); });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      res({ code: 127, signal: null, ms: Date.now() - t0, output: `${output}${e.message}\n`, timedOut });
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      res({ code, signal, ms: Date.now() - t0, output, timedOut });
+    });
+  });
+}
+
+async function dump(xs: XsOps, path: string): Promise<[string, string][]> {
+  const out: [string, string][] = [];
+  let kids: string[];
+  try {
+    kids = await xs.directory(path);
+  } catch {
+    return out;
+  }
+  for (const k of kids.sort()) {
+    const v = await xs.tryRead(`${path}/${k}`);
+    if (v !== undefined) out.push([k, v]);
+  }
+  return out;
+}
+
+function describeDevice(majmin: string, k: KernelState, out: (s: string) => void): void {
+  const [maj, min] = majmin.split(':').map((x) => parseInt(x, 16));
+  const dm = k.dm.find((d) => d.major === maj && d.minor === min);
+  const loopBy = (mm: string) => k.loops.find((l) => `${l.major}:${l.minor}` === mm || l.name === mm);
+  if (dm) {
+    out(`  device-mapper ${dm.name} (${maj}:${min}):`);
+    for (const t of dm.table) out(`    table:  ${t}`);
+    for (const s of dm.status) out(`    status: ${s}`);
+    for (const t of dm.table) {
+      for (const w of t.split(/\s+/).filter((x) => /^\d+:\d+$/.test(x))) {
+        const l = loopBy(w);
+        if (l) out(`    ${w} = ${l.name} on ${l.backFile ?? '?'}${l.readOnly ? ' (read-only)' : ''}`);
+        const inner = k.dm.find((d) => `${d.major}:${d.minor}` === w);
+        if (inner) out(`    ${w} = device-mapper ${inner.name}: ${inner.table.join(' | ')}`);
+      }
+    }
+    return;
+  }
+  const l = loopBy(`${maj}:${min}`);
+  if (l) {
+    out(`  loop ${l.name} (${maj}:${min}) on ${l.backFile ?? '?'}${l.readOnly ? ' (read-only)' : ''}`);
+    return;
+  }
+  const n = k.nbds.find((x) => x.name.endsWith(`nbd${(min ?? 0) >> 4}`) && maj === 43);
+  if (n) {
+    out(`  nbd ${n.name} served by process ${n.pid}: ${n.cmdline.join(' ')}`);
+    return;
+  }
+  out(`  block device ${maj}:${min}`);
+}
+
+/** Kernel objects a record mentions that are still there (dm by name or maj:min, loops). */
+function stillThere(entry: JournalEntry, k: KernelState, others: Set<string>): string[] {
+  const refs = recordStrings(entry);
+  const left: string[] = [];
+  for (const d of k.dm) if (refs.has(d.name) || refs.has(`/dev/mapper/${d.name}`) || refs.has(`${d.major}:${d.minor}`)) left.push(`dm ${d.name}`);
+  for (const l of k.loops) {
+    const mentioned = refs.has(l.name) || refs.has(`${l.major}:${l.minor}`);
+    const shared = others.has(l.name) || others.has(`${l.major}:${l.minor}`);
+    if (mentioned && !shared) left.push(`loop ${l.name} on ${l.backFile ?? '?'}`);
+  }
+  for (const n of k.nbds) if (refs.has(n.name)) left.push(`nbd ${n.name}`);
+  return left;
+}
+
+function kernelDiff(before: KernelState, after: KernelState): string[] {
+  const dmBefore = new Set(before.dm.map((d) => d.name));
+  const loopBefore = new Set(before.loops.map((l) => `${l.name} ${l.backFile}`));
+  const nbdBefore = new Set(before.nbds.map((n) => n.name));
+  return [
+    ...after.dm.filter((d) => !dmBefore.has(d.name)).map((d) => `dm ${d.name}`),
+    ...after.loops.filter((l) => !loopBefore.has(`${l.name} ${l.backFile}`)).map((l) => `loop ${l.name} on ${l.backFile ?? '?'}`),
+    ...after.nbds.filter((n) => !nbdBefore.has(n.name)).map((n) => `nbd ${n.name}`),
+  ];
+}
+
+export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<number> {
+  const { out, err } = deps;
+  const disk = parseDisk(o.spec, o.syntax);
+  const script = scriptFor(disk);
+  let file: string;
+  let args: string[];
+  if (script.includes('/')) {
+    file = script;
+    args = [];
+  } else if (o.scriptDir) {
+    file = join(o.scriptDir, script);
+    args = [];
+  } else {
+    const dir = deps.bundleDir ?? defaultBundleDir();
+    const bundle = join(dir, `${script}.mjs`);
+    if (!existsSync(bundle)) {
+      err(`xen-blockhooks simulate: there is no ${script}.mjs in ${dir}; build the hooks (npm run build) or give --script-dir`);
+      return 1;
+    }
+    file = process.execPath;
+    args = [bundle];
+  }
+  if (!existsSync(file)) {
+    err(`xen-blockhooks simulate: ${file} does not exist`);
+    return 1;
+  }
+  const scriptPath = script.includes('/') ? script : join(deps.config.xenScriptDir, script);
+  const p = backendPaths(disk, o.domid);
+  const journal = new Journal(deps.config.stateDir);
+
+  let server: XenstoreServer | undefined;
+  let sockDir: string | undefined;
+  let xs: XenstoreClient | undefined;
+  const hookEnv: NodeJS.ProcessEnv = { ...deps.env };
+  try {
+    if (o.realXenstore) {
+      xs = await connectXenstore({ env: deps.env, timeoutMs: 10_000 });
+      out(`xenstore: the running xenstored`);
+    } else {
+      sockDir = mkdtempSync(join(tmpdir(), 'xbh-simulate-'));
+      server = await startXenstoreServer({ socketPath: join(sockDir, 'socket') });
+      xs = await connectXenstore({ path: server.socketPath, timeoutMs: 10_000 });
+      hookEnv.XENSTORED_PATH = server.socketPath;
+      out(`xenstore: embedded server on ${server.socketPath} (lives as long as this command)`);
+    }
+    const c = xs;
+    out(`${disk.syntax} disk: vdev ${disk.vdev} → devid ${disk.devid}, mode ${disk.mode}, script ${script}, domain ${o.domid} (${o.name})`);
+
+    const existed = (await c.tryRead(p.back)) !== undefined;
+    const domainExisted = (await c.tryRead(`/local/domain/${o.domid}`)) !== undefined;
+    if (o.action !== 'remove' && existed) {
+      err(`xen-blockhooks simulate: ${p.back} already exists (a device is attached there); remove it first with --action remove`);
+      return 1;
+    }
+    if (!existed) {
+      const nodes = toolstackNodes(disk, o.domid, o.name, scriptPath);
+      await c.transaction(async (tx) => {
+        for (const [k, v] of nodes) await tx.write(k, v);
+      });
+      out(`wrote ${disk.syntax === 'xl' ? 'as libxl' : 'as xend'} does:`);
+      for (const [k, v] of nodes) out(`  ${k} = ${JSON.stringify(v)}`);
+    }
+    const hookBaseEnv: NodeJS.ProcessEnv = {
+      ...hookEnv,
+      script: scriptPath,
+      XENBUS_TYPE: 'vbd',
+      XENBUS_PATH: p.rel,
+      XENBUS_BASE_PATH: 'backend',
+    };
+    const shown = `${file === process.execPath ? `${file} ${args.join(' ')}` : file}`;
+    let failed = false;
+    let kernelBefore: KernelState | undefined;
+
+    if (o.action !== 'remove') {
+      kernelBefore = await readKernel(deps.run);
+      await c.write(`${p.back}/state`, '2');
+      out(`backend state 2 (InitWait, as blkback sets it); running: XENBUS_PATH=${p.rel} ${shown} add`);
+      const before = new Map(await dump(c, p.back));
+      const r = await runHookProcess(file, [...args, 'add'], hookBaseEnv, o.timeoutMs);
+      out(`${script} add: ${r.timedOut ? `killed after ${o.timeoutMs} ms (SIGKILL, as libxl does)` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`);
+      for (const l of r.output.trimEnd().split('\n').filter(Boolean)) out(`  | ${l}`);
+      const after = await dump(c, p.back);
+      const written = after.filter(([k, v]) => before.get(k) !== v);
+      out('the hook wrote:');
+      for (const [k, v] of written) out(`  ${p.back}/${k} = ${JSON.stringify(v)}`);
+      if (written.length === 0) out('  (nothing)');
+      const pd = after.find(([k]) => k === 'physical-device')?.[1];
+      if (r.code !== 0 || pd === undefined) {
+        const he = after.find(([k]) => k === 'hotplug-error')?.[1];
+        err(`xen-blockhooks simulate: ${script} add failed${he ? `: ${he}` : r.code === 0 ? ': it exited 0 without writing physical-device (xl would wait for a device that never comes)' : ''}`);
+        failed = true;
+      } else {
+        out(`built: physical-device ${pd} = ${after.find(([k]) => k === 'physical-device-path')?.[1] ?? '?'}`);
+        describeDevice(pd, await readKernel(deps.run), out);
+        const entry = journal.load(p.rel);
+        if (entry) {
+          out(`journal ${journal.file(p.rel)} (${entry.phase}):`);
+          for (const s of entry.steps) out(`  ${s.kind}${s.done ? '' : ' (not done)'} ${JSON.stringify(s.data)}`);
+        }
+      }
+      if (o.action === 'add' && !failed) {
+        out(`kept: run "xen-blockhooks simulate --action remove --domid ${o.domid}${o.realXenstore ? ' --real-xenstore' : ''} DISKSPEC" to take it down`);
+        return 0;
+      }
+      // After a failed add libxl runs remove as well.
+    }
+
+    // remove, as libxl does it
+    const entry = journal.load(p.rel);
+    await c.transaction(async (tx) => {
+      await tx.write(`${p.back}/online`, '0');
+      await tx.write(`${p.back}/state`, '5');
+    });
+    await c.write(`${p.back}/state`, '6');
+    out(`backend online 0, state 5 then 6 (Closing, Closed); running: XENBUS_PATH=${p.rel} ${shown} remove`);
+    const r = await runHookProcess(file, [...args, 'remove'], hookBaseEnv, o.timeoutMs);
+    out(`${script} remove: ${r.timedOut ? `killed after ${o.timeoutMs} ms` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`);
+    for (const l of r.output.trimEnd().split('\n').filter(Boolean)) out(`  | ${l}`);
+    if (r.code !== 0) {
+      const he = await c.tryRead(`${p.back}/hotplug-error`);
+      err(`xen-blockhooks simulate: ${script} remove failed${he ? `: ${he}` : ''}`);
+      failed = true;
+    }
+    await c.transaction(async (tx) => {
+      await tx.rm(p.back);
+      await tx.rm(p.front);
+      await tx.rm(p.libxl);
+      if (o.action === 'both' && !domainExisted) await tx.rm(`/local/domain/${o.domid}`);
+    });
+    out(`removed ${p.back}, ${p.front} and ${p.libxl} (as libxl does after remove)`);
+
+    const kernelAfter = await readKernel(deps.run);
+    const others = new Set<string>();
+    for (const e of journal.list().entries) for (const s of recordStrings(e)) others.add(s);
+    const left: string[] = [];
+    if (journal.load(p.rel)) left.push(`journal record ${journal.file(p.rel)}`);
+    if (entry) left.push(...stillThere(entry, kernelAfter, others));
+    if (kernelBefore) for (const d of kernelDiff(kernelBefore, kernelAfter)) if (!left.includes(d)) left.push(d);
+    if (left.length) {
+      err(`xen-blockhooks simulate: remove left behind: ${left.join('; ')}`);
+      return 1;
+    }
+    out(`nothing left: no record, no device-mapper device, loop or nbd of this disk${kernelBefore ? ' (the kernel holds the same devices as before add)' : ''}`);
+    return failed ? 1 : 0;
+  } finally {
+    await xs?.close().catch(() => {});
+    await server?.close().catch(() => {});
+    if (sockDir) rmSync(sockDir, { recursive: true, force: true });
+  }
+}
