@@ -1,0 +1,146 @@
+/**
+ * Device numbers and the little that sysfs tells about a block device, without spawning anything.
+ *
+ * Three spellings of one device number are in play, and mixing them up is a classic bug (the
+ * stock `block` script compares losetup's decimal `[65024]` with `stat %D`'s hex `fe00`):
+ *   - st_dev / st_rdev: the kernel's encoded dev_t (decode with `decodeDev`);
+ *   - `physical-device` in xenstore: lowercase hex `maj:min`, no padding (`physicalDevice`);
+ *   - device-mapper tables, losetup and /sys/dev/block: decimal `maj:min` (`decimalDevice`).
+ * Compare numbers, never strings.
+ */
+import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+
+export interface MajorMinor {
+  major: number;
+  minor: number;
+}
+
+/** glibc's gnu_dev_major/gnu_dev_minor: the Linux dev_t encoding. */
+export function decodeDev(dev: number | bigint): MajorMinor {
+  const d = BigInt(dev);
+  const major = ((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn);
+  const minor = (d & 0xffn) | ((d >> 12n) & ~0xffn);
+  return { major: Number(major), minor: Number(minor) };
+}
+
+/** The inverse of decodeDev (gnu_dev_makedev). */
+export function encodeDev({ major, minor }: MajorMinor): bigint {
+  const ma = BigInt(major);
+  const mi = BigInt(minor);
+  return ((ma & 0xfffn) << 8n) | ((ma & ~0xfffn) << 32n) | (mi & 0xffn) | ((mi & ~0xffn) << 12n);
+}
+
+/** Major and minor of the device node at `path` (follows symlinks such as /dev/mapper/x). */
+export async function majorMinor(path: string): Promise<MajorMinor> {
+  const st = await stat(path, { bigint: true });
+  if (!st.isBlockDevice() && !st.isCharacterDevice()) throw new Error(`${path} is not a device node`);
+  return decodeDev(st.rdev);
+}
+
+/** True when `path` exists and is (a symlink to) a block device. */
+export async function isBlockDevice(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isBlockDevice();
+  } catch {
+    return false;
+  }
+}
+
+/** Identity of a regular file: the device it lives on and its inode (hard links share it). */
+export interface FileIdentity {
+  dev: MajorMinor;
+  ino: bigint;
+}
+
+export async function fileIdentity(path: string): Promise<FileIdentity> {
+  const st = await stat(path, { bigint: true });
+  return { dev: decodeDev(st.dev), ino: st.ino };
+}
+
+/** `physical-device` for xenstore: lowercase hex, no padding (`fd:3`, as `stat -c %t:%T`). */
+export function physicalDevice({ major, minor }: MajorMinor): string {
+  return `${major.toString(16)}:${minor.toString(16)}`;
+}
+
+/** Parse a `physical-device` value (hex, as blkback's `%x:%x`). */
+export function parsePhysicalDevice(s: string): MajorMinor {
+  const m = /^([0-9a-fA-F]{1,8}):([0-9a-fA-F]{1,8})$/.exec(s.trim());
+  if (!m) throw new Error(`not a physical-device value: ${JSON.stringify(s)}`);
+  return { major: parseInt(m[1]!, 16), minor: parseInt(m[2]!, 16) };
+}
+
+/** Decimal `maj:min`, as device-mapper tables and /sys/dev/block name devices. */
+export function decimalDevice({ major, minor }: MajorMinor): string {
+  return `${major}:${minor}`;
+}
+
+/** Parse a decimal `maj:min` (losetup's BACK-MAJ:MIN and MAJ:MIN columns are space padded). */
+export function parseDecimalDevice(s: string): MajorMinor {
+  const m = /^\s*(\d{1,10}):(\d{1,10})\s*$/.exec(s);
+  if (!m) throw new Error(`not a decimal major:minor: ${JSON.stringify(s)}`);
+  return { major: Number(m[1]), minor: Number(m[2]) };
+}
+
+export function sameDevice(a: MajorMinor, b: MajorMinor): boolean {
+  return a.major === b.major && a.minor === b.minor;
+}
+
+/** `/sys/dev/block/MAJ:MIN` (root may be changed for tests). */
+export function sysBlockDir(mm: MajorMinor, sysRoot = '/sys'): string {
+  return `${sysRoot}/dev/block/${decimalDevice(mm)}`;
+}
+
+async function readAttr(mm: MajorMinor, attr: string, sysRoot: string): Promise<string | null> {
+  try {
+    return (await readFile(`${sysBlockDir(mm, sysRoot)}/${attr}`, 'utf8')).replace(/\n$/, '');
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+    throw e;
+  }
+}
+
+/** Size in 512-byte sectors (`size`), or null when the device does not exist. */
+export async function sizeSectors(mm: MajorMinor, sysRoot = '/sys'): Promise<bigint | null> {
+  const v = await readAttr(mm, 'size', sysRoot);
+  return v === null ? null : BigInt(v.trim());
+}
+
+/** The device-mapper name (`dm/name`), or null when it is not a dm device. */
+export async function dmName(mm: MajorMinor, sysRoot = '/sys'): Promise<string | null> {
+  return readAttr(mm, 'dm/name', sysRoot);
+}
+
+/**
+ * The loop device's backing file (`loop/backing_file`), or null when it is not a bound loop
+ * device. The kernel appends " (deleted)" when the file was unlinked.
+ */
+export async function loopBackingFile(mm: MajorMinor, sysRoot = '/sys'): Promise<string | null> {
+  return readAttr(mm, 'loop/backing_file', sysRoot);
+}
+
+/** Whether the device is read-only (`ro`). */
+export async function isReadOnly(mm: MajorMinor, sysRoot = '/sys'): Promise<boolean | null> {
+  const v = await readAttr(mm, 'ro', sysRoot);
+  return v === null ? null : v.trim() === '1';
+}
+
+/** Kernel names of the devices stacked on this one (`holders/`, e.g. `dm-3`): in use by dm. */
+export async function holders(mm: MajorMinor, sysRoot = '/sys'): Promise<string[]> {
+  try {
+    return (await readdir(`${sysBlockDir(mm, sysRoot)}/holders`)).sort();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw e;
+  }
+}
+
+/** The kernel name of a device (`loop0`, `dm-3`), from the /sys/dev/block symlink. */
+export async function kernelName(mm: MajorMinor, sysRoot = '/sys'): Promise<string | null> {
+  try {
+    const target = await readlink(sysBlockDir(mm, sysRoot));
+    return target.split('/').pop() ?? null;
+  } catch {
+    return null;
+  }
+}
