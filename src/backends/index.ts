@@ -4,8 +4,13 @@
  * each bundle. A new hook is one line in HOOKS.
  */
 import type { Backend } from './types.js';
+import { blockBackend } from './block.js';
+import { cowBackend } from './cow.js';
 
-export const HOOKS: Readonly<Record<string, Backend>> = {};
+export const HOOKS: Readonly<Record<string, Backend>> = {
+  block: blockBackend as Backend,
+  'block-cow': cowBackend as Backend,
+};
 
 /**
  * Device-mapper names the hooks give their devices start with one of these; a dm device named so

@@ -72,6 +72,8 @@ export interface GcDeps {
   log: Logger;
   xs: XenstoreClient | undefined;
   journal?: Journal;
+  /** The hooks whose undoers apply (default: every hook this build ships). */
+  hooks?: (script: string) => { undo: import('../journal/steps.js').UndoRegistry } | undefined;
   /** Progress lines (one per item). */
   progress?: (s: string) => void;
 }
@@ -102,7 +104,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
     try {
       if (r.kind === 'record') {
         const bp = r.backendPath as string;
-        const backend = hookNamed(r.hook ?? '');
+        const backend = (deps.hooks ?? hookNamed)(r.hook ?? '');
         if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
         const lockFile = lockFileFor(deps.config, bp, journalFileName);
         mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });

@@ -9,7 +9,7 @@ import { ConfigError, loadConfig, type Config } from '../config/config.js';
 import { execaRunner } from '../devices/exec.js';
 import type { Runner } from '../devices/runner.js';
 import { UsageError } from '../hotplug/errors.js';
-import { createLogger, type Logger } from '../log/logger.js';
+import { createLogger, memoryLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
 import { startXenstoreServer } from '../xenstore/server.js';
 import type { XenstoreClient } from '../xenstore/types.js';
@@ -70,6 +70,11 @@ export async function withProgress<T>(label: string, err: (s: string) => void, f
   } finally {
     clearTimeout(t);
   }
+}
+
+/** Actions go to the hotplug log (not the terminal: the command prints its own lines). */
+function cliLogger(config: Config): Logger {
+  return config.logFile ? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false }) : memoryLogger();
 }
 
 const HELP: OptionSpec = { name: 'help', short: 'h', type: 'flag' };
@@ -176,7 +181,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'gc': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const xs = await tryConnect();
-        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        const log = deps.logger ?? cliLogger(config);
         try {
           const inv = await withProgress('gc: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
           const withoutXenstore = flag(p, 'without-xenstore');
@@ -213,7 +218,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'grow': {
         if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
         const [domain, vdev, size] = p.positional as [string, string, string];
-        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        const log = deps.logger ?? cliLogger(config);
         try {
           await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }));
           return 0;

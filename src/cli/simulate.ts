@@ -376,13 +376,11 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       err(`xen-blockhooks simulate: ${script} remove failed${he ? `: ${he}` : ''}`);
       failed = true;
     }
-    await c.transaction(async (tx) => {
-      await tx.rm(p.back);
-      await tx.rm(p.front);
-      await tx.rm(p.libxl);
-      if (o.action === 'both' && !domainExisted) await tx.rm(`/local/domain/${o.domid}`);
-    });
-    out(`removed ${p.back}, ${p.front} and ${p.libxl} (as libxl does after remove)`);
+    const gone = [p.back, p.front, ...(disk.syntax === 'xl' ? [p.libxl] : []), ...(o.action === 'both' && !domainExisted ? [`/local/domain/${o.domid}`] : [])];
+    for (const path of gone) {
+      if ((await c.tryRead(path)) !== undefined) await c.rm(path);
+    }
+    out(`removed ${gone.join(', ')} (as the toolstack does after remove)`);
 
     const kernelAfter = await readKernel(deps.run);
     const others = new Set<string>();
