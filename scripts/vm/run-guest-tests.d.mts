@@ -11,10 +11,11 @@ export interface GuestTestRun extends GuestRun {
   results: GuestTestResult[];
 }
 export function guestTestFiles(filters?: string[]): string[];
-export function bundleGuestTests(files: string[]): Promise<string[]>;
+export function bundleGuestTests(files: string[], outDir: string): Promise<string[]>;
 export function runGuestTests(options?: {
   filters?: string[];
   timeoutMs?: number;
   onConsole?: (chunk: string) => void;
   log?: (message: string) => void;
+  shell?: boolean;
 }): Promise<GuestTestRun>;

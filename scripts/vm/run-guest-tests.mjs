@@ -1,10 +1,11 @@
 // The guest tier: bundles test/guest/*.test.ts (node:test) with esbuild into .cache/guest-tests/,
 // runs them all in one guest boot, and prints their TAP folded into one stream.
 //
-//   node scripts/vm/run-guest-tests.mjs [NAME...]     (npm run test:guest -- NAME...)
+//   node scripts/vm/run-guest-tests.mjs [--shell] [NAME...]     (npm run test:guest -- NAME...)
 //
-// NAMEs filter the files by substring of their file name.
-import { mkdirSync, readdirSync } from 'node:fs';
+// NAMEs filter the files by substring of their file name. --shell opens bash on the guest's
+// serial console after the files ran (their bundles are still in place then).
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PROJECT_ROOT } from './build-guest.mjs';
@@ -26,13 +27,17 @@ export function guestTestFiles(filters = []) {
     .map((f) => join(GUEST_TEST_DIR, f));
 }
 
-/** Bundles each file (src/ and dependencies included) to .cache/guest-tests/NAME.mjs. */
-export async function bundleGuestTests(files) {
+/**
+ * Bundles each file (src/ and dependencies included) to OUTDIR/NAME.mjs. Each run uses its own
+ * OUTDIR under .cache/guest-tests/: a guest caches the host's files (9p cache=loose), so
+ * another run must not rewrite a bundle that a running guest is reading.
+ */
+export async function bundleGuestTests(files, outDir) {
   const { build } = await import('esbuild');
-  mkdirSync(BUNDLE_DIR, { recursive: true });
+  mkdirSync(outDir, { recursive: true });
   const out = [];
   for (const file of files) {
-    const outfile = join(BUNDLE_DIR, basename(file).replace(/\.ts$/, '.mjs'));
+    const outfile = join(outDir, basename(file).replace(/\.ts$/, '.mjs'));
     await build({
       entryPoints: [file], outfile, bundle: true, platform: 'node', target: 'node18', format: 'esm',
       banner: { js: BANNER }, logLevel: 'warning',
@@ -46,24 +51,32 @@ export async function bundleGuestTests(files) {
  * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
  * result carrying `source` (the .ts file) and `points` (its parsed TAP).
  */
-export async function runGuestTests({ filters = [], timeoutMs = 540_000, onConsole, log } = {}) {
+export async function runGuestTests({ filters = [], timeoutMs = 540_000, onConsole, log, shell = false } = {}) {
   const sources = guestTestFiles(filters);
   if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${filters.join(' ') || '*'}`);
-  const bundles = await bundleGuestTests(sources);
-  const run = await runInGuest({ files: bundles, timeoutMs, fileTimeoutMs: Math.min(timeoutMs, 300_000), onConsole, log });
-  run.results.forEach((r, i) => {
-    r.source = sources[i];
-    r.points = parseTap(r.stdout);
-  });
-  return run;
+  mkdirSync(BUNDLE_DIR, { recursive: true });
+  const outDir = mkdtempSync(join(BUNDLE_DIR, 'run-'));
+  try {
+    const bundles = await bundleGuestTests(sources, outDir);
+    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: Math.min(timeoutMs, 300_000), onConsole, log });
+    run.results.forEach((r, i) => {
+      r.source = sources[i];
+      r.points = parseTap(r.stdout);
+    });
+    return run;
+  } finally {
+    rmSync(outDir, { recursive: true, force: true });
+  }
 }
 
 function indent(text, by = '    ') {
   return text.split('\n').map((l) => (l ? by + l : l)).join('\n');
 }
 
-async function main(filters) {
-  const run = await runGuestTests({ filters, log: (m) => console.error(m) });
+async function main(argv) {
+  const shell = argv.includes('--shell');
+  const filters = argv.filter((a) => a !== '--shell');
+  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m) });
   console.log('TAP version 13');
   let n = 0;
   let failed = 0;

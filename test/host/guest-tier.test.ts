@@ -39,7 +39,8 @@ if (run) {
       }
       const why = describeJobFailure(r, r0);
       if (why) {
-        st.fail(`${basename(r.source)} ${why.split('\n')[0]}`, {
+        const leak = r.leftovers.length && !why.startsWith('left') ? ' and left devices behind' : '';
+        st.fail(`${basename(r.source)} ${why.split('\n')[0]}${leak}`, {
           problem: why, stdoutTail: tail(r.stdout), stderrTail: tail(r.stderr),
           ...(r.finished ? {} : { consoleTail: r0.consoleTail }),
         });
