@@ -102,5 +102,8 @@ async function main(argv) {
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  process.exitCode = await main(process.argv.slice(2));
+  process.exitCode = await main(process.argv.slice(2)).catch((e) => {
+    console.error(`run-guest-tests: ${e.message}`);
+    return 1;
+  });
 }

@@ -158,5 +158,8 @@ async function main(argv) {
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
-  process.exitCode = await main(process.argv.slice(2));
+  process.exitCode = await main(process.argv.slice(2)).catch((e) => {
+    console.error(`run-guest: ${e.message}`);
+    return 1;
+  });
 }
