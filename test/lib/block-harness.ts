@@ -1,0 +1,250 @@
+/**
+ * Harness for the host-tier tests of the bundled `block` hook: a xenstore server, images in a
+ * temporary directory, the hook run as a child process the way libxl runs it, and a teardown that
+ * detaches every loop device left on the test's images (by device and inode numbers, so deleted
+ * images are found too) and reports them, so a leak fails the test instead of staying on the host.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { splitDev } from '../../src/backends/block.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { writeBackendNodes, type DiskNodes } from './backend-nodes.js';
+
+export interface TestStore {
+  dir: string;
+  socketPath: string;
+  server: XenstoreServer;
+  xs: XenstoreClient;
+  close(): Promise<void>;
+}
+
+/** A xenstore server on a socket in a fresh temporary directory, with a client connected to it. */
+export async function startTestStore(prefix = 'xbh-xs-'): Promise<TestStore> {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const socketPath = join(dir, 'xenstored.sock');
+  const server = await startXenstoreServer({ socketPath });
+  const xs = await connectXenstore({ path: socketPath, timeoutMs: 5000 });
+  return {
+    dir,
+    socketPath,
+    server,
+    xs,
+    async close() {
+      await xs.close().catch(() => {});
+      await server.close().catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface DomainSpec {
+  domid: number;
+  name?: string;
+  /** The VM's uuid; `null` leaves the `vm` node out. Default: one uuid per domid. */
+  uuid?: string | null;
+  /** A device-model stub domain names the guest it serves here. */
+  target?: number;
+}
+
+/** /local/domain/<domid>/{name,domid,vm[,target]} and /vm/<uuid>, as libxl writes them. */
+export async function writeDomain(xs: XenstoreClient, d: DomainSpec): Promise<void> {
+  const uuid = d.uuid === undefined ? `00000000-0000-4000-8000-${String(d.domid).padStart(12, '0')}` : d.uuid;
+  const name = d.name ?? `guest${d.domid}`;
+  await xs.transaction(async (tx) => {
+    await tx.write(`/local/domain/${d.domid}/name`, name);
+    await tx.write(`/local/domain/${d.domid}/domid`, String(d.domid));
+    if (uuid !== null) {
+      await tx.write(`/local/domain/${d.domid}/vm`, `/vm/${uuid}`);
+      await tx.write(`/vm/${uuid}/name`, name);
+      await tx.write(`/vm/${uuid}/uuid`, uuid);
+    }
+    if (d.target !== undefined) await tx.write(`/local/domain/${d.domid}/target`, String(d.target));
+  });
+}
+
+export interface HookRun {
+  code: number | null;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** The environment libxl gives a block script (plus `extra`). */
+export function hookEnv(socketPath: string, xenbusPath: string, extra: Record<string, string> = {}): Record<string, string> {
+  return {
+    PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+    XENSTORED_PATH: socketPath,
+    XENBUS_PATH: xenbusPath,
+    XENBUS_TYPE: 'vbd',
+    XENBUS_BASE_PATH: 'backend',
+    ...extra,
+  };
+}
+
+/** Run `file args` (a bundled hook with process.execPath when it ends in .mjs, else the file itself), stdin /dev/null. */
+export function runProcess(file: string, args: string[], env: Record<string, string>, timeoutMs = 60_000): Promise<HookRun> {
+  const [cmd, argv] = file.endsWith('.mjs') ? [process.execPath, [file, ...args]] : [file, args];
+  return new Promise((resolve) => {
+    const child = execFile(cmd, argv, { env, timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
+      const e = err as (Error & { code?: number | string; signal?: string }) | null;
+      resolve({ code: e ? (typeof e.code === 'number' ? e.code : null) : 0, signal: e?.signal ?? null, stdout, stderr });
+    });
+    child.stdin?.end();
+  });
+}
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const BLOCK_BUNDLE = join(ROOT, 'dist', 'block.mjs');
+
+/** dist/block.mjs (built by `npm run build`, which setup.sh runs), or an Error saying so. */
+export function blockBundle(): string {
+  if (!existsSync(BLOCK_BUNDLE)) throw new Error(`${BLOCK_BUNDLE} is missing: run "npm run build" first`);
+  return BLOCK_BUNDLE;
+}
+
+export interface LoopRow {
+  name: string;
+  backFile: string;
+  back: string;
+  ro: boolean;
+}
+
+/** Every attached loop device (`losetup --list --json`). */
+export function loops(): LoopRow[] {
+  const text = execFileSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE,BACK-MAJ:MIN,BACK-INO,RO'], { encoding: 'utf8' });
+  if (!text.trim()) return [];
+  const doc = JSON.parse(text) as { loopdevices: Record<string, unknown>[] };
+  return doc.loopdevices.map((d) => {
+    const mm = String(d['back-maj:min'] ?? '').trim().split(':').map(Number);
+    return { name: String(d.name), backFile: String(d['back-file'] ?? ''), back: `${mm[0]}:${mm[1]}:${String(d['back-ino'] ?? '').trim()}`, ro: d.ro === true || d.ro === '1' };
+  });
+}
+
+export function identity(path: string): string {
+  const st = statSync(path, { bigint: true });
+  const [maj, min] = splitDev(st.dev);
+  return `${maj}:${min}:${st.ino}`;
+}
+
+export interface BlockHarness {
+  store: TestStore;
+  dir: string;
+  stateDir: string;
+  xenLockDir: string;
+  hook: string;
+  /** A sparse image of `mib` MiB in the test directory; its identity is tracked for cleanup. */
+  image(name: string, mib?: number): string;
+  /** Track an identity (e.g. of a file made another way) for cleanup. */
+  track(path: string): void;
+  /** Loops over the tracked images (by identity). */
+  loopsOnImages(): LoopRow[];
+  /** A domain plus one disk on it; returns the backend path. */
+  disk(d: DiskNodes & { name?: string; uuid?: string | null; target?: number }): Promise<string>;
+  env(xenbusPath: string, extra?: Record<string, string>): Record<string, string>;
+  run(action: string, xenbusPath: string, extra?: Record<string, string>, file?: string): Promise<HookRun>;
+  read(path: string): Promise<string | undefined>;
+  /** Detach what is left on the tracked images; returns the names detached (a leak when non-empty). */
+  cleanup(): Promise<string[]>;
+}
+
+export interface HarnessOptions {
+  /** Use Xen's real lock directory (/var/run/xen-hotplug), as the stock scripts do. */
+  realXenLock?: boolean;
+}
+
+export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarness> {
+  const hook = blockBundle();
+  const store = await startTestStore('xbh-block-');
+  const dir = store.dir;
+  const stateDir = join(dir, 'state');
+  const xenLockDir = opts.realXenLock ? '/var/run/xen-hotplug' : join(dir, 'xen-hotplug');
+  const tracked = new Set<string>();
+  const domains = new Set<number>();
+  mkdirSync(join(dir, 'img'), { recursive: true });
+  const h: BlockHarness = {
+    store,
+    dir,
+    stateDir,
+    xenLockDir,
+    hook,
+    image(name, mib = 4) {
+      const p = join(dir, 'img', name);
+      writeFileSync(p, '');
+      execFileSync('truncate', ['-s', `${mib}M`, '--', p]);
+      tracked.add(identity(p));
+      return p;
+    },
+    track(path) {
+      tracked.add(identity(path));
+    },
+    loopsOnImages() {
+      return loops().filter((l) => tracked.has(l.back));
+    },
+    async disk(d) {
+      if (!domains.has(d.domid)) {
+        await writeDomain(store.xs, { domid: d.domid, ...(d.name ? { name: d.name } : {}), ...(d.uuid !== undefined ? { uuid: d.uuid } : {}), ...(d.target !== undefined ? { target: d.target } : {}) });
+        domains.add(d.domid);
+      }
+      return writeBackendNodes(store.xs, { script: '/etc/xen/scripts/block', ...d });
+    },
+    env(xenbusPath, extra = {}) {
+      return hookEnv(store.socketPath, xenbusPath, {
+        script: '/etc/xen/scripts/block',
+        XEN_BLOCKHOOKS_CONF: join(dir, 'no-such.conf'),
+        XEN_BLOCKHOOKS_STATE_DIR: stateDir,
+        XEN_BLOCKHOOKS_XEN_LOCK_DIR: xenLockDir,
+        XEN_BLOCKHOOKS_LOG_FILE: join(dir, 'hotplug.log'),
+        XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '20000',
+        ...extra,
+      });
+    },
+    run(action, xenbusPath, extra = {}, file = hook) {
+      return runProcess(file, [action], h.env(xenbusPath, extra));
+    },
+    read(path) {
+      return store.xs.tryRead(path);
+    },
+    async cleanup() {
+      const left = h.loopsOnImages();
+      for (const l of left) {
+        try {
+          execFileSync('losetup', ['--detach', l.name]);
+        } catch {
+          // reported below through the returned list
+        }
+      }
+      await store.close();
+      return left.map((l) => l.name);
+    },
+  };
+  return h;
+}
+
+/**
+ * A harness torn down with the test: whatever is left on its images is detached (tests assert
+ * "nothing left" themselves before they end; this only keeps a failing test from leaking).
+ */
+export async function harness(t: { teardown(fn: () => unknown): void }, opts: HarnessOptions = {}): Promise<BlockHarness> {
+  const h = await blockHarness(opts);
+  t.teardown(async () => {
+    const leaked = await h.cleanup();
+    if (leaked.length) process.stderr.write(`# block harness: detached loop devices a test left behind: ${leaked.join(', ')}\n`);
+  });
+  return h;
+}
+
+/** Loop devices over files in any block-harness directory (should be none once the tests are done). */
+export function harnessLoops(): LoopRow[] {
+  return loops().filter((l) => l.backFile.startsWith(join(tmpdir(), 'xbh-block-')));
+}
+
+/** A block device's major:minor in hex, as physical-device holds it. */
+export function hexOf(dev: string): string {
+  const [maj, min] = splitDev(statSync(dev, { bigint: true }).rdev);
+  return `${maj.toString(16)}:${min.toString(16)}`;
+}
