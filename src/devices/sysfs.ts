@@ -18,8 +18,10 @@ export interface MajorMinor {
 /** glibc's gnu_dev_major/gnu_dev_minor: the Linux dev_t encoding. */
 export function decodeDev(dev: number | bigint): MajorMinor {
   const d = BigInt(dev);
-  const major = ((d >> 8n) & 0xfffn) | ((d >> 32n) & ~0xfffn);
-  const minor = (d & 0xffn) | ((d >> 12n) & ~0xffn);
+  // The masks are 32 bits wide, as in glibc: an unbounded ~0xff would pull the high major
+  // bits into the minor.
+  const major = ((d >> 8n) & 0xfffn) | ((d >> 32n) & 0xfffff000n);
+  const minor = (d & 0xffn) | ((d >> 12n) & 0xffffff00n);
   return { major: Number(major), minor: Number(minor) };
 }
 
@@ -27,7 +29,7 @@ export function decodeDev(dev: number | bigint): MajorMinor {
 export function encodeDev({ major, minor }: MajorMinor): bigint {
   const ma = BigInt(major);
   const mi = BigInt(minor);
-  return ((ma & 0xfffn) << 8n) | ((ma & ~0xfffn) << 32n) | (mi & 0xffn) | ((mi & ~0xffn) << 12n);
+  return ((ma & 0xfffn) << 8n) | ((ma & 0xfffff000n) << 32n) | (mi & 0xffn) | ((mi & 0xffffff00n) << 12n);
 }
 
 /** Major and minor of the device node at `path` (follows symlinks such as /dev/mapper/x). */
