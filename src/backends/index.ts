@@ -6,10 +6,12 @@
 import type { Backend } from './types.js';
 import { blockBackend } from './block.js';
 import { cowBackend } from './cow.js';
+import { qcowBackend } from './qcow.js';
 
 export const HOOKS: Readonly<Record<string, Backend>> = {
   block: blockBackend as Backend,
   'block-cow': cowBackend as Backend,
+  'block-qcow': qcowBackend as Backend,
 };
 
 /**
