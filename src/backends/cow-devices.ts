@@ -9,6 +9,9 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, type Runner } from '../devices/runner.js';
 
+/** Where sysfs is mounted; host tests with a recording runner point it at a fake tree. */
+export const sysfs = { root: '/sys' };
+
 export interface FileId {
   /** major:minor of the filesystem holding the file, decimal, e.g. `254:0`. */
   dev: string;
@@ -90,15 +93,21 @@ export async function loopsBacking(run: Runner, id: FileId): Promise<LoopInfo[]>
   return (await listLoops(run)).filter((l) => l.backDev === id.dev && l.backIno === id.ino);
 }
 
-/** Attach `file` to a free loop device; caller holds Xen's `block` lock (losetup --find is not atomic). */
-export async function attachLoop(run: Runner, file: string, opts: { readOnly: boolean }): Promise<LoopInfo> {
+/**
+ * Attach `file` (identity `id`) to a free loop device; the caller holds Xen's `block` lock
+ * (losetup --find is not atomic). The new device's numbers come from sysfs, not another listing.
+ */
+export async function attachLoop(run: Runner, file: string, id: FileId, opts: { readOnly: boolean }): Promise<LoopInfo> {
   const args = ['--find', '--show', ...(opts.readOnly ? ['--read-only'] : []), '--', file];
   const r = await run.run('losetup', args);
   const name = r.stdout.trim();
   if (!/^\/dev\/loop\d+$/.test(name)) throw new Error(`losetup ${args.join(' ')} printed "${name}", not a loop device`);
-  const info = (await listLoops(run)).find((l) => l.name === name);
-  if (!info) throw new Error(`${name} vanished right after losetup attached ${file}`);
-  return info;
+  const sys = `${sysfs.root}/block/${name.slice('/dev/'.length)}`;
+  const m = /^(\d+):(\d+)$/.exec(readFileSync(`${sys}/dev`, 'utf8').trim());
+  if (!m) throw new Error(`${sys}/dev does not hold major:minor`);
+  const ro = readFileSync(`${sys}/ro`, 'utf8').trim() === '1';
+  if (opts.readOnly && !ro) throw new Error(`${name} over ${file} is not read-only although losetup was asked for --read-only`);
+  return { name, major: Number(m[1]), minor: Number(m[2]), backFile: file, backDev: id.dev, backIno: id.ino, readOnly: ro, offset: 0, sizeLimit: 0 };
 }
 
 /** Detach `/dev/loopN`; a device that is not attached any more is fine. */
@@ -160,7 +169,7 @@ export async function dmRemove(run: Runner, name: string, busyRetryMs: number): 
 
 /** Size in 512-byte sectors of block device `major:minor`, from sysfs. */
 export function deviceSectors(major: number, minor: number): number {
-  const text = readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim();
+  const text = readFileSync(`${sysfs.root}/dev/block/${major}:${minor}/size`, 'utf8').trim();
   if (!/^\d+$/.test(text)) throw new Error(`/sys/dev/block/${major}:${minor}/size holds "${text}"`);
   return Number(text);
 }

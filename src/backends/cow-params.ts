@@ -70,12 +70,14 @@ export function parseCowParams(params: string): CowParams {
   let persistentGiven: boolean | undefined;
   words.slice(1).forEach((w, i) => {
     const eq = w.indexOf('=');
+    if (w === 'store' || w === 'chunk') throw bad(params, `${w} needs a value, e.g. ${w === 'store' ? 'store=web1-root.cow' : 'chunk=16K'}`);
     if (eq < 0 && w !== 'persistent') {
       const size = parseSizeMiB(w);
       if (size === undefined) {
         if (i === 0) throw bad(params, `"${w}" is neither a size (such as 30, 30M or 2G) nor an option; a base image path cannot contain spaces`);
         throw bad(params, `"${w}" is not an option (known: persistent, store=, chunk=)`);
       }
+      if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one copy-on-write size`);
       if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
       if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
       if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);

@@ -96,7 +96,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
               env.log.debug(`base ${file}: sharing ${shared.name} with ${holders.length} other disk(s)`);
               return shared;
             }
-            return attachLoop(env.run, file, { readOnly: true });
+            return attachLoop(env.run, file, id, { readOnly: true });
           },
           lockOpts(env),
         );
@@ -312,7 +312,7 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
         xenBlockLockPath(env.config.xenLockDir),
         async () => {
           if (check) await check(await loopsBacking(env.run, id));
-          return attachLoop(env.run, file, opts);
+          return attachLoop(env.run, file, id, opts);
         },
         lockOpts(env),
       ),
