@@ -7,11 +7,15 @@ import type { Backend } from './types.js';
 import { blockBackend } from './block.js';
 import { cowBackend } from './cow.js';
 import { qcowBackend } from './qcow.js';
+import { thinBackend } from './thin.js';
+import { lvsnapBackend } from './lvsnap.js';
 
 export const HOOKS: Readonly<Record<string, Backend>> = {
   block: blockBackend as Backend,
   'block-cow': cowBackend as Backend,
   'block-qcow': qcowBackend as Backend,
+  'block-thin': thinBackend as Backend,
+  'block-lvsnap': lvsnapBackend as Backend,
 };
 
 /**

@@ -1,0 +1,238 @@
+/**
+ * block-lvsnap: LVM snapshots as copy-on-write disks. "Create a basic image, snapshot it multiple
+ * times, and modify each snapshot slightly for another domain": the origin LV is the golden
+ * image; each disk is `lvcreate -s` of it, named after the domain and vdev, handed out as is.
+ *
+ *   classic origin:  lvcreate -s -L <cow-size> -n xbh-<owner>-<vdev> VG/ORIGIN  (dm snapshot)
+ *   thin origin:     lvcreate -s -kn -n xbh-<owner>-<vdev> VG/ORIGIN           (thin snapshot, no size)
+ *   access=r:        the origin itself, read-only (nothing is created)
+ *
+ * Steps: `lv-snapshot` {vg, lv, origin, persistent, existed} journaled before lvcreate. Undo:
+ * `lvremove -f` (retrying while blkback still holds it), except a persistent snapshot, which the
+ * next add of the same domain and vdev finds again by name and tag. Every snapshot carries an
+ * LVM tag saying what it is (`xbh_transient` or `xbh_persistent`), so a leftover transient one
+ * (a crash, a lost /run) is recognised and replaced, and a persistent one is never mistaken
+ * for a leftover.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Config } from '../config/config.js';
+import { isLvNotFound, lvcreateSnapshotArgs, lvInfo, lvRemove, lvNameProblem, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { CommandError, type Runner } from '../devices/runner.js';
+import type { DiskSpec } from '../hotplug/disk.js';
+import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { StepRecord } from '../journal/journal.js';
+import type { UndoContext } from '../journal/steps.js';
+import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
+import { backendIds, ownerName } from './cow.js';
+import { findUsers } from './sharing.js';
+import type { Backend, BuiltDevice, HookContext } from './types.js';
+
+export const LVSNAP_STEP = 'lv-snapshot';
+export const TAG_TRANSIENT = 'xbh_transient';
+export const TAG_PERSISTENT = 'xbh_persistent';
+
+export interface LvsnapParams {
+  origin: LvRef;
+  /** CoW area in MiB (classic origins only). */
+  sizeMiB: number | undefined;
+  persistent: boolean;
+}
+
+const USAGE_LINE = '<vg>/<origin-lv> [<cow-size>] [persistent[=yes|no]]';
+
+function bad(params: string, what: string): HotplugError {
+  return new HotplugError(`block-lvsnap params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "vg0/golden 2G".`);
+}
+
+export function parseLvsnapParams(params: string): LvsnapParams {
+  const words = params.trim().split(/\s+/).filter(Boolean);
+  const first = words[0];
+  if (first === undefined) throw bad(params, 'no origin volume given');
+  let ref: LvRef;
+  const spec = first.replace(/^\/dev\//, '');
+  try {
+    ref = parseLvRef(spec);
+  } catch (e) {
+    throw bad(params, `the origin "${first}" is not a valid VG/LV: ${messageOf(e)}`);
+  }
+  const out: LvsnapParams = { origin: ref, sizeMiB: undefined, persistent: false };
+  let persistentSeen = false;
+  words.slice(1).forEach((w, i) => {
+    const eq = w.indexOf('=');
+    const key = eq < 0 ? w : w.slice(0, eq);
+    if (key === 'persistent') {
+      if (persistentSeen) throw bad(params, '"persistent" is given twice');
+      persistentSeen = true;
+      const v = eq < 0 ? 'yes' : w.slice(eq + 1);
+      if (/^(1|yes|true|on)$/i.test(v)) out.persistent = true;
+      else if (/^(0|no|false|off)$/i.test(v)) out.persistent = false;
+      else throw bad(params, `persistent=${v}: the value must be yes or no`);
+      return;
+    }
+    if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
+    const size = parseSizeMiB(w);
+    if (size === undefined) throw bad(params, i === 0 ? `"${w}" is neither a size (such as 512, 512M or 2G) nor an option` : `"${w}" is not an option (known: persistent)`);
+    if (i !== 0) throw bad(params, `the size "${w}" must come right after the origin`);
+    if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
+    if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+    out.sizeMiB = size;
+  });
+  return out;
+}
+
+/** `xbh-<owner>-<vdev>`: the snapshot LV's name (valid for LVM: owner and vdev are safe names). */
+export function snapshotName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  const { domid, devid } = backendIds(xenbusPath);
+  const name = `xbh-${ownerName(disk, domid)}-${disk.vdev ?? devid}`.replace(/[^A-Za-z0-9+_.-]/g, '_');
+  const p = lvNameProblem(name);
+  if (p) throw new HotplugError(`block-lvsnap: cannot name the snapshot after this disk: ${p}.`);
+  return name;
+}
+
+export interface LvsnapPlan {
+  params: LvsnapParams;
+  readOnly: boolean;
+  snap: LvRef;
+}
+
+export function planLvsnap(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): LvsnapPlan {
+  const params = parseLvsnapParams(disk.params);
+  const readOnly = disk.mode === 'r';
+  if (readOnly && (params.persistent || params.sizeMiB !== undefined)) {
+    throw new HotplugError(`block-lvsnap params "${disk.params}": access=r hands out the origin itself; a size or persistent makes no sense there.`);
+  }
+  const snap = { vg: params.origin.vg, lv: snapshotName(disk, ctx.xenbusPath) };
+  if (vgNameProblem(snap.vg)) throw new HotplugError(`block-lvsnap: invalid volume group ${snap.vg}`);
+  return { params, readOnly, snap };
+}
+
+function devOf(l: LvInfo, what: string): { path: string; major: number; minor: number } {
+  if (l.major === undefined || l.minor === undefined) throw new HotplugError(`block-lvsnap: ${what} ${l.vg}/${l.lv} is not active (no kernel device); activate it (lvchange -ay ${l.vg}/${l.lv}).`);
+  return { path: l.dmPath ?? `/dev/${l.vg}/${l.lv}`, major: l.major, minor: l.minor };
+}
+
+async function lvsOrFail(run: Runner, r: LvRef): Promise<LvInfo | undefined> {
+  try {
+    return await lvInfo(run, r);
+  } catch (e) {
+    throw new HotplugError(`block-lvsnap: cannot read ${r.vg}/${r.lv} with lvs: ${messageOf(e)}`);
+  }
+}
+
+async function checkOrigin(ctx: HookContext, origin: LvInfo): Promise<void> {
+  const o = devOf(origin, 'the origin');
+  const users = (await findUsers(ctx.xs, { devices: [{ path: o.path, major: o.major, minor: o.minor, readOnly: false }], self: ctx.request.xenbusPath })).filter(
+    (u) => u.mode === 'w' && !(u.kind === 'guest' && u.via !== o.path),
+  );
+  const u = users[0];
+  if (u) {
+    const who = u.kind === 'local' ? `mounted read-write on ${u.mountPoint}` : `given writable to ${u.backendPath}`;
+    throw new HotplugError(`block-lvsnap: the origin ${origin.vg}/${origin.lv} is ${who}; snapshots of an origin that is being written are not a golden image: stop that user first.`, 'busy');
+  }
+}
+
+async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevice> {
+  const o = plan.params.origin;
+  const origin = await lvsOrFail(ctx.run, o);
+  if (!origin) throw new HotplugError(`block-lvsnap: the origin logical volume ${o.vg}/${o.lv} does not exist (lvs finds no such volume); check the name with "lvs ${o.vg}".`);
+  if (origin.kind === 'thin-pool' || origin.kind === 'snapshot' || /^(thin-pool|cache|cache-pool|vdo|vdo-pool)$/.test(origin.segtype)) {
+    throw new HotplugError(`block-lvsnap: ${o.vg}/${o.lv} is a ${origin.kind === 'snapshot' ? 'snapshot' : origin.segtype}, not a volume to snapshot; give the golden image's LV.`);
+  }
+  if (origin.invalid) throw new HotplugError(`block-lvsnap: the origin ${o.vg}/${o.lv} is marked invalid by LVM (attr ${origin.attr}); repair it first.`);
+  await checkOrigin(ctx, origin);
+  if (plan.readOnly) {
+    const d = devOf(origin, 'the origin');
+    return d;
+  }
+  const thin = origin.kind === 'thin' || origin.segtype === 'thin';
+  if (thin && plan.params.sizeMiB !== undefined) {
+    throw new HotplugError(`block-lvsnap: ${o.vg}/${o.lv} is a thin volume: its snapshots are thin too and take their space from the pool, so they have no size; drop "${plan.params.sizeMiB}" from the params.`);
+  }
+  const sizeMiB = thin ? undefined : (plan.params.sizeMiB ?? Math.max(1, Math.min(ctx.config.cow.defaultSizeMiB, Math.ceil(Number(origin.sizeBytes) / 1048576))));
+  const tag = plan.params.persistent ? TAG_PERSISTENT : TAG_TRANSIENT;
+  const snap = plan.snap;
+
+  const existing = await lvsOrFail(ctx.run, snap);
+  let existed = false;
+  if (existing) {
+    const tags = existing.tags;
+    const leftover = tags.includes(TAG_TRANSIENT) && !ownedElsewhere(ctx, snap);
+    if (plan.params.persistent && tags.includes(TAG_PERSISTENT) && existing.origin === o.lv) {
+      if (existing.invalid) throw new HotplugError(`block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} overflowed and is invalid (attr ${existing.attr}); its data is lost: lvremove it to start afresh.`);
+      existed = true;
+    } else if (leftover && !plan.params.persistent) {
+      ctx.log.warn(`${ctx.request.xenbusPath}: removing leftover transient snapshot ${snap.vg}/${snap.lv}`);
+      await removeSnapshot(ctx.run, snap, ctx.config.busyRetryMs);
+    } else {
+      const what = tags.includes(TAG_PERSISTENT) ? 'a persistent snapshot' : tags.includes(TAG_TRANSIENT) ? 'a snapshot in use by another disk' : 'a volume this tool did not make';
+      throw new HotplugError(`block-lvsnap: ${snap.vg}/${snap.lv} already exists and is ${what}${existing.origin ? ` (of ${existing.origin})` : ''}; remove that disk, lvremove it, or ${plan.params.persistent ? 'drop' : 'add'} persistent.`, 'busy');
+    }
+  }
+  await ctx.build.step(LVSNAP_STEP, { vg: snap.vg, lv: snap.lv, origin: o.lv, persistent: plan.params.persistent, existed, thin, ...(sizeMiB === undefined ? {} : { sizeMiB }) }, async () => {
+    if (existed) {
+      ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent snapshot ${snap.vg}/${snap.lv}`);
+      await ctx.run.run('lvm', ['lvchange', '-q', '-ay', '-K', '--', `${snap.vg}/${snap.lv}`]);
+      return;
+    }
+    await ctx.run.run('lvm', lvcreateSnapshotArgs(o, snap.lv, sizeMiB, { addTag: tag }), { timeoutMs: 30_000 });
+  });
+  const made = await lvsOrFail(ctx.run, snap);
+  if (!made) throw new HotplugError(`block-lvsnap: ${snap.vg}/${snap.lv} is missing right after lvcreate.`);
+  const d = devOf(made, 'the snapshot');
+  ctx.log.info(`${ctx.request.xenbusPath}: ${thin ? 'thin snapshot' : `snapshot with ${sizeMiB} MiB copy-on-write`} ${snap.vg}/${snap.lv} of ${o.vg}/${o.lv}`);
+  return d;
+}
+
+/** Another journal record holds a step for this LV. */
+function ownedElsewhere(ctx: HookContext, snap: LvRef): boolean {
+  return ctx.journal.list().entries.some((e) => e.backendPath !== ctx.build.entry.backendPath && e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === snap.vg && s.data.lv === snap.lv));
+}
+
+/** `lvremove -f`, retried while the volume is open (blkback lets go asynchronously). */
+export async function removeSnapshot(run: Runner, r: LvRef, busyRetryMs: number): Promise<boolean> {
+  const deadline = Date.now() + busyRetryMs;
+  for (let delay = 100; ; delay = Math.min(delay * 2, 1000)) {
+    try {
+      return await lvRemove(run, r);
+    } catch (e) {
+      const busy = e instanceof CommandError && /in use|open|busy/i.test(e.result.stderr);
+      if (!busy || Date.now() >= deadline) throw e;
+    }
+    await sleep(delay);
+  }
+}
+
+async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const vg = typeof step.data.vg === 'string' ? step.data.vg : undefined;
+  const lv = typeof step.data.lv === 'string' ? step.data.lv : undefined;
+  if (!vg || !lv) return;
+  if (step.data.persistent === true && (step.data.existed === true || ctx.entry.device !== undefined)) {
+    ctx.log.debug(`persistent snapshot ${vg}/${lv} kept`);
+    return;
+  }
+  try {
+    await removeSnapshot(ctx.run, { vg, lv }, ctx.config.busyRetryMs);
+  } catch (e) {
+    if (e instanceof CommandError && isLvNotFound(e.result.stderr)) return;
+    throw e;
+  }
+}
+
+export const lvsnapBackend: Backend<LvsnapPlan> = {
+  script: 'block-lvsnap',
+  summary: 'copy-on-write disk as an LVM snapshot of an origin logical volume (classic or thin)',
+  usage: [
+    `params: ${USAGE_LINE}`,
+    '  vg/origin-lv  the golden image: an LV (classic or thin); names as LVM allows (letters, digits, + _ . -)',
+    '  cow-size      copy-on-write space of a classic snapshot: 512 (MiB), 512M, 2G; default the smaller of',
+    '                the origin\'s size and cow.default_size. A thin origin gets a thin snapshot: give no size',
+    '  persistent    keep the snapshot after remove and reattach it on the next add of the same domain and vdev',
+    'The snapshot is VG/xbh-<domain>-<vdev>. Run "xen-blockhooks watch" to lvextend classic snapshots before they fill up.',
+    'xl:  disk = [ "vdev=xvda,access=w,script=block-lvsnap,target=vg0/golden 2G" ]',
+    'xm:  disk = [ "lvsnap:vg0/golden 2G,xvda,w" ]',
+    'access=r hands out the origin itself, read-only.',
+  ].join('\n'),
+  plan: (disk, ctx) => planLvsnap(disk, ctx),
+  add: addLvsnap,
+  undo: { [LVSNAP_STEP]: undoLvsnap },
+};

@@ -1,0 +1,487 @@
+/**
+ * block-thin: thin-provisioned copy-on-write disks. One dm thin-pool (data and metadata on sparse
+ * files in the store directory) serves every domain; each disk is a `thin` device whose external
+ * origin is the read-only base image (its loop shared by every disk on that image, as block-cow
+ * shares it), so a disk has no size limit but the pool's, and origin writes cost nothing extra.
+ *
+ *   base image ──losetup -r (shared, base-ref)────────────────────────┐
+ *   pool data file ──loop──┐                                          │
+ *   pool metadata file ─loop─┴─ dm thin-pool xbh-thinpool ── thin <id> <base> ─→ guest
+ *   mode r:  base image ──losetup -r (shared)── dm linear, read-only ─→ guest
+ *
+ * Steps (journaled before each runs; undone newest first):
+ *   base-ref      the shared base loop (steps.ts)
+ *   thin-pool     a reference on the pool; created on first use under the pool lock. Its undo
+ *                 tears the pool down when no other record refers to it (unless thin.keep_pool)
+ *                 and deletes the pool files when no persistent volume lives in them.
+ *   thin          the thin id, chosen under the pool lock from the ids no record and no
+ *                 persistent volume holds, then `create_thin`. Undo: `delete` (not for a
+ *                 persistent volume, which is kept in the pool's volume list).
+ *   dm            the thin device (steps.ts)
+ *
+ * Pool files: <store_dir>/thin-pool.data, thin-pool.meta, and thin-pool.volumes.json, the
+ * persistent volumes (owner-vdev → id, size, base), replaced atomically under the pool lock.
+ */
+import { closeSync, constants as fsc, fstatSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Config } from '../config/config.js';
+import { dmInfo, dmStatus, parseStatus } from '../devices/dmsetup.js';
+import type { Runner } from '../devices/runner.js';
+import { createThin, deleteThin, poolSectors, poolTable } from '../devices/thin.js';
+import type { DiskSpec } from '../hotplug/disk.js';
+import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { StepRecord } from '../journal/journal.js';
+import type { UndoContext, UndoRegistry } from '../journal/steps.js';
+import { acquireFlock, withFlock, xenBlockLockPath } from '../lock/flock.js';
+import { thinPoolLockPath } from '../lock/paths.js';
+import type { Logger } from '../log/logger.js';
+import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
+import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
+import { backendIds, ownerName } from './cow.js';
+import { checkImagePath } from './image-path.js';
+import { findUsers } from './sharing.js';
+import { addBaseRef, addDm, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
+import type { Backend, BuiltDevice, HookContext } from './types.js';
+
+export const THIN_POOL_NAME = 'xbh-thinpool';
+export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
+
+// ---------------------------------------------------------------------------------------------
+// params
+
+export interface ThinParams {
+  base: string;
+  /** Virtual size in MiB when given; default the base's size. */
+  sizeMiB: number | undefined;
+  persistent: boolean;
+}
+
+const USAGE_LINE = '<base-image> [<size>] [persistent[=yes|no]]';
+
+function bad(params: string, what: string): HotplugError {
+  return new HotplugError(`block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`);
+}
+
+export function parseThinParams(params: string): ThinParams {
+  const words = params.trim().split(/\s+/).filter(Boolean);
+  const base = words[0];
+  if (base === undefined) throw bad(params, 'no base image given');
+  if (base.includes('=')) throw bad(params, `the first word "${base}" looks like an option; the base image path comes first`);
+  if (!base.startsWith('/')) throw bad(params, `the base image "${base}" is not an absolute path; give the full path`);
+  const out: ThinParams = { base, sizeMiB: undefined, persistent: false };
+  let persistentSeen = false;
+  words.slice(1).forEach((w, i) => {
+    const eq = w.indexOf('=');
+    const key = eq < 0 ? w : w.slice(0, eq);
+    if (key === 'persistent') {
+      if (persistentSeen) throw bad(params, '"persistent" is given twice');
+      persistentSeen = true;
+      const v = eq < 0 ? 'yes' : w.slice(eq + 1);
+      if (/^(1|yes|true|on)$/i.test(v)) out.persistent = true;
+      else if (/^(0|no|false|off)$/i.test(v)) out.persistent = false;
+      else throw bad(params, `persistent=${v}: the value must be yes or no`);
+      return;
+    }
+    if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
+    const size = parseSizeMiB(w);
+    if (size === undefined) {
+      if (i === 0) throw bad(params, `"${w}" is neither a size (such as 512, 512M or 20G) nor an option; a base image path cannot contain spaces`);
+      throw bad(params, `"${w}" is not an option (known: persistent)`);
+    }
+    if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
+    if (size < 1) throw bad(params, `the size "${w}" must be at least 1 MiB`);
+    if (size > MAX_STORE_MIB) throw bad(params, `the size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+    out.sizeMiB = size;
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// names and files
+
+export interface PoolFiles {
+  name: string;
+  data: string;
+  meta: string;
+  volumes: string;
+}
+
+export function poolFiles(config: Pick<Config, 'storeDir'>): PoolFiles {
+  return {
+    name: THIN_POOL_NAME,
+    data: join(config.storeDir, 'thin-pool.data'),
+    meta: join(config.storeDir, 'thin-pool.meta'),
+    volumes: join(config.storeDir, 'thin-pool.volumes.json'),
+  };
+}
+
+/** `xbh-thin-<owner>-<vdev>-<devid>`. */
+export function thinDmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  const { domid, devid } = backendIds(xenbusPath);
+  return `xbh-thin-${ownerName(disk, domid)}-${disk.vdev ?? 'disk'}-${devid}`;
+}
+
+/** The persistent volume's key: owner and vdev (the next add of the same disk finds it). */
+export function volumeKey(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  const { domid, devid } = backendIds(xenbusPath);
+  return `${ownerName(disk, domid)}-${disk.vdev ?? devid}`;
+}
+
+export interface PersistentVolume {
+  id: number;
+  sectors: number;
+  base: { file: string; dev: string; ino: string };
+}
+
+export function readVolumes(file: string): Record<string, PersistentVolume> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
+    throw e;
+  }
+  const doc = JSON.parse(text) as { volumes?: Record<string, PersistentVolume> };
+  return doc.volumes ?? {};
+}
+
+export function writeVolumes(file: string, volumes: Record<string, PersistentVolume>): void {
+  if (Object.keys(volumes).length === 0) {
+    rmSync(file, { force: true });
+    return;
+  }
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify({ version: 1, volumes }, null, 1)}\n`, { mode: 0o600 });
+  renameSync(tmp, file);
+}
+
+// ---------------------------------------------------------------------------------------------
+// plan
+
+export interface ThinPlan {
+  params: ThinParams;
+  base: string;
+  baseId: FileId;
+  baseSectors: number;
+  readOnly: boolean;
+  name: string;
+  key: string;
+  /** Virtual size in sectors (mode w). */
+  sectors: number;
+}
+
+export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): ThinPlan {
+  const params = parseThinParams(disk.params);
+  const img = checkImagePath(params.base, ctx.config.imageDirs, { allowBlockDevice: true, what: 'base image' });
+  const baseId = { dev: devString(img.stat.dev), ino: img.stat.ino.toString() };
+  const bytes = img.isBlockDevice ? 0n : img.stat.size;
+  if (!img.isBlockDevice && bytes < 512n) throw new HotplugError(`block-thin: the base image ${params.base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
+  const baseSectors = Number(bytes / 512n);
+  const readOnly = disk.mode === 'r';
+  if (readOnly && params.persistent) throw new HotplugError(`block-thin params "${disk.params}": persistent makes no sense for a read-only disk (access=r has no volume to keep).`);
+  return {
+    params,
+    base: img.real,
+    baseId,
+    baseSectors,
+    readOnly,
+    name: thinDmName(disk, ctx.xenbusPath),
+    key: volumeKey(disk, ctx.xenbusPath),
+    sectors: params.sizeMiB !== undefined ? params.sizeMiB * 2048 : baseSectors,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// the pool
+
+function lockOpts(config: Config, run: Runner) {
+  return { timeoutMs: config.lockTimeoutMs, runner: run };
+}
+
+function poolLockPath(config: Config): string {
+  return thinPoolLockPath(config.stateDir, THIN_POOL_NAME);
+}
+
+/** Open `path` as our pool file: create it sparse (0600, O_EXCL) when missing; refuse anything but a regular file. */
+function ensurePoolFile(path: string, bytes: number): { created: boolean; size: number } {
+  let fd: number;
+  let created = false;
+  try {
+    fd = openSync(path, fsc.O_RDWR | fsc.O_NOFOLLOW);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw new HotplugError(`block-thin: the pool file ${path} is a symbolic link; pool files must be plain files in the store directory.`);
+    if (code !== 'ENOENT') throw e;
+    fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
+    created = true;
+    ftruncateSync(fd, bytes);
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new HotplugError(`block-thin: the pool file ${path} is not a regular file; move it away.`);
+    return { created, size: st.size };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function fileId(path: string): FileId | undefined {
+  try {
+    const st = lstatSync(path, { bigint: true });
+    return { dev: devString(st.dev), ino: st.ino.toString() };
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+/** The writable loop over `path`, reusing one left attached (a kept pool, a crashed add). */
+async function poolLoop(run: Runner, config: Config, path: string): Promise<LoopInfo> {
+  const id = fileId(path);
+  if (!id) throw new Error(`pool file ${path} vanished`);
+  return withFlock(
+    xenBlockLockPath(config.xenLockDir),
+    async () => {
+      const existing = (await loopsBacking(run, id)).find((l) => !l.readOnly && l.offset === 0 && l.sizeLimit === 0);
+      return existing ?? attachLoop(run, path, id, { readOnly: false });
+    },
+    lockOpts(config, run),
+  );
+}
+
+export interface PoolDevice {
+  name: string;
+  major: number;
+  minor: number;
+  created: boolean;
+}
+
+/** Majors and minors a dm table refers to (`maj:min` words). */
+function tableDevices(params: string): string[] {
+  return params.split(/\s+/).filter((w) => /^\d+:\d+$/.test(w));
+}
+
+/** The pool, created when it is not there yet. Caller holds the pool lock. */
+export async function ensurePool(run: Runner, config: Config, log: Logger): Promise<PoolDevice> {
+  const f = poolFiles(config);
+  const info = await dmInfo(run, f.name);
+  if (info) {
+    const table = parseStatus((await run.run('dmsetup', ['table', f.name])).stdout)[0];
+    if (!table || table.target !== 'thin-pool') throw new HotplugError(`block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`);
+    const dataId = fileId(f.data);
+    const loops = dataId ? await loopsBacking(run, dataId) : [];
+    const devs = tableDevices(table.params);
+    if (!loops.some((l) => devs[1] === `${l.major}:${l.minor}`)) {
+      throw new HotplugError(`block-thin: the thin pool ${f.name} is running on other devices than ${f.data} (another store_dir?); remove it or use the same configuration.`);
+    }
+    return { name: f.name, major: info.major, minor: info.minor, created: false };
+  }
+  ensureStoreDir(config.storeDir);
+  const data = ensurePoolFile(f.data, config.thin.dataMiB * 1048576);
+  if (!data.created && fileId(f.meta) === undefined) {
+    throw new HotplugError(`block-thin: the pool data file ${f.data} exists but its metadata file ${f.meta} does not; move the data file away (its volumes cannot be read without metadata).`);
+  }
+  const meta = ensurePoolFile(f.meta, config.thin.metadataMiB * 1048576);
+  if (meta.created && !data.created) log.warn(`block-thin: created a fresh metadata file ${f.meta} for the existing data file ${f.data}`);
+  const metaLoop = await poolLoop(run, config, f.meta);
+  const dataLoop = await poolLoop(run, config, f.data);
+  const length = poolSectors(BigInt(deviceSectors(dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
+  if (length === 0n) throw new HotplugError(`block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`);
+  const table = poolTable(length, { major: metaLoop.major, minor: metaLoop.minor }, { major: dataLoop.major, minor: dataLoop.minor }, config.thin.blockKiB);
+  await run.run('dmsetup', ['create', f.name, '--table', table]);
+  const made = await dmInfo(run, f.name);
+  if (!made) throw new Error(`thin pool ${f.name} is missing right after dmsetup create`);
+  log.info(`block-thin: created thin pool ${f.name} (${length / 2048n} MiB data, ${Math.round(meta.size / 1048576)} MiB metadata, ${config.thin.blockKiB}K blocks)`);
+  return { name: f.name, major: made.major, minor: made.minor, created: true };
+}
+
+/** Journal records other than `except` that hold a step of `kind` (the pool's users). */
+function holders(ctx: UndoContext | { journal: UndoContext['journal'] }, kind: string, except: string): { paths: string[]; unreadable: string[] } {
+  const { entries, unreadable } = ctx.journal.list();
+  return {
+    paths: entries.filter((e) => e.backendPath !== except && e.steps.some((s) => s.kind === kind)).map((e) => e.backendPath),
+    unreadable: unreadable.map((u) => u.file),
+  };
+}
+
+/** Remove the pool, detach its loops, and delete its files when no persistent volume lives there. Caller holds the pool lock. */
+export async function teardownPool(run: Runner, config: Config, log: Logger): Promise<void> {
+  const f = poolFiles(config);
+  await dmRemove(run, f.name, config.busyRetryMs);
+  for (const file of [f.data, f.meta]) {
+    const id = fileId(file);
+    if (!id) continue;
+    for (const l of await loopsBacking(run, id)) await detachLoop(run, l.name);
+  }
+  const kept = Object.keys(readVolumes(f.volumes));
+  if (kept.length) {
+    log.info(`block-thin: thin pool ${f.name} stopped; its files stay for ${kept.length} persistent volume(s): ${kept.join(', ')}`);
+    return;
+  }
+  rmSync(f.data, { force: true });
+  rmSync(f.meta, { force: true });
+  log.info(`block-thin: thin pool ${f.name} stopped and its files deleted (no persistent volumes)`);
+}
+
+async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  try {
+    const h = holders(ctx, THIN_STEP.pool, ctx.entry.backendPath);
+    if (h.paths.length) {
+      ctx.log.debug(`thin pool: ${h.paths.length} other disk(s) still use it`);
+      return;
+    }
+    if (h.unreadable.length) {
+      ctx.log.warn(`thin pool: kept because journal records ${h.unreadable.join(', ')} cannot be read (they may use it)`);
+      return;
+    }
+    if (ctx.config.thin.keepPool) {
+      ctx.log.debug('thin pool: last user left; kept (thin.keep_pool)');
+      return;
+    }
+    await teardownPool(ctx.run, ctx.config, ctx.log);
+  } finally {
+    await lock.release();
+  }
+}
+
+/** Thin ids in use: every record's thin step (done or only intended) and every persistent volume. */
+function usedIds(ctx: { journal: UndoContext['journal'] }, volumes: Record<string, PersistentVolume>): number[] {
+  const ids: number[] = Object.values(volumes).map((v) => v.id);
+  for (const e of ctx.journal.list().entries) {
+    for (const s of e.steps) if (s.kind === THIN_STEP.thin && typeof s.data.id === 'number') ids.push(s.data.id);
+  }
+  return ids;
+}
+
+async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const id = typeof step.data.id === 'number' ? step.data.id : undefined;
+  if (id === undefined) return;
+  const pool = typeof step.data.pool === 'string' ? step.data.pool : THIN_POOL_NAME;
+  const f = poolFiles(ctx.config);
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  try {
+    const key = typeof step.data.key === 'string' ? step.data.key : undefined;
+    if (step.data.persistent === true && key) {
+      // Kept unless this very add made it and never finished.
+      if (step.data.existed === true || ctx.entry.device !== undefined) return;
+      const vols = readVolumes(f.volumes);
+      if (vols[key]?.id === id) {
+        delete vols[key];
+        writeVolumes(f.volumes, vols);
+      }
+    }
+    if (!(await dmInfo(ctx.run, pool))) {
+      ctx.log.debug(`thin id ${id}: pool ${pool} is not running; nothing to delete`);
+      return;
+    }
+    const deleted = await deleteThin(ctx.run, pool, id);
+    ctx.log.debug(`thin id ${id}: ${deleted ? 'deleted' : 'was not in the pool'}`);
+  } finally {
+    await lock.release();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// add
+
+async function checkBaseReadOnly(ctx: HookContext, plan: ThinPlan, onBase: LoopInfo[]): Promise<void> {
+  const writable = onBase.filter((l) => !l.readOnly);
+  if (writable.length) {
+    throw new HotplugError(`block-thin: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its thin disks: detach it (losetup -d) or stop its user first.`, 'busy');
+  }
+  const devices = onBase.map((l) => ({ path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly }));
+  const users = (await findUsers(ctx.xs, { devices, self: ctx.request.xenbusPath })).filter((u) => u.mode === 'w');
+  const u = users[0];
+  if (u) {
+    const who = u.kind === 'local' ? `mounted read-write on ${u.mountPoint}` : `given writable to ${u.backendPath}`;
+    throw new HotplugError(`block-thin: the base image ${plan.base} is ${who} (through ${u.via}); a base must not change under its thin disks: stop that user first.`, 'busy');
+  }
+}
+
+async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
+  const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
+  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseReadOnly(ctx, plan, onBase));
+  const baseSectors = deviceSectors(baseLoop.major, baseLoop.minor);
+  if (baseSectors === 0) throw new HotplugError(`block-thin: the base image ${plan.base} has no whole 512-byte sector.`);
+  const origin = { major: baseLoop.major, minor: baseLoop.minor };
+  if (plan.readOnly) {
+    const dm = await addDm(env, plan.name, `0 ${baseSectors} linear ${origin.major}:${origin.minor} 0`, { readOnly: true });
+    return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
+  }
+
+  const f = poolFiles(ctx.config);
+  let sectors = plan.params.sizeMiB !== undefined ? plan.sectors : baseSectors;
+  let id: number;
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  let pool: PoolDevice;
+  try {
+    pool = await ctx.build.step(THIN_STEP.pool, { pool: f.name, data: f.data, meta: f.meta }, () => ensurePool(ctx.run, ctx.config, ctx.log), (p) => ({ created: p.created, major: p.major, minor: p.minor }));
+    const vols = readVolumes(f.volumes);
+    const kept = plan.params.persistent ? vols[plan.key] : undefined;
+    if (kept) {
+      if (kept.base.dev !== plan.baseId.dev || kept.base.ino !== plan.baseId.ino) {
+        throw new HotplugError(`block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`);
+      }
+      if (plan.params.sizeMiB !== undefined && plan.sectors < kept.sectors) {
+        throw new HotplugError(`block-thin: the persistent volume ${plan.key} is ${kept.sectors / 2048} MiB; it cannot shrink to ${plan.params.sizeMiB} MiB.`);
+      }
+      if (plan.params.sizeMiB === undefined) sectors = kept.sectors;
+    }
+    id = kept ? kept.id : freePick(ctx, vols);
+    await ctx.build.step(THIN_STEP.thin, { pool: f.name, id, persistent: plan.params.persistent, key: plan.key, existed: kept !== undefined }, async () => {
+      if (kept) {
+        ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent thin volume ${plan.key} (id ${id})`);
+      } else if ((await createThin(ctx.run, f.name, id)) === 'exists') {
+        // No record and no persistent volume holds the id: a leftover of a lost state directory.
+        ctx.log.warn(`${ctx.request.xenbusPath}: thin id ${id} was left in the pool by an earlier run; deleting it and starting afresh`);
+        await deleteThin(ctx.run, f.name, id);
+        if ((await createThin(ctx.run, f.name, id)) !== 'created') throw new Error(`thin id ${id} still exists after delete`);
+      }
+      if (plan.params.persistent) {
+        const v = readVolumes(f.volumes);
+        v[plan.key] = { id, sectors, base: { file: plan.base, dev: plan.baseId.dev, ino: plan.baseId.ino } };
+        writeVolumes(f.volumes, v);
+      }
+    });
+  } finally {
+    await lock.release();
+  }
+  const table = `0 ${sectors} thin ${pool.major}:${pool.minor} ${id} ${origin.major}:${origin.minor}`;
+  const dm = await addDm(env, plan.name, table);
+  return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
+}
+
+function freePick(ctx: HookContext, vols: Record<string, PersistentVolume>): number {
+  const used = new Set(usedIds(ctx, vols));
+  for (let i = 0; i <= 0xffffff; i++) if (!used.has(i)) return i;
+  throw new HotplugError('block-thin: the thin pool has no free device id left.');
+}
+
+/** The thin device's status, for `status` and the watcher. */
+export async function thinDeviceStatus(run: Runner, name: string): Promise<string | undefined> {
+  try {
+    return (await dmStatus(run, name))[0]?.params;
+  } catch (e) {
+    return `unreadable: ${messageOf(e)}`;
+  }
+}
+
+export const thinBackend: Backend<ThinPlan> = {
+  script: 'block-thin',
+  summary: 'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',
+  usage: [
+    `params: ${USAGE_LINE}`,
+    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only',
+    '  size        the disk\'s size: 512 (MiB), 512M, 20G; default the base\'s size. Past the base\'s end the disk reads zeros',
+    '  persistent  keep the volume after remove and reattach it on the next add of the same domain and vdev',
+    'The pool (store_dir/thin-pool.data and .meta, sparse) is created on first use with thin.data_size, thin.metadata_size,',
+    'thin.block, and fails writes at once when full (error_if_no_space): run "xen-blockhooks watch" to grow it in time.',
+    'xl:  disk = [ "vdev=xvda,access=w,script=block-thin,target=/srv/xen/rootfs.img 20G" ]',
+    'xm:  disk = [ "thin:/srv/xen/rootfs.img 20G,xvda,w" ]',
+    'access=r hands out a read-only device over the base and needs no pool.',
+  ].join('\n'),
+  plan: (disk, ctx) => planThin(disk, ctx),
+  add: addThin,
+  undo: { ...sharedUndo, [THIN_STEP.pool]: undoPool, [THIN_STEP.thin]: undoThin } satisfies UndoRegistry,
+};
