@@ -1,0 +1,213 @@
+/**
+ * The installer, run for real into a DESTDIR from a copy of the package layout whose dist/ holds
+ * small stand-in bundles (so the test does not depend on a build): file list and modes, the
+ * wrappers it writes (run them), dry run, uninstall, the stock block, the configuration, Node.
+ */
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+
+const ROOT = join(import.meta.dirname, '../..');
+
+function tree(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const n of readdirSync(d)) {
+      const p = join(d, n);
+      const st = lstatSync(p);
+      if (st.isDirectory()) walk(p);
+      else out.push(`${(st.mode & 0o7777).toString(8)} /${relative(dir, p)}`);
+    }
+  };
+  if (existsSync(dir)) walk(dir);
+  return out.sort((a, b) => (a.split(' ')[1]! < b.split(' ')[1]! ? -1 : 1));
+}
+
+function setup(t: { teardown(f: () => void): void }) {
+  const top = mkdtempSync(join(tmpdir(), 'xbh-install-'));
+  t.teardown(() => rmSync(top, { recursive: true, force: true }));
+  const src = join(top, 'src');
+  mkdirSync(join(src, 'dist'), { recursive: true });
+  cpSync(join(ROOT, 'install'), join(src, 'install'));
+  cpSync(join(ROOT, 'packaging'), join(src, 'packaging'), { recursive: true });
+  const hook = (name: string) =>
+    `#!/usr/bin/env node\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, execPath: process.execPath }));\n`;
+  for (const b of ['block', 'block-cow', 'block-qcow']) writeFileSync(join(src, 'dist', `${b}.mjs`), hook(b));
+  writeFileSync(join(src, 'dist', 'xen-blockhooks.mjs'), `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'watch') process.exitCode = 2;\n`);
+  const dest = join(top, 'dest');
+  mkdirSync(dest);
+  const install = (args: string[], env: Record<string, string> = {}) => {
+    const r = spawnSync('/bin/sh', [join(src, 'install'), ...args], {
+      encoding: 'utf8', env: { PATH: process.env.PATH, DESTDIR: dest, NODE: process.execPath, ...env },
+    });
+    return { code: r.status, out: r.stdout, err: r.stderr };
+  };
+  const stock = '#!/bin/bash\n# the stock Xen block script\nexit 0\n';
+  const seed = () => {
+    mkdirSync(join(dest, 'etc/xen/scripts'), { recursive: true });
+    writeFileSync(join(dest, 'etc/xen/scripts/block'), stock, { mode: 0o755 });
+    writeFileSync(join(dest, 'etc/xen/scripts/vif-bridge'), '#!/bin/sh\n', { mode: 0o755 });
+    chmodSync(join(dest, 'etc/xen/scripts/block'), 0o755);
+    chmodSync(join(dest, 'etc/xen/scripts/vif-bridge'), 0o755);
+  };
+  return { top, src, dest, install, seed, stock };
+}
+
+const INSTALLED = [
+  '644 /etc/logrotate.d/xen-blockhooks',
+  '644 /etc/xen/blockhooks.conf',
+  '755 /etc/xen/scripts/block',
+  '755 /etc/xen/scripts/block-cow',
+  '755 /etc/xen/scripts/block-qcow',
+  '755 /etc/xen/scripts/vif-bridge',
+  '644 /usr/lib/xen-blockhooks/MANIFEST',
+  '644 /usr/lib/xen-blockhooks/block-cow.mjs',
+  '644 /usr/lib/xen-blockhooks/block-qcow.mjs',
+  '644 /usr/lib/xen-blockhooks/block.mjs',
+  '644 /usr/lib/xen-blockhooks/xen-blockhooks.mjs',
+  '755 /usr/sbin/xen-blockhooks',
+  '644 /usr/share/man/man8/block-cow.8',
+  '644 /usr/share/man/man8/block-qcow.8',
+  '644 /usr/share/man/man8/xen-blockhooks.8',
+];
+
+t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree back', async (t) => {
+  const h = setup(t);
+  h.seed();
+  const before = tree(h.dest);
+  const r = h.install([]);
+  t.equal(r.code, 0, r.err);
+  t.same(tree(h.dest), INSTALLED, 'exactly these files, with these modes');
+  t.equal(readFileSync(join(h.dest, 'etc/xen/scripts/block'), 'utf8'), h.stock, 'the stock block is untouched');
+  const wrapper = readFileSync(join(h.dest, 'etc/xen/scripts/block-cow'), 'utf8');
+  t.match(wrapper, /^#!\/bin\/sh\n/);
+  t.match(wrapper, /unset NODE_OPTIONS NODE_PATH/);
+  t.ok(wrapper.includes(`exec '${process.execPath}' '/usr/lib/xen-blockhooks/block-cow.mjs' "$@"`), 'execs the absolute node on the installed bundle');
+  t.ok(readFileSync(join(h.dest, 'usr/sbin/xen-blockhooks'), 'utf8').includes("'/usr/lib/xen-blockhooks/xen-blockhooks.mjs'"));
+  t.notOk(existsSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service')), 'no watch unit when the command has no watch');
+  t.equal(readFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'utf8'), readFileSync(join(ROOT, 'packaging/blockhooks.conf'), 'utf8'));
+
+  // Run a wrapper the way libxl would, with a hostile environment. The bundle path is under /usr,
+  // so point a copy of the wrapper at the staged bundle.
+  const staged = wrapper.replace('/usr/lib/xen-blockhooks/', `${h.dest}/usr/lib/xen-blockhooks/`);
+  writeFileSync(join(h.top, 'w'), staged, { mode: 0o755 });
+  const w = spawnSync(join(h.top, 'w'), ['add', 'x y'], { encoding: 'utf8', env: { PATH: '/nonexistent', NODE_OPTIONS: '--require /nonexistent.js', NODE_PATH: '/x' } });
+  t.equal(w.status, 0, w.stderr);
+  t.same(JSON.parse(w.stdout), { name: 'block-cow', argv: ['add', 'x y'], nodeOptions: null, nodePath: null, execPath: process.execPath }, 'arguments passed as given, Node options and PATH do not matter');
+
+  const again = h.install([]);
+  t.equal(again.code, 0, 'reinstall over our own wrappers works');
+  t.same(tree(h.dest), INSTALLED);
+
+  const u = h.install(['--uninstall']);
+  t.equal(u.code, 0, u.err);
+  t.same(tree(h.dest), before, 'uninstall removes exactly what was installed');
+  t.equal(h.install(['--uninstall']).code, 1, 'a second uninstall has nothing to do and says so');
+});
+
+t.test('dry run prints every action and writes nothing', async (t) => {
+  const h = setup(t);
+  h.seed();
+  const before = tree(h.dest);
+  const r = h.install(['--dry-run', '--replace-block']);
+  t.equal(r.code, 0, r.err);
+  t.match(r.out, /install -D -m 0644 .*\/dist\/block-cow\.mjs .*\/usr\/lib\/xen-blockhooks\/block-cow\.mjs/);
+  t.match(r.out, /write .*\/etc\/xen\/scripts\/block-cow \(exec /);
+  t.match(r.out, /mv .*\/etc\/xen\/scripts\/block .*\/etc\/xen\/scripts\/block\.stock/);
+  t.match(r.out, /dry run: nothing was written/);
+  t.same(tree(h.dest), before, 'nothing written');
+  h.install([]);
+  const installed = tree(h.dest);
+  const u = h.install(['--uninstall', '--dry-run']);
+  t.equal(u.code, 0);
+  t.match(u.out, /rm -f .*block-cow/);
+  t.same(tree(h.dest), installed, 'a dry uninstall removes nothing');
+});
+
+t.test('--replace-block keeps the stock script as block.stock and uninstall restores it', async (t) => {
+  const h = setup(t);
+  h.seed();
+  const before = tree(h.dest);
+  const r = h.install(['--replace-block']);
+  t.equal(r.code, 0, r.err);
+  t.equal(readFileSync(join(h.dest, 'etc/xen/scripts/block.stock'), 'utf8'), h.stock, 'the original is kept');
+  t.match(readFileSync(join(h.dest, 'etc/xen/scripts/block'), 'utf8'), /^# xen-blockhooks: block /m, 'block is our wrapper');
+  t.ok(existsSync(join(h.dest, 'usr/share/man/man8/xen-blockhooks-block.8')));
+  t.equal(h.install(['--replace-block']).code, 0, 'again: our own block wrapper is simply rewritten');
+  t.equal(readFileSync(join(h.dest, 'etc/xen/scripts/block.stock'), 'utf8'), h.stock, 'and block.stock is still the original');
+  t.equal(h.install(['--uninstall']).code, 0);
+  t.same(tree(h.dest), before, 'the stock block is back and nothing else is left');
+  t.equal(readFileSync(join(h.dest, 'etc/xen/scripts/block'), 'utf8'), h.stock);
+});
+
+t.test('an edited configuration is never replaced or removed', async (t) => {
+  const h = setup(t);
+  mkdirSync(join(h.dest, 'etc/xen'), { recursive: true });
+  writeFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'store_dir = /srv/stores\n');
+  t.equal(h.install([]).code, 0);
+  t.equal(readFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'utf8'), 'store_dir = /srv/stores\n', 'kept on install');
+  t.equal(h.install(['--uninstall']).code, 0);
+  t.equal(readFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'utf8'), 'store_dir = /srv/stores\n', 'kept on uninstall');
+  const h2 = setup(t);
+  t.equal(h2.install([]).code, 0);
+  writeFileSync(join(h2.dest, 'etc/xen/blockhooks.conf'), '# mine\n', { flag: 'a' });
+  const u = h2.install(['--uninstall']);
+  t.match(u.err, /keeping .*blockhooks\.conf: it was edited/);
+  t.ok(existsSync(join(h2.dest, 'etc/xen/blockhooks.conf')), 'our file, edited after install, stays');
+});
+
+t.test('refusals: old Node, a foreign block-cow, bad arguments', async (t) => {
+  const h = setup(t);
+  const fake = (v: string) => {
+    const f = join(h.top, `node-${v}`);
+    writeFileSync(f, `#!/bin/sh\necho v${v}\n`, { mode: 0o755 });
+    return f;
+  };
+  for (const v of ['18.18.2', '16.20.0', '12.22.12']) {
+    const r = h.install([], { NODE: fake(v) });
+    t.equal(r.code, 1, `Node ${v} is refused`);
+    t.match(r.err, new RegExp(`is Node.js ${v.replace(/\./g, '\\.')}; xen-blockhooks needs 18\\.19\\.0 or newer`));
+    t.same(tree(h.dest), [], 'and nothing is written');
+  }
+  for (const v of ['18.19.0', '18.20.4', '22.1.0']) {
+    t.equal(h.install(['--dry-run'], { NODE: fake(v) }).code, 0, `Node ${v} is accepted`);
+  }
+  t.equal(h.install([], { NODE: '/nonexistent/node' }).code, 1);
+  mkdirSync(join(h.dest, 'etc/xen/scripts'), { recursive: true });
+  writeFileSync(join(h.dest, 'etc/xen/scripts/block-cow'), '#!/bin/sh\n# someone else\n', { mode: 0o755 });
+  const r = h.install([]);
+  t.equal(r.code, 1);
+  t.match(r.err, /block-cow exists and is not an xen-blockhooks wrapper/);
+  t.same(tree(h.dest), ['755 /etc/xen/scripts/block-cow'], 'nothing installed');
+  const bad = h.install(['--frobnicate']);
+  t.equal(bad.code, 2);
+  t.match(bad.err, /unknown argument "--frobnicate"/);
+  t.equal(h.install(['--help']).code, 0);
+});
+
+t.test('PREFIX, XEN_SCRIPT_DIR, and a logrotate file that already rotates the log', async (t) => {
+  const h = setup(t);
+  mkdirSync(join(h.dest, 'etc/logrotate.d'), { recursive: true });
+  writeFileSync(join(h.dest, 'etc/logrotate.d/xen-utils-common'), '/var/log/xen/*.log {\n\tweekly\n}\n');
+  const r = h.install([], { PREFIX: '/opt/xbh', XEN_SCRIPT_DIR: '/usr/local/etc/xen/scripts' });
+  t.equal(r.code, 0, r.err);
+  const files = tree(h.dest);
+  t.ok(files.includes('755 /opt/xbh/sbin/xen-blockhooks'));
+  t.ok(files.includes('755 /usr/local/etc/xen/scripts/block-cow'));
+  t.ok(files.includes('644 /opt/xbh/share/man/man8/block-cow.8'));
+  t.notOk(files.includes('644 /etc/logrotate.d/xen-blockhooks'), 'no duplicate logrotate entry');
+  t.match(r.out, /xen-utils-common already rotates the log/);
+  t.ok(readFileSync(join(h.dest, 'usr/local/etc/xen/scripts/block-cow'), 'utf8').includes("'/opt/xbh/lib/xen-blockhooks/block-cow.mjs'"));
+  t.equal(h.install(['--uninstall'], { PREFIX: '/opt/xbh', XEN_SCRIPT_DIR: '/usr/local/etc/xen/scripts' }).code, 0);
+  t.same(tree(h.dest), ['644 /etc/logrotate.d/xen-utils-common']);
+});
+
+t.test('the shipped configuration documents every key and parses', async (t) => {
+  const { CONFIG_KEYS, parseConfig, defaultConfig } = await import('../../src/config/config.js');
+  const text = readFileSync(join(ROOT, 'packaging/blockhooks.conf'), 'utf8');
+  for (const k of CONFIG_KEYS) t.match(text, new RegExp(`^#${k.replace(/\./g, '\\.')} = `, 'm'), `${k} is documented`);
+  const active = text.split('\n').map((l) => l.replace(/^#([a-z_.]+ = )/, '$1')).join('\n');
+  t.same(parseConfig(active, 'blockhooks.conf'), defaultConfig(), 'uncommented, it states exactly the defaults');
+});
