@@ -1,0 +1,2 @@
+export * from './grow.js';
+export * from './watch.js';
