@@ -56,6 +56,12 @@ export function describeFailure(r: RunResult): string {
       : r.exitCode === undefined
         ? 'could not be started'
         : `exited with status ${r.exitCode}`;
-  const err = r.stderr.trim().split('\n').filter(Boolean).pop();
+  // dmsetup ends every failure with a bare "Command failed."; the line before it says why.
+  const err = r.stderr
+    .trim()
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '' && !/^Command failed\.?$/.test(l))
+    .pop();
   return `${r.command} ${why}${err ? `: ${err}` : ''}`;
 }
