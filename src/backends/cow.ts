@@ -255,7 +255,8 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
     const have = statSync(s.path).size;
     ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent store ${s.path} (${Math.round(have / 1048576)} MiB)`);
   }
-  const storeLoop = await addLoop(env, s.path, storeId, { readOnly: false }, async (onStore) => {
+  // A transient store is new and unique to this disk; a persistent one may be someone else's right now.
+  const storeLoop = await addLoop(env, s.path, storeId, { readOnly: false }, !s.persistent ? undefined : async (onStore) => {
     if (onStore.length === 0) return;
     const owner = loopOwner(ctx, storeId);
     throw new HotplugError(`block-cow: the copy-on-write store ${s.path} is already in use by ${onStore.map((l) => l.name).join(', ')}${owner ? ` (disk ${owner})` : ''}; a store serves one writer: remove that disk first or choose another store=.`, 'busy');

@@ -20,7 +20,13 @@ import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNo
 export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
 
 export const MiB = 1024 * 1024;
-export const HOOK = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'dist', 'block-cow.mjs');
+/** The project root: the nearest folder above this (bundled) file that holds package.json. */
+function projectRoot(): string {
+  let d = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(d, 'package.json')) && dirname(d) !== d) d = dirname(d);
+  return d;
+}
+export const HOOK = join(projectRoot(), 'dist', 'block-cow.mjs');
 const scratchRoot = process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp';
 export const root = join(scratchRoot, `cow-${process.pid}`);
 export const images = join(root, 'images');

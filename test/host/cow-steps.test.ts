@@ -1,0 +1,332 @@
+/**
+ * block-cow through the real runtime (runHook) with a recording runner that plays losetup and
+ * dmsetup (and a fake sysfs): plan refusals leave nothing, the add/remove command sequence, and
+ * undo after a failure at every step of an add.
+ */
+import t, { type Test } from 'tap';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { cowBackend } from '../../src/backends/cow.js';
+import { devString, sysfs } from '../../src/backends/cow-devices.js';
+import { defaultConfig, type Config } from '../../src/config/config.js';
+import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
+import { runHook } from '../../src/hotplug/main.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+
+type TT = Test;
+
+interface Loop { name: string; minor: number; file: string; dev: string; ino: string; ro: boolean }
+interface Dm { name: string; minor: number; table: string; ro: boolean }
+
+/** losetup and dmsetup played in memory; every command is recorded; `failAt` fails the n-th device command. */
+class FakeDevices implements Runner {
+  loops: Loop[] = [];
+  dms: Dm[] = [];
+  log: string[] = [];
+  failAt = -1;
+  deviceCommands = 0;
+  constructor(private readonly sys: string) {}
+
+  private result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
+    return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout, stderr, durationMs: 1, failed: !ok, timedOut: false };
+  }
+
+  async probe(file: string, args: readonly string[], _opts?: RunOptions): Promise<RunResult> {
+    const cmd = [file, ...args].join(' ');
+    if (file === 'flock') return this.result(cmd, true);
+    this.log.push(cmd.replace(/\/tmp\/[^ ]*\//g, '…/'));
+    const n = this.deviceCommands++;
+    if (n === this.failAt) return this.result(cmd, false, '', `${file}: injected failure`);
+    if (file === 'losetup') return this.losetup(cmd, args);
+    if (file === 'dmsetup') return this.dmsetup(cmd, args);
+    return this.result(cmd, false, '', `${file}: not played by the fake`);
+  }
+
+  async run(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult> {
+    const r = await this.probe(file, args, opts);
+    if (r.failed) {
+      const { CommandError } = await import('../../src/devices/runner.js');
+      throw new CommandError(r);
+    }
+    return r;
+  }
+
+  private losetup(cmd: string, args: readonly string[]): RunResult {
+    if (args[0] === '--list') {
+      const devs = this.loops.map((l) => ({ name: l.name, 'back-file': l.file, 'back-ino': Number(l.ino), 'back-maj:min': l.dev, 'maj:min': `7:${l.minor}`, ro: l.ro, offset: 0, sizelimit: 0 }));
+      return this.result(cmd, true, devs.length ? JSON.stringify({ loopdevices: devs }) : '');
+    }
+    if (args[0] === '--find') {
+      const file = args[args.length - 1] as string;
+      const st = statSync(file, { bigint: true });
+      let minor = 0;
+      while (this.loops.some((l) => l.minor === minor)) minor++;
+      const l: Loop = { name: `/dev/loop${minor}`, minor, file, dev: devString(st.dev), ino: st.ino.toString(), ro: args.includes('--read-only') };
+      this.loops.push(l);
+      const dir = join(this.sys, 'block', `loop${minor}`);
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(join(dir, 'dev'), `7:${minor}\n`);
+      writeFileSync(join(dir, 'ro'), l.ro ? '1\n' : '0\n');
+      mkdirSync(join(this.sys, 'dev', 'block', `7:${minor}`), { recursive: true });
+      writeFileSync(join(this.sys, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
+      return this.result(cmd, true, `${l.name}\n`);
+    }
+    if (args[0] === '--detach') {
+      const i = this.loops.findIndex((l) => l.name === args[1]);
+      if (i < 0) return this.result(cmd, false, '', `losetup: ${args[1]}: detach failed: No such device or address`);
+      this.loops.splice(i, 1);
+      return this.result(cmd, true);
+    }
+    return this.result(cmd, false, '', 'losetup: unexpected arguments');
+  }
+
+  private dmsetup(cmd: string, args: readonly string[]): RunResult {
+    const name = args[args.length - 1] as string;
+    const dm = this.dms.find((d) => d.name === name);
+    switch (args[0]) {
+      case 'create': {
+        if (dm) return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
+        let minor = 0;
+        while (this.dms.some((d) => d.minor === minor)) minor++;
+        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly') });
+        return this.result(cmd, true);
+      }
+      case 'info':
+        return dm ? this.result(cmd, true, `${name}|254|${dm.minor}|0|\n`) : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
+      case 'remove':
+        if (!dm) return this.result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
+        this.dms = this.dms.filter((d) => d !== dm);
+        return this.result(cmd, true);
+      default:
+        return this.result(cmd, false, '', 'dmsetup: unexpected arguments');
+    }
+  }
+}
+
+interface World {
+  dir: string;
+  config: Config;
+  xs: XenstoreClient;
+  fake: FakeDevices;
+  images: string;
+  base: string;
+  hook(action: string, d: DiskNodes, fake?: FakeDevices): Promise<{ code: number; log: string[] }>;
+  nothingLeft(t: TT, what: string, fake?: FakeDevices): void;
+}
+
+async function world(t: TT): Promise<World> {
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-cow-'));
+  const sys = join(dir, 'sys');
+  mkdirSync(sys);
+  const prev = sysfs.root;
+  sysfs.root = sys;
+  const images = join(dir, 'images');
+  mkdirSync(images);
+  const base = join(images, 'base.img');
+  writeFileSync(base, Buffer.alloc(1024 * 1024, 1));
+  const server = await startXenstoreServer({ socketPath: join(dir, 'xs.sock') });
+  const xs = await connectXenstore({ path: join(dir, 'xs.sock') });
+  const config: Config = {
+    ...defaultConfig(),
+    storeDir: join(dir, 'store'),
+    stateDir: join(dir, 'state'),
+    imageDirs: [images],
+    xenLockDir: join(dir, 'xen-hotplug'),
+    logFile: '',
+    busyRetryMs: 100,
+  };
+  const fake = new FakeDevices(sys);
+  t.teardown(async () => {
+    sysfs.root = prev;
+    await xs.close();
+    await server.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const w: World = {
+    dir, config, xs, fake, images, base,
+    async hook(action, d, f = fake) {
+      const logger = memoryLogger();
+      const code = await runHook(cowBackend, [action], { XENBUS_PATH: backendPath(d) }, { connect: () => connectXenstore({ path: join(dir, 'xs.sock') }), run: f, config, logger, err: () => {} });
+      return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
+    },
+    nothingLeft(t, what, f = fake) {
+      t.same(f.loops, [], `${what}: no loops`);
+      t.same(f.dms, [], `${what}: no dm devices`);
+      const ls = (p: string) => {
+        try {
+          return readdirSync(p);
+        } catch {
+          return [];
+        }
+      };
+      t.same(ls(config.storeDir), [], `${what}: no store files`);
+      t.same(ls(join(config.stateDir, 'journal')), [], `${what}: no journal records`);
+    },
+  };
+  return w;
+}
+
+function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
+  return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `g${domid}`, ...extra };
+}
+
+t.test('plan refusals: hotplug-error, exit 1, nothing run, nothing created', async (t) => {
+  const w = await world(t);
+  mkdirSync(join(w.images, 'dir.img'));
+  execFileSync('mkfifo', [join(w.images, 'fifo.img')]);
+  const outside = join(w.dir, 'outside.img');
+  writeFileSync(outside, Buffer.alloc(4096));
+  symlinkSync(outside, join(w.images, 'escape.img'));
+  symlinkSync('/etc', join(w.images, 'etc'));
+  writeFileSync(join(w.images, 'empty.img'), '');
+  const cases: [string, RegExp][] = [
+    [`${w.images}/../outside.img 30`, /contains "\.\."/],
+    [`${w.images}/../images/base.img`, /contains "\.\."/],
+    ['base.img 30', /not an absolute path/],
+    [`${outside} 30`, /not inside an image directory/],
+    [`${w.images}/escape.img 30`, /escape\.img \(it resolves to .*outside\.img\) is not inside an image directory/],
+    [`${w.images}/etc/passwd`, /resolves to \/etc\/passwd\) is not inside/],
+    [`${w.images}/missing.img`, /does not exist/],
+    [`${w.images}/dir.img 30`, /is a directory/],
+    [`${w.images}/fifo.img 30`, /is a FIFO/],
+    [`${w.images}/empty.img`, /0 bytes/],
+    [`${w.base} 30 frobnicate`, /"frobnicate" is not an option/],
+  ];
+  let domid = 1;
+  for (const [params, why] of cases) {
+    const d = disk(domid++, params);
+    await writeBackendNodes(w.xs, d);
+    const r = await w.hook('add', d);
+    t.equal(r.code, 1, `${params}: exit 1`);
+    t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), why, params);
+    t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'error');
+    t.equal(await w.xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
+    t.same(w.fake.log, [], `${params}: no device command ran`);
+    w.nothingLeft(t, params);
+  }
+  t.notOk(statSafe(w.config.storeDir), 'the store directory was not even created');
+});
+
+function statSafe(p: string): boolean {
+  try {
+    statSync(p);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+t.test('add then remove: the command sequence, the dm table, the shared base', async (t) => {
+  const w = await world(t);
+  const a = disk(1, `${w.base} 30 chunk=16K`);
+  const b = disk(2, `${w.base} 8 persistent`);
+  await writeBackendNodes(w.xs, a);
+  await writeBackendNodes(w.xs, b);
+  const ra = await w.hook('add', a);
+  t.equal(ra.code, 0, ra.log.join('\n'));
+  t.same(w.fake.log, [
+    'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT',
+    `losetup --find --show --read-only -- ${w.base}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
+    `losetup --find --show -- ${join(w.config.storeDir, 'transient-1-51712.cow')}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
+    'dmsetup create --table 0 2048 snapshot 7:0 7:1 N 32 -- xbh-cow-g1-xvda-51712',
+    'dmsetup info -c --noheadings --separator | -o name,major,minor,open,uuid -- xbh-cow-g1-xvda-51712',
+  ]);
+  t.equal(await w.xs.read(`${backendPath(a)}/physical-device`), 'fe:0');
+  t.equal(await w.xs.read(`${backendPath(a)}/physical-device-path`), '/dev/mapper/xbh-cow-g1-xvda-51712');
+  t.equal(await w.xs.read(`${backendPath(a)}/hotplug-status`), 'connected');
+  const st = statSync(join(w.config.storeDir, 'transient-1-51712.cow'));
+  t.equal(st.mode & 0o777, 0o600);
+  t.equal(st.size, 30 * 1024 * 1024);
+  t.equal(statSync(w.config.storeDir).mode & 0o777, 0o700);
+
+  w.fake.log = [];
+  const rb = await w.hook('add', b);
+  t.equal(rb.code, 0, rb.log.join('\n'));
+  t.equal(w.fake.loops.filter((l) => l.ro).length, 1, 'the second disk shares the base loop');
+  t.match(w.fake.dms.find((d) => d.name === 'xbh-cow-g2-xvda-51712')?.table, /snapshot 7:0 7:2 P 128$/);
+  t.notOk(w.fake.log.some((c) => c.includes('--read-only')), 'no second base loop');
+
+  w.fake.log = [];
+  t.equal((await w.hook('remove', a)).code, 0);
+  t.same(w.fake.log.slice(0, 1), ['dmsetup remove -- xbh-cow-g1-xvda-51712']);
+  t.equal(w.fake.loops.filter((l) => l.ro).length, 1, 'the base loop stays while disk 2 uses it');
+  t.notOk(statSafe(join(w.config.storeDir, 'transient-1-51712.cow')), 'transient store deleted');
+  t.equal((await w.hook('remove', b)).code, 0);
+  t.same(w.fake.loops, [], 'the base loop went with the last reference');
+  t.same(readdirSync(w.config.storeDir), ['g2-xvda.cow'], 'the persistent store stays');
+  t.equal((await w.hook('remove', b)).code, 0, 'remove twice');
+
+  await w.xs.rm(backendPath(b));
+  await writeBackendNodes(w.xs, b);
+  const again = await w.hook('add', b);
+  t.equal(again.code, 0, 'the persistent store is reattached');
+  t.match(again.log.join('\n'), /reattaching persistent store/);
+  t.equal((await w.hook('remove', b)).code, 0);
+  rmSync(join(w.config.storeDir, 'g2-xvda.cow'));
+  w.nothingLeft(t, 'the end');
+});
+
+t.test('mode r: a read-only linear device over the base, no store', async (t) => {
+  const w = await world(t);
+  const d = disk(3, `${w.base} 30`, { mode: 'r' });
+  await writeBackendNodes(w.xs, d);
+  t.equal((await w.hook('add', d)).code, 0);
+  t.same(w.fake.dms.map((x) => [x.table, x.ro]), [['0 2048 linear 7:0 0', true]]);
+  t.notOk(statSafe(w.config.storeDir));
+  t.equal((await w.hook('remove', d)).code, 0);
+  w.nothingLeft(t, 'mode r');
+});
+
+t.test('a failure at each device command of an add is undone completely', async (t) => {
+  // Count the device commands of a full add first (with a second disk holding the base, so the
+  // shared-base path is exercised too on odd rounds).
+  const probe = await world(t);
+  const d0 = disk(1, `${probe.base} 30 persistent`);
+  await writeBackendNodes(probe.xs, d0);
+  t.equal((await probe.hook('add', d0)).code, 0);
+  const total = probe.fake.deviceCommands;
+  t.ok(total >= 5, `an add runs ${total} device commands`);
+
+  for (const shared of [false, true]) {
+    let failed = 0;
+    for (let n = 0; n < 20; n++) {
+      const w = await world(t);
+      const other = disk(9, `${w.base} 4`);
+      if (shared) {
+        await writeBackendNodes(w.xs, other);
+        t.equal((await w.hook('add', other)).code, 0);
+      }
+      const d = disk(1, `${w.base} 30 persistent`);
+      await writeBackendNodes(w.xs, d);
+      w.fake.failAt = w.fake.deviceCommands + n;
+      const r = await w.hook('add', d);
+      if (r.code === 0 && w.fake.failAt >= w.fake.deviceCommands) {
+        w.fake.failAt = -1;
+        // n is past the last command: the add finished. Every earlier command was a failure point.
+        t.ok(failed >= (shared ? total - 2 : total), `${shared ? 'shared' : 'own'} base: a failure at each of ${failed} commands was undone`);
+        t.equal((await w.hook('remove', d)).code, 0);
+        if (shared) t.equal((await w.hook('remove', other)).code, 0);
+        rmSync(join(w.config.storeDir, 'g1-xvda.cow'), { force: true });
+        w.nothingLeft(t, 'after the finished add');
+        break;
+      }
+      failed++;
+      const what = `failure at command ${n}${shared ? ' (base shared)' : ''}`;
+      t.equal(r.code, 1, `${what}: exit 1`);
+      t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), /injected failure/, `${what}: the tool's words reach hotplug-error`);
+      t.equal(await w.xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
+      if (shared) {
+        t.equal(w.fake.loops.length, 2, `${what}: the other disk keeps its base and store loops`);
+        t.equal(w.fake.dms.length, 1);
+        t.equal((await w.hook('remove', other)).code, 0);
+      }
+      w.nothingLeft(t, what);
+    }
+  }
+});
