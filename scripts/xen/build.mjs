@@ -44,6 +44,15 @@ const DOM0_EARLY_MODULES = [
   'virtio_ring', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio', 'virtio_pci',
   '9pnet', '9pnet_virtio', 'netfs', 'fscache', '9p', 'overlay',
 ];
+/**
+ * Loaded from dom0's initramfs too (from RAM: reading modules over 9p and running modprobe in
+ * a PV dom0 under TCG costs seconds); the build orders them and their dependencies from
+ * modules.dep. crc32c_generic first: libcrc32c needs a crc32c algorithm (a softdep).
+ */
+const DOM0_MODULES = [
+  'crc32c_generic', 'xenfs', 'xen-evtchn', 'xen-gntdev', 'xen-gntalloc', 'xen-privcmd', 'xen-blkback',
+  'loop', 'nbd', 'dm-mod', 'dm-snapshot', 'dm-thin-pool', 'dm-zero',
+];
 const DOMU_MODULES = ['xen-blkfront'];
 /** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */
 const MODULE_TREES = [
@@ -252,6 +261,29 @@ function buildInitramfs(dir, out, init, modules, modFiles) {
   cpio(dir, out);
 }
 
+/** `names` and everything they depend on, dependencies first, from depmod's modules.dep. */
+function moduleOrder(kdir, names) {
+  const deps = new Map();
+  for (const line of readFileSync(join(kdir, 'modules.dep'), 'utf8').split('\n')) {
+    const [mod, rest] = line.split(':');
+    if (mod) deps.set(mod, (rest ?? '').trim().split(/\s+/).filter(Boolean));
+  }
+  const byName = new Map([...deps.keys()].map((p) => [p.split('/').pop().replace(/\.ko$/, ''), p]));
+  const order = [];
+  const visit = (path) => {
+    if (order.includes(path)) return;
+    // modules.dep lists a module's full closure, the ones loaded last first.
+    for (const d of [...(deps.get(path) ?? [])].reverse()) visit(d);
+    order.push(path);
+  };
+  for (const n of names) {
+    const path = byName.get(n) ?? byName.get(n.replace(/-/g, '_')) ?? byName.get(n.replace(/_/g, '-'));
+    if (!path) throw new Error(`module ${n} is not in modules.dep`);
+    visit(path);
+  }
+  return order.map((p) => p.split('/').pop().replace(/\.ko$/, ''));
+}
+
 function stampOf(debs) {
   const h = createHash('sha256');
   for (const part of [
@@ -367,7 +399,9 @@ export async function buildXen({ log = () => {} } = {}) {
   const modFiles = walk(join(paths.modroot, 'usr', 'lib', 'modules', kver)).filter((f) => f.endsWith('.ko'))
     .map((f) => join(paths.modroot, 'usr', 'lib', 'modules', kver, f));
 
-  buildInitramfs(join(CACHE_DIR, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, DOM0_EARLY_MODULES, modFiles);
+  const kdirMods = join(paths.modroot, 'usr', 'lib', 'modules', kver);
+  const dom0Modules = [...DOM0_EARLY_MODULES, ...moduleOrder(kdirMods, DOM0_MODULES).filter((m) => !DOM0_EARLY_MODULES.includes(m))];
+  buildInitramfs(join(CACHE_DIR, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, dom0Modules, modFiles);
   buildInitramfs(join(CACHE_DIR, 'domu-initramfs'), paths.domuInitrd, DOMU_INIT, DOMU_MODULES, modFiles);
   writeFileSync(stampFile, stamp);
   paths.kernelVersion = kver;

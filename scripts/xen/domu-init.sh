@@ -4,8 +4,10 @@
 #   xbh_mode=marker xbh_marker=WORD  wait for /dev/xvda, print the 16 bytes at 4096 (what the
 #                                    base holds), write "XBH:WORD" at 0, flush, drop caches,
 #                                    read it back, print it, power off
-#   xbh_mode=watch                   print "ready", then report /dev/xvdb appearing (with the
-#                                    bytes at 0) and disappearing; power off when it is gone
+#   xbh_hold=1                       after "done", stay up (dom0 inspects, then xl destroy)
+#   xbh_mode=watch xbh_cycles=N      print "ready", then report /dev/xvdb appearing (with the
+#                                    16 bytes at 4096) and disappearing, numbered; power off
+#                                    after the N-th disappearance (default 1)
 # Every line it prints starts with "xbh-domu:" so dom0 can find them in the console log.
 export PATH=/bin
 
@@ -13,6 +15,10 @@ say() { echo "xbh-domu: $*"; }
 finish() {
 	say "done"
 	sync
+	if [ "${xbh_hold:-}" = 1 ]; then
+		say "holding"
+		while :; do sleep 1000; done
+	fi
 	poweroff -f
 	sleep 1000
 }
@@ -56,13 +62,16 @@ watch)
 	say "ready"
 	n=0
 	seen=
-	while [ $n -lt 1800 ]; do
+	cycle=0
+	while [ $n -lt 3000 ]; do
 		if [ -z "$seen" ] && [ -e /dev/xvdb ]; then
 			seen=1
-			say "xvdb appeared sectors=$(cat /sys/block/xvdb/size) data=$(peek /dev/xvdb 0)"
+			cycle=$((cycle + 1))
+			say "xvdb appeared #$cycle sectors=$(cat /sys/block/xvdb/size) data=$(peek /dev/xvdb 4096)"
 		elif [ -n "$seen" ] && [ ! -e /sys/block/xvdb ]; then
-			say "xvdb gone"
-			finish
+			seen=
+			say "xvdb gone #$cycle"
+			[ "$cycle" -ge "${xbh_cycles:-1}" ] && finish
 		fi
 		n=$((n + 1))
 		sleep 0.1

@@ -1,0 +1,25 @@
+# dom0 runs Debian 12's own nodejs 18.20 (the xenroot layer's /usr/bin/node over this
+# machine's), Xen's own tools answer, and the project's bundles run under that node.
+. "$XBH_PROJECT/test/xen/lib.sh"
+
+v=$(node --version 2>&1)
+case "$v" in
+v18.20.*) ok "node --version in dom0 is Debian 12's $v ($(command -v node))" ;;
+*) not_ok "node --version in dom0 is v18.20.x" "got: $v from $(command -v node)" ;;
+esac
+check "/usr/bin/env node (what the hooks' #!/usr/bin/env node finds) is 18.20" sh -c '/usr/bin/env node --version | grep -q "^v18\.20\."'
+check "xl info answers (the hypervisor and xenstored are up)" xl info
+check "xenstore-read / answers" xenstore-read /
+check "Domain-0 is listed by xl list" sh -c 'xl list | grep -q "^Domain-0 "'
+
+# One bundle, run through its own #!/usr/bin/env node line (each node start costs seconds here).
+b=
+for f in "$XBH_DIST"/block-cow.mjs "$XBH_DIST"/block*.mjs; do [ -f "$f" ] && { b=$f; break; }; done
+if [ -z "$b" ]; then
+	skip "a bundled hook prints --version under Debian's node" "no dist/block*.mjs (run npm run build)"
+elif out=$("$b" --version 2>&1) && [ -n "$out" ]; then
+	ok "$(basename "$b") --version under node $v: $out"
+else
+	not_ok "$(basename "$b") --version under node $v" "$out"
+fi
+finish

@@ -1,0 +1,161 @@
+# Helpers for the scenarios of the Xen tier (sourced by test/xen/NN-*.sh, which run inside
+# dom0 with real xl, xenstored and blkback). A scenario prints TAP-style lines the host folds
+# into assertions:
+#   ok - WHAT            not ok - WHAT            ok - WHAT # SKIP WHY            # note
+# and exits non-zero when anything failed (finish does that).
+XBH_FAILED=0
+
+ms() { echo $(($(date +%s%N) / 1000000)); }
+XBH_LAST=$(ms)
+# Milliseconds since the previous assertion, as a trailing note.
+lap() {
+	now=$(ms)
+	echo "# ($((now - XBH_LAST)) ms)"
+	XBH_LAST=$now
+}
+
+# Progress also goes to dom0's console (XBH_ECHO), where the serial log shows it live.
+echo_console() { [ -n "${XBH_ECHO:-}" ] && echo "xbh-$XBH_SCENARIO_ID: $*" >"$XBH_ECHO"; return 0; }
+
+ok() { echo "ok - $*"; echo_console "ok - $*"; lap; }
+not_ok() {
+	echo "not ok - $1"
+	echo_console "not ok - $1"
+	lap
+	shift
+	for l in "$@"; do printf '%s\n' "$l" | sed 's/^/#   /'; done
+	XBH_FAILED=1
+}
+skip() { echo "ok - $1 # SKIP $2"; echo_console "skip - $1"; lap; }
+note() { printf '%s\n' "$*" | sed 's/^/# /'; echo_console "# $*"; }
+finish() { exit $XBH_FAILED; }
+
+# check WHAT CMD ARG...: runs CMD; ok when it exits 0, else not ok with its output.
+check() {
+	what=$1
+	shift
+	if out=$("$@" 2>&1); then ok "$what"; else not_ok "$what" "\$ $*" "$out"; fi
+}
+
+# until_true SECONDS CMD ARG...: retries CMD every 0.2 s until it succeeds or time runs out.
+until_true() {
+	limit=$(($(ms) + $1 * 1000))
+	shift
+	while ! "$@" >/dev/null 2>&1; do
+		[ "$(ms)" -gt "$limit" ] && return 1
+		sleep 0.2
+	done
+}
+
+domid() { xl domid "$1" 2>/dev/null; }
+
+# Backend node of a domain's disk by vdev number (xvda = 51712, xvdb = 51728).
+vbd_backend() { echo "/local/domain/0/backend/vbd/$1/$2"; }
+
+backend_state() { xenstore-read "$1/state" 2>/dev/null; }
+backend_connected() { [ "$(backend_state "$1")" = 4 ]; }
+
+# expect_connected WHAT BACKEND: the backend reached state 4 (Connected) and has physical-device.
+expect_connected() {
+	if until_true 20 backend_connected "$2"; then
+		ok "$1: backend $2 is Connected (state 4), physical-device $(xenstore-read "$2/physical-device" 2>/dev/null)"
+	else
+		not_ok "$1: backend $2 is Connected (state 4)" "state=$(backend_state "$2") hotplug-status=$(xenstore-read "$2/hotplug-status" 2>&1)" \
+			"physical-device=$(xenstore-read "$2/physical-device" 2>&1)" "$(xenstore-ls -f "$2" 2>&1 | head -30)"
+	fi
+}
+
+# A domU's console log (xenconsoled --log=guest).
+console_log() { cat "$XBH_CONSOLE_LOGS/guest-$1.log" 2>/dev/null; }
+console_has() { console_log "$1" | grep -q -- "$2"; }
+
+# wait_console NAME PATTERN SECONDS
+wait_console() { until_true "$3" console_has "$1" "$2"; }
+
+# Writes a PV domU config: domu_cfg NAME MODE EXTRA DISK... → prints the config path.
+domu_cfg() {
+	name=$1 mode=$2 extra=$3
+	shift 3
+	cfg=$XBH_SCRATCH/$name.cfg
+	{
+		echo "name = \"$name\""
+		echo 'type = "pv"'
+		echo "kernel = \"$XBH_DOMU_KERNEL\""
+		echo "ramdisk = \"$XBH_DOMU_RAMDISK\""
+		echo "extra = \"console=hvc0 quiet xbh_mode=$mode $extra\""
+		echo 'memory = 256'
+		echo 'vcpus = 1'
+		echo 'on_poweroff = "destroy"'
+		echo 'on_crash = "destroy"'
+		printf 'disk = ['
+		sep=
+		for d in "$@"; do
+			printf '%s"%s"' "$sep" "$d"
+			sep=', '
+		done
+		echo ']'
+	} >"$cfg"
+	echo "$cfg"
+}
+
+domain_gone() { ! xl domid "$1" >/dev/null 2>&1; }
+
+# A raw image of SIZE MiB with "BASE-IMAGE-DATA!" at byte 4096 (what the guests read as "base").
+make_base() {
+	dd if=/dev/zero of="$1" bs=1M count="$2" status=none
+	printf 'BASE-IMAGE-DATA!' | dd of="$1" bs=4096 seek=1 conv=notrunc status=none
+}
+
+# hook_installed TYPE: /etc/xen/scripts/block-TYPE is installed; hook_installed "": our block.
+hook_installed() { [ -x "/etc/xen/scripts/block${1:+-$1}" ] && grep -q 'xen-blockhooks' "/etc/xen/scripts/block${1:+-$1}"; }
+
+# Installs the project's hooks into dom0's /etc/xen/scripts (dom0's root is a tmpfs overlay, so
+# this touches nothing on the host): with the project's installer when there is one, else by
+# linking each bundle. Prints how it installed; returns 1 when there is nothing to install.
+install_hooks() {
+	if [ -n "$XBH_INSTALL" ] && [ -x "$XBH_INSTALL" ]; then
+		"$XBH_INSTALL" --replace-block >"$XBH_SCRATCH/install.log" 2>&1 || { cat "$XBH_SCRATCH/install.log"; return 1; }
+		echo "installed with the project's installer: install --replace-block"
+		return 0
+	fi
+	found=
+	for b in "$XBH_DIST"/block*.mjs; do
+		[ -f "$b" ] || continue
+		found=1
+		n=$(basename "$b" .mjs)
+		printf '#!/bin/sh\n# xen-blockhooks: linked by the Xen tier\nexec node %s "$@"\n' "$b" >/etc/xen/scripts/$n
+		chmod 755 /etc/xen/scripts/$n
+	done
+	[ -n "$found" ] || return 1
+	echo "installed by linking $XBH_DIST/block*.mjs"
+}
+
+# ensure_hooks: install_hooks unless block-cow is installed already (dom0's root lives as long
+# as the boot, so the first scenario that needs the hooks installs them for the rest).
+ensure_hooks() {
+	if [ -f /run/xbh-hooks-installed ]; then
+		cat /run/xbh-hooks-installed
+		return 0
+	fi
+	how=$(install_hooks) || return 1
+	echo "$how" >/run/xbh-hooks-installed
+	echo "$how"
+}
+
+nothing_left() {
+	[ -z "$(dmsetup ls 2>/dev/null | grep -v '^No devices found')" ] && [ -z "$(losetup -a)" ] &&
+		[ -z "$(find /var/lib/xen-blockhooks -type f 2>/dev/null)" ] &&
+		node "$XBH_DIST/xen-blockhooks.mjs" status --json 2>/dev/null | grep -q '"devices": \[\]'
+}
+
+# expect_nothing_left WHEN: no dm device, loop, store file or recorded device (the hooks'
+# own `xen-blockhooks status`) — waiting a little for xl's asynchronous remove.
+expect_nothing_left() {
+	if until_true 20 nothing_left; then
+		ok "$1: no dm device, loop, store file or recorded device is left"
+	else
+		not_ok "$1: no dm device, loop, store file or recorded device is left" "dmsetup ls: $(dmsetup ls 2>&1)" \
+			"losetup -a: $(losetup -a 2>&1)" "stores: $(find /var/lib/xen-blockhooks -type f 2>&1)" \
+			"status: $(node "$XBH_DIST/xen-blockhooks.mjs" status 2>&1)"
+	fi
+}
