@@ -152,6 +152,8 @@ export interface BlockHarness {
   cleanup(): Promise<string[]>;
 }
 
+const harnessDirs = new Set<string>();
+
 export interface HarnessOptions {
   /** Use Xen's real lock directory (/var/run/xen-hotplug), as the stock scripts do. */
   realXenLock?: boolean;
@@ -161,6 +163,7 @@ export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarn
   const hook = blockBundle();
   const store = await startTestStore('xbh-block-');
   const dir = store.dir;
+  harnessDirs.add(dir);
   const stateDir = join(dir, 'state');
   const xenLockDir = opts.realXenLock ? '/var/run/xen-hotplug' : join(dir, 'xen-hotplug');
   const tracked = new Set<string>();
@@ -238,9 +241,9 @@ export async function harness(t: { teardown(fn: () => unknown): void }, opts: Ha
   return h;
 }
 
-/** Loop devices over files in any block-harness directory (should be none once the tests are done). */
+/** Loop devices over files in any directory of a harness of this process (none once its tests are done). */
 export function harnessLoops(): LoopRow[] {
-  return loops().filter((l) => l.backFile.startsWith(join(tmpdir(), 'xbh-block-')));
+  return loops().filter((l) => [...harnessDirs].some((d) => l.backFile.startsWith(`${d}/`)));
 }
 
 /** A block device's major:minor in hex, as physical-device holds it. */
