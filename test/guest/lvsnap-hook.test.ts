@@ -1,0 +1,266 @@
+/**
+ * block-lvsnap on a real kernel with real LVM: a volume group on loop devices, an origin LV with
+ * known content, the bundled hook (dist/block-lvsnap.mjs) run as a child process against an
+ * in-process xenstore server. Classic snapshots (with a size), thin snapshots of a thin origin,
+ * isolation, removal with nothing left, growth with lvextend, and an overflow reported Invalid.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadConfig } from '../../src/config/config.js';
+import { execaRunner } from '../../src/devices/exec.js';
+import { lvInfo } from '../../src/devices/lvm.js';
+import { Journal } from '../../src/journal/journal.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import { growStore, watchOnce } from '../../src/grow/index.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+
+const MiB = 1024 * 1024;
+const HOOK = join(process.cwd(), 'dist', 'block-lvsnap.mjs');
+const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `lvsnap-${process.pid}`);
+const stateDir = join(root, 'state');
+const logFile = join(root, 'hook.log');
+const sock = join(root, 'xenstored.sock');
+const VG = 'xbhtestvg';
+const pvs: string[] = [];
+
+let server: XenstoreServer;
+let xs: XenstoreClient;
+
+const env: NodeJS.ProcessEnv = {
+  PATH: process.env.PATH,
+  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
+  XENSTORED_PATH: sock,
+  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
+  XEN_BLOCKHOOKS_STORE_DIR: join(root, 'store'),
+  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
+  XEN_BLOCKHOOKS_IMAGE_DIRS: root,
+  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
+  XEN_BLOCKHOOKS_LOG_FILE: logFile,
+  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
+};
+
+function sh(file: string, args: string[]): string {
+  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
+}
+
+function block(i: number, salt: string): Buffer {
+  const parts: Buffer[] = [];
+  let h = createHash('sha256').update(`${salt}:${i}`).digest();
+  while (parts.length * 32 < 4096) {
+    parts.push(h);
+    h = createHash('sha256').update(h).digest();
+  }
+  return Buffer.concat(parts).subarray(0, 4096);
+}
+
+function pread(path: string, offset: number, length = 4096): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    assert.equal(readSync(fd, buf, 0, length, offset), length);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function pwrite(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, data, 0, data.length, offset);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
+
+function lvNames(): string[] {
+  return sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG]).split('\n').map((s) => s.trim()).filter(Boolean).sort();
+}
+
+function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
+  return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `g${domid}`, script: '/etc/xen/scripts/block-lvsnap', ...extra };
+}
+
+function explain(r: HookRun): string {
+  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
+  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
+}
+
+const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) => runHookProcess(HOOK, action, backendPath(d), env);
+
+async function addOk(d: DiskNodes): Promise<string> {
+  await writeBackendNodes(xs, d);
+  const r = await hook('add', d);
+  assert.equal(r.code, 0, `add ${backendPath(d)}: ${explain(r)}`);
+  const pd = await xs.read(`${backendPath(d)}/physical-device`);
+  const path = await xs.read(`${backendPath(d)}/physical-device-path`);
+  assert.equal(sh('stat', ['-L', '-c', '%t:%T', path]), pd);
+  return path;
+}
+
+async function removeOk(d: DiskNodes): Promise<void> {
+  await closeBackend(xs, d);
+  const r = await hook('remove', d);
+  assert.equal(r.code, 0, `remove ${backendPath(d)}: ${explain(r)}`);
+  await destroyNodes(xs, d);
+}
+
+let originSum = '';
+const originPath = `/dev/${VG}/golden`;
+
+before(async () => {
+  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
+  rmSync(root, { recursive: true, force: true });
+  mkdirSync(root, { recursive: true });
+  for (const n of ['pv1', 'pv2']) {
+    const f = join(root, `${n}.img`);
+    sh('truncate', ['-s', '96M', f]);
+    pvs.push(sh('losetup', ['--find', '--show', '--', f]));
+  }
+  sh('lvm', ['pvcreate', '-q', ...pvs]);
+  sh('lvm', ['vgcreate', '-q', VG, ...pvs]);
+  sh('lvm', ['lvcreate', '-q', '-y', '-n', 'golden', '-L', '16M', VG]);
+  for (let i = 0; i < 16; i++) pwrite(originPath, i * MiB, block(i, 'golden'));
+  sh('lvm', ['lvcreate', '-q', '-y', '--type', 'thin-pool', '-n', 'tpool', '-L', '24M', VG]);
+  sh('lvm', ['lvcreate', '-q', '-y', '--type', 'thin', '-n', 'tgolden', '-V', '16M', '--thinpool', 'tpool', VG]);
+  for (let i = 0; i < 16; i++) pwrite(`/dev/${VG}/tgolden`, i * MiB, block(i, 'tgolden'));
+  originSum = sha(originPath);
+  server = await startXenstoreServer({ socketPath: sock });
+  xs = await connectXenstore({ path: sock });
+});
+
+after(async () => {
+  await xs?.close().catch(() => {});
+  await server?.close().catch(() => {});
+  spawnSync('lvm', ['vgremove', '-q', '-f', VG]);
+  spawnSync('lvm', ['pvremove', '-q', ...pvs]);
+  for (const p of pvs) spawnSync('losetup', ['-d', p]);
+  rmSync(root, { recursive: true, force: true });
+});
+
+test('two classic snapshots of one origin: isolation, origin unchanged, removal leaves only the origin', async () => {
+  const a = disk(1, `${VG}/golden 8M`, { domainName: 'alpha' });
+  const b = disk(2, `${VG}/golden 8M`, { domainName: 'beta' });
+  const pa = await addOk(a);
+  const pb = await addOk(b);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-alpha-xvda', 'xbh-beta-xvda']);
+  const info = await lvInfo(execaRunner(env), { vg: VG, lv: 'xbh-alpha-xvda' });
+  assert.ok(info);
+  assert.equal(info.kind, 'snapshot');
+  assert.equal(info.origin, 'golden');
+  assert.deepEqual(info.tags, ['xbh_transient']);
+  assert.equal(info.sizeBytes, BigInt(8 * MiB));
+  pwrite(pa, 4 * MiB, block(4, 'alpha'));
+  pwrite(pb, 4 * MiB, block(4, 'beta'));
+  assert.deepEqual(pread(pa, 4 * MiB), block(4, 'alpha'));
+  assert.deepEqual(pread(pb, 4 * MiB), block(4, 'beta'));
+  assert.deepEqual(pread(pa, 5 * MiB), block(5, 'golden'));
+  assert.equal(sha(originPath), originSum, 'origin unchanged');
+  await removeOk(a);
+  await removeOk(b);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+  assert.deepEqual(existsSync(join(stateDir, 'journal')) ? (await import('node:fs')).readdirSync(join(stateDir, 'journal')) : [], []);
+  // remove twice: nothing to do, success
+  const again = await hook('remove', a);
+  assert.equal(again.code, 0, explain(again));
+});
+
+test('a thin origin gets thin snapshots (no size); a size is refused', async () => {
+  const a = disk(3, `${VG}/tgolden`, { domainName: 'gamma' });
+  const b = disk(4, `${VG}/tgolden`, { domainName: 'delta' });
+  const pa = await addOk(a);
+  const pb = await addOk(b);
+  const info = await lvInfo(execaRunner(env), { vg: VG, lv: 'xbh-gamma-xvda' });
+  assert.ok(info);
+  assert.equal(info.kind, 'thin');
+  assert.equal(info.pool, 'tpool');
+  pwrite(pa, 1 * MiB, block(1, 'gamma'));
+  assert.deepEqual(pread(pa, 1 * MiB), block(1, 'gamma'));
+  assert.deepEqual(pread(pb, 1 * MiB), block(1, 'tgolden'));
+  await removeOk(a);
+  await removeOk(b);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+
+  const c = disk(5, `${VG}/tgolden 8M`);
+  await writeBackendNodes(xs, c);
+  const r = await hook('add', c);
+  assert.equal(r.code, 1);
+  assert.match(await xs.read(`${backendPath(c)}/hotplug-error`), /thin volume: its snapshots are thin too .* drop "8"/);
+  await destroyNodes(xs, c);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+});
+
+test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, never grown silently', async () => {
+  const a = disk(6, `${VG}/golden 4M`, { domainName: 'eps' });
+  const p = await addOk(a);
+  const config = loadConfig(env);
+  const run = execaRunner(env);
+  const log = memoryLogger();
+  const entry = new Journal(stateDir).load(backendPath(a));
+  assert.ok(entry);
+  const g = await growStore(entry, { relative: true, bytes: 4 * MiB }, { config, run, log });
+  assert.equal(g.kind, 'lv');
+  assert.equal(g.afterBytes, 8 * MiB);
+  // overflow it: 12 MiB of changes into 8 MiB
+  const fd = openSync(p, 'r+');
+  try {
+    for (let i = 0; i < 12; i++) {
+      try {
+        writeSync(fd, Buffer.alloc(MiB, 0x33), 0, MiB, i * MiB);
+        fsyncSync(fd);
+      } catch {
+        break;
+      }
+    }
+  } finally {
+    try {
+      closeSync(fd);
+    } catch {
+      // EIO on close of an invalid snapshot
+    }
+  }
+  const info = await lvInfo(run, { vg: VG, lv: 'xbh-eps-xvda' });
+  assert.ok(info?.invalid, `snapshot invalid: ${info?.attr}`);
+  const w = await watchOnce(config, run, log);
+  assert.equal(w.problems.length, 1, JSON.stringify(w.findings));
+  assert.equal(w.problems[0]?.state, 'invalid');
+  assert.match(w.problems[0]?.message ?? '', /Invalid/);
+  assert.ok(log.lines.some((l) => l.level === 'error' && /Invalid/.test(l.msg)));
+  await assert.rejects(growStore(entry, undefined, { config, run, log }), /Invalid/);
+  await removeOk(a);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+  assert.equal(sha(originPath), originSum);
+});
+
+test('bad params: hotplug-error, exit 1, nothing created', async () => {
+  const cases: [string, RegExp][] = [
+    ['golden', /not a valid VG\/LV/],
+    [`${VG}/-bad`, /must not start with "-"/],
+    [`${VG}/a;b`, /may contain only letters/],
+    [`${VG}/snapshot`, /reserved by LVM/],
+    [`${VG}/x_tmeta`, /reserves for its internal volumes/],
+    [`${VG}/missing 8M`, /does not exist/],
+    [`${VG}/golden 8Q`, /neither a size/],
+    [`${VG}/golden 8M colour=red`, /unknown option/],
+    [`${VG}/tpool`, /not a volume to snapshot/],
+  ];
+  for (const [params, re] of cases) {
+    const d = disk(9, params);
+    await writeBackendNodes(xs, d);
+    const r = await hook('add', d);
+    assert.equal(r.code, 1, `${params}: ${explain(r)}`);
+    assert.match(await xs.read(`${backendPath(d)}/hotplug-error`), re, params);
+    await destroyNodes(xs, d);
+  }
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+});

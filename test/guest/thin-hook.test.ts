@@ -1,0 +1,326 @@
+/**
+ * block-thin on a real kernel: the bundled hook (dist/block-thin.mjs) run as a child process
+ * against an in-process xenstore server; real loop devices, a real dm thin-pool, no udev.
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { loadConfig } from '../../src/config/config.js';
+import { execaRunner } from '../../src/devices/exec.js';
+import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
+import { Journal } from '../../src/journal/journal.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import { growStore, watchOnce } from '../../src/grow/index.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+
+const MiB = 1024 * 1024;
+const HOOK = join(process.cwd(), 'dist', 'block-thin.mjs');
+const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `thin-${process.pid}`);
+const images = join(root, 'images');
+const storeDir = join(root, 'store');
+const stateDir = join(root, 'state');
+const logFile = join(root, 'hook.log');
+const sock = join(root, 'xenstored.sock');
+const base = join(images, 'rootfs.img');
+const BASE_MIB = 16;
+const POOL = 'xbh-thinpool';
+
+let server: XenstoreServer;
+let xs: XenstoreClient;
+let baseSum = '';
+
+const env: NodeJS.ProcessEnv = {
+  PATH: process.env.PATH,
+  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
+  XENSTORED_PATH: sock,
+  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
+  XEN_BLOCKHOOKS_STORE_DIR: storeDir,
+  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
+  XEN_BLOCKHOOKS_IMAGE_DIRS: images,
+  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
+  XEN_BLOCKHOOKS_LOG_FILE: logFile,
+  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
+  XEN_BLOCKHOOKS_THIN_DATA_SIZE: '8M',
+  XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M',
+};
+
+function sh(file: string, args: string[]): string {
+  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
+
+function block(i: number, salt: string): Buffer {
+  const parts: Buffer[] = [];
+  let h = createHash('sha256').update(`${salt}:${i}`).digest();
+  while (parts.length * 32 < 4096) {
+    parts.push(h);
+    h = createHash('sha256').update(h).digest();
+  }
+  return Buffer.concat(parts).subarray(0, 4096);
+}
+
+const sha256File = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
+
+function pread(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function pwrite(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, data, 0, data.length, offset);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Write `mib` MiB from `offsetMiB` with O_DIRECT-free fsync'ed writes; the first error code, or null. */
+function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): string | null {
+  const buf = Buffer.alloc(MiB, fill);
+  let fd: number;
+  try {
+    fd = openSync(path, 'r+');
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code ?? 'open failed';
+  }
+  try {
+    for (let i = 0; i < mib; i++) {
+      writeSync(fd, buf, 0, MiB, (offsetMiB + i) * MiB);
+      fsyncSync(fd);
+    }
+    return null;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code ?? String(e);
+  } finally {
+    try {
+      closeSync(fd);
+    } catch {
+      // the error was already reported by the write
+    }
+  }
+}
+
+function listDir(d: string): string[] {
+  try {
+    return readdirSync(d).sort();
+  } catch {
+    return [];
+  }
+}
+
+function leftovers(): string[] {
+  const out: string[] = [];
+  const dm = sh('dmsetup', ['ls']);
+  if (!/No devices found/.test(dm)) out.push(...dm.split('\n').map((l) => `dm ${l}`));
+  const loops = sh('losetup', ['-a']);
+  if (loops) out.push(...loops.split('\n').map((l) => `loop ${l}`));
+  out.push(...listDir(storeDir).map((f) => `store ${f}`));
+  out.push(...listDir(join(stateDir, 'journal')).map((f) => `journal ${f}`));
+  out.push(...listDir(join(stateDir, 'locks')).map((f) => `lock ${f}`));
+  return out;
+}
+
+function disk(domid: number, extra: Partial<DiskNodes> = {}): DiskNodes {
+  return { domid, devid: 51712, params: base, mode: 'w', vdev: 'xvda', domainName: `guest${domid}`, script: '/etc/xen/scripts/block-thin', ...extra };
+}
+
+function explain(r: HookRun): string {
+  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
+  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
+}
+
+const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) => runHookProcess(HOOK, action, backendPath(d), env);
+
+async function addOk(d: DiskNodes): Promise<{ path: string; pd: string }> {
+  await writeBackendNodes(xs, d);
+  const r = await hook('add', d);
+  assert.equal(r.code, 0, `add ${backendPath(d)}: ${explain(r)}`);
+  const be = backendPath(d);
+  const pd = await xs.read(`${be}/physical-device`);
+  const path = await xs.read(`${be}/physical-device-path`);
+  assert.equal(await xs.read(`${be}/hotplug-status`), 'connected');
+  assert.equal(sh('stat', ['-L', '-c', '%t:%T', path]), pd, 'physical-device-path is the device physical-device names');
+  return { path, pd };
+}
+
+async function removeOk(d: DiskNodes): Promise<void> {
+  await closeBackend(xs, d);
+  const r = await hook('remove', d);
+  assert.equal(r.code, 0, `remove ${backendPath(d)}: ${explain(r)}`);
+  await destroyNodes(xs, d);
+}
+
+function poolStatus() {
+  const l = parseStatus(sh('dmsetup', ['status', POOL]))[0];
+  assert.ok(l && l.target === 'thin-pool');
+  return parseThinPoolStatus(l.params);
+}
+
+before(async () => {
+  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
+  rmSync(root, { recursive: true, force: true });
+  mkdirSync(images, { recursive: true });
+  server = await startXenstoreServer({ socketPath: sock });
+  xs = await connectXenstore({ path: sock });
+  writeFileSync(base, '');
+  truncateSync(base, BASE_MIB * MiB);
+  const fd = openSync(base, 'r+');
+  for (let i = 0; i < BASE_MIB; i++) writeSync(fd, block(i, 'base'), 0, 4096, i * MiB);
+  closeSync(fd);
+  baseSum = sha256File(base);
+});
+
+after(async () => {
+  await xs?.close().catch(() => {});
+  await server?.close().catch(() => {});
+  for (const l of sh('dmsetup', ['ls']).split('\n')) {
+    const name = l.split(/\s+/)[0];
+    if (name?.startsWith('xbh-thin-')) spawnSync('dmsetup', ['remove', name]);
+  }
+  spawnSync('dmsetup', ['remove', POOL]);
+  for (const l of sh('losetup', ['-a']).split('\n')) if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
+  rmSync(root, { recursive: true, force: true });
+});
+
+test('two domains on one base: isolation, one shared pool, one base loop, base unchanged, a size past the base reads zeros', async () => {
+  const a = disk(1, { domainName: 'alpha' });
+  const b = disk(2, { domainName: 'beta', params: `${base} 32M` });
+  const da = await addOk(a);
+  const db = await addOk(b);
+  assert.notEqual(da.pd, db.pd);
+  assert.equal(sh('blockdev', ['--getsz', da.path]), String((BASE_MIB * MiB) / 512), 'default size: the base');
+  assert.equal(sh('blockdev', ['--getsz', db.path]), String((32 * MiB) / 512), 'size past the base');
+  const poolTable = sh('dmsetup', ['table', POOL]);
+  assert.match(poolTable, / thin-pool \d+:\d+ \d+:\d+ 128 0 1 error_if_no_space$/);
+  const ta = sh('dmsetup', ['table', 'xbh-thin-alpha-xvda-51712']).split(' ');
+  const tb = sh('dmsetup', ['table', 'xbh-thin-beta-xvda-51712']).split(' ');
+  assert.equal(ta[2], 'thin');
+  assert.notEqual(ta[4], tb[4], 'distinct thin ids');
+  assert.equal(ta[5], tb[5], 'one external origin');
+  const baseLoops = sh('losetup', ['-a']).split('\n').filter((l) => l.includes('rootfs.img'));
+  assert.equal(baseLoops.length, 1, baseLoops.join('\n'));
+  assert.equal(sh('blockdev', ['--getro', baseLoops[0]!.split(':')[0]!]), '1');
+
+  pwrite(da.path, 3 * MiB, block(3, 'alpha'));
+  pwrite(db.path, 3 * MiB, block(3, 'beta'));
+  pwrite(db.path, 20 * MiB, block(20, 'beta'));
+  assert.deepEqual(pread(da.path, 3 * MiB, 4096), block(3, 'alpha'));
+  assert.deepEqual(pread(db.path, 3 * MiB, 4096), block(3, 'beta'));
+  assert.deepEqual(pread(da.path, 5 * MiB, 4096), block(5, 'base'));
+  assert.deepEqual(pread(db.path, 7 * MiB, 4096), block(7, 'base'));
+  assert.deepEqual(pread(db.path, 24 * MiB, 4096), Buffer.alloc(4096), 'zeros past the base');
+  assert.deepEqual(pread(db.path, 20 * MiB, 4096), block(20, 'beta'));
+  assert.equal(sha256File(base), baseSum, 'base unchanged');
+
+  await removeOk(a);
+  assert.match(sh('dmsetup', ['ls']), new RegExp(POOL), 'pool stays while beta uses it');
+  assert.deepEqual(pread(db.path, 3 * MiB, 4096), block(3, 'beta'));
+  await removeOk(b);
+  assert.deepEqual(leftovers(), [], 'nothing left after the last remove');
+  assert.equal(sha256File(base), baseSum);
+});
+
+test('remove deletes the thin volume: the next disk starts from the base', async () => {
+  const a = disk(3, { domainName: 'gamma' });
+  const b = disk(4, { domainName: 'delta' });
+  const keep = await addOk(b); // keeps the pool up between the two adds of gamma
+  let d = await addOk(a);
+  pwrite(d.path, 1 * MiB, block(1, 'gamma'));
+  const used1 = poolStatus();
+  assert.equal(used1.state, 'ok');
+  await removeOk(a);
+  d = await addOk(a);
+  assert.deepEqual(pread(d.path, 1 * MiB, 4096), block(1, 'base'), 'the old volume was deleted, not reused');
+  assert.ok(keep.path);
+  await removeOk(a);
+  await removeOk(b);
+  assert.deepEqual(leftovers(), []);
+});
+
+test('pool full: the writer gets an error, the status parser says out_of_data_space, growing the pool recovers it', async () => {
+  const a = disk(5, { domainName: 'eps', params: `${base} 64M` });
+  const d = await addOk(a);
+  const err = writeMiB(d.path, 0, 16, 0x11);
+  assert.ok(err === 'ENOSPC' || err === 'EIO', `a write into a full pool fails (got ${err})`);
+  const full = poolStatus();
+  assert.equal(full.state, 'ok');
+  assert.ok(full.state === 'ok' && full.mode === 'out_of_data_space', JSON.stringify(full, (_k, v) => (typeof v === 'bigint' ? String(v) : v)));
+
+  const config = loadConfig(env);
+  const run = execaRunner(env);
+  const log = memoryLogger();
+  const entry = new Journal(stateDir).load(backendPath(a));
+  assert.ok(entry);
+  const g = await growStore(entry, { relative: true, bytes: 24 * MiB }, { config, run, log });
+  assert.equal(g.kind, 'thin-data');
+  assert.equal(g.afterBytes, 32 * MiB);
+  assert.equal(statSync(join(storeDir, 'thin-pool.data')).size, 32 * MiB);
+  const grown = poolStatus();
+  assert.ok(grown.state === 'ok' && grown.mode === 'rw', `pool back to rw: ${grown.state === 'ok' ? grown.mode : grown.state}`);
+  assert.ok(grown.state === 'ok' && grown.totalDataBlocks === BigInt((32 * MiB) / (64 * 1024)));
+  assert.ok(log.lines.some((l) => l.level === 'info' && /thin pool xbh-thinpool data .* 8 MiB → 32 MiB/.test(l.msg)), log.lines.map((l) => l.msg).join('\n'));
+
+  assert.equal(writeMiB(d.path, 0, 16, 0x22), null, 'writes succeed after growing');
+  assert.deepEqual(pread(d.path, 15 * MiB, 16), Buffer.alloc(16, 0x22));
+  assert.deepEqual(pread(d.path, 15 * MiB + 4096 * 2, 16), Buffer.alloc(16, 0x22));
+
+  // watchOnce sees a pool past the threshold and grows it again, logging what it did.
+  const w = await watchOnce({ ...config, watch: { ...config.watch, thresholdPercent: 40 } }, run, log);
+  assert.ok(w.grown.some((x) => x.kind === 'thin-data'), JSON.stringify(w.findings));
+  await removeOk(a);
+  assert.deepEqual(leftovers(), []);
+  assert.equal(sha256File(base), baseSum);
+});
+
+test('persistent: the volume survives remove and the pool teardown, and comes back with its data', async () => {
+  const a = disk(6, { domainName: 'zeta', params: `${base} persistent` });
+  let d = await addOk(a);
+  pwrite(d.path, 2 * MiB, block(2, 'zeta'));
+  await removeOk(a);
+  assert.doesNotMatch(sh('dmsetup', ['ls']), new RegExp(POOL), 'pool stopped');
+  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.volumes.json']);
+  d = await addOk(a);
+  assert.deepEqual(pread(d.path, 2 * MiB, 4096), block(2, 'zeta'));
+  // a non-persistent disk alongside gets its own id
+  const b = disk(7, { domainName: 'eta' });
+  const db = await addOk(b);
+  assert.deepEqual(pread(db.path, 2 * MiB, 4096), block(2, 'base'));
+  await removeOk(b);
+  await removeOk(a);
+  assert.equal(sha256File(base), baseSum);
+});
+
+test('bad params: hotplug-error, exit 1, nothing built', async () => {
+  const cases: [string, RegExp][] = [
+    ['relative.img', /not an absolute path/],
+    [`${base} 12Q`, /neither a size/],
+    [`${base} 10M colour=red`, /unknown option "colour"/],
+    [`${join(images, 'missing.img')}`, /does not exist/],
+    ['/etc/passwd', /outside the allowed image directories/],
+  ];
+  const before = leftovers();
+  for (const [params, re] of cases) {
+    const d = disk(9, { params });
+    await writeBackendNodes(xs, d);
+    const r = await hook('add', d);
+    assert.equal(r.code, 1, `${params}: ${explain(r)}`);
+    assert.match(await xs.read(`${backendPath(d)}/hotplug-error`), re);
+    assert.equal(await xs.read(`${backendPath(d)}/hotplug-status`), 'error');
+    assert.equal(await xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
+    await destroyNodes(xs, d);
+  }
+  assert.deepEqual(leftovers(), before);
+});

@@ -1,0 +1,196 @@
+/**
+ * Growth before overflow on a real kernel: a block-cow disk (dist/block-cow.mjs, built with an
+ * 8 MiB transient store) is written 3× its store by a separate writer process while watchOnce
+ * runs in a loop: no write fails and the data reads back. The same writes without the watcher
+ * overflow the store: the writer gets errors, the kernel marks the snapshot Invalid, the status
+ * parser says so, and watchOnce reports it as a problem (and logs it at error level).
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { loadConfig, type Config } from '../../src/config/config.js';
+import { execaRunner } from '../../src/devices/exec.js';
+import { parseSnapshotStatus, parseStatus } from '../../src/devices/dmsetup.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import { watchOnce, type WatchReport } from '../../src/grow/index.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+
+const MiB = 1024 * 1024;
+const HOOK = join(process.cwd(), 'dist', 'block-cow.mjs');
+const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `watch-${process.pid}`);
+const images = join(root, 'images');
+const storeDir = join(root, 'store');
+const stateDir = join(root, 'state');
+const logFile = join(root, 'hook.log');
+const sock = join(root, 'xenstored.sock');
+const base = join(images, 'base.img');
+const STORE_MIB = 8;
+const WRITE_MIB = 3 * STORE_MIB;
+
+const env: NodeJS.ProcessEnv = {
+  PATH: process.env.PATH,
+  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
+  XENSTORED_PATH: sock,
+  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
+  XEN_BLOCKHOOKS_STORE_DIR: storeDir,
+  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
+  XEN_BLOCKHOOKS_IMAGE_DIRS: images,
+  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
+  XEN_BLOCKHOOKS_LOG_FILE: logFile,
+  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
+  XEN_BLOCKHOOKS_WATCH_THRESHOLD: '40',
+  XEN_BLOCKHOOKS_WATCH_STEP: '100',
+};
+
+let server: XenstoreServer;
+let xs: XenstoreClient;
+
+function explain(r: HookRun): string {
+  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
+  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
+}
+
+function disk(domid: number, name: string): DiskNodes {
+  return { domid, devid: 51712, params: `${base} ${STORE_MIB}M`, mode: 'w', vdev: 'xvda', domainName: name };
+}
+
+async function addOk(d: DiskNodes): Promise<string> {
+  await writeBackendNodes(xs, d);
+  const r = await runHookProcess(HOOK, 'add', backendPath(d), env);
+  assert.equal(r.code, 0, explain(r));
+  return xs.read(`${backendPath(d)}/physical-device-path`);
+}
+
+async function removeOk(d: DiskNodes): Promise<void> {
+  await closeBackend(xs, d);
+  const r = await runHookProcess(HOOK, 'remove', backendPath(d), env);
+  assert.equal(r.code, 0, explain(r));
+  await destroyNodes(xs, d);
+}
+
+/** A separate process writes `mib` MiB (fill byte = MiB index + 1), fsync after each, pausing `pauseMs`; it prints the errors it met. */
+const WRITER = `
+const fs = require('node:fs');
+const [dev, mib, pauseMs] = [process.argv[1], Number(process.argv[2]), Number(process.argv[3])];
+let errors = 0;
+const fd = fs.openSync(dev, 'r+');
+for (let i = 0; i < mib; i++) {
+  try {
+    fs.writeSync(fd, Buffer.alloc(1048576, (i % 250) + 1), 0, 1048576, i * 1048576);
+    fs.fsyncSync(fd);
+  } catch (e) {
+    errors++;
+    console.error('write ' + i + ': ' + e.code);
+  }
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, pauseMs);
+}
+try { fs.closeSync(fd); } catch (e) { errors++; console.error('close: ' + e.code); }
+console.log(JSON.stringify({ errors }));
+`;
+
+function startWriter(dev: string, mib: number, pauseMs: number): Promise<{ errors: number; stderr: string; code: number | null }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['-e', WRITER, dev, String(mib), String(pauseMs)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (err += s));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      const m = /\{"errors":(\d+)\}/.exec(out);
+      resolve({ errors: m ? Number(m[1]) : -1, stderr: err, code });
+    });
+  });
+}
+
+function snapStatus(name: string) {
+  const l = parseStatus(execFileSync('dmsetup', ['status', name], { encoding: 'utf8' }))[0];
+  assert.ok(l);
+  return parseSnapshotStatus(l.params);
+}
+
+function readMiBFill(dev: string, i: number): number {
+  const fd = openSync(dev, 'r');
+  try {
+    const b = Buffer.alloc(4096);
+    readSync(fd, b, 0, 4096, i * MiB + 8192);
+    return b[0] === b[4095] ? (b[0] as number) : -1;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+before(async () => {
+  rmSync(root, { recursive: true, force: true });
+  mkdirSync(images, { recursive: true });
+  writeFileSync(base, '');
+  truncateSync(base, 32 * MiB);
+  server = await startXenstoreServer({ socketPath: sock });
+  xs = await connectXenstore({ path: sock });
+});
+
+after(async () => {
+  await xs?.close().catch(() => {});
+  await server?.close().catch(() => {});
+  for (const l of execFileSync('dmsetup', ['ls'], { encoding: 'utf8' }).split('\n')) {
+    const name = l.split(/\s+/)[0];
+    if (name?.startsWith('xbh-cow-')) spawnSync('dmsetup', ['remove', name]);
+  }
+  for (const l of execFileSync('losetup', ['-a'], { encoding: 'utf8' }).split('\n')) if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
+  rmSync(root, { recursive: true, force: true });
+});
+
+test('with watchOnce in a loop, a domain writes 3× its copy-on-write allotment with zero I/O errors', async () => {
+  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
+  const d = disk(1, 'watched');
+  const dev = await addOk(d);
+  const config: Config = loadConfig(env);
+  assert.equal(config.watch.thresholdPercent, 40);
+  const run = execaRunner(env);
+  const log = memoryLogger();
+  const writer = startWriter(dev, WRITE_MIB, 400);
+  let done = false;
+  const passes: WatchReport[] = [];
+  void writer.then(() => (done = true));
+  while (!done) {
+    passes.push(await watchOnce(config, run, log));
+    await sleep(100);
+  }
+  const w = await writer;
+  assert.equal(w.code, 0, w.stderr);
+  assert.equal(w.errors, 0, `writer errors: ${w.stderr}\nwatch log:\n${log.lines.map((l) => `${l.level} ${l.msg}`).join('\n')}`);
+  const grown = passes.flatMap((p) => p.grown);
+  assert.ok(grown.length >= 2, `grown ${grown.length} times`);
+  assert.ok(passes.every((p) => p.problems.length === 0), JSON.stringify(passes.flatMap((p) => p.problems)));
+  const s = snapStatus('xbh-cow-watched-xvda-51712');
+  assert.equal(s.state, 'active');
+  const store = statSync(join(storeDir, 'transient-1-51712.cow')).size;
+  assert.ok(store >= WRITE_MIB * MiB, `store grew to ${store}`);
+  assert.ok(log.lines.some((l) => l.level === 'info' && /grow backend\/vbd\/1\/51712 .*store .* → .*re-read/.test(l.msg)), 'every growth logged');
+  for (const i of [0, 7, 15, WRITE_MIB - 1]) assert.equal(readMiBFill(dev, i), (i % 250) + 1, `MiB ${i} reads back`);
+  await removeOk(d);
+});
+
+test('without the watcher the store overflows: the writer gets errors, the snapshot is Invalid, status and watchOnce say so', async () => {
+  const d = disk(2, 'unwatched');
+  const dev = await addOk(d);
+  const w = await startWriter(dev, WRITE_MIB, 0);
+  assert.ok(w.errors > 0, `the writer must see errors: ${w.stderr}`);
+  assert.match(w.stderr, /EIO/);
+  const s = snapStatus('xbh-cow-unwatched-xvda-51712');
+  assert.equal(s.state, 'invalid');
+  const log = memoryLogger();
+  const report = await watchOnce(loadConfig(env), execaRunner(env), log);
+  assert.equal(report.grown.length, 0, 'an Invalid snapshot is not grown');
+  assert.equal(report.problems.length, 1);
+  assert.equal(report.problems[0]?.state, 'invalid');
+  assert.match(report.problems[0]?.message ?? '', /xbh-cow-unwatched-xvda-51712 .* is Invalid/);
+  assert.ok(log.lines.some((l) => l.level === 'error' && /Invalid/.test(l.msg)), 'logged at error level');
+  await removeOk(d);
+});
