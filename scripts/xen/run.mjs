@@ -5,7 +5,7 @@
 //
 //   node scripts/xen/run.mjs [--timeout SECONDS] [--quiet] [SCENARIO...]
 //
-// SCENARIOs are files or names in test/xen/ (default: all `NN-*.sh|mjs` there, in order).
+// SCENARIOs are files or names in test/xen/ (default: all `NN-*.sh|mjs|ts` there, in order).
 // The serial console (Xen and dom0) streams to stdout unless --quiet.
 import { execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -24,10 +24,24 @@ export const XEN_CMDLINE = 'console=com1 com1=115200,8n1 loglvl=all guest_loglvl
   + 'dom0_mem=1024M,max:1024M dom0_max_vcpus=1 smap=0 smep=0 bootscrub=false';
 export const DOM0_CMDLINE = 'console=hvc0 earlyprintk=xen quiet loglevel=4';
 
-/** The scenario files, in order: test/xen/NN-name.sh or .mjs. */
+/**
+ * The scenario files, in order: test/xen/NN-name.sh (run with sh), .mjs (node) or .ts (bundled
+ * here with esbuild for node18, so it may import the project's sources, then run with node).
+ */
 export function listScenarios(dir = SCENARIO_DIR) {
   if (!existsSync(dir)) return [];
-  return readdirSync(dir).filter((f) => /^\d\d-[\w.-]+\.(sh|mjs)$/.test(f)).sort().map((f) => join(dir, f));
+  return readdirSync(dir).filter((f) => /^\d\d-[\w.-]+\.(sh|mjs|ts)$/.test(f)).sort().map((f) => join(dir, f));
+}
+
+/** One .ts scenario → one ESM file for Node 18 (as scripts/build.mjs bundles the hooks). */
+async function bundle(entry, outfile) {
+  const { build } = await import('esbuild');
+  await build({
+    entryPoints: [entry], outfile, bundle: true, platform: 'node', target: 'node18', format: 'esm',
+    logLevel: 'warning', legalComments: 'none',
+    define: { __XEN_BLOCKHOOKS_VERSION__: JSON.stringify('xen-tier') },
+    banner: { js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);" },
+  });
 }
 
 function qemuArgs(t, share) {
@@ -76,12 +90,17 @@ export async function runXenTier({
   }
   const jobs = scenarios.map((file, i) => ({
     id: String(i).padStart(2, '0'),
-    name: basename(file).replace(/\.(sh|mjs)$/, ''),
+    name: basename(file).replace(/\.(sh|mjs|ts)$/, ''),
     file: resolve(file),
-    interp: file.endsWith('.mjs') ? 'node' : 'sh',
+    interp: file.endsWith('.sh') ? 'sh' : 'node',
   }));
   const share = mkdtempSync(join(tmpdir(), 'xbh-xen-'));
   try {
+    for (const j of jobs.filter((x) => x.file.endsWith('.ts'))) {
+      const out = join(share, 'bundles', `${j.name}.mjs`);
+      await bundle(j.file, out);
+      j.file = `/xbh-share/bundles/${j.name}.mjs`;
+    }
     copyFileSync(join(HERE, 'dom0-stage2.sh'), join(share, 'stage2.sh'));
     // A snapshot of what dom0 installs (the installer, packaging/, the bundles): dist/ may be
     // rebuilt on the host while dom0 reads it over 9p.
