@@ -10,8 +10,9 @@
  *               other record refers to the key.
  *   store-file  a file in the store directory (a copy-on-write store). Transient: deleted on undo.
  *               Persistent: kept, unless this very add created it and never finished.
- *   loop        a loop device over a file unique to this disk (a store): found again through
- *               losetup by the file's dev:inode, so an intent-only record still finds it.
+ *   loop        a loop device over a store file: found again through losetup by the file's
+ *               dev:inode, so an intent-only record still finds it (minus loops that another
+ *               record claims: a persistent store may be in use by another disk right now).
  *   dm          a device-mapper device, by name; removal retries EBUSY for config.busyRetryMs.
  *
  * Lock order: the base lock, then Xen's `block` lock (held only around loop allocation and the
@@ -23,7 +24,7 @@ import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
 import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
-import { acquireFlock, withFlock, xenBlockLockPath } from '../lock/flock.js';
+import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import { baseImageLockPath } from '../lock/paths.js';
 import { HotplugError } from '../hotplug/errors.js';
@@ -65,7 +66,7 @@ export function baseRefHolders(journal: Journal, key: string, exceptPath: string
   for (const e of entries) {
     if (e.backendPath === exceptPath) continue;
     for (const s of e.steps) {
-      if (s.kind === STEP.baseRef && s.data.key === key) holders.push({ backendPath: e.backendPath, loop: typeof s.data.loop === 'string' ? s.data.loop : undefined });
+      if (s.kind === STEP.baseRef && s.data.key === key && s.data.counted === true) holders.push({ backendPath: e.backendPath, loop: typeof s.data.loop === 'string' ? s.data.loop : undefined });
     }
   }
   return { holders, unreadable: unreadable.map((u) => u.file) };
@@ -78,12 +79,18 @@ export function baseRefHolders(journal: Journal, key: string, exceptPath: string
  */
 export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: (loops: LoopInfo[]) => Promise<void>): Promise<LoopInfo> {
   const key = fileIdKey(id);
-  const lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(env));
+  // The step is written before the lock is taken (counted: false), so that a hook killed while it
+  // waits or holds the lock still has a record whose undo takes the lock again (and so removes
+  // the lock file a killed holder leaves). It counts as a reference only once `counted` is
+  // written, under the lock.
+  let lock: HeldLock | undefined;
   try {
     return await env.build.step(
       STEP.baseRef,
-      { key, file, dev: id.dev, ino: id.ino },
+      { key, file, dev: id.dev, ino: id.ino, counted: false },
       async () => {
+        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(env));
+        env.build.note({ counted: true });
         const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
         return withFlock(
           xenBlockLockPath(env.config.xenLockDir),
@@ -104,7 +111,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
       (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
     );
   } finally {
-    await lock.release();
+    await lock?.release();
   }
 }
 
@@ -139,27 +146,32 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
   if (!id || !key) return; // nothing was ever looked up
   const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(ctx));
   try {
-    const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
-    if (holders.length > 0) {
-      ctx.log.debug(`base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`);
-      return;
-    }
-    if (unreadable.length > 0) {
-      ctx.log.warn(`base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`);
-      return;
-    }
-    const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
-    let targets: LoopInfo[];
-    if (typeof step.data.loop === 'string') {
-      targets = onBase.filter((l) => l.name === step.data.loop);
-    } else {
-      // Intent only: the loop may have been attached without being recorded. Take read-only loops
-      // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop).
-      const inUse = await vbdDevices(ctx.xs);
-      targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`));
-    }
-    for (const l of targets) await detachLoop(ctx.run, l.name);
-    await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
+    // Xen's lock too: losetup -d as the stock scripts do it, and a lock file left by a hook killed
+    // while it held the lock is removed by this acquire/release.
+    await withFlock(xenBlockLockPath(ctx.config.xenLockDir), async () => {
+      if (step.data.counted !== true) return; // the lock was never ours: nothing was attached
+      const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
+      if (holders.length > 0) {
+        ctx.log.debug(`base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`);
+        return;
+      }
+      if (unreadable.length > 0) {
+        ctx.log.warn(`base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`);
+        return;
+      }
+      const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
+      let targets: LoopInfo[];
+      if (typeof step.data.loop === 'string') {
+        targets = onBase.filter((l) => l.name === step.data.loop);
+      } else {
+        // Intent only: the loop may have been attached without being recorded. Take read-only loops
+        // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop).
+        const inUse = await vbdDevices(ctx.xs);
+        targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`));
+      }
+      for (const l of targets) await detachLoop(ctx.run, l.name);
+      await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
+    }, lockOpts(ctx));
   } finally {
     await lock.release();
   }
@@ -320,10 +332,25 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
   );
 }
 
+/** Loop devices other records say they made over file `id` (a persistent store's current user). */
+function loopsOfOthers(journal: Journal, id: FileId, exceptPath: string): Set<string> {
+  const out = new Set<string>();
+  for (const e of journal.list().entries) {
+    if (e.backendPath === exceptPath) continue;
+    for (const s of e.steps) {
+      if (s.kind === STEP.loop && s.data.dev === id.dev && s.data.ino === id.ino && typeof s.data.loop === 'string') out.add(s.data.loop);
+    }
+  }
+  return out;
+}
+
 async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
   const id = idOf(step.data);
   if (!id) return;
-  const loops = await loopsBacking(ctx.run, id);
+  const onFile = await loopsBacking(ctx.run, id);
+  // Ours: the loop recorded, or (intent only) any loop on the file that no other record claims.
+  const others = typeof step.data.loop === 'string' ? new Set<string>() : loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
+  const loops = onFile.filter((l) => (typeof step.data.loop === 'string' ? l.name === step.data.loop : !others.has(l.name)));
   for (const l of loops) await detachLoop(ctx.run, l.name);
   await assertGone(ctx.run, loops, String(step.data.file));
 }
