@@ -243,16 +243,11 @@ test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, 
 });
 
 test('bad params: hotplug-error, exit 1, nothing created', async () => {
+  // The grammar and name rules are covered by the host tests; here the refusals that need LVM.
   const cases: [string, RegExp][] = [
-    ['golden', /not a valid VG\/LV/],
-    [`${VG}/-bad`, /must not start with "-"/],
-    [`${VG}/a;b`, /may contain only letters/],
-    [`${VG}/snapshot`, /reserved by LVM/],
-    [`${VG}/x_tmeta`, /reserves for its internal volumes/],
     [`${VG}/missing 8M`, /does not exist/],
-    [`${VG}/golden 8Q`, /neither a size/],
-    [`${VG}/golden 8M colour=red`, /unknown option/],
     [`${VG}/tpool`, /not a volume to snapshot/],
+    [`${VG}/x_tmeta`, /reserves for its internal volumes/],
   ];
   for (const [params, re] of cases) {
     const d = disk(9, params);
