@@ -17,7 +17,8 @@
  */
 import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute } from 'node:path';
-import { CommandError, type Runner } from '../devices/runner.js';
+import { attachLoop, detachLoop, filterBacking, listLoops, type LoopDevice } from '../devices/losetup.js';
+import { decodeDev, parseDecimalDevice, type MajorMinor } from '../devices/sysfs.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
@@ -40,73 +41,18 @@ export const BLOCK_LOOP_STEP = 'block-loop';
 // ---------------------------------------------------------------------------------------------
 // device numbers and loop devices
 
-/** glibc's dev_t layout → [major, minor]. */
-export function splitDev(dev: bigint): [number, number] {
-  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
-  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
-  return [Number(major), Number(minor)];
-}
-
-/** A file's identity: its filesystem's `major:minor` (decimal, as losetup prints it) and inode. */
+/** A file's identity as journaled: its filesystem's `major:minor` (decimal, as losetup prints it) and inode. */
 export interface FileIdentity {
   dev: string;
   ino: string;
 }
 
-export interface Loop {
-  name: string;
-  major: number;
-  minor: number;
-  readOnly: boolean;
-  backDev: string | undefined;
-  backIno: string | undefined;
+function idOf(id: FileIdentity): { dev: MajorMinor; ino: bigint } {
+  return { dev: parseDecimalDevice(id.dev), ino: BigInt(id.ino) };
 }
 
-function decMm(s: unknown): string | undefined {
-  if (typeof s !== 'string') return undefined;
-  const m = /^\s*(\d+):(\d+)\s*$/.exec(s);
-  return m ? `${Number(m[1])}:${Number(m[2])}` : undefined;
-}
-
-/** `losetup --list --json` (util-linux 2.3x) → loops. */
-export function parseLoops(text: string): Loop[] {
-  if (text.trim() === '') return [];
-  const doc = JSON.parse(text) as { loopdevices?: Record<string, unknown>[] };
-  const out: Loop[] = [];
-  for (const d of doc.loopdevices ?? []) {
-    const self = decMm(d['maj:min']);
-    if (typeof d.name !== 'string' || !self) continue;
-    const [major, minor] = self.split(':').map(Number) as [number, number];
-    const ino = d['back-ino'];
-    out.push({
-      name: d.name,
-      major,
-      minor,
-      readOnly: d.ro === true || d.ro === 1 || d.ro === '1',
-      backDev: decMm(d['back-maj:min']),
-      backIno: ino === null || ino === undefined ? undefined : String(ino).trim(),
-    });
-  }
-  return out;
-}
-
-export async function listLoops(run: Runner): Promise<Loop[]> {
-  const r = await run.run('losetup', ['--list', '--json', '--output', 'NAME,MAJ:MIN,RO,BACK-MAJ:MIN,BACK-INO']);
-  return parseLoops(r.stdout);
-}
-
-export function backs(l: Loop, id: FileIdentity): boolean {
-  return l.backDev === id.dev && l.backIno === id.ino;
-}
-
-function accessOf(l: Loop): AccessDevice {
-  return { path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly };
-}
-
-async function detach(run: Runner, name: string): Promise<void> {
-  const r = await run.probe('losetup', ['--detach', name]);
-  if (!r.failed || /No such device or address|No such file or directory/.test(r.stderr)) return;
-  throw new CommandError(r);
+function accessOf(l: LoopDevice): AccessDevice {
+  return { path: l.device, major: l.devNo.major, minor: l.devNo.minor, readOnly: l.readOnly };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -171,7 +117,7 @@ function readOnlyDevice(major: number, minor: number): boolean {
 async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   const where = ctx.request.xenbusPath;
   const { path, st } = recheck(plan, where);
-  const [major, minor] = splitDev(st.rdev);
+  const { major, minor } = decodeDev(st.rdev);
   if (ctx.disk.mode === 'w' && readOnlyDevice(major, minor)) {
     throw new HotplugError(`Device ${path} is read-only, and so will not be given read-write to a guest domain; use access=r.`, 'busy');
   }
@@ -179,11 +125,10 @@ async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   // A loop device given as phy: every other loop over the same file reaches the same data.
   if (major === 7) {
     const loops = await listLoops(ctx.run);
-    const me = loops.find((l) => l.major === major && l.minor === minor);
-    if (me) devices[0] = { ...accessOf(me), path };
-    if (me?.backDev && me.backIno) {
-      const id = { dev: me.backDev, ino: me.backIno };
-      for (const l of loops) if (l !== me && backs(l, id)) devices.push(accessOf(l));
+    const me = loops.find((l) => l.devNo.major === major && l.devNo.minor === minor);
+    if (me) {
+      devices[0] = { ...accessOf(me), path };
+      for (const l of filterBacking(loops, { dev: parseDecimalDevice(me.backingDev), ino: me.backingIno })) if (l.device !== me.device) devices.push(accessOf(l));
     }
   }
   await checkSharing(ctx.xs, { what: `Device ${path}`, devices, mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
@@ -211,18 +156,16 @@ async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> 
   if (!readOnly && !writable(path, st.mode)) {
     throw new HotplugError(`File ${path} is read-only, and so I will not mount it read-write in a guest domain; use access=r or make the file writable.`, 'busy');
   }
-  const [fmaj, fmin] = splitDev(st.dev);
-  const id: FileIdentity = { dev: `${fmaj}:${fmin}`, ino: st.ino.toString() };
-  const before = (await listLoops(ctx.run)).filter((l) => backs(l, id));
+  const fdev = decodeDev(st.dev);
+  const id: FileIdentity = { dev: `${fdev.major}:${fdev.minor}`, ino: st.ino.toString() };
+  const before = filterBacking(await listLoops(ctx.run), idOf(id));
   await checkSharing(ctx.xs, { what: `File ${path}`, devices: before.map(accessOf), mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
   const loop = await ctx.build.step(
     BLOCK_LOOP_STEP,
-    { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.name) },
+    { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.device) },
     async () => {
-      const r = await ctx.run.run('losetup', ['--find', '--show', ...(readOnly ? ['--read-only'] : []), '--', path]);
-      const name = r.stdout.trim();
-      if (!/^\/dev\/loop\d+$/.test(name)) throw new Error(`losetup --find --show printed "${name}", not a loop device`);
-      const [major, minor] = splitDev(statSync(name, { bigint: true }).rdev);
+      const name = await attachLoop(ctx.run, path, { readOnly });
+      const { major, minor } = decodeDev(statSync(name, { bigint: true }).rdev);
       return { name, major, minor };
     },
     (l) => ({ device: l.name, major: l.major, minor: l.minor }),
@@ -250,7 +193,7 @@ function str(v: unknown): string | undefined {
 }
 
 /** Loops whose device number is some vbd's physical-device (they belong to a disk, maybe not ours). */
-async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: Loop[]): Promise<Set<string>> {
+async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: LoopDevice[]): Promise<Set<string>> {
   const used = new Set<string>();
   if (!xs) return used;
   const users = await findUsers(xs, { devices: loops.map(accessOf), self: entry.backendPath }, {});
@@ -269,28 +212,29 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
   const dev = str(step.data.dev);
   const ino = str(step.data.ino);
   if (!dev || !ino) return;
-  const id: FileIdentity = { dev, ino };
+  const id = idOf({ dev, ino });
   const loops = await listLoops(ctx.run);
-  let targets: Loop[];
+  const onFile = new Set(filterBacking(loops, id).map((l) => l.device));
+  let targets: LoopDevice[];
   const device = str(step.data.device);
   if (device) {
-    const l = loops.find((x) => x.name === device);
+    const l = loops.find((x) => x.device === device);
     if (!l) return;
-    if (!backs(l, id)) {
+    if (!onFile.has(l.device)) {
       ctx.log.warn(`${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`);
       return;
     }
     targets = [l];
   } else {
     const before = new Set(Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : []);
-    const fresh = loops.filter((l) => backs(l, id) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true));
+    const fresh = loops.filter((l) => onFile.has(l.device) && !before.has(l.device) && l.readOnly === (step.data.readOnly === true));
     const used = await loopsInUse(ctx.xs, ctx.entry, fresh);
-    targets = fresh.filter((l) => !used.has(l.name));
+    targets = fresh.filter((l) => !used.has(l.device));
   }
-  for (const l of targets) await detach(ctx.run, l.name);
-  const left = (await listLoops(ctx.run)).filter((l) => targets.some((t) => t.name === l.name) && backs(l, id));
+  for (const l of targets) await detachLoop(ctx.run, l.device);
+  const left = filterBacking(await listLoops(ctx.run), id).filter((l) => targets.some((t) => t.device === l.device));
   if (left.length) {
-    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
+    throw new Error(`${left.map((l) => l.device).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
   }
 }
 

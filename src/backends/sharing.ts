@@ -30,6 +30,7 @@
  * set-up and the writing of physical-device, so that no other instance decides in between.
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { decodeDev } from '../devices/sysfs.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { Mode } from '../hotplug/disk.js';
 import { XsError, type XsOps } from '../xenstore/types.js';
@@ -173,9 +174,10 @@ export function parseMountinfo(text: string, statSource: (p: string) => string |
 
 function statBlock(p: string): string | undefined {
   try {
-    const st = statSync(p);
+    const st = statSync(p, { bigint: true });
     if (!st.isBlockDevice()) return undefined;
-    return `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
+    const { major, minor } = decodeDev(st.rdev);
+    return `${major}:${minor}`;
   } catch {
     return undefined;
   }

@@ -9,7 +9,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } f
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { splitDev } from '../../src/backends/block.js';
+import { decodeDev } from '../../src/devices/sysfs.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
@@ -127,8 +127,8 @@ export function loops(): LoopRow[] {
 
 export function identity(path: string): string {
   const st = statSync(path, { bigint: true });
-  const [maj, min] = splitDev(st.dev);
-  return `${maj}:${min}:${st.ino}`;
+  const { major, minor } = decodeDev(st.dev);
+  return `${major}:${minor}:${st.ino}`;
 }
 
 export interface BlockHarness {
@@ -248,6 +248,6 @@ export function harnessLoops(): LoopRow[] {
 
 /** A block device's major:minor in hex, as physical-device holds it. */
 export function hexOf(dev: string): string {
-  const [maj, min] = splitDev(statSync(dev, { bigint: true }).rdev);
-  return `${maj.toString(16)}:${min.toString(16)}`;
+  const { major, minor } = decodeDev(statSync(dev, { bigint: true }).rdev);
+  return `${major.toString(16)}:${minor.toString(16)}`;
 }
