@@ -1,0 +1,205 @@
+// The parts of the benchmark that run natively on this machine (loop devices, no device-mapper):
+// our `block` against Debian's stock `block` for a file: disk (latency, with a breakdown of ours;
+// 10 concurrent adds on different files), and start-up of the bundles against a bare `node -e 0`.
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { breakdown, log, rotation, timed } from './common.mjs';
+
+const NODE = process.execPath;
+
+/** Loop devices whose backing file lies under `dir` (cleanup and leak check). */
+function loopsUnder(dir) {
+  const text = execFileSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE'], { encoding: 'utf8' });
+  if (!text.trim()) return [];
+  return JSON.parse(text).loopdevices.filter((d) => String(d['back-file'] ?? '').startsWith(dir)).map((d) => d.name);
+}
+
+/**
+ * A world for file: disks: our xenstore server, images, our hook's environment and the stock
+ * script's. Both use Xen's real lock (/var/run/xen-hotplug/block), as they would in a dom0.
+ */
+export async function nativeWorld(lib, { hooks, runDir }) {
+  const stockDir = await lib.stockScriptsDir();
+  const missing = await lib.stockPrerequisites();
+  if (missing.length) throw new Error(`the stock block script cannot run here: missing ${missing.join(', ')}`);
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-bench-'));
+  const sock = join(dir, 'xenstored.sock');
+  const server = await lib.startXenstoreServer({ socketPath: sock });
+  const xs = await lib.connectXenstore({ path: sock });
+  mkdirSync(join(dir, 'img'));
+  mkdirSync(join(dir, 'probe'));
+  const base = {
+    PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+    XENSTORED_PATH: sock,
+    XENBUS_TYPE: 'vbd',
+    XENBUS_BASE_PATH: 'backend',
+  };
+  const ours = {
+    ...base,
+    XEN_BLOCKHOOKS_CONF: join(dir, 'no-such.conf'),
+    XEN_BLOCKHOOKS_STATE_DIR: join(dir, 'state'),
+    XEN_BLOCKHOOKS_LOG_FILE: join(dir, 'hook.log'),
+    XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '60000',
+  };
+  let nextDomid = 1;
+  const w = {
+    dir, sock, server, xs, stockBlock: join(stockDir, 'block'), hooks, runDir,
+    image(name, mib = 64) {
+      const p = join(dir, 'img', name);
+      writeFileSync(p, '');
+      execFileSync('truncate', ['-s', `${mib}M`, '--', p]);
+      return p;
+    },
+    /** One disk: nodes written as libxl writes them; returns { d, be }. */
+    async disk(params, mode = 'w', script = '/etc/xen/scripts/block') {
+      const domid = nextDomid++;
+      const d = { domid, devid: 51712, params, mode, vdev: 'xvda', script, domainName: `bench${domid}` };
+      const be = await lib.writeBackendNodes(xs, d);
+      return { d, be };
+    },
+    /** Run add or remove of `kind` ('ours' | 'stock') on backend `be`; `probe` names a JSON file. */
+    run(kind, action, be, probe) {
+      if (kind === 'stock') return timed(w.stockBlock, [action], { env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' } });
+      const env = { ...ours, XENBUS_PATH: be, script: '/etc/xen/scripts/block' };
+      const args = [hooks.block, action];
+      if (probe) {
+        env.XBH_BENCH_PROBE_OUT = probe;
+        args.unshift('--import', pathToFileURL(join(runDir, 'probe.mjs')).href);
+      }
+      return timed(NODE, args, { env });
+    },
+    async check(kind, action, be, r) {
+      if (r.code !== 0) throw new Error(`${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${r.stderr.trim().split('\n').slice(-3).join(' | ')} ${await xs.tryRead(`${be}/hotplug-error`) ?? ''}`);
+      if (action === 'add') {
+        const st = await xs.tryRead(`${be}/hotplug-status`);
+        const pd = await xs.tryRead(`${be}/physical-device`);
+        if (st !== 'connected' || !pd) throw new Error(`${kind} add ${be}: hotplug-status ${st}, physical-device ${pd}`);
+      }
+    },
+    async close() {
+      const left = loopsUnder(dir);
+      for (const l of left) execFileSync('losetup', ['--detach', l]);
+      await xs.close().catch(() => {});
+      await server.close().catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+      if (left.length) throw new Error(`loop devices left on the bench images: ${left.join(', ')}`);
+    },
+  };
+  return w;
+}
+
+/** One add+remove cycle on a fresh backend; returns { add, remove } in ms. */
+async function cycle(w, kind, image, probe) {
+  const { d, be } = await w.disk(image);
+  const a = await w.run(kind, 'add', be, probe?.add);
+  await w.check(kind, 'add', be, a);
+  await w.lib.closeBackend(w.xs, d);
+  const r = await w.run(kind, 'remove', be, probe?.remove);
+  await w.check(kind, 'remove', be, r);
+  await w.lib.destroyNodes(w.xs, d);
+  const left = loopsUnder(w.dir);
+  if (left.length) throw new Error(`${kind} remove left ${left.join(', ')}`);
+  return { add: a.ms, remove: r.ms, addRun: a, removeRun: r };
+}
+
+/** Latency of our block vs the stock block (file: disk, add and remove) and bare node, interleaved. */
+export async function nativeLatency(lib, w, { runs = 30, warmup = 3 } = {}) {
+  w.lib = lib;
+  const image = w.image('latency.img');
+  const res = { ours: { add: [], remove: [] }, stock: { add: [], remove: [] }, node: [], breakdown: { add: [], remove: [] } };
+  const variants = ['ours', 'stock', 'node', 'probed'];
+  log(`native latency: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.join(', ')}`);
+  for (let round = 0; round < warmup + runs; round++) {
+    const keep = round >= warmup;
+    for (const v of rotation(variants, round)) {
+      if (v === 'node') {
+        const r = await timed(NODE, ['-e', '0']);
+        if (keep) res.node.push(r.ms);
+      } else if (v === 'probed') {
+        const probe = { add: join(w.dir, 'probe', `a${round}.json`), remove: join(w.dir, 'probe', `r${round}.json`) };
+        const c = await cycle(w, 'ours', image, probe);
+        if (keep) {
+          res.breakdown.add.push(breakdown(c.addRun, probe.add));
+          res.breakdown.remove.push(breakdown(c.removeRun, probe.remove));
+        }
+      } else {
+        const c = await cycle(w, v, image);
+        if (keep) {
+          res[v].add.push(c.add);
+          res[v].remove.push(c.remove);
+        }
+      }
+    }
+  }
+  return res;
+}
+
+/** `n` concurrent adds on n different files, then n concurrent removes: total wall, failures, slowest. */
+async function concurrentOnce(w, kind, images) {
+  const disks = [];
+  for (const img of images) disks.push(await w.disk(img));
+  const t0 = performance.now();
+  const adds = await Promise.all(disks.map(({ be }) => w.run(kind, 'add', be)));
+  const addWall = performance.now() - t0;
+  let addFailures = 0;
+  for (let i = 0; i < disks.length; i++) {
+    try {
+      await w.check(kind, 'add', disks[i].be, adds[i]);
+    } catch (e) {
+      addFailures++;
+      log(String(e.message));
+    }
+  }
+  const pds = await Promise.all(disks.map(({ be }) => w.xs.tryRead(`${be}/physical-device`)));
+  const distinct = new Set(pds.filter(Boolean)).size;
+  for (const { d } of disks) await w.lib.closeBackend(w.xs, d);
+  const t1 = performance.now();
+  const removes = await Promise.all(disks.map(({ be }) => w.run(kind, 'remove', be)));
+  const removeWall = performance.now() - t1;
+  const removeFailures = removes.filter((r) => r.code !== 0).length;
+  for (const { d } of disks) await w.lib.destroyNodes(w.xs, d);
+  const left = loopsUnder(w.dir);
+  if (left.length) {
+    for (const l of left) execFileSync('losetup', ['--detach', l]);
+    throw new Error(`${kind}: ${images.length} concurrent removes left ${left.join(', ')}`);
+  }
+  return {
+    addWall, removeWall, addFailures, removeFailures, distinctDevices: distinct,
+    maxAdd: Math.max(...adds.map((r) => r.ms)), maxRemove: Math.max(...removes.map((r) => r.ms)),
+  };
+}
+
+export async function nativeConcurrency(lib, w, { n = 10, trials = 20, warmup = 1 } = {}) {
+  w.lib = lib;
+  const images = Array.from({ length: n }, (_, i) => w.image(`conc${i}.img`, 16));
+  const res = { n, ours: [], stock: [] };
+  log(`native concurrency: ${warmup} warm-up + ${trials} alternating trials of ${n} concurrent adds/removes, ours and stock`);
+  for (let t = 0; t < warmup + trials; t++) {
+    for (const kind of rotation(['ours', 'stock'], t)) {
+      const r = await concurrentOnce(w, kind, images);
+      if (t >= warmup) res[kind].push(r);
+    }
+  }
+  return res;
+}
+
+/** Start-up: `HOOK --version` of each bundle vs bare `node -e 0`, interleaved; bundle sizes. */
+export async function startup(hooks, { runs = 30, warmup = 3 } = {}) {
+  const names = Object.keys(hooks);
+  const variants = ['node -e 0', ...names.map((n) => `${n} --version`)];
+  const res = Object.fromEntries(variants.map((v) => [v, []]));
+  log(`start-up: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.length} commands`);
+  for (let round = 0; round < warmup + runs; round++) {
+    for (const v of rotation(variants, round)) {
+      const args = v === 'node -e 0' ? ['-e', '0'] : [hooks[v.split(' ')[0]], '--version'];
+      const r = await timed(NODE, args);
+      if (r.code !== 0) throw new Error(`${v} exited ${r.code}: ${r.stderr}`);
+      if (round >= warmup) res[v].push(r.ms);
+    }
+  }
+  const sizes = Object.fromEntries(names.map((n) => [n, statSync(hooks[n]).size]));
+  return { times: res, sizes };
+}

@@ -1,0 +1,156 @@
+// Renders a run's results.json as the Markdown tables BENCHMARKS.md is written from:
+// `node scripts/bench/report.mjs .cache/bench/run-…/results.json` re-renders an earlier run.
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { percentile } from './common.mjs';
+
+const ms = (x) => (Number.isFinite(x) ? `${x >= 100 ? x.toFixed(0) : x.toFixed(1)} ms` : '–');
+const sec = (x) => (Number.isFinite(x) ? `${(x / 1000).toFixed(2)} s` : '–');
+const ratio = (a, b) => (Number.isFinite(a) && Number.isFinite(b) && b > 0 ? `${(a / b).toFixed(2)}×` : '–');
+const p50 = (v) => percentile(v, 50);
+const p95 = (v) => percentile(v, 95);
+const row = (cells) => `| ${cells.join(' | ')} |`;
+const head = (cells) => `${row(cells)}\n${row(cells.map((c, i) => (i === 0 ? '---' : '---:')))}`;
+
+function machineLine(r) {
+  const m = r.machine;
+  return `Machine: ${m.nproc} cores, ${m.cpu}, kernel ${m.kernel}, node ${m.node}; load average at start ${m.loadavg} (${m.date}). Command: \`${r.command}\`.`;
+}
+
+function nativeLatency(l) {
+  const out = [`### Hook latency, native (file: disk, loop device)`, '', `Load average: ${l.loadStart} at start, ${l.loadEnd} at end.`, ''];
+  const n = l.node.length;
+  const diffs = l.ours.add.map((a, i) => a - l.node[i]);
+  out.push(head(['run (n each)', 'p50', 'p95']));
+  out.push(row([`bare \`node -e 0\` (${n})`, ms(p50(l.node)), ms(p95(l.node))]));
+  out.push(row([`ours \`block add\` (${l.ours.add.length})`, ms(p50(l.ours.add)), ms(p95(l.ours.add))]));
+  out.push(row([`stock \`block add\` (${l.stock.add.length})`, ms(p50(l.stock.add)), ms(p95(l.stock.add))]));
+  out.push(row([`ours \`block remove\``, ms(p50(l.ours.remove)), ms(p95(l.ours.remove))]));
+  out.push(row([`stock \`block remove\``, ms(p50(l.stock.remove)), ms(p95(l.stock.remove))]));
+  out.push('');
+  out.push(head(['ratio / difference', 'value', 'target']));
+  out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(diffs)), '≤ 20 ms']));
+  out.push(row(['ours add / stock add (p50)', ratio(p50(l.ours.add), p50(l.stock.add)), '–']));
+  out.push(row(['ours remove / stock remove (p50)', ratio(p50(l.ours.remove), p50(l.stock.remove)), '–']));
+  out.push(row(['`node -e 0` / stock add (p50)', ratio(p50(l.node), p50(l.stock.add)), '–']));
+  for (const action of ['add', 'remove']) {
+    const b = l.breakdown[action];
+    if (!b?.length) continue;
+    out.push('', `Where our \`block ${action}\` spends its time (medians of ${b.length} probed runs, interleaved with the above; the probe adds ~1–3 ms):`, '');
+    out.push(breakdownTable([['ours', b]]));
+  }
+  return out.join('\n');
+}
+
+/** One column per [name, probed runs]; rows are the parts of a hook's time (medians). */
+function breakdownTable(cols) {
+  const med = (b, k) => p50(b.map((x) => x[k]));
+  const names = (b) => [...new Set(b.flatMap((x) => Object.keys(x.cmds)))].join(', ');
+  const out = [head(['part', ...cols.map(([n]) => n)])];
+  out.push(row(['node start (spawn → bootstrap done)', ...cols.map(([, b]) => ms(med(b, 'nodeStart')))]));
+  out.push(row(['bundle load, config, logger (→ first xenstore or child)', ...cols.map(([, b]) => ms(med(b, 'load')))]));
+  out.push(row(['xenstore (connect + waiting on replies)', ...cols.map(([, b]) => `${ms(med(b, 'xenstore'))} (${med(b, 'xsRequests')} req)`)]));
+  out.push(row(['lock (`flock` children, incl. waiting)', ...cols.map(([, b]) => ms(med(b, 'lock')))]));
+  out.push(row(['device commands', ...cols.map(([, b]) => `${ms(med(b, 'commands'))} (${med(b, 'commandCount')}: ${names(b)})`)]));
+  out.push(row(['other JS (journal, checks, reporting)', ...cols.map(([, b]) => ms(med(b, 'jsOther')))]));
+  out.push(row(['exit (last JS → parent sees exit)', ...cols.map(([, b]) => ms(med(b, 'exit')))]));
+  out.push(row(['**total** (probed run)', ...cols.map(([, b]) => ms(med(b, 'total')))]));
+  return out.join('\n');
+}
+
+function nativeConcurrency(c) {
+  const out = [`### ${c.n} concurrent adds on ${c.n} different files, then ${c.n} concurrent removes (native)`, '', `Load average: ${c.loadStart} at start, ${c.loadEnd} at end. ${c.ours.length} trials each, ours and stock alternating.`, ''];
+  out.push(head(['', 'adds wall p50', 'p95', 'slowest single add p50', 'removes wall p50', 'p95', 'failures']));
+  for (const k of ['ours', 'stock']) {
+    const t = c[k];
+    out.push(row([k, ms(p50(t.map((x) => x.addWall))), ms(p95(t.map((x) => x.addWall))), ms(p50(t.map((x) => x.maxAdd))), ms(p50(t.map((x) => x.removeWall))), ms(p95(t.map((x) => x.removeWall))), String(t.reduce((s, x) => s + x.addFailures + x.removeFailures, 0))]));
+  }
+  out.push('', head(['ratio', 'value', 'target']));
+  out.push(row(['ours / stock, adds wall (p50)', ratio(p50(c.ours.map((x) => x.addWall)), p50(c.stock.map((x) => x.addWall))), '≤ 0.4×']));
+  out.push(row(['ours / stock, removes wall (p50)', ratio(p50(c.ours.map((x) => x.removeWall)), p50(c.stock.map((x) => x.removeWall))), '–']));
+  return out.join('\n');
+}
+
+function startup(s) {
+  const out = [`### Start-up (native)`, '', `Load average: ${s.loadStart} at start, ${s.loadEnd} at end.`, ''];
+  const base = s.times['node -e 0'];
+  out.push(head(['command (n each)', 'p50', 'p95', 'p50 − node -e 0', 'bundle size']));
+  for (const [k, v] of Object.entries(s.times)) {
+    const name = k.split(' ')[0];
+    out.push(row([`\`${k}\` (${v.length})`, ms(p50(v)), ms(p95(v)), k === 'node -e 0' ? '–' : ms(p50(v.map((x, i) => x - base[i]))), s.sizes[name] ? `${(s.sizes[name] / 1024).toFixed(0)} KiB` : '–']));
+  }
+  return out.join('\n');
+}
+
+function guestLatency(g) {
+  const out = ['### Hook latency in the guest (QEMU TCG, one vCPU, real dm/loop/nbd)', ''];
+  out.push(head(['hook (n each)', 'add p50', 'add p95', 'remove p50', 'remove p95', 'add / stock add', 'remove / stock remove']));
+  const s = g.stock;
+  for (const k of ['stock', 'cow', 'qcow', 'thin']) {
+    if (!g[k]) continue;
+    const name = { stock: 'stock `block` (file:)', cow: '`block-cow` (N, 64K)', qcow: '`block-qcow` overlay=transient', thin: '`block-thin`' }[k];
+    out.push(row([`${name} (${g[k].add.length})`, ms(p50(g[k].add)), ms(p95(g[k].add)), ms(p50(g[k].remove)), ms(p95(g[k].remove)), ratio(p50(g[k].add), p50(s.add)), ratio(p50(g[k].remove), p50(s.remove))]));
+  }
+  out.push(row([`bare \`node -e 0\` (${g.node.length})`, ms(p50(g.node)), ms(p95(g.node)), '', '', ratio(p50(g.node), p50(s.add)), '']));
+  const bd = Object.entries(g.breakdown ?? {});
+  for (const action of ['add', 'remove']) {
+    if (!bd.length) break;
+    out.push('', `Where our hooks' \`${action}\` time goes in the guest (medians of ${bd[0][1][action].length} probed runs each, after the timed rounds):`, '');
+    out.push(breakdownTable(bd.map(([k, b]) => [`block-${k}`, b[action]])));
+  }
+  return out.join('\n');
+}
+
+function guestConcurrency(c) {
+  const out = [`### ${c.n} concurrent adds on one base, then ${c.n} concurrent removes (guest)`, ''];
+  out.push(head(['', 'single add (p50 of 3)', `${c.n} adds wall`, 'wall / single add', 'slowest add', 'median add', `${c.n} removes wall`, 'slowest remove', 'failures', 'distinct devices', 'left behind']));
+  for (const k of ['cow', 'stock']) {
+    const t = c[k];
+    if (!t) continue;
+    const single = p50(t.single);
+    out.push(row([k === 'cow' ? '`block-cow` (w)' : 'stock `block` file: (r, same file)', ms(single), sec(t.addWall), ratio(t.addWall, single), ms(t.maxAdd), ms(t.medianAdd), sec(t.removeWall), ms(t.maxRemove), String(t.addFailures + t.removeFailures), String(t.distinctDevices), String(t.leftAfter.length)]));
+  }
+  if (c.cow && c.stock) out.push('', `block-cow / stock, ${c.n} adds wall: ${ratio(c.cow.addWall, c.stock.addWall)}; removes wall: ${ratio(c.cow.removeWall, c.stock.removeWall)}. Targets: 0 failures; wall within 3× a single add.`);
+  return out.join('\n');
+}
+
+function datapath(d) {
+  const out = [`### Data path in the guest (fio: direct=1, psync, iodepth 1; ${d.seconds} s per job, ${d.rounds} rounds in rotated order, medians; ${d.baseMiB} MiB random base on ext4)`, ''];
+  const metrics = [['seqRead', 'seq read 1M', 'mibs', 'MiB/s'], ['firstWrite', '4K first write', 'iops', 'IOPS'], ['overwrite', '4K overwrite', 'iops', 'IOPS'], ['randRead', '4K rand read', 'iops', 'IOPS']];
+  const med = (label, m, f) => p50((d.results[label] ?? []).map((x) => x[m][f]));
+  out.push(head(['device', ...metrics.map(([, t, , u]) => `${t} (${u})`), ...metrics.map(([, t]) => `${t} / raw`)]));
+  for (const label of Object.keys(d.results)) {
+    out.push(row([label, ...metrics.map(([m, , f]) => med(label, m, f).toFixed(0)), ...metrics.map(([m, , f]) => ratio(med(label, m, f), med('raw loop', m, f)))]));
+  }
+  return out.join('\n');
+}
+
+function space(s) {
+  const mib = (b) => `${(b / 1048576).toFixed(2)} MiB`;
+  const out = [`### Space: ${s.n} block-cow disks on one base, each writing 1 MiB (guest, ext4)`, ''];
+  out.push(head(['base allocated', 'stores allocated', 'total', 'base + writes', 'overhead', 'overhead / (base + writes)', 'add p50 / p95', 'remove p50']));
+  out.push(row([mib(s.baseBytes), `${mib(s.storeBytes)} (${s.storeFiles} files)`, mib(s.baseBytes + s.storeBytes), mib(s.expected), mib(s.overheadBytes), `${((100 * s.overheadBytes) / s.expected).toFixed(2)} %`, `${ms(s.add.p50)} / ${ms(s.add.p95)}`, ms(s.remove.p50)]));
+  return out.join('\n');
+}
+
+export function render(r) {
+  const parts = [`## Run of ${r.machine.date}`, '', machineLine(r), ''];
+  const n = r.native ?? {};
+  if (n.latency) parts.push(nativeLatency(n.latency), '');
+  if (n.concurrency) parts.push(nativeConcurrency(n.concurrency), '');
+  if (n.startup) parts.push(startup(n.startup), '');
+  const g = r.guest ?? {};
+  if (Object.keys(g).length) parts.push(`Guest: one boot (ready after ${sec(g.bootMs)}, ${sec(g.totalMs)} in all); host load average ${g.loadStart} at start, ${g.loadEnd} at end.`, '');
+  for (const [k, f] of [['latency', guestLatency], ['concurrency', guestConcurrency], ['datapath', datapath], ['space', space]]) {
+    if (!g[k]) continue;
+    if (g[k].error) parts.push(`### ${k} (guest): failed`, '', '```', g[k].error, '```', '');
+    else parts.push(f(g[k]), `\n(guest part took ${sec(g[k].partMs)})`, '');
+    if (g[k].leftovers?.length) parts.push(`Left behind after ${k}: ${g[k].leftovers.join('; ')}`, '');
+  }
+  if (r.wallMs) parts.push(`Whole run: ${sec(r.wallMs)}.`, '');
+  return `${parts.join('\n')}\n`;
+}
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  process.stdout.write(render(JSON.parse(readFileSync(process.argv[2], 'utf8'))));
+}
