@@ -21,8 +21,9 @@
  *                 a writer to a file others read (another qcow disk, a block-cow base, a loop).
  *   qcow-overlay  (overlay mode) `qemu-img create -f qcow2 -b BASE -F FMT` into a file made 0600,
  *                 O_EXCL; a persistent one is reused when it exists and its backing is this base.
- *   nbd           under the nbd lock: a free /dev/nbdN, `qemu-nbd --connect` (the daemon outlives
- *                 the hook), checked to be served by the daemon of our pid file.
+ *   nbd           under the nbd lock: a /dev/nbdN the kernel shows free and no other record names,
+ *                 noted in the record (the reservation); then, lock released, `qemu-nbd --connect`
+ *                 (the daemon outlives the hook), checked to be served by the daemon of our pid file.
  * remove/rollback undo newest first: disconnect and wait for the daemon, delete a transient (or
  * never-used persistent) overlay, drop the claim (the record going away is the release).
  */
@@ -35,7 +36,7 @@ import {
   CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlayArgs, qemuImgInfoArgs, qemuNbdConnectArgs,
   type ImageInfo,
 } from '../devices/qemu.js';
-import { disconnectOurs, ensureNbdModule, firstFreeNbd, nbdState, qemuNbdProcesses, readPidFile } from '../devices/nbd.js';
+import { disconnectOurs, ensureNbdModule, freeNbdDevices, nbdState, qemuNbdProcesses, readPidFile } from '../devices/nbd.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
@@ -353,6 +354,16 @@ async function makeOverlay(run: Runner, path: string, base: ChainFile): Promise<
   if (r.failed) throw new HotplugError(`${SCRIPT}: qemu-img could not create the overlay ${path}: ${r.stderr.trim().split('\n').pop() ?? `status ${r.exitCode}`}`);
 }
 
+/** nbd devices other records name (connected or reserved by an add in progress or killed). */
+export function reservedDevices(entries: JournalEntry[], self: string): Set<string> {
+  const out = new Set<string>();
+  for (const e of entries) {
+    if (e.backendPath === self) continue;
+    for (const st of e.steps) if (st.kind === STEP.nbd && typeof st.data.device === 'string') out.add(st.data.device);
+  }
+  return out;
+}
+
 /** A persistent overlay found in place must be a qcow2 whose backing file is this very base. */
 async function checkExistingOverlay(run: Runner, path: string, base: ChainFile, config: Config): Promise<void> {
   const st = lstatSync(path);
@@ -377,31 +388,36 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
     STEP.nbd,
     { pidFile: plan.pidFile, image, format, readOnly: plan.readOnly },
     async () => {
+      // The nbd lock covers only the choice: a device the kernel shows free and no other record
+      // names (a record is the reservation, written before the lock is released), so concurrent
+      // adds connect in parallel and a killed add's device stays reserved until its record goes.
       const lock = await acquireFlock(nbdLockPath(ctx.config.stateDir), lockOpts(ctx));
+      let device: string | undefined;
       try {
         await ensureNbdModule(ctx.run);
-        const device = firstFreeNbd();
-        if (!device) throw new HotplugError(`${SCRIPT}: every nbd device is in use; remove a disk, or reload the nbd module with a larger nbds_max.`);
+        const taken = reservedDevices(ctx.journal.list().entries, ctx.request.xenbusPath);
+        device = freeNbdDevices().find((d) => !taken.has(d));
+        if (!device) throw new HotplugError(`${SCRIPT}: every nbd device is in use or reserved; remove a disk, or reload the nbd module with a larger nbds_max.`);
         ctx.build.note({ device });
-        const r = await ctx.run.probe('qemu-nbd', qemuNbdConnectArgs({ device, image, format, readOnly: plan.readOnly, pidFile: plan.pidFile, cache: plan.cache, discard: true }), { timeoutMs: 20_000 });
-        if (r.failed) {
-          const why = r.stderr.trim().split('\n').filter(Boolean).join(' ') || `status ${r.exitCode}`;
-          if (isQemuLockConflict(r.stderr)) {
-            throw new HotplugError(`${SCRIPT}: ${image} is in use by another program (qemu's image lock: ${why}); stop that user first.`, 'busy');
-          }
-          throw new HotplugError(`${SCRIPT}: qemu-nbd could not export ${image} on ${device}: ${why}`);
-        }
-        const pid = readPidFile(plan.pidFile);
-        const s = nbdState(device);
-        if (pid === undefined || !s || s.owner !== pid) {
-          throw new HotplugError(`${SCRIPT}: qemu-nbd reported success but ${device} is not served by it (pid file ${plan.pidFile}: ${pid ?? 'empty'}, device owner: ${s?.owner ?? 'none'}).`);
-        }
-        if (s.sectors === 0) throw new HotplugError(`${SCRIPT}: ${device} is connected but has size 0.`);
-        if (plan.readOnly && !s.readOnly) throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
-        return { device, pid, major: s.major, minor: s.minor };
       } finally {
         await lock.release();
       }
+      const r = await ctx.run.probe('qemu-nbd', qemuNbdConnectArgs({ device, image, format, readOnly: plan.readOnly, pidFile: plan.pidFile, cache: plan.cache, discard: true }), { timeoutMs: 20_000 });
+      if (r.failed) {
+        const why = r.stderr.trim().split('\n').filter(Boolean).join(' ') || `status ${r.exitCode}`;
+        if (isQemuLockConflict(r.stderr)) {
+          throw new HotplugError(`${SCRIPT}: ${image} is in use by another program (qemu's image lock: ${why}); stop that user first.`, 'busy');
+        }
+        throw new HotplugError(`${SCRIPT}: qemu-nbd could not export ${image} on ${device}: ${why}`);
+      }
+      const pid = readPidFile(plan.pidFile);
+      const s = nbdState(device);
+      if (pid === undefined || !s || s.owner !== pid) {
+        throw new HotplugError(`${SCRIPT}: qemu-nbd reported success but ${device} is not served by it (pid file ${plan.pidFile}: ${pid ?? 'empty'}, device owner: ${s?.owner ?? 'none'}).`);
+      }
+      if (s.sectors === 0) throw new HotplugError(`${SCRIPT}: ${device} is connected but has size 0.`);
+      if (plan.readOnly && !s.readOnly) throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
+      return { device, pid, major: s.major, minor: s.minor };
     },
     (r) => ({ device: r.device, pid: r.pid, major: r.major, minor: r.minor }),
   );

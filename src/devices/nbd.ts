@@ -1,11 +1,12 @@
 /**
  * /dev/nbdN devices served by qemu-nbd daemons.
  *
- * Allocation is race-free across concurrent hooks: the choice of a free device and the connect
- * happen under one lock (`<stateDir>/locks/nbd`), and "free" is what the kernel says, not a
- * guess: no `/sys/block/nbdN/pid` (the kernel shows it only while a client is connected) and a
- * size of 0. A device that a process outside our hooks grabs in between makes qemu-nbd fail,
- * which is reported; it is never disconnected by us.
+ * Allocation is race-free across concurrent hooks: a device is chosen under one lock
+ * (`<stateDir>/locks/nbd`) among those the kernel shows free — no `/sys/block/nbdN/pid` (present
+ * only while a client is connected) and a size of 0 — that no journal record names, and it is
+ * written into the caller's record before the lock is released; that record is the reservation
+ * until it is undone. A device that a process outside our hooks grabs in between makes qemu-nbd
+ * fail, which is reported; it is never disconnected by us.
  *
  * Ownership: `/sys/block/nbdN/pid` names the thread that runs the NBD_DO_IT ioctl inside the
  * qemu-nbd daemon; its Tgid (from /proc/<tid>/status) is the daemon's pid, the one qemu-nbd writes
@@ -95,8 +96,8 @@ export function isNbdFree(device: string, sysRoot = '/sys'): boolean {
   return s !== undefined && !s.connected && s.sectors === 0;
 }
 
-export function firstFreeNbd(sysRoot = '/sys'): string | undefined {
-  return listNbdDevices(sysRoot).find((d) => isNbdFree(d, sysRoot));
+export function freeNbdDevices(sysRoot = '/sys'): string[] {
+  return listNbdDevices(sysRoot).filter((d) => isNbdFree(d, sysRoot));
 }
 
 /** Load the nbd module when the kernel has no nbd devices yet (`modprobe nbd nbds_max=64`). */

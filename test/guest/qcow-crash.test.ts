@@ -22,7 +22,7 @@ after(async () => {
 // qemu-nbd --connect. The last point of each list is "connected, not yet reported".
 const KILL_POINTS: Record<string, number[]> = { transient: [3, 6, 7, 8], no: [5, 7] };
 for (const overlay of ['transient', 'no']) {
-  test(`SIGKILL after every command of an add (overlay=${overlay}), then remove: nothing left`, async () => {
+  test(`SIGKILL mid-add (after the info, create, lock and connect commands) (overlay=${overlay}), then remove: nothing left`, async () => {
     const base = join(w.images, `kill-${overlay}.qcow2`);
     // direct mode writes into the image: give it its own qcow2; overlay mode reads it.
     patternedRaw(`${base}.raw`, 8, 'kill');

@@ -10,7 +10,7 @@ import {
   isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlayArgs, qemuImgInfoArgs, qemuNbdConnectArgs, qemuNbdDisconnectArgs,
 } from '../../src/devices/qemu.js';
 import { nbdName } from '../../src/devices/nbd.js';
-import { checkClaims, parseQcowParams, usersOf, type Claim } from '../../src/backends/qcow.js';
+import { checkClaims, parseQcowParams, reservedDevices, usersOf, type Claim } from '../../src/backends/qcow.js';
 import { HotplugError } from '../../src/hotplug/errors.js';
 import type { JournalEntry } from '../../src/journal/journal.js';
 
@@ -132,4 +132,12 @@ t.test('sharing: readers share, a writer is alone, block-cow bases count as read
   t.doesNotThrow(() => checkClaims(w, [entry(self, writerB.steps)], self), 'its own record is not another user');
   t.equal(usersOf([readerA, writerB, cowC], key, self).length, 3);
   t.equal(usersOf([readerA], '254:0:999', self).length, 0);
+});
+
+t.test('nbd reservations: devices other records name are not handed out, ours is', async (t) => {
+  const a = entry('backend/vbd/1/51712', [{ kind: 'nbd', done: false, data: { pidFile: '/run/a.pid', device: '/dev/nbd0' } }]);
+  const b = entry('backend/vbd/2/51712', [{ kind: 'nbd', done: true, data: { pidFile: '/run/b.pid', device: '/dev/nbd3', pid: 42 } }]);
+  const c = entry('backend/vbd/3/51712', [{ kind: 'nbd', done: false, data: { pidFile: '/run/c.pid' } }]);
+  t.strictSame([...reservedDevices([a, b, c], 'backend/vbd/9/51712')].sort(), ['/dev/nbd0', '/dev/nbd3']);
+  t.strictSame([...reservedDevices([a, b], 'backend/vbd/1/51712')], ['/dev/nbd3'], 'its own record does not reserve against itself');
 });
