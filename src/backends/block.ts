@@ -25,7 +25,7 @@ import type { UndoContext } from '../journal/steps.js';
 import { acquireFlock, LockTimeoutError, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { XsOps } from '../xenstore/types.js';
 import { checkSharing, findUsers, type AccessDevice } from './sharing.js';
-import type { Backend, BuiltDevice, HookContext } from './types.js';
+import type { Backend, BuiltDevice, HookContext, UnrecordedContext } from './types.js';
 
 export interface BlockPlan {
   kind: 'phy' | 'file';
@@ -238,6 +238,48 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
   }
 }
 
+/**
+ * remove of a file: disk this hook has no record of, because the stock `block` attached it (the
+ * drop-in was installed while the domain ran). Like the stock remove, under Xen's lock: the
+ * backend's `node` names the loop; it is detached only when it is a loop device that still backs
+ * the disk's file (same device and inode when the file still exists, the same path otherwise) and
+ * no other vbd uses it. Anything else is left alone and said in the log.
+ */
+export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<void> {
+  const [node, params] = await Promise.all([ctx.xs.tryRead(`${ctx.xenbusPath}/node`), ctx.xs.tryRead(`${ctx.xenbusPath}/params`)]);
+  if (node === undefined || !/^\/dev\/loop\d+$/.test(node) || params === undefined) {
+    ctx.log.info(`remove ${ctx.xenbusPath}: nothing recorded and no loop device in node; nothing to undo`);
+    return;
+  }
+  const lock = await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run });
+  try {
+    const loop = (await listLoops(ctx.run)).find((l) => l.device === node);
+    if (!loop) return;
+    let st: BigIntStats | undefined;
+    try {
+      st = statSync(params, { bigint: true });
+    } catch {
+      st = undefined;
+    }
+    const backs = st
+      ? filterBacking([loop], { dev: decodeDev(st.dev), ino: st.ino }).length === 1
+      : loop.backingFile.replace(/ \(deleted\)$/, '') === params;
+    if (!backs) {
+      ctx.log.warn(`remove ${ctx.xenbusPath}: ${node} does not back ${params}; it is not this disk's loop, leaving it alone`);
+      return;
+    }
+    const users = await findUsers(ctx.xs, { devices: [accessOf(loop)], self: ctx.xenbusPath }, {});
+    if (users.length) {
+      ctx.log.warn(`remove ${ctx.xenbusPath}: ${node} is also used by ${users.map((u) => u.via).join(', ')}; leaving it alone`);
+      return;
+    }
+    await detachLoop(ctx.run, node);
+    ctx.log.info(`remove ${ctx.xenbusPath}: detached ${node}, attached by another script (no record of ours)`);
+  } finally {
+    await lock.release();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 export const blockBackend: Backend<BlockPlan> = {
@@ -254,4 +296,5 @@ xend's type dispatch: a backend whose type is not phy or file runs <xen script d
   },
   add: addBlock,
   undo: { [BLOCK_LOOP_STEP]: undoBlockLoop },
+  removeUnrecorded: removeUnrecordedBlock,
 };

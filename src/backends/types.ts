@@ -57,4 +57,19 @@ export interface Backend<Plan = unknown> {
   plan(disk: DiskSpec, ctx: { config: Config; env: NodeJS.ProcessEnv; xenbusPath: string }): Promise<Plan> | Plan;
   add(ctx: HookContext, plan: Plan): Promise<BuiltDevice>;
   readonly undo: UndoRegistry;
+  /**
+   * remove of a disk with no journal record: one that another script attached (the stock
+   * `block`, before this one replaced it). Optional; only backends that can recognise such a
+   * device from the backend's xenstore keys implement it, and they must take away nothing they
+   * cannot prove belongs to this disk.
+   */
+  removeUnrecorded?(ctx: UnrecordedContext): Promise<void>;
+}
+
+export interface UnrecordedContext {
+  xenbusPath: string;
+  xs: XenstoreClient;
+  config: Config;
+  run: Runner;
+  log: Logger;
 }

@@ -218,6 +218,10 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
     lock = await lockPath(e);
     const entry = e.journal.load(e.req.xenbusPath);
     if (!entry) {
+      if (xs && e.backend.removeUnrecorded) {
+        await e.backend.removeUnrecorded({ xenbusPath: e.req.xenbusPath, xs, config: e.config, run: e.run, log: e.log });
+        return 0;
+      }
       e.log.info(`remove ${e.req.xenbusPath}: nothing recorded; nothing to undo`);
       return 0;
     }

@@ -110,3 +110,24 @@ t.test('interleaved and concurrent adds of both: no loop device handed out twice
 t.test('no loop device is left over any image of these tests', async (t) => {
   t.same(harnessLoops(), []);
 });
+
+t.test('ours removes what the stock block attached before ours replaced it', async (t) => {
+  const h = await harness(t, { realXenLock: true });
+  const img = h.image('switch.img');
+  const s = await h.disk({ domid: 8, devid: 51712, params: img, mode: 'w' });
+  t.equal((await stock(h, 'add', s)).code, 0, 'stock add');
+  const loop = await h.read(`${s}/node`);
+  const other = h.image('unrelated.img');
+  const s2 = await h.disk({ domid: 9, devid: 51712, params: other, mode: 'w' });
+  t.equal((await stock(h, 'add', s2)).code, 0, 'stock add of another disk');
+  // A node that names another disk's loop (a confused or hostile record) is left alone.
+  await h.store.xs.write(`${s2}/params`, img);
+  t.equal((await h.run('remove', s2)).code, 0);
+  t.equal(h.loopsOnImages().length, 2, 'a loop that does not back the disk\'s file is not detached');
+  await h.store.xs.write(`${s2}/params`, other);
+  // The real case: no record of ours, node names the stock loop over the disk's file.
+  t.equal((await h.run('remove', s)).code, 0, 'our remove exits 0');
+  t.notOk(h.loopsOnImages().some((l) => l.name === loop), `${loop} detached by our remove`);
+  t.equal((await h.run('remove', s2)).code, 0);
+  t.same(h.loopsOnImages(), [], 'all detached');
+});
