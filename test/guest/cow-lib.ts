@@ -26,7 +26,8 @@ function projectRoot(): string {
   while (!existsSync(join(d, 'package.json')) && dirname(d) !== d) d = dirname(d);
   return d;
 }
-export const HOOK = join(projectRoot(), 'dist', 'block-cow.mjs');
+/** The bundle `npm run build` makes; XBH_COW_HOOK may name a private copy of it (a copy no concurrent build rewrites). */
+export const HOOK = process.env.XBH_COW_HOOK ?? join(projectRoot(), 'dist', 'block-cow.mjs');
 const scratchRoot = process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp';
 export const root = join(scratchRoot, `cow-${process.pid}`);
 export const images = join(root, 'images');
