@@ -107,8 +107,9 @@ export function checkBase(raw: string, config: Config): { base: string; id: File
   try {
     const fst = fstatSync(fd, { bigint: true });
     if (fst.dev !== st.dev || fst.ino !== st.ino) throw new HotplugError(`block-cow: the base image ${base} changed while it was being checked; try again.`);
-    const bytes = fst.isFile() ? fst.size : 1n;
-    if (bytes < 512n) throw new HotplugError(`block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
+    // A block device's st_size is 0: its size comes from sysfs once its loop exists (add()).
+    const bytes = fst.size;
+    if (fst.isFile() && bytes < 512n) throw new HotplugError(`block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
     return { base, id: { dev: devString(fst.dev), ino: fst.ino.toString() }, rdev: fst.isBlockDevice() ? devString(fst.rdev) : undefined, bytes };
   } finally {
     closeSync(fd);

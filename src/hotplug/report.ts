@@ -27,9 +27,24 @@ export async function reportSuccess(xs: XenstoreClient, path: string, dev: Built
   });
 }
 
+/**
+ * xenstore refuses a request over 4096 bytes (path and value): a sentence quoting huge params is
+ * cut in the middle, so that its start (what) and its end (why, what to do) both survive.
+ */
+export const MAX_ERROR_BYTES = 2048;
+
+export function fitError(message: string): string {
+  if (Buffer.byteLength(message) <= MAX_ERROR_BYTES) return message;
+  const chars = [...message];
+  let keep = Math.floor(MAX_ERROR_BYTES / 2) - 32;
+  const fits = (n: number) => `${chars.slice(0, n).join('')} […] ${chars.slice(-n).join('')}`;
+  while (Buffer.byteLength(fits(keep)) > MAX_ERROR_BYTES) keep -= 16;
+  return fits(keep);
+}
+
 export async function reportFailure(xs: XenstoreClient, path: string, message: string, status: FailureStatus): Promise<void> {
   await xs.transaction(async (tx: XsOps) => {
-    await tx.write(`${path}/hotplug-error`, message);
+    await tx.write(`${path}/hotplug-error`, fitError(message));
     await tx.write(`${path}/hotplug-status`, status);
   });
 }
