@@ -2,8 +2,8 @@
 # PID 1 of the test domU (busybox, PV, console on hvc0). What it does comes from the kernel
 # command line (xl's extra="..."; key=value words reach init's environment):
 #   xbh_mode=marker xbh_marker=WORD  wait for /dev/xvda, print the 16 bytes at 4096 (what the
-#                                    base holds), write "XBH:WORD" at 0, flush, drop caches,
-#                                    read it back, print it, power off
+#                                    base holds), write "XBH:WORD" at 0 with fsync, read it
+#                                    back, print it, power off
 #   xbh_hold=1                       after "done", stay up (dom0 inspects, then xl destroy)
 #   xbh_mode=watch xbh_cycles=N      print "ready", then report /dev/xvdb appearing (with the
 #                                    16 bytes at 4096) and disappearing, numbered; power off
@@ -51,10 +51,8 @@ marker)
 	wait_for /dev/xvda 30 || { say "no /dev/xvda"; finish; }
 	say "xvda sectors=$(cat /sys/block/xvda/size)"
 	say "xvda base=$(peek /dev/xvda 4096)"
-	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc 2>/dev/null || say "write failed"
-	sync
-	blockdev --flushbufs /dev/xvda
-	echo 3 >/proc/sys/vm/drop_caches
+	# conv=fsync: the write reaches the backend before dd exits (dom0 checks it there).
+	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc,fsync 2>/dev/null || say "write failed"
 	say "xvda readback=$(peek /dev/xvda 0)"
 	finish
 	;;

@@ -39,6 +39,8 @@ export interface XenRun {
   /** dom0 milliseconds from its stage 2 start to ready. */
   readyMs?: number;
   totalMs: number;
+  /** /proc/loadavg of the host at the start and the end (the tier's speed depends on it). */
+  hostLoad: string;
   consoleTail: string;
   /** /var/log/xen of dom0 (xl logs, the hotplug log, domU consoles under console/). */
   logs: Record<string, string>;

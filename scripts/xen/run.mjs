@@ -79,9 +79,10 @@ function collectLogs(dir, base = dir, out = {}) {
  * Rejects only when the tier cannot be built or QEMU cannot be started.
  */
 export async function runXenTier({
-  scenarios = listScenarios(), timeoutMs = 280_000, scenarioTimeoutS = 150, onConsole, log = () => {},
+  scenarios = listScenarios(), timeoutMs = 600_000, scenarioTimeoutS = 300, onConsole, log = () => {},
 } = {}) {
   const t0 = Date.now();
+  const loadStart = readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ');
   const t = await buildXen({ log });
   try {
     execFileSync(QEMU, ['--version'], { stdio: 'ignore' });
@@ -173,6 +174,7 @@ export async function runXenTier({
     return {
       ok: done && !timedOut && results.every((r) => r.ok),
       done, timedOut, setupError, qemuExit, bootMs, readyMs, totalMs: Date.now() - t0,
+      hostLoad: `${loadStart} at the start, ${readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ')} at the end`,
       consoleTail: consoleText.split('\n').slice(-60).join('\n'),
       logs: collectLogs(join(share, 'logs')),
       results,
@@ -203,7 +205,7 @@ export function formatLogs(logs, maxPerLog = 4000) {
 
 async function main(argv) {
   const picked = [];
-  let timeoutMs = 280_000;
+  let timeoutMs = 600_000;
   let quiet = false;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -225,7 +227,7 @@ async function main(argv) {
   const run = await runXenTier({
     scenarios, timeoutMs, onConsole: quiet ? undefined : (s) => process.stdout.write(s), log: (m) => console.error(m),
   });
-  console.error(`\nxen tier: ${run.totalMs} ms total; dom0 ready after ${run.bootMs ?? '?'} ms`
+  console.error(`\nxen tier: ${run.totalMs} ms total; dom0 ready after ${run.bootMs ?? '?'} ms; host load ${run.hostLoad}`
     + `${run.timedOut ? '; TIMED OUT (QEMU killed)' : ''}${run.setupError ? `; dom0 setup failed: ${run.setupError}` : ''}`);
   for (const r of run.results) {
     const why = describeFailure(r, run);

@@ -30,7 +30,7 @@ chmod 755 $S
 IMG=$XBH_SCRATCH/plumb.img
 make_base $IMG 16
 cfg=$(domu_cfg xbhplumb marker "xbh_marker=plumb1" "format=raw, vdev=xvda, access=rw, script=block-xbhplumb, target=$IMG")
-if out=$(xl create "$cfg" 2>&1); then ok "xl create with a trivial script"; else not_ok "xl create with a trivial script" "$out"; fi
+xl_create "xl create with a trivial script" "$cfg" || finish
 id=$(domid xbhplumb)
 be=$(vbd_backend "$id" 51712)
 expect_connected "trivial script" "$be"

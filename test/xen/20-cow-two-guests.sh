@@ -16,7 +16,7 @@ sum0=$(sha256sum <$BASE)
 
 for g in 1 2; do
 	cfg=$(domu_cfg xbhcow$g marker "xbh_marker=cow$g xbh_hold=1" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$BASE 32")
-	if out=$(xl create "$cfg" 2>&1); then ok "xl create xbhcow$g (block-cow over the shared base)"; else not_ok "xl create xbhcow$g" "$out"; fi
+	xl_create "xl create xbhcow$g (block-cow over the shared base)" "$cfg" || { expect_nothing_left "after the failed create"; finish; }
 done
 for g in 1 2; do
 	id=$(domid xbhcow$g)

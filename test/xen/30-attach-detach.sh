@@ -37,7 +37,7 @@ fi
 note "hooks: $(printf '%s\n' "$specs" | cut -d'|' -f1 | tr '\n' ' ')"
 
 cfg=$(domu_cfg xbhwatch watch "xbh_cycles=$cycles")
-if out=$(xl create "$cfg" 2>&1); then ok "xl create xbhwatch (no disks)"; else not_ok "xl create xbhwatch" "$out"; fi
+xl_create "xl create xbhwatch (no disks)" "$cfg" || finish
 id=$(domid xbhwatch)
 if wait_console xbhwatch "xbh-domu: ready" 90; then ok "xbhwatch is up"; else not_ok "xbhwatch is up" "$(console_log xbhwatch | tail -20)"; fi
 be=$(vbd_backend "$id" 51728)
@@ -51,6 +51,8 @@ while IFS='|' read -r hook spec; do
 		ok "$hook: xl block-attach returned 0 ($(($(ms) - t)) ms)"
 	else
 		not_ok "$hook: xl block-attach" "$out"
+		expect_nothing_left "$hook: after the failed attach"
+		continue
 	fi
 	expect_connected "$hook attach" "$be"
 	if wait_console xbhwatch "xvdb appeared #$i .*data=BASE-IMAGE-DATA" 60; then

@@ -15,7 +15,7 @@ make_base $BASE 32
 sum0=$(sha256sum <$BASE)
 
 cfg=$(domu_cfg xbhxend watch "xbh_cycles=1")
-if out=$(xl create "$cfg" 2>&1); then ok "xl create xbhxend (no disks)"; else not_ok "xl create xbhxend" "$out"; fi
+xl_create "xl create xbhxend (no disks)" "$cfg" || finish
 id=$(domid xbhxend)
 wait_console xbhxend "xbh-domu: ready" 90 || not_ok "xbhxend is up" "$(console_log xbhxend | tail)"
 
