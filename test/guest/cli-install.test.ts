@@ -18,8 +18,8 @@ test('install into / and run a hook through the installed wrapper', () => {
     const r = cli(['simulate', '--script-dir', '/etc/xen/scripts', '--domid', '7', '--name', 'inst', `vdev=xvdc,access=w,script=block-cow,target=${base} 8`],
       { NODE_OPTIONS: '--require /nonexistent.js' }, '/usr/sbin/xen-blockhooks', []);
     assert.equal(r.code, 0, r.all);
-    assert.match(r.out, /running: XENBUS_PATH=backend\/vbd\/7\/51728 \/etc\/xen\/scripts\/block-cow add/);
-    assert.match(r.out, /device-mapper xbh-cow-inst-xvdc-51728/);
+    assert.match(r.out, /running: XENBUS_PATH=backend\/vbd\/7\/51744 \/etc\/xen\/scripts\/block-cow add/);
+    assert.match(r.out, /device-mapper xbh-cow-inst-xvdc-51744/);
     assert.match(r.out, /nothing left/);
   } finally {
     const u = spawnSync('/bin/sh', [join(ROOT, 'install'), '--uninstall'], { encoding: 'utf8', env: { PATH: env.PATH } });
