@@ -330,3 +330,38 @@ t.test('a failure at each device command of an add is undone completely', async 
     }
   }
 });
+
+t.test('a persistent store in use is refused busy, and the refusal leaves the user its loop', async (t) => {
+  const w = await world(t);
+  const a = disk(1, `${w.base} 8 store=shared.cow`);
+  const b = disk(2, `${w.base} 8 store=shared.cow`);
+  await writeBackendNodes(w.xs, a);
+  await writeBackendNodes(w.xs, b);
+  t.equal((await w.hook('add', a)).code, 0);
+  const before = JSON.stringify([w.fake.loops, w.fake.dms]);
+  const r = await w.hook('add', b);
+  t.equal(r.code, 1);
+  t.equal(await w.xs.read(`${backendPath(b)}/hotplug-status`), 'busy');
+  t.match(await w.xs.read(`${backendPath(b)}/hotplug-error`), /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/);
+  t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the first disk keeps its loops and dm device');
+  t.ok(statSync(join(w.config.storeDir, 'shared.cow')).isFile(), 'the store stays');
+  t.same(readdirSync(join(w.config.stateDir, 'journal')), ['backend~vbd~1~51712.json'], 'only the first disk has a record');
+  t.equal((await w.hook('remove', a)).code, 0);
+  rmSync(join(w.config.storeDir, 'shared.cow'));
+  w.nothingLeft(t, 'the end');
+});
+
+t.test('a base attached writable elsewhere is refused busy before anything is built', async (t) => {
+  const w = await world(t);
+  const st = statSync(w.base, { bigint: true });
+  w.fake.loops.push({ name: '/dev/loop7', minor: 7, file: w.base, dev: devString(st.dev), ino: st.ino.toString(), ro: false });
+  const d = disk(1, `${w.base} 8`);
+  await writeBackendNodes(w.xs, d);
+  const r = await w.hook('add', d);
+  t.equal(r.code, 1);
+  t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'busy');
+  t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), /attached writable to \/dev\/loop7/);
+  t.equal(w.fake.loops.length, 1, 'the writable loop is left alone');
+  t.same(w.fake.dms, []);
+  t.notOk(statSafe(w.config.storeDir));
+});
