@@ -6,7 +6,8 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio xz-utils kmod \
-dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio"
+dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio \
+ceph-mon ceph-osd ceph-common"
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "setup.sh: run as root (it installs packages with apt-get)" >&2

@@ -26,6 +26,7 @@ export const MODULES = [
   'dm-mod', 'dm-bufio', 'dm-snapshot', 'crc32c_generic', 'dm-bio-prison', 'libcrc32c',
   'dm-persistent-data', 'dm-thin-pool', 'dm-zero',
   'crc16', 'mbcache', 'jbd2', 'ext4',
+  'libceph', 'rbd',
 ];
 
 /** Busybox applets guest-init.sh uses. */
