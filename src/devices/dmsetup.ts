@@ -344,7 +344,9 @@ export function parseLs(text: string): { name: string; major: number; minor: num
 // ---------------------------------------------------------------------------------------------
 // Helpers over a Runner
 
-const NOT_THERE = /No such device or address|^Device .* not found$|Device does not exist/m;
+// The last alternative is a kernel without device-mapper at all: then no dm device can exist
+// either, so a remove or an info of one has nothing to find (an add fails before it built one).
+const NOT_THERE = /No such device or address|^Device .* not found$|Device does not exist|Failure to communicate with kernel device-mapper driver/m;
 const BUSY = /Device or resource busy/;
 
 export function isNoSuchDevice(stderr: string): boolean {
