@@ -47,10 +47,13 @@ const origConnect = net.Socket.prototype.connect;
 net.Socket.prototype.connect = function connectTimed(...args) {
   const o = args[0];
   const path = Array.isArray(o) ? o[0]?.path : typeof o === 'object' && o ? o.path : typeof o === 'string' ? o : undefined;
-  if (path && path === process.env.XENSTORED_PATH && !this.__xbhProbe) {
+  const watch = Boolean(path && path === process.env.XENSTORED_PATH && !this.__xbhProbe);
+  const c0 = performance.now();
+  // connect() resets this.write, so the write hook goes on after it.
+  const result = origConnect.apply(this, args);
+  if (watch) {
     this.__xbhProbe = true;
     mark();
-    const c0 = performance.now();
     this.once('connect', () => (xs.connectMs += performance.now() - c0));
     let outstanding = 0;
     let busySince = 0;
@@ -73,7 +76,7 @@ net.Socket.prototype.connect = function connectTimed(...args) {
       });
     });
   }
-  return origConnect.apply(this, args);
+  return result;
 };
 
 process.on('exit', (code) => {

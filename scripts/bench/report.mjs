@@ -140,7 +140,10 @@ export function render(r) {
   if (n.concurrency) parts.push(nativeConcurrency(n.concurrency), '');
   if (n.startup) parts.push(startup(n.startup), '');
   const g = r.guest ?? {};
-  if (Object.keys(g).length) parts.push(`Guest: one boot (ready after ${sec(g.bootMs)}, ${sec(g.totalMs)} in all); host load average ${g.loadStart} at start, ${g.loadEnd} at end.`, '');
+  if (Object.keys(g).length) {
+    const boots = g.boots ? g.boots.map((b) => b.join(' + ')).join(' | ') : 'one';
+    parts.push(`Guest boots (parts per boot, run at the same time): ${boots}; ready after ${[g.bootMs].flat().map(sec).join(', ')}, ${sec(g.totalMs)} in all; host load average ${g.loadStart} at start, ${g.loadEnd} at end.`, '');
+  }
   for (const [k, f] of [['latency', guestLatency], ['concurrency', guestConcurrency], ['datapath', datapath], ['space', space]]) {
     if (!g[k]) continue;
     if (g[k].error) parts.push(`### ${k} (guest): failed`, '', '```', g[k].error, '```', '');
