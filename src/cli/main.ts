@@ -22,6 +22,8 @@ import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson } from './status.js';
 import { VdevError } from './vdev.js';
+import { WATCH_HELP, watch } from './watch.js';
+import { AlreadyRunningError } from '../lock/instance.js';
 
 export const MAIN_HELP = `Usage: xen-blockhooks COMMAND [options]
 
@@ -30,7 +32,8 @@ Commands:
                          run the hook's add, show what it built, run remove, show nothing is left
   status [--json]        every device the hooks built: domain, vdev, device, store usage, state
   gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
-  grow DOMAIN VDEV +SIZE enlarge a copy-on-write store while the guest runs
+  grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
+  watch [--once]         grow stores before they overflow; report devices the kernel dropped
   xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
                          hook tests on a machine without Xen)
   version                print the version
@@ -105,11 +108,12 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     },
     status: { help: STATUS_HELP, specs: [HELP, { name: 'json', type: 'flag' }] },
     gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
-    grow: { help: GROW_HELP, specs: [HELP] },
+    grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
+    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
   };
   const c = commands[cmd];
-  if (!c) return usage(`unknown command "${cmd}" (simulate, status, gc, grow, xenstored, version)`);
+  if (!c) return usage(`unknown command "${cmd}" (simulate, status, gc, grow, watch, xenstored, version)`);
   let p;
   try {
     p = parseOptions(rest, c.specs);
@@ -220,8 +224,19 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         const [domain, vdev, size] = p.positional as [string, string, string];
         const log = deps.logger ?? cliLogger(config);
         try {
-          await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }));
+          await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }, { metadata: flag(p, 'metadata') }));
           return 0;
+        } finally {
+          if (!deps.logger) await log.close();
+        }
+      }
+      case 'watch': {
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        const interval = int(p, 'interval');
+        if (interval !== undefined && interval < 100) return usage('--interval must be at least 100 ms', cmd);
+        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        try {
+          return await watch({ once: flag(p, 'once'), ...(interval !== undefined ? { intervalMs: interval } : {}) }, { config, run, log, out, err, ...(deps.stopSignal ? { stop: deps.stopSignal } : {}) });
         } finally {
           if (!deps.logger) await log.close();
         }
@@ -240,7 +255,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
     }
   } catch (e) {
-    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError) return fail(e.message);
+    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError) return fail(e.message);
     if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
     throw e;
   }
