@@ -211,3 +211,16 @@ t.test('the shipped configuration documents every key and parses', async (t) => 
   const active = text.split('\n').map((l) => l.replace(/^#([a-z_.]+ = )/, '$1')).join('\n');
   t.same(parseConfig(active, 'blockhooks.conf'), defaultConfig(), 'uncommented, it states exactly the defaults');
 });
+
+t.test('the watch unit is installed (and uninstalled) when the CLI has the watch command', async (t) => {
+  const h = setup(t);
+  h.seed();
+  writeFileSync(join(h.src, 'dist', 'xen-blockhooks.mjs'), '#!/usr/bin/env node\n');
+  const r = h.install([]);
+  t.equal(r.code, 0, r.err);
+  const unit = join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service');
+  t.ok(existsSync(unit), 'unit written');
+  t.match(readFileSync(unit, 'utf8'), /^ExecStart=\/usr\/sbin\/xen-blockhooks watch$/m);
+  t.equal(h.install(['--uninstall']).code, 0);
+  t.notOk(existsSync(unit), 'removed by --uninstall');
+});
