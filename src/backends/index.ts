@@ -9,6 +9,7 @@ import { cowBackend } from './cow.js';
 import { qcowBackend } from './qcow.js';
 import { thinBackend } from './thin.js';
 import { lvsnapBackend } from './lvsnap.js';
+import { rbdBackend } from './rbd.js';
 
 export const HOOKS: Readonly<Record<string, Backend>> = {
   block: blockBackend as Backend,
@@ -16,6 +17,7 @@ export const HOOKS: Readonly<Record<string, Backend>> = {
   'block-qcow': qcowBackend as Backend,
   'block-thin': thinBackend as Backend,
   'block-lvsnap': lvsnapBackend as Backend,
+  'block-rbd': rbdBackend as Backend,
 };
 
 /**

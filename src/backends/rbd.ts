@@ -1,0 +1,510 @@
+/**
+ * block-rbd: copy-on-write disks on Ceph RBD layered clones, mapped with the kernel's rbd driver.
+ *
+ *   access=w  pool/golden@snap (protected) ──rbd clone──→ pool/xbh-<domain>-<vdev> ──rbd map──→ /dev/rbdN
+ *   access=r  pool/golden@snap ──rbd map --read-only──→ /dev/rbdN   (no clone)
+ *
+ * params: `<pool>/<image>@<snapshot> [clone=transient|persistent] [name=IMAGE] [conf=PATH] [id=ID]
+ * [keyring=PATH] [map_options=OPT,…]` (docs/block-rbd.md).
+ *
+ * add, each step journaled before it runs:
+ *   (checks, nothing built) `rbd info pool/image@snap`: pool, image and snapshot exist; access=w:
+ *     the snapshot is protected (`rbd snap protect` when it is not: v1 clones need it).
+ *   rbd-clone  under a local lock: no other record on this host uses the clone; a clone that
+ *              already exists must be a clone of this snapshot, and must have no watcher (no
+ *              client has it open, i.e. it is mapped nowhere), unless this is the receiving end
+ *              of a live migration (domain `NAME--incoming`, see below). A transient clone that
+ *              exists and is not ours is refused too. Then `rbd clone` when it does not exist.
+ *   rbd-map    the devices already mapping the spec are noted, then `rbd map` (`-o noudev` when no
+ *              udevd runs); the device and its major:minor are recorded.
+ * remove/rollback undo newest first: unmap our mapping (found in `rbd showmapped` by spec and
+ * device, never by device name alone: the kernel reuses names), then `rbd rm` of a transient
+ * clone, or of a persistent one this very add created and never handed out, but never of an
+ * image some client still watches (the other end of a live migration keeps it).
+ *
+ * Sharing: the watcher check (`rbd status`), not the exclusive-lock feature: krbd hands the
+ * exclusive lock over to any client that asks for it, so the lock alone would let two hosts write
+ * in turns; a watcher means "mapped or open somewhere", on any host.
+ *
+ * Live migration (xl migrate): the receiving host creates the domain as `NAME--incoming` while the
+ * sender still runs it with the disk mapped; the sender is suspended before the receiver resumes.
+ * The clone is named after NAME without the suffix, so both ends name the same image; an add for a
+ * `--incoming` domain accepts an existing clone that is watched (the sender's mapping) and maps
+ * it too. When the sender's remove runs afterwards, the clone still has the receiver's watcher,
+ * so even a transient clone is kept, and the receiver's own remove deletes it later.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { isAbsolute } from 'node:path';
+import type { Config } from '../config/config.js';
+import type { Runner, RunResult } from '../devices/runner.js';
+import {
+  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdReason,
+  rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
+  type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
+} from '../devices/rbd.js';
+import type { DiskSpec } from '../hotplug/disk.js';
+import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { JournalEntry, StepRecord } from '../journal/journal.js';
+import type { UndoContext, UndoRegistry } from '../journal/steps.js';
+import { acquireFlock } from '../lock/flock.js';
+import { stateLockPath } from '../lock/paths.js';
+import type { Backend, BuiltDevice, HookContext } from './types.js';
+
+export const SCRIPT = 'block-rbd';
+export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
+
+/** Each rbd call; several fit in libxl's 40 s only when the cluster answers. */
+export const RBD_TIMEOUT_MS = 30_000;
+/** The domain name xl gives the receiving side of a live migration until it completes. */
+export const INCOMING_SUFFIX = '--incoming';
+/** udevd's control socket: present while udevd runs. */
+export const UDEV_CONTROL = '/run/udev/control';
+
+export type CloneKind = 'transient' | 'persistent';
+
+export interface RbdParams {
+  pool: string;
+  image: string;
+  snap: string;
+  clone: CloneKind;
+  /** Clone image name (name=), instead of xbh-<domain>-<vdev>. */
+  name: string | undefined;
+  cluster: Cluster;
+  /** Extra krbd map options. */
+  mapOptions: string[];
+}
+
+const GRAMMAR = '<pool>/<image>@<snapshot> [clone=transient|persistent] [name=IMAGE] [conf=PATH] [id=ID] [keyring=PATH] [map_options=OPT,...]';
+const MAP_OPTION = /^[a-z_]{1,32}(=[A-Za-z0-9._:-]{1,64})?$/;
+/** Map options the hook decides itself. */
+const RESERVED_MAP_OPTIONS = new Set(['ro', 'rw', 'read_only', 'read_write', 'noudev', 'udev', 'share', 'noshare']);
+
+function bad(params: string, what: string): HotplugError {
+  return new HotplugError(`${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "rbd/debian12@golden clone=transient".`);
+}
+
+function checkName(params: string, kind: string, v: string): string {
+  if (v === '') throw bad(params, `the ${kind} name is empty`);
+  if (!RBD_NAME.test(v)) throw bad(params, `the ${kind} name "${v}" is not accepted: use letters, digits, ".", "_", "-" (at most 100, not starting with "." or "-")`);
+  return v;
+}
+
+function absFile(params: string, key: string, v: string): string {
+  if (!isAbsolute(v) || v.split('/').includes('..') || /[\s\0]/.test(v)) throw bad(params, `${key}=${v}: give an absolute path without ".." or spaces`);
+  return v;
+}
+
+export function parseRbdParams(params: string): RbdParams {
+  const words = params.trim().split(/\s+/).filter(Boolean);
+  const first = words[0];
+  if (first === undefined) throw bad(params, 'no image given');
+  const m = /^([^/@]*)\/([^/@]*)@([^/@]*)$/.exec(first);
+  if (!m) {
+    if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; pool/image@snapshot comes first`);
+    if (!first.includes('@')) throw bad(params, `"${first}" names no snapshot: clones are made of a snapshot, write pool/image@snapshot`);
+    throw bad(params, `"${first}" is not pool/image@snapshot`);
+  }
+  const out: RbdParams = {
+    pool: checkName(params, 'pool', m[1] as string),
+    image: checkName(params, 'image', m[2] as string),
+    snap: checkName(params, 'snapshot', m[3] as string),
+    clone: 'transient',
+    name: undefined,
+    cluster: {},
+    mapOptions: [],
+  };
+  const seen = new Set<string>();
+  for (const w of words.slice(1)) {
+    const eq = w.indexOf('=');
+    if (eq <= 0) throw bad(params, `"${w}" is not a key=value option`);
+    const key = w.slice(0, eq);
+    const value = w.slice(eq + 1);
+    if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
+    seen.add(key);
+    switch (key) {
+      case 'clone':
+        if (value !== 'transient' && value !== 'persistent') throw bad(params, `clone=${value}: the value must be transient or persistent`);
+        out.clone = value;
+        break;
+      case 'name':
+        out.name = checkName(params, 'clone image', value);
+        break;
+      case 'conf':
+        out.cluster.conf = absFile(params, key, value);
+        break;
+      case 'keyring':
+        out.cluster.keyring = absFile(params, key, value);
+        break;
+      case 'id':
+        if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(value)) throw bad(params, `id=${value}: a client id holds letters, digits, ".", "_", "-" (e.g. id=xen for client.xen)`);
+        out.cluster.id = value;
+        break;
+      case 'map_options':
+        for (const o of value.split(',')) {
+          if (!MAP_OPTION.test(o)) throw bad(params, `map_options: "${o}" is not an option such as queue_depth=128 or lock_on_read`);
+          if (RESERVED_MAP_OPTIONS.has(o.replace(/=.*$/, ''))) throw bad(params, `map_options: "${o}" is chosen by the hook (read-only from access=, noudev when no udevd runs)`);
+          out.mapOptions.push(o);
+        }
+        break;
+      default:
+        throw bad(params, `unknown option "${key}" (known: clone=, name=, conf=, id=, keyring=, map_options=)`);
+    }
+  }
+  if (out.name !== undefined && out.clone !== 'persistent') throw bad(params, `name=${out.name} names a persistent clone; add clone=persistent or drop name=`);
+  if (out.name !== undefined && out.name === out.image) throw bad(params, `name=${out.name} is the golden image itself`);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// names and plan
+
+export function backendIds(xenbusPath: string): { domid: string; devid: string } {
+  const m = /backend\/vbd3?\/(\d+)\/(\d+)$/.exec(xenbusPath);
+  if (!m) throw new HotplugError(`${xenbusPath} is not a block backend path.`);
+  return { domid: m[1] as string, devid: m[2] as string };
+}
+
+/** Whether the domain is the receiving side of an xl live migration. */
+export function isIncoming(domainName: string | undefined): boolean {
+  return domainName !== undefined && domainName.endsWith(INCOMING_SUFFIX) && domainName.length > INCOMING_SUFFIX.length;
+}
+
+/** `xbh-<domain>-<vdev>`: both ends of a migration name the same image (the `--incoming` suffix dropped). */
+export function cloneName(p: RbdParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  if (p.name !== undefined) return p.name;
+  const { domid, devid } = backendIds(xenbusPath);
+  const owner = disk.domainName === undefined ? undefined : isIncoming(disk.domainName) ? disk.domainName.slice(0, -INCOMING_SUFFIX.length) : disk.domainName;
+  if (owner === undefined) {
+    if (p.clone === 'persistent') {
+      throw new HotplugError(`${SCRIPT}: a persistent clone is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; name the clone with name=IMAGE.`);
+    }
+    return `xbh-d${disk.frontendId ?? domid}-${disk.vdev ?? devid}`;
+  }
+  const name = `xbh-${owner}-${disk.vdev ?? devid}`.slice(0, 100);
+  if (!RBD_NAME.test(name)) throw new HotplugError(`${SCRIPT}: cannot make an image name from domain "${owner}" and vdev "${disk.vdev}"; name the clone with name=IMAGE.`);
+  return name;
+}
+
+export interface RbdPlan {
+  params: RbdParams;
+  readOnly: boolean;
+  parent: ImageSpec & { snap: string };
+  /** The clone (access=w only). */
+  clone: string | undefined;
+  incoming: boolean;
+}
+
+export function planRbd(disk: DiskSpec, ctx: { xenbusPath: string }): RbdPlan {
+  const params = parseRbdParams(disk.params);
+  const readOnly = disk.mode === 'r';
+  const clone = readOnly ? undefined : cloneName(params, disk, ctx.xenbusPath);
+  if (clone !== undefined && clone === params.image) throw new HotplugError(`${SCRIPT}: the clone's name ${clone} is the golden image's own name; choose another name=.`);
+  return { params, readOnly, parent: { pool: params.pool, image: params.image, snap: params.snap }, clone, incoming: isIncoming(disk.domainName) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// running rbd
+
+/** Whether udevd runs (its control socket exists); without it map/unmap need `-o noudev`. */
+export function udevRunning(control = UDEV_CONTROL): boolean {
+  return existsSync(control);
+}
+
+function clusterWords(c: Cluster): string {
+  return c.conf ? ` (cluster ${c.conf})` : '';
+}
+
+function failure(r: RunResult, what: string, c: Cluster): HotplugError {
+  if (r.timedOut) return new HotplugError(`${SCRIPT}: ${what}: rbd got no answer within ${Math.round(r.durationMs / 1000)} s; is the Ceph cluster${clusterWords(c)} reachable?`);
+  if (r.exitCode === undefined) return new HotplugError(`${SCRIPT}: ${what}: rbd could not be started (install ceph-common).`);
+  const why = rbdReason(r.stderr) || `status ${r.exitCode}`;
+  return new HotplugError(`${SCRIPT}: ${what}: ${why}`);
+}
+
+async function rbd(run: Runner, args: string[]): Promise<RunResult> {
+  return run.probe('rbd', args, { timeoutMs: RBD_TIMEOUT_MS });
+}
+
+/** `rbd info` of the golden snapshot, with the missing part named. */
+export async function goldenInfo(run: Runner, p: RbdParams): Promise<ImageInfo> {
+  const spec = { pool: p.pool, image: p.image, snap: p.snap };
+  const r = await rbd(run, infoArgs(p.cluster, spec));
+  if (r.failed) {
+    const miss = r.exitCode === 2 ? missingWhat(r.stderr) : undefined;
+    if (miss === 'pool') throw new HotplugError(`${SCRIPT}: pool "${p.pool}" does not exist in the Ceph cluster${clusterWords(p.cluster)}; check the pool in ${specString(spec)}.`);
+    if (miss === 'image') throw new HotplugError(`${SCRIPT}: image "${p.image}" does not exist in pool "${p.pool}"${clusterWords(p.cluster)}; check the image in ${specString(spec)}.`);
+    if (miss === 'snapshot') throw new HotplugError(`${SCRIPT}: image ${p.pool}/${p.image} has no snapshot "${p.snap}"; create it with "rbd snap create ${specString(spec)}" or name an existing one (rbd snap ls ${p.pool}/${p.image}).`);
+    throw failure(r, `cannot read ${specString(spec)}`, p.cluster);
+  }
+  try {
+    return parseInfo(r.stdout);
+  } catch (e) {
+    throw new HotplugError(`${SCRIPT}: ${specString(spec)}: ${messageOf(e)}`);
+  }
+}
+
+/** Protect the snapshot unless it is protected already (another add may protect it meanwhile). */
+export async function ensureProtected(run: Runner, p: RbdParams, info: ImageInfo): Promise<void> {
+  if (info.protected === true) return;
+  const spec = { pool: p.pool, image: p.image, snap: p.snap };
+  const r = await rbd(run, snapProtectArgs(p.cluster, spec));
+  if (!r.failed) return;
+  if (r.exitCode === 16 || /already protected/.test(r.stderr)) return;
+  throw failure(r, `cannot protect snapshot ${specString(spec)} (a layered clone needs a protected snapshot)`, p.cluster);
+}
+
+/** `rbd info` of an image; undefined when it does not exist. */
+export async function imageInfo(run: Runner, c: Cluster, s: Omit<ImageSpec, 'snap'>): Promise<ImageInfo | undefined> {
+  const r = await rbd(run, infoArgs(c, s));
+  if (r.failed) {
+    if (r.exitCode === 2 && missingWhat(r.stderr) === 'image') return undefined;
+    throw failure(r, `cannot read ${specString(s)}`, c);
+  }
+  return parseInfo(r.stdout);
+}
+
+export async function watchers(run: Runner, c: Cluster, s: Omit<ImageSpec, 'snap'>): Promise<Watcher[] | undefined> {
+  const r = await rbd(run, statusArgs(c, s));
+  if (r.failed) {
+    if (r.exitCode === 2 && missingWhat(r.stderr) === 'image') return undefined;
+    throw failure(r, `cannot read the watchers of ${specString(s)}`, c);
+  }
+  return parseStatus(r.stdout);
+}
+
+export async function showMapped(run: Runner, c: Cluster): Promise<Mapping[]> {
+  const r = await rbd(run, showMappedArgs(c));
+  if (r.failed) throw failure(r, 'cannot list mapped rbd devices', c);
+  return parseShowMapped(r.stdout);
+}
+
+function mapsSpec(m: Mapping, s: ImageSpec): boolean {
+  return m.pool === s.pool && m.namespace === '' && m.name === s.image && m.snap === s.snap;
+}
+
+/** The kernel's major:minor of /dev/rbdN, from sysfs. */
+export function sysDev(device: string, sysRoot = '/sys'): { major: number; minor: number } {
+  const name = device.replace(/^\/dev\//, '');
+  const text = readFileSync(`${sysRoot}/block/${name}/dev`, 'utf8').trim();
+  const m = /^(\d+):(\d+)$/.exec(text);
+  if (!m) throw new Error(`${sysRoot}/block/${name}/dev says "${text}"`);
+  return { major: Number(m[1]), minor: Number(m[2]) };
+}
+
+function readOnlyFlag(device: string, sysRoot = '/sys'): boolean | undefined {
+  try {
+    return readFileSync(`${sysRoot}/block/${device.replace(/^\/dev\//, '')}/ro`, 'utf8').trim() === '1';
+  } catch {
+    return undefined;
+  }
+}
+
+function describeWatchers(ws: Watcher[]): string {
+  return ws.map((w) => `client.${w.client} at ${w.address}`).join(', ');
+}
+
+/** Other records on this host that use the clone. */
+export function localUsers(entries: JournalEntry[], pool: string, image: string, self: string): JournalEntry[] {
+  return entries.filter((e) => e.backendPath !== self && e.steps.some((s) => s.kind === STEP.clone && s.data.pool === pool && s.data.image === image));
+}
+
+function rbdLockPath(config: Config, pool: string, image: string): string {
+  return stateLockPath(config.stateDir, `rbd-${pool}-${image}`);
+}
+
+// ---------------------------------------------------------------------------------------------
+// add
+
+async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<void> {
+  const { run, config } = ctx;
+  const p = plan.params;
+  const image = plan.clone as string;
+  const target = { pool: p.pool, image };
+  const persistent = p.clone === 'persistent';
+  const lock = await acquireFlock(rbdLockPath(config, p.pool, image), { timeoutMs: config.lockTimeoutMs, runner: run });
+  try {
+    const { entries, unreadable } = ctx.journal.list();
+    if (unreadable.length > 0) ctx.log.warn(`journal records ${unreadable.map((u) => u.file).join(', ')} cannot be read; their disks are not seen by the sharing check`);
+    const others = localUsers(entries, p.pool, image, ctx.request.xenbusPath);
+    if (others.length > 0) {
+      const o = others[0] as JournalEntry;
+      throw new HotplugError(`${SCRIPT}: ${specString(target)} is already in use on this host by ${o.backendPath}${o.disk.domainName ? ` (domain ${o.disk.domainName})` : ''}; a clone is never given to a second writer.`, 'busy');
+    }
+    const existing = await imageInfo(run, p.cluster, target);
+    if (existing) {
+      const par = existing.parent;
+      if (!par || par.pool !== p.pool || par.image !== p.image || par.snapshot !== p.snap || par.namespace !== '') {
+        const what = par ? `a clone of ${par.pool}/${par.image}@${par.snapshot}` : 'not a clone';
+        throw new HotplugError(`${SCRIPT}: image ${specString(target)} exists and is ${what}, not of ${p.pool}/${p.image}@${p.snap}; move it away (rbd mv) or choose another name=.`);
+      }
+      const ws = (await watchers(run, p.cluster, target)) ?? [];
+      if (ws.length > 0 && !plan.incoming) {
+        throw new HotplugError(`${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`, 'busy');
+      }
+      if (!persistent && !plan.incoming) {
+        throw new HotplugError(
+          `${SCRIPT}: the transient clone ${specString(target)} already exists and no record on this host made it (left by another host, or by a crash there); ` +
+            `it is not reused, so that a transient disk never starts with someone's data. Delete it with "rbd rm ${specString(target)}" once nobody uses it.`,
+          'busy',
+        );
+      }
+      if (ws.length > 0) ctx.log.info(`${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`);
+    }
+    await ctx.build.step(
+      STEP.clone,
+      { cluster: p.cluster, pool: p.pool, image, parent: plan.parent, persistent, existed: existing !== undefined, incoming: plan.incoming },
+      async () => {
+        if (existing) return;
+        const r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
+        if (r.failed) {
+          if (r.exitCode === 17) {
+            // Made by someone else between our look and our clone: not ours to delete.
+            ctx.build.note({ lost: true });
+            throw new HotplugError(`${SCRIPT}: ${specString(target)} was created by someone else while this add ran; a clone is never given to a second writer.`, 'busy');
+          }
+          throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
+        }
+      },
+    );
+  } finally {
+    await lock.release();
+  }
+}
+
+async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec): Promise<BuiltDevice> {
+  const { run } = ctx;
+  const c = plan.params.cluster;
+  const noudev = !udevRunning();
+  const before = (await showMapped(run, c)).filter((m) => mapsSpec(m, spec)).map((m) => m.device);
+  const info = await ctx.build.step(
+    STEP.map,
+    { cluster: c, spec, readOnly: plan.readOnly, noudev, before },
+    async () => {
+      const r = await rbd(run, mapArgs(c, spec, { readOnly: plan.readOnly, noudev, options: plan.params.mapOptions }));
+      if (r.failed) {
+        const hint = /\(2\)|No such file/.test(r.stderr) && !existsSync('/sys/bus/rbd') ? ' (the rbd kernel module is not loaded: modprobe rbd)' : '';
+        throw failure(r, `cannot map ${specString(spec)}${hint}`, c);
+      }
+      const device = parseMapOutput(r.stdout);
+      ctx.build.note({ device });
+      const mm = sysDev(device);
+      if (plan.readOnly && readOnlyFlag(device) !== true) throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
+      return { device, ...mm };
+    },
+    (r) => ({ device: r.device, major: r.major, minor: r.minor }),
+  );
+  return { path: info.device, major: info.major, minor: info.minor };
+}
+
+export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevice> {
+  const p = plan.params;
+  const golden = await goldenInfo(ctx.run, p);
+  if (plan.readOnly) return mapImage(ctx, plan, plan.parent);
+  if (!golden.features.includes('layering')) {
+    throw new HotplugError(`${SCRIPT}: ${p.pool}/${p.image} lacks the layering feature, so it cannot be cloned; enable it with "rbd feature enable ${p.pool}/${p.image} layering".`);
+  }
+  await ensureProtected(ctx.run, p, golden);
+  await claimClone(ctx, plan);
+  return mapImage(ctx, plan, { pool: p.pool, image: plan.clone as string });
+}
+
+// ---------------------------------------------------------------------------------------------
+// undo
+
+function clusterOf(step: StepRecord): Cluster {
+  const c = (typeof step.data.cluster === 'object' && step.data.cluster !== null ? step.data.cluster : {}) as Record<string, unknown>;
+  const s = (v: unknown) => (typeof v === 'string' ? v : undefined);
+  return { conf: s(c.conf), id: s(c.id), keyring: s(c.keyring) };
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function unmapDevice(ctx: UndoContext, c: Cluster, device: string): Promise<void> {
+  const noudev = !udevRunning();
+  const until = Date.now() + Math.min(ctx.config.busyRetryMs, 20_000);
+  for (;;) {
+    const r = await rbd(ctx.run, unmapArgs(c, device, { noudev }));
+    if (!r.failed) return;
+    // blkback lets go of the device asynchronously: retry EBUSY for a bounded time.
+    if (r.exitCode === 16 && Date.now() < until) {
+      await sleep(300);
+      continue;
+    }
+    throw new Error(`rbd unmap ${device}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
+  }
+}
+
+async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const s = step.data.spec as ImageSpec | undefined;
+  if (!s || typeof s.pool !== 'string' || typeof s.image !== 'string') return;
+  const c = clusterOf(step);
+  const device = typeof step.data.device === 'string' ? step.data.device : undefined;
+  const before = new Set(Array.isArray(step.data.before) ? (step.data.before as string[]) : []);
+  const mapped = (await showMapped(ctx.run, c)).filter((m) => mapsSpec(m, s));
+  let ours: Mapping[];
+  if (device !== undefined) ours = mapped.filter((m) => m.device === device);
+  else {
+    // Killed between `rbd map` and the record of its device: the mappings of the spec that were
+    // not there before and that no other record names.
+    const claimed = new Set(ctx.journal.list().entries.filter((e) => e.backendPath !== ctx.entry.backendPath).flatMap((e) => e.steps.filter((x) => x.kind === STEP.map).map((x) => x.data.device)));
+    ours = mapped.filter((m) => !before.has(m.device) && !claimed.has(m.device));
+    if (ours.length > 1) throw new Error(`${specString(s)} gained ${ours.length} mappings (${ours.map((m) => m.device).join(', ')}) while this add was killed; cannot tell which is ours: unmap it by hand, then run "xen-blockhooks gc"`);
+  }
+  for (const m of ours) await unmapDevice(ctx, c, m.device);
+}
+
+async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
+  const pool = typeof step.data.pool === 'string' ? step.data.pool : undefined;
+  const image = typeof step.data.image === 'string' ? step.data.image : undefined;
+  if (!pool || !image || step.data.lost === true) return;
+  const c = clusterOf(step);
+  const target = { pool, image };
+  const handedOut = ctx.entry.device !== undefined;
+  const existed = step.data.existed === true;
+  if (step.data.persistent === true) {
+    // A persistent clone stays, unless this very add created it and never handed it out.
+    if (existed || handedOut) return;
+  } else if (existed && !handedOut) {
+    // Taken over for a migration that did not complete: the sender still runs on it.
+    ctx.log.info(`${SCRIPT}: keeping ${specString(target)}: this add found it and never handed it out`);
+    return;
+  }
+  const info = await imageInfo(ctx.run, c, target);
+  if (!info) return;
+  const parent = step.data.parent as ImageSpec | undefined;
+  if (parent && (!info.parent || info.parent.pool !== parent.pool || info.parent.image !== parent.image || info.parent.snapshot !== parent.snap)) {
+    throw new Error(`${specString(target)} is no longer a clone of ${specString(parent)}; not deleting it`);
+  }
+  const ws = (await watchers(ctx.run, c, target)) ?? [];
+  if (ws.length > 0) {
+    ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: still open by ${describeWatchers(ws)} (the disk lives on there, e.g. after a live migration)`);
+    return;
+  }
+  const r = await rbd(ctx.run, rmArgs(c, target));
+  if (r.failed && !(r.exitCode === 2 && /No such file/.test(r.stderr))) throw new Error(`rbd rm ${specString(target)}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
+}
+
+export const rbdUndo: UndoRegistry = {
+  [STEP.clone]: undoClone,
+  [STEP.map]: undoMap,
+};
+
+export const rbdBackend: Backend<RbdPlan> = {
+  script: SCRIPT,
+  summary: 'copy-on-write disks on Ceph RBD layered clones of a golden snapshot, mapped with the kernel rbd driver',
+  usage: [
+    `params: ${GRAMMAR}`,
+    '  pool/image@snapshot   the golden snapshot (protected on first use); access=r maps it read-only, no clone',
+    '  clone=transient       (default) access=w clones it to pool/xbh-<domain>-<vdev>, deleted on remove',
+    '  clone=persistent      the same clone is kept on remove and reused by the next add',
+    '  name=IMAGE            the persistent clone\'s image name (in the same pool)',
+    '  conf=PATH id=ID keyring=PATH   the cluster and client (default /etc/ceph/ceph.conf, client.admin)',
+    '  map_options=OPT,...   extra krbd map options (noudev is added by itself when no udevd runs)',
+    'xl:  disk = [ "vdev=xvda,access=w,script=block-rbd,target=rbd/debian12@golden" ]',
+    'A clone open anywhere in the cluster (an rbd watcher) is never mapped writable again, except by the receiving side of a live migration.',
+  ].join('\n'),
+  plan: (disk, ctx) => planRbd(disk, ctx),
+  add: addRbd,
+  undo: rbdUndo,
+};
+
