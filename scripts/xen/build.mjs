@@ -1,4 +1,4 @@
-// Builds the real-Xen test tier once into .cache/xen/, from Debian packages fetched with
+// Builds the real-Xen test tier once into .cache/xen/build-<hash>/, from Debian packages fetched with
 // `apt-get download` (nothing is installed on this machine):
 //   xen.elf          Debian's Xen 4.17 hypervisor, gunzipped (an ELF32 multiboot image for -kernel)
 //   vmlinux          Debian's kernel as an ELF image: dom0 (PV) and the test domUs (PV)
@@ -7,14 +7,15 @@
 //   modroot/         the kernel's modules, depmod'ed, at usr/lib/modules/<version>
 //   dom0-initrd.cpio busybox + virtio/9p/overlay modules + dom0-init.sh
 //   domu-initrd.cpio busybox + xen-blkfront + domu-init.sh (the guest the scenarios boot)
-// Rebuilt only when an input changes (package file names, the init scripts, this file).
+// Rebuilt only when an input changes (package file names, the init scripts, this file); each
+// set of inputs gets its own folder .cache/xen/build-<hash>/ holding the files above.
 //
 //   node scripts/xen/build.mjs      build (or confirm the cache) and print the paths
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
   chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
-  readdirSync, renameSync, rmSync, symlinkSync, writeFileSync,
+  readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -201,6 +202,9 @@ function unpackVmlinux(vmlinuz, vmlinux) {
   const fd = openSync(vmlinux, 'w');
   try {
     execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 30 });
+  } catch (e) {
+    // xz stops reading at the end of its stream; the bytes after it then meet a closed pipe.
+    if (!(e.code === 'EPIPE' && e.status === 0)) throw e;
   } finally {
     closeSync(fd);
   }
@@ -284,6 +288,21 @@ function moduleOrder(kdir, names) {
   return order.map((p) => p.split('/').pop().replace(/\.ko$/, ''));
 }
 
+/**
+ * Removes other builds (and the layout of earlier versions of this script) once they have not
+ * been used for two hours: a run started from them is long over by then.
+ */
+function pruneBuilds(keep) {
+  const old = Date.now() - 2 * 3600_000;
+  for (const e of readdirSync(CACHE_DIR)) {
+    const p = join(CACHE_DIR, e);
+    if (p === keep || e === 'debs' || e === 'packages.json') continue;
+    try {
+      if (lstatSync(p).mtimeMs < old) rmSync(p, { recursive: true, force: true });
+    } catch {}
+  }
+}
+
 function stampOf(debs) {
   const h = createHash('sha256');
   for (const part of [
@@ -333,25 +352,32 @@ export async function buildXen({ log = () => {} } = {}) {
   ];
   const debs = download(specs, log);
   const stamp = stampOf(debs);
+  // Each set of inputs builds into its own folder, never changed once complete: a run that is
+  // booted from one build keeps its 9p exports even while another run builds a newer one.
+  const dir = join(CACHE_DIR, `build-${stamp.slice(0, 16)}`);
   const paths = {
-    xen: join(CACHE_DIR, 'xen.elf'),
-    vmlinux: join(CACHE_DIR, 'vmlinux'),
-    dom0Initrd: join(CACHE_DIR, 'dom0-initrd.cpio'),
-    domuInitrd: join(CACHE_DIR, 'domu-initrd.cpio'),
-    xenroot: join(CACHE_DIR, 'xenroot'),
-    modroot: join(CACHE_DIR, 'modroot'),
+    xen: join(dir, 'xen.elf'),
+    vmlinux: join(dir, 'vmlinux'),
+    dom0Initrd: join(dir, 'dom0-initrd.cpio'),
+    domuInitrd: join(dir, 'domu-initrd.cpio'),
+    xenroot: join(dir, 'xenroot'),
+    modroot: join(dir, 'modroot'),
     kernelPackage: resolved.kernel,
     nodeVersion: resolved.nodeVersion,
     packages: Object.keys(debs),
   };
-  const stampFile = join(CACHE_DIR, 'stamp');
-  if (existsSync(stampFile) && readFileSync(stampFile, 'utf8') === stamp && [paths.xen, paths.vmlinux, paths.dom0Initrd, paths.domuInitrd].every(existsSync)) {
-    paths.kernelVersion = readdirSync(join(paths.modroot, 'usr', 'lib', 'modules'))[0];
+  const complete = join(dir, 'complete');
+  if (existsSync(complete)) {
+    paths.kernelVersion = readFileSync(complete, 'utf8').trim();
+    const now = new Date();
+    utimesSync(dir, now, now); // "used": kept by pruneBuilds for two more hours
     return paths;
   }
+  pruneBuilds(dir);
   if (!existsSync(BUSYBOX)) throw new Error(`${BUSYBOX} missing: install busybox-static`);
   log('building the Xen test tier');
-  rmSync(stampFile, { force: true });
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
 
   // xenroot: every Xen and node package, folded into usr/.
   rmSync(paths.xenroot, { recursive: true, force: true });
@@ -374,7 +400,7 @@ export async function buildXen({ log = () => {} } = {}) {
   if (!existsSync(join(paths.xenroot, 'usr', 'bin', 'node'))) throw new Error('the nodejs package left no usr/bin/node');
 
   // The kernel: ELF vmlinux, and the module trees dom0 needs, depmod'ed with Debian's kmod.
-  const kdir = join(CACHE_DIR, 'kernel');
+  const kdir = join(dir, 'kernel');
   rmSync(kdir, { recursive: true, force: true });
   mkdirSync(kdir, { recursive: true });
   await extract(debs[resolved.kernel], kdir, ['./boot/vmlinuz-*', ...MODULE_TREES.map((t) => `./lib/modules/*/${t}`)]);
@@ -388,7 +414,7 @@ export async function buildXen({ log = () => {} } = {}) {
   rmSync(kdir, { recursive: true, force: true });
   // kmod picks the tool from its argv[0]; the package's usr/sbin/depmod links to /bin/kmod,
   // which this machine lacks, so make a local link.
-  const depmod = join(CACHE_DIR, 'depmod');
+  const depmod = join(dir, 'depmod');
   rmSync(depmod, { force: true });
   symlinkSync(join(paths.xenroot, 'usr', 'bin', 'kmod'), depmod);
   execFileSync(depmod, ['-b', join(paths.modroot, 'usr'), kver], {
@@ -401,11 +427,14 @@ export async function buildXen({ log = () => {} } = {}) {
 
   const kdirMods = join(paths.modroot, 'usr', 'lib', 'modules', kver);
   const dom0Modules = [...DOM0_EARLY_MODULES, ...moduleOrder(kdirMods, DOM0_MODULES).filter((m) => !DOM0_EARLY_MODULES.includes(m))];
-  buildInitramfs(join(CACHE_DIR, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, dom0Modules, modFiles);
-  buildInitramfs(join(CACHE_DIR, 'domu-initramfs'), paths.domuInitrd, DOMU_INIT, DOMU_MODULES, modFiles);
-  writeFileSync(stampFile, stamp);
+  buildInitramfs(join(dir, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, dom0Modules, modFiles);
+  buildInitramfs(join(dir, 'domu-initramfs'), paths.domuInitrd, DOMU_INIT, DOMU_MODULES, modFiles);
+  rmSync(join(dir, 'dom0-initramfs'), { recursive: true, force: true });
+  rmSync(join(dir, 'domu-initramfs'), { recursive: true, force: true });
+  rmSync(depmod, { force: true });
+  writeFileSync(complete, `${kver}\n`);
   paths.kernelVersion = kver;
-  log(`Xen test tier ready in ${CACHE_DIR}`);
+  log(`Xen test tier ready in ${dir}`);
   return paths;
 }
 

@@ -5,6 +5,7 @@
 #                                    base holds), write "XBH:WORD" at 0 with fsync, read it
 #                                    back, print it, power off
 #   xbh_hold=1                       after "done", stay up (dom0 inspects, then xl destroy)
+#   xbh_linger=S                     after "done", wait S seconds before powering off
 #   xbh_mode=watch xbh_cycles=N      print "ready", then report /dev/xvdb appearing (with the
 #                                    16 bytes at 4096) and disappearing, numbered; power off
 #                                    after the N-th disappearance (default 1)
@@ -19,6 +20,7 @@ finish() {
 		say "holding"
 		while :; do sleep 1000; done
 	fi
+	[ -n "${xbh_linger:-}" ] && sleep "$xbh_linger"
 	poweroff -f
 	sleep 1000
 }

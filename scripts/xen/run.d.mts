@@ -58,6 +58,8 @@ export function runXenTier(opts?: {
   scenarioTimeoutS?: number;
   onConsole?: (text: string) => void;
   log?: (message: string) => void;
+  /** Leave the results share in /tmp (its path is logged). */
+  keep?: boolean;
 }): Promise<XenRun>;
 export function describeFailure(r: XenScenarioResult, run: XenRun): string;
 export function formatLogs(logs: Record<string, string>, maxPerLog?: number): string;

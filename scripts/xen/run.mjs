@@ -3,7 +3,9 @@
 // as a Debian dom0 (xenstored, xen-init-dom0, xenconsoled) and runs the scenarios of test/xen/
 // in that one boot, each with real xl.
 //
-//   node scripts/xen/run.mjs [--timeout SECONDS] [--quiet] [SCENARIO...]
+//   node scripts/xen/run.mjs [--timeout SECONDS] [--quiet] [--keep] [SCENARIO...]
+//
+// --keep leaves the results share (outputs, dom0's /var/log/xen and dmesg) in /tmp.
 //
 // SCENARIOs are files or names in test/xen/ (default: all `NN-*.sh|mjs|ts` there, in order).
 // The serial console (Xen and dom0) streams to stdout unless --quiet.
@@ -79,7 +81,7 @@ function collectLogs(dir, base = dir, out = {}) {
  * Rejects only when the tier cannot be built or QEMU cannot be started.
  */
 export async function runXenTier({
-  scenarios = listScenarios(), timeoutMs = 600_000, scenarioTimeoutS = 300, onConsole, log = () => {},
+  scenarios = listScenarios(), timeoutMs = 600_000, scenarioTimeoutS = 300, onConsole, log = () => {}, keep = false,
 } = {}) {
   const t0 = Date.now();
   const loadStart = readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ');
@@ -181,7 +183,8 @@ export async function runXenTier({
       tier: t,
     };
   } finally {
-    rmSync(share, { recursive: true, force: true });
+    if (keep) log(`kept the results share: ${share}`);
+    else rmSync(share, { recursive: true, force: true });
   }
 }
 
@@ -207,12 +210,14 @@ async function main(argv) {
   const picked = [];
   let timeoutMs = 600_000;
   let quiet = false;
+  let keep = false;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--timeout') timeoutMs = Number(argv[++i]) * 1000;
     else if (a === '--quiet') quiet = true;
+    else if (a === '--keep') keep = true;
     else if (a === '-h' || a === '--help') {
-      console.log('usage: node scripts/xen/run.mjs [--timeout SECONDS] [--quiet] [SCENARIO...]');
+      console.log('usage: node scripts/xen/run.mjs [--timeout SECONDS] [--quiet] [--keep] [SCENARIO...]');
       return 0;
     } else if (a.startsWith('-')) {
       console.error(`unknown option ${a}`);
@@ -225,7 +230,7 @@ async function main(argv) {
     : all;
   for (const s of scenarios) if (!existsSync(s)) { console.error(`no such scenario: ${s}`); return 2; }
   const run = await runXenTier({
-    scenarios, timeoutMs, onConsole: quiet ? undefined : (s) => process.stdout.write(s), log: (m) => console.error(m),
+    scenarios, timeoutMs, keep, onConsole: quiet ? undefined : (s) => process.stdout.write(s), log: (m) => console.error(m),
   });
   console.error(`\nxen tier: ${run.totalMs} ms total; dom0 ready after ${run.bootMs ?? '?'} ms; host load ${run.hostLoad}`
     + `${run.timedOut ? '; TIMED OUT (QEMU killed)' : ''}${run.setupError ? `; dom0 setup failed: ${run.setupError}` : ''}`);

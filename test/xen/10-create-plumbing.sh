@@ -29,7 +29,7 @@ chmod 755 $S
 
 IMG=$XBH_SCRATCH/plumb.img
 make_base $IMG 16
-cfg=$(domu_cfg xbhplumb marker "xbh_marker=plumb1" "format=raw, vdev=xvda, access=rw, script=block-xbhplumb, target=$IMG")
+cfg=$(domu_cfg xbhplumb marker "xbh_marker=plumb1 xbh_linger=30" "format=raw, vdev=xvda, access=rw, script=block-xbhplumb, target=$IMG")
 xl_create "xl create with a trivial script" "$cfg" || finish
 id=$(domid xbhplumb)
 be=$(vbd_backend "$id" 51712)
@@ -41,7 +41,7 @@ else
 fi
 if console_has xbhplumb "readback=XBH:plumb1"; then ok "the domU read back its marker from /dev/xvda"; else not_ok "the domU read back its marker" "$(console_log xbhplumb | grep xbh-domu)"; fi
 if console_has xbhplumb "base=BASE-IMAGE-DATA"; then ok "the domU saw the image's data at 4096"; else not_ok "the domU saw the image's data" "$(console_log xbhplumb | grep xbh-domu)"; fi
-if until_true 30 domain_gone xbhplumb; then ok "the domU powered off and was destroyed"; else not_ok "the domU powered off" "$(xl list)"; xl destroy xbhplumb; fi
+if until_true 60 domain_gone xbhplumb; then ok "the domU powered off and was destroyed"; else not_ok "the domU powered off" "$(xl list)"; xl destroy xbhplumb; fi
 check "the marker is in the image (the loop was read-write)" sh -c "dd if=$IMG bs=16 count=1 status=none | grep -q XBH:plumb1"
 if until_true 15 sh -c '[ -z "$(losetup -a)" ]'; then ok "xl ran remove: no loop left"; else not_ok "xl ran remove: no loop left" "$(losetup -a)" "$(cat /var/log/xen/xbhplumb.log)"; fi
 if until_true 10 sh -c "! xenstore-exists $be"; then ok "the backend node is gone"; else not_ok "the backend node is gone" "$(xenstore-ls -f $be)"; fi

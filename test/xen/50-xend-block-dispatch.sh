@@ -41,8 +41,7 @@ else
 fi
 check "it reported hotplug-status=connected" sh -c "[ \"\$(xenstore-read $be/hotplug-status)\" = connected ]"
 mm=$(xenstore-read $be/physical-device 2>/dev/null)
-maj=$((0x${mm%%:*})) min=$((0x${mm##*:}))
-if dmsetup table -j "$maj" -m "$min" 2>/dev/null | grep -q ' snapshot '; then
+if [ -n "$mm" ] && dmsetup table -j "$((0x${mm%%:*}))" -m "$((0x${mm##*:}))" 2>/dev/null | grep -q ' snapshot '; then
 	ok "block dispatched to block-cow: physical-device $mm is a dm snapshot"
 else
 	not_ok "block dispatched to block-cow: physical-device is a dm snapshot" "physical-device=$mm" "$(dmsetup table 2>&1)"
