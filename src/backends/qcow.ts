@@ -31,7 +31,7 @@ import { closeSync, linkSync, lstatSync, mkdirSync, openSync, constants as fsc, 
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import type { Runner } from '../devices/runner.js';
+import { describeFailure, type Runner } from '../devices/runner.js';
 import {
   CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlayArgs, qemuImgInfoArgs, qemuNbdConnectArgs,
   type ImageInfo,
@@ -174,7 +174,7 @@ export function planQcow(disk: DiskSpec, ctx: { config: Config; xenbusPath: stri
 async function imgInfo(run: Runner, image: string, opts: { format?: string; backingChain?: boolean }): Promise<ImageInfo[]> {
   const r = await run.probe('qemu-img', qemuImgInfoArgs(image, opts));
   if (r.failed) {
-    const why = r.stderr.trim().split('\n').filter(Boolean).pop() ?? `status ${r.exitCode}`;
+    const why = describeFailure(r);
     throw new HotplugError(`${SCRIPT}: qemu-img cannot read ${image}${opts.format ? ` as ${opts.format}` : ''}: ${why}`);
   }
   try {
@@ -351,7 +351,7 @@ function createEmpty(path: string): void {
 
 async function makeOverlay(run: Runner, path: string, base: ChainFile): Promise<void> {
   const r = await run.probe('qemu-img', qemuImgCreateOverlayArgs(path, base.path, base.format));
-  if (r.failed) throw new HotplugError(`${SCRIPT}: qemu-img could not create the overlay ${path}: ${r.stderr.trim().split('\n').pop() ?? `status ${r.exitCode}`}`);
+  if (r.failed) throw new HotplugError(`${SCRIPT}: qemu-img could not create the overlay ${path}: ${describeFailure(r)}`);
 }
 
 /** nbd devices other records name (connected or reserved by an add in progress or killed). */
@@ -404,7 +404,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
       }
       const r = await ctx.run.probe('qemu-nbd', qemuNbdConnectArgs({ device, image, format, readOnly: plan.readOnly, pidFile: plan.pidFile, cache: plan.cache, discard: true }), { timeoutMs: 20_000 });
       if (r.failed) {
-        const why = r.stderr.trim().split('\n').filter(Boolean).join(' ') || `status ${r.exitCode}`;
+        const why = r.timedOut || r.signal ? describeFailure(r) : r.stderr.trim().split('\n').filter(Boolean).join(' ') || describeFailure(r);
         if (isQemuLockConflict(r.stderr)) {
           throw new HotplugError(`${SCRIPT}: ${image} is in use by another program (qemu's image lock: ${why}); stop that user first.`, 'busy');
         }
