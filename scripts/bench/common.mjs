@@ -1,12 +1,36 @@
 // Shared helpers of the benchmarks: timing child processes (argument arrays, no shell), order
 // rotation for interleaved A/B runs, percentiles, the machine description every table carries.
 import { spawn, execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cpus, loadavg, release } from 'node:os';
 
-/** Run `file args` and time it from spawn to exit (ms). stdin is /dev/null, as libxl gives hooks. */
-export function timed(file, args, { env = process.env, cwd, timeoutMs = 300_000 } = {}) {
+const GNU_TIME = '/usr/bin/time';
+let cpuSeq = 0;
+
+/**
+ * Run `file args` and time it from spawn to exit (ms). stdin is /dev/null, as libxl gives hooks.
+ * With `cpuDir`, GNU time (when installed) wraps the command and `cpuMs` is the user+sys time of
+ * the command and every process it waited for: far less sensitive to other load than wall time.
+ */
+export function timed(file, args, { env = process.env, cwd, timeoutMs = 300_000, cpuDir } = {}) {
+  if (cpuDir && existsSync(GNU_TIME)) {
+    const out = join(cpuDir, `cpu-${process.pid}-${cpuSeq++}.txt`);
+    return timedRaw(GNU_TIME, ['-f', '%U %S', '-o', out, '--', file, ...args], { env, cwd, timeoutMs }).then((r) => {
+      try {
+        const [u, s] = readFileSync(out, 'utf8').trim().split('\n').pop().split(' ').map(Number);
+        rmSync(out, { force: true });
+        return { ...r, cpuMs: (u + s) * 1000 };
+      } catch {
+        return r;
+      }
+    });
+  }
+  return timedRaw(file, args, { env, cwd, timeoutMs });
+}
+
+function timedRaw(file, args, { env, cwd, timeoutMs }) {
   return new Promise((resolve) => {
     const t0 = performance.now();
     const startEpoch = performance.timeOrigin + t0;

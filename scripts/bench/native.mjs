@@ -62,14 +62,15 @@ export async function nativeWorld(lib, { hooks, runDir }) {
     },
     /** Run add or remove of `kind` ('ours' | 'stock') on backend `be`; `probe` names a JSON file. */
     run(kind, action, be, probe) {
-      if (kind === 'stock') return timed(w.stockBlock, [action], { env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' } });
+      const cpuDir = probe ? undefined : join(dir, 'probe');
+      if (kind === 'stock') return timed(w.stockBlock, [action], { env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' }, cpuDir });
       const env = { ...ours, XENBUS_PATH: be, script: '/etc/xen/scripts/block' };
       const args = [hooks.block, action];
       if (probe) {
         env.XBH_BENCH_PROBE_OUT = probe;
         args.unshift('--import', pathToFileURL(join(runDir, 'probe.mjs')).href);
       }
-      return timed(NODE, args, { env });
+      return timed(NODE, args, { env, cpuDir });
     },
     async check(kind, action, be, r) {
       if (r.code !== 0) throw new Error(`${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${r.stderr.trim().split('\n').slice(-3).join(' | ')} ${await xs.tryRead(`${be}/hotplug-error`) ?? ''}`);
@@ -102,22 +103,25 @@ async function cycle(w, kind, image, probe) {
   await w.lib.destroyNodes(w.xs, d);
   const left = loopsUnder(w.dir);
   if (left.length) throw new Error(`${kind} remove left ${left.join(', ')}`);
-  return { add: a.ms, remove: r.ms, addRun: a, removeRun: r };
+  return { add: a.ms, remove: r.ms, addCpu: a.cpuMs, removeCpu: r.cpuMs, addRun: a, removeRun: r };
 }
 
 /** Latency of our block vs the stock block (file: disk, add and remove) and bare node, interleaved. */
 export async function nativeLatency(lib, w, { runs = 30, warmup = 3 } = {}) {
   w.lib = lib;
   const image = w.image('latency.img');
-  const res = { ours: { add: [], remove: [] }, stock: { add: [], remove: [] }, node: [], breakdown: { add: [], remove: [] } };
+  const res = { ours: { add: [], remove: [], addCpu: [], removeCpu: [] }, stock: { add: [], remove: [], addCpu: [], removeCpu: [] }, node: [], nodeCpu: [], breakdown: { add: [], remove: [] } };
   const variants = ['ours', 'stock', 'node', 'probed'];
   log(`native latency: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.join(', ')}`);
   for (let round = 0; round < warmup + runs; round++) {
     const keep = round >= warmup;
     for (const v of rotation(variants, round)) {
       if (v === 'node') {
-        const r = await timed(NODE, ['-e', '0']);
-        if (keep) res.node.push(r.ms);
+        const r = await timed(NODE, ['-e', '0'], { cpuDir: join(w.dir, 'probe') });
+        if (keep) {
+          res.node.push(r.ms);
+          if (r.cpuMs !== undefined) res.nodeCpu.push(r.cpuMs);
+        }
       } else if (v === 'probed') {
         const probe = { add: join(w.dir, 'probe', `a${round}.json`), remove: join(w.dir, 'probe', `r${round}.json`) };
         const c = await cycle(w, 'ours', image, probe);
@@ -130,6 +134,8 @@ export async function nativeLatency(lib, w, { runs = 30, warmup = 3 } = {}) {
         if (keep) {
           res[v].add.push(c.add);
           res[v].remove.push(c.remove);
+          if (c.addCpu !== undefined) res[v].addCpu.push(c.addCpu);
+          if (c.removeCpu !== undefined) res[v].removeCpu.push(c.removeCpu);
         }
       }
     }

@@ -21,18 +21,24 @@ function nativeLatency(l) {
   const out = [`### Hook latency, native (file: disk, loop device)`, '', `Load average: ${l.loadStart} at start, ${l.loadEnd} at end.`, ''];
   const n = l.node.length;
   const diffs = l.ours.add.map((a, i) => a - l.node[i]);
-  out.push(head(['run (n each)', 'p50', 'p95']));
-  out.push(row([`bare \`node -e 0\` (${n})`, ms(p50(l.node)), ms(p95(l.node))]));
-  out.push(row([`ours \`block add\` (${l.ours.add.length})`, ms(p50(l.ours.add)), ms(p95(l.ours.add))]));
-  out.push(row([`stock \`block add\` (${l.stock.add.length})`, ms(p50(l.stock.add)), ms(p95(l.stock.add))]));
-  out.push(row([`ours \`block remove\``, ms(p50(l.ours.remove)), ms(p95(l.ours.remove))]));
-  out.push(row([`stock \`block remove\``, ms(p50(l.stock.remove)), ms(p95(l.stock.remove))]));
+  const cpu = (v) => (v?.length ? [ms(p50(v)), ms(p95(v))] : ['–', '–']);
+  out.push(head(['run (n each)', 'wall p50', 'wall p95', 'CPU p50', 'CPU p95']));
+  out.push(row([`bare \`node -e 0\` (${n})`, ms(p50(l.node)), ms(p95(l.node)), ...cpu(l.nodeCpu)]));
+  out.push(row([`ours \`block add\` (${l.ours.add.length})`, ms(p50(l.ours.add)), ms(p95(l.ours.add)), ...cpu(l.ours.addCpu)]));
+  out.push(row([`stock \`block add\` (${l.stock.add.length})`, ms(p50(l.stock.add)), ms(p95(l.stock.add)), ...cpu(l.stock.addCpu)]));
+  out.push(row([`ours \`block remove\``, ms(p50(l.ours.remove)), ms(p95(l.ours.remove)), ...cpu(l.ours.removeCpu)]));
+  out.push(row([`stock \`block remove\``, ms(p50(l.stock.remove)), ms(p95(l.stock.remove)), ...cpu(l.stock.removeCpu)]));
   out.push('');
   out.push(head(['ratio / difference', 'value', 'target']));
   out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(diffs)), '≤ 20 ms']));
   out.push(row(['ours add / stock add (p50)', ratio(p50(l.ours.add), p50(l.stock.add)), '–']));
   out.push(row(['ours remove / stock remove (p50)', ratio(p50(l.ours.remove), p50(l.stock.remove)), '–']));
   out.push(row(['`node -e 0` / stock add (p50)', ratio(p50(l.node), p50(l.stock.add)), '–']));
+  if (l.ours.addCpu?.length && l.nodeCpu?.length) {
+    out.push(row(['CPU: ours add − `node -e 0`, median of per-round differences', ms(p50(l.ours.addCpu.map((a, i) => a - l.nodeCpu[i]))), '(≤ 20 ms)']));
+    out.push(row(['CPU: ours add / stock add (p50)', ratio(p50(l.ours.addCpu), p50(l.stock.addCpu)), '–']));
+    out.push(row(['CPU: ours remove / stock remove (p50)', ratio(p50(l.ours.removeCpu), p50(l.stock.removeCpu)), '–']));
+  }
   for (const action of ['add', 'remove']) {
     const b = l.breakdown[action];
     if (!b?.length) continue;
