@@ -63,3 +63,4 @@ export function runXenTier(opts?: {
 }): Promise<XenRun>;
 export function describeFailure(r: XenScenarioResult, run: XenRun): string;
 export function formatLogs(logs: Record<string, string>, maxPerLog?: number): string;
+export const CPU: string;
