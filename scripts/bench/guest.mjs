@@ -134,7 +134,8 @@ function paramsFor(kind, w, extra = '') {
 
 /** add/remove latency of each hook vs stock block file: and bare node, interleaved rounds. */
 async function latency(w, o) {
-  const kinds = ['stock', 'cow', 'qcow', 'thin'];
+  const only = (process.env.XBH_BENCH_GUEST_HOOKS ?? 'stock,cow,qcow,thin').split(',');
+  const kinds = ['stock', 'cow', 'qcow', 'thin'].filter((k) => k === 'stock' || only.includes(k));
   const variants = [...kinds, 'node'];
   const res = Object.fromEntries(kinds.map((k) => [k, { add: [], remove: [] }]));
   res.node = [];
@@ -159,7 +160,7 @@ async function latency(w, o) {
   res.breakdown = {};
   const probes = Number(process.env.XBH_BENCH_GUEST_PROBES ?? 2);
   for (let i = 0; i < probes; i++) {
-    for (const k of ['cow', 'qcow', 'thin']) {
+    for (const k of kinds.filter((x) => x !== 'stock')) {
       const pa = join(w.root, `probe-${k}-a${i}.json`);
       const pr = join(w.root, `probe-${k}-r${i}.json`);
       const disk = await w.add(k, paramsFor(k, w), {}, pa);
