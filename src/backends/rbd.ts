@@ -57,8 +57,8 @@ export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
 export const RBD_TIMEOUT_MS = 30_000;
 /** The domain name xl gives the receiving side of a live migration until it completes. */
 export const INCOMING_SUFFIX = '--incoming';
-/** udevd's control socket: present while udevd runs. */
-export const UDEV_CONTROL = '/run/udev/control';
+/** Where the host is looked at (tests point these elsewhere): sysfs, and udevd's control socket (present while udevd runs). */
+export const rbdHost = { sysRoot: '/sys', udevControl: '/run/udev/control' };
 
 export type CloneKind = 'transient' | 'persistent';
 
@@ -206,7 +206,7 @@ export function planRbd(disk: DiskSpec, ctx: { xenbusPath: string }): RbdPlan {
 // running rbd
 
 /** Whether udevd runs (its control socket exists); without it map/unmap need `-o noudev`. */
-export function udevRunning(control = UDEV_CONTROL): boolean {
+export function udevRunning(control = rbdHost.udevControl): boolean {
   return existsSync(control);
 }
 
@@ -218,7 +218,8 @@ function failure(r: RunResult, what: string, c: Cluster): HotplugError {
   if (r.timedOut) return new HotplugError(`${SCRIPT}: ${what}: rbd got no answer within ${Math.round(r.durationMs / 1000)} s; is the Ceph cluster${clusterWords(c)} reachable?`);
   if (r.exitCode === undefined) return new HotplugError(`${SCRIPT}: ${what}: rbd could not be started (install ceph-common).`);
   const why = rbdReason(r.stderr) || `status ${r.exitCode}`;
-  return new HotplugError(`${SCRIPT}: ${what}: ${why}`);
+  const hint = /couldn't connect to the cluster|\(110\)|Connection refused/.test(r.stderr) ? `; is the Ceph cluster${clusterWords(c)} reachable, and are conf=, id= and keyring= right?` : '';
+  return new HotplugError(`${SCRIPT}: ${what}: ${why}${hint}`);
 }
 
 async function rbd(run: Runner, args: string[]): Promise<RunResult> {
@@ -283,7 +284,7 @@ function mapsSpec(m: Mapping, s: ImageSpec): boolean {
 }
 
 /** The kernel's major:minor of /dev/rbdN, from sysfs. */
-export function sysDev(device: string, sysRoot = '/sys'): { major: number; minor: number } {
+export function sysDev(device: string, sysRoot = rbdHost.sysRoot): { major: number; minor: number } {
   const name = device.replace(/^\/dev\//, '');
   const text = readFileSync(`${sysRoot}/block/${name}/dev`, 'utf8').trim();
   const m = /^(\d+):(\d+)$/.exec(text);
@@ -291,7 +292,7 @@ export function sysDev(device: string, sysRoot = '/sys'): { major: number; minor
   return { major: Number(m[1]), minor: Number(m[2]) };
 }
 
-function readOnlyFlag(device: string, sysRoot = '/sys'): boolean | undefined {
+function readOnlyFlag(device: string, sysRoot = rbdHost.sysRoot): boolean | undefined {
   try {
     return readFileSync(`${sysRoot}/block/${device.replace(/^\/dev\//, '')}/ro`, 'utf8').trim() === '1';
   } catch {
@@ -315,7 +316,8 @@ function rbdLockPath(config: Config, pool: string, image: string): string {
 // ---------------------------------------------------------------------------------------------
 // add
 
-async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<void> {
+/** Returns whether the clone was created by this add. */
+async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
   const { run, config } = ctx;
   const p = plan.params;
   const image = plan.clone as string;
@@ -326,7 +328,8 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<void> {
     const { entries, unreadable } = ctx.journal.list();
     if (unreadable.length > 0) ctx.log.warn(`journal records ${unreadable.map((u) => u.file).join(', ')} cannot be read; their disks are not seen by the sharing check`);
     const others = localUsers(entries, p.pool, image, ctx.request.xenbusPath);
-    if (others.length > 0) {
+    // A migration to this same host (xl migrate localhost) finds the sender's record here.
+    if (others.length > 0 && !plan.incoming) {
       const o = others[0] as JournalEntry;
       throw new HotplugError(`${SCRIPT}: ${specString(target)} is already in use on this host by ${o.backendPath}${o.disk.domainName ? ` (domain ${o.disk.domainName})` : ''}; a clone is never given to a second writer.`, 'busy');
     }
@@ -366,23 +369,27 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<void> {
         }
       },
     );
+    return existing === undefined;
   } finally {
     await lock.release();
   }
 }
 
-async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec): Promise<BuiltDevice> {
+async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec, fresh: boolean): Promise<BuiltDevice> {
   const { run } = ctx;
   const c = plan.params.cluster;
   const noudev = !udevRunning();
-  const before = (await showMapped(run, c)).filter((m) => mapsSpec(m, spec)).map((m) => m.device);
+  // The mappings of the spec that are not ours, for an undo that never learned our device. A clone
+  // this add just made has none; a snapshot (other read-only disks) or a clone taken over for a
+  // migration (the sender, on this same host) may.
+  const before = fresh ? [] : (await showMapped(run, c)).filter((m) => mapsSpec(m, spec)).map((m) => m.device);
   const info = await ctx.build.step(
     STEP.map,
     { cluster: c, spec, readOnly: plan.readOnly, noudev, before },
     async () => {
       const r = await rbd(run, mapArgs(c, spec, { readOnly: plan.readOnly, noudev, options: plan.params.mapOptions }));
       if (r.failed) {
-        const hint = /\(2\)|No such file/.test(r.stderr) && !existsSync('/sys/bus/rbd') ? ' (the rbd kernel module is not loaded: modprobe rbd)' : '';
+        const hint = /\(2\)|No such file/.test(r.stderr) && !existsSync(`${rbdHost.sysRoot}/bus/rbd`) ? ' (the rbd kernel module is not loaded: modprobe rbd)' : '';
         throw failure(r, `cannot map ${specString(spec)}${hint}`, c);
       }
       const device = parseMapOutput(r.stdout);
@@ -399,13 +406,13 @@ async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec): Promi
 export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevice> {
   const p = plan.params;
   const golden = await goldenInfo(ctx.run, p);
-  if (plan.readOnly) return mapImage(ctx, plan, plan.parent);
+  if (plan.readOnly) return mapImage(ctx, plan, plan.parent, false);
   if (!golden.features.includes('layering')) {
     throw new HotplugError(`${SCRIPT}: ${p.pool}/${p.image} lacks the layering feature, so it cannot be cloned; enable it with "rbd feature enable ${p.pool}/${p.image} layering".`);
   }
   await ensureProtected(ctx.run, p, golden);
-  await claimClone(ctx, plan);
-  return mapImage(ctx, plan, { pool: p.pool, image: plan.clone as string });
+  const fresh = await claimClone(ctx, plan);
+  return mapImage(ctx, plan, { pool: p.pool, image: plan.clone as string }, fresh);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -469,13 +476,8 @@ async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
     ctx.log.info(`${SCRIPT}: keeping ${specString(target)}: this add found it and never handed it out`);
     return;
   }
-  const info = await imageInfo(ctx.run, c, target);
-  if (!info) return;
-  const parent = step.data.parent as ImageSpec | undefined;
-  if (parent && (!info.parent || info.parent.pool !== parent.pool || info.parent.image !== parent.image || info.parent.snapshot !== parent.snap)) {
-    throw new Error(`${specString(target)} is no longer a clone of ${specString(parent)}; not deleting it`);
-  }
-  const ws = (await watchers(ctx.run, c, target)) ?? [];
+  const ws = await watchers(ctx.run, c, target);
+  if (ws === undefined) return;
   if (ws.length > 0) {
     ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: still open by ${describeWatchers(ws)} (the disk lives on there, e.g. after a live migration)`);
     return;

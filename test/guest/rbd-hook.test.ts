@@ -1,0 +1,354 @@
+/**
+ * block-rbd on a real kernel (krbd) against a real single-node Ceph cluster started once for the
+ * whole file (test/lib/mini-ceph.ts): the bundled hook run the way libxl runs it, an in-process
+ * xenstore. Isolation of two domains on one golden snapshot, the golden checksum, read-only
+ * disks, persistent clones, the watcher sharing check, a live-migration handover, SIGKILL
+ * mid-add then remove, and clear errors for a missing pool, image or snapshot.
+ *
+ * Real rbd output is printed as `# FIXTURE <name> <base64>` lines (the host-tier parser tests
+ * use the captured text).
+ */
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { connectXenstore } from '../../src/xenstore/client.js';
+import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
+import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import { startMiniCeph, type MiniCeph } from '../lib/mini-ceph.js';
+
+const HOOK = join(process.cwd(), 'dist', 'block-rbd.mjs');
+const MiB = 1024 * 1024;
+const GOLDEN_MIB = 16;
+
+let ceph: MiniCeph;
+let server: XenstoreServer;
+let xs: XenstoreClient;
+let root: string;
+let env: NodeJS.ProcessEnv;
+let goldenSum: string;
+let golden: string;
+
+function fixture(name: string, text: string): void {
+  process.stdout.write(`# FIXTURE ${name} ${Buffer.from(text).toString('base64')}\n`);
+}
+
+function rbdTry(args: string[]): { out: string; err: string; code: number } {
+  try {
+    return { out: ceph.rbd(args), err: '', code: 0 };
+  } catch (e) {
+    const x = e as { stdout?: string; stderr?: string; status?: number };
+    return { out: x.stdout ?? '', err: x.stderr ?? '', code: x.status ?? -1 };
+  }
+}
+
+function block(i: number, salt: string): Buffer {
+  const parts: Buffer[] = [];
+  let h = createHash('sha256').update(`${salt}:${i}`).digest();
+  while (parts.length * 32 < 4096) {
+    parts.push(h);
+    h = createHash('sha256').update(h).digest();
+  }
+  return Buffer.concat(parts).subarray(0, 4096);
+}
+
+function pwrite(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  try {
+    assert.equal(writeSync(fd, data, 0, data.length, offset), data.length);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function pread(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** sha256 of `rbd export SPEC -` (the golden image or its snapshot). */
+function exportSum(spec: string): string {
+  const out = execFileSync('rbd', ['export', '--no-progress', spec, '-'], { env: ceph.env, maxBuffer: 64 * MiB, stdio: ['ignore', 'pipe', 'pipe'] });
+  return createHash('sha256').update(out).digest('hex');
+}
+
+function mappings(): { pool: string; name: string; snap: string; device: string }[] {
+  return JSON.parse(ceph.rbd(['showmapped', '--format', 'json'])) as { pool: string; name: string; snap: string; device: string }[];
+}
+
+function images(): string[] {
+  return (JSON.parse(ceph.rbd(['ls', '--format', 'json', ceph.pool])) as string[]).sort();
+}
+
+function journalFiles(state: string): string[] {
+  const d = join(state, 'journal');
+  return existsSync(d) ? readdirSync(d) : [];
+}
+
+/** Nothing of ours left: no mapping, only the golden image, no journal record. */
+function assertClean(what: string, state = env.XEN_BLOCKHOOKS_STATE_DIR as string): void {
+  assert.deepEqual(mappings(), [], `${what}: no rbd mapping`);
+  assert.deepEqual(images(), ['golden'], `${what}: no clone left`);
+  assert.deepEqual(journalFiles(state), [], `${what}: no journal record`);
+}
+
+let nextDevid = 51712;
+function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
+  nextDevid += 16;
+  return { domid, devid: nextDevid, params, mode: 'w', vdev: 'xvda', domainName: `dom${domid}`, script: '/etc/xen/scripts/block-rbd', ...extra };
+}
+
+function p(extra = ''): string {
+  return `${ceph.pool}/golden@base conf=${ceph.conf}${extra ? ` ${extra}` : ''}`;
+}
+
+/** Every 20 s: what rbd/ceph commands are running (a slow or stuck step shows up in the TAP). */
+function watchdog(): NodeJS.Timeout {
+  const t0 = Date.now();
+  const timer = setInterval(() => {
+    let procs = '';
+    try {
+      procs = execFileSync('ps', ['-eo', 'etimes,args'], { encoding: 'utf8' })
+        .split('\n')
+        .filter((l) => /\b(rbd|ceph|block-rbd)\b/.test(l) && !/ceph-(mon|osd) -i/.test(l))
+        .map((l) => l.trim().replace(/ --client_mount_timeout \d+| --conf \S+/g, ''))
+        .join(' | ');
+    } catch {
+      /* ps missing */
+    }
+    process.stdout.write(`# t+${Math.round((Date.now() - t0) / 1000)}s running: ${procs || '-'}\n`);
+  }, 20_000);
+  timer.unref();
+  return timer;
+}
+
+async function add(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<{ be: string; run: HookRun; device: string | undefined }> {
+  const be = await writeBackendNodes(xs, d);
+  const run = await runHookProcess(HOOK, 'add', be, { ...env, ...extraEnv });
+  process.stdout.write(`# add ${d.domainName ?? d.domid} ${d.params.split(' ')[0]}: ${run.code ?? run.signal} in ${run.ms} ms\n`);
+  return { be, run, device: await xs.tryRead(`${be}/physical-device-path`) };
+}
+
+async function addOk(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<string> {
+  const a = await add(d, extraEnv);
+  assert.equal(a.run.code, 0, `add ${d.params}: ${await xs.tryRead(`${a.be}/hotplug-error`)} ${a.run.stderr}`);
+  assert.equal(await xs.tryRead(`${a.be}/hotplug-status`), 'connected');
+  assert.ok(a.device && /^\/dev\/rbd\d+$/.test(a.device), `physical-device-path ${a.device}`);
+  const [maj, min] = execFileSync('stat', ['-L', '-c', '%t:%T', a.device], { encoding: 'utf8' }).trim().split(':');
+  assert.equal(await xs.tryRead(`${a.be}/physical-device`), `${maj}:${min}`, 'physical-device is the rbd device, hex major:minor');
+  return a.device;
+}
+
+async function remove(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<HookRun> {
+  const be = await writeBackendNodes(xs, d).catch(() => `backend/vbd/${d.domid}/${d.devid}`);
+  await closeBackend(xs, d);
+  const r = await runHookProcess(HOOK, 'remove', be, { ...env, ...extraEnv });
+  process.stdout.write(`# remove ${d.domainName ?? d.domid}: ${r.code ?? r.signal} in ${r.ms} ms\n`);
+  await destroyNodes(xs, d);
+  return r;
+}
+
+async function removeOk(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<void> {
+  const r = await remove(d, extraEnv);
+  assert.equal(r.code, 0, `remove ${d.params}: ${r.stderr}`);
+}
+
+before(async () => {
+  const scratch = process.env.XEN_BLOCKHOOKS_SCRATCH;
+  assert.ok(scratch, 'XEN_BLOCKHOOKS_SCRATCH is set (run in the guest tier)');
+  assert.ok(existsSync(HOOK), `${HOOK} exists (npm run build first)`);
+  watchdog();
+  root = join(scratch, 'rbd');
+  mkdirSync(root, { recursive: true });
+  ceph = await startMiniCeph(join(root, 'ceph'), { loopBlock: true });
+  process.stdout.write(`# mini-ceph: usable pool after ${ceph.startMs} ms\n`);
+  golden = join(root, 'golden.raw');
+  const data = Buffer.concat(Array.from({ length: GOLDEN_MIB * 256 }, (_, i) => block(i, 'golden')));
+  writeFileSync(golden, data);
+  goldenSum = createHash('sha256').update(data).digest('hex');
+  ceph.rbd(['import', '--no-progress', '--image-feature', 'layering', golden, `${ceph.pool}/golden`]);
+  ceph.rbd(['snap', 'create', `${ceph.pool}/golden@base`]);
+  fixture('snap-ls-unprotected', ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
+  fixture('info-snap-unprotected', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
+  server = await startXenstoreServer({ socketPath: join(root, 'xs.sock') });
+  xs = await connectXenstore({ path: server.socketPath });
+  env = {
+    PATH: process.env.PATH,
+    XENSTORED_PATH: server.socketPath,
+    XEN_BLOCKHOOKS_CONF: join(root, 'none.conf'),
+    XEN_BLOCKHOOKS_STORE_DIR: join(root, 'store'),
+    XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state'),
+    XEN_BLOCKHOOKS_LOG_FILE: join(root, 'hook.log'),
+  };
+});
+
+after(async () => {
+  await xs?.close();
+  await server?.close();
+  // Leave no mapping behind even after a failed test (the OSD must stop cleanly).
+  if (ceph) {
+    for (const m of (() => {
+      try {
+        return mappings();
+      } catch {
+        return [];
+      }
+    })()) {
+      try {
+        execFileSync('rbd', ['unmap', '-o', 'noudev,force', m.device], { env: ceph.env, stdio: 'ignore', timeout: 30_000 });
+      } catch {
+        /* reported by the test that left it */
+      }
+    }
+    await ceph.stop();
+  }
+});
+
+test('two domains on one golden snapshot each see only their own writes; the golden image and snapshot keep their checksum', async () => {
+  const a = disk(1, p());
+  const b = disk(2, p());
+  const devA = await addOk(a);
+  fixture('snap-ls-protected', ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
+  const devB = await addOk(b);
+  assert.notEqual(devA, devB);
+  assert.deepEqual(images(), ['golden', 'xbh-dom1-xvda', 'xbh-dom2-xvda'], 'one clone per domain, named after domain and vdev');
+  fixture('info-clone', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
+  fixture('info-snap', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
+  fixture('status-mapped', ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
+  fixture('showmapped-two', ceph.rbd(['showmapped', '--format', 'json']));
+  // Both read the golden data through the clone.
+  for (const dev of [devA, devB]) {
+    assert.ok(pread(dev, 0, 4096).equals(block(0, 'golden')), `${dev} reads the golden block 0`);
+    assert.ok(pread(dev, 5 * MiB, 4096).equals(block(5 * 256, 'golden')), `${dev} reads the golden block at 5 MiB`);
+  }
+  pwrite(devA, 0, block(0, 'A'));
+  pwrite(devB, 0, block(0, 'B'));
+  pwrite(devA, 9 * MiB, block(9, 'A'));
+  assert.ok(pread(devA, 0, 4096).equals(block(0, 'A')), 'A reads its own write');
+  assert.ok(pread(devB, 0, 4096).equals(block(0, 'B')), 'B reads its own write');
+  assert.ok(pread(devB, 9 * MiB, 4096).equals(block(9 * 256, 'golden')), 'B does not see A\'s write at 9 MiB');
+  await removeOk(a);
+  await removeOk(b);
+  assertClean('after removing both');
+  assert.equal(exportSum(`${ceph.pool}/golden@base`), goldenSum, 'the golden snapshot is unchanged');
+  assert.equal(exportSum(`${ceph.pool}/golden`), goldenSum, 'the golden image head is unchanged');
+});
+
+test('access=r maps the snapshot itself read-only, no clone', async () => {
+  const d = disk(3, p(), { mode: 'r' });
+  const dev = await addOk(d);
+  const m = mappings();
+  assert.equal(m.length, 1);
+  assert.equal(m[0]?.snap, 'base', 'the snapshot is mapped');
+  assert.equal(m[0]?.name, 'golden');
+  fixture('showmapped-snap', ceph.rbd(['showmapped', '--format', 'json']));
+  assert.deepEqual(images(), ['golden'], 'no clone for a read-only disk');
+  assert.throws(() => pwrite(dev, 0, block(0, 'X')), 'writing a read-only mapping fails');
+  await removeOk(d);
+  assertClean('after the read-only disk');
+});
+
+test('a persistent clone keeps its data; a clone open elsewhere (a watcher) is refused with busy', async () => {
+  const d = disk(4, p('clone=persistent'));
+  const dev = await addOk(d);
+  pwrite(dev, MiB, block(1, 'persist'));
+  await removeOk(d);
+  assert.deepEqual(mappings(), []);
+  assert.deepEqual(images(), ['golden', 'xbh-dom4-xvda'], 'the persistent clone survives remove');
+  // Another host maps the clone (no record here): the add must refuse it.
+  const other = ceph.rbd(['map', '-o', 'noudev', `${ceph.pool}/xbh-dom4-xvda`]).trim();
+  fixture('status-watched', ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom4-xvda`]));
+  const again = disk(4, p('clone=persistent'));
+  const busy = await add(again);
+  assert.equal(busy.run.code, 1);
+  assert.equal(await xs.tryRead(`${busy.be}/hotplug-status`), 'busy');
+  assert.match((await xs.tryRead(`${busy.be}/hotplug-error`)) ?? '', /xbh-dom4-xvda is open by client\.\d+ at 127\.0\.0\.1/);
+  await removeOk(again);
+  ceph.rbd(['unmap', '-o', 'noudev', other]);
+  const back = disk(4, p('clone=persistent'));
+  const dev2 = await addOk(back);
+  assert.ok(pread(dev2, MiB, 4096).equals(block(1, 'persist')), 'the data written before remove is back');
+  await removeOk(back);
+  ceph.rbd(['rm', '--no-progress', `${ceph.pool}/xbh-dom4-xvda`]);
+  assertClean('after the persistent clone');
+});
+
+test('live migration: the receiver adds NAME--incoming while the sender has the clone mapped; each remove takes only its own part', async () => {
+  const dstState = join(root, 'state-dst');
+  const src = disk(5, p(), { domainName: 'mig' });
+  const devSrc = await addOk(src);
+  pwrite(devSrc, 2 * MiB, block(2, 'mig'));
+  // The receiving host (its own journal) creates the domain as mig--incoming.
+  const dst = disk(6, p(), { domainName: 'mig--incoming' });
+  const devDst = await addOk(dst, { XEN_BLOCKHOOKS_STATE_DIR: dstState });
+  assert.deepEqual(images(), ['golden', 'xbh-mig-xvda'], 'both ends use the same clone');
+  assert.ok(pread(devDst, 2 * MiB, 4096).equals(block(2, 'mig')), 'the receiver sees the sender\'s data');
+  // Not a migration: a plain second writer on another host is refused.
+  const intruder = disk(7, p(), { domainName: 'mig' });
+  const refused = await add(intruder, { XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state-third') });
+  assert.equal(refused.run.code, 1);
+  assert.equal(await xs.tryRead(`${refused.be}/hotplug-status`), 'busy');
+  await removeOk(intruder, { XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state-third') });
+  // The sender's remove runs after the receiver resumed: unmap only, the clone lives on.
+  await removeOk(src);
+  assert.deepEqual(mappings().map((m) => m.device), [devDst], 'only the receiver\'s mapping remains');
+  assert.deepEqual(images(), ['golden', 'xbh-mig-xvda'], 'the sender\'s remove keeps the transient clone the receiver uses');
+  await removeOk(dst, { XEN_BLOCKHOOKS_STATE_DIR: dstState });
+  assertClean('after both ends removed');
+  assert.deepEqual(journalFiles(dstState), []);
+});
+
+test('SIGKILL mid-add (after the clone, after the map), then remove: no mapping, no clone', async () => {
+  // The add's commands: flock (path), rbd info golden@base, flock (clone), rbd info clone,
+  // rbd clone, rbd map. (The snapshot is protected by now.)
+  let killedMapped = 0;
+  let killedCloned = 0;
+  for (const n of [5, 6]) {
+    const d = disk(8, p(), { domainName: `kill${n}` });
+    const a = await add(d, { XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
+    assert.equal(a.run.signal, 'SIGKILL', `add killed after command ${n}: ${a.run.stderr}`);
+    if (mappings().length > 0) killedMapped++;
+    if (images().length > 1) killedCloned++;
+    await removeOk(d);
+    assertClean(`remove after the add was killed after command ${n}`);
+  }
+  assert.equal(killedCloned, 2, 'both kills left a clone for remove to delete');
+  assert.equal(killedMapped, 1, 'the kill after rbd map left a mapping for remove to unmap');
+});
+
+test('a missing pool, image or snapshot, or bad params: a clear hotplug-error, exit 1, nothing created', async () => {
+  const cases: [string, RegExp][] = [
+    [`nopool/golden@base conf=${ceph.conf}`, /pool "nopool" does not exist/],
+    [`${ceph.pool}/nothere@base conf=${ceph.conf}`, /image "nothere" does not exist in pool "rbd"/],
+    [`${ceph.pool}/golden@nosnap conf=${ceph.conf}`, /has no snapshot "nosnap"/],
+    [`${ceph.pool}/golden conf=${ceph.conf}`, /names no snapshot/],
+  ];
+  for (const [params, re] of cases) {
+    const d = disk(9, params);
+    const a = await add(d);
+    assert.equal(a.run.code, 1, params);
+    assert.equal(await xs.tryRead(`${a.be}/hotplug-status`), 'error', params);
+    assert.match((await xs.tryRead(`${a.be}/hotplug-error`)) ?? '', re, params);
+    assert.equal(await xs.tryRead(`${a.be}/physical-device`), undefined);
+    assertClean(`after "${params}"`);
+    await removeOk(d);
+  }
+  for (const [name, args] of [
+    ['info-nopool', ['info', '--format', 'json', 'nopool/golden@base']],
+    ['info-noimage', ['info', '--format', 'json', `${ceph.pool}/nothere@base`]],
+    ['info-nosnap', ['info', '--format', 'json', `${ceph.pool}/golden@nosnap`]],
+  ] as [string, string[]][]) {
+    const r = rbdTry(args);
+    fixture(`${name}-stderr`, `${r.code}\n${r.err}`);
+  }
+});
