@@ -42,7 +42,7 @@ function nativeLatency(l) {
   for (const action of ['add', 'remove']) {
     const b = l.breakdown[action];
     if (!b?.length) continue;
-    out.push('', `Where our \`block ${action}\` spends its time (medians of ${b.length} probed runs, interleaved with the above; the probe adds ~1–3 ms):`, '');
+    out.push('', `Where our \`block ${action}\` spends its time (medians of ${b.length} probed runs, interleaved with the above; the probe's own small cost is inside these figures):`, '');
     out.push(breakdownTable([['ours', b]]));
   }
   return out.join('\n');

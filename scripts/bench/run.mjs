@@ -24,7 +24,7 @@ function usage() {
 }
 
 function parse(argv) {
-  const o = { parts: [], runs: 30, guestRuns: 20, guestBoots: 1, native: true, guest: true };
+  const o = { parts: [], runs: 30, guestRuns: 20, guestBoots: 2, native: true, guest: true };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--runs') o.runs = Number(argv[++i]);
