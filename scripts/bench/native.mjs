@@ -197,15 +197,21 @@ export async function startup(hooks, { runs = 30, warmup = 3 } = {}) {
   const names = Object.keys(hooks);
   const variants = ['node -e 0', ...names.map((n) => `${n} --version`)];
   const res = Object.fromEntries(variants.map((v) => [v, []]));
+  const cpu = Object.fromEntries(variants.map((v) => [v, []]));
+  const cpuDir = mkdtempSync(join(tmpdir(), 'xbh-bench-cpu-'));
   log(`start-up: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.length} commands`);
   for (let round = 0; round < warmup + runs; round++) {
     for (const v of rotation(variants, round)) {
       const args = v === 'node -e 0' ? ['-e', '0'] : [hooks[v.split(' ')[0]], '--version'];
-      const r = await timed(NODE, args);
+      const r = await timed(NODE, args, { cpuDir });
       if (r.code !== 0) throw new Error(`${v} exited ${r.code}: ${r.stderr}`);
-      if (round >= warmup) res[v].push(r.ms);
+      if (round >= warmup) {
+        res[v].push(r.ms);
+        if (r.cpuMs !== undefined) cpu[v].push(r.cpuMs);
+      }
     }
   }
+  rmSync(cpuDir, { recursive: true, force: true });
   const sizes = Object.fromEntries(names.map((n) => [n, statSync(hooks[n]).size]));
-  return { times: res, sizes };
+  return { times: res, cpu, sizes };
 }

@@ -80,10 +80,15 @@ function nativeConcurrency(c) {
 function startup(s) {
   const out = [`### Start-up (native)`, '', `Load average: ${s.loadStart} at start, ${s.loadEnd} at end.`, ''];
   const base = s.times['node -e 0'];
-  out.push(head(['command (n each)', 'p50', 'p95', 'p50 − node -e 0', 'bundle size']));
+  const cbase = s.cpu?.['node -e 0'] ?? [];
+  out.push(head(['command (n each)', 'wall p50', 'wall p95', 'wall − node -e 0 (p50 of per-round)', 'CPU p50', 'CPU − node -e 0 (p50 of per-round)', 'bundle size']));
   for (const [k, v] of Object.entries(s.times)) {
     const name = k.split(' ')[0];
-    out.push(row([`\`${k}\` (${v.length})`, ms(p50(v)), ms(p95(v)), k === 'node -e 0' ? '–' : ms(p50(v.map((x, i) => x - base[i]))), s.sizes[name] ? `${(s.sizes[name] / 1024).toFixed(0)} KiB` : '–']));
+    const c = s.cpu?.[k] ?? [];
+    const isBase = k === 'node -e 0';
+    out.push(row([`\`${k}\` (${v.length})`, ms(p50(v)), ms(p95(v)), isBase ? '–' : ms(p50(v.map((x, i) => x - base[i]))),
+      c.length ? ms(p50(c)) : '–', isBase || !c.length || !cbase.length ? '–' : ms(p50(c.map((x, i) => x - cbase[i]))),
+      s.sizes[name] ? `${(s.sizes[name] / 1024).toFixed(0)} KiB` : '–']));
   }
   return out.join('\n');
 }
