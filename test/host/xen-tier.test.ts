@@ -6,7 +6,8 @@
  * booted is a failure, never a skip.
  */
 import t from 'tap';
-import { runXenTier, describeFailure, formatLogs, type XenRun } from '../../scripts/xen/run.mjs';
+import { basename } from 'node:path';
+import { listScenarios, runXenTier, describeFailure, formatLogs, type XenRun } from '../../scripts/xen/run.mjs';
 
 const BOOT_LIMIT_MS = 840_000;
 t.setTimeout(BOOT_LIMIT_MS + 60_000);
@@ -30,9 +31,13 @@ function tail(text: string, lines = 40): string {
   return text.trimEnd().split('\n').slice(-lines).join('\n');
 }
 
+// XBH_XEN_SCENARIOS=00,40 runs only the scenarios whose file names contain one of the words.
+const only = (process.env['XBH_XEN_SCENARIOS'] ?? '').split(',').map((w) => w.trim()).filter(Boolean);
+const scenarios = listScenarios().filter((f) => !only.length || only.some((w) => basename(f).includes(w)));
+
 let run: XenRun | undefined;
 try {
-  run = await runXenTier({ timeoutMs: BOOT_LIMIT_MS });
+  run = await runXenTier({ scenarios, timeoutMs: BOOT_LIMIT_MS });
 } catch (e) {
   t.fail(`the Xen tier could not run: ${(e as Error).message}`);
 }

@@ -23,12 +23,18 @@ DEVID=51728
 fe=/local/domain/$id/device/vbd/$DEVID
 be=/local/domain/0/backend/vbd/$id/$DEVID
 rel=backend/vbd/$id/$DEVID
-# xend's DevController.writeDetails: frontend first, then the backend (blkif.getDeviceDetails).
+# xend's DevController.createDevice wrote both halves in one transaction, the frontend owned
+# by the guest and the backend readable by it. With one xenstore-* command per write the guest
+# must not look at its frontend before the backend is complete (blkfront would probe, fail to
+# read "the other end" and never retry): the guest is paused meanwhile, and its watch events
+# wait in xenstored until it runs again. Frontend first, so blkback's probe finds it.
+xl pause xbhxend
 xenstore-write $fe/backend $be $fe/backend-id 0 $fe/virtual-device $DEVID $fe/device-type disk $fe/state 1
 xenstore-chmod -r $fe n$id r0
 xenstore-write $be/domain xbhxend $be/frontend $fe $be/frontend-id $id $be/dev xvdb $be/type cow \
 	$be/params "$BASE 16" $be/mode w $be/bootable 0 $be/online 1 $be/state 1
 xenstore-chmod -r $be n0 r$id
+xl unpause xbhxend
 until_true 20 sh -c "[ \"\$(xenstore-read $be/state)\" = 2 ]" && ok "blkback took the backend (state 2, InitWait)" ||
 	not_ok "blkback took the backend (state 2)" "state=$(backend_state $be)"
 

@@ -57,7 +57,7 @@ backend_connected() { [ "$(backend_state "$1")" = 4 ]; }
 
 # expect_connected WHAT BACKEND: the backend reached state 4 (Connected) and has physical-device.
 expect_connected() {
-	if until_true 20 backend_connected "$2"; then
+	if until_true 60 backend_connected "$2"; then
 		ok "$1: backend $2 is Connected (state 4), physical-device $(xenstore-read "$2/physical-device" 2>/dev/null)"
 	else
 		not_ok "$1: backend $2 is Connected (state 4)" "state=$(backend_state "$2") hotplug-status=$(xenstore-read "$2/hotplug-status" 2>&1)" \
