@@ -316,6 +316,30 @@ function rbdLockPath(config: Config, pool: string, image: string): string {
 // ---------------------------------------------------------------------------------------------
 // add
 
+/** An existing clone may be used: a clone of this snapshot, and unwatched and persistent, or taken over by a migration's receiver. */
+async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: string; image: string }, known?: ImageInfo): Promise<void> {
+  const p = plan.params;
+  const existing = known ?? (await imageInfo(ctx.run, p.cluster, target));
+  if (!existing) throw new HotplugError(`${SCRIPT}: ${specString(target)} exists and vanished again while this add looked at it; try again.`);
+  const par = existing.parent;
+  if (!par || par.pool !== p.pool || par.image !== p.image || par.snapshot !== p.snap || par.namespace !== '') {
+    const what = par ? `a clone of ${par.pool}/${par.image}@${par.snapshot}` : 'not a clone';
+    throw new HotplugError(`${SCRIPT}: image ${specString(target)} exists and is ${what}, not of ${p.pool}/${p.image}@${p.snap}; move it away (rbd mv) or choose another name=.`);
+  }
+  const ws = (await watchers(ctx.run, p.cluster, target)) ?? [];
+  if (ws.length > 0 && !plan.incoming) {
+    throw new HotplugError(`${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`, 'busy');
+  }
+  if (p.clone !== 'persistent' && !plan.incoming) {
+    throw new HotplugError(
+      `${SCRIPT}: the transient clone ${specString(target)} already exists and no record on this host made it (left by another host, or by a crash there); ` +
+        `it is not reused, so that a transient disk never starts with someone's data. Delete it with "rbd rm ${specString(target)}" once nobody uses it.`,
+      'busy',
+    );
+  }
+  if (ws.length > 0) ctx.log.info(`${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`);
+}
+
 /** Returns whether the clone was created by this add. */
 async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
   const { run, config } = ctx;
@@ -333,43 +357,32 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
       const o = others[0] as JournalEntry;
       throw new HotplugError(`${SCRIPT}: ${specString(target)} is already in use on this host by ${o.backendPath}${o.disk.domainName ? ` (domain ${o.disk.domainName})` : ''}; a clone is never given to a second writer.`, 'busy');
     }
-    const existing = await imageInfo(run, p.cluster, target);
-    if (existing) {
-      const par = existing.parent;
-      if (!par || par.pool !== p.pool || par.image !== p.image || par.snapshot !== p.snap || par.namespace !== '') {
-        const what = par ? `a clone of ${par.pool}/${par.image}@${par.snapshot}` : 'not a clone';
-        throw new HotplugError(`${SCRIPT}: image ${specString(target)} exists and is ${what}, not of ${p.pool}/${p.image}@${p.snap}; move it away (rbd mv) or choose another name=.`);
+    // A persistent clone, or the clone a migration's receiver takes over, usually exists: look
+    // first, so that the record says so before anything runs (its undo then never deletes it). A
+    // transient clone usually does not: `rbd clone` decides atomically (EEXIST), one command.
+    let existed = false;
+    if (persistent || plan.incoming) {
+      const info = await imageInfo(run, p.cluster, target);
+      if (info) {
+        await checkExisting(ctx, plan, target, info);
+        existed = true;
       }
-      const ws = (await watchers(run, p.cluster, target)) ?? [];
-      if (ws.length > 0 && !plan.incoming) {
-        throw new HotplugError(`${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`, 'busy');
-      }
-      if (!persistent && !plan.incoming) {
-        throw new HotplugError(
-          `${SCRIPT}: the transient clone ${specString(target)} already exists and no record on this host made it (left by another host, or by a crash there); ` +
-            `it is not reused, so that a transient disk never starts with someone's data. Delete it with "rbd rm ${specString(target)}" once nobody uses it.`,
-          'busy',
-        );
-      }
-      if (ws.length > 0) ctx.log.info(`${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`);
     }
     await ctx.build.step(
       STEP.clone,
-      { cluster: p.cluster, pool: p.pool, image, parent: plan.parent, persistent, existed: existing !== undefined, incoming: plan.incoming },
+      { cluster: p.cluster, pool: p.pool, image, parent: plan.parent, persistent, existed, incoming: plan.incoming },
       async () => {
-        if (existing) return;
+        if (existed) return;
         const r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
-        if (r.failed) {
-          if (r.exitCode === 17) {
-            // Made by someone else between our look and our clone: not ours to delete.
-            ctx.build.note({ lost: true });
-            throw new HotplugError(`${SCRIPT}: ${specString(target)} was created by someone else while this add ran; a clone is never given to a second writer.`, 'busy');
-          }
-          throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
-        }
+        if (!r.failed) return;
+        if (r.exitCode !== 17) throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
+        // Not made by this add: whatever happens next, undo never deletes it unless it was handed out.
+        existed = true;
+        ctx.build.note({ existed: true });
+        await checkExisting(ctx, plan, target);
       },
     );
-    return existing === undefined;
+    return !existed;
   } finally {
     await lock.release();
   }
@@ -463,7 +476,7 @@ async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
 async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
   const pool = typeof step.data.pool === 'string' ? step.data.pool : undefined;
   const image = typeof step.data.image === 'string' ? step.data.image : undefined;
-  if (!pool || !image || step.data.lost === true) return;
+  if (!pool || !image) return;
   const c = clusterOf(step);
   const target = { pool, image };
   const handedOut = ctx.entry.device !== undefined;
@@ -476,14 +489,15 @@ async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
     ctx.log.info(`${SCRIPT}: keeping ${specString(target)}: this add found it and never handed it out`);
     return;
   }
-  const ws = await watchers(ctx.run, c, target);
-  if (ws === undefined) return;
-  if (ws.length > 0) {
-    ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: still open by ${describeWatchers(ws)} (the disk lives on there, e.g. after a live migration)`);
+  // rbd rm refuses an image that has watchers (EBUSY): the check and the delete are one step.
+  const r = await rbd(ctx.run, rmArgs(c, target));
+  if (!r.failed) return;
+  if (r.exitCode === 2 && /No such file/.test(r.stderr)) return;
+  if (r.exitCode === 16 && /watchers/.test(r.stderr)) {
+    ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: it still has watchers, i.e. it is mapped or open elsewhere (the disk lives on there, e.g. after a live migration)`);
     return;
   }
-  const r = await rbd(ctx.run, rmArgs(c, target));
-  if (r.failed && !(r.exitCode === 2 && /No such file/.test(r.stderr))) throw new Error(`rbd rm ${specString(target)}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
+  throw new Error(`rbd rm ${specString(target)}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
 }
 
 export const rbdUndo: UndoRegistry = {

@@ -22,7 +22,7 @@ import { startMiniCeph, type MiniCeph } from '../lib/mini-ceph.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-rbd.mjs');
 const MiB = 1024 * 1024;
-const GOLDEN_MIB = 16;
+const GOLDEN_MIB = 12;
 
 let ceph: MiniCeph;
 let server: XenstoreServer;
@@ -32,7 +32,13 @@ let env: NodeJS.ProcessEnv;
 let goldenSum: string;
 let golden: string;
 
-function fixture(name: string, text: string): void {
+/** Set to true to print every fixture again; by default only those missing from FIXTURES are printed. */
+const CAPTURE_FIXTURES = false;
+const FIXTURES = join(process.cwd(), 'test', 'fixtures', 'rbd-16.2.15');
+
+function fixture(name: string, text: string | (() => string)): void {
+  if (!CAPTURE_FIXTURES && existsSync(join(FIXTURES, `${name}.json`))) return;
+  if (typeof text === 'function') text = text();
   process.stdout.write(`# FIXTURE ${name} ${Buffer.from(text).toString('base64')}\n`);
 }
 
@@ -178,8 +184,18 @@ before(async () => {
   goldenSum = createHash('sha256').update(data).digest('hex');
   ceph.rbd(['import', '--no-progress', '--image-feature', 'layering', golden, `${ceph.pool}/golden`]);
   ceph.rbd(['snap', 'create', `${ceph.pool}/golden@base`]);
-  fixture('snap-ls-unprotected', ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
-  fixture('info-snap-unprotected', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
+  fixture('snap-ls-unprotected', () => ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
+  fixture('info-snap-unprotected', () => ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
+  for (const [name, args] of [
+    ['info-nopool', ['info', '--format', 'json', 'nopool/golden@base']],
+    ['info-noimage', ['info', '--format', 'json', `${ceph.pool}/nothere@base`]],
+    ['info-nosnap', ['info', '--format', 'json', `${ceph.pool}/golden@nosnap`]],
+  ] as [string, string[]][]) {
+    fixture(`${name}-stderr`, () => {
+      const r = rbdTry(args);
+      return `${r.code}\n${r.err}`;
+    });
+  }
   server = await startXenstoreServer({ socketPath: join(root, 'xs.sock') });
   xs = await connectXenstore({ path: server.socketPath });
   env = {
@@ -218,14 +234,14 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   const a = disk(1, p());
   const b = disk(2, p());
   const devA = await addOk(a);
-  fixture('snap-ls-protected', ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
+  fixture('snap-ls-protected', () => ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
   const devB = await addOk(b);
   assert.notEqual(devA, devB);
   assert.deepEqual(images(), ['golden', 'xbh-dom1-xvda', 'xbh-dom2-xvda'], 'one clone per domain, named after domain and vdev');
-  fixture('info-clone', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
-  fixture('info-snap', ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
-  fixture('status-mapped', ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
-  fixture('showmapped-two', ceph.rbd(['showmapped', '--format', 'json']));
+  fixture('info-clone', () => ceph.rbd(['info', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
+  fixture('info-snap', () => ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
+  fixture('status-mapped', () => ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
+  fixture('showmapped-two', () => ceph.rbd(['showmapped', '--format', 'json']));
   // Both read the golden data through the clone.
   for (const dev of [devA, devB]) {
     assert.ok(pread(dev, 0, 4096).equals(block(0, 'golden')), `${dev} reads the golden block 0`);
@@ -244,45 +260,6 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   assert.equal(exportSum(`${ceph.pool}/golden`), goldenSum, 'the golden image head is unchanged');
 });
 
-test('access=r maps the snapshot itself read-only, no clone', async () => {
-  const d = disk(3, p(), { mode: 'r' });
-  const dev = await addOk(d);
-  const m = mappings();
-  assert.equal(m.length, 1);
-  assert.equal(m[0]?.snap, 'base', 'the snapshot is mapped');
-  assert.equal(m[0]?.name, 'golden');
-  fixture('showmapped-snap', ceph.rbd(['showmapped', '--format', 'json']));
-  assert.deepEqual(images(), ['golden'], 'no clone for a read-only disk');
-  assert.throws(() => pwrite(dev, 0, block(0, 'X')), 'writing a read-only mapping fails');
-  await removeOk(d);
-  assertClean('after the read-only disk');
-});
-
-test('a persistent clone keeps its data; a clone open elsewhere (a watcher) is refused with busy', async () => {
-  const d = disk(4, p('clone=persistent'));
-  const dev = await addOk(d);
-  pwrite(dev, MiB, block(1, 'persist'));
-  await removeOk(d);
-  assert.deepEqual(mappings(), []);
-  assert.deepEqual(images(), ['golden', 'xbh-dom4-xvda'], 'the persistent clone survives remove');
-  // Another host maps the clone (no record here): the add must refuse it.
-  const other = ceph.rbd(['map', '-o', 'noudev', `${ceph.pool}/xbh-dom4-xvda`]).trim();
-  fixture('status-watched', ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom4-xvda`]));
-  const again = disk(4, p('clone=persistent'));
-  const busy = await add(again);
-  assert.equal(busy.run.code, 1);
-  assert.equal(await xs.tryRead(`${busy.be}/hotplug-status`), 'busy');
-  assert.match((await xs.tryRead(`${busy.be}/hotplug-error`)) ?? '', /xbh-dom4-xvda is open by client\.\d+ at 127\.0\.0\.1/);
-  await removeOk(again);
-  ceph.rbd(['unmap', '-o', 'noudev', other]);
-  const back = disk(4, p('clone=persistent'));
-  const dev2 = await addOk(back);
-  assert.ok(pread(dev2, MiB, 4096).equals(block(1, 'persist')), 'the data written before remove is back');
-  await removeOk(back);
-  ceph.rbd(['rm', '--no-progress', `${ceph.pool}/xbh-dom4-xvda`]);
-  assertClean('after the persistent clone');
-});
-
 test('live migration: the receiver adds NAME--incoming while the sender has the clone mapped; each remove takes only its own part', async () => {
   const dstState = join(root, 'state-dst');
   const src = disk(5, p(), { domainName: 'mig' });
@@ -298,7 +275,9 @@ test('live migration: the receiver adds NAME--incoming while the sender has the 
   const refused = await add(intruder, { XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state-third') });
   assert.equal(refused.run.code, 1);
   assert.equal(await xs.tryRead(`${refused.be}/hotplug-status`), 'busy');
-  await removeOk(intruder, { XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state-third') });
+  assert.match((await xs.tryRead(`${refused.be}/hotplug-error`)) ?? '', /xbh-mig-xvda is open by client\.\d+ at 127\.0\.0\.1/, 'the refusal names the watcher');
+  assert.deepEqual(journalFiles(join(root, 'state-third')), [], 'the refused add left no record');
+  await destroyNodes(xs, intruder);
   // The sender's remove runs after the receiver resumed: unmap only, the clone lives on.
   await removeOk(src);
   assert.deepEqual(mappings().map((m) => m.device), [devDst], 'only the receiver\'s mapping remains');
@@ -309,11 +288,11 @@ test('live migration: the receiver adds NAME--incoming while the sender has the 
 });
 
 test('SIGKILL mid-add (after the clone, after the map), then remove: no mapping, no clone', async () => {
-  // The add's commands: flock (path), rbd info golden@base, flock (clone), rbd info clone,
-  // rbd clone, rbd map. (The snapshot is protected by now.)
+  // The add's commands: flock (path), rbd info golden@base, flock (clone), rbd clone, rbd map.
+  // (The snapshot is protected by now.) After the 5th the device is mapped but not recorded.
   let killedMapped = 0;
   let killedCloned = 0;
-  for (const n of [5, 6]) {
+  for (const n of [4, 5]) {
     const d = disk(8, p(), { domainName: `kill${n}` });
     const a = await add(d, { XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
     assert.equal(a.run.signal, 'SIGKILL', `add killed after command ${n}: ${a.run.stderr}`);
@@ -326,12 +305,11 @@ test('SIGKILL mid-add (after the clone, after the map), then remove: no mapping,
   assert.equal(killedMapped, 1, 'the kill after rbd map left a mapping for remove to unmap');
 });
 
-test('a missing pool, image or snapshot, or bad params: a clear hotplug-error, exit 1, nothing created', async () => {
+test('a missing pool, image or snapshot: a clear hotplug-error, exit 1, nothing created', async () => {
   const cases: [string, RegExp][] = [
     [`nopool/golden@base conf=${ceph.conf}`, /pool "nopool" does not exist/],
     [`${ceph.pool}/nothere@base conf=${ceph.conf}`, /image "nothere" does not exist in pool "rbd"/],
     [`${ceph.pool}/golden@nosnap conf=${ceph.conf}`, /has no snapshot "nosnap"/],
-    [`${ceph.pool}/golden conf=${ceph.conf}`, /names no snapshot/],
   ];
   for (const [params, re] of cases) {
     const d = disk(9, params);
@@ -341,14 +319,6 @@ test('a missing pool, image or snapshot, or bad params: a clear hotplug-error, e
     assert.match((await xs.tryRead(`${a.be}/hotplug-error`)) ?? '', re, params);
     assert.equal(await xs.tryRead(`${a.be}/physical-device`), undefined);
     assertClean(`after "${params}"`);
-    await removeOk(d);
-  }
-  for (const [name, args] of [
-    ['info-nopool', ['info', '--format', 'json', 'nopool/golden@base']],
-    ['info-noimage', ['info', '--format', 'json', `${ceph.pool}/nothere@base`]],
-    ['info-nosnap', ['info', '--format', 'json', `${ceph.pool}/golden@nosnap`]],
-  ] as [string, string[]][]) {
-    const r = rbdTry(args);
-    fixture(`${name}-stderr`, `${r.code}\n${r.err}`);
+    await destroyNodes(xs, d);
   }
 });
