@@ -67,7 +67,8 @@ watch)
 		if [ -z "$seen" ] && [ -e /dev/xvdb ]; then
 			seen=1
 			cycle=$((cycle + 1))
-			say "xvdb appeared #$cycle sectors=$(cat /sys/block/xvdb/size) data=$(peek /dev/xvdb 4096)"
+			sleep 0.5
+			say "xvdb appeared #$cycle sectors=$(cat /sys/block/xvdb/size 2>/dev/null) data=$(peek /dev/xvdb 4096)"
 		elif [ -n "$seen" ] && [ ! -e /sys/block/xvdb ]; then
 			seen=
 			say "xvdb gone #$cycle"

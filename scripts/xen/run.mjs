@@ -87,7 +87,7 @@ function collectLogs(dir, base = dir, out = {}) {
  * Rejects only when the tier cannot be built or QEMU cannot be started.
  */
 export async function runXenTier({
-  scenarios = listScenarios(), timeoutMs = 600_000, scenarioTimeoutS = 300, onConsole, log = () => {}, keep = false,
+  scenarios = listScenarios(), timeoutMs = 1_800_000, scenarioTimeoutS = 480, onConsole, log = () => {}, keep = false,
 } = {}) {
   const t0 = Date.now();
   const loadStart = readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ');
@@ -214,7 +214,7 @@ export function formatLogs(logs, maxPerLog = 4000) {
 
 async function main(argv) {
   const picked = [];
-  let timeoutMs = 600_000;
+  let timeoutMs = 1_800_000;
   let quiet = false;
   let keep = false;
   for (let i = 0; i < argv.length; i++) {
