@@ -267,7 +267,10 @@ export function lockHolders(path: string): LockHolder[] {
         const st = statSync(`/proc/${pid}/fd/${fd}`);
         if (st.dev !== target.dev || st.ino !== target.ino) continue;
         if (!/^lock:\s.*FLOCK/m.test(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))) continue;
-        const command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ') || '?';
+        const command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter(Boolean).join(' ');
+        // An empty command line is a process that is exiting (our own flock helper, usually):
+        // it holds nothing a person could act on.
+        if (command === '') break;
         out.push({ pid: Number(pid), command });
         break;
       } catch {
