@@ -1,4 +1,4 @@
-// npm test: runs tap (all host tests, the guest tier included via test/host/guest-tier.test.ts),
+// npm test: runs tap (all host tests, the guest tier included via test/host/guest-*.test.ts),
 // streams its output, passes its exit code through and ends with one plain summary line.
 import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';

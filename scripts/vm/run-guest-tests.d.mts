@@ -10,11 +10,13 @@ export interface GuestTestResult extends GuestJobResult {
 export interface GuestTestRun extends GuestRun {
   results: GuestTestResult[];
 }
-export function guestTestFiles(filters?: string[]): string[];
+export function guestTestFiles(filters?: string[], prefixes?: string[]): string[];
 export function bundleGuestTests(files: string[], outDir: string): Promise<string[]>;
 export function runGuestTests(options?: {
   filters?: string[];
+  prefixes?: string[];
   timeoutMs?: number;
+  fileTimeoutMs?: number;
   onConsole?: (chunk: string) => void;
   log?: (message: string) => void;
   shell?: boolean;

@@ -18,11 +18,15 @@ export const BUNDLE_DIR = join(PROJECT_ROOT, '.cache', 'guest-tests');
 const BANNER = "import { createRequire as __guestCreateRequire } from 'node:module';\n"
   + 'const require = __guestCreateRequire(import.meta.url);';
 
-/** test/guest/*.test.ts, optionally only those whose name contains one of `filters`. */
-export function guestTestFiles(filters = []) {
+/**
+ * test/guest/*.test.ts, optionally only those whose name contains one of `filters`, or (for the
+ * shards of the host run) starts with one of `prefixes`.
+ */
+export function guestTestFiles(filters = [], prefixes = []) {
   return readdirSync(GUEST_TEST_DIR)
     .filter((f) => f.endsWith('.test.ts'))
     .filter((f) => filters.length === 0 || filters.some((n) => f.includes(n)))
+    .filter((f) => prefixes.length === 0 || prefixes.some((n) => f.startsWith(n)))
     .sort()
     .map((f) => join(GUEST_TEST_DIR, f));
 }
@@ -51,14 +55,14 @@ export async function bundleGuestTests(files, outDir) {
  * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
  * result carrying `source` (the .ts file) and `points` (its parsed TAP).
  */
-export async function runGuestTests({ filters = [], timeoutMs = 540_000, onConsole, log, shell = false } = {}) {
-  const sources = guestTestFiles(filters);
-  if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${filters.join(' ') || '*'}`);
+export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false } = {}) {
+  const sources = guestTestFiles(filters, prefixes);
+  if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${[...filters, ...prefixes.map((p) => `${p}*`)].join(' ') || '*'}`);
   mkdirSync(BUNDLE_DIR, { recursive: true });
   const outDir = mkdtempSync(join(BUNDLE_DIR, 'run-'));
   try {
     const bundles = await bundleGuestTests(sources, outDir);
-    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: Math.min(timeoutMs, 300_000), onConsole, log });
+    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log });
     run.results.forEach((r, i) => {
       r.source = sources[i];
       r.points = parseTap(r.stdout);
