@@ -8,6 +8,7 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, type Runner } from '../devices/runner.js';
+import { HotplugError } from '../hotplug/errors.js';
 
 /** Where sysfs is mounted; host tests with a recording runner point it at a fake tree. */
 export const sysfs = { root: '/sys' };
@@ -107,6 +108,19 @@ export async function attachLoop(run: Runner, file: string, id: FileId, opts: { 
   if (!m) throw new Error(`${sys}/dev does not hold major:minor`);
   const ro = readFileSync(`${sys}/ro`, 'utf8').trim() === '1';
   if (opts.readOnly && !ro) throw new Error(`${name} over ${file} is not read-only although losetup was asked for --read-only`);
+  // losetup opens `file` by name, after the caller checked it: a directory on the path swapped for
+  // a symbolic link in between would redirect the loop. The kernel names the file it really
+  // opened (its resolved path); anything but the checked path is detached and refused.
+  let back: string | undefined;
+  try {
+    back = readFileSync(`${sys}/loop/backing_file`, 'utf8').trim();
+  } catch {
+    back = undefined;
+  }
+  if (back !== undefined && back !== file) {
+    await detachLoop(run, name);
+    throw new HotplugError(`${file} changed while it was being attached: ${name} opened ${back} instead (a directory on the path was replaced, e.g. by a symbolic link); detached it and refused the disk.`);
+  }
   return { name, major: Number(m[1]), minor: Number(m[2]), backFile: file, backDev: id.dev, backIno: id.ino, readOnly: ro, offset: 0, sizeLimit: 0 };
 }
 

@@ -11,7 +11,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { appendFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { devString } from '../../src/backends/cow-devices.js';
 import { CommandError, type RunOptions, type RunResult, type Runner } from '../../src/devices/runner.js';
@@ -175,6 +175,9 @@ export class FakeDeviceRunner implements Runner {
       mkdirSync(dir, { recursive: true });
       writeFileSync(join(dir, 'dev'), `7:${minor}\n`);
       writeFileSync(join(dir, 'ro'), l.ro ? '1\n' : '0\n');
+      // The kernel names the file it opened by its resolved path, as losetup just followed it.
+      mkdirSync(join(dir, 'loop'), { recursive: true });
+      writeFileSync(join(dir, 'loop', 'backing_file'), `${realpathSync(file)}\n`);
       mkdirSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`), { recursive: true });
       writeFileSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
       return result(cmd, true, `${l.name}\n`);
