@@ -7,10 +7,10 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { XsError } from './types.js';
+import { XENSTORE_PAYLOAD_MAX, XsError } from './types.js';
 import type { WatchEvent, XenstoreClient, XsOps, XsTransaction } from './types.js';
 import {
-  FrameDecoder, XsOp, cString, encodeFrame, nulStrings, opName, parseErrno, splitStrings, writePayload,
+  FrameDecoder, HEADER_SIZE, XsOp, cString, encodeFrame, nulStrings, opName, parseErrno, splitStrings, writePayload,
 } from './wire.js';
 import type { Frame } from './wire.js';
 
@@ -75,6 +75,8 @@ function errCode(e: unknown): string {
 
 /** What the client needs from a connection. */
 interface Transport {
+  /** The longest payload this transport carries. */
+  maxPayload: number;
   send(buf: Buffer): void;
   /** Called when requests or watches become outstanding or all are settled. */
   setActive(active: boolean): void;
@@ -109,6 +111,7 @@ function openSocket(path: string, timeoutMs: number, sink: Sink): Promise<Transp
       sock.on('error', (e: NodeJS.ErrnoException) => { closeReason = `connection to xenstored failed: ${e.code ?? e.message}`; });
       sock.on('close', () => sink.onClosed(closeReason));
       resolve({
+        maxPayload: XENSTORE_PAYLOAD_MAX,
         send: (buf) => { sock.write(buf); },
         setActive: () => {},
         close: () => { sock.destroy(); },
@@ -170,6 +173,9 @@ async function openDevice(path: string, sink: Sink): Promise<Transport> {
     sink.onClosed(reason);
   };
   return {
+    // The kernel's xenbus device buffers a whole message, header included, in
+    // XENSTORE_PAYLOAD_MAX bytes (drivers/xen/xenbus/xenbus_dev_frontend.c): 16 bytes less payload.
+    maxPayload: XENSTORE_PAYLOAD_MAX - HEADER_SIZE,
     send: (msg) => {
       let off = 0;
       while (off < msg.length) off += fs.writeSync(fd, msg, off, msg.length - off);
@@ -197,6 +203,9 @@ interface Pending {
 
 class Client implements XenstoreClient, Sink {
   private transport: Transport | undefined;
+  get maxPayload(): number {
+    return this.transport?.maxPayload ?? XENSTORE_PAYLOAD_MAX;
+  }
   private readonly decoder = new FrameDecoder();
   private readonly pending = new Map<number, Pending>();
   /** token → (watch path → callback) */
@@ -281,7 +290,7 @@ class Client implements XenstoreClient, Sink {
       this.nextReqId = (reqId + 1) >>> 0;
       let frame: Buffer;
       try {
-        frame = encodeFrame({ type, reqId, txId, payload }, path);
+        frame = encodeFrame({ type, reqId, txId, payload }, path, this.transport.maxPayload);
       } catch (e) {
         reject(e as XsError);
         return;

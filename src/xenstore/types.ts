@@ -61,6 +61,8 @@ export interface XenstoreClient extends XsOps {
   /** Register a watch; `onEvent` is called for every WATCH_EVENT with this token (first once at once). */
   watch(path: string, token: string, onEvent: (ev: WatchEvent) => void): Promise<void>;
   unwatch(path: string, token: string): Promise<void>;
+  /** The longest payload this connection carries: 4096 over the socket, 16 less over /dev/xen/xenbus. */
+  readonly maxPayload: number;
   /** `/local/domain/<domid>` as the daemon answers it. */
   getDomainPath(domid: number): Promise<string>;
   close(): Promise<void>;

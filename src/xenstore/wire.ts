@@ -64,10 +64,10 @@ export interface Frame {
 }
 
 /** Header + payload as one buffer; E2BIG (nothing is sent) when the payload is over the limit. */
-export function encodeFrame(frame: Frame, path?: string): Buffer {
+export function encodeFrame(frame: Frame, path?: string, max: number = XENSTORE_PAYLOAD_MAX): Buffer {
   const len = frame.payload.length;
-  if (len > XENSTORE_PAYLOAD_MAX) {
-    throw new XsError('E2BIG', opName(frame.type), path, `payload of ${len} bytes exceeds ${XENSTORE_PAYLOAD_MAX}`);
+  if (len > max) {
+    throw new XsError('E2BIG', opName(frame.type), path, `payload of ${len} bytes exceeds ${max}`);
   }
   const buf = Buffer.allocUnsafe(HEADER_SIZE + len);
   buf.writeUInt32LE(frame.type >>> 0, 0);
