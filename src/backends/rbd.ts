@@ -10,17 +10,19 @@
  * add, each step journaled before it runs:
  *   (checks, nothing built) `rbd info pool/image@snap`: pool, image and snapshot exist; access=w:
  *     the snapshot is protected (`rbd snap protect` when it is not: v1 clones need it).
- *   rbd-clone  under a local lock: no other record on this host uses the clone; a clone that
- *              already exists must be a clone of this snapshot, and must have no watcher (no
- *              client has it open, i.e. it is mapped nowhere), unless this is the receiving end
- *              of a live migration (domain `NAME--incoming`, see below). A transient clone that
- *              exists and is not ours is refused too. Then `rbd clone` when it does not exist.
+ *   rbd-clone  under a local lock: no other record on this host uses the clone. A persistent
+ *              clone (or one a migration's receiver takes over) is looked at first; a transient
+ *              one is simply `rbd clone`d, and EEXIST says it was there. A clone that already
+ *              exists must be a clone of this snapshot and have no watcher (no client has it
+ *              open, i.e. it is mapped nowhere), unless this is the receiving end of a live
+ *              migration (domain `NAME--incoming`, see below); a transient clone that exists and
+ *              is not ours is refused too. The record says whether the clone existed before.
  *   rbd-map    the devices already mapping the spec are noted, then `rbd map` (`-o noudev` when no
  *              udevd runs); the device and its major:minor are recorded.
  * remove/rollback undo newest first: unmap our mapping (found in `rbd showmapped` by spec and
  * device, never by device name alone: the kernel reuses names), then `rbd rm` of a transient
- * clone, or of a persistent one this very add created and never handed out, but never of an
- * image some client still watches (the other end of a live migration keeps it).
+ * clone, or of a persistent one this very add created and never handed out; rbd rm itself
+ * refuses an image some client still watches (the other end of a live migration keeps it).
  *
  * Sharing: the watcher check (`rbd status`), not the exclusive-lock feature: krbd hands the
  * exclusive lock over to any client that asks for it, so the lock alone would let two hosts write

@@ -260,6 +260,20 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   assert.equal(exportSum(`${ceph.pool}/golden`), goldenSum, 'the golden image head is unchanged');
 });
 
+test('access=r maps the snapshot itself read-only, no clone', async () => {
+  const d = disk(3, p(), { mode: 'r' });
+  const dev = await addOk(d);
+  const m = mappings();
+  assert.equal(m.length, 1);
+  assert.equal(m[0]?.snap, 'base', 'the snapshot is mapped');
+  assert.equal(m[0]?.name, 'golden');
+  assert.deepEqual(images(), ['golden'], 'no clone for a read-only disk');
+  assert.ok(pread(dev, 0, 4096).equals(block(0, 'golden')), 'reads the golden data');
+  assert.throws(() => pwrite(dev, 0, block(0, 'X')), 'writing a read-only mapping fails');
+  await removeOk(d);
+  assertClean('after the read-only disk');
+});
+
 test('live migration: the receiver adds NAME--incoming while the sender has the clone mapped; each remove takes only its own part', async () => {
   const dstState = join(root, 'state-dst');
   const src = disk(5, p(), { domainName: 'mig' });
