@@ -55,7 +55,11 @@ test('status and gc: an orphaned record and a leaked dm device are found and rem
   // grow the live one online, then take it down.
   const g = cli(['grow', 'dns', 'xvda', '+8M'], xsEnv);
   assert.equal(g.code, 0, g.all);
-  assert.match(g.out, /store now 16\.0M/);
+  assert.match(g.out, /8\.0M → 16\.0M, online/);
+  // The snapshot sees the new store size at once (status: used/total sectors of the store).
+  const dns = dmNames().find((n) => n.startsWith('xbh-cow-dns-'));
+  assert.ok(dns, 'the dns disk is still there');
+  assert.match(spawnSync('dmsetup', ['status', dns], { encoding: 'utf8' }).stdout, / snapshot \d+\/32768 /);
   const rm = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '6', '--name', 'dns', `vdev=xvda,access=w,script=block-cow,target=${base} 8`], xsEnv);
   assert.equal(rm.code, 0, rm.all);
   assert.deepEqual(dmNames().filter((n) => n.startsWith('xbh-')), []);
