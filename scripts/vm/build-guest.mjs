@@ -90,7 +90,7 @@ function kernelDeb(pkg, log) {
 }
 
 /** dpkg-deb --fsys-tarfile DEB | tar -x (only the given members), without a shell. */
-function extract(deb, dest, patterns) {
+export function extract(deb, dest, patterns) {
   return new Promise((resolve, reject) => {
     const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
     const tar = spawn('tar', ['-x', '-C', dest, '--wildcards', ...patterns], { stdio: [dpkg.stdout, 'ignore', 'pipe'] });
@@ -113,7 +113,7 @@ function extract(deb, dest, patterns) {
 }
 
 /** All files under dir, relative, sorted (for cpio and module lookup). */
-function walk(dir, base = dir) {
+export function walk(dir, base = dir) {
   const out = [];
   for (const e of readdirSync(dir, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
     const p = join(dir, e.name);
@@ -124,14 +124,17 @@ function walk(dir, base = dir) {
 }
 
 /** vmlinuz → ELF vmlinux: find the xz stream inside the bzImage and decompress it. */
-function unpackVmlinux(vmlinuz, vmlinux) {
+export function unpackVmlinux(vmlinuz, vmlinux) {
   const img = readFileSync(vmlinuz);
   const magic = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
   const at = img.indexOf(magic);
   if (at < 0) throw new Error(`${vmlinuz}: no xz payload found`);
   const fd = openSync(vmlinux, 'w');
   try {
-    execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'] });
+    execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 30 });
+  } catch (e) {
+    // xz stops reading at the end of its stream; the bytes after it then meet a closed pipe.
+    if (!(e.code === 'EPIPE' && e.status === 0)) throw e;
   } finally {
     closeSync(fd);
   }

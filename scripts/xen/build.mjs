@@ -11,15 +11,15 @@
 // set of inputs gets its own folder .cache/xen/build-<hash>/ holding the files above.
 //
 //   node scripts/xen/build.mjs      build (or confirm the cache) and print the paths
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
   chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
   readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
-import { dirname, join, relative } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { kernelPackage } from '../vm/build-guest.mjs';
+import { extract, kernelPackage, unpackVmlinux, walk } from '../vm/build-guest.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 export const PROJECT_ROOT = join(HERE, '..', '..');
@@ -158,57 +158,6 @@ function download(specs, log) {
     out[name] = join(DEB_DIR, f);
   }
   return out;
-}
-
-/** dpkg-deb --fsys-tarfile DEB | tar -x (only the given members), without a shell. */
-function extract(deb, dest, patterns) {
-  return new Promise((resolve, reject) => {
-    const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const tar = spawn('tar', ['-x', '-C', dest, '--wildcards', ...patterns], { stdio: [dpkg.stdout, 'ignore', 'pipe'] });
-    let err = '';
-    dpkg.stderr.on('data', (d) => { err += d; });
-    tar.stderr.on('data', (d) => { err += d; });
-    let left = 2;
-    let failed = false;
-    const done = (what) => (code) => {
-      if (code !== 0) {
-        failed = true;
-        err += `\n${what} exited with status ${code}`;
-      }
-      if (--left === 0) (failed ? reject(new Error(`extracting ${deb}: ${err.trim()}`)) : resolve());
-    };
-    dpkg.on('exit', done('dpkg-deb'));
-    tar.on('close', done('tar'));
-    dpkg.on('error', reject);
-    tar.on('error', reject);
-  });
-}
-
-function walk(dir, base = dir) {
-  const out = [];
-  for (const e of readdirSync(dir, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
-    const p = join(dir, e.name);
-    out.push(relative(base, p));
-    if (e.isDirectory()) out.push(...walk(p, base));
-  }
-  return out;
-}
-
-/** vmlinuz → ELF vmlinux: find the xz stream inside the bzImage and decompress it. */
-function unpackVmlinux(vmlinuz, vmlinux) {
-  const img = readFileSync(vmlinuz);
-  const at = img.indexOf(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]));
-  if (at < 0) throw new Error(`${vmlinuz}: no xz payload found`);
-  const fd = openSync(vmlinux, 'w');
-  try {
-    execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 30 });
-  } catch (e) {
-    // xz stops reading at the end of its stream; the bytes after it then meet a closed pipe.
-    if (!(e.code === 'EPIPE' && e.status === 0)) throw e;
-  } finally {
-    closeSync(fd);
-  }
-  if (!readFileSync(vmlinux).subarray(0, 4).equals(Buffer.from([0x7f, 0x45, 0x4c, 0x46]))) throw new Error(`${vmlinux}: not an ELF image`);
 }
 
 /**
