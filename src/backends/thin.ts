@@ -32,7 +32,7 @@ import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
-import { acquireFlock, withFlock, xenBlockLockPath } from '../lock/flock.js';
+import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
@@ -413,10 +413,21 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
   const f = poolFiles(ctx.config);
   let sectors = plan.params.sizeMiB !== undefined ? plan.sectors : baseSectors;
   let id: number;
-  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  // The pool step is journaled before its lock is taken: a hook killed while it holds the lock
+  // (libxl's SIGKILL) leaves a record whose undo takes the lock again and so also removes the
+  // lock file, as the protocol lets the next holder do.
+  let lock: HeldLock | undefined;
   let pool: PoolDevice;
   try {
-    pool = await ctx.build.step(THIN_STEP.pool, { pool: f.name, data: f.data, meta: f.meta }, () => ensurePool(ctx.run, ctx.config, ctx.log), (p) => ({ created: p.created, major: p.major, minor: p.minor }));
+    pool = await ctx.build.step(
+      THIN_STEP.pool,
+      { pool: f.name, data: f.data, meta: f.meta },
+      async () => {
+        lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+        return ensurePool(ctx.run, ctx.config, ctx.log);
+      },
+      (p) => ({ created: p.created, major: p.major, minor: p.minor }),
+    );
     const vols = readVolumes(f.volumes);
     const kept = plan.params.persistent ? vols[plan.key] : undefined;
     if (kept) {
@@ -445,7 +456,7 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
       }
     });
   } finally {
-    await lock.release();
+    await lock?.release();
   }
   const table = `0 ${sectors} thin ${pool.major}:${pool.minor} ${id} ${origin.major}:${origin.minor}`;
   const dm = await addDm(env, plan.name, table);
