@@ -110,14 +110,24 @@ export async function attachLoop(run: Runner, file: string, id: FileId, opts: { 
   if (opts.readOnly && !ro) throw new Error(`${name} over ${file} is not read-only although losetup was asked for --read-only`);
   // losetup opens `file` by name, after the caller checked it: a directory on the path swapped for
   // a symbolic link in between would redirect the loop. The kernel names the file it really
-  // opened (its resolved path); anything but the checked path is detached and refused.
+  // opened (its resolved path): unless that is the checked path, or a path of the very file that
+  // was checked (a store directory reached through a symbolic link), the loop is detached and the
+  // disk refused.
   let back: string | undefined;
   try {
     back = readFileSync(`${sys}/loop/backing_file`, 'utf8').trim();
   } catch {
     back = undefined;
   }
-  if (back !== undefined && back !== file) {
+  let same = back === undefined || back === file;
+  if (!same && back !== undefined) {
+    try {
+      same = fileIdKey(fileIdOf(back)) === fileIdKey(id);
+    } catch {
+      same = false;
+    }
+  }
+  if (!same && back !== undefined) {
     await detachLoop(run, name);
     throw new HotplugError(`${file} changed while it was being attached: ${name} opened ${back} instead (a directory on the path was replaced, e.g. by a symbolic link); detached it and refused the disk.`);
   }

@@ -457,3 +457,19 @@ t.test('block-qcow: backing files outside the image directories or on a device',
     }).catch(() => {});
   }
 });
+
+t.test('a store directory below a symbolic link (e.g. /var/lib on another disk) is not mistaken for a redirected loop', async (t) => {
+  const w = await world(t);
+  const real = join(w.dir, 'real-parent');
+  mkdirSync(real);
+  symlinkSync(real, join(w.dir, 'via'));
+  w.config.storeDir = join(w.dir, 'via', 'store');
+  const fake = new FakeDeviceRunner(join(w.dir, 'sys'));
+  const d = disk(12, `${w.base} 16`);
+  const be = await writeBackendNodes(w.xs, d);
+  const r = await runCow(w, 'add', { XENBUS_PATH: be }, { runner: fake });
+  t.equal(r.code, 0, `add over a symlinked store directory: ${r.log.join(' | ')}`);
+  t.ok(fake.loops.some((l) => l.file.startsWith(w.config.storeDir)), 'the store loop is attached');
+  await runCow(w, 'remove', { XENBUS_PATH: be }, { runner: fake });
+  t.same(fake.loops, [], 'no loop left');
+});
