@@ -1,5 +1,6 @@
 # xl block-attach / block-detach to a running PV domU, once per installed hook: block-cow (a
-# CoW disk over the base), block-qcow (a transient overlay on a qcow2 copy of the base) and the
+# CoW disk over the base), block-qcow (a transient overlay on a qcow2 copy of the base), block-thin
+# (a thin volume larger than the base, the base as external origin) and the
 # drop-in block (the base file itself, read-only, through a loop). The guest reports each disk
 # appearing (with the base's data at 4096) and disappearing; each backend must reach Connected
 # and nothing may be left after each detach.
@@ -24,6 +25,10 @@ fi
 if hook_installed qcow && qemu-img convert -O qcow2 $BASE $QCOW 2>/dev/null; then
 	specs="$specs
 qcow|format=raw, vdev=xvdb, access=rw, script=block-qcow, target=$QCOW overlay=transient"
+fi
+if hook_installed thin; then
+	specs="$specs
+thin|format=raw, vdev=xvdb, access=rw, script=block-thin, target=$BASE 48"
 fi
 if hook_installed ""; then
 	specs="$specs
