@@ -10,10 +10,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { statSync } from 'node:fs';
-import { census, reportRow, sh } from '../lib/fault-lib.js';
+import { census, gcApply, hookInProcess, reportRow, sh } from '../lib/fault-lib.js';
 import { cowBackend } from '../../src/backends/cow.js';
-import { cliMain } from '../../src/cli/main.js';
-import { runHook } from '../../src/hotplug/main.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
   backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, explain, hook, loopsOnBase, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
@@ -21,19 +19,11 @@ import {
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
-/** `xen-blockhooks gc --apply`, in this process (a child costs seconds of node start-up under TCG). */
-async function gc(): Promise<void> {
-  let text = '';
-  const code = await cliMain(['gc', '--apply'], env, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
-  assert.equal(code, 0, `gc --apply: exit ${code}\n${text}`);
-}
-
-/** The hook in this process (the runtime the bundle runs); only the runs that get killed need a child. */
 async function inproc(action: 'add' | 'remove', d: DiskNodes): Promise<number> {
-  let text = '';
-  const code = await runHook(cowBackend, [action], { ...env, XENBUS_PATH: backendPath(d) }, { out: (s) => (text += s), err: (s) => (text += s) });
-  if (code !== 0) process.stderr.write(`${action} ${backendPath(d)}: exit ${code}: ${text}\n`);
-  return code;
+  const r = await hookInProcess(cowBackend, action, backendPath(d), env);
+  if (r.code !== 0) process.stderr.write(`${action} ${backendPath(d)}: exit ${r.code}: ${r.text}
+`);
+  return r.code;
 }
 
 test('block-cow: SIGKILL after every command of add; remove + gc leave nothing; the next add succeeds', async () => {
@@ -57,7 +47,7 @@ test('block-cow: SIGKILL after every command of add; remove + gc leave nothing; 
     await closeBackend(xs, d);
     assert.equal(await inproc('remove', d), 0, `remove after the add was killed at ${n}`);
     await destroyNodes(xs, d);
-    await gc();
+    await gcApply(env);
     assert.deepEqual(census(dirs), [], `add killed after command ${n}, then remove and gc`);
   }
   assert.ok(done, 'an add ran to completion under the fault point');

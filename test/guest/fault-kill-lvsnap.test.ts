@@ -10,11 +10,9 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { census, reportRow } from '../lib/fault-lib.js';
+import { census, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { lvsnapBackend } from '../../src/backends/lvsnap.js';
-import { cliMain } from '../../src/cli/main.js';
-import { runHook } from '../../src/hotplug/main.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
@@ -81,12 +79,10 @@ test('block-lvsnap: SIGKILL after every command of add; remove + gc leave nothin
       kills++;
     }
     await closeBackend(xs, d);
-    let text = '';
-    const rm = await runHook(lvsnapBackend, ['remove'], { ...env, XENBUS_PATH: backendPath(d) }, { out: (s) => (text += s), err: (s) => (text += s) });
-    assert.equal(rm, 0, `remove after the add was killed at ${n}: ${text}`);
+    const rm = await hookInProcess(lvsnapBackend, 'remove', backendPath(d), env);
+    assert.equal(rm.code, 0, `remove after the add was killed at ${n}: ${rm.text}`);
     await destroyNodes(xs, d);
-    const gc = await cliMain(['gc', '--apply'], env, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
-    assert.equal(gc, 0, `gc --apply: ${text}`);
+    await gcApply(env);
     assert.deepEqual(census({ ...dirs, keepLoops: pvs, keepDms: [`${VG}-golden`] }), [], `add killed after command ${n}, then remove and gc`);
   }
   assert.ok(done, 'an add ran to completion under the fault point');

@@ -8,11 +8,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { census, reportRow } from '../lib/fault-lib.js';
+import { census, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { runHookProcess, type DiskNodes } from '../lib/backend-nodes.js';
 import { thinBackend } from '../../src/backends/thin.js';
-import { cliMain } from '../../src/cli/main.js';
-import { runHook } from '../../src/hotplug/main.js';
 import {
   backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
 } from './cow-lib.js';
@@ -23,15 +21,8 @@ const dirs = { storeDir, stateDir, xenLockDir };
 const thinEnv = { ...env, XEN_BLOCKHOOKS_THIN_DATA_SIZE: '64M', XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M' };
 
 async function inprocRemove(d: DiskNodes): Promise<void> {
-  let text = '';
-  const code = await runHook(thinBackend, ['remove'], { ...thinEnv, XENBUS_PATH: backendPath(d) }, { out: (s) => (text += s), err: (s) => (text += s) });
-  assert.equal(code, 0, `remove ${backendPath(d)}: ${text}`);
-}
-
-async function gc(): Promise<void> {
-  let text = '';
-  const code = await cliMain(['gc', '--apply'], thinEnv, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
-  assert.equal(code, 0, `gc --apply: exit ${code}\n${text}`);
+  const r = await hookInProcess(thinBackend, 'remove', backendPath(d), thinEnv);
+  assert.equal(r.code, 0, `remove ${backendPath(d)}: ${r.text}`);
 }
 
 test('block-thin: SIGKILL after every command of add; remove + gc leave nothing; the next add succeeds', async () => {
@@ -51,7 +42,7 @@ test('block-thin: SIGKILL after every command of add; remove + gc leave nothing;
     await closeBackend(xs, d);
     await inprocRemove(d);
     await destroyNodes(xs, d);
-    await gc();
+    await gcApply(thinEnv);
     assert.deepEqual(census(dirs), [], `add killed after command ${n}, then remove and gc`);
   }
   assert.ok(done, 'an add ran to completion under the fault point');

@@ -11,10 +11,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync, renameSync } from 'node:fs';
-import { census, reportRow } from '../lib/fault-lib.js';
+import { census, cliInProcess, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { cowBackend } from '../../src/backends/cow.js';
-import { cliMain } from '../../src/cli/main.js';
-import { runHook } from '../../src/hotplug/main.js';
 import { Journal } from '../../src/journal/journal.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
@@ -23,10 +21,8 @@ import {
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
-async function inproc(action: 'add' | 'remove', d: DiskNodes, extra: NodeJS.ProcessEnv = {}): Promise<{ code: number; text: string }> {
-  let text = '';
-  const code = await runHook(cowBackend, [action], { ...env, ...extra, XENBUS_PATH: backendPath(d) }, { out: (s) => (text += s), err: (s) => (text += s) });
-  return { code, text };
+function inproc(action: 'add' | 'remove', d: DiskNodes, extra: NodeJS.ProcessEnv = {}): Promise<{ code: number; text: string }> {
+  return hookInProcess(cowBackend, action, backendPath(d), { ...env, ...extra });
 }
 
 async function added(d: DiskNodes): Promise<string> {
@@ -41,12 +37,10 @@ test('xenstore nodes wiped without remove: gc --apply takes everything away', as
   await added(d);
   await destroyNodes(xs, d); // libxl's "backend already removed, cleanup frontend only": no script runs
   assert.equal(new Journal(stateDir).list().entries.length, 1, 'the record is all that knows the device now');
-  let text = '';
-  const plan = await cliMain(['gc'], env, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
-  assert.equal(plan, 3, `gc without --apply finds something: ${text}`);
-  assert.match(text, /vbd\/21\//, 'the plan names the orphaned disk');
-  const code = await cliMain(['gc', '--apply'], env, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
-  assert.equal(code, 0, text);
+  const plan = await cliInProcess(['gc'], env);
+  assert.equal(plan.code, 3, `gc without --apply finds something: ${plan.text}`);
+  assert.match(plan.text, /vbd\/21\//, 'the plan names the orphaned disk');
+  await gcApply(env);
   assert.deepEqual(census(dirs), [], 'nothing left after gc --apply');
   reportRow({ hook: 'block-cow', fault: 'xenstore nodes wiped without remove', checked: 'gc lists the orphaned record (exit 3); gc --apply leaves no dm, loop, store, journal or lock', result: 'pass' });
 });

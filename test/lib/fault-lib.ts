@@ -14,6 +14,9 @@ import { createHash } from 'node:crypto';
 import { appendFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { devString } from '../../src/backends/cow-devices.js';
+import type { Backend } from '../../src/backends/types.js';
+import { cliMain } from '../../src/cli/main.js';
+import { runHook } from '../../src/hotplug/main.js';
 import { CommandError, type RunOptions, type RunResult, type Runner } from '../../src/devices/runner.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -317,4 +320,27 @@ export function census(c: CensusDirs): string[] {
   left.push(...list(c.xenLockDir).map((f) => `xen lock file ${f}`));
   left.push(...heldLocks([join(c.stateDir, 'locks'), c.xenLockDir]));
   return left;
+}
+
+/**
+ * A hook run in this process (the runtime its bundle runs), with its output collected: under TCG a
+ * child costs seconds of node start-up, so only the runs that are to be killed need one.
+ */
+export async function hookInProcess(backend: Backend, action: string, xenbusPath: string, env: NodeJS.ProcessEnv): Promise<{ code: number; text: string }> {
+  let text = '';
+  const code = await runHook(backend, [action], { ...env, XENBUS_PATH: xenbusPath }, { out: (s) => (text += s), err: (s) => (text += s) });
+  return { code, text };
+}
+
+/** `xen-blockhooks ARGS…` in this process, with its output collected. */
+export async function cliInProcess(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; text: string }> {
+  let text = '';
+  const code = await cliMain(args, env, { out: (s) => (text += `${s}\n`), err: (s) => (text += `${s}\n`) });
+  return { code, text };
+}
+
+/** `xen-blockhooks gc --apply`, which must succeed. */
+export async function gcApply(env: NodeJS.ProcessEnv): Promise<void> {
+  const r = await cliInProcess(['gc', '--apply'], env);
+  if (r.code !== 0) throw new Error(`gc --apply: exit ${r.code}\n${r.text}`);
 }
