@@ -1,7 +1,7 @@
 #!/bin/sh
 # Set up a Debian 12 machine to build, demo and test xen-blockhooks: the system packages the
 # test tiers use (QEMU for the real-kernel and real-Xen guests, the device tools, Debian's
-# xenstore clients), then npm ci and the bundles. Idempotent; run as root.
+# xenstore clients), then npm ci, the bundles and the test guests. Idempotent; run as root.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -29,3 +29,8 @@ fi
 echo "setup.sh: npm ci"
 npm ci --no-audit --no-fund
 npm run build
+# The test tiers' guests, from Debian's kernel and Xen packages (cached in .cache/; rebuilt only
+# when an input changes), so the test run itself starts from finished images.
+echo "setup.sh: building the test guests"
+node scripts/vm/build-guest.mjs
+node scripts/xen/build.mjs

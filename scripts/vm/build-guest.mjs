@@ -1,13 +1,16 @@
 // Builds the test guest once into .cache/vm/: Debian's own kernel (boot it as an uncompressed
 // ELF vmlinux) and a busybox initramfs with the block/9p/overlay modules and guest-init.sh.
 // Rebuilt only when an input changes: kernel .deb name, init script, module list, this file.
+// Several test processes may build at once (the guest shards run in parallel on a cold cache):
+// each builds in its own folder and renames finished files into place, so none ever sees a
+// half-written kernel, initramfs or .deb.
 //
 //   node scripts/vm/build-guest.mjs        build (or confirm the cache) and print the paths
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
-  chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync,
-  rmSync, statSync, symlinkSync, writeFileSync,
+  chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync,
+  readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync,
 } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -72,19 +75,26 @@ export function kernelPackage() {
 function kernelDeb(pkg, log) {
   const debDir = join(CACHE_DIR, 'debs');
   mkdirSync(debDir, { recursive: true });
-  const find = () => readdirSync(debDir).find((f) => f.startsWith(`${pkg}_`) && f.endsWith('.deb'));
-  let deb = find();
+  const find = (dir) => readdirSync(dir).find((f) => f.startsWith(`${pkg}_`) && f.endsWith('.deb'));
+  let deb = find(debDir);
   if (!deb) {
-    log(`downloading ${pkg} with apt-get download`);
+    // apt-get writes the file in place as it downloads: fetch into a private folder, then rename.
+    const dl = mkdtempSync(join(debDir, 'download-'));
     try {
-      run('apt-get', ['download', pkg], { cwd: debDir });
-    } catch {
-      log('apt-get download failed; running apt-get update and retrying');
-      run('apt-get', ['update']);
-      run('apt-get', ['download', pkg], { cwd: debDir });
+      log(`downloading ${pkg} with apt-get download`);
+      try {
+        run('apt-get', ['download', pkg], { cwd: dl });
+      } catch {
+        log('apt-get download failed; running apt-get update and retrying');
+        run('apt-get', ['update']);
+        run('apt-get', ['download', pkg], { cwd: dl });
+      }
+      deb = find(dl);
+      if (!deb) throw new Error(`apt-get download ${pkg} left no .deb in ${dl}`);
+      renameSync(join(dl, deb), join(debDir, deb));
+    } finally {
+      rmSync(dl, { recursive: true, force: true });
     }
-    deb = find();
-    if (!deb) throw new Error(`apt-get download ${pkg} left no .deb in ${debDir}`);
   }
   return join(debDir, deb);
 }
@@ -173,43 +183,50 @@ export async function buildGuest({ log = () => {} } = {}) {
     if (!have(tool)) throw new Error(`${tool} is not installed (needed to build the test guest)`);
   }
   if (!existsSync(BUSYBOX)) throw new Error(`${BUSYBOX} missing: install busybox-static`);
+  mkdirSync(CACHE_DIR, { recursive: true });
   log(`building the test guest from ${deb}`);
-  rmSync(stampFile, { force: true });
-
-  const unpacked = join(CACHE_DIR, 'kernel');
-  rmSync(unpacked, { recursive: true, force: true });
-  mkdirSync(unpacked, { recursive: true });
-  await extract(deb, unpacked, ['./boot/vmlinuz-*', ...MODULES.map((m) => `./lib/modules/*/${m}.ko`)]);
-
-  const files = walk(unpacked);
-  const vmlinuz = files.find((f) => /^boot\/vmlinuz-/.test(f));
-  if (!vmlinuz) throw new Error(`${deb} has no boot/vmlinuz-*`);
-  unpackVmlinux(join(unpacked, vmlinuz), paths.vmlinux);
-
-  const root = join(CACHE_DIR, 'initramfs');
-  rmSync(root, { recursive: true, force: true });
-  for (const d of ['bin', 'dev', 'proc', 'sys', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
-  copyFileSync(BUSYBOX, join(root, 'bin', 'busybox'));
-  chmodSync(join(root, 'bin', 'busybox'), 0o755);
-  for (const a of APPLETS) symlinkSync('busybox', join(root, 'bin', a));
-  copyFileSync(INIT_SCRIPT, join(root, 'init'));
-  chmodSync(join(root, 'init'), 0o755);
-  for (const m of MODULES) {
-    const found = files.filter((f) => f.endsWith(`/${m}.ko`));
-    if (found.length !== 1) throw new Error(`module ${m}: expected one ${m}.ko in ${deb}, found ${found.length}`);
-    copyFileSync(join(unpacked, found[0]), join(root, 'lib', 'modules', `${m}.ko`));
-  }
-  writeFileSync(join(root, 'lib', 'modules', 'order'), `${MODULES.join('\n')}\n`);
-
-  const list = walk(root).join('\n') + '\n';
-  const fd = openSync(paths.initrd, 'w');
+  // Folders of the earlier layout, built in place.
+  for (const d of ['kernel', 'initramfs']) rmSync(join(CACHE_DIR, d), { recursive: true, force: true });
+  const work = mkdtempSync(join(CACHE_DIR, 'build-'));
   try {
-    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: list, stdio: ['pipe', fd, 'pipe'] });
+    const unpacked = join(work, 'kernel');
+    mkdirSync(unpacked);
+    await extract(deb, unpacked, ['./boot/vmlinuz-*', ...MODULES.map((m) => `./lib/modules/*/${m}.ko`)]);
+
+    const files = walk(unpacked);
+    const vmlinuz = files.find((f) => /^boot\/vmlinuz-/.test(f));
+    if (!vmlinuz) throw new Error(`${deb} has no boot/vmlinuz-*`);
+    unpackVmlinux(join(unpacked, vmlinuz), join(work, 'vmlinux'));
+
+    const root = join(work, 'initramfs');
+    for (const d of ['bin', 'dev', 'proc', 'sys', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
+    copyFileSync(BUSYBOX, join(root, 'bin', 'busybox'));
+    chmodSync(join(root, 'bin', 'busybox'), 0o755);
+    for (const a of APPLETS) symlinkSync('busybox', join(root, 'bin', a));
+    copyFileSync(INIT_SCRIPT, join(root, 'init'));
+    chmodSync(join(root, 'init'), 0o755);
+    for (const m of MODULES) {
+      const found = files.filter((f) => f.endsWith(`/${m}.ko`));
+      if (found.length !== 1) throw new Error(`module ${m}: expected one ${m}.ko in ${deb}, found ${found.length}`);
+      copyFileSync(join(unpacked, found[0]), join(root, 'lib', 'modules', `${m}.ko`));
+    }
+    writeFileSync(join(root, 'lib', 'modules', 'order'), `${MODULES.join('\n')}\n`);
+
+    const list = walk(root).join('\n') + '\n';
+    const fd = openSync(join(work, 'initrd.cpio'), 'w');
+    try {
+      execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: list, stdio: ['pipe', fd, 'pipe'] });
+    } finally {
+      closeSync(fd);
+    }
+    // Same inputs give the same files, so a concurrent builder's rename over ours is harmless.
+    renameSync(join(work, 'vmlinux'), paths.vmlinux);
+    renameSync(join(work, 'initrd.cpio'), paths.initrd);
+    writeFileSync(join(work, 'stamp'), stamp);
+    renameSync(join(work, 'stamp'), stampFile);
   } finally {
-    closeSync(fd);
+    rmSync(work, { recursive: true, force: true });
   }
-  rmSync(unpacked, { recursive: true, force: true });
-  writeFileSync(stampFile, stamp);
   log(`test guest ready: ${paths.vmlinux}, ${paths.initrd}`);
   return paths;
 }

@@ -292,7 +292,11 @@ export async function buildXen({ log = () => {} } = {}) {
   mkdirSync(DEB_DIR, { recursive: true });
   if (existsSync(VM_DEB_DIR)) {
     const k = readdirSync(VM_DEB_DIR).find((f) => f.startsWith(`${resolved.kernel}_`) && f.endsWith('.deb'));
-    if (k && !existsSync(join(DEB_DIR, k))) copyFileSync(join(VM_DEB_DIR, k), join(DEB_DIR, k));
+    if (k && !existsSync(join(DEB_DIR, k))) {
+      const part = join(DEB_DIR, `.${k}.${process.pid}`);
+      copyFileSync(join(VM_DEB_DIR, k), part);
+      renameSync(part, join(DEB_DIR, k));
+    }
   }
   const specs = [
     ...XEN_PACKAGES.map((name) => ({ name })),
