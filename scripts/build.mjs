@@ -1,43 +1,59 @@
 #!/usr/bin/env node
 /**
- * Bundle every entry point in src/bin/ (except the shared hook.ts) into one file under dist/,
- * for Node 18 and later, with the package version injected. A dom0 then needs Node and no
- * node_modules. `node scripts/build.mjs [--watch]`.
+ * Bundle every entry point in src/bin/ (except the shared hook.ts) for Node 18 and later, with
+ * the package version injected. A dom0 then needs Node and no node_modules. Each entry point
+ * becomes two files in dist/:
+ *   <name>.cjs  the bundle (CommonJS: V8 can cache the compiled code of a classic script)
+ *   <name>.mjs  the program to run, from scripts/loader.mjs.in: it runs <name>.cjs through a V8
+ *               code cache kept beside it (<name>.cjs.<hash>.<node>-<arch>.v8cache)
+ * Each bundle is then run once (`--version`) so this Node's cache exists before the first
+ * hook call. `node scripts/build.mjs`.
  */
 import { build } from 'esbuild';
-import { readdirSync, readFileSync, chmodSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const dist = join(root, 'dist');
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 const LIBS = new Set(['hook.ts']);
 const entries = readdirSync(join(root, 'src/bin'))
   .filter((f) => f.endsWith('.ts') && !LIBS.has(f))
   .map((f) => f.replace(/\.ts$/, ''));
+const loader = readFileSync(join(root, 'scripts', 'loader.mjs.in'), 'utf8');
 
-const bundleOptions = {
-  bundle: true,
-  platform: 'node',
-  target: 'node18',
-  format: 'esm',
-  sourcemap: false,
-  legalComments: 'none',
-  logLevel: 'warning',
-  define: { __XEN_BLOCKHOOKS_VERSION__: JSON.stringify(pkg.version) },
-  // winston and its friends are CommonJS: give the ESM bundle a require().
-  banner: { js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);" },
-};
+mkdirSync(dist, { recursive: true });
+// Caches of earlier bundles can never be used again (their hash is in the name).
+for (const f of readdirSync(dist)) if (f.endsWith('.v8cache') || /\.v8cache\.\d+$/.test(f)) rmSync(join(dist, f), { force: true });
 
 await Promise.all(
   entries.map((name) =>
     build({
-      ...bundleOptions,
       entryPoints: [join(root, 'src/bin', `${name}.ts`)],
-      outfile: join(root, 'dist', `${name}.mjs`),
-      banner: { js: `#!/usr/bin/env node\n${bundleOptions.banner.js}` },
+      outfile: join(dist, `${name}.cjs`),
+      bundle: true,
+      platform: 'node',
+      target: 'node18',
+      format: 'cjs',
+      sourcemap: false,
+      legalComments: 'none',
+      logLevel: 'warning',
+      define: { __XEN_BLOCKHOOKS_VERSION__: JSON.stringify(pkg.version), 'import.meta.url': '__xbhModuleUrl' },
+      banner: { js: 'var __xbhModuleUrl = require("node:url").pathToFileURL(__filename).href;' },
     }),
   ),
 );
-for (const name of entries) chmodSync(join(root, 'dist', `${name}.mjs`), 0o755);
+for (const name of entries) {
+  const hash = createHash('sha256').update(readFileSync(join(dist, `${name}.cjs`))).digest('hex').slice(0, 16);
+  const file = join(dist, `${name}.mjs`);
+  writeFileSync(file, loader.replaceAll('@NAME@', name).replaceAll('@BUNDLE@', `${name}.cjs`).replaceAll('@HASH@', hash));
+  chmodSync(file, 0o755);
+}
+// Warm the code caches with this Node (the hooks' test runs use it).
+for (const name of entries) {
+  execFileSync(process.execPath, [join(dist, `${name}.mjs`), '--version'], { stdio: 'ignore', env: { ...process.env, XEN_BLOCKHOOKS_NO_CODE_CACHE: '' } });
+}
 console.log(`built ${entries.length} bundle(s) in dist/: ${entries.join(', ')}`);

@@ -47,9 +47,10 @@ async function prepare(runDir) {
   if (!existsSync(join(dist, 'block.mjs'))) throw new Error('dist/ has no bundles: run "npm run build" first');
   mkdirSync(join(runDir, 'dist'), { recursive: true });
   const hooks = {};
-  for (const f of readdirSync(dist).filter((f) => f.endsWith('.mjs'))) {
+  // Each program (.mjs), its bundle (.cjs) and the bundle's code cache (.v8cache).
+  for (const f of readdirSync(dist).filter((f) => /\.(mjs|cjs|v8cache)$/.test(f))) {
     copyFileSync(join(dist, f), join(runDir, 'dist', f));
-    if (f.startsWith('block')) hooks[f.replace(/\.mjs$/, '')] = join(runDir, 'dist', f);
+    if (f.startsWith('block') && f.endsWith('.mjs')) hooks[f.replace(/\.mjs$/, '')] = join(runDir, 'dist', f);
   }
   for (const f of ['probe.mjs', 'common.mjs', 'guest.mjs']) copyFileSync(join(HERE, f), join(runDir, f));
   await build({

@@ -117,7 +117,7 @@ export async function runXenTier({
     mkdirSync(join(project, 'dist'), { recursive: true });
     const dist = join(PROJECT_ROOT, 'dist');
     if (existsSync(dist)) {
-      for (const f of readdirSync(dist)) if (f.endsWith('.mjs')) copyFileSync(join(dist, f), join(project, 'dist', f));
+      for (const f of readdirSync(dist)) if (/\.(mjs|cjs)$/.test(f)) copyFileSync(join(dist, f), join(project, 'dist', f));
     }
     const installer = join(PROJECT_ROOT, 'install');
     if (existsSync(installer)) copyFileSync(installer, join(project, 'install'));

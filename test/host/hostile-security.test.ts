@@ -58,8 +58,8 @@ t.test('no shell anywhere in src/', async (t) => {
   }).catch(() => {});
   const dist = join(ROOT, 'dist');
   if (existsSync(dist)) {
-    await checked('all hooks', 'shell injection (bundles)', 'dist/*.mjs pass no literal shell: true', () => {
-      const hits = readdirSync(dist).filter((f) => f.endsWith('.mjs')).filter((f) => /\bshell\s*:\s*true\b/.test(readFileSync(join(dist, f), 'utf8')));
+    await checked('all hooks', 'shell injection (bundles)', 'dist/*.mjs and *.cjs pass no literal shell: true', () => {
+      const hits = readdirSync(dist).filter((f) => /\.(mjs|cjs)$/.test(f)).filter((f) => /\bshell\s*:\s*true\b/.test(readFileSync(join(dist, f), 'utf8')));
       t.same(hits, [], 'no bundle passes shell: true');
       if (hits.length) throw new Error(hits.join(', '));
     }).catch(() => {});

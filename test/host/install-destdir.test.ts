@@ -32,8 +32,10 @@ function setup(t: { teardown(f: () => void): void }) {
   mkdirSync(join(src, 'dist'), { recursive: true });
   cpSync(join(ROOT, 'install'), join(src, 'install'));
   cpSync(join(ROOT, 'packaging'), join(src, 'packaging'), { recursive: true });
+  // Like the real ones: --version writes the bundle's code cache beside it (scripts/loader.mjs.in).
   const hook = (name: string) =>
-    `#!/usr/bin/env node\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, execPath: process.execPath }));\n`;
+    `#!/usr/bin/env node\nimport { writeFileSync } from 'node:fs';\nif (process.argv[2] === '--version') writeFileSync(new URL('./${name}.cjs.0123456789abcdef.v0-x64.v8cache', import.meta.url), 'cache');\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, execPath: process.execPath }));\n`;
+  for (const b of ['block', 'block-cow', 'block-qcow', 'xen-blockhooks']) writeFileSync(join(src, 'dist', `${b}.cjs`), `// the ${b} bundle\n`);
   for (const b of ['block', 'block-cow', 'block-qcow']) writeFileSync(join(src, 'dist', `${b}.mjs`), hook(b));
   writeFileSync(join(src, 'dist', 'xen-blockhooks.mjs'), `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'watch') process.exitCode = 2;\n`);
   const dest = join(top, 'dest');
@@ -63,9 +65,17 @@ const INSTALLED = [
   '755 /etc/xen/scripts/block-qcow',
   '755 /etc/xen/scripts/vif-bridge',
   '644 /usr/lib/xen-blockhooks/MANIFEST',
+  '644 /usr/lib/xen-blockhooks/block-cow.cjs',
+  '644 /usr/lib/xen-blockhooks/block-cow.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block-cow.mjs',
+  '644 /usr/lib/xen-blockhooks/block-qcow.cjs',
+  '644 /usr/lib/xen-blockhooks/block-qcow.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block-qcow.mjs',
+  '644 /usr/lib/xen-blockhooks/block.cjs',
+  '644 /usr/lib/xen-blockhooks/block.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block.mjs',
+  '644 /usr/lib/xen-blockhooks/xen-blockhooks.cjs',
+  '644 /usr/lib/xen-blockhooks/xen-blockhooks.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/xen-blockhooks.mjs',
   '755 /usr/sbin/xen-blockhooks',
   '644 /usr/share/man/man8/block-cow.8',
