@@ -6,7 +6,8 @@
  *   in front (expand_dev), symbolic links are resolved. mode r gives a read-only loop.
  *
  *   Under Xen's own `block` lock (/var/run/xen-hotplug/block, the flock protocol of locking.sh,
- *   so stock scripts and ours exclude each other): the state guard (file: the backend must still
+ *   so stock scripts and ours exclude each other), which the runtime holds around the whole add
+ *   and remove (lockScope 'xen-block', as the stock script holds it; one lock, no path lock): the state guard (file: the backend must still
  *   be waiting in InitWait, else nothing is built), the read-only-file check, the sharing check
  *   (sharing.ts), the loop allocation, and, through BuiltDevice.release, the runtime's writing of
  *   physical-device. Only then may the next instance look.
@@ -18,7 +19,7 @@
 import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute } from 'node:path';
 import { attachLoop, detachLoop, filterBacking, listLoops, type LoopDevice } from '../devices/losetup.js';
-import { decodeDev, parseDecimalDevice, type MajorMinor } from '../devices/sysfs.js';
+import { decodeDev, loopAutoclear, loopBackingFile, parseDecimalDevice, type MajorMinor } from '../devices/sysfs.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
@@ -174,6 +175,9 @@ async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> 
 }
 
 async function addBlock(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
+  // The runtime holds the lock around the whole add (lockScope below); the branch after it is
+  // for a caller that does not.
+  if (ctx.xenBlockLockHeld) return plan.kind === 'phy' ? addPhy(ctx, plan) : addFile(ctx, plan);
   const lock = await takeXenLock(ctx);
   try {
     const dev = plan.kind === 'phy' ? await addPhy(ctx, plan) : await addFile(ctx, plan);
@@ -232,7 +236,12 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
     targets = fresh.filter((l) => !used.has(l.device));
   }
   for (const l of targets) await detachLoop(ctx.run, l.device);
-  const left = filterBacking(await listLoops(ctx.run), id).filter((l) => targets.some((t) => t.device === l.device));
+  // `losetup -d` of a loop that something holds open succeeds and only sets autoclear: the loop
+  // stays bound to the same file until the last close. sysfs tells without another losetup.
+  const left: LoopDevice[] = [];
+  for (const l of targets) {
+    if ((await loopBackingFile(l.devNo)) === l.backingFile && (await loopAutoclear(l.devNo)) === true) left.push(l);
+  }
   if (left.length) {
     throw new Error(`${left.map((l) => l.device).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
   }
@@ -251,7 +260,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
     ctx.log.info(`remove ${ctx.xenbusPath}: nothing recorded and no loop device in node; nothing to undo`);
     return;
   }
-  const lock = await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run });
+  const lock = ctx.xenBlockLockHeld ? undefined : await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run });
   try {
     const loop = (await listLoops(ctx.run)).find((l) => l.device === node);
     if (!loop) return;
@@ -276,7 +285,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
     await detachLoop(ctx.run, node);
     ctx.log.info(`remove ${ctx.xenbusPath}: detached ${node}, attached by another script (no record of ours)`);
   } finally {
-    await lock.release();
+    await lock?.release();
   }
 }
 
@@ -284,6 +293,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
 
 export const blockBackend: Backend<BlockPlan> = {
   script: 'block',
+  lockScope: 'xen-block',
   summary: 'Attach a phy: (block device) or file: (regular file, through a loop device) disk, with Xen\'s sharing check.',
   usage: `params is a path; what it is on disk decides:
   a block device        given to blkback directly (a relative name means /dev/<name>)

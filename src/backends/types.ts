@@ -45,6 +45,8 @@ export interface HookContext {
   journal: Journal;
   build: Build;
   env: NodeJS.ProcessEnv;
+  /** The runtime holds Xen's `block` lock around this whole add (Backend.lockScope 'xen-block'). */
+  xenBlockLockHeld?: boolean;
 }
 
 export interface Backend<Plan = unknown> {
@@ -54,6 +56,14 @@ export interface Backend<Plan = unknown> {
   readonly summary: string;
   /** The params grammar and options, for --help and the man page. */
   readonly usage: string;
+  /**
+   * The lock the runtime holds around a whole add or remove: by default the backend path's own
+   * lock (<stateDir>/locks/path-*), and the backend takes Xen's `block` lock itself around its
+   * critical part. 'xen-block': Xen's global `block` lock instead, for a backend whose whole add
+   * is what the stock scripts do under that lock (the drop-in `block`): one lock, one `flock`
+   * child, and no other lock may then be taken inside.
+   */
+  readonly lockScope?: 'path' | 'xen-block';
   plan(disk: DiskSpec, ctx: { config: Config; env: NodeJS.ProcessEnv; xenbusPath: string }): Promise<Plan> | Plan;
   add(ctx: HookContext, plan: Plan): Promise<BuiltDevice>;
   readonly undo: UndoRegistry;
@@ -72,4 +82,6 @@ export interface UnrecordedContext {
   config: Config;
   run: Runner;
   log: Logger;
+  /** As HookContext.xenBlockLockHeld. */
+  xenBlockLockHeld?: boolean;
 }

@@ -121,6 +121,15 @@ export async function loopBackingFile(mm: MajorMinor, sysRoot = '/sys'): Promise
   return readAttr(mm, 'loop/backing_file', sysRoot);
 }
 
+/**
+ * Whether a loop device is bound and set to detach itself on last close (`loop/autoclear`): what
+ * `losetup -d` leaves behind on a loop that something still holds open. null when not bound.
+ */
+export async function loopAutoclear(mm: MajorMinor, sysRoot = '/sys'): Promise<boolean | null> {
+  const v = await readAttr(mm, 'loop/autoclear', sysRoot);
+  return v === null ? null : v.trim() === '1';
+}
+
 /** Whether the device is read-only (`ro`). */
 export async function isReadOnly(mm: MajorMinor, sysRoot = '/sys'): Promise<boolean | null> {
   const v = await readAttr(mm, 'ro', sysRoot);

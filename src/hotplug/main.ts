@@ -1,7 +1,8 @@
 /**
  * The hook runtime: one code path for every hook and both dialects.
  *
- *   add:    parse → connect to xenstore → lock the backend path → physical-device already there?
+ *   add:    parse → connect to xenstore → lock the backend path (or Xen's block lock, for a
+ *           backend whose lockScope says so) → physical-device already there?
  *           done (exit 0) → read the disk spec → plan → journal + build step by step → report
  *           success in one transaction. Any failure: undo what was built, report hotplug-error +
  *           hotplug-status in one transaction, exit 1.
@@ -18,7 +19,7 @@ import type { Runner } from '../devices/runner.js';
 import { execaRunner } from '../devices/exec.js';
 import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
-import { acquireFlock, type HeldLock } from '../lock/flock.js';
+import { acquireFlock, LockTimeoutError, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { createLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
 import type { XenstoreClient } from '../xenstore/types.js';
@@ -122,9 +123,19 @@ function pathLock(config: Config, xenbusPath: string): string {
   return join(config.stateDir, 'locks', `path-${journalFileName(xenbusPath).replace(/\.json$/, '')}`);
 }
 
+/** The lock held around the whole add or remove (Backend.lockScope). */
 async function lockPath(e: Env): Promise<HeldLock> {
+  const opts = { timeoutMs: e.config.lockTimeoutMs, runner: e.run };
+  if (e.backend.lockScope === 'xen-block') {
+    try {
+      return await acquireFlock(xenBlockLockPath(e.config.xenLockDir), opts);
+    } catch (err) {
+      if (!(err instanceof LockTimeoutError)) throw err;
+      throw new HotplugError(`${e.req.xenbusPath}: Xen's block lock is busy: ${err.message}; another hotplug script is stuck, find it and retry.`, 'error', { cause: err });
+    }
+  }
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
-  return acquireFlock(pathLock(e.config, e.req.xenbusPath), { timeoutMs: e.config.lockTimeoutMs, runner: e.run });
+  return acquireFlock(pathLock(e.config, e.req.xenbusPath), opts);
 }
 
 async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number> {
@@ -185,7 +196,10 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     e.journal.save(entry);
     built = entry;
     const build = new Build(entry, e.journal);
-    const dev: BuiltDevice = await e.backend.add({ request: e.req, disk, config: e.config, run: e.run, log: e.log, xs, journal: e.journal, build, env: e.env }, plan);
+    const dev: BuiltDevice = await e.backend.add(
+      { request: e.req, disk, config: e.config, run: e.run, log: e.log, xs, journal: e.journal, build, env: e.env, xenBlockLockHeld: e.backend.lockScope === 'xen-block' },
+      plan,
+    );
     held = dev.release;
     entry.phase = 'ready';
     entry.device = { path: dev.path, major: dev.major, minor: dev.minor };
@@ -219,7 +233,7 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
     const entry = e.journal.load(e.req.xenbusPath);
     if (!entry) {
       if (xs && e.backend.removeUnrecorded) {
-        await e.backend.removeUnrecorded({ xenbusPath: e.req.xenbusPath, xs, config: e.config, run: e.run, log: e.log });
+        await e.backend.removeUnrecorded({ xenbusPath: e.req.xenbusPath, xs, config: e.config, run: e.run, log: e.log, xenBlockLockHeld: e.backend.lockScope === 'xen-block' });
         return 0;
       }
       e.log.info(`remove ${e.req.xenbusPath}: nothing recorded; nothing to undo`);

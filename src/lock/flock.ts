@@ -57,7 +57,9 @@
  *     - Order: our own locks (base image, then thin pool, then nbd allocation) are taken before
  *       Xen's `block` lock, which is taken last, held only around what the stock scripts also
  *       do under it (loop allocation, the sharing check, writing physical-device) and never
- *       held while waiting for another lock.
+ *       held while waiting for another lock. The drop-in `block` takes no lock of its own: the
+ *       runtime holds Xen's lock around its whole add or remove, as the stock script does
+ *       (Backend.lockScope), so it costs one `flock` child, not two.
  *     - Every wait is bounded (`timeoutMs`, default 20 s, half of libxl's 40 s hotplug
  *       timeout); on expiry a LockTimeoutError names the lock file and, when it can be found in
  *       /proc, the process holding it.

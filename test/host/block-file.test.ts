@@ -2,7 +2,7 @@
  * The bundled `block` hook on file: disks, run as libxl runs it, against real loop devices.
  */
 import t from 'tap';
-import { chmodSync, existsSync, readdirSync, symlinkSync, unlinkSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, openSync, readdirSync, symlinkSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { harness, harnessLoops, hexOf, identity } from '../lib/block-harness.js';
 
@@ -134,6 +134,31 @@ t.test('a symbolic link is resolved to the file it names', async (t) => {
   t.equal(l[0]?.backFile, img, 'the loop backs the link target');
   t.equal((await h.run('remove', be)).code, 0);
   t.ok(existsSync(img));
+});
+
+t.test('remove of a loop that something holds open fails loudly, keeps the record, and the next remove finishes', async (t) => {
+  const h = await harness(t);
+  const img = h.image('held.img');
+  const be = await h.disk({ domid: 13, devid: 51712, params: img, mode: 'w' });
+  t.equal((await h.run('add', be)).code, 0, 'add');
+  const node = (await h.read(`${be}/node`)) as string;
+  const fd = openSync(node, 'r');
+  let closed = false;
+  t.teardown(() => {
+    if (!closed) closeSync(fd);
+  });
+  const rm = await h.run('remove', be);
+  t.equal(rm.code, 1, 'remove exits 1 while the loop is open');
+  t.match(await h.read(`${be}/hotplug-error`), new RegExp(`${node} \\(loop of .*held\\.img\\) is still open`), 'hotplug-error names the busy loop');
+  t.equal(readdirSync(join(h.stateDir, 'journal')).length, 1, 'the record stays');
+  t.same(h.loopsOnImages().map((l) => l.name), [node], 'the loop is still bound while open');
+  closeSync(fd);
+  closed = true;
+  // losetup -d set autoclear: the kernel detaches the loop at the last close.
+  t.same(h.loopsOnImages(), [], 'closing it detached it (autoclear)');
+  const again = await h.run('remove', be);
+  t.equal(again.code, 0, `the next remove exits 0 (stderr: ${again.stderr})`);
+  t.same(readdirSync(join(h.stateDir, 'journal')), [], 'the record is gone');
 });
 
 t.test('no loop device is left over any image of these tests', async (t) => {
