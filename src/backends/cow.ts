@@ -18,7 +18,7 @@ import type { XsOps } from '../xenstore/types.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
-import { addBaseRef, addDm, addLoop, addStoreFile, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
+import { addBaseRef, addDm, addLoop, addStoreFile, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
 export interface CowPlan {
   params: CowParams;
@@ -237,6 +237,11 @@ function loopOwner(ctx: HookContext, id: FileId): string | undefined {
 
 async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
+  if (plan.store) {
+    // Before anything is built: a full store filesystem is the administrator's to fix.
+    ensureStoreDir(ctx.config.storeDir);
+    checkStoreSpace(ctx.config.storeDir);
+  }
   const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseSharing(ctx, plan, onBase));
   const sectors = deviceSectors(baseLoop.major, baseLoop.minor);
   if (sectors === 0) throw new HotplugError(`block-cow: the base image ${plan.base} has no whole 512-byte sector.`);
@@ -248,7 +253,6 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   }
 
   const s = plan.store;
-  ensureStoreDir(ctx.config.storeDir);
   if (!s.persistent) await clearLeftoverTransient(ctx, s.path);
   const store = await addStoreFile(env, s.path, s.bytes, s.persistent);
   const storeId = { dev: store.dev, ino: store.ino };

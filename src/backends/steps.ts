@@ -18,7 +18,7 @@
  * Lock order: the base lock, then Xen's `block` lock (held only around loop allocation and the
  * sharing check that must not race it).
  */
-import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, unlinkSync } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
@@ -202,6 +202,31 @@ export function ensureStoreDir(dir: string): void {
   if (!st.isDirectory()) throw new HotplugError(`the store directory ${dir} is not a directory; fix store_dir in /etc/xen/blockhooks.conf.`);
   if ((st.mode & 0o022) !== 0) throw new HotplugError(`the store directory ${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); run chmod 700 ${dir}.`);
   if (typeof process.getuid === 'function' && st.uid !== process.getuid()) throw new HotplugError(`the store directory ${dir} is owned by uid ${st.uid}, not by us; chown it to root.`);
+}
+
+/**
+ * Free space below which no disk starts on a store directory. Stores are sparse, so creating one
+ * never fails on a full filesystem: dm-snapshot's header write would, with an I/O error naming no
+ * cause, or the guest's first writes would, making the snapshot Invalid under it. 1 MiB holds
+ * the header and the first exception chunks; growth after that is the watcher's business.
+ */
+export const MIN_STORE_FREE_BYTES = 1024 * 1024;
+
+/** Refuse a store directory whose filesystem is (nearly) full, with the numbers. */
+export function checkStoreSpace(dir: string, minFree: number = MIN_STORE_FREE_BYTES): void {
+  let st;
+  try {
+    st = statfsSync(dir, { bigint: true });
+  } catch {
+    return; // the directory's own checks and the store's creation report what is wrong with it
+  }
+  const free = st.bavail * st.bsize;
+  if (free < BigInt(minFree)) {
+    const kib = (n: bigint) => `${(n / 1024n).toString()} KiB`;
+    throw new HotplugError(
+      `the store directory ${dir} has only ${kib(free)} free of ${kib(st.blocks * st.bsize)} (its filesystem is full); a copy-on-write store needs at least ${kib(BigInt(minFree))} to start. Free space there, or move store_dir in /etc/xen/blockhooks.conf.`,
+    );
+  }
 }
 
 function fidOfStats(st: { dev: bigint; ino: bigint }): FileId {

@@ -473,3 +473,28 @@ t.test('a store directory below a symbolic link (e.g. /var/lib on another disk) 
   await runCow(w, 'remove', { XENBUS_PATH: be }, { runner: fake });
   t.same(fake.loops, [], 'no loop left');
 });
+
+t.test('the store filesystem is full (a real tmpfs filled up): refused before anything is built', async (t) => {
+  const w = await world(t);
+  const mnt = join(w.dir, 'full');
+  mkdirSync(mnt);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=512k,mode=0700', 'xbh-full', mnt], { stdio: 'pipe' });
+  } catch (e) {
+    t.fail(`cannot mount a tmpfs here (the test needs root): ${(e as Error).message}`);
+    return;
+  }
+  t.teardown(() => {
+    execFileSync('umount', [mnt]);
+  });
+  w.config.storeDir = join(mnt, 'store');
+  mkdirSync(w.config.storeDir, { mode: 0o700 });
+  // Fill it: writes until ENOSPC.
+  const filler = join(mnt, 'filler');
+  try {
+    writeFileSync(filler, Buffer.alloc(1024 * 1024, 1));
+  } catch (e) {
+    t.equal((e as NodeJS.ErrnoException).code, 'ENOSPC', 'the filler ran out of space');
+  }
+  await refused(t, w, { name: 'store filesystem full', params: `${w.base} 16`, re: /store directory .*has only \d+ KiB free of 512 KiB \(its filesystem is full\)/ }, 13);
+});
