@@ -144,6 +144,34 @@ function space(s) {
   return out.join('\n');
 }
 
+function dom0(d) {
+  const out = [`### Hook latency and concurrency in a real Xen dom0 (stock \`block\` vs ours, file: disk)`, ''];
+  out.push(`Debian's Xen 4.17 under QEMU TCG, PV dom0 with 1 vCPU, kernel ${d.kernel}, Debian 12's node ${d.nodeVersion}. Hooks installed by the project's installer (--replace-block; the stock script kept as block.stock) and run directly as libxl runs them, against the real xenstored. dom0 ready after ${sec(d.bootMs)}, ${sec(d.totalMs)} in all; host load average ${d.loadStart} at start, ${d.loadEnd} at end.`, '');
+  if (d.error) out.push('**The run reported failures:**', '', '```', d.error, '```', '');
+  const s = d.samples ?? {};
+  const get = (k) => s[k] ?? { wall: [], cpu: [] };
+  out.push(head(['run (n each)', 'wall p50', 'wall p95', 'CPU p50']));
+  for (const [k, label] of [['node start', 'bare `node -e 0`'], ['ours add', 'ours `block add`'], ['stock add', 'stock `block add`'], ['ours remove', 'ours `block remove`'], ['stock remove', 'stock `block remove`']]) {
+    const v = get(k);
+    out.push(row([`${label} (${v.wall.length})`, ms(p50(v.wall)), ms(p95(v.wall)), ms(p50(v.cpu))]));
+  }
+  out.push('');
+  const oa = get('ours add').wall, sa = get('stock add').wall, n = get('node start').wall;
+  out.push(head(['ratio', 'value', 'target']));
+  out.push(row(['ours add / stock add (p50)', ratio(p50(oa), p50(sa)), '≤ 0.3×']));
+  out.push(row(['ours remove / stock remove (p50)', ratio(p50(get('ours remove').wall), p50(get('stock remove').wall)), '–']));
+  out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(oa.map((a, i) => a - n[i]))), '–']));
+  out.push(row(['CPU: ours add / stock add (p50)', ratio(p50(get('ours add').cpu), p50(get('stock add').cpu)), '–']));
+  if (d.concurrent?.length) {
+    out.push('', head([`${d.concurrency} at once`, 'wall', 'failures']));
+    for (const c of d.concurrent) out.push(row([`${c.variant} ${c.op}`, ms(c.wallMs), String(c.failures)]));
+    const mean = (v, op) => { const w = d.concurrent.filter((c) => c.variant === v && c.op === op).map((c) => c.wallMs); return w.reduce((a, b) => a + b, 0) / w.length; };
+    out.push('', `${d.concurrency} concurrent adds, ours / stock (mean of the trials): ${ratio(mean('ours', 'add'), mean('stock', 'add'))}; removes: ${ratio(mean('ours', 'remove'), mean('stock', 'remove'))}.`);
+  }
+  if (d.notes?.length) out.push('', ...d.notes.map((l) => `> ${l}`));
+  return out.join('\n');
+}
+
 export function render(r) {
   const parts = [`## Run of ${r.machine.date}`, '', machineLine(r), ''];
   const n = r.native ?? {};
@@ -161,6 +189,7 @@ export function render(r) {
     else parts.push(f(g[k]), `\n(guest part took ${sec(g[k].partMs)})`, '');
     if (g[k].leftovers?.length) parts.push(`Left behind after ${k}: ${g[k].leftovers.join('; ')}`, '');
   }
+  if (r.dom0) parts.push(dom0(r.dom0), '');
   if (r.wallMs) parts.push(`Whole run: ${sec(r.wallMs)}.`, '');
   return `${parts.join('\n')}\n`;
 }

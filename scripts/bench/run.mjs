@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // `npm run bench [-- PART...] [--runs N] [--native-only|--guest-only]`: the benchmarks of
-// BENCHMARKS.md. PARTs: latency, concurrency, datapath, space, startup (default: all). Native
-// parts run on this machine; guest parts (block-cow, -qcow, -thin need device-mapper/nbd) run in
-// one boot of the QEMU guest tier. Everything of a run (hook bundles, helpers, results.json,
+// BENCHMARKS.md. PARTs: latency, concurrency, datapath, space, startup, dom0 (default: all).
+// Native parts run on this machine; guest parts (block-cow, -qcow, -thin need device-mapper/nbd)
+// run in one boot of the QEMU guest tier; dom0 runs stock and our `block` in a real Xen dom0 (the
+// Xen tier), after the guest parts. Everything of a run (hook bundles, helpers, results.json,
 // report.md) goes to .cache/bench/run-<time>/; the report is printed at the end.
 // Not part of `npm test`: nothing here asserts a target.
 import { build } from 'esbuild';
@@ -15,21 +16,22 @@ import { render } from './report.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = join(HERE, '..', '..');
-const PARTS = ['latency', 'concurrency', 'datapath', 'space', 'startup'];
+const PARTS = ['latency', 'concurrency', 'datapath', 'space', 'startup', 'dom0'];
 // Guest parts in the order they are dealt to boots with --guest-boots N (heaviest first).
 const GUEST_PARTS = ['latency', 'datapath', 'space', 'concurrency'];
 
 function usage() {
-  return `usage: npm run bench [-- [PART...] [--runs N] [--guest-runs N] [--guest-boots N] [--native-only|--guest-only]]\n  PARTs: ${PARTS.join(', ')} (default: all)`;
+  return `usage: npm run bench [-- [PART...] [--runs N] [--guest-runs N] [--guest-boots N] [--dom0-runs N] [--native-only|--guest-only]]\n  PARTs: ${PARTS.join(', ')} (default: all; dom0 counts as a guest part)`;
 }
 
 function parse(argv) {
-  const o = { parts: [], runs: 30, guestRuns: 20, guestBoots: 2, native: true, guest: true };
+  const o = { parts: [], runs: 30, guestRuns: 20, guestBoots: 2, dom0Runs: 10, native: true, guest: true };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--runs') o.runs = Number(argv[++i]);
     else if (a === '--guest-runs') o.guestRuns = Number(argv[++i]);
     else if (a === '--guest-boots') o.guestBoots = Number(argv[++i]);
+    else if (a === '--dom0-runs') o.dom0Runs = Number(argv[++i]);
     else if (a === '--native-only') o.guest = false;
     else if (a === '--guest-only') o.native = false;
     else if (a === '-h' || a === '--help') return { help: true };
@@ -141,6 +143,13 @@ async function main(argv) {
     const runs = await Promise.all(groups.map((g) => runGuest(runDir, g, o)));
     results.guest = { loadStart, boots: groups, bootMs: runs.map((r) => r.bootMs), totalMs: Math.max(...runs.map((r) => r.totalMs)), loadEnd: loadNow() };
     for (const r of runs) for (const p of guestParts) if (r[p]) results.guest[p] = r[p];
+    save();
+  }
+  if (o.guest && o.parts.includes('dom0')) {
+    const { dom0Bench } = await import(pathToFileURL(join(HERE, 'dom0.mjs')).href);
+    log('dom0: one boot of the Xen tier (streaming its console below)');
+    const loadStart = loadNow();
+    results.dom0 = { loadStart, ...(await dom0Bench({ rounds: o.dom0Runs, log, onConsole: (s) => process.stderr.write(s) })), loadEnd: loadNow() };
     save();
   }
   results.wallMs = Date.now() - t0;

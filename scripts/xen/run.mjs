@@ -87,8 +87,13 @@ function collectLogs(dir, base = dir, out = {}) {
  * Rejects only when the tier cannot be built or QEMU cannot be started.
  */
 export async function runXenTier({
-  scenarios = listScenarios(), timeoutMs = 1_800_000, scenarioTimeoutS = 480, onConsole, log = () => {}, keep = false,
+  scenarios = listScenarios(), timeoutMs = 1_800_000, scenarioTimeoutS = 480, onConsole, log = () => {}, keep = false, env = {},
 } = {}) {
+  // Extra variables for the scenarios (the benchmarks' sizes): simple names and values only, as
+  // they pass through plan.env and a shell word list.
+  for (const [k, v] of Object.entries(env)) {
+    if (!/^XBH_[A-Z0-9_]+$/.test(k) || !/^[\w.,:/-]*$/.test(String(v))) throw new Error(`runXenTier: env ${k}=${v} is not a plain XBH_ variable`);
+  }
   const t0 = Date.now();
   const loadStart = readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ');
   const t = await buildXen({ log });
@@ -129,6 +134,8 @@ export async function runXenTier({
       `XBH_DOMU_RAMDISK='${t.domuInitrd}'`,
       `XBH_INSTALL='${existsSync(installer) ? '/xbh-share/project/install' : ''}'`,
       `XBH_SCENARIO_TIMEOUT=${scenarioTimeoutS}`,
+      ...Object.entries(env).map(([k, v]) => `${k}='${v}'`),
+      `XBH_PASS='${Object.keys(env).join(' ')}'`,
       '',
     ].join('\n'));
     writeFileSync(join(share, 'scenarios'), jobs.map((j) => `${j.id} ${j.interp} ${j.file}\n`).join(''));

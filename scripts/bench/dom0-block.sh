@@ -1,0 +1,131 @@
+# Benchmark part "dom0", run inside the Xen tier's PV dom0 (scripts/bench/dom0.mjs boots it with
+# this file as its one scenario): add+remove of a file: disk by Debian's stock `block` and by ours,
+# run directly the way libxl runs them (XENBUS_PATH relative, the backend nodes written first into
+# the real xenstored), and a bare `node -e 0`, interleaved, the order rotating every round.
+# Then 10 concurrent adds (10 files, 10 backends) and their removes, stock and ours in turn.
+# Prints `sample VARIANT OP WALL_MS CPU_MS` lines, `concurrent VARIANT OP WALL_MS FAILURES`, and
+# TAP lines: a failed or unverified run is `not ok`.
+. "$XBH_PROJECT/test/xen/lib.sh"
+
+ROUNDS=${XBH_BENCH_DOM0_ROUNDS:-10}
+CONC=${XBH_BENCH_DOM0_CONCURRENCY:-10}
+if ! how=$(ensure_hooks); then
+	not_ok "the hooks are installed" "npm run build first"
+	finish
+fi
+note "$how"
+STOCK=/etc/xen/scripts/block.stock
+OURS=/etc/xen/scripts/block
+if [ ! -x "$STOCK" ] || ! hook_installed ""; then
+	not_ok "stock block (block.stock) and ours (block) are installed" "$(ls -l /etc/xen/scripts/ 2>&1)"
+	finish
+fi
+note "node $(node --version), dom0 vCPUs $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)"
+IMG=/var/lib/xen/images/xbh-bench
+mkdir -p $IMG
+i=0
+while [ $i -lt "$CONC" ]; do
+	dd if=/dev/zero of=$IMG/d$i.img bs=1M count=8 status=none
+	i=$((i + 1))
+done
+
+# nodes DOMID FILE: the backend and frontend nodes libxl writes before it runs the script.
+nodes() {
+	be=/local/domain/0/backend/vbd/$1/51712
+	fe=/local/domain/$1/device/vbd/51712
+	xenstore-write "$be/params" "$2" "$be/frontend" "$fe" "$be/frontend-id" "$1" "$be/online" 1 \
+		"$be/removable" 0 "$be/bootable" 1 "$be/state" 2 "$be/dev" xvda "$be/type" phy "$be/mode" w \
+		"$be/device-type" disk "$be/script" /etc/xen/scripts/block "$be/discard-enable" 0 \
+		"$fe/backend-id" 0 "$fe/backend" "$be" "$fe/state" 1 "$fe/virtual-device" 51712 "$fe/device-type" disk
+}
+# closed DOMID: what libxl writes before remove; gone DOMID: what it deletes after.
+closed() { xenstore-write "/local/domain/0/backend/vbd/$1/51712/online" 0 "/local/domain/0/backend/vbd/$1/51712/state" 6; }
+gone() { xenstore-rm "/local/domain/0/backend/vbd/$1" 2>/dev/null; xenstore-rm "/local/domain/$1/device" 2>/dev/null; return 0; }
+
+# timed VARIANT OP CMD...: one run, one sample line (wall and CPU of the run and its children).
+timed() {
+	v=$1 op=$2
+	shift 2
+	t0=$(date +%s%N)
+	/usr/bin/time -f '%U %S' -o $XBH_SCRATCH/cpu "$@" >$XBH_SCRATCH/run.out 2>&1
+	rc=$?
+	t1=$(date +%s%N)
+	cpu=$(awk '{ printf "%d", ($1 + $2) * 1000 }' $XBH_SCRATCH/cpu 2>/dev/null)
+	echo "sample $v $op $(((t1 - t0) / 1000000)) ${cpu:-0}"
+	return $rc
+}
+
+# one VARIANT SCRIPT DOMID: add, check, remove, check.
+one() {
+	v=$1 script=$2 d=$3
+	nodes "$d" $IMG/d0.img
+	if ! timed "$v" add env XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" add; then
+		not_ok "$v add" "$(cat $XBH_SCRATCH/run.out)"
+	fi
+	pd=$(xenstore-read "/local/domain/0/backend/vbd/$d/51712/physical-device" 2>/dev/null)
+	st=$(xenstore-read "/local/domain/0/backend/vbd/$d/51712/hotplug-status" 2>/dev/null)
+	if [ -z "$pd" ] || [ "$st" != connected ]; then not_ok "$v add wrote physical-device and hotplug-status=connected" "pd=$pd status=$st"; fi
+	closed "$d"
+	if ! timed "$v" remove env XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" remove; then
+		not_ok "$v remove" "$(cat $XBH_SCRATCH/run.out)"
+	fi
+	gone "$d"
+	if [ -n "$(losetup -a)" ]; then not_ok "$v remove left no loop device" "$(losetup -a)"; losetup -D; fi
+}
+
+# One warm-up round, not recorded.
+one stock $STOCK 1 >/dev/null
+one ours $OURS 1 >/dev/null
+node -e 0
+r=0
+while [ $r -lt "$ROUNDS" ]; do
+	case $((r % 3)) in
+	0) one stock $STOCK 1; one ours $OURS 1; timed node start node -e 0 ;;
+	1) one ours $OURS 1; timed node start node -e 0; one stock $STOCK 1 ;;
+	2) timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
+	esac
+	r=$((r + 1))
+done
+ok "latency: $ROUNDS interleaved rounds of stock and ours add+remove, and node -e 0"
+
+# conc VARIANT SCRIPT: CONC adds at once (domids 11.., one file each), then CONC removes at once.
+conc() {
+	v=$1 script=$2
+	i=0
+	while [ $i -lt "$CONC" ]; do nodes $((11 + i)) $IMG/d$i.img; i=$((i + 1)); done
+	for op in add remove; do
+		if [ $op = remove ]; then i=0; while [ $i -lt "$CONC" ]; do closed $((11 + i)); i=$((i + 1)); done; fi
+		t0=$(date +%s%N)
+		i=0
+		while [ $i -lt "$CONC" ]; do
+			(env XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
+				"$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
+			i=$((i + 1))
+		done
+		wait
+		t1=$(date +%s%N)
+		fail=0
+		i=0
+		while [ $i -lt "$CONC" ]; do
+			[ "$(cat $XBH_SCRATCH/c$i.rc)" = 0 ] || fail=$((fail + 1))
+			if [ $op = add ] && [ "$(xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/hotplug-status 2>/dev/null)" != connected ]; then fail=$((fail + 1)); fi
+			i=$((i + 1))
+		done
+		if [ $op = add ]; then
+			distinct=$(i=0; while [ $i -lt "$CONC" ]; do xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/physical-device 2>/dev/null; echo; i=$((i + 1)); done | sort -u | grep -c .)
+			[ "$distinct" = "$CONC" ] || fail=$((fail + 1))
+		fi
+		echo "concurrent $v $op $(((t1 - t0) / 1000000)) $fail"
+	done
+	i=0
+	while [ $i -lt "$CONC" ]; do gone $((11 + i)); i=$((i + 1)); done
+	if [ -n "$(losetup -a)" ]; then not_ok "$v: concurrent removes left no loop device" "$(losetup -a)"; losetup -D; fi
+}
+conc stock $STOCK
+conc ours $OURS
+conc ours $OURS
+conc stock $STOCK
+ok "concurrency: $CONC adds and removes at once, stock and ours, twice each"
+rm -rf $IMG
+expect_nothing_left "after the dom0 benchmark"
+finish
