@@ -15,7 +15,8 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { ConfigError, loadConfig, type Config } from '../config/config.js';
-import type { Runner } from '../devices/runner.js';
+import { CommandError, type Runner } from '../devices/runner.js';
+import { shortageOf } from '../devices/shortage.js';
 import { execaRunner } from '../devices/exec.js';
 import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
@@ -140,7 +141,7 @@ async function lockPath(e: Env): Promise<HeldLock> {
 
 async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number> {
   const status = error instanceof HotplugError ? error.status : 'error';
-  const message = error instanceof HotplugError ? error.message : `${e.backend.script} failed unexpectedly on ${e.req.xenbusPath}: ${messageOf(error)}`;
+  const message = error instanceof HotplugError ? error.message : describeUnplanned(e, error);
   e.log.error(`${e.req.action} ${e.req.xenbusPath}: ${message}`, { outcome: status });
   if (!(error instanceof HotplugError) && error instanceof Error && error.stack) e.log.debug(error.stack);
   try {
@@ -149,6 +150,20 @@ async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number>
     e.log.error(`could not write hotplug-error to ${e.req.xenbusPath}: ${messageOf(w)}`);
   }
   return 1;
+}
+
+/**
+ * A failure no backend turned into a HotplugError. A device command that failed because something
+ * ran out says what ran out (devices/shortage.ts); another failed command says which and why; only
+ * anything else reads as unexpected.
+ */
+function describeUnplanned(e: Env, error: unknown): string {
+  if (error instanceof CommandError) {
+    const what = `${e.backend.script} could not ${e.req.action === 'remove' ? 'take down' : 'set up'} ${e.req.xenbusPath}`;
+    const shortage = shortageOf(error.result);
+    return shortage ? `${what}: ${shortage} (${error.message}).` : `${what}: ${error.message}`;
+  }
+  return `${e.backend.script} failed unexpectedly on ${e.req.xenbusPath}: ${messageOf(error)}`;
 }
 
 /** Take away what an earlier, unfinished or forgotten record built before building again. */
