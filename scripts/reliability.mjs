@@ -67,7 +67,11 @@ if (doHost) {
 
 if (doGuest) {
   const { runGuestTests } = await import('./vm/run-guest-tests.mjs');
-  const run = await runGuestTests({ filters: ['fault-'], log: (m) => console.error(m) });
+  // Full size: fault-concurrency runs 64 block-cow hooks at once (~12 minutes under TCG).
+  const run = await runGuestTests({
+    filters: ['fault-'], timeoutMs: 2_700_000, fileTimeoutMs: 1_500_000, log: (m) => console.error(m),
+    env: { XBH_FAULT_CONCURRENCY: process.env.XBH_FAULT_CONCURRENCY ?? '64' },
+  });
   for (const r of run.results) {
     const source = `test/guest/${basename(r.source)}`;
     rows.push(...parseRows(r.stdout, source));

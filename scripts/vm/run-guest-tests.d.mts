@@ -20,4 +20,6 @@ export function runGuestTests(options?: {
   onConsole?: (chunk: string) => void;
   log?: (message: string) => void;
   shell?: boolean;
+  /** Variables for the test files in the guest. */
+  env?: Record<string, string>;
 }): Promise<GuestTestRun>;

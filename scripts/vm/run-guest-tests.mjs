@@ -55,14 +55,14 @@ export async function bundleGuestTests(files, outDir) {
  * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
  * result carrying `source` (the .ts file) and `points` (its parsed TAP).
  */
-export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false } = {}) {
+export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false, env = {} } = {}) {
   const sources = guestTestFiles(filters, prefixes);
   if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${[...filters, ...prefixes.map((p) => `${p}*`)].join(' ') || '*'}`);
   mkdirSync(BUNDLE_DIR, { recursive: true });
   const outDir = mkdtempSync(join(BUNDLE_DIR, 'run-'));
   try {
     const bundles = await bundleGuestTests(sources, outDir);
-    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log });
+    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log, env });
     run.results.forEach((r, i) => {
       r.source = sources[i];
       r.points = parseTap(r.stdout);

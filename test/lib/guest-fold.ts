@@ -12,6 +12,7 @@ import { basename } from 'node:path';
 import { describeJobFailure } from '../../scripts/vm/run-guest.mjs';
 import { guestTestFiles, runGuestTests, type GuestTestRun } from '../../scripts/vm/run-guest-tests.mjs';
 import { assertionPoints, errorSummary } from '../../scripts/vm/tap.mjs';
+import { stockScriptsDir } from './stock-scripts.js';
 
 /** Every guest file belongs to exactly one boot: these prefixes, one list per test/host/guest-*.test.ts. */
 export const GUEST_SHARDS: Record<string, string[]> = {
@@ -38,9 +39,15 @@ export async function foldGuestShard(shard: string): Promise<void> {
     t.fail(`no guest test files start with ${prefixes.join(' or ')}`);
     return;
   }
+  // Debian's stock scripts, for the guest files that run them next to ours (fetched once into
+  // .cache/stock, which the guest sees through the host's root). A failure here is reported by
+  // the file that needs them.
+  await stockScriptsDir().catch((e: Error) => t.comment(`stock scripts unavailable: ${e.message}`));
   let run: GuestTestRun | undefined;
   try {
-    run = await runGuestTests({ prefixes, timeoutMs: limitMs, fileTimeoutMs: fileLimitMs });
+    // The 64-way concurrency test (fault-concurrency) takes ~12 minutes of one emulated CPU at full
+    // size: `npm test` runs it 16-way, `npm run reliability` (RELIABILITY.md) at full size.
+    run = await runGuestTests({ prefixes, timeoutMs: limitMs, fileTimeoutMs: fileLimitMs, env: { XBH_FAULT_CONCURRENCY: process.env.XBH_FAULT_CONCURRENCY ?? '16' } });
   } catch (e) {
     t.fail(`the guest tier could not run: ${(e as Error).message}`);
   }
