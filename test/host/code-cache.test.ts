@@ -67,3 +67,19 @@ t.test('a hook run through the loader keeps its exit code and its errors', async
   t.equal(r.status, 2, 'bad usage is exit 2');
   t.match(r.stderr, /block: .*--help/);
 });
+
+t.test('a cache made by --version (the installer\'s warm-up) is replaced once by a run that does work, then kept', async (t) => {
+  const dir = copy(t);
+  version(dir);
+  const name = caches(dir)[0]!;
+  t.equal(readFileSync(join(dir, name)).subarray(0, 1).toString(), 'V', 'the warm-up cache is marked V');
+  const v1 = readFileSync(join(dir, name));
+  version(dir);
+  t.ok(readFileSync(join(dir, name)).equals(v1), 'another --version keeps it');
+  // An action (here one the hook refuses: still the add/remove path's start-up and parsing).
+  spawnSync(process.execPath, [join(dir, 'block.mjs'), 'remove'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  const w = readFileSync(join(dir, name));
+  t.equal(w.subarray(0, 1).toString(), 'W', 'a run with an action replaced it (marked W)');
+  version(dir);
+  t.ok(readFileSync(join(dir, name)).equals(w), '--version afterwards keeps the W cache');
+});
