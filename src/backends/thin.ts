@@ -21,12 +21,19 @@
  *
  * Pool files: <store_dir>/thin-pool.data, thin-pool.meta, and thin-pool.volumes.json, the
  * persistent volumes (owner-vdev → id, size, base), replaced atomically under the pool lock.
+ *
+ * Pool on devices (thin.data_device and thin.metadata_device, e.g. two LVs): the pool uses them
+ * directly, no files and no loops. A metadata device whose first 4 KiB are zero starts a new pool
+ * (dm-thin formats it); anything else must be this pool's metadata. When the pool is torn down
+ * with no persistent volume, its metadata superblock is zeroed, as the files would be deleted:
+ * the next pool starts empty. The devices themselves are the administrator's (never removed).
  */
-import { closeSync, constants as fsc, fstatSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import { dmInfo, dmStatus, parseStatus } from '../devices/dmsetup.js';
-import type { Runner } from '../devices/runner.js';
+import { CommandError, type Runner } from '../devices/runner.js';
+import { decodeDev } from '../devices/sysfs.js';
 import { createThin, deleteThin, poolSectors, poolTable } from '../devices/thin.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
@@ -261,22 +268,60 @@ function tableDevices(params: string): string[] {
   return params.split(/\s+/).filter((w) => /^\d+:\d+$/.test(w));
 }
 
+/** thin.data_device and thin.metadata_device are set: the pool lives on them, not on files. */
+export function poolOnDevices(config: Pick<Config, 'thin'>): boolean {
+  return config.thin.dataDevice !== '' && config.thin.metadataDevice !== '';
+}
+
+/** A configured pool device: it must be a block device; its major:minor. */
+export function poolDevice(path: string, what: 'data' | 'metadata'): { major: number; minor: number } {
+  let st;
+  try {
+    st = statSync(path);
+  } catch (e) {
+    throw new HotplugError(`block-thin: the pool's ${what} device ${path} (thin.${what}_device) cannot be opened (${(e as NodeJS.ErrnoException).code ?? messageOf(e)}); create it (e.g. lvcreate) or fix /etc/xen/blockhooks.conf.`);
+  }
+  if (!st.isBlockDevice()) throw new HotplugError(`block-thin: the pool's ${what} device ${path} (thin.${what}_device) is not a block device.`);
+  const d = decodeDev(st.rdev);
+  return { major: d.major, minor: d.minor };
+}
+
+/** Zero a pool metadata device's superblock (the first 4 KiB): the next pool on it starts empty. */
+function wipeMetadataSuperblock(path: string): void {
+  const fd = openSync(path, fsc.O_WRONLY);
+  try {
+    writeSync(fd, Buffer.alloc(4096), 0, 4096, 0);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** The pool, created when it is not there yet. Caller holds the pool lock. */
 export async function ensurePool(run: Runner, config: Config, log: Logger): Promise<PoolDevice> {
   const f = poolFiles(config);
+  const onDevices = poolOnDevices(config);
   const info = await dmInfo(run, f.name);
   if (info) {
     const table = parseStatus((await run.run('dmsetup', ['table', f.name])).stdout)[0];
     if (!table || table.target !== 'thin-pool') throw new HotplugError(`block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`);
+    const devs = tableDevices(table.params);
+    if (onDevices) {
+      const data = poolDevice(config.thin.dataDevice, 'data');
+      if (devs[1] !== `${data.major}:${data.minor}`) {
+        throw new HotplugError(`block-thin: the thin pool ${f.name} is running on other devices than ${config.thin.dataDevice} (thin.data_device changed?); remove it or use the same configuration.`);
+      }
+      return { name: f.name, major: info.major, minor: info.minor, created: false };
+    }
     const dataId = fileId(f.data);
     const loops = dataId ? await loopsBacking(run, dataId) : [];
-    const devs = tableDevices(table.params);
     if (!loops.some((l) => devs[1] === `${l.major}:${l.minor}`)) {
       throw new HotplugError(`block-thin: the thin pool ${f.name} is running on other devices than ${f.data} (another store_dir?); remove it or use the same configuration.`);
     }
     return { name: f.name, major: info.major, minor: info.minor, created: false };
   }
   ensureStoreDir(config.storeDir);
+  if (onDevices) return createPoolOnDevices(run, config, log);
   const data = ensurePoolFile(f.data, config.thin.dataMiB * 1048576);
   if (!data.created && fileId(f.meta) === undefined) {
     throw new HotplugError(`block-thin: the pool data file ${f.data} exists but its metadata file ${f.meta} does not; move the data file away (its volumes cannot be read without metadata).`);
@@ -295,6 +340,29 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   return { name: f.name, major: made.major, minor: made.minor, created: true };
 }
 
+async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Promise<PoolDevice> {
+  const name = THIN_POOL_NAME;
+  const meta = poolDevice(config.thin.metadataDevice, 'metadata');
+  const data = poolDevice(config.thin.dataDevice, 'data');
+  const length = poolSectors(BigInt(deviceSectors(data.major, data.minor)) * 512n, config.thin.blockKiB);
+  if (length === 0n) throw new HotplugError(`block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`);
+  const table = poolTable(length, meta, data, config.thin.blockKiB);
+  try {
+    await run.run('dmsetup', ['create', name, '--table', table]);
+  } catch (e) {
+    if (!(e instanceof CommandError)) throw e;
+    throw new HotplugError(
+      `block-thin: the thin pool would not start on ${config.thin.metadataDevice} (metadata) and ${config.thin.dataDevice} (data): ${e.message}. If the metadata device holds something other than this pool's metadata (an old filesystem, another pool) and nothing needs it, zero its first 4 KiB (dd if=/dev/zero of=${config.thin.metadataDevice} bs=4096 count=1) to start a new pool.`,
+      'error',
+      { cause: e },
+    );
+  }
+  const made = await dmInfo(run, name);
+  if (!made) throw new Error(`thin pool ${name} is missing right after dmsetup create`);
+  log.info(`block-thin: started thin pool ${name} on ${config.thin.dataDevice} (${length / 2048n} MiB data) and ${config.thin.metadataDevice} (metadata), ${config.thin.blockKiB}K blocks`);
+  return { name, major: made.major, minor: made.minor, created: true };
+}
+
 /** Journal records other than `except` that hold a step of `kind` (the pool's users). */
 function holders(ctx: UndoContext | { journal: UndoContext['journal'] }, kind: string, except: string): { paths: string[]; unreadable: string[] } {
   const { entries, unreadable } = ctx.journal.list();
@@ -308,6 +376,16 @@ function holders(ctx: UndoContext | { journal: UndoContext['journal'] }, kind: s
 export async function teardownPool(run: Runner, config: Config, log: Logger): Promise<void> {
   const f = poolFiles(config);
   await dmRemove(run, f.name, config.busyRetryMs);
+  if (poolOnDevices(config)) {
+    const kept = Object.keys(readVolumes(f.volumes));
+    if (kept.length) {
+      log.info(`block-thin: thin pool ${f.name} stopped; its metadata on ${config.thin.metadataDevice} stays for ${kept.length} persistent volume(s): ${kept.join(', ')}`);
+      return;
+    }
+    wipeMetadataSuperblock(config.thin.metadataDevice);
+    log.info(`block-thin: thin pool ${f.name} stopped; no persistent volumes, so its metadata superblock on ${config.thin.metadataDevice} was zeroed (the next pool starts empty)`);
+    return;
+  }
   for (const file of [f.data, f.meta]) {
     const id = fileId(file);
     if (!id) continue;
@@ -488,6 +566,7 @@ export const thinBackend: Backend<ThinPlan> = {
     '  persistent  keep the volume after remove and reattach it on the next add of the same domain and vdev',
     'The pool (store_dir/thin-pool.data and .meta, sparse) is created on first use with thin.data_size, thin.metadata_size,',
     'thin.block, and fails writes at once when full (error_if_no_space): run "xen-blockhooks watch" to grow it in time.',
+    'With thin.data_device and thin.metadata_device (e.g. two LVs) the pool runs on those instead of files.',
     'xl:  disk = [ "vdev=xvda,access=w,script=block-thin,target=/srv/xen/rootfs.img 20G" ]',
     'xm:  disk = [ "thin:/srv/xen/rootfs.img 20G,xvda,w" ]',
     'access=r hands out a read-only device over the base and needs no pool.',

@@ -33,7 +33,11 @@ export interface Config {
   /** Milliseconds to wait for a lock before giving up. */
   lockTimeoutMs: number;
   cow: { chunkKiB: number; defaultSizeMiB: number };
-  thin: { blockKiB: number; dataMiB: number; metadataMiB: number; keepPool: boolean };
+  /**
+   * dataDevice/metadataDevice: block devices (e.g. LVs) for the pool instead of the sparse files in
+   * store_dir; both or neither. Empty: files.
+   */
+  thin: { blockKiB: number; dataMiB: number; metadataMiB: number; keepPool: boolean; dataDevice: string; metadataDevice: string };
   qcow: { cache: string };
   watch: { thresholdPercent: number; stepPercent: number; intervalMs: number };
 }
@@ -51,7 +55,7 @@ export function defaultConfig(): Config {
     busyRetryMs: 10_000,
     lockTimeoutMs: 20_000,
     cow: { chunkKiB: 64, defaultSizeMiB: 1024 },
-    thin: { blockKiB: 64, dataMiB: 4096, metadataMiB: 64, keepPool: false },
+    thin: { blockKiB: 64, dataMiB: 4096, metadataMiB: 64, keepPool: false, dataDevice: '', metadataDevice: '' },
     qcow: { cache: 'writeback' },
     watch: { thresholdPercent: 80, stepPercent: 25, intervalMs: 2000 },
   };
@@ -113,6 +117,8 @@ const SETTERS: Record<string, Setter> = {
   'thin.data_size': (c, v, w) => { c.thin.dataMiB = mib(v, w); },
   'thin.metadata_size': (c, v, w) => { c.thin.metadataMiB = mib(v, w); },
   'thin.keep_pool': (c, v, w) => { c.thin.keepPool = bool(v, w); },
+  'thin.data_device': (c, v, w) => { c.thin.dataDevice = v === '' ? '' : dir(v, w); },
+  'thin.metadata_device': (c, v, w) => { c.thin.metadataDevice = v === '' ? '' : dir(v, w); },
   'qcow.cache': (c, v, w) => {
     if (!/^(none|writeback|writethrough|directsync|unsafe)$/.test(v)) throw new ConfigError(`${w}: unknown qemu cache mode "${v}"`);
     c.qcow.cache = v;
@@ -157,5 +163,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     if (v !== undefined) (SETTERS[key] as Setter)(c, v, name);
   }
   if (env.XEN_SCRIPT_DIR !== undefined && env.XEN_BLOCKHOOKS_XEN_SCRIPT_DIR === undefined) c.xenScriptDir = dir(env.XEN_SCRIPT_DIR, 'XEN_SCRIPT_DIR');
+  if ((c.thin.dataDevice === '') !== (c.thin.metadataDevice === '')) {
+    throw new ConfigError(`${file}: thin.data_device and thin.metadata_device go together (the pool is on two devices or on two files); set both or neither`);
+  }
   return c;
 }

@@ -27,7 +27,8 @@ import { acquireFlock } from '../lock/flock.js';
 import { thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { LVSNAP_STEP } from '../backends/lvsnap.js';
-import { poolFiles, THIN_POOL_NAME, THIN_STEP } from '../backends/thin.js';
+import { deviceSectors } from '../backends/cow-devices.js';
+import { poolDevice, poolFiles, poolOnDevices, THIN_POOL_NAME, THIN_STEP } from '../backends/thin.js';
 
 export class GrowError extends Error {
   override name = 'GrowError';
@@ -161,6 +162,7 @@ export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | u
     if (!(await dmInfo(deps.run, f.name))) throw new GrowError(`the thin pool ${f.name} is not running`);
     const s = await poolStatus(deps.run, f.name);
     if (s.state !== 'ok') throw new GrowError(`the thin pool ${f.name} has failed (status ${s.state === 'fail' ? 'Fail' : 'Error'}); growing cannot repair it: run thin_check on its metadata`);
+    if (poolOnDevices(deps.config)) return await growPoolDevice(part, size, deps, who);
     const file = part === 'data' ? f.data : f.meta;
     const before = statSync(file).size;
     const align = part === 'data' ? deps.config.thin.blockKiB * 1024 : MiB;
@@ -177,6 +179,31 @@ export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | u
   } finally {
     await lock.release();
   }
+}
+
+/**
+ * The pool on devices (thin.data_device / thin.metadata_device): `lvextend` the device to the new
+ * size (LVM rounds up to whole extents), then reload the pool. A device that is not an LV cannot
+ * be grown here: lvextend's refusal says so. Caller holds the pool lock.
+ */
+async function growPoolDevice(part: 'data' | 'metadata', size: GrowSize | undefined, deps: GrowDeps, who: string): Promise<GrowAction> {
+  const f = poolFiles(deps.config);
+  const device = part === 'data' ? deps.config.thin.dataDevice : deps.config.thin.metadataDevice;
+  const bytesOf = () => {
+    const d = poolDevice(device, part);
+    return deviceSectors(d.major, d.minor) * 512;
+  };
+  const before = bytesOf();
+  const align = part === 'data' ? deps.config.thin.blockKiB * 1024 : MiB;
+  let after = targetBytes(before, size, deps.config.watch.stepPercent, align);
+  if (part === 'metadata') after = Math.min(after, THIN_METADATA_MAX_BYTES);
+  if (after <= before) throw new GrowError(`the pool's ${part} device ${device} is already ${human(before)}; ${human(after)} is not larger${part === 'metadata' && before >= THIN_METADATA_MAX_BYTES ? ' (dm-thin\'s metadata limit)' : ''}`);
+  await deps.run.run('lvm', ['lvextend', '-q', '-L', `${after}b`, '--', device]);
+  const grown = bytesOf();
+  await reloadPool(deps.run, f.name, part === 'data' ? poolSectors(grown, deps.config.thin.blockKiB) : undefined);
+  const u = poolUsage(await poolStatus(deps.run, f.name));
+  deps.log.info(`grow ${who}: thin pool ${f.name} ${part} ${device} ${human(before)} → ${human(grown)} (lvextend), reloaded; now data ${u.dataPercent}% metadata ${u.metadataPercent}%${u.problem ? `, ${u.problem}` : ''}`, { action: 'grow', kind: `thin-${part}` });
+  return { backendPath: who, script: 'block-thin', kind: part === 'data' ? 'thin-data' : 'thin-metadata', target: device, beforeBytes: before, afterBytes: grown };
 }
 
 export async function thinPoolUsage(run: Runner, config: Config): Promise<PoolUsage | undefined> {

@@ -36,3 +36,13 @@ t.test('environment overrides the file', async (t) => {
   t.equal(c.cow.chunkKiB, 32);
   t.same(c.imageDirs, ['/x', '/y']);
 });
+
+t.test('thin.data_device and thin.metadata_device: both or neither', async (t) => {
+  const none = '/nonexistent/blockhooks.conf';
+  const both = loadConfig({ XEN_BLOCKHOOKS_CONF: none, XEN_BLOCKHOOKS_THIN_DATA_DEVICE: '/dev/vg0/d', XEN_BLOCKHOOKS_THIN_METADATA_DEVICE: '/dev/vg0/m' });
+  t.equal(both.thin.dataDevice, '/dev/vg0/d');
+  t.equal(both.thin.metadataDevice, '/dev/vg0/m');
+  t.throws(() => loadConfig({ XEN_BLOCKHOOKS_CONF: none, XEN_BLOCKHOOKS_THIN_DATA_DEVICE: '/dev/vg0/d' }), /go together/);
+  t.throws(() => loadConfig({ XEN_BLOCKHOOKS_CONF: none, XEN_BLOCKHOOKS_THIN_METADATA_DEVICE: 'vg0/m' }), ConfigError, 'a relative path is refused');
+  t.equal(loadConfig({ XEN_BLOCKHOOKS_CONF: none }).thin.dataDevice, '', 'default: files');
+});
