@@ -317,9 +317,64 @@ async function space(w, o) {
   };
 }
 
+/**
+ * Origin writes with N snapshots of one LV: classic LVM snapshots (what block-lvsnap makes with
+ * `lvcreate -s -L`; the origin becomes a dm snapshot-origin, and a write to a chunk no snapshot
+ * has copied yet is copied into each of the N snapshots first) against thin snapshots of a thin
+ * LV (one shared pool: the first write to a shared block breaks sharing once, whatever N is).
+ * fio: 4 KiB random first writes, each into its own 64 KiB-aligned place, on the origin itself.
+ */
+async function origin(w) {
+  const counts = (process.env.XBH_BENCH_ORIGIN_SNAPSHOTS ?? '0,1,4,16').split(',').map(Number);
+  const secs = Number(process.env.XBH_BENCH_FIO_SECONDS ?? 2);
+  const rounds = Number(process.env.XBH_BENCH_FIO_ROUNDS ?? 2);
+  const originMiB = 64;
+  const VG = 'xbhbenchvg';
+  const pvFile = join(w.root, 'origin-pv.img');
+  writeFileSync(pvFile, '');
+  sh('truncate', ['-s', `${originMiB * 2 + 16 * 16 + 64}M`, '--', pvFile]);
+  const pv = sh('losetup', ['--find', '--show', '--', pvFile]);
+  const lvm = (...a) => sh('lvm', a);
+  const res = {};
+  try {
+    lvm('pvcreate', '-q', pv);
+    lvm('vgcreate', '-q', '-s', '4M', VG, pv);
+    lvm('lvcreate', '-q', '-y', '-n', 'origin', '-L', `${originMiB}M`, VG);
+    lvm('lvcreate', '-q', '-y', '--type', 'thin-pool', '-n', 'tpool', '-L', `${originMiB + 64}M`, '--chunksize', '64k', VG);
+    lvm('lvcreate', '-q', '-y', '--type', 'thin', '-n', 'torigin', '-V', `${originMiB}M`, '--thinpool', 'tpool', VG);
+    const fill = (lv) => sh('dd', [`if=${w.base}`, `of=/dev/mapper/${VG}-${lv}`, 'bs=1M', `count=${originMiB}`, 'oflag=direct', 'status=none']);
+    const chunks = originMiB * 16;
+    for (let round = 0; round < rounds; round++) {
+      for (const n of rotation(counts, round)) {
+        for (const kind of round % 2 ? ['thin', 'classic'] : ['classic', 'thin']) {
+          const lv = kind === 'thin' ? 'torigin' : 'origin';
+          fill(lv);
+          const snaps = [];
+          for (let i = 0; i < n; i++) {
+            const name = `s${i}`;
+            if (kind === 'thin') lvm('lvcreate', '-q', '-y', '-s', '-K', '-n', name, `${VG}/${lv}`);
+            else lvm('lvcreate', '-q', '-y', '-s', '-L', '16M', '-n', name, `${VG}/${lv}`);
+            snaps.push(name);
+          }
+          log(`origin round ${round + 1}/${rounds}: ${kind}, ${n} snapshot(s)`);
+          const r = fio(`/dev/mapper/${VG}-${lv}`, 'originwrite', ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`], secs);
+          (res[`${kind} ${n}`] ??= []).push(r);
+          for (const name of snaps) lvm('lvremove', '-q', '-f', `${VG}/${name}`);
+        }
+      }
+    }
+  } finally {
+    spawnSync('lvm', ['vgremove', '-q', '-f', VG]);
+    spawnSync('lvm', ['pvremove', '-q', '-f', pv]);
+    spawnSync('losetup', ['-d', pv]);
+    rmSync(pvFile, { force: true });
+  }
+  return { seconds: secs, rounds, originMiB, counts, results: res };
+}
+
 async function main() {
   const o = args(process.argv.slice(2));
-  const parts = { latency, concurrency, datapath, space };
+  const parts = { latency, concurrency, datapath, space, origin };
   if (!parts[o.part]) throw new Error(`unknown part ${o.part}`);
   lib = await import(pathToFileURL(o.lib).href);
   const w = await world(o, o.part === 'datapath' ? { ext4MiB: 900, baseMiB: 128 } : {});

@@ -136,6 +136,17 @@ function datapath(d) {
   return out.join('\n');
 }
 
+function origin(d) {
+  const out = [`### Origin writes with N snapshots: classic LVM snapshots (block-lvsnap) vs thin (guest)`, '',
+    `fio 4 KiB random first writes (each into its own 64 KiB-aligned place) on a ${d.originMiB} MiB origin LV filled with data; ${d.seconds} s per run, ${d.rounds} rounds in rotated order, medians. Classic: \`lvcreate -s -L 16M\` per snapshot, as block-lvsnap does; thin: \`lvcreate -s\` of a thin LV in a 64K-chunk pool.`, ''];
+  const med = (k) => p50((d.results[k] ?? []).map((x) => x.iops));
+  out.push(head(['snapshots', 'classic IOPS', 'classic / no snapshot', 'thin IOPS', 'thin / no snapshot', 'thin / classic']));
+  for (const n of d.counts) {
+    out.push(row([String(n), med(`classic ${n}`).toFixed(0), ratio(med(`classic ${n}`), med('classic 0')), med(`thin ${n}`).toFixed(0), ratio(med(`thin ${n}`), med('thin 0')), ratio(med(`thin ${n}`), med(`classic ${n}`))]));
+  }
+  return out.join('\n');
+}
+
 function space(s) {
   const mib = (b) => `${(b / 1048576).toFixed(2)} MiB`;
   const out = [`### Space: ${s.n} block-cow disks on one base, each writing 1 MiB (guest, ext4)`, ''];
@@ -183,7 +194,7 @@ export function render(r) {
     const boots = g.boots ? g.boots.map((b) => b.join(' + ')).join(' | ') : 'one';
     parts.push(`Guest boots (parts per boot, run at the same time): ${boots}; ready after ${[g.bootMs].flat().map(sec).join(', ')}, ${sec(g.totalMs)} in all; host load average ${g.loadStart} at start, ${g.loadEnd} at end.`, '');
   }
-  for (const [k, f] of [['latency', guestLatency], ['concurrency', guestConcurrency], ['datapath', datapath], ['space', space]]) {
+  for (const [k, f] of [['latency', guestLatency], ['concurrency', guestConcurrency], ['datapath', datapath], ['space', space], ['origin', origin]]) {
     if (!g[k]) continue;
     if (g[k].error) parts.push(`### ${k} (guest): failed`, '', '```', g[k].error, '```', '');
     else parts.push(f(g[k]), `\n(guest part took ${sec(g[k].partMs)})`, '');

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // `npm run bench [-- PART...] [--runs N] [--native-only|--guest-only]`: the benchmarks of
-// BENCHMARKS.md. PARTs: latency, concurrency, datapath, space, startup, dom0 (default: all).
+// BENCHMARKS.md. PARTs: latency, concurrency, datapath, space, origin, startup, dom0 (default: all).
 // Native parts run on this machine; guest parts (block-cow, -qcow, -thin need device-mapper/nbd)
 // run in one boot of the QEMU guest tier; dom0 runs stock and our `block` in a real Xen dom0 (the
 // Xen tier), after the guest parts. Everything of a run (hook bundles, helpers, results.json,
@@ -16,9 +16,9 @@ import { render } from './report.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = join(HERE, '..', '..');
-const PARTS = ['latency', 'concurrency', 'datapath', 'space', 'startup', 'dom0'];
+const PARTS = ['latency', 'concurrency', 'datapath', 'space', 'origin', 'startup', 'dom0'];
 // Guest parts in the order they are dealt to boots with --guest-boots N (heaviest first).
-const GUEST_PARTS = ['latency', 'datapath', 'space', 'concurrency'];
+const GUEST_PARTS = ['latency', 'datapath', 'space', 'concurrency', 'origin'];
 
 function usage() {
   return `usage: npm run bench [-- [PART...] [--runs N] [--guest-runs N] [--guest-boots N] [--dom0-runs N] [--native-only|--guest-only]]\n  PARTs: ${PARTS.join(', ')} (default: all; dom0 counts as a guest part)`;
