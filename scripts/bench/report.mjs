@@ -178,6 +178,7 @@ function dom0(d) {
     for (const c of d.concurrent) out.push(row([`${c.variant} ${c.op}`, ms(c.wallMs), String(c.failures)]));
     const mean = (v, op) => { const w = d.concurrent.filter((c) => c.variant === v && c.op === op).map((c) => c.wallMs); return w.reduce((a, b) => a + b, 0) / w.length; };
     out.push('', `${d.concurrency} concurrent adds, ours / stock (mean of the trials): ${ratio(mean('ours', 'add'), mean('stock', 'add'))}; removes: ${ratio(mean('ours', 'remove'), mean('stock', 'remove'))}.`);
+    if (d.concurrent.some((c) => c.variant === 'ours-wait')) out.push(`With a longer lock wait (ours-wait): adds ${ratio(mean('ours-wait', 'add'), mean('stock', 'add'))}, removes ${ratio(mean('ours-wait', 'remove'), mean('stock', 'remove'))} of stock.`);
   }
   if (d.notes?.length) out.push('', ...d.notes.map((l) => `> ${l}`));
   return out.join('\n');
