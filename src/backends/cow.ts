@@ -237,11 +237,8 @@ function loopOwner(ctx: HookContext, id: FileId): string | undefined {
 
 async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
-  if (plan.store) {
-    // Before anything is built: a full store filesystem is the administrator's to fix.
-    ensureStoreDir(ctx.config.storeDir);
-    checkStoreSpace(ctx.config.storeDir);
-  }
+  // Before anything is built: a full store filesystem is the administrator's to fix.
+  if (plan.store) checkStoreSpace(ctx.config.storeDir);
   const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseSharing(ctx, plan, onBase));
   const sectors = deviceSectors(baseLoop.major, baseLoop.minor);
   if (sectors === 0) throw new HotplugError(`block-cow: the base image ${plan.base} has no whole 512-byte sector.`);
@@ -253,6 +250,7 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   }
 
   const s = plan.store;
+  ensureStoreDir(ctx.config.storeDir);
   if (!s.persistent) await clearLeftoverTransient(ctx, s.path);
   const store = await addStoreFile(env, s.path, s.bytes, s.persistent);
   const storeId = { dev: store.dev, ino: store.ino };

@@ -19,7 +19,7 @@
  * sharing check that must not race it).
  */
 import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, statfsSync, unlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
@@ -212,13 +212,19 @@ export function ensureStoreDir(dir: string): void {
  */
 export const MIN_STORE_FREE_BYTES = 1024 * 1024;
 
-/** Refuse a store directory whose filesystem is (nearly) full, with the numbers. */
+/**
+ * Refuse a store directory whose filesystem is (nearly) full, with the numbers. A directory not
+ * made yet is judged by the filesystem it will be made on (its nearest existing parent).
+ */
 export function checkStoreSpace(dir: string, minFree: number = MIN_STORE_FREE_BYTES): void {
   let st;
-  try {
-    st = statfsSync(dir, { bigint: true });
-  } catch {
-    return; // the directory's own checks and the store's creation report what is wrong with it
+  for (let d = dir; ; d = dirname(d)) {
+    try {
+      st = statfsSync(d, { bigint: true });
+      break;
+    } catch {
+      if (dirname(d) === d) return; // the directory's own checks and the store's creation report what is wrong
+    }
   }
   const free = st.bavail * st.bsize;
   if (free < BigInt(minFree)) {
