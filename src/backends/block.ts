@@ -93,7 +93,7 @@ async function takeXenLock(ctx: HookContext): Promise<HeldLock> {
     return await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run });
   } catch (e) {
     if (e instanceof LockTimeoutError) {
-      throw new HotplugError(`${ctx.request.xenbusPath}: Xen's block lock is busy: ${e.message}; another hotplug script is stuck, find it and retry.`, 'error', { cause: e });
+      throw new HotplugError(`${ctx.request.xenbusPath}: Xen's block lock is busy: ${e.message}; other hotplug scripts held it that long (many disks at once on a slow dom0, or one that is stuck); retry, or raise lock_timeout_ms in /etc/xen/blockhooks.conf.`, 'error', { cause: e });
     }
     throw e;
   }

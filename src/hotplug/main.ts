@@ -132,7 +132,7 @@ async function lockPath(e: Env): Promise<HeldLock> {
       return await acquireFlock(xenBlockLockPath(e.config.xenLockDir), opts);
     } catch (err) {
       if (!(err instanceof LockTimeoutError)) throw err;
-      throw new HotplugError(`${e.req.xenbusPath}: Xen's block lock is busy: ${err.message}; another hotplug script is stuck, find it and retry.`, 'error', { cause: err });
+      throw new HotplugError(`${e.req.xenbusPath}: Xen's block lock is busy: ${err.message}; other hotplug scripts held it that long (many disks at once on a slow dom0, or one that is stuck); retry, or raise lock_timeout_ms in /etc/xen/blockhooks.conf.`, 'error', { cause: err });
     }
   }
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
