@@ -105,16 +105,20 @@ conc() {
 		done
 		wait
 		t1=$(date +%s%N)
+		# Runs that failed: a non-zero exit, or an add whose backend is not connected (counted once).
 		fail=0
 		i=0
 		while [ $i -lt "$CONC" ]; do
-			[ "$(cat $XBH_SCRATCH/c$i.rc)" = 0 ] || fail=$((fail + 1))
-			if [ $op = add ] && [ "$(xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/hotplug-status 2>/dev/null)" != connected ]; then fail=$((fail + 1)); fi
+			if [ "$(cat $XBH_SCRATCH/c$i.rc)" != 0 ] ||
+				{ [ $op = add ] && [ "$(xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/hotplug-status 2>/dev/null)" != connected ]; }; then
+				fail=$((fail + 1))
+			fi
 			i=$((i + 1))
 		done
 		if [ $op = add ]; then
-			distinct=$(i=0; while [ $i -lt "$CONC" ]; do xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/physical-device 2>/dev/null; echo; i=$((i + 1)); done | sort -u | grep -c .)
-			[ "$distinct" = "$CONC" ] || fail=$((fail + 1))
+			# Every connected disk has its own device (no loop handed out twice).
+			pds=$(i=0; while [ $i -lt "$CONC" ]; do xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/physical-device 2>/dev/null; echo; i=$((i + 1)); done | grep .)
+			[ "$(printf '%s\n' "$pds" | sort -u | grep -c .)" = "$(printf '%s\n' "$pds" | grep -c .)" ] || not_ok "$v: a device was handed out twice" "$pds"
 		fi
 		echo "concurrent $v $op $(((t1 - t0) / 1000000)) $fail"
 		if [ "$fail" != 0 ]; then
