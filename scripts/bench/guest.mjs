@@ -332,7 +332,7 @@ async function origin(w) {
   const VG = 'xbhbenchvg';
   const pvFile = join(w.root, 'origin-pv.img');
   writeFileSync(pvFile, '');
-  sh('truncate', ['-s', `${originMiB * 2 + 16 * 16 + 64}M`, '--', pvFile]);
+  sh('truncate', ['-s', `${originMiB * 2 + 16 * 16 + 160}M`, '--', pvFile]);
   const pv = sh('losetup', ['--find', '--show', '--', pvFile]);
   const lvm = (...a) => sh('lvm', a);
   const res = {};
