@@ -24,7 +24,7 @@ note "node $(node --version), dom0 vCPUs $(nproc), load $(cut -d' ' -f1-3 /proc/
 IMG=/var/lib/xen/images/xbh-bench
 mkdir -p $IMG
 i=0
-while [ $i -lt "$CONC" ]; do
+while [ $i -lt "$CONC" ] || [ $i = 0 ]; do
 	dd if=/dev/zero of=$IMG/d$i.img bs=1M count=8 status=none
 	i=$((i + 1))
 done
@@ -55,10 +55,10 @@ timed() {
 	return $rc
 }
 
-# one VARIANT SCRIPT DOMID: add, check, remove, check.
+# one VARIANT SCRIPT DOMID [PARAMS]: add, check, remove, check (PARAMS default: the file d0.img).
 one() {
 	v=$1 script=$2 d=$3
-	nodes "$d" $IMG/d0.img
+	nodes "$d" "${4:-$IMG/d0.img}"
 	if ! timed "$v" add env XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" add; then
 		not_ok "$v add" "$(cat $XBH_SCRATCH/run.out)"
 	fi
@@ -71,22 +71,31 @@ one() {
 	fi
 	gone "$d"
 	if [ -n "$(losetup -a)" ]; then not_ok "$v remove left no loop device" "$(losetup -a)"; losetup -D; fi
+	if [ -n "$(dmsetup ls 2>/dev/null | grep -v '^No devices found')" ]; then not_ok "$v remove left no dm device" "$(dmsetup ls)"; fi
 }
+
+# block-cow on a 16 MiB base (the issue's dom0 target compares it with the stock file: add).
+COW=/etc/xen/scripts/block-cow
+BASE=/var/lib/xen/images/xbh-bench-base.img
+dd if=/dev/zero of=$BASE bs=1M count=16 status=none
+cowone() { if [ -x $COW ]; then one cow $COW 2 "$BASE 16"; fi; }
 
 # One warm-up round, not recorded.
 one stock $STOCK 1 >/dev/null
 one ours $OURS 1 >/dev/null
+cowone >/dev/null
 node -e 0
 r=0
 while [ $r -lt "$ROUNDS" ]; do
-	case $((r % 3)) in
-	0) one stock $STOCK 1; one ours $OURS 1; timed node start node -e 0 ;;
-	1) one ours $OURS 1; timed node start node -e 0; one stock $STOCK 1 ;;
-	2) timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
+	case $((r % 4)) in
+	0) one stock $STOCK 1; one ours $OURS 1; cowone; timed node start node -e 0 ;;
+	1) one ours $OURS 1; cowone; timed node start node -e 0; one stock $STOCK 1 ;;
+	2) cowone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
+	3) timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1; cowone ;;
 	esac
 	r=$((r + 1))
 done
-ok "latency: $ROUNDS interleaved rounds of stock and ours add+remove, and node -e 0"
+ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow) add+remove, and node -e 0"
 
 # conc VARIANT SCRIPT [LOCK_TIMEOUT_MS]: CONC adds at once (domids 11.., one file each), then CONC
 # removes at once; with LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms).
@@ -137,11 +146,16 @@ conc() {
 	if [ -n "$(losetup -a)" ]; then note "$v: loops left after the concurrent removes and gc: $(losetup -a | tr '\n' ' ')"; losetup -D; fi
 }
 WAIT=${XBH_BENCH_DOM0_LOCK_WAIT_MS:-120000}
+if [ "$CONC" = 0 ]; then
+	rm -rf $IMG $BASE
+	expect_nothing_left "after the dom0 benchmark"
+	finish
+fi
 conc stock $STOCK
 conc ours $OURS
 conc ours-wait $OURS "$WAIT"
 conc stock $STOCK
 ok "concurrency: $CONC adds and removes at once: stock (twice), ours (lock_timeout_ms default 20 s), ours waiting up to $WAIT ms for the lock"
-rm -rf $IMG
+rm -rf $IMG $BASE
 expect_nothing_left "after the dom0 benchmark"
 finish

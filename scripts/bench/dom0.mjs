@@ -29,7 +29,7 @@ export function parseDom0(stdout) {
   return out;
 }
 
-export async function dom0Bench({ rounds = 10, concurrency = 10, log = () => {}, onConsole } = {}) {
+export async function dom0Bench({ rounds = 10, concurrency = Number(process.env.XBH_BENCH_DOM0_CONCURRENCY ?? 10), log = () => {}, onConsole } = {}) {
   const { runXenTier } = await import(pathToFileURL(join(HERE, '..', 'xen', 'run.mjs')).href);
   const run = await runXenTier({
     scenarios: [join(HERE, 'dom0-block.sh')], scenarioTimeoutS: 1500, timeoutMs: 2_400_000, log, onConsole,

@@ -162,14 +162,16 @@ function dom0(d) {
   const s = d.samples ?? {};
   const get = (k) => s[k] ?? { wall: [], cpu: [] };
   out.push(head(['run (n each)', 'wall p50', 'wall p95', 'CPU p50']));
-  for (const [k, label] of [['node start', 'bare `node -e 0`'], ['ours add', 'ours `block add`'], ['stock add', 'stock `block add`'], ['ours remove', 'ours `block remove`'], ['stock remove', 'stock `block remove`']]) {
+  for (const [k, label] of [['node start', 'bare `node -e 0`'], ['ours add', 'ours `block add`'], ['stock add', 'stock `block add`'], ['cow add', '`block-cow add`'], ['ours remove', 'ours `block remove`'], ['stock remove', 'stock `block remove`'], ['cow remove', '`block-cow remove`']]) {
+    if (!s[k]) continue;
     const v = get(k);
     out.push(row([`${label} (${v.wall.length})`, ms(p50(v.wall)), ms(p95(v.wall)), ms(p50(v.cpu))]));
   }
   out.push('');
   const oa = get('ours add').wall, sa = get('stock add').wall, n = get('node start').wall;
   out.push(head(['ratio', 'value', 'target']));
-  out.push(row(['ours add / stock add (p50)', ratio(p50(oa), p50(sa)), '≤ 0.3×']));
+  out.push(row(['ours add / stock add (p50)', ratio(p50(oa), p50(sa)), '–']));
+  if (s['cow add']) out.push(row(['block-cow add / stock `block` add (p50)', ratio(p50(get('cow add').wall), p50(sa)), '≤ 0.3×']));
   out.push(row(['ours remove / stock remove (p50)', ratio(p50(get('ours remove').wall), p50(get('stock remove').wall)), '–']));
   out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(oa.map((a, i) => a - n[i]))), '–']));
   out.push(row(['CPU: ours add / stock add (p50)', ratio(p50(get('ours add').cpu), p50(get('stock add').cpu)), '–']));
