@@ -133,6 +133,35 @@ export function walk(dir, base = dir) {
   return out;
 }
 
+/**
+ * A busybox initramfs: `dirs` made under `root`, busybox with its `applets`, `init` as /init, and
+ * `modules` ({ name, path }) copied to /lib/modules/<name>.ko with their load order in
+ * /lib/modules/order; written as a newc cpio archive to `out`. Shared with the Xen tier's build.
+ */
+export function busyboxInitramfs(root, out, { dirs, applets, init, modules }) {
+  for (const d of [...dirs, 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
+  copyFileSync(BUSYBOX, join(root, 'bin', 'busybox'));
+  chmodSync(join(root, 'bin', 'busybox'), 0o755);
+  for (const a of applets) symlinkSync('busybox', join(root, 'bin', a));
+  copyFileSync(init, join(root, 'init'));
+  chmodSync(join(root, 'init'), 0o755);
+  for (const m of modules) copyFileSync(m.path, join(root, 'lib', 'modules', `${m.name}.ko`));
+  writeFileSync(join(root, 'lib', 'modules', 'order'), `${modules.map((m) => m.name).join('\n')}\n`);
+  const fd = openSync(out, 'w');
+  try {
+    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: `${walk(root).join('\n')}\n`, stdio: ['pipe', fd, 'pipe'] });
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** The one file under `files` (relative to `base`) that is module `name`, or an error naming `where`. */
+export function findModule(files, name, base, where) {
+  const found = files.filter((f) => f.endsWith(`/${name}.ko`));
+  if (found.length !== 1) throw new Error(`module ${name}: expected one ${name}.ko in ${where}, found ${found.length}`);
+  return { name, path: join(base, found[0]) };
+}
+
 /** vmlinuz → ELF vmlinux: find the xz stream inside the bzImage and decompress it. */
 export function unpackVmlinux(vmlinuz, vmlinux) {
   const img = readFileSync(vmlinuz);
@@ -198,27 +227,10 @@ export async function buildGuest({ log = () => {} } = {}) {
     if (!vmlinuz) throw new Error(`${deb} has no boot/vmlinuz-*`);
     unpackVmlinux(join(unpacked, vmlinuz), join(work, 'vmlinux'));
 
-    const root = join(work, 'initramfs');
-    for (const d of ['bin', 'dev', 'proc', 'sys', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
-    copyFileSync(BUSYBOX, join(root, 'bin', 'busybox'));
-    chmodSync(join(root, 'bin', 'busybox'), 0o755);
-    for (const a of APPLETS) symlinkSync('busybox', join(root, 'bin', a));
-    copyFileSync(INIT_SCRIPT, join(root, 'init'));
-    chmodSync(join(root, 'init'), 0o755);
-    for (const m of MODULES) {
-      const found = files.filter((f) => f.endsWith(`/${m}.ko`));
-      if (found.length !== 1) throw new Error(`module ${m}: expected one ${m}.ko in ${deb}, found ${found.length}`);
-      copyFileSync(join(unpacked, found[0]), join(root, 'lib', 'modules', `${m}.ko`));
-    }
-    writeFileSync(join(root, 'lib', 'modules', 'order'), `${MODULES.join('\n')}\n`);
-
-    const list = walk(root).join('\n') + '\n';
-    const fd = openSync(join(work, 'initrd.cpio'), 'w');
-    try {
-      execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: list, stdio: ['pipe', fd, 'pipe'] });
-    } finally {
-      closeSync(fd);
-    }
+    busyboxInitramfs(join(work, 'initramfs'), join(work, 'initrd.cpio'), {
+      dirs: ['bin', 'dev', 'proc', 'sys', 'mnt'], applets: APPLETS, init: INIT_SCRIPT,
+      modules: MODULES.map((m) => findModule(files, m, unpacked, deb)),
+    });
     // Same inputs give the same files, so a concurrent builder's rename over ours is harmless.
     renameSync(join(work, 'vmlinux'), paths.vmlinux);
     renameSync(join(work, 'initrd.cpio'), paths.initrd);

@@ -14,12 +14,12 @@
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
-  chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
+  closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
   readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { extract, kernelPackage, unpackVmlinux, walk } from '../vm/build-guest.mjs';
+import { busyboxInitramfs, extract, findModule, kernelPackage, unpackVmlinux, walk } from '../vm/build-guest.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 export const PROJECT_ROOT = join(HERE, '..', '..');
@@ -187,31 +187,13 @@ function mergeMove(src, dst) {
   rmSync(src, { recursive: true, force: true });
 }
 
-function cpio(root, out) {
-  const fd = openSync(out, 'w');
-  try {
-    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: walk(root).join('\n') + '\n', stdio: ['pipe', fd, 'pipe'] });
-  } finally {
-    closeSync(fd);
-  }
-}
-
-/** A busybox initramfs at dir with init script and modules (copied from modDir, in order). */
+/** A busybox initramfs at dir with init script and modules (found in modFiles, absolute paths), in order. */
 function buildInitramfs(dir, out, init, modules, modFiles) {
   rmSync(dir, { recursive: true, force: true });
-  for (const d of ['bin', 'dev', 'proc', 'sys', 'mnt', 'lib/modules', 'newroot', 'tmp']) mkdirSync(join(dir, d), { recursive: true });
-  copyFileSync(BUSYBOX, join(dir, 'bin', 'busybox'));
-  chmodSync(join(dir, 'bin', 'busybox'), 0o755);
-  for (const a of INITRD_APPLETS) symlinkSync('busybox', join(dir, 'bin', a));
-  copyFileSync(init, join(dir, 'init'));
-  chmodSync(join(dir, 'init'), 0o755);
-  for (const m of modules) {
-    const found = modFiles.filter((f) => f.endsWith(`/${m}.ko`));
-    if (found.length !== 1) throw new Error(`module ${m}: expected one ${m}.ko in the kernel package, found ${found.length}`);
-    copyFileSync(found[0], join(dir, 'lib', 'modules', `${m}.ko`));
-  }
-  writeFileSync(join(dir, 'lib', 'modules', 'order'), modules.join('\n') + '\n');
-  cpio(dir, out);
+  busyboxInitramfs(dir, out, {
+    dirs: ['bin', 'dev', 'proc', 'sys', 'mnt', 'newroot', 'tmp'], applets: INITRD_APPLETS, init,
+    modules: modules.map((m) => findModule(modFiles, m, '/', 'the kernel package')),
+  });
 }
 
 /** `names` and everything they depend on, dependencies first, from depmod's modules.dep. */
