@@ -21,7 +21,7 @@ export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
 
 export const MiB = 1024 * 1024;
 /** The project root: the nearest folder above this (bundled) file that holds package.json. */
-function projectRoot(): string {
+export function projectRoot(): string {
   let d = dirname(fileURLToPath(import.meta.url));
   while (!existsSync(join(d, 'package.json')) && dirname(d) !== d) d = dirname(d);
   return d;

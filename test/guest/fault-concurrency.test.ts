@@ -23,7 +23,7 @@ import { stockPrerequisites } from '../lib/stock-scripts.js';
 import { cowBackend } from '../../src/backends/cow.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  HOOK, backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, images, loopsOnBase, root, sha256File, sh, stateDir, storeDir,
+  HOOK, backendPath, base, projectRoot, baseSum, closeBackend, destroyNodes, disk, env, images, loopsOnBase, sha256File, sh, stateDir, storeDir,
   writeBackendNodes, xs,
 } from './cow-lib.js';
 
@@ -34,17 +34,7 @@ const N_STOCK = N_COW / 8;
 const XEN_LOCK_DIR = '/var/run/xen-hotplug';
 
 /** The project's unpacked copy of Debian's stock scripts (test/lib/stock-scripts.ts; the host fetches it before the boot). */
-function stockBlock(): string {
-  let d = root;
-  for (let p = process.cwd(); ; p = join(p, '..')) {
-    if (existsSync(join(p, 'package.json'))) {
-      d = p;
-      break;
-    }
-    if (p === '/') break;
-  }
-  return join(d, '.cache', 'stock', 'root', 'etc', 'xen', 'scripts', 'block');
-}
+const stockBlock = (): string => join(projectRoot(), '.cache', 'stock', 'root', 'etc', 'xen', 'scripts', 'block');
 
 interface Run {
   code: number | null;

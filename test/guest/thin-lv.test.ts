@@ -124,13 +124,8 @@ test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool
 });
 
 test('a metadata device holding something else is refused with how to start afresh; nothing is left', async () => {
-  // A filesystem-like signature where the pool's superblock would be.
-  const fd = openSync(META, 'r+');
-  try {
-    execFileSync('dd', ['if=/dev/urandom', `of=${META}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync'], { stdio: 'ignore' });
-  } finally {
-    closeSync(fd);
-  }
+  // Random bytes where the pool's superblock would be.
+  execFileSync('dd', ['if=/dev/urandom', `of=${META}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync'], { stdio: 'ignore' });
   const d = disk(73, { params: `${base}` });
   await writeBackendNodes(xs, d);
   const r = await run('add', d);
