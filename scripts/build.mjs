@@ -6,6 +6,7 @@
  *   <name>.cjs  the bundle (CommonJS: V8 can cache the compiled code of a classic script)
  *   <name>.mjs  the program to run, from scripts/loader.mjs.in: it runs <name>.cjs through a V8
  *               code cache kept beside it (<name>.cjs.<hash>.<node>-<arch>.v8cache)
+ * and dist/snapshot.cjs, which the installer runs to make each hook's startup snapshot.
  * Each bundle is then run once (`--version`) so this Node's cache exists before the first
  * hook call. `node scripts/build.mjs`.
  */
@@ -54,6 +55,8 @@ for (const name of entries) {
   writeFileSync(file, loader.replaceAll('@NAME@', name).replaceAll('@BUNDLE@', `${name}.cjs`).replaceAll('@HASH@', hash));
   chmodSync(file, 0o755);
 }
+// The startup snapshot builder the installer runs with the dom0's node (scripts/snapshot.cjs).
+writeFileSync(join(dist, 'snapshot.cjs'), readFileSync(join(root, 'scripts', 'snapshot.cjs')));
 // Warm the code caches with this Node (the hooks' test runs use it).
 for (const name of entries) {
   execFileSync(process.execPath, [join(dist, `${name}.mjs`), '--version'], { stdio: 'ignore', env: { ...process.env, XEN_BLOCKHOOKS_NO_CODE_CACHE: '' } });
