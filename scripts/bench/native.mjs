@@ -21,7 +21,7 @@ function loopsUnder(dir) {
  * A world for file: disks: our xenstore server, images, our hook's environment and the stock
  * script's. Both use Xen's real lock (/var/run/xen-hotplug/block), as they would in a dom0.
  */
-export async function nativeWorld(lib, { hooks, runDir }) {
+export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
   const stockDir = await lib.stockScriptsDir();
   const missing = await lib.stockPrerequisites();
   if (missing.length) throw new Error(`the stock block script cannot run here: missing ${missing.join(', ')}`);
@@ -46,7 +46,7 @@ export async function nativeWorld(lib, { hooks, runDir }) {
   };
   let nextDomid = 1;
   const w = {
-    dir, sock, server, xs, stockBlock: join(stockDir, 'block'), hooks, runDir,
+    dir, sock, server, xs, stockBlock: join(stockDir, 'block'), hooks, wrappers, runDir,
     image(name, mib = 64) {
       const p = join(dir, 'img', name);
       writeFileSync(p, '');
@@ -60,17 +60,18 @@ export async function nativeWorld(lib, { hooks, runDir }) {
       const be = await lib.writeBackendNodes(xs, d);
       return { d, be };
     },
-    /** Run add or remove of `kind` ('ours' | 'stock') on backend `be`; `probe` names a JSON file. */
+    /**
+     * Run add or remove of `kind` ('ours' | 'stock') on backend `be`. Ours runs through its
+     * installed-style wrapper (startup snapshot); with `probe` (a JSON file for the breakdown) it
+     * runs as `node --import probe.mjs block.mjs`, the code-cache start, which the probe can see into.
+     */
     run(kind, action, be, probe) {
       const cpuDir = probe ? undefined : join(dir, 'probe');
       if (kind === 'stock') return timed(w.stockBlock, [action], { env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' }, cpuDir });
       const env = { ...ours, XENBUS_PATH: be, script: '/etc/xen/scripts/block' };
-      const args = [hooks.block, action];
-      if (probe) {
-        env.XBH_BENCH_PROBE_OUT = probe;
-        args.unshift('--import', pathToFileURL(join(runDir, 'probe.mjs')).href);
-      }
-      return timed(NODE, args, { env, cpuDir });
+      if (!probe) return timed(wrappers.block, [action], { env, cpuDir });
+      env.XBH_BENCH_PROBE_OUT = probe;
+      return timed(NODE, ['--import', pathToFileURL(join(runDir, 'probe.mjs')).href, hooks.block, action], { env, cpuDir });
     },
     async check(kind, action, be, r) {
       if (r.code !== 0) throw new Error(`${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${r.stderr.trim().split('\n').slice(-3).join(' | ')} ${await xs.tryRead(`${be}/hotplug-error`) ?? ''}`);
@@ -192,18 +193,24 @@ export async function nativeConcurrency(lib, w, { n = 10, trials = 20, warmup = 
   return res;
 }
 
-/** Start-up: `HOOK --version` of each bundle vs bare `node -e 0`, interleaved; bundle sizes. */
-export async function startup(hooks, { runs = 30, warmup = 3 } = {}) {
+/**
+ * Start-up: `HOOK --version` of each hook through its wrapper (startup snapshot) and as
+ * `node HOOK.mjs` (code cache), vs bare `node -e 0`, interleaved; bundle sizes.
+ */
+export async function startup(hooks, wrappers, { runs = 30, warmup = 3 } = {}) {
   const names = Object.keys(hooks);
-  const variants = ['node -e 0', ...names.map((n) => `${n} --version`)];
+  const variants = ['node -e 0', ...names.flatMap((n) => [`${n} --version`, `node ${n}.mjs --version`])];
   const res = Object.fromEntries(variants.map((v) => [v, []]));
   const cpu = Object.fromEntries(variants.map((v) => [v, []]));
   const cpuDir = mkdtempSync(join(tmpdir(), 'xbh-bench-cpu-'));
   log(`start-up: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.length} commands`);
   for (let round = 0; round < warmup + runs; round++) {
     for (const v of rotation(variants, round)) {
-      const args = v === 'node -e 0' ? ['-e', '0'] : [hooks[v.split(' ')[0]], '--version'];
-      const r = await timed(NODE, args, { cpuDir });
+      const [file, args] =
+        v === 'node -e 0' ? [NODE, ['-e', '0']]
+        : v.startsWith('node ') ? [NODE, [hooks[v.split(' ')[1].replace(/\.mjs$/, '')], '--version']]
+        : [wrappers[v.split(' ')[0]], ['--version']];
+      const r = await timed(file, args, { cpuDir });
       if (r.code !== 0) throw new Error(`${v} exited ${r.code}: ${r.stderr}`);
       if (round >= warmup) {
         res[v].push(r.ms);

@@ -83,7 +83,7 @@ function startup(s) {
   const cbase = s.cpu?.['node -e 0'] ?? [];
   out.push(head(['command (n each)', 'wall p50', 'wall p95', 'wall − node -e 0 (p50 of per-round)', 'CPU p50', 'CPU − node -e 0 (p50 of per-round)', 'bundle size']));
   for (const [k, v] of Object.entries(s.times)) {
-    const name = k.split(' ')[0];
+    const name = (k.startsWith('node ') ? k.split(' ')[1] : k.split(' ')[0]).replace(/\.mjs$/, '');
     const c = s.cpu?.[k] ?? [];
     const isBase = k === 'node -e 0';
     out.push(row([`\`${k}\` (${v.length})`, ms(p50(v)), ms(p95(v)), isBase ? '–' : ms(p50(v.map((x, i) => x - base[i]))),

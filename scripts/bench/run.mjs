@@ -7,7 +7,8 @@
 // report.md) goes to .cache/bench/run-<time>/; the report is printed at the end.
 // Not part of `npm test`: nothing here asserts a target.
 import { build } from 'esbuild';
-import { copyFileSync, existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { log, machine, loadNow } from './common.mjs';
@@ -55,6 +56,19 @@ async function prepare(runDir) {
     if (f.startsWith('block') && f.endsWith('.mjs')) hooks[f.replace(/\.mjs$/, '')] = join(runDir, 'dist', f);
   }
   for (const f of ['probe.mjs', 'common.mjs', 'guest.mjs']) copyFileSync(join(HERE, f), join(runDir, f));
+  // Each hook as the installer leaves it: a startup snapshot made by this Node and the wrapper
+  // from packaging/wrapper.sh.in (which falls back to the code cache without one).
+  const wrappers = {};
+  const template = readFileSync(join(ROOT, 'packaging', 'wrapper.sh.in'), 'utf8');
+  mkdirSync(join(runDir, 'wrap'));
+  for (const [name, mjs] of Object.entries(hooks)) {
+    const snap = join(runDir, 'dist', `${name}.snapshot`);
+    const made = spawnSync(process.execPath, [join(ROOT, 'dist', 'snapshot.cjs'), mjs.replace(/\.mjs$/, '.cjs'), snap], { encoding: 'utf8' });
+    if (made.status !== 0) log(`no startup snapshot for ${name}: ${made.stderr.trim()}`);
+    const text = template.replaceAll('@NAME@', name).replaceAll('@NODE@', process.execPath).replaceAll('@BUNDLE@', mjs).replaceAll('@SNAPSHOT@', made.status === 0 ? snap : '');
+    wrappers[name] = join(runDir, 'wrap', name);
+    writeFileSync(wrappers[name], text, { mode: 0o755 });
+  }
   await build({
     entryPoints: [join(HERE, 'lib.mjs')], bundle: true, platform: 'node', target: 'node18', format: 'esm',
     // Two folders below the project root, as test/lib/ is: stock-scripts.ts finds .cache/stock from there.
@@ -62,7 +76,7 @@ async function prepare(runDir) {
     banner: { js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);" },
   });
   const lib = await import(pathToFileURL(libFile(runDir)).href);
-  return { hooks, lib };
+  return { hooks, wrappers, lib };
 }
 
 const libFile = (runDir) => join(ROOT, '.cache', 'bench', `lib-${basename(runDir)}.mjs`);
@@ -108,11 +122,11 @@ async function main(argv) {
   const results = { machine: machine(), command: `npm run bench${argv.length ? ` -- ${argv.join(' ')}` : ''}`, parts: o.parts, native: {}, guest: {} };
   log(`machine: ${JSON.stringify(results.machine)}`);
   const t0 = Date.now();
-  const { hooks, lib } = await prepare(runDir);
+  const { hooks, wrappers, lib } = await prepare(runDir);
   const save = () => writeFileSync(join(runDir, 'results.json'), `${JSON.stringify(results, null, 1)}\n`);
 
   if (o.native && (o.parts.includes('latency') || o.parts.includes('concurrency'))) {
-    const w = await nativeWorld(lib, { hooks, runDir });
+    const w = await nativeWorld(lib, { hooks, wrappers, runDir });
     try {
       if (o.parts.includes('latency')) {
         const load = loadNow();
@@ -130,7 +144,7 @@ async function main(argv) {
   }
   if (o.native && o.parts.includes('startup')) {
     const load = loadNow();
-    results.native.startup = { loadStart: load, ...(await startup({ block: hooks.block, 'block-cow': hooks['block-cow'] }, { runs: o.runs })), loadEnd: loadNow() };
+    results.native.startup = { loadStart: load, ...(await startup({ block: hooks.block, 'block-cow': hooks['block-cow'] }, wrappers, { runs: o.runs })), loadEnd: loadNow() };
     save();
   }
   const guestParts = GUEST_PARTS.filter((p) => o.parts.includes(p));
