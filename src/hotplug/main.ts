@@ -20,7 +20,7 @@ import { shortageOf } from '../devices/shortage.js';
 import { execaRunner } from '../devices/exec.js';
 import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
-import { acquireFlock, LockTimeoutError, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
+import { acquireFlock, LockTimeoutError, xenBlockLockPath, xenLockWaitMs, type HeldLock } from '../lock/flock.js';
 import { createLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
 import type { XenstoreClient } from '../xenstore/types.js';
@@ -129,7 +129,7 @@ async function lockPath(e: Env): Promise<HeldLock> {
   const opts = { timeoutMs: e.config.lockTimeoutMs, runner: e.run };
   if (e.backend.lockScope === 'xen-block') {
     try {
-      return await acquireFlock(xenBlockLockPath(e.config.xenLockDir), opts);
+      return await acquireFlock(xenBlockLockPath(e.config.xenLockDir), { ...opts, timeoutMs: xenLockWaitMs(e.config.lockTimeoutMs, process.uptime() * 1000) });
     } catch (err) {
       if (!(err instanceof LockTimeoutError)) throw err;
       throw new HotplugError(`${e.req.xenbusPath}: Xen's block lock is busy: ${err.message}; other hotplug scripts held it that long (many disks at once on a slow dom0, or one that is stuck); retry, or raise lock_timeout_ms in /etc/xen/blockhooks.conf.`, 'error', { cause: err });

@@ -62,7 +62,14 @@
  *       (Backend.lockScope), so it costs one `flock` child, not two.
  *     - Every wait is bounded (`timeoutMs`, default 20 s, half of libxl's 40 s hotplug
  *       timeout); on expiry a LockTimeoutError names the lock file and, when it can be found in
- *       /proc, the process holding it.
+ *       /proc, the process holding it. Xen's `block` lock is the exception to the 20 s: the
+ *       stock scripts wait for it without limit, so a hook that gives up earlier fails disks
+ *       the stock scripts would have attached (many domains started at once on a slow dom0).
+ *       The drop-in `block`, which holds no other lock while it waits, as the stock script,
+ *       waits for it until XEN_LOCK_BUDGET_MS after its own start (xenLockWaitMs), leaving the
+ *       rest of libxl's 40 s to build and report, or the configured timeout when that is longer
+ *       (xend waited 100 s). The other hooks take Xen's lock while holding their own (base
+ *       image, pool), so they keep the configured bound.
  *
  * * Why not proper-lockfile for these locks: its lock is `mkdir <file>.lock` plus mtime
  *   heartbeats. The stock scripts' flock does not see a directory and proper-lockfile does not
@@ -101,6 +108,17 @@ export const DEFAULT_LOCK_TIMEOUT_MS = 20_000;
 
 /** The stock scripts' lock directory (LOCK_BASEDIR of locking.sh). */
 export const XEN_LOCK_DIR = '/var/run/xen-hotplug';
+
+/** How long after its start a hook may still be waiting for Xen's `block` lock (libxl kills it at 40 s). */
+export const XEN_LOCK_BUDGET_MS = 35_000;
+
+/**
+ * The wait for Xen's `block` lock of a hook that started `uptimeMs` ago: what is left of
+ * XEN_LOCK_BUDGET_MS, never less than the configured lock timeout.
+ */
+export function xenLockWaitMs(configuredMs: number, uptimeMs: number): number {
+  return Math.max(configuredMs, Math.round(XEN_LOCK_BUDGET_MS - uptimeMs));
+}
 
 /** The stock scripts' global lock: <xenLockDir>/block (default /var/run/xen-hotplug/block). */
 export function xenBlockLockPath(xenLockDir: string = XEN_LOCK_DIR): string {

@@ -2,7 +2,8 @@
  * The bundled `block` hook on file: disks, run as libxl runs it, against real loop devices.
  */
 import t from 'tap';
-import { chmodSync, closeSync, existsSync, openSync, readdirSync, symlinkSync, unlinkSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, symlinkSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { harness, harnessLoops, hexOf, identity } from '../lib/block-harness.js';
 
@@ -163,4 +164,23 @@ t.test('remove of a loop that something holds open fails loudly, keeps the recor
 
 t.test('no loop device is left over any image of these tests', async (t) => {
   t.same(harnessLoops(), []);
+});
+
+t.test("Xen's block lock held past lock_timeout_ms: block waits, as the stock script would, and attaches", async (t) => {
+  const h = await harness(t);
+  const img = h.image('waits.img');
+  const be = await h.disk({ domid: 9, devid: 51712, params: img, mode: 'w' });
+  mkdirSync(h.xenLockDir, { recursive: true });
+  // Another script holds the lock for 3 s (flock(1) on the same file, as locking.sh would).
+  const holder = spawn('flock', ['-x', join(h.xenLockDir, 'block'), 'sleep', '3'], { stdio: 'ignore' });
+  t.teardown(() => holder.kill());
+  await new Promise((r) => setTimeout(r, 300));
+  const t0 = Date.now();
+  const add = await h.run('add', be, { XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '1000' });
+  const took = Date.now() - t0;
+  t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
+  t.ok(took > 2000, `it waited for the holder (${took} ms), past the configured 1 s`);
+  t.equal(await h.read(`${be}/hotplug-status`), 'connected');
+  t.equal((await h.run('remove', be)).code, 0, 'remove');
+  t.same(h.loopsOnImages(), [], 'nothing left');
 });

@@ -10,6 +10,8 @@ import {
   tryAcquireFlock,
   withFlock,
   xenBlockLockPath,
+  XEN_LOCK_BUDGET_MS,
+  xenLockWaitMs,
 } from '../../src/lock/flock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath, thinPoolLockPath } from '../../src/lock/paths.js';
 import { AlreadyRunningError, claimSingleInstance } from '../../src/lock/instance.js';
@@ -26,6 +28,15 @@ t.test('paths', async (t) => {
     t.throws(() => stateLockPath('/run/xbh', bad), /invalid lock name/, JSON.stringify(bad));
   }
   t.equal(DEFAULT_LOCK_TIMEOUT_MS, 20_000);
+});
+
+t.test("the wait for Xen's block lock: what is left of libxl's budget, never less than configured", async (t) => {
+  t.equal(XEN_LOCK_BUDGET_MS, 35_000, 'libxl kills at 40 s; 5 s stay for the work');
+  t.equal(xenLockWaitMs(20_000, 100), 34_900, 'a hook that started 0.1 s ago waits up to 34.9 s');
+  t.equal(xenLockWaitMs(20_000, 20_000), 20_000, 'never less than the configured bound');
+  t.equal(xenLockWaitMs(1_000, 2_500), 32_500);
+  t.equal(xenLockWaitMs(100_000, 500), 100_000, 'a longer configured bound (xend waited 100 s) wins');
+  t.equal(xenLockWaitMs(1_000, 60_000), 1_000, 'past the budget: the configured bound');
 });
 
 t.test('acquire creates the directory, holds a real flock, release unlinks then closes', async (t) => {
