@@ -52,14 +52,15 @@ const DOM0_EARLY_MODULES = [
  */
 const DOM0_MODULES = [
   'crc32c_generic', 'xenfs', 'xen-evtchn', 'xen-gntdev', 'xen-gntalloc', 'xen-privcmd', 'xen-blkback',
-  'loop', 'nbd', 'dm-mod', 'dm-snapshot', 'dm-thin-pool', 'dm-zero',
+  'loop', 'nbd', 'dm-mod', 'dm-snapshot', 'dm-thin-pool', 'dm-zero', 'rbd',
 ];
 const DOMU_MODULES = ['xen-blkfront'];
 /** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */
 const MODULE_TREES = [
   'kernel/drivers/xen', 'kernel/drivers/block', 'kernel/drivers/md', 'kernel/drivers/virtio',
   'kernel/fs/9p', 'kernel/fs/overlayfs', 'kernel/fs/netfs', 'kernel/fs/fscache', 'kernel/fs/ext4',
-  'kernel/fs/jbd2', 'kernel/fs/mbcache.ko', 'kernel/net/9p', 'kernel/lib', 'kernel/crypto',
+  'kernel/fs/jbd2', 'kernel/fs/mbcache.ko', 'kernel/net/9p', 'kernel/net/ceph', 'kernel/net/dns_resolver',
+  'kernel/lib', 'kernel/crypto',
   'kernel/arch/x86/crypto', 'modules.builtin', 'modules.builtin.modinfo', 'modules.order',
 ];
 const INITRD_APPLETS = [

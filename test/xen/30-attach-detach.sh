@@ -41,41 +41,13 @@ if [ "$cycles" = 0 ]; then
 fi
 note "hooks: $(printf '%s\n' "$specs" | cut -d'|' -f1 | tr '\n' ' ')"
 
-cfg=$(domu_cfg xbhwatch watch "xbh_cycles=$cycles")
-xl_create "xl create xbhwatch (no disks)" "$cfg" || finish
-id=$(domid xbhwatch)
-if wait_console xbhwatch "xbh-domu: ready" 90; then ok "xbhwatch is up"; else not_ok "xbhwatch is up" "$(console_log xbhwatch | tail -20)"; fi
-be=$(vbd_backend "$id" 51728)
-
+start_watcher xbhwatch "$cycles" || finish
 i=0
 printf '%s\n' "$specs" | grep '|' >$XBH_SCRATCH/specs
 while IFS='|' read -r hook spec; do
 	i=$((i + 1))
-	t=$(ms)
-	if out=$(xl block-attach xbhwatch "$spec" 2>&1); then
-		ok "$hook: xl block-attach returned 0 ($(($(ms) - t)) ms)"
-	else
-		not_ok "$hook: xl block-attach" "$out"
-		expect_nothing_left "$hook: after the failed attach"
-		continue
-	fi
-	expect_connected "$hook attach" "$be"
-	if wait_console xbhwatch "xvdb appeared #$i .*data=BASE-IMAGE-DATA" 60; then
-		ok "$hook: the guest saw xvdb appear with the base's data"
-	else
-		not_ok "$hook: the guest saw xvdb appear with the base's data" "$(console_log xbhwatch | grep xbh-domu)"
-	fi
-	t=$(ms)
-	if out=$(xl block-detach xbhwatch xvdb 2>&1); then
-		ok "$hook: xl block-detach returned 0 ($(($(ms) - t)) ms)"
-	else
-		not_ok "$hook: xl block-detach" "$out"
-	fi
-	if wait_console xbhwatch "xvdb gone #$i" 60; then ok "$hook: the guest saw xvdb disappear"; else not_ok "$hook: the guest saw xvdb disappear" "$(console_log xbhwatch | grep xbh-domu)"; fi
-	if until_true 20 sh -c "! xenstore-exists $be"; then ok "$hook: the backend node is gone"; else not_ok "$hook: the backend node is gone" "$(xenstore-ls -f $be)"; fi
-	expect_nothing_left "$hook: after block-detach"
+	attach_detach xbhwatch "$hook" "$spec" $i
 done <$XBH_SCRATCH/specs
-
-if until_true 30 domain_gone xbhwatch; then ok "xbhwatch powered off after $cycles cycles"; else not_ok "xbhwatch powered off" "$(console_log xbhwatch | tail)"; xl destroy xbhwatch; fi
+stop_watcher xbhwatch "$cycles"
 rm -f $BASE $QCOW
 finish

@@ -142,21 +142,103 @@ ensure_hooks() {
 	echo "$how"
 }
 
+# A scenario that builds storage of its own for a hook to use (a volume group on a loop, the loop
+# under a Ceph OSD) names it here while it exists: exact dm device names and loop devices that
+# nothing_left does not count. Empty by default, and set back to empty before the scenario's
+# last check, so every scenario still ends with nothing at all.
+XBH_OWN_DM=
+XBH_OWN_LOOPS=
+
+# The dm devices and loops not in XBH_OWN_DM / XBH_OWN_LOOPS, one a line.
+foreign_dm() {
+	dmsetup ls 2>/dev/null | grep -v '^No devices found' | while read -r n _; do
+		case " $XBH_OWN_DM " in *" $n "*) ;; *) echo "$n" ;; esac
+	done
+}
+foreign_loops() {
+	losetup -a 2>/dev/null | while IFS=: read -r d _; do
+		case " $XBH_OWN_LOOPS " in *" $d "*) ;; *) echo "$d" ;; esac
+	done
+}
+
 nothing_left() {
-	[ -z "$(dmsetup ls 2>/dev/null | grep -v '^No devices found')" ] && [ -z "$(losetup -a)" ] &&
+	[ -z "$(foreign_dm)" ] && [ -z "$(foreign_loops)" ] &&
 		[ -z "$(find /var/lib/xen-blockhooks -type f 2>/dev/null)" ] &&
 		node "$XBH_DIST/xen-blockhooks.mjs" status --json 2>/dev/null | grep -q '"devices": \[\]'
 }
 
 # expect_nothing_left WHEN: no dm device, loop, store file or recorded device (the hooks'
-# own `xen-blockhooks status`) — waiting a little for xl's asynchronous remove.
+# own `xen-blockhooks status`) — waiting a little for xl's asynchronous remove. Only the
+# scenario's own XBH_OWN_DM / XBH_OWN_LOOPS are not counted (and the assertion names them).
 expect_nothing_left() {
+	own=
+	[ -n "$XBH_OWN_DM$XBH_OWN_LOOPS" ] && own=" (not counting the scenario's own: $(echo $XBH_OWN_DM $XBH_OWN_LOOPS))"
 	if until_true 20 nothing_left; then
-		ok "$1: no dm device, loop, store file or recorded device is left"
+		ok "$1: no dm device, loop, store file or recorded device is left$own"
 	else
-		not_ok "$1: no dm device, loop, store file or recorded device is left" "dmsetup ls: $(dmsetup ls 2>&1)" \
+		not_ok "$1: no dm device, loop, store file or recorded device is left$own" "dmsetup ls: $(dmsetup ls 2>&1)" \
 			"losetup -a: $(losetup -a 2>&1)" "stores: $(find /var/lib/xen-blockhooks -type f 2>&1)" \
 			"status: $(node "$XBH_DIST/xen-blockhooks.mjs" status 2>&1)"
+	fi
+}
+
+# attach_detach DOMAIN HOOK SPEC N: one cycle of a domU in watch mode (xbh_mode=watch): `xl
+# block-attach DOMAIN SPEC` (xvdb) returns 0, the backend reaches Connected, the guest reports
+# xvdb appearing for the N-th time with the base's data at 4096; `xl block-detach` returns 0, the
+# guest reports it gone, the backend node goes, and nothing is left (expect_nothing_left).
+# The attach and detach times are in the assertions. A hook-specific check of the attached disk
+# can run between the two: the function named by XBH_WHILE_ATTACHED, if set, with HOOK.
+# Returns 1 when the attach failed.
+attach_detach() {
+	dom=$1 hook=$2 spec=$3 n=$4
+	be=$(vbd_backend "$(domid "$dom")" 51728)
+	t=$(ms)
+	if out=$(xl block-attach "$dom" "$spec" 2>&1); then
+		ok "$hook: xl block-attach returned 0 ($(($(ms) - t)) ms)"
+	else
+		not_ok "$hook: xl block-attach" "$out"
+		expect_nothing_left "$hook: after the failed attach"
+		return 1
+	fi
+	expect_connected "$hook attach" "$be"
+	if wait_console "$dom" "xvdb appeared #$n .*data=BASE-IMAGE-DATA" 60; then
+		ok "$hook: the guest saw xvdb appear with the base's data"
+	else
+		not_ok "$hook: the guest saw xvdb appear with the base's data" "$(console_log "$dom" | grep xbh-domu)"
+	fi
+	[ -n "${XBH_WHILE_ATTACHED:-}" ] && "$XBH_WHILE_ATTACHED" "$hook"
+	t=$(ms)
+	if out=$(xl block-detach "$dom" xvdb 2>&1); then
+		ok "$hook: xl block-detach returned 0 ($(($(ms) - t)) ms)"
+	else
+		not_ok "$hook: xl block-detach" "$out"
+	fi
+	if wait_console "$dom" "xvdb gone #$n" 60; then ok "$hook: the guest saw xvdb disappear"; else not_ok "$hook: the guest saw xvdb disappear" "$(console_log "$dom" | grep xbh-domu)"; fi
+	if until_true 20 sh -c "! xenstore-exists $be"; then ok "$hook: the backend node is gone"; else not_ok "$hook: the backend node is gone" "$(xenstore-ls -f "$be")"; fi
+	expect_nothing_left "$hook: after block-detach"
+	return 0
+}
+
+# start_watcher NAME CYCLES: xl create a disk-less domU in watch mode and wait until it is up.
+# Returns 1 (asserted) when it did not start.
+start_watcher() {
+	xl_create "xl create $1 (no disks)" "$(domu_cfg "$1" watch "xbh_cycles=$2")" || return 1
+	if wait_console "$1" "xbh-domu: ready" 90; then
+		ok "$1 is up"
+	else
+		not_ok "$1 is up" "$(console_log "$1" | tail -20)"
+		xl destroy "$1" 2>/dev/null
+		return 1
+	fi
+}
+
+# stop_watcher NAME CYCLES: the domU powers itself off after its cycles (destroyed if not).
+stop_watcher() {
+	if until_true 30 domain_gone "$1"; then
+		ok "$1 powered off after $2 cycles"
+	else
+		not_ok "$1 powered off" "$(console_log "$1" | tail)"
+		xl destroy "$1"
 	fi
 }
 

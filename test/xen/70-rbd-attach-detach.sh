@@ -1,0 +1,168 @@
+# xl block-attach / block-detach of a block-rbd disk to a running PV domU, against a real
+# single-node Ceph cluster started in dom0 (the recipe of test/lib/mini-ceph.ts: Debian 12's
+# ceph-mon and ceph-osd, one monitor, one bluestore OSD on a loop device over a sparse file in
+# /scratch, no manager, cephx off, pool size 1, 127.0.0.1 only; the rbd and libceph modules come
+# from dom0's initramfs). A golden image holds the base's data, with a snapshot; `script=block-rbd,
+# target=rbd/golden@base conf=…` makes the domain's transient clone rbd/xbh-xbhrbd-xvdb and maps
+# it (/dev/rbdN, `-o noudev`: dom0 has no udevd). The backend reaches Connected, the guest reads
+# the base's data through the clone and sees the disk go; after the detach there is no rbd
+# mapping, the clone is deleted (`rbd ls` has only golden) and the golden snapshot is unchanged.
+# The cluster's start-up time is in a note.
+. "$XBH_PROJECT/test/xen/lib.sh"
+
+if ! how=$(ensure_hooks); then
+	skip "block-rbd attach/detach to a running domU" "the hooks are not built (npm run build)"
+	finish
+fi
+note "$how"
+for need in ceph-mon ceph-osd ceph monmaptool rbd uuidgen; do
+	if ! command -v $need >/dev/null; then
+		skip "block-rbd attach/detach to a running domU" "$need is not installed (ceph-mon ceph-osd ceph-common)"
+		finish
+	fi
+done
+if ! hook_installed rbd; then
+	skip "block-rbd attach/detach to a running domU" "block-rbd is not installed"
+	finish
+fi
+if [ ! -e /sys/bus/rbd ]; then
+	not_ok "the rbd kernel module is loaded in dom0" "$(lsmod 2>&1 | grep -E 'rbd|ceph')"
+	finish
+fi
+
+D=$XBH_SCRATCH/ceph
+CONF=$D/ceph.conf
+export CEPH_CONF=$CONF
+GOLDEN=rbd/golden@base
+CLONE=xbh-xbhrbd-xvdb
+mkdir -p $D/mon $D/osd $D/run $D/log
+
+# The cluster is stopped however the scenario ends (the OSD takes seconds to exit after TERM).
+stop_cluster() {
+	pids=
+	for n in osd.0 mon.a; do
+		p=$(cat $D/run/$n.pid 2>/dev/null) && [ -d /proc/$p ] && pids="$pids $p" && kill $p
+	done
+	for p in $pids; do
+		w=0
+		while [ -d /proc/$p ] && [ $w -lt 150 ]; do sleep 0.2; w=$((w + 1)); done
+		[ -d /proc/$p ] && kill -9 $p
+	done
+	[ -n "${LOOP:-}" ] && losetup -d "$LOOP" 2>/dev/null
+	LOOP=
+	rm -rf $D $XBH_SCRATCH/osd.img
+}
+trap stop_cluster EXIT
+
+# The cluster log tails, for a failure.
+ceph_logs() { for f in $D/log/mon.a.log $D/log/osd.0.log; do [ -f $f ] && echo "--- $f" && tail -15 $f; done; }
+
+# step WHAT CMD ARG...: one start-up step, its time kept for the note; on failure: not ok, finish.
+steps=
+step() {
+	what=$1
+	shift
+	s=$(ms)
+	if ! out=$("$@" 2>&1); then
+		not_ok "Ceph cluster in dom0: $what" "\$ $*" "$out" "$(ceph_logs)"
+		finish
+	fi
+	steps="$steps, $what $(($(ms) - s)) ms"
+}
+
+t0=$(ms)
+ip link set lo up
+truncate -s 4G $XBH_SCRATCH/osd.img
+step "loop for the OSD" losetup -f $XBH_SCRATCH/osd.img
+LOOP=$(losetup -j $XBH_SCRATCH/osd.img | cut -d: -f1)
+FSID=$(uuidgen)
+OSD_UUID=$(uuidgen)
+cat >$CONF <<EOF
+[global]
+fsid = $FSID
+mon host = [v2:127.0.0.1:3300,v1:127.0.0.1:6789]
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+auth supported = none
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+mon allow pool size one = true
+mon allow pool delete = true
+osd crush chooseleaf type = 0
+mon warn on pool no redundancy = false
+mon warn on insecure global id reclaim allowed = false
+mon data avail warn = 1
+run dir = $D/run
+log file = $D/log/\$name.log
+admin socket = $D/run/\$name.asok
+pid file = $D/run/\$name.pid
+mon cluster log file = $D/log/cluster.log
+[mon]
+mon data = $D/mon
+[osd]
+osd data = $D/osd
+osd objectstore = bluestore
+bluestore block path = $LOOP
+bluestore block create = true
+bluestore block size = 4294967296
+bluestore block db create = false
+bluestore block wal create = false
+bluestore fsck on mount = false
+osd memory target = 939524096
+bluestore cache autotune = false
+bluestore cache size = 134217728
+osd op num shards = 1
+osd op num threads per shard = 2
+EOF
+step "monmap" monmaptool --create --fsid "$FSID" --addv a '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]' $D/monmap
+step "mon mkfs" ceph-mon --mkfs -i a --monmap $D/monmap
+step "mon start" ceph-mon -i a
+# One start of the python CLI for both monitor commands (it costs seconds under TCG).
+step "osd new + pool create (one ceph CLI)" sh -c "printf 'osd new $OSD_UUID 0\nosd pool create rbd 8 8\n' | ceph"
+step "osd mkfs" ceph-osd -i 0 --mkfs --osd-uuid "$OSD_UUID"
+step "osd start" ceph-osd -i 0
+# Returns once the OSD is up and the pool's PGs are active.
+step "rbd pool init" rbd pool init rbd
+cluster_ms=$(($(ms) - t0))
+ok "Ceph cluster in dom0 (1 mon, 1 bluestore OSD on $LOOP) started in $cluster_ms ms"
+note "cluster start-up: ${steps#, }"
+XBH_OWN_LOOPS=$LOOP
+
+t=$(ms)
+make_base $XBH_SCRATCH/base.img 16
+step "golden image" rbd import --image-feature layering $XBH_SCRATCH/base.img rbd/golden
+step "golden snapshot" rbd snap create $GOLDEN
+rm -f $XBH_SCRATCH/base.img
+golden_sum() { rbd export $GOLDEN - 2>/dev/null | sha256sum; }
+sum=$(golden_sum)
+ok "golden image rbd/golden with the base's data, snapshot $GOLDEN ($(($(ms) - t)) ms)"
+
+mappings() { ls /sys/bus/rbd/devices 2>/dev/null | tr '\n' ' '; }
+images() { rbd ls rbd 2>&1 | sort | tr '\n' ' '; }
+while_attached() {
+	m=$(rbd showmapped 2>&1)
+	if printf '%s\n' "$m" | grep -q " $CLONE .*/dev/rbd"; then ok "rbd: the disk is the clone rbd/$CLONE, mapped"; else not_ok "rbd: the disk is the clone rbd/$CLONE, mapped" "$m"; fi
+	p=$(rbd info rbd/$CLONE 2>&1 | grep parent:)
+	case $p in *"rbd/golden@base"*) ok "rbd: the clone's parent is $GOLDEN" ;; *) not_ok "rbd: the clone's parent is $GOLDEN" "$(rbd info rbd/$CLONE 2>&1)" ;; esac
+}
+XBH_WHILE_ATTACHED=while_attached
+
+start_watcher xbhrbd 1 || finish
+attach_detach xbhrbd rbd "format=raw, vdev=xvdb, access=rw, script=block-rbd, target=$GOLDEN conf=$CONF" 1
+if [ -z "$(mappings)" ]; then ok "rbd: after block-detach no rbd device is mapped"; else not_ok "rbd: after block-detach no rbd device is mapped" "$(rbd showmapped 2>&1)"; fi
+if [ "$(images)" = "golden " ]; then ok "rbd: after block-detach the clone is deleted (rbd ls: golden)"; else not_ok "rbd: after block-detach the clone is deleted" "rbd ls: $(images)"; fi
+if [ "$(golden_sum)" = "$sum" ]; then ok "rbd: the golden snapshot is unchanged"; else not_ok "rbd: the golden snapshot is unchanged"; fi
+stop_watcher xbhrbd 1
+
+t=$(ms)
+stop_cluster
+XBH_OWN_LOOPS=
+note "cluster stopped ($(($(ms) - t)) ms)"
+expect_nothing_left "rbd: after stopping the cluster"
+finish
