@@ -37,7 +37,7 @@ if PV=$(losetup -f --show $XBH_SCRATCH/pv.img 2>&1) &&
 else
 	not_ok "volume group $VG on a loop, origin LV $ORIGIN" "$PV" "$out" "$(ls -l /dev/$VG 2>&1)"
 	lvm vgremove -q -f $VG >/dev/null
-	losetup -D
+	[ -b "$PV" ] && losetup -d "$PV"
 	finish
 fi
 # While the VG exists, its origin LV and the loop under it are the scenario's own.

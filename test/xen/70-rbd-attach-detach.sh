@@ -53,6 +53,7 @@ stop_cluster() {
 	rm -rf $D $XBH_SCRATCH/osd.img
 }
 trap stop_cluster EXIT
+trap 'exit 1' TERM INT
 
 # The cluster log tails, for a failure.
 ceph_logs() { for f in $D/log/mon.a.log $D/log/osd.0.log; do [ -f $f ] && echo "--- $f" && tail -15 $f; done; }
