@@ -27,4 +27,24 @@ elif out=$("$b" --version 2>&1) && [ -n "$out" ]; then
 else
 	not_ok "$(basename "$b") --version under node $v" "$out"
 fi
+
+# The installer makes each hook a startup snapshot with this node; the wrapper starts from it.
+if ! how=$(ensure_hooks); then
+	skip "the installed hooks start from their startup snapshots" "the hooks are not built (npm run build)"
+	finish
+fi
+note "$how"
+missing=
+for w in /etc/xen/scripts/block*; do
+	grep -q '^# xen-blockhooks:' "$w" 2>/dev/null || continue
+	s=$(sed -n "s/^s='\(.*\)'\$/\1/p" "$w")
+	[ -n "$s" ] && [ -f "$s" ] && [ -f "$s.node" ] || missing="$missing $(basename "$w")"
+done
+if [ -z "$missing" ]; then ok "every installed hook has a startup snapshot made by node $v"; else not_ok "every installed hook has a startup snapshot" "none for:$missing" "$(cat "$XBH_SCRATCH/install.log" 2>/dev/null | grep -i snapshot)"; fi
+t=$(ms)
+if out=$(/etc/xen/scripts/block-cow --version 2>&1) && printf '%s' "$out" | grep -q '(startup snapshot)'; then
+	ok "block-cow --version through the installed wrapper starts from its snapshot ($(($(ms) - t)) ms): $out"
+else
+	not_ok "block-cow --version through the installed wrapper starts from its snapshot" "$out"
+fi
 finish
