@@ -134,10 +134,10 @@ function main(argv) {
     fs.chmodSync(tmp, 0o644);
     const files = nodeFiles();
     for (const [kind, file] of Object.entries(files)) {
-      const st = fs.statSync(file);
       const stamp = `${out}.${kind}`;
       fs.writeFileSync(stamp, `${file}\n`, { mode: 0o644 });
-      fs.utimesSync(stamp, st.atime, st.mtime);
+      // touch -r copies the time to the nanosecond (fs.utimesSync rounds it), and sh's -nt/-ot compare nanoseconds.
+      execFileSync('touch', ['-r', file, '--', stamp], { env, stdio: 'ignore' });
     }
     if (!files.lib) fs.rmSync(`${out}.lib`, { force: true });
     fs.renameSync(tmp, out);

@@ -6,7 +6,7 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { harness, hexOf } from '../lib/block-harness.js';
@@ -29,9 +29,9 @@ function make(dir: string, bundle: string, name = 'block') {
 }
 
 /** The installed tree in a DESTDIR, with wrappers pointed at the staged library. */
-function installed(t: { teardown(f: () => void): void }) {
+function installed(t: { teardown(f: () => void): void }, node = process.execPath) {
   const dest = tmp(t, 'xbh-snap-dest-');
-  const r = spawnSync(join(ROOT, 'install'), ['--replace-block'], { encoding: 'utf8', env: { ...process.env, DESTDIR: dest, NODE: process.execPath } });
+  const r = spawnSync(join(ROOT, 'install'), ['--replace-block'], { encoding: 'utf8', env: { ...process.env, DESTDIR: dest, NODE: node } });
   if (r.status !== 0) throw new Error(`install failed: ${r.stderr}`);
   const lib = join(dest, LIB);
   const wrapper = (name: string) => {
@@ -140,4 +140,17 @@ t.test('a changed node (stamp time differs), a missing libnode or a missing snap
   const un = spawnSync(join(ROOT, 'install'), ['--uninstall'], { encoding: 'utf8', env: { ...process.env, DESTDIR: ins.dest } });
   t.equal(un.status, 0, un.stderr);
   t.notOk(existsSync(join(ins.lib)), 'uninstall removes the snapshots and their stamps with the rest');
+});
+
+t.test('a node whose modification time has nanoseconds (built or unpacked, not from dpkg) still gets its snapshot used', async (t) => {
+  const dir = tmp(t, 'xbh-snap-node-');
+  const node = join(dir, 'node');
+  copyFileSync(process.execPath, node);
+  chmodSync(node, 0o755);
+  spawnSync('touch', ['-d', '2026-01-02 03:04:05.123456789', '--', node]);
+  t.equal(statSync(node, { bigint: true }).mtimeNs % 1_000_000_000n, 123_456_789n, 'the copy has a sub-second time');
+  const ins = installed(t, node);
+  const stamp = join(ins.lib, 'block.snapshot.node');
+  t.equal(statSync(stamp, { bigint: true }).mtimeNs, statSync(node, { bigint: true }).mtimeNs, 'the stamp carries it to the nanosecond');
+  t.match(run(ins.wrapper('block'), ['--version']).out, /\(startup snapshot\)/, 'the wrapper starts from the snapshot');
 });
