@@ -24,10 +24,11 @@ export function childEnv(env: NodeJS.ProcessEnv = process.env): Record<string, s
 }
 
 let commandsRun = 0;
-const killAfter = Number(process.env.XEN_BLOCKHOOKS_FAULT_KILL_AFTER ?? 0);
 
 function faultPoint(): void {
   commandsRun += 1;
+  // Read at run time, not when the module loads: a startup snapshot would keep the value its builder had.
+  const killAfter = Number(process.env.XEN_BLOCKHOOKS_FAULT_KILL_AFTER ?? 0);
   if (killAfter > 0 && commandsRun >= killAfter) process.kill(process.pid, 'SIGKILL');
 }
 

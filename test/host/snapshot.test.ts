@@ -107,6 +107,14 @@ t.test('the installed wrapper uses the snapshot: a real file: add and remove wit
   t.same(readdirSync(join(h.stateDir, 'journal')), [], 'no journal record left');
   const log = readFileSync(join(h.dir, 'hotplug.log'), 'utf8');
   t.match(log, /add/, 'the log lines reached the file');
+
+  // The environment is the run's, not the snapshot builder's: the fault knob read when the first
+  // device command runs kills this add there.
+  const killed = await h.run('add', be, { XEN_BLOCKHOOKS_FAULT_KILL_AFTER: '1' }, block);
+  t.equal(killed.signal, 'SIGKILL', 'XEN_BLOCKHOOKS_FAULT_KILL_AFTER=1 reached the hook started from the snapshot');
+  const after = await h.run('remove', be, {}, block);
+  t.equal(after.code, 0, `remove after the kill exits 0 (stderr: ${after.stderr})`);
+  t.same(h.loopsOnImages(), [], 'nothing left after the killed add and its remove');
   for (const f of ['block.cjs', 'block.mjs']) renameSync(join(ins.lib, `${f}.away`), join(ins.lib, f));
 });
 
