@@ -23,7 +23,7 @@ import { decodeDev, loopAutoclear, loopBackingFile, parseDecimalDevice, type Maj
 import { HotplugError } from '../hotplug/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
-import { acquireFlock, LockTimeoutError, xenBlockLockPath, xenLockWaitMs, type HeldLock } from '../lock/flock.js';
+import { takeXenBlockLock } from '../hotplug/xen-lock.js';
 import type { XsOps } from '../xenstore/types.js';
 import { checkSharing, findUsers, type AccessDevice } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext, UnrecordedContext } from './types.js';
@@ -87,17 +87,6 @@ export function planBlock(params: string, where: string): BlockPlan {
 
 // ---------------------------------------------------------------------------------------------
 // add
-
-async function takeXenLock(ctx: HookContext): Promise<HeldLock> {
-  try {
-    return await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: xenLockWaitMs(ctx.config.lockTimeoutMs, process.uptime() * 1000), runner: ctx.run });
-  } catch (e) {
-    if (e instanceof LockTimeoutError) {
-      throw new HotplugError(`${ctx.request.xenbusPath}: Xen's block lock is busy: ${e.message}; other hotplug scripts held it that long (many disks at once on a slow dom0, or one that is stuck); retry, or raise lock_timeout_ms in /etc/xen/blockhooks.conf.`, 'error', { cause: e });
-    }
-    throw e;
-  }
-}
 
 /** Re-resolve under the lock: the path must still be what plan() saw. */
 function recheck(plan: BlockPlan, where: string): { path: string; st: BigIntStats } {
@@ -178,7 +167,7 @@ async function addBlock(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice>
   // The runtime holds the lock around the whole add (lockScope below); the branch after it is
   // for a caller that does not.
   if (ctx.xenBlockLockHeld) return plan.kind === 'phy' ? addPhy(ctx, plan) : addFile(ctx, plan);
-  const lock = await takeXenLock(ctx);
+  const lock = await takeXenBlockLock(ctx.request.xenbusPath, ctx.config, ctx.run);
   try {
     const dev = plan.kind === 'phy' ? await addPhy(ctx, plan) : await addFile(ctx, plan);
     // Held until the runtime has written physical-device (see BuiltDevice.release).
@@ -260,7 +249,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
     ctx.log.info(`remove ${ctx.xenbusPath}: nothing recorded and no loop device in node; nothing to undo`);
     return;
   }
-  const lock = ctx.xenBlockLockHeld ? undefined : await acquireFlock(xenBlockLockPath(ctx.config.xenLockDir), { timeoutMs: xenLockWaitMs(ctx.config.lockTimeoutMs, process.uptime() * 1000), runner: ctx.run });
+  const lock = ctx.xenBlockLockHeld ? undefined : await takeXenBlockLock(ctx.xenbusPath, ctx.config, ctx.run);
   try {
     const loop = (await listLoops(ctx.run)).find((l) => l.device === node);
     if (!loop) return;

@@ -20,7 +20,7 @@ import { shortageOf } from '../devices/shortage.js';
 import { execaRunner } from '../devices/exec.js';
 import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
-import { acquireFlock, LockTimeoutError, xenBlockLockPath, xenLockWaitMs, type HeldLock } from '../lock/flock.js';
+import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { createLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
 import type { XenstoreClient } from '../xenstore/types.js';
@@ -28,6 +28,7 @@ import type { Backend, BuiltDevice } from '../backends/types.js';
 import { readDisk } from './disk.js';
 import { dispatchTarget, runScript } from './dispatch.js';
 import { HotplugError, TeardownError, UsageError, messageOf } from './errors.js';
+import { takeXenBlockLock } from './xen-lock.js';
 import { reportFailure, reportSuccess } from './report.js';
 import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
 import { helpText } from './help.js';
@@ -127,14 +128,7 @@ function pathLock(config: Config, xenbusPath: string): string {
 /** The lock held around the whole add or remove (Backend.lockScope). */
 async function lockPath(e: Env): Promise<HeldLock> {
   const opts = { timeoutMs: e.config.lockTimeoutMs, runner: e.run };
-  if (e.backend.lockScope === 'xen-block') {
-    try {
-      return await acquireFlock(xenBlockLockPath(e.config.xenLockDir), { ...opts, timeoutMs: xenLockWaitMs(e.config.lockTimeoutMs, process.uptime() * 1000) });
-    } catch (err) {
-      if (!(err instanceof LockTimeoutError)) throw err;
-      throw new HotplugError(`${e.req.xenbusPath}: Xen's block lock is busy: ${err.message}; other hotplug scripts held it that long (many disks at once on a slow dom0, or one that is stuck); retry, or raise lock_timeout_ms in /etc/xen/blockhooks.conf.`, 'error', { cause: err });
-    }
-  }
+  if (e.backend.lockScope === 'xen-block') return takeXenBlockLock(e.req.xenbusPath, e.config, e.run);
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
   return acquireFlock(pathLock(e.config, e.req.xenbusPath), opts);
 }
