@@ -61,8 +61,8 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
       return { d, be };
     },
     /**
-     * Run add or remove of `kind` ('ours' | 'stock') on backend `be`. Ours runs through its
-     * installed-style wrapper (startup snapshot); with `probe` (a JSON file for the breakdown) it
+     * Run add or remove of `kind` ('ours' | 'stock') on backend `be`. Ours runs through the
+     * wrapper the installer wrote (startup snapshot); with `probe` (a JSON file for the breakdown) it
      * runs as `node --import probe.mjs block.mjs`, the code-cache start, which the probe can see into.
      */
     run(kind, action, be, probe) {

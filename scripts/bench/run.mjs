@@ -8,7 +8,7 @@
 // Not part of `npm test`: nothing here asserts a target.
 import { build } from 'esbuild';
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { log, machine, loadNow } from './common.mjs';
@@ -56,19 +56,17 @@ async function prepare(runDir) {
     if (f.startsWith('block') && f.endsWith('.mjs')) hooks[f.replace(/\.mjs$/, '')] = join(runDir, 'dist', f);
   }
   for (const f of ['probe.mjs', 'common.mjs', 'guest.mjs']) copyFileSync(join(HERE, f), join(runDir, f));
-  // Each hook as the installer leaves it: a startup snapshot made by this Node and the wrapper
-  // from packaging/wrapper.sh.in (which falls back to the code cache without one).
-  const wrappers = {};
-  const template = readFileSync(join(ROOT, 'packaging', 'wrapper.sh.in'), 'utf8');
-  mkdirSync(join(runDir, 'wrap'));
-  for (const [name, mjs] of Object.entries(hooks)) {
-    const snap = join(runDir, 'dist', `${name}.snapshot`);
-    const made = spawnSync(process.execPath, [join(ROOT, 'dist', 'snapshot.cjs'), mjs.replace(/\.mjs$/, '.cjs'), snap], { encoding: 'utf8' });
-    if (made.status !== 0) log(`no startup snapshot for ${name}: ${made.stderr.trim()}`);
-    const text = template.replaceAll('@NAME@', name).replaceAll('@NODE@', process.execPath).replaceAll('@BUNDLE@', mjs).replaceAll('@SNAPSHOT@', made.status === 0 ? snap : '');
-    wrappers[name] = join(runDir, 'wrap', name);
-    writeFileSync(wrappers[name], text, { mode: 0o755 });
-  }
+  // Each hook as the installer leaves it, from an install under the run's folder (PREFIX,
+  // SYSCONFDIR and XEN_SCRIPT_DIR there, nothing outside): the wrapper in scripts/, starting the
+  // hook from the startup snapshot the installer made with this Node.
+  const prefix = join(runDir, 'install');
+  const inst = spawnSync(join(ROOT, 'install'), ['--replace-block'], {
+    encoding: 'utf8',
+    env: { ...process.env, DESTDIR: '', NODE: process.execPath, PREFIX: prefix, SYSCONFDIR: join(prefix, 'etc'), XEN_SCRIPT_DIR: join(prefix, 'scripts') },
+  });
+  if (inst.status !== 0) throw new Error(`install into ${prefix} failed: ${inst.stderr.trim()}`);
+  for (const line of inst.stderr.split('\n').filter((l) => /snapshot/i.test(l))) log(line);
+  const wrappers = Object.fromEntries(Object.keys(hooks).map((name) => [name, join(prefix, 'scripts', name)]));
   await build({
     entryPoints: [join(HERE, 'lib.mjs')], bundle: true, platform: 'node', target: 'node18', format: 'esm',
     // Two folders below the project root, as test/lib/ is: stock-scripts.ts finds .cache/stock from there.
