@@ -10,22 +10,17 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
+import { projectRoot } from '../lib/project-root.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
 
 export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
+export { projectRoot };
 
 export const MiB = 1024 * 1024;
-/** The project root: the nearest folder above this (bundled) file that holds package.json. */
-export function projectRoot(): string {
-  let d = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(d, 'package.json')) && dirname(d) !== d) d = dirname(d);
-  return d;
-}
 /** The bundle `npm run build` makes; XBH_COW_HOOK may name a private copy of it (a copy no concurrent build rewrites). */
 export const HOOK = process.env.XBH_COW_HOOK ?? join(projectRoot(), 'dist', 'block-cow.mjs');
 const scratchRoot = process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp';

@@ -13,6 +13,7 @@ import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { projectRoot } from './project-root.js';
 
 export interface MiniCeph {
   dir: string;
@@ -37,49 +38,9 @@ function sh(file: string, args: string[], env: NodeJS.ProcessEnv, opts: { input?
   });
 }
 
+/** test/lib/mini-ceph.conf (shared with the Xen tier's scenario 70) for this cluster. */
 function confText(d: string, fsid: string, block: string): string {
-  return `[global]
-fsid = ${fsid}
-mon host = [v2:127.0.0.1:3300,v1:127.0.0.1:6789]
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
-ms bind ipv6 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
-auth supported = none
-osd pool default size = 1
-osd pool default min size = 1
-osd pool default pg num = 8
-osd pool default pgp num = 8
-mon allow pool size one = true
-mon allow pool delete = true
-osd crush chooseleaf type = 0
-mon warn on pool no redundancy = false
-mon warn on insecure global id reclaim allowed = false
-mon data avail warn = 1
-run dir = ${d}/run
-log file = ${d}/log/$name.log
-admin socket = ${d}/run/$name.asok
-pid file = ${d}/run/$name.pid
-mon cluster log file = ${d}/log/cluster.log
-[mon]
-mon data = ${d}/mon
-[osd]
-osd data = ${d}/osd
-osd objectstore = bluestore
-bluestore block path = ${block}
-bluestore block create = true
-bluestore block size = 4294967296
-bluestore block db create = false
-bluestore block wal create = false
-bluestore fsck on mount = false
-osd memory target = 939524096
-bluestore cache autotune = false
-bluestore cache size = 134217728
-osd op num shards = 1
-osd op num threads per shard = 2
-`;
+  return readFileSync(join(projectRoot(), 'test', 'lib', 'mini-ceph.conf'), 'utf8').replaceAll('@DIR@', d).replaceAll('@FSID@', fsid).replaceAll('@BLOCK@', block);
 }
 
 function pidOf(file: string): number | undefined {

@@ -78,49 +78,8 @@ step "loop for the OSD" losetup -f $XBH_SCRATCH/osd.img
 LOOP=$(losetup -j $XBH_SCRATCH/osd.img | cut -d: -f1)
 FSID=$(uuidgen)
 OSD_UUID=$(uuidgen)
-cat >$CONF <<EOF
-[global]
-fsid = $FSID
-mon host = [v2:127.0.0.1:3300,v1:127.0.0.1:6789]
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
-ms bind ipv6 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
-auth supported = none
-osd pool default size = 1
-osd pool default min size = 1
-osd pool default pg num = 8
-osd pool default pgp num = 8
-mon allow pool size one = true
-mon allow pool delete = true
-osd crush chooseleaf type = 0
-mon warn on pool no redundancy = false
-mon warn on insecure global id reclaim allowed = false
-mon data avail warn = 1
-run dir = $D/run
-log file = $D/log/\$name.log
-admin socket = $D/run/\$name.asok
-pid file = $D/run/\$name.pid
-mon cluster log file = $D/log/cluster.log
-[mon]
-mon data = $D/mon
-[osd]
-osd data = $D/osd
-osd objectstore = bluestore
-bluestore block path = $LOOP
-bluestore block create = true
-bluestore block size = 4294967296
-bluestore block db create = false
-bluestore block wal create = false
-bluestore fsck on mount = false
-osd memory target = 939524096
-bluestore cache autotune = false
-bluestore cache size = 134217728
-osd op num shards = 1
-osd op num threads per shard = 2
-EOF
+# The cluster's configuration, the same as the guest tier's (test/lib/mini-ceph.ts).
+sed -e "s|@DIR@|$D|g" -e "s|@FSID@|$FSID|g" -e "s|@BLOCK@|$LOOP|g" "$XBH_PROJECT/test/lib/mini-ceph.conf" >$CONF
 step "monmap" monmaptool --create --fsid "$FSID" --addv a '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]' $D/monmap
 step "mon mkfs" ceph-mon --mkfs -i a --monmap $D/monmap
 step "mon start" ceph-mon -i a
