@@ -6,7 +6,7 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { harness, hexOf } from '../lib/block-harness.js';
@@ -37,7 +37,7 @@ function installed(t: { teardown(f: () => void): void }, node = process.execPath
   const wrapper = (name: string) => {
     const f = join(dest, 'staged', name);
     const text = readFileSync(join(dest, 'etc/xen/scripts', name), 'utf8').replaceAll(LIB, `${lib}/`);
-    spawnSync('mkdir', ['-p', join(dest, 'staged')]);
+    mkdirSync(join(dest, 'staged'), { recursive: true });
     writeFileSync(f, text, { mode: 0o755 });
     return f;
   };
