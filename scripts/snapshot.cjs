@@ -9,7 +9,7 @@
  * DESTDIR); the bundle's __filename is that path.
  *
  * A hook's start-up is most of its time: Node bootstraps itself, then runs the module bodies of
- * the bundle (winston, execa, the hook). A startup snapshot (`node --build-snapshot`, Node 18.8
+ * the bundle (winston, the hook). A startup snapshot (`node --build-snapshot`, Node 18.8
  * and later) is V8's heap after all of that, written to a file; `node --snapshot-blob FILE -- ARGS`
  * starts from it and calls the hook at once. Debian's own nodejs is built without Node's built-in
  * snapshot, so there the snapshot also saves Node's own bootstrap.
@@ -26,9 +26,8 @@
  *   back to the code cache until the installer runs again.
  * - Node 18 cannot keep child_process, net or tty in a snapshot (their native parts crash the
  *   serializer). The bundle gets stand-ins for them that load the real module on first use, at
- *   run time. Reading one of them while the snapshot is built would bake in an answer; only the
- *   accesses listed in BUILD_TIME_READS are allowed (they decide colour output, which a hook does
- *   not use), any other fails the build.
+ *   run time. Reading one of them while the snapshot is built would bake in an answer: any such
+ *   read fails the build.
  *
  * On success prints `node <path>` and, when there is one, `lib <path>`: the files the stamps copy.
  */
@@ -36,24 +35,11 @@ const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
 
-/**
- * The reads of a stand-in allowed while the snapshot is built, and what they get:
- * absent: undefined (the module is not there yet); deferred: a function that calls the real one
- * at run time.
- */
-const BUILD_TIME_READS = {
-  // yoctocolors (execa's verbose output) asks whether the terminal has colours: no.
-  'node:tty.WriteStream': 'absent',
-  // unicorn-magic promisifies execFile as it loads; execa never calls that copy.
-  'node:child_process.execFile': 'deferred',
-};
-
 /** The snapshot's entry: the bundle wrapped as a CommonJS module, with the stand-ins. */
 function entrySource(bundle, source) {
   return `'use strict';
 (function () {
   const LAZY = new Set(['child_process', 'net', 'tty', 'node:child_process', 'node:net', 'node:tty']);
-  const ALLOWED = ${JSON.stringify(BUILD_TIME_READS)};
   let building = true;
   const reads = [];
   const standIn = (id) => {
@@ -62,10 +48,7 @@ function entrySource(bundle, source) {
     return new Proxy({}, {
       get(_t, k) {
         if (building) {
-          const what = id + '.' + String(k);
-          const how = Object.prototype.hasOwnProperty.call(ALLOWED, what) ? ALLOWED[what] : undefined;
-          if (how === 'deferred') return function (...args) { return load()[k].apply(this, args); };
-          if (how !== 'absent') reads.push(what);
+          reads.push(id + '.' + String(k));
           return undefined;
         }
         return load()[k];

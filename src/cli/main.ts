@@ -6,7 +6,7 @@
  * 2 bad usage, 3 `gc` found something to collect and --apply was not given, 70 internal error.
  */
 import { ConfigError, loadConfig, type Config } from '../config/config.js';
-import { execaRunner } from '../devices/exec.js';
+import { execRunner } from '../devices/exec.js';
 import type { Runner } from '../devices/runner.js';
 import { UsageError } from '../hotplug/errors.js';
 import { createLogger, memoryLogger, type Logger } from '../log/logger.js';
@@ -135,7 +135,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     }
     throw e;
   }
-  const run = deps.run ?? execaRunner(env);
+  const run = deps.run ?? execRunner(env);
   const connect = deps.connect ?? (() => connectXenstore({ env, timeoutMs: 5000 }));
   const tryConnect = async () => {
     try {

@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { ConfigError, loadConfig, type Config } from '../config/config.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { shortageOf } from '../devices/shortage.js';
-import { execaRunner } from '../devices/exec.js';
+import { execRunner } from '../devices/exec.js';
 import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
@@ -93,7 +93,7 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
   }
   const log = deps.logger ?? createLogger({ tag: backend.script, file: config.logFile, verbose: req.verbose });
   const started = performance.now();
-  const ctx: Env = { req, backend, config, run: deps.run ?? execaRunner(env), log, journal: new Journal(config.stateDir), env };
+  const ctx: Env = { req, backend, config, run: deps.run ?? execRunner(env), log, journal: new Journal(config.stateDir), env };
   let xs: XenstoreClient | undefined;
   try {
     try {

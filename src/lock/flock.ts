@@ -88,7 +88,7 @@
  */
 import { closeSync, fstatSync, mkdirSync, openSync, constants as fsc, readdirSync, readFileSync, readlinkSync, statSync, unlinkSync, type Stats } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
-import { execaRunner } from '../devices/exec.js';
+import { execRunner } from '../devices/exec.js';
 import { describeFailure, type Runner } from '../devices/runner.js';
 
 export interface HeldLock {
@@ -99,7 +99,7 @@ export interface HeldLock {
 export interface LockOptions {
   /** Give up after this many milliseconds (default DEFAULT_LOCK_TIMEOUT_MS; 0 = do not wait). */
   timeoutMs?: number;
-  /** Runs `flock` (default: the production execa runner). */
+  /** Runs `flock` (default: the production runner, devices/exec.ts). */
   runner?: Runner;
 }
 
@@ -144,7 +144,7 @@ const heldHere = new Set<string>();
 let defaultRunner: Runner | undefined;
 function runnerOf(opts: LockOptions): Runner {
   if (opts.runner) return opts.runner;
-  defaultRunner ??= execaRunner();
+  defaultRunner ??= execRunner();
   return defaultRunner;
 }
 

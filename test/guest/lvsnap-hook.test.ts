@@ -11,7 +11,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { lvInfo } from '../../src/devices/lvm.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
@@ -154,7 +154,7 @@ test('two classic snapshots of one origin: isolation, origin unchanged, removal 
   const pa = await addOk(a);
   const pb = await addOk(b);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-alpha-xvda', 'xbh-beta-xvda']);
-  const info = await lvInfo(execaRunner(env), { vg: VG, lv: 'xbh-alpha-xvda' });
+  const info = await lvInfo(execRunner(env), { vg: VG, lv: 'xbh-alpha-xvda' });
   assert.ok(info);
   assert.equal(info.kind, 'snapshot');
   assert.equal(info.origin, 'golden');
@@ -180,7 +180,7 @@ test('a thin origin gets thin snapshots (no size); a size is refused', async () 
   const b = disk(4, `${VG}/tgolden`, { domainName: 'delta' });
   const pa = await addOk(a);
   const pb = await addOk(b);
-  const info = await lvInfo(execaRunner(env), { vg: VG, lv: 'xbh-gamma-xvda' });
+  const info = await lvInfo(execRunner(env), { vg: VG, lv: 'xbh-gamma-xvda' });
   assert.ok(info);
   assert.equal(info.kind, 'thin');
   assert.equal(info.pool, 'tpool');
@@ -204,7 +204,7 @@ test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, 
   const a = disk(6, `${VG}/golden 4M`, { domainName: 'eps' });
   const p = await addOk(a);
   const config = loadConfig(env);
-  const run = execaRunner(env);
+  const run = execRunner(env);
   const log = memoryLogger();
   const entry = new Journal(stateDir).load(backendPath(a));
   assert.ok(entry);

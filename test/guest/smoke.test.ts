@@ -8,7 +8,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, fsyncSync, openSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 
 const MiB = 1024 * 1024;
 const CHILD_FLAG = 'XBH_SMOKE_RUNNER_CHILD';
@@ -45,7 +45,7 @@ function pread(path: string, offset: number, length: number): Buffer {
 
 if (process.env[CHILD_FLAG] === '1') {
   // Child mode: run one real command through the production Runner and report it as JSON.
-  const r = await execaRunner().run('dmsetup', ['version']);
+  const r = await execRunner().run('dmsetup', ['version']);
   process.stdout.write(JSON.stringify({ exitCode: r.exitCode, stdout: r.stdout, command: r.command }));
 } else {
   const scratch = process.env.XEN_BLOCKHOOKS_SCRATCH;

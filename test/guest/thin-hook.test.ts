@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
@@ -260,7 +260,7 @@ test('pool full: the writer gets an error, the status parser says out_of_data_sp
   assert.ok(full.state === 'ok' && full.mode === 'out_of_data_space', JSON.stringify(full, (_k, v) => (typeof v === 'bigint' ? String(v) : v)));
 
   const config = loadConfig(env);
-  const run = execaRunner(env);
+  const run = execRunner(env);
   const log = memoryLogger();
   const entry = new Journal(stateDir).load(backendPath(a));
   assert.ok(entry);

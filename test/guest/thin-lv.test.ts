@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { thinBackend } from '../../src/backends/thin.js';
 import { loadConfig } from '../../src/config/config.js';
 import { parseStatus } from '../../src/devices/dmsetup.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { growThinPool } from '../../src/grow/grow.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { census, hookInProcess } from '../lib/fault-lib.js';
@@ -101,7 +101,7 @@ test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool
 
   const beforeSectors = BigInt(sh('blockdev', ['--getsz', DATA]));
   const log = memoryLogger();
-  const grown = await growThinPool('data', undefined, { run: execaRunner(lvEnv), config: loadConfig(lvEnv), log });
+  const grown = await growThinPool('data', undefined, { run: execRunner(lvEnv), config: loadConfig(lvEnv), log });
   const afterSectors = BigInt(sh('blockdev', ['--getsz', DATA]));
   assert.ok(afterSectors > beforeSectors, `lvextend grew the data LV (${beforeSectors} → ${afterSectors} sectors)`);
   assert.equal(grown.target, DATA);

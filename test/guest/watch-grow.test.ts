@@ -12,7 +12,7 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmS
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig, type Config } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { parseSnapshotStatus, parseStatus } from '../../src/devices/dmsetup.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { watchOnce, type WatchReport } from '../../src/grow/index.js';
@@ -154,7 +154,7 @@ test('with watchOnce in a loop, a domain writes 3× its copy-on-write allotment 
   const dev = await addOk(d);
   const config: Config = loadConfig(env);
   assert.equal(config.watch.thresholdPercent, 25);
-  const run = execaRunner(env);
+  const run = execRunner(env);
   const log = memoryLogger();
   const writer = startWriter(dev, WRITE_MIB, 1500);
   let done = false;
@@ -193,7 +193,7 @@ test('without the watcher the store overflows: the writer gets errors, the snaps
   const s = snapStatus('xbh-cow-unwatched-xvda-51712');
   assert.equal(s.state, 'invalid');
   const log = memoryLogger();
-  const report = await watchOnce(loadConfig(env), execaRunner(env), log);
+  const report = await watchOnce(loadConfig(env), execRunner(env), log);
   assert.equal(report.grown.length, 0, 'an Invalid snapshot is not grown');
   const mine = report.problems.filter((p) => p.backendPath === backendPath(d));
   assert.equal(mine.length, 1, JSON.stringify(report.problems));

@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { defaultConfig } from '../../src/config/config.js';
 import { cliMain } from '../../src/cli/main.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
 
@@ -11,7 +11,7 @@ function deps(stateDir: string) {
   const out: string[] = [];
   const err: string[] = [];
   const config = { ...defaultConfig(), stateDir, storeDir: join(stateDir, 'stores'), logFile: '' };
-  return { out, err, d: { out: (s: string) => out.push(s), err: (s: string) => err.push(s), config, run: execaRunner(), logger: memoryLogger() } };
+  return { out, err, d: { out: (s: string) => out.push(s), err: (s: string) => err.push(s), config, run: execRunner(), logger: memoryLogger() } };
 }
 
 t.test('watch --once over an empty journal: nothing to do, exit 0', async (t) => {

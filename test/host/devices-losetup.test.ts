@@ -7,7 +7,7 @@ import t from 'tap';
 import { linkSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { Runner } from '../../src/devices/runner.js';
 import {
   attachArgs, attachLoop, detachArgs, detachLoop, filterBacking, listArgs, listLoops, loopsBacking, parseLoopList, resizeArgs, resizeLoop,
@@ -77,7 +77,7 @@ t.test('dev_t encoding', async (t) => {
   t.equal(decimalDevice({ major: 253, minor: 3 }), '253:3');
 });
 
-const run = execaRunner();
+const run = execRunner();
 const dir = t.testdir();
 const mine = new Set<string>();
 

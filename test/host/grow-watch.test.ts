@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { defaultConfig, type Config } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { decodeDev } from '../../src/devices/sysfs.js';
 import { growStore, watchOnce } from '../../src/grow/index.js';
@@ -27,7 +27,7 @@ function ok(file: string, args: readonly string[], stdout: string): RunResult {
 /** Answers dmsetup status and losetup --list from `answers`; runs flock for real; records everything. */
 function recorder(answers: { status: string; loops: string }): Runner & { calls: string[] } {
   const calls: string[] = [];
-  const real = execaRunner();
+  const real = execRunner();
   const answer = (file: string, args: readonly string[]): RunResult => {
     if (file === 'dmsetup' && args[0] === 'status') return ok(file, args, answers.status);
     if (file === 'losetup' && args[0] === '--list') return ok(file, args, answers.loops);

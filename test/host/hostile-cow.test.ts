@@ -17,7 +17,7 @@ import { sysfs } from '../../src/backends/cow-devices.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
@@ -440,7 +440,7 @@ t.test('block-qcow: backing files outside the image directories or on a device',
     const secret = sha256(join(w.outside, 'secret.raw'));
     const tree = snapshotTree(w.dir);
     const logger = memoryLogger();
-    const code = await runHook(qcowBackend, ['add'], { XENBUS_PATH: be }, { connect: () => connectXenstore({ path: w.sock }), run: execaRunner(), config: w.config, logger, err: () => {}, out: () => {} });
+    const code = await runHook(qcowBackend, ['add'], { XENBUS_PATH: be }, { connect: () => connectXenstore({ path: w.sock }), run: execRunner(), config: w.config, logger, err: () => {}, out: () => {} });
     const f0 = t.counts.fail;
     await checked('block-qcow', `hostile input: ${name}`, 'exit 1, hotplug-status=error, readable hotplug-error, images and backing unchanged, nothing created', async () => {
       t.equal(code, 1, `${name}: exit 1`);

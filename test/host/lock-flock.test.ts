@@ -1,7 +1,7 @@
 import t from 'tap';
 import { closeSync, existsSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import {
   acquireFlock,
@@ -179,7 +179,7 @@ t.test('the lock fd reaches no child started through the Runner unless listed in
   const dir = t.testdir();
   const path = join(dir, 'block');
   const lock = await acquireFlock(path);
-  const run = execaRunner();
+  const run = execRunner();
 
   const ls = await run.run('ls', ['-l', '/proc/self/fd/']);
   t.notMatch(ls.stdout, path, 'a plain child does not have it');

@@ -12,7 +12,7 @@ import {
   isLvNotFound, lvActivateArgs, lvcreateSnapshotArgs, lvDmName, lvextendArgs, lvNameProblem, lvremoveArgs, lvsArgs, parseLvRef, parseLvs, vgNameProblem,
 } from '../../src/devices/lvm.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { lvsnapBackend, parseLvsnapParams, snapshotName } from '../../src/backends/lvsnap.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { defaultConfig } from '../../src/config/config.js';
@@ -118,7 +118,7 @@ t.test('params grammar', async (t) => {
 /** Records every command; only flock (the locks) really runs. */
 function recorder(): Runner & { calls: string[] } {
   const calls: string[] = [];
-  const real = execaRunner();
+  const real = execRunner();
   const res = (file: string, args: readonly string[]): RunResult => ({ command: [file, ...args].join(' '), exitCode: 1, signal: undefined, stdout: '', stderr: 'not expected here', durationMs: 0, failed: true, timedOut: false });
   return {
     calls,

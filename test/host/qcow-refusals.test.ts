@@ -10,7 +10,7 @@ import { mkdirSync, mkdtempSync, readdirSync, existsSync, rmSync, symlinkSync, w
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultConfig, type Config } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
@@ -85,7 +85,7 @@ t.test('bad inputs: hotplug-error, exit 1, nothing left behind', async (t) => {
     const be = await writeBackendNodes(xs, d);
     const log = memoryLogger();
     const code = await runHook(qcowBackend, ['add'], { XENBUS_PATH: be }, {
-      config, logger: log, run: execaRunner(), connect: () => connectXenstore({ path: server.socketPath }), err: () => {}, out: () => {},
+      config, logger: log, run: execRunner(), connect: () => connectXenstore({ path: server.socketPath }), err: () => {}, out: () => {},
     });
     const label = c.name ?? c.params;
     t.equal(code, 1, `${label}: exit 1`);

@@ -11,7 +11,7 @@ import { mkdirSync, mkdtempSync, readdirSync, existsSync, rmSync, writeFileSync 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultConfig, type Config } from '../../src/config/config.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { RunResult, Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
@@ -128,7 +128,7 @@ class Sim {
   }
 
   runner(): Runner {
-    const real = execaRunner();
+    const real = execRunner();
     const exec = async (file: string, args: readonly string[]): Promise<RunResult> => {
       const r = this.handle([...args]);
       return { command: `${file} ${args.join(' ')}`, exitCode: r.exitCode ?? 0, signal: undefined, stdout: r.stdout ?? '', stderr: r.stderr ?? '', durationMs: 1, failed: r.failed ?? false, timedOut: false };

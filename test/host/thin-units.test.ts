@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
-import { execaRunner } from '../../src/devices/exec.js';
+import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { blockSectors, createThinArgs, deleteThinArgs, freeThinId, isExists, isNoData, poolSectors, poolTable, poolUsage } from '../../src/devices/thin.js';
 import { parseThinParams, planThin, poolFiles, readVolumes, thinBackend, thinDmName, volumeKey, writeVolumes } from '../../src/backends/thin.js';
@@ -127,7 +127,7 @@ t.test('growth arithmetic and journal lookups', async (t) => {
 /** Records every command; only flock (the locks) really runs. */
 function recorder(): Runner & { calls: string[] } {
   const calls: string[] = [];
-  const real = execaRunner();
+  const real = execRunner();
   const res = (file: string, args: readonly string[]): RunResult => ({ command: [file, ...args].join(' '), exitCode: 1, signal: undefined, stdout: '', stderr: 'not expected here', durationMs: 0, failed: true, timedOut: false });
   return {
     calls,
