@@ -96,7 +96,7 @@ function faultPoint(): void {
 /** Run one command to its end; never throws, never rejects. */
 export function spawnCommand(file: string, args: readonly string[], opts: RunOptions & { env: Record<string, string> }): Promise<RunResult> {
   const command = commandLine(file, args);
-  const started = performance.now();
+  const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const extra = opts.extraFds ?? [];
   const detached = opts.detached ?? false;
@@ -132,7 +132,7 @@ export function spawnCommand(file: string, args: readonly string[], opts: RunOpt
         signal: signal ?? undefined,
         stdout: Buffer.concat(out).toString('utf8'),
         stderr,
-        durationMs: performance.now() - started,
+        durationMs: Number(process.hrtime.bigint() - started) / 1e6,
         failed,
         timedOut,
       });

@@ -92,7 +92,7 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
     return 1;
   }
   const log = deps.logger ?? createLogger({ tag: backend.script, file: config.logFile, verbose: req.verbose });
-  const started = performance.now();
+  const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const ctx: Env = { req, backend, config, run: deps.run ?? execRunner(env), log, journal: new Journal(config.stateDir), env };
   let xs: XenstoreClient | undefined;
   try {
@@ -113,7 +113,7 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
       }
     }
     const code = req.action === 'add' ? await add(ctx, xs as XenstoreClient) : await remove(ctx, xs);
-    log.info(`${req.action} ${req.xenbusPath}: ${code === 0 ? 'done' : 'failed'}`, { ms: Math.round(performance.now() - started), dialect: req.dialect });
+    log.info(`${req.action} ${req.xenbusPath}: ${code === 0 ? 'done' : 'failed'}`, { ms: Math.round(Number(process.hrtime.bigint() - started) / 1e6), dialect: req.dialect });
     return code;
   } finally {
     await xs?.close().catch(() => {});

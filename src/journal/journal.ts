@@ -9,7 +9,7 @@
  * only intended, so the same record serves a clean remove, a remove after a SIGKILLed add, and
  * `xen-blockhooks gc` after xenstore forgot the device.
  */
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { DiskSpec } from '../hotplug/disk.js';
 
@@ -80,7 +80,12 @@ export class Journal {
   }
 
   delete(backendPath: string): void {
-    rmSync(this.file(backendPath), { force: true });
+    // unlink, not rmSync: Node's rm loads its rimraf module on first use, for one file.
+    try {
+      unlinkSync(this.file(backendPath));
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
   }
 
   /** Every record, oldest first; unreadable files are reported, not skipped silently. */

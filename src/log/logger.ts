@@ -9,7 +9,14 @@
  * has flushed (entry points await it before returning their exit code; nothing calls
  * process.exit()). Rotation is logrotate's job: several hook processes append to one file.
  */
+import { WriteStream } from 'node:fs';
 import winston from 'winston';
+
+// winston loads its transports on first access, and Node its file streams: take them now, while
+// the module loads, so that a hook's startup snapshot holds them ready (the file transport's
+// zlib and write stream included) instead of compiling them on every run.
+const { File: FileTransport, Console: ConsoleTransport } = winston.transports;
+if (typeof WriteStream !== 'function') throw new Error('node:fs has no WriteStream');
 
 export type Fields = Record<string, string | number | boolean | undefined>;
 
@@ -55,7 +62,7 @@ export function createLogger(opts: LoggerOptions): Logger {
   const transports: winston.transport[] = [];
   let file: winston.transports.FileTransportInstance | undefined;
   if (opts.file) {
-    file = new winston.transports.File({ filename: opts.file, format: line, options: { flags: 'a', mode: 0o640 } });
+    file = new FileTransport({ filename: opts.file, format: line, options: { flags: 'a', mode: 0o640 } });
     // A log we cannot write must never fail the hook: the device matters more than the line.
     file.on('error', () => {});
     transports.push(file);
@@ -63,7 +70,7 @@ export function createLogger(opts: LoggerOptions): Logger {
   if (opts.stderr !== false) {
     const levels = ['error', 'warn', 'info', 'debug'];
     transports.push(
-      new winston.transports.Console({
+      new ConsoleTransport({
         level: opts.verbose ? 'debug' : 'warn',
         stderrLevels: levels,
         format: winston.format.printf((info) => `${opts.tag}: ${String(info.message)}`),
