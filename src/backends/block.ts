@@ -137,7 +137,8 @@ function writable(path: string, mode: bigint): boolean {
 
 async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   const where = ctx.request.xenbusPath;
-  const state = await ctx.xs.tryRead(`${where}/state`);
+  // Under the runtime's lock the state it read a moment ago, under that same lock, still holds.
+  const state = ctx.xenBlockLockHeld && ctx.disk.state !== undefined ? String(ctx.disk.state) : await ctx.xs.tryRead(`${where}/state`);
   if (state !== '2') {
     throw new HotplugError(`Path closed or removed during hotplug add: ${where} state: ${state ?? 'unknown'}; nothing was attached.`);
   }

@@ -178,12 +178,16 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
   };
   try {
     lock = await lockPath(e);
+    // Both asked at once (one round trip to xenstored); the spec matters only when there is no
+    // device yet, and so does any complaint about it.
+    const reading = readDisk(xs, e.req.xenbusPath);
+    reading.catch(() => {});
     const existing = await xs.tryRead(`${e.req.xenbusPath}/physical-device`);
     if (existing !== undefined) {
       e.log.info(`add ${e.req.xenbusPath}: physical-device ${existing} already written; nothing to do`);
       return 0;
     }
-    const disk = await readDisk(xs, e.req.xenbusPath);
+    const disk = await reading;
     if (disk.state !== undefined && disk.state >= 5) {
       throw new HotplugError(`${e.req.xenbusPath} is closing (backend state ${disk.state}): the device was removed while it was being added; nothing was built.`);
     }

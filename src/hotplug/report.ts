@@ -18,12 +18,16 @@ export function physicalDevice(major: number, minor: number): string {
 }
 
 export async function reportSuccess(xs: XenstoreClient, path: string, dev: BuiltDevice): Promise<void> {
+  // Sent at once, answered in order: the daemon applies them in that order, and all become
+  // visible together at the commit.
   await xs.transaction(async (tx: XsOps) => {
-    await tx.write(`${path}/physical-device-path`, dev.path);
-    await tx.write(`${path}/node`, dev.node ?? dev.path);
-    await tx.write(`${path}/physical-device`, physicalDevice(dev.major, dev.minor));
-    await tx.write(`${path}/hotplug-status`, 'connected');
-    await tx.rm(`${path}/hotplug-error`);
+    await Promise.all([
+      tx.write(`${path}/physical-device-path`, dev.path),
+      tx.write(`${path}/node`, dev.node ?? dev.path),
+      tx.write(`${path}/physical-device`, physicalDevice(dev.major, dev.minor)),
+      tx.write(`${path}/hotplug-status`, 'connected'),
+      tx.rm(`${path}/hotplug-error`),
+    ]);
   });
 }
 
@@ -44,7 +48,6 @@ export function fitError(message: string): string {
 
 export async function reportFailure(xs: XenstoreClient, path: string, message: string, status: FailureStatus): Promise<void> {
   await xs.transaction(async (tx: XsOps) => {
-    await tx.write(`${path}/hotplug-error`, fitError(message));
-    await tx.write(`${path}/hotplug-status`, status);
+    await Promise.all([tx.write(`${path}/hotplug-error`, fitError(message)), tx.write(`${path}/hotplug-status`, status)]);
   });
 }
