@@ -80,22 +80,41 @@ BASE=/var/lib/xen/images/xbh-bench-base.img
 dd if=/dev/zero of=$BASE bs=1M count=16 status=none
 cowone() { if [ -x $COW ]; then one cow $COW 2 "$BASE 16"; fi; }
 
+# Ours once more under another Node (XBH_BENCH_DOM0_ALT_NODE: the host's NodeSource build), installed
+# by the same installer under /opt/xbh-alt: variants oursalt (its block) and nodealt (its node -e 0).
+ALTNODE=${XBH_BENCH_DOM0_ALT_NODE:-}
+ALT=/opt/xbh-alt/scripts/block
+if [ -n "$ALTNODE" ] && [ -x "$ALTNODE" ]; then
+	if NODE=$ALTNODE PREFIX=/opt/xbh-alt SYSCONFDIR=/opt/xbh-alt/etc XEN_SCRIPT_DIR=/opt/xbh-alt/scripts DESTDIR= \
+		"$XBH_INSTALL" --replace-block >$XBH_SCRATCH/install-alt.log 2>&1 &&
+		v=$($ALT --version 2>&1) && printf '%s' "$v" | grep -q '(startup snapshot)'; then
+		note "also installed under /opt/xbh-alt with node $($ALTNODE --version) ($ALTNODE): $v"
+	else
+		not_ok "ours installed under /opt/xbh-alt with $ALTNODE, started from its snapshot" "$v" "$(tail -5 $XBH_SCRATCH/install-alt.log)"
+		ALTNODE=
+	fi
+else
+	ALTNODE=
+fi
+altone() { if [ -n "$ALTNODE" ]; then one oursalt $ALT 1; timed nodealt start "$ALTNODE" -e 0; fi; }
+
 # One warm-up round, not recorded.
 one stock $STOCK 1 >/dev/null
 one ours $OURS 1 >/dev/null
 cowone >/dev/null
+altone >/dev/null
 node -e 0
 r=0
 while [ $r -lt "$ROUNDS" ]; do
 	case $((r % 4)) in
-	0) one stock $STOCK 1; one ours $OURS 1; cowone; timed node start node -e 0 ;;
-	1) one ours $OURS 1; cowone; timed node start node -e 0; one stock $STOCK 1 ;;
-	2) cowone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
-	3) timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1; cowone ;;
+	0) one stock $STOCK 1; one ours $OURS 1; cowone; altone; timed node start node -e 0 ;;
+	1) one ours $OURS 1; cowone; altone; timed node start node -e 0; one stock $STOCK 1 ;;
+	2) cowone; altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
+	3) altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1; cowone ;;
 	esac
 	r=$((r + 1))
 done
-ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow) add+remove, and node -e 0"
+ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow${ALTNODE:+, block under the other node}) add+remove, and node -e 0"
 
 # conc VARIANT SCRIPT [LOCK_TIMEOUT_MS]: CONC adds at once (domids 11.., one file each), then CONC
 # removes at once; with LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms).

@@ -2,6 +2,10 @@
 // under QEMU TCG, Debian 12's node 18) with scripts/bench/dom0-block.sh as its one scenario, which
 // installs the hooks with the project's installer (--replace-block keeps the stock script as
 // block.stock) and times stock and ours side by side in that one dom0. Returns the samples.
+// Ours also runs a second time under this machine's own Node (NodeSource's build of Node 20, one
+// binary with Node's built-in snapshot), installed beside the first with the same installer: the
+// dom0's /usr/bin/node is Debian's, so the bench copies this one where dom0 can read it.
+import { chmodSync, copyFileSync, existsSync, mkdirSync, renameSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
@@ -29,11 +33,24 @@ export function parseDom0(stdout) {
   return out;
 }
 
+/** This machine's node binary, copied under .cache/bench (the project is visible in dom0). */
+function hostNodeCopy() {
+  const dir = join(HERE, '..', '..', '.cache', 'bench');
+  const file = join(dir, `node-${process.version}-${process.arch}`);
+  if (!existsSync(file) || statSync(file).size !== statSync(process.execPath).size) {
+    mkdirSync(dir, { recursive: true });
+    copyFileSync(process.execPath, `${file}.tmp`);
+    chmodSync(`${file}.tmp`, 0o755);
+    renameSync(`${file}.tmp`, file);
+  }
+  return file;
+}
+
 export async function dom0Bench({ rounds = 10, concurrency = Number(process.env.XBH_BENCH_DOM0_CONCURRENCY ?? 10), log = () => {}, onConsole } = {}) {
   const { runXenTier } = await import(pathToFileURL(join(HERE, '..', 'xen', 'run.mjs')).href);
   const run = await runXenTier({
     scenarios: [join(HERE, 'dom0-block.sh')], scenarioTimeoutS: 1500, timeoutMs: 2_400_000, log, onConsole,
-    env: { XBH_BENCH_DOM0_ROUNDS: String(rounds), XBH_BENCH_DOM0_CONCURRENCY: String(concurrency) },
+    env: { XBH_BENCH_DOM0_ROUNDS: String(rounds), XBH_BENCH_DOM0_CONCURRENCY: String(concurrency), XBH_BENCH_DOM0_ALT_NODE: hostNodeCopy() },
   });
   const r = run.results[0];
   const parsed = parseDom0(r?.stdout ?? '');
@@ -41,7 +58,7 @@ export async function dom0Bench({ rounds = 10, concurrency = Number(process.env.
     ...parsed,
     rounds, concurrency,
     ok: run.ok, bootMs: run.readyMs, totalMs: run.totalMs, hostLoad: run.hostLoad,
-    kernel: run.tier.kernelVersion, nodeVersion: run.tier.nodeVersion,
+    kernel: run.tier.kernelVersion, nodeVersion: run.tier.nodeVersion, altNodeVersion: process.version,
     error: run.ok ? undefined : `${run.setupError ?? ''} exit ${r?.exitCode} ${r?.timedOut ? '(timed out) ' : ''}${(r?.stderr ?? '').split('\n').slice(-8).join('\n')} ${parsed.failures.join('\n')} ${r?.leftovers ?? ''}`.trim(),
   };
 }

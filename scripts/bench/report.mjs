@@ -157,12 +157,14 @@ function space(s) {
 
 function dom0(d) {
   const out = [`### Hook latency and concurrency in a real Xen dom0 (stock \`block\` vs ours, file: disk)`, ''];
-  out.push(`Debian's Xen 4.17 under QEMU TCG, PV dom0 with 1 vCPU, kernel ${d.kernel}, Debian 12's node ${d.nodeVersion}. Hooks installed by the project's installer (--replace-block; the stock script kept as block.stock) and run directly as libxl runs them, against the real xenstored. dom0 ready after ${sec(d.bootMs)}, ${sec(d.totalMs)} in all; host load average ${d.loadStart} at start, ${d.loadEnd} at end.`, '');
+  out.push(`Debian's Xen 4.17 under QEMU TCG, PV dom0 with 1 vCPU, kernel ${d.kernel}, Debian 12's node ${d.nodeVersion}${d.altNodeVersion ? ` (and, for the rows marked so, this machine's node ${d.altNodeVersion}, NodeSource's build, copied into reach of dom0 and installed the same way under /opt/xbh-alt)` : ''}. Hooks installed by the project's installer (--replace-block; the stock script kept as block.stock) and run directly as libxl runs them, against the real xenstored. dom0 ready after ${sec(d.bootMs)}, ${sec(d.totalMs)} in all; host load average ${d.loadStart} at start, ${d.loadEnd} at end.`, '');
   if (d.error) out.push('**The run reported failures:**', '', '```', d.error, '```', '');
   const s = d.samples ?? {};
   const get = (k) => s[k] ?? { wall: [], cpu: [] };
   out.push(head(['run (n each)', 'wall p50', 'wall p95', 'CPU p50']));
-  for (const [k, label] of [['node start', 'bare `node -e 0`'], ['ours add', 'ours `block add`'], ['stock add', 'stock `block add`'], ['cow add', '`block-cow add`'], ['ours remove', 'ours `block remove`'], ['stock remove', 'stock `block remove`'], ['cow remove', '`block-cow remove`']]) {
+  const alt = `node ${d.altNodeVersion ?? '(other)'}`;
+  for (const [k, label] of [['node start', 'bare `node -e 0`'], ['ours add', 'ours `block add`'], ['stock add', 'stock `block add`'], ['cow add', '`block-cow add`'], ['ours remove', 'ours `block remove`'], ['stock remove', 'stock `block remove`'], ['cow remove', '`block-cow remove`'],
+    ['nodealt start', `bare \`node -e 0\`, ${alt}`], ['oursalt add', `ours \`block add\`, ${alt}`], ['oursalt remove', `ours \`block remove\`, ${alt}`]]) {
     if (!s[k]) continue;
     const v = get(k);
     out.push(row([`${label} (${v.wall.length})`, ms(p50(v.wall)), ms(p95(v.wall)), ms(p50(v.cpu))]));
@@ -175,6 +177,10 @@ function dom0(d) {
   out.push(row(['ours remove / stock remove (p50)', ratio(p50(get('ours remove').wall), p50(get('stock remove').wall)), '–']));
   out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(oa.map((a, i) => a - n[i]))), '–']));
   out.push(row(['CPU: ours add / stock add (p50)', ratio(p50(get('ours add').cpu), p50(get('stock add').cpu)), '–']));
+  if (s['oursalt add']) {
+    out.push(row([`ours add, ${alt} / stock add (p50)`, ratio(p50(get('oursalt add').wall), p50(sa)), '–']));
+    out.push(row([`\`node -e 0\`, ${alt} / stock add (p50)`, ratio(p50(get('nodealt start').wall), p50(sa)), '–']));
+  }
   if (d.concurrent?.length) {
     out.push('', head([`${d.concurrency} at once`, 'wall', 'failures']));
     for (const c of d.concurrent) out.push(row([`${c.variant} ${c.op}`, ms(c.wallMs), String(c.failures)]));
