@@ -10,19 +10,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { commandLine, execRunner, KILL_GRACE_MS, quoteArg } from '../../src/devices/exec.js';
 import { CommandError } from '../../src/devices/runner.js';
+import { processAlive } from '../../src/journal/journal.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'xbh-exec-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
 const run = execRunner({ PATH: '/nowhere', HOME: '/root', SECRET: 'x', DM_DISABLE_UDEV: '1' });
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 t.test('output, exit status and duration of a command that succeeds', async (t) => {
   const r = await run.run('sh', ['-c', 'printf "out\\n"; printf "err\\n" >&2', 'x']);
@@ -76,7 +68,7 @@ t.test('timeouts: SIGTERM, then SIGKILL for a command that ignores it', async (t
   t.equal(b.timedOut, true);
   t.equal(b.signal, 'SIGKILL', 'the shell that ignored SIGTERM was killed');
   t.ok(b.durationMs >= 300 + KILL_GRACE_MS - 50 && b.durationMs < 300 + KILL_GRACE_MS + 4_000, `ended after ${Math.round(b.durationMs)} ms`);
-  t.notOk(pidAlive(Number(readFileSync(pidFile, 'utf8'))), 'and is gone');
+  t.notOk(processAlive(Number(readFileSync(pidFile, 'utf8'))), 'and is gone');
   t.match(b.stderr, '', 'stderr is a string');
   const e = await run.run('sleep', ['30'], { timeoutMs: 100 }).catch((x: unknown) => x);
   t.match((e as Error).message, /^sleep 30 timed out after \d+ ms$/);
@@ -121,7 +113,7 @@ t.test('detached: the command is awaited, the daemon it leaves is not', async (t
   t.equal(r.failed, false);
   t.ok(Date.now() - started < 10_000, 'returned without waiting for the daemon');
   const pid = Number(readFileSync(pidFile, 'utf8'));
-  t.ok(pidAlive(pid), 'the daemon runs on');
+  t.ok(processAlive(pid), 'the daemon runs on');
   process.kill(pid, 'SIGKILL');
 });
 

@@ -13,6 +13,7 @@ import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { processAlive } from '../../src/journal/journal.js';
 import { projectRoot } from './project-root.js';
 
 export interface MiniCeph {
@@ -52,14 +53,6 @@ function pidOf(file: string): number | undefined {
   }
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /**
  * Start the cluster in `dir` (created). `osdBlock`: a block device for bluestore (the guest passes
@@ -86,7 +79,7 @@ export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loop
   const conf = join(dir, 'ceph.conf');
   writeFileSync(conf, confText(dir, fsid, block));
   const stop = async (): Promise<void> => {
-    const pids = ['osd.0', 'mon.a'].map((n) => pidOf(join(dir, 'run', `${n}.pid`))).filter((p): p is number => p !== undefined && alive(p));
+    const pids = ['osd.0', 'mon.a'].map((n) => pidOf(join(dir, 'run', `${n}.pid`))).filter((p): p is number => p !== undefined && processAlive(p));
     for (const p of pids) {
       try {
         process.kill(p, 'SIGTERM');
@@ -95,9 +88,9 @@ export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loop
       }
     }
     const until = Date.now() + 30_000;
-    while (pids.some(alive) && Date.now() < until) await new Promise((r) => setTimeout(r, 200));
-    for (const p of pids.filter(alive)) process.kill(p, 'SIGKILL');
-    while (pids.some(alive)) await new Promise((r) => setTimeout(r, 100));
+    while (pids.some(processAlive) && Date.now() < until) await new Promise((r) => setTimeout(r, 200));
+    for (const p of pids.filter(processAlive)) process.kill(p, 'SIGKILL');
+    while (pids.some(processAlive)) await new Promise((r) => setTimeout(r, 100));
     if (loop) {
       try {
         sh('losetup', ['-d', loop], env);
