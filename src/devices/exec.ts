@@ -94,7 +94,7 @@ function faultPoint(): void {
 }
 
 /** Run one command to its end; never throws, never rejects. */
-export function spawnCommand(file: string, args: readonly string[], opts: RunOptions & { env: Record<string, string> }): Promise<RunResult> {
+function spawnCommand(file: string, args: readonly string[], opts: RunOptions & { env: Record<string, string> }): Promise<RunResult> {
   const command = commandLine(file, args);
   const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;

@@ -8,7 +8,7 @@ import t from 'tap';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { commandLine, execRunner, KILL_GRACE_MS, quoteArg } from '../../src/devices/exec.js';
+import { commandLine, execRunner, KILL_GRACE_MS, MAX_OUTPUT_BYTES, quoteArg } from '../../src/devices/exec.js';
 import { CommandError } from '../../src/devices/runner.js';
 import { processAlive } from '../../src/journal/journal.js';
 
@@ -122,9 +122,14 @@ t.test('a waited-for command is awaited until its output is complete', async (t)
   t.equal(r.stdout, 'early\nlate\n', 'a background writer on the same pipe is waited for');
 });
 
-t.test('large output is kept whole', async (t) => {
+t.test('large output is kept whole; output beyond the bound stops the command and fails it', async (t) => {
   const r = await run.run('head', ['-c', String(4 << 20), '/dev/zero']);
   t.equal(r.stdout.length, 4 << 20);
+  const big = await run.probe('cat', ['/dev/zero']);
+  t.equal(big.failed, true, 'endless output fails');
+  t.equal(big.timedOut, false);
+  t.match(big.stderr, `printed more than ${MAX_OUTPUT_BYTES} bytes`);
+  t.ok(big.stdout.length <= MAX_OUTPUT_BYTES, 'and is not kept beyond the bound');
 });
 
 t.test('the command line in messages is quoted as a shell would need it', async (t) => {
