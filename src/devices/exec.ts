@@ -4,12 +4,11 @@
  * out gives a RunResult with `failed: true`; `run` turns that into a CommandError.
  *
  * Why spawn and not execa: a hook runs two or three short commands and exits, so the first
- * call's cost is most of the cost. Measured on this machine's Node 20 (three `true` runs in a
- * fresh process): execa 9 took 11.5, 3.5 and 3.1 ms, spawn 5.3, 1.7 and 1.6 ms; in the Xen
- * tier's PV dom0 under Debian's Node 18, a CPU profile of one `block add` put 1.4 s of its 4.3 s
- * in execa's stream, signal and abort machinery around three children. What we used of execa is
- * here in ~150 lines: argument arrays, no PATH or environment from the caller, a timeout that
- * sends SIGTERM and then SIGKILL, output as text, the command line quoted for messages.
+ * call's cost is most of the cost, and execa's was two to three times spawn's; in the Xen tier's
+ * dom0 its stream, signal and abort machinery took a third of a `block add` (BENCHMARKS.md,
+ * section 1, change 6, and section 6). What we used of execa is here: argument arrays, no PATH or
+ * environment from the caller, a timeout that sends SIGTERM and then SIGKILL, output as text,
+ * the command line quoted for messages.
  *
  * Children we wait for are killed if this process exits while they still run (a thrown error
  * mid-command); `detached` ones (daemons that fork, such as qemu-nbd) are left alone, and only
@@ -104,6 +103,17 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
     ? ['ignore', 'ignore', 'ignore', ...extra]
     : [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe', ...extra];
 
+  const result = (r: Omit<RunResult, 'command' | 'durationMs'>): RunResult => ({ command, durationMs: Number(process.hrtime.bigint() - started) / 1e6, ...r });
+
+  let child: ChildProcess;
+  try {
+    child = spawn(file, args, { env: opts.env, stdio, detached, windowsHide: true });
+  } catch (e) {
+    // Synchronous failures (a NUL in an argument, a bad fd): the command never started.
+    return Promise.resolve(result({ exitCode: undefined, signal: undefined, stdout: '', stderr: (e as Error).message, failed: true, timedOut: false }));
+  }
+  if (!detached) track(child);
+
   return new Promise<RunResult>((resolveResult) => {
     const out: Buffer[] = [];
     const err: Buffer[] = [];
@@ -113,7 +123,16 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
     let spawnError: Error | undefined;
     let done = false;
     let killTimer: NodeJS.Timeout | undefined;
-    let child: ChildProcess;
+
+    const stop = (): void => {
+      child.kill('SIGTERM');
+      killTimer = setTimeout(() => child.kill('SIGKILL'), KILL_GRACE_MS);
+      killTimer.unref();
+    };
+    const timer = setTimeout(() => {
+      timedOut = true;
+      stop();
+    }, timeoutMs);
 
     const finish = (code: number | null, signal: NodeJS.Signals | null): void => {
       if (done) return;
@@ -125,40 +144,18 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
       if (spawnError) stderr = stderr === '' ? spawnError.message : `${stderr}\n${spawnError.message}`;
       if (tooMuch) stderr = `${stderr}\n${command} printed more than ${MAX_OUTPUT_BYTES} bytes`.trimStart();
       const exitCode = spawnError || code === null ? undefined : code;
-      const failed = timedOut || tooMuch || spawnError !== undefined || signal !== null || exitCode !== 0;
-      resolveResult({
-        command,
-        exitCode,
-        signal: signal ?? undefined,
-        stdout: Buffer.concat(out).toString('utf8'),
-        stderr,
-        durationMs: Number(process.hrtime.bigint() - started) / 1e6,
-        failed,
-        timedOut,
-      });
+      resolveResult(
+        result({
+          exitCode,
+          signal: signal ?? undefined,
+          stdout: Buffer.concat(out).toString('utf8'),
+          stderr,
+          failed: timedOut || tooMuch || spawnError !== undefined || signal !== null || exitCode !== 0,
+          timedOut,
+        }),
+      );
     };
 
-    const stop = (): void => {
-      child.kill('SIGTERM');
-      killTimer = setTimeout(() => child.kill('SIGKILL'), KILL_GRACE_MS);
-      killTimer.unref();
-    };
-
-    const timer = setTimeout(() => {
-      timedOut = true;
-      stop();
-    }, timeoutMs);
-
-    try {
-      child = spawn(file, args, { env: opts.env, stdio, detached, windowsHide: true });
-    } catch (e) {
-      // Synchronous failures (a NUL in an argument, a bad fd): the command never started.
-      spawnError = e as Error;
-      child = undefined as unknown as ChildProcess;
-      finish(null, null);
-      return;
-    }
-    if (!detached) track(child);
     const collect = (into: Buffer[]) => (chunk: Buffer) => {
       bytes += chunk.length;
       if (bytes > MAX_OUTPUT_BYTES) {

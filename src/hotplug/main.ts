@@ -127,10 +127,9 @@ function pathLock(config: Config, xenbusPath: string): string {
 
 /** The lock held around the whole add or remove (Backend.lockScope). */
 async function lockPath(e: Env): Promise<HeldLock> {
-  const opts = { timeoutMs: e.config.lockTimeoutMs, runner: e.run };
   if (e.backend.lockScope === 'xen-block') return takeXenBlockLock(e.req.xenbusPath, e.config, e.run);
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
-  return acquireFlock(pathLock(e.config, e.req.xenbusPath), opts);
+  return acquireFlock(pathLock(e.config, e.req.xenbusPath), { timeoutMs: e.config.lockTimeoutMs, runner: e.run });
 }
 
 async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number> {

@@ -14,7 +14,8 @@ import winston from 'winston';
 
 // winston loads its transports on first access, and Node its file streams: take them now, while
 // the module loads, so that a hook's startup snapshot holds them ready (the file transport's
-// zlib and write stream included) instead of compiling them on every run.
+// zlib and write stream included) instead of compiling them on every run. The WriteStream line
+// is that access; written as a bare `void WriteStream`, esbuild drops it as unused.
 const { File: FileTransport, Console: ConsoleTransport } = winston.transports;
 if (typeof WriteStream !== 'function') throw new Error('node:fs has no WriteStream');
 

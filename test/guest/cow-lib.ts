@@ -18,7 +18,6 @@ import { projectRoot } from '../lib/project-root.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
 
 export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
-export { projectRoot };
 
 export const MiB = 1024 * 1024;
 /** The bundle `npm run build` makes; XBH_COW_HOOK may name a private copy of it (a copy no concurrent build rewrites). */

@@ -19,11 +19,12 @@ import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { census, hookInProcess, reportRow } from '../lib/fault-lib.js';
+import { projectRoot } from '../lib/project-root.js';
 import { stockPrerequisites } from '../lib/stock-scripts.js';
 import { cowBackend } from '../../src/backends/cow.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  HOOK, backendPath, base, projectRoot, baseSum, closeBackend, destroyNodes, disk, env, images, loopsOnBase, sha256File, sh, stateDir, storeDir,
+  HOOK, backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, images, loopsOnBase, sha256File, sh, stateDir, storeDir,
   writeBackendNodes, xs,
 } from './cow-lib.js';
 
