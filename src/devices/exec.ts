@@ -10,9 +10,10 @@
  * environment from the caller, a timeout that sends SIGTERM and then SIGKILL, output as text,
  * the command line quoted for messages.
  *
- * Children we wait for are killed if this process exits while they still run (a thrown error
- * mid-command); `detached` ones (daemons that fork, such as qemu-nbd) are left alone, and only
- * the command itself is awaited, not the streams its descendants inherit.
+ * A command ends when its output streams close, so everything it printed is in; if something it
+ * left running still holds them (a daemon that did not close its stdio), it ends OUTPUT_GRACE_MS
+ * after the command itself exited, with the output so far, instead of waiting on the daemon.
+ * Commands still running when this process exits (a thrown error mid-command) are killed.
  *
  * Test-only fault point: when XEN_BLOCKHOOKS_FAULT_KILL_AFTER=N is set, the process SIGKILLs
  * itself right after its N-th external command has finished, the way libxl's timeout kills a
@@ -29,6 +30,9 @@ const PASSED_ENV = ['DM_DISABLE_UDEV', 'LVM_SYSTEM_DIR', 'XENSTORED_PATH'];
 
 /** After a timeout's SIGTERM, SIGKILL follows this much later. */
 export const KILL_GRACE_MS = 1000;
+
+/** A command's output is waited for this long after it exited, then its streams are closed. */
+export const OUTPUT_GRACE_MS = 1000;
 
 /** More output than this from one command is an error (device tools print a few kilobytes). */
 export const MAX_OUTPUT_BYTES = 64 * 1024 * 1024;
@@ -97,22 +101,18 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
   const command = commandLine(file, args);
   const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  const extra = opts.extraFds ?? [];
-  const detached = opts.detached ?? false;
-  const stdio: StdioOptions = detached
-    ? ['ignore', 'ignore', 'ignore', ...extra]
-    : [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe', ...extra];
+  const stdio: StdioOptions = [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe', ...(opts.extraFds ?? [])];
 
   const result = (r: Omit<RunResult, 'command' | 'durationMs'>): RunResult => ({ command, durationMs: Number(process.hrtime.bigint() - started) / 1e6, ...r });
 
   let child: ChildProcess;
   try {
-    child = spawn(file, args, { env: opts.env, stdio, detached, windowsHide: true });
+    child = spawn(file, args, { env: opts.env, stdio, windowsHide: true });
   } catch (e) {
     // Synchronous failures (a NUL in an argument, a bad fd): the command never started.
     return Promise.resolve(result({ exitCode: undefined, signal: undefined, stdout: '', stderr: (e as Error).message, failed: true, timedOut: false }));
   }
-  if (!detached) track(child);
+  track(child);
 
   return new Promise<RunResult>((resolveResult) => {
     const out: Buffer[] = [];
@@ -123,6 +123,7 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
     let spawnError: Error | undefined;
     let done = false;
     let killTimer: NodeJS.Timeout | undefined;
+    let drainTimer: NodeJS.Timeout | undefined;
 
     const stop = (): void => {
       child.kill('SIGTERM');
@@ -139,6 +140,7 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
       done = true;
       clearTimeout(timer);
       clearTimeout(killTimer);
+      clearTimeout(drainTimer);
       running.delete(child);
       let stderr = Buffer.concat(err).toString('utf8');
       if (spawnError) stderr = stderr === '' ? spawnError.message : `${stderr}\n${spawnError.message}`;
@@ -174,9 +176,14 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
       // A child that never started emits no 'close' when it has no streams.
       if (child.pid === undefined) finish(null, null);
     });
-    // Waited-for commands end when their output streams close (everything they printed is in);
-    // detached ones when the command itself exits (its daemon may keep nothing of ours open).
-    child.on(detached ? 'exit' : 'close', (code, signal) => finish(code, signal));
+    child.on('close', (code, signal) => finish(code, signal));
+    child.on('exit', (code, signal) => {
+      drainTimer = setTimeout(() => {
+        child.stdout?.destroy();
+        child.stderr?.destroy();
+        finish(code, signal);
+      }, OUTPUT_GRACE_MS);
+    });
     if (child.stdin) {
       child.stdin.on('error', () => {}); // the command may exit without reading all of it
       child.stdin.end(opts.input);

@@ -12,8 +12,6 @@ export interface RunOptions {
   extraFds?: number[];
   /** Text fed to stdin. */
   input?: string;
-  /** Start the command in its own session and do not wait for its children (daemons). */
-  detached?: boolean;
 }
 
 export interface RunResult {

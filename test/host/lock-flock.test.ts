@@ -204,8 +204,8 @@ t.test('the lock fd reaches no child started through the Runner unless listed in
   };
   const links = (pid: number) => readdirSync(`/proc/${pid}/fd`).map((f) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return ''; } });
 
-  await run.run('sh', ['-c', 'sleep 60.123 </dev/null >/dev/null 2>&1 &'], { detached: true });
-  await run.run('sh', ['-c', 'sleep 60.456 </dev/null >/dev/null 2>&1 &'], { detached: true, extraFds: [ctl] });
+  await run.run('sh', ['-c', 'sleep 60.123 </dev/null >/dev/null 2>&1 &']);
+  await run.run('sh', ['-c', 'sleep 60.456 </dev/null >/dev/null 2>&1 &'], { extraFds: [ctl] });
   const plain = await pidOf('60.123');
   const withExtra = await pidOf('60.456');
   try {
