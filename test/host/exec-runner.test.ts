@@ -1,10 +1,11 @@
 /**
  * The production Runner (src/devices/exec.ts) against real processes: output, failures as
  * values, a command that cannot start, timeouts (SIGTERM, then SIGKILL for one that ignores it),
- * stdin, an fd handed on as fd 3, a daemon left holding the output, the clean environment and
- * the quoting of the command line in messages.
+ * stdin, an fd handed on as fd 3, a daemon left holding the output, output read late because
+ * this process was busy, the clean environment and the quoting of the command line in messages.
  */
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -125,6 +126,33 @@ t.test('a daemon left holding the output pipes: the command ends a moment after 
 t.test('a waited-for command is awaited until its output is complete', async (t) => {
   const r = await run.run('sh', ['-c', '(sleep 0.3; echo late) & echo early']);
   t.equal(r.stdout, 'early\nlate\n', 'a background writer on the same pipe is waited for');
+});
+
+t.test('output written before the exit is kept when this process is busy for longer than the grace right after the exit is seen', async (t) => {
+  // What happens with in-process hooks, or a loaded dom0: a command exits while a callback of
+  // the same loop turn is busy, so its output is not in that turn's poll; another child's exit,
+  // handled in the same SIGCHLD pass after it, runs a long synchronous stretch; the loop then
+  // reaches its timers before it polls the pipes again. A grace counted once on the clock cut
+  // the output to nothing here, every time.
+  const busy = (ms: number) => {
+    const end = Date.now() + ms;
+    while (Date.now() < end) {
+      // the synchronous work of someone else's callback
+    }
+  };
+  for (let round = 0; round < 2; round++) {
+    const cmd = run.probe('sh', ['-c', 'sleep 0.5; echo hello']);
+    const other = spawn('sh', ['-c', 'sleep 0.1'], { stdio: 'ignore' });
+    other.on('exit', () => busy(OUTPUT_GRACE_MS + 500));
+    const talker = spawn('sh', ['-c', 'sleep 0.1; echo go; exec sleep 5'], { stdio: ['ignore', 'pipe', 'ignore'] });
+    talker.stdout.once('data', () => busy(800));
+    busy(300);
+    const r = await cmd;
+    talker.kill('SIGKILL');
+    await new Promise((res) => talker.on('close', res));
+    t.equal(r.stdout, 'hello\n', `round ${round + 1}: the output is whole (returned after ${Math.round(r.durationMs)} ms)`);
+    t.equal(r.failed, false);
+  }
 });
 
 t.test('large output is kept whole; output beyond the bound stops the command and fails it', async (t) => {
