@@ -11,15 +11,15 @@
  * the command line quoted for messages.
  *
  * A command ends when its output streams close, so everything it printed is in; if something it
- * left running still holds them (a daemon that did not close its stdio), it ends once its output
- * has been quiet for OUTPUT_GRACE_MS after the command itself exited, with the output so far,
- * instead of waiting on the daemon. That quiet time is counted in GRACE_TICKS timer turns of the
- * event loop, not read off the clock once: each turn polls the pipes, so output already written
- * is read before the command is cut. A single timer is not enough: libuv reaps every exited child
- * whenever it handles a SIGCHLD, after that turn's poll, so a child's exit can be seen before its
- * output is read; if callbacks later in that turn (another child's exit, a close) then run for
- * longer than the grace, the loop reaches its timers before it polls the pipes again. With
- * in-process hooks under load that cut whole `losetup --list` outputs to nothing.
+ * left running still holds them (a daemon that did not close its stdio), it ends OUTPUT_GRACE_MS
+ * after the command itself exited, with the output so far, instead of waiting on the daemon.
+ * That time is counted in GRACE_TICKS ticks of an interval, not read off the clock once: the
+ * loop polls the pipes between two ticks, so output already written is read before the command
+ * is cut. A single timer is not enough: libuv reaps every exited child whenever it handles a
+ * SIGCHLD, after that turn's poll, so a child's exit can be seen before its output is read; if
+ * callbacks later in that turn (another child's exit, a close) then run for longer than the
+ * grace, the loop reaches its timers before it polls the pipes again. With in-process hooks
+ * under load that cut whole `losetup --list` outputs to nothing.
  * Commands still running when this process exits (a thrown error mid-command) are killed.
  *
  * Test-only fault point: when XEN_BLOCKHOOKS_FAULT_KILL_AFTER=N is set, the process SIGKILLs
@@ -38,10 +38,10 @@ const PASSED_ENV = ['DM_DISABLE_UDEV', 'LVM_SYSTEM_DIR', 'XENSTORED_PATH'];
 /** After a timeout's SIGTERM, SIGKILL follows this much later. */
 export const KILL_GRACE_MS = 1000;
 
-/** After a command exited, its output streams are closed once they have been quiet this long. */
+/** A command's output streams are closed this long after it exited, if they have not closed by then. */
 export const OUTPUT_GRACE_MS = 1000;
 
-/** The quiet time is this many timer turns of OUTPUT_GRACE_MS / GRACE_TICKS, each after a poll of the pipes. */
+/** That time is counted in this many ticks of OUTPUT_GRACE_MS / GRACE_TICKS, each after a poll of the pipes. */
 export const GRACE_TICKS = 10;
 
 /** More output than this from one command is an error (device tools print a few kilobytes). */
@@ -190,17 +190,11 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
     child.on('exit', (code, signal) => {
       // Normally 'close' follows within a turn or two. Between two ticks of this interval the loop
       // polls the pipes at least once (an interval never fires twice in one turn), so output
-      // written before the exit is read first, however late this turn began.
-      let seen = bytes;
-      let quiet = 0;
+      // written before the exit is read first, however long this turn runs on. Output a leftover
+      // process writes later is taken until the last tick, never waited for beyond it.
+      let ticks = 0;
       drainTimer = setInterval(() => {
-        if (bytes !== seen) {
-          seen = bytes;
-          quiet = 0;
-          return;
-        }
-        quiet += 1;
-        if (quiet < GRACE_TICKS) return;
+        if (++ticks < GRACE_TICKS) return;
         child.stdout?.destroy();
         child.stderr?.destroy();
         finish(code, signal);

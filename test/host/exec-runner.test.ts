@@ -116,6 +116,11 @@ t.test('a daemon left holding the output pipes: the command ends a moment after 
   const pid = Number(readFileSync(pidFile, 'utf8'));
   t.ok(processAlive(pid), 'the daemon runs on');
   process.kill(pid, 'SIGKILL');
+  // A daemon that keeps writing to the pipes does not keep the command going either.
+  const c = await run.run('sh', ['-c', `(while :; do echo tick; sleep 0.05; done) & echo $! > ${pidFile}; echo started`]);
+  t.ok(c.stdout.startsWith('started\ntick\n') || c.stdout.startsWith('tick\nstarted\n'), 'its first lines are kept');
+  t.ok(c.durationMs < OUTPUT_GRACE_MS + 5_000, `a chattering daemon: returned after ${Math.round(c.durationMs)} ms`);
+  process.kill(Number(readFileSync(pidFile, 'utf8')), 'SIGKILL');
   // The same after a timeout: the killed shell's child keeps the pipes; the time stays bounded.
   const k = await run.probe('sh', ['-c', `sleep 30 & echo $! > ${pidFile}; wait`], { timeoutMs: 200 });
   t.equal(k.timedOut, true);
