@@ -11,6 +11,8 @@ export interface GuestTestRun extends GuestRun {
   results: GuestTestResult[];
 }
 export function guestTestFiles(filters?: string[], prefixes?: string[]): string[];
+/** The guest variables `npm test` runs with (XBH_FAULT_CONCURRENCY, 16 unless set). */
+export function npmTestEnv(): Record<string, string>;
 export function bundleGuestTests(files: string[], outDir: string): Promise<string[]>;
 export function runGuestTests(options?: {
   filters?: string[];

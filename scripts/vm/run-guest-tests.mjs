@@ -5,9 +5,7 @@
 //
 // NAMEs filter the files by substring of their file name. --shell opens bash on the guest's
 // serial console after the files ran (their bundles are still in place then).
-// XBH_FAULT_CONCURRENCY is passed on to the guest, 16 when unset: the size `npm test` runs
-// fault-concurrency at (64, its own default, takes longer than the 300 s per-file limit here;
-// `npm run reliability` runs it so, with its own limits).
+// XBH_FAULT_CONCURRENCY is passed on to the guest as `npm test` passes it (npmTestEnv).
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -76,6 +74,15 @@ export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 5
   }
 }
 
+/**
+ * The guest variables `npm test` runs with, also used here when run by hand: fault-concurrency at
+ * 16 hooks unless XBH_FAULT_CONCURRENCY says otherwise (64, the file's own default, is for
+ * `npm run reliability`, which gives it longer limits than the 300 s per file here).
+ */
+export function npmTestEnv() {
+  return { XBH_FAULT_CONCURRENCY: process.env.XBH_FAULT_CONCURRENCY ?? '16' };
+}
+
 function indent(text, by = '    ') {
   return text.split('\n').map((l) => (l ? by + l : l)).join('\n');
 }
@@ -83,8 +90,7 @@ function indent(text, by = '    ') {
 async function main(argv) {
   const shell = argv.includes('--shell');
   const filters = argv.filter((a) => a !== '--shell');
-  const env = { XBH_FAULT_CONCURRENCY: process.env.XBH_FAULT_CONCURRENCY ?? '16' };
-  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m), env });
+  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m), env: npmTestEnv() });
   console.log('TAP version 13');
   let n = 0;
   let failed = 0;

@@ -188,10 +188,8 @@ function spawnCommand(file: string, args: readonly string[], opts: RunOptions & 
     });
     child.on('close', (code, signal) => finish(code, signal));
     child.on('exit', (code, signal) => {
-      // Normally 'close' follows within a turn or two. Between two ticks of this interval the loop
-      // polls the pipes at least once (an interval never fires twice in one turn), so output
-      // written before the exit is read first, however long this turn runs on. Output a leftover
-      // process writes later is taken until the last tick, never waited for beyond it.
+      // Normally 'close' comes first. An interval never fires twice in one loop turn, so the pipes
+      // are polled between any two ticks (see the header).
       let ticks = 0;
       drainTimer = setInterval(() => {
         if (++ticks < GRACE_TICKS) return;

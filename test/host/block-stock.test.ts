@@ -33,6 +33,12 @@ function runStock(h: BlockHarness, action: string, be: string) {
 const HOTPLUG_LOG = '/var/log/xen/xen-hotplug.log';
 const logSize = (): number => (existsSync(HOTPLUG_LOG) ? statSync(HOTPLUG_LOG).size : 0);
 
+/** Stock adds run again after losing their loop race (below), reported when the file ends. */
+const races: string[] = [];
+t.teardown(() => {
+  if (races.length) t.comment(`the stock script lost its find-then-attach loop race ${races.length} time(s) and was run again: ${races.join('; ')}`);
+});
+
 /**
  * Runs the stock script; an add that lost the stock script's own loop race is run again.
  * Debian's `block` finds a free loop (`losetup -f`) and attaches it in a second command; a loop
@@ -57,10 +63,6 @@ async function stock(h: BlockHarness, action: string, be: string) {
     await h.store.xs.rm(`${be}/hotplug-status`);
   }
 }
-const races: string[] = [];
-t.teardown(() => {
-  if (races.length) t.comment(`the stock script lost its find-then-attach loop race ${races.length} time(s) and was run again: ${races.join('; ')}`);
-});
 
 t.test('ours refuses a second writer after the stock block attached the file writable', async (t) => {
   const h = await harness(t, { realXenLock: true });
