@@ -6,6 +6,11 @@
 #                                    back, print it, power off
 #   xbh_hold=1                       after "done", stay up (dom0 inspects, then xl destroy)
 #   xbh_linger=S                     after "done", wait S seconds before powering off
+#   xbh_mode=reread xbh_marker=WORD  wait for /dev/xvda, write "XBH:WORD" at 0 and "XBH2:WORD" at
+#                                    1 MiB (another chunk) with fsync, then every second drop the
+#                                    page cache and re-read both with O_DIRECT from the disk itself:
+#                                    "reread #N head=... far=..." (numbered on, across a save and
+#                                    restore: the guest's memory keeps the count)
 #   xbh_mode=watch xbh_cycles=N      print "ready", then report /dev/xvdb appearing (with the
 #                                    16 bytes at 4096) and disappearing, numbered; power off
 #                                    after the N-th disappearance (default 1)
@@ -57,6 +62,22 @@ marker)
 	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc,fsync 2>/dev/null || say "write failed"
 	say "xvda readback=$(peek /dev/xvda 0)"
 	finish
+	;;
+reread)
+	wait_for /dev/xvda 30 || { say "no /dev/xvda"; finish; }
+	say "xvda base=$(peek /dev/xvda 4096)"
+	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc,fsync 2>/dev/null || say "write failed"
+	printf 'XBH2:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 seek=65536 count=1 conv=sync,notrunc,fsync 2>/dev/null || say "write failed"
+	say "wrote"
+	n=0
+	while :; do
+		n=$((n + 1))
+		echo 3 >/proc/sys/vm/drop_caches
+		head=$(dd if=/dev/xvda iflag=direct bs=4096 count=1 2>/dev/null | head -c 16 | tr -c 'A-Za-z0-9:._-' '.')
+		far=$(dd if=/dev/xvda iflag=direct bs=4096 skip=256 count=1 2>/dev/null | head -c 16 | tr -c 'A-Za-z0-9:._-' '.')
+		say "reread #$n head=$head far=$far"
+		sleep 1
+	done
 	;;
 watch)
 	say "ready"

@@ -16,6 +16,7 @@ import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
+import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
@@ -36,18 +37,6 @@ export interface CowPlan {
   store: { path: string; bytes: number; persistent: boolean; chunkKiB: number } | undefined;
 }
 
-/** `backend/vbd/5/51712` (or absolute) → domid and devid. */
-export function backendIds(xenbusPath: string): { domid: string; devid: string } {
-  const m = /backend\/vbd3?\/(\d+)\/(\d+)$/.exec(xenbusPath);
-  if (!m) throw new HotplugError(`${xenbusPath} is not a block backend path.`);
-  return { domid: m[1] as string, devid: m[2] as string };
-}
-
-/** Who the disk belongs to, for names: the domain's name, else d<frontend-id>. */
-export function ownerName(disk: Pick<DiskSpec, 'domainName' | 'frontendId'>, domid: string): string {
-  return disk.domainName ?? `d${disk.frontendId ?? domid}`;
-}
-
 /** `xbh-cow-<owner>-<vdev>-<devid>`: at most 8+48+1+48+1+10 < 127 characters, no `/`. */
 export function dmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
   const { domid, devid } = backendIds(xenbusPath);
@@ -58,7 +47,7 @@ export function dmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'
 export function storeName(params: CowParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
   const { domid, devid } = backendIds(xenbusPath);
   if (params.store !== undefined) return params.store;
-  if (params.persistent) return `${ownerName(disk, domid)}-${disk.vdev ?? devid}.cow`;
+  if (params.persistent) return `${persistentOwner('block-cow', disk, xenbusPath, 'copy-on-write store', 'store=NAME')}-${disk.vdev ?? devid}.cow`;
   return `transient-${domid}-${devid}.cow`;
 }
 
@@ -308,5 +297,6 @@ export const cowBackend: Backend<CowPlan> = {
   ].join('\n'),
   plan: (disk, ctx) => planCow(disk, ctx),
   add: addCow,
+  transient: (plan) => (plan.store && !plan.store.persistent ? `transient copy-on-write store ${plan.store.path}` : undefined),
   undo: sharedUndo,
 };

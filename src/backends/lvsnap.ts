@@ -23,7 +23,7 @@ import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
 import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
-import { backendIds, ownerName } from './cow.js';
+import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
@@ -101,6 +101,7 @@ export function planLvsnap(disk: DiskSpec, ctx: { config: Config; xenbusPath: st
   if (readOnly && (params.persistent || params.sizeMiB !== undefined)) {
     throw new HotplugError(`block-lvsnap params "${disk.params}": access=r hands out the origin itself; a size or persistent makes no sense there.`);
   }
+  if (params.persistent && !readOnly) persistentOwner('block-lvsnap', disk, ctx.xenbusPath, 'snapshot', undefined);
   const snap = { vg: params.origin.vg, lv: snapshotName(disk, ctx.xenbusPath) };
   if (vgNameProblem(snap.vg)) throw new HotplugError(`block-lvsnap: invalid volume group ${snap.vg}`);
   return { params, readOnly, snap };
@@ -219,6 +220,7 @@ async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
 }
 
 export const lvsnapBackend: Backend<LvsnapPlan> = {
+  transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient snapshot ${plan.snap.vg}/${plan.snap.lv}` : undefined),
   script: 'block-lvsnap',
   summary: 'copy-on-write disk as an LVM snapshot of an origin logical volume (classic or thin)',
   usage: [

@@ -47,6 +47,7 @@ import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js'
 import { checkImagePath } from './image-path.js';
 import { devString, devT } from './cow-devices.js';
 import { ensureStoreDir } from './steps.js';
+import { backendIds, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
 export const SCRIPT = 'block-qcow';
@@ -116,22 +117,17 @@ export function parseQcowParams(params: string): QcowParams {
 // ---------------------------------------------------------------------------------------------
 // names
 
-export function backendIds(xenbusPath: string): { domid: string; devid: string } {
-  const m = /backend\/vbd3?\/(\d+)\/(\d+)$/.exec(xenbusPath);
-  if (!m) throw new HotplugError(`${xenbusPath} is not a block backend path.`);
-  return { domid: m[1] as string, devid: m[2] as string };
-}
-
 /** Overlays live in `<storeDir>/qcow/`: persistent ones by owner and vdev (or name=), transient ones by backend path plus a random part. */
 export function overlayPath(config: Config, p: QcowParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
   const { domid, devid } = backendIds(xenbusPath);
   const dir = join(config.storeDir, 'qcow');
   if (p.overlay === 'persistent') {
     if (p.name !== undefined) return join(dir, `${p.name}.qcow2`);
+    const owner = persistentOwner(SCRIPT, disk, xenbusPath, 'overlay', 'name=NAME');
     if (disk.domainName === undefined) {
       throw new HotplugError(`${SCRIPT}: a persistent overlay is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; give the overlay a name with name=NAME.`);
     }
-    return join(dir, `${disk.domainName}-${disk.vdev ?? devid}.qcow2`);
+    return join(dir, `${owner}-${disk.vdev ?? devid}.qcow2`);
   }
   return join(dir, `transient-${domid}-${devid}-${randomBytes(4).toString('hex')}.qcow2`);
 }
@@ -534,6 +530,7 @@ export const qcowUndo: UndoRegistry = {
 };
 
 export const qcowBackend: Backend<QcowPlan> = {
+  transient: (plan) => (!plan.readOnly && plan.overlay === 'transient' ? `transient qcow2 overlay ${plan.overlayPath ?? ''}`.trimEnd() : undefined),
   script: SCRIPT,
   summary: 'qcow2 (and other qemu image formats) through qemu-nbd, directly or as per-domain overlays on a shared image',
   usage: [

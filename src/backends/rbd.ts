@@ -45,12 +45,14 @@ import {
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
 } from '../devices/rbd.js';
 import type { DiskSpec } from '../hotplug/disk.js';
+import { INCOMING_SUFFIX, isIncoming } from '../hotplug/lifecycle.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import { stateLockPath } from '../lock/paths.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
+import { backendIds, persistentOwner } from './naming.js';
 
 export const SCRIPT = 'block-rbd';
 export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
@@ -58,7 +60,6 @@ export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
 /** Each rbd call; several fit in libxl's 40 s only when the cluster answers. */
 export const RBD_TIMEOUT_MS = 30_000;
 /** The domain name xl gives the receiving side of a live migration until it completes. */
-export const INCOMING_SUFFIX = '--incoming';
 /** Where the host is looked at (tests point these elsewhere): sysfs, and udevd's control socket (present while udevd runs). */
 export const rbdHost = { sysRoot: '/sys', udevControl: '/run/udev/control' };
 
@@ -160,20 +161,10 @@ export function parseRbdParams(params: string): RbdParams {
 // ---------------------------------------------------------------------------------------------
 // names and plan
 
-export function backendIds(xenbusPath: string): { domid: string; devid: string } {
-  const m = /backend\/vbd3?\/(\d+)\/(\d+)$/.exec(xenbusPath);
-  if (!m) throw new HotplugError(`${xenbusPath} is not a block backend path.`);
-  return { domid: m[1] as string, devid: m[2] as string };
-}
-
-/** Whether the domain is the receiving side of an xl live migration. */
-export function isIncoming(domainName: string | undefined): boolean {
-  return domainName !== undefined && domainName.endsWith(INCOMING_SUFFIX) && domainName.length > INCOMING_SUFFIX.length;
-}
-
 /** `xbh-<domain>-<vdev>`: both ends of a migration name the same image (the `--incoming` suffix dropped). */
 export function cloneName(p: RbdParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
   if (p.name !== undefined) return p.name;
+  if (p.clone === 'persistent') persistentOwner(SCRIPT, disk, xenbusPath, 'clone', 'name=IMAGE');
   const { domid, devid } = backendIds(xenbusPath);
   const owner = disk.domainName === undefined ? undefined : isIncoming(disk.domainName) ? disk.domainName.slice(0, -INCOMING_SUFFIX.length) : disk.domainName;
   if (owner === undefined) {
@@ -508,6 +499,9 @@ export const rbdUndo: UndoRegistry = {
 };
 
 export const rbdBackend: Backend<RbdPlan> = {
+  transient: (plan) => (plan.clone !== undefined && plan.params.clone === 'transient' ? `transient clone ${plan.params.pool}/${plan.clone}` : undefined),
+  // Both ends of a migration name the same clone (cloneName drops --incoming): the receiver maps it.
+  migrates: true,
   script: SCRIPT,
   summary: 'copy-on-write disks on Ceph RBD layered clones of a golden snapshot, mapped with the kernel rbd driver',
   usage: [

@@ -44,7 +44,7 @@ import { thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
 import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
-import { backendIds, ownerName } from './cow.js';
+import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
 import { addBaseRef, addDm, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
@@ -129,6 +129,11 @@ export function thinDmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'v
 }
 
 /** The persistent volume's key: owner and vdev (the next add of the same disk finds it). */
+function persistentVolumeKey(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+  persistentOwner('block-thin', disk, xenbusPath, 'thin volume', undefined);
+  return volumeKey(disk, xenbusPath);
+}
+
 export function volumeKey(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
   const { domid, devid } = backendIds(xenbusPath);
   return `${ownerName(disk, domid)}-${disk.vdev ?? devid}`;
@@ -193,7 +198,7 @@ export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: stri
     baseSectors,
     readOnly,
     name: thinDmName(disk, ctx.xenbusPath),
-    key: volumeKey(disk, ctx.xenbusPath),
+    key: params.persistent && !readOnly ? persistentVolumeKey(disk, ctx.xenbusPath) : volumeKey(disk, ctx.xenbusPath),
     sectors: params.sizeMiB !== undefined ? params.sizeMiB * 2048 : baseSectors,
   };
 }
@@ -557,6 +562,7 @@ export async function thinDeviceStatus(run: Runner, name: string): Promise<strin
 }
 
 export const thinBackend: Backend<ThinPlan> = {
+  transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient thin volume ${plan.name}` : undefined),
   script: 'block-thin',
   summary: 'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',
   usage: [

@@ -68,6 +68,17 @@ export interface Backend<Plan = unknown> {
   add(ctx: HookContext, plan: Plan): Promise<BuiltDevice>;
   readonly undo: UndoRegistry;
   /**
+   * What of the guest's writes this plan keeps only as long as its devices live (a transient
+   * store, overlay, volume or clone), in a few words; undefined when everything the guest writes
+   * outlives the devices (a persistent store, the image itself, a read-only disk). The runtime
+   * records it in the journal: a remove for a domain being saved then holds the devices for the
+   * restore instead of undoing them, and a migration's receiving end is refused such a disk
+   * unless the backend `migrates` it (src/hotplug/lifecycle.ts).
+   */
+  transient?(plan: Plan): string | undefined;
+  /** The backend hands its disk to a live migration's receiving end itself (block-rbd). */
+  readonly migrates?: boolean;
+  /**
    * remove of a disk with no journal record: one that another script attached (the stock
    * `block`, before this one replaced it). Optional; only backends that can recognise such a
    * device from the backend's xenstore keys implement it, and they must take away nothing they

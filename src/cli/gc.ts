@@ -9,7 +9,7 @@
  * the same per-path lock), and a leaked object is removed directly: dm devices first (users
  * before what they sit on), then loop devices, then nbd connections.
  */
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
@@ -57,10 +57,10 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
       items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
     }
   }
-  const order = { dm: 0, loop: 1, nbd: 2, record: 3 } as const;
+  const order = { dm: 0, loop: 1, nbd: 2, store: 3, record: 4, saved: 5 } as const;
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
-    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : `qemu-nbd -d ${r.device}`;
+    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : r.kind === 'store' ? `rm ${r.store}` : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
   return items;
@@ -126,6 +126,13 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const p = await deps.run.probe('losetup', ['-d', r.device as string]);
         if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
+      } else if (r.kind === 'store') {
+        try {
+          unlinkSync(r.store as string);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+        }
+        deps.log.info(`gc: deleted leftover transient store ${r.store}`);
       } else {
         await deps.run.run('qemu-nbd', ['-d', r.device as string]);
         deps.log.info(`gc: disconnected leaked nbd ${r.device}`, { file: r.store });

@@ -10,14 +10,21 @@
  *   incomplete  an add or remove was killed half-way (its process is gone)
  *   failed      a teardown failed and the record was kept
  *   orphan      recorded, but its backend path or its domain no longer exists in xenstore
- *   leaked      in the kernel, named or backed like ours, but in no record
+ *   held        kept for a saved domain until its restore reattaches it (src/hotplug/lifecycle.ts)
+ *   missing     recorded as built, but its device is not in the kernel any more
+ *   leaked      in the kernel, named or backed like ours, but in no record; or a transient store
+ *               or overlay file that no record, loop or nbd server uses (what a crash leaves)
+ *   lost        a saved domain's disk whose transient data died with an earlier boot: its restore
+ *               is refused until the marker is deleted
  */
+import { readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { Journal, processAlive, type JournalEntry } from '../journal/journal.js';
 import type { XsOps } from '../xenstore/types.js';
 import { DM_NAME_PREFIXES } from '../backends/index.js';
+import { bootId, listMarkers, markerPath, readMarker } from '../hotplug/lifecycle.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type NbdDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -36,8 +43,8 @@ export interface Row {
   /** Why the state is what it is, in a few words. */
   why: string | undefined;
   backendPath: string | undefined;
-  /** For leaked rows: what kind of kernel object. */
-  kind: 'record' | 'dm' | 'loop' | 'nbd';
+  /** For leaked rows: what kind of kernel object (or a store file; `saved`: a saved disk's marker). */
+  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved';
   entry?: JournalEntry;
 }
 
@@ -135,7 +142,18 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
       if (domid !== undefined && domain === undefined) domain = await deps.xs.tryRead(`/local/domain/${domid}/name`);
     }
     const owner = alive(e.pid) && e.pid !== process.pid;
-    if (e.phase === 'adding' && owner) {
+    if (e.phase === 'held' && e.held) {
+      // Held records have no backend path in xenstore by design; they wait for their restore.
+      gone = undefined;
+      domain = e.held.name ?? domain;
+    }
+    if (e.phase === 'held' && e.held && readMarker(deps.config, e.held.uuid, e.held.devid)) {
+      state = 'held';
+      why = `kept for saved domain ${e.held.name ?? e.held.uuid} since ${e.held.since} (was ${e.held.from}); its restore reattaches it. To give it up: delete ${markerPath(deps.config, e.held.uuid, e.held.devid)}, then gc --apply`;
+    } else if (e.phase === 'held') {
+      state = 'orphan';
+      why = 'held for a saved domain whose marker is gone';
+    } else if (e.phase === 'adding' && owner) {
       state = 'adding';
       why = `process ${e.pid} is adding it`;
     } else if (gone) {
@@ -190,6 +208,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
       backendPath: undefined,
     });
   }
+  rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config));
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
@@ -201,6 +220,69 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     });
   }
   return { rows, xenstore: deps.xs !== undefined, dmAvailable: kernel.dmAvailable, unreadable, kernel };
+}
+
+/** Names transient stores and overlays are given (block-cow, block-qcow): only these are ever taken as leftovers. */
+const TRANSIENT_FILES: { dir: string; name: RegExp }[] = [
+  { dir: '', name: /^transient-\d+-\d+\.cow$/ },
+  { dir: 'qcow', name: /^transient-\d+-\d+-[0-9a-f]+\.qcow2$/ },
+];
+
+const LEFTOVER_AGE_MS = 60_000;
+
+function olderThan(file: string, ms: number): boolean {
+  try {
+    return Date.now() - statSync(file).mtimeMs > ms;
+  } catch {
+    return false;
+  }
+}
+
+function listDir(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Transient store and overlay files that nothing uses: no record names them, no loop backs them,
+ * no nbd server serves them. A crash or a reboot leaves them (the journal is in /run); their data
+ * died with the devices that held it. Persistent stores never match these names.
+ */
+function leakedStores(config: Config, refs: Set<string>, kernel: KernelState): Row[] {
+  const rows: Row[] = [];
+  for (const t of TRANSIENT_FILES) {
+    const dir = t.dir ? join(config.storeDir, t.dir) : config.storeDir;
+    for (const n of listDir(dir).filter((f) => t.name.test(f)).sort()) {
+      const file = join(dir, n);
+      if (refs.has(file)) continue;
+      // An add journals its store before it makes it, but one may start after the journal was
+      // read here: a file younger than a minute is nobody's leftover yet.
+      if (!olderThan(file, LEFTOVER_AGE_MS)) continue;
+      if (kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === file)) continue;
+      if (kernel.nbds.some((b) => b.cmdline.includes(file))) continue;
+      rows.push({
+        kind: 'store', domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
+        base: undefined, store: file, usage: undefined, state: 'leaked', backendPath: undefined,
+        why: 'transient store file that no record, loop or nbd server uses (left by a crash or a reboot)',
+      });
+    }
+  }
+  return rows;
+}
+
+/** Saved disks whose transient data lived in an earlier boot's devices: their restore is refused. */
+function lostSaved(config: Config): Row[] {
+  const boot = bootId();
+  return listMarkers(config)
+    .filter(({ marker }) => marker.bootId !== boot)
+    .map(({ file, marker: m }) => ({
+      kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
+      base: m.params.trim().split(/\s+/)[0], store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
+      why: `saved ${m.savedAt} in an earlier boot; its ${m.transient} died with that boot's devices, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
+    }));
 }
 
 export function lockFileFor(config: Config, backendPath: string, journalFileName: (p: string) => string): string {

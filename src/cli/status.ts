@@ -5,7 +5,7 @@
 import { humanBytes, table } from './format.js';
 import type { Inventory, Row } from './inventory.js';
 
-export const STATUS_HELP = `Usage: xen-blockhooks status [--json] [--all]
+export const STATUS_HELP = `Usage: xen-blockhooks status [--json]
 
 Show every device the hooks built: domain (id and name), vdev, hook, device, major:minor,
 base image, copy-on-write store, store usage and percent (from dmsetup status), and state:
@@ -15,7 +15,12 @@ base image, copy-on-write store, store usage and percent (from dmsetup status), 
   incomplete  an add or remove was killed half-way (gc can finish it once xenstore forgot the device)
   failed      a teardown failed; the record was kept for gc
   orphan      the backend path or domain no longer exists in xenstore (gc removes it)
-  leaked      a kernel device named or backed like ours that no record mentions (gc removes it)
+  held        kept for a saved domain (xl save) until its restore reattaches it
+  missing     recorded as built, but the device is no longer in the kernel
+  leaked      a kernel device named or backed like ours that no record mentions, or a transient
+              store file nothing uses (left by a crash or a reboot) (gc removes it)
+  lost        a saved domain's disk whose transient changes died with an earlier boot: its
+              restore is refused until the marker named is deleted
 
 Options:
   --json     one JSON document instead of the table

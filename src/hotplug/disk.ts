@@ -21,6 +21,11 @@ export interface DiskSpec {
   state: number | undefined;
   /** The frontend domain's name, sanitised for use in device names. */
   domainName: string | undefined;
+  /**
+   * The frontend domain's uuid (from its `vm` node, `/vm/<uuid>`): what a saved domain and its
+   * restore have in common besides the name (src/hotplug/lifecycle.ts).
+   */
+  domainUuid?: string | undefined;
 }
 
 export function canonicalMode(raw: string, path: string): Mode {
@@ -54,9 +59,11 @@ export async function readDisk(xs: XsOps, path: string): Promise<DiskSpec> {
   if (mode === undefined) throw new HotplugError(`${path}/mode is missing: the toolstack did not say whether the disk is r or w.`);
   const frontendId = fid !== undefined && /^\d+$/.test(fid) ? Number(fid) : undefined;
   let domainName: string | undefined;
+  let domainUuid: string | undefined;
   if (frontendId !== undefined) {
-    const n = await xs.tryRead(`/local/domain/${frontendId}/name`);
+    const [n, vm] = await Promise.all([xs.tryRead(`/local/domain/${frontendId}/name`), xs.tryRead(`/local/domain/${frontendId}/vm`)]);
     if (n !== undefined && safeName(n) !== '') domainName = safeName(n);
+    domainUuid = uuidOfVmPath(vm);
   }
   return {
     params,
@@ -66,5 +73,14 @@ export async function readDisk(xs: XsOps, path: string): Promise<DiskSpec> {
     type,
     state: state !== undefined && /^\d+$/.test(state) ? Number(state) : undefined,
     domainName,
+    domainUuid,
   };
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** `/vm/<uuid>` (libxl's vm path) → the uuid, lower case; anything else → undefined. */
+export function uuidOfVmPath(vm: string | undefined): string | undefined {
+  const u = vm?.trim().replace(/^\/vm\//, '').toLowerCase();
+  return u !== undefined && UUID.test(u) ? u : undefined;
 }

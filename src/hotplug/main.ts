@@ -29,6 +29,7 @@ import { readDisk } from './disk.js';
 import { dispatchTarget, runScript } from './dispatch.js';
 import { HotplugError, TeardownError, UsageError, messageOf } from './errors.js';
 import { takeXenBlockLock } from './xen-lock.js';
+import { adoptSaved, holdReason, holdRecord, isIncoming } from './lifecycle.js';
 import { reportFailure, reportSuccess } from './report.js';
 import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
 import { helpText } from './help.js';
@@ -197,14 +198,29 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
       }
       await clearStale(e, xs, previous);
     }
+    // A restore: what the saved domain's remove held is handed back, or the add is refused.
+    const adopted = adoptSaved({ ...e, script: e.backend.script }, e.req.xenbusPath, disk);
+    if (adopted?.device) {
+      await reportSuccess(xs, e.req.xenbusPath, adopted.device);
+      e.log.info(`add ${e.req.xenbusPath}: connected ${adopted.device.path} (kept since the save)`, { dev: `${adopted.device.major}:${adopted.device.minor}`, params: disk.params, mode: disk.mode, outcome: 'connected' });
+      return 0;
+    }
     const plan = await e.backend.plan(disk, { config: e.config, env: e.env, xenbusPath: e.req.xenbusPath });
+    const transient = e.backend.transient?.(plan);
+    if (transient && isIncoming(disk.domainName) && !e.backend.migrates) {
+      throw new HotplugError(
+        `${e.backend.script}: domain ${disk.domainName} is the receiving end of a live migration, and this disk's ${transient.replace(/ \/.*$/, '')} lives only in the sending domain's devices; a new one would hand the guest a disk without the blocks it wrote, so nothing was built and the migration fails (the sending domain resumes). Migrate domains whose disks keep their writes (a persistent store on storage both hosts share), or shut the domain down and start it where it should run.`,
+      );
+    }
     const entry = Journal.begin(e.backend.script, e.req.xenbusPath, {
       params: disk.params,
       mode: disk.mode,
       frontendId: disk.frontendId,
       vdev: disk.vdev,
       domainName: disk.domainName,
+      ...(disk.domainUuid ? { domainUuid: disk.domainUuid } : {}),
     });
+    if (transient) entry.transient = transient;
     e.journal.save(entry);
     built = entry;
     const build = new Build(entry, e.journal);
@@ -249,6 +265,12 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
         return 0;
       }
       e.log.info(`remove ${e.req.xenbusPath}: nothing recorded; nothing to undo`);
+      return 0;
+    }
+    // A domain being saved keeps what its restore needs (src/hotplug/lifecycle.ts).
+    const hold = xs ? await holdReason(e, xs, entry) : undefined;
+    if (hold && xs) {
+      await holdRecord(e, xs, entry, hold);
       return 0;
     }
     const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });

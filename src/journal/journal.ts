@@ -21,7 +21,19 @@ export interface StepRecord {
   done: boolean;
 }
 
-export type Phase = 'adding' | 'ready' | 'removing' | 'failed';
+export type Phase = 'adding' | 'ready' | 'removing' | 'failed' | 'held';
+
+/** Whom a held record waits for: the saved domain, by uuid (and name, vdev, devid for people). */
+export interface HeldFor {
+  uuid: string;
+  name: string | undefined;
+  devid: string;
+  /** The backend path the record had before it was held. */
+  from: string;
+  since: string;
+  /** /proc/sys/kernel/random/boot_id when it was held: the devices live only as long as this boot. */
+  bootId: string;
+}
 
 export interface JournalEntry {
   version: 1;
@@ -33,8 +45,18 @@ export interface JournalEntry {
   pid: number;
   created: string;
   updated: string;
-  disk: Pick<DiskSpec, 'params' | 'mode' | 'frontendId' | 'vdev' | 'domainName'>;
+  disk: Pick<DiskSpec, 'params' | 'mode' | 'frontendId' | 'vdev' | 'domainName' | 'domainUuid'>;
   device?: { path: string; major: number; minor: number };
+  /**
+   * What of the guest's data lives only as long as this record's devices (a transient store,
+   * overlay, volume or clone; Backend.transient), in a few words. Absent: everything the guest
+   * writes outlives the devices (a persistent store, the image itself, a read-only disk).
+   */
+  transient?: string;
+  /** Set while the record is held for a saved domain (src/hotplug/lifecycle.ts). */
+  held?: HeldFor;
+  /** Set on a record a restore adopted, until its guest has connected (lifecycle.ts). */
+  restored?: { from: string; at: string };
   steps: StepRecord[];
 }
 
@@ -77,6 +99,17 @@ export class Journal {
     const tmp = `${file}.${process.pid}.tmp`;
     writeFileSync(tmp, `${JSON.stringify(entry, null, 1)}\n`, { mode: 0o600 });
     renameSync(tmp, file);
+  }
+
+  /**
+   * Give `entry` another key (a record held for a saved domain, or adopted by its restore): the
+   * record is written under `to` before the file of `from` goes, so a crash in between leaves the
+   * record twice, never not at all.
+   */
+  move(entry: JournalEntry, from: string, to: string): void {
+    entry.backendPath = to;
+    this.save(entry);
+    if (from !== to) this.delete(from);
   }
 
   delete(backendPath: string): void {

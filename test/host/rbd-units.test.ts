@@ -7,7 +7,8 @@ import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { HotplugError } from '../../src/hotplug/errors.js';
-import { cloneName, isIncoming, parseRbdParams, planRbd } from '../../src/backends/rbd.js';
+import { cloneName, parseRbdParams, planRbd } from '../../src/backends/rbd.js';
+import { isIncoming } from '../../src/hotplug/lifecycle.js';
 import {
   MOUNT_TIMEOUT_S, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseSnapLs, parseStatus, rbdReason,
   rmArgs, showMappedArgs, snapProtectArgs, statusArgs, unmapArgs,

@@ -1,0 +1,316 @@
+/**
+ * A domain's disks through the toolstack's operations beyond create and destroy. The contract
+ * (docs/lifecycle.md has the table per hook):
+ *
+ *   xl save (and xendomains at dom0 shutdown): libxl suspends the domain, writes its memory out,
+ *     then destroys it; our remove runs while the domain still exists, shut down with reason
+ *     "suspend" (`xl list DOMID` state `--pss-`, reason letter `s`). A record that holds guest
+ *     data living only as long as its devices (JournalEntry.transient: a transient store, overlay,
+ *     volume or clone) is then *held*: nothing is undone, the record moves to the journal key
+ *     `held/<uuid>/<devid>`, and a marker `<store_dir>/saved/<uuid>-<devid>.json` says so, with
+ *     the boot it was made in.
+ *   xl restore: a new domid, the same uuid, name and disks. Before planning, the add looks for a
+ *     marker of its domain's uuid and devid:
+ *       - held record there, same hook, params and mode, device still in the kernel: the record is
+ *         adopted (moved to the new backend path) and the same device reported: the guest resumes
+ *         on exactly the disk it had;
+ *       - anything else (a dom0 reboot or crash since, a changed disk spec): refused with a
+ *         hotplug-error that says what happened and what to do; nothing is built; the marker stays,
+ *         so trying again is refused again rather than handed a fresh disk.
+ *   A restore that fails after its disks were added (a vif script, a device model) destroys the
+ *     domain before the guest ran: its remove finds no `sectors` on the backend (blkback writes it
+ *     only when the frontend connects) and holds the record again for the next attempt.
+ *   xl migrate: the receiving domain is named NAME--incoming while its disks are added; a disk
+ *     with transient data is refused there (the migration fails and the sender resumes its guest)
+ *     unless the backend hands it over itself (Backend.migrates). The sender, once the receiver
+ *     has taken over, is renamed NAME--migratedaway before it is destroyed: its remove undoes as
+ *     usual.
+ *   Bootloader (pygrub): libxl attaches the disk to dom0 (frontend-id 0) before the domain's own
+ *     add; nothing is held for dom0, which is never saved.
+ *
+ * Nothing here holds a record whose data outlives its devices: a persistent store is undone as
+ * at destroy and found again by the restore's add.
+ */
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import { sysBlockDir } from '../devices/sysfs.js';
+import type { HeldFor, Journal, JournalEntry } from '../journal/journal.js';
+import type { Logger } from '../log/logger.js';
+import type { XsOps } from '../xenstore/types.js';
+import type { DiskSpec } from './disk.js';
+import { HotplugError } from './errors.js';
+
+export const INCOMING_SUFFIX = '--incoming';
+export const MIGRATED_AWAY_SUFFIX = '--migratedaway';
+
+/** Whether the domain is the receiving side of an xl migration (named NAME--incoming until it completes). */
+export function isIncoming(domainName: string | undefined): boolean {
+  return domainName !== undefined && domainName.endsWith(INCOMING_SUFFIX) && domainName.length > INCOMING_SUFFIX.length;
+}
+
+/** Whether the domain is the sending side of an xl migration that completed (renamed before its destroy). */
+export function isMigratedAway(domainName: string | undefined): boolean {
+  return domainName !== undefined && domainName.endsWith(MIGRATED_AWAY_SUFFIX);
+}
+
+// ---------------------------------------------------------------------------------------------
+// is the domain being saved?
+
+/**
+ * The six state letters `xl list` prints for `domid` (running, blocked, paused, shutdown, the
+ * shutdown reason's letter from "-rscwS", dying), or undefined when the line is not there.
+ */
+export function xlStateOf(stdout: string, domid: number): string | undefined {
+  for (const line of stdout.split('\n')) {
+    const m = /^(.*\S)\s+(\d+)\s+\d+\s+\d+\s+([-r][-b][-p][-s][-rscwS?][-d])\s+[\d.]+/.exec(line);
+    if (m && Number(m[2]) === domid) return m[3];
+  }
+  return undefined;
+}
+
+/** Shut down, and the reason is suspend (SHUTDOWN_suspend): the domain is being saved or migrated. */
+export function stateIsSuspended(state: string): boolean {
+  return state[3] === 's' && state[4] === 's';
+}
+
+/**
+ * Whether domain `domid` is shut down for a suspend, asked of the hypervisor through `xl list`
+ * (libxl_domain_info's shutdown reason). No xl, or no such domain: not suspended.
+ */
+export async function domainSuspended(run: Runner, domid: number, log: Logger): Promise<boolean> {
+  const r = await run.probe('xl', ['list', String(domid)], { timeoutMs: 10_000 });
+  if (r.failed) {
+    log.debug(`${r.command}: ${r.stderr.trim() || `exit ${r.exitCode}`}; taking domain ${domid} as not suspended`);
+    return false;
+  }
+  const state = xlStateOf(r.stdout, domid);
+  return state !== undefined && stateIsSuspended(state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// saved-disk markers
+
+export interface SavedDisk {
+  version: 1;
+  /** The domain's uuid (or `name:<name>` when it had none). */
+  key: string;
+  name: string | undefined;
+  vdev: string | undefined;
+  devid: string;
+  script: string;
+  params: string;
+  mode: string;
+  /** What lived only as long as the devices (JournalEntry.transient). */
+  transient: string;
+  /** The held record's journal key. */
+  held: string;
+  /** The backend path the disk had when it was saved. */
+  from: string;
+  bootId: string;
+  savedAt: string;
+}
+
+/** The kernel's id of this boot; devices (dm, loop, nbd, krbd mappings) live no longer. */
+export function bootId(): string {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+export function savedDir(config: Config): string {
+  return join(config.storeDir, 'saved');
+}
+
+function fileKey(key: string): string {
+  return key.replace(/[^A-Za-z0-9._-]/g, '_');
+}
+
+export function markerPath(config: Config, key: string, devid: string): string {
+  return join(savedDir(config), `${fileKey(key)}-${devid}.json`);
+}
+
+export function heldKey(key: string, devid: string): string {
+  return `held/${fileKey(key)}/${devid}`;
+}
+
+export function readMarker(config: Config, key: string, devid: string): SavedDisk | undefined {
+  let text: string;
+  try {
+    text = readFileSync(markerPath(config, key, devid), 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw e;
+  }
+  return JSON.parse(text) as SavedDisk;
+}
+
+function writeMarker(config: Config, m: SavedDisk): void {
+  mkdirSync(savedDir(config), { recursive: true, mode: 0o700 });
+  const file = markerPath(config, m.key, m.devid);
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify(m, null, 1)}\n`, { mode: 0o600 });
+  renameSync(tmp, file);
+}
+
+export function deleteMarker(config: Config, key: string, devid: string): void {
+  try {
+    unlinkSync(markerPath(config, key, devid));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
+}
+
+/** Every marker, with the file it is in. */
+export function listMarkers(config: Config): { file: string; marker: SavedDisk }[] {
+  let names: string[];
+  try {
+    names = readdirSync(savedDir(config));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw e;
+  }
+  const out: { file: string; marker: SavedDisk }[] = [];
+  for (const n of names.filter((n) => n.endsWith('.json')).sort()) {
+    const file = join(savedDir(config), n);
+    try {
+      out.push({ file, marker: JSON.parse(readFileSync(file, 'utf8')) as SavedDisk });
+    } catch {
+      // a half-written marker is a tmp file, never a .json: anything else unreadable is skipped here and shown by status
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// remove: hold instead of undo
+
+export interface LifecycleEnv {
+  config: Config;
+  run: Runner;
+  log: Logger;
+  journal: Journal;
+}
+
+function devidOf(backendPath: string): string {
+  return /(\d+)$/.exec(backendPath)?.[1] ?? '0';
+}
+
+function domidOf(entry: JournalEntry): number | undefined {
+  if (entry.disk.frontendId !== undefined) return entry.disk.frontendId;
+  const m = /backend\/vbd3?\/(\d+)\/\d+$/.exec(entry.backendPath);
+  return m ? Number(m[1]) : undefined;
+}
+
+/**
+ * Why `entry` must be held rather than undone by this remove, or undefined to undo it. Only a
+ * record with transient data of a domain other than dom0 is ever held: one whose domain is being
+ * saved, or one a restore adopted whose guest never connected (the restore failed).
+ */
+export async function holdReason(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<string | undefined> {
+  if (!entry.transient || entry.phase !== 'ready') return undefined;
+  const domid = domidOf(entry);
+  if (domid === undefined || domid === 0) return undefined;
+  const name = (await xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)) ?? entry.disk.domainName;
+  if (isMigratedAway(name)) return undefined;
+  if (entry.restored && (await xs.tryRead(`${entry.backendPath}/sectors`).catch(() => undefined)) === undefined) {
+    return `the restore that reattached it (${entry.restored.at}) ended before its guest connected`;
+  }
+  if (await domainSuspended(e.run, domid, e.log)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;
+  return undefined;
+}
+
+/** The key a saved disk is found by: the domain's uuid, else its name. */
+export function domainKey(disk: Pick<DiskSpec, 'domainUuid' | 'domainName'>): string | undefined {
+  if (disk.domainUuid) return disk.domainUuid;
+  return disk.domainName ? `name:${disk.domainName}` : undefined;
+}
+
+/**
+ * Keep `entry`'s devices for the domain's restore: write the marker, then move the record to its
+ * held key. Throws (and changes nothing) when the domain cannot be named or a held record of the
+ * same disk is already there.
+ */
+export async function holdRecord(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+  const domid = domidOf(entry);
+  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
+  const uuid = vm?.trim().replace(/^\/vm\//, '').toLowerCase() || entry.disk.domainUuid;
+  const key = domainKey({ domainUuid: uuid && /^[0-9a-f-]{36}$/.test(uuid) ? uuid : entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
+  if (!key) throw new Error(`cannot hold ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
+  const devid = devidOf(entry.backendPath);
+  const target = heldKey(key, devid);
+  const other = e.journal.load(target);
+  if (other) throw new Error(`cannot hold ${entry.backendPath} for its saved domain: ${target} already holds a disk of that domain (from ${other.held?.from ?? '?'}); see "xen-blockhooks status"`);
+  const now = new Date().toISOString();
+  const boot = bootId();
+  const marker: SavedDisk = {
+    version: 1, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script, params: entry.disk.params,
+    mode: entry.disk.mode, transient: entry.transient ?? '', held: target, from: entry.backendPath, bootId: boot, savedAt: now,
+  };
+  writeMarker(e.config, marker);
+  const held: HeldFor = { uuid: key, name: marker.name, devid, from: entry.backendPath, since: now, bootId: boot };
+  const from = entry.backendPath;
+  entry.held = held;
+  entry.phase = 'held';
+  delete entry.restored;
+  e.journal.move(entry, from, target);
+  e.log.info(`remove ${from}: ${reason}; keeping ${entry.device?.path ?? 'its device'} and ${entry.transient} for the restore (record ${target}, marker ${markerPath(e.config, key, devid)})`);
+  return marker;
+}
+
+// ---------------------------------------------------------------------------------------------
+// add: adopt what a saved domain left, or refuse
+
+function deviceAlive(entry: JournalEntry, sysRoot = '/sys'): boolean {
+  return entry.device !== undefined && existsSync(sysBlockDir(entry.device, sysRoot));
+}
+
+function describeDisk(m: SavedDisk): string {
+  return `${m.name ?? m.key}'s disk ${m.vdev ?? m.devid}`;
+}
+
+/**
+ * The saved disk of this add's domain, if one was left by a save: adopted when its devices are
+ * still there and it is the same disk; otherwise a HotplugError saying what was lost. Returns
+ * undefined when the domain left nothing saved.
+ */
+export function adoptSaved(
+  e: LifecycleEnv & { script: string },
+  backendPath: string,
+  disk: DiskSpec,
+  sysRoot?: string,
+): JournalEntry | undefined {
+  const key = domainKey(disk);
+  if (!key) return undefined;
+  const devid = devidOf(backendPath);
+  const m = readMarker(e.config, key, devid);
+  if (!m) return undefined;
+  const file = markerPath(e.config, key, devid);
+  const what = describeDisk(m);
+  const startFresh = `To start the domain afresh instead (xl create, not restore), delete ${file} first.`;
+  if (m.script !== e.script || m.params !== disk.params || m.mode !== disk.mode) {
+    throw new HotplugError(
+      `${e.script}: ${what} was saved on ${m.savedAt} as "${m.script} ${m.params}" (mode ${m.mode}), and this restore asks for "${e.script} ${disk.params}" (mode ${disk.mode}); the guest's memory expects the disk it was saved with, so nothing was built. Restore with the saved domain's disk configuration. ${startFresh}`,
+    );
+  }
+  const held = e.journal.load(m.held);
+  if (m.bootId !== bootId() || !held || held.phase !== 'held' || !deviceAlive(held, sysRoot)) {
+    const why = m.bootId !== bootId() ? 'dom0 has restarted since, and they lived only in its devices' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
+    throw new HotplugError(
+      `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} (saved ${m.savedAt}) did not survive: ${why}. Restoring it would hand the guest a disk without the blocks it wrote, so nothing was built. Start the domain fresh, or give the disk a persistent store so a saved domain survives a dom0 restart. ${startFresh}`,
+    );
+  }
+  held.backendPath = backendPath;
+  held.phase = 'ready';
+  held.pid = process.pid;
+  held.disk = { params: disk.params, mode: disk.mode, frontendId: disk.frontendId, vdev: disk.vdev, domainName: disk.domainName, domainUuid: disk.domainUuid };
+  held.restored = { from: m.from, at: new Date().toISOString() };
+  delete held.held;
+  e.journal.move(held, m.held, backendPath);
+  deleteMarker(e.config, key, devid);
+  e.log.info(`add ${backendPath}: reattaching ${what}'s ${m.transient} kept since the save (${m.savedAt}, was ${m.from}): ${held.device?.path}`);
+  return held;
+}

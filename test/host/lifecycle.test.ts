@@ -1,0 +1,334 @@
+/**
+ * The runtime through a domain's lifecycle (src/hotplug/lifecycle.ts), on this machine's real loop
+ * devices: a test hook whose device is a loop over a file, xenstore served in-process, and `xl`
+ * played by the runner (the hypervisor's answer to "is this domain being saved?"). Tier: host,
+ * real loop devices, xl played. The same path on real xl save/restore: test/xen/80-save-restore.sh.
+ */
+import t, { type Test } from 'tap';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseCowParams } from '../../src/backends/cow-params.js';
+import { storeName } from '../../src/backends/cow.js';
+import type { Backend } from '../../src/backends/types.js';
+import { gcPlan, applyGc } from '../../src/cli/gc.js';
+import { takeInventory } from '../../src/cli/inventory.js';
+import { defaultConfig, type Config } from '../../src/config/config.js';
+import { execRunner } from '../../src/devices/exec.js';
+import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
+import { decodeDev } from '../../src/devices/sysfs.js';
+import { markerPath, stateIsSuspended, xlStateOf } from '../../src/hotplug/lifecycle.js';
+import { runHook } from '../../src/hotplug/main.js';
+import { memoryLogger } from '../../src/log/logger.js';
+import { backendPath, closeBackend, writeBackendNodes } from '../lib/backend-nodes.js';
+import { startTestStore, writeDomain, type TestStore } from '../lib/block-harness.js';
+import { connectXenstore } from '../../src/xenstore/client.js';
+
+/** `xl list DOMID` as xl_info.c's list_domains prints it. */
+function xlList(name: string, domid: number, state: string): string {
+  const head = 'Name                                        ID   Mem VCPUs\tState\tTime(s)';
+  return `${head}\n${name.padEnd(40)} ${String(domid).padStart(5)} ${'256'.padStart(5)} ${'1'.padStart(5)}     ${state}  ${'12.3'.padStart(8)}\n`;
+}
+
+t.test('xl list: the state letters, and which mean "being saved"', async (t) => {
+  t.equal(xlStateOf(xlList('web', 7, '--pss-'), 7), '--pss-');
+  t.equal(xlStateOf(xlList('a name with spaces', 12, '-b----'), 12), '-b----');
+  t.equal(xlStateOf(xlList('web', 7, '--pss-'), 8), undefined, 'another domid is not this one');
+  t.ok(stateIsSuspended('--pss-'), 'shut down, reason suspend');
+  t.ok(stateIsSuspended('---ss-'));
+  t.notOk(stateIsSuspended('---s--'), 'shut down for poweroff (reason letter -)');
+  t.notOk(stateIsSuspended('---sc-'), 'crashed');
+  t.notOk(stateIsSuspended('---sr-'), 'rebooting');
+  t.notOk(stateIsSuspended('r-----'), 'running');
+});
+
+t.test('a persistent store named after its domain is refused for a dom0 attach (pygrub), not when named', async (t) => {
+  const dom0 = { domainName: 'Domain-0', frontendId: 0, vdev: 'xvda' };
+  t.throws(() => storeName(parseCowParams('/srv/xen/a.img 30 persistent'), dom0, 'backend/vbd/0/51712'), /attached to dom0.*store=NAME/);
+  t.equal(storeName(parseCowParams('/srv/xen/a.img 30 store=web1.cow'), dom0, 'backend/vbd/0/51712'), 'web1.cow');
+  t.equal(storeName(parseCowParams('/srv/xen/a.img 30'), dom0, 'backend/vbd/0/51712'), 'transient-0-51712.cow', 'a transient store is the bootloader\'s own, as the guest\'s is');
+  t.equal(storeName(parseCowParams('/srv/xen/a.img 30 persistent'), { domainName: 'web1', frontendId: 4, vdev: 'xvda' }, 'backend/vbd/4/51712'), 'web1-xvda.cow');
+});
+
+interface World {
+  dir: string;
+  file: string;
+  config: Config;
+  store: TestStore;
+  xl: Map<number, string>;
+  xlCalls: string[];
+  hook(action: 'add' | 'remove', domid: number, devid?: number): Promise<{ code: number; log: string[] }>;
+  loopsOnFile(): string[];
+}
+
+/** A hook whose device is a loop over the world's file; `transient` unless the params say persistent. */
+function loopHook(file: string): Backend<{ transient: boolean }> {
+  return {
+    script: 'block-test',
+    summary: 'a loop over a file, for lifecycle tests',
+    usage: '',
+    plan: (disk) => ({ transient: !disk.params.includes('persistent') }),
+    transient: (p) => (p.transient ? `transient test store ${file}` : undefined),
+    async add(ctx) {
+      const dev = await ctx.build.step('test-loop', { file }, async () => execFileSync('losetup', ['--find', '--show', '--', file], { encoding: 'utf8' }).trim(), (d) => ({ dev: d }));
+      const { major, minor } = decodeDev(statSync(dev).rdev);
+      return { path: dev, major, minor };
+    },
+    undo: {
+      'test-loop': async (step) => {
+        if (typeof step.data.dev === 'string') execFileSync('losetup', ['-d', step.data.dev]);
+      },
+    },
+  };
+}
+
+async function world(t: Test): Promise<World> {
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-life-'));
+  const file = join(dir, 'disk.img');
+  writeFileSync(file, Buffer.alloc(1024 * 1024));
+  const config: Config = { ...defaultConfig(), storeDir: join(dir, 'store'), stateDir: join(dir, 'state'), imageDirs: [dir], xenLockDir: join(dir, 'xl'), logFile: '' };
+  const store = await startTestStore('xbh-life-xs-');
+  const w: World = {
+    dir, file, config, store, xl: new Map(), xlCalls: [],
+    async hook(action, domid, devid = 51712) {
+      const logger = memoryLogger();
+      // The runtime closes the client it is given: each run gets its own, as a hook process would.
+      const code = await runHook(loopHook(file), [action], { XENBUS_PATH: backendPath({ domid, devid }) }, {
+        connect: () => connectXenstore({ path: store.socketPath }), run: runOf(w), config, logger, err: () => {},
+      });
+      return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
+    },
+    loopsOnFile() {
+      return execFileSync('losetup', ['-j', file], { encoding: 'utf8' }).split('\n').filter(Boolean).map((l) => l.split(':')[0] as string);
+    },
+  };
+  t.teardown(async () => {
+    for (const l of w.loopsOnFile()) execFileSync('losetup', ['-d', l]);
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return w;
+}
+
+/** The real runner, with `xl list DOMID` answered from w.xl (the hypervisor's view of each domain). */
+function runOf(w: World): Runner {
+  const real = execRunner(process.env);
+  return {
+    async probe(f: string, args: readonly string[], o?: RunOptions): Promise<RunResult> {
+      if (f !== 'xl') return real.probe(f, args, o);
+      const cmd = `xl ${args.join(' ')}`;
+      w.xlCalls.push(cmd);
+      const id = Number(args[1]);
+      const st = w.xl.get(id);
+      const ok = st !== undefined;
+      return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout: ok ? xlList(`dom${id}`, id, st) : '', stderr: ok ? '' : `Invalid domain identifier: ${id}`, durationMs: 1, failed: !ok, timedOut: false };
+    },
+    run: (f, args, o) => real.run(f, args, o),
+  };
+}
+
+const U1 = '4a3c1e5f-0b7d-4c2e-9f10-aabbccddeeff';
+
+/** libxl's part around one domain: its home (name, vm) and one disk's backend nodes. */
+async function domain(w: World, domid: number, name: string, uuid: string, params = 'disk.img'): Promise<string> {
+  await writeDomain(w.store.xs, { domid, name, uuid });
+  return writeBackendNodes(w.store.xs, { domid, devid: 51712, params, script: '/etc/xen/scripts/block-test', domainName: name });
+}
+
+/** libxl's part after a remove: the backend and the domain's home go. */
+async function destroyNodes(w: World, domid: number): Promise<void> {
+  await w.store.xs.rm(`backend/vbd/${domid}`);
+  await w.store.xs.rm(`/local/domain/${domid}`);
+}
+
+function journalKeys(w: World): string[] {
+  try {
+    return readdirSync(join(w.config.stateDir, 'journal')).filter((n) => n.endsWith('.json')).sort();
+  } catch {
+    return [];
+  }
+}
+
+t.test('save, restore, a failed restore and a destroy: the same device all along, then nothing', async (t) => {
+  const w = await world(t);
+  await domain(w, 5, 'web', U1);
+  t.equal((await w.hook('add', 5)).code, 0, 'add for domain 5');
+  const pd = await w.store.xs.read('backend/vbd/5/51712/physical-device');
+  const loop = w.loopsOnFile();
+  t.equal(loop.length, 1, 'one loop');
+
+  // xl save: the domain is shut down for a suspend when its remove runs.
+  w.xl.set(5, '--pss-');
+  await closeBackend(w.store.xs, { domid: 5, devid: 51712 });
+  const saved = await w.hook('remove', 5);
+  t.equal(saved.code, 0, 'the save\'s remove exits 0');
+  t.same(w.loopsOnFile(), loop, 'the device stays for the restore');
+  const marker = markerPath(w.config, U1, '51712');
+  t.ok(existsSync(marker), `marker ${marker}`);
+  t.same(journalKeys(w), [`held~${U1}~51712.json`], 'the record is held under the domain\'s uuid, not the backend path');
+  t.match(saved.log.join('\n'), /domain 5 \(web\) is being saved; keeping/);
+  await destroyNodes(w, 5);
+  w.xl.delete(5);
+
+  // xl restore: a new domid, the same uuid and name.
+  await domain(w, 6, 'web', U1);
+  const restored = await w.hook('add', 6);
+  t.equal(restored.code, 0, 'the restore\'s add exits 0');
+  t.equal(await w.store.xs.read('backend/vbd/6/51712/physical-device'), pd, 'the same device as before the save');
+  t.same(w.loopsOnFile(), loop, 'no new loop');
+  t.notOk(existsSync(marker), 'the marker is used up');
+  t.same(journalKeys(w), ['backend~vbd~6~51712.json'], 'the record moved to the new backend path');
+
+  // The restore fails after its disks were added (its guest never connected: no `sectors`).
+  await closeBackend(w.store.xs, { domid: 6, devid: 51712 });
+  const failed = await w.hook('remove', 6);
+  t.equal(failed.code, 0);
+  t.same(w.loopsOnFile(), loop, 'a failed restore does not undo what the saved guest needs');
+  t.ok(existsSync(marker), 'the marker is back for the next attempt');
+  t.match(failed.log.join('\n'), /ended before its guest connected/);
+  await destroyNodes(w, 6);
+
+  // The next restore works, the guest connects (blkback writes sectors), and a destroy undoes it all.
+  await domain(w, 7, 'web', U1);
+  t.equal((await w.hook('add', 7)).code, 0);
+  t.equal(await w.store.xs.read('backend/vbd/7/51712/physical-device'), pd, 'still the same device');
+  await w.store.xs.write('backend/vbd/7/51712/sectors', '2048');
+  w.xl.set(7, '--p---');
+  await closeBackend(w.store.xs, { domid: 7, devid: 51712 });
+  t.equal((await w.hook('remove', 7)).code, 0, 'destroy');
+  t.same(w.loopsOnFile(), [], 'the loop is gone');
+  t.same(journalKeys(w), [], 'no record');
+  t.notOk(existsSync(marker), 'no marker');
+  t.same(w.xlCalls, ['xl list 5', 'xl list 7'], 'xl asked once per remove that could hold (not for the failed restore, which its missing sectors settled)');
+});
+
+async function holdOne(t: Test, w: World, domid: number, uuid: string): Promise<void> {
+  await domain(w, domid, 'db', uuid);
+  t.equal((await w.hook('add', domid)).code, 0, `add ${domid}`);
+  w.xl.set(domid, '--pss-');
+  await closeBackend(w.store.xs, { domid, devid: 51712 });
+  t.equal((await w.hook('remove', domid)).code, 0, `save ${domid}`);
+  await destroyNodes(w, domid);
+  w.xl.delete(domid);
+}
+
+t.test('a restore after dom0 restarted is refused, builds nothing, and keeps refusing', async (t) => {
+  const w = await world(t);
+  const uuid = '11111111-2222-4333-8444-555555555555';
+  await holdOne(t, w, 8, uuid);
+  // The restart: the devices and /run go; the marker (in store_dir) stays, from another boot.
+  for (const l of w.loopsOnFile()) execFileSync('losetup', ['-d', l]);
+  rmSync(w.config.stateDir, { recursive: true, force: true });
+  const m = markerPath(w.config, uuid, '51712');
+  writeFileSync(m, readFileSync(m, 'utf8').replace(/"bootId": "[^"]*"/, '"bootId": "an-earlier-boot"'));
+  for (const attempt of [1, 2]) {
+    await domain(w, 9, 'db', uuid);
+    const r = await w.hook('add', 9);
+    t.equal(r.code, 1, `restore attempt ${attempt} is refused`);
+    const err = await w.store.xs.read('backend/vbd/9/51712/hotplug-error');
+    t.match(err, /the saved domain db's transient test store .* did not survive: dom0 has restarted since.*nothing was built.*persistent.*delete .*\.json first/);
+    t.same(w.loopsOnFile(), [], 'no device built');
+    t.same(journalKeys(w), [], 'no record');
+    t.ok(existsSync(m), 'the marker stays');
+    await destroyNodes(w, 9);
+  }
+  // As the message says: the marker deleted, the same uuid starts afresh.
+  rmSync(m);
+  await domain(w, 10, 'db', uuid);
+  t.equal((await w.hook('add', 10)).code, 0, 'a fresh start once the marker is deleted');
+  w.xl.set(10, '-b----');
+  t.equal((await w.hook('remove', 10)).code, 0);
+  t.same(w.loopsOnFile(), []);
+});
+
+t.test('a restore with another disk spec is refused and leaves the held device alone', async (t) => {
+  const w = await world(t);
+  const uuid = '22222222-2222-4333-8444-555555555555';
+  await holdOne(t, w, 11, uuid);
+  const held = w.loopsOnFile();
+  await domain(w, 12, 'db', uuid, 'other.img');
+  t.equal((await w.hook('add', 12)).code, 1);
+  t.match(await w.store.xs.read('backend/vbd/12/51712/hotplug-error'), /was saved on .* as "block-test disk.img" \(mode w\), and this restore asks for "block-test other.img"/);
+  t.same(w.loopsOnFile(), held, 'the held device is untouched');
+  // Giving a saved domain up: delete its marker, then gc undoes the held record.
+  rmSync(markerPath(w.config, uuid, '51712'));
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'record');
+  t.equal(plan.length, 1, 'gc plans the held record once its marker is gone');
+  const results = await applyGc(plan, { config: w.config, run: execRunner(process.env), log: memoryLogger(), xs: w.store.xs, hooks: () => loopHook(w.file) });
+  t.ok(results.every((r) => r.ok), 'gc undid it');
+  t.same(w.loopsOnFile(), []);
+});
+
+t.test('status shows a held disk as held, and gc leaves it', async (t) => {
+  const w = await world(t);
+  const uuid = '33333333-2222-4333-8444-555555555555';
+  await holdOne(t, w, 13, uuid);
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  const row = inv.rows.find((r) => r.kind === 'record');
+  t.equal(row?.state, 'held');
+  t.match(row?.why ?? '', /kept for saved domain db .* its restore reattaches it/);
+  t.same(gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'record'), [], 'gc does not collect it');
+});
+
+t.test('a migration\'s receiving end is refused a transient disk; a persistent one is built', async (t) => {
+  const w = await world(t);
+  await domain(w, 14, 'web--incoming', U1);
+  const r = await w.hook('add', 14);
+  t.equal(r.code, 1, 'refused');
+  t.match(await w.store.xs.read('backend/vbd/14/51712/hotplug-error'), /web--incoming is the receiving end of a live migration.*transient test store lives only in the sending domain's devices.*the sending domain resumes/);
+  t.same(w.loopsOnFile(), [], 'nothing built');
+  t.same(journalKeys(w), []);
+  await destroyNodes(w, 14);
+  await domain(w, 15, 'web--incoming', U1, 'disk.img persistent');
+  t.equal((await w.hook('add', 15)).code, 0, 'a disk whose writes outlive its devices goes with the domain');
+  t.equal((await w.hook('remove', 15)).code, 0);
+  t.same(w.xlCalls, [], 'nothing to hold, so xl is not asked');
+});
+
+t.test('the sender of a completed migration and a dom0 attach are undone, never held', async (t) => {
+  const w = await world(t);
+  await domain(w, 16, 'web', U1);
+  t.equal((await w.hook('add', 16)).code, 0);
+  await w.store.xs.write('/local/domain/16/name', 'web--migratedaway');
+  w.xl.set(16, '--pss-');
+  await closeBackend(w.store.xs, { domid: 16, devid: 51712 });
+  t.equal((await w.hook('remove', 16)).code, 0);
+  t.same(w.loopsOnFile(), [], 'the sender\'s devices go');
+  t.notOk(existsSync(markerPath(w.config, U1, '51712')), 'no marker');
+
+  await writeBackendNodes(w.store.xs, { domid: 0, devid: 51712, params: 'disk.img', script: '/etc/xen/scripts/block-test', domainName: 'Domain-0' });
+  t.equal((await w.hook('add', 0)).code, 0, 'bootloader attach');
+  w.xl.set(0, '--pss-');
+  t.equal((await w.hook('remove', 0)).code, 0);
+  t.same(w.loopsOnFile(), [], 'a dom0 attach is undone');
+  t.same(w.xlCalls, [], 'neither asks xl: a migrated-away sender is known by its name, dom0 is never saved');
+});
+
+t.test('gc finds a transient store file nothing uses (a crash\'s leftover), and only that', async (t) => {
+  const w = await world(t);
+  mkdirSync(join(w.config.storeDir, 'qcow'), { recursive: true });
+  const old = Date.now() / 1000 - 3600;
+  const files = {
+    leftover: join(w.config.storeDir, 'transient-3-51712.cow'),
+    young: join(w.config.storeDir, 'transient-4-51712.cow'),
+    persistent: join(w.config.storeDir, 'web1-xvda.cow'),
+    overlay: join(w.config.storeDir, 'qcow', 'transient-5-51712-0a1b2c3d.qcow2'),
+    attached: join(w.config.storeDir, 'transient-6-51712.cow'),
+  };
+  for (const f of Object.values(files)) writeFileSync(f, Buffer.alloc(4096));
+  for (const k of ['leftover', 'persistent', 'overlay', 'attached'] as const) utimesSync(files[k], old, old);
+  const l = execFileSync('losetup', ['--find', '--show', '--', files.attached], { encoding: 'utf8' }).trim();
+  t.teardown(() => execFileSync('losetup', ['-d', l]));
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  const stores = inv.rows.filter((r) => r.kind === 'store').map((r) => r.store).sort();
+  t.same(stores, [files.leftover, files.overlay].sort(), 'old, unnamed by any record, unattached, transient by name');
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'store');
+  t.match(plan.map((p) => p.action).join('\n'), /rm .*transient-3-51712\.cow: transient store file/);
+  const results = await applyGc(plan, { config: w.config, run: execRunner(process.env), log: memoryLogger(), xs: w.store.xs });
+  t.ok(results.every((r) => r.ok));
+  t.notOk(existsSync(files.leftover), 'leftover deleted');
+  t.notOk(existsSync(files.overlay), 'leftover overlay deleted');
+  for (const k of ['young', 'persistent', 'attached'] as const) t.ok(existsSync(files[k]), `${k} kept`);
+});
