@@ -108,6 +108,26 @@ t.test('the same VM may share a writable file (device-model stub domain with tar
   t.same(h.loopsOnImages(), []);
 });
 
+t.test('a same-host migration: the receiver (NAME--incoming, same uuid) shares the sender\'s writable file; the sender\'s remove keeps it', async (t) => {
+  // What xl migrate-receive does on one host: the receiving domain, with the sender's uuid, adds
+  // the disk while the suspended sender still has it; then the sender is destroyed.
+  const h = await harness(t);
+  const img = h.image('mig.img');
+  const uuid = '00000000-0000-4000-8000-0000000000bb';
+  const sender = await h.disk({ domid: 11, devid: 51712, params: img, mode: 'w', uuid, name: 'web' });
+  t.equal((await h.run('add', sender)).code, 0);
+  const receiver = await h.disk({ domid: 12, devid: 51712, params: img, mode: 'w', uuid, name: 'web--incoming' });
+  const r = await h.run('add', receiver);
+  t.equal(r.code, 0, `the receiver gets the file (stderr: ${r.stderr})`);
+  await h.store.xs.write('/local/domain/11/name', 'web--migratedaway');
+  t.equal((await h.run('remove', sender)).code, 0, 'the sender is destroyed');
+  const left = h.loopsOnImages();
+  t.equal(left.length, 1, 'the receiver\'s loop stays');
+  t.equal(left[0]?.name, await h.read(`${receiver}/node`), 'and it is the receiver\'s own');
+  t.equal((await h.run('remove', receiver)).code, 0);
+  t.same(h.loopsOnImages(), []);
+});
+
 t.test('a domain without a vm node is not taken for the same VM', async (t) => {
   const h = await harness(t);
   const img = h.image('novm.img');

@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 
@@ -59,11 +59,13 @@ function setup(t: { teardown(f: () => void): void }) {
 
 const INSTALLED = [
   '644 /etc/logrotate.d/xen-blockhooks',
+  '777 /etc/systemd/system/multi-user.target.wants/xen-blockhooks-boot.service',
   '644 /etc/xen/blockhooks.conf',
   '755 /etc/xen/scripts/block',
   '755 /etc/xen/scripts/block-cow',
   '755 /etc/xen/scripts/block-qcow',
   '755 /etc/xen/scripts/vif-bridge',
+  '644 /usr/lib/systemd/system/xen-blockhooks-boot.service',
   '644 /usr/lib/xen-blockhooks/MANIFEST',
   '644 /usr/lib/xen-blockhooks/block-cow.cjs',
   '644 /usr/lib/xen-blockhooks/block-cow.cjs.0123456789abcdef.v0-x64.v8cache',
@@ -97,6 +99,10 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   t.ok(wrapper.includes(`exec '${process.execPath}' '/usr/lib/xen-blockhooks/block-cow.mjs' "$@"`), 'execs the absolute node on the installed bundle');
   t.ok(readFileSync(join(h.dest, 'usr/sbin/xen-blockhooks'), 'utf8').includes("'/usr/lib/xen-blockhooks/xen-blockhooks.mjs'"));
   t.notOk(existsSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service')), 'no watch unit when the command has no watch');
+  const boot = readFileSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-boot.service'), 'utf8');
+  t.match(boot, /^ExecStart=\/usr\/sbin\/xen-blockhooks gc --apply$/m, 'the boot cleanup runs gc --apply');
+  t.match(boot, /^Before=xendomains\.service$/m, 'before xendomains restores saved domains');
+  t.equal(readlinkSync(join(h.dest, 'etc/systemd/system/multi-user.target.wants/xen-blockhooks-boot.service')), '/usr/lib/systemd/system/xen-blockhooks-boot.service', 'enabled as systemctl enable would');
   t.equal(readFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'utf8'), readFileSync(join(ROOT, 'packaging/blockhooks.conf'), 'utf8'));
 
   // Run a wrapper the way libxl would, with a hostile environment. The bundle path is under /usr,

@@ -29,10 +29,12 @@ last_reread() { console_log "$1" | sed -n 's/.*xbh-domu: reread #\([0-9]*\) .*/\
 rereads_after() { console_log "$1" | grep 'xbh-domu: reread #' | awk -v n="$2" '{ split($3, a, "#"); if (a[2] + 0 > n) print }'; }
 reread_past() { [ "$(last_reread "$1")" -gt "$2" ]; }
 
-# start NAME MARKER SPEC-TAIL: xl create a rereading domU on a block-cow disk; waits for 3 rereads.
+# start NAME MARKER SPEC-TAIL [HOOK TARGET]: xl create a rereading domU on a disk of HOOK (default
+# block-cow over the base); waits for 3 rereads.
 start() {
-	cfg=$(domu_cfg "$1" reread "xbh_marker=$2" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$BASE $3")
-	xl_create "xl create $1 (block-cow, $3)" "$cfg" || return 1
+	hook=${4:-cow}
+	cfg=$(domu_cfg "$1" reread "xbh_marker=$2" "format=raw, vdev=xvda, access=rw, script=block-$hook, target=${5:-$BASE} $3")
+	xl_create "xl create $1 (block-$hook, $3)" "$cfg" || return 1
 	if until_true 90 reread_past "$1" 2; then ok "$1 wrote its pattern and re-reads it"; else not_ok "$1 re-reads its pattern" "$(console_log "$1" | tail -20)"; return 1; fi
 	if rereads_after "$1" 0 | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
 		not_ok "$1 reads back its own pattern before the save" "$(rereads_after "$1" 0)"
@@ -41,10 +43,18 @@ start() {
 	fi
 }
 
-# save NAME: xl save into the scratch folder, asserted; the domain is gone afterwards.
+# save NAME: xl save into the scratch folder (a tmpfs: one save file at a time), asserted; the
+# domain is gone afterwards. A failed save leaves the domain running: it is destroyed, returns 1.
 save() {
 	t=$(ms)
-	if out=$(xl save "$1" "$XBH_SCRATCH/$1.save" 2>&1); then ok "xl save $1 ($(($(ms) - t)) ms)"; else not_ok "xl save $1" "$out"; return 1; fi
+	rm -f "$XBH_SCRATCH"/*.save
+	if out=$(xl save "$1" "$XBH_SCRATCH/$1.save" 2>&1); then
+		ok "xl save $1 ($(($(ms) - t)) ms)"
+	else
+		not_ok "xl save $1" "$out"
+		xl destroy "$1" 2>/dev/null
+		return 1
+	fi
 	until_true 30 domain_gone "$1" || not_ok "$1 is gone after the save" "$(xl list 2>&1)"
 }
 
@@ -76,7 +86,7 @@ if start xbhsave s1 32; then
 	be=$(vbd_backend "$(domid xbhsave)" 51712)
 	pd=$(xenstore-read "$be/physical-device")
 	uuid=$(xenstore-read "/local/domain/$(domid xbhsave)/vm" | sed 's,^/vm/,,')
-	save xbhsave
+	save xbhsave || { expect_nothing_left "after the failed save"; finish; }
 	before=$(last_reread xbhsave)
 	if [ -f "$SAVED/$uuid-51712.json" ]; then ok "the save left a marker for the saved disk"; else not_ok "the save left a marker for the saved disk" "$(ls -la $SAVED 2>&1)"; fi
 	if $CLI status 2>&1 | grep -q ' held'; then ok "status shows the disk held for the saved domain"; else not_ok "status shows the disk held" "$($CLI status 2>&1)"; fi
@@ -109,7 +119,7 @@ reboot_dom0() {
 
 if start xbhboot s2 32; then
 	uuid=$(xenstore-read "/local/domain/$(domid xbhboot)/vm" | sed 's,^/vm/,,')
-	save xbhboot
+	save xbhboot || { expect_nothing_left "after the failed save"; finish; }
 	reboot_dom0
 	if find /var/lib/xen-blockhooks -name 'transient-*.cow' | grep -q .; then
 		not_ok "the boot cleanup deleted the transient store nothing uses" "$(find /var/lib/xen-blockhooks -type f)"
@@ -134,7 +144,7 @@ fi
 
 # --- 3. persistent store, dom0 restarted in between --------------------------------------------
 if start xbhpers s3 "32 persistent"; then
-	save xbhpers
+	save xbhpers || { expect_nothing_left "after the failed save"; finish; }
 	before=$(last_reread xbhpers)
 	if [ -z "$(ls $SAVED 2>/dev/null)" ]; then ok "nothing is held for a persistent store (its data outlives the devices)"; else not_ok "nothing is held for a persistent store" "$(ls -la $SAVED)"; fi
 	reboot_dom0
@@ -147,6 +157,52 @@ if start xbhpers s3 "32 persistent"; then
 	rm -f /var/lib/xen-blockhooks/xbhpers-xvda.cow
 	expect_nothing_left "after destroying xbhpers (its persistent store deleted by hand)"
 fi
+# --- 4. a migration's receiving end, with the sender's devices live ------------------------------
+# What xl migrate-receive does first on the receiving host: create the domain paused, named
+# NAME--incoming, with the sender's disks. The sender (here on the same host) keeps its devices
+# until the receiver has its own. A PV guest cannot really migrate here (Debian's Xen is built
+# without shadow paging), so the receiver is created as migrate-receive would create it.
+if start xbhmig s4 32; then
+	cfg=$(domu_cfg xbhmig--incoming reread "xbh_marker=s4" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$BASE 32")
+	if out=$(xl create -p "$cfg" 2>&1); then
+		not_ok "the receiving end (xbhmig--incoming) is refused the transient disk" "$out"
+		xl destroy xbhmig--incoming 2>/dev/null
+	else
+		ok "the receiving end (xbhmig--incoming) is refused the transient disk"
+	fi
+	if printf '%s\n' "$out" | grep -q "receiving end of a live migration"; then ok "xl shows the hook's reason"; else not_ok "xl shows the hook's reason" "$out"; fi
+	until_true 30 domain_gone xbhmig--incoming || not_ok "the refused receiver left no domain" "$(xl list 2>&1)"
+	before=$(last_reread xbhmig)
+	keeps_pattern xbhmig s4 "$before"
+	check "the sender's snapshot is its only device-mapper device" sh -c '[ "$(dmsetup ls | grep -c xbh-cow-)" = 1 ]'
+	check "xl destroy xbhmig" xl destroy xbhmig
+	expect_nothing_left "after the refused receiver and the sender's destroy"
+fi
+
+# --- 5. the other hooks the tier hosts, save + restore in one boot ----------------------------------
+QCOW=/var/lib/xen/images/xbh-save.qcow2
+for hook in qcow thin; do
+	hook_installed $hook || { not_ok "block-$hook is installed"; continue; }
+	case $hook in
+	qcow) qemu-img convert -O qcow2 $BASE $QCOW && target=$QCOW tail="overlay=transient" ;;
+	thin) target=$BASE tail=64 ;;
+	esac
+	name=xbh$hook
+	start $name "s$hook" "$tail" $hook "$target" || continue
+	be=$(vbd_backend "$(domid $name)" 51712)
+	pd=$(xenstore-read "$be/physical-device")
+	save $name || continue
+	before=$(last_reread $name)
+	if restore $name; then ok "xl restore $name"; else not_ok "xl restore $name" "$RESTORE_OUT"; fi
+	be=$(vbd_backend "$(domid $name)" 51712)
+	if [ "$(xenstore-read "$be/physical-device" 2>&1)" = "$pd" ]; then ok "block-$hook: the restored domain got the device it was saved with ($pd)"; else not_ok "block-$hook: the restored domain got the device it was saved with" "before: $pd" "now: $(xenstore-read "$be/physical-device" 2>&1)"; fi
+	xl unpause $name
+	keeps_pattern $name "s$hook" "$before"
+	check "xl destroy $name" xl destroy $name
+	expect_nothing_left "block-$hook: after destroying the restored domain"
+done
+rm -f $QCOW
+
 if [ "$(sha256sum <$BASE)" = "$sum0" ]; then ok "the base image is unchanged (sha256)"; else not_ok "the base image is unchanged"; fi
 rm -f $BASE "$XBH_SCRATCH"/*.save
 finish
