@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio xz-utils kmod \
-dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio time \
+dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio time python3 e2fsprogs \
 ceph-mon ceph-osd ceph-common"
 
 if [ "$(id -u)" -ne 0 ]; then

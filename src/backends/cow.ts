@@ -19,7 +19,7 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
-import { addBaseRef, addDm, addLoop, addStoreFile, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
+import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
 export interface CowPlan {
   params: CowParams;
@@ -241,6 +241,7 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   const s = plan.store;
   ensureStoreDir(ctx.config.storeDir);
   if (!s.persistent) await clearLeftoverTransient(ctx, s.path);
+  else await addStoreOwner(env, 'block-cow', s.path);
   const store = await addStoreFile(env, s.path, s.bytes, s.persistent);
   const storeId = { dev: store.dev, ino: store.ino };
   if (store.existed) {

@@ -46,7 +46,7 @@ import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
 import { devString, devT } from './cow-devices.js';
-import { ensureStoreDir } from './steps.js';
+import { addStoreOwner, ensureStoreDir, sharedUndo, STEP as SHARED_STEP } from './steps.js';
 import { backendIds, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
@@ -458,6 +458,8 @@ export async function addQcow(ctx: HookContext, plan: QcowPlan): Promise<BuiltDe
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
     }
   }
+  // On shared storage, one host at a time (lock/store-owner.ts).
+  if (persistent) await addStoreOwner(ctx, SCRIPT, path);
   const tmp = persistent && !existed ? `${path}.${process.pid}.new` : undefined;
   await ctx.build.step(STEP.overlay, { path, persistent, existed, ...(tmp ? { tmp } : {}), base: top.path }, async () => {
     if (existed) return checkExistingOverlay(run, path, top, config);
@@ -525,6 +527,7 @@ async function undoUse(): Promise<void> {}
 
 export const qcowUndo: UndoRegistry = {
   [STEP.use]: undoUse,
+  [SHARED_STEP.storeOwner]: sharedUndo[SHARED_STEP.storeOwner] as UndoRegistry[string],
   [STEP.overlay]: undoOverlay,
   [STEP.nbd]: undoNbd,
 };

@@ -27,13 +27,14 @@ import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import { baseImageLockPath } from '../lock/paths.js';
+import { claimStore, releaseStore } from '../lock/store-owner.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import {
   attachLoop, detachLoop, devString, devT, dmCreate, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
 } from './cow-devices.js';
 
-export const STEP = { baseRef: 'base-ref', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
+export const STEP = { baseRef: 'base-ref', storeOwner: 'store-owner', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
 
 export interface StepEnv {
   build: Build;
@@ -184,6 +185,25 @@ async function assertGone(run: Runner, loops: LoopInfo[], what: string): Promise
   if (left.length) {
     throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${what}) is still open by something and stays until it is closed (autoclear set)`);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// store-owner
+
+/**
+ * Claim a persistent store for this host (lock/store-owner.ts): refused, before anything is made,
+ * when another host holds it. The claim is released by the undo, if it was this disk's.
+ */
+export async function addStoreOwner(env: StepEnv, script: string, path: string): Promise<void> {
+  const backendPath = env.build.entry.backendPath;
+  await env.build.step(STEP.storeOwner, { path, backendPath }, async () => claimStore(script, path, backendPath), (r) => ({ ours: r.ours }));
+}
+
+async function undoStoreOwner(step: StepRecord): Promise<void> {
+  const path = typeof step.data.path === 'string' ? step.data.path : undefined;
+  const backendPath = typeof step.data.backendPath === 'string' ? step.data.backendPath : undefined;
+  // Intent only (done: false): the claim may have been made; releaseStore checks it names us.
+  if (path && backendPath && step.data.ours !== false) releaseStore(path, backendPath);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,6 +427,7 @@ async function undoDm(step: StepRecord, ctx: UndoContext): Promise<void> {
 /** The undoers of this file, for a backend's `undo` registry. */
 export const sharedUndo: UndoRegistry = {
   [STEP.baseRef]: undoBaseRef,
+  [STEP.storeOwner]: undoStoreOwner,
   [STEP.storeFile]: undoStoreFile,
   [STEP.loop]: undoLoop,
   [STEP.dm]: undoDm,

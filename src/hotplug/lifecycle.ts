@@ -37,6 +37,7 @@ import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import type { HeldFor, Journal, JournalEntry } from '../journal/journal.js';
+import { thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { XsOps } from '../xenstore/types.js';
 import type { DiskSpec } from './disk.js';
@@ -114,11 +115,7 @@ export interface SavedDisk {
 
 /** The kernel's id of this boot; devices (dm, loop, nbd, krbd mappings) live no longer. */
 export function bootId(): string {
-  try {
-    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-  } catch {
-    return 'unknown';
-  }
+  return thisHost().boot;
 }
 
 export function savedDir(config: Config): string {

@@ -4,7 +4,7 @@
  * undo after a failure at every step of an add.
  */
 import t, { type Test } from 'tap';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -350,6 +350,23 @@ t.test('a persistent store in use is refused busy, and the refusal leaves the us
   t.equal((await w.hook('remove', a)).code, 0);
   rmSync(join(w.config.storeDir, 'shared.cow'));
   w.nothingLeft(t, 'the end');
+});
+
+t.test('a persistent store held by another host (shared storage) is refused busy; nothing is built', async (t) => {
+  const w = await world(t);
+  mkdirSync(join(w.config.storeDir, 'web.cow.owner'), { recursive: true, mode: 0o700 });
+  const other = { machine: 'another-machine', host: 'dom0-b', boot: 'x', backendPath: 'backend/vbd/9/51712', since: '2026-12-01T00:00:00.000Z' };
+  writeFileSync(join(w.config.storeDir, 'web.cow.owner', 'owner.json'), JSON.stringify(other));
+  const d = disk(1, `${w.base} 8 store=web.cow`);
+  await writeBackendNodes(w.xs, d);
+  const r = await w.hook('add', d);
+  t.equal(r.code, 1);
+  t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'busy');
+  t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), /web\.cow is held by host dom0-b \(since 2026-12-01T00:00:00\.000Z, disk backend\/vbd\/9\/51712\); a store serves one host at a time/);
+  t.same(w.fake.loops, [], 'no loop');
+  t.same(w.fake.dms, [], 'no dm device');
+  t.same(readdirSync(w.config.storeDir), ['web.cow.owner'], 'no store made; the other host\'s claim untouched');
+  t.same(JSON.parse(readFileSync(join(w.config.storeDir, 'web.cow.owner', 'owner.json'), 'utf8')), other);
 });
 
 t.test('a base attached writable elsewhere is refused busy before anything is built', async (t) => {

@@ -1,0 +1,133 @@
+/**
+ * Which host holds a persistent store. A store on storage that several dom0s share (NFS, the
+ * usual live-migration setup) must be attached by one host at a time: two hosts' loop devices over
+ * one file each keep their own page cache, so the second would read stale blocks and both would
+ * write over each other's exceptions.
+ *
+ * Protocol (one claim directory next to the store, `<store>.owner/`, holding `owner.json`):
+ *   claim    mkdir(<store>.owner). On success write owner.json {machine, host, boot, backendPath,
+ *            since} into it (written to a temporary name and renamed). On EEXIST read owner.json:
+ *              - another machine: refused (busy), naming the host, the disk and since when;
+ *              - this machine, an earlier boot: left by this host's own crash or restart (its
+ *                devices are gone): taken over;
+ *              - this machine, this boot: another disk here, or this disk's earlier attempt; the
+ *                loop check of the store (the one writer rule) decides, and the claim is not ours
+ *                to release unless it names this backend path;
+ *              - no owner.json: a claim cut between mkdir and the write; taken over when the
+ *                directory is older than a minute, else busy.
+ *   release  only by the machine, boot and backend path owner.json names: owner.json, then the
+ *            directory.
+ * The claim lasts as long as the disk is attached, across the hook processes that add and remove
+ * it, and across a crash of its host (a restart of that host takes it over).
+ *
+ * Why mkdir: it is one NFS MKDIR call that the server decides (EEXIST when the name exists), so it
+ * is atomic for every client; it is what lockfile(1) and proper-lockfile use for the same reason.
+ * flock(2) over NFS is emulated with byte-range locks (Linux ≥ 2.6.12), and both it and
+ * proper-lockfile hold a lock only while a process lives (proper-lockfile refreshes the lock's
+ * mtime and others take it over as stale once that stops), while a store stays held after the
+ * hook that attached it has exited. So the claim uses mkdir itself, with an owner record instead
+ * of a refresh.
+ */
+import { mkdirSync, readFileSync, renameSync, rmdirSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { HotplugError } from '../hotplug/errors.js';
+
+export interface HostIdentity {
+  /** /etc/machine-id (unique per installation), else the host name. */
+  machine: string;
+  host: string;
+  /** The kernel's id of this boot: devices live no longer. */
+  boot: string;
+}
+
+function readTrim(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export function thisHost(): HostIdentity {
+  const host = hostname();
+  return { machine: readTrim('/etc/machine-id') ?? host, host, boot: readTrim('/proc/sys/kernel/random/boot_id') ?? 'unknown' };
+}
+
+export interface StoreOwner extends HostIdentity {
+  backendPath: string;
+  since: string;
+}
+
+export function ownerDir(store: string): string {
+  return `${store}.owner`;
+}
+
+const CLAIM_GRACE_MS = 60_000;
+
+function readOwner(dir: string): StoreOwner | undefined {
+  try {
+    return JSON.parse(readFileSync(join(dir, 'owner.json'), 'utf8')) as StoreOwner;
+  } catch {
+    return undefined;
+  }
+}
+
+function writeOwner(dir: string, o: StoreOwner): void {
+  const tmp = join(dir, `.owner.${process.pid}.tmp`);
+  writeFileSync(tmp, `${JSON.stringify(o)}\n`, { mode: 0o600 });
+  renameSync(tmp, join(dir, 'owner.json'));
+}
+
+/**
+ * Claim `store` for `backendPath` on this host. Returns whether the claim is this disk's (and so
+ * its to release); throws a busy HotplugError when another host holds it.
+ */
+export function claimStore(script: string, store: string, backendPath: string, me: HostIdentity = thisHost()): { ours: boolean } {
+  const dir = ownerDir(store);
+  const mine: StoreOwner = { ...me, backendPath, since: new Date().toISOString() };
+  try {
+    mkdirSync(dir, { mode: 0o700 });
+    writeOwner(dir, mine);
+    return { ours: true };
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
+  const o = readOwner(dir);
+  if (!o) {
+    let age = 0;
+    try {
+      age = Date.now() - statSync(dir).mtimeMs;
+    } catch {
+      return claimStore(script, store, backendPath, me); // released meanwhile: try again
+    }
+    if (age < CLAIM_GRACE_MS) throw new HotplugError(`${script}: the persistent store ${store} is being claimed right now (${dir} has no owner yet); try again.`, 'busy');
+    writeOwner(dir, mine);
+    return { ours: true };
+  }
+  if (o.machine !== me.machine) {
+    throw new HotplugError(
+      `${script}: the persistent store ${store} is held by host ${o.host} (since ${o.since}, disk ${o.backendPath}); a store serves one host at a time. Detach it there first (for a migration: the store stays with the host the domain runs on); if ${o.host} is down for good, remove the directory ${dir}.`,
+      'busy',
+    );
+  }
+  if (o.boot !== me.boot || o.backendPath === backendPath) {
+    writeOwner(dir, mine);
+    return { ours: true };
+  }
+  return { ours: false };
+}
+
+/** Give up the claim, if owner.json still names this host, boot and backend path. */
+export function releaseStore(store: string, backendPath: string, me: HostIdentity = thisHost()): void {
+  const dir = ownerDir(store);
+  const o = readOwner(dir);
+  if (!o || o.machine !== me.machine || o.boot !== me.boot || o.backendPath !== backendPath) return;
+  try {
+    unlinkSync(join(dir, 'owner.json'));
+    rmdirSync(dir);
+  } catch (e) {
+    // ENOTEMPTY: a writer's temporary file is left; the directory has no owner and is taken over.
+    if (!['ENOENT', 'ENOTEMPTY'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
+  }
+}
