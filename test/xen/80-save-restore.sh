@@ -69,15 +69,16 @@ restore() {
 	return $rc
 }
 
-# keeps_pattern NAME MARKER BEFORE: after the restore the guest's rereads go on past BEFORE, and
-# every one of them still finds its pattern on the disk.
+# keeps_pattern NAME MARKER BEFORE [WHEN]: after WHEN (default: the restore) the guest's rereads go
+# on past BEFORE, and every one of them still finds its pattern on the disk.
 keeps_pattern() {
-	if until_true 90 reread_past "$1" $(($3 + 3)); then ok "$1 runs again after the restore"; else not_ok "$1 runs again after the restore" "$(console_log "$1" | tail -20)"; return; fi
+	when=${4:-the restore}
+	if until_true 90 reread_past "$1" $(($3 + 3)); then ok "$1 runs on after $when"; else not_ok "$1 runs on after $when" "$(console_log "$1" | tail -20)"; return; fi
 	after=$(rereads_after "$1" "$3")
 	if printf '%s\n' "$after" | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
-		not_ok "$1 reads exactly what it wrote after the restore" "$after"
+		not_ok "$1 reads exactly what it wrote after $when" "$after"
 	else
-		ok "$1 reads exactly what it wrote after the restore ($(printf '%s\n' "$after" | wc -l) rereads)"
+		ok "$1 reads exactly what it wrote after $when ($(printf '%s\n' "$after" | wc -l) rereads)"
 	fi
 }
 
@@ -173,7 +174,7 @@ if start xbhmig s4 32; then
 	if printf '%s\n' "$out" | grep -q "receiving end of a live migration"; then ok "xl shows the hook's reason"; else not_ok "xl shows the hook's reason" "$out"; fi
 	until_true 30 domain_gone xbhmig--incoming || not_ok "the refused receiver left no domain" "$(xl list 2>&1)"
 	before=$(last_reread xbhmig)
-	keeps_pattern xbhmig s4 "$before"
+	keeps_pattern xbhmig s4 "$before" "the refused migration"
 	check "the sender's snapshot is its only device-mapper device" sh -c '[ "$(dmsetup ls | grep -c xbh-cow-)" = 1 ]'
 	check "xl destroy xbhmig" xl destroy xbhmig
 	expect_nothing_left "after the refused receiver and the sender's destroy"
