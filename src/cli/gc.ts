@@ -19,6 +19,7 @@ import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { hookNamed } from '../backends/index.js';
+import { dmRemove } from '../backends/cow-devices.js';
 import { lockFileFor, type Inventory, type Row } from './inventory.js';
 
 export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
@@ -84,17 +85,6 @@ export interface GcResult {
   error?: string;
 }
 
-async function removeDm(run: Runner, name: string, config: Config): Promise<void> {
-  const deadline = Date.now() + Math.max(config.busyRetryMs, 1000);
-  for (;;) {
-    const r = await run.probe('dmsetup', ['remove', name]);
-    if (!r.failed) return;
-    if (/No such device or address|not found|does not exist/i.test(r.stderr)) return;
-    if (!/busy/i.test(r.stderr) || Date.now() >= deadline) throw new Error(`${r.command} failed: ${r.stderr.trim().split('\n').pop() ?? ''}`);
-    await new Promise((res) => setTimeout(res, 200));
-  }
-}
-
 export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult[]> {
   const journal = deps.journal ?? new Journal(deps.config.stateDir);
   const results: GcResult[] = [];
@@ -120,7 +110,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         }
         deps.log.info(`gc: undid ${r.hook} record for ${bp}`, { device: r.device });
       } else if (r.kind === 'dm') {
-        await removeDm(deps.run, (r.device as string).replace('/dev/mapper/', ''), deps.config);
+        await dmRemove(deps.run, (r.device as string).replace('/dev/mapper/', ''), Math.max(deps.config.busyRetryMs, 1000));
         deps.log.info(`gc: removed leaked dm device ${r.device}`);
       } else if (r.kind === 'loop') {
         const p = await deps.run.probe('losetup', ['-d', r.device as string]);

@@ -1,7 +1,8 @@
 # xl save + xl restore of a PV domU on block-cow disks, as Debian's xendomains does at every
 # dom0 shutdown and boot. The guest writes its pattern at 0 and at 1 MiB and re-reads both from
-# the disk every second (page cache dropped, O_DIRECT); across the save and the restore its memory
-# expects exactly what it wrote. Three cases:
+# the disk every second (page cache dropped, O_DIRECT; helpers in lib.sh); across the save and the
+# restore its memory expects exactly what it wrote. Three cases (82 has the migration's receiver
+# and the other hooks):
 #   1. transient store, same boot: the save's remove holds the devices (the domain is suspended),
 #      the restore's add reattaches them: the guest keeps reading its pattern, on the same device.
 #   2. transient store, dom0 restarted in between (the held devices torn down, /run cleared, the
@@ -11,76 +12,12 @@
 #      the guest keeps reading its pattern.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	not_ok "install the hooks for save/restore" "$(cat "$XBH_SCRATCH/install.log" 2>/dev/null)"
-	finish
-fi
-note "$how"
+require_hooks
 BASE=/var/lib/xen/images/xbh-save.img
 mkdir -p /var/lib/xen/images
 make_base $BASE 32
 sum0=$(sha256sum <$BASE)
-CLI="node $XBH_DIST/xen-blockhooks.mjs"
-SAVED=/var/lib/xen-blockhooks/saved
-
-# last_reread NAME: the number of the guest's last "reread #N" line (0 if none).
-last_reread() { console_log "$1" | sed -n 's/.*xbh-domu: reread #\([0-9]*\) .*/\1/p' | tail -n 1 | grep . || echo 0; }
-# rereads_after NAME N: the reread lines numbered above N.
-rereads_after() { console_log "$1" | grep 'xbh-domu: reread #' | awk -v n="$2" '{ split($3, a, "#"); if (a[2] + 0 > n) print }'; }
-reread_past() { [ "$(last_reread "$1")" -gt "$2" ]; }
-
-# start NAME MARKER SPEC-TAIL [HOOK TARGET]: xl create a rereading domU on a disk of HOOK (default
-# block-cow over the base); waits for 3 rereads.
-start() {
-	hook=${4:-cow}
-	cfg=$(domu_cfg "$1" reread "xbh_marker=$2" "format=raw, vdev=xvda, access=rw, script=block-$hook, target=${5:-$BASE} $3")
-	xl_create "xl create $1 (block-$hook, $3)" "$cfg" || return 1
-	if until_true 90 reread_past "$1" 2; then ok "$1 wrote its pattern and re-reads it"; else not_ok "$1 re-reads its pattern" "$(console_log "$1" | tail -20)"; return 1; fi
-	if rereads_after "$1" 0 | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
-		not_ok "$1 reads back its own pattern before the save" "$(rereads_after "$1" 0)"
-	else
-		ok "$1 reads back its own pattern before the save"
-	fi
-}
-
-# save NAME: xl save into the scratch folder (a tmpfs: one save file at a time), asserted; the
-# domain is gone afterwards. A failed save leaves the domain running: it is destroyed, returns 1.
-save() {
-	t=$(ms)
-	rm -f "$XBH_SCRATCH"/*.save
-	if out=$(xl save "$1" "$XBH_SCRATCH/$1.save" 2>&1); then
-		ok "xl save $1 ($(($(ms) - t)) ms)"
-	else
-		not_ok "xl save $1" "$out"
-		xl destroy "$1" 2>/dev/null
-		return 1
-	fi
-	until_true 30 domain_gone "$1" || not_ok "$1 is gone after the save" "$(xl list 2>&1)"
-}
-
-# restore NAME: xl restore -p (the domain stays paused until xl unpause).
-restore() {
-	t=$(ms)
-	out=$(xl restore -p "$XBH_SCRATCH/$1.save" 2>&1)
-	rc=$?
-	note "xl restore -p $1: exit $rc ($(($(ms) - t)) ms)"
-	printf '%s\n' "$out" | tail -5 | sed 's/^/  /' | while read -r l; do note "$l"; done
-	RESTORE_OUT=$out
-	return $rc
-}
-
-# keeps_pattern NAME MARKER BEFORE [WHEN]: after WHEN (default: the restore) the guest's rereads go
-# on past BEFORE, and every one of them still finds its pattern on the disk.
-keeps_pattern() {
-	when=${4:-the restore}
-	if until_true 90 reread_past "$1" $(($3 + 3)); then ok "$1 runs on after $when"; else not_ok "$1 runs on after $when" "$(console_log "$1" | tail -20)"; return; fi
-	after=$(rereads_after "$1" "$3")
-	if printf '%s\n' "$after" | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
-		not_ok "$1 reads exactly what it wrote after $when" "$after"
-	else
-		ok "$1 reads exactly what it wrote after $when ($(printf '%s\n' "$after" | wc -l) rereads)"
-	fi
-}
+REREAD_BASE=$BASE
 
 # --- 1. transient store, same boot -----------------------------------------------------------
 if start xbhsave s1 32; then
@@ -158,52 +95,6 @@ if start xbhpers s3 "32 persistent"; then
 	rm -f /var/lib/xen-blockhooks/xbhpers-xvda.cow
 	expect_nothing_left "after destroying xbhpers (its persistent store deleted by hand)"
 fi
-# --- 4. a migration's receiving end, with the sender's devices live ------------------------------
-# What xl migrate-receive does first on the receiving host: create the domain paused, named
-# NAME--incoming, with the sender's disks. The sender (here on the same host) keeps its devices
-# until the receiver has its own. A PV guest cannot really migrate here (Debian's Xen is built
-# without shadow paging), so the receiver is created as migrate-receive would create it.
-if start xbhmig s4 32; then
-	cfg=$(domu_cfg xbhmig--incoming reread "xbh_marker=s4" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$BASE 32")
-	if out=$(xl create -p "$cfg" 2>&1); then
-		not_ok "the receiving end (xbhmig--incoming) is refused the transient disk" "$out"
-		xl destroy xbhmig--incoming 2>/dev/null
-	else
-		ok "the receiving end (xbhmig--incoming) is refused the transient disk"
-	fi
-	if printf '%s\n' "$out" | grep -q "receiving end of a live migration"; then ok "xl shows the hook's reason"; else not_ok "xl shows the hook's reason" "$out"; fi
-	until_true 30 domain_gone xbhmig--incoming || not_ok "the refused receiver left no domain" "$(xl list 2>&1)"
-	before=$(last_reread xbhmig)
-	keeps_pattern xbhmig s4 "$before" "the refused migration"
-	check "the sender's snapshot is its only device-mapper device" sh -c '[ "$(dmsetup ls | grep -c xbh-cow-)" = 1 ]'
-	check "xl destroy xbhmig" xl destroy xbhmig
-	expect_nothing_left "after the refused receiver and the sender's destroy"
-fi
-
-# --- 5. the other hooks the tier hosts, save + restore in one boot ----------------------------------
-QCOW=/var/lib/xen/images/xbh-save.qcow2
-for hook in qcow thin; do
-	hook_installed $hook || { not_ok "block-$hook is installed"; continue; }
-	case $hook in
-	qcow) qemu-img convert -O qcow2 $BASE $QCOW && target=$QCOW tail="overlay=transient" ;;
-	thin) target=$BASE tail=64 ;;
-	esac
-	name=xbh$hook
-	start $name "s$hook" "$tail" $hook "$target" || continue
-	be=$(vbd_backend "$(domid $name)" 51712)
-	pd=$(xenstore-read "$be/physical-device")
-	save $name || continue
-	before=$(last_reread $name)
-	if restore $name; then ok "xl restore $name"; else not_ok "xl restore $name" "$RESTORE_OUT"; fi
-	be=$(vbd_backend "$(domid $name)" 51712)
-	if [ "$(xenstore-read "$be/physical-device" 2>&1)" = "$pd" ]; then ok "block-$hook: the restored domain got the device it was saved with ($pd)"; else not_ok "block-$hook: the restored domain got the device it was saved with" "before: $pd" "now: $(xenstore-read "$be/physical-device" 2>&1)"; fi
-	xl unpause $name
-	keeps_pattern $name "s$hook" "$before"
-	check "xl destroy $name" xl destroy $name
-	expect_nothing_left "block-$hook: after destroying the restored domain"
-done
-rm -f $QCOW
-
 if [ "$(sha256sum <$BASE)" = "$sum0" ]; then ok "the base image is unchanged (sha256)"; else not_ok "the base image is unchanged"; fi
 rm -f $BASE "$XBH_SCRATCH"/*.save
 finish

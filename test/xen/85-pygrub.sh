@@ -8,11 +8,7 @@
 #   3. persistent store named with store=: boots, twice, the store kept in between.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	not_ok "install the hooks for pygrub" "$(cat "$XBH_SCRATCH/install.log" 2>/dev/null)"
-	finish
-fi
-note "$how"
+require_hooks
 IMG=/var/lib/xen/images/xbh-pygrub.img
 mkdir -p /var/lib/xen/images
 tree=$XBH_SCRATCH/pygrub-root

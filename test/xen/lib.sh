@@ -142,6 +142,16 @@ ensure_hooks() {
 	echo "$how"
 }
 
+# require_hooks: ensure_hooks, or a failed assertion with the installer's log and the end of the
+# scenario (a failed install fails, never skips).
+require_hooks() {
+	if ! how=$(ensure_hooks); then
+		not_ok "install the hooks" "$(cat "$XBH_SCRATCH/install.log" 2>/dev/null)"
+		finish
+	fi
+	note "$how"
+}
+
 # A scenario that builds storage of its own for a hook to use (a volume group on a loop, the loop
 # under a Ceph OSD) names it here while it exists: exact dm device names and loop devices that
 # nothing_left does not count. Empty by default, and set back to empty before the scenario's
@@ -258,3 +268,67 @@ xl_create() {
 	fi
 	return 1
 }
+
+# --- a rereading guest through save and restore (scenarios 80 and 82) ----------------------------
+CLI="node $XBH_DIST/xen-blockhooks.mjs"
+SAVED=/var/lib/xen-blockhooks/saved
+
+# last_reread NAME: the number of the guest's last "reread #N" line (0 if none).
+last_reread() { console_log "$1" | sed -n 's/.*xbh-domu: reread #\([0-9]*\) .*/\1/p' | tail -n 1 | grep . || echo 0; }
+# rereads_after NAME N: the reread lines numbered above N.
+rereads_after() { console_log "$1" | grep 'xbh-domu: reread #' | awk -v n="$2" '{ split($3, a, "#"); if (a[2] + 0 > n) print }'; }
+reread_past() { [ "$(last_reread "$1")" -gt "$2" ]; }
+
+# start NAME MARKER SPEC-TAIL [HOOK TARGET]: xl create a rereading domU (domu-init's reread mode)
+# on a disk of HOOK (default block-cow over $REREAD_BASE); waits for 3 rereads.
+start() {
+	hook=${4:-cow}
+	cfg=$(domu_cfg "$1" reread "xbh_marker=$2" "format=raw, vdev=xvda, access=rw, script=block-$hook, target=${5:-$REREAD_BASE} $3")
+	xl_create "xl create $1 (block-$hook, $3)" "$cfg" || return 1
+	if until_true 90 reread_past "$1" 2; then ok "$1 wrote its pattern and re-reads it"; else not_ok "$1 re-reads its pattern" "$(console_log "$1" | tail -20)"; return 1; fi
+	if rereads_after "$1" 0 | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
+		not_ok "$1 reads back its own pattern before the save" "$(rereads_after "$1" 0)"
+	else
+		ok "$1 reads back its own pattern before the save"
+	fi
+}
+
+# save NAME: xl save into the scratch folder (a tmpfs: one save file at a time), asserted; the
+# domain is gone afterwards. A failed save leaves the domain running: it is destroyed, returns 1.
+save() {
+	t=$(ms)
+	rm -f "$XBH_SCRATCH"/*.save
+	if out=$(xl save "$1" "$XBH_SCRATCH/$1.save" 2>&1); then
+		ok "xl save $1 ($(($(ms) - t)) ms)"
+	else
+		not_ok "xl save $1" "$out"
+		xl destroy "$1" 2>/dev/null
+		return 1
+	fi
+	until_true 30 domain_gone "$1" || not_ok "$1 is gone after the save" "$(xl list 2>&1)"
+}
+
+# restore NAME: xl restore -p (the domain stays paused until xl unpause).
+restore() {
+	t=$(ms)
+	out=$(xl restore -p "$XBH_SCRATCH/$1.save" 2>&1)
+	rc=$?
+	note "xl restore -p $1: exit $rc ($(($(ms) - t)) ms)"
+	printf '%s\n' "$out" | tail -5 | sed 's/^/  /' | while read -r l; do note "$l"; done
+	RESTORE_OUT=$out
+	return $rc
+}
+
+# keeps_pattern NAME MARKER BEFORE [WHEN]: after WHEN (default: the restore) the guest's rereads go
+# on past BEFORE, and every one of them still finds its pattern on the disk.
+keeps_pattern() {
+	when=${4:-the restore}
+	if until_true 90 reread_past "$1" $(($3 + 3)); then ok "$1 runs on after $when"; else not_ok "$1 runs on after $when" "$(console_log "$1" | tail -20)"; return; fi
+	after=$(rereads_after "$1" "$3")
+	if printf '%s\n' "$after" | grep -v -q "head=XBH:$2.* far=XBH2:$2"; then
+		not_ok "$1 reads exactly what it wrote after $when" "$after"
+	else
+		ok "$1 reads exactly what it wrote after $when ($(printf '%s\n' "$after" | wc -l) rereads)"
+	fi
+}
+
