@@ -44,7 +44,23 @@ function entrySource(bundle, source) {
   const reads = [];
   const standIn = (id) => {
     let real;
-    const load = () => (real === undefined ? (real = require(id)) : real);
+    // This require is the snapshot builder's: it warns "built-in module ... is not yet supported in
+    // user snapshots" even at run time, on the hook's stderr, which xl prints to its user. The
+    // module is loaded at run time on purpose: that one warning is dropped, every other stays.
+    const load = () => {
+      if (real !== undefined) return real;
+      const emit = process.emitWarning;
+      process.emitWarning = function (w, ...rest) {
+        if (/is not yet supported in user snapshots/.test(String(w && w.message !== undefined ? w.message : w))) return;
+        return emit.call(process, w, ...rest);
+      };
+      try {
+        real = require(id);
+      } finally {
+        process.emitWarning = emit;
+      }
+      return real;
+    };
     return new Proxy({}, {
       get(_t, k) {
         if (building) {

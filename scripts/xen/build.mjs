@@ -53,6 +53,8 @@ const DOM0_EARLY_MODULES = [
 const DOM0_MODULES = [
   'crc32c_generic', 'xenfs', 'xen-evtchn', 'xen-gntdev', 'xen-gntalloc', 'xen-privcmd', 'xen-blkback',
   'loop', 'nbd', 'dm-mod', 'dm-snapshot', 'dm-thin-pool', 'dm-zero', 'rbd',
+  // A bootloader (pygrub) reads the guest's disk through a dom0 frontend; udev loads it on a real dom0.
+  'xen-blkfront',
 ];
 const DOMU_MODULES = ['xen-blkfront'];
 /** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */

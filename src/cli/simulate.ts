@@ -44,14 +44,28 @@ Options:
   --action add|remove  one step only: add (leaves the device, like --keep) or remove
   --keep             add only; leave the device and the nodes for a later --action remove
   --real-xenstore    use the running xenstored (XENSTORED_PATH or /var/run/xenstored/socket)
-                     instead of an embedded server that lives only as long as this command
+                     instead of an embedded server that lives only as long as this command;
+                     a domain id that exists there (and was not made by simulate) is refused
   --script-dir DIR   run DIR/<script> as libxl would (e.g. /etc/xen/scripts, the installed
                      wrappers); default: node with the <script>.mjs bundle beside this program
   --timeout SECONDS  kill the hook after this long, as libxl does (default 40)
   -h, --help         this text
 
+Safety: with the embedded server the hook keeps its journal and locks in a namespace of its own
+(<state_dir>/simulate) and writes no line to the hotplug log unless XEN_BLOCKHOOKS_LOG_FILE names
+one; a backend path that has a record in the real journal, or a node in a running xenstored, is
+refused. Real devices are still built (loop, device-mapper, nbd): that is what is simulated for.
+
 Exit status: 0 the hook did its job (and remove left nothing), 1 the hook failed or left
-something behind (what, is printed), 2 bad usage.`;
+something behind (what, is printed), or was refused, 2 bad usage.`;
+
+/** The node simulate writes into a domain it makes, so that a later --real-xenstore run can tell its own domain from a real one. */
+export const SIMULATED_MARK = 'xen-blockhooks-simulated';
+
+/** The journal and lock namespace of simulate with the embedded xenstore. */
+export function simulateStateDir(config: Config): string {
+  return join(config.stateDir, 'simulate');
+}
 
 const BACKEND_DOMID = 0;
 
@@ -95,7 +109,7 @@ export function backendPaths(disk: Disk, domid: number) {
 /** The nodes the toolstack writes for this disk, in order: [path, value]. */
 export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPath: string): [string, string][] {
   const p = backendPaths(disk, domid);
-  const nodes: [string, string][] = [[`/local/domain/${domid}/name`, name], [`/local/domain/${domid}/domid`, String(domid)]];
+  const nodes: [string, string][] = [[`/local/domain/${domid}/name`, name], [`/local/domain/${domid}/domid`, String(domid)], [`/local/domain/${domid}/${SIMULATED_MARK}`, '1']];
   if (disk.syntax === 'xl') {
     const b = (k: string, v: string) => nodes.push([`${p.back}/${k}`, v]);
     b('frontend', p.front);
@@ -140,6 +154,28 @@ export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPa
     f('device-type', disk.cdrom ? 'cdrom' : 'disk');
   }
   return nodes;
+}
+
+/**
+ * What the running xenstored (if one answers) has at `path`: a short description, or undefined
+ * when there is no xenstored or no such node.
+ */
+async function realBackendNode(env: NodeJS.ProcessEnv, path: string): Promise<string | undefined> {
+  let xs: XenstoreClient;
+  try {
+    xs = await connectXenstore({ env, timeoutMs: 2000 });
+  } catch {
+    return undefined;
+  }
+  try {
+    if ((await xs.tryRead(path)) === undefined) return undefined;
+    const pd = await xs.tryRead(`${path}/physical-device`);
+    return pd ? `physical-device ${pd}` : 'a device being set up';
+  } catch {
+    return undefined;
+  } finally {
+    await xs.close().catch(() => {});
+  }
 }
 
 /** The directory with the hook bundles: beside this program, or the checkout's dist/. */
@@ -281,7 +317,14 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
   }
   const scriptPath = script.includes('/') ? script : join(deps.config.xenScriptDir, script);
   const p = backendPaths(disk, o.domid);
-  const journal = new Journal(deps.config.stateDir);
+  // The real journal: a record there is a real disk, never simulate's to touch.
+  const realJournal = new Journal(deps.config.stateDir);
+  const real = realJournal.load(p.rel);
+  if (real && !o.realXenstore) {
+    err(`xen-blockhooks simulate: ${p.rel} is a real disk (${real.script} record ${realJournal.file(p.rel)}${real.disk.domainName ? `, domain ${real.disk.domainName}` : ''}); simulate never touches it: choose another --domid`);
+    return 1;
+  }
+  const journal = o.realXenstore ? realJournal : new Journal(simulateStateDir(deps.config));
 
   let server: XenstoreServer | undefined;
   let sockDir: string | undefined;
@@ -292,17 +335,29 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       xs = await connectXenstore({ env: deps.env, timeoutMs: 10_000 });
       out(`xenstore: the running xenstored`);
     } else {
+      const live = await realBackendNode(deps.env, p.back);
+      if (live) {
+        err(`xen-blockhooks simulate: ${p.back} exists in the running xenstored (${live}); simulate never touches a real disk: choose another --domid`);
+        return 1;
+      }
       sockDir = mkdtempSync(join(tmpdir(), 'xbh-simulate-'));
       server = await startXenstoreServer({ socketPath: join(sockDir, 'socket') });
       xs = await connectXenstore({ path: server.socketPath, timeoutMs: 10_000 });
       hookEnv.XENSTORED_PATH = server.socketPath;
-      out(`xenstore: embedded server on ${server.socketPath} (lives as long as this command)`);
+      hookEnv.XEN_BLOCKHOOKS_STATE_DIR = simulateStateDir(deps.config);
+      if (deps.env.XEN_BLOCKHOOKS_LOG_FILE === undefined) hookEnv.XEN_BLOCKHOOKS_LOG_FILE = '';
+      out(`xenstore: embedded server on ${server.socketPath} (lives as long as this command); journal and locks in ${simulateStateDir(deps.config)}`);
     }
     const c = xs;
     out(`${disk.syntax} disk: vdev ${disk.vdev} → devid ${disk.devid}, mode ${disk.mode}, script ${script}, domain ${o.domid} (${o.name})`);
 
     const existed = (await c.tryRead(p.back)) !== undefined;
     const domainExisted = (await c.tryRead(`/local/domain/${o.domid}`)) !== undefined;
+    if (o.realXenstore && domainExisted && (await c.tryRead(`/local/domain/${o.domid}/${SIMULATED_MARK}`)) === undefined) {
+      const name = await c.tryRead(`/local/domain/${o.domid}/name`);
+      err(`xen-blockhooks simulate: domain ${o.domid}${name ? ` (${name})` : ''} exists in the running xenstored and was not made by simulate; choose a --domid no domain has`);
+      return 1;
+    }
     if (o.action !== 'remove' && existed) {
       err(`xen-blockhooks simulate: ${p.back} already exists (a device is attached there); remove it first with --action remove`);
       return 1;
@@ -383,8 +438,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     out(`removed ${gone.join(', ')} (as the toolstack does after remove)`);
 
     const kernelAfter = await readKernel(deps.run);
+    // Devices another record uses (a real disk's too: a read-only file: disk shares its loop) are not this disk's leftovers.
     const others = new Set<string>();
-    for (const e of journal.list().entries) for (const s of recordStrings(e)) others.add(s);
+    for (const j of new Set([journal, realJournal])) for (const e of j.list().entries) for (const s of recordStrings(e)) others.add(s);
     const left: string[] = [];
     if (journal.load(p.rel)) left.push(`journal record ${journal.file(p.rel)}`);
     if (entry) left.push(...stillThere(entry, kernelAfter, others));

@@ -96,6 +96,7 @@ t.test('the installed wrapper uses the snapshot: a real file: add and remove wit
   const be = await h.disk({ domid: 41, devid: 51712, params: img, mode: 'w' });
   const add = await h.run('add', be, {}, block);
   t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
+  t.equal(add.stderr, '', 'nothing on stderr (xl shows a hook\'s stderr to its user)');
   const node = await h.read(`${be}/node`);
   t.match(node, /^\/dev\/loop\d+$/);
   t.equal(await h.read(`${be}/physical-device`), hexOf(node as string), 'physical-device is the loop');
