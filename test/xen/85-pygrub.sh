@@ -75,6 +75,11 @@ fi
 if printf '%s\n' "$out" | grep -q "attached to dom0.*store=NAME"; then ok "xl shows why, and what to write instead"; else not_ok "xl shows why the attach was refused" "$out"; fi
 until_true 30 domain_gone xbhpyg2 || not_ok "the refused create left no domain" "$(xl list 2>&1)"
 expect_nothing_left "after the refused create (no store made)"
+# libxl leaves the nodes of a dom0 attach whose hook failed (as after any failed block-attach);
+# xl block-detach takes them away (our remove finds no record and has nothing to undo).
+for v in $(dom0_vbds); do
+	if out=$(xl block-detach 0 "$v" 2>&1); then ok "xl block-detach 0 $v: libxl's nodes of the refused attach are gone"; else not_ok "xl block-detach 0 $v" "$out"; fi
+done
 
 # --- 3. persistent store named with store= ---------------------------------------------------------
 for n in 1 2; do
