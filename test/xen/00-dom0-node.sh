@@ -21,7 +21,7 @@ check "Domain-0 is listed by xl list" sh -c 'xl list | grep -q "^Domain-0 "'
 b=
 for f in "$XBH_DIST"/block-cow.mjs "$XBH_DIST"/block*.mjs; do [ -f "$f" ] && { b=$f; break; }; done
 if [ -z "$b" ]; then
-	skip "a bundled hook prints --version under Debian's node" "no dist/block*.mjs (run npm run build)"
+	not_ok "a bundled hook prints --version under Debian's node" "no dist/block*.mjs (npm run build makes them; setup.sh runs it)"
 elif out=$("$b" --version 2>&1) && [ -n "$out" ]; then
 	ok "$(basename "$b") --version under node $v: $out"
 else

@@ -4,11 +4,7 @@
 # data and the base is unchanged; `xl destroy` leaves no dm device, loop, store or record.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	skip "two domUs on block-cow disks over one base" "the hooks are not built (npm run build)"
-	finish
-fi
-note "$how"
+require_hooks
 BASE=/var/lib/xen/images/xbh-base.img
 mkdir -p /var/lib/xen/images
 make_base $BASE 32

@@ -6,11 +6,7 @@
 # and nothing may be left after each detach.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	skip "block-attach/block-detach to a running domU" "the hooks are not built (npm run build)"
-	finish
-fi
-note "$how"
+require_hooks
 mkdir -p /var/lib/xen/images
 BASE=/var/lib/xen/images/xbh-attach.img
 make_base $BASE 32
@@ -36,7 +32,7 @@ block|format=raw, vdev=xvdb, access=ro, script=block, target=$BASE"
 fi
 cycles=$(printf '%s\n' "$specs" | grep -c '|')
 if [ "$cycles" = 0 ]; then
-	skip "block-attach/block-detach to a running domU" "no installed hook"
+	not_ok "block-attach/block-detach to a running domU: an installed hook" "$(ls -l /etc/xen/scripts/block* 2>&1)"
 	finish
 fi
 note "hooks: $(printf '%s\n' "$specs" | cut -d'|' -f1 | tr '\n' ' ')"

@@ -9,13 +9,9 @@
 # LVM create its /dev nodes itself, as in the guest tier.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	skip "block-lvsnap attach/detach to a running domU" "the hooks are not built (npm run build)"
-	finish
-fi
-note "$how"
+require_hooks
 if ! hook_installed lvsnap; then
-	skip "block-lvsnap attach/detach to a running domU" "block-lvsnap is not installed"
+	not_ok "block-lvsnap is installed"
 	finish
 fi
 
@@ -58,6 +54,11 @@ attach_detach xbhlvsnap lvsnap "format=raw, vdev=xvdb, access=rw, script=block-l
 if [ "$(lv_names)" = "golden " ]; then ok "lvsnap: after block-detach the snapshot LV is gone (LVs of $VG: golden)"; else not_ok "lvsnap: after block-detach the snapshot LV is gone" "LVs of $VG: $(lv_names)"; fi
 if [ "$(sha256sum <$ORIGIN)" = "$sum" ]; then ok "lvsnap: the origin LV is unchanged"; else not_ok "lvsnap: the origin LV is unchanged"; fi
 stop_watcher xbhlvsnap 1
+
+# xl save + xl restore of a guest on a transient snapshot LV (docs/lifecycle.md): held for the
+# restore, the same LV again, the guest's data intact; the LV goes with the destroy.
+save_restore_keeps xbhlvsave slv lvsnap "$VG/golden" 16
+if [ "$(lv_names)" = "golden " ]; then ok "lvsnap: after the restored domain's destroy the snapshot LV is gone"; else not_ok "lvsnap: after the restored domain's destroy the snapshot LV is gone" "LVs of $VG: $(lv_names)"; fi
 
 t=$(ms)
 out=$(lvm vgremove -q -f $VG; lvm pvremove -q "$PV"; losetup -d "$PV" 2>&1)

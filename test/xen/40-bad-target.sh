@@ -3,10 +3,7 @@
 # "script: <hotplug-error>"), the domain must be gone and nothing may be left behind.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks); then
-	skip "xl create with a missing base image fails cleanly" "the hooks are not built (npm run build)"
-	finish
-fi
+require_hooks
 MISSING=/var/lib/xen/images/xbh-no-such-base.img
 rm -f $MISSING
 cfg=$(domu_cfg xbhbad marker "xbh_marker=bad" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$MISSING 32")

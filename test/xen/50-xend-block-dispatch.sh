@@ -5,8 +5,9 @@
 # guest sees the disk appear and disappear.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-if ! how=$(ensure_hooks) || ! hook_installed "" || ! hook_installed cow; then
-	skip "xend-style block create with type=cow" "the drop-in block or block-cow is not installed"
+require_hooks
+if ! hook_installed "" || ! hook_installed cow; then
+	not_ok "the drop-in block and block-cow are installed" "$(ls -l /etc/xen/scripts/block* 2>&1)"
 	finish
 fi
 mkdir -p /var/lib/xen/images

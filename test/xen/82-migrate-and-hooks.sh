@@ -44,19 +44,7 @@ for hook in qcow thin; do
 	qcow) qemu-img convert -O qcow2 $BASE $QCOW && target=$QCOW tail="overlay=transient" ;;
 	thin) target=$BASE tail=64 ;;
 	esac
-	name=xbh$hook
-	start $name "s$hook" "$tail" $hook "$target" || continue
-	be=$(vbd_backend "$(domid $name)" 51712)
-	pd=$(xenstore-read "$be/physical-device")
-	save $name || continue
-	before=$(last_reread $name)
-	if restore $name; then ok "xl restore $name"; else not_ok "xl restore $name" "$RESTORE_OUT"; fi
-	be=$(vbd_backend "$(domid $name)" 51712)
-	if [ "$(xenstore-read "$be/physical-device" 2>&1)" = "$pd" ]; then ok "block-$hook: the restored domain got the device it was saved with ($pd)"; else not_ok "block-$hook: the restored domain got the device it was saved with" "before: $pd" "now: $(xenstore-read "$be/physical-device" 2>&1)"; fi
-	xl unpause $name
-	keeps_pattern $name "s$hook" "$before"
-	check "xl destroy $name" xl destroy $name
-	expect_nothing_left "block-$hook: after destroying the restored domain"
+	save_restore_keeps xbh$hook "s$hook" $hook "$target" "$tail"
 done
 rm -f $QCOW
 

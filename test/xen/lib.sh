@@ -332,3 +332,23 @@ keeps_pattern() {
 	fi
 }
 
+
+# save_restore_keeps NAME MARKER HOOK TARGET SPEC-TAIL: a rereading guest on a HOOK disk (target=
+# TARGET SPEC-TAIL) through xl save + xl restore in one boot: the restored domain gets the device
+# it was saved with, reads exactly what it wrote, and xl destroy leaves nothing (beyond the
+# scenario's own XBH_OWN_*). Returns 1 when the guest did not start or the save failed.
+save_restore_keeps() {
+	start "$1" "$2" "$5" "$3" "$4" || return 1
+	be=$(vbd_backend "$(domid "$1")" 51712)
+	pd=$(xenstore-read "$be/physical-device")
+	save "$1" || return 1
+	before=$(last_reread "$1")
+	if restore "$1"; then ok "xl restore $1"; else not_ok "xl restore $1" "$RESTORE_OUT"; fi
+	be=$(vbd_backend "$(domid "$1")" 51712)
+	if [ "$(xenstore-read "$be/physical-device" 2>&1)" = "$pd" ]; then ok "block-$3: the restored domain got the device it was saved with ($pd)"; else not_ok "block-$3: the restored domain got the device it was saved with" "before: $pd" "now: $(xenstore-read "$be/physical-device" 2>&1)"; fi
+	xl unpause "$1"
+	keeps_pattern "$1" "$2" "$before"
+	check "xl destroy $1" xl destroy "$1"
+	expect_nothing_left "block-$3: after destroying the restored domain"
+	rm -f "$XBH_SCRATCH"/*.save
+}
