@@ -10,6 +10,7 @@
  */
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError } from '../hotplug/errors.js';
+import { INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX } from '../hotplug/lifecycle.js';
 
 /** `backend/vbd/5/51712` (or absolute) → domid and devid. */
 export function backendIds(xenbusPath: string): { domid: string; devid: string } {
@@ -18,9 +19,23 @@ export function backendIds(xenbusPath: string): { domid: string; devid: string }
   return { domid: m[1] as string, devid: m[2] as string };
 }
 
-/** Who the disk belongs to, for names: the domain's name, else d<frontend-id>. */
+/**
+ * The domain a name belongs to: its name without the suffix xl gives both ends of a migration
+ * (`NAME--incoming` while it is received, `NAME--migratedaway` once it is sent), so that both
+ * ends name the same persistent thing; then the second is refused as its user (same host) or by
+ * its host's claim (shared storage), never handed a new, empty one.
+ */
+export function domainOwner(domainName: string | undefined): string | undefined {
+  if (domainName === undefined) return undefined;
+  for (const suffix of [INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX]) {
+    if (domainName.endsWith(suffix) && domainName.length > suffix.length) return domainName.slice(0, -suffix.length);
+  }
+  return domainName;
+}
+
+/** Who the disk belongs to, for names: the domain's name (domainOwner), else d<frontend-id>. */
 export function ownerName(disk: Pick<DiskSpec, 'domainName' | 'frontendId'>, domid: string): string {
-  return disk.domainName ?? `d${disk.frontendId ?? domid}`;
+  return domainOwner(disk.domainName) ?? `d${disk.frontendId ?? domid}`;
 }
 
 /**

@@ -46,8 +46,8 @@ import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
 import { devString, devT } from './cow-devices.js';
-import { addStoreOwner, ensureStoreDir, sharedUndo, STEP as SHARED_STEP } from './steps.js';
-import { backendIds, persistentOwner } from './naming.js';
+import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
+import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
 export const SCRIPT = 'block-qcow';
@@ -123,8 +123,9 @@ export function overlayPath(config: Config, p: QcowParams, disk: Pick<DiskSpec, 
   const dir = join(config.storeDir, 'qcow');
   if (p.overlay === 'persistent') {
     if (p.name !== undefined) return join(dir, `${p.name}.qcow2`);
-    const owner = persistentOwner(SCRIPT, disk, xenbusPath, 'overlay', 'name=NAME');
-    if (disk.domainName === undefined) {
+    persistentOwner(SCRIPT, disk, xenbusPath, 'overlay', 'name=NAME'); // refused for a dom0 attach
+    const owner = domainOwner(disk.domainName);
+    if (owner === undefined) {
       throw new HotplugError(`${SCRIPT}: a persistent overlay is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; give the overlay a name with name=NAME.`);
     }
     return join(dir, `${owner}-${disk.vdev ?? devid}.qcow2`);
@@ -527,7 +528,7 @@ async function undoUse(): Promise<void> {}
 
 export const qcowUndo: UndoRegistry = {
   [STEP.use]: undoUse,
-  [SHARED_STEP.storeOwner]: sharedUndo[SHARED_STEP.storeOwner] as UndoRegistry[string],
+  [SHARED_STEP.storeOwner]: undoStoreOwner,
   [STEP.overlay]: undoOverlay,
   [STEP.nbd]: undoNbd,
 };

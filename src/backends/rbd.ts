@@ -45,14 +45,14 @@ import {
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
 } from '../devices/rbd.js';
 import type { DiskSpec } from '../hotplug/disk.js';
-import { INCOMING_SUFFIX, isIncoming } from '../hotplug/lifecycle.js';
+import { isIncoming } from '../hotplug/lifecycle.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import { stateLockPath } from '../lock/paths.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
-import { backendIds, persistentOwner } from './naming.js';
+import { backendIds, domainOwner, persistentOwner } from './naming.js';
 
 export const SCRIPT = 'block-rbd';
 export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
@@ -166,7 +166,7 @@ export function cloneName(p: RbdParams, disk: Pick<DiskSpec, 'domainName' | 'fro
   if (p.name !== undefined) return p.name;
   if (p.clone === 'persistent') persistentOwner(SCRIPT, disk, xenbusPath, 'clone', 'name=IMAGE');
   const { domid, devid } = backendIds(xenbusPath);
-  const owner = disk.domainName === undefined ? undefined : isIncoming(disk.domainName) ? disk.domainName.slice(0, -INCOMING_SUFFIX.length) : disk.domainName;
+  const owner = domainOwner(disk.domainName);
   if (owner === undefined) {
     if (p.clone === 'persistent') {
       throw new HotplugError(`${SCRIPT}: a persistent clone is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; name the clone with name=IMAGE.`);

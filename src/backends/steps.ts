@@ -18,6 +18,7 @@
  * Lock order: the base lock, then Xen's `block` lock (held only around loop allocation and the
  * sharing check that must not race it).
  */
+import { randomBytes } from 'node:crypto';
 import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, statfsSync, unlinkSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Config } from '../config/config.js';
@@ -31,7 +32,7 @@ import { claimStore, releaseStore } from '../lock/store-owner.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import {
-  attachLoop, detachLoop, devString, devT, dmCreate, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
+  attachLoop, detachLoop, devString, devT, dmCreate, dmInfo, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
 } from './cow-devices.js';
 
 export const STEP = { baseRef: 'base-ref', storeOwner: 'store-owner', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
@@ -199,11 +200,16 @@ export async function addStoreOwner(env: StepEnv, script: string, path: string):
   await env.build.step(STEP.storeOwner, { path, backendPath }, async () => claimStore(script, path, backendPath), (r) => ({ ours: r.ours }));
 }
 
-async function undoStoreOwner(step: StepRecord): Promise<void> {
+export async function undoStoreOwner(step: StepRecord, ctx: UndoContext): Promise<void> {
   const path = typeof step.data.path === 'string' ? step.data.path : undefined;
   const backendPath = typeof step.data.backendPath === 'string' ? step.data.backendPath : undefined;
+  if (!path || !backendPath || step.data.ours === false) return;
+  // A newer step still in the record failed to go (a busy loop, a dm device, an nbd server): the
+  // store is still open here, so the claim stays, and says so.
+  const newer = ctx.entry.steps.slice(ctx.entry.steps.indexOf(step) + 1);
+  if (newer.length > 0) throw new Error(`keeping this host's claim on ${path}: it is still in use here (${newer.map((s) => s.kind).join(', ')} not taken down)`);
   // Intent only (done: false): the claim may have been made; releaseStore checks it names us.
-  if (path && backendPath && step.data.ours !== false) releaseStore(path, backendPath);
+  releaseStore(path, backendPath);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,11 +415,27 @@ async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
 // ---------------------------------------------------------------------------------------------
 // dm
 
+/**
+ * A dm device made for this record, with a dm uuid of its own (recorded before the create), so
+ * that an undo of a step that never finished removes the device only when it carries that uuid:
+ * a device of the same name may be another disk's (one held for a saved domain of that name).
+ */
 export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmInfo> {
+  const uuid = opts.uuid ?? `XBH-${randomBytes(12).toString('hex')}`;
   return env.build.step(
     STEP.dm,
-    { name, table, ...(opts.uuid ? { uuid: opts.uuid } : {}), readOnly: opts.readOnly === true },
-    () => dmCreate(env.run, name, table, opts),
+    { name, table, uuid, readOnly: opts.readOnly === true },
+    async () => {
+      try {
+        return await dmCreate(env.run, name, table, { ...opts, uuid });
+      } catch (e) {
+        const other = await dmInfo(env.run, name).catch(() => undefined);
+        if (other && other.uuid !== uuid) {
+          throw new HotplugError(`a device-mapper device named ${name} exists already (${other.major}:${other.minor}): another disk of a domain of this name, or one held for its saved domain (see "xen-blockhooks status"); nothing was built. Remove that disk or restore that domain first.`, 'busy');
+        }
+        throw e;
+      }
+    },
     (d) => ({ major: d.major, minor: d.minor }),
   );
 }
@@ -421,6 +443,11 @@ export async function addDm(env: StepEnv, name: string, table: string, opts: { r
 async function undoDm(step: StepRecord, ctx: UndoContext): Promise<void> {
   const name = typeof step.data.name === 'string' ? step.data.name : undefined;
   if (!name) return;
+  if (!step.done && typeof step.data.uuid === 'string') {
+    // Intent only: the create may not have happened, and the name may be another disk's.
+    const info = await dmInfo(ctx.run, name);
+    if (!info || info.uuid !== step.data.uuid) return;
+  }
   await dmRemove(ctx.run, name, ctx.config.busyRetryMs);
 }
 

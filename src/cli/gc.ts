@@ -20,7 +20,8 @@ import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { hookNamed } from '../backends/index.js';
 import { dmRemove } from '../backends/cow-devices.js';
-import { lockFileFor, type Inventory, type Row } from './inventory.js';
+import { lockFileFor, takeInventory, type Inventory, type Row } from './inventory.js';
+import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 
 export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
 
@@ -58,10 +59,10 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
       items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
     }
   }
-  const order = { dm: 0, loop: 1, nbd: 2, store: 3, record: 4, saved: 5 } as const;
+  const order = { dm: 0, loop: 1, nbd: 2, store: 3, claim: 4, record: 5, saved: 6 } as const;
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
-    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : r.kind === 'store' ? `rm ${r.store}` : `qemu-nbd -d ${r.device}`;
+    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : r.kind === 'store' ? `rm ${r.store}` : r.kind === 'claim' ? `release ${r.store}.owner` : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
   return items;
@@ -101,7 +102,13 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const lock = await acquireFlock(lockFile, { timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000), runner: deps.run });
         try {
           const entry = journal.load(bp);
-          if (entry) {
+          const twin = entry?.device && journal.list().entries.find((o) => o.backendPath !== bp && o.device?.major === entry.device?.major && o.device?.minor === entry.device?.minor);
+          if (entry && twin) {
+            // A copy left by a crash while the record moved (held for a saved domain, or adopted
+            // by its restore): the devices are the other record's, so only this file goes.
+            journal.delete(bp);
+            deps.log.warn(`gc: ${bp}'s record names the device of ${twin.backendPath} (a copy left by a crash while it moved); deleted the copy, kept the devices`);
+          } else if (entry) {
             const failures = await undoAll(entry, backend.undo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: deps.xs });
             if (failures.length) throw new Error(failures.map((f) => f.message).join('; '));
           }
@@ -116,7 +123,13 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const p = await deps.run.probe('losetup', ['-d', r.device as string]);
         if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
+      } else if (r.kind === 'claim') {
+        dropClaim(r.store as string, r.owner as StoreOwner);
+        deps.log.info(`gc: released this host's stale claim on ${r.store}`, { backendPath: r.owner?.backendPath });
       } else if (r.kind === 'store') {
+        // Judged again now: an add may have started using it since the plan was made.
+        const still = await takeInventory({ config: deps.config, run: deps.run, xs: undefined, journal });
+        if (!still.rows.some((x) => x.kind === 'store' && x.store === r.store)) throw new Error(`${r.store} is in use now (or gone); left alone`);
         try {
           unlinkSync(r.store as string);
         } catch (e) {

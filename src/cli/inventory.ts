@@ -17,14 +17,18 @@
  *   lost        a saved domain's disk whose transient data died with an earlier boot: its restore
  *               is refused until the marker is deleted
  */
-import { readdirSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { Journal, processAlive, type JournalEntry } from '../journal/journal.js';
+import { Journal, processAlive, recordStrings, type JournalEntry } from '../journal/journal.js';
+
+export { recordStrings };
 import type { XsOps } from '../xenstore/types.js';
 import { DM_NAME_PREFIXES } from '../backends/index.js';
-import { bootId, listMarkers, markerPath, readMarker } from '../hotplug/lifecycle.js';
+import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
+import { sysBlockDir } from '../devices/sysfs.js';
+import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type NbdDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -44,8 +48,10 @@ export interface Row {
   why: string | undefined;
   backendPath: string | undefined;
   /** For leaked rows: what kind of kernel object (or a store file; `saved`: a saved disk's marker). */
-  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved';
+  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved' | 'claim';
   entry?: JournalEntry;
+  /** For a stale claim: its owner record. */
+  owner?: StoreOwner;
 }
 
 export interface Inventory {
@@ -55,23 +61,6 @@ export interface Inventory {
   dmAvailable: boolean;
   unreadable: { file: string; error: string }[];
   kernel: KernelState;
-}
-
-/** Every string anywhere in a record's steps and device (devices, names, files it mentions). */
-export function recordStrings(entry: JournalEntry): Set<string> {
-  const out = new Set<string>();
-  const walk = (v: unknown): void => {
-    if (typeof v === 'string') out.add(v);
-    else if (typeof v === 'number') out.add(String(v));
-    else if (Array.isArray(v)) v.forEach(walk);
-    else if (v && typeof v === 'object') Object.values(v).forEach(walk);
-  };
-  for (const s of entry.steps) walk(s.data);
-  if (entry.device) {
-    out.add(entry.device.path);
-    out.add(`${entry.device.major}:${entry.device.minor}`);
-  }
-  return out;
 }
 
 /** `backend/vbd/5/51712` (or absolute) → 5. */
@@ -147,7 +136,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
       gone = undefined;
       domain = e.held.name ?? domain;
     }
-    if (e.phase === 'held' && e.held && readMarker(deps.config, e.held.uuid, e.held.devid)) {
+    if (e.phase === 'held' && e.held && readMarkerSafe(deps.config, e.held.uuid, e.held.devid)) {
       state = 'held';
       why = `kept for saved domain ${e.held.name ?? e.held.uuid} since ${e.held.since} (was ${e.held.from}); its restore reattaches it. To give it up: delete ${markerPath(deps.config, e.held.uuid, e.held.devid)}, then gc --apply`;
     } else if (e.phase === 'held') {
@@ -164,7 +153,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
       why = `dm status says ${usage.problem}`;
     } else if (e.phase === 'ready') {
       state = 'active';
-      if (e.device && !dm && kernel.dmAvailable && !kernel.loops.some((l) => l.major === e.device?.major && l.minor === e.device?.minor) && !kernel.nbds.some((n) => n.name === e.device?.path)) {
+      if (e.device && !dm && kernel.dmAvailable && !existsSync(sysBlockDir(e.device))) {
         state = 'missing';
         why = `${e.device.path} (${e.device.major}:${e.device.minor}) is not in the kernel any more`;
       }
@@ -208,7 +197,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
       backendPath: undefined,
     });
   }
-  rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config));
+  rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config), ...staleOwnClaims(deps.config, entries, kernel));
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
@@ -271,6 +260,26 @@ function leakedStores(config: Config, refs: Set<string>, kernel: KernelState): R
     }
   }
   return rows;
+}
+
+/**
+ * This host's claims on persistent stores (lock/store-owner.ts) that nothing holds: from an
+ * earlier boot, or for a backend path no record knows, with no loop on the store. Without them
+ * being dropped, other hosts sharing the storage would stay refused after a crash here.
+ */
+function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelState): Row[] {
+  const stores: string[] = [];
+  for (const dir of [config.storeDir, join(config.storeDir, 'qcow')]) {
+    for (const n of listDir(dir)) if (n.endsWith('.owner')) stores.push(join(dir, n.slice(0, -'.owner'.length)));
+  }
+  const recorded = new Set(entries.map((e) => e.backendPath));
+  return staleClaims(stores, (bp) => recorded.has(bp))
+    .filter(({ store }) => !kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === store) && !kernel.nbds.some((n) => n.cmdline.includes(store)))
+    .map(({ store, owner }) => ({
+      kind: 'claim' as const, domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
+      base: undefined, store, usage: undefined, state: 'leaked', backendPath: owner.backendPath, owner,
+      why: `this host's claim on ${store} (${owner.boot === thisHost().boot ? `for ${owner.backendPath}, which no record knows` : `from an earlier boot, ${owner.since}`}); other hosts are refused the store while it stands`,
+    }));
 }
 
 /** Saved disks whose transient data lived in an earlier boot's devices: their restore is refused. */

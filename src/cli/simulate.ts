@@ -278,14 +278,20 @@ function stillThere(entry: JournalEntry, k: KernelState, others: Set<string>): s
   return left;
 }
 
-function kernelDiff(before: KernelState, after: KernelState): string[] {
+/**
+ * Devices that appeared during the run and belong to this disk: a dm device named after the
+ * simulated domain, a loop or nbd on a file the disk names or in the store directory. (Other
+ * domains and programs may make devices meanwhile: those are not this disk's leftovers.)
+ */
+function kernelDiff(before: KernelState, after: KernelState, ours: { name: string; files: string[]; storeDir: string }): string[] {
   const dmBefore = new Set(before.dm.map((d) => d.name));
   const loopBefore = new Set(before.loops.map((l) => `${l.name} ${l.backFile}`));
   const nbdBefore = new Set(before.nbds.map((n) => n.name));
+  const mine = (file: string | undefined) => file !== undefined && (ours.files.includes(file) || file.startsWith(`${ours.storeDir}/`));
   return [
-    ...after.dm.filter((d) => !dmBefore.has(d.name)).map((d) => `dm ${d.name}`),
-    ...after.loops.filter((l) => !loopBefore.has(`${l.name} ${l.backFile}`)).map((l) => `loop ${l.name} on ${l.backFile ?? '?'}`),
-    ...after.nbds.filter((n) => !nbdBefore.has(n.name)).map((n) => `nbd ${n.name}`),
+    ...after.dm.filter((d) => !dmBefore.has(d.name) && d.name.includes(`-${ours.name}-`)).map((d) => `dm ${d.name}`),
+    ...after.loops.filter((l) => !loopBefore.has(`${l.name} ${l.backFile}`) && mine(l.backFile?.replace(/ \(deleted\)$/, ''))).map((l) => `loop ${l.name} on ${l.backFile ?? '?'}`),
+    ...after.nbds.filter((n) => !nbdBefore.has(n.name) && n.cmdline.some((a) => mine(a))).map((n) => `nbd ${n.name}`),
   ];
 }
 
@@ -444,7 +450,8 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     const left: string[] = [];
     if (journal.load(p.rel)) left.push(`journal record ${journal.file(p.rel)}`);
     if (entry) left.push(...stillThere(entry, kernelAfter, others));
-    if (kernelBefore) for (const d of kernelDiff(kernelBefore, kernelAfter)) if (!left.includes(d)) left.push(d);
+    const files = (disk.syntax === 'xl' ? disk.target ?? '' : disk.params).split(/\s+/).filter((w) => w.startsWith('/'));
+    if (kernelBefore) for (const d of kernelDiff(kernelBefore, kernelAfter, { name: o.name, files, storeDir: deps.config.storeDir })) if (!left.includes(d)) left.push(d);
     if (left.length) {
       err(`xen-blockhooks simulate: remove left behind: ${left.join('; ')}`);
       return 1;

@@ -31,16 +31,17 @@
  * Nothing here holds a record whose data outlives its devices: a persistent store is undone as
  * at destroy and found again by the restore's add.
  */
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { sysBlockDir } from '../devices/sysfs.js';
-import type { HeldFor, Journal, JournalEntry } from '../journal/journal.js';
+import { recordStrings, type HeldFor, type Journal, type JournalEntry } from '../journal/journal.js';
+import { undoAll, type UndoRegistry } from '../journal/steps.js';
 import { thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
-import type { XsOps } from '../xenstore/types.js';
-import type { DiskSpec } from './disk.js';
+import type { XenstoreClient, XsOps } from '../xenstore/types.js';
+import { uuidOfVmPath, type DiskSpec } from './disk.js';
 import { HotplugError } from './errors.js';
 
 export const INCOMING_SUFFIX = '--incoming';
@@ -59,16 +60,25 @@ export function isMigratedAway(domainName: string | undefined): boolean {
 // ---------------------------------------------------------------------------------------------
 // is the domain being saved?
 
-/**
- * The six state letters `xl list` prints for `domid` (running, blocked, paused, shutdown, the
- * shutdown reason's letter from "-rscwS", dying), or undefined when the line is not there.
- */
-export function xlStateOf(stdout: string, domid: number): string | undefined {
+export interface XlDomain {
+  /** The six state letters: running, blocked, paused, shutdown, the shutdown reason's letter from "-rscwS", dying. */
+  state: string;
+  /** CPU time used, in seconds (one decimal). */
+  cpuSeconds: number;
+}
+
+/** What `xl list` prints for `domid`, or undefined when the line is not there. */
+export function xlDomainOf(stdout: string, domid: number): XlDomain | undefined {
   for (const line of stdout.split('\n')) {
-    const m = /^(.*\S)\s+(\d+)\s+\d+\s+\d+\s+([-r][-b][-p][-s][-rscwS?][-d])\s+[\d.]+/.exec(line);
-    if (m && Number(m[2]) === domid) return m[3];
+    const m = /^(.*\S)\s+(\d+)\s+\d+\s+\d+\s+([-r][-b][-p][-s][-rscwS?][-d])\s+([\d.]+)/.exec(line);
+    if (m && Number(m[2]) === domid) return { state: m[3] as string, cpuSeconds: Number(m[4]) };
   }
   return undefined;
+}
+
+/** The state letters alone (xlDomainOf). */
+export function xlStateOf(stdout: string, domid: number): string | undefined {
+  return xlDomainOf(stdout, domid)?.state;
 }
 
 /** Shut down, and the reason is suspend (SHUTDOWN_suspend): the domain is being saved or migrated. */
@@ -77,17 +87,16 @@ export function stateIsSuspended(state: string): boolean {
 }
 
 /**
- * Whether domain `domid` is shut down for a suspend, asked of the hypervisor through `xl list`
- * (libxl_domain_info's shutdown reason). No xl, or no such domain: not suspended.
+ * Domain `domid` as the hypervisor sees it, asked through `xl list` (libxl_domain_info: its state,
+ * the shutdown reason, its CPU time). No xl, or no such domain: undefined.
  */
-export async function domainSuspended(run: Runner, domid: number, log: Logger): Promise<boolean> {
+export async function xlDomain(run: Runner, domid: number, log: Logger): Promise<XlDomain | undefined> {
   const r = await run.probe('xl', ['list', String(domid)], { timeoutMs: 10_000 });
   if (r.failed) {
-    log.debug(`${r.command}: ${r.stderr.trim() || `exit ${r.exitCode}`}; taking domain ${domid} as not suspended`);
-    return false;
+    log.debug(`${r.command}: ${r.stderr.trim() || `exit ${r.exitCode}`}; domain ${domid} unknown to xl`);
+    return undefined;
   }
-  const state = xlStateOf(r.stdout, domid);
-  return state !== undefined && stateIsSuspended(state);
+  return xlDomainOf(r.stdout, domid);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,6 +104,9 @@ export async function domainSuspended(run: Runner, domid: number, log: Logger): 
 
 export interface SavedDisk {
   version: 1;
+  /** The host that saved it (lock/store-owner.ts's identity): only it holds the devices. */
+  machine: string;
+  host: string;
   /** The domain's uuid (or `name:<name>` when it had none). */
   key: string;
   name: string | undefined;
@@ -145,12 +157,35 @@ export function readMarker(config: Config, key: string, devid: string): SavedDis
   return JSON.parse(text) as SavedDisk;
 }
 
+/** Written and synced before the record moves: a marker is what makes a later restore refuse rather than build afresh. */
+/** readMarker, with an unreadable marker taken as "there is one" (it still stands for a saved disk). */
+export function readMarkerSafe(config: Config, key: string, devid: string): SavedDisk | 'unreadable' | undefined {
+  try {
+    return readMarker(config, key, devid);
+  } catch {
+    return 'unreadable';
+  }
+}
+
 function writeMarker(config: Config, m: SavedDisk): void {
-  mkdirSync(savedDir(config), { recursive: true, mode: 0o700 });
+  const dir = savedDir(config);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
   const file = markerPath(config, m.key, m.devid);
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify(m, null, 1)}\n`, { mode: 0o600 });
+  const fd = openSync(tmp, 'w', 0o600);
+  try {
+    writeFileSync(fd, `${JSON.stringify(m, null, 1)}\n`);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
   renameSync(tmp, file);
+  const d = openSync(dir, 'r');
+  try {
+    fsyncSync(d);
+  } finally {
+    closeSync(d);
+  }
 }
 
 export function deleteMarker(config: Config, key: string, devid: string): void {
@@ -213,10 +248,13 @@ export async function holdReason(e: LifecycleEnv, xs: XsOps, entry: JournalEntry
   if (domid === undefined || domid === 0) return undefined;
   const name = (await xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)) ?? entry.disk.domainName;
   if (isMigratedAway(name)) return undefined;
-  if (entry.restored && (await xs.tryRead(`${entry.backendPath}/sectors`).catch(() => undefined)) === undefined) {
-    return `the restore that reattached it (${entry.restored.at}) ended before its guest connected`;
+  const dom = await xlDomain(e.run, domid, e.log);
+  if (dom && stateIsSuspended(dom.state)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;
+  // A restore that fails after its disks were added destroys the domain before it ran: it never
+  // used a moment of CPU, and blkback never saw its frontend connect (no `sectors`).
+  if (entry.restored && (dom === undefined || dom.cpuSeconds === 0) && (await xs.tryRead(`${entry.backendPath}/sectors`).catch(() => undefined)) === undefined) {
+    return `the restore that reattached it (${entry.restored.at}) ended before its guest ran`;
   }
-  if (await domainSuspended(e.run, domid, e.log)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;
   return undefined;
 }
 
@@ -231,22 +269,30 @@ export function domainKey(disk: Pick<DiskSpec, 'domainUuid' | 'domainName'>): st
  * held key. Throws (and changes nothing) when the domain cannot be named or a held record of the
  * same disk is already there.
  */
-export async function holdRecord(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: XenstoreClient, entry: JournalEntry, reason: string): Promise<SavedDisk> {
   const domid = domidOf(entry);
   const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
-  const uuid = vm?.trim().replace(/^\/vm\//, '').toLowerCase() || entry.disk.domainUuid;
-  const key = domainKey({ domainUuid: uuid && /^[0-9a-f-]{36}$/.test(uuid) ? uuid : entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
+  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
   if (!key) throw new Error(`cannot hold ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
   const devid = devidOf(entry.backendPath);
   const target = heldKey(key, devid);
   const other = e.journal.load(target);
-  if (other) throw new Error(`cannot hold ${entry.backendPath} for its saved domain: ${target} already holds a disk of that domain (from ${other.held?.from ?? '?'}); see "xen-blockhooks status"`);
+  if (other) {
+    // A held disk of the same domain and devid whose marker is gone was given up (its saved
+    // domain will never be restored): it goes, and this one is held in its place.
+    if (readMarkerSafe(e.config, key, devid) !== undefined) {
+      throw new Error(`cannot hold ${entry.backendPath} for its saved domain: ${target} already holds a disk of that domain (from ${other.held?.from ?? '?'}) and its marker is there; see "xen-blockhooks status"`);
+    }
+    const failures = await undoAll(other, e.undo, { ...e, xs });
+    if (failures.length) throw new Error(`cannot hold ${entry.backendPath}: taking down the given-up ${target} failed: ${failures.map((f) => f.message).join('; ')}`);
+  }
   const now = new Date().toISOString();
-  const boot = bootId();
+  const me = thisHost();
   const marker: SavedDisk = {
-    version: 1, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script, params: entry.disk.params,
-    mode: entry.disk.mode, transient: entry.transient ?? '', held: target, from: entry.backendPath, bootId: boot, savedAt: now,
+    version: 1, machine: me.machine, host: me.host, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script,
+    params: entry.disk.params, mode: entry.disk.mode, transient: entry.transient ?? '', held: target, from: entry.backendPath, bootId: me.boot, savedAt: now,
   };
+  const boot = me.boot;
   writeMarker(e.config, marker);
   const held: HeldFor = { uuid: key, name: marker.name, devid, from: entry.backendPath, since: now, bootId: boot };
   const from = entry.backendPath;
@@ -261,8 +307,33 @@ export async function holdRecord(e: LifecycleEnv, xs: XsOps, entry: JournalEntry
 // ---------------------------------------------------------------------------------------------
 // add: adopt what a saved domain left, or refuse
 
-function deviceAlive(entry: JournalEntry, sysRoot = '/sys'): boolean {
-  return entry.device !== undefined && existsSync(sysBlockDir(entry.device, sysRoot));
+function readSys(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether the record's device is still the one it built: the major:minor exists, and a dm
+ * device's name or a loop's backing file is one the record names (a minor can be reused).
+ */
+export function deviceIsTheRecords(entry: JournalEntry, sysRoot = '/sys'): boolean {
+  if (!entry.device) return false;
+  const dir = sysBlockDir(entry.device, sysRoot);
+  let kernelName: string;
+  try {
+    kernelName = readlinkSync(dir).replace(/^.*\//, '');
+  } catch {
+    return false;
+  }
+  const refs = recordStrings(entry);
+  const dm = readSys(`${dir}/dm/name`);
+  if (dm !== undefined) return refs.has(dm);
+  const backing = readSys(`${dir}/loop/backing_file`);
+  if (backing !== undefined) return refs.has(backing.replace(/ \(deleted\)$/, ''));
+  return refs.has(`/dev/${kernelName}`);
 }
 
 function describeDisk(m: SavedDisk): string {
@@ -283,9 +354,13 @@ export function adoptSaved(
   const key = domainKey(disk);
   if (!key) return undefined;
   const devid = devidOf(backendPath);
-  const m = readMarker(e.config, key, devid);
-  if (!m) return undefined;
+  const read = readMarkerSafe(e.config, key, devid);
+  if (!read) return undefined;
   const file = markerPath(e.config, key, devid);
+  if (read === 'unreadable') {
+    throw new HotplugError(`${e.script}: ${file} says this domain's disk was saved, and cannot be read; nothing was built. Restore needs it intact: check the file, or delete it to start the domain afresh.`);
+  }
+  const m = read;
   const what = describeDisk(m);
   const startFresh = `To start the domain afresh instead (xl create, not restore), delete ${file} first.`;
   if (m.script !== e.script || m.params !== disk.params || m.mode !== disk.mode) {
@@ -293,9 +368,15 @@ export function adoptSaved(
       `${e.script}: ${what} was saved on ${m.savedAt} as "${m.script} ${m.params}" (mode ${m.mode}), and this restore asks for "${e.script} ${disk.params}" (mode ${disk.mode}); the guest's memory expects the disk it was saved with, so nothing was built. Restore with the saved domain's disk configuration. ${startFresh}`,
     );
   }
+  const me = thisHost();
+  if (m.machine !== undefined && (m.machine !== me.machine || m.host !== me.host)) {
+    throw new HotplugError(
+      `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} is held by host ${m.host}, which saved it (${m.savedAt}); restore the domain there, or start it fresh. Nothing was built. ${startFresh}`,
+    );
+  }
   const held = e.journal.load(m.held);
-  if (m.bootId !== bootId() || !held || held.phase !== 'held' || !deviceAlive(held, sysRoot)) {
-    const why = m.bootId !== bootId() ? 'dom0 has restarted since, and they lived only in its devices' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
+  if (m.bootId !== me.boot || !held || held.phase !== 'held' || !deviceIsTheRecords(held, sysRoot)) {
+    const why = m.bootId !== me.boot ? 'dom0 has restarted since, and they lived only in its devices' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
     throw new HotplugError(
       `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} (saved ${m.savedAt}) did not survive: ${why}. Restoring it would hand the guest a disk without the blocks it wrote, so nothing was built. Start the domain fresh, or give the disk a persistent store so a saved domain survives a dom0 restart. ${startFresh}`,
     );

@@ -270,7 +270,7 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
     // A domain being saved keeps what its restore needs (src/hotplug/lifecycle.ts).
     const hold = xs ? await holdReason(e, xs, entry) : undefined;
     if (hold && xs) {
-      await holdRecord(e, xs, entry, hold);
+      await holdRecord({ ...e, undo: e.backend.undo }, xs, entry, hold);
       return 0;
     }
     const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });

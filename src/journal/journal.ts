@@ -151,6 +151,23 @@ export class Journal {
   }
 }
 
+/** Every string anywhere in a record's steps and device (devices, names, files it mentions). */
+export function recordStrings(entry: JournalEntry): Set<string> {
+  const out = new Set<string>();
+  const walk = (v: unknown): void => {
+    if (typeof v === 'string') out.add(v);
+    else if (typeof v === 'number') out.add(String(v));
+    else if (Array.isArray(v)) v.forEach(walk);
+    else if (v && typeof v === 'object') Object.values(v).forEach(walk);
+  };
+  for (const s of entry.steps) walk(s.data);
+  if (entry.device) {
+    out.add(entry.device.path);
+    out.add(`${entry.device.major}:${entry.device.minor}`);
+  }
+  return out;
+}
+
 /** True when `pid` names a live process (used to tell a killed add from one still running). */
 export function processAlive(pid: number): boolean {
   try {

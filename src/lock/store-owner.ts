@@ -13,8 +13,11 @@
  *              - this machine, this boot: another disk here, or this disk's earlier attempt; the
  *                loop check of the store (the one writer rule) decides, and the claim is not ours
  *                to release unless it names this backend path;
- *              - no owner.json: a claim cut between mkdir and the write; taken over when the
- *                directory is older than a minute, else busy.
+ *              - no owner.json: a claim cut between mkdir and the write; when the directory is
+ *                older than a minute it is renamed away (rename is atomic: of two hosts trying,
+ *                one wins) and the claim starts again; younger, busy.
+ *            "This machine" is /etc/machine-id and the host name together: dom0s cloned from one
+ *            image share a machine-id, not a host name.
  *   release  only by the machine, boot and backend path owner.json names: owner.json, then the
  *            directory.
  * The claim lasts as long as the disk is attached, across the hook processes that add and remove
@@ -28,7 +31,7 @@
  * hook that attached it has exited. So the claim uses mkdir itself, with an owner record instead
  * of a refresh.
  */
-import { mkdirSync, readFileSync, renameSync, rmdirSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { HotplugError } from '../hotplug/errors.js';
@@ -83,7 +86,7 @@ function writeOwner(dir: string, o: StoreOwner): void {
  * Claim `store` for `backendPath` on this host. Returns whether the claim is this disk's (and so
  * its to release); throws a busy HotplugError when another host holds it.
  */
-export function claimStore(script: string, store: string, backendPath: string, me: HostIdentity = thisHost()): { ours: boolean } {
+export function claimStore(script: string, store: string, backendPath: string, me: HostIdentity = thisHost(), attempt = 0): { ours: boolean } {
   const dir = ownerDir(store);
   const mine: StoreOwner = { ...me, backendPath, since: new Date().toISOString() };
   try {
@@ -95,17 +98,25 @@ export function claimStore(script: string, store: string, backendPath: string, m
   }
   const o = readOwner(dir);
   if (!o) {
-    let age = 0;
+    let age: number;
     try {
       age = Date.now() - statSync(dir).mtimeMs;
     } catch {
-      return claimStore(script, store, backendPath, me); // released meanwhile: try again
+      age = Infinity; // released meanwhile
     }
-    if (age < CLAIM_GRACE_MS) throw new HotplugError(`${script}: the persistent store ${store} is being claimed right now (${dir} has no owner yet); try again.`, 'busy');
-    writeOwner(dir, mine);
-    return { ours: true };
+    if (age < CLAIM_GRACE_MS || attempt > 2) throw new HotplugError(`${script}: the persistent store ${store} is being claimed right now (${dir} has no owner yet); try again.`, 'busy');
+    if (age !== Infinity) {
+      const away = `${dir}.stale.${me.machine.slice(0, 12)}.${process.pid}`;
+      try {
+        renameSync(dir, away);
+        rmSync(away, { recursive: true, force: true });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; // another host moved it first
+      }
+    }
+    return claimStore(script, store, backendPath, me, attempt + 1);
   }
-  if (o.machine !== me.machine) {
+  if (o.machine !== me.machine || o.host !== me.host) {
     throw new HotplugError(
       `${script}: the persistent store ${store} is held by host ${o.host} (since ${o.since}, disk ${o.backendPath}); a store serves one host at a time. Detach it there first (for a migration: the store stays with the host the domain runs on); if ${o.host} is down for good, remove the directory ${dir}.`,
       'busy',
@@ -122,7 +133,7 @@ export function claimStore(script: string, store: string, backendPath: string, m
 export function releaseStore(store: string, backendPath: string, me: HostIdentity = thisHost()): void {
   const dir = ownerDir(store);
   const o = readOwner(dir);
-  if (!o || o.machine !== me.machine || o.boot !== me.boot || o.backendPath !== backendPath) return;
+  if (!o || o.machine !== me.machine || o.host !== me.host || o.boot !== me.boot || o.backendPath !== backendPath) return;
   try {
     unlinkSync(join(dir, 'owner.json'));
     rmdirSync(dir);
@@ -130,4 +141,24 @@ export function releaseStore(store: string, backendPath: string, me: HostIdentit
     // ENOTEMPTY: a writer's temporary file is left; the directory has no owner and is taken over.
     if (!['ENOENT', 'ENOTEMPTY'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
   }
+}
+
+/**
+ * This host's claims that nothing holds any more: made in an earlier boot (its devices are gone),
+ * or in this boot for a backend path `recorded` does not know. Claims of other hosts are never
+ * listed. `stores` are the persistent stores to look at.
+ */
+export function staleClaims(stores: string[], recorded: (backendPath: string) => boolean, me: HostIdentity = thisHost()): { store: string; owner: StoreOwner }[] {
+  const out: { store: string; owner: StoreOwner }[] = [];
+  for (const store of stores) {
+    const o = readOwner(ownerDir(store));
+    if (!o || o.machine !== me.machine || o.host !== me.host) continue;
+    if (o.boot !== me.boot || !recorded(o.backendPath)) out.push({ store, owner: o });
+  }
+  return out;
+}
+
+/** Drop a claim of this host that staleClaims listed (its owner record may name another boot). */
+export function dropClaim(store: string, owner: StoreOwner): void {
+  releaseStore(store, owner.backendPath, { machine: owner.machine, host: owner.host, boot: owner.boot });
 }

@@ -2,7 +2,8 @@
  * The boot cleanup on a real kernel (what xen-blockhooks-boot.service runs: `gc --apply`): a
  * transient and a persistent block-cow disk are built, then a crash is played (every device gone,
  * the journal in /run gone, time passing). gc finds the transient store and deletes it, never the
- * persistent one, and the persistent disk comes back with the data written before the crash.
+ * persistent one (only this host's stale claim on it), and the persistent disk comes back with the
+ * data written before the crash.
  */
 import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -73,13 +74,15 @@ test('boot cleanup: a crash\'s transient store is deleted, a persistent one kept
   const plan = cli(['gc'], xsEnv);
   assert.equal(plan.code, 3, `something to collect: ${plan.all}`);
   assert.match(plan.out, /rm .*\/transient-5-51712\.cow: transient store file that no record, loop or nbd server uses/);
-  assert.doesNotMatch(plan.out, /web-xvda\.cow/, 'the persistent store is not in the plan');
+  assert.doesNotMatch(plan.out, /rm .*web-xvda\.cow/, 'the persistent store is not in the plan');
+  assert.match(plan.out, /release .*\/web-xvda\.cow\.owner: this host's claim on .*web-xvda\.cow \(for backend\/vbd\/6\/51712, which no record knows\)/, 'its claim is, since no record holds it after the crash');
   assert.ok(existsSync(join(storeDir, 'transient-5-51712.cow')), 'the plan alone changes nothing');
 
   const done = cli(['gc', '--apply'], xsEnv);
   assert.equal(done.code, 0, done.all);
   assert.ok(!existsSync(join(storeDir, 'transient-5-51712.cow')), 'the transient store is deleted');
   assert.ok(existsSync(join(storeDir, 'web-xvda.cow')), 'the persistent store is kept');
+  assert.ok(!existsSync(join(storeDir, 'web-xvda.cow.owner')), 'its stale claim is released');
   assert.equal(cli(['gc'], xsEnv).code, 0, 'a second run finds nothing');
 
   // The domain is started again after the reboot: its persistent disk has what it wrote.
@@ -94,5 +97,6 @@ test('boot cleanup: a crash\'s transient store is deleted, a persistent one kept
   assert.equal(rm.code, 0, rm.all);
   assert.deepEqual(dmNames().filter((d) => d.startsWith('xbh-')), []);
   assert.deepEqual(loopsOn(work), []);
+  assert.ok(!existsSync(join(storeDir, 'web-xvda.cow.owner')), 'the remove released the claim it made');
   rmSync(join(storeDir, 'web-xvda.cow'));
 });

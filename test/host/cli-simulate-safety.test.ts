@@ -22,10 +22,12 @@ function world(t: { teardown(f: () => unknown): void }) {
   mkdirSync(images);
   const img = join(images, 'disk.img');
   writeFileSync(img, Buffer.alloc(1024 * 1024));
+  // The configuration names a hotplug log, as /etc/xen/blockhooks.conf does by default.
   const log = join(dir, 'xen-hotplug.log');
+  writeFileSync(join(dir, 'blockhooks.conf'), `log_file = ${log}\n`);
   const env: NodeJS.ProcessEnv = {
     PATH: process.env.PATH,
-    XEN_BLOCKHOOKS_CONF: join(dir, 'none.conf'),
+    XEN_BLOCKHOOKS_CONF: join(dir, 'blockhooks.conf'),
     XEN_BLOCKHOOKS_STATE_DIR: join(dir, 'state'),
     XEN_BLOCKHOOKS_STORE_DIR: join(dir, 'store'),
     XEN_BLOCKHOOKS_IMAGE_DIRS: images,
@@ -71,13 +73,16 @@ t.test('a backend path with a record in the real journal is refused; record and 
 t.test('the embedded simulation has its own journal and writes no hotplug log line', async (t) => {
   const w = world(t);
   const real = realDisk(w, 1);
-  const r = await w.cli(['simulate', '--domid', '3', `file:${w.img},xvda,r`]);
+  const r = await w.cli(['simulate', '--keep', '--domid', '3', `file:${w.img},xvda,r`]);
   t.equal(r.code, 0, r.err);
   t.match(r.out, /journal and locks in .*\/state\/simulate/);
+  t.same(readdirSync(join(w.dir, 'state', 'journal')), ['backend~vbd~1~51712.json'], 'while the simulated disk is up, the real journal has only the real record');
+  t.same(readdirSync(join(w.dir, 'state', 'simulate', 'journal')), ['backend~vbd~3~51712.json'], 'the simulated record is in simulate\'s own journal');
+  const rm = await w.cli(['simulate', '--action', 'remove', '--domid', '3', `file:${w.img},xvda,r`]);
+  t.equal(rm.code, 0, rm.err);
   t.equal(readFileSync(real.file, 'utf8'), real.text, 'the real record is unchanged');
   t.same(w.loopsOnImg(), [real.loop], 'only the real loop is left');
-  t.same(readdirSync(join(w.dir, 'state', 'journal')), ['backend~vbd~1~51712.json'], 'no simulated record in the real journal');
-  t.notOk(existsSync(w.log), 'no hotplug log written');
+  t.notOk(existsSync(w.log), 'the configured hotplug log got no line');
   const asked = await w.cli(['simulate', '--domid', '3', `file:${w.img},xvda,r`], { XEN_BLOCKHOOKS_LOG_FILE: w.log });
   t.equal(asked.code, 0, asked.err);
   t.match(readFileSync(w.log, 'utf8'), /backend\/vbd\/3\/51712/, 'a log named in the environment is written');

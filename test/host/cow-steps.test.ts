@@ -22,7 +22,7 @@ import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-n
 type TT = Test;
 
 interface Loop { name: string; minor: number; file: string; dev: string; ino: string; ro: boolean }
-interface Dm { name: string; minor: number; table: string; ro: boolean }
+interface Dm { name: string; minor: number; table: string; ro: boolean; uuid: string }
 
 /** losetup and dmsetup played in memory; every command is recorded; `failAt` fails the n-th device command. */
 class FakeDevices implements Runner {
@@ -94,11 +94,11 @@ class FakeDevices implements Runner {
         if (dm) return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
         let minor = 0;
         while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly') });
+        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly'), uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '' });
         return this.result(cmd, true);
       }
       case 'info':
-        return dm ? this.result(cmd, true, `${name}|254|${dm.minor}|0|\n`) : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
+        return dm ? this.result(cmd, true, `${name}|254|${dm.minor}|0|${dm.uuid}\n`) : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
       case 'remove':
         if (!dm) return this.result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
         this.dms = this.dms.filter((d) => d !== dm);
@@ -230,7 +230,9 @@ t.test('add then remove: the command sequence, the dm table, the shared base', a
   await writeBackendNodes(w.xs, b);
   const ra = await w.hook('add', a);
   t.equal(ra.code, 0, ra.log.join('\n'));
-  t.same(w.fake.log, [
+  // Each dm device gets a dm uuid of its own (steps.ts addDm): random, so it is matched, then left out.
+  t.match(w.fake.log.find((c) => c.startsWith('dmsetup create')) ?? '', /^dmsetup create --uuid XBH-[0-9a-f]{24} --table /);
+  t.same(w.fake.log.map((c) => c.replace(/--uuid XBH-[0-9a-f]{24} /, '')), [
     'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT',
     `losetup --find --show --read-only -- ${w.base}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
     `losetup --find --show -- ${join(w.config.storeDir, 'transient-1-51712.cow')}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
@@ -349,6 +351,31 @@ t.test('a persistent store in use is refused busy, and the refusal leaves the us
   t.same(readdirSync(join(w.config.stateDir, 'journal')), ['backend~vbd~1~51712.json'], 'only the first disk has a record');
   t.equal((await w.hook('remove', a)).code, 0);
   rmSync(join(w.config.storeDir, 'shared.cow'));
+  w.nothingLeft(t, 'the end');
+});
+
+t.test('a migration\'s receiving end (NAME--incoming) is refused: the persistent store is the sender\'s, a transient one is not there', async (t) => {
+  const w = await world(t);
+  const sender = disk(1, `${w.base} 8 persistent`, { domainName: 'web' });
+  const receiver = disk(2, `${w.base} 8 persistent`, { domainName: 'web--incoming' });
+  await writeBackendNodes(w.xs, sender);
+  await writeBackendNodes(w.xs, receiver);
+  t.equal((await w.hook('add', sender)).code, 0);
+  const before = JSON.stringify([w.fake.loops, w.fake.dms]);
+  const r = await w.hook('add', receiver);
+  t.equal(r.code, 1, 'the receiver is refused');
+  t.equal(await w.xs.read(`${backendPath(receiver)}/hotplug-status`), 'busy');
+  t.match(await w.xs.read(`${backendPath(receiver)}/hotplug-error`), /web-xvda\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/, 'it names the sender\'s store (the --incoming suffix is not part of the name)');
+  t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the sender keeps its devices');
+  t.same(readdirSync(w.config.storeDir).sort(), ['web-xvda.cow', 'web-xvda.cow.owner'], 'no second store; the sender\'s claim stays');
+  const transient = disk(3, `${w.base} 8`, { domainName: 'web--incoming', devid: 51728 });
+  await writeBackendNodes(w.xs, transient);
+  const rt = await w.hook('add', transient);
+  t.equal(rt.code, 1);
+  t.match(await w.xs.read(`${backendPath(transient)}/hotplug-error`), /receiving end of a live migration/);
+  t.equal((await w.hook('remove', sender)).code, 0);
+  t.same(readdirSync(w.config.storeDir), ['web-xvda.cow'], 'the claim goes with the sender\'s remove');
+  rmSync(join(w.config.storeDir, 'web-xvda.cow'));
   w.nothingLeft(t, 'the end');
 });
 

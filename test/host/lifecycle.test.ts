@@ -18,7 +18,7 @@ import { defaultConfig, type Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { decodeDev } from '../../src/devices/sysfs.js';
-import { markerPath, stateIsSuspended, xlStateOf } from '../../src/hotplug/lifecycle.js';
+import { markerPath, stateIsSuspended, xlDomainOf, xlStateOf } from '../../src/hotplug/lifecycle.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { backendPath, closeBackend, writeBackendNodes } from '../lib/backend-nodes.js';
@@ -26,13 +26,14 @@ import { startTestStore, writeDomain, type TestStore } from '../lib/block-harnes
 import { connectXenstore } from '../../src/xenstore/client.js';
 
 /** `xl list DOMID` as xl_info.c's list_domains prints it. */
-function xlList(name: string, domid: number, state: string): string {
+function xlList(name: string, domid: number, state: string, cpu = 12.3): string {
   const head = 'Name                                        ID   Mem VCPUs\tState\tTime(s)';
-  return `${head}\n${name.padEnd(40)} ${String(domid).padStart(5)} ${'256'.padStart(5)} ${'1'.padStart(5)}     ${state}  ${'12.3'.padStart(8)}\n`;
+  return `${head}\n${name.padEnd(40)} ${String(domid).padStart(5)} ${'256'.padStart(5)} ${'1'.padStart(5)}     ${state}  ${cpu.toFixed(1).padStart(8)}\n`;
 }
 
 t.test('xl list: the state letters, and which mean "being saved"', async (t) => {
   t.equal(xlStateOf(xlList('web', 7, '--pss-'), 7), '--pss-');
+  t.same(xlDomainOf(xlList('web', 7, '--p---', 0), 7), { state: '--p---', cpuSeconds: 0 }, 'and the CPU time');
   t.equal(xlStateOf(xlList('a name with spaces', 12, '-b----'), 12), '-b----');
   t.equal(xlStateOf(xlList('web', 7, '--pss-'), 8), undefined, 'another domid is not this one');
   t.ok(stateIsSuspended('--pss-'), 'shut down, reason suspend');
@@ -57,6 +58,8 @@ interface World {
   config: Config;
   store: TestStore;
   xl: Map<number, string>;
+  /** CPU seconds xl reports per domain (default 12.3). */
+  xlCpu: Map<number, number>;
   xlCalls: string[];
   hook(action: 'add' | 'remove', domid: number, devid?: number): Promise<{ code: number; log: string[] }>;
   loopsOnFile(): string[];
@@ -90,7 +93,7 @@ async function world(t: Test): Promise<World> {
   const config: Config = { ...defaultConfig(), storeDir: join(dir, 'store'), stateDir: join(dir, 'state'), imageDirs: [dir], xenLockDir: join(dir, 'xl'), logFile: '' };
   const store = await startTestStore('xbh-life-xs-');
   const w: World = {
-    dir, file, config, store, xl: new Map(), xlCalls: [],
+    dir, file, config, store, xl: new Map(), xlCpu: new Map(), xlCalls: [],
     async hook(action, domid, devid = 51712) {
       const logger = memoryLogger();
       // The runtime closes the client it is given: each run gets its own, as a hook process would.
@@ -122,7 +125,7 @@ function runOf(w: World): Runner {
       const id = Number(args[1]);
       const st = w.xl.get(id);
       const ok = st !== undefined;
-      return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout: ok ? xlList(`dom${id}`, id, st) : '', stderr: ok ? '' : `Invalid domain identifier: ${id}`, durationMs: 1, failed: !ok, timedOut: false };
+      return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout: ok ? xlList(`dom${id}`, id, st, w.xlCpu.get(id)) : '', stderr: ok ? '' : `Invalid domain identifier: ${id}`, durationMs: 1, failed: !ok, timedOut: false };
     },
     run: (f, args, o) => real.run(f, args, o),
   };
@@ -186,7 +189,7 @@ t.test('save, restore, a failed restore and a destroy: the same device all along
   t.equal(failed.code, 0);
   t.same(w.loopsOnFile(), loop, 'a failed restore does not undo what the saved guest needs');
   t.ok(existsSync(marker), 'the marker is back for the next attempt');
-  t.match(failed.log.join('\n'), /ended before its guest connected/);
+  t.match(failed.log.join('\n'), /ended before its guest ran/);
   await destroyNodes(w, 6);
 
   // The next restore works, the guest connects (blkback writes sectors), and a destroy undoes it all.
@@ -200,7 +203,7 @@ t.test('save, restore, a failed restore and a destroy: the same device all along
   t.same(w.loopsOnFile(), [], 'the loop is gone');
   t.same(journalKeys(w), [], 'no record');
   t.notOk(existsSync(marker), 'no marker');
-  t.same(w.xlCalls, ['xl list 5', 'xl list 7'], 'xl asked once per remove that could hold (not for the failed restore, which its missing sectors settled)');
+  t.same(w.xlCalls, ['xl list 5', 'xl list 6', 'xl list 7'], 'xl asked once per remove that could hold');
 });
 
 async function holdOne(t: Test, w: World, domid: number, uuid: string): Promise<void> {
@@ -331,4 +334,83 @@ t.test('gc finds a transient store file nothing uses (a crash\'s leftover), and 
   t.notOk(existsSync(files.leftover), 'leftover deleted');
   t.notOk(existsSync(files.overlay), 'leftover overlay deleted');
   for (const k of ['young', 'persistent', 'attached'] as const) t.ok(existsSync(files[k]), `${k} kept`);
+});
+
+t.test('a restored domain that ran and never connected (no PV drivers) is destroyed, not held', async (t) => {
+  const w = await world(t);
+  const uuid = '44444444-2222-4333-8444-555555555555';
+  await holdOne(t, w, 20, uuid);
+  await domain(w, 21, 'db', uuid);
+  t.equal((await w.hook('add', 21)).code, 0, 'restored');
+  w.xl.set(21, '-b----');
+  // The emulated disk served it; blkback never saw a PV frontend, so there is no `sectors`.
+  w.xlCpu.set(21, 41.7);
+  await closeBackend(w.store.xs, { domid: 21, devid: 51712 });
+  t.equal((await w.hook('remove', 21)).code, 0);
+  t.same(w.loopsOnFile(), [], 'undone: the guest ran, so this is a destroy');
+  t.notOk(existsSync(markerPath(w.config, uuid, '51712')), 'no marker');
+});
+
+t.test('a held device replaced by another at the same number is not adopted', async (t) => {
+  const w = await world(t);
+  const uuid = '55555555-2222-4333-8444-555555555555';
+  await holdOne(t, w, 22, uuid);
+  const [loop] = w.loopsOnFile();
+  const other = join(w.dir, 'other.img');
+  writeFileSync(other, Buffer.alloc(1024 * 1024));
+  execFileSync('losetup', ['-d', loop as string]);
+  execFileSync('losetup', ['--', loop as string, other]);
+  t.teardown(() => {
+    try {
+      execFileSync('losetup', ['-d', loop as string]);
+    } catch {
+      // already gone
+    }
+  });
+  await domain(w, 23, 'db', uuid);
+  t.equal((await w.hook('add', 23)).code, 1, 'refused');
+  t.match(await w.store.xs.read('backend/vbd/23/51712/hotplug-error'), /did not survive: its device .* is gone/);
+  t.equal(execFileSync('losetup', ['-n', '-O', 'BACK-FILE', loop as string], { encoding: 'utf8' }).trim(), other, 'the other file\'s loop is untouched');
+});
+
+t.test('a saved disk\'s marker from another host is refused, naming that host', async (t) => {
+  const w = await world(t);
+  const uuid = '66666666-2222-4333-8444-555555555555';
+  await holdOne(t, w, 24, uuid);
+  const m = markerPath(w.config, uuid, '51712');
+  writeFileSync(m, readFileSync(m, 'utf8').replace(/"host": "[^"]*"/, '"host": "dom0-elsewhere"'));
+  await domain(w, 25, 'db', uuid);
+  t.equal((await w.hook('add', 25)).code, 1);
+  t.match(await w.store.xs.read('backend/vbd/25/51712/hotplug-error'), /is held by host dom0-elsewhere, which saved it/);
+  t.equal(w.loopsOnFile().length, 1, 'the held device stays');
+});
+
+t.test('a second save of a disk whose earlier hold was given up (marker deleted) replaces it', async (t) => {
+  const w = await world(t);
+  const uuid = '77777777-2222-4333-8444-555555555555';
+  await holdOne(t, w, 26, uuid);
+  const [first] = w.loopsOnFile();
+  rmSync(markerPath(w.config, uuid, '51712'));
+  await holdOne(t, w, 27, uuid);
+  const now = w.loopsOnFile();
+  t.equal(now.length, 1, 'one device held: the given-up one was taken down');
+  t.ok(existsSync(markerPath(w.config, uuid, '51712')), 'the new save has its marker');
+  t.ok(first !== undefined);
+});
+
+t.test('gc deletes, without undoing, a record copy a crash left while the record moved', async (t) => {
+  const w = await world(t);
+  const uuid = '88888888-2222-4333-8444-555555555555';
+  await holdOne(t, w, 28, uuid);
+  const journal = join(w.config.stateDir, 'journal');
+  const held = JSON.parse(readFileSync(join(journal, `held~${uuid}~51712.json`), 'utf8'));
+  // The copy a crash inside the move leaves: the same record, still under its backend path.
+  writeFileSync(join(journal, 'backend~vbd~28~51712.json'), JSON.stringify({ ...held, backendPath: 'backend/vbd/28/51712', phase: 'ready', held: undefined }));
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'record');
+  t.equal(plan.length, 1, 'the copy is an orphan');
+  const results = await applyGc(plan, { config: w.config, run: execRunner(process.env), log: memoryLogger(), xs: w.store.xs, hooks: () => loopHook(w.file) });
+  t.ok(results.every((r) => r.ok));
+  t.equal(w.loopsOnFile().length, 1, 'the held device is untouched');
+  t.same(journalKeys(w), [`held~${uuid}~51712.json`], 'only the copy went');
 });

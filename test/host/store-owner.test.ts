@@ -6,7 +6,7 @@ import t from 'tap';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { claimStore, ownerDir, releaseStore, type HostIdentity } from '../../src/lock/store-owner.js';
+import { claimStore, dropClaim, ownerDir, releaseStore, staleClaims, type HostIdentity } from '../../src/lock/store-owner.js';
 
 const A: HostIdentity = { machine: 'aaaa', host: 'dom0-a', boot: 'boot-1' };
 const B: HostIdentity = { machine: 'bbbb', host: 'dom0-b', boot: 'boot-9' };
@@ -52,4 +52,26 @@ t.test('a claim cut between mkdir and owner.json: busy for a minute, then taken 
   t.same(claimStore('block-cow', store, 'backend/vbd/3/51712', B), { ours: true });
   writeFileSync(join(ownerDir(store), '.owner.123.tmp'), 'x');
   t.doesNotThrow(() => releaseStore(store, 'backend/vbd/3/51712', B), 'a leftover temporary file does not make the release fail');
+});
+
+t.test('gc\'s view: this host\'s claims from an earlier boot or for an unknown disk are stale; other hosts\' never', async (t) => {
+  const d = dir(t);
+  const [old, unknown, live, foreign] = ['old.cow', 'unknown.cow', 'live.cow', 'foreign.cow'].map((n) => join(d, n)) as [string, string, string, string];
+  claimStore('block-cow', old, 'backend/vbd/1/51712', { ...A, boot: 'boot-0' });
+  claimStore('block-cow', unknown, 'backend/vbd/2/51712', A);
+  claimStore('block-cow', live, 'backend/vbd/3/51712', A);
+  claimStore('block-cow', foreign, 'backend/vbd/4/51712', B);
+  const stale = staleClaims([old, unknown, live, foreign], (bp) => bp === 'backend/vbd/3/51712', A);
+  t.same(stale.map((s) => s.store), [old, unknown]);
+  for (const s of stale) dropClaim(s.store, s.owner);
+  t.notOk(existsSync(ownerDir(old)));
+  t.notOk(existsSync(ownerDir(unknown)));
+  t.ok(existsSync(ownerDir(live)), 'a recorded disk\'s claim stays');
+  t.ok(existsSync(ownerDir(foreign)), 'another host\'s claim stays');
+});
+
+t.test('a cloned dom0 (same machine-id, another host name) is another host', async (t) => {
+  const store = join(dir(t), 's.cow');
+  claimStore('block-cow', store, 'backend/vbd/3/51712', A);
+  t.throws(() => claimStore('block-cow', store, 'backend/vbd/3/51712', { ...A, host: 'dom0-clone', boot: 'boot-5' }), /held by host dom0-a/);
 });

@@ -116,7 +116,7 @@ export function sha256(path: string): string {
 // a recording Runner with losetup and dmsetup played in memory
 
 export interface FakeLoop { name: string; minor: number; file: string; dev: string; ino: string; ro: boolean }
-export interface FakeDm { name: string; minor: number; table: string; ro: boolean; open: number }
+export interface FakeDm { name: string; minor: number; table: string; ro: boolean; open: number; uuid?: string }
 
 function result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
   return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout, stderr, durationMs: 1, failed: !ok, timedOut: false };
@@ -202,11 +202,11 @@ export class FakeDeviceRunner implements Runner {
         if (dm) return result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
         let minor = 0;
         while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly'), open: 0 });
+        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly'), open: 0, uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '' });
         return result(cmd, true);
       }
       case 'info':
-        return dm ? result(cmd, true, `${name}|254|${dm.minor}|${dm.open}|\n`) : result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
+        return dm ? result(cmd, true, `${name}|254|${dm.minor}|${dm.open}|${dm.uuid ?? ''}\n`) : result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
       case 'remove':
         if (!dm) return result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
         if (dm.open > 0) return result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: Device or resource busy\nCommand failed.`);
