@@ -141,12 +141,16 @@ t.test('block-cow: user paths after --, base read-only, store 0600 in a root-onl
     t.equal(statSync(w.base).mtimeMs, mtime, 'mtime unchanged');
     t.ok(fake.dms.every((d) => !d.table.includes(' linear ') || d.ro), 'the r disk is a read-only dm device');
   });
-  await checked('block-cow', 'store creation', 'stores are regular files, mode 0600, owned by root, in a 0700 root-owned directory', () => {
-    t.same(storeFiles, ['keep.cow', 'transient-5-51712.cow'], 'one store per writable disk');
+  await checked('block-cow', 'store creation', 'stores are regular files, mode 0600, owned by root, in a 0700 root-owned directory; a persistent store\'s claim is a 0700 directory with a 0600 owner record', () => {
+    t.same(storeFiles, ['keep.cow', 'keep.cow.owner', 'transient-5-51712.cow'], 'one store per writable disk, and the persistent one\'s claim');
+    const claim = lstatSync(join(w.config.storeDir, 'keep.cow.owner'));
+    t.ok(claim.isDirectory() && (claim.mode & 0o777) === 0o700 && claim.uid === 0, 'the claim is a root-owned 0700 directory');
+    const owner = lstatSync(join(w.config.storeDir, 'keep.cow.owner', 'owner.json'));
+    t.ok(owner.isFile() && (owner.mode & 0o777) === 0o600 && owner.uid === 0, 'its owner record is a root-owned 0600 file');
     const ds = statSync(w.config.storeDir);
     t.equal((ds.mode & 0o777).toString(8), '700', 'store directory 0700');
     t.equal(ds.uid, 0, 'store directory owned by root');
-    for (const f of storeFiles) {
+    for (const f of storeFiles.filter((n) => !n.endsWith('.owner'))) {
       const st = lstatSync(join(w.config.storeDir, f));
       t.ok(st.isFile(), `${f} is a regular file`);
       t.equal((st.mode & 0o777).toString(8), '600', `${f} is 0600`);
