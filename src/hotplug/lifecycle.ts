@@ -87,6 +87,25 @@ export function stateIsSuspended(state: string): boolean {
 }
 
 /**
+ * The xl subcommand of the process that ran this hook (libxl forks the script from the xl
+ * process: `xl save web FILE`, `xl destroy web`), or undefined when the parent is not xl (libvirt,
+ * a test, simulate). Read from /proc, no process started.
+ */
+export function xlParentCommand(procRoot = '/proc', ppid = process.ppid): string | undefined {
+  let argv: string[];
+  try {
+    argv = readFileSync(`${procRoot}/${ppid}/cmdline`, 'utf8').split('\0').filter(Boolean);
+  } catch {
+    return undefined;
+  }
+  if (!/(^|\/)xl$/.test(argv[0] ?? '')) return undefined;
+  return argv.slice(1).find((a) => !a.startsWith('-')) ?? '';
+}
+
+/** xl subcommands that suspend a domain and then destroy it (the others never remove a suspended domain's disks). */
+const SUSPENDING_XL = new Set(['save', 'migrate', 'remus', 'colo']);
+
+/**
  * Domain `domid` as the hypervisor sees it, asked through `xl list` (libxl_domain_info: its state,
  * the shutdown reason, its CPU time). No xl, or no such domain: undefined.
  */
@@ -248,6 +267,10 @@ export async function holdReason(e: LifecycleEnv, xs: XsOps, entry: JournalEntry
   if (domid === undefined || domid === 0) return undefined;
   const name = (await xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)) ?? entry.disk.domainName;
   if (isMigratedAway(name)) return undefined;
+  // Run by xl for a command that never saves (destroy, shutdown, block-detach, create's own
+  // clean-up): nothing to ask. Otherwise (xl save or migrate, or another toolstack) ask xl.
+  const parent = xlParentCommand();
+  if (parent !== undefined && !SUSPENDING_XL.has(parent) && !entry.restored) return undefined;
   const dom = await xlDomain(e.run, domid, e.log);
   if (dom && stateIsSuspended(dom.state)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;
   // A restore that fails after its disks were added destroys the domain before it ran: it never

@@ -18,7 +18,7 @@ import { defaultConfig, type Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { decodeDev } from '../../src/devices/sysfs.js';
-import { markerPath, stateIsSuspended, xlDomainOf, xlStateOf } from '../../src/hotplug/lifecycle.js';
+import { markerPath, stateIsSuspended, xlDomainOf, xlParentCommand, xlStateOf } from '../../src/hotplug/lifecycle.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { backendPath, closeBackend, writeBackendNodes } from '../lib/backend-nodes.js';
@@ -42,6 +42,22 @@ t.test('xl list: the state letters, and which mean "being saved"', async (t) => 
   t.notOk(stateIsSuspended('---sc-'), 'crashed');
   t.notOk(stateIsSuspended('---sr-'), 'rebooting');
   t.notOk(stateIsSuspended('r-----'), 'running');
+});
+
+t.test('the xl command that ran the hook, from /proc: no process started for a destroy', async (t) => {
+  const proc = mkdtempSync(join(tmpdir(), 'xbh-proc-'));
+  t.teardown(() => rmSync(proc, { recursive: true, force: true }));
+  const parent = (pid: number, argv: string[]) => {
+    mkdirSync(join(proc, String(pid)));
+    writeFileSync(join(proc, String(pid), 'cmdline'), `${argv.join('\0')}\0`);
+  };
+  parent(10, ['/usr/lib/xen-4.17/bin/xl', 'save', 'web', '/var/lib/xen/save/web']);
+  parent(11, ['xl', '-v', 'destroy', 'web']);
+  parent(12, ['/usr/sbin/libvirtd', '--daemon']);
+  t.equal(xlParentCommand(proc, 10), 'save');
+  t.equal(xlParentCommand(proc, 11), 'destroy', 'options before the subcommand are skipped');
+  t.equal(xlParentCommand(proc, 12), undefined, 'another toolstack: unknown, so xl is asked');
+  t.equal(xlParentCommand(proc, 13), undefined, 'no such process');
 });
 
 t.test('a persistent store named after its domain is refused for a dom0 attach (pygrub), not when named', async (t) => {
