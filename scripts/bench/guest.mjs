@@ -5,7 +5,7 @@
 // live on ext4 inside a loop on the scratch tmpfs (tmpfs has no O_DIRECT). Prints one line
 // `XBH-BENCH-RESULT <json>`; progress goes to stderr. Everything made is removed before exit.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { randomBytes } from 'node:crypto';
@@ -174,7 +174,7 @@ async function latency(w, o) {
 }
 
 /** 40 concurrent adds on one base then 40 concurrent removes: block-cow, and stock file: (mode r). */
-async function concurrency(w, o) {
+async function concurrency(w) {
   const n = Number(process.env.XBH_BENCH_GUEST_CONCURRENCY ?? 40);
   const res = { n };
   for (const kind of ['cow', 'stock']) {
@@ -230,7 +230,7 @@ function fio(dev, name, extra, seconds) {
 }
 
 /** fio on each device kind vs a raw loop of the same base, two rounds in rotated order. */
-async function datapath(w, o) {
+async function datapath(w) {
   const raw = join(w.images, 'raw-copy.img');
   sh('cp', ['--', w.base, raw]);
   const devices = [
@@ -282,7 +282,7 @@ function allocated(path) {
 }
 
 /** 100 block-cow disks on one base, each writing 1 MiB: bytes allocated vs base + writes. */
-async function space(w, o) {
+async function space(w) {
   const n = Number(process.env.XBH_BENCH_SPACE_DOMAINS ?? 100);
   const store = w.ours.XEN_BLOCKHOOKS_STORE_DIR;
   const disks = [];

@@ -112,7 +112,9 @@ export function extract(deb, dest, patterns) {
     const done = (what) => (code) => {
       if (code !== 0) failed = true;
       if (code !== 0) err += `\n${what} exited with status ${code}`;
-      if (--left === 0) (failed ? reject(new Error(`extracting ${deb}: ${err.trim()}`)) : resolve());
+      if (--left !== 0) return;
+      if (failed) reject(new Error(`extracting ${deb}: ${err.trim()}`));
+      else resolve();
     };
     // dpkg-deb's stdout belongs to tar, so its 'close' never comes: wait for 'exit'.
     dpkg.on('exit', done('dpkg-deb'));

@@ -51,6 +51,7 @@ export function isBelow(path: string, dir: string): boolean {
 export function checkImagePath(path: string, imageDirs: readonly string[], opts: ImagePathOptions = {}): CheckedImage {
   const what = opts.what ?? 'image';
   const allowed = `the allowed image directories (image_dirs: ${imageDirs.join(' ') || 'none'})`;
+  // eslint-disable-next-line no-control-regex -- control characters are exactly what is refused
   if (path === '' || /[\0-\x1f\x7f]/.test(path)) throw new HotplugError(`The ${what} path ${JSON.stringify(path)} is empty or contains control characters.`);
   if (!isAbsolute(path)) throw new HotplugError(`The ${what} "${path}" is not an absolute path; give the full path below one of ${allowed}.`);
   if (path.split('/').includes('..')) throw new HotplugError(`The ${what} "${path}" contains "..": give a plain path below one of ${allowed}.`);

@@ -125,7 +125,7 @@ export function parseXlDisk(spec: string): XlDisk {
       target = once('target', target, v);
       break;
     }
-    let m = FORMAT_PREFIX.exec(rest) ?? SCRIPT_PREFIX.exec(rest) ?? DROPPED_PREFIX.exec(rest);
+    const m = FORMAT_PREFIX.exec(rest) ?? SCRIPT_PREFIX.exec(rest) ?? DROPPED_PREFIX.exec(rest);
     if (m) {
       const p = m[1] as string;
       hadPrefix = true;

@@ -29,7 +29,7 @@ import { DM_NAME_PREFIXES } from '../backends/index.js';
 import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
-import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type NbdDevice, type Usage } from './kernel.js';
+import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
 

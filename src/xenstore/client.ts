@@ -314,33 +314,34 @@ class Client implements XenstoreClient, Sink {
   }
 
   private ops(txId: number): XsOps {
-    const self = this;
+    const request = (op: number, payload: Buffer, path: string) => this.request(op, txId, payload, path);
+    const directoryPart = (path: string) => this.directoryPart(txId, path);
     return {
       async read(path) {
-        return (await self.request(XsOp.READ, txId, nulStrings(path), path)).toString('utf8');
+        return (await request(XsOp.READ, nulStrings(path), path)).toString('utf8');
       },
       async tryRead(path) {
         try {
-          return (await self.request(XsOp.READ, txId, nulStrings(path), path)).toString('utf8');
+          return (await request(XsOp.READ, nulStrings(path), path)).toString('utf8');
         } catch (e) {
           if (e instanceof XsError && e.errno === 'ENOENT') return undefined;
           throw e;
         }
       },
       async write(path, value) {
-        await self.request(XsOp.WRITE, txId, writePayload(path, value), path);
+        await request(XsOp.WRITE, writePayload(path, value), path);
       },
       async mkdir(path) {
-        await self.request(XsOp.MKDIR, txId, nulStrings(path), path);
+        await request(XsOp.MKDIR, nulStrings(path), path);
       },
       async rm(path) {
-        await self.request(XsOp.RM, txId, nulStrings(path), path);
+        await request(XsOp.RM, nulStrings(path), path);
       },
       async directory(path) {
         try {
-          return splitStrings(await self.request(XsOp.DIRECTORY, txId, nulStrings(path), path));
+          return splitStrings(await request(XsOp.DIRECTORY, nulStrings(path), path));
         } catch (e) {
-          if (e instanceof XsError && e.errno === 'E2BIG') return self.directoryPart(txId, path);
+          if (e instanceof XsError && e.errno === 'E2BIG') return directoryPart(path);
           throw e;
         }
       },

@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { connectXenstore } from '../../src/xenstore/client.js';
-import { base, cli, dmNames, env, loopsOn, sock, work, ROOT } from './cli-lib.js';
+import { base, cli, dmNames, env, loopsOn, sock, work,} from './cli-lib.js';
 import { startXenstored } from './cli-lib.js';
 
 before(startXenstored);

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { existsSync, readdirSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { base, cli, dmNames, env, loopsOn, sock, work, ROOT } from './cli-lib.js';
+import { base, cli, env, ROOT } from './cli-lib.js';
 
 test('install into / and run a hook through the installed wrapper', () => {
   const inst = spawnSync('/bin/sh', [join(ROOT, 'install')], { encoding: 'utf8', env: { PATH: env.PATH, NODE: process.execPath } });

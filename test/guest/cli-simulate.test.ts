@@ -3,7 +3,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { base, cli, dmNames, env, loopsOn, sock, work, ROOT } from './cli-lib.js';
+import { base, cli, dmNames, loopsOn, work,} from './cli-lib.js';
 
 test('simulate, xl syntax: block-cow add builds a snapshot, remove leaves nothing', () => {
   const r = cli(['simulate', '--domid', '3', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${base} 8`]);

@@ -1,13 +1,7 @@
 /** block-cow on a real kernel: the hook SIGKILLed after each command of an add (as libxl's timeout does), then remove. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { rmSync } from 'node:fs';
-import { join } from 'node:path';
-import {
-  MiB, addOk, backendPath, base, baseSum, block, closeBackend, destroyNodes, disk, explain, hook, images, leftovers, listDir, loopsOnBase,
-  pread, pwrite, removeOk, sh, sha256File, storeDir, writeBackendNodes, xs, BASE_MIB,
-} from './cow-lib.js';
+import { addOk, closeBackend, destroyNodes, disk, explain, hook, leftovers, loopsOnBase, removeOk, writeBackendNodes, xs } from './cow-lib.js';
 
 test('SIGKILL after each command of an add, then remove: nothing left', async () => {
   let finished = false;

@@ -1,7 +1,6 @@
 /** block-cow on a real kernel: two domains on one base, idempotence, persistent stores, both dialects, refusals. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import {

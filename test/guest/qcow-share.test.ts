@@ -6,9 +6,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import {
-  MiB, addOk, add, assertClean, block, disk, img, makeWorld, patternedRaw, pread, pwrite, removeOk, sha256File, sh, type World,
-} from './qcow-lib.js';
+import { MiB, addOk, add, assertClean, block, disk, img, makeWorld, patternedRaw, pread, pwrite, removeOk, sha256File, type World } from './qcow-lib.js';
 
 let w: World;
 before(async () => {

@@ -24,8 +24,8 @@ import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
-import { FakeDeviceRunner, checked, reportRow, sha256, snapshotTree, treeChanges } from '../lib/fault-lib.js';
+import { writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { FakeDeviceRunner, checked, sha256, snapshotTree, treeChanges } from '../lib/fault-lib.js';
 
 const HOOK = 'block-cow';
 
@@ -166,7 +166,6 @@ async function refused(t: Test, w: World, c: Case, domid: number, deviceFree = t
     t.same(written.filter((p) => p !== `${abs}/hotplug-status` && p !== `${abs}/hotplug-error`), [], `${c.name}: only hotplug-status/-error written to xenstore`);
     if (process.env.HOSTILE_DEBUG) console.error(`## ${c.name}: code ${r.code} ${status}: ${error} :: ${r.log.join(' | ')}`);
     if (t.counts.fail > f0) throw new Error(`${c.name}: ${error ?? r.log.join(' | ')}`);
-    if (0) console.error(`## ${c.name}: code ${r.code} ${status}: ${error} :: ${r.log.join(' | ')}`);
   }).catch(() => {});
   await w.xs.rm(be);
 }
