@@ -91,6 +91,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     return 2;
   };
   if (cmd === undefined) return usage('no command given');
+  if (cmd === 'help' && rest[0] !== undefined && !rest[0].startsWith('-')) return cliMain([rest[0], '--help'], env, deps);
   if (cmd === '-h' || cmd === '--help' || cmd === 'help') {
     out(MAIN_HELP);
     return 0;
@@ -185,7 +186,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'gc': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const xs = await tryConnect();
-        const log = deps.logger ?? cliLogger(config);
+        // Only --apply logs (and so may create the log file): a plan changes nothing on the machine.
+        let log: Logger | undefined;
         try {
           const inv = await withProgress('gc: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
           const withoutXenstore = flag(p, 'without-xenstore');
@@ -204,6 +206,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             }
             return plan.length ? 3 : 0;
           }
+          log = deps.logger ?? cliLogger(config);
           const results = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
           const failed = results.filter((r) => !r.ok);
           if (json) out(JSON.stringify({ results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) }, null, 2));
@@ -216,7 +219,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           return 0;
         } finally {
           await xs?.close().catch(() => {});
-          if (!deps.logger) await log.close();
+          if (log && !deps.logger) await log.close();
         }
       }
       case 'grow': {

@@ -3,7 +3,7 @@
  * dmsetup/losetup with captured outputs, and a xenstore that knows some domains and not others.
  */
 import t from 'tap';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -197,8 +197,20 @@ t.test('the commands: exit codes and output', async (t) => {
     t.equal(await cliMain([c, '--help'], {}, deps), 0, `${c} --help`);
     t.match(out.join('\n'), /^Usage: xen-blockhooks /);
     t.match(out.join('\n'), /Exit status:/);
+    out.length = 0;
+    t.equal(await cliMain(['help', c], {}, deps), 0, `help ${c}`);
+    t.match(out.join('\n'), new RegExp(`^Usage: xen-blockhooks ${c} `), `help ${c} prints ${c}'s own help`);
   }
   out.length = 0;
   t.equal(await cliMain(['--help'], {}, deps), 0);
   t.match(out.join('\n'), /Hooks known to this build: .*block-cow/);
+});
+
+t.test('gc without --apply changes nothing on the machine: no log file or directory is made', async (t) => {
+  const { config, run, xs } = setup(t);
+  const logDir = join(config.stateDir, '..', 'log-dir');
+  const out: string[] = [];
+  const code = await cliMain(['gc'], {}, { config: { ...config, logFile: join(logDir, 'xen-hotplug.log') }, run, connect: async () => xs, out: (s) => out.push(s), err: () => {} });
+  t.equal(code, 3, 'a plan');
+  t.notOk(existsSync(logDir), 'no log directory made');
 });
