@@ -28,10 +28,12 @@ export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] 
 Find what the hooks built for devices whose backend path or domain no longer exists in xenstore
 (orphans, and adds or removes killed half-way), and kernel objects named or backed like ours
 that no record mentions (leaked dm devices, loop devices on files in the store directory or
-under a leaked dm device, nbd connections serving such files). Prints the plan; --apply carries
-it out: a record is undone with its hook's own teardown under the hook's lock, a leaked object
-is removed directly (dmsetup remove, losetup -d, qemu-nbd -d). Persistent stores are files, not
-devices: gc never deletes them.
+under a leaked dm device, nbd connections serving such files), transient store files nothing uses
+and this host's claims on persistent stores that no record holds (what a crash leaves). Prints the
+plan; --apply carries it out: a record is undone with its hook's own teardown under the hook's
+lock, a leaked object is removed directly (dmsetup remove, losetup -d, qemu-nbd -d, rm of a
+transient store file). gc never deletes a persistent store, and never touches a disk held for a
+saved domain or another host's claim.
 
 Options:
   --apply              do it (default: only print the plan)
