@@ -159,6 +159,9 @@ async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevic
     const tags = existing.tags;
     const leftover = tags.includes(TAG_TRANSIENT) && !ownedElsewhere(ctx, snap);
     if (plan.params.persistent && tags.includes(TAG_PERSISTENT) && existing.origin === o.lv) {
+      // One writer: the same domain's disk on another backend path (a migration's receiver on
+      // this host: both ends name the snapshot after the domain) is refused while it is attached.
+      if (ownedElsewhere(ctx, snap)) throw new HotplugError(`block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} is in use by another disk of this domain; a snapshot serves one writer: remove that disk first.`, 'busy');
       if (existing.invalid) throw new HotplugError(`block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} overflowed and is invalid (attr ${existing.attr}); its data is lost: lvremove it to start afresh.`);
       existed = true;
     } else if (leftover && !plan.params.persistent) {

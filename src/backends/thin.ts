@@ -514,6 +514,10 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
     const vols = readVolumes(f.volumes);
     const kept = plan.params.persistent ? vols[plan.key] : undefined;
     if (kept) {
+      // One writer: the same domain's disk on another backend path (a migration's receiver on
+      // this host: both ends name the volume after the domain) is refused while it is attached.
+      const user = ctx.journal.list().entries.find((e) => e.backendPath !== ctx.build.entry.backendPath && e.steps.some((s) => s.kind === THIN_STEP.thin && s.data.id === kept.id && s.data.pool === f.name));
+      if (user) throw new HotplugError(`block-thin: the persistent thin volume ${plan.key} is in use by ${user.backendPath}; a volume serves one writer: remove that disk first.`, 'busy');
       if (kept.base.dev !== plan.baseId.dev || kept.base.ino !== plan.baseId.ino) {
         throw new HotplugError(`block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`);
       }

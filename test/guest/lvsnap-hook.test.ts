@@ -175,6 +175,24 @@ test('two classic snapshots of one origin: isolation, origin unchanged, removal 
   assert.equal(again.code, 0, explain(again));
 });
 
+test('a persistent snapshot serves one writer: a migration\'s receiver on this host is refused, not given a new one', async () => {
+  const a = disk(3, `${VG}/golden 8M persistent`, { domainName: 'gamma' });
+  const pa = await addOk(a);
+  pwrite(pa, 4 * MiB, block(4, 'gamma'));
+  const recv = disk(4, `${VG}/golden 8M persistent`, { domainName: 'gamma--incoming' });
+  await writeBackendNodes(xs, recv);
+  const r = await hook('add', recv);
+  assert.equal(r.code, 1, explain(r));
+  assert.match((await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '', /persistent snapshot .*\/xbh-gamma-xvda is in use by another disk/);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-gamma-xvda'], 'no second snapshot');
+  assert.deepEqual(pread(pa, 4 * MiB), block(4, 'gamma'), 'the sender\'s snapshot is untouched');
+  await destroyNodes(xs, recv);
+  await removeOk(a);
+  const lv = spawnSync('lvm', ['lvremove', '-f', `${VG}/xbh-gamma-xvda`], { encoding: 'utf8', env });
+  assert.equal(lv.status, 0, lv.stderr);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+});
+
 test('a thin origin gets thin snapshots (no size); a size is refused', async () => {
   const a = disk(3, `${VG}/tgolden`, { domainName: 'gamma' });
   const b = disk(4, `${VG}/tgolden`, { domainName: 'delta' });

@@ -299,6 +299,16 @@ test('persistent: the volume survives remove and the pool teardown, and comes ba
   const db = await addOk(b);
   assert.deepEqual(pread(db.path, 2 * MiB, 4096), block(2, 'base'));
   await removeOk(b);
+  // A migration's receiver on this host names the same volume (the --incoming suffix dropped) and
+  // is refused while the sender has it: one writer, never a second, empty volume.
+  const recv = disk(8, { domainName: 'zeta--incoming', params: `${base} persistent` });
+  await writeBackendNodes(xs, recv);
+  const r = await hook('add', recv);
+  assert.equal(r.code, 1, explain(r));
+  assert.match((await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '', /persistent thin volume zeta-xvda is in use by backend\/vbd\/6\//);
+  assert.equal(await xs.tryRead(`${backendPath(recv)}/hotplug-status`), 'busy');
+  assert.deepEqual(pread(d.path, 2 * MiB, 4096), block(2, 'zeta'), 'the sender\'s volume is untouched');
+  await destroyNodes(xs, recv);
   await removeOk(a);
   assert.equal(sha256File(base), baseSum);
 });
