@@ -353,7 +353,8 @@ export function deviceIsTheRecords(entry: JournalEntry, sysRoot = '/sys'): boole
   }
   const refs = recordStrings(entry);
   const dm = readSys(`${dir}/dm/name`);
-  if (dm !== undefined) return refs.has(dm);
+  // A dm device the record names, or whose /dev/mapper path it holds (an LV: vg-lv, dashes doubled).
+  if (dm !== undefined) return refs.has(dm) || refs.has(`/dev/mapper/${dm}`);
   const backing = readSys(`${dir}/loop/backing_file`);
   if (backing !== undefined) return refs.has(backing.replace(/ \(deleted\)$/, ''));
   return refs.has(`/dev/${kernelName}`);

@@ -6,7 +6,7 @@
  */
 import t, { type Test } from 'tap';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, symlinkSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseCowParams } from '../../src/backends/cow-params.js';
@@ -18,7 +18,8 @@ import { defaultConfig, type Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { decodeDev } from '../../src/devices/sysfs.js';
-import { markerPath, stateIsSuspended, xlDomainOf, xlParentCommand, xlStateOf } from '../../src/hotplug/lifecycle.js';
+import { deviceIsTheRecords, markerPath, stateIsSuspended, xlDomainOf, xlParentCommand, xlStateOf } from '../../src/hotplug/lifecycle.js';
+import { Journal } from '../../src/journal/journal.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { backendPath, closeBackend, writeBackendNodes } from '../lib/backend-nodes.js';
@@ -429,4 +430,32 @@ t.test('gc deletes, without undoing, a record copy a crash left while the record
   t.ok(results.every((r) => r.ok));
   t.equal(w.loopsOnFile().length, 1, 'the held device is untouched');
   t.same(journalKeys(w), [`held~${uuid}~51712.json`], 'only the copy went');
+});
+
+t.test('the held device is the record\'s: by dm name, by its /dev/mapper path (an LV), by a loop\'s file, by the node', async (t) => {
+  const sys = mkdtempSync(join(tmpdir(), 'xbh-sys-'));
+  t.teardown(() => rmSync(sys, { recursive: true, force: true }));
+  const dev = (mm: string, kname: string, files: Record<string, string>) => {
+    const target = join(sys, 'devices', kname);
+    for (const [f, v] of Object.entries(files)) {
+      mkdirSync(join(target, f, '..'), { recursive: true });
+      writeFileSync(join(target, f), `${v}\n`);
+    }
+    mkdirSync(join(target), { recursive: true });
+    mkdirSync(join(sys, 'dev', 'block'), { recursive: true });
+    symlinkSync(target, join(sys, 'dev', 'block', mm));
+  };
+  dev('254:3', 'dm-3', { 'dm/name': 'xbhvg-xbh--web--xvda' });
+  dev('254:4', 'dm-4', { 'dm/name': 'xbh-cow-web-xvda-51712' });
+  dev('7:2', 'loop2', { 'loop/backing_file': '/var/lib/xen-blockhooks/transient-5-51712.cow' });
+  dev('43:0', 'nbd0', {});
+  const rec = (device: { path: string; major: number; minor: number }, data: Record<string, unknown>) =>
+    ({ ...Journal.begin('block-x', 'held/u/51712', { params: 'p', mode: 'w' as const, frontendId: 5, vdev: 'xvda', domainName: 'web' }), device, steps: [{ kind: 'k', data, done: true }] });
+  t.ok(deviceIsTheRecords(rec({ path: '/dev/mapper/xbhvg-xbh--web--xvda', major: 254, minor: 3 }, { vg: 'xbhvg', lv: 'xbh-web-xvda' }), sys), 'an LV, by its /dev/mapper path');
+  t.ok(deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, { name: 'xbh-cow-web-xvda-51712' }), sys), 'a dm device, by its name');
+  t.notOk(deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, { name: 'xbh-cow-other-xvda-51712' }), sys), 'another dm device at the same number');
+  t.ok(deviceIsTheRecords(rec({ path: '/dev/loop2', major: 7, minor: 2 }, { path: '/var/lib/xen-blockhooks/transient-5-51712.cow' }), sys), 'a loop, by its file');
+  t.notOk(deviceIsTheRecords(rec({ path: '/dev/loop2', major: 7, minor: 2 }, { path: '/var/lib/xen-blockhooks/other.cow' }), sys), 'a loop on another file');
+  t.ok(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 0 }, {}), sys), 'an nbd, by its node');
+  t.notOk(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 16 }, {}), sys), 'a number that is not there');
 });
