@@ -286,11 +286,11 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
 function lostSaved(config: Config): Row[] {
   const boot = bootId();
   return listMarkers(config)
-    .filter(({ marker }) => marker.bootId !== boot)
+    .filter(({ marker }) => marker.bootId !== boot || !marker.held)
     .map(({ file, marker: m }) => ({
       kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
       base: m.params.trim().split(/\s+/)[0], store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
-      why: `saved ${m.savedAt} in an earlier boot; its ${m.transient} died with that boot's devices, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
+      why: `saved ${m.savedAt} ${m.held ? "in an earlier boot; its " + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
     }));
 }
 

@@ -292,6 +292,27 @@ export function domainKey(disk: Pick<DiskSpec, 'domainUuid' | 'domainName'>): st
  * held key. Throws (and changes nothing) when the domain cannot be named or a held record of the
  * same disk is already there.
  */
+function savedMarker(entry: JournalEntry, key: string, devid: string, name: string | undefined, held: string): SavedDisk {
+  const me = thisHost();
+  return {
+    version: 1, machine: me.machine, host: me.host, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script,
+    params: entry.disk.params, mode: entry.disk.mode, transient: entry.transient ?? '', held, from: entry.backendPath, bootId: me.boot, savedAt: new Date().toISOString(),
+  };
+}
+
+/**
+ * When a saved domain's disk could not be held (holdRecord threw), its restore must still be
+ * refused rather than handed a fresh disk: a marker that names no held record says so. The
+ * caller then takes the devices down. Throws when the domain has neither uuid nor name.
+ */
+export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<void> {
+  const domid = domidOf(entry);
+  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
+  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
+  if (!key) throw new Error(`the domain of ${entry.backendPath} has neither a uuid nor a name in xenstore`);
+  writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name ?? undefined, ''));
+}
+
 export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: XenstoreClient, entry: JournalEntry, reason: string): Promise<SavedDisk> {
   const domid = domidOf(entry);
   const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
@@ -309,15 +330,9 @@ export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: X
     const failures = await undoAll(other, e.undo, { ...e, xs });
     if (failures.length) throw new Error(`cannot hold ${entry.backendPath}: taking down the given-up ${target} failed: ${failures.map((f) => f.message).join('; ')}`);
   }
-  const now = new Date().toISOString();
-  const me = thisHost();
-  const marker: SavedDisk = {
-    version: 1, machine: me.machine, host: me.host, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script,
-    params: entry.disk.params, mode: entry.disk.mode, transient: entry.transient ?? '', held: target, from: entry.backendPath, bootId: me.boot, savedAt: now,
-  };
-  const boot = me.boot;
+  const marker = savedMarker(entry, key, devid, name, target);
   writeMarker(e.config, marker);
-  const held: HeldFor = { uuid: key, name: marker.name, devid, from: entry.backendPath, since: now, bootId: boot };
+  const held: HeldFor = { uuid: key, name: marker.name, devid, from: entry.backendPath, since: marker.savedAt, bootId: marker.bootId };
   const from = entry.backendPath;
   entry.held = held;
   entry.phase = 'held';
@@ -398,9 +413,11 @@ export function adoptSaved(
       `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} is held by host ${m.host}, which saved it (${m.savedAt}); restore the domain there, or start it fresh. Nothing was built. ${startFresh}`,
     );
   }
-  const held = e.journal.load(m.held);
+  const held = m.held ? e.journal.load(m.held) : undefined;
   if (m.bootId !== me.boot || !held || held.phase !== 'held' || !deviceIsTheRecords(held, sysRoot)) {
-    const why = m.bootId !== me.boot ? 'dom0 has restarted since, and they lived only in its devices' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
+    const why = m.bootId !== me.boot
+      ? 'dom0 has restarted since, and they lived only in its devices'
+      : !m.held ? 'they could not be kept at the save (the hotplug log says why)' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
     throw new HotplugError(
       `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} (saved ${m.savedAt}) did not survive: ${why}. Restoring it would hand the guest a disk without the blocks it wrote, so nothing was built. Start the domain fresh, or give the disk a persistent store so a saved domain survives a dom0 restart. ${startFresh}`,
     );

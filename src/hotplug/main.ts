@@ -29,7 +29,7 @@ import { readDisk } from './disk.js';
 import { dispatchTarget, runScript } from './dispatch.js';
 import { HotplugError, TeardownError, UsageError, messageOf } from './errors.js';
 import { takeXenBlockLock } from './xen-lock.js';
-import { adoptSaved, holdReason, holdRecord, isIncoming } from './lifecycle.js';
+import { adoptSaved, holdReason, holdRecord, isIncoming, markLost } from './lifecycle.js';
 import { reportFailure, reportSuccess } from './report.js';
 import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
 import { helpText } from './help.js';
@@ -270,8 +270,15 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
     // A domain being saved keeps what its restore needs (src/hotplug/lifecycle.ts).
     const hold = xs ? await holdReason(e, xs, entry) : undefined;
     if (hold && xs) {
-      await holdRecord({ ...e, undo: e.backend.undo }, xs, entry, hold);
-      return 0;
+      try {
+        await holdRecord({ ...e, undo: e.backend.undo }, xs, entry, hold);
+        return 0;
+      } catch (err) {
+        // Never a fresh disk for this domain's restore: mark the saved disk lost (its restore is
+        // refused), then take the devices down as at any remove. Without a marker, keep them.
+        await markLost(e, xs, entry);
+        e.log.error(`remove ${e.req.xenbusPath}: ${hold}, but its devices could not be kept (${messageOf(err)}); its restore will be refused, taking them down`);
+      }
     }
     const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
     if (failures.length === 0) return 0;

@@ -459,3 +459,40 @@ t.test('the held device is the record\'s: by dm name, by its /dev/mapper path (a
   t.ok(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 0 }, {}), sys), 'an nbd, by its node');
   t.notOk(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 16 }, {}), sys), 'a number that is not there');
 });
+
+t.test('a save whose devices cannot be held marks the disk lost: its restore is refused, never given a fresh disk', async (t) => {
+  const w = await world(t);
+  const uuid = '99999999-2222-4333-8444-555555555555';
+  await holdOne(t, w, 30, uuid);
+  // That hold given up (marker deleted), and its undo made to fail: the next save cannot take its place.
+  rmSync(markerPath(w.config, uuid, '51712'));
+  const heldFile = join(w.config.stateDir, 'journal', `held~${uuid}~51712.json`);
+  const [stuckLoop] = w.loopsOnFile();
+  const rec = JSON.parse(readFileSync(heldFile, 'utf8'));
+  rec.steps[0].data.dev = '/dev/no-such-loop';
+  writeFileSync(heldFile, JSON.stringify(rec));
+  t.teardown(() => {
+    try {
+      execFileSync('losetup', ['-d', stuckLoop as string]);
+    } catch {
+      // gone
+    }
+  });
+  await domain(w, 31, 'db', uuid);
+  t.equal((await w.hook('add', 31)).code, 0, 'a fresh disk (the hold was given up)');
+  w.xl.set(31, '--pss-');
+  await closeBackend(w.store.xs, { domid: 31, devid: 51712 });
+  const saved = await w.hook('remove', 31);
+  t.equal(saved.code, 0, 'the save\'s remove still exits 0');
+  t.match(saved.log.join('\n'), /could not be kept [^]*its restore will be refused, taking them down/);
+  const m = JSON.parse(readFileSync(markerPath(w.config, uuid, '51712'), 'utf8'));
+  t.equal(m.held, '', 'a marker that names no held record');
+  t.same(w.loopsOnFile(), [stuckLoop], 'the unheld disk\'s devices are taken down (only the stuck one of the given-up hold is left)');
+  await destroyNodes(w, 31);
+  w.xl.delete(31);
+  await domain(w, 32, 'db', uuid);
+  t.equal((await w.hook('add', 32)).code, 1, 'the restore is refused');
+  t.match(await w.store.xs.read('backend/vbd/32/51712/hotplug-error'), /did not survive: they could not be kept at the save/);
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  t.ok(inv.rows.some((r) => r.kind === 'saved' && r.state === 'lost'), 'status shows it lost');
+});
