@@ -21,6 +21,12 @@
  *
  * Pool files: <store_dir>/thin-pool.data, thin-pool.meta, and thin-pool.volumes.json, the
  * persistent volumes (owner-vdev → id, size, base), replaced atomically under the pool lock.
+ * thin-pool.transient.json lists the transient ids made in the pool (id → backend path), written
+ * before `create_thin` and dropped after `delete`. The journal lives in /run, the pool's metadata
+ * on disk: after a crash or a reboot this list is what tells the transient volumes left in the
+ * pool from the persistent ones. When the pool starts again, the listed ids no record holds are
+ * deleted (their data died with their domain's devices); `gc` deletes them from a running pool,
+ * and deletes the pool files themselves when no record and no persistent volume needs them.
  *
  * Pool on devices (thin.data_device and thin.metadata_device, e.g. two LVs): the pool uses them
  * directly, no files and no loops. A metadata device whose first 4 KiB are zero starts a new pool
@@ -111,6 +117,8 @@ export interface PoolFiles {
   data: string;
   meta: string;
   volumes: string;
+  /** The transient ids made in the pool and not yet deleted (id → backend path). */
+  transient: string;
 }
 
 export function poolFiles(config: Pick<Config, 'storeDir'>): PoolFiles {
@@ -119,6 +127,7 @@ export function poolFiles(config: Pick<Config, 'storeDir'>): PoolFiles {
     data: join(config.storeDir, 'thin-pool.data'),
     meta: join(config.storeDir, 'thin-pool.meta'),
     volumes: join(config.storeDir, 'thin-pool.volumes.json'),
+    transient: join(config.storeDir, 'thin-pool.transient.json'),
   };
 }
 
@@ -165,6 +174,100 @@ export function writeVolumes(file: string, volumes: Record<string, PersistentVol
   const tmp = `${file}.${process.pid}.tmp`;
   writeFileSync(tmp, `${JSON.stringify({ version: 1, volumes }, null, 1)}\n`, { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+/** thin-pool.transient.json: id → the backend path whose add made it. */
+export function readTransientIds(file: string): Record<string, string> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
+    throw e;
+  }
+  const doc = JSON.parse(text) as { ids?: Record<string, string> };
+  return doc.ids ?? {};
+}
+
+function writeTransientIds(file: string, ids: Record<string, string>): void {
+  if (Object.keys(ids).length === 0) {
+    rmSync(file, { force: true });
+    return;
+  }
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify({ version: 1, ids }, null, 1)}\n`, { mode: 0o600 });
+  renameSync(tmp, file);
+}
+
+/** Add or drop one transient id (caller holds the pool lock). */
+function noteTransientId(config: Pick<Config, 'storeDir'>, id: number, backendPath: string | undefined): void {
+  const f = poolFiles(config);
+  const ids = readTransientIds(f.transient);
+  if (backendPath === undefined) {
+    if (!(String(id) in ids)) return;
+    delete ids[String(id)];
+  } else {
+    ids[String(id)] = backendPath;
+  }
+  writeTransientIds(f.transient, ids);
+}
+
+/**
+ * Transient ids listed as made in the pool that no journal record holds (a crash's or a reboot's
+ * leftovers), and no persistent volume either (a list left by an older run cannot make gc delete
+ * a kept volume).
+ */
+export function leftoverThinIds(config: Pick<Config, 'storeDir'>, entries: readonly { steps: readonly StepRecord[] }[]): number[] {
+  const f = poolFiles(config);
+  const held = new Set<number>(Object.values(readVolumes(f.volumes)).map((v) => v.id));
+  for (const e of entries) for (const st of e.steps) if (st.kind === THIN_STEP.thin && typeof st.data.id === 'number') held.add(st.data.id);
+  return Object.keys(readTransientIds(f.transient)).map(Number).filter((id) => Number.isInteger(id) && !held.has(id)).sort((a, b) => a - b);
+}
+
+/**
+ * Delete leftover transient ids from the running pool (caller holds the pool lock). Returns the
+ * ids deleted or found already gone; an id the pool refuses to delete stays listed.
+ */
+export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir'>, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger): Promise<number[]> {
+  const done: number[] = [];
+  for (const id of leftoverThinIds(config, journal.list().entries)) {
+    const deleted = await deleteThin(run, THIN_POOL_NAME, id);
+    noteTransientId(config, id, undefined);
+    log.warn(`block-thin: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}, which no record holds (left by a crash or a reboot)`);
+    done.push(id);
+  }
+  return done;
+}
+
+/**
+ * gc: delete one leftover transient id from the running pool, judged again under the pool lock
+ * (an add holds that lock from journaling its id until the id exists).
+ */
+export async function collectThinId(run: Runner, config: Config, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger, id: number): Promise<void> {
+  const lock = await acquireFlock(poolLockPath(config), lockOpts(config, run));
+  try {
+    if (!leftoverThinIds(config, journal.list().entries).includes(id)) throw new Error(`thin id ${id} is held by a record now (or no longer listed); left alone`);
+    if (!(await dmInfo(run, THIN_POOL_NAME))) throw new Error(`the thin pool ${THIN_POOL_NAME} is not running; the id is deleted when it next starts`);
+    const deleted = await deleteThin(run, THIN_POOL_NAME, id);
+    noteTransientId(config, id, undefined);
+    log.info(`gc: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}`);
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * The pool's files are a crash's leftovers when the pool does not run, no loop holds them, no
+ * record has the pool, no persistent volume lives in them, and the pool is not meant to be kept.
+ */
+export function leftoverPoolFiles(config: Pick<Config, 'storeDir' | 'thin'>, entries: readonly { steps: readonly StepRecord[] }[], running: boolean, looped: (file: string) => boolean): string[] {
+  if (running || poolOnDevices(config) || config.thin.keepPool) return [];
+  if (entries.some((e) => e.steps.some((st) => st.kind === THIN_STEP.pool))) return [];
+  const f = poolFiles(config);
+  if (Object.keys(readVolumes(f.volumes)).length) return [];
+  const files = [f.data, f.meta].filter((x) => fileId(x) !== undefined);
+  if (files.some(looped)) return [];
+  return fileId(f.transient) === undefined ? files : [...files, f.transient];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,6 +491,7 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
       return;
     }
     wipeMetadataSuperblock(config.thin.metadataDevice);
+    rmSync(f.transient, { force: true });
     log.info(`block-thin: thin pool ${f.name} stopped; no persistent volumes, so its metadata superblock on ${config.thin.metadataDevice} was zeroed (the next pool starts empty)`);
     return;
   }
@@ -403,6 +507,7 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
   }
   rmSync(f.data, { force: true });
   rmSync(f.meta, { force: true });
+  rmSync(f.transient, { force: true });
   log.info(`block-thin: thin pool ${f.name} stopped and its files deleted (no persistent volumes)`);
 }
 
@@ -455,10 +560,12 @@ async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
       }
     }
     if (!(await dmInfo(ctx.run, pool))) {
-      ctx.log.debug(`thin id ${id}: pool ${pool} is not running; nothing to delete`);
+      // Still listed as transient: the next start of the pool deletes it.
+      ctx.log.debug(`thin id ${id}: pool ${pool} is not running; it is deleted when the pool next starts`);
       return;
     }
     const deleted = await deleteThin(ctx.run, pool, id);
+    if (step.data.persistent !== true) noteTransientId(ctx.config, id, undefined);
     ctx.log.debug(`thin id ${id}: ${deleted ? 'deleted' : 'was not in the pool'}`);
   } finally {
     await lock.release();
@@ -511,6 +618,9 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
       },
       (p) => ({ created: p.created, major: p.major, minor: p.minor }),
     );
+    // A pool started from files or devices that outlived its journal: its leftover transient
+    // volumes go before any id is chosen.
+    if (pool.created) await reclaimThinIds(ctx.run, ctx.config, ctx.journal, ctx.log);
     const vols = readVolumes(f.volumes);
     const kept = plan.params.persistent ? vols[plan.key] : undefined;
     if (kept) {
@@ -528,6 +638,7 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
     }
     id = kept ? kept.id : freePick(ctx, vols);
     await ctx.build.step(THIN_STEP.thin, { pool: f.name, id, persistent: plan.params.persistent, key: plan.key, existed: kept !== undefined }, async () => {
+      if (!plan.params.persistent) noteTransientId(ctx.config, id, ctx.request.xenbusPath);
       if (kept) {
         ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent thin volume ${plan.key} (id ${id})`);
       } else if ((await createThin(ctx.run, f.name, id)) === 'exists') {

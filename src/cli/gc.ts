@@ -22,18 +22,23 @@ import { hookNamed } from '../backends/index.js';
 import { dmRemove } from '../backends/cow-devices.js';
 import { lockFileFor, takeInventory, type Inventory, type Row } from './inventory.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
+import { removeSnapshot } from '../backends/lvsnap.js';
+import { collectThinId } from '../backends/thin.js';
+import type { LvRef } from '../devices/lvm.js';
 
 export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
 
 Find what the hooks built for devices whose backend path or domain no longer exists in xenstore
 (orphans, and adds or removes killed half-way), and kernel objects named or backed like ours
 that no record mentions (leaked dm devices, loop devices on files in the store directory or
-under a leaked dm device, nbd connections serving such files), transient store files nothing uses
-and this host's claims on persistent stores that no record holds (what a crash leaves). Prints the
-plan; --apply carries it out: a record is undone with its hook's own teardown under the hook's
-lock, a leaked object is removed directly (dmsetup remove, losetup -d, qemu-nbd -d, rm of a
-transient store file). gc never deletes a persistent store, and never touches a disk held for a
-saved domain or another host's claim.
+under a leaked dm device, nbd connections serving such files), and what a crash leaves: transient
+store files nothing uses, block-lvsnap's transient snapshot LVs and block-thin's transient volumes
+that no record holds, thin pool files that no record and no persistent volume needs, and this
+host's claims on persistent stores that no record holds. Prints the plan; --apply carries it out:
+a record is undone with its hook's own teardown under the hook's lock, a leaked object is removed
+directly (dmsetup remove, losetup -d, qemu-nbd -d, lvremove, a thin pool's delete message, rm of
+a transient store file). gc never deletes a persistent store, snapshot or volume, and never
+touches a disk held for a saved domain or another host's claim.
 
 Options:
   --apply              do it (default: only print the plan)
@@ -61,10 +66,17 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
       items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
     }
   }
-  const order = { dm: 0, loop: 1, nbd: 2, store: 3, claim: 4, record: 5, saved: 6 } as const;
+  const order = { dm: 0, loop: 1, nbd: 2, thin: 3, lv: 4, store: 5, claim: 6, record: 7, saved: 8 } as const;
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
-    const what = r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}` : r.kind === 'loop' ? `losetup -d ${r.device}` : r.kind === 'store' ? `rm ${r.store}` : r.kind === 'claim' ? `release ${r.store}.owner` : `qemu-nbd -d ${r.device}`;
+    const what =
+      r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}`
+      : r.kind === 'loop' ? `losetup -d ${r.device}`
+      : r.kind === 'store' ? `rm ${r.store}`
+      : r.kind === 'claim' ? `release ${r.store}.owner`
+      : r.kind === 'lv' ? `lvremove -f ${r.lv?.vg}/${r.lv?.lv}`
+      : r.kind === 'thin' ? `dmsetup message ${r.thin?.pool} 0 "delete ${r.thin?.id}"`
+      : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
   return items;
@@ -80,6 +92,8 @@ export interface GcDeps {
   hooks?: (script: string) => { undo: import('../journal/steps.js').UndoRegistry } | undefined;
   /** Progress lines (one per item). */
   progress?: (s: string) => void;
+  /** The clock leftovers' ages are judged by when a plan item is checked again (tests). */
+  now?: () => number;
 }
 
 export interface GcResult {
@@ -125,6 +139,15 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const p = await deps.run.probe('losetup', ['-d', r.device as string]);
         if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
+      } else if (r.kind === 'lv') {
+        // Judged again now: the domain's next add may have taken the name since the plan was made.
+        const lv = r.lv as LvRef;
+        const still = await takeInventory({ config: deps.config, run: deps.run, xs: undefined, journal, ...(deps.now ? { now: deps.now } : {}) });
+        if (!still.rows.some((x) => x.kind === 'lv' && x.lv?.vg === lv.vg && x.lv.lv === lv.lv)) throw new Error(`${lv.vg}/${lv.lv} is in use now (or gone); left alone`);
+        await removeSnapshot(deps.run, lv, deps.config.busyRetryMs);
+        deps.log.info(`gc: removed leftover transient snapshot ${lv.vg}/${lv.lv}`);
+      } else if (r.kind === 'thin') {
+        await collectThinId(deps.run, deps.config, journal, deps.log, (r.thin as { id: number }).id);
       } else if (r.kind === 'claim') {
         dropClaim(r.store as string, r.owner as StoreOwner);
         deps.log.info(`gc: released this host's stale claim on ${r.store}`, { backendPath: r.owner?.backendPath });

@@ -12,8 +12,10 @@
  *   orphan      recorded, but its backend path or its domain no longer exists in xenstore
  *   held        kept for a saved domain until its restore reattaches it (src/hotplug/lifecycle.ts)
  *   missing     recorded as built, but its device is not in the kernel any more
- *   leaked      in the kernel, named or backed like ours, but in no record; or a transient store
- *               or overlay file that no record, loop or nbd server uses (what a crash leaves)
+ *   leaked      in the kernel, named or backed like ours, but in no record; or what a crash leaves:
+ *               a transient store or overlay file that no record, loop or nbd server uses, a
+ *               block-lvsnap transient snapshot LV or a block-thin transient volume no record
+ *               holds, thin pool files nothing needs
  *   lost        a saved domain's disk whose transient data died with an earlier boot: its restore
  *               is refused until the marker is deleted
  */
@@ -29,6 +31,9 @@ import { DM_NAME_PREFIXES } from '../backends/index.js';
 import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
+import { LVSNAP_STEP, TAG_TRANSIENT as LVSNAP_TAG_TRANSIENT } from '../backends/lvsnap.js';
+import { leftoverPoolFiles, leftoverThinIds, THIN_POOL_NAME } from '../backends/thin.js';
+import { lvsTaggedArgs, parseLvs, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -48,10 +53,14 @@ export interface Row {
   why: string | undefined;
   backendPath: string | undefined;
   /** For leaked rows: what kind of kernel object (or a store file; `saved`: a saved disk's marker). */
-  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved' | 'claim';
+  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved' | 'claim' | 'lv' | 'thin';
   entry?: JournalEntry;
   /** For a stale claim: its owner record. */
   owner?: StoreOwner;
+  /** For a leftover snapshot LV. */
+  lv?: LvRef;
+  /** For a leftover thin volume: its pool and id. */
+  thin?: { pool: string; id: number };
 }
 
 export interface Inventory {
@@ -104,7 +113,11 @@ export interface InventoryDeps {
   journal?: Journal;
   /** Overrides for tests. */
   kernel?: KernelState;
+  /** block-lvsnap's transient snapshots as `lvs @xbh_transient` reports them (default: ask LVM). */
+  transientLvs?: LvInfo[];
   alive?: (pid: number) => boolean;
+  /** The clock LV ages are judged by (ms; tests move it on). */
+  now?: () => number;
 }
 
 export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
@@ -198,6 +211,8 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     });
   }
   rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config), ...staleOwnClaims(deps.config, entries, kernel));
+  rows.push(...leakedSnapshots(deps.transientLvs ?? (await readTransientLvs(deps.run)), entries, (deps.now ?? Date.now)()));
+  rows.push(...leakedThin(deps.config, entries, kernel));
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
@@ -279,6 +294,57 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
       kind: 'claim' as const, domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
       base: undefined, store, usage: undefined, state: 'leaked', backendPath: owner.backendPath, owner,
       why: `this host's claim on ${store} (${owner.boot === thisHost().boot ? `for ${owner.backendPath}, which no record knows` : `from an earlier boot, ${owner.since}`}); other hosts are refused the store while it stands`,
+    }));
+}
+
+/**
+ * block-thin's leftovers: transient ids in the running pool that no record holds, and, when the
+ * pool does not run, its files when nothing needs them (no record, no persistent volume).
+ */
+function leakedThin(config: Config, entries: JournalEntry[], kernel: KernelState): Row[] {
+  const base = { domid: undefined, domain: undefined, vdev: undefined, hook: 'block-thin', majmin: undefined, base: undefined, usage: undefined, state: 'leaked', backendPath: undefined } as const;
+  const pool = kernel.dm.find((d) => d.name === THIN_POOL_NAME);
+  if (pool) {
+    return leftoverThinIds(config, entries).map((id) => ({
+      ...base, kind: 'thin' as const, device: `/dev/mapper/${THIN_POOL_NAME}`, store: undefined, thin: { pool: THIN_POOL_NAME, id },
+      why: `transient thin volume id ${id} in the pool that no record holds (left by a crash or a reboot)`,
+    }));
+  }
+  const looped = (f: string) => kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === f);
+  const files = leftoverPoolFiles(config, entries, false, looped);
+  if (!files.every((f) => f.endsWith('.json') || olderThan(f, LEFTOVER_AGE_MS))) return [];
+  return files.map((f) => ({
+    ...base, kind: 'store' as const, device: undefined, store: f,
+    why: 'thin pool file with no persistent volume in it, no record and no running pool (left by a crash or a reboot)',
+  }));
+}
+
+/** block-lvsnap's transient snapshots, every VG; none when LVM is not installed or cannot report. */
+export async function readTransientLvs(run: Runner): Promise<LvInfo[]> {
+  const r = await run.probe('lvm', lvsTaggedArgs(LVSNAP_TAG_TRANSIENT));
+  if (r.failed) return [];
+  try {
+    return parseLvs(r.stdout);
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Transient snapshot LVs (tagged by block-lvsnap when it made them) that no record names, that
+ * nothing holds open and that are older than a minute: a crash or a reboot left them, and their
+ * domain's next add would replace them anyway. Persistent snapshots carry another tag.
+ */
+function leakedSnapshots(lvs: LvInfo[], entries: JournalEntry[], nowMs: number): Row[] {
+  const named = (lv: LvInfo) => entries.some((e) => e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === lv.vg && s.data.lv === lv.lv));
+  const now = nowMs / 1000;
+  return lvs
+    .filter((lv) => lv.tags.includes(LVSNAP_TAG_TRANSIENT) && !named(lv) && lv.open === false && lv.createdS !== undefined && now - lv.createdS > LEFTOVER_AGE_MS / 1000)
+    .map((lv) => ({
+      kind: 'lv' as const, domid: undefined, domain: undefined, vdev: undefined, hook: 'block-lvsnap', device: `/dev/${lv.vg}/${lv.lv}`,
+      majmin: lv.major !== undefined && lv.minor !== undefined ? `${lv.major}:${lv.minor}` : undefined, base: lv.origin ? `${lv.vg}/${lv.origin}` : undefined,
+      store: undefined, usage: undefined, state: 'leaked', backendPath: undefined, lv: { vg: lv.vg, lv: lv.lv },
+      why: 'transient snapshot LV (tag xbh_transient) that no record names and nothing holds open (left by a crash or a reboot)',
     }));
 }
 

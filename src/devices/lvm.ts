@@ -72,6 +72,14 @@ export function lvsArgs(targets: readonly LvRef[] | string[] = []): string[] {
   return ['lvs', '--reportformat', 'json', '--units', 'b', '--nosuffix', '-o', LVS_FIELDS, ...sel];
 }
 
+/**
+ * Every LV carrying `tag` in every VG, with whether it is open and when it was made (epoch
+ * seconds): `lvs @TAG` selects by tag across all volume groups.
+ */
+export function lvsTaggedArgs(tag: string): string[] {
+  return ['lvs', '--reportformat', 'json', '--units', 'b', '--nosuffix', '--config', 'report/time_format="%s"', '-o', `${LVS_FIELDS},lv_device_open,lv_time`, `@${checkTag(tag)}`];
+}
+
 function fail(msg: string): never {
   throw new Error(msg);
 }
@@ -139,6 +147,10 @@ export interface LvInfo {
   invalid: boolean;
   /** attr[4] `a`. */
   active: boolean;
+  /** `lv_device_open` (asked for by lvsTaggedArgs only): some process or device holds it open. */
+  open?: boolean;
+  /** `lv_time` as epoch seconds (lvsTaggedArgs only). */
+  createdS?: number;
 }
 
 function num(v: unknown): number | undefined {
@@ -188,6 +200,8 @@ export function parseLvs(text: string): LvInfo[] {
         kind: t === 's' || t === 'S' ? 'snapshot' : t === 'V' ? 'thin' : t === 't' ? 'thin-pool' : t === 'o' ? 'origin' : 'other',
         invalid: attr[4] === 'I' || attr[4] === 'S' || t === 'S' || attr[8] === 'X',
         active: attr[4] === 'a',
+        ...(d.lv_device_open === undefined ? {} : { open: d.lv_device_open === 'open' }),
+        ...(num(d.lv_time) === undefined ? {} : { createdS: num(d.lv_time) }),
       });
     }
   }

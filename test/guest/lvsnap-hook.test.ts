@@ -2,7 +2,9 @@
  * block-lvsnap on a real kernel with real LVM: a volume group on loop devices, an origin LV with
  * known content, the bundled hook (dist/block-lvsnap.mjs) run as a child process against an
  * in-process xenstore server. Classic snapshots (with a size), thin snapshots of a thin origin,
- * isolation, removal with nothing left, growth with lvextend, and an overflow reported Invalid.
+ * isolation, removal with nothing left, growth with lvextend, an overflow reported Invalid, and
+ * gc removing the transient snapshots a crash left (never a persistent one, an open one or one a
+ * record holds).
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -16,6 +18,8 @@ import { lvInfo } from '../../src/devices/lvm.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { growStore, watchOnce } from '../../src/grow/index.js';
+import { applyGc, gcPlan } from '../../src/cli/gc.js';
+import { takeInventory } from '../../src/cli/inventory.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
@@ -256,6 +260,48 @@ test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, 
   assert.ok(log.lines.some((l) => l.level === 'error' && /Invalid/.test(l.msg)));
   await assert.rejects(growStore(entry, undefined, { config, run, log }), /Invalid/);
   await removeOk(a);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+  assert.equal(sha(originPath), originSum);
+});
+
+test('a crash leaves transient snapshots behind: gc removes those nothing holds, never a persistent, an open or a recorded one', async () => {
+  const gone = disk(21, `${VG}/golden 4M`);
+  const open = disk(22, `${VG}/golden 4M`);
+  const kept = disk(23, `${VG}/golden 4M persistent`);
+  const live = disk(24, `${VG}/golden 4M`);
+  for (const d of [gone, open, kept, live]) await addOk(d);
+  // The crash: the journal in /run is lost for 21-23 (their LVs stay, as LVs do across a reboot).
+  const journal = new Journal(stateDir);
+  for (const d of [gone, open, kept]) {
+    journal.delete(backendPath(d));
+    await destroyNodes(xs, d);
+  }
+  const config = loadConfig(env);
+  const run = execRunner(env);
+  const log = memoryLogger();
+  const later = () => Date.now() + 120_000;
+  const fd = openSync(`/dev/${VG}/xbh-g22-xvda`, 'r');
+  let plan;
+  try {
+    const young = await takeInventory({ config, run, xs: undefined, journal });
+    assert.deepEqual(young.rows.filter((r) => r.kind === 'lv'), [], 'a snapshot younger than a minute is nobody\'s leftover yet');
+    const inv = await takeInventory({ config, run, xs: undefined, journal, now: later });
+    assert.deepEqual(inv.rows.filter((r) => r.kind === 'lv').map((r) => r.device), [`/dev/${VG}/xbh-g21-xvda`], 'only the transient, closed, unrecorded one');
+    plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'lv');
+    assert.match(plan[0]?.action ?? '', new RegExp(`^lvremove -f ${VG}/xbh-g21-xvda: transient snapshot LV \\(tag xbh_transient\\) that no record names and nothing holds open`));
+  } finally {
+    closeSync(fd);
+  }
+  const results = await applyGc(plan, { config, run, log, xs: undefined, journal, now: later });
+  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-g22-xvda', 'xbh-g23-xvda', 'xbh-g24-xvda']);
+  // The open one, once closed, is the next run's.
+  const again = await takeInventory({ config, run, xs: undefined, journal, now: later });
+  assert.deepEqual(again.rows.filter((r) => r.kind === 'lv').map((r) => r.device), [`/dev/${VG}/xbh-g22-xvda`]);
+  const second = await applyGc(gcPlan(again, { withoutXenstore: false }).filter((i) => i.row.kind === 'lv'), { config, run, log, xs: undefined, journal, now: later });
+  assert.deepEqual(second.map((r) => r.ok), [true], JSON.stringify(second));
+  await removeOk(live);
+  sh('lvm', ['lvremove', '-q', '-f', `${VG}/xbh-g23-xvda`]);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
   assert.equal(sha(originPath), originSum);
 });

@@ -1,12 +1,13 @@
 /**
  * block-thin on a real kernel: the bundled hook (dist/block-thin.mjs) run as a child process
  * against an in-process xenstore server; real loop devices, a real dm thin-pool, no udev.
+ * Also what a crash leaves in the pool (transient volumes, pool files) and how it is reclaimed.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -14,6 +15,8 @@ import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { growStore, watchOnce } from '../../src/grow/index.js';
+import { applyGc, gcPlan } from '../../src/cli/gc.js';
+import { takeInventory } from '../../src/cli/inventory.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
@@ -311,6 +314,111 @@ test('persistent: the volume survives remove and the pool teardown, and comes ba
   await destroyNodes(xs, recv);
   await removeOk(a);
   assert.equal(sha256File(base), baseSum);
+});
+
+/** What a crash does: every device gone, /run (the journal and the locks) gone. The pool files stay. */
+function crashThin(): void {
+  for (const l of sh('dmsetup', ['ls']).split('\n')) {
+    const name = l.split(/\s+/)[0];
+    if (name?.startsWith('xbh-thin-')) sh('dmsetup', ['remove', name]);
+  }
+  if (sh('dmsetup', ['ls']).includes(POOL)) sh('dmsetup', ['remove', POOL]);
+  for (const l of sh('losetup', ['-a']).split('\n')) if (l.includes(root)) sh('losetup', ['-d', l.split(':')[0] as string]);
+  rmSync(stateDir, { recursive: true, force: true });
+}
+
+function usedBlocks(): bigint {
+  const st = poolStatus();
+  if (!('usedDataBlocks' in st)) assert.fail(`the pool is not healthy: ${st.state}`);
+  return st.usedDataBlocks;
+}
+
+function thinIdOf(d: DiskNodes): number {
+  const e = new Journal(stateDir).load(backendPath(d));
+  const id = e?.steps.find((st) => st.kind === 'thin')?.data.id;
+  assert.equal(typeof id, 'number', `the record of ${backendPath(d)} names its thin id`);
+  return id as number;
+}
+
+/** `create_thin ID` succeeds only when the pool holds no such id (then it is deleted again). */
+function idFree(id: number): boolean {
+  const r = spawnSync('dmsetup', ['message', POOL, '0', `create_thin ${id}`], { encoding: 'utf8' });
+  if (r.status !== 0) return false;
+  sh('dmsetup', ['message', POOL, '0', `delete ${id}`]);
+  return true;
+}
+
+test('a crash leaves transient volumes in the pool: its next start deletes them, gc deletes them from a running pool, never a persistent one', async () => {
+  const kept = disk(10, { domainName: 'kappa', params: `${base} persistent` });
+  const lost = disk(11, { domainName: 'lambda' });
+  const k = await addOk(kept);
+  const l = await addOk(lost);
+  pwrite(k.path, 3 * MiB, block(3, 'kappa'));
+  assert.equal(writeMiB(l.path, 0, 2, 0x5a), null);
+  const lostId = thinIdOf(lost);
+  const usedBefore = usedBlocks();
+  crashThin();
+  for (const d of [kept, lost]) await destroyNodes(xs, d);
+  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json', 'thin-pool.volumes.json']);
+
+  const config = loadConfig(env);
+  const run = execRunner(env);
+  const journal = new Journal(stateDir);
+  const down = await takeInventory({ config, run, xs: undefined, journal });
+  assert.deepEqual(down.rows.filter((r) => r.hook === 'block-thin'), [], 'with a persistent volume in them the pool files are no leftover, and a stopped pool\'s ids wait for its start');
+
+  // The pool's next start (the persistent disk's add) deletes the leftover id first.
+  const again = await addOk(kept);
+  assert.deepEqual(pread(again.path, 3 * MiB, 4096), block(3, 'kappa'), 'the persistent volume keeps its data');
+  assert.ok(idFree(lostId), `the leftover transient id ${lostId} is gone from the pool`);
+  assert.ok(usedBlocks() < usedBefore, 'its blocks are free again');
+  assert.match(readFileSync(logFile, 'utf8'), new RegExp(`deleted leftover transient thin volume id ${lostId}, which no record holds`));
+  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.volumes.json'], 'no transient id is listed any more');
+
+  // A transient volume whose record is lost while the pool runs: gc deletes it, under the pool lock.
+  const orphan = disk(12, { domainName: 'mu' });
+  const o = await addOk(orphan);
+  assert.equal(writeMiB(o.path, 0, 1, 0x6b), null);
+  const orphanId = thinIdOf(orphan);
+  sh('dmsetup', ['remove', 'xbh-thin-mu-xvda-51712']);
+  journal.delete(backendPath(orphan));
+  await destroyNodes(xs, orphan);
+  const inv = await takeInventory({ config, run, xs: undefined, journal });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.hook === 'block-thin');
+  assert.deepEqual(plan.map((i) => i.action), [`dmsetup message ${POOL} 0 "delete ${orphanId}": transient thin volume id ${orphanId} in the pool that no record holds (left by a crash or a reboot)`]);
+  const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
+  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.ok(idFree(orphanId), 'gc deleted it');
+  assert.deepEqual(pread(again.path, 3 * MiB, 4096), block(3, 'kappa'), 'the persistent volume is untouched');
+  await removeOk(kept);
+  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.volumes.json']);
+});
+
+test('a crash leaves a pool with no persistent volume: gc deletes its files', async () => {
+  const store2 = join(root, 'store2');
+  const env2 = { ...env, XEN_BLOCKHOOKS_STORE_DIR: store2 };
+  const d = disk(13, { domainName: 'nu' });
+  await writeBackendNodes(xs, d);
+  const r = await runHookProcess(HOOK, 'add', backendPath(d), env2);
+  assert.equal(r.code, 0, explain(r));
+  assert.equal(writeMiB(await xs.read(`${backendPath(d)}/physical-device-path`), 0, 1, 0x7c), null);
+  crashThin();
+  await destroyNodes(xs, d);
+  assert.deepEqual(listDir(store2), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json']);
+  const config = loadConfig(env2);
+  const run = execRunner(env2);
+  const journal = new Journal(stateDir);
+  const young = await takeInventory({ config, run, xs: undefined, journal });
+  assert.deepEqual(young.rows.filter((x) => x.hook === 'block-thin'), [], 'files younger than a minute are nobody\'s leftovers yet');
+  const old = Date.now() / 1000 - 600;
+  for (const f of ['thin-pool.data', 'thin-pool.meta']) utimesSync(join(store2, f), old, old);
+  const inv = await takeInventory({ config, run, xs: undefined, journal });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.hook === 'block-thin');
+  assert.deepEqual(plan.map((i) => i.row.store), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json'].map((f) => join(store2, f)));
+  assert.match(plan[0]?.action ?? '', /^rm .*thin-pool\.data: thin pool file with no persistent volume in it, no record and no running pool/);
+  const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
+  assert.deepEqual(results.map((x) => x.ok), [true, true, true], JSON.stringify(results));
+  assert.deepEqual(listDir(store2), []);
 });
 
 test('bad params: hotplug-error, exit 1, nothing built', async () => {

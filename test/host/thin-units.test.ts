@@ -12,7 +12,7 @@ import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { blockSectors, createThinArgs, deleteThinArgs, freeThinId, isExists, isNoData, poolSectors, poolTable, poolUsage } from '../../src/devices/thin.js';
-import { parseThinParams, planThin, poolFiles, readVolumes, thinBackend, thinDmName, volumeKey, writeVolumes } from '../../src/backends/thin.js';
+import { leftoverPoolFiles, leftoverThinIds, parseThinParams, planThin, poolFiles, readVolumes, thinBackend, thinDmName, volumeKey, writeVolumes } from '../../src/backends/thin.js';
 import { targetBytes, cowParts, lvsnapRef } from '../../src/grow/grow.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { defaultConfig } from '../../src/config/config.js';
@@ -72,7 +72,7 @@ t.test('plan: base checks, names, default size', async (t) => {
   t.equal(thinDmName({ domainName: undefined, frontendId: 3, vdev: undefined }, 'backend/vbd/3/768'), 'xbh-thin-d3-disk-768');
   t.equal(volumeKey({ domainName: undefined, frontendId: 3, vdev: undefined }, 'backend/vbd/3/768'), 'd3-768');
   const f = poolFiles(config);
-  t.same(f, { name: 'xbh-thinpool', data: join(dir, 'store', 'thin-pool.data'), meta: join(dir, 'store', 'thin-pool.meta'), volumes: join(dir, 'store', 'thin-pool.volumes.json') });
+  t.same(f, { name: 'xbh-thinpool', data: join(dir, 'store', 'thin-pool.data'), meta: join(dir, 'store', 'thin-pool.meta'), volumes: join(dir, 'store', 'thin-pool.volumes.json'), transient: join(dir, 'store', 'thin-pool.transient.json') });
   mkdirSync(join(dir, 'store'));
   t.same(readVolumes(f.volumes), {});
   writeVolumes(f.volumes, { 'web-xvdb': { id: 3, sectors: 2048, base: { file: base, dev: '1:2', ino: '3' } } });
@@ -176,4 +176,28 @@ t.test('bad params through the hook: hotplug-error, exit 1, nothing run, nothing
   }
   t.same(new Journal(config.stateDir).list().entries, [], 'no journal record left');
   t.throws(() => readFileSync(join(dir, 'store', 'thin-pool.data')), /ENOENT/, 'no pool file');
+});
+
+t.test('a crash\'s leftovers: transient ids no record holds; pool files only when nothing needs them', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-thin-left-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const config = { ...defaultConfig(), storeDir: dir };
+  const f = poolFiles(config);
+  const thinStep = (id: number) => ({ steps: [{ kind: 'thin', data: { id, pool: 'xbh-thinpool' }, done: true }] });
+  const poolStep = { steps: [{ kind: 'thin-pool', data: {}, done: true }] };
+  t.same(leftoverThinIds(config, []), [], 'no list, no leftover');
+  writeFileSync(f.transient, JSON.stringify({ version: 1, ids: { 4: 'backend/vbd/1/51712', 2: 'backend/vbd/2/51712', 7: 'backend/vbd/3/51712' } }));
+  writeVolumes(f.volumes, { 'web-xvda': { id: 7, sectors: 2048, base: { file: '/b', dev: '1:2', ino: '3' } } });
+  t.same(leftoverThinIds(config, [thinStep(4)] as never), [2], 'a recorded id and a persistent volume\'s id are never leftovers');
+  writeFileSync(f.data, '');
+  writeFileSync(f.meta, '');
+  const none = () => false;
+  t.same(leftoverPoolFiles(config, [], false, none), [], 'a persistent volume lives in them');
+  writeVolumes(f.volumes, {});
+  t.same(leftoverPoolFiles(config, [], false, none), [f.data, f.meta, f.transient], 'nothing needs them');
+  t.same(leftoverPoolFiles(config, [], true, none), [], 'the pool runs');
+  t.same(leftoverPoolFiles(config, [poolStep] as never, false, none), [], 'a record holds the pool');
+  t.same(leftoverPoolFiles(config, [], false, (file) => file === f.meta), [], 'a loop holds one of them');
+  t.same(leftoverPoolFiles({ ...config, thin: { ...config.thin, keepPool: true } }, [], false, none), [], 'thin.keep_pool keeps them');
+  t.same(leftoverPoolFiles({ ...config, thin: { ...config.thin, dataDevice: '/dev/a', metadataDevice: '/dev/b' } }, [], false, none), [], 'a pool on devices has no files to delete');
 });
