@@ -24,6 +24,13 @@
  * clone, or of a persistent one this very add created and never handed out; rbd rm itself
  * refuses an image some client still watches (the other end of a live migration keeps it).
  *
+ * Transient clones this host made: a marker `<store_dir>/rbd/<pool>@<image>.json` naming this
+ * host is written before `rbd clone` and deleted once the clone is gone. The journal is in /run,
+ * the clone in the cluster: after a crash or a reboot, the marker is what tells this host's own
+ * leftover from another host's clone. The next add of that domain and vdev finds the clone with
+ * its marker, no local record and no watcher, deletes it and clones afresh; `gc` deletes such a
+ * clone too (the boot cleanup). A transient clone without this host's marker is still refused.
+ *
  * Sharing: the watcher check (`rbd status`), not the exclusive-lock feature: krbd hands the
  * exclusive lock over to any client that asks for it, so the lock alone would let two hosts write
  * in turns; a watcher means "mapped or open somewhere", on any host.
@@ -35,8 +42,8 @@
  * it too. When the sender's remove runs afterwards, the clone still has the receiver's watcher,
  * so even a transient clone is kept, and the receiver's own remove deletes it later.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { isAbsolute } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { isAbsolute, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner, RunResult } from '../devices/runner.js';
 import {
@@ -51,6 +58,8 @@ import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import { stateLockPath } from '../lock/paths.js';
+import { thisHost } from '../lock/store-owner.js';
+import type { Logger } from '../log/logger.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
 
@@ -307,10 +316,113 @@ function rbdLockPath(config: Config, pool: string, image: string): string {
 }
 
 // ---------------------------------------------------------------------------------------------
+// markers of the transient clones this host made
+
+export interface CloneMarker {
+  pool: string;
+  image: string;
+  cluster: Cluster;
+  backendPath: string;
+  machine: string;
+  host: string;
+  boot: string;
+  made: string;
+}
+
+export function markerDir(config: Pick<Config, 'storeDir'>): string {
+  return join(config.storeDir, 'rbd');
+}
+
+export function cloneMarkerPath(config: Pick<Config, 'storeDir'>, pool: string, image: string): string {
+  return join(markerDir(config), `${encodeURIComponent(pool)}@${encodeURIComponent(image)}.json`);
+}
+
+function readMarker(file: string): CloneMarker | undefined {
+  try {
+    const m = JSON.parse(readFileSync(file, 'utf8')) as CloneMarker;
+    return typeof m.pool === 'string' && typeof m.image === 'string' && typeof m.machine === 'string' ? m : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** This host's marker of the clone, if any (another host's, on a shared store_dir, is not). */
+export function ownMarker(config: Pick<Config, 'storeDir'>, pool: string, image: string): CloneMarker | undefined {
+  const m = readMarker(cloneMarkerPath(config, pool, image));
+  const me = thisHost();
+  return m && m.machine === me.machine && m.host === me.host ? m : undefined;
+}
+
+function writeMarker(config: Pick<Config, 'storeDir'>, m: Omit<CloneMarker, 'machine' | 'host' | 'boot' | 'made'>): void {
+  const { machine, host, boot } = thisHost();
+  mkdirSync(markerDir(config), { recursive: true, mode: 0o700 });
+  const file = cloneMarkerPath(config, m.pool, m.image);
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify({ ...m, machine, host, boot, made: new Date().toISOString() })}\n`, { mode: 0o600 });
+  renameSync(tmp, file);
+}
+
+function dropMarker(config: Pick<Config, 'storeDir'>, pool: string, image: string): void {
+  if (ownMarker(config, pool, image)) rmSync(cloneMarkerPath(config, pool, image), { force: true });
+}
+
+/**
+ * This host's markers of transient clones that no journal record holds and that are older than
+ * a minute (an add writes its marker after journaling, under the clone's lock): what a crash or a
+ * reboot left in the cluster.
+ */
+export function leftoverClones(config: Pick<Config, 'storeDir'>, entries: readonly JournalEntry[], minAgeMs = 60_000): { file: string; marker: CloneMarker }[] {
+  let names: string[];
+  try {
+    names = readdirSync(markerDir(config)).filter((n) => n.endsWith('.json')).sort();
+  } catch {
+    return [];
+  }
+  const out: { file: string; marker: CloneMarker }[] = [];
+  for (const n of names) {
+    const file = join(markerDir(config), n);
+    const m = readMarker(file);
+    if (!m || ownMarker(config, m.pool, m.image) === undefined) continue;
+    try {
+      if (Date.now() - statSync(file).mtimeMs < minAgeMs) continue;
+    } catch {
+      continue;
+    }
+    if (localUsers([...entries], m.pool, m.image, '').length > 0) continue;
+    out.push({ file, marker: m });
+  }
+  return out;
+}
+
+/** `rbd rm` of a clone; true when it is gone (or was), an error when it is still watched. */
+async function removeClone(run: Runner, c: Cluster, target: { pool: string; image: string }): Promise<'removed' | 'absent' | 'watched'> {
+  const r = await rbd(run, rmArgs(c, target));
+  if (!r.failed) return 'removed';
+  if (r.exitCode === 2 && /No such file/.test(r.stderr)) return 'absent';
+  if (r.exitCode === 16 && /watchers/.test(r.stderr)) return 'watched';
+  throw new Error(`rbd rm ${specString(target)}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
+}
+
+/** gc: delete a leftover transient clone this host made, judged again under its lock. */
+export async function collectClone(run: Runner, config: Config, journal: { list(): { entries: JournalEntry[] } }, log: Logger, pool: string, image: string): Promise<void> {
+  const lock = await acquireFlock(rbdLockPath(config, pool, image), { timeoutMs: config.lockTimeoutMs, runner: run });
+  try {
+    const m = ownMarker(config, pool, image);
+    if (!m || localUsers(journal.list().entries, pool, image, '').length > 0) throw new Error(`${pool}/${image} is held by a record now (or its marker is gone); left alone`);
+    const res = await removeClone(run, m.cluster, { pool, image });
+    if (res === 'watched') throw new Error(`${pool}/${image} is open somewhere (it has watchers); left alone`);
+    dropMarker(config, pool, image);
+    log.info(`gc: ${res === 'removed' ? 'deleted' : 'forgot (already gone)'} leftover transient clone ${pool}/${image}`);
+  } finally {
+    await lock.release();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // add
 
 /** An existing clone may be used: a clone of this snapshot, and unwatched and persistent, or taken over by a migration's receiver. */
-async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: string; image: string }, known?: ImageInfo): Promise<void> {
+async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: string; image: string }, known?: ImageInfo, ownLeftover = false): Promise<'use' | 'leftover'> {
   const p = plan.params;
   const existing = known ?? (await imageInfo(ctx.run, p.cluster, target));
   if (!existing) throw new HotplugError(`${SCRIPT}: ${specString(target)} exists and vanished again while this add looked at it; try again.`);
@@ -323,6 +435,7 @@ async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: st
   if (ws.length > 0 && !plan.incoming) {
     throw new HotplugError(`${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`, 'busy');
   }
+  if (p.clone !== 'persistent' && !plan.incoming && ownLeftover) return 'leftover';
   if (p.clone !== 'persistent' && !plan.incoming) {
     throw new HotplugError(
       `${SCRIPT}: the transient clone ${specString(target)} already exists and no record on this host made it (left by another host, or by a crash there); ` +
@@ -331,6 +444,7 @@ async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: st
     );
   }
   if (ws.length > 0) ctx.log.info(`${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`);
+  return 'use';
 }
 
 /** Returns whether the clone was created by this add. */
@@ -366,12 +480,38 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
       { cluster: p.cluster, pool: p.pool, image, parent: plan.parent, persistent, existed, incoming: plan.incoming },
       async () => {
         if (existed) return;
-        const r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
-        if (!r.failed) return;
-        if (r.exitCode !== 17) throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
+        const transient = !persistent && !plan.incoming;
+        // A marker from before this add: this host's says a clone found now is this host's
+        // leftover; another host's (a shared store_dir) is that host's to keep.
+        const found = transient ? readMarker(cloneMarkerPath(config, p.pool, image)) : undefined;
+        const leftoverMarker = found && ownMarker(config, p.pool, image);
+        const mark = () => writeMarker(config, { pool: p.pool, image, cluster: p.cluster, backendPath: ctx.request.xenbusPath });
+        if (transient && (!found || leftoverMarker)) mark();
+        let r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
+        if (!r.failed) {
+          if (transient && found && !leftoverMarker) mark(); // the other host's marker named no clone
+          return;
+        }
+        if (r.exitCode !== 17) {
+          if (transient && !found) dropMarker(config, p.pool, image);
+          throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
+        }
         // Not made by this add: whatever happens next, undo never deletes it unless it was handed out.
         existed = true;
         ctx.build.note({ existed: true });
+        if (leftoverMarker) {
+          // Made by this host (its marker says so): when no record here holds it and nobody has
+          // it open, it is a crash's or a reboot's leftover, whose data died with its domain.
+          await checkExisting(ctx, plan, target, undefined, true);
+          ctx.log.warn(`${SCRIPT}: deleting leftover transient clone ${specString(target)} (made by this host ${leftoverMarker.made} for ${leftoverMarker.backendPath}; no record holds it and nobody has it open) and cloning afresh`);
+          if ((await removeClone(run, p.cluster, target)) === 'watched') throw new HotplugError(`${SCRIPT}: ${specString(target)} was opened by another client while this add replaced it; try again.`, 'busy');
+          existed = false;
+          ctx.build.note({ existed: false });
+          r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
+          if (!r.failed) return;
+          throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
+        }
+        if (transient && !found) dropMarker(config, p.pool, image);
         await checkExisting(ctx, plan, target);
       },
     );
@@ -483,14 +623,11 @@ async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
     return;
   }
   // rbd rm refuses an image that has watchers (EBUSY): the check and the delete are one step.
-  const r = await rbd(ctx.run, rmArgs(c, target));
-  if (!r.failed) return;
-  if (r.exitCode === 2 && /No such file/.test(r.stderr)) return;
-  if (r.exitCode === 16 && /watchers/.test(r.stderr)) {
+  if ((await removeClone(ctx.run, c, target)) === 'watched') {
     ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: it still has watchers, i.e. it is mapped or open elsewhere (the disk lives on there, e.g. after a live migration)`);
     return;
   }
-  throw new Error(`rbd rm ${specString(target)}: ${rbdReason(r.stderr) || `status ${r.exitCode}`}`);
+  dropMarker(ctx.config, pool, image);
 }
 
 export const rbdUndo: UndoRegistry = {

@@ -24,6 +24,7 @@ import { lockFileFor, takeInventory, type Inventory, type Row } from './inventor
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 import { removeSnapshot } from '../backends/lvsnap.js';
 import { collectThinId } from '../backends/thin.js';
+import { collectClone } from '../backends/rbd.js';
 import type { LvRef } from '../devices/lvm.js';
 
 export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
@@ -32,13 +33,14 @@ Find what the hooks built for devices whose backend path or domain no longer exi
 (orphans, and adds or removes killed half-way), and kernel objects named or backed like ours
 that no record mentions (leaked dm devices, loop devices on files in the store directory or
 under a leaked dm device, nbd connections serving such files), and what a crash leaves: transient
-store files nothing uses, block-lvsnap's transient snapshot LVs and block-thin's transient volumes
-that no record holds, thin pool files that no record and no persistent volume needs, and this
-host's claims on persistent stores that no record holds. Prints the plan; --apply carries it out:
-a record is undone with its hook's own teardown under the hook's lock, a leaked object is removed
-directly (dmsetup remove, losetup -d, qemu-nbd -d, lvremove, a thin pool's delete message, rm of
-a transient store file). gc never deletes a persistent store, snapshot or volume, and never
-touches a disk held for a saved domain or another host's claim.
+store files nothing uses, block-lvsnap's transient snapshot LVs, block-thin's transient volumes
+and the transient RBD clones this host made that no record holds, thin pool files that no record
+and no persistent volume needs, and this host's claims on persistent stores that no record holds.
+Prints the plan; --apply carries it out: a record is undone with its hook's own teardown under
+the hook's lock, a leaked object is removed directly (dmsetup remove, losetup -d, qemu-nbd -d,
+lvremove, a thin pool's delete message, rbd rm, rm of a transient store file). gc never deletes
+a persistent store, snapshot, volume or clone, and never touches a disk held for a saved domain
+or another host's claim.
 
 Options:
   --apply              do it (default: only print the plan)
@@ -66,7 +68,7 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
       items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
     }
   }
-  const order = { dm: 0, loop: 1, nbd: 2, thin: 3, lv: 4, store: 5, claim: 6, record: 7, saved: 8 } as const;
+  const order = { dm: 0, loop: 1, nbd: 2, thin: 3, lv: 4, rbd: 5, store: 6, claim: 7, record: 8, saved: 9 } as const;
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
     const what =
@@ -76,6 +78,7 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
       : r.kind === 'claim' ? `release ${r.store}.owner`
       : r.kind === 'lv' ? `lvremove -f ${r.lv?.vg}/${r.lv?.lv}`
       : r.kind === 'thin' ? `dmsetup message ${r.thin?.pool} 0 "delete ${r.thin?.id}"`
+      : r.kind === 'rbd' ? `rbd rm ${r.rbd?.pool}/${r.rbd?.image}`
       : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
@@ -148,6 +151,9 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         deps.log.info(`gc: removed leftover transient snapshot ${lv.vg}/${lv.lv}`);
       } else if (r.kind === 'thin') {
         await collectThinId(deps.run, deps.config, journal, deps.log, (r.thin as { id: number }).id);
+      } else if (r.kind === 'rbd') {
+        const c = r.rbd as { pool: string; image: string };
+        await collectClone(deps.run, deps.config, journal, deps.log, c.pool, c.image);
       } else if (r.kind === 'claim') {
         dropClaim(r.store as string, r.owner as StoreOwner);
         deps.log.info(`gc: released this host's stale claim on ${r.store}`, { backendPath: r.owner?.backendPath });

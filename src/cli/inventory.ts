@@ -15,7 +15,8 @@
  *   leaked      in the kernel, named or backed like ours, but in no record; or what a crash leaves:
  *               a transient store or overlay file that no record, loop or nbd server uses, a
  *               block-lvsnap transient snapshot LV or a block-thin transient volume no record
- *               holds, thin pool files nothing needs
+ *               holds, thin pool files nothing needs, a block-rbd transient clone this host
+ *               made that no record holds
  *   lost        a saved domain's disk whose transient data died with an earlier boot: its restore
  *               is refused until the marker is deleted
  */
@@ -33,6 +34,7 @@ import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
 import { LVSNAP_STEP, TAG_TRANSIENT as LVSNAP_TAG_TRANSIENT } from '../backends/lvsnap.js';
 import { leftoverPoolFiles, leftoverThinIds, THIN_POOL_NAME } from '../backends/thin.js';
+import { leftoverClones } from '../backends/rbd.js';
 import { lvsTaggedArgs, parseLvs, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
@@ -53,7 +55,7 @@ export interface Row {
   why: string | undefined;
   backendPath: string | undefined;
   /** For leaked rows: what kind of kernel object (or a store file; `saved`: a saved disk's marker). */
-  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved' | 'claim' | 'lv' | 'thin';
+  kind: 'record' | 'dm' | 'loop' | 'nbd' | 'store' | 'saved' | 'claim' | 'lv' | 'thin' | 'rbd';
   entry?: JournalEntry;
   /** For a stale claim: its owner record. */
   owner?: StoreOwner;
@@ -61,6 +63,8 @@ export interface Row {
   lv?: LvRef;
   /** For a leftover thin volume: its pool and id. */
   thin?: { pool: string; id: number };
+  /** For a leftover transient RBD clone this host made. */
+  rbd?: { pool: string; image: string };
 }
 
 export interface Inventory {
@@ -213,6 +217,13 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
   rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config), ...staleOwnClaims(deps.config, entries, kernel));
   rows.push(...leakedSnapshots(deps.transientLvs ?? (await readTransientLvs(deps.run)), entries, (deps.now ?? Date.now)()));
   rows.push(...leakedThin(deps.config, entries, kernel));
+  rows.push(
+    ...leftoverClones(deps.config, entries).map(({ file, marker: m }) => ({
+      kind: 'rbd' as const, domid: undefined, domain: undefined, vdev: undefined, hook: 'block-rbd', device: undefined, majmin: undefined,
+      base: undefined, store: file, usage: undefined, state: 'leaked', backendPath: undefined, rbd: { pool: m.pool, image: m.image },
+      why: `transient RBD clone this host made ${m.made} for ${m.backendPath}, which no record holds (left by a crash or a reboot)`,
+    })),
+  );
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));

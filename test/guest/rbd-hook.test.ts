@@ -3,7 +3,8 @@
  * whole file (test/lib/mini-ceph.ts): the bundled hook run the way libxl runs it, an in-process
  * xenstore. Isolation of two domains on one golden snapshot, the golden checksum, read-only
  * disks, persistent clones, the watcher sharing check, a live-migration handover, SIGKILL
- * mid-add then remove, and clear errors for a missing pool, image or snapshot.
+ * mid-add then remove, a crash's leftover clone replaced by the next add or deleted by gc, and
+ * clear errors for a missing pool, image or snapshot.
  *
  * Real rbd output is printed as `# FIXTURE <name> <base64>` lines (the host-tier parser tests
  * use the captured text).
@@ -12,13 +13,19 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
 import { startMiniCeph, type MiniCeph } from '../lib/mini-ceph.js';
+import { applyGc, gcPlan } from '../../src/cli/gc.js';
+import { takeInventory } from '../../src/cli/inventory.js';
+import { loadConfig } from '../../src/config/config.js';
+import { execRunner } from '../../src/devices/exec.js';
+import { Journal } from '../../src/journal/journal.js';
+import { memoryLogger } from '../../src/log/logger.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-rbd.mjs');
 const MiB = 1024 * 1024;
@@ -317,6 +324,45 @@ test('SIGKILL mid-add (after the clone, after the map), then remove: no mapping,
   }
   assert.equal(killedCloned, 2, 'both kills left a clone for remove to delete');
   assert.equal(killedMapped, 1, 'the kill after rbd map left a mapping for remove to unmap');
+});
+
+test('a crash leaves a transient clone: the next add of that disk starts afresh from the golden image, gc deletes one no add came for', async () => {
+  const state = env.XEN_BLOCKHOOKS_STATE_DIR as string;
+  const crash = async (d: DiskNodes, device: string) => {
+    // The dom0 goes down: its mapping and /run (the journal) are gone, the clone stays in the cluster.
+    execFileSync('rbd', ['unmap', '-o', 'noudev', device], { env: ceph.env, stdio: 'ignore', timeout: 30_000 });
+    rmSync(state, { recursive: true, force: true });
+    await destroyNodes(xs, d);
+  };
+  const d = disk(30, p(), { domainName: 'crashy' });
+  const dev = await addOk(d);
+  pwrite(dev, 0, block(0, 'written-before-the-crash'));
+  await crash(d, dev);
+  assert.deepEqual(images(), ['golden', 'xbh-crashy-xvda'], 'the clone outlived the crash');
+  const again = disk(30, p(), { domainName: 'crashy' });
+  const dev2 = await addOk(again);
+  assert.deepEqual(pread(dev2, 0, 4096), block(0, 'golden'), 'a transient disk starts from the golden image, not from the dead boot\'s writes');
+  await removeOk(again);
+  assertClean('after the replaced clone is removed');
+
+  const lost = disk(31, p(), { domainName: 'gone' });
+  const dev3 = await addOk(lost);
+  await crash(lost, dev3);
+  const config = loadConfig(env);
+  const run = execRunner({ ...env, ...ceph.env });
+  const journal = new Journal(state);
+  const marker = join(env.XEN_BLOCKHOOKS_STORE_DIR as string, 'rbd', `${ceph.pool}@xbh-gone-xvda.json`);
+  assert.ok(existsSync(marker), 'this host\'s marker of the clone');
+  const old = Date.now() / 1000 - 600;
+  utimesSync(marker, old, old);
+  const inv = await takeInventory({ config, run, xs: undefined, journal });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
+  assert.equal(plan.length, 1, JSON.stringify(inv.rows));
+  assert.match(plan[0]?.action ?? '', new RegExp(`^rbd rm ${ceph.pool}/xbh-gone-xvda: transient RBD clone this host made`));
+  const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
+  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.ok(!existsSync(marker), 'the marker goes with the clone');
+  assertClean('after gc');
 });
 
 test('a missing pool, image or snapshot: a clear hotplug-error, exit 1, nothing created', async () => {

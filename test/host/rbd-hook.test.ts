@@ -7,7 +7,7 @@
  * failed or interrupted map, and the migration handover.
  */
 import t from 'tap';
-import { mkdirSync, mkdtempSync, readdirSync, existsSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, existsSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -17,7 +17,10 @@ import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer } from '../../src/xenstore/server.js';
-import { rbdBackend, rbdHost } from '../../src/backends/rbd.js';
+import { cloneMarkerPath, rbdBackend, rbdHost } from '../../src/backends/rbd.js';
+import { applyGc, gcPlan } from '../../src/cli/gc.js';
+import { takeInventory } from '../../src/cli/inventory.js';
+import { Journal } from '../../src/journal/journal.js';
 import { closeBackend, destroyNodes, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 
 interface Img {
@@ -196,7 +199,7 @@ async function world(t: { teardown(fn: () => unknown): void }) {
     const d = join(root, state, 'journal');
     return existsSync(d) ? readdirSync(d) : [];
   };
-  return { root, sys, sim, disk, hook, journal };
+  return { root, sys, sim, disk, hook, journal, configFor, xs };
 }
 
 t.test('add protects the snapshot, clones, maps with noudev; remove unmaps and deletes the transient clone', async (t) => {
@@ -388,4 +391,72 @@ t.test('live migration: the receiver (NAME--incoming) maps the sender\'s clone; 
   t.equal(w.sim.mapped.length, 1);
   t.equal((await w.hook('remove', src)).code, 0);
   t.strictSame(w.sim.images_(), ['rbd/golden']);
+});
+
+t.test('a crash leaves a transient clone in the cluster: this host\'s marker lets the next add replace it and gc delete it; another host\'s clone stays refused', async (t) => {
+  const w = await world(t);
+  const config = w.configFor('state');
+  const crash = async (d: DiskNodes) => {
+    // Every mapping and /run (the journal) gone; the clone stays in the cluster, the marker in store_dir.
+    w.sim.mapped = [];
+    w.sim.watchers.clear();
+    rmSync(join(w.root, 'state'), { recursive: true, force: true });
+    await destroyNodes(w.xs, d);
+  };
+  const d5 = w.disk(5, 'rbd/golden@base');
+  t.equal((await w.hook('add', d5)).code, 0);
+  const marker = cloneMarkerPath(config, 'rbd', 'xbh-dom5-xvda');
+  t.match(JSON.parse(readFileSync(marker, 'utf8')), { pool: 'rbd', image: 'xbh-dom5-xvda', backendPath: `backend/vbd/5/${d5.devid}` }, 'the marker names the clone and its disk');
+  await crash(d5);
+
+  // The same domain and vdev again: its own leftover is deleted and cloned afresh.
+  w.sim.calls = [];
+  const again = w.disk(5, 'rbd/golden@base');
+  const a = await w.hook('add', again);
+  t.equal(a.code, 0, a.error ?? '');
+  t.strictSame(w.sim.calls, ['info rbd/golden@base', 'clone rbd/xbh-dom5-xvda', 'info rbd/xbh-dom5-xvda', 'status rbd/xbh-dom5-xvda', 'rm rbd/xbh-dom5-xvda', 'clone rbd/xbh-dom5-xvda', 'map rbd/xbh-dom5-xvda']);
+  t.ok(a.log.lines.some((l) => l.level === 'warn' && /deleting leftover transient clone rbd\/xbh-dom5-xvda \(made by this host .* for backend\/vbd\/5\/\d+; no record holds it and nobody has it open\)/.test(l.msg)));
+  t.equal((await w.hook('remove', again)).code, 0);
+  t.strictSame(w.sim.images_(), ['rbd/golden']);
+  t.notOk(existsSync(marker), 'the remove deletes the marker with the clone');
+
+  // A leftover no add comes for: gc deletes it (once it is older than a minute).
+  const d6 = w.disk(6, 'rbd/golden@base');
+  t.equal((await w.hook('add', d6)).code, 0);
+  await crash(d6);
+  const marker6 = cloneMarkerPath(config, 'rbd', 'xbh-dom6-xvda');
+  const journal = new Journal(config.stateDir);
+  const quiet = { dmAvailable: false, dm: [], loops: [], nbds: [] };
+  const young = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  t.strictSame(young.rows.filter((r) => r.kind === 'rbd'), [], 'a marker younger than a minute is nobody\'s leftover yet');
+  const old = Date.now() / 1000 - 600;
+  utimesSync(marker6, old, old);
+  const inv = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
+  t.equal(plan.length, 1);
+  t.match(plan[0]?.action, /^rbd rm rbd\/xbh-dom6-xvda: transient RBD clone this host made .* for backend\/vbd\/6\/\d+, which no record holds \(left by a crash or a reboot\)$/);
+  // Mapped again somewhere before gc gets to it: left alone, the marker kept.
+  w.sim.watchers.set('rbd/xbh-dom6-xvda', [42]);
+  const busy = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
+  t.match(busy[0]?.error, /rbd\/xbh-dom6-xvda is open somewhere \(it has watchers\); left alone/);
+  t.ok(existsSync(marker6));
+  w.sim.watchers.clear();
+  const done = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
+  t.strictSame(done.map((r) => r.ok), [true]);
+  t.strictSame(w.sim.images_(), ['rbd/golden']);
+  t.notOk(existsSync(marker6));
+
+  // Another host's marker (a shared store_dir) does not make its clone this host's leftover.
+  w.sim.images.set('rbd/xbh-dom7-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
+  const marker7 = cloneMarkerPath(config, 'rbd', 'xbh-dom7-xvda');
+  const other = JSON.stringify({ pool: 'rbd', image: 'xbh-dom7-xvda', cluster: {}, backendPath: 'backend/vbd/7/51712', machine: 'another-machine', host: 'elsewhere', boot: 'b', made: '2026-01-01T00:00:00.000Z' });
+  writeFileSync(marker7, other);
+  utimesSync(marker7, old, old);
+  const tr = await w.hook('add', w.disk(7, 'rbd/golden@base'));
+  t.equal(tr.status, 'busy');
+  t.match(tr.error, /transient clone rbd\/xbh-dom7-xvda already exists and no record on this host made it/);
+  t.ok(w.sim.images.has('rbd/xbh-dom7-xvda'), 'left alone');
+  t.equal(readFileSync(marker7, 'utf8'), other, 'the other host\'s marker is untouched');
+  const inv7 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  t.strictSame(inv7.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans another host\'s clone');
 });
