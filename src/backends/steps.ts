@@ -29,6 +29,7 @@ import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../loc
 import type { Logger } from '../log/logger.js';
 import { baseImageLockPath } from '../lock/paths.js';
 import { claimStore, releaseStore } from '../lock/store-owner.js';
+import { savedClaimMarker } from '../hotplug/lifecycle.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import {
@@ -197,6 +198,14 @@ async function assertGone(run: Runner, loops: LoopInfo[], what: string): Promise
  */
 export async function addStoreOwner(env: StepEnv, script: string, path: string): Promise<void> {
   const backendPath = env.build.entry.backendPath;
+  // Kept for a saved domain (its own restore hands the claim over before it gets here).
+  const saved = savedClaimMarker(env.config, path);
+  if (saved) {
+    throw new HotplugError(
+      `${script}: the persistent store ${path} belongs to the saved domain ${saved.name ?? saved.key} (saved ${saved.savedAt}, was ${saved.from}); its memory expects the store as it left it, so no other disk may write to it. Restore that domain (xl restore), or give it up by deleting ${saved.file}.`,
+      'busy',
+    );
+  }
   await env.build.step(STEP.storeOwner, { path, backendPath }, async () => claimStore(script, path, backendPath), (r) => ({ ours: r.ours }));
 }
 
@@ -208,6 +217,12 @@ export async function undoStoreOwner(step: StepRecord, ctx: UndoContext): Promis
   // store is still open here, so the claim stays, and says so.
   const newer = ctx.entry.steps.slice(ctx.entry.steps.indexOf(step) + 1);
   if (newer.length > 0) throw new Error(`keeping this host's claim on ${path}: it is still in use here (${newer.map((s) => s.kind).join(', ')} not taken down)`);
+  // A save kept it for its domain's restore (hotplug/lifecycle.ts): its marker says so.
+  const saved = savedClaimMarker(ctx.config, path);
+  if (saved) {
+    ctx.log.info(`keeping this host's claim on ${path} for the restore of saved domain ${saved.name ?? saved.key} (marker ${saved.file})`);
+    return;
+  }
   // Intent only (done: false): the claim may have been made; releaseStore checks it names us.
   releaseStore(path, backendPath);
 }

@@ -299,7 +299,10 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
     for (const n of listDir(dir)) if (n.endsWith('.owner')) stores.push(join(dir, n.slice(0, -'.owner'.length)));
   }
   const recorded = new Set(entries.map((e) => e.backendPath));
+  // Claims a save kept for its domain's restore are held, not stale (lostSaved shows them).
+  const kept = new Set(listMarkers(config).flatMap(({ marker }) => marker.claims ?? []));
   return staleClaims(stores, (bp) => recorded.has(bp))
+    .filter(({ store }) => !kept.has(store))
     .filter(({ store }) => !kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === store) && !kernel.nbds.some((n) => n.cmdline.includes(store)))
     .map(({ store, owner }) => ({
       kind: 'claim' as const, domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
@@ -359,16 +362,25 @@ function leakedSnapshots(lvs: LvInfo[], entries: JournalEntry[], nowMs: number):
     }));
 }
 
-/** Saved disks whose transient data lived in an earlier boot's devices: their restore is refused. */
+/**
+ * Saved disks whose transient data lived in an earlier boot's devices: their restore is refused.
+ * And persistent disks whose claims a save kept: held for their restore.
+ */
 function lostSaved(config: Config): Row[] {
   const boot = bootId();
-  return listMarkers(config)
-    .filter(({ marker }) => marker.bootId !== boot || !marker.held)
+  const markers = listMarkers(config);
+  const claims = markers.filter(({ marker }) => marker.claims).map(({ file, marker: m }) => ({
+    kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
+    base: m.params.trim().split(/\s+/)[0], store: m.claims?.join(', '), usage: undefined, state: 'held', backendPath: undefined,
+    why: `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
+  }));
+  return claims.concat(markers
+    .filter(({ marker }) => !marker.claims && (marker.bootId !== boot || !marker.held))
     .map(({ file, marker: m }) => ({
       kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
       base: m.params.trim().split(/\s+/)[0], store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
       why: `saved ${m.savedAt} ${m.held ? "in an earlier boot; its " + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
-    }));
+    })));
 }
 
 export function lockFileFor(config: Config, backendPath: string, journalFileName: (p: string) => string): string {

@@ -29,7 +29,10 @@
  *     add; nothing is held for dom0, which is never saved.
  *
  * Nothing here holds a record whose data outlives its devices: a persistent store is undone as
- * at destroy and found again by the restore's add.
+ * at destroy and found again by the restore's add. Only its claim (lock/store-owner.ts: which host
+ * may attach it, for storage several hosts share) is kept at a save, named by a marker of the same
+ * kind (`claims`), so that no other host takes the store while the saved domain waits, and gc
+ * does not release it as stale; the restore's add hands the claim to its new backend path.
  */
 import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -38,7 +41,7 @@ import type { Runner } from '../devices/runner.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { recordStrings, type HeldFor, type Journal, type JournalEntry } from '../journal/journal.js';
 import { undoAll, type UndoRegistry } from '../journal/steps.js';
-import { thisHost } from '../lock/store-owner.js';
+import { handOverClaim, thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient, XsOps } from '../xenstore/types.js';
 import { uuidOfVmPath, type DiskSpec } from './disk.js';
@@ -136,8 +139,10 @@ export interface SavedDisk {
   mode: string;
   /** What lived only as long as the devices (JournalEntry.transient). */
   transient: string;
-  /** The held record's journal key. */
+  /** The held record's journal key ('' for a disk that could not be held, or that kept only claims). */
   held: string;
+  /** A persistent disk's stores whose claims were kept for the restore (nothing else was kept). */
+  claims?: string[];
   /** The backend path the disk had when it was saved. */
   from: string;
   bootId: string;
@@ -262,7 +267,16 @@ function domidOf(entry: JournalEntry): number | undefined {
  * saved, or one a restore adopted whose guest never connected (the restore failed).
  */
 export async function holdReason(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<string | undefined> {
-  if (!entry.transient || entry.phase !== 'ready') return undefined;
+  if (!entry.transient) return undefined;
+  return savingReason(e, xs, entry);
+}
+
+/**
+ * Why `entry`'s domain counts as being saved (or, for a restored record, as a restore that ended
+ * before its guest ran), or undefined. holdReason for any record, transient or not.
+ */
+export async function savingReason(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<string | undefined> {
+  if (entry.phase !== 'ready') return undefined;
   const domid = domidOf(entry);
   if (domid === undefined || domid === 0) return undefined;
   const name = (await xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)) ?? entry.disk.domainName;
@@ -311,6 +325,33 @@ export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry):
   const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
   if (!key) throw new Error(`the domain of ${entry.backendPath} has neither a uuid nor a name in xenstore`);
   writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name ?? undefined, ''));
+}
+
+/** The saved-disk marker that keeps this host's claim on `store` for a restore, if any. */
+export function savedClaimMarker(config: Config, store: string): (SavedDisk & { file: string }) | undefined {
+  const found = listMarkers(config).find(({ marker }) => marker.claims?.includes(store));
+  return found ? { ...found.marker, file: found.file } : undefined;
+}
+
+/** The persistent stores this record claimed for this host (lock/store-owner.ts). */
+export function claimedStores(entry: JournalEntry): string[] {
+  return entry.steps.filter((s) => s.kind === 'store-owner' && s.done && s.data.ours === true && typeof s.data.path === 'string').map((s) => s.data.path as string);
+}
+
+/**
+ * A persistent disk of a domain being saved: its devices go as at any remove, but its claims stay
+ * for the restore. The marker naming them is written first; throws (and keeps nothing) when the
+ * domain has neither uuid nor name.
+ */
+export async function keepClaims(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+  const domid = domidOf(entry);
+  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
+  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
+  if (!key) throw new Error(`cannot keep the claims of ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
+  const marker = { ...savedMarker(entry, key, devidOf(entry.backendPath), name, ''), claims: claimedStores(entry) };
+  writeMarker(e.config, marker);
+  e.log.info(`remove ${entry.backendPath}: ${reason}; keeping this host's claim on ${marker.claims.join(', ')} for the restore (marker ${markerPath(e.config, key, marker.devid)})`);
+  return marker;
 }
 
 export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: XenstoreClient, entry: JournalEntry, reason: string): Promise<SavedDisk> {
@@ -408,6 +449,17 @@ export function adoptSaved(
     );
   }
   const me = thisHost();
+  if (m.claims) {
+    if (m.machine !== me.machine || m.host !== me.host) {
+      throw new HotplugError(`${e.script}: the saved domain ${m.name ?? m.key}'s persistent store ${m.claims.join(', ')} on ${m.vdev ?? m.devid} is claimed by host ${m.host}, which saved it (${m.savedAt}); restore the domain there. Nothing was built. ${startFresh}`, 'busy');
+    }
+    // The devices went at the save, the store stayed: the add builds them again as usual, and
+    // the claim kept since then becomes this backend path's.
+    for (const store of m.claims) handOverClaim(store, m.from, backendPath);
+    deleteMarker(e.config, key, devid);
+    e.log.info(`add ${backendPath}: ${what}'s claim on ${m.claims.join(', ')}, kept since the save (${m.savedAt}, was ${m.from}), is this disk's again`);
+    return undefined;
+  }
   if (m.machine !== undefined && (m.machine !== me.machine || m.host !== me.host)) {
     throw new HotplugError(
       `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} is held by host ${m.host}, which saved it (${m.savedAt}); restore the domain there, or start it fresh. Nothing was built. ${startFresh}`,

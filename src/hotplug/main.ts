@@ -29,7 +29,7 @@ import { readDisk } from './disk.js';
 import { dispatchTarget, runScript } from './dispatch.js';
 import { HotplugError, TeardownError, UsageError, messageOf } from './errors.js';
 import { takeXenBlockLock } from './xen-lock.js';
-import { adoptSaved, holdReason, holdRecord, isIncoming, markLost } from './lifecycle.js';
+import { adoptSaved, claimedStores, holdReason, holdRecord, isIncoming, keepClaims, markLost, savingReason } from './lifecycle.js';
 import { reportFailure, reportSuccess } from './report.js';
 import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
 import { helpText } from './help.js';
@@ -278,6 +278,17 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
         // refused), then take the devices down as at any remove. Without a marker, keep them.
         await markLost(e, xs, entry);
         e.log.error(`remove ${e.req.xenbusPath}: ${hold}, but its devices could not be kept (${messageOf(err)}); its restore will be refused, taking them down`);
+      }
+    }
+    // A persistent disk of a domain being saved: its devices go, its claims stay for the restore.
+    if (!hold && xs && claimedStores(entry).length > 0) {
+      const saving = await savingReason(e, xs, entry);
+      if (saving) {
+        try {
+          await keepClaims(e, xs, entry, saving);
+        } catch (err) {
+          e.log.warn(`remove ${e.req.xenbusPath}: ${saving}, but its claims cannot be kept (${messageOf(err)}); releasing them as at any remove`);
+        }
       }
     }
     const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });

@@ -21,7 +21,8 @@
  *   release  only by the machine, boot and backend path owner.json names: owner.json, then the
  *            directory.
  * The claim lasts as long as the disk is attached, across the hook processes that add and remove
- * it, and across a crash of its host (a restart of that host takes it over).
+ * it, and across a crash of its host (a restart of that host takes it over). A save keeps it for
+ * the restore (hotplug/lifecycle.ts), which hands it to the restored disk's backend path.
  *
  * Why mkdir: it is one NFS MKDIR call that the server decides (EEXIST when the name exists), so it
  * is atomic for every client; it is what lockfile(1) and proper-lockfile use for the same reason.
@@ -156,6 +157,18 @@ export function staleClaims(stores: string[], recorded: (backendPath: string) =>
     if (o.boot !== me.boot || !recorded(o.backendPath)) out.push({ store, owner: o });
   }
   return out;
+}
+
+/**
+ * A claim this host kept for a saved domain's disk (backend path `from`) passes to the restored
+ * disk's backend path `to`, in this boot. False when the claim is gone or names something else.
+ */
+export function handOverClaim(store: string, from: string, to: string, me: HostIdentity = thisHost()): boolean {
+  const dir = ownerDir(store);
+  const o = readOwner(dir);
+  if (!o || o.machine !== me.machine || o.host !== me.host || o.backendPath !== from) return false;
+  writeOwner(dir, { ...me, backendPath: to, since: new Date().toISOString() });
+  return true;
 }
 
 /** Drop a claim of this host that staleClaims listed (its owner record may name another boot). */

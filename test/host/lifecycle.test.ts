@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { parseCowParams } from '../../src/backends/cow-params.js';
 import { storeName } from '../../src/backends/cow.js';
 import type { Backend } from '../../src/backends/types.js';
+import { addStoreOwner, undoStoreOwner } from '../../src/backends/steps.js';
 import { gcPlan, applyGc } from '../../src/cli/gc.js';
 import { takeInventory } from '../../src/cli/inventory.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -82,15 +83,19 @@ interface World {
   loopsOnFile(): string[];
 }
 
-/** A hook whose device is a loop over the world's file; `transient` unless the params say persistent. */
-function loopHook(file: string): Backend<{ transient: boolean }> {
+/**
+ * A hook whose device is a loop over the world's file; `transient` unless the params say
+ * persistent; with `claim` it claims the file for this host first, as a persistent store is.
+ */
+function loopHook(file: string): Backend<{ transient: boolean; claim: boolean }> {
   return {
     script: 'block-test',
     summary: 'a loop over a file, for lifecycle tests',
     usage: '',
-    plan: (disk) => ({ transient: !disk.params.includes('persistent') }),
+    plan: (disk) => ({ transient: !disk.params.includes('persistent'), claim: disk.params.includes('claim') }),
     transient: (p) => (p.transient ? `transient test store ${file}` : undefined),
-    async add(ctx) {
+    async add(ctx, plan) {
+      if (plan.claim) await addStoreOwner({ build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal }, 'block-test', file);
       const dev = await ctx.build.step('test-loop', { file }, async () => execFileSync('losetup', ['--find', '--show', '--', file], { encoding: 'utf8' }).trim(), (d) => ({ dev: d }));
       const { major, minor } = decodeDev(statSync(dev).rdev);
       return { path: dev, major, minor };
@@ -99,13 +104,16 @@ function loopHook(file: string): Backend<{ transient: boolean }> {
       'test-loop': async (step) => {
         if (typeof step.data.dev === 'string') execFileSync('losetup', ['-d', step.data.dev]);
       },
+      'store-owner': undoStoreOwner,
     },
   };
 }
 
-async function world(t: Test): Promise<World> {
+/** `inStore`: the loop's file lives in store_dir, where gc looks for persistent stores' claims. */
+async function world(t: Test, inStore = false): Promise<World> {
   const dir = mkdtempSync(join(tmpdir(), 'xbh-life-'));
-  const file = join(dir, 'disk.img');
+  if (inStore) mkdirSync(join(dir, 'store'), { mode: 0o700 });
+  const file = join(dir, ...(inStore ? ['store'] : []), 'disk.img');
   writeFileSync(file, Buffer.alloc(1024 * 1024));
   const config: Config = { ...defaultConfig(), storeDir: join(dir, 'store'), stateDir: join(dir, 'state'), imageDirs: [dir], xenLockDir: join(dir, 'xl'), logFile: '' };
   const store = await startTestStore('xbh-life-xs-');
@@ -495,4 +503,78 @@ t.test('a save whose devices cannot be held marks the disk lost: its restore is 
   t.match(await w.store.xs.read('backend/vbd/32/51712/hotplug-error'), /did not survive: they could not be kept at the save/);
   const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
   t.ok(inv.rows.some((r) => r.kind === 'saved' && r.state === 'lost'), 'status shows it lost');
+});
+
+t.test('a persistent disk through a save: its devices go, its claim stays for the restore, no other disk takes the store meanwhile', async (t) => {
+  const w = await world(t);
+  const uuid = '77777777-2222-4333-8444-555555555555';
+  const owner = join(`${w.file}.owner`, 'owner.json');
+  const params = 'disk.img persistent claim';
+  await domain(w, 40, 'db', uuid, params);
+  t.equal((await w.hook('add', 40)).code, 0, 'add');
+  t.match(JSON.parse(readFileSync(owner, 'utf8')), { backendPath: 'backend/vbd/40/51712' }, 'claimed for the disk');
+
+  // xl save
+  w.xl.set(40, '--pss-');
+  await closeBackend(w.store.xs, { domid: 40, devid: 51712 });
+  const saved = await w.hook('remove', 40);
+  t.equal(saved.code, 0, 'the save\'s remove exits 0');
+  t.same(w.loopsOnFile(), [], 'the devices go: the data is in the store');
+  t.same(journalKeys(w), [], 'no record is held');
+  t.ok(existsSync(owner), 'the claim stays');
+  const marker = markerPath(w.config, uuid, '51712');
+  t.match(JSON.parse(readFileSync(marker, 'utf8')), { held: '', claims: [w.file], from: 'backend/vbd/40/51712' }, 'a marker names the kept claim');
+  t.match(saved.log.join('\n'), /being saved; keeping this host's claim on .*disk\.img for the restore/);
+  await destroyNodes(w, 40);
+  w.xl.delete(40);
+
+  // status and gc: held for the saved domain, not a stale claim.
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  t.match(inv.rows.find((r) => r.kind === 'saved'), { state: 'held', why: /claim on .*disk\.img is kept for saved domain db/ });
+  t.same(gcPlan(inv, { withoutXenstore: false }), [], 'gc has nothing to collect');
+
+  // Another domain (another uuid) asking for the store meanwhile is refused, nothing built.
+  await domain(w, 41, 'other', '88888888-2222-4333-8444-555555555555', params);
+  t.equal((await w.hook('add', 41)).code, 1);
+  t.match(await w.store.xs.read('backend/vbd/41/51712/hotplug-error'), /the persistent store .*disk\.img belongs to the saved domain db .* Restore that domain \(xl restore\), or give it up by deleting .*\.json/);
+  t.equal(await w.store.xs.read('backend/vbd/41/51712/hotplug-status'), 'busy');
+  t.same(w.loopsOnFile(), []);
+  t.ok(existsSync(owner), 'the claim is untouched');
+  await destroyNodes(w, 41);
+
+  // xl restore: the claim passes to the restored disk, the marker is used up.
+  await domain(w, 42, 'db', uuid, params);
+  const restored = await w.hook('add', 42);
+  t.equal(restored.code, 0, 'the restore\'s add exits 0');
+  t.match(restored.log.join('\n'), /claim on .*disk\.img, kept since the save .* is this disk's again/);
+  t.match(JSON.parse(readFileSync(owner, 'utf8')), { backendPath: 'backend/vbd/42/51712' });
+  t.notOk(existsSync(marker), 'the marker is used up');
+  // A destroy releases the claim with the rest.
+  await w.store.xs.write('backend/vbd/42/51712/sectors', '2048');
+  w.xl.set(42, '-b----');
+  await closeBackend(w.store.xs, { domid: 42, devid: 51712 });
+  t.equal((await w.hook('remove', 42)).code, 0);
+  t.notOk(existsSync(`${w.file}.owner`), 'released');
+  t.same(w.loopsOnFile(), []);
+});
+
+t.test('a kept claim given up (marker deleted) is released by gc', async (t) => {
+  const w = await world(t, true);
+  const uuid = '99999999-2222-4333-8444-555555555555';
+  const params = 'disk.img persistent claim';
+  await domain(w, 43, 'db', uuid, params);
+  t.equal((await w.hook('add', 43)).code, 0);
+  w.xl.set(43, '--pss-');
+  await closeBackend(w.store.xs, { domid: 43, devid: 51712 });
+  t.equal((await w.hook('remove', 43)).code, 0);
+  await destroyNodes(w, 43);
+  const kept = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  t.same(gcPlan(kept, { withoutXenstore: false }), [], 'while the marker stands, the claim is not stale');
+  rmSync(markerPath(w.config, uuid, '51712'));
+  const inv = await takeInventory({ config: w.config, run: execRunner(process.env), xs: w.store.xs });
+  const plan = gcPlan(inv, { withoutXenstore: false });
+  t.same(plan.map((i) => i.row.kind), ['claim'], 'a stale claim of this host now');
+  const results = await applyGc(plan, { config: w.config, run: execRunner(process.env), log: memoryLogger(), xs: w.store.xs });
+  t.same(results.map((r) => r.ok), [true]);
+  t.notOk(existsSync(`${w.file}.owner`));
 });

@@ -8,8 +8,10 @@
 #   2. transient store, dom0 restarted in between (the held devices torn down, /run cleared, the
 #      boot cleanup run, the marker from another boot): the restore is refused with a
 #      hotplug-error that says why, and builds nothing.
-#   3. persistent store, dom0 restarted in between: the store (dm-snapshot P) is reattached and
-#      the guest keeps reading its pattern.
+#   3. persistent store, dom0 restarted in between: the save takes the devices down and keeps only
+#      this host's claim on the store (a marker names it; the boot cleanup keeps it), the restore
+#      reattaches the store (dm-snapshot P), takes the claim over, and the guest keeps reading its
+#      pattern.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
 require_hooks
@@ -50,6 +52,7 @@ reboot_dom0() {
 	rm -rf /run/xen-blockhooks
 	find /var/lib/xen-blockhooks -name '*.cow' -exec touch -d '10 minutes ago' {} +
 	for m in "$SAVED"/*.json; do [ -f "$m" ] && sed -i 's/"bootId": "[^"]*"/"bootId": "an-earlier-boot"/' "$m"; done
+	for o in /var/lib/xen-blockhooks/*.owner/owner.json; do [ -f "$o" ] && sed -i 's/"boot":"[^"]*"/"boot":"an-earlier-boot"/' "$o"; done
 	out=$($CLI gc --apply 2>&1)
 	note "boot cleanup: xen-blockhooks gc --apply: exit $?"
 	printf '%s\n' "$out" | while read -r l; do note "  $l"; done
@@ -81,13 +84,20 @@ if start xbhboot s2 32; then
 fi
 
 # --- 3. persistent store, dom0 restarted in between --------------------------------------------
+PSTORE=/var/lib/xen-blockhooks/xbhpers-xvda.cow
 if start xbhpers s3 "32 persistent"; then
+	uuid=$(xenstore-read "/local/domain/$(domid xbhpers)/vm" | sed 's,^/vm/,,')
 	save xbhpers || { expect_nothing_left "after the failed save"; finish; }
 	before=$(last_reread xbhpers)
-	if [ -z "$(ls $SAVED 2>/dev/null)" ]; then ok "nothing is held for a persistent store (its data outlives the devices)"; else not_ok "nothing is held for a persistent store" "$(ls -la $SAVED)"; fi
+	check "the save took the persistent disk's devices down (its data is in the store)" sh -c '[ -z "$(dmsetup ls 2>/dev/null | grep xbh-)" ]'
+	if grep -q '"claims"' "$SAVED/$uuid-51712.json" 2>/dev/null && [ -f "$PSTORE.owner/owner.json" ]; then ok "the save kept this host's claim on the store, named by a marker"; else not_ok "the save kept the claim on the store" "$(ls -la $SAVED $PSTORE.owner 2>&1)"; fi
 	reboot_dom0
-	if [ -f /var/lib/xen-blockhooks/xbhpers-xvda.cow ]; then ok "the boot cleanup kept the persistent store"; else not_ok "the boot cleanup kept the persistent store" "$(find /var/lib/xen-blockhooks -type f)"; fi
+	if [ -f $PSTORE ]; then ok "the boot cleanup kept the persistent store"; else not_ok "the boot cleanup kept the persistent store" "$(find /var/lib/xen-blockhooks -type f)"; fi
+	if [ -f "$PSTORE.owner/owner.json" ]; then ok "the boot cleanup kept the claim for the saved domain"; else not_ok "the boot cleanup kept the claim" "$(find /var/lib/xen-blockhooks 2>&1)"; fi
 	if restore xbhpers; then ok "xl restore xbhpers after the restart"; else not_ok "xl restore xbhpers after the restart" "$RESTORE_OUT"; fi
+	be3=$(vbd_backend "$(domid xbhpers)" 51712)
+	if grep -q "\"backendPath\":\"${be3#/local/domain/0/}\"" "$PSTORE.owner/owner.json" 2>/dev/null; then ok "the restored disk took the claim over"; else not_ok "the restored disk took the claim over" "$(cat $PSTORE.owner/owner.json 2>&1)"; fi
+	if [ ! -f "$SAVED/$uuid-51712.json" ]; then ok "the restore used up the marker"; else not_ok "the restore used up the marker" "$(ls -la $SAVED)"; fi
 	xl unpause xbhpers
 	keeps_pattern xbhpers s3 "$before"
 	check "xl destroy xbhpers" xl destroy xbhpers
