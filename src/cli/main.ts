@@ -15,6 +15,7 @@ import { startXenstoreServer } from '../xenstore/server.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { HOOKS } from '../backends/index.js';
 import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
+import { CHECK_HELP, renderCheck, runCheck } from './check.js';
 import { DiskSpecError } from './diskspec.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow } from './grow.js';
@@ -34,6 +35,7 @@ Commands:
   gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
+  check [--root DIR]     check the configuration, directories, tools, kernel and Xen: list problems
   xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
                          hook tests on a machine without Xen)
   version                print the version
@@ -63,6 +65,8 @@ export interface CliDeps {
   bundleDir?: string;
   /** Resolves when the foreground server should stop (tests); default SIGINT/SIGTERM. */
   stopSignal?: Promise<void>;
+  /** check: where this machine's /dev, /proc, /sys, /lib/modules and tools are read (tests), and its kernel release. */
+  machine?: { root: string; kernelRelease: string };
 }
 
 /** Print `label…` if `fn` takes longer than a second. */
@@ -112,9 +116,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
     watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
+    check: { help: CHECK_HELP, specs: [HELP, { name: 'root', type: 'string' }] },
   };
   const c = commands[cmd];
-  if (!c) return usage(`unknown command "${cmd}" (simulate, status, gc, grow, watch, xenstored, version)`);
+  if (!c) return usage(`unknown command "${cmd}" (${[...Object.keys(commands), 'version'].join(', ')})`);
   let p;
   try {
     p = parseOptions(rest, c.specs);
@@ -125,6 +130,15 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   if (flag(p, 'help')) {
     out(c.help);
     return 0;
+  }
+  if (cmd === 'check') {
+    // Before the configuration is loaded: reporting what is wrong with it is part of the job.
+    if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+    const root = str(p, 'root');
+    if (root !== undefined && !root.startsWith('/')) return usage(`--root needs an absolute path, not "${root}"`, cmd);
+    const report = runCheck({ env, ...(root !== undefined ? { root } : {}), ...(deps.machine ? { machineRoot: deps.machine.root, kernelRelease: deps.machine.kernelRelease } : {}) });
+    for (const l of renderCheck(report)) out(l);
+    return report.problems.length ? 1 : 0;
   }
   let config: Config;
   try {
