@@ -16,6 +16,7 @@ import type { XenstoreClient } from '../xenstore/types.js';
 import { HOOKS } from '../backends/index.js';
 import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
 import { CHECK_HELP, renderCheck, runCheck } from './check.js';
+import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './permission.js';
 import { DiskSpecError } from './diskspec.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow } from './grow.js';
@@ -67,6 +68,8 @@ export interface CliDeps {
   stopSignal?: Promise<void>;
   /** check: where this machine's /dev, /proc, /sys, /lib/modules and tools are read (tests), and its kernel release. */
   machine?: { root: string; kernelRelease: string };
+  /** Whether this runs as root (tests); default: the effective uid is 0. */
+  isRoot?: boolean;
 }
 
 /** Print `label…` if `fn` takes longer than a second. */
@@ -159,6 +162,16 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       return undefined;
     }
   };
+  const isRoot = deps.isRoot ?? runningAsRoot();
+  // Not root, and a record the journal could not read for want of permission: the whole picture is
+  // unknown, so status and gc stop there instead of showing (or collecting) the rest. (Root keeps
+  // the warning status prints for an unreadable record.)
+  const inventory = async (label: string, xs: XenstoreClient | undefined) => {
+    const inv = await withProgress(label, err, () => takeInventory({ config, run, xs }));
+    const u = inv.unreadable.find((x) => /^E(?:ACCES|PERM)\b/.test(x.error));
+    if (u && !isRoot) throw new DeniedError(`open ${u.file}`, u.error.startsWith('EPERM') ? 'operation not permitted' : 'permission denied');
+    return inv;
+  };
   const fail = (m: string) => {
     err(`xen-blockhooks ${cmd}: ${m}`);
     return 1;
@@ -190,7 +203,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const xs = await tryConnect();
         try {
-          const inv = await withProgress('status: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          const inv = await inventory('status: reading the journal, xenstore and the kernel', xs);
           out(renderStatus(inv, flag(p, 'json')));
           return 0;
         } finally {
@@ -203,7 +216,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         // Only --apply logs (and so may create the log file): a plan changes nothing on the machine.
         let log: Logger | undefined;
         try {
-          const inv = await withProgress('gc: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          const inv = await inventory('gc: reading the journal, xenstore and the kernel', xs);
           const withoutXenstore = flag(p, 'without-xenstore');
           const plan = gcPlan(inv, { withoutXenstore });
           const json = flag(p, 'json');
@@ -221,7 +234,9 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             return plan.length ? 3 : 0;
           }
           log = deps.logger ?? cliLogger(config);
-          const results = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
+          const raw = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
+          const denials = raw.map((r) => (r.error === undefined ? undefined : deniedInText(r.error)));
+          const results = raw.map((r, i) => ({ ...r, error: denials[i]?.text ?? r.error }));
           const failed = results.filter((r) => !r.ok);
           if (json) out(JSON.stringify({ results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) }, null, 2));
           else {
@@ -229,7 +244,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             for (const r of results) out(`${r.ok ? 'done' : 'FAILED'}: ${r.item.action}${r.error ? `: ${r.error}` : ''}`);
             if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
           }
-          if (failed.length) return fail(`${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed: ${failed.map((f) => f.error).join('; ')}`);
+          const count = `${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed`;
+          const denied = isRoot ? undefined : denials.find((d) => d !== undefined);
+          if (denied) return fail(`--apply must run as root (${denied.denied}; ${count})`);
+          if (failed.length) return fail(`${count}: ${failed.map((f) => f.error).join('; ')}`);
           return 0;
         } finally {
           await xs?.close().catch(() => {});
@@ -272,6 +290,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
     }
   } catch (e) {
+    const denied = permissionSentence(e, isRoot);
+    if (denied) return fail(denied);
     if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError) return fail(e.message);
     if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
     throw e;
