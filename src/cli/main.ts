@@ -17,13 +17,14 @@ import { HOOKS } from '../backends/index.js';
 import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
 import { CHECK_HELP, renderCheck, runCheck } from './check.js';
 import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './permission.js';
-import { DiskSpecError } from './diskspec.js';
+import { DiskSpecError, parseDisk } from './diskspec.js';
+import { parseGrowSize } from './format.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow } from './grow.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson } from './status.js';
-import { VdevError } from './vdev.js';
+import { VdevError, vdevToDevid } from './vdev.js';
 import { WATCH_HELP, watch } from './watch.js';
 import { AlreadyRunningError } from '../lock/instance.js';
 
@@ -110,14 +111,16 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   const commands: Record<string, { help: string; specs: OptionSpec[] }> = {
     simulate: {
       help: SIMULATE_HELP,
-      specs: [HELP, { name: 'domid', type: 'int' }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
+      // 32751: the last domain id before Xen's reserved ones (DOMID_FIRST_RESERVED 0x7FF0).
+      specs: [HELP, { name: 'domid', type: 'int', max: 32751 }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
         { name: 'action', type: 'string' }, { name: 'keep', type: 'flag' }, { name: 'real-xenstore', type: 'flag' },
-        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int' }],
+        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int', min: 1, max: 3600, unit: 'seconds' }],
     },
     status: { help: STATUS_HELP, specs: [HELP, { name: 'json', type: 'flag' }] },
     gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
-    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int' }] },
+    // At most a day: a longer timer overflows Node's 32-bit delay and fires at once.
+    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
     check: { help: CHECK_HELP, specs: [HELP, { name: 'root', type: 'string' }] },
   };
@@ -188,6 +191,13 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (actionArg === 'remove' && flag(p, 'keep')) return usage('--keep makes no sense with --action remove', cmd);
         const domid = int(p, 'domid') ?? 1;
         if (domid === 0) return usage('--domid 0 is dom0 itself; give the guest a domain id of 1 or more', cmd);
+        // The disk spec is an argument: one xl (or xm) would refuse is bad usage, found before anything runs.
+        try {
+          parseDisk(spec, flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto');
+        } catch (e) {
+          if (e instanceof DiskSpecError || e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
         return await simulate({
           spec,
           syntax: flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto',
@@ -257,6 +267,13 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'grow': {
         if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
         const [domain, vdev, size] = p.positional as [string, string, string];
+        if (!parseGrowSize(size)) return usage(`"${size}" is not a size such as +512M or 4G`, cmd);
+        try {
+          vdevToDevid(vdev);
+        } catch (e) {
+          if (e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
         const log = deps.logger ?? cliLogger(config);
         try {
           await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }, { metadata: flag(p, 'metadata') }));
@@ -268,7 +285,6 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'watch': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const interval = int(p, 'interval');
-        if (interval !== undefined && interval < 100) return usage('--interval must be at least 100 ms', cmd);
         const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
         try {
           return await watch({ once: flag(p, 'once'), ...(interval !== undefined ? { intervalMs: interval } : {}) }, { config, run, log, out, err, ...(deps.stopSignal ? { stop: deps.stopSignal } : {}) });
@@ -279,6 +295,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'xenstored': {
         const socketPath = str(p, 'socket');
         if (!socketPath) return usage('--socket PATH is required', cmd);
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const server = await startXenstoreServer({ socketPath });
         out(`xenstore server listening on ${socketPath}; XENSTORED_PATH=${socketPath}`);
         await (deps.stopSignal ?? new Promise<void>((res) => {
