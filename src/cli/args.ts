@@ -1,6 +1,7 @@
 /**
  * Command-line options for `xen-blockhooks` commands: `--name value`, `--name=value`, `-x value`,
- * boolean flags, `--` ends options. Unknown options and missing values are usage errors (exit 2).
+ * boolean flags, `--` ends options. Unknown options, missing or empty values and numbers outside
+ * an option's range are usage errors (exit 2), each naming the option.
  */
 import { UsageError } from '../hotplug/errors.js';
 
@@ -12,6 +13,11 @@ export interface OptionSpec {
   type: 'flag' | 'string' | 'int';
   /** May be given several times (values collected in order). */
   repeat?: boolean;
+  /** int: the smallest and the largest value that makes sense; anything else is a usage error naming the option. */
+  min?: number;
+  max?: number;
+  /** int: what the number counts, for the message (`ms`, `seconds`). */
+  unit?: string;
 }
 
 export interface Parsed {
@@ -59,7 +65,13 @@ export function parseOptions(argv: readonly string[], specs: readonly OptionSpec
       if (spec.type === 'int') {
         if (!/^\d+$/.test(v)) throw new UsageError(`option --${spec.name} needs a whole number, not "${v}"`);
         value = Number(v);
-      } else value = v;
+        const unit = (n: number) => (!spec.unit ? '' : ` ${n === 1 && /^\w{3,}s$/.test(spec.unit) ? spec.unit.slice(0, -1) : spec.unit}`);
+        if (spec.min !== undefined && value < spec.min) throw new UsageError(`option --${spec.name} must be at least ${spec.min}${unit(spec.min)}, not ${v}`);
+        if (spec.max !== undefined && value > spec.max) throw new UsageError(`option --${spec.name} must be at most ${spec.max}${unit(spec.max)}, not ${v}`);
+      } else {
+        if (v === '') throw new UsageError(`option --${spec.name} needs a value, not an empty string`);
+        value = v;
+      }
     }
     if (spec.repeat) {
       const list = (options[spec.name] as (string | number)[] | undefined) ?? [];

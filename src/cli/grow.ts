@@ -33,7 +33,7 @@ Options:
   --metadata  block-thin / thin LVs: grow the pool's metadata instead of its data
   -h, --help  this text
 
-Exit status: 0 grown, 1 could not grow (why is printed), 2 bad usage.`;
+Exit status: 0 grown, 1 could not grow (why is printed), 2 bad usage (a bad SIZE or VDEV too).`;
 
 export function findRecord(entries: JournalEntry[], domain: string, vdev: string): JournalEntry {
   const byDomain = (e: JournalEntry) => {

@@ -15,13 +15,16 @@ import { startXenstoreServer } from '../xenstore/server.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { HOOKS } from '../backends/index.js';
 import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
-import { DiskSpecError } from './diskspec.js';
+import { CHECK_HELP, renderCheck, runCheck } from './check.js';
+import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './permission.js';
+import { DiskSpecError, parseDisk } from './diskspec.js';
+import { parseGrowSize } from './format.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow } from './grow.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson } from './status.js';
-import { VdevError } from './vdev.js';
+import { VdevError, vdevToDevid } from './vdev.js';
 import { WATCH_HELP, watch } from './watch.js';
 import { AlreadyRunningError } from '../lock/instance.js';
 
@@ -34,6 +37,7 @@ Commands:
   gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
+  check [--root DIR]     check the configuration, directories, tools, kernel and Xen: list problems
   xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
                          hook tests on a machine without Xen)
   version                print the version
@@ -63,6 +67,10 @@ export interface CliDeps {
   bundleDir?: string;
   /** Resolves when the foreground server should stop (tests); default SIGINT/SIGTERM. */
   stopSignal?: Promise<void>;
+  /** check: where this machine's /dev, /proc, /sys, /lib/modules and tools are read (tests), and its kernel release. */
+  machine?: { root: string; kernelRelease: string };
+  /** Whether this runs as root (tests); default: the effective uid is 0. */
+  isRoot?: boolean;
 }
 
 /** Print `label…` if `fn` takes longer than a second. */
@@ -103,18 +111,21 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   const commands: Record<string, { help: string; specs: OptionSpec[] }> = {
     simulate: {
       help: SIMULATE_HELP,
-      specs: [HELP, { name: 'domid', type: 'int' }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
+      // 32751: the last domain id before Xen's reserved ones (DOMID_FIRST_RESERVED 0x7FF0).
+      specs: [HELP, { name: 'domid', type: 'int', max: 32751 }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
         { name: 'action', type: 'string' }, { name: 'keep', type: 'flag' }, { name: 'real-xenstore', type: 'flag' },
-        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int' }],
+        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int', min: 1, max: 3600, unit: 'seconds' }],
     },
     status: { help: STATUS_HELP, specs: [HELP, { name: 'json', type: 'flag' }] },
     gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
-    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int' }] },
+    // At most a day: a longer timer overflows Node's 32-bit delay and fires at once.
+    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
+    check: { help: CHECK_HELP, specs: [HELP, { name: 'root', type: 'string' }] },
   };
   const c = commands[cmd];
-  if (!c) return usage(`unknown command "${cmd}" (simulate, status, gc, grow, watch, xenstored, version)`);
+  if (!c) return usage(`unknown command "${cmd}" (${[...Object.keys(commands), 'version'].join(', ')})`);
   let p;
   try {
     p = parseOptions(rest, c.specs);
@@ -125,6 +136,15 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   if (flag(p, 'help')) {
     out(c.help);
     return 0;
+  }
+  if (cmd === 'check') {
+    // Before the configuration is loaded: reporting what is wrong with it is part of the job.
+    if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+    const root = str(p, 'root');
+    if (root !== undefined && !root.startsWith('/')) return usage(`--root needs an absolute path, not "${root}"`, cmd);
+    const report = runCheck({ env, ...(root !== undefined ? { root } : {}), ...(deps.machine ? { machineRoot: deps.machine.root, kernelRelease: deps.machine.kernelRelease } : {}) });
+    for (const l of renderCheck(report)) out(l);
+    return report.problems.length ? 1 : 0;
   }
   let config: Config;
   try {
@@ -145,6 +165,16 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       return undefined;
     }
   };
+  const isRoot = deps.isRoot ?? runningAsRoot();
+  // Not root, and a record the journal could not read for want of permission: the whole picture is
+  // unknown, so status and gc stop there instead of showing (or collecting) the rest. (Root keeps
+  // the warning status prints for an unreadable record.)
+  const inventory = async (label: string, xs: XenstoreClient | undefined) => {
+    const inv = await withProgress(label, err, () => takeInventory({ config, run, xs }));
+    const u = inv.unreadable.find((x) => /^E(?:ACCES|PERM)\b/.test(x.error));
+    if (u && !isRoot) throw new DeniedError(`open ${u.file}`, u.error.startsWith('EPERM') ? 'operation not permitted' : 'permission denied');
+    return inv;
+  };
   const fail = (m: string) => {
     err(`xen-blockhooks ${cmd}: ${m}`);
     return 1;
@@ -161,6 +191,13 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (actionArg === 'remove' && flag(p, 'keep')) return usage('--keep makes no sense with --action remove', cmd);
         const domid = int(p, 'domid') ?? 1;
         if (domid === 0) return usage('--domid 0 is dom0 itself; give the guest a domain id of 1 or more', cmd);
+        // The disk spec is an argument: one xl (or xm) would refuse is bad usage, found before anything runs.
+        try {
+          parseDisk(spec, flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto');
+        } catch (e) {
+          if (e instanceof DiskSpecError || e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
         return await simulate({
           spec,
           syntax: flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto',
@@ -176,7 +213,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const xs = await tryConnect();
         try {
-          const inv = await withProgress('status: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          const inv = await inventory('status: reading the journal, xenstore and the kernel', xs);
           out(renderStatus(inv, flag(p, 'json')));
           return 0;
         } finally {
@@ -189,7 +226,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         // Only --apply logs (and so may create the log file): a plan changes nothing on the machine.
         let log: Logger | undefined;
         try {
-          const inv = await withProgress('gc: reading the journal, xenstore and the kernel', err, () => takeInventory({ config, run, xs }));
+          const inv = await inventory('gc: reading the journal, xenstore and the kernel', xs);
           const withoutXenstore = flag(p, 'without-xenstore');
           const plan = gcPlan(inv, { withoutXenstore });
           const json = flag(p, 'json');
@@ -207,7 +244,9 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             return plan.length ? 3 : 0;
           }
           log = deps.logger ?? cliLogger(config);
-          const results = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
+          const raw = await applyGc(plan, { config, run, log, xs, progress: (s) => err(`gc: ${s}`) });
+          const denials = raw.map((r) => (r.error === undefined ? undefined : deniedInText(r.error)));
+          const results = raw.map((r, i) => ({ ...r, error: denials[i]?.text ?? r.error }));
           const failed = results.filter((r) => !r.ok);
           if (json) out(JSON.stringify({ results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) }, null, 2));
           else {
@@ -215,7 +254,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             for (const r of results) out(`${r.ok ? 'done' : 'FAILED'}: ${r.item.action}${r.error ? `: ${r.error}` : ''}`);
             if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
           }
-          if (failed.length) return fail(`${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed: ${failed.map((f) => f.error).join('; ')}`);
+          const count = `${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed`;
+          const denied = isRoot ? undefined : denials.find((d) => d !== undefined);
+          if (denied) return fail(`--apply must run as root (${denied.denied}; ${count})`);
+          if (failed.length) return fail(`${count}: ${failed.map((f) => f.error).join('; ')}`);
           return 0;
         } finally {
           await xs?.close().catch(() => {});
@@ -225,6 +267,13 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'grow': {
         if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
         const [domain, vdev, size] = p.positional as [string, string, string];
+        if (!parseGrowSize(size)) return usage(`"${size}" is not a size such as +512M or 4G`, cmd);
+        try {
+          vdevToDevid(vdev);
+        } catch (e) {
+          if (e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
         const log = deps.logger ?? cliLogger(config);
         try {
           await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }, { metadata: flag(p, 'metadata') }));
@@ -236,7 +285,6 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'watch': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const interval = int(p, 'interval');
-        if (interval !== undefined && interval < 100) return usage('--interval must be at least 100 ms', cmd);
         const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
         try {
           return await watch({ once: flag(p, 'once'), ...(interval !== undefined ? { intervalMs: interval } : {}) }, { config, run, log, out, err, ...(deps.stopSignal ? { stop: deps.stopSignal } : {}) });
@@ -247,6 +295,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'xenstored': {
         const socketPath = str(p, 'socket');
         if (!socketPath) return usage('--socket PATH is required', cmd);
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const server = await startXenstoreServer({ socketPath });
         out(`xenstore server listening on ${socketPath}; XENSTORED_PATH=${socketPath}`);
         await (deps.stopSignal ?? new Promise<void>((res) => {
@@ -258,6 +307,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
     }
   } catch (e) {
+    const denied = permissionSentence(e, isRoot);
+    if (denied) return fail(denied);
     if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError) return fail(e.message);
     if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
     throw e;

@@ -38,7 +38,7 @@ DISKSPEC, xm syntax (<type>:<params>,<dev>,<mode>; the prefix becomes the backen
 Several words are joined with spaces, so quoting the spec is optional.
 
 Options:
-  --domid N          the guest's domain id (default 1)
+  --domid N          the guest's domain id, 1 to 32751 (default 1)
   --name NAME        the guest's name, written to /local/domain/N/name (default sim<N>)
   --xl | --xm        force the syntax (default: xm only when xl would reject the prefix)
   --action add|remove  one step only: add (leaves the device, like --keep) or remove
@@ -48,7 +48,7 @@ Options:
                      a domain id that exists there (and was not made by simulate) is refused
   --script-dir DIR   run DIR/<script> as libxl would (e.g. /etc/xen/scripts, the installed
                      wrappers); default: node with the <script>.mjs bundle beside this program
-  --timeout SECONDS  kill the hook after this long, as libxl does (default 40)
+  --timeout SECONDS  kill the hook after this long, as libxl does: 1 to 3600 (default 40)
   -h, --help         this text
 
 Safety: with the embedded server the hook keeps its journal and locks in a namespace of its own
@@ -57,7 +57,8 @@ one; a backend path that has a record in the real journal, or a node in a runnin
 refused. Real devices are still built (loop, device-mapper, nbd): that is what is simulated for.
 
 Exit status: 0 the hook did its job (and remove left nothing), 1 the hook failed or left
-something behind (what, is printed), or was refused, 2 bad usage.`;
+something behind (what, is printed), or was refused, 2 bad usage (a DISKSPEC that
+xl or xm would refuse too).`;
 
 /** The node simulate writes into a domain it makes, so that a later --real-xenstore run can tell its own domain from a real one. */
 export const SIMULATED_MARK = 'xen-blockhooks-simulated';

@@ -24,7 +24,7 @@ The installer ships a systemd unit, xen-blockhooks-watch.service, that runs this
 
 Options:
   --once          one pass, then exit (1 when a device needs a person, 0 otherwise)
-  --interval MS   time between passes (default watch.interval_ms, 2000)
+  --interval MS   time between passes, 100 ms to a day (default watch.interval_ms, 2000)
   -h, --help      this text
 
 Exit status: 0 stopped by a signal (or --once found nothing wrong), 1 a problem (--once) or

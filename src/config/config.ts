@@ -130,43 +130,135 @@ const SETTERS: Record<string, Setter> = {
 
 export const CONFIG_KEYS = Object.keys(SETTERS);
 
-/** Parse the text of a configuration file on top of `base`. */
-export function parseConfig(text: string, file: string, base: Config = defaultConfig()): Config {
+/** Levenshtein distance (insertions, deletions, substitutions). */
+function editDistance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      cur[j] = Math.min((prev[j] as number) + 1, (cur[j - 1] as number) + 1, (prev[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1));
+    }
+    prev = cur;
+  }
+  return prev[b.length] as number;
+}
+
+/**
+ * The known key an unknown one most likely meant, or undefined: the same key with `-` for `_` or
+ * in another case (`store-dir`), a key without its section (`data_size` → `thin.data_size`) or in
+ * the wrong one (`cow.data_size`), or one a small typing slip away (`stor_dir`).
+ */
+export function suggestKey(key: string): string | undefined {
+  const norm = key.toLowerCase().replace(/-/g, '_');
+  if (CONFIG_KEYS.includes(norm)) return norm;
+  const tail = norm.slice(norm.lastIndexOf('.') + 1);
+  const sameTail = CONFIG_KEYS.filter((k) => k.slice(k.lastIndexOf('.') + 1) === tail);
+  if (sameTail.length === 1) return sameTail[0];
+  let best: string | undefined;
+  let bestD = Infinity;
+  let tie = false;
+  for (const k of CONFIG_KEYS) {
+    const d = Math.min(editDistance(norm, k), k.includes('.') && !norm.includes('.') ? editDistance(norm, k.slice(k.indexOf('.') + 1)) : Infinity);
+    if (d < bestD) [best, bestD, tie] = [k, d, false];
+    else if (d === bestD) tie = true;
+  }
+  return best !== undefined && !tie && bestD <= Math.max(1, Math.floor(norm.length / 4)) ? best : undefined;
+}
+
+/** The sentence for a key this build does not know. */
+export function unknownKeyMessage(key: string): string {
+  const s = suggestKey(key);
+  return s ? `unknown key \`${key}\`; did you mean \`${s}\`?` : `unknown key \`${key}\` (known keys: ${CONFIG_KEYS.join(', ')})`;
+}
+
+/**
+ * Parse the text of a configuration file on top of `base`, reporting each bad line to `problem`
+ * (as `file:line: why`) and going on with the next.
+ */
+export function parseConfigLines(text: string, file: string, base: Config, problem: (e: ConfigError) => void): Config {
   // A plain-data copy: structuredClone would load Node's messaging internals on first use (0.2 s of a
   // hook's start in the Xen tier's dom0).
   const c = JSON.parse(JSON.stringify(base)) as Config;
   text.split('\n').forEach((raw, i) => {
     const line = raw.replace(/(^|\s)#.*$/, '').trim();
     if (line === '') return;
-    const m = /^([a-z_.]+)\s*=\s*(.*)$/.exec(line);
+    const m = /^([A-Za-z0-9_.-]+)\s*=\s*(.*)$/.exec(line);
     const where = `${file}:${i + 1}`;
-    if (!m) throw new ConfigError(`${where}: expected "key = value", found "${raw.trim()}"`);
-    const set = SETTERS[m[1] as string];
-    if (!set) throw new ConfigError(`${where}: unknown setting "${m[1]}" (known: ${CONFIG_KEYS.join(', ')})`);
-    set(c, (m[2] as string).replace(/^"(.*)"$/, '$1'), where);
+    try {
+      if (!m) throw new ConfigError(`${where}: expected "key = value", found "${raw.trim()}"`);
+      const set = SETTERS[m[1] as string];
+      if (!set) throw new ConfigError(`${where}: ${unknownKeyMessage(m[1] as string)}`);
+      set(c, (m[2] as string).replace(/^"(.*)"$/, '$1'), where);
+    } catch (e) {
+      if (e instanceof ConfigError) problem(e);
+      else throw e;
+    }
   });
   return c;
 }
 
+/** Parse the text of a configuration file on top of `base`; the first bad line throws. */
+export function parseConfig(text: string, file: string, base: Config = defaultConfig()): Config {
+  return parseConfigLines(text, file, base, (e) => {
+    throw e;
+  });
+}
+
 /** The configuration in force: defaults, then the file (if it exists), then the environment. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  return loadConfigWith(env, (e) => {
+    throw e;
+  }).config;
+}
+
+export interface ConfigReport {
+  config: Config;
+  /** The file read (or that would have been). */
+  file: string;
+  /** Whether it exists; without it the defaults (and the environment) are in force. */
+  found: boolean;
+  /** Every bad line or value, each a sentence naming where it is. */
+  problems: string[];
+}
+
+/** Like loadConfig, but every problem is collected (for `xen-blockhooks check`) instead of the first thrown. */
+export function checkConfig(env: NodeJS.ProcessEnv = process.env): ConfigReport {
+  const problems: string[] = [];
+  const r = loadConfigWith(env, (e) => problems.push(e.message));
+  return { ...r, problems };
+}
+
+function loadConfigWith(env: NodeJS.ProcessEnv, problem: (e: ConfigError) => void): { config: Config; file: string; found: boolean } {
   const file = env.XEN_BLOCKHOOKS_CONF ?? DEFAULT_CONFIG_FILE;
   let c = defaultConfig();
   let text: string | undefined;
   try {
     text = readFileSync(file, 'utf8');
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new ConfigError(`cannot read ${file}: ${(e as Error).message}`);
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') problem(new ConfigError(`cannot read ${file}: ${(e as Error).message}`));
   }
-  if (text !== undefined) c = parseConfig(text, file, c);
+  if (text !== undefined) c = parseConfigLines(text, file, c, problem);
   for (const key of CONFIG_KEYS) {
     const name = `XEN_BLOCKHOOKS_${key.replace(/[.-]/g, '_').toUpperCase()}`;
     const v = env[name];
-    if (v !== undefined) (SETTERS[key] as Setter)(c, v, name);
+    if (v === undefined) continue;
+    try {
+      (SETTERS[key] as Setter)(c, v, name);
+    } catch (e) {
+      if (e instanceof ConfigError) problem(e);
+      else throw e;
+    }
   }
-  if (env.XEN_SCRIPT_DIR !== undefined && env.XEN_BLOCKHOOKS_XEN_SCRIPT_DIR === undefined) c.xenScriptDir = dir(env.XEN_SCRIPT_DIR, 'XEN_SCRIPT_DIR');
+  if (env.XEN_SCRIPT_DIR !== undefined && env.XEN_BLOCKHOOKS_XEN_SCRIPT_DIR === undefined) {
+    try {
+      c.xenScriptDir = dir(env.XEN_SCRIPT_DIR, 'XEN_SCRIPT_DIR');
+    } catch (e) {
+      if (e instanceof ConfigError) problem(e);
+      else throw e;
+    }
+  }
   if ((c.thin.dataDevice === '') !== (c.thin.metadataDevice === '')) {
-    throw new ConfigError(`${file}: thin.data_device and thin.metadata_device go together (the pool is on two devices or on two files); set both or neither`);
+    problem(new ConfigError(`${file}: thin.data_device and thin.metadata_device go together (the pool is on two devices or on two files); set both or neither`));
   }
-  return c;
+  return { config: c, file, found: text !== undefined };
 }

@@ -79,6 +79,9 @@ export function createLogger(opts: LoggerOptions): Logger {
     );
   }
   const w = winston.createLogger({ level: 'debug', transports, exitOnError: false });
+  // winston passes a transport's error on to the logger, where an 'error' event nobody listens to
+  // ends the process: a log file we may not write (not root, a read-only /var/log) must not.
+  w.on('error', () => {});
   let closed: Promise<void> | undefined;
   const log = (level: string) => (msg: string, fields?: Fields) => {
     if (!closed) w.log({ level, message: msg, fields });

@@ -184,11 +184,11 @@ t.test('the commands: exit codes and output', async (t) => {
   t.equal(await cliMain(['grow', 'web', 'xvda'], {}, deps), 2);
   t.equal(await cliMain(['grow', 'nobody', 'xvda', '+1G'], {}, deps), 1);
   t.match(err.pop(), /^xen-blockhooks grow: no device recorded for domain nobody, vdev xvda \(recorded: /);
-  t.equal(await cliMain(['grow', 'web', 'xvda', 'lots'], {}, deps), 1);
+  t.equal(await cliMain(['grow', 'web', 'xvda', 'lots'], {}, deps), 2, 'a bad size is bad usage');
   t.match(err.pop(), /"lots" is not a size/);
   t.equal(await cliMain(['simulate'], {}, deps), 2);
   t.equal(await cliMain(['simulate', '--action', 'sideways', 'x'], {}, deps), 2);
-  t.equal(await cliMain(['simulate', 'vdev=xvda,colour=red,target=/a'], {}, deps), 1);
+  t.equal(await cliMain(['simulate', 'vdev=xvda,colour=red,target=/a'], {}, deps), 2, 'a disk spec xl would refuse is bad usage');
   t.match(err.pop(), /unknown parameter at "colour=red"/);
   t.equal(await cliMain(['nonsense'], {}, deps), 2);
   t.equal(await cliMain([], {}, deps), 2);

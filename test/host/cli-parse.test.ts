@@ -123,6 +123,13 @@ t.test('options', async (t) => {
   t.throws(() => parseOptions(['--domid', 'x'], specs), /whole number/);
   t.throws(() => parseOptions(['--json=1'], specs), /takes no value/);
   t.throws(() => parseOptions(['--name', 'a', '--name', 'b'], specs), /twice/);
+  t.throws(() => parseOptions(['--name='], specs), { message: 'option --name needs a value, not an empty string' });
+  const ranged = [{ name: 'timeout', type: 'int' as const, min: 1, max: 3600, unit: 'seconds' }, { name: 'interval', type: 'int' as const, min: 100, unit: 'ms' }];
+  t.same(parseOptions(['--timeout', '1', '--interval', '100'], ranged).options, { timeout: 1, interval: 100 }, 'the bounds themselves are in range');
+  t.throws(() => parseOptions(['--timeout', '0'], ranged), { message: 'option --timeout must be at least 1 second, not 0' });
+  t.throws(() => parseOptions(['--timeout', '3601'], ranged), { message: 'option --timeout must be at most 3600 seconds, not 3601' });
+  t.throws(() => parseOptions(['--interval=99'], ranged), { message: 'option --interval must be at least 100 ms, not 99' });
+  t.throws(() => parseOptions(['--timeout', '-1'], ranged), { message: 'option --timeout needs a whole number, not "-1"' });
 });
 
 t.test('sizes and tables', async (t) => {

@@ -37,7 +37,9 @@ function setup(t: { teardown(f: () => void): void }) {
     `#!/usr/bin/env node\nimport { writeFileSync } from 'node:fs';\nif (process.argv[2] === '--version') writeFileSync(new URL('./${name}.cjs.0123456789abcdef.v0-x64.v8cache', import.meta.url), 'cache');\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, execPath: process.execPath }));\n`;
   for (const b of ['block', 'block-cow', 'block-qcow', 'xen-blockhooks']) writeFileSync(join(src, 'dist', `${b}.cjs`), `// the ${b} bundle\n`);
   for (const b of ['block', 'block-cow', 'block-qcow']) writeFileSync(join(src, 'dist', `${b}.mjs`), hook(b));
-  writeFileSync(join(src, 'dist', 'xen-blockhooks.mjs'), `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'watch') process.exitCode = 2;\n`);
+  // check: says which configuration and script directory it was given; FAKE_CHECK_EXIT makes it find problems.
+  writeFileSync(join(src, 'dist', 'xen-blockhooks.mjs'), `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'watch') process.exitCode = 2;\n`
+    + "if (process.argv[2] === 'check') { process.stdout.write(`\\ncheck env: ${process.env.XEN_BLOCKHOOKS_CONF} ${process.env.XEN_SCRIPT_DIR}\\n`); if (process.env.FAKE_CHECK_EXIT) { process.stdout.write('problem: the fake check found one\\n1 problem found.\\n'); process.exitCode = Number(process.env.FAKE_CHECK_EXIT); } }\n");
   const dest = join(top, 'dest');
   mkdirSync(dest);
   const install = (args: string[], env: Record<string, string> = {}) => {
@@ -104,6 +106,11 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   t.match(boot, /^Before=xendomains\.service$/m, 'before xendomains restores saved domains');
   t.equal(readlinkSync(join(h.dest, 'etc/systemd/system/multi-user.target.wants/xen-blockhooks-boot.service')), '/usr/lib/systemd/system/xen-blockhooks-boot.service', 'enabled as systemctl enable would');
   t.equal(readFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), 'utf8'), readFileSync(join(ROOT, 'packaging/blockhooks.conf'), 'utf8'));
+  t.ok(r.out.includes(`\n/usr/sbin/xen-blockhooks check --root ${h.dest}\n`), 'the check is announced');
+  const ran = JSON.parse(r.out.split('\n').find((l) => l.includes('"argv":["check"')) ?? 'null');
+  t.same(ran?.argv, ['check', '--root', h.dest], 'xen-blockhooks check runs on the staged tree');
+  t.ok(r.out.includes(`check env: ${h.dest}/etc/xen/blockhooks.conf /etc/xen/scripts\n`), 'with the configuration just written and the script directory the hooks went to');
+  t.equal(r.err, '', 'a check without problems adds nothing on stderr');
 
   // Run a wrapper the way libxl would, with a hostile environment. The bundle path is under /usr,
   // so point a copy of the wrapper at the staged bundle.
@@ -239,4 +246,17 @@ t.test('the watch unit is installed (and uninstalled) when the CLI has the watch
   t.match(readFileSync(unit, 'utf8'), /^ExecStart=\/usr\/sbin\/xen-blockhooks watch$/m);
   t.equal(h.install(['--uninstall']).code, 0);
   t.notOk(existsSync(unit), 'removed by --uninstall');
+});
+
+t.test('a check that finds problems is shown, and the installation is still complete', async (t) => {
+  const h = setup(t);
+  h.seed();
+  const r = h.install([], { FAKE_CHECK_EXIT: '1' });
+  t.equal(r.code, 0, 'the files are installed: the install itself did not fail');
+  t.same(tree(h.dest), INSTALLED, 'every file is there');
+  t.match(r.out, /\nproblem: the fake check found one\n1 problem found\.\n/, "the check's list is printed");
+  t.equal(r.err, 'install: xen-blockhooks check found problems (exit status 1, listed above): the files are installed, but the hooks will fail until they are fixed; run "xen-blockhooks check" again after fixing them\n');
+  const dry = h.install(['--dry-run'], { FAKE_CHECK_EXIT: '1' });
+  t.match(dry.out, /\/usr\/sbin\/xen-blockhooks check --root .*\ndry run: nothing was written\n$/, 'a dry run names the check and does not run it');
+  t.equal(dry.err, '');
 });

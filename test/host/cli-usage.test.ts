@@ -1,0 +1,80 @@
+/**
+ * Every command's bad usage exits 2 with one sentence naming what is wrong (the option, the
+ * argument) and where the help is; nothing runs. A survey of each command's options and arguments.
+ */
+import t from 'tap';
+import { cliMain } from '../../src/cli/main.js';
+import { defaultConfig } from '../../src/config/config.js';
+import type { Runner } from '../../src/devices/runner.js';
+
+const CASES: [string[], string][] = [
+  // grow: DOMAIN VDEV SIZE
+  [['grow', '1', 'xvda', '64X'], '"64X" is not a size such as +512M or 4G'],
+  [['grow', '1', 'xvda', '+0'], '"+0" is not a size such as +512M or 4G'],
+  [['grow', '1', 'xvda', '-1G'], '"-1G" is not a size such as +512M or 4G'],
+  [['grow', '1', 'vda', '+1G'], 'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
+  [['grow', '1', 'xvda'], 'expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"'],
+  [['grow', '1', 'xvda', '+1G', '--metadata=yes'], 'option --metadata takes no value'],
+  // simulate
+  [['simulate', '--timeout', '0', 'x'], 'option --timeout must be at least 1 second, not 0'],
+  [['simulate', '--timeout', '-5', 'x'], 'option --timeout needs a whole number, not "-5"'],
+  [['simulate', '--timeout', 'soon', 'x'], 'option --timeout needs a whole number, not "soon"'],
+  [['simulate', '--timeout=3601', 'x'], 'option --timeout must be at most 3600 seconds, not 3601'],
+  [['simulate', '--timeout'], 'option --timeout needs a value'],
+  [['simulate', '--domid', '0', 'x'], '--domid 0 is dom0 itself; give the guest a domain id of 1 or more'],
+  [['simulate', '--domid', '32752', 'x'], 'option --domid must be at most 32751, not 32752'],
+  [['simulate', '--domid', '1.5', 'x'], 'option --domid needs a whole number, not "1.5"'],
+  [['simulate', '--name', '', 'x'], 'option --name needs a value, not an empty string'],
+  [['simulate', '--script-dir=', 'x'], 'option --script-dir needs a value, not an empty string'],
+  [['simulate', '--action', 'sideways', 'x'], '--action must be add or remove, not "sideways"'],
+  [['simulate', '--action', 'remove', '--keep', 'x'], '--keep makes no sense with --action remove'],
+  [['simulate', '--xl', '--xm', 'x'], '--xl and --xm exclude each other'],
+  [['simulate'], 'no disk spec given'],
+  [['simulate', 'vdev=xvda,colour=red,target=/a'], 'disk spec "vdev=xvda,colour=red,target=/a": unknown parameter at "colour=red"'],
+  [['simulate', 'vdev=xvdA,target=/a'], 'vdev "xvdA" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
+  [['simulate', '--xm', 'cow:/a,xvda'], 'disk spec "cow:/a,xvda": xm syntax is "<type>:<params>,<dev>,<mode>" (found 2 comma-separated fields)'],
+  // watch
+  [['watch', '--interval', '0'], 'option --interval must be at least 100 ms, not 0'],
+  [['watch', '--interval', '99'], 'option --interval must be at least 100 ms, not 99'],
+  [['watch', '--interval', '86400001'], 'option --interval must be at most 86400000 ms, not 86400001'],
+  [['watch', 'now'], 'unexpected argument "now"'],
+  // status, gc, check, xenstored
+  [['status', '--jsn'], 'unknown option --jsn'],
+  [['status', 'all'], 'unexpected argument "all"'],
+  [['gc', '--apply', 'now'], 'unexpected argument "now"'],
+  [['gc', '-x'], 'unknown option -x'],
+  [['check', '--root'], 'option --root needs a value'],
+  [['check', '--root', 'stage'], '--root needs an absolute path, not "stage"'],
+  [['xenstored'], '--socket PATH is required'],
+  [['xenstored', '--socket', ''], 'option --socket needs a value, not an empty string'],
+  [['xenstored', '--socket', '/tmp/s', 'extra'], 'unexpected argument "extra"'],
+];
+
+t.test('bad usage: exit 2, the exact sentence, and nothing run', async (t) => {
+  const calls: string[] = [];
+  const run: Runner = {
+    run: async (f, a) => { calls.push([f, ...a].join(' ')); throw new Error('nothing may run'); },
+    probe: async (f, a) => { calls.push([f, ...a].join(' ')); throw new Error('nothing may run'); },
+  };
+  const config = { ...defaultConfig(), stateDir: '/nonexistent/state', logFile: '' };
+  for (const [argv, message] of CASES) {
+    const out: string[] = [];
+    const err: string[] = [];
+    const code = await cliMain(argv, {}, { config, run, connect: async () => { throw new Error('no xenstore'); }, out: (s) => out.push(s), err: (s) => err.push(s) });
+    t.same({ code, out, err }, { code: 2, out: [], err: [`xen-blockhooks ${argv[0]}: ${message}; run "xen-blockhooks ${argv[0]} --help" for usage`] }, argv.join(' '));
+  }
+  t.same(calls, [], 'no command was run');
+});
+
+t.test('without a command, or an unknown one', async (t) => {
+  const err: string[] = [];
+  const deps = { out: () => {}, err: (s: string) => err.push(s) };
+  t.equal(await cliMain([], {}, deps), 2);
+  t.equal(await cliMain(['frobnicate'], {}, deps), 2);
+  t.equal(await cliMain(['help', 'frobnicate'], {}, deps), 2);
+  t.same(err, [
+    'xen-blockhooks: no command given; run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, watch, xenstored, check, version); run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, watch, xenstored, check, version); run "xen-blockhooks --help" for usage',
+  ]);
+});

@@ -1,0 +1,172 @@
+/**
+ * The man pages in packaging/man: each renders with groff without a single warning, and says what
+ * the program's own --help says: every subcommand and every long option a page names exists in
+ * the corresponding help, and every one the help names is on the page. xen-blockhooks(8) is
+ * compared command by command (its SYNOPSIS line and its DESCRIPTION entry against
+ * `xen-blockhooks COMMAND --help`); a hook's page against the hook's --help (its actions and
+ * options); an option written after "install" against `./install --help`.
+ */
+import t from 'tap';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { cliMain, MAIN_HELP } from '../../src/cli/main.js';
+import { HOOKS } from '../../src/backends/index.js';
+import { helpText } from '../../src/hotplug/help.js';
+
+const ROOT = join(import.meta.dirname, '../..');
+const MAN = join(ROOT, 'packaging/man');
+const PAGES = readdirSync(MAN).filter((f) => f.endsWith('.8')).sort();
+
+/** Long options in plain text: `--name` not glued to a word before it (`NAME--incoming` is a domain name). */
+function longOptions(text: string): Set<string> {
+  return new Set([...text.matchAll(/(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]/g)].map((m) => m[0]));
+}
+
+/** A roff request's arguments, quotes honoured. */
+function args(s: string): string[] {
+  return [...s.matchAll(/"([^"]*)"|(\S+)/g)].map((m) => m[1] ?? m[2] ?? '');
+}
+
+function unescape(s: string): string {
+  return s.replace(/\\f[BIRP]/g, '').replace(/\\-/g, '-').replace(/\\\(em/g, '—').replace(/\\&/g, '').replace(/\\e/g, '\\');
+}
+
+interface Page {
+  /** Plain text of each section, by name. */
+  sections: Map<string, string>;
+  /** SYNOPSIS entries (separated by .br). */
+  synopsis: string[];
+  /** DESCRIPTION entries `.TP` + `.B word`: word → its text. */
+  entries: Map<string, string>;
+}
+
+/** Just enough of man(7) to read the text back: fonts dropped, alternating-font requests joined. */
+function readPage(source: string): Page {
+  const sections = new Map<string, string>();
+  const synopsis: string[] = [''];
+  const entries = new Map<string, string>();
+  let section = '';
+  let entry: string | undefined;
+  let afterTP = false;
+  for (const raw of source.split('\n')) {
+    if (raw.startsWith('.\\"')) continue;
+    const m = /^\.([A-Za-z]+)\s*(.*)$/.exec(raw);
+    let text: string | undefined;
+    if (m) {
+      const [, req, rest] = m as unknown as [string, string, string];
+      if (req === 'SH') {
+        section = args(rest).join(' ');
+        entry = undefined;
+        continue;
+      }
+      if (req === 'TP') {
+        afterTP = true;
+        entry = undefined;
+        continue;
+      }
+      if (req === 'PP' || req === 'LP' || req === 'P') {
+        entry = undefined;
+        continue;
+      }
+      if (req === 'br') {
+        if (section === 'SYNOPSIS') synopsis.push('');
+        continue;
+      }
+      if (req === 'B' || req === 'I') text = args(rest).join(' ');
+      else if (/^(BR|RB|IR|RI|BI|IB)$/.test(req)) text = args(rest).join('');
+      else continue;
+    } else text = raw;
+    text = unescape(text);
+    if (afterTP && section === 'DESCRIPTION') {
+      entry = text.trim();
+      entries.set(entry, '');
+    }
+    afterTP = false;
+    sections.set(section, `${sections.get(section) ?? ''}${text}\n`);
+    if (section === 'SYNOPSIS') synopsis[synopsis.length - 1] += `${text} `;
+    if (entry !== undefined && section === 'DESCRIPTION') entries.set(entry, `${entries.get(entry)}${text}\n`);
+  }
+  return { sections, synopsis: synopsis.map((s) => s.trim()).filter(Boolean), entries };
+}
+
+async function commandHelp(argv: string[]): Promise<string> {
+  const out: string[] = [];
+  const code = await cliMain(argv, {}, { out: (s) => out.push(s), err: () => {} });
+  if (code !== 0) throw new Error(`${argv.join(' ')} exited ${code}`);
+  return out.join('\n');
+}
+
+const installHelp = spawnSync('/bin/sh', [join(ROOT, 'install'), '--help'], { encoding: 'utf8' }).stdout;
+
+/** Options written right after "install" (the installer's, not the program's), and the rest. */
+function splitInstallOptions(text: string): { install: Set<string>; own: Set<string> } {
+  const install = new Set<string>();
+  const own = new Set<string>();
+  for (const m of text.matchAll(/(\binstall\s+)?((?<![\w-])--[a-z][a-z0-9-]*[a-z0-9])/g)) (m[1] ? install : own).add(m[2] as string);
+  return { install, own };
+}
+
+const sorted = (s: Iterable<string>) => [...s].sort();
+const minus = (a: Set<string>, b: Set<string>) => sorted([...a].filter((x) => !b.has(x)));
+
+t.test('every page renders with groff -ww -man -Tutf8 without a warning', async (t) => {
+  const probe = spawnSync('groff', ['--version'], { encoding: 'utf8' });
+  t.equal(probe.status, 0, 'groff is installed (Debian: groff-base; scripts/setup.sh installs it)');
+  if (probe.status !== 0) return;
+  t.ok(PAGES.length >= 7, `the pages: ${PAGES.join(', ')}`);
+  for (const page of PAGES) {
+    const r = spawnSync('groff', ['-ww', '-man', '-Tutf8', join(MAN, page)], { encoding: 'utf8' });
+    t.same({ status: r.status, warnings: r.stderr }, { status: 0, warnings: '' }, page);
+    t.ok(r.stdout.length > 200, `${page} renders to text`);
+  }
+});
+
+t.test('the test reads a page as groff does: its checks can fail', async (t) => {
+  const p = readPage('.SH SYNOPSIS\n.B x run\n.RB [ \\-\\-dry\\-run ]\n.br\n.B x stop\n.SH DESCRIPTION\n.TP\n.B run\nwith\n.IR NAME \\-\\-incoming\nand \\fB\\-\\-fast\\fR.\n.PP\nEvery command takes\n.BR \\-\\-help .\n');
+  t.same(p.synopsis, ['x run [--dry-run]', 'x stop']);
+  t.same(sorted(p.entries.keys()), ['run']);
+  t.same(sorted(longOptions(p.entries.get('run') ?? '')), ['--fast'], 'NAME--incoming is no option; the paragraph after .PP is not the entry');
+  t.same(splitInstallOptions('run install --replace-block, then --apply'), { install: new Set(['--replace-block']), own: new Set(['--apply']) });
+});
+
+t.test('xen-blockhooks(8) and the command\'s help name the same commands and options', async (t) => {
+  const page = readPage(readFileSync(join(MAN, 'xen-blockhooks.8'), 'utf8'));
+  const helpCommands = new Set([...MAIN_HELP.split('\n\n').find((b) => b.startsWith('Commands:'))!.matchAll(/^ {2}([a-z]+)/gm)].map((m) => m[1] as string));
+  const synopsisCommands = new Map(page.synopsis.map((s) => [/^xen-blockhooks ([a-z]+)/.exec(s)?.[1] ?? s, s]));
+  const entryCommands = new Set(page.entries.keys());
+  t.same(sorted(synopsisCommands.keys()), sorted(helpCommands), 'SYNOPSIS: the commands of "xen-blockhooks --help"');
+  t.same(sorted(entryCommands), sorted(helpCommands), 'DESCRIPTION: an entry for each of them');
+  const everyHelp = new Set<string>(['--help', '--version']);
+  for (const cmd of sorted(helpCommands)) {
+    const help = await commandHelp([cmd, '--help']);
+    const inHelp = longOptions(help);
+    inHelp.delete('--help');
+    for (const o of longOptions(help)) everyHelp.add(o);
+    const onPage = longOptions(`${synopsisCommands.get(cmd) ?? ''}\n${page.entries.get(cmd) ?? ''}`);
+    onPage.delete('--help');
+    t.same({ onPageOnly: minus(onPage, inHelp), inHelpOnly: minus(inHelp, onPage) }, { onPageOnly: [], inHelpOnly: [] }, `${cmd}: the page's options are "${cmd} --help"'s`);
+  }
+  const all = splitInstallOptions([...page.sections.values()].join('\n'));
+  t.same(minus(all.own, everyHelp), [], 'every option anywhere on the page is one of the command\'s');
+  t.same(minus(all.install, longOptions(installHelp)), [], 'every installer option on the page is the installer\'s');
+});
+
+t.test('each hook\'s page and the hook\'s --help name the same actions and options', async (t) => {
+  const pageOf = (hook: string) => (hook === 'block' ? 'xen-blockhooks-block.8' : `${hook}.8`);
+  t.same(sorted(PAGES.filter((p) => p !== 'xen-blockhooks.8')), sorted(Object.keys(HOOKS).map(pageOf)), 'a page for each hook, and no page for a hook that is not');
+  for (const [hook, backend] of Object.entries(HOOKS)) {
+    const help = helpText(backend);
+    const page = readPage(readFileSync(join(MAN, pageOf(hook)), 'utf8'));
+    const actions = (text: string) => new Set(text.split('\n')
+      .map((l) => new RegExp(`^\\s*(?:Usage:\\s+)?${hook} ([a-z|]+)(?:\\s|$)`).exec(l)?.[1])
+      .filter((a): a is string => a !== undefined)
+      .flatMap((a) => a.split('|')));
+    t.same(sorted(actions(page.synopsis.join('\n'))), sorted(actions(help)), `${hook}: SYNOPSIS has the actions of its usage`);
+    const text = [...page.sections.values()].join('\n');
+    const { install, own } = splitInstallOptions(text);
+    const inHelp = longOptions(help);
+    t.same({ onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) }, { onPageOnly: [], inHelpOnly: [] }, `${hook}: the page's options are "${hook} --help"'s`);
+    t.same(minus(install, longOptions(installHelp)), [], `${hook}: the installer options on its page are the installer's`);
+  }
+});
