@@ -19,16 +19,3 @@ export function table(header: string[], rows: string[][]): string {
     cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd();
   return [line(header), ...rows.map(line)].join('\n');
 }
-
-/**
- * `+64M`, `+1G`, `+512` (MiB) → { relative, bytes }. Without `+` the size is the new total.
- * K, M, G, T suffixes (binary), optional `iB`/`B`.
- */
-export function parseGrowSize(s: string): { relative: boolean; bytes: number } | undefined {
-  const m = /^(\+?)(\d+(?:\.\d+)?)\s*([KkMmGgTt]?)(?:i?B)?$/.exec(s.trim());
-  if (!m) return undefined;
-  const mult: Record<string, number> = { '': 2 ** 20, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
-  const bytes = Math.round(Number(m[2]) * (mult[(m[3] ?? '').toLowerCase()] as number));
-  if (!(bytes > 0)) return undefined;
-  return { relative: m[1] === '+', bytes };
-}

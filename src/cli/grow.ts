@@ -7,11 +7,12 @@ import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { growStore, GrowError, type GrowAction } from '../grow/index.js';
+import { growStore, GrowError, type GrowAction, type GrowSize } from '../grow/index.js';
 import { Journal, journalFileName, type JournalEntry } from '../journal/journal.js';
 import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
-import { humanBytes, parseGrowSize } from './format.js';
+import { notASize, sizeBytes } from '../units/size.js';
+import { humanBytes } from './format.js';
 import { domidOfPath, lockFileFor } from './inventory.js';
 
 export { GrowError };
@@ -34,6 +35,18 @@ Options:
   -h, --help  this text
 
 Exit status: 0 grown, 1 could not grow (why is printed), 2 bad usage (a bad SIZE or VDEV too).`;
+
+/**
+ * `+512M` (added) or `4G` (the new total), in the one size grammar (src/units/size.ts), a bare
+ * number MiB → bytes (rounded up to a whole byte). Throws GrowError naming the word and the grammar.
+ */
+export function parseGrowSize(s: string): GrowSize {
+  const relative = s.startsWith('+');
+  const bytes = sizeBytes(relative ? s.slice(1) : s);
+  if (bytes === undefined) throw new GrowError(`${notASize(s)}; a + in front adds it to the current size (+512M)`);
+  if (bytes <= 0) throw new GrowError(`"${s}" must be more than zero`);
+  return { relative, bytes };
+}
 
 export function findRecord(entries: JournalEntry[], domain: string, vdev: string): JournalEntry {
   const byDomain = (e: JournalEntry) => {
@@ -59,7 +72,6 @@ export interface GrowDeps {
 
 export async function grow(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { metadata?: boolean } = {}): Promise<GrowAction> {
   const size = parseGrowSize(sizeArg);
-  if (!size) throw new GrowError(`"${sizeArg}" is not a size such as +512M or 4G`);
   const journal = deps.journal ?? new Journal(deps.config.stateDir);
   const entry = findRecord(journal.list().entries, domain, vdev);
   const lockFile = lockFileFor(deps.config, entry.backendPath, journalFileName);

@@ -18,9 +18,8 @@ import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
 import { CHECK_HELP, renderCheck, runCheck } from './check.js';
 import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './permission.js';
 import { DiskSpecError, parseDisk } from './diskspec.js';
-import { parseGrowSize } from './format.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
-import { GROW_HELP, GrowError, grow } from './grow.js';
+import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson } from './status.js';
@@ -267,11 +266,11 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       case 'grow': {
         if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
         const [domain, vdev, size] = p.positional as [string, string, string];
-        if (!parseGrowSize(size)) return usage(`"${size}" is not a size such as +512M or 4G`, cmd);
         try {
+          parseGrowSize(size);
           vdevToDevid(vdev);
         } catch (e) {
-          if (e instanceof VdevError) return usage(e.message, cmd);
+          if (e instanceof GrowError || e instanceof VdevError) return usage(e.message, cmd);
           throw e;
         }
         const log = deps.logger ?? cliLogger(config);

@@ -14,6 +14,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
+import { notASize, sizeKiB, sizeMiB } from '../units/size.js';
 
 export interface Config {
   /** Copy-on-write stores, qcow2 overlays, thin pool files. */
@@ -77,19 +78,20 @@ function int(v: string, where: string, min = 0): number {
   return Number(v);
 }
 
-/** `64K`, `64k`, `64` (KiB) → KiB. */
+/** A size in KiB (`64K`, `64`: a bare number is KiB), rounded up to whole KiB; more than zero. */
 function kib(v: string, where: string): number {
-  const m = /^(\d+)\s*([kKmM]?)(?:i?B)?$/.exec(v);
-  if (!m) throw new ConfigError(`${where}: "${v}" is not a size such as 64K`);
-  const n = Number(m[1]) * (/[mM]/.test(m[2] ?? '') ? 1024 : 1);
+  const n = sizeKiB(v, { bare: 'K' });
+  if (n === undefined) throw new ConfigError(`${where}: ${notASize(v, { bare: 'K' })}`);
   if (n <= 0) throw new ConfigError(`${where}: "${v}" must be more than zero`);
   return n;
 }
 
+/** A size in MiB (`512M`, `1.5G`, `512`: a bare number is MiB), rounded up to whole MiB; 1 MiB at least. */
 function mib(v: string, where: string): number {
-  const m = /^(\d+)\s*([mMgG]?)(?:i?B)?$/.exec(v);
-  if (!m) throw new ConfigError(`${where}: "${v}" is not a size such as 512M or 4G`);
-  return Number(m[1]) * (/[gG]/.test(m[2] ?? '') ? 1024 : 1);
+  const n = sizeMiB(v);
+  if (n === undefined) throw new ConfigError(`${where}: ${notASize(v)}`);
+  if (n < 1) throw new ConfigError(`${where}: "${v}" must be at least 1 MiB`);
+  return n;
 }
 
 function bool(v: string, where: string): boolean {

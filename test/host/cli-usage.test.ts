@@ -9,9 +9,10 @@ import type { Runner } from '../../src/devices/runner.js';
 
 const CASES: [string[], string][] = [
   // grow: DOMAIN VDEV SIZE
-  [['grow', '1', 'xvda', '64X'], '"64X" is not a size such as +512M or 4G'],
-  [['grow', '1', 'xvda', '+0'], '"+0" is not a size such as +512M or 4G'],
-  [['grow', '1', 'xvda', '-1G'], '"-1G" is not a size such as +512M or 4G'],
+  [['grow', '1', 'xvda', '64X'], '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
+  [['grow', '1', 'xvda', '+0'], '"+0" must be more than zero'],
+  [['grow', '1', 'xvda', '-1G'], '"-1G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
+  [['grow', '1', 'xvda', '1.5.5G'], '"1.5.5G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
   [['grow', '1', 'vda', '+1G'], 'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
   [['grow', '1', 'xvda'], 'expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"'],
   [['grow', '1', 'xvda', '+1G', '--metadata=yes'], 'option --metadata takes no value'],
