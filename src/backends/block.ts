@@ -282,6 +282,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
 // ---------------------------------------------------------------------------------------------
 
 export const blockBackend: Backend<BlockPlan> = {
+  source: (params) => params,
   script: 'block',
   lockScope: 'xen-block',
   summary: 'Attach a phy: (block device) or file: (regular file, through a loop device) disk, with Xen\'s sharing check.',

@@ -4,9 +4,11 @@
  *     <base-image> [<cow-size>] [persistent[=yes|no]] [store=<name>] [chunk=<size>]
  *
  *   base-image   absolute path of the read-only base (a regular file or a block device) below one
- *                of the configured image directories; no whitespace in it.
- *   cow-size     size of the copy-on-write store: a bare number is MiB (`30`), or `30M`, `2G`
- *                (also `30MiB`, `2GiB`); 1 MiB at least. Default: cow.default_size.
+ *                of the configured image directories. It may hold spaces (`/media/LIVE CD/a.img`):
+ *                the words after it are read from the right (params-words.ts), the rest is the path.
+ *   cow-size     size of the copy-on-write store, in the one size grammar (src/units/size.ts): a
+ *                bare number is MiB (`30`), or `512M`, `1.5G`, `2T`; rounded up to whole MiB; 1 MiB
+ *                at least. Default: cow.default_size.
  *   persistent   keep the store after remove and reattach it on the next add of the same domain
  *                and vdev (dm-snapshot `P`); without it the store is thrown away (`N`).
  *   store=NAME   the persistent store's file name inside the store directory (implies persistent);
@@ -16,6 +18,8 @@
  * Everything else is refused with a message naming the word, why, and what to write instead.
  */
 import { HotplugError } from '../hotplug/errors.js';
+import { looksLikeSize, notASize, sizeKiB, sizeMiB } from '../units/size.js';
+import { splitPathWords, whitespaceProblem } from './params-words.js';
 
 export interface CowParams {
   base: string;
@@ -31,26 +35,26 @@ export interface CowParams {
 /** 16 TiB: far beyond any sensible store; stops typos such as `30000000`. */
 export const MAX_STORE_MIB = 16 * 1024 * 1024;
 
-const SIZE = /^(\d+)(?:([MmGg])(?:i?B)?)?$/;
 const STORE_NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}$/;
 
 function bad(params: string, what: string): HotplugError {
   return new HotplugError(`block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`);
 }
 
-/** `30`, `30M`, `2G` → MiB, or undefined when the word is not a size at all. */
-export function parseSizeMiB(word: string): number | undefined {
-  const m = SIZE.exec(word);
-  if (!m) return undefined;
-  const n = Number(m[1]);
-  return /[gG]/.test(m[2] ?? '') ? n * 1024 : n;
+/** `4K`, `64k`, `64KiB`, `1M` → KiB, or undefined when not a size with a unit. */
+export function parseChunkKiB(word: string): number | undefined {
+  return sizeKiB(word, { bare: null });
 }
 
-/** `4K`, `64k`, `64KiB`, `1M` → KiB, or undefined when not of that form. */
-export function parseChunkKiB(word: string): number | undefined {
-  const m = /^(\d+)([KkMm])(?:i?B)?$/.exec(word);
-  if (!m) return undefined;
-  return Number(m[1]) * (/[mM]/.test(m[2] ?? '') ? 1024 : 1);
+/** Why a path's last word cannot end the path: it looks like a size that is not one. */
+export function sizeLikeEnd(word: string | undefined): string | undefined {
+  if (word === undefined || !looksLikeSize(word)) return undefined;
+  return `${notASize(word)} (a path cannot end in a word that looks like a size)`;
+}
+
+/** Words the grammar takes after the base: a size, persistent, store/chunk (bare or with a value), key=value. */
+function cowWord(w: string): boolean {
+  return w === 'persistent' || w === 'store' || w === 'chunk' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
 }
 
 function yesNo(params: string, key: string, v: string): boolean {
@@ -60,27 +64,28 @@ function yesNo(params: string, key: string, v: string): boolean {
 }
 
 export function parseCowParams(params: string): CowParams {
-  const words = params.trim().split(/\s+/).filter(Boolean);
-  const base = words[0];
-  if (base === undefined) throw bad(params, 'no base image given');
-  if (base.includes('=')) throw bad(params, `the first word "${base}" looks like an option; the base image path comes first`);
-  if (!base.startsWith('/')) throw bad(params, `the base image "${base}" is not an absolute path; give the full path, e.g. /srv/xen/${base.replace(/^.*\//, '')}`);
+  const split = splitPathWords(params, cowWord);
+  if (split === undefined) throw bad(params, 'no base image given');
+  const base = split.path;
+  const first = base.split(/\s/, 1)[0] as string;
+  if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; the base image path comes first`);
+  if (!base.startsWith('/')) throw bad(params, `the base image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`);
+  const ws = whitespaceProblem(base, 'base image');
+  if (ws) throw bad(params, ws);
+  const end = sizeLikeEnd(split.lastWord);
+  if (end) throw bad(params, end);
   const out: CowParams = { base, sizeMiB: undefined, persistent: false, store: undefined, chunkKiB: undefined };
   const seen = new Set<string>();
   let persistentGiven: boolean | undefined;
-  words.slice(1).forEach((w, i) => {
+  split.rest.forEach((w, i) => {
     const eq = w.indexOf('=');
     if (w === 'store' || w === 'chunk') throw bad(params, `${w} needs a value, e.g. ${w === 'store' ? 'store=web1-root.cow' : 'chunk=16K'}`);
     if (eq < 0 && w !== 'persistent') {
-      const size = parseSizeMiB(w);
-      if (size === undefined) {
-        if (i === 0) throw bad(params, `"${w}" is neither a size (such as 30, 30M or 2G) nor an option; a base image path cannot contain spaces`);
-        throw bad(params, `"${w}" is not an option (known: persistent, store=, chunk=)`);
-      }
+      const size = sizeMiB(w) as number;
       if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one copy-on-write size`);
       if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
       if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
-      if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+      if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB (a bare number is MiB)`);
       out.sizeMiB = size;
       return;
     }
@@ -100,7 +105,7 @@ export function parseCowParams(params: string): CowParams {
         break;
       case 'chunk': {
         const k = value === undefined ? undefined : parseChunkKiB(value);
-        if (k === undefined) throw bad(params, `chunk=${value ?? ''}: give a size such as 16K or 64K`);
+        if (k === undefined) throw bad(params, `chunk=${value ?? ''}: ${notASize(value ?? '', { bare: null })}`);
         if (k < 4 || k > 512 || (k & (k - 1)) !== 0) throw bad(params, `chunk=${value}: the chunk size must be a power of two from 4K to 512K`);
         out.chunkKiB = k;
         break;

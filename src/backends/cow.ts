@@ -18,6 +18,7 @@ import type { XsOps } from '../xenstore/types.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
+import { sourceOf, spacedPathHint } from './params-words.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
@@ -68,7 +69,7 @@ export function checkBase(raw: string, config: Config): { base: string; id: File
     base = realpathSync(raw);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new HotplugError(`block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.`);
+    if (code === 'ENOENT') throw new HotplugError(`block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.${spacedPathHint(raw)}`);
     throw new HotplugError(`block-cow: cannot resolve the base image ${raw}: ${messageOf(e)}.`);
   }
   const dirs = config.imageDirs.flatMap((d) => {
@@ -283,6 +284,7 @@ async function clearLeftoverTransient(ctx: HookContext, path: string): Promise<v
 }
 
 export const cowBackend: Backend<CowPlan> = {
+  source: (params) => sourceOf(() => parseCowParams(params).base),
   script: 'block-cow',
   summary: 'copy-on-write disk on device-mapper over a shared read-only base image',
   usage: [

@@ -12,6 +12,7 @@
 import { realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute, sep } from 'node:path';
 import { HotplugError } from '../hotplug/errors.js';
+import { spacedPathHint } from './params-words.js';
 
 export interface CheckedImage {
   /** As given. */
@@ -29,6 +30,8 @@ export interface ImagePathOptions {
   allowBlockDevice?: boolean;
   /** How the image is called in messages, e.g. `base image`, `backing file of /a.qcow2`. */
   what?: string;
+  /** The path was read from a disk's params: a missing one that holds a space says how the params were read. */
+  fromParams?: boolean;
 }
 
 /** The image directories that exist, resolved; a missing one is skipped. */
@@ -60,7 +63,7 @@ export function checkImagePath(path: string, imageDirs: readonly string[], opts:
     real = realpathSync(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') throw new HotplugError(`The ${what} ${path} does not exist (or a symlink on the way leads nowhere).`);
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw new HotplugError(`The ${what} ${path} does not exist (or a symlink on the way leads nowhere).${opts.fromParams ? spacedPathHint(path) : ''}`);
     throw new HotplugError(`The ${what} ${path} cannot be resolved: ${(e as Error).message}.`);
   }
   const dir = resolvedImageDirs(imageDirs).find((d) => isBelow(real, d));

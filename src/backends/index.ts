@@ -30,3 +30,12 @@ export function hookNamed(script: string): Backend | undefined {
   const base = script.slice(script.lastIndexOf('/') + 1);
   return Object.prototype.hasOwnProperty.call(HOOKS, base) ? HOOKS[base] : undefined;
 }
+
+/**
+ * What a disk's params read from (its base, image, origin or snapshot), as its hook's grammar
+ * parses them, so a path with spaces is shown whole; the params as given when the hook is
+ * unknown or they do not parse.
+ */
+export function paramsSource(script: string, params: string): string {
+  return hookNamed(script)?.source?.(params) ?? params.trim();
+}

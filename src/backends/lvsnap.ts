@@ -22,7 +22,9 @@ import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
-import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
+import { MAX_STORE_MIB } from './cow-params.js';
+import { sourceOf, splitPathWords } from './params-words.js';
+import { looksLikeSize, notASize, sizeGrammar, sizeMiB } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
@@ -44,10 +46,15 @@ function bad(params: string, what: string): HotplugError {
   return new HotplugError(`block-lvsnap params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "vg0/golden 2G".`);
 }
 
+/** Words the grammar takes after the origin: a size, persistent, key=value. */
+function lvsnapWord(w: string): boolean {
+  return w === 'persistent' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
+}
+
 export function parseLvsnapParams(params: string): LvsnapParams {
-  const words = params.trim().split(/\s+/).filter(Boolean);
-  const first = words[0];
-  if (first === undefined) throw bad(params, 'no origin volume given');
+  const split = splitPathWords(params, lvsnapWord);
+  if (split === undefined) throw bad(params, 'no origin volume given');
+  const first = split.path.split(/\s/, 1)[0] as string;
   let ref: LvRef;
   const spec = first.replace(/^\/dev\//, '');
   try {
@@ -55,9 +62,14 @@ export function parseLvsnapParams(params: string): LvsnapParams {
   } catch (e) {
     throw bad(params, `the origin "${first}" is not a valid VG/LV: ${messageOf(e)}`);
   }
+  if (split.lastWord !== undefined) {
+    const w = split.lastWord;
+    if (looksLikeSize(w)) throw bad(params, notASize(w));
+    throw bad(params, `"${w}" is neither a size (${sizeGrammar()}) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces`);
+  }
   const out: LvsnapParams = { origin: ref, sizeMiB: undefined, persistent: false };
   let persistentSeen = false;
-  words.slice(1).forEach((w, i) => {
+  split.rest.forEach((w, i) => {
     const eq = w.indexOf('=');
     const key = eq < 0 ? w : w.slice(0, eq);
     if (key === 'persistent') {
@@ -70,11 +82,11 @@ export function parseLvsnapParams(params: string): LvsnapParams {
       return;
     }
     if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
-    const size = parseSizeMiB(w);
-    if (size === undefined) throw bad(params, i === 0 ? `"${w}" is neither a size (such as 512, 512M or 2G) nor an option` : `"${w}" is not an option (known: persistent)`);
+    const size = sizeMiB(w) as number;
+    if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one copy-on-write size`);
     if (i !== 0) throw bad(params, `the size "${w}" must come right after the origin`);
     if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
-    if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+    if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB (a bare number is MiB)`);
     out.sizeMiB = size;
   });
   return out;
@@ -223,6 +235,7 @@ async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
 }
 
 export const lvsnapBackend: Backend<LvsnapPlan> = {
+  source: (params) => sourceOf(() => { const o = parseLvsnapParams(params).origin; return `${o.vg}/${o.lv}`; }),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient snapshot ${plan.snap.vg}/${plan.snap.lv}` : undefined),
   script: 'block-lvsnap',
   summary: 'copy-on-write disk as an LVM snapshot of an origin logical volume (classic or thin)',

@@ -45,6 +45,8 @@ import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
+import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
+import { looksLikeSize } from '../units/size.js';
 import { devString, devT } from './cow-devices.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
@@ -72,17 +74,25 @@ function bad(params: string, what: string): HotplugError {
   return new HotplugError(`${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "/srv/xen/debian.qcow2 overlay=transient".`);
 }
 
+/** Bare words that were meant as an option: a path cannot end in one. */
+const OPTION_WORDS = new Set<string>(['overlay', 'format', 'name', 'cache', 'no', 'none', 'transient', 'persistent', ...KNOWN_FORMATS, ...CACHE_MODES]);
+
 export function parseQcowParams(params: string): QcowParams {
-  const words = params.trim().split(/\s+/).filter(Boolean);
-  const image = words[0];
-  if (image === undefined) throw bad(params, 'no image given');
-  if (image.includes('=') && !image.startsWith('/')) throw bad(params, `the first word "${image}" looks like an option; the image path comes first`);
-  if (!image.startsWith('/')) throw bad(params, `the image "${image}" is not an absolute path; give the full path, e.g. /srv/xen/${image.replace(/^.*\//, '')}`);
+  const split = splitPathWords(params, (w) => /^[A-Za-z_]+=/.test(w));
+  if (split === undefined) throw bad(params, 'no image given');
+  const image = split.path;
+  const first = image.split(/\s/, 1)[0] as string;
+  if (first.includes('=') && !first.startsWith('/')) throw bad(params, `the first word "${first}" looks like an option; the image path comes first`);
+  if (!image.startsWith('/')) throw bad(params, `the image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`);
+  const ws = whitespaceProblem(image, 'image');
+  if (ws) throw bad(params, ws);
+  const last = split.lastWord;
+  if (last !== undefined && looksLikeSize(last)) throw bad(params, `"${last}" is not a key=value option: block-qcow takes no size (the image's own size is the disk's), and a path cannot end in a word that looks like one`);
+  if (last !== undefined && OPTION_WORDS.has(last)) throw bad(params, `"${last}" is not a key=value option (e.g. overlay=transient), and a path cannot end in a word that is an option's name or value`);
   const out: QcowParams = { image, overlay: 'no', format: undefined, name: undefined, cache: undefined };
   const seen = new Set<string>();
-  for (const w of words.slice(1)) {
+  for (const w of split.rest) {
     const eq = w.indexOf('=');
-    if (eq <= 0) throw bad(params, `"${w}" is not a key=value option (an image path cannot contain spaces)`);
     const key = w.slice(0, eq);
     const value = w.slice(eq + 1);
     if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
@@ -153,7 +163,7 @@ export interface QcowPlan {
 
 export function planQcow(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): QcowPlan {
   const params = parseQcowParams(disk.params);
-  const img = checkImagePath(params.image, ctx.config.imageDirs, { what: `${SCRIPT} image` });
+  const img = checkImagePath(params.image, ctx.config.imageDirs, { what: `${SCRIPT} image`, fromParams: true });
   const readOnly = disk.mode === 'r';
   // access=r needs no overlay: the image itself is exported read-only.
   const overlay: OverlayKind = readOnly ? 'no' : params.overlay;
@@ -534,6 +544,7 @@ export const qcowUndo: UndoRegistry = {
 };
 
 export const qcowBackend: Backend<QcowPlan> = {
+  source: (params) => sourceOf(() => parseQcowParams(params).image),
   transient: (plan) => (!plan.readOnly && plan.overlay === 'transient' ? `transient qcow2 overlay ${plan.overlayPath ?? ''}`.trimEnd() : undefined),
   script: SCRIPT,
   summary: 'qcow2 (and other qemu image formats) through qemu-nbd, directly or as per-domain overlays on a shared image',

@@ -62,6 +62,7 @@ import { thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
+import { sourceOf, splitPathWords } from './params-words.js';
 
 export const SCRIPT = 'block-rbd';
 export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
@@ -107,15 +108,18 @@ function absFile(params: string, key: string, v: string): string {
 }
 
 export function parseRbdParams(params: string): RbdParams {
-  const words = params.trim().split(/\s+/).filter(Boolean);
-  const first = words[0];
-  if (first === undefined) throw bad(params, 'no image given');
+  const split = splitPathWords(params, (w) => /^[A-Za-z_]+=/.test(w));
+  if (split === undefined) throw bad(params, 'no image given');
+  const first = split.path.split(/\s/, 1)[0] as string;
+  const spec = /^[^/@=]*\/[^/@=]*@[^/@=]*$/;
+  if (split.lastWord !== undefined && !spec.test(first) && spec.test(split.path)) throw bad(params, `"${split.path}": pool, image and snapshot names cannot contain spaces`);
   const m = /^([^/@]*)\/([^/@]*)@([^/@]*)$/.exec(first);
   if (!m) {
     if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; pool/image@snapshot comes first`);
     if (!first.includes('@')) throw bad(params, `"${first}" names no snapshot: clones are made of a snapshot, write pool/image@snapshot`);
     throw bad(params, `"${first}" is not pool/image@snapshot`);
   }
+  if (split.lastWord !== undefined) throw bad(params, `"${split.lastWord}" is not a key=value option; pool/image@snapshot comes first and its names cannot contain spaces`);
   const out: RbdParams = {
     pool: checkName(params, 'pool', m[1] as string),
     image: checkName(params, 'image', m[2] as string),
@@ -126,9 +130,8 @@ export function parseRbdParams(params: string): RbdParams {
     mapOptions: [],
   };
   const seen = new Set<string>();
-  for (const w of words.slice(1)) {
+  for (const w of split.rest) {
     const eq = w.indexOf('=');
-    if (eq <= 0) throw bad(params, `"${w}" is not a key=value option`);
     const key = w.slice(0, eq);
     const value = w.slice(eq + 1);
     if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
@@ -636,6 +639,7 @@ export const rbdUndo: UndoRegistry = {
 };
 
 export const rbdBackend: Backend<RbdPlan> = {
+  source: (params) => sourceOf(() => { const p = parseRbdParams(params); return `${p.pool}/${p.image}@${p.snap}`; }),
   transient: (plan) => (plan.clone !== undefined && plan.params.clone === 'transient' ? `transient clone ${plan.params.pool}/${plan.clone}` : undefined),
   // Both ends of a migration name the same clone (cloneName drops --incoming): the receiver maps it.
   migrates: true,

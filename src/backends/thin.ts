@@ -49,7 +49,9 @@ import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../loc
 import { thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
-import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
+import { MAX_STORE_MIB, sizeLikeEnd } from './cow-params.js';
+import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
+import { sizeMiB } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
@@ -75,15 +77,25 @@ function bad(params: string, what: string): HotplugError {
   return new HotplugError(`block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`);
 }
 
+/** Words the grammar takes after the base: a size, persistent, key=value. */
+function thinWord(w: string): boolean {
+  return w === 'persistent' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
+}
+
 export function parseThinParams(params: string): ThinParams {
-  const words = params.trim().split(/\s+/).filter(Boolean);
-  const base = words[0];
-  if (base === undefined) throw bad(params, 'no base image given');
-  if (base.includes('=')) throw bad(params, `the first word "${base}" looks like an option; the base image path comes first`);
-  if (!base.startsWith('/')) throw bad(params, `the base image "${base}" is not an absolute path; give the full path`);
+  const split = splitPathWords(params, thinWord);
+  if (split === undefined) throw bad(params, 'no base image given');
+  const base = split.path;
+  const first = base.split(/\s/, 1)[0] as string;
+  if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; the base image path comes first`);
+  if (!base.startsWith('/')) throw bad(params, `the base image "${first}" is not an absolute path; give the full path`);
+  const ws = whitespaceProblem(base, 'base image');
+  if (ws) throw bad(params, ws);
+  const end = sizeLikeEnd(split.lastWord);
+  if (end) throw bad(params, end);
   const out: ThinParams = { base, sizeMiB: undefined, persistent: false };
   let persistentSeen = false;
-  words.slice(1).forEach((w, i) => {
+  split.rest.forEach((w, i) => {
     const eq = w.indexOf('=');
     const key = eq < 0 ? w : w.slice(0, eq);
     if (key === 'persistent') {
@@ -96,14 +108,11 @@ export function parseThinParams(params: string): ThinParams {
       return;
     }
     if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
-    const size = parseSizeMiB(w);
-    if (size === undefined) {
-      if (i === 0) throw bad(params, `"${w}" is neither a size (such as 512, 512M or 20G) nor an option; a base image path cannot contain spaces`);
-      throw bad(params, `"${w}" is not an option (known: persistent)`);
-    }
+    const size = sizeMiB(w) as number;
+    if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one size`);
     if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
     if (size < 1) throw bad(params, `the size "${w}" must be at least 1 MiB`);
-    if (size > MAX_STORE_MIB) throw bad(params, `the size "${w}" is more than 16 TiB; sizes are in MiB unless they end in G`);
+    if (size > MAX_STORE_MIB) throw bad(params, `the size "${w}" is more than 16 TiB (a bare number is MiB)`);
     out.sizeMiB = size;
   });
   return out;
@@ -287,7 +296,7 @@ export interface ThinPlan {
 
 export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): ThinPlan {
   const params = parseThinParams(disk.params);
-  const img = checkImagePath(params.base, ctx.config.imageDirs, { allowBlockDevice: true, what: 'base image' });
+  const img = checkImagePath(params.base, ctx.config.imageDirs, { allowBlockDevice: true, what: 'base image', fromParams: true });
   const baseId = { dev: devString(img.stat.dev), ino: img.stat.ino.toString() };
   const bytes = img.isBlockDevice ? 0n : img.stat.size;
   if (!img.isBlockDevice && bytes < 512n) throw new HotplugError(`block-thin: the base image ${params.base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
@@ -677,6 +686,7 @@ export async function thinDeviceStatus(run: Runner, name: string): Promise<strin
 }
 
 export const thinBackend: Backend<ThinPlan> = {
+  source: (params) => sourceOf(() => parseThinParams(params).base),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient thin volume ${plan.name}` : undefined),
   script: 'block-thin',
   summary: 'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',

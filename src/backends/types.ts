@@ -76,6 +76,12 @@ export interface Backend<Plan = unknown> {
    * unless the backend `migrates` it (src/hotplug/lifecycle.ts).
    */
   transient?(plan: Plan): string | undefined;
+  /**
+   * What a disk's params read from (the base image, the image, the origin volume, the golden
+   * snapshot), as the params grammar parses it (a path may hold spaces); undefined when the
+   * params do not parse. For `status` and `simulate`: never split params on white space.
+   */
+  source?(params: string): string | undefined;
   /** The backend hands its disk to a live migration's receiving end itself (block-rbd). */
   readonly migrates?: boolean;
   /**

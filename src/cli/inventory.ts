@@ -28,7 +28,7 @@ import { Journal, processAlive, recordStrings, type JournalEntry } from '../jour
 
 export { recordStrings };
 import type { XsOps } from '../xenstore/types.js';
-import { DM_NAME_PREFIXES } from '../backends/index.js';
+import { DM_NAME_PREFIXES, paramsSource } from '../backends/index.js';
 import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
@@ -185,7 +185,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     rows.push({
       kind: 'record', entry: e, backendPath: e.backendPath, domid, domain, vdev: e.disk.vdev, hook: e.script,
       device: e.device?.path ?? dm?.name, majmin: e.device ? `${e.device.major}:${e.device.minor}` : undefined,
-      base: e.disk.params.trim().split(/\s+/)[0], store, usage, state, why,
+      base: paramsSource(e.script, e.disk.params), store, usage, state, why,
     });
   }
 
@@ -371,14 +371,14 @@ function lostSaved(config: Config): Row[] {
   const markers = listMarkers(config);
   const claims = markers.filter(({ marker }) => marker.claims).map(({ file, marker: m }) => ({
     kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
-    base: m.params.trim().split(/\s+/)[0], store: m.claims?.join(', '), usage: undefined, state: 'held', backendPath: undefined,
+    base: paramsSource(m.script, m.params), store: m.claims?.join(', '), usage: undefined, state: 'held', backendPath: undefined,
     why: `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
   }));
   return claims.concat(markers
     .filter(({ marker }) => !marker.claims && (marker.bootId !== boot || !marker.held))
     .map(({ file, marker: m }) => ({
       kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
-      base: m.params.trim().split(/\s+/)[0], store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
+      base: paramsSource(m.script, m.params), store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
       why: `saved ${m.savedAt} ${m.held ? "in an earlier boot; its " + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
     })));
 }

@@ -24,6 +24,7 @@ import type { XenstoreClient, XsOps } from '../xenstore/types.js';
 import { parseDisk, type Disk } from './diskspec.js';
 import { readKernel, type KernelState } from './kernel.js';
 import { recordStrings } from './inventory.js';
+import { paramsSource } from '../backends/index.js';
 
 export const SIMULATE_HELP = `Usage: xen-blockhooks simulate [options] DISKSPEC
 
@@ -451,7 +452,8 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     const left: string[] = [];
     if (journal.load(p.rel)) left.push(`journal record ${journal.file(p.rel)}`);
     if (entry) left.push(...stillThere(entry, kernelAfter, others));
-    const files = (disk.syntax === 'xl' ? disk.target ?? '' : disk.params).split(/\s+/).filter((w) => w.startsWith('/'));
+    const source = paramsSource(script, disk.syntax === 'xl' ? disk.target ?? '' : disk.params);
+    const files = source.startsWith('/') ? [source] : [];
     if (kernelBefore) for (const d of kernelDiff(kernelBefore, kernelAfter, { name: o.name, files, storeDir: deps.config.storeDir })) if (!left.includes(d)) left.push(d);
     if (left.length) {
       err(`xen-blockhooks simulate: remove left behind: ${left.join('; ')}`);

@@ -143,7 +143,8 @@ test('a base attached writable elsewhere is refused as busy, and nothing is buil
 test('bad params: hotplug-error, exit 1, nothing created', async () => {
   const cases: [string, RegExp][] = [
     [`${base} 30 bogus=1`, /unknown option "bogus"/],
-    [`${base} lots`, /neither a size/],
+    [`${base} 64X`, /"64X" is not a size/],
+    [`${base} lots`, /rootfs\.img lots does not exist.*a path may hold spaces/],
     ['rootfs.img 30', /not an absolute path/],
     [`${images}/../images/rootfs.img`, /contains "\.\."/],
     ['/etc/passwd', /not inside an image directory/],

@@ -5,6 +5,8 @@ import t from 'tap';
 import { spawn } from 'node:child_process';
 import { chmodSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, symlinkSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
+import { paramsSource } from '../../src/backends/index.js';
+import { Journal } from '../../src/journal/journal.js';
 import { harness, harnessLoops, hexOf, identity } from '../lib/block-harness.js';
 
 t.setTimeout(180_000);
@@ -160,6 +162,24 @@ t.test('remove of a loop that something holds open fails loudly, keeps the recor
   const again = await h.run('remove', be);
   t.equal(again.code, 0, `the next remove exits 0 (stderr: ${again.stderr})`);
   t.same(readdirSync(join(h.stateDir, 'journal')), [], 'the record is gone');
+});
+
+t.test('file: an image under a directory with a space in its name (a medium mounted under its label)', async (t) => {
+  const h = await harness(t);
+  mkdirSync(join(h.dir, 'img', 'LIVE CD'));
+  const img = h.image('LIVE CD/root fs.img');
+  const be = await h.disk({ domid: 10, devid: 51712, params: img, mode: 'r' });
+  const add = await h.run('add', be);
+  t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
+  t.equal(await h.read(`${be}/hotplug-status`), 'connected');
+  const node = await h.read(`${be}/node`);
+  const mine = h.loopsOnImages();
+  t.same(mine.map((l) => [l.name, l.backFile]), [[node, img]], 'one loop, over the whole spaced path');
+  const [entry] = new Journal(h.stateDir).list().entries;
+  t.equal(entry && paramsSource(entry.script, entry.disk.params), img, 'status shows the whole path as the base');
+  const rm = await h.run('remove', be);
+  t.equal(rm.code, 0, `remove exits 0 (stderr: ${rm.stderr})`);
+  t.same(h.loopsOnImages(), [], 'the loop is detached');
 });
 
 t.test('no loop device is left over any image of these tests', async (t) => {

@@ -99,6 +99,17 @@ function setup(t: { teardown(f: () => void): void }) {
   return { config, journal, run, xs };
 }
 
+t.test('status: the BASE column is the path the params name, spaces and all', async (t) => {
+  const { config, journal, run, xs } = setup(t);
+  const web = journal.list().entries.find((e) => e.disk.domainName === 'web') as JournalEntry;
+  journal.save({ ...web, disk: { ...web.disk, params: '/media/LIVE CD/base.img 1.5G persistent' } });
+  const db = journal.list().entries.find((e) => e.disk.domainName === 'db') as JournalEntry;
+  journal.save({ ...db, script: 'block-lvsnap', disk: { ...db.disk, params: '/dev/vg0/golden 2G' } });
+  const inv = await takeInventory({ config, run, xs, journal, alive: () => false });
+  t.equal(inv.rows.find((r) => r.domain === 'web')?.base, '/media/LIVE CD/base.img');
+  t.equal(inv.rows.find((r) => r.domain === 'db')?.base, 'vg0/golden', 'an origin volume as block-lvsnap reads it');
+});
+
 t.test('usage parsing from captured dmsetup status lines', async (t) => {
   const line = (n: string) => fixture(n).trim().split('\n').map((l) => l.replace(/^[^:]+: /, ''));
   t.match(parseUsage(['0 131072 snapshot 2072/8192 24'], ['0 131072 snapshot 7:0 7:1 N 128']), { target: 'snapshot', used: 2072, total: 8192, problem: undefined });

@@ -1,6 +1,10 @@
 import t from 'tap';
-import { parseCowParams, parseSizeMiB } from '../../src/backends/cow-params.js';
-import { dmName, storeName } from '../../src/backends/cow.js';
+import { parseCowParams } from '../../src/backends/cow-params.js';
+import { mkdirSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { cowBackend, dmName, planCow, storeName } from '../../src/backends/cow.js';
+import { defaultConfig } from '../../src/config/config.js';
 import { HotplugError } from '../../src/hotplug/errors.js';
 
 t.test('good params', async (t) => {
@@ -30,14 +34,13 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
     ['   ', /no base image/],
     ['rootfs.img 30', /not an absolute path.*\/srv\/xen\/rootfs\.img/],
     ['store=x /i/b.img', /looks like an option/],
-    ['/i/b.img thirty', /"thirty" is neither a size.*cannot contain spaces/],
-    ['/my images/b.img', /"images\/b.img" is neither a size/],
+    ['/i/b.img 64X', /"64X" is not a size: a number with an optional unit K, M, G or T/],
     ['/i/b.img 30 40', /"40" is a second size/],
     ['/i/b.img persistent 30', /size "30" must come right after/],
     ['/i/b.img 0', /at least 1 MiB/],
     ['/i/b.img 99999999', /more than 16 TiB/],
-    ['/i/b.img 30T', /"30T" is neither a size/],
-    ['/i/b.img -5', /neither a size/],
+    ['/i/b.img 30T', /"30T" is more than 16 TiB/],
+    ['/i/b.img -5', /"-5" is not a size/],
     ['/i/b.img bogus=1', /unknown option "bogus"/],
     ['/i/b.img persistent=maybe', /persistent=maybe: the value must be yes or no/],
     ['/i/b.img persistent persistent', /"persistent" is given twice/],
@@ -51,7 +54,7 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
     ['/i/b.img chunk=3K', /power of two from 4K to 512K/],
     ['/i/b.img chunk=2K', /power of two/],
     ['/i/b.img chunk=1M', /power of two/],
-    ['/i/b.img chunk=64', /give a size such as 16K/],
+    ['/i/b.img chunk=64', /chunk=64: "64" is not a size: a number with a unit K, M, G or T \(e\.g\. 16K, 64K\)/],
     ['/i/b.img chunk', /chunk needs a value, e.g. chunk=16K/],
     ['/i/b.img store', /store needs a value/],
   ];
@@ -67,11 +70,58 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
   }
 });
 
-t.test('sizes', async (t) => {
-  t.equal(parseSizeMiB('30'), 30);
-  t.equal(parseSizeMiB('1G'), 1024);
-  t.equal(parseSizeMiB('1.5G'), undefined);
-  t.equal(parseSizeMiB('G'), undefined);
+t.test('sizes: the one grammar, rounded up to whole MiB, with the exact refusals', async (t) => {
+  const sizes: [string, number][] = [['30', 30], ['1G', 1024], ['1.5G', 1536], ['1.5g', 1536], ['2GiB', 2048], ['2GB', 2048], ['1T', 1048576], ['512K', 1], ['1.3G', 1332], ['.5G', 512]];
+  for (const [w, mib] of sizes) t.equal(parseCowParams(`/i/b.img ${w}`).sizeMiB, mib, w);
+  const msg = (params: string, what: string) => `block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`;
+  const refused: [string, string][] = [
+    ['/i/b.img 64X', '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)'],
+    ['/i/b.img 17T', 'the copy-on-write size "17T" is more than 16 TiB (a bare number is MiB)'],
+    ['/i/b.img 0.0', 'the copy-on-write size "0.0" must be at least 1 MiB'],
+  ];
+  for (const [params, what] of refused) t.throws(() => parseCowParams(params), { message: msg(params, what) }, params);
+});
+
+t.test('a base path with spaces: the words after it are read from the right', async (t) => {
+  const good: [string, object][] = [
+    ['/media/LIVE CD/rootfs.img', { base: '/media/LIVE CD/rootfs.img', sizeMiB: undefined, persistent: false }],
+    ['/media/LIVE CD/rootfs.img 1.5G persistent', { base: '/media/LIVE CD/rootfs.img', sizeMiB: 1536, persistent: true }],
+    ['  /media/LIVE  CD/root fs.img  512M  store=a chunk=16K ', { base: '/media/LIVE  CD/root fs.img', sizeMiB: 512, store: 'a', chunkKiB: 16 }],
+    ['/media/Ubuntu 24.04.iso 30', { base: '/media/Ubuntu 24.04.iso', sizeMiB: 30 }],
+    ['/i/b.img thirty', { base: '/i/b.img thirty', sizeMiB: undefined }],
+  ];
+  for (const [params, want] of good) t.match(parseCowParams(params), want, params);
+  const expected = 'Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".';
+  const refused: [string, string][] = [
+    ['/media/LIVE CD 64X/rootfs.img 1X', '"1X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)'],
+    ['/media/disk 2 512M', '"512M" is a second size; give one copy-on-write size'],
+    ['/media/LIVE CD/rootfs.img persistent 30', 'the size "30" must come right after the base image'],
+    ['/media/LIVE\tCD/rootfs.img 30', 'the base image "/media/LIVE\\tCD/rootfs.img" holds a tab or a line break; a path may hold spaces, but no other white space'],
+  ];
+  for (const [params, what] of refused) {
+    const p = params.replace('\\t', '\t');
+    t.throws(() => parseCowParams(p), { message: `block-cow params "${p}": ${what}. ${expected}` }, params);
+  }
+});
+
+t.test('plan: a base under a directory with a space (cow needs dm to run; the planner does not)', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'cow-plan-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const images = join(dir, 'images');
+  mkdirSync(join(images, 'LIVE CD'), { recursive: true });
+  const base = join(images, 'LIVE CD', 'root fs.img');
+  writeFileSync(base, '');
+  truncateSync(base, 4 * 1048576);
+  const config = { ...defaultConfig(), imageDirs: [images], storeDir: join(dir, 'store') };
+  const disk = { params: `${base} 1.5G`, mode: 'w' as const, frontendId: 7, vdev: 'xvda', type: 'phy', state: 2, domainName: 'web' };
+  const p = planCow(disk, { config, xenbusPath: 'backend/vbd/7/51712' });
+  t.equal(p.base, base, 'the resolved base is the whole spaced path');
+  t.equal(p.store?.bytes, 1536 * 1048576, '1.5G store');
+  t.equal(cowBackend.source?.(disk.params), base, 'status shows the whole path');
+  t.equal(cowBackend.source?.('/i/b.img 64X'), undefined, 'params that do not parse name no source');
+  t.throws(() => planCow({ ...disk, params: `${base} 64 extra` }, { config, xenbusPath: 'backend/vbd/7/51712' }), {
+    message: `block-cow: the base image ${base} 64 extra does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted. The params were read as the path "${base} 64 extra" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it.`,
+  });
 });
 
 t.test('names: dm name says whose it is, stores are per disk or per domain+vdev', async (t) => {

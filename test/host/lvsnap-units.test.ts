@@ -101,7 +101,7 @@ t.test('params grammar', async (t) => {
   const bad: [string, RegExp][] = [
     ['', /no origin volume/],
     ['golden', /not a valid VG\/LV/],
-    ['vg0/golden 2X', /neither a size/],
+    ['vg0/golden 2X', /"2X" is not a size: a number with an optional unit K, M, G or T/],
     ['vg0/golden persistent 2G', /must come right after/],
     ['vg0/golden 0', /at least 1 MiB/],
     ['vg0/golden 99999999', /more than 16 TiB/],
@@ -111,6 +111,15 @@ t.test('params grammar', async (t) => {
     ['vg0/golden;reboot', /only letters/],
   ];
   for (const [p, re] of bad) t.throws(() => parseLvsnapParams(p), re, p);
+  t.same(parseLvsnapParams('vg0/golden 1.5G'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 1536, persistent: false });
+  t.same(parseLvsnapParams('vg0/golden 1T persistent'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 1048576, persistent: true });
+  const expected = 'Expected: <vg>/<origin-lv> [<cow-size>] [persistent[=yes|no]], e.g. "vg0/golden 2G".';
+  t.throws(() => parseLvsnapParams('vg0/my golden 2G'), {
+    message: `block-lvsnap params "vg0/my golden 2G": "golden" is neither a size (a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces. ${expected}`,
+  }, 'an origin with a space: refused, saying why');
+  t.throws(() => parseLvsnapParams('vg0/golden 64X persistent'), {
+    message: `block-lvsnap params "vg0/golden 64X persistent": "64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB. ${expected}`,
+  });
   t.equal(snapshotName({ domainName: 'web01', frontendId: 3, vdev: 'xvda' }, 'backend/vbd/3/51712'), 'xbh-web01-xvda');
   t.equal(snapshotName({ domainName: undefined, frontendId: 3, vdev: undefined }, 'backend/vbd/3/51712'), 'xbh-d3-51712');
 });
@@ -146,7 +155,7 @@ t.test('bad params through the hook: hotplug-error, exit 1, no command run', asy
     await server.close();
   });
   const config = { ...defaultConfig(), stateDir: join(dir, 'state'), storeDir: join(dir, 'store'), xenLockDir: join(dir, 'xl'), logFile: '' };
-  for (const [params, re] of [['vg0', /not a valid VG\/LV/], ['vg0/golden 5T', /neither a size/], ['vg0/x_tmeta', /internal volumes/]] as const) {
+  for (const [params, re] of [['vg0', /not a valid VG\/LV/], ['vg0/golden 5X', /"5X" is not a size/], ['vg0/x_tmeta', /internal volumes/]] as const) {
     const d = { domid: 4, devid: 51712, params, script: '/etc/xen/scripts/block-lvsnap' };
     await writeBackendNodes(xs, d);
     const run = recorder();

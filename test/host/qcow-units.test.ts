@@ -75,6 +75,15 @@ t.test('qemu lock conflicts are recognised (qemu-nbd 7.2 wording)', async (t) =>
   t.notOk(isQemuLockConflict(`qemu-nbd: Failed to blk_new_open '/s/base.raw': Image is not in qcow2 format`));
 });
 
+t.test('params: an image path with spaces', async (t) => {
+  t.strictSame(parseQcowParams('/media/LIVE CD/debian 12.qcow2'), { image: '/media/LIVE CD/debian 12.qcow2', overlay: 'no', format: undefined, name: undefined, cache: undefined });
+  t.strictSame(parseQcowParams(' /media/LIVE  CD/debian.qcow2  overlay=transient format=qcow2 '), { image: '/media/LIVE  CD/debian.qcow2', overlay: 'transient', format: 'qcow2', name: undefined, cache: undefined });
+  const expected = 'Expected: <image> [overlay=no|transient|persistent] [format=FMT] [name=NAME] [cache=MODE], e.g. "/srv/xen/debian.qcow2 overlay=transient".';
+  t.throws(() => parseQcowParams('/media/LIVE CD/debian.qcow2 2G overlay=transient'), {
+    message: `block-qcow params "/media/LIVE CD/debian.qcow2 2G overlay=transient": "2G" is not a key=value option: block-qcow takes no size (the image's own size is the disk's), and a path cannot end in a word that looks like one. ${expected}`,
+  });
+});
+
 t.test('params grammar', async (t) => {
   t.strictSame(parseQcowParams('/srv/xen/a.qcow2'), { image: '/srv/xen/a.qcow2', overlay: 'no', format: undefined, name: undefined, cache: undefined });
   t.match(parseQcowParams('  /srv/xen/a.qcow2   overlay=transient format=raw cache=none '), { overlay: 'transient', format: 'raw', cache: 'none' });
@@ -84,7 +93,9 @@ t.test('params grammar', async (t) => {
     ['', /no image given/],
     ['a.qcow2', /not an absolute path/],
     ['overlay=transient /srv/a.qcow2', /looks like an option/],
-    ['/srv/a.qcow2 30', /not a key=value option/],
+    ['/srv/a.qcow2 30', /"30" is not a key=value option: block-qcow takes no size/],
+    ['/srv/a.qcow2 persistent', /"persistent" is not a key=value option \(e\.g\. overlay=transient\), and a path cannot end in a word that is an option's name or value/],
+    ['/srv/a\n.qcow2', /holds a tab or a line break/],
     ['/srv/a.qcow2 overlay=maybe', /no, transient or persistent/],
     ['/srv/a.qcow2 format=vvfat', /known formats/],
     ['/srv/a.qcow2 cache=fast', /known modes/],

@@ -49,6 +49,8 @@ t.test('params: every bad form is a HotplugError that says why', async (t) => {
     [`rbd/${'x'.repeat(101)}@base`, /is not accepted/],
     ['clone=persistent rbd/golden@base', /looks like an option/],
     ['rbd/golden@base persistent', /"persistent" is not a key=value option/],
+    ['rbd/my golden@base clone=transient', /"rbd\/my golden@base": pool, image and snapshot names cannot contain spaces/],
+    ['rbd/golden@base my snap clone=transient', /"snap" is not a key=value option; pool\/image@snapshot comes first and its names cannot contain spaces/],
     ['rbd/golden@base clone=sometimes', /must be transient or persistent/],
     ['rbd/golden@base clone=persistent clone=transient', /"clone" is given twice/],
     ['rbd/golden@base name=mine', /names a persistent clone/],

@@ -4,6 +4,7 @@
  * and exact messages: the same word means the same size everywhere.
  */
 import t from 'tap';
+import { parseCowParams } from '../../src/backends/cow-params.js';
 import { parseGrowSize } from '../../src/cli/grow.js';
 import { parseConfig } from '../../src/config/config.js';
 import { notASize, sizeBytes, sizeKiB, sizeMiB } from '../../src/units/size.js';
@@ -64,6 +65,7 @@ t.test('grow: [+]SIZE in the same grammar; the same word is the same size as in 
   t.same(parseGrowSize('+1.5G'), { relative: true, bytes: 1.5 * GiB });
   t.same(parseGrowSize('+512'), { relative: true, bytes: 512 * MiB }, 'a bare number is MiB');
   t.same(parseGrowSize('+0.3K'), { relative: true, bytes: 308 }, 'rounded up to a whole byte');
+  t.equal(parseGrowSize('1.5G').bytes, (parseCowParams('/i/b.img 1.5G').sizeMiB as number) * MiB, '1.5G in grow = 1.5G in params');
   const refused: [string, string][] = [
     ['64X', `"64X" is not a size: ${GRAMMAR}; a + in front adds it to the current size (+512M)`],
     ['+-1G', `"+-1G" is not a size: ${GRAMMAR}; a + in front adds it to the current size (+512M)`],

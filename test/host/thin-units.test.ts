@@ -36,16 +36,32 @@ t.test('params grammar', async (t) => {
     ['', /no base image/],
     ['a.img', /not an absolute path/],
     ['size=3 /a.img', /looks like an option/],
-    ['/a.img 3Q', /neither a size/],
+    ['/a.img 3Q', /"3Q" is not a size: a number with an optional unit K, M, G or T/],
     ['/a.img persistent 3G', /must come right after/],
     ['/a.img 0', /at least 1 MiB/],
     ['/a.img 99999999', /more than 16 TiB/],
     ['/a.img persistent=perhaps', /yes or no/],
     ['/a.img persistent persistent', /given twice/],
     ['/a.img 1G chunk=64K', /unknown option "chunk"/],
-    ['/a.img 1G extra', /not an option/],
+    ['/a.img 1G extra=1', /unknown option "extra"/],
+    ['/a.img 1G 2G', /"2G" is a second size/],
+    ['/a\tb.img 1G', /holds a tab or a line break/],
   ];
   for (const [p, re] of bad) t.throws(() => parseThinParams(p), re, p);
+});
+
+t.test('params: a base path with spaces, sizes in the one grammar', async (t) => {
+  t.same(parseThinParams('/media/LIVE CD/rootfs.img'), { base: '/media/LIVE CD/rootfs.img', sizeMiB: undefined, persistent: false });
+  t.same(parseThinParams('/media/LIVE CD/rootfs.img 1.5G persistent'), { base: '/media/LIVE CD/rootfs.img', sizeMiB: 1536, persistent: true });
+  t.same(parseThinParams('/media/My  Disk/a b.img 1T'), { base: '/media/My  Disk/a b.img', sizeMiB: 1048576, persistent: false });
+  t.same(parseThinParams('/srv/a.img 100K'), { base: '/srv/a.img', sizeMiB: 1, persistent: false }, 'rounded up to whole MiB');
+  const msg = (params: string, what: string) => `block-thin params "${params}": ${what}. Expected: <base-image> [<size>] [persistent[=yes|no]], e.g. "/srv/xen/rootfs.img 20G".`;
+  const refused: [string, string][] = [
+    ['/media/LIVE CD/rootfs.img 20X', '"20X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)'],
+    ['/media/LIVE CD/rootfs.img persistent 2G', 'the size "2G" must come right after the base image'],
+    ['/media/LIVE CD/rootfs.img 17T', 'the size "17T" is more than 16 TiB (a bare number is MiB)'],
+  ];
+  for (const [params, what] of refused) t.throws(() => parseThinParams(params), { message: msg(params, what) }, params);
 });
 
 t.test('plan: base checks, names, default size', async (t) => {
@@ -79,6 +95,25 @@ t.test('plan: base checks, names, default size', async (t) => {
   t.equal(readVolumes(f.volumes)['web-xvdb']?.id, 3);
   writeVolumes(f.volumes, {});
   t.same(readVolumes(f.volumes), {}, 'an empty list removes the file');
+});
+
+t.test('plan: a base under a directory with a space, and how a typo after it is reported', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'thin-plan-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const images = join(dir, 'images');
+  mkdirSync(join(images, 'LIVE CD'), { recursive: true });
+  const base = join(images, 'LIVE CD', 'root fs.img');
+  writeFileSync(base, '');
+  truncateSync(base, 4 * 1048576);
+  const config = { ...defaultConfig(), imageDirs: [images], storeDir: join(dir, 'store') };
+  const disk = { params: `${base} 1.5G persistent`, mode: 'w' as const, frontendId: 7, vdev: 'xvdb', type: 'phy', state: 2, domainName: 'web' };
+  const p = planThin(disk, { config, xenbusPath: 'backend/vbd/7/51728' });
+  t.equal(p.params.base, base);
+  t.equal(p.sectors, 1536 * 2048, '1.5G in sectors');
+  t.equal(thinBackend.source?.(disk.params), base, 'status shows the whole path');
+  t.throws(() => planThin({ ...disk, params: `${base} 2G extra` }, { config, xenbusPath: 'backend/vbd/7/51728' }), {
+    message: `The base image ${base} 2G extra does not exist (or a symlink on the way leads nowhere). The params were read as the path "${base} 2G extra" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it.`,
+  });
 });
 
 t.test('devices/thin.ts', async (t) => {
@@ -159,7 +194,7 @@ t.test('bad params through the hook: hotplug-error, exit 1, nothing run, nothing
   const config = { ...defaultConfig(), imageDirs: [images], stateDir: join(dir, 'state'), storeDir: join(dir, 'store'), xenLockDir: join(dir, 'xl'), logFile: '' };
   const cases: [string, RegExp][] = [
     ['base.img', /not an absolute path/],
-    [`${images}/base.img 3X`, /neither a size/],
+    [`${images}/base.img 3X`, /"3X" is not a size/],
     [`${images}/missing.img`, /does not exist/],
     ['/etc/hostname', /outside the allowed image directories/],
   ];
