@@ -289,8 +289,10 @@ export const cowBackend: Backend<CowPlan> = {
   summary: 'copy-on-write disk on device-mapper over a shared read-only base image',
   usage: [
     'params: <base-image> [<cow-size>] [persistent[=yes|no]] [store=NAME] [chunk=SIZE]',
-    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only',
-    '  cow-size    size of the copy-on-write store: 30 (MiB), 30M, 2G; default cow.default_size',
+    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only;',
+    '              it may hold spaces (the words after it are read from the right)',
+    '  cow-size    size of the copy-on-write store: 30 (a bare number is MiB), 512M, 1.5G, 2T; rounded up',
+    '              to whole MiB; default cow.default_size',
     '  persistent  keep the store after remove and reattach it on the next add of the same domain and vdev',
     '  store=NAME  persistent store file NAME in store_dir (implies persistent)',
     '  chunk=SIZE  snapshot chunk size, a power of two from 4K to 512K; default cow.chunk',

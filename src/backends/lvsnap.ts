@@ -241,9 +241,10 @@ export const lvsnapBackend: Backend<LvsnapPlan> = {
   summary: 'copy-on-write disk as an LVM snapshot of an origin logical volume (classic or thin)',
   usage: [
     `params: ${USAGE_LINE}`,
-    '  vg/origin-lv  the golden image: an LV (classic or thin); names as LVM allows (letters, digits, + _ . -)',
-    '  cow-size      copy-on-write space of a classic snapshot: 512 (MiB), 512M, 2G; default the smaller of',
-    '                the origin\'s size and cow.default_size. A thin origin gets a thin snapshot: give no size',
+    '  vg/origin-lv  the golden image: an LV (classic or thin); names as LVM allows (letters, digits, + _ . -, no spaces)',
+    '  cow-size      copy-on-write space of a classic snapshot: 512 (a bare number is MiB), 512M, 1.5G, 2T;',
+    '                rounded up to whole MiB; default the smaller of the origin\'s size and cow.default_size.',
+    '                A thin origin gets a thin snapshot: give no size',
     '  persistent    keep the snapshot after remove and reattach it on the next add of the same domain and vdev',
     'The snapshot is VG/xbh-<domain>-<vdev>. Run "xen-blockhooks watch" to lvextend classic snapshots before they fill up.',
     'xl:  disk = [ "vdev=xvda,access=w,script=block-lvsnap,target=vg0/golden 2G" ]',

@@ -550,7 +550,8 @@ export const qcowBackend: Backend<QcowPlan> = {
   summary: 'qcow2 (and other qemu image formats) through qemu-nbd, directly or as per-domain overlays on a shared image',
   usage: [
     `params: ${GRAMMAR}`,
-    '  image       absolute path of a disk image inside image_dirs (qcow2, raw, qcow, qed, vmdk, vdi, vhdx, vpc)',
+    '  image       absolute path of a disk image inside image_dirs (qcow2, raw, qcow, qed, vmdk, vdi, vhdx, vpc);',
+    '              it may hold spaces (the key=value words after it are read from the right)',
     '  overlay=no          (default) export the image itself: access=w writes into it, access=r exports it read-only',
     '  overlay=transient   the domain writes into its own qcow2 overlay on the image, deleted on remove (LiveCD style)',
     '  overlay=persistent  the same, kept in store_dir/qcow/<domain>-<vdev>.qcow2 and reused by the next add',

@@ -692,8 +692,10 @@ export const thinBackend: Backend<ThinPlan> = {
   summary: 'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',
   usage: [
     `params: ${USAGE_LINE}`,
-    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only',
-    '  size        the disk\'s size: 512 (MiB), 512M, 20G; default the base\'s size. Past the base\'s end the disk reads zeros',
+    '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only;',
+    '              it may hold spaces (the words after it are read from the right)',
+    '  size        the disk\'s size: 512 (a bare number is MiB), 512M, 1.5G, 2T; rounded up to whole MiB;',
+    '              default the base\'s size. Past the base\'s end the disk reads zeros',
     '  persistent  keep the volume after remove and reattach it on the next add of the same domain and vdev',
     'The pool (store_dir/thin-pool.data and .meta, sparse) is created on first use with thin.data_size, thin.metadata_size,',
     'thin.block, and fails writes at once when full (error_if_no_space): run "xen-blockhooks watch" to grow it in time.',
