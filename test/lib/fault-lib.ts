@@ -38,10 +38,17 @@ export function reportRow(row: ReliabilityRow): void {
   if (out) appendFileSync(out, `${JSON.stringify(row)}\n`);
 }
 
-/** Run `fn`; report a pass row, or a fail row with the first line of the error (and rethrow). */
-export async function checked<T>(hook: string, fault: string, what: string, fn: () => Promise<T> | T): Promise<T> {
+/**
+ * Run `fn`; report a pass row, or a fail row with the first line of the error (and rethrow).
+ * `failures` counts the failed assertions of a framework whose assertions do not throw (tap:
+ * `() => t.counts.fail`): an assertion that failed inside `fn` makes the row fail too.
+ */
+export async function checked<T>(hook: string, fault: string, what: string, fn: () => Promise<T> | T, failures?: () => number): Promise<T> {
+  const before = failures?.() ?? 0;
   try {
     const r = await fn();
+    const failed = (failures?.() ?? 0) - before;
+    if (failed > 0) throw new Error(`${failed} assertion${failed === 1 ? '' : 's'} failed`);
     reportRow({ hook, fault, checked: what, result: 'pass' });
     return r;
   } catch (e) {
