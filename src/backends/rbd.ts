@@ -47,7 +47,7 @@ import { isAbsolute, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner, RunResult } from '../devices/runner.js';
 import {
-  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdReason,
+  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdCommand, rbdReason,
   rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
 } from '../devices/rbd.js';
@@ -225,7 +225,7 @@ function failure(r: RunResult, what: string, c: Cluster): HotplugError {
 }
 
 async function rbd(run: Runner, args: string[]): Promise<RunResult> {
-  return run.probe('rbd', args, { timeoutMs: RBD_TIMEOUT_MS });
+  return rbdCommand(run, args, RBD_TIMEOUT_MS);
 }
 
 /** `rbd info` of the golden snapshot, with the missing part named. */

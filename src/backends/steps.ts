@@ -32,9 +32,19 @@ import { claimStore, releaseStore } from '../lock/store-owner.js';
 import { savedClaimMarker } from '../hotplug/lifecycle.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
-import {
-  attachLoop, detachLoop, devString, devT, dmCreate, dmInfo, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
-} from './cow-devices.js';
+import { dmCreate, dmInfo, dmRemove, type DmDevice } from '../devices/dmsetup.js';
+import { attachLoop, detachLoop, listLoops, loopsBacking, LoopRedirected, type AttachOptions, type LoopInfo } from '../devices/losetup.js';
+import { devString, devT, fileIdKey, type FileId } from '../devices/sysfs.js';
+
+/** attachLoop, with a redirected open (the path changed under the check) refused as the disk's error. */
+export async function attachLoopChecked(run: Runner, file: string, id: FileId, opts: AttachOptions): Promise<LoopInfo> {
+  try {
+    return await attachLoop(run, file, id, opts);
+  } catch (e) {
+    if (e instanceof LoopRedirected) throw new HotplugError(e.message);
+    throw e;
+  }
+}
 
 export const STEP = { baseRef: 'base-ref', storeOwner: 'store-owner', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
 
@@ -106,7 +116,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
               env.log.debug(`base ${file}: sharing ${shared.name} with ${holders.length} other disk(s)`);
               return shared;
             }
-            return attachLoop(env.run, file, id, { readOnly: true });
+            return attachLoopChecked(env.run, file, id, { readOnly: true });
           },
           lockOpts(env),
         );
@@ -396,7 +406,7 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
         xenBlockLockPath(env.config.xenLockDir),
         async () => {
           if (check) await check(await loopsBacking(env.run, id));
-          return attachLoop(env.run, file, id, opts);
+          return attachLoopChecked(env.run, file, id, opts);
         },
         lockOpts(env),
       ),
@@ -435,7 +445,7 @@ async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
  * that an undo of a step that never finished removes the device only when it carries that uuid:
  * a device of the same name may be another disk's (one held for a saved domain of that name).
  */
-export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmInfo> {
+export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmDevice> {
   const uuid = opts.uuid ?? `XBH-${randomBytes(12).toString('hex')}`;
   return env.build.step(
     STEP.dm,

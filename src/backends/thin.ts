@@ -37,7 +37,7 @@
 import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmInfo, dmStatus, parseStatus } from '../devices/dmsetup.js';
+import { dmCreate, dmInfo, dmRemove, dmStatus, dmTable } from '../devices/dmsetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { decodeDev } from '../devices/sysfs.js';
 import { createThin, deleteThin, poolSectors, poolTable } from '../devices/thin.js';
@@ -48,12 +48,13 @@ import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
-import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
+import { detachLoop, loopsBacking, type LoopInfo } from '../devices/losetup.js';
+import { deviceSectors, devString, dmDevicePath, type FileId } from '../devices/sysfs.js';
 import { MAX_STORE_MIB, parseSizeMiB } from './cow-params.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
-import { addBaseRef, addDm, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
+import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
@@ -358,7 +359,7 @@ async function poolLoop(run: Runner, config: Config, path: string): Promise<Loop
     xenBlockLockPath(config.xenLockDir),
     async () => {
       const existing = (await loopsBacking(run, id)).find((l) => !l.readOnly && l.offset === 0 && l.sizeLimit === 0);
-      return existing ?? attachLoop(run, path, id, { readOnly: false });
+      return existing ?? attachLoopChecked(run, path, id, { readOnly: false });
     },
     lockOpts(config, run),
   );
@@ -411,7 +412,7 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   const onDevices = poolOnDevices(config);
   const info = await dmInfo(run, f.name);
   if (info) {
-    const table = parseStatus((await run.run('dmsetup', ['table', f.name])).stdout)[0];
+    const table = await dmTable(run, f.name);
     if (!table || table.target !== 'thin-pool') throw new HotplugError(`block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`);
     const devs = tableDevices(table.params);
     if (onDevices) {
@@ -441,9 +442,7 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   const length = poolSectors(BigInt(deviceSectors(dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`);
   const table = poolTable(length, { major: metaLoop.major, minor: metaLoop.minor }, { major: dataLoop.major, minor: dataLoop.minor }, config.thin.blockKiB);
-  await run.run('dmsetup', ['create', f.name, '--table', table]);
-  const made = await dmInfo(run, f.name);
-  if (!made) throw new Error(`thin pool ${f.name} is missing right after dmsetup create`);
+  const made = await dmCreate(run, f.name, table);
   log.info(`block-thin: created thin pool ${f.name} (${length / 2048n} MiB data, ${Math.round(meta.size / 1048576)} MiB metadata, ${config.thin.blockKiB}K blocks)`);
   return { name: f.name, major: made.major, minor: made.minor, created: true };
 }
@@ -455,8 +454,9 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
   const length = poolSectors(BigInt(deviceSectors(data.major, data.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`);
   const table = poolTable(length, meta, data, config.thin.blockKiB);
+  let made;
   try {
-    await run.run('dmsetup', ['create', name, '--table', table]);
+    made = await dmCreate(run, name, table);
   } catch (e) {
     if (!(e instanceof CommandError)) throw e;
     throw new HotplugError(
@@ -465,8 +465,6 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
       { cause: e },
     );
   }
-  const made = await dmInfo(run, name);
-  if (!made) throw new Error(`thin pool ${name} is missing right after dmsetup create`);
   log.info(`block-thin: started thin pool ${name} on ${config.thin.dataDevice} (${length / 2048n} MiB data) and ${config.thin.metadataDevice} (metadata), ${config.thin.blockKiB}K blocks`);
   return { name, major: made.major, minor: made.minor, created: true };
 }

@@ -19,7 +19,9 @@ import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { hookNamed } from '../backends/index.js';
-import { dmRemove } from '../backends/cow-devices.js';
+import { dmRemove } from '../devices/dmsetup.js';
+import { detachLoop } from '../devices/losetup.js';
+import { disconnectNbd } from '../devices/nbd.js';
 import { lockFileFor, takeInventory, type Inventory, type Row } from './inventory.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 import { removeSnapshot } from '../backends/lvsnap.js';
@@ -139,8 +141,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         await dmRemove(deps.run, (r.device as string).replace('/dev/mapper/', ''), Math.max(deps.config.busyRetryMs, 1000));
         deps.log.info(`gc: removed leaked dm device ${r.device}`);
       } else if (r.kind === 'loop') {
-        const p = await deps.run.probe('losetup', ['-d', r.device as string]);
-        if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
+        await detachLoop(deps.run, r.device as string);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
       } else if (r.kind === 'lv') {
         // Judged again now: the domain's next add may have taken the name since the plan was made.
@@ -168,7 +169,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         }
         deps.log.info(`gc: deleted leftover transient store ${r.store}`);
       } else {
-        await deps.run.run('qemu-nbd', ['-d', r.device as string]);
+        await disconnectNbd(deps.run, r.device as string);
         deps.log.info(`gc: disconnected leaked nbd ${r.device}`, { file: r.store });
       }
       results.push({ item, ok: true });

@@ -79,8 +79,8 @@ function setup(t: { teardown(f: () => void): void }) {
     ],
   });
   const run = recorder({
-    'dmsetup info -c --noheadings --separator | -o name,major,minor':
-      'xbh-cow-web-xvda-51712|254|0\nxbh-cow-db-xvda-51712|254|1\nxbh-cow-mail-xvda-51712|254|2\nxbh-cow-old-xvdb-51728|254|5\nvg0-root|254|9\n',
+    'dmsetup info -c --noheadings -o name,major,minor,open,attr':
+      'xbh-cow-web-xvda-51712:254:0:1:L--w\nxbh-cow-db-xvda-51712:254:1:1:L--w\nxbh-cow-mail-xvda-51712:254:2:1:L--w\nxbh-cow-old-xvdb-51728:254:5:0:L--w\nvg0-root:254:9:1:L--w\n',
     'dmsetup table':
       'xbh-cow-web-xvda-51712: 0 131072 snapshot 7:0 7:1 N 128\nxbh-cow-db-xvda-51712: 0 131072 snapshot 7:0 7:2 N 128\n' +
       'xbh-cow-mail-xvda-51712: 0 131072 snapshot 7:0 7:3 N 128\nxbh-cow-old-xvdb-51728: 0 131072 snapshot 7:7 7:8 N 128\nvg0-root: 0 2097152 linear 8:2 2048\n',
@@ -88,7 +88,7 @@ function setup(t: { teardown(f: () => void): void }) {
       `xbh-cow-web-xvda-51712: 0 131072 snapshot 2072/8192 24\nxbh-cow-db-xvda-51712: 0 131072 snapshot 16/8192 16\n` +
       `xbh-cow-mail-xvda-51712: ${fixture('dmsetup-1.02.185-k6.1-status-snapshot-invalid.txt').trim()}\n` +
       'xbh-cow-old-xvdb-51728: 0 131072 snapshot 4096/8192 16\nvg0-root: 0 2097152 linear \n',
-    'losetup --list --json -O NAME,BACK-FILE,MAJ:MIN,RO': loops,
+    'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT': loops,
   });
   const xs = fakeXs({
     '/local/domain/0/backend/vbd/1/51712/state': '4', '/local/domain/1/name': 'web',
@@ -157,7 +157,7 @@ t.test('gc: plan, then apply through the hook undoers and direct removal', async
   t.equal(journal.load('backend/vbd/2/51712'), undefined, 'its record is gone');
   t.ok(journal.load('backend/vbd/1/51712'), 'the active record is untouched');
   const device = run.calls.filter((c) => !c.startsWith('flock'));
-  t.same(device, ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup -d /dev/loop7', 'losetup -d /dev/loop8'], 'leaked objects removed directly, dm first');
+  t.same(device, ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup --detach /dev/loop7', 'losetup --detach /dev/loop8'], 'leaked objects removed directly, dm first');
 });
 
 t.test('gc: a record from an unknown hook is a named failure, the others still go', async (t) => {

@@ -13,7 +13,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, sta
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
-import { sysfs } from '../../src/backends/cow-devices.js';
+import { sysfs } from '../../src/devices/sysfs.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';

@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cowBackend } from '../../src/backends/cow.js';
-import { sysfs } from '../../src/backends/cow-devices.js';
+import { sysfs } from '../../src/devices/sysfs.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
