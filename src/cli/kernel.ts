@@ -110,6 +110,8 @@ export interface Usage {
   used: number | undefined;
   total: number | undefined;
   unit: 'sectors' | 'blocks';
+  /** thin-pool: the data block size in 512-byte sectors, from the table (`… thin-pool META DATA BLOCK …`). */
+  blockSectors?: number;
   /** `Invalid`, `Overflow`, `Merge failed`, `out_of_data_space`, `Fail`… when the target says so. */
   problem: string | undefined;
 }
@@ -142,7 +144,11 @@ export function parseUsage(status: string[], table: string[]): Usage | undefined
     const m = /^(\d+)\/(\d+)$/.exec(rest[2] ?? '');
     const mode = rest[4];
     const problem = mode === 'out_of_data_space' || mode === 'ro' ? mode : undefined;
-    return m ? { target, used: Number(m[1]), total: Number(m[2]), unit: 'blocks', problem } : { target, used: undefined, total: undefined, unit: 'blocks', problem };
+    const block = Number(table[0]?.split(/\s+/)[5]);
+    const blockSectors = Number.isInteger(block) && block > 0 ? { blockSectors: block } : {};
+    return m
+      ? { target, used: Number(m[1]), total: Number(m[2]), unit: 'blocks', problem, ...blockSectors }
+      : { target, used: undefined, total: undefined, unit: 'blocks', problem, ...blockSectors };
   }
   return { target, used: undefined, total: undefined, unit: 'sectors', problem: undefined };
 }
