@@ -43,7 +43,7 @@ import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import { journalFileName } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
-import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js';
+import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
 import { devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
@@ -320,14 +320,10 @@ export function checkClaims(claims: Claim[], entries: JournalEntry[], self: stri
 // ---------------------------------------------------------------------------------------------
 // add
 
-function lockOpts(ctx: { config: Config; run: Runner }) {
-  return { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run };
-}
-
 async function lockAll(paths: string[], ctx: { config: Config; run: Runner }): Promise<HeldLock[]> {
   const held: HeldLock[] = [];
   try {
-    for (const p of [...new Set(paths)].sort()) held.push(await acquireFlock(p, lockOpts(ctx)));
+    for (const p of [...new Set(paths)].sort()) held.push(await acquireFlock(p, lockOptions(ctx.config, ctx.run)));
   } catch (e) {
     for (const l of held.reverse()) await l.release();
     throw e;
@@ -388,7 +384,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
       // The nbd lock covers only the choice: a device the kernel shows free and no other record
       // names (a record is the reservation, written before the lock is released), so concurrent
       // adds connect in parallel and a killed add's device stays reserved until its record goes.
-      const lock = await acquireFlock(nbdLockPath(ctx.config.stateDir), lockOpts(ctx));
+      const lock = await acquireFlock(nbdLockPath(ctx.config.stateDir), lockOptions(ctx.config, ctx.run));
       let device: string | undefined;
       try {
         await ensureNbdModule(ctx.run);

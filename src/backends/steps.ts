@@ -27,7 +27,7 @@ import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
 import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
-import { baseImageLockPath } from '../lock/paths.js';
+import { baseImageLockPath, lockOptions } from '../lock/paths.js';
 import { claimStore, releaseStore } from '../lock/store-owner.js';
 import { savedClaimMarker } from '../hotplug/lifecycle.js';
 import { HotplugError } from '../hotplug/errors.js';
@@ -54,10 +54,6 @@ export interface StepEnv {
   config: Config;
   log: Logger;
   journal: Journal;
-}
-
-function lockOpts(env: { config: Config; run: Runner }) {
-  return { timeoutMs: env.config.lockTimeoutMs, runner: env.run };
 }
 
 function idOf(data: Record<string, unknown>): FileId | undefined {
@@ -102,7 +98,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
       STEP.baseRef,
       { key, file, dev: id.dev, ino: id.ino, counted: false },
       async () => {
-        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(env));
+        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(env.config, env.run));
         env.build.note({ counted: true });
         const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
         return withFlock(
@@ -118,7 +114,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
             }
             return attachLoopChecked(env.run, file, id, { readOnly: true });
           },
-          lockOpts(env),
+          lockOptions(env.config, env.run),
         );
       },
       (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
@@ -157,7 +153,7 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
   const id = idOf(step.data);
   const key = typeof step.data.key === 'string' ? step.data.key : undefined;
   if (!id || !key) return; // nothing was ever looked up
-  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(ctx));
+  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(ctx.config, ctx.run));
   try {
     // Xen's lock too: losetup -d as the stock scripts do it, and a lock file left by a hook killed
     // while it held the lock is removed by this acquire/release.
@@ -184,7 +180,7 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
       }
       for (const l of targets) await detachLoop(ctx.run, l.name);
       await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
-    }, lockOpts(ctx));
+    }, lockOptions(ctx.config, ctx.run));
   } finally {
     await lock.release();
   }
@@ -408,7 +404,7 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
           if (check) await check(await loopsBacking(env.run, id));
           return attachLoopChecked(env.run, file, id, opts);
         },
-        lockOpts(env),
+        lockOptions(env.config, env.run),
       ),
     (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
   );

@@ -46,7 +46,7 @@ import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
-import { thinPoolLockPath } from '../lock/paths.js';
+import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { detachLoop, loopsBacking, type LoopInfo } from '../devices/losetup.js';
 import { deviceSectors, devString, dmDevicePath, type FileId } from '../devices/sysfs.js';
@@ -245,7 +245,7 @@ export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir
  * (an add holds that lock from journaling its id until the id exists).
  */
 export async function collectThinId(run: Runner, config: Config, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger, id: number): Promise<void> {
-  const lock = await acquireFlock(poolLockPath(config), lockOpts(config, run));
+  const lock = await acquireFlock(poolLockPath(config), lockOptions(config, run));
   try {
     if (!leftoverThinIds(config, journal.list().entries).includes(id)) throw new Error(`thin id ${id} is held by a record now (or no longer listed); left alone`);
     if (!(await dmInfo(run, THIN_POOL_NAME))) throw new Error(`the thin pool ${THIN_POOL_NAME} is not running; the id is deleted when it next starts`);
@@ -310,10 +310,6 @@ export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: stri
 // ---------------------------------------------------------------------------------------------
 // the pool
 
-function lockOpts(config: Config, run: Runner) {
-  return { timeoutMs: config.lockTimeoutMs, runner: run };
-}
-
 function poolLockPath(config: Config): string {
   return thinPoolLockPath(config.stateDir, THIN_POOL_NAME);
 }
@@ -361,7 +357,7 @@ async function poolLoop(run: Runner, config: Config, path: string): Promise<Loop
       const existing = (await loopsBacking(run, id)).find((l) => !l.readOnly && l.offset === 0 && l.sizeLimit === 0);
       return existing ?? attachLoopChecked(run, path, id, { readOnly: false });
     },
-    lockOpts(config, run),
+    lockOptions(config, run),
   );
 }
 
@@ -510,7 +506,7 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
 }
 
 async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
-  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
     const h = holders(ctx, THIN_STEP.pool, ctx.entry.backendPath);
     if (h.paths.length) {
@@ -545,7 +541,7 @@ async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
   if (id === undefined) return;
   const pool = typeof step.data.pool === 'string' ? step.data.pool : THIN_POOL_NAME;
   const f = poolFiles(ctx.config);
-  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
     const key = typeof step.data.key === 'string' ? step.data.key : undefined;
     if (step.data.persistent === true && key) {
@@ -611,7 +607,7 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
       THIN_STEP.pool,
       { pool: f.name, data: f.data, meta: f.meta },
       async () => {
-        lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+        lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
         return ensurePool(ctx.run, ctx.config, ctx.log);
       },
       (p) => ({ created: p.created, major: p.major, minor: p.minor }),

@@ -13,7 +13,7 @@ import { mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { Journal, journalFileName } from '../journal/journal.js';
+import { Journal } from '../journal/journal.js';
 import { undoAll } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
@@ -22,7 +22,8 @@ import { hookNamed } from '../backends/index.js';
 import { dmRemove } from '../devices/dmsetup.js';
 import { detachLoop } from '../devices/losetup.js';
 import { disconnectNbd } from '../devices/nbd.js';
-import { lockFileFor, takeInventory, type Inventory, type Row } from './inventory.js';
+import { takeInventory, type Inventory, type Row } from './inventory.js';
+import { pathLockPath } from '../lock/paths.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 import { removeSnapshot } from '../backends/lvsnap.js';
 import { collectThinId } from '../backends/thin.js';
@@ -118,7 +119,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const bp = r.backendPath as string;
         const backend = (deps.hooks ?? hookNamed)(r.hook ?? '');
         if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
-        const lockFile = lockFileFor(deps.config, bp, journalFileName);
+        const lockFile = pathLockPath(deps.config.stateDir, bp);
         mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
         const lock = await acquireFlock(lockFile, { timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000), runner: deps.run });
         try {

@@ -377,6 +377,4 @@ function lostSaved(config: Config): Row[] {
     })));
 }
 
-export function lockFileFor(config: Config, backendPath: string, journalFileName: (p: string) => string): string {
-  return join(config.stateDir, 'locks', `path-${journalFileName(backendPath).replace(/\.json$/, '')}`);
-}
+

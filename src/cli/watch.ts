@@ -6,13 +6,13 @@
  * when its state changes; a device whose problem went away is reported as recovered, once.
  * One watcher per host: a second one exits at once, naming the first.
  */
-import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { WatchMemory, watchOnce, type WatchReport } from '../grow/index.js';
 import { claimSingleInstance } from '../lock/instance.js';
 import type { Logger } from '../log/logger.js';
 import { humanBytes } from './format.js';
+import { watchLockPath } from '../lock/paths.js';
 
 export const WATCH_HELP = `Usage: xen-blockhooks watch [--once] [--interval MS]
 
@@ -49,7 +49,7 @@ function describe(r: WatchReport, out: (s: string) => void, err: (s: string) => 
 }
 
 export async function watch(opts: { once: boolean; intervalMs?: number }, deps: WatchDeps): Promise<number> {
-  const lock = await claimSingleInstance(join(deps.config.stateDir, 'locks', 'watch'), 'xen-blockhooks watch', { runner: deps.run });
+  const lock = await claimSingleInstance(watchLockPath(deps.config.stateDir), 'xen-blockhooks watch', { runner: deps.run });
   try {
     if (opts.once) {
       const r = await watchOnce(deps.config, deps.run, deps.log);

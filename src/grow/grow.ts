@@ -24,7 +24,7 @@ import { deviceSectors, devString, fileIdOf } from '../devices/sysfs.js';
 import { poolSectors, poolStatus, poolUsage, type PoolUsage } from '../devices/thin.js';
 import type { JournalEntry } from '../journal/journal.js';
 import { acquireFlock } from '../lock/flock.js';
-import { thinPoolLockPath } from '../lock/paths.js';
+import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { LVSNAP_STEP } from '../backends/lvsnap.js';
 import { poolDevice, poolFiles, poolOnDevices, THIN_POOL_NAME, THIN_STEP } from '../backends/thin.js';
@@ -149,7 +149,7 @@ async function reloadPool(run: Runner, name: string, length?: bigint): Promise<v
  */
 export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | undefined, deps: GrowDeps, who = 'pool'): Promise<GrowAction> {
   const f = poolFiles(deps.config);
-  const lock = await acquireFlock(thinPoolLockPath(deps.config.stateDir, THIN_POOL_NAME), { timeoutMs: deps.config.lockTimeoutMs, runner: deps.run });
+  const lock = await acquireFlock(thinPoolLockPath(deps.config.stateDir, THIN_POOL_NAME), lockOptions(deps.config, deps.run));
   try {
     if (!(await dmInfo(deps.run, f.name))) throw new GrowError(`the thin pool ${f.name} is not running`);
     const s = await poolStatus(deps.run, f.name);

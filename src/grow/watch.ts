@@ -10,15 +10,15 @@
  * Each disk is looked at under its backend-path lock, taken without waiting: a disk whose hook is
  * running right now is skipped this pass (reported as `busy`) and looked at on the next.
  */
-import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { lvInfo } from '../devices/lvm.js';
-import { Journal, journalFileName, type JournalEntry } from '../journal/journal.js';
+import { Journal, type JournalEntry } from '../journal/journal.js';
 import { tryAcquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import { THIN_STEP } from '../backends/thin.js';
 import { cowParts, growCowStore, growLv, growThinPool, lvsnapRef, snapshotState, thinPoolUsage, type GrowAction } from './grow.js';
+import { pathLockPath } from '../lock/paths.js';
 
 export type FindingState = 'ok' | 'grown' | 'invalid' | 'full' | 'busy' | 'error';
 
@@ -91,9 +91,6 @@ function logFindings(report: WatchReport, log: Logger, memory: WatchMemory | und
   for (const r of report.recovered) log.info(`watch: ${r.finding.backendPath === r.finding.device ? r.finding.device : `${r.finding.device} (${r.finding.backendPath})`} recovered (was ${r.was}): ${r.finding.message}`);
 }
 
-function pathLockFile(config: Config, backendPath: string): string {
-  return join(config.stateDir, 'locks', `path-${journalFileName(backendPath).replace(/\.json$/, '')}`);
-}
 
 function pct(used: bigint, total: bigint): number {
   return total === 0n ? 100 : Number((used * 10000n) / total) / 100;
@@ -218,7 +215,7 @@ export async function watchOnce(config: Config, run: Runner, log: Logger, opts: 
     }
     if (entry.script !== 'block-cow' && entry.script !== 'block-lvsnap') continue;
     report.checked += 1;
-    const lock = await tryAcquireFlock(pathLockFile(config, entry.backendPath), { runner: run }).catch(() => null);
+    const lock = await tryAcquireFlock(pathLockPath(config.stateDir, entry.backendPath), { runner: run }).catch(() => null);
     if (!lock) {
       report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'busy', message: 'its hook is running; looked at on the next pass' });
       continue;
