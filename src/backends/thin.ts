@@ -155,7 +155,8 @@ export interface PersistentVolume {
   base: { file: string; dev: string; ino: string };
 }
 
-export function readVolumes(file: string): Record<string, PersistentVolume> {
+/** One map kept in a small JSON file `{version: 1, <key>: {...}}`; no file means an empty map. */
+function readMap<T>(file: string, key: string): Record<string, T> {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
@@ -163,41 +164,35 @@ export function readVolumes(file: string): Record<string, PersistentVolume> {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
     throw e;
   }
-  const doc = JSON.parse(text) as { volumes?: Record<string, PersistentVolume> };
-  return doc.volumes ?? {};
+  return (JSON.parse(text) as Record<string, Record<string, T> | undefined>)[key] ?? {};
 }
 
-export function writeVolumes(file: string, volumes: Record<string, PersistentVolume>): void {
-  if (Object.keys(volumes).length === 0) {
+/** Replace the file atomically (the caller holds the pool lock); an empty map deletes it. */
+function writeMap<T>(file: string, key: string, map: Record<string, T>): void {
+  if (Object.keys(map).length === 0) {
     rmSync(file, { force: true });
     return;
   }
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify({ version: 1, volumes }, null, 1)}\n`, { mode: 0o600 });
+  writeFileSync(tmp, `${JSON.stringify({ version: 1, [key]: map }, null, 1)}\n`, { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+export function readVolumes(file: string): Record<string, PersistentVolume> {
+  return readMap<PersistentVolume>(file, 'volumes');
+}
+
+export function writeVolumes(file: string, volumes: Record<string, PersistentVolume>): void {
+  writeMap(file, 'volumes', volumes);
 }
 
 /** thin-pool.transient.json: id → the backend path whose add made it. */
 export function readTransientIds(file: string): Record<string, string> {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
-    throw e;
-  }
-  const doc = JSON.parse(text) as { ids?: Record<string, string> };
-  return doc.ids ?? {};
+  return readMap<string>(file, 'ids');
 }
 
 function writeTransientIds(file: string, ids: Record<string, string>): void {
-  if (Object.keys(ids).length === 0) {
-    rmSync(file, { force: true });
-    return;
-  }
-  const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify({ version: 1, ids }, null, 1)}\n`, { mode: 0o600 });
-  renameSync(tmp, file);
+  writeMap(file, 'ids', ids);
 }
 
 /** Add or drop one transient id (caller holds the pool lock). */
