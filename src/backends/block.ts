@@ -18,8 +18,8 @@
  */
 import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute } from 'node:path';
-import { attachLoop, detachLoop, filterBacking, listLoops, type LoopDevice } from '../devices/losetup.js';
-import { decodeDev, loopAutoclear, loopBackingFile, parseDecimalDevice, type MajorMinor } from '../devices/sysfs.js';
+import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, type LoopInfo } from '../devices/losetup.js';
+import { decodeDev, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
@@ -42,18 +42,8 @@ export const BLOCK_LOOP_STEP = 'block-loop';
 // ---------------------------------------------------------------------------------------------
 // device numbers and loop devices
 
-/** A file's identity as journaled: its filesystem's `major:minor` (decimal, as losetup prints it) and inode. */
-export interface FileIdentity {
-  dev: string;
-  ino: string;
-}
-
-function idOf(id: FileIdentity): { dev: MajorMinor; ino: bigint } {
-  return { dev: parseDecimalDevice(id.dev), ino: BigInt(id.ino) };
-}
-
-function accessOf(l: LoopDevice): AccessDevice {
-  return { path: l.device, major: l.devNo.major, minor: l.devNo.minor, readOnly: l.readOnly };
+function accessOf(l: LoopInfo): AccessDevice {
+  return { path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,10 +105,12 @@ async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   // A loop device given as phy: every other loop over the same file reaches the same data.
   if (major === 7) {
     const loops = await listLoops(ctx.run);
-    const me = loops.find((l) => l.devNo.major === major && l.devNo.minor === minor);
+    const me = loops.find((l) => l.major === major && l.minor === minor);
     if (me) {
       devices[0] = { ...accessOf(me), path };
-      for (const l of filterBacking(loops, { dev: parseDecimalDevice(me.backingDev), ino: me.backingIno })) if (l.device !== me.device) devices.push(accessOf(l));
+      if (me.backDev !== undefined && me.backIno !== undefined) {
+        for (const l of filterBacking(loops, { dev: me.backDev, ino: me.backIno })) if (l.name !== me.name) devices.push(accessOf(l));
+      }
     }
   }
   await checkSharing(ctx.xs, { what: `Device ${path}`, devices, mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
@@ -147,17 +139,20 @@ async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> 
   if (!readOnly && !writable(path, st.mode)) {
     throw new HotplugError(`File ${path} is read-only, and so I will not mount it read-write in a guest domain; use access=r or make the file writable.`, 'busy');
   }
-  const fdev = decodeDev(st.dev);
-  const id: FileIdentity = { dev: `${fdev.major}:${fdev.minor}`, ino: st.ino.toString() };
-  const before = filterBacking(await listLoops(ctx.run), idOf(id));
+  const id: FileId = { dev: devString(st.dev), ino: st.ino.toString() };
+  const before = filterBacking(await listLoops(ctx.run), id);
   await checkSharing(ctx.xs, { what: `File ${path}`, devices: before.map(accessOf), mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
   const loop = await ctx.build.step(
     BLOCK_LOOP_STEP,
-    { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.device) },
+    { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.name) },
     async () => {
-      const name = await attachLoop(ctx.run, path, { readOnly });
-      const { major, minor } = decodeDev(statSync(name, { bigint: true }).rdev);
-      return { name, major, minor };
+      try {
+        const l = await attachLoop(ctx.run, path, id, { readOnly });
+        return { name: l.name, major: l.major, minor: l.minor };
+      } catch (e) {
+        if (e instanceof LoopRedirected) throw new HotplugError(e.message);
+        throw e;
+      }
     },
     (l) => ({ device: l.name, major: l.major, minor: l.minor }),
   );
@@ -187,7 +182,7 @@ function str(v: unknown): string | undefined {
 }
 
 /** Loops whose device number is some vbd's physical-device (they belong to a disk, maybe not ours). */
-async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: LoopDevice[]): Promise<Set<string>> {
+async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: LoopInfo[]): Promise<Set<string>> {
   const used = new Set<string>();
   if (!xs) return used;
   const users = await findUsers(xs, { devices: loops.map(accessOf), self: entry.backendPath }, {});
@@ -206,34 +201,33 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
   const dev = str(step.data.dev);
   const ino = str(step.data.ino);
   if (!dev || !ino) return;
-  const id = idOf({ dev, ino });
   const loops = await listLoops(ctx.run);
-  const onFile = new Set(filterBacking(loops, id).map((l) => l.device));
-  let targets: LoopDevice[];
+  const onFile = new Set(filterBacking(loops, { dev, ino }).map((l) => l.name));
+  let targets: LoopInfo[];
   const device = str(step.data.device);
   if (device) {
-    const l = loops.find((x) => x.device === device);
+    const l = loops.find((x) => x.name === device);
     if (!l) return;
-    if (!onFile.has(l.device)) {
+    if (!onFile.has(l.name)) {
       ctx.log.warn(`${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`);
       return;
     }
     targets = [l];
   } else {
     const before = new Set(Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : []);
-    const fresh = loops.filter((l) => onFile.has(l.device) && !before.has(l.device) && l.readOnly === (step.data.readOnly === true));
+    const fresh = loops.filter((l) => onFile.has(l.name) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true));
     const used = await loopsInUse(ctx.xs, ctx.entry, fresh);
-    targets = fresh.filter((l) => !used.has(l.device));
+    targets = fresh.filter((l) => !used.has(l.name));
   }
-  for (const l of targets) await detachLoop(ctx.run, l.device);
+  for (const l of targets) await detachLoop(ctx.run, l.name);
   // `losetup -d` of a loop that something holds open succeeds and only sets autoclear: the loop
   // stays bound to the same file until the last close. sysfs tells without another losetup.
-  const left: LoopDevice[] = [];
+  const left: LoopInfo[] = [];
   for (const l of targets) {
-    if ((await loopBackingFile(l.devNo)) === l.backingFile && (await loopAutoclear(l.devNo)) === true) left.push(l);
+    if ((await loopBackingFile(l))?.replace(/ \(deleted\)$/, '') === l.backFile && (await loopAutoclear(l)) === true) left.push(l);
   }
   if (left.length) {
-    throw new Error(`${left.map((l) => l.device).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
+    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
   }
 }
 
@@ -252,7 +246,7 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
   }
   const lock = ctx.xenBlockLockHeld ? undefined : await takeXenBlockLock(ctx.xenbusPath, ctx.config, ctx.run);
   try {
-    const loop = (await listLoops(ctx.run)).find((l) => l.device === node);
+    const loop = (await listLoops(ctx.run)).find((l) => l.name === node);
     if (!loop) return;
     let st: BigIntStats | undefined;
     try {
@@ -261,8 +255,8 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
       st = undefined;
     }
     const backs = st
-      ? filterBacking([loop], { dev: decodeDev(st.dev), ino: st.ino }).length === 1
-      : loop.backingFile.replace(/ \(deleted\)$/, '') === params;
+      ? filterBacking([loop], { dev: devString(st.dev), ino: st.ino.toString() }).length === 1
+      : loop.backFile === params;
     if (!backs) {
       ctx.log.warn(`remove ${ctx.xenbusPath}: ${node} does not back ${params}; it is not this disk's loop, leaving it alone`);
       return;

@@ -19,7 +19,8 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { sourceOf, spacedPathHint } from './params-words.js';
-import { deviceSectors, devString, dmDevicePath, fileIdKey, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
+import { loopsBacking, type LoopInfo } from '../devices/losetup.js';
+import { deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
 export interface CowPlan {

@@ -16,7 +16,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/config.js';
-import { isLvNotFound, lvcreateSnapshotArgs, lvInfo, lvRemove, lvNameProblem, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { isLvNotFound, lvActivate, lvCreateSnapshot, lvInfo, lvRemove, lvNameProblem, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
@@ -187,10 +187,10 @@ async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevic
   await ctx.build.step(LVSNAP_STEP, { vg: snap.vg, lv: snap.lv, origin: o.lv, persistent: plan.params.persistent, existed, thin, ...(sizeMiB === undefined ? {} : { sizeMiB }) }, async () => {
     if (existed) {
       ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent snapshot ${snap.vg}/${snap.lv}`);
-      await ctx.run.run('lvm', ['lvchange', '-q', '-ay', '-K', '--', `${snap.vg}/${snap.lv}`]);
+      await lvActivate(ctx.run, snap);
       return;
     }
-    await ctx.run.run('lvm', lvcreateSnapshotArgs(o, snap.lv, sizeMiB, { addTag: tag }), { timeoutMs: 30_000 });
+    await lvCreateSnapshot(ctx.run, o, snap.lv, sizeMiB, { addTag: tag });
   });
   const made = await lvsOrFail(ctx.run, snap);
   if (!made) throw new HotplugError(`block-lvsnap: ${snap.vg}/${snap.lv} is missing right after lvcreate.`);

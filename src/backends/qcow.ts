@@ -33,7 +33,7 @@ import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import { describeFailure, type Runner } from '../devices/runner.js';
 import {
-  CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlayArgs, qemuImgInfoArgs, qemuNbdConnectArgs,
+  CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlay, qemuImgInfo, qemuNbdConnect,
   type ImageInfo,
 } from '../devices/qemu.js';
 import { disconnectOurs, ensureNbdModule, freeNbdDevices, nbdState, qemuNbdProcesses, readPidFile } from '../devices/nbd.js';
@@ -43,11 +43,11 @@ import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import { journalFileName } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
-import { baseImageLockPath, nbdLockPath, stateLockPath } from '../lock/paths.js';
+import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
 import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { looksLikeSize } from '../units/size.js';
-import { devString, devT } from './cow-devices.js';
+import { devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
@@ -179,7 +179,7 @@ export function planQcow(disk: DiskSpec, ctx: { config: Config; xenbusPath: stri
 }
 
 async function imgInfo(run: Runner, image: string, opts: { format?: string; backingChain?: boolean }): Promise<ImageInfo[]> {
-  const r = await run.probe('qemu-img', qemuImgInfoArgs(image, opts));
+  const r = await qemuImgInfo(run, image, opts);
   if (r.failed) {
     const why = describeFailure(r);
     throw new HotplugError(`${SCRIPT}: qemu-img cannot read ${image}${opts.format ? ` as ${opts.format}` : ''}: ${why}`);
@@ -330,14 +330,10 @@ export function checkClaims(claims: Claim[], entries: JournalEntry[], self: stri
 // ---------------------------------------------------------------------------------------------
 // add
 
-function lockOpts(ctx: { config: Config; run: Runner }) {
-  return { timeoutMs: ctx.config.lockTimeoutMs, runner: ctx.run };
-}
-
 async function lockAll(paths: string[], ctx: { config: Config; run: Runner }): Promise<HeldLock[]> {
   const held: HeldLock[] = [];
   try {
-    for (const p of [...new Set(paths)].sort()) held.push(await acquireFlock(p, lockOpts(ctx)));
+    for (const p of [...new Set(paths)].sort()) held.push(await acquireFlock(p, lockOptions(ctx.config, ctx.run)));
   } catch (e) {
     for (const l of held.reverse()) await l.release();
     throw e;
@@ -357,7 +353,7 @@ function createEmpty(path: string): void {
 }
 
 async function makeOverlay(run: Runner, path: string, base: ChainFile): Promise<void> {
-  const r = await run.probe('qemu-img', qemuImgCreateOverlayArgs(path, base.path, base.format));
+  const r = await qemuImgCreateOverlay(run, path, base.path, base.format);
   if (r.failed) throw new HotplugError(`${SCRIPT}: qemu-img could not create the overlay ${path}: ${describeFailure(r)}`);
 }
 
@@ -398,7 +394,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
       // The nbd lock covers only the choice: a device the kernel shows free and no other record
       // names (a record is the reservation, written before the lock is released), so concurrent
       // adds connect in parallel and a killed add's device stays reserved until its record goes.
-      const lock = await acquireFlock(nbdLockPath(ctx.config.stateDir), lockOpts(ctx));
+      const lock = await acquireFlock(nbdLockPath(ctx.config.stateDir), lockOptions(ctx.config, ctx.run));
       let device: string | undefined;
       try {
         await ensureNbdModule(ctx.run);
@@ -409,7 +405,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
       } finally {
         await lock.release();
       }
-      const r = await ctx.run.probe('qemu-nbd', qemuNbdConnectArgs({ device, image, format, readOnly: plan.readOnly, pidFile: plan.pidFile, cache: plan.cache, discard: true }), { timeoutMs: 20_000 });
+      const r = await qemuNbdConnect(ctx.run, { device, image, format, readOnly: plan.readOnly, pidFile: plan.pidFile, cache: plan.cache, discard: true }, 20_000);
       if (r.failed) {
         const why = r.timedOut || r.signal ? describeFailure(r) : r.stderr.trim().split('\n').filter(Boolean).join(' ') || describeFailure(r);
         if (isQemuLockConflict(r.stderr)) {

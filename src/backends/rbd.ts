@@ -47,7 +47,7 @@ import { isAbsolute, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner, RunResult } from '../devices/runner.js';
 import {
-  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdReason,
+  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdCommand, rbdReason,
   rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
 } from '../devices/rbd.js';
@@ -57,7 +57,7 @@ import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
-import { stateLockPath } from '../lock/paths.js';
+import { lockOptions, stateLockPath } from '../lock/paths.js';
 import { thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
@@ -228,7 +228,7 @@ function failure(r: RunResult, what: string, c: Cluster): HotplugError {
 }
 
 async function rbd(run: Runner, args: string[]): Promise<RunResult> {
-  return run.probe('rbd', args, { timeoutMs: RBD_TIMEOUT_MS });
+  return rbdCommand(run, args, RBD_TIMEOUT_MS);
 }
 
 /** `rbd info` of the golden snapshot, with the missing part named. */
@@ -408,7 +408,7 @@ async function removeClone(run: Runner, c: Cluster, target: { pool: string; imag
 
 /** gc: delete a leftover transient clone this host made, judged again under its lock. */
 export async function collectClone(run: Runner, config: Config, journal: { list(): { entries: JournalEntry[] } }, log: Logger, pool: string, image: string): Promise<void> {
-  const lock = await acquireFlock(rbdLockPath(config, pool, image), { timeoutMs: config.lockTimeoutMs, runner: run });
+  const lock = await acquireFlock(rbdLockPath(config, pool, image), lockOptions(config, run));
   try {
     const m = ownMarker(config, pool, image);
     if (!m || localUsers(journal.list().entries, pool, image, '').length > 0) throw new Error(`${pool}/${image} is held by a record now (or its marker is gone); left alone`);
@@ -457,7 +457,7 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
   const image = plan.clone as string;
   const target = { pool: p.pool, image };
   const persistent = p.clone === 'persistent';
-  const lock = await acquireFlock(rbdLockPath(config, p.pool, image), { timeoutMs: config.lockTimeoutMs, runner: run });
+  const lock = await acquireFlock(rbdLockPath(config, p.pool, image), lockOptions(config, run));
   try {
     const { entries, unreadable } = ctx.journal.list();
     if (unreadable.length > 0) ctx.log.warn(`journal records ${unreadable.map((u) => u.file).join(', ')} cannot be read; their disks are not seen by the sharing check`);

@@ -27,14 +27,24 @@ import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
 import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
-import { baseImageLockPath } from '../lock/paths.js';
+import { baseImageLockPath, lockOptions } from '../lock/paths.js';
 import { claimStore, releaseStore } from '../lock/store-owner.js';
 import { savedClaimMarker } from '../hotplug/lifecycle.js';
 import { HotplugError } from '../hotplug/errors.js';
 import type { XsOps } from '../xenstore/types.js';
-import {
-  attachLoop, detachLoop, devString, devT, dmCreate, dmInfo, dmRemove, fileIdKey, listLoops, loopsBacking, type DmInfo, type FileId, type LoopInfo,
-} from './cow-devices.js';
+import { dmCreate, dmInfo, dmRemove, type DmDevice } from '../devices/dmsetup.js';
+import { attachLoop, detachLoop, listLoops, loopsBacking, LoopRedirected, type AttachOptions, type LoopInfo } from '../devices/losetup.js';
+import { devString, devT, fileIdKey, type FileId } from '../devices/sysfs.js';
+
+/** attachLoop, with a redirected open (the path changed under the check) refused as the disk's error. */
+export async function attachLoopChecked(run: Runner, file: string, id: FileId, opts: AttachOptions): Promise<LoopInfo> {
+  try {
+    return await attachLoop(run, file, id, opts);
+  } catch (e) {
+    if (e instanceof LoopRedirected) throw new HotplugError(e.message);
+    throw e;
+  }
+}
 
 export const STEP = { baseRef: 'base-ref', storeOwner: 'store-owner', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
 
@@ -44,10 +54,6 @@ export interface StepEnv {
   config: Config;
   log: Logger;
   journal: Journal;
-}
-
-function lockOpts(env: { config: Config; run: Runner }) {
-  return { timeoutMs: env.config.lockTimeoutMs, runner: env.run };
 }
 
 function idOf(data: Record<string, unknown>): FileId | undefined {
@@ -92,7 +98,7 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
       STEP.baseRef,
       { key, file, dev: id.dev, ino: id.ino, counted: false },
       async () => {
-        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(env));
+        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(env.config, env.run));
         env.build.note({ counted: true });
         const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
         return withFlock(
@@ -106,9 +112,9 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
               env.log.debug(`base ${file}: sharing ${shared.name} with ${holders.length} other disk(s)`);
               return shared;
             }
-            return attachLoop(env.run, file, id, { readOnly: true });
+            return attachLoopChecked(env.run, file, id, { readOnly: true });
           },
-          lockOpts(env),
+          lockOptions(env.config, env.run),
         );
       },
       (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
@@ -147,7 +153,7 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
   const id = idOf(step.data);
   const key = typeof step.data.key === 'string' ? step.data.key : undefined;
   if (!id || !key) return; // nothing was ever looked up
-  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOpts(ctx));
+  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(ctx.config, ctx.run));
   try {
     // Xen's lock too: losetup -d as the stock scripts do it, and a lock file left by a hook killed
     // while it held the lock is removed by this acquire/release.
@@ -174,7 +180,7 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
       }
       for (const l of targets) await detachLoop(ctx.run, l.name);
       await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
-    }, lockOpts(ctx));
+    }, lockOptions(ctx.config, ctx.run));
   } finally {
     await lock.release();
   }
@@ -396,9 +402,9 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
         xenBlockLockPath(env.config.xenLockDir),
         async () => {
           if (check) await check(await loopsBacking(env.run, id));
-          return attachLoop(env.run, file, id, opts);
+          return attachLoopChecked(env.run, file, id, opts);
         },
-        lockOpts(env),
+        lockOptions(env.config, env.run),
       ),
     (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
   );
@@ -435,7 +441,7 @@ async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
  * that an undo of a step that never finished removes the device only when it carries that uuid:
  * a device of the same name may be another disk's (one held for a saved domain of that name).
  */
-export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmInfo> {
+export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmDevice> {
   const uuid = opts.uuid ?? `XBH-${randomBytes(12).toString('hex')}`;
   return env.build.step(
     STEP.dm,

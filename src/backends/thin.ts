@@ -37,7 +37,7 @@
 import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmInfo, dmStatus, parseStatus } from '../devices/dmsetup.js';
+import { dmCreate, dmInfo, dmRemove, dmStatus, dmTable } from '../devices/dmsetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { decodeDev } from '../devices/sysfs.js';
 import { createThin, deleteThin, poolSectors, poolTable } from '../devices/thin.js';
@@ -46,16 +46,17 @@ import { HotplugError, messageOf } from '../hotplug/errors.js';
 import type { StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
-import { thinPoolLockPath } from '../lock/paths.js';
+import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
-import { attachLoop, deviceSectors, detachLoop, devString, dmDevicePath, dmRemove, loopsBacking, type FileId, type LoopInfo } from './cow-devices.js';
+import { detachLoop, loopsBacking, type LoopInfo } from '../devices/losetup.js';
+import { deviceSectors, devString, dmDevicePath, type FileId } from '../devices/sysfs.js';
 import { MAX_STORE_MIB, sizeLikeEnd } from './cow-params.js';
 import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { sizeMiB } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
-import { addBaseRef, addDm, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
+import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
@@ -163,7 +164,8 @@ export interface PersistentVolume {
   base: { file: string; dev: string; ino: string };
 }
 
-export function readVolumes(file: string): Record<string, PersistentVolume> {
+/** One map kept in a small JSON file `{version: 1, <key>: {...}}`; no file means an empty map. */
+function readMap<T>(file: string, key: string): Record<string, T> {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
@@ -171,41 +173,35 @@ export function readVolumes(file: string): Record<string, PersistentVolume> {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
     throw e;
   }
-  const doc = JSON.parse(text) as { volumes?: Record<string, PersistentVolume> };
-  return doc.volumes ?? {};
+  return (JSON.parse(text) as Record<string, Record<string, T> | undefined>)[key] ?? {};
 }
 
-export function writeVolumes(file: string, volumes: Record<string, PersistentVolume>): void {
-  if (Object.keys(volumes).length === 0) {
+/** Replace the file atomically (the caller holds the pool lock); an empty map deletes it. */
+function writeMap<T>(file: string, key: string, map: Record<string, T>): void {
+  if (Object.keys(map).length === 0) {
     rmSync(file, { force: true });
     return;
   }
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify({ version: 1, volumes }, null, 1)}\n`, { mode: 0o600 });
+  writeFileSync(tmp, `${JSON.stringify({ version: 1, [key]: map }, null, 1)}\n`, { mode: 0o600 });
   renameSync(tmp, file);
+}
+
+export function readVolumes(file: string): Record<string, PersistentVolume> {
+  return readMap<PersistentVolume>(file, 'volumes');
+}
+
+export function writeVolumes(file: string, volumes: Record<string, PersistentVolume>): void {
+  writeMap(file, 'volumes', volumes);
 }
 
 /** thin-pool.transient.json: id → the backend path whose add made it. */
 export function readTransientIds(file: string): Record<string, string> {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {};
-    throw e;
-  }
-  const doc = JSON.parse(text) as { ids?: Record<string, string> };
-  return doc.ids ?? {};
+  return readMap<string>(file, 'ids');
 }
 
 function writeTransientIds(file: string, ids: Record<string, string>): void {
-  if (Object.keys(ids).length === 0) {
-    rmSync(file, { force: true });
-    return;
-  }
-  const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify({ version: 1, ids }, null, 1)}\n`, { mode: 0o600 });
-  renameSync(tmp, file);
+  writeMap(file, 'ids', ids);
 }
 
 /** Add or drop one transient id (caller holds the pool lock). */
@@ -253,7 +249,7 @@ export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir
  * (an add holds that lock from journaling its id until the id exists).
  */
 export async function collectThinId(run: Runner, config: Config, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger, id: number): Promise<void> {
-  const lock = await acquireFlock(poolLockPath(config), lockOpts(config, run));
+  const lock = await acquireFlock(poolLockPath(config), lockOptions(config, run));
   try {
     if (!leftoverThinIds(config, journal.list().entries).includes(id)) throw new Error(`thin id ${id} is held by a record now (or no longer listed); left alone`);
     if (!(await dmInfo(run, THIN_POOL_NAME))) throw new Error(`the thin pool ${THIN_POOL_NAME} is not running; the id is deleted when it next starts`);
@@ -318,10 +314,6 @@ export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: stri
 // ---------------------------------------------------------------------------------------------
 // the pool
 
-function lockOpts(config: Config, run: Runner) {
-  return { timeoutMs: config.lockTimeoutMs, runner: run };
-}
-
 function poolLockPath(config: Config): string {
   return thinPoolLockPath(config.stateDir, THIN_POOL_NAME);
 }
@@ -367,9 +359,9 @@ async function poolLoop(run: Runner, config: Config, path: string): Promise<Loop
     xenBlockLockPath(config.xenLockDir),
     async () => {
       const existing = (await loopsBacking(run, id)).find((l) => !l.readOnly && l.offset === 0 && l.sizeLimit === 0);
-      return existing ?? attachLoop(run, path, id, { readOnly: false });
+      return existing ?? attachLoopChecked(run, path, id, { readOnly: false });
     },
-    lockOpts(config, run),
+    lockOptions(config, run),
   );
 }
 
@@ -420,7 +412,7 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   const onDevices = poolOnDevices(config);
   const info = await dmInfo(run, f.name);
   if (info) {
-    const table = parseStatus((await run.run('dmsetup', ['table', f.name])).stdout)[0];
+    const table = await dmTable(run, f.name);
     if (!table || table.target !== 'thin-pool') throw new HotplugError(`block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`);
     const devs = tableDevices(table.params);
     if (onDevices) {
@@ -450,9 +442,7 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   const length = poolSectors(BigInt(deviceSectors(dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`);
   const table = poolTable(length, { major: metaLoop.major, minor: metaLoop.minor }, { major: dataLoop.major, minor: dataLoop.minor }, config.thin.blockKiB);
-  await run.run('dmsetup', ['create', f.name, '--table', table]);
-  const made = await dmInfo(run, f.name);
-  if (!made) throw new Error(`thin pool ${f.name} is missing right after dmsetup create`);
+  const made = await dmCreate(run, f.name, table);
   log.info(`block-thin: created thin pool ${f.name} (${length / 2048n} MiB data, ${Math.round(meta.size / 1048576)} MiB metadata, ${config.thin.blockKiB}K blocks)`);
   return { name: f.name, major: made.major, minor: made.minor, created: true };
 }
@@ -464,8 +454,9 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
   const length = poolSectors(BigInt(deviceSectors(data.major, data.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`);
   const table = poolTable(length, meta, data, config.thin.blockKiB);
+  let made;
   try {
-    await run.run('dmsetup', ['create', name, '--table', table]);
+    made = await dmCreate(run, name, table);
   } catch (e) {
     if (!(e instanceof CommandError)) throw e;
     throw new HotplugError(
@@ -474,8 +465,6 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
       { cause: e },
     );
   }
-  const made = await dmInfo(run, name);
-  if (!made) throw new Error(`thin pool ${name} is missing right after dmsetup create`);
   log.info(`block-thin: started thin pool ${name} on ${config.thin.dataDevice} (${length / 2048n} MiB data) and ${config.thin.metadataDevice} (metadata), ${config.thin.blockKiB}K blocks`);
   return { name, major: made.major, minor: made.minor, created: true };
 }
@@ -521,7 +510,7 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
 }
 
 async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
-  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
     const h = holders(ctx, THIN_STEP.pool, ctx.entry.backendPath);
     if (h.paths.length) {
@@ -556,7 +545,7 @@ async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
   if (id === undefined) return;
   const pool = typeof step.data.pool === 'string' ? step.data.pool : THIN_POOL_NAME;
   const f = poolFiles(ctx.config);
-  const lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
     const key = typeof step.data.key === 'string' ? step.data.key : undefined;
     if (step.data.persistent === true && key) {
@@ -622,7 +611,7 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
       THIN_STEP.pool,
       { pool: f.name, data: f.data, meta: f.meta },
       async () => {
-        lock = await acquireFlock(poolLockPath(ctx.config), lockOpts(ctx.config, ctx.run));
+        lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
         return ensurePool(ctx.run, ctx.config, ctx.log);
       },
       (p) => ({ created: p.created, major: p.major, minor: p.minor }),

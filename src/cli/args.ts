@@ -1,8 +1,19 @@
 /**
  * Command-line options for `xen-blockhooks` commands: `--name value`, `--name=value`, `-x value`,
- * boolean flags, `--` ends options. Unknown options, missing or empty values and numbers outside
- * an option's range are usage errors (exit 2), each naming the option.
+ * `-xvalue`, boolean flags, `--` ends options. Unknown options, missing or empty values and numbers
+ * outside an option's range are usage errors (exit 2), each naming the option.
+ *
+ * Node's own `util.parseArgs` splits the command line; this file only adds what it cannot say:
+ *   - whole numbers and their ranges (`int`, `min`, `max`): parseArgs knows strings and booleans;
+ *   - an argument that looks like a negative number (`grow web xvda -1G`, `--timeout -5`) is an
+ *     argument or a value, as before: strict mode would take `-1G` for the options -1 -G and refuse
+ *     `--timeout -5` as "ambiguous". So parseArgs runs with strict: false and the tokens it returns
+ *     are checked here instead: an option no spec names is refused, a flag given a value is refused,
+ *     an option that needs a value and has none is refused;
+ *   - our messages (`option --timeout must be at least 1 second, not 0`) instead of parseArgs's
+ *     error codes, and "given twice" for an option that may be given once.
  */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { UsageError } from '../hotplug/errors.js';
 
 export interface OptionSpec {
@@ -25,64 +36,61 @@ export interface Parsed {
   positional: string[];
 }
 
+function intValue(spec: OptionSpec, v: string): number {
+  if (!/^\d+$/.test(v)) throw new UsageError(`option --${spec.name} needs a whole number, not "${v}"`);
+  const value = Number(v);
+  const unit = (n: number) => (!spec.unit ? '' : ` ${n === 1 && /^\w{3,}s$/.test(spec.unit) ? spec.unit.slice(0, -1) : spec.unit}`);
+  if (spec.min !== undefined && value < spec.min) throw new UsageError(`option --${spec.name} must be at least ${spec.min}${unit(spec.min)}, not ${v}`);
+  if (spec.max !== undefined && value > spec.max) throw new UsageError(`option --${spec.name} must be at most ${spec.max}${unit(spec.max)}, not ${v}`);
+  return value;
+}
+
 export function parseOptions(argv: readonly string[], specs: readonly OptionSpec[]): Parsed {
-  const options: Parsed['options'] = {};
-  const positional: string[] = [];
-  const byLong = new Map(specs.map((s) => [s.name, s]));
-  const byShort = new Map(specs.filter((s) => s.short).map((s) => [s.short as string, s]));
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i] as string;
-    if (a === '--') {
-      positional.push(...argv.slice(i + 1));
-      break;
-    }
-    let spec: OptionSpec | undefined;
-    let inline: string | undefined;
-    if (a.startsWith('--')) {
-      const eq = a.indexOf('=');
-      const name = eq < 0 ? a.slice(2) : a.slice(2, eq);
-      inline = eq < 0 ? undefined : a.slice(eq + 1);
-      spec = byLong.get(name);
-      if (!spec) throw new UsageError(`unknown option --${name}`);
-    } else if (a.startsWith('-') && a.length > 1 && !/^-\d/.test(a)) {
-      spec = byShort.get(a.slice(1, 2));
-      if (!spec) throw new UsageError(`unknown option ${a}`);
-      if (a.length > 2) inline = a.slice(2);
-    } else {
-      positional.push(a);
+  const byName = new Map(specs.map((s) => [s.name, s]));
+  const options: NonNullable<ParseArgsConfig['options']> = {};
+  for (const s of specs) {
+    options[s.name] = { type: s.type === 'flag' ? 'boolean' : 'string', ...(s.short ? { short: s.short } : {}), ...(s.repeat ? { multiple: true } : {}) };
+  }
+  const { tokens } = parseArgs({ args: [...argv], options, strict: false, allowPositionals: true, tokens: true });
+  const parsed: Parsed = { options: {}, positional: [] };
+  const negativeArgs = new Set<number>();
+  for (const tok of tokens) {
+    if (tok.kind === 'positional') {
+      parsed.positional.push(tok.value);
       continue;
+    }
+    if (tok.kind === 'option-terminator') continue;
+    const spec = byName.get(tok.name);
+    if (!spec) {
+      // `-1G` comes back as the options -1 and -G (one token each, the same index): one argument.
+      const raw = argv[tok.index] as string;
+      if (/^-\d/.test(raw)) {
+        if (!negativeArgs.has(tok.index)) parsed.positional.push(raw);
+        negativeArgs.add(tok.index);
+        continue;
+      }
+      throw new UsageError(`unknown option ${tok.rawName}`);
     }
     let value: string | number | boolean;
     if (spec.type === 'flag') {
-      if (inline !== undefined) throw new UsageError(`option --${spec.name} takes no value`);
+      if (tok.value !== undefined) throw new UsageError(`option --${spec.name} takes no value`);
       value = true;
     } else {
-      let v = inline;
-      if (v === undefined) {
-        if (i + 1 >= argv.length) throw new UsageError(`option --${spec.name} needs a value`);
-        v = argv[++i] as string;
-      }
-      if (spec.type === 'int') {
-        if (!/^\d+$/.test(v)) throw new UsageError(`option --${spec.name} needs a whole number, not "${v}"`);
-        value = Number(v);
-        const unit = (n: number) => (!spec.unit ? '' : ` ${n === 1 && /^\w{3,}s$/.test(spec.unit) ? spec.unit.slice(0, -1) : spec.unit}`);
-        if (spec.min !== undefined && value < spec.min) throw new UsageError(`option --${spec.name} must be at least ${spec.min}${unit(spec.min)}, not ${v}`);
-        if (spec.max !== undefined && value > spec.max) throw new UsageError(`option --${spec.name} must be at most ${spec.max}${unit(spec.max)}, not ${v}`);
-      } else {
-        if (v === '') throw new UsageError(`option --${spec.name} needs a value, not an empty string`);
-        value = v;
-      }
+      if (tok.value === undefined) throw new UsageError(`option --${spec.name} needs a value`);
+      if (spec.type === 'int') value = intValue(spec, tok.value);
+      else if (tok.value === '') throw new UsageError(`option --${spec.name} needs a value, not an empty string`);
+      else value = tok.value;
     }
     if (spec.repeat) {
-      const list = (options[spec.name] as (string | number)[] | undefined) ?? [];
+      const list = (parsed.options[spec.name] as (string | number)[] | undefined) ?? [];
       list.push(value as string | number);
-      options[spec.name] = list;
+      parsed.options[spec.name] = list;
     } else {
-      if (options[spec.name] !== undefined && spec.type !== 'flag') throw new UsageError(`option --${spec.name} given twice`);
-      options[spec.name] = value;
+      if (parsed.options[spec.name] !== undefined && spec.type !== 'flag') throw new UsageError(`option --${spec.name} given twice`);
+      parsed.options[spec.name] = value;
     }
   }
-  return { options, positional };
+  return parsed;
 }
 
 export function str(p: Parsed, name: string): string | undefined {
@@ -95,4 +103,9 @@ export function int(p: Parsed, name: string): number | undefined {
 }
 export function flag(p: Parsed, name: string): boolean {
   return p.options[name] === true;
+}
+/** Every value of a repeatable string option, in the order given (empty when absent). */
+export function strs(p: Parsed, name: string): string[] {
+  const v = p.options[name];
+  return Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : typeof v === 'string' ? [v] : [];
 }

@@ -13,14 +13,17 @@ import { mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { Journal, journalFileName } from '../journal/journal.js';
+import { Journal } from '../journal/journal.js';
 import { undoAll } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { hookNamed } from '../backends/index.js';
-import { dmRemove } from '../backends/cow-devices.js';
-import { lockFileFor, takeInventory, type Inventory, type Row } from './inventory.js';
+import { dmRemove } from '../devices/dmsetup.js';
+import { detachLoop } from '../devices/losetup.js';
+import { disconnectNbd } from '../devices/nbd.js';
+import { takeInventory, type Inventory, type Row } from './inventory.js';
+import { pathLockPath } from '../lock/paths.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 import { removeSnapshot } from '../backends/lvsnap.js';
 import { collectThinId } from '../backends/thin.js';
@@ -116,7 +119,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         const bp = r.backendPath as string;
         const backend = (deps.hooks ?? hookNamed)(r.hook ?? '');
         if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
-        const lockFile = lockFileFor(deps.config, bp, journalFileName);
+        const lockFile = pathLockPath(deps.config.stateDir, bp);
         mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
         const lock = await acquireFlock(lockFile, { timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000), runner: deps.run });
         try {
@@ -139,8 +142,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         await dmRemove(deps.run, (r.device as string).replace('/dev/mapper/', ''), Math.max(deps.config.busyRetryMs, 1000));
         deps.log.info(`gc: removed leaked dm device ${r.device}`);
       } else if (r.kind === 'loop') {
-        const p = await deps.run.probe('losetup', ['-d', r.device as string]);
-        if (p.failed && !/No such device/.test(p.stderr)) throw new Error(`${p.command} failed: ${p.stderr.trim()}`);
+        await detachLoop(deps.run, r.device as string);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
       } else if (r.kind === 'lv') {
         // Judged again now: the domain's next add may have taken the name since the plan was made.
@@ -168,7 +170,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         }
         deps.log.info(`gc: deleted leftover transient store ${r.store}`);
       } else {
-        await deps.run.run('qemu-nbd', ['-d', r.device as string]);
+        await disconnectNbd(deps.run, r.device as string);
         deps.log.info(`gc: disconnected leaked nbd ${r.device}`, { file: r.store });
       }
       results.push({ item, ok: true });

@@ -8,12 +8,13 @@ import { dirname } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { growStore, GrowError, type GrowAction, type GrowSize } from '../grow/index.js';
-import { Journal, journalFileName, type JournalEntry } from '../journal/journal.js';
+import { Journal, type JournalEntry } from '../journal/journal.js';
 import { acquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
 import { notASize, sizeBytes } from '../units/size.js';
 import { humanBytes } from './format.js';
-import { domidOfPath, lockFileFor } from './inventory.js';
+import { domidOfPath } from './inventory.js';
+import { pathLockPath } from '../lock/paths.js';
 
 export { GrowError };
 
@@ -74,7 +75,7 @@ export async function grow(domain: string, vdev: string, sizeArg: string, deps: 
   const size = parseGrowSize(sizeArg);
   const journal = deps.journal ?? new Journal(deps.config.stateDir);
   const entry = findRecord(journal.list().entries, domain, vdev);
-  const lockFile = lockFileFor(deps.config, entry.backendPath, journalFileName);
+  const lockFile = pathLockPath(deps.config.stateDir, entry.backendPath);
   mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
   const lock = await acquireFlock(lockFile, { timeoutMs: 5000, runner: deps.run });
   try {

@@ -35,7 +35,7 @@ import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
 import { LVSNAP_STEP, TAG_TRANSIENT as LVSNAP_TAG_TRANSIENT } from '../backends/lvsnap.js';
 import { leftoverPoolFiles, leftoverThinIds, THIN_POOL_NAME } from '../backends/thin.js';
 import { leftoverClones } from '../backends/rbd.js';
-import { lvsTaggedArgs, parseLvs, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { lvsTagged, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -335,13 +335,7 @@ function leakedThin(config: Config, entries: JournalEntry[], kernel: KernelState
 
 /** block-lvsnap's transient snapshots, every VG; none when LVM is not installed or cannot report. */
 export async function readTransientLvs(run: Runner): Promise<LvInfo[]> {
-  const r = await run.probe('lvm', lvsTaggedArgs(LVSNAP_TAG_TRANSIENT));
-  if (r.failed) return [];
-  try {
-    return parseLvs(r.stdout);
-  } catch {
-    return [];
-  }
+  return lvsTagged(run, LVSNAP_TAG_TRANSIENT);
 }
 
 /**
@@ -383,6 +377,4 @@ function lostSaved(config: Config): Row[] {
     })));
 }
 
-export function lockFileFor(config: Config, backendPath: string, journalFileName: (p: string) => string): string {
-  return join(config.stateDir, 'locks', `path-${journalFileName(backendPath).replace(/\.json$/, '')}`);
-}
+

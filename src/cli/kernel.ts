@@ -5,7 +5,9 @@
  * has no dm devices (`dmAvailable: false`).
  */
 import { readFileSync, readdirSync } from 'node:fs';
-import type { Runner } from '../devices/runner.js';
+import { dmList, dmTablesAndStatus } from '../devices/dmsetup.js';
+import { listLoops, type LoopInfo } from '../devices/losetup.js';
+import { CommandError, type Runner } from '../devices/runner.js';
 
 export interface DmDevice {
   name: string;
@@ -17,13 +19,8 @@ export interface DmDevice {
   status: string[];
 }
 
-export interface LoopDevice {
-  name: string;
-  backFile: string | undefined;
-  major: number;
-  minor: number;
-  readOnly: boolean;
-}
+/** A loop device as status and gc look at it. */
+export type LoopDevice = Pick<LoopInfo, 'name' | 'backFile' | 'major' | 'minor' | 'readOnly'>;
 
 export interface NbdDevice {
   name: string;
@@ -39,10 +36,8 @@ export interface KernelState {
   nbds: NbdDevice[];
 }
 
-const NO_DM = /No such device|Failure to communicate with kernel device-mapper|\/proc\/misc: No entry for device-mapper/;
-
 /** `name: rest` lines → name → rest lines. */
-export function parseNamedLines(text: string): Map<string, string[]> {
+function parseNamedLines(text: string): Map<string, string[]> {
   const out = new Map<string, string[]>();
   for (const line of text.split('\n')) {
     const i = line.indexOf(': ');
@@ -56,57 +51,25 @@ export function parseNamedLines(text: string): Map<string, string[]> {
   return out;
 }
 
-/** `dmsetup info -c --noheadings --separator | -o name,major,minor` output. */
-export function parseDmInfo(text: string): { name: string; major: number; minor: number }[] {
-  const out: { name: string; major: number; minor: number }[] = [];
-  for (const line of text.split('\n')) {
-    const m = /^(.+)\|(\d+)\|(\d+)\s*$/.exec(line.trim());
-    if (m) out.push({ name: m[1] as string, major: Number(m[2]), minor: Number(m[3]) });
-  }
-  return out;
-}
-
-/** `losetup --list --json` output (util-linux 2.38). */
-export function parseLosetupJson(text: string): LoopDevice[] {
-  if (text.trim() === '') return [];
-  const doc = JSON.parse(text) as { loopdevices?: Record<string, unknown>[] };
-  return (doc.loopdevices ?? []).map((d) => {
-    const mm = String(d['maj:min'] ?? '').trim().split(':');
-    const back = d['back-file'];
-    return {
-      name: String(d.name),
-      backFile: typeof back === 'string' ? back : undefined,
-      major: Number(mm[0]),
-      minor: Number(mm[1]),
-      readOnly: d.ro === true || d.ro === '1' || d.ro === 1,
-    };
-  });
-}
-
 export async function readDm(run: Runner): Promise<{ available: boolean; devices: DmDevice[] }> {
-  const info = await run.probe('dmsetup', ['info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor']);
-  if (info.failed) {
-    if (NO_DM.test(info.stderr) || info.exitCode === undefined) return { available: false, devices: [] };
-    throw new Error(`${info.command} failed: ${info.stderr.trim().split('\n').pop() ?? ''}`);
-  }
-  const list = parseDmInfo(info.stdout);
-  if (list.length === 0) return { available: true, devices: [] };
-  const [table, status] = await Promise.all([run.run('dmsetup', ['table']), run.run('dmsetup', ['status'])]);
-  const t = parseNamedLines(table.stdout);
-  const s = parseNamedLines(status.stdout);
+  const list = await dmList(run);
+  if (!list.available || list.devices.length === 0) return { available: list.available, devices: [] };
+  const { tables, status } = await dmTablesAndStatus(run);
+  const t = parseNamedLines(tables);
+  const st = parseNamedLines(status);
   return {
     available: true,
-    devices: list.map((d) => ({ ...d, table: t.get(d.name) ?? [], status: s.get(d.name) ?? [] })),
+    devices: list.devices.map((d) => ({ name: d.name, major: d.major, minor: d.minor, table: t.get(d.name) ?? [], status: st.get(d.name) ?? [] })),
   };
 }
 
 export async function readLoops(run: Runner): Promise<LoopDevice[]> {
-  const r = await run.probe('losetup', ['--list', '--json', '-O', 'NAME,BACK-FILE,MAJ:MIN,RO']);
-  if (r.failed) {
-    if (r.exitCode === undefined) return [];
-    throw new Error(`${r.command} failed: ${r.stderr.trim()}`);
+  try {
+    return await listLoops(run);
+  } catch (e) {
+    if (e instanceof CommandError && e.result.exitCode === undefined) return []; // no losetup here
+    throw e;
   }
-  return parseLosetupJson(r.stdout);
 }
 
 export function readNbds(sysBlock = '/sys/block'): NbdDevice[] {
@@ -147,6 +110,8 @@ export interface Usage {
   used: number | undefined;
   total: number | undefined;
   unit: 'sectors' | 'blocks';
+  /** thin-pool: the data block size in 512-byte sectors, from the table (`… thin-pool META DATA BLOCK …`). */
+  blockSectors?: number;
   /** `Invalid`, `Overflow`, `Merge failed`, `out_of_data_space`, `Fail`… when the target says so. */
   problem: string | undefined;
 }
@@ -179,7 +144,11 @@ export function parseUsage(status: string[], table: string[]): Usage | undefined
     const m = /^(\d+)\/(\d+)$/.exec(rest[2] ?? '');
     const mode = rest[4];
     const problem = mode === 'out_of_data_space' || mode === 'ro' ? mode : undefined;
-    return m ? { target, used: Number(m[1]), total: Number(m[2]), unit: 'blocks', problem } : { target, used: undefined, total: undefined, unit: 'blocks', problem };
+    const block = Number(table[0]?.split(/\s+/)[5]);
+    const blockSectors = Number.isInteger(block) && block > 0 ? { blockSectors: block } : {};
+    return m
+      ? { target, used: Number(m[1]), total: Number(m[2]), unit: 'blocks', problem, ...blockSectors }
+      : { target, used: undefined, total: undefined, unit: 'blocks', problem, ...blockSectors };
   }
   return { target, used: undefined, total: undefined, unit: 'sectors', problem: undefined };
 }

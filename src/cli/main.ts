@@ -14,7 +14,7 @@ import { connectXenstore } from '../xenstore/client.js';
 import { startXenstoreServer } from '../xenstore/server.js';
 import type { XenstoreClient } from '../xenstore/types.js';
 import { HOOKS } from '../backends/index.js';
-import { flag, int, parseOptions, str, type OptionSpec } from './args.js';
+import { flag, int, parseOptions, str, strs, type OptionSpec } from './args.js';
 import { CHECK_HELP, renderCheck, runCheck } from './check.js';
 import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './permission.js';
 import { DiskSpecError, parseDisk } from './diskspec.js';
@@ -22,7 +22,7 @@ import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
-import { STATUS_HELP, renderStatus, rowJson } from './status.js';
+import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
 import { VdevError, vdevToDevid } from './vdev.js';
 import { WATCH_HELP, watch } from './watch.js';
 import { AlreadyRunningError } from '../lock/instance.js';
@@ -32,7 +32,7 @@ export const MAIN_HELP = `Usage: xen-blockhooks COMMAND [options]
 Commands:
   simulate DISKSPEC      play the domain builder for one disk without Xen: write the nodes,
                          run the hook's add, show what it built, run remove, show nothing is left
-  status [--json]        every device the hooks built: domain, vdev, device, store usage, state
+  status [-o F] [-S C]   every device the hooks built, like lvs: domain, vdev, device, usage, state
   gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
@@ -115,7 +115,11 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         { name: 'action', type: 'string' }, { name: 'keep', type: 'flag' }, { name: 'real-xenstore', type: 'flag' },
         { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int', min: 1, max: 3600, unit: 'seconds' }],
     },
-    status: { help: STATUS_HELP, specs: [HELP, { name: 'json', type: 'flag' }] },
+    status: {
+      help: STATUS_HELP,
+      specs: [HELP, { name: 'json', type: 'flag' }, { name: 'options', short: 'o', type: 'string', repeat: true }, { name: 'select', short: 'S', type: 'string', repeat: true },
+        { name: 'units', type: 'string' }, { name: 'noheadings', type: 'flag' }, { name: 'separator', type: 'string' }],
+    },
     gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
     // At most a day: a longer timer overflows Node's 32-bit delay and fires at once.
@@ -210,10 +214,24 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
       case 'status': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        const units = str(p, 'units');
+        const separator = str(p, 'separator');
+        const so: StatusOptions = {
+          json: flag(p, 'json'), fields: strs(p, 'options'), select: strs(p, 'select'), noHeadings: flag(p, 'noheadings'),
+          ...(units !== undefined ? { units } : {}), ...(separator !== undefined ? { separator } : {}),
+        };
+        try {
+          statusPlan(so);
+        } catch (e) {
+          if (e instanceof UsageError) return usage(e.message, cmd);
+          throw e;
+        }
         const xs = await tryConnect();
         try {
           const inv = await inventory('status: reading the journal, xenstore and the kernel', xs);
-          out(renderStatus(inv, flag(p, 'json')));
+          const text = renderStatus(inv, so);
+          if (text !== '') out(text);
+          if (so.noHeadings) for (const w of statusWarnings(inv)) err(w);
           return 0;
         } finally {
           await xs?.close().catch(() => {});

@@ -33,9 +33,9 @@ as libxl (xl syntax) or xend (xm syntax) does, run the hook's add as libxl runs 
 it built and the keys it wrote, then run remove and show that nothing is left.
 
 DISKSPEC, xl syntax (xl-disk-configuration(5); target= takes the rest, spaces and commas included):
-  'vdev=xvda,access=w,script=block-cow,target=/images/base.img 64'
+  'vdev=xvda,access=w,script=block-cow,target=/var/lib/xen/images/base.img 64'
 DISKSPEC, xm syntax (<type>:<params>,<dev>,<mode>; the prefix becomes the backend's type):
-  'cow:/images/base.img 64,xvda,w'
+  'cow:/var/lib/xen/images/base.img 64,xvda,w'
 Several words are joined with spaces, so quoting the spec is optional.
 
 Options:

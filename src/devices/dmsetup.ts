@@ -124,11 +124,11 @@ export interface CreateOptions {
 
 export function createArgs(name: string, table: string, o: CreateOptions = {}): string[] {
   const uuid = o.uuid === undefined ? [] : ['--uuid', checkDmName(o.uuid)];
-  return ['create', checkDmName(name), ...(o.readOnly ? ['--readonly'] : []), ...uuid, '--table', checkTable(table)];
+  return ['create', ...(o.readOnly ? ['--readonly'] : []), ...uuid, '--table', checkTable(table), '--', checkDmName(name)];
 }
 
-export function removeArgs(name: string, o: { retry?: boolean } = {}): string[] {
-  return ['remove', ...(o.retry ? ['--retry'] : []), checkDmName(name)];
+export function removeArgs(name: string): string[] {
+  return ['remove', '--', checkDmName(name)];
 }
 
 export function suspendArgs(name: string, o: { noFlush?: boolean } = {}): string[] {
@@ -160,8 +160,14 @@ export function tableArgs(name?: string): string[] {
 
 export const INFO_COLUMNS = 'name,major,minor,open,attr';
 
-export function infoArgs(name?: string): string[] {
-  return ['info', '-c', '--noheadings', '-o', INFO_COLUMNS, ...(name === undefined ? [] : [checkDmName(name)])];
+/** Every device, one line each (parseInfo). */
+export function infoArgs(): string[] {
+  return ['info', '-c', '--noheadings', '-o', INFO_COLUMNS];
+}
+
+/** One device, with its uuid: `name|major|minor|open|uuid` (dmInfo). */
+export function infoOneArgs(name: string): string[] {
+  return ['info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor,open,uuid', '--', checkDmName(name)];
 }
 
 export function lsArgs(): string[] {
@@ -347,47 +353,95 @@ export function parseLs(text: string): { name: string; major: number; minor: num
 // The last alternative is a kernel without device-mapper at all: then no dm device can exist
 // either, so a remove or an info of one has nothing to find (an add fails before it built one).
 const NOT_THERE = /No such device or address|^Device .* not found$|Device does not exist|Failure to communicate with kernel device-mapper driver/m;
-const BUSY = /Device or resource busy/;
+const BUSY = /busy/i;
+const NO_DM = /No such device|Failure to communicate with kernel device-mapper|\/proc\/misc: No entry for device-mapper/;
 
 export function isNoSuchDevice(stderr: string): boolean {
   return NOT_THERE.test(stderr);
 }
 
-/** Info of one device, or null when it does not exist. */
-export async function dmInfo(run: Runner, name: string): Promise<DmInfo | null> {
-  const r = await run.probe('dmsetup', infoArgs(name));
+/** One device as dmInfo reports it. */
+export interface DmDevice {
+  name: string;
+  major: number;
+  minor: number;
+  open: number;
+  uuid: string;
+}
+
+/** `dmsetup info` of one device (infoOneArgs), or undefined when there is no such device. */
+export async function dmInfo(run: Runner, name: string): Promise<DmDevice | undefined> {
+  const r = await run.probe('dmsetup', infoOneArgs(name));
   if (r.failed) {
-    if (isNoSuchDevice(r.stderr)) return null;
+    if (isNoSuchDevice(r.stderr) || /does not exist/i.test(r.stderr)) return undefined;
     throw new CommandError(r);
   }
-  return parseInfo(r.stdout)[0] ?? null;
+  const f = r.stdout.trim().split('|');
+  if (f.length < 5 || !/^\d+$/.test(f[1] ?? '') || !/^\d+$/.test(f[2] ?? '')) throw new Error(`dmsetup info ${name}: cannot read "${r.stdout.trim()}"`);
+  return { name: f[0] as string, major: Number(f[1]), minor: Number(f[2]), open: Number(f[3]) || 0, uuid: f.slice(4).join('|') };
+}
+
+/** Every device (infoArgs), or `available: false` on a kernel without device-mapper. */
+export async function dmList(run: Runner): Promise<{ available: boolean; devices: DmInfo[] }> {
+  const r = await run.probe('dmsetup', infoArgs());
+  if (r.failed) {
+    if (NO_DM.test(r.stderr) || r.exitCode === undefined) return { available: false, devices: [] };
+    throw new Error(`${r.command} failed: ${r.stderr.trim().split('\n').pop() ?? ''}`);
+  }
+  return { available: true, devices: parseInfo(r.stdout) };
 }
 
 export async function dmStatus(run: Runner, name: string): Promise<StatusLine[]> {
   return parseStatus((await run.run('dmsetup', statusArgs(name))).stdout);
 }
 
-export async function dmCreate(run: Runner, name: string, table: string, o?: CreateOptions): Promise<void> {
+/** The device's table (its first line), or undefined when it has none. */
+export async function dmTable(run: Runner, name: string): Promise<StatusLine | undefined> {
+  return parseStatus((await run.run('dmsetup', tableArgs(name))).stdout)[0];
+}
+
+/** `dmsetup table` and `dmsetup status` of every device, by name. */
+export async function dmTablesAndStatus(run: Runner): Promise<{ tables: string; status: string }> {
+  const [t, st] = await Promise.all([run.run('dmsetup', tableArgs()), run.run('dmsetup', statusArgs())]);
+  return { tables: t.stdout, status: st.stdout };
+}
+
+/** Load `table` into the device's inactive slot and resume it: the new table goes live. */
+export async function dmReload(run: Runner, name: string, table: string): Promise<void> {
+  await run.run('dmsetup', reloadArgs(name, table));
+  await run.run('dmsetup', resumeArgs(name));
+}
+
+/** Create the device and return its info (it must be there right after). */
+export async function dmCreate(run: Runner, name: string, table: string, o: CreateOptions = {}): Promise<DmDevice> {
   await run.run('dmsetup', createArgs(name, table, o));
+  const info = await dmInfo(run, name);
+  if (!info) throw new Error(`dm device ${name} is missing right after dmsetup create`);
+  return info;
+}
+
+/** `dmsetup message NAME SECTOR WORDS…` through probe: the caller reads the outcome. */
+export async function dmMessage(run: Runner, name: string, sector: number, ...words: string[]) {
+  return run.probe('dmsetup', messageArgs(name, sector, ...words));
 }
 
 /**
- * `dmsetup remove NAME`, retried while the device is busy (blkback drops its reference
- * asynchronously after the backend reaches Closed) until `timeoutMs`. A device that does not
- * exist counts as removed (teardown is idempotent). Resolves true if it removed something.
+ * Remove dm device `name`, retrying while it is busy (blkback lets go of a device
+ * asynchronously) for up to `busyRetryMs`. A device that is already gone is fine.
  */
-export async function removeDm(run: Runner, name: string, o: { timeoutMs?: number; intervalMs?: number } = {}): Promise<boolean> {
-  const deadline = Date.now() + (o.timeoutMs ?? 10_000);
-  let wait = o.intervalMs ?? 100;
-  for (;;) {
-    const r = await run.probe('dmsetup', removeArgs(name), { timeoutMs: Math.max(1000, deadline - Date.now() + 1000) });
-    if (!r.failed) return true;
-    if (isNoSuchDevice(r.stderr)) return false;
-    if (!BUSY.test(r.stderr)) throw new CommandError(r);
-    if (Date.now() + wait > deadline) {
-      throw new Error(`dmsetup remove ${name}: device still busy after ${o.timeoutMs ?? 10_000} ms (something still has it open)`, { cause: new CommandError(r) });
+export async function dmRemove(run: Runner, name: string, busyRetryMs: number): Promise<void> {
+  const deadline = Date.now() + busyRetryMs;
+  for (let delay = 50; ; delay = Math.min(delay * 2, 500)) {
+    const r = await run.probe('dmsetup', removeArgs(name));
+    if (!r.failed) return;
+    if (isNoSuchDevice(r.stderr) || /does not exist/i.test(r.stderr)) {
+      if (!(await dmInfo(run, name))) return;
     }
-    await sleep(wait);
-    wait = Math.min(wait * 2, 1000);
+    if (!BUSY.test(r.stderr) || Date.now() >= deadline) {
+      const e = new CommandError(r);
+      if (BUSY.test(r.stderr)) throw new Error(`${e.message} (still busy after ${busyRetryMs} ms: something, e.g. blkback, still has it open)`);
+      throw e;
+    }
+    await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));
   }
 }

@@ -234,3 +234,41 @@ export async function lvRemove(run: Runner, r: LvRef): Promise<boolean> {
   if (isLvNotFound(res.stderr)) return false;
   throw new CommandError(res);
 }
+
+/** Activate an LV, ignoring the activation-skip flag. */
+export async function lvActivate(run: Runner, r: LvRef): Promise<void> {
+  await run.run('lvm', lvActivateArgs(r));
+}
+
+/** `lvcreate -s` (lvcreateSnapshotArgs). */
+export async function lvCreateSnapshot(run: Runner, origin: LvRef, name: string, cowMiB: number | undefined, o: { addTag?: string } = {}): Promise<void> {
+  await run.run('lvm', lvcreateSnapshotArgs(origin, name, cowMiB, o), { timeoutMs: 30_000 });
+}
+
+/** `lvextend` of an LV by `addMiB` (lvextendArgs). */
+export async function lvExtendBy(run: Runner, r: LvRef, addMiB: number): Promise<void> {
+  await run.run('lvm', lvextendArgs(r, addMiB), { timeoutMs: 60_000 });
+}
+
+/** `lvextend -L <bytes>b DEVICE`: an LV given by its device path, to a total size (LVM rounds up to whole extents). */
+export async function lvExtendTo(run: Runner, device: string, bytes: number): Promise<void> {
+  if (!Number.isSafeInteger(bytes) || bytes < 1) throw new Error(`lvextend: size must be a whole number of bytes, got ${bytes}`);
+  if (!device.startsWith('/')) throw new Error(`lvextend: the device must be an absolute path: ${JSON.stringify(device)}`);
+  await run.run('lvm', ['lvextend', '-q', '-L', `${bytes}b`, '--', device]);
+}
+
+/** Every LV tagged `tag` (lvsTaggedArgs); none when LVM is not installed or cannot report. */
+export async function lvsTagged(run: Runner, tag: string): Promise<LvInfo[]> {
+  const r = await run.probe('lvm', lvsTaggedArgs(tag));
+  if (r.failed) return [];
+  try {
+    return parseLvs(r.stdout);
+  } catch {
+    return [];
+  }
+}
+
+/** `lvextend --poolmetadatasize +<n>m VG/POOL`: a thin pool LV's metadata. */
+export async function lvExtendPoolMetadataBy(run: Runner, pool: LvRef, addMiB: number): Promise<void> {
+  await run.run('lvm', ['lvextend', '-q', '--poolmetadatasize', `+${checkMiB(addMiB, 'extension')}`, '--', lvPath(pool)], { timeoutMs: 60_000 });
+}

@@ -208,3 +208,8 @@ export async function disconnectOurs(run: Runner, t: DisconnectTarget, waitMs: n
   if (servedByUs()) throw new Error(`${t.device} is still connected after its qemu-nbd exited`);
   rmSync(t.pidFile, { force: true });
 }
+
+/** `qemu-nbd --disconnect DEV`: the daemon serving it then exits. */
+export async function disconnectNbd(run: Runner, device: string): Promise<void> {
+  await run.run('qemu-nbd', qemuNbdDisconnectArgs(device));
+}

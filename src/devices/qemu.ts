@@ -11,6 +11,7 @@
  * (a base shared by other domains), and without -U qemu-img refuses with "Failed to get shared
  * 'write' lock". Only metadata is read.
  */
+import type { RunResult, Runner } from './runner.js';
 
 /** Formats an image may have. Anything else (vvfat, dmg, luks, a protocol…) is refused. */
 export const KNOWN_FORMATS = ['raw', 'qcow2', 'qcow', 'qed', 'vmdk', 'vdi', 'vhdx', 'vpc'] as const;
@@ -146,4 +147,19 @@ export function parseQemuImgInfo(json: string): ImageInfo[] {
 /** qemu refused because another process holds the image's lock (qemu's own sharing check). */
 export function isQemuLockConflict(stderr: string): boolean {
   return /Failed to get (shared )?"?'?\w+"?'? lock|Is another process using the image/.test(stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Over a Runner: each returns the command's result (errors as values), for the caller to explain.
+
+export function qemuImgInfo(run: Runner, image: string, opts: InfoOptions = {}): Promise<RunResult> {
+  return run.probe('qemu-img', qemuImgInfoArgs(image, opts));
+}
+
+export function qemuImgCreateOverlay(run: Runner, overlay: string, base: string, baseFormat: string): Promise<RunResult> {
+  return run.probe('qemu-img', qemuImgCreateOverlayArgs(overlay, base, baseFormat));
+}
+
+export function qemuNbdConnect(run: Runner, o: NbdConnectOptions, timeoutMs: number): Promise<RunResult> {
+  return run.probe('qemu-nbd', qemuNbdConnectArgs(o), { timeoutMs });
 }

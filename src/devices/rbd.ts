@@ -10,6 +10,7 @@
  * which object was missing: `rbd: error opening pool 'x'`, `rbd: error opening image x`,
  * `error setting snapshot context`.
  */
+import type { RunResult, Runner } from './runner.js';
 
 /** Pool, image and snapshot names accepted by the hooks: a strict subset of what Ceph allows. */
 export const RBD_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$/;
@@ -233,4 +234,9 @@ export function rbdReason(stderr: string): string {
     .filter((l) => l !== '' && !/\d+% complete/.test(l));
   const own = lines.filter((l) => /^rbd:/.test(l) || /^error /.test(l));
   return (own.pop() ?? lines.pop() ?? '').replace(/^rbd:\s*/, '');
+}
+
+/** One `rbd` command (argv from the builders above); its result, failed or not, for the caller to explain. */
+export function rbdCommand(run: Runner, args: string[], timeoutMs: number): Promise<RunResult> {
+  return run.probe('rbd', args, { timeoutMs });
 }

@@ -8,6 +8,7 @@
  *   - device-mapper tables, losetup and /sys/dev/block: decimal `maj:min` (`decimalDevice`).
  * Compare numbers, never strings.
  */
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { readdir, readFile, readlink, stat } from 'node:fs/promises';
 
 export interface MajorMinor {
@@ -154,4 +155,56 @@ export async function kernelName(mm: MajorMinor, sysRoot = '/sys'): Promise<stri
   } catch {
     return null;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synchronous readers for the hooks' hot path, and file identities as losetup prints them
+
+/** Where sysfs is mounted for the synchronous readers; host tests with a recording runner point it at a fake tree. */
+export const sysfs = { root: '/sys' };
+
+/** A file's identity as losetup reports a loop's backing file: its filesystem's decimal `major:minor`, and its inode. */
+export interface FileId {
+  /** major:minor of the filesystem holding the file, decimal, e.g. `254:0`. */
+  dev: string;
+  ino: string;
+}
+
+/** dev_t → decimal `major:minor`. */
+export function devString(dev: bigint): string {
+  return decimalDevice(decodeDev(dev));
+}
+
+/** Decimal `major:minor` → dev_t (what Node's stat reports as `dev`): the inverse of devString. */
+export function devT(dev: string): bigint {
+  return encodeDev(parseDecimalDevice(dev));
+}
+
+export function fileIdOf(path: string): FileId {
+  const st = statSync(path, { bigint: true });
+  return { dev: devString(st.dev), ino: st.ino.toString() };
+}
+
+export function fileIdKey(id: FileId): string {
+  return `${id.dev}:${id.ino}`;
+}
+
+/** Size in 512-byte sectors of block device `major:minor`. */
+export function deviceSectors(major: number, minor: number): number {
+  const text = readFileSync(`${sysfs.root}/dev/block/${major}:${minor}/size`, 'utf8').trim();
+  if (!/^\d+$/.test(text)) throw new Error(`/sys/dev/block/${major}:${minor}/size holds "${text}"`);
+  return Number(text);
+}
+
+/** The path to hand out for a dm device: /dev/mapper/NAME when udev (or dmsetup) made it, else /dev/dm-MINOR. */
+export function dmDevicePath(name: string, minor: number, major: number): string {
+  const mapper = `/dev/mapper/${name}`;
+  try {
+    const st = statSync(mapper, { bigint: true });
+    if (st.isBlockDevice() && devString(st.rdev) === `${major}:${minor}`) return mapper;
+  } catch {
+    // no node: no udev
+  }
+  const dm = `/dev/dm-${minor}`;
+  return existsSync(dm) ? dm : mapper;
 }

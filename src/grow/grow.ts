@@ -16,18 +16,17 @@
  */
 import { lstatSync, statSync, truncateSync } from 'node:fs';
 import type { Config } from '../config/config.js';
-import { dmInfo, dmStatus, parseSnapshotStatus, parseStatus, reloadArgs, resumeArgs, type SnapshotStatus } from '../devices/dmsetup.js';
-import { listLoops, resizeLoop } from '../devices/losetup.js';
-import { lvextendArgs, lvInfo, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { dmInfo, dmReload, dmStatus, dmTable, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
+import { loopsBacking, resizeLoop } from '../devices/losetup.js';
+import { lvExtendBy, lvExtendPoolMetadataBy, lvExtendTo, lvInfo, type LvInfo, type LvRef } from '../devices/lvm.js';
 import type { Runner } from '../devices/runner.js';
-import { decodeDev } from '../devices/sysfs.js';
+import { deviceSectors, devString, fileIdOf } from '../devices/sysfs.js';
 import { poolSectors, poolStatus, poolUsage, type PoolUsage } from '../devices/thin.js';
 import type { JournalEntry } from '../journal/journal.js';
 import { acquireFlock } from '../lock/flock.js';
-import { thinPoolLockPath } from '../lock/paths.js';
+import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { LVSNAP_STEP } from '../backends/lvsnap.js';
-import { deviceSectors } from '../backends/cow-devices.js';
 import { poolDevice, poolFiles, poolOnDevices, THIN_POOL_NAME, THIN_STEP } from '../backends/thin.js';
 
 export class GrowError extends Error {
@@ -114,18 +113,15 @@ export async function growCowStore(entry: JournalEntry, size: GrowSize | undefin
   if (s.state !== 'active') throw new GrowError(droppedMessage(p.dmName, s));
   const st = lstatSync(p.storeFile, { bigint: true });
   if (!st.isFile()) throw new GrowError(`${p.storeFile} is not a regular file`);
-  const loops = (await listLoops(deps.run)).filter((l) => {
-    const d = decodeDev(st.dev);
-    return l.backingDev === `${d.major}:${d.minor}` && l.backingIno === st.ino;
-  });
-  const loop = loops.find((l) => l.device === p.loop) ?? loops[0];
+  const loops = await loopsBacking(deps.run, { dev: devString(st.dev), ino: st.ino.toString() });
+  const loop = loops.find((l) => l.name === p.loop) ?? loops[0];
   if (!loop) throw new GrowError(`no loop device serves the store ${p.storeFile} of ${entry.backendPath}`);
   const before = Number(st.size);
   const after = targetBytes(before, size, deps.config.watch.stepPercent, MiB);
   if (after <= before) throw new GrowError(`${p.storeFile} is already ${human(before)}; ${human(after)} is not larger (stores never shrink)`);
   truncateSync(p.storeFile, after);
-  await resizeLoop(deps.run, loop.device);
-  deps.log.info(`grow ${entry.backendPath} (${label(entry)}): store ${p.storeFile} ${human(before)} → ${human(after)}, ${loop.device} re-read`, { action: 'grow', kind: 'cow-store' });
+  await resizeLoop(deps.run, loop.name);
+  deps.log.info(`grow ${entry.backendPath} (${label(entry)}): store ${p.storeFile} ${human(before)} → ${human(after)}, ${loop.name} re-read`, { action: 'grow', kind: 'cow-store' });
   return { backendPath: entry.backendPath, script: entry.script, kind: 'cow-store', target: p.storeFile, beforeBytes: before, afterBytes: after };
 }
 
@@ -134,21 +130,17 @@ export async function growCowStore(entry: JournalEntry, size: GrowSize | undefin
 
 function loopOf(run: Runner, file: string) {
   return async () => {
-    const st = statSync(file, { bigint: true });
-    const d = decodeDev(st.dev);
-    const l = (await listLoops(run)).find((x) => x.backingDev === `${d.major}:${d.minor}` && x.backingIno === st.ino);
+    const l = (await loopsBacking(run, fileIdOf(file)))[0];
     if (!l) throw new GrowError(`no loop device serves the pool file ${file}`);
-    return l.device;
+    return l.name;
   };
 }
 
 /** Reload the pool's own table with `length` sectors (or unchanged) and resume: the pool picks up both devices' sizes. */
 async function reloadPool(run: Runner, name: string, length?: bigint): Promise<void> {
-  const t = parseStatus((await run.run('dmsetup', ['table', name])).stdout)[0];
+  const t = await dmTable(run, name);
   if (!t || t.target !== 'thin-pool') throw new GrowError(`${name} is not a thin pool`);
-  const table = `0 ${length ?? t.length} thin-pool ${t.params}`;
-  await run.run('dmsetup', reloadArgs(name, table));
-  await run.run('dmsetup', resumeArgs(name));
+  await dmReload(run, name, `0 ${length ?? t.length} thin-pool ${t.params}`);
 }
 
 /**
@@ -157,7 +149,7 @@ async function reloadPool(run: Runner, name: string, length?: bigint): Promise<v
  */
 export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | undefined, deps: GrowDeps, who = 'pool'): Promise<GrowAction> {
   const f = poolFiles(deps.config);
-  const lock = await acquireFlock(thinPoolLockPath(deps.config.stateDir, THIN_POOL_NAME), { timeoutMs: deps.config.lockTimeoutMs, runner: deps.run });
+  const lock = await acquireFlock(thinPoolLockPath(deps.config.stateDir, THIN_POOL_NAME), lockOptions(deps.config, deps.run));
   try {
     if (!(await dmInfo(deps.run, f.name))) throw new GrowError(`the thin pool ${f.name} is not running`);
     const s = await poolStatus(deps.run, f.name);
@@ -198,7 +190,7 @@ async function growPoolDevice(part: 'data' | 'metadata', size: GrowSize | undefi
   let after = targetBytes(before, size, deps.config.watch.stepPercent, align);
   if (part === 'metadata') after = Math.min(after, THIN_METADATA_MAX_BYTES);
   if (after <= before) throw new GrowError(`the pool's ${part} device ${device} is already ${human(before)}; ${human(after)} is not larger${part === 'metadata' && before >= THIN_METADATA_MAX_BYTES ? ' (dm-thin\'s metadata limit)' : ''}`);
-  await deps.run.run('lvm', ['lvextend', '-q', '-L', `${after}b`, '--', device]);
+  await lvExtendTo(deps.run, device, after);
   const grown = bytesOf();
   await reloadPool(deps.run, f.name, part === 'data' ? poolSectors(grown, deps.config.thin.blockKiB) : undefined);
   const u = poolUsage(await poolStatus(deps.run, f.name));
@@ -244,8 +236,8 @@ export async function growLv(entry: JournalEntry, size: GrowSize | undefined, de
   const add = size === undefined ? Math.max(MiB, Math.ceil((before * deps.config.watch.stepPercent) / 100)) : size.relative ? size.bytes : size.bytes - before;
   if (add <= 0) throw new GrowError(`${target.vg}/${target.lv} is already ${human(before)}; ${human(size?.bytes ?? 0)} is not larger`);
   const addMiB = Math.ceil(add / MiB);
-  const args = part === 'metadata' ? ['lvextend', '-q', '--poolmetadatasize', `+${addMiB}m`, '--', `${target.vg}/${target.lv}`] : lvextendArgs(target, addMiB);
-  await deps.run.run('lvm', args, { timeoutMs: 60_000 });
+  if (part === 'metadata') await lvExtendPoolMetadataBy(deps.run, target, addMiB);
+  else await lvExtendBy(deps.run, target, addMiB);
   const now = await lvInfo(deps.run, target);
   const after = now ? Number(now.sizeBytes) : before + addMiB * MiB;
   const kind = !thin ? 'lv' : part === 'data' ? 'lv-pool-data' : 'lv-pool-metadata';

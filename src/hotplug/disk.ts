@@ -54,7 +54,7 @@ export async function readDisk(xs: XsOps, path: string): Promise<DiskSpec> {
     ['params', 'mode', 'frontend-id', 'dev', 'type', 'state'].map((k) => xs.tryRead(`${path}/${k}`)),
   );
   if (params === undefined || params.trim() === '') {
-    throw new HotplugError(`${path}/params is missing or empty: the disk has no target; give the disk a target= (e.g. target=/images/base.img 64).`);
+    throw new HotplugError(`${path}/params is missing or empty: the disk has no target; give the disk a target= (e.g. target=/var/lib/xen/images/base.img 64).`);
   }
   if (mode === undefined) throw new HotplugError(`${path}/mode is missing: the toolstack did not say whether the disk is r or w.`);
   const frontendId = fid !== undefined && /^\d+$/.test(fid) ? Number(fid) : undefined;

@@ -18,7 +18,7 @@ import { ConfigError, loadConfig, type Config } from '../config/config.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { shortageOf } from '../devices/shortage.js';
 import { execRunner } from '../devices/exec.js';
-import { Journal, journalFileName, processAlive, type JournalEntry } from '../journal/journal.js';
+import { Journal, processAlive, type JournalEntry } from '../journal/journal.js';
 import { Build, undoAll } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { createLogger, type Logger } from '../log/logger.js';
@@ -33,6 +33,7 @@ import { adoptSaved, claimedStores, holdReason, holdRecord, isIncoming, keepClai
 import { reportFailure, reportSuccess } from './report.js';
 import { checkBackendPath, parseArgs, type HotplugRequest } from './request.js';
 import { helpText } from './help.js';
+import { lockOptions, pathLockPath } from '../lock/paths.js';
 
 export interface RuntimeDeps {
   connect?: () => Promise<XenstoreClient>;
@@ -122,15 +123,11 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
   }
 }
 
-function pathLock(config: Config, xenbusPath: string): string {
-  return join(config.stateDir, 'locks', `path-${journalFileName(xenbusPath).replace(/\.json$/, '')}`);
-}
-
 /** The lock held around the whole add or remove (Backend.lockScope). */
 async function lockPath(e: Env): Promise<HeldLock> {
   if (e.backend.lockScope === 'xen-block') return takeXenBlockLock(e.req.xenbusPath, e.config, e.run);
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
-  return acquireFlock(pathLock(e.config, e.req.xenbusPath), { timeoutMs: e.config.lockTimeoutMs, runner: e.run });
+  return acquireFlock(pathLockPath(e.config.stateDir, e.req.xenbusPath), lockOptions(e.config, e.run));
 }
 
 async function fail(e: Env, xs: XenstoreClient, error: unknown): Promise<number> {

@@ -79,8 +79,8 @@ function setup(t: { teardown(f: () => void): void }) {
     ],
   });
   const run = recorder({
-    'dmsetup info -c --noheadings --separator | -o name,major,minor':
-      'xbh-cow-web-xvda-51712|254|0\nxbh-cow-db-xvda-51712|254|1\nxbh-cow-mail-xvda-51712|254|2\nxbh-cow-old-xvdb-51728|254|5\nvg0-root|254|9\n',
+    'dmsetup info -c --noheadings -o name,major,minor,open,attr':
+      'xbh-cow-web-xvda-51712:254:0:1:L--w\nxbh-cow-db-xvda-51712:254:1:1:L--w\nxbh-cow-mail-xvda-51712:254:2:1:L--w\nxbh-cow-old-xvdb-51728:254:5:0:L--w\nvg0-root:254:9:1:L--w\n',
     'dmsetup table':
       'xbh-cow-web-xvda-51712: 0 131072 snapshot 7:0 7:1 N 128\nxbh-cow-db-xvda-51712: 0 131072 snapshot 7:0 7:2 N 128\n' +
       'xbh-cow-mail-xvda-51712: 0 131072 snapshot 7:0 7:3 N 128\nxbh-cow-old-xvdb-51728: 0 131072 snapshot 7:7 7:8 N 128\nvg0-root: 0 2097152 linear 8:2 2048\n',
@@ -88,7 +88,7 @@ function setup(t: { teardown(f: () => void): void }) {
       `xbh-cow-web-xvda-51712: 0 131072 snapshot 2072/8192 24\nxbh-cow-db-xvda-51712: 0 131072 snapshot 16/8192 16\n` +
       `xbh-cow-mail-xvda-51712: ${fixture('dmsetup-1.02.185-k6.1-status-snapshot-invalid.txt').trim()}\n` +
       'xbh-cow-old-xvdb-51728: 0 131072 snapshot 4096/8192 16\nvg0-root: 0 2097152 linear \n',
-    'losetup --list --json -O NAME,BACK-FILE,MAJ:MIN,RO': loops,
+    'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT': loops,
   });
   const xs = fakeXs({
     '/local/domain/0/backend/vbd/1/51712/state': '4', '/local/domain/1/name': 'web',
@@ -131,13 +131,16 @@ t.test('status: every state from journal, xenstore and kernel', async (t) => {
   const web = inv.rows.find((r) => r.domain === 'web');
   t.match(web, { domid: 1, vdev: 'xvda', hook: 'block-cow', majmin: '254:0', base: '/srv/xen/base.img', store: '/var/lib/xen-blockhooks/web.cow' });
   t.match(web?.usage, { used: 2072, total: 8192 });
-  const text = renderStatus(inv, false);
-  t.match(text, /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+MAJ:MIN\s+BASE\s+STORE\s+USED\/SIZE\s+USE%\s+STATE/);
-  t.match(text, /1\s+web\s+xvda\s+block-cow\s+\/dev\/dm-0\s+254:0\s+\/srv\/xen\/base\.img\s+\/var\/lib\/xen-blockhooks\/web\.cow\s+1\.0M\/4\.0M\s+25\.3%\s+active/);
+  const text = renderStatus(inv);
+  t.match(text, /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+SIZE\s+USE%\s+STATE\n/, 'the default fields');
+  t.match(text, /\n1\s+web\s+xvda\s+block-cow\s+dm-0\s+4\.0M\s+25\.3%\s+active\n/);
   t.match(text, /dm-1: orphan: domain 2 no longer exists|dm-1: orphan: backend backend\/vbd\/2\/51712 no longer exists/);
-  const json = JSON.parse(renderStatus(inv, true));
+  const all = renderStatus(inv, { fields: ['all'] });
+  t.match(all, /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+MAJ:MIN\s+BASE\s+STORE\s+TARGET\s+USED\s+SIZE\s+USE%\s+STATE\s+WHY\s+BACKEND\s+KIND\n/, '-o all: every field');
+  t.match(all, /\n1\s+web\s+xvda\s+block-cow\s+\/dev\/dm-0\s+254:0\s+\/srv\/xen\/base\.img\s+\/var\/lib\/xen-blockhooks\/web\.cow\s+snapshot\s+1\.0M\s+4\.0M\s+25\.3%\s+active\s+-\s+backend\/vbd\/1\/51712\s+record\n/);
+  const json = JSON.parse(renderStatus(inv, { json: true }));
   t.equal(json.devices.length, 7);
-  t.match(json.devices[0], { domid: 1, domain: 'web', percent: 25.3, state: 'active', used: 2072, size: 8192, unit: 'sectors' });
+  t.match(json.devices[0], { domid: 1, domain: 'web', percent: 25.3, state: 'active', used: 2072 * 512, size: 8192 * 512, unit: 'bytes' }, 'JSON sizes are bytes');
 });
 
 t.test('an add in progress is never collected, and nothing is judged without xenstore', async (t) => {
@@ -168,7 +171,7 @@ t.test('gc: plan, then apply through the hook undoers and direct removal', async
   t.equal(journal.load('backend/vbd/2/51712'), undefined, 'its record is gone');
   t.ok(journal.load('backend/vbd/1/51712'), 'the active record is untouched');
   const device = run.calls.filter((c) => !c.startsWith('flock'));
-  t.same(device, ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup -d /dev/loop7', 'losetup -d /dev/loop8'], 'leaked objects removed directly, dm first');
+  t.same(device, ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup --detach /dev/loop7', 'losetup --detach /dev/loop8'], 'leaked objects removed directly, dm first');
 });
 
 t.test('gc: a record from an unknown hook is a named failure, the others still go', async (t) => {
@@ -187,6 +190,12 @@ t.test('the commands: exit codes and output', async (t) => {
   const deps = { config, run, connect: async () => xs, out: (s: string) => out.push(s), err: (s: string) => err.push(s), logger: memoryLogger() };
   t.equal(await cliMain(['status', '--json'], {}, deps), 0);
   t.equal(JSON.parse(out.join('\n')).devices.length, 7);
+  out.length = 0;
+  t.equal(await cliMain(['status', '-S', 'domain=web', '-S', 'hook=block-cow', '-o', 'domid,state,size', '--units', 'k', '--noheadings', '--separator', ':'], {}, deps), 0);
+  t.same(out, ['1:active:4096.00k'], 'status: -S, -o, --units, --noheadings, --separator');
+  out.length = 0;
+  t.equal(await cliMain(['status', '-Sstate=orphan', '-o+why'], {}, deps), 0);
+  t.match(out.join('\n'), /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+SIZE\s+USE%\s+STATE\s+WHY\n2\s+db\s+xvda\s+block-cow\s+\/dev\/dm-1\s+4\.0M\s+0\.2%\s+orphan\s+(domain 2|backend \S+) no longer exists$/);
   out.length = 0;
   t.equal(await cliMain(['gc'], {}, deps), 3, 'gc with something to collect and no --apply exits 3');
   t.match(out.join('\n'), /Plan \(4; run "xen-blockhooks gc --apply"/);

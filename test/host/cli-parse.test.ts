@@ -131,6 +131,14 @@ t.test('options', async (t) => {
   t.throws(() => parseOptions(['--timeout', '3601'], ranged), { message: 'option --timeout must be at most 3600 seconds, not 3601' });
   t.throws(() => parseOptions(['--interval=99'], ranged), { message: 'option --interval must be at least 100 ms, not 99' });
   t.throws(() => parseOptions(['--timeout', '-1'], ranged), { message: 'option --timeout needs a whole number, not "-1"' });
+  // What parseArgs alone would get wrong (src/cli/args.ts says why it runs with strict: false).
+  t.same(parseOptions(['web', '-1G', 'xvda', '-5'], specs), { options: {}, positional: ['web', '-1G', 'xvda', '-5'] }, 'a negative number is an argument, in its place');
+  t.same(parseOptions(['-n', '-web', '--domid=7'], specs).options, { name: '-web', domid: 7 }, 'the word after an option is its value, dash or not');
+  t.throws(() => parseOptions(['-x'], specs), { message: 'unknown option -x' });
+  t.throws(() => parseOptions(['--nope=1'], specs), { message: 'unknown option --nope' });
+  t.throws(() => parseOptions(['-n'], specs), { message: 'option --name needs a value' });
+  const repeated = [{ name: 'o', short: 'o', type: 'string' as const, repeat: true }];
+  t.same(parseOptions(['-o', 'a,b', '-o+c', '--o=d'], repeated).options, { o: ['a,b', '+c', 'd'] }, 'a repeatable option collects its values in order');
 });
 
 t.test('sizes and tables', async (t) => {

@@ -42,6 +42,11 @@ const CASES: [string[], string][] = [
   // status, gc, check, xenstored
   [['status', '--jsn'], 'unknown option --jsn'],
   [['status', 'all'], 'unexpected argument "all"'],
+  [['status', '-o', 'domid,colour'], 'unknown field "colour" (domid, domain, vdev, hook, device, majmin, base, store, target, used, size, percent, state, why, backendPath, kind)'],
+  [['status', '--units', 'q'], '--units must be one of h, b, s, k, m, g, t, not "q"'],
+  [['status', '-S', 'state'], '-S "state": "state" is not FIELD=VALUE, FIELD!=VALUE or FIELD<NUMBER (<, <=, >, >=)'],
+  [['status', '--json', '--noheadings'], '--units, --noheadings and --separator shape the table; --json gives sizes in bytes and has no headings'],
+  [['status', '--separator'], 'option --separator needs a value'],
   [['gc', '--apply', 'now'], 'unexpected argument "now"'],
   [['gc', '-x'], 'unknown option -x'],
   [['check', '--root'], 'option --root needs a value'],

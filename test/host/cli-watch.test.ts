@@ -1,5 +1,6 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
+import { mkdirSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { defaultConfig } from '../../src/config/config.js';
 import { cliMain } from '../../src/cli/main.js';
@@ -26,6 +27,28 @@ t.test('watch --once reports an unreadable record as a problem: exit 1', async (
   t.equal(await cliMain(['watch', '--once'], {}, d), 1);
   t.match(err.join('\n'), /ERROR: .*cannot be read/);
   t.ok(new Journal(dir).list().unreadable.length, 'the record is left for a person to look at');
+});
+
+t.test('the running watch reports a problem once, not on every pass, and forgets a record that went', async (t) => {
+  const dir = t.testdir({ journal: { 'backend~vbd~3~51712.json': '{ broken' } });
+  const { err, d } = deps(dir);
+  let stop!: () => void;
+  const stopSignal = new Promise<void>((res) => { stop = res; });
+  const running = cliMain(['watch', '--interval', '100'], {}, { ...d, stopSignal });
+  const passes = () => d.logger.lines.filter((l) => /watch: started/.test(l.msg)).length;
+  for (let i = 0; i < 200 && passes() === 0; i++) await new Promise((r) => setTimeout(r, 25));
+  await new Promise((r) => setTimeout(r, 600)); // several passes
+  t.equal(err.filter((l) => /^ERROR: .*cannot be read/.test(l)).length, 1, 'stderr: once');
+  t.equal(d.logger.lines.filter((l) => l.level === 'error').length, 1, 'the log: once');
+  unlinkSync(join(dir, 'journal', 'backend~vbd~3~51712.json'));
+  await new Promise((r) => setTimeout(r, 300));
+  mkdirSync(join(dir, 'journal'), { recursive: true });
+  writeFileSync(join(dir, 'journal', 'backend~vbd~3~51712.json'), '{ broken again');
+  const reported = () => err.filter((l) => /^ERROR: .*cannot be read/.test(l)).length;
+  for (let i = 0; i < 200 && reported() < 2; i++) await new Promise((r) => setTimeout(r, 25));
+  stop();
+  t.equal(await running, 0);
+  t.equal(reported(), 2, 'gone, then back broken: reported again');
 });
 
 t.test('a second watcher exits at once, naming the first', async (t) => {

@@ -9,7 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
-import { devString, sysfs } from '../../src/backends/cow-devices.js';
+import { devString, sysfs } from '../../src/devices/sysfs.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';

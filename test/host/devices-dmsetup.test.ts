@@ -4,8 +4,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { RunResult, Runner } from '../../src/devices/runner.js';
 import {
-  createArgs, dmInfo, errorTable, infoArgs, linearTable, lsArgs, messageArgs, mknodesArgs, parseInfo, parseLs,
-  parseSnapshotStatus, parseStatus, parseThinPoolStatus, parseThinStatus, reloadArgs, removeArgs, removeDm, resumeArgs,
+  createArgs, dmInfo, dmRemove, errorTable, infoArgs, infoOneArgs, linearTable, lsArgs, messageArgs, mknodesArgs, parseInfo, parseLs,
+  parseSnapshotStatus, parseStatus, parseThinPoolStatus, parseThinStatus, reloadArgs, removeArgs, resumeArgs,
   snapshotOriginTable, snapshotTable, statusArgs, suspendArgs, tableArgs, thinPoolTable, thinTable, zeroTable,
 } from '../../src/devices/dmsetup.js';
 
@@ -46,10 +46,9 @@ t.test('table builders', async (t) => {
 
 t.test('argv builders', async (t) => {
   const table = '0 65536 snapshot 7:0 7:1 P 16';
-  t.same(createArgs('xbh-cow-5-51712', table), ['create', 'xbh-cow-5-51712', '--table', table]);
-  t.same(createArgs('x', table, { readOnly: true, uuid: 'XBH-x' }), ['create', 'x', '--readonly', '--uuid', 'XBH-x', '--table', table]);
-  t.same(removeArgs('x'), ['remove', 'x']);
-  t.same(removeArgs('x', { retry: true }), ['remove', '--retry', 'x']);
+  t.same(createArgs('xbh-cow-5-51712', table), ['create', '--table', table, '--', 'xbh-cow-5-51712']);
+  t.same(createArgs('x', table, { readOnly: true, uuid: 'XBH-x' }), ['create', '--readonly', '--uuid', 'XBH-x', '--table', table, '--', 'x']);
+  t.same(removeArgs('x'), ['remove', '--', 'x']);
   t.same(suspendArgs('x'), ['suspend', 'x']);
   t.same(suspendArgs('x', { noFlush: true }), ['suspend', '--noflush', 'x']);
   t.same(resumeArgs('x'), ['resume', 'x']);
@@ -59,7 +58,7 @@ t.test('argv builders', async (t) => {
   t.same(statusArgs(), ['status']);
   t.same(statusArgs(undefined, { target: 'snapshot' }), ['status', '--target', 'snapshot']);
   t.same(tableArgs('x'), ['table', 'x']);
-  t.same(infoArgs('x'), ['info', '-c', '--noheadings', '-o', 'name,major,minor,open,attr', 'x']);
+  t.same(infoOneArgs('x'), ['info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor,open,uuid', '--', 'x']);
   t.same(infoArgs(), ['info', '-c', '--noheadings', '-o', 'name,major,minor,open,attr']);
   t.same(lsArgs(), ['ls']);
   t.same(mknodesArgs(), ['mknodes']);
@@ -149,31 +148,33 @@ function scripted(answers: { exitCode: number; stdout?: string; stderr?: string 
   return { runner, calls };
 }
 
-t.test('removeDm: retries EBUSY within its bound, "no such device" is success', async (t) => {
+t.test('dmRemove: retries EBUSY within its bound, "no such device" is success', async (t) => {
   const busy = { exitCode: 1, stderr: real('remove-busy-stderr') };
   const missing = { exitCode: 1, stderr: real('remove-missing-stderr') };
+  const infoMissing = { exitCode: 1, stderr: real('info-c-missing-stderr') };
 
   const a = scripted([busy, busy, { exitCode: 0 }]);
-  t.equal(await removeDm(a.runner, 'cap-origin', { timeoutMs: 5000, intervalMs: 10 }), true);
-  t.same(a.calls, [['dmsetup', 'remove', 'cap-origin'], ['dmsetup', 'remove', 'cap-origin'], ['dmsetup', 'remove', 'cap-origin']]);
+  await dmRemove(a.runner, 'cap-origin', 5000);
+  t.same(a.calls, [['dmsetup', 'remove', '--', 'cap-origin'], ['dmsetup', 'remove', '--', 'cap-origin'], ['dmsetup', 'remove', '--', 'cap-origin']]);
 
-  const b = scripted([missing]);
-  t.equal(await removeDm(b.runner, 'cap-missing'), false, 'already gone');
+  const b = scripted([missing, infoMissing]);
+  await dmRemove(b.runner, 'cap-missing', 1000);
+  t.same(b.calls.map((c) => c[1]), ['remove', 'info'], 'already gone: checked, and done');
 
   const c = scripted(Array(100).fill(busy));
   const t0 = Date.now();
-  await t.rejects(removeDm(c.runner, 'cap-origin', { timeoutMs: 300, intervalMs: 20 }), /dmsetup remove cap-origin: device still busy after 300 ms/);
+  await t.rejects(dmRemove(c.runner, 'cap-origin', 300), /still busy after 300 ms/);
   t.ok(Date.now() - t0 < 3000, 'gave up near its bound');
   t.ok(c.calls.length >= 2, `retried (${c.calls.length} tries)`);
 
   const d = scripted([{ exitCode: 1, stderr: '/dev/mapper/control: open failed: No such device\nCommand failed.\n' }]);
-  await t.rejects(removeDm(d.runner, 'x'), 'other failures are errors');
+  await t.rejects(dmRemove(d.runner, 'x', 1000), 'other failures are errors');
 });
 
-t.test('dmInfo: null for a missing device', async (t) => {
+t.test('dmInfo: undefined for a missing device; name, numbers, open count and uuid', async (t) => {
   const a = scripted([{ exitCode: 1, stderr: real('info-c-missing-stderr') }]);
-  t.equal(await dmInfo(a.runner, 'cap-missing'), null);
-  const b = scripted([{ exitCode: 0, stdout: real('info-c-open') }]);
-  t.match(await dmInfo(b.runner, 'cap-origin'), { name: 'cap-origin', openCount: 1 });
-  t.same(b.calls[0], ['dmsetup', 'info', '-c', '--noheadings', '-o', 'name,major,minor,open,attr', 'cap-origin']);
+  t.equal(await dmInfo(a.runner, 'cap-missing'), undefined);
+  const b = scripted([{ exitCode: 0, stdout: 'cap-origin|254|2|1|XBH-0123456789abcdef01234567\n' }]);
+  t.same(await dmInfo(b.runner, 'cap-origin'), { name: 'cap-origin', major: 254, minor: 2, open: 1, uuid: 'XBH-0123456789abcdef01234567' });
+  t.same(b.calls[0], ['dmsetup', 'info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor,open,uuid', '--', 'cap-origin']);
 });

@@ -2,7 +2,8 @@
  * watchOnce and growStore over a real journal and a real store file, with a recorded runner that
  * answers `dmsetup status` with the guest kernel's own captured lines: a snapshot past the
  * threshold is grown (file enlarged, `losetup --set-capacity` on its loop, action logged); an
- * Invalid one is reported at error level and left alone; an unknown script is refused.
+ * Invalid one is reported at error level and left alone; an unknown script is refused. With a
+ * memory (the long-running watch), a problem is logged once and a recovery once.
  */
 import t from 'tap';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
@@ -13,7 +14,7 @@ import { defaultConfig, type Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { decodeDev } from '../../src/devices/sysfs.js';
-import { growStore, watchOnce } from '../../src/grow/index.js';
+import { growStore, watchOnce, WatchMemory } from '../../src/grow/index.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
 
@@ -125,4 +126,46 @@ t.test('growStore refuses what it cannot grow', async (t) => {
   await t.rejects(growStore(entry, { relative: false, bytes: 2 * MiB }, { config, run, log: memoryLogger() }), /not larger \(stores never shrink\)/);
   const g = await growStore(entry, { relative: false, bytes: 10 * MiB }, { config, run, log: memoryLogger() });
   t.equal(g.afterBytes, 10 * MiB);
+});
+
+t.test('with a memory a problem is logged once, again only on a change, and a recovery once', async (t) => {
+  const { config, loops } = setup(t);
+  const status = (n: string) => readFileSync(join(FIX, `dmsetup-1.02.185-k6.1-status-snapshot-${n}.txt`), 'utf8');
+  const answers = { status: status('invalid'), loops };
+  const run = recorder(answers);
+  const log = memoryLogger();
+  const memory = new WatchMemory();
+  const errors = () => log.lines.filter((l) => l.level === 'error').map((l) => l.msg);
+  const pass = () => watchOnce(config, run, log, { memory });
+
+  const first = await pass();
+  t.equal(first.news.length, 1, 'the first pass reports the Invalid snapshot');
+  t.equal(errors().length, 1);
+  for (let i = 0; i < 3; i++) {
+    const again = await pass();
+    t.equal(again.problems.length, 1, 'it is still a problem');
+    t.same(again.news, [], 'but not news');
+  }
+  t.equal(errors().length, 1, 'logged once over four passes');
+
+  answers.status = status('overflow');
+  const changed = await pass();
+  t.equal(changed.news.length, 0, 'Overflow is the same finding state (invalid) as Invalid: not news');
+
+  answers.status = status('fresh');
+  const back = await pass();
+  t.equal(back.recovered.length, 1, 'a recovery is reported');
+  t.match(back.recovered[0], { was: 'invalid', finding: { state: 'ok', backendPath: 'backend/vbd/1/51712' } });
+  t.equal(log.lines.filter((l) => l.level === 'info' && /xbh-cow-alpha-xvda-51712 \(backend\/vbd\/1\/51712\) recovered \(was invalid\)/.test(l.msg)).length, 1);
+  const still = await pass();
+  t.same(still.recovered, [], 'and only once');
+
+  answers.status = status('invalid');
+  t.equal((await pass()).news.length, 1, 'broken again: reported again');
+  t.equal(errors().length, 2);
+
+  const plain = memoryLogger();
+  await watchOnce(config, run, plain);
+  await watchOnce(config, run, plain);
+  t.equal(plain.lines.filter((l) => l.level === 'error').length, 2, 'without a memory (--once) every pass reports');
 });

@@ -77,7 +77,7 @@ async function refused(t: Test, h: BlockHarness, c: Case, domid: number): Promis
     const written = h.store.server.store.dump('/').filter(([p, v]) => storeBefore.get(p) !== v).map(([p]) => p);
     t.same(written.filter((p) => p !== `${abs}/hotplug-status` && p !== `${abs}/hotplug-error`), [], `${c.name}: only hotplug-status/-error written`);
     if (t.counts.fail > f0) throw new Error(`${c.name}: ${msg}`);
-  }).catch(() => {});
+  }, () => t.counts.fail).catch(() => {});
   await h.store.xs.rm(be);
 }
 
@@ -124,7 +124,7 @@ t.test('block: hostile XENBUS_PATH is refused before any xenstore write', async 
       t.equal(r.code, 1, `${name}: exit 1`);
       t.match(r.stderr, /refusing to touch xenstore/, `${name}: says it refuses`);
       t.same(h.store.server.store.dump('/').filter(([p, v]) => before.get(p) !== v), [], `${name}: nothing written`);
-    });
+    }, () => t.counts.fail);
   }
   const missing = await h.run('add', '');
   t.not(missing.code, 0, 'XENBUS_PATH empty: refused');

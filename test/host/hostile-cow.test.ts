@@ -13,7 +13,7 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, sta
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
-import { sysfs } from '../../src/backends/cow-devices.js';
+import { sysfs } from '../../src/devices/sysfs.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -166,7 +166,7 @@ async function refused(t: Test, w: World, c: Case, domid: number, deviceFree = t
     t.same(written.filter((p) => p !== `${abs}/hotplug-status` && p !== `${abs}/hotplug-error`), [], `${c.name}: only hotplug-status/-error written to xenstore`);
     if (process.env.HOSTILE_DEBUG) console.error(`## ${c.name}: code ${r.code} ${status}: ${error} :: ${r.log.join(' | ')}`);
     if (t.counts.fail > f0) throw new Error(`${c.name}: ${error ?? r.log.join(' | ')}`);
-  }).catch(() => {});
+  }, () => t.counts.fail).catch(() => {});
   await w.xs.rm(be);
 }
 
@@ -276,7 +276,7 @@ t.test('XENBUS_PATH hostile: refused before a single xenstore write', async (t) 
       t.same(treeChanges(tree, snapshotTree(w.dir), [w.config.stateDir]), [], `${name}: no file created`);
       t.same(ls(join(w.config.stateDir, 'journal')), [], `${name}: no journal record`);
       if (t.counts.fail > f0) throw new Error(`${name}: exit ${r.code}: ${r.stderr}`);
-    }).catch(() => {});
+    }, () => t.counts.fail).catch(() => {});
   }
 });
 
@@ -294,7 +294,7 @@ t.test('xenstore absent or closing mid-transaction', async (t) => {
       t.same(r.runner.calls, [], 'no command ran');
       t.same(treeChanges(tree, snapshotTree(w.dir), [w.config.stateDir]), [], 'nothing created');
       if (t.counts.fail > f0) throw new Error(r.log.join(' | '));
-    }).catch(() => {});
+    }, () => t.counts.fail).catch(() => {});
   }
   {
     const r = await runCow(w, 'remove', { XENBUS_PATH: be }, { connect: () => connectXenstore({ path: join(w.dir, 'no-such.sock'), timeoutMs: 1000 }) });
@@ -303,7 +303,7 @@ t.test('xenstore absent or closing mid-transaction', async (t) => {
       t.equal(r.code, 0, 'remove without xenstore and without a record is a no-op');
       t.same(r.runner.deviceCalls(), [], 'no device command');
       if (t.counts.fail > f0) throw new Error(r.log.join(' | '));
-    }).catch(() => {});
+    }, () => t.counts.fail).catch(() => {});
   }
   // The connection dies when the hook starts its success transaction: everything built is undone.
   {
@@ -335,7 +335,7 @@ t.test('xenstore absent or closing mid-transaction', async (t) => {
       t.same(ls(w.config.storeDir), [], 'no store');
       t.equal(sha256(w.base), sumBefore, 'base unchanged');
       if (t.counts.fail > f0) throw new Error(r.log.join(' | '));
-    }).catch(() => {});
+    }, () => t.counts.fail).catch(() => {});
     await server2.close().catch(() => {});
   }
 });
@@ -367,7 +367,7 @@ t.test('persistent store already attached to another domain: busy, the other dis
     t.equal(sha256(w.base), sumBefore, 'base unchanged');
     t.same(ls(join(w.config.stateDir, 'journal')).length, 1, 'only the first disk has a record');
     if (t.counts.fail > f0) throw new Error(msg ?? rb.log.join(' | '));
-  }).catch(() => {});
+  }, () => t.counts.fail).catch(() => {});
   const rr = await runCow(w, 'remove', { XENBUS_PATH: beA }, { runner: fake });
   t.equal(rr.code, 0, 'first disk removed');
   t.same(fake.loops, [], 'no loops');
@@ -400,7 +400,7 @@ t.test('a symlinked directory swapped after the check: the loop must be over the
     t.notOk(attachedOutside, 'no loop over the file outside image_dirs');
     t.equal(r.code, 1, 'refused');
     t.match(await w.xs.tryRead(`${be}/hotplug-error`), /changed while it was being attached/);
-  });
+  }, () => t.counts.fail);
   await runCow(w, 'remove', { XENBUS_PATH: be }, { runner: fake });
   t.same(fake.loops, [], 'no loop left');
 });
@@ -413,7 +413,7 @@ t.test('a block device base passes the plan (its st_size is 0)', async (t) => {
   await checked(HOOK, 'block device as the base', 'the plan accepts it and records its major:minor', () => {
     const plan = planCow({ params: `${w.images}/disk0 16`, mode: 'w', frontendId: 3, vdev: 'xvda', type: 'phy', state: 2, domainName: 'g3' }, { config: w.config, xenbusPath: 'backend/vbd/3/51712' });
     t.equal(plan.baseRdev, '7:251', 'the block device is the base');
-  });
+  }, () => t.counts.fail);
 });
 
 t.test('block-qcow: backing files outside the image directories or on a device', async (t) => {
@@ -453,7 +453,7 @@ t.test('block-qcow: backing files outside the image directories or on a device',
       t.same(ls(w.config.storeDir), [], `${name}: no overlay`);
       t.same(ls(join(w.config.stateDir, 'journal')), [], `${name}: no record`);
       if (t.counts.fail > f0) throw new Error(msg ?? logger.lines.map((l) => l.msg).join(' | '));
-    }).catch(() => {});
+    }, () => t.counts.fail).catch(() => {});
   }
 });
 

@@ -127,7 +127,9 @@ t.test('interop with locking.sh: the shell re-checks the inode after we release 
     await l.release();
     await waitLine(child, 'locked', () => out);
   } else {
-    t.notOk(w.settled(), 'the shell won: we are still waiting');
+    // The shell holds it now: we must still be waiting a while later, not hold it beside it.
+    await new Promise((r) => setTimeout(r, 300));
+    t.notOk(w.settled(), 'the shell won: 300 ms later we are still waiting');
   }
   writeFileSync(go, '');
   await waitLine(child, 'released', () => out);

@@ -9,7 +9,7 @@ import t from 'tap';
 import { basename } from 'node:path';
 import { listScenarios, runXenTier, describeFailure, formatLogs, type XenRun } from '../../scripts/xen/run.mjs';
 
-const BOOT_LIMIT_MS = 1_800_000;
+const BOOT_LIMIT_MS = 2_100_000;
 t.setTimeout(BOOT_LIMIT_MS + 60_000);
 
 interface Point { ok: boolean; name: string; skip?: string; diag: string[] }

@@ -13,7 +13,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { appendFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { devString } from '../../src/backends/cow-devices.js';
+import { devString } from '../../src/devices/sysfs.js';
 import type { Backend } from '../../src/backends/types.js';
 import { cliMain } from '../../src/cli/main.js';
 import { runHook } from '../../src/hotplug/main.js';
@@ -38,10 +38,17 @@ export function reportRow(row: ReliabilityRow): void {
   if (out) appendFileSync(out, `${JSON.stringify(row)}\n`);
 }
 
-/** Run `fn`; report a pass row, or a fail row with the first line of the error (and rethrow). */
-export async function checked<T>(hook: string, fault: string, what: string, fn: () => Promise<T> | T): Promise<T> {
+/**
+ * Run `fn`; report a pass row, or a fail row with the first line of the error (and rethrow).
+ * `failures` counts the failed assertions of a framework whose assertions do not throw (tap:
+ * `() => t.counts.fail`): an assertion that failed inside `fn` makes the row fail too.
+ */
+export async function checked<T>(hook: string, fault: string, what: string, fn: () => Promise<T> | T, failures?: () => number): Promise<T> {
+  const before = failures?.() ?? 0;
   try {
     const r = await fn();
+    const failed = (failures?.() ?? 0) - before;
+    if (failed > 0) throw new Error(`${failed} assertion${failed === 1 ? '' : 's'} failed`);
     reportRow({ hook, fault, checked: what, result: 'pass' });
     return r;
   } catch (e) {
@@ -126,7 +133,7 @@ function result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
  * Every command is kept in `calls` (file + argv, exactly as given). flock succeeds (the real lock
  * files are still made by the lock module); losetup --find/--list/--detach and dmsetup
  * create/info/remove are played against in-memory devices and a fake sysfs tree at `sysRoot`
- * (point cow-devices' `sysfs.root` at it). Like the real losetup, `--find` opens the path it is
+ * (point devices/sysfs.ts's `sysfs.root` at it). Like the real losetup, `--find` opens the path it is
  * given at that moment (a symlink swapped in between is followed). `onCall` runs before each
  * command (to inject a fault or race a swap).
  */

@@ -18,7 +18,8 @@ sum0=$(sha256sum <$BASE)
 # What xl migrate-receive does first on the receiving host: create the domain paused, named
 # NAME--incoming, with the sender's disks. The sender (here on the same host) keeps its devices
 # until the receiver has its own. A PV guest cannot really migrate here (Debian's Xen is built
-# without shadow paging), so the receiver is created as migrate-receive would create it.
+# without shadow paging), so the receiver is created as migrate-receive would create it (83
+# migrates a PVH guest for real).
 if start xbhmig s4 32; then
 	cfg=$(domu_cfg xbhmig--incoming reread "xbh_marker=s4" "format=raw, vdev=xvda, access=rw, script=block-cow, target=$BASE 32")
 	if out=$(xl create -p "$cfg" 2>&1); then
