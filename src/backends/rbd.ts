@@ -471,6 +471,9 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
     // first, so that the record says so before anything runs (its undo then never deletes it). A
     // transient clone usually does not: `rbd clone` decides atomically (EEXIST), one command.
     let existed = false;
+    // A persistent clone of this name is never a transient leftover: a marker this host left
+    // for an earlier transient clone of the same name must not make gc or a later add delete it.
+    if (persistent) dropMarker(config, p.pool, image);
     if (persistent || plan.incoming) {
       const info = await imageInfo(run, p.cluster, target);
       if (info) {

@@ -446,6 +446,23 @@ t.test('a crash leaves a transient clone in the cluster: this host\'s marker let
   t.strictSame(w.sim.images_(), ['rbd/golden']);
   t.notOk(existsSync(marker6));
 
+  // The same domain and vdev made persistent after a crash of its transient disk: the clone
+  // becomes the persistent one, and the old marker goes, so neither gc nor a later add deletes it.
+  const d8 = w.disk(8, 'rbd/golden@base');
+  t.equal((await w.hook('add', d8)).code, 0);
+  await crash(d8);
+  const marker8 = cloneMarkerPath(config, 'rbd', 'xbh-dom8-xvda');
+  t.ok(existsSync(marker8));
+  utimesSync(marker8, old, old);
+  const p8 = w.disk(8, 'rbd/golden@base clone=persistent');
+  t.equal((await w.hook('add', p8)).code, 0);
+  t.notOk(existsSync(marker8), 'the persistent add drops the transient marker of that name');
+  t.equal((await w.hook('remove', p8)).code, 0);
+  t.ok(w.sim.images.has('rbd/xbh-dom8-xvda'), 'the persistent clone stays after its remove');
+  const inv8 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  t.strictSame(inv8.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans the persistent clone');
+  w.sim.images.delete('rbd/xbh-dom8-xvda');
+
   // Another host's marker (a shared store_dir) does not make its clone this host's leftover.
   w.sim.images.set('rbd/xbh-dom7-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
   const marker7 = cloneMarkerPath(config, 'rbd', 'xbh-dom7-xvda');
