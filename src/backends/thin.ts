@@ -231,12 +231,21 @@ export function leftoverThinIds(config: Pick<Config, 'storeDir'>, entries: reado
 
 /**
  * Delete leftover transient ids from the running pool (caller holds the pool lock). Returns the
- * ids deleted or found already gone; an id the pool refuses to delete stays listed.
+ * ids deleted or found already gone; an id the pool refuses to delete stays listed, with a
+ * warning, and the caller goes on.
  */
 export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir'>, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger): Promise<number[]> {
   const done: number[] = [];
   for (const id of leftoverThinIds(config, journal.list().entries)) {
-    const deleted = await deleteThin(run, THIN_POOL_NAME, id);
+    let deleted: boolean;
+    try {
+      deleted = await deleteThin(run, THIN_POOL_NAME, id);
+    } catch (e) {
+      // Reclaiming is housekeeping: a pool that refuses it (read-only metadata, needs_check)
+      // must not fail the add that started it. The id stays listed for gc or the next start.
+      log.warn(`block-thin: could not delete leftover transient thin volume id ${id} (${messageOf(e)}); it stays listed`);
+      continue;
+    }
     noteTransientId(config, id, undefined);
     log.warn(`block-thin: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}, which no record holds (left by a crash or a reboot)`);
     done.push(id);

@@ -12,7 +12,7 @@ import { parseStatus, parseThinPoolStatus } from '../../src/devices/dmsetup.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { blockSectors, createThinArgs, deleteThinArgs, freeThinId, isExists, isNoData, poolSectors, poolTable, poolUsage } from '../../src/devices/thin.js';
-import { leftoverPoolFiles, leftoverThinIds, parseThinParams, planThin, poolFiles, readVolumes, thinBackend, thinDmName, volumeKey, writeVolumes } from '../../src/backends/thin.js';
+import { leftoverPoolFiles, leftoverThinIds, readTransientIds, reclaimThinIds, parseThinParams, planThin, poolFiles, readVolumes, thinBackend, thinDmName, volumeKey, writeVolumes } from '../../src/backends/thin.js';
 import { targetBytes, cowParts, lvsnapRef } from '../../src/grow/grow.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { defaultConfig } from '../../src/config/config.js';
@@ -235,4 +235,25 @@ t.test('a crash\'s leftovers: transient ids no record holds; pool files only whe
   t.same(leftoverPoolFiles(config, [], false, (file) => file === f.meta), [], 'a loop holds one of them');
   t.same(leftoverPoolFiles({ ...config, thin: { ...config.thin, keepPool: true } }, [], false, none), [], 'thin.keep_pool keeps them');
   t.same(leftoverPoolFiles({ ...config, thin: { ...config.thin, dataDevice: '/dev/a', metadataDevice: '/dev/b' } }, [], false, none), [], 'a pool on devices has no files to delete');
+});
+
+t.test('reclaiming leftovers at a pool\'s start never fails the add: a refused delete stays listed, the others go', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-thin-reclaim-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const config = { ...defaultConfig(), storeDir: dir };
+  const f = poolFiles(config);
+  writeFileSync(f.transient, JSON.stringify({ version: 1, ids: { 3: 'backend/vbd/1/51712', 5: 'backend/vbd/2/51712' } }));
+  const calls: string[] = [];
+  const answer = (args: readonly string[]): RunResult => {
+    calls.push(args.join(' '));
+    const refused = /delete 3$/.test(args.join(' '));
+    return { command: `dmsetup ${args.join(' ')}`, exitCode: refused ? 1 : 0, signal: undefined, stdout: '', stderr: refused ? 'device-mapper: message ioctl on xbh-thinpool failed: Operation not permitted\n' : '', durationMs: 1, failed: refused, timedOut: false };
+  };
+  const run: Runner = { run: async (_f, a) => answer(a), probe: async (_f, a) => answer(a) };
+  const log = memoryLogger();
+  const done = await reclaimThinIds(run, config, { list: () => ({ entries: [] }) }, log);
+  t.same(done, [5], 'the id the pool deleted');
+  t.same(Object.keys(readTransientIds(f.transient)), ['3'], 'the refused one stays listed for gc or the next start');
+  t.ok(log.lines.some((l) => l.level === 'warn' && /could not delete leftover transient thin volume id 3 .*Operation not permitted.*stays listed/.test(l.msg)));
+  t.ok(calls.some((c) => /delete 5/.test(c)));
 });
