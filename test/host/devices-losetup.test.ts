@@ -81,7 +81,7 @@ const mine = new Set<string>();
 
 t.teardown(async () => {
   // Whatever happened, leave none of our loop devices behind.
-  for (const l of await listLoops(run)) if (l.backFile.startsWith(dir)) await detachLoop(run, l.name);
+  for (const l of await listLoops(run)) if (l.backFile.startsWith(`${dir}/`)) await detachLoop(run, l.name);
 });
 
 t.test('real loop devices: attach, read-only flag, find by dev:inode, hard links, resize, detach', async (t) => {
@@ -139,7 +139,7 @@ t.test('real loop devices: attach, read-only flag, find by dev:inode, hard links
     mine.delete(dev);
   }
   // (Not re-detaching `ro` here: another test may own that loop number by now.)
-  const left = (await listLoops(run)).filter((l) => l.backFile.startsWith(dir));
+  const left = (await listLoops(run)).filter((l) => l.backFile.startsWith(`${dir}/`));
   t.same(left, [], 'nothing of ours is left attached');
 });
 

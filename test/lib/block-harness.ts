@@ -186,7 +186,9 @@ export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarn
       tracked.add(identity(path));
     },
     loopsOnImages() {
-      return loops().filter((l) => tracked.has(l.back));
+      // Device and inode numbers find a deleted image's loop; the path keeps an inode number that
+      // a deleted image freed, and that another test's image got, from being taken for ours.
+      return loops().filter((l) => tracked.has(l.back) && l.backFile.startsWith(`${dir}/`));
     },
     async disk(d) {
       if (!domains.has(d.domid)) {
