@@ -9,7 +9,7 @@
  * steps of steps.ts (each journaled before it runs); remove is the runtime's undo of the journal.
  * See docs/block-cow.md for the grammar, names and sharing rules.
  */
-import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, unlinkSync } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, truncateSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { DiskSpec } from '../hotplug/disk.js';
@@ -19,7 +19,11 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { sourceOf, spacedPathHint } from './params-words.js';
-import { loopsBacking, type LoopInfo } from '../devices/losetup.js';
+import { loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import { dmStatus, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
+import type { Runner } from '../devices/runner.js';
+import type { JournalEntry } from '../journal/journal.js';
+import { diskLabel, GrowError, human, MiB, percent, targetBytes, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
@@ -284,6 +288,77 @@ async function clearLeftoverTransient(ctx: HookContext, path: string): Promise<v
   unlinkSync(path);
 }
 
+// ---------------------------------------------------------------------------------------------
+// grow and watch: the store file grows and its loop is re-read (`losetup -c`); dm-snapshot sees
+// the new size at once, no reload. A snapshot the kernel dropped cannot be saved by growing.
+
+export interface CowParts {
+  dmName: string;
+  storeFile: string;
+  loop: string | undefined;
+}
+
+/** The snapshot and its store as block-cow recorded them, or undefined for a read-only disk. */
+export function cowParts(entry: JournalEntry): CowParts | undefined {
+  const dm = entry.steps.find((s) => s.kind === STEP.dm && s.data.readOnly !== true && typeof s.data.name === 'string');
+  const store = entry.steps.find((s) => s.kind === STEP.storeFile && typeof s.data.path === 'string');
+  if (!dm || !store) return undefined;
+  const loopStep = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === store.data.path);
+  return { dmName: dm.data.name as string, storeFile: store.data.path as string, loop: typeof loopStep?.data.loop === 'string' ? loopStep.data.loop : undefined };
+}
+
+export async function snapshotState(run: Runner, name: string): Promise<SnapshotStatus> {
+  const l = (await dmStatus(run, name))[0];
+  if (!l || l.target !== 'snapshot') throw new GrowError(`${name} is not a snapshot device (${l?.target ?? 'no table'})`);
+  return parseSnapshotStatus(l.params);
+}
+
+function droppedMessage(name: string, s: SnapshotStatus): string {
+  return `${name} is ${s.state === 'invalid' ? 'Invalid' : s.state}: its copy-on-write store overflowed and the kernel dropped the snapshot; growing cannot bring it back (the disk must be removed and added again, its changes are lost)`;
+}
+
+export async function growCowStore(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps): Promise<GrowAction> {
+  const p = cowParts(entry);
+  if (!p) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) has no copy-on-write store (a read-only disk?)`);
+  const s = await snapshotState(deps.run, p.dmName);
+  if (s.state !== 'active') throw new GrowError(droppedMessage(p.dmName, s));
+  const st = lstatSync(p.storeFile, { bigint: true });
+  if (!st.isFile()) throw new GrowError(`${p.storeFile} is not a regular file`);
+  const loops = await loopsBacking(deps.run, { dev: devString(st.dev), ino: st.ino.toString() });
+  const loop = loops.find((l) => l.name === p.loop) ?? loops[0];
+  if (!loop) throw new GrowError(`no loop device serves the store ${p.storeFile} of ${entry.backendPath}`);
+  const before = Number(st.size);
+  const after = targetBytes(before, size, deps.config.watch.stepPercent, MiB);
+  if (after <= before) throw new GrowError(`${p.storeFile} is already ${human(before)}; ${human(after)} is not larger (stores never shrink)`);
+  truncateSync(p.storeFile, after);
+  await resizeLoop(deps.run, loop.name);
+  deps.log.info(`grow ${entry.backendPath} (${diskLabel(entry)}): store ${p.storeFile} ${human(before)} → ${human(after)}, ${loop.name} re-read`, { action: 'grow', kind: 'cow-store' });
+  return { backendPath: entry.backendPath, script: entry.script, kind: 'cow-store', target: p.storeFile, beforeBytes: before, afterBytes: after };
+}
+
+async function watchCow(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcome> {
+  const out: WatchOutcome = { findings: [], grown: [] };
+  const p = cowParts(entry);
+  if (!p) return out; // read-only: nothing can fill
+  const at = { backendPath: entry.backendPath, script: entry.script, device: p.dmName };
+  const s = await snapshotState(deps.run, p.dmName);
+  if (s.state !== 'active') {
+    const m = `${p.dmName} (${entry.backendPath}) is ${s.state === 'invalid' ? 'Invalid' : s.state}: the copy-on-write store overflowed and the kernel dropped the snapshot; the guest gets I/O errors and its changes are lost. Remove and add the disk again.`;
+    out.findings.push({ ...at, state: 'invalid', message: m });
+    return out;
+  }
+  const used = percent(s.allocatedSectors + s.metadataSectors, s.totalSectors);
+  const threshold = deps.config.watch.thresholdPercent;
+  if (used < threshold) {
+    out.findings.push({ ...at, usedPercent: used, state: 'ok', message: `${used}% of the store used` });
+    return out;
+  }
+  const g = await growCowStore(entry, undefined, deps);
+  out.grown.push(g);
+  out.findings.push({ ...at, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${threshold}%: store grown to ${g.afterBytes} bytes` });
+  return out;
+}
+
 export const cowBackend: Backend<CowPlan> = {
   source: (params) => sourceOf(() => parseCowParams(params).base),
   script: 'block-cow',
@@ -305,4 +380,6 @@ export const cowBackend: Backend<CowPlan> = {
   add: addCow,
   transient: (plan) => (plan.store && !plan.store.persistent ? `transient copy-on-write store ${plan.store.path}` : undefined),
   undo: sharedUndo,
+  grow: (entry, size, deps) => growCowStore(entry, size, deps),
+  watch: watchCow,
 };

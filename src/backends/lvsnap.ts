@@ -16,18 +16,19 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/config.js';
-import { isLvNotFound, lvActivate, lvCreateSnapshot, lvInfo, lvRemove, lvNameProblem, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { isLvNotFound, lvActivate, lvCreateSnapshot, lvExtendBy, lvExtendPoolMetadataBy, lvInfo, lvRemove, lvNameProblem, lvsTagged, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
-import type { StepRecord } from '../journal/journal.js';
+import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
 import { MAX_STORE_MIB } from './cow-params.js';
 import { sourceOf, splitPathWords } from './params-words.js';
 import { looksLikeSize, notASize, sizeGrammar, sizeMiB } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
-import type { Backend, BuiltDevice, HookContext } from './types.js';
+import type { Backend, BuiltDevice, HookContext, Leftover, LeftoverContext } from './types.js';
+import { diskLabel, GrowError, human, MiB, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
 
 export const LVSNAP_STEP = 'lv-snapshot';
 export const TAG_TRANSIENT = 'xbh_transient';
@@ -234,6 +235,109 @@ async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// grow and watch: `lvextend -L +N` of a classic snapshot; for a thin snapshot, of its LVM pool
+// (data, or `--poolmetadatasize +N` for metadata). An Invalid snapshot cannot be saved by growing.
+
+export function lvsnapRef(entry: JournalEntry): LvRef | undefined {
+  const s = entry.steps.find((x) => x.kind === LVSNAP_STEP);
+  return s && typeof s.data.vg === 'string' && typeof s.data.lv === 'string' ? { vg: s.data.vg, lv: s.data.lv } : undefined;
+}
+
+function lvDropped(l: LvInfo): string {
+  return `${l.vg}/${l.lv} is Invalid (attr ${l.attr}): its copy-on-write area overflowed and the kernel dropped the snapshot; lvextend cannot bring it back (the disk must be removed and added again, its changes are lost)`;
+}
+
+export async function growLv(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps, part: 'data' | 'metadata' = 'data'): Promise<GrowAction> {
+  const ref = lvsnapRef(entry);
+  if (!ref) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) has no snapshot (a read-only disk?)`);
+  const snap = await lvInfo(deps.run, ref);
+  if (!snap) throw new GrowError(`${ref.vg}/${ref.lv} does not exist any more`);
+  if (snap.invalid) throw new GrowError(lvDropped(snap));
+  const thin = snap.kind === 'thin';
+  let target: LvRef = ref;
+  let before = Number(snap.sizeBytes);
+  if (thin) {
+    if (!snap.pool) throw new GrowError(`${ref.vg}/${ref.lv} is a thin volume without a pool`);
+    target = { vg: ref.vg, lv: snap.pool };
+    const pool = await lvInfo(deps.run, target);
+    if (!pool) throw new GrowError(`the pool ${ref.vg}/${snap.pool} of ${ref.vg}/${ref.lv} is not there`);
+    before = Number(pool.sizeBytes);
+  }
+  if (part === 'metadata' && !thin) throw new GrowError(`${ref.vg}/${ref.lv} is a classic snapshot: it has no pool metadata to grow`);
+  const add = size === undefined ? Math.max(MiB, Math.ceil((before * deps.config.watch.stepPercent) / 100)) : size.relative ? size.bytes : size.bytes - before;
+  if (add <= 0) throw new GrowError(`${target.vg}/${target.lv} is already ${human(before)}; ${human(size?.bytes ?? 0)} is not larger`);
+  const addMiB = Math.ceil(add / MiB);
+  if (part === 'metadata') await lvExtendPoolMetadataBy(deps.run, target, addMiB);
+  else await lvExtendBy(deps.run, target, addMiB);
+  const now = await lvInfo(deps.run, target);
+  const after = now ? Number(now.sizeBytes) : before + addMiB * MiB;
+  const kind = !thin ? 'lv' : part === 'data' ? 'lv-pool-data' : 'lv-pool-metadata';
+  deps.log.info(`grow ${entry.backendPath} (${diskLabel(entry)}): ${thin ? `thin pool ${target.vg}/${target.lv} ${part}` : `snapshot ${ref.vg}/${ref.lv}`} +${addMiB} MiB (lvextend)${part === 'data' ? `, ${human(before)} → ${human(after)}` : ''}`, { action: 'grow', kind });
+  return { backendPath: entry.backendPath, script: entry.script, kind, target: `${target.vg}/${target.lv}`, beforeBytes: before, afterBytes: after };
+}
+
+async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcome> {
+  const out: WatchOutcome = { findings: [], grown: [] };
+  const ref = lvsnapRef(entry);
+  if (!ref) return out;
+  const name = `${ref.vg}/${ref.lv}`;
+  const at = { backendPath: entry.backendPath, script: entry.script, device: name };
+  const threshold = deps.config.watch.thresholdPercent;
+  const l = await lvInfo(deps.run, ref);
+  if (!l) {
+    out.findings.push({ ...at, state: 'error', message: `${name} (${entry.backendPath}) is recorded but LVM does not know it any more` });
+    return out;
+  }
+  if (l.invalid) {
+    const m = `${name} (${entry.backendPath}) is Invalid (attr ${l.attr}): the snapshot overflowed and the kernel dropped it; the guest gets I/O errors and its changes are lost. Remove and add the disk again.`;
+    out.findings.push({ ...at, state: 'invalid', message: m });
+    return out;
+  }
+  if (l.kind === 'thin') {
+    const pool = l.pool ? await lvInfo(deps.run, { vg: ref.vg, lv: l.pool }) : undefined;
+    if (!pool) return out;
+    const data = pool.dataPercent ?? 0;
+    const meta = pool.metadataPercent ?? 0;
+    if (data >= threshold) out.grown.push(await growLv(entry, undefined, deps, 'data'));
+    if (meta >= threshold) out.grown.push(await growLv(entry, undefined, deps, 'metadata'));
+    out.findings.push({ ...at, device: `${ref.vg}/${l.pool}`, usedPercent: Math.max(data, meta), state: out.grown.length ? 'grown' : 'ok', message: `pool data ${data}% metadata ${meta}%` });
+    return out;
+  }
+  const used = l.dataPercent ?? 0;
+  if (used < threshold) {
+    out.findings.push({ ...at, usedPercent: used, state: 'ok', message: `${used}% of the snapshot used` });
+    return out;
+  }
+  const g = await growLv(entry, undefined, deps);
+  out.grown.push(g);
+  out.findings.push({ ...at, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${threshold}%: lvextend to ${g.afterBytes} bytes` });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// leftovers: transient snapshots (tagged when made) that no record names, that nothing holds
+// open and that are older than a minute: a crash or a reboot left them, and their domain's next
+// add would replace them anyway. Persistent snapshots carry another tag.
+
+const LEFTOVER_AGE_S = 60;
+
+async function leftoverSnapshots(ctx: LeftoverContext): Promise<Leftover[]> {
+  const named = (lv: LvInfo) => ctx.entries.some((e) => e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === lv.vg && s.data.lv === lv.lv));
+  const now = ctx.now / 1000;
+  return (await lvsTagged(ctx.run, TAG_TRANSIENT))
+    .filter((lv) => lv.tags.includes(TAG_TRANSIENT) && !named(lv) && lv.open === false && lv.createdS !== undefined && now - lv.createdS > LEFTOVER_AGE_S)
+    .map((lv) => ({
+      kind: 'lv' as const,
+      key: `${lv.vg}/${lv.lv}`,
+      device: `/dev/${lv.vg}/${lv.lv}`,
+      ...(lv.major !== undefined && lv.minor !== undefined ? { majmin: `${lv.major}:${lv.minor}` } : {}),
+      ...(lv.origin ? { base: `${lv.vg}/${lv.origin}` } : {}),
+      action: `lvremove -f ${lv.vg}/${lv.lv}`,
+      why: `transient snapshot LV (tag ${TAG_TRANSIENT}) that no record names and nothing holds open (left by a crash or a reboot)`,
+    }));
+}
+
 export const lvsnapBackend: Backend<LvsnapPlan> = {
   source: (params) => sourceOf(() => { const o = parseLvsnapParams(params).origin; return `${o.vg}/${o.lv}`; }),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient snapshot ${plan.snap.vg}/${plan.snap.lv}` : undefined),
@@ -254,4 +358,12 @@ export const lvsnapBackend: Backend<LvsnapPlan> = {
   plan: (disk, ctx) => planLvsnap(disk, ctx),
   add: addLvsnap,
   undo: { [LVSNAP_STEP]: undoLvsnap },
+  grow: (entry, size, deps, opts) => growLv(entry, size, deps, opts.part ?? 'data'),
+  watch: watchLv,
+  leftovers: leftoverSnapshots,
+  async collect(l, ctx) {
+    const ref = parseLvRef(l.key);
+    await removeSnapshot(ctx.run, ref, ctx.config.busyRetryMs);
+    ctx.log.info(`gc: removed leftover transient snapshot ${l.key}`);
+  },
 };

@@ -662,5 +662,17 @@ export const rbdBackend: Backend<RbdPlan> = {
   plan: (disk, ctx) => planRbd(disk, ctx),
   add: addRbd,
   undo: rbdUndo,
+  leftovers: async (ctx) =>
+    leftoverClones(ctx.config, ctx.entries).map(({ file, marker: m }) => ({
+      kind: 'rbd' as const,
+      key: `${m.pool}/${m.image}`,
+      store: file,
+      action: `rbd rm ${m.pool}/${m.image}`,
+      why: `transient RBD clone this host made ${m.made} for ${m.backendPath}, which no record holds (left by a crash or a reboot)`,
+    })),
+  collect(l, ctx) {
+    const at = l.key.indexOf('/');
+    return collectClone(ctx.run, ctx.config, ctx.journal, ctx.log, l.key.slice(0, at), l.key.slice(at + 1));
+  },
 };
 

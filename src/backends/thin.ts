@@ -34,22 +34,23 @@
  * with no persistent volume, its metadata superblock is zeroed, as the files would be deleted:
  * the next pool starts empty. The devices themselves are the administrator's (never removed).
  */
-import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmCreate, dmInfo, dmRemove, dmStatus, dmTable } from '../devices/dmsetup.js';
+import { dmCreate, dmInfo, dmReload, dmRemove, dmStatus, dmTable } from '../devices/dmsetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { decodeDev } from '../devices/sysfs.js';
-import { createThin, deleteThin, poolSectors, poolTable } from '../devices/thin.js';
+import { createThin, deleteThin, poolSectors, poolStatus, poolTable, poolUsage, type PoolUsage } from '../devices/thin.js';
+import { lvExtendTo } from '../devices/lvm.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import { HotplugError, messageOf } from '../hotplug/errors.js';
-import type { StepRecord } from '../journal/journal.js';
+import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
-import { detachLoop, loopsBacking, type LoopInfo } from '../devices/losetup.js';
-import { deviceSectors, devString, dmDevicePath, type FileId } from '../devices/sysfs.js';
+import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import { deviceSectors, devString, dmDevicePath, fileIdOf, type FileId } from '../devices/sysfs.js';
 import { MAX_STORE_MIB, sizeLikeEnd } from './cow-params.js';
 import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { sizeMiB } from '../units/size.js';
@@ -57,7 +58,8 @@ import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
 import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
-import type { Backend, BuiltDevice, HookContext } from './types.js';
+import type { Backend, BuiltDevice, CollectContext, HookContext, Leftover, LeftoverContext } from './types.js';
+import { diskLabel, GrowError, human, MiB, targetBytes, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
 export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
@@ -683,6 +685,182 @@ export async function thinDeviceStatus(run: Runner, name: string): Promise<strin
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// grow and watch: the shared pool is what fills (a thin volume never overflows). Its data (or
+// metadata) file is enlarged, its loop re-read and the pool's table reloaded with the new length
+// (`dmsetup reload` + `resume`); on devices, `lvextend` then reload. A pool out of data space
+// starts taking writes again.
+
+/** dm-thin uses at most this much metadata (THIN_METADATA_MAX_SECTORS, 255 * 2^14 * 8 sectors). */
+export const THIN_METADATA_MAX_BYTES = 255 * 16384 * 8 * 512;
+
+/** Reload the pool's own table with `length` sectors (or unchanged) and resume: the pool picks up both devices' sizes. */
+async function reloadPool(run: Runner, name: string, length?: bigint): Promise<void> {
+  const t = await dmTable(run, name);
+  if (!t || t.target !== 'thin-pool') throw new GrowError(`${name} is not a thin pool`);
+  await dmReload(run, name, `0 ${length ?? t.length} thin-pool ${t.params}`);
+}
+
+function tooSmall(part: 'data' | 'metadata', what: string, before: number, after: number): GrowError {
+  const limit = part === 'metadata' && before >= THIN_METADATA_MAX_BYTES ? " (dm-thin's metadata limit)" : '';
+  return new GrowError(`the pool's ${part} ${what} is already ${human(before)}; ${human(after)} is not larger${limit}`);
+}
+
+/**
+ * Grow the shared pool's data (default) or metadata, under the pool lock. Works on a pool that is
+ * out of data space too: that is how a full pool is recovered.
+ */
+export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | undefined, deps: GrowDeps, who = 'pool'): Promise<GrowAction> {
+  const f = poolFiles(deps.config);
+  const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
+  try {
+    if (!(await dmInfo(deps.run, f.name))) throw new GrowError(`the thin pool ${f.name} is not running`);
+    const s = await poolStatus(deps.run, f.name);
+    if (s.state !== 'ok') throw new GrowError(`the thin pool ${f.name} has failed (status ${s.state === 'fail' ? 'Fail' : 'Error'}); growing cannot repair it: run thin_check on its metadata`);
+    const align = part === 'data' ? deps.config.thin.blockKiB * 1024 : MiB;
+    const cap = (n: number) => (part === 'metadata' ? Math.min(n, THIN_METADATA_MAX_BYTES) : n);
+    let target: string;
+    let before: number;
+    let after: number;
+    let how = '';
+    if (poolOnDevices(deps.config)) {
+      // lvextend rounds up to whole extents; for a device that is not an LV its refusal says so.
+      const device = part === 'data' ? deps.config.thin.dataDevice : deps.config.thin.metadataDevice;
+      const bytesOf = () => {
+        const d = poolDevice(device, part);
+        return deviceSectors(d.major, d.minor) * 512;
+      };
+      target = device;
+      before = bytesOf();
+      after = cap(targetBytes(before, size, deps.config.watch.stepPercent, align));
+      if (after <= before) throw tooSmall(part, `device ${device}`, before, after);
+      await lvExtendTo(deps.run, device, after);
+      after = bytesOf();
+      how = ' (lvextend)';
+    } else {
+      target = part === 'data' ? f.data : f.meta;
+      before = statSync(target).size;
+      after = cap(targetBytes(before, size, deps.config.watch.stepPercent, align));
+      if (after <= before) throw tooSmall(part, `file ${target}`, before, after);
+      const loop = (await loopsBacking(deps.run, fileIdOf(target)))[0];
+      if (!loop) throw new GrowError(`no loop device serves the pool file ${target}`);
+      truncateSync(target, after);
+      await resizeLoop(deps.run, loop.name);
+    }
+    await reloadPool(deps.run, f.name, part === 'data' ? poolSectors(after, deps.config.thin.blockKiB) : undefined);
+    const u = poolUsage(await poolStatus(deps.run, f.name));
+    deps.log.info(`grow ${who}: thin pool ${f.name} ${part} ${target} ${human(before)} → ${human(after)}${how}, reloaded; now data ${u.dataPercent}% metadata ${u.metadataPercent}%${u.problem ? `, ${u.problem}` : ''}`, { action: 'grow', kind: `thin-${part}` });
+    return { backendPath: who, script: 'block-thin', kind: part === 'data' ? 'thin-data' : 'thin-metadata', target, beforeBytes: before, afterBytes: after };
+  } finally {
+    await lock.release();
+  }
+}
+
+export async function thinPoolUsage(run: Runner, config: Config): Promise<PoolUsage | undefined> {
+  const f = poolFiles(config);
+  if (!(await dmInfo(run, f.name))) return undefined;
+  return poolUsage(await poolStatus(run, f.name));
+}
+
+function usesPool(entry: JournalEntry): boolean {
+  return entry.steps.some((s) => s.kind === THIN_STEP.pool);
+}
+
+/** The shared pool, once per watch pass, for the records that use it. */
+async function watchPool(entries: JournalEntry[], deps: GrowDeps): Promise<WatchOutcome> {
+  const out: WatchOutcome = { findings: [], grown: [] };
+  const users = entries.filter(usesPool).map((e) => e.backendPath);
+  if (!users.length) return out;
+  const at = { backendPath: users[0] as string, script: 'block-thin', device: 'pool' };
+  const u = await thinPoolUsage(deps.run, deps.config);
+  if (!u) {
+    out.findings.push({ ...at, state: 'error', message: `thin pool is not running, but ${users.join(', ')} use it` });
+    return out;
+  }
+  if (u.problem === 'Fail' || u.problem === 'Error' || u.problem === 'needs_check') {
+    out.findings.push({ ...at, state: 'error', message: `thin pool has failed (${u.problem}); growing cannot repair it. Its disks: ${users.join(', ')}` });
+    return out;
+  }
+  // Out of data space (writes are failing) or metadata full: grow, and the finding says so.
+  const threshold = deps.config.watch.thresholdPercent;
+  if (u.dataPercent >= threshold || u.problem === 'out of data space') out.grown.push(await growThinPool('data', undefined, deps, 'watch'));
+  if (u.metadataPercent >= threshold || (u.problem !== undefined && u.problem.startsWith('read-only'))) out.grown.push(await growThinPool('metadata', undefined, deps, 'watch'));
+  const grew = out.grown.length > 0;
+  out.findings.push({
+    ...at,
+    usedPercent: Math.max(u.dataPercent, u.metadataPercent),
+    state: u.problem ? 'full' : grew ? 'grown' : 'ok',
+    message: u.problem
+      ? `thin pool is ${u.problem} (data ${u.dataPercent}%, metadata ${u.metadataPercent}%); ${grew ? 'grown' : 'not grown'}. Disks: ${users.join(', ')}`
+      : `pool data ${u.dataPercent}% metadata ${u.metadataPercent}%`,
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// leftovers: transient ids in the running pool that no record holds and, when the pool does not
+// run, its files when nothing needs them.
+
+const LEFTOVER_AGE_MS = 60_000;
+
+function olderThan(file: string, ms: number, now: number): boolean {
+  try {
+    return now - statSync(file).mtimeMs > ms;
+  } catch {
+    return false;
+  }
+}
+
+async function thinLeftovers(ctx: LeftoverContext): Promise<Leftover[]> {
+  if (ctx.kernel.dmNames.has(THIN_POOL_NAME)) {
+    return leftoverThinIds(ctx.config, ctx.entries).map((id) => ({
+      kind: 'thin' as const,
+      key: String(id),
+      device: `/dev/mapper/${THIN_POOL_NAME}`,
+      action: `dmsetup message ${THIN_POOL_NAME} 0 "delete ${id}"`,
+      why: `transient thin volume id ${id} in the pool that no record holds (left by a crash or a reboot)`,
+    }));
+  }
+  const files = leftoverPoolFiles(ctx.config, ctx.entries, false, ctx.kernel.looped);
+  if (!files.every((f) => f.endsWith('.json') || olderThan(f, LEFTOVER_AGE_MS, ctx.now))) return [];
+  return files.map((f) => ({
+    kind: 'store' as const,
+    key: f,
+    store: f,
+    action: `rm ${f}`,
+    why: 'thin pool file with no persistent volume in it, no record and no running pool (left by a crash or a reboot)',
+  }));
+}
+
+async function isLooped(run: Runner, file: string): Promise<boolean> {
+  try {
+    return (await loopsBacking(run, fileIdOf(file))).length > 0;
+  } catch {
+    return false;
+  }
+}
+
+/** gc: a leftover id is deleted from the running pool; a leftover pool file, judged again under the pool lock, is deleted. */
+async function collectThin(l: Leftover, ctx: CollectContext): Promise<void> {
+  if (l.kind === 'thin') return collectThinId(ctx.run, ctx.config, ctx.journal, ctx.log, Number(l.key));
+  const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
+  try {
+    const running = (await dmInfo(ctx.run, THIN_POOL_NAME)) !== undefined;
+    const f = poolFiles(ctx.config);
+    const looped = new Set<string>();
+    for (const file of [f.data, f.meta]) if (await isLooped(ctx.run, file)) looped.add(file);
+    if (!leftoverPoolFiles(ctx.config, ctx.journal.list().entries, running, (x) => looped.has(x)).includes(l.key)) throw new Error(`${l.key} is in use now (or gone); left alone`);
+    try {
+      unlinkSync(l.key);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+    ctx.log.info(`gc: deleted leftover thin pool file ${l.key}`);
+  } finally {
+    await lock.release();
+  }
+}
+
 export const thinBackend: Backend<ThinPlan> = {
   source: (params) => sourceOf(() => parseThinParams(params).base),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient thin volume ${plan.name}` : undefined),
@@ -705,4 +883,11 @@ export const thinBackend: Backend<ThinPlan> = {
   plan: (disk, ctx) => planThin(disk, ctx),
   add: addThin,
   undo: { ...sharedUndo, [THIN_STEP.pool]: undoPool, [THIN_STEP.thin]: undoThin } satisfies UndoRegistry,
+  grow(entry, size, deps, opts) {
+    if (!usesPool(entry)) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk: it uses no pool`);
+    return growThinPool(opts.part ?? 'data', size, deps, entry.backendPath);
+  },
+  watchShared: watchPool,
+  leftovers: thinLeftovers,
+  collect: collectThin,
 };

@@ -15,9 +15,10 @@ import type { Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../hotplug/disk.js';
 import type { HotplugRequest } from '../hotplug/request.js';
 import type { Build, UndoRegistry } from '../journal/steps.js';
-import type { Journal } from '../journal/journal.js';
+import type { Journal, JournalEntry } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
+import type { GrowAction, GrowDeps, GrowOptions, GrowSize, WatchOutcome } from './growth.js';
 
 export interface BuiltDevice {
   /** What goes into physical-device-path: /dev/mapper/NAME when udev made it, else /dev/dm-N, /dev/loopN, /dev/nbdN. */
@@ -91,6 +92,72 @@ export interface Backend<Plan = unknown> {
    * cannot prove belongs to this disk.
    */
   removeUnrecorded?(ctx: UnrecordedContext): Promise<void>;
+
+  // Facets: what the admin tool asks of a hook's disks once they are built. Each is optional; the
+  // tool finds them through the registry (backends/index.ts) and never reads a hook's records itself.
+
+  /**
+   * Grow what fills as the guest writes (`xen-blockhooks grow`): block-cow its store file,
+   * block-thin the shared pool, block-lvsnap its snapshot (or the pool under a thin snapshot).
+   * `size` undefined: by watch.step percent. The record is ready and the caller holds the disk's
+   * backend-path lock. Throws GrowError with the reason when the disk cannot grow.
+   */
+  grow?(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps, opts: GrowOptions): Promise<GrowAction>;
+  /**
+   * One `watch` pass over one ready disk, under its backend-path lock: its usage, grown once it is
+   * at or past watch.threshold, and what the kernel already dropped.
+   */
+  watch?(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcome>;
+  /**
+   * One `watch` pass over what this hook's disks share (block-thin's pool), once per pass, given
+   * every ready record of the hook; it takes its own locks.
+   */
+  watchShared?(entries: JournalEntry[], deps: GrowDeps): Promise<WatchOutcome>;
+  /**
+   * What a crash or a reboot left of this hook's work that no record holds (`status`, `gc`):
+   * transient snapshots, volumes, clones or files. Only what the hook can prove is its own.
+   */
+  leftovers?(ctx: LeftoverContext): Promise<Leftover[]>;
+  /** Take one of its leftovers away (`gc --apply`); gc has judged it again just before. */
+  collect?(leftover: Leftover, ctx: CollectContext): Promise<void>;
+}
+
+/** One leftover, as `status` lists it and `gc` plans it. */
+export interface Leftover {
+  /** A logical volume, a volume in a thin pool, an RBD clone, or a file in the store directory. */
+  kind: 'lv' | 'thin' | 'rbd' | 'store';
+  /** What identifies it: the same thing seen twice has the same key. */
+  key: string;
+  device?: string;
+  majmin?: string;
+  base?: string;
+  store?: string;
+  /** The command `gc --apply` runs on it, for the plan. */
+  action: string;
+  /** Why it is a leftover, in a few words. */
+  why: string;
+}
+
+export interface LeftoverContext {
+  config: Config;
+  run: Runner;
+  /** Every journal record (any phase). */
+  entries: readonly JournalEntry[];
+  /** The kernel as the inventory read it. */
+  kernel: {
+    dmNames: ReadonlySet<string>;
+    /** A loop device backs this file. */
+    looped(file: string): boolean;
+  };
+  /** Milliseconds since the epoch. */
+  now: number;
+}
+
+export interface CollectContext {
+  config: Config;
+  run: Runner;
+  log: Logger;
+  journal: Journal;
 }
 
 export interface UnrecordedContext {

@@ -25,10 +25,6 @@ import { disconnectNbd } from '../devices/nbd.js';
 import { takeInventory, type Inventory, type Row } from './inventory.js';
 import { pathLockPath } from '../lock/paths.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
-import { removeSnapshot } from '../backends/lvsnap.js';
-import { collectThinId } from '../backends/thin.js';
-import { collectClone } from '../backends/rbd.js';
-import type { LvRef } from '../devices/lvm.js';
 
 export const GC_HELP = `Usage: xen-blockhooks gc [--apply] [--without-xenstore] [--json]
 
@@ -75,13 +71,11 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
     const what =
-      r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}`
+      r.leftover ? r.leftover.action
+      : r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}`
       : r.kind === 'loop' ? `losetup -d ${r.device}`
       : r.kind === 'store' ? `rm ${r.store}`
       : r.kind === 'claim' ? `release ${r.store}.owner`
-      : r.kind === 'lv' ? `lvremove -f ${r.lv?.vg}/${r.lv?.lv}`
-      : r.kind === 'thin' ? `dmsetup message ${r.thin?.pool} 0 "delete ${r.thin?.id}"`
-      : r.kind === 'rbd' ? `rbd rm ${r.rbd?.pool}/${r.rbd?.image}`
       : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
@@ -144,18 +138,14 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
       } else if (r.kind === 'loop') {
         await detachLoop(deps.run, r.device as string);
         deps.log.info(`gc: detached leaked loop device ${r.device}`, { backing: r.store ?? r.base });
-      } else if (r.kind === 'lv') {
-        // Judged again now: the domain's next add may have taken the name since the plan was made.
-        const lv = r.lv as LvRef;
+      } else if (r.leftover) {
+        // Judged again now: an add may have taken it since the plan was made.
+        const l = r.leftover;
+        const backend = hookNamed(r.hook ?? '');
+        if (!backend?.collect) throw new Error(`${r.hook ?? 'an unknown hook'} cannot take away its ${l.kind} ${l.key}; remove it by hand`);
         const still = await takeInventory({ config: deps.config, run: deps.run, xs: undefined, journal, ...(deps.now ? { now: deps.now } : {}) });
-        if (!still.rows.some((x) => x.kind === 'lv' && x.lv?.vg === lv.vg && x.lv.lv === lv.lv)) throw new Error(`${lv.vg}/${lv.lv} is in use now (or gone); left alone`);
-        await removeSnapshot(deps.run, lv, deps.config.busyRetryMs);
-        deps.log.info(`gc: removed leftover transient snapshot ${lv.vg}/${lv.lv}`);
-      } else if (r.kind === 'thin') {
-        await collectThinId(deps.run, deps.config, journal, deps.log, (r.thin as { id: number }).id);
-      } else if (r.kind === 'rbd') {
-        const c = r.rbd as { pool: string; image: string };
-        await collectClone(deps.run, deps.config, journal, deps.log, c.pool, c.image);
+        if (!still.rows.some((x) => x.hook === r.hook && x.leftover?.kind === l.kind && x.leftover.key === l.key)) throw new Error(`${l.key} is in use now (or gone); left alone`);
+        await backend.collect(l, { config: deps.config, run: deps.run, log: deps.log, journal });
       } else if (r.kind === 'claim') {
         dropClaim(r.store as string, r.owner as StoreOwner);
         deps.log.info(`gc: released this host's stale claim on ${r.store}`, { backendPath: r.owner?.backendPath });

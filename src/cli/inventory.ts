@@ -28,14 +28,11 @@ import { Journal, processAlive, recordStrings, type JournalEntry } from '../jour
 
 export { recordStrings };
 import type { XsOps } from '../xenstore/types.js';
-import { DM_NAME_PREFIXES, paramsSource } from '../backends/index.js';
+import { DM_NAME_PREFIXES, HOOKS, paramsSource } from '../backends/index.js';
+import type { Leftover } from '../backends/types.js';
 import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
-import { LVSNAP_STEP, TAG_TRANSIENT as LVSNAP_TAG_TRANSIENT } from '../backends/lvsnap.js';
-import { leftoverPoolFiles, leftoverThinIds, THIN_POOL_NAME } from '../backends/thin.js';
-import { leftoverClones } from '../backends/rbd.js';
-import { lvsTagged, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -59,12 +56,8 @@ export interface Row {
   entry?: JournalEntry;
   /** For a stale claim: its owner record. */
   owner?: StoreOwner;
-  /** For a leftover snapshot LV. */
-  lv?: LvRef;
-  /** For a leftover thin volume: its pool and id. */
-  thin?: { pool: string; id: number };
-  /** For a leftover transient RBD clone this host made. */
-  rbd?: { pool: string; image: string };
+  /** For what a hook's leftovers facet found: the hook's own description, given back to its collect. */
+  leftover?: Leftover;
 }
 
 export interface Inventory {
@@ -117,10 +110,8 @@ export interface InventoryDeps {
   journal?: Journal;
   /** Overrides for tests. */
   kernel?: KernelState;
-  /** block-lvsnap's transient snapshots as `lvs @xbh_transient` reports them (default: ask LVM). */
-  transientLvs?: LvInfo[];
   alive?: (pid: number) => boolean;
-  /** The clock LV ages are judged by (ms; tests move it on). */
+  /** The clock leftovers' ages are judged by (ms; tests move it on). */
   now?: () => number;
 }
 
@@ -215,15 +206,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     });
   }
   rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config), ...staleOwnClaims(deps.config, entries, kernel));
-  rows.push(...leakedSnapshots(deps.transientLvs ?? (await readTransientLvs(deps.run)), entries, (deps.now ?? Date.now)()));
-  rows.push(...leakedThin(deps.config, entries, kernel));
-  rows.push(
-    ...leftoverClones(deps.config, entries).map(({ file, marker: m }) => ({
-      kind: 'rbd' as const, domid: undefined, domain: undefined, vdev: undefined, hook: 'block-rbd', device: undefined, majmin: undefined,
-      base: undefined, store: file, usage: undefined, state: 'leaked', backendPath: undefined, rbd: { pool: m.pool, image: m.image },
-      why: `transient RBD clone this host made ${m.made} for ${m.backendPath}, which no record holds (left by a crash or a reboot)`,
-    })),
-  );
+  rows.push(...(await hookLeftovers(deps, entries, kernel)));
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
@@ -311,49 +294,21 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
     }));
 }
 
-/**
- * block-thin's leftovers: transient ids in the running pool that no record holds, and, when the
- * pool does not run, its files when nothing needs them (no record, no persistent volume).
- */
-function leakedThin(config: Config, entries: JournalEntry[], kernel: KernelState): Row[] {
-  const base = { domid: undefined, domain: undefined, vdev: undefined, hook: 'block-thin', majmin: undefined, base: undefined, usage: undefined, state: 'leaked', backendPath: undefined } as const;
-  const pool = kernel.dm.find((d) => d.name === THIN_POOL_NAME);
-  if (pool) {
-    return leftoverThinIds(config, entries).map((id) => ({
-      ...base, kind: 'thin' as const, device: `/dev/mapper/${THIN_POOL_NAME}`, store: undefined, thin: { pool: THIN_POOL_NAME, id },
-      why: `transient thin volume id ${id} in the pool that no record holds (left by a crash or a reboot)`,
-    }));
-  }
+/** What each hook's leftovers facet finds: crash leftovers only the hook can recognise as its own. */
+async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kernel: KernelState): Promise<Row[]> {
+  const dmNames = new Set(kernel.dm.map((d) => d.name));
   const looped = (f: string) => kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === f);
-  const files = leftoverPoolFiles(config, entries, false, looped);
-  if (!files.every((f) => f.endsWith('.json') || olderThan(f, LEFTOVER_AGE_MS))) return [];
-  return files.map((f) => ({
-    ...base, kind: 'store' as const, device: undefined, store: f,
-    why: 'thin pool file with no persistent volume in it, no record and no running pool (left by a crash or a reboot)',
-  }));
-}
-
-/** block-lvsnap's transient snapshots, every VG; none when LVM is not installed or cannot report. */
-export async function readTransientLvs(run: Runner): Promise<LvInfo[]> {
-  return lvsTagged(run, LVSNAP_TAG_TRANSIENT);
-}
-
-/**
- * Transient snapshot LVs (tagged by block-lvsnap when it made them) that no record names, that
- * nothing holds open and that are older than a minute: a crash or a reboot left them, and their
- * domain's next add would replace them anyway. Persistent snapshots carry another tag.
- */
-function leakedSnapshots(lvs: LvInfo[], entries: JournalEntry[], nowMs: number): Row[] {
-  const named = (lv: LvInfo) => entries.some((e) => e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === lv.vg && s.data.lv === lv.lv));
-  const now = nowMs / 1000;
-  return lvs
-    .filter((lv) => lv.tags.includes(LVSNAP_TAG_TRANSIENT) && !named(lv) && lv.open === false && lv.createdS !== undefined && now - lv.createdS > LEFTOVER_AGE_MS / 1000)
-    .map((lv) => ({
-      kind: 'lv' as const, domid: undefined, domain: undefined, vdev: undefined, hook: 'block-lvsnap', device: `/dev/${lv.vg}/${lv.lv}`,
-      majmin: lv.major !== undefined && lv.minor !== undefined ? `${lv.major}:${lv.minor}` : undefined, base: lv.origin ? `${lv.vg}/${lv.origin}` : undefined,
-      store: undefined, usage: undefined, state: 'leaked', backendPath: undefined, lv: { vg: lv.vg, lv: lv.lv },
-      why: 'transient snapshot LV (tag xbh_transient) that no record names and nothing holds open (left by a crash or a reboot)',
-    }));
+  const ctx = { config: deps.config, run: deps.run, entries, kernel: { dmNames, looped }, now: (deps.now ?? Date.now)() };
+  const rows: Row[] = [];
+  for (const [hook, backend] of Object.entries(HOOKS)) {
+    for (const l of (await backend.leftovers?.(ctx)) ?? []) {
+      rows.push({
+        kind: l.kind, domid: undefined, domain: undefined, vdev: undefined, hook, device: l.device, majmin: l.majmin,
+        base: l.base, store: l.store, usage: undefined, state: 'leaked', why: l.why, backendPath: undefined, leftover: l,
+      });
+    }
+  }
+  return rows;
 }
 
 /**

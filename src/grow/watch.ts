@@ -12,26 +12,14 @@
  */
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { lvInfo } from '../devices/lvm.js';
 import { Journal, type JournalEntry } from '../journal/journal.js';
 import { tryAcquireFlock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
-import { THIN_STEP } from '../backends/thin.js';
-import { cowParts, growCowStore, growLv, growThinPool, lvsnapRef, snapshotState, thinPoolUsage, type GrowAction } from './grow.js';
 import { pathLockPath } from '../lock/paths.js';
+import { HOOKS, hookNamed } from '../backends/index.js';
+import type { FindingState, GrowAction, WatchFinding, WatchOutcome } from '../backends/growth.js';
 
-export type FindingState = 'ok' | 'grown' | 'invalid' | 'full' | 'busy' | 'error';
-
-export interface WatchFinding {
-  backendPath: string;
-  script: string;
-  /** The dm device, store, pool or LV looked at. */
-  device: string;
-  /** Percent in use before any growth, when known. */
-  usedPercent?: number;
-  state: FindingState;
-  message: string;
-}
+export type { FindingState, WatchFinding } from '../backends/growth.js';
 
 export interface WatchReport {
   /** Records looked at. */
@@ -92,108 +80,13 @@ function logFindings(report: WatchReport, log: Logger, memory: WatchMemory | und
 }
 
 
-function pct(used: bigint, total: bigint): number {
-  return total === 0n ? 100 : Number((used * 10000n) / total) / 100;
-}
-
 function msg(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-async function watchCow(entry: JournalEntry, config: Config, run: Runner, log: Logger, report: WatchReport): Promise<void> {
-  const p = cowParts(entry);
-  if (!p) return; // read-only: nothing can fill
-  const s = await snapshotState(run, p.dmName);
-  if (s.state !== 'active') {
-    const m = `${p.dmName} (${entry.backendPath}) is ${s.state === 'invalid' ? 'Invalid' : s.state}: the copy-on-write store overflowed and the kernel dropped the snapshot; the guest gets I/O errors and its changes are lost. Remove and add the disk again.`;
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: p.dmName, state: 'invalid', message: m });
-    return;
-  }
-  const used = pct(s.allocatedSectors + s.metadataSectors, s.totalSectors);
-  if (used < config.watch.thresholdPercent) {
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: p.dmName, usedPercent: used, state: 'ok', message: `${used}% of the store used` });
-    return;
-  }
-  const g = await growCowStore(entry, undefined, { config, run, log });
-  report.grown.push(g);
-  report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: p.dmName, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${config.watch.thresholdPercent}%: store grown to ${g.afterBytes} bytes` });
-}
-
-async function watchLv(entry: JournalEntry, config: Config, run: Runner, log: Logger, report: WatchReport): Promise<void> {
-  const ref = lvsnapRef(entry);
-  if (!ref) return;
-  const name = `${ref.vg}/${ref.lv}`;
-  const l = await lvInfo(run, ref);
-  if (!l) {
-    const m = `${name} (${entry.backendPath}) is recorded but LVM does not know it any more`;
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: name, state: 'error', message: m });
-    return;
-  }
-  if (l.invalid) {
-    const m = `${name} (${entry.backendPath}) is Invalid (attr ${l.attr}): the snapshot overflowed and the kernel dropped it; the guest gets I/O errors and its changes are lost. Remove and add the disk again.`;
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: name, state: 'invalid', message: m });
-    return;
-  }
-  if (l.kind === 'thin') {
-    const pool = l.pool ? await lvInfo(run, { vg: ref.vg, lv: l.pool }) : undefined;
-    if (!pool) return;
-    const data = pool.dataPercent ?? 0;
-    const meta = pool.metadataPercent ?? 0;
-    let grew = false;
-    if (data >= config.watch.thresholdPercent) {
-      report.grown.push(await growLv(entry, undefined, { config, run, log }, 'data'));
-      grew = true;
-    }
-    if (meta >= config.watch.thresholdPercent) {
-      report.grown.push(await growLv(entry, undefined, { config, run, log }, 'metadata'));
-      grew = true;
-    }
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: `${ref.vg}/${l.pool}`, usedPercent: Math.max(data, meta), state: grew ? 'grown' : 'ok', message: `pool data ${data}% metadata ${meta}%` });
-    return;
-  }
-  const used = l.dataPercent ?? 0;
-  if (used < config.watch.thresholdPercent) {
-    report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: name, usedPercent: used, state: 'ok', message: `${used}% of the snapshot used` });
-    return;
-  }
-  const g = await growLv(entry, undefined, { config, run, log });
-  report.grown.push(g);
-  report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: name, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${config.watch.thresholdPercent}%: lvextend to ${g.afterBytes} bytes` });
-}
-
-/** The shared thin pool, once per pass. */
-async function watchPool(config: Config, run: Runner, log: Logger, report: WatchReport, users: string[]): Promise<void> {
-  const u = await thinPoolUsage(run, config);
-  if (!u) {
-    const m = `thin pool is not running, but ${users.join(', ')} use it`;
-    report.findings.push({ backendPath: users[0] ?? 'pool', script: 'block-thin', device: 'pool', state: 'error', message: m });
-    return;
-  }
-  if (u.problem === 'Fail' || u.problem === 'Error' || u.problem === 'needs_check') {
-    const m = `thin pool has failed (${u.problem}); growing cannot repair it. Its disks: ${users.join(', ')}`;
-    report.findings.push({ backendPath: users[0] ?? 'pool', script: 'block-thin', device: 'pool', state: 'error', message: m });
-    return;
-  }
-  // out of data space (writes are failing) or metadata full: grow, and the finding says so (logged once).
-  let grew = false;
-  if (u.dataPercent >= config.watch.thresholdPercent || u.problem === 'out of data space') {
-    report.grown.push(await growThinPool('data', undefined, { config, run, log }, 'watch'));
-    grew = true;
-  }
-  if (u.metadataPercent >= config.watch.thresholdPercent || (u.problem !== undefined && u.problem.startsWith('read-only'))) {
-    report.grown.push(await growThinPool('metadata', undefined, { config, run, log }, 'watch'));
-    grew = true;
-  }
-  report.findings.push({
-    backendPath: users[0] ?? 'pool',
-    script: 'block-thin',
-    device: 'pool',
-    usedPercent: Math.max(u.dataPercent, u.metadataPercent),
-    state: u.problem ? 'full' : grew ? 'grown' : 'ok',
-    message: u.problem
-      ? `thin pool is ${u.problem} (data ${u.dataPercent}%, metadata ${u.metadataPercent}%); ${grew ? 'grown' : 'not grown'}. Disks: ${users.join(', ')}`
-      : `pool data ${u.dataPercent}% metadata ${u.metadataPercent}%`,
-  });
+function take(report: WatchReport, o: WatchOutcome): void {
+  report.findings.push(...o.findings);
+  report.grown.push(...o.grown);
 }
 
 /** One pass over everything the journal knows. Never throws for one device: its error becomes a finding. */
@@ -205,16 +98,13 @@ export async function watchOnce(config: Config, run: Runner, log: Logger, opts: 
     const m = `journal record ${u.file} cannot be read (${u.error}); its device is not watched`;
     report.findings.push({ backendPath: u.file, script: '?', device: '?', state: 'error', message: m });
   }
-  const poolUsers: string[] = [];
-  for (const entry of entries) {
-    if (entry.phase !== 'ready') continue;
-    if (entry.script === 'block-thin') {
-      if (entry.steps.some((s) => s.kind === THIN_STEP.pool)) poolUsers.push(entry.backendPath);
-      report.checked += 1;
-      continue;
-    }
-    if (entry.script !== 'block-cow' && entry.script !== 'block-lvsnap') continue;
+  const deps = { config, run, log };
+  const ready = entries.filter((e) => e.phase === 'ready');
+  for (const entry of ready) {
+    const hook = hookNamed(entry.script);
+    if (!hook?.watch && !hook?.watchShared) continue;
     report.checked += 1;
+    if (!hook.watch) continue;
     const lock = await tryAcquireFlock(pathLockPath(config.stateDir, entry.backendPath), { runner: run }).catch(() => null);
     if (!lock) {
       report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'busy', message: 'its hook is running; looked at on the next pass' });
@@ -222,22 +112,22 @@ export async function watchOnce(config: Config, run: Runner, log: Logger, opts: 
     }
     try {
       const fresh = journal.load(entry.backendPath);
-      if (!fresh || fresh.phase !== 'ready') continue;
-      if (fresh.script === 'block-cow') await watchCow(fresh, config, run, log, report);
-      else await watchLv(fresh, config, run, log, report);
+      if (fresh && fresh.phase === 'ready') take(report, await hook.watch(fresh, deps));
     } catch (e) {
-      const m = `${entry.backendPath}: ${msg(e)}`;
-      report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'error', message: m });
+      report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'error', message: `${entry.backendPath}: ${msg(e)}` });
     } finally {
       await lock.release();
     }
   }
-  if (poolUsers.length) {
+  // What disks share (block-thin's pool): once per pass, for the hook's ready records.
+  for (const [script, hook] of Object.entries(HOOKS)) {
+    if (!hook.watchShared) continue;
+    const mine = ready.filter((e) => hookNamed(e.script) === hook);
+    if (!mine.length) continue;
     try {
-      await watchPool(config, run, log, report, poolUsers);
+      take(report, await hook.watchShared(mine, deps));
     } catch (e) {
-      const m = `thin pool: ${msg(e)}`;
-      report.findings.push({ backendPath: poolUsers[0] as string, script: 'block-thin', device: 'pool', state: 'error', message: m });
+      report.findings.push({ backendPath: (mine[0] as JournalEntry).backendPath, script, device: 'pool', state: 'error', message: `${script} shared pool: ${msg(e)}` });
     }
   }
   report.problems = report.findings.filter((f) => isProblem(f.state));

@@ -15,7 +15,7 @@ import { thinBackend } from '../../src/backends/thin.js';
 import { loadConfig } from '../../src/config/config.js';
 import { parseStatus } from '../../src/devices/dmsetup.js';
 import { execRunner } from '../../src/devices/exec.js';
-import { growThinPool } from '../../src/grow/grow.js';
+import { growThinPool } from '../../src/backends/thin.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { census, hookInProcess } from '../lib/fault-lib.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';

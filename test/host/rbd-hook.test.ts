@@ -427,11 +427,11 @@ t.test('a crash leaves a transient clone in the cluster: this host\'s marker let
   const marker6 = cloneMarkerPath(config, 'rbd', 'xbh-dom6-xvda');
   const journal = new Journal(config.stateDir);
   const quiet = { dmAvailable: false, dm: [], loops: [], nbds: [] };
-  const young = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  const young = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
   t.strictSame(young.rows.filter((r) => r.kind === 'rbd'), [], 'a marker younger than a minute is nobody\'s leftover yet');
   const old = Date.now() / 1000 - 600;
   utimesSync(marker6, old, old);
-  const inv = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  const inv = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
   const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
   t.equal(plan.length, 1);
   t.match(plan[0]?.action, /^rbd rm rbd\/xbh-dom6-xvda: transient RBD clone this host made .* for backend\/vbd\/6\/\d+, which no record holds \(left by a crash or a reboot\)$/);
@@ -459,7 +459,7 @@ t.test('a crash leaves a transient clone in the cluster: this host\'s marker let
   t.notOk(existsSync(marker8), 'the persistent add drops the transient marker of that name');
   t.equal((await w.hook('remove', p8)).code, 0);
   t.ok(w.sim.images.has('rbd/xbh-dom8-xvda'), 'the persistent clone stays after its remove');
-  const inv8 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  const inv8 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
   t.strictSame(inv8.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans the persistent clone');
   w.sim.images.delete('rbd/xbh-dom8-xvda');
 
@@ -474,6 +474,6 @@ t.test('a crash leaves a transient clone in the cluster: this host\'s marker let
   t.match(tr.error, /transient clone rbd\/xbh-dom7-xvda already exists and no record on this host made it/);
   t.ok(w.sim.images.has('rbd/xbh-dom7-xvda'), 'left alone');
   t.equal(readFileSync(marker7, 'utf8'), other, 'the other host\'s marker is untouched');
-  const inv7 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet, transientLvs: [] });
+  const inv7 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
   t.strictSame(inv7.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans another host\'s clone');
 });

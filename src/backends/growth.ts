@@ -1,0 +1,86 @@
+/**
+ * The vocabulary of the grow and watch facets (Backend.grow, Backend.watch): what a growth did,
+ * what a watch pass found, and the size arithmetic every hook shares. The hooks implement the
+ * facets in their own files; src/grow finds them through the registry and never looks inside.
+ */
+import type { Config } from '../config/config.js';
+import type { Runner } from '../devices/runner.js';
+import type { JournalEntry } from '../journal/journal.js';
+import type { Logger } from '../log/logger.js';
+
+export class GrowError extends Error {
+  override name = 'GrowError';
+}
+
+/** `+512M` (relative) or `4G` (the new total), as the CLI parses it. */
+export interface GrowSize {
+  relative: boolean;
+  bytes: number;
+}
+
+export interface GrowDeps {
+  config: Config;
+  run: Runner;
+  log: Logger;
+}
+
+export interface GrowAction {
+  backendPath: string;
+  script: string;
+  /** What grew: a store file, the pool's data or metadata, an LV. */
+  kind: 'cow-store' | 'thin-data' | 'thin-metadata' | 'lv' | 'lv-pool-data' | 'lv-pool-metadata';
+  /** The file or LV that grew. */
+  target: string;
+  beforeBytes: number;
+  afterBytes: number;
+}
+
+export interface GrowOptions {
+  /** A pool's data (default) or its metadata. */
+  part?: 'data' | 'metadata';
+}
+
+export type FindingState = 'ok' | 'grown' | 'invalid' | 'full' | 'busy' | 'error';
+
+export interface WatchFinding {
+  backendPath: string;
+  script: string;
+  /** The dm device, store, pool or LV looked at. */
+  device: string;
+  /** Percent in use before any growth, when known. */
+  usedPercent?: number;
+  state: FindingState;
+  message: string;
+}
+
+/** What one hook's watch of one disk (or of its shared pool) reports back. */
+export interface WatchOutcome {
+  findings: WatchFinding[];
+  grown: GrowAction[];
+}
+
+export const MiB = 1048576;
+
+export function human(n: number): string {
+  if (n >= 1024 * MiB && n % (1024 * MiB) === 0) return `${n / (1024 * MiB)} GiB`;
+  if (n >= MiB) return `${Math.round((n / MiB) * 10) / 10} MiB`;
+  return `${n} B`;
+}
+
+/** `domain/vdev` of a record, for log lines. */
+export function diskLabel(entry: JournalEntry): string {
+  return `${entry.disk.domainName ?? entry.disk.frontendId ?? '?'}/${entry.disk.vdev ?? '?'}`;
+}
+
+/** The new size: `size` applied to `current`, or `current` grown by the configured step. */
+export function targetBytes(current: number, size: GrowSize | undefined, stepPercent: number, align: number): number {
+  let t: number;
+  if (size === undefined) t = current + Math.max(align, Math.ceil((current * stepPercent) / 100));
+  else t = size.relative ? current + size.bytes : size.bytes;
+  return Math.ceil(t / align) * align;
+}
+
+/** used/total as a percentage with two decimals; an empty total counts as full. */
+export function percent(used: bigint, total: bigint): number {
+  return total === 0n ? 100 : Number((used * 10000n) / total) / 100;
+}
