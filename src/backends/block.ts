@@ -20,10 +20,10 @@ import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, typ
 import { isAbsolute } from 'node:path';
 import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, type LoopInfo } from '../devices/losetup.js';
 import { decodeDev, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
-import { HotplugError } from '../hotplug/errors.js';
+import { HotplugError } from '../disk/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
-import { takeXenBlockLock } from '../hotplug/xen-lock.js';
+import { takeXenBlockLock } from '../lock/xen-lock.js';
 import type { XsOps } from '../xenstore/types.js';
 import { checkSharing, findUsers, type AccessDevice } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext, UnrecordedContext } from './types.js';

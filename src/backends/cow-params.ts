@@ -17,7 +17,7 @@
  *
  * Everything else is refused with a message naming the word, why, and what to write instead.
  */
-import { HotplugError } from '../hotplug/errors.js';
+import { HotplugError } from '../disk/errors.js';
 import { looksLikeSize, notASize, sizeKiB, sizeMiB } from '../units/size.js';
 import { splitPathWords, whitespaceProblem } from './params-words.js';
 

@@ -12,8 +12,8 @@
 import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, truncateSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import type { DiskSpec } from '../hotplug/disk.js';
-import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { DiskSpec } from '../disk/spec.js';
+import { HotplugError, messageOf } from '../disk/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';

@@ -11,7 +11,7 @@
  */
 import { realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute, sep } from 'node:path';
-import { HotplugError } from '../hotplug/errors.js';
+import { HotplugError } from '../disk/errors.js';
 import { spacedPathHint } from './params-words.js';
 
 export interface CheckedImage {

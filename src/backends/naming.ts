@@ -8,9 +8,9 @@
  * dom0's own and show the bootloader other data than the guest's disk: a persistent thing named
  * after its owner is refused there (`persistentOwner`); one named explicitly is found as usual.
  */
-import type { DiskSpec } from '../hotplug/disk.js';
-import { HotplugError } from '../hotplug/errors.js';
-import { INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX } from '../hotplug/lifecycle.js';
+import type { DiskSpec } from '../disk/spec.js';
+import { HotplugError } from '../disk/errors.js';
+import { INCOMING_SUFFIX, MIGRATED_AWAY_SUFFIX } from '../disk/migration.js';
 
 /** `backend/vbd/5/51712` (or absolute) → domid and devid. */
 export function backendIds(xenbusPath: string): { domid: string; devid: string } {

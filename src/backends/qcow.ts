@@ -37,10 +37,10 @@ import {
   type ImageInfo,
 } from '../devices/qemu.js';
 import { disconnectOurs, ensureNbdModule, freeNbdDevices, nbdState, qemuNbdProcesses, readPidFile } from '../devices/nbd.js';
-import type { DiskSpec } from '../hotplug/disk.js';
-import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { DiskSpec } from '../disk/spec.js';
+import { HotplugError, messageOf } from '../disk/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
-import { journalFileName } from '../journal/journal.js';
+import { backendPathKey } from '../disk/request.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../lock/paths.js';
@@ -144,7 +144,7 @@ export function overlayPath(config: Config, p: QcowParams, disk: Pick<DiskSpec, 
 }
 
 export function pidFilePath(config: Config, xenbusPath: string): string {
-  return join(config.stateDir, 'qcow', `${journalFileName(xenbusPath).replace(/\.json$/, '')}.qemu-nbd.pid`);
+  return join(config.stateDir, 'qcow', `${backendPathKey(xenbusPath)}.qemu-nbd.pid`);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ import {
   rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
 } from '../devices/rbd.js';
-import type { DiskSpec } from '../hotplug/disk.js';
-import { isIncoming } from '../hotplug/lifecycle.js';
-import { HotplugError, messageOf } from '../hotplug/errors.js';
+import type { DiskSpec } from '../disk/spec.js';
+import { isIncoming } from '../disk/migration.js';
+import { HotplugError, messageOf } from '../disk/errors.js';
 import type { JournalEntry, StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';

@@ -31,8 +31,8 @@
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { decodeDev } from '../devices/sysfs.js';
-import { HotplugError } from '../hotplug/errors.js';
-import type { Mode } from '../hotplug/disk.js';
+import { HotplugError } from '../disk/errors.js';
+import type { Mode } from '../disk/spec.js';
 import { XsError, type XsOps } from '../xenstore/types.js';
 
 /** A block device through which the thing asked for can be reached. */

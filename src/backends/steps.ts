@@ -29,8 +29,8 @@ import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../loc
 import type { Logger } from '../log/logger.js';
 import { baseImageLockPath, lockOptions } from '../lock/paths.js';
 import { claimStore, releaseStore } from '../lock/store-owner.js';
-import { savedClaimMarker } from '../hotplug/lifecycle.js';
-import { HotplugError } from '../hotplug/errors.js';
+import { savedClaimMarker } from '../journal/saved.js';
+import { HotplugError } from '../disk/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import { dmCreate, dmInfo, dmRemove, type DmDevice } from '../devices/dmsetup.js';
 import { attachLoop, detachLoop, listLoops, loopsBacking, LoopRedirected, type AttachOptions, type LoopInfo } from '../devices/losetup.js';

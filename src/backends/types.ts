@@ -12,8 +12,8 @@
  */
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import type { DiskSpec } from '../hotplug/disk.js';
-import type { HotplugRequest } from '../hotplug/request.js';
+import type { DiskSpec } from '../disk/spec.js';
+import type { HotplugRequest } from '../disk/request.js';
 import type { Build, UndoRegistry } from '../journal/steps.js';
 import type { Journal, JournalEntry } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';

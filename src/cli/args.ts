@@ -14,7 +14,7 @@
  *     error codes, and "given twice" for an option that may be given once.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { UsageError } from '../hotplug/errors.js';
+import { UsageError } from '../disk/errors.js';
 
 export interface OptionSpec {
   /** Long name without dashes. */

@@ -30,7 +30,7 @@ export { recordStrings };
 import type { XsOps } from '../xenstore/types.js';
 import { DM_NAME_PREFIXES, HOOKS, paramsSource } from '../backends/index.js';
 import type { Leftover } from '../backends/types.js';
-import { bootId, listMarkers, markerPath, readMarkerSafe } from '../hotplug/lifecycle.js';
+import { bootId, listMarkers, markerPath, readMarkerSafe } from '../journal/saved.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';

@@ -8,7 +8,7 @@
 import { ConfigError, loadConfig, type Config } from '../config/config.js';
 import { execRunner } from '../devices/exec.js';
 import type { Runner } from '../devices/runner.js';
-import { UsageError } from '../hotplug/errors.js';
+import { UsageError } from '../disk/errors.js';
 import { createLogger, memoryLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
 import { startXenstoreServer } from '../xenstore/server.js';

@@ -3,7 +3,7 @@
  * like `lvs`: `-o` picks the fields, `-S` the rows, `--units` the sizes, `--noheadings` and
  * `--separator` make it easy to read from a script. See inventory.ts for the states.
  */
-import { UsageError } from '../hotplug/errors.js';
+import { UsageError } from '../disk/errors.js';
 import { humanBytes } from './format.js';
 import type { Inventory, Row } from './inventory.js';
 import type { Usage } from './kernel.js';

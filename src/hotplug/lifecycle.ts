@@ -34,8 +34,7 @@
  * kind (`claims`), so that no other host takes the store while the saved domain waits, and gc
  * does not release it as stale; the restore's add hands the claim to its new backend path.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync, readlinkSync } from 'node:fs';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
 import { sysBlockDir } from '../devices/sysfs.js';
@@ -44,21 +43,10 @@ import { undoAll, type UndoRegistry } from '../journal/steps.js';
 import { handOverClaim, thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient, XsOps } from '../xenstore/types.js';
-import { uuidOfVmPath, type DiskSpec } from './disk.js';
-import { HotplugError } from './errors.js';
-
-export const INCOMING_SUFFIX = '--incoming';
-export const MIGRATED_AWAY_SUFFIX = '--migratedaway';
-
-/** Whether the domain is the receiving side of an xl migration (named NAME--incoming until it completes). */
-export function isIncoming(domainName: string | undefined): boolean {
-  return domainName !== undefined && domainName.endsWith(INCOMING_SUFFIX) && domainName.length > INCOMING_SUFFIX.length;
-}
-
-/** Whether the domain is the sending side of an xl migration that completed (renamed before its destroy). */
-export function isMigratedAway(domainName: string | undefined): boolean {
-  return domainName !== undefined && domainName.endsWith(MIGRATED_AWAY_SUFFIX);
-}
+import { uuidOfVmPath, type DiskSpec } from '../disk/spec.js';
+import { HotplugError } from '../disk/errors.js';
+import { isMigratedAway } from '../disk/migration.js';
+import { deleteMarker, heldKey, markerPath, readMarkerSafe, writeMarker, type SavedDisk } from '../journal/saved.js';
 
 // ---------------------------------------------------------------------------------------------
 // is the domain being saved?
@@ -119,126 +107,6 @@ export async function xlDomain(run: Runner, domid: number, log: Logger): Promise
     return undefined;
   }
   return xlDomainOf(r.stdout, domid);
-}
-
-// ---------------------------------------------------------------------------------------------
-// saved-disk markers
-
-export interface SavedDisk {
-  version: 1;
-  /** The host that saved it (lock/store-owner.ts's identity): only it holds the devices. */
-  machine: string;
-  host: string;
-  /** The domain's uuid (or `name:<name>` when it had none). */
-  key: string;
-  name: string | undefined;
-  vdev: string | undefined;
-  devid: string;
-  script: string;
-  params: string;
-  mode: string;
-  /** What lived only as long as the devices (JournalEntry.transient). */
-  transient: string;
-  /** The held record's journal key ('' for a disk that could not be held, or that kept only claims). */
-  held: string;
-  /** A persistent disk's stores whose claims were kept for the restore (nothing else was kept). */
-  claims?: string[];
-  /** The backend path the disk had when it was saved. */
-  from: string;
-  bootId: string;
-  savedAt: string;
-}
-
-/** The kernel's id of this boot; devices (dm, loop, nbd, krbd mappings) live no longer. */
-export function bootId(): string {
-  return thisHost().boot;
-}
-
-export function savedDir(config: Config): string {
-  return join(config.storeDir, 'saved');
-}
-
-function fileKey(key: string): string {
-  return key.replace(/[^A-Za-z0-9._-]/g, '_');
-}
-
-export function markerPath(config: Config, key: string, devid: string): string {
-  return join(savedDir(config), `${fileKey(key)}-${devid}.json`);
-}
-
-export function heldKey(key: string, devid: string): string {
-  return `held/${fileKey(key)}/${devid}`;
-}
-
-export function readMarker(config: Config, key: string, devid: string): SavedDisk | undefined {
-  let text: string;
-  try {
-    text = readFileSync(markerPath(config, key, devid), 'utf8');
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw e;
-  }
-  return JSON.parse(text) as SavedDisk;
-}
-
-/** Written and synced before the record moves: a marker is what makes a later restore refuse rather than build afresh. */
-/** readMarker, with an unreadable marker taken as "there is one" (it still stands for a saved disk). */
-export function readMarkerSafe(config: Config, key: string, devid: string): SavedDisk | 'unreadable' | undefined {
-  try {
-    return readMarker(config, key, devid);
-  } catch {
-    return 'unreadable';
-  }
-}
-
-function writeMarker(config: Config, m: SavedDisk): void {
-  const dir = savedDir(config);
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const file = markerPath(config, m.key, m.devid);
-  const tmp = `${file}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w', 0o600);
-  try {
-    writeFileSync(fd, `${JSON.stringify(m, null, 1)}\n`);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, file);
-  const d = openSync(dir, 'r');
-  try {
-    fsyncSync(d);
-  } finally {
-    closeSync(d);
-  }
-}
-
-export function deleteMarker(config: Config, key: string, devid: string): void {
-  try {
-    unlinkSync(markerPath(config, key, devid));
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-  }
-}
-
-/** Every marker, with the file it is in. */
-export function listMarkers(config: Config): { file: string; marker: SavedDisk }[] {
-  let names: string[];
-  try {
-    names = readdirSync(savedDir(config));
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw e;
-  }
-  const out: { file: string; marker: SavedDisk }[] = [];
-  for (const n of names.filter((n) => n.endsWith('.json')).sort()) {
-    const file = join(savedDir(config), n);
-    try {
-      out.push({ file, marker: JSON.parse(readFileSync(file, 'utf8')) as SavedDisk });
-    } catch {
-      // a half-written marker is a tmp file, never a .json: anything else unreadable is skipped here and shown by status
-    }
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,12 +193,6 @@ export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry):
   const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
   if (!key) throw new Error(`the domain of ${entry.backendPath} has neither a uuid nor a name in xenstore`);
   writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name ?? undefined, ''));
-}
-
-/** The saved-disk marker that keeps this host's claim on `store` for a restore, if any. */
-export function savedClaimMarker(config: Config, store: string): (SavedDisk & { file: string }) | undefined {
-  const found = listMarkers(config).find(({ marker }) => marker.claims?.includes(store));
-  return found ? { ...found.marker, file: found.file } : undefined;
 }
 
 /** The persistent stores this record claimed for this host (lock/store-owner.ts). */

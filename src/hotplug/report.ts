@@ -11,7 +11,7 @@
  */
 import type { XsOps, XenstoreClient } from '../xenstore/types.js';
 import type { BuiltDevice } from '../backends/types.js';
-import type { FailureStatus } from './errors.js';
+import type { FailureStatus } from '../disk/errors.js';
 
 export function physicalDevice(major: number, minor: number): string {
   return `${major.toString(16)}:${minor.toString(16)}`;

@@ -9,22 +9,11 @@
  * XENBUS_PATH is passed to xenstore unchanged: the daemon resolves a relative path under the
  * connection's home (/local/domain/0 in dom0, the driver domain's own home elsewhere).
  */
-import { UsageError } from './errors.js';
+import { UsageError } from '../disk/errors.js';
 
-export type Action = 'add' | 'remove';
-export type Dialect = 'libxl' | 'xend';
+import type { Action, Dialect, HotplugRequest } from '../disk/request.js';
 
-export interface HotplugRequest {
-  /** The hook's name as installed, e.g. `block-cow`. */
-  script: string;
-  action: Action;
-  dialect: Dialect;
-  /** The backend path exactly as given. */
-  xenbusPath: string;
-  /** `vbd` (or `vbd3`). */
-  xenbusType: string;
-  verbose: boolean;
-}
+export type { Action, Dialect, HotplugRequest } from '../disk/request.js';
 
 export type ParsedArgs =
   | { kind: 'help' }

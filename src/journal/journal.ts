@@ -11,7 +11,8 @@
  */
 import { mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { DiskSpec } from '../hotplug/disk.js';
+import { backendPathKey } from '../disk/request.js';
+import type { DiskSpec } from '../disk/spec.js';
 
 export interface StepRecord {
   /** Which undoer applies, e.g. `loop`, `dm`, `store-file`, `base-ref`. */
@@ -62,7 +63,7 @@ export interface JournalEntry {
 
 /** `backend/vbd/5/51712` → `backend~vbd~5~51712.json` (`~` never occurs in xenstore paths). */
 export function journalFileName(backendPath: string): string {
-  return `${backendPath.replace(/^\//, '').replace(/\//g, '~')}.json`;
+  return `${backendPathKey(backendPath)}.json`;
 }
 
 export class Journal {

@@ -15,7 +15,7 @@
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { journalFileName } from '../journal/journal.js';
+import { backendPathKey } from '../disk/request.js';
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:+@=-]{0,127}$/;
 
@@ -37,7 +37,7 @@ export function thinPoolLockPath(stateDir: string, poolName: string): string {
 
 /** The lock of one backend path (held around its add, remove, gc and grow). */
 export function pathLockPath(stateDir: string, backendPath: string): string {
-  return join(stateDir, 'locks', `path-${journalFileName(backendPath).replace(/\.json$/, '')}`);
+  return join(stateDir, 'locks', `path-${backendPathKey(backendPath)}`);
 }
 
 /** The single watcher's lock. */

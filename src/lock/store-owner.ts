@@ -35,7 +35,7 @@
 import { mkdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { HotplugError } from '../hotplug/errors.js';
+import { HotplugError } from '../disk/errors.js';
 
 export interface HostIdentity {
   /** /etc/machine-id (unique per installation), else the host name. */

@@ -7,7 +7,7 @@ import { DiskSpecError, looksLikeXm, parseDisk, parseXlDisk, parseXmDisk } from 
 import { parseOptions } from '../../src/cli/args.js';
 import { humanBytes, table } from '../../src/cli/format.js';
 import { parseGrowSize } from '../../src/cli/grow.js';
-import { UsageError } from '../../src/hotplug/errors.js';
+import { UsageError } from '../../src/disk/errors.js';
 import { backendPaths, scriptFor, toolstackNodes } from '../../src/cli/simulate.js';
 
 t.test('vdev → devid as libxl computes it', async (t) => {

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend, dmName, planCow, storeName } from '../../src/backends/cow.js';
 import { defaultConfig } from '../../src/config/config.js';
-import { HotplugError } from '../../src/hotplug/errors.js';
+import { HotplugError } from '../../src/disk/errors.js';
 
 t.test('good params', async (t) => {
   const cases: [string, object][] = [

@@ -11,7 +11,7 @@ import {
 } from '../../src/devices/qemu.js';
 import { nbdName } from '../../src/devices/nbd.js';
 import { checkClaims, parseQcowParams, reservedDevices, usersOf, type Claim } from '../../src/backends/qcow.js';
-import { HotplugError } from '../../src/hotplug/errors.js';
+import { HotplugError } from '../../src/disk/errors.js';
 import type { JournalEntry } from '../../src/journal/journal.js';
 
 const FIX = join(import.meta.dirname ?? new URL('.', import.meta.url).pathname, '..', 'fixtures');

@@ -6,14 +6,14 @@
 import t from 'tap';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { HotplugError } from '../../src/hotplug/errors.js';
+import { HotplugError } from '../../src/disk/errors.js';
 import { cloneName, parseRbdParams, planRbd } from '../../src/backends/rbd.js';
-import { isIncoming } from '../../src/hotplug/lifecycle.js';
+import { isIncoming } from '../../src/disk/migration.js';
 import {
   MOUNT_TIMEOUT_S, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseSnapLs, parseStatus, rbdReason,
   rmArgs, showMappedArgs, snapProtectArgs, statusArgs, unmapArgs,
 } from '../../src/devices/rbd.js';
-import type { DiskSpec } from '../../src/hotplug/disk.js';
+import type { DiskSpec } from '../../src/disk/spec.js';
 
 const FIX = join(import.meta.dirname, '..', 'fixtures', 'rbd-16.2.15');
 const fix = (name: string) => readFileSync(join(FIX, name), 'utf8');

@@ -1,7 +1,7 @@
 import t from 'tap';
 import { checkBackendPath, parseArgs } from '../../src/hotplug/request.js';
-import { UsageError } from '../../src/hotplug/errors.js';
-import { canonicalMode, safeName } from '../../src/hotplug/disk.js';
+import { UsageError } from '../../src/disk/errors.js';
+import { canonicalMode, safeName } from '../../src/disk/spec.js';
 
 const env = { XENBUS_PATH: 'backend/vbd/5/51712', XENBUS_TYPE: 'vbd' };
 

@@ -4,8 +4,8 @@
  * budget (xenLockWaitMs, src/lock/flock.ts), and a wait that runs out is a hotplug-error saying why.
  */
 import type { Runner } from '../devices/runner.js';
-import { acquireFlock, LockTimeoutError, xenBlockLockPath, xenLockWaitMs, type HeldLock } from '../lock/flock.js';
-import { HotplugError } from './errors.js';
+import { HotplugError } from '../disk/errors.js';
+import { acquireFlock, LockTimeoutError, xenBlockLockPath, xenLockWaitMs, type HeldLock } from './flock.js';
 
 export async function takeXenBlockLock(where: string, config: { xenLockDir: string; lockTimeoutMs: number }, run: Runner): Promise<HeldLock> {
   try {
