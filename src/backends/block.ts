@@ -16,10 +16,12 @@
  *   still backs the same file (device and inode numbers, which survive the file's deletion), so a
  *   deleted or moved image does not leak its loop as it does with the stock script.
  */
-import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
+import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, truncateSync, type BigIntStats } from 'node:fs';
 import { isAbsolute } from 'node:path';
-import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, type LoopInfo } from '../devices/losetup.js';
-import { decodeDev, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
+import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import { lvExtendTo } from '../devices/lvm.js';
+import { diskLabel, GrowError, human, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
+import { decodeDev, deviceSectors, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../disk/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
@@ -274,6 +276,39 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
 }
 
 // ---------------------------------------------------------------------------------------------
+// resize: a file: image is extended and its loop re-read (`losetup -c`); a phy: logical volume
+// is extended (lvextend refuses any other device, and says so). Never smaller: nothing says
+// which sectors the guest wrote. A read-only disk may be shared by several domains: refused.
+
+async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const who = diskLabel(entry);
+  if (entry.disk.mode !== 'w') throw new GrowError(`${who} is read-only and may be shared by other domains; resize its image with them stopped`);
+  const dev = entry.device;
+  if (!dev) throw new GrowError(`${who} has no device recorded`);
+  const before = deviceSectors(dev.major, dev.minor) * 512;
+  const after = wholeMiB(bytes);
+  if (after < before) throw new GrowError(`${who} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`);
+  if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
+  const loop = entry.steps.find((s) => s.kind === BLOCK_LOOP_STEP && s.done && typeof s.data.device === 'string');
+  let target: string;
+  let how: string;
+  if (loop) {
+    target = loop.data.file as string;
+    const st = statSync(target, { bigint: true });
+    if (devString(st.dev) !== loop.data.dev || st.ino.toString() !== loop.data.ino) throw new GrowError(`${target} is not the file ${who} was attached from any more (replaced since): not resized`);
+    if (Number(st.size) >= after) throw new GrowError(`${target} is already ${human(Number(st.size))}; its loop is re-read by "losetup -c ${loop.data.device as string}"`);
+    truncateSync(target, after);
+    await resizeLoop(deps.run, loop.data.device as string);
+    how = `${target} extended, ${loop.data.device as string} re-read`;
+  } else {
+    target = planBlock(entry.disk.params, entry.backendPath).path;
+    await lvExtendTo(deps.run, target, after);
+    how = `${target} extended (lvextend)`;
+  }
+  const now = deviceSectors(dev.major, dev.minor) * 512;
+  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(now)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target, beforeBytes: before, afterBytes: now, online: true, how };
+}
 
 export const blockBackend: Backend<BlockPlan> = {
   source: (params) => params,
@@ -291,5 +326,6 @@ xend's type dispatch: a backend whose type is not phy or file runs <xen script d
   },
   add: addBlock,
   undo: { [BLOCK_LOOP_STEP]: undoBlockLoop },
+  resize: resizeBlock,
   removeUnrecorded: removeUnrecordedBlock,
 };

@@ -9,7 +9,7 @@
  * steps of steps.ts (each journaled before it runs); remove is the runtime's undo of the journal.
  * See docs/block-cow.md for the grammar, names and sharing rules.
  */
-import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, truncateSync, unlinkSync } from 'node:fs';
+import { closeSync, constants as fsc, existsSync, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, truncateSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { DiskSpec } from '../disk/spec.js';
@@ -19,11 +19,12 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { sourceOf, spacedPathHint } from './params-words.js';
-import { loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
-import { dmStatus, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
+import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
 import type { Runner } from '../devices/runner.js';
 import type { JournalEntry } from '../journal/journal.js';
-import { diskLabel, GrowError, human, MiB, percent, targetBytes, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
+import { Build } from '../journal/steps.js';
+import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
 import { deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
@@ -246,8 +247,10 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
 
   const s = plan.store;
   ensureStoreDir(ctx.config.storeDir);
-  if (!s.persistent) await clearLeftoverTransient(ctx, s.path);
-  else await addStoreOwner(env, 'block-cow', s.path);
+  if (!s.persistent) {
+    await clearLeftoverTransient(ctx, s.path);
+    await clearLeftoverTransient(ctx, tailPath(s.path));
+  } else await addStoreOwner(env, 'block-cow', s.path);
   const store = await addStoreFile(env, s.path, s.bytes, s.persistent);
   const storeId = { dev: store.dev, ino: store.ino };
   if (store.existed) {
@@ -260,7 +263,15 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
     const owner = loopOwner(ctx, storeId);
     throw new HotplugError(`block-cow: the copy-on-write store ${s.path} is already in use by ${onStore.map((l) => l.name).join(', ')}${owner ? ` (disk ${owner})` : ''}; a store serves one writer: remove that disk first or choose another store=.`, 'busy');
   });
-  const table = `0 ${sectors} snapshot ${origin} ${storeLoop.major}:${storeLoop.minor} ${s.persistent ? 'P' : 'N'} ${s.chunkKiB * 2}`;
+  let table = `0 ${sectors} snapshot ${origin} ${storeLoop.major}:${storeLoop.minor} ${s.persistent ? 'P' : 'N'} ${s.chunkKiB * 2}`;
+  // A persistent disk resized past its base comes back at that size: its tail is mapped again.
+  if (s.persistent && existsSync(tailPath(s.path))) {
+    const tail = await addStoreFile(env, tailPath(s.path), 0, true);
+    const tailLoop = await addLoop(env, tailPath(s.path), { dev: tail.dev, ino: tail.ino }, { readOnly: false }, async (onTail) => {
+      if (onTail.length) throw new HotplugError(`block-cow: the tail ${tailPath(s.path)} of the store ${s.path} is already in use by ${onTail.map((l) => l.name).join(', ')}; remove that disk first.`, 'busy');
+    });
+    table += `\n${tailLine(sectors, tailLoop)}`;
+  }
   const dm = await addDm(env, plan.name, table);
   return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
 }
@@ -359,6 +370,76 @@ async function watchCow(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutco
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// resize: dm-snapshot is exactly as large as its origin, so a disk larger than its base is two
+// ranges of one device: the snapshot over the base's range, then a linear tail on a second
+// sparse file, `<store>.tail`, as persistent as the store. Growing reloads the device's table
+// with the longer tail (the snapshot line is unchanged, so the kernel hands its exceptions over
+// to the new table); a persistent disk's tail is found again by the next add. A disk never
+// shrinks: dm-snapshot does not say which sectors the guest wrote.
+
+export function tailPath(store: string): string {
+  return `${store}.tail`;
+}
+
+function tailLine(start: number, loop: { major: number; minor: number }): string {
+  const bytes = deviceSectors(loop.major, loop.minor) * 512;
+  return `${start} ${bytes / 512} linear ${loop.major}:${loop.minor} 0`;
+}
+
+async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const p = cowParts(entry);
+  if (!p) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`);
+  const state = await snapshotState(deps.run, p.dmName);
+  if (state.state !== 'active') throw new GrowError(droppedMessage(p.dmName, state));
+  const lines = await dmTableLines(deps.run, p.dmName);
+  const snap = lines[0];
+  if (!snap || snap.target !== 'snapshot' || snap.start !== 0n) throw new GrowError(`${p.dmName} does not start with a snapshot (${snap?.target ?? 'no table'})`);
+  const baseSectors = Number(snap.length);
+  const before = (baseSectors + Number(lines[1]?.length ?? 0n)) * 512;
+  if (bytes < before) throw new GrowError(`${diskLabel(entry)} is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote, so the new end could cut off its data)`);
+  const tailBytes = wholeMiB(bytes - baseSectors * 512);
+  const after = baseSectors * 512 + tailBytes;
+  if (after <= before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
+  const file = tailPath(p.storeFile);
+  const had = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === file && s.done && typeof s.data.loop === 'string');
+  let loop: { name: string; major: number; minor: number };
+  let made = false;
+  if (had) {
+    truncateSync(file, tailBytes);
+    await resizeLoop(deps.run, had.data.loop as string);
+    loop = { name: had.data.loop as string, major: had.data.major as number, minor: had.data.minor as number };
+  } else {
+    if (existsSync(file)) throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
+    const persistent = entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
+    // The tail's steps go in front of the device's own, so that a remove takes the device away first.
+    const at = entry.steps.findIndex((s) => s.kind === STEP.dm && s.data.name === p.dmName);
+    const env: StepEnv = { build: new Build(entry, deps.journal, at), run: deps.run, config: deps.config, log: deps.log, journal: deps.journal };
+    const f = await addStoreFile(env, file, tailBytes, persistent);
+    made = true;
+    loop = await addLoop(env, file, { dev: f.dev, ino: f.ino }, { readOnly: false });
+  }
+  const table = `0 ${baseSectors} snapshot ${snap.params}\n${tailLine(baseSectors, loop)}`;
+  try {
+    await dmReload(deps.run, p.dmName, table);
+  } catch (e) {
+    if (made) {
+      // Nothing uses the new tail: it goes, so the next add does not find a larger disk.
+      await detachLoop(deps.run, loop.name).catch(() => false);
+      unlinkSync(file);
+      entry.steps = entry.steps.filter((s) => s.data.file !== file && s.data.path !== file);
+      deps.journal.save(entry);
+    }
+    throw e;
+  }
+  const dmStep = entry.steps.find((s) => s.kind === STEP.dm && s.data.name === p.dmName);
+  if (dmStep) dmStep.data.table = table;
+  deps.journal.save(entry);
+  const how = `${file} ${made ? 'made' : 'extended'} (${human(tailBytes)} past the base), ${p.dmName} reloaded`;
+  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target: p.dmName, beforeBytes: before, afterBytes: after, online: true, how };
+}
+
 export const cowBackend: Backend<CowPlan> = {
   source: (params) => sourceOf(() => parseCowParams(params).base),
   script: 'block-cow',
@@ -381,5 +462,6 @@ export const cowBackend: Backend<CowPlan> = {
   transient: (plan) => (plan.store && !plan.store.persistent ? `transient copy-on-write store ${plan.store.path}` : undefined),
   undo: sharedUndo,
   grow: (entry, size, deps) => growCowStore(entry, size, deps),
+  resize: resizeCow,
   watch: watchCow,
 };

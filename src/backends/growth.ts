@@ -5,7 +5,7 @@
  */
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import type { JournalEntry } from '../journal/journal.js';
+import type { Journal, JournalEntry } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 
 export class GrowError extends Error {
@@ -83,4 +83,29 @@ export function targetBytes(current: number, size: GrowSize | undefined, stepPer
 /** used/total as a percentage with two decimals; an empty total counts as full. */
 export function percent(used: bigint, total: bigint): number {
   return total === 0n ? 100 : Number((used * 10000n) / total) / 100;
+}
+
+export interface ResizeDeps extends GrowDeps {
+  journal: Journal;
+  /** The administrator asked for a smaller disk (`--shrink`); a hook that cannot prove it safe refuses. */
+  shrink: boolean;
+}
+
+/** What a resize did. */
+export interface ResizeResult {
+  backendPath: string;
+  script: string;
+  /** What grew: the file, LV, volume or image whose size the guest sees. */
+  target: string;
+  beforeBytes: number;
+  afterBytes: number;
+  /** The guest sees the new size now (blkback passes a device's new size on to a running PV guest); false: at the next add. */
+  online: boolean;
+  /** How, in a few words (for the log and the CLI). */
+  how: string;
+}
+
+/** `bytes` rounded up to whole MiB. */
+export function wholeMiB(bytes: number): number {
+  return Math.ceil(bytes / MiB) * MiB;
 }

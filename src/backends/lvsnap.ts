@@ -16,7 +16,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/config.js';
-import { isLvNotFound, lvActivate, lvCreateSnapshot, lvExtendBy, lvExtendPoolMetadataBy, lvInfo, lvRemove, lvNameProblem, lvsTagged, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { isLvNotFound, lvActivate, lvCreateSnapshot, lvExtendBy, lvExtendPoolMetadataBy, lvExtendTo, lvInfo, lvRemove, lvNameProblem, lvsTagged, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
@@ -28,7 +28,7 @@ import { looksLikeSize, notASize, sizeGrammar, sizeMiB } from '../units/size.js'
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext, Leftover, LeftoverContext } from './types.js';
-import { diskLabel, GrowError, human, MiB, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
+import { diskLabel, GrowError, human, MiB, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
 
 export const LVSNAP_STEP = 'lv-snapshot';
 export const TAG_TRANSIENT = 'xbh_transient';
@@ -316,6 +316,28 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
 }
 
 // ---------------------------------------------------------------------------------------------
+// resize: a thin snapshot is a thin LV of its own size (lvextend -L); a classic snapshot is as
+// large as its origin and cannot be. Never smaller.
+
+async function resizeLvsnap(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const who = diskLabel(entry);
+  const ref = lvsnapRef(entry);
+  if (!ref) throw new GrowError(`${who} (${entry.backendPath}) hands out its origin read-only: resize the origin LV itself`);
+  const snap = await lvInfo(deps.run, ref);
+  if (!snap) throw new GrowError(`${ref.vg}/${ref.lv} does not exist any more`);
+  if (snap.kind !== 'thin') throw new GrowError(`${ref.vg}/${ref.lv} is a classic snapshot: it is as large as its origin and cannot be resized (a thin origin gives thin snapshots, which can)`);
+  const before = Number(snap.sizeBytes);
+  const after = wholeMiB(bytes);
+  if (after < before) throw new GrowError(`${who} is ${human(before)}: block-lvsnap never shrinks a snapshot (nothing says which blocks the guest wrote)`);
+  if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
+  await lvExtendTo(deps.run, `/dev/${ref.vg}/${ref.lv}`, after);
+  const now = Number((await lvInfo(deps.run, ref))?.sizeBytes ?? after);
+  const how = `thin snapshot ${ref.vg}/${ref.lv} extended (lvextend)`;
+  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(now)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target: `${ref.vg}/${ref.lv}`, beforeBytes: before, afterBytes: now, online: true, how };
+}
+
+// ---------------------------------------------------------------------------------------------
 // leftovers: transient snapshots (tagged when made) that no record names, that nothing holds
 // open and that are older than a minute: a crash or a reboot left them, and their domain's next
 // add would replace them anyway. Persistent snapshots carry another tag.
@@ -359,6 +381,7 @@ export const lvsnapBackend: Backend<LvsnapPlan> = {
   add: addLvsnap,
   undo: { [LVSNAP_STEP]: undoLvsnap },
   grow: (entry, size, deps, opts) => growLv(entry, size, deps, opts.part ?? 'data'),
+  resize: resizeLvsnap,
   watch: watchLv,
   leftovers: leftoverSnapshots,
   async collect(l, ctx) {

@@ -27,13 +27,13 @@
  * remove/rollback undo newest first: disconnect and wait for the daemon, delete a transient (or
  * never-used persistent) overlay, drop the claim (the record going away is the release).
  */
-import { closeSync, linkSync, lstatSync, mkdirSync, openSync, constants as fsc, readdirSync, readFileSync, rmSync, unlinkSync } from 'node:fs';
+import { closeSync, existsSync, linkSync, lstatSync, mkdirSync, openSync, constants as fsc, readdirSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import { describeFailure, type Runner } from '../devices/runner.js';
 import {
-  CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlay, qemuImgInfo, qemuNbdConnect,
+  CACHE_MODES, KNOWN_FORMATS, isKnownFormat, isQemuLockConflict, parseQemuImgInfo, qemuImgCreateOverlay, qemuImgInfo, qemuImgResize, qemuNbdConnect,
   type ImageInfo,
 } from '../devices/qemu.js';
 import { disconnectOurs, ensureNbdModule, freeNbdDevices, nbdState, qemuNbdProcesses, readPidFile } from '../devices/nbd.js';
@@ -47,10 +47,11 @@ import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../l
 import { checkImagePath } from './image-path.js';
 import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { looksLikeSize } from '../units/size.js';
-import { devString, devT } from '../devices/sysfs.js';
+import { deviceSectors, devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
+import { diskLabel, GrowError, human, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 
 export const SCRIPT = 'block-qcow';
 export const STEP = { use: 'qcow-use', overlay: 'qcow-overlay', nbd: 'nbd' } as const;
@@ -478,7 +479,45 @@ export async function addQcow(ctx: HookContext, plan: QcowPlan): Promise<BuiltDe
       unlinkSync(tmp);
     }
   });
+  if (existed) await applyPendingResize(ctx, path);
   return connect(ctx, plan, path, 'qcow2');
+}
+
+// ---------------------------------------------------------------------------------------------
+// resize: qemu-nbd serves a fixed size and holds the image locked, so nothing is resized online.
+// A persistent overlay's new size is written next to it (`<overlay>.resize`) and applied with
+// `qemu-img resize` at its next add, before qemu-nbd opens it. A transient overlay, or an image
+// served directly, is refused.
+
+function pendingPath(overlay: string): string {
+  return `${overlay}.resize`;
+}
+
+async function applyPendingResize(ctx: HookContext, overlay: string): Promise<void> {
+  const file = pendingPath(overlay);
+  if (!existsSync(file)) return;
+  const bytes = Number((JSON.parse(readFileSync(file, 'utf8')) as { bytes?: unknown }).bytes);
+  const r = await qemuImgResize(ctx.run, overlay, bytes);
+  if (r.failed) throw new HotplugError(`${SCRIPT}: qemu-img could not resize the persistent overlay ${overlay} to ${human(bytes)} as "xen-blockhooks resize" asked: ${describeFailure(r)}; delete ${file} to attach it at its old size.`);
+  unlinkSync(file);
+  ctx.log.info(`${ctx.request.xenbusPath}: persistent overlay ${overlay} resized to ${human(bytes)} (asked by xen-blockhooks resize)`);
+}
+
+async function resizeQcow(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const who = diskLabel(entry);
+  const overlay = entry.steps.find((s) => s.kind === STEP.overlay && s.done && typeof s.data.path === 'string');
+  if (!overlay || overlay.data.persistent !== true) {
+    throw new GrowError(`${who}: qemu-nbd serves a fixed size, so block-qcow resizes only a persistent overlay, at its next add; this disk has ${overlay ? 'a transient overlay (a new one is made at every add)' : 'no overlay (resize the image with qemu-img while no domain uses it)'}`);
+  }
+  const before = entry.device ? deviceSectors(entry.device.major, entry.device.minor) * 512 : 0;
+  const after = wholeMiB(bytes);
+  if (after < before) throw new GrowError(`${who} is ${human(before)}: block-qcow never shrinks an overlay (the guest's data past the new end would be cut off)`);
+  if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
+  const path = overlay.data.path as string;
+  writeFileSync(pendingPath(path), `${JSON.stringify({ bytes: after, asked: new Date().toISOString() })}\n`, { mode: 0o600 });
+  const how = `recorded in ${pendingPath(path)}; qemu-img resize at the disk's next add (qemu-nbd serves a fixed size)`;
+  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target: path, beforeBytes: before, afterBytes: after, online: false, how };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,6 +599,7 @@ export const qcowBackend: Backend<QcowPlan> = {
   plan: (disk, ctx) => planQcow(disk, ctx),
   add: addQcow,
   undo: qcowUndo,
+  resize: resizeQcow,
 };
 
 /** For tests and diagnostics: the qemu-nbd daemons a record's pid file names. */

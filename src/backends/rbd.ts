@@ -50,6 +50,7 @@ import {
   RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdCommand, rbdReason,
   rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
   type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
+  resizeArgs,
 } from '../devices/rbd.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { isIncoming } from '../disk/migration.js';
@@ -61,6 +62,8 @@ import { lockOptions, stateLockPath } from '../lock/paths.js';
 import { thisHost } from '../lock/store-owner.js';
 import type { Logger } from '../log/logger.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
+import { deviceSectors } from '../devices/sysfs.js';
+import { diskLabel, GrowError, human, MiB, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import { sourceOf, splitPathWords } from './params-words.js';
 
@@ -568,6 +571,35 @@ export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevi
 }
 
 // ---------------------------------------------------------------------------------------------
+// resize: `rbd resize` of the clone; the kernel's rbd device follows the image's new size (krbd
+// watches the image header), and blkback passes it on. Never smaller; the golden snapshot and a
+// read-only mapping of it are never resized.
+
+async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const who = diskLabel(entry);
+  const clone = entry.steps.find((s) => s.kind === STEP.clone && s.done && typeof s.data.pool === 'string' && typeof s.data.image === 'string');
+  const map = entry.steps.find((s) => s.kind === STEP.map && s.done && typeof s.data.device === 'string');
+  if (!clone || !map || !entry.device) throw new GrowError(`${who} (${entry.backendPath}) maps the golden snapshot read-only: it is the snapshot's size`);
+  const before = deviceSectors(entry.device.major, entry.device.minor) * 512;
+  const after = wholeMiB(bytes);
+  if (after < before) throw new GrowError(`${who} is ${human(before)}: block-rbd never shrinks a clone (nothing says which blocks the guest wrote)`);
+  if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
+  const target = { pool: clone.data.pool as string, image: clone.data.image as string };
+  const c = clusterOf(map);
+  const r = await rbd(deps.run, resizeArgs(c, target, after / MiB));
+  if (r.failed) throw failure(r, `cannot resize ${specString(target)}`, c);
+  // krbd applies the new size when the header watch fires: wait for it briefly, then say so.
+  let now = before;
+  for (let i = 0; i < 50 && now < after; i++) {
+    await sleep(100);
+    now = deviceSectors(entry.device.major, entry.device.minor) * 512;
+  }
+  const how = `${specString(target)} resized (rbd resize)${now < after ? `; ${map.data.device as string} still shows ${human(now)}` : ''}`;
+  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target: specString(target), beforeBytes: before, afterBytes: now, online: true, how };
+}
+
+// ---------------------------------------------------------------------------------------------
 // undo
 
 function clusterOf(step: StepRecord): Cluster {
@@ -662,6 +694,7 @@ export const rbdBackend: Backend<RbdPlan> = {
   plan: (disk, ctx) => planRbd(disk, ctx),
   add: addRbd,
   undo: rbdUndo,
+  resize: resizeRbd,
   leftovers: async (ctx) =>
     leftoverClones(ctx.config, ctx.entries).map(({ file, marker: m }) => ({
       kind: 'rbd' as const,

@@ -37,7 +37,7 @@
 import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmCreate, dmInfo, dmReload, dmRemove, dmStatus, dmTable } from '../devices/dmsetup.js';
+import { dmCreate, dmInfo, dmReload, dmRemove, dmStatus, dmTable, dmTableLines, parseThinStatus } from '../devices/dmsetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { decodeDev } from '../devices/sysfs.js';
 import { createThin, deleteThin, poolSectors, poolStatus, poolTable, poolUsage, type PoolUsage } from '../devices/thin.js';
@@ -59,7 +59,7 @@ import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
 import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, CollectContext, HookContext, Leftover, LeftoverContext } from './types.js';
-import { diskLabel, GrowError, human, MiB, targetBytes, type GrowAction, type GrowDeps, type GrowSize, type WatchOutcome } from './growth.js';
+import { diskLabel, GrowError, human, MiB, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
 export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
@@ -640,10 +640,12 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
       if (kept.base.dev !== plan.baseId.dev || kept.base.ino !== plan.baseId.ino) {
         throw new HotplugError(`block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`);
       }
+      // The volume's recorded size wins over a smaller size in params: it was resized since
+      // (xen-blockhooks resize), and a disk never shrinks at an add. A larger size in params grows it.
+      if (plan.params.sizeMiB === undefined || plan.sectors < kept.sectors) sectors = kept.sectors;
       if (plan.params.sizeMiB !== undefined && plan.sectors < kept.sectors) {
-        throw new HotplugError(`block-thin: the persistent volume ${plan.key} is ${kept.sectors / 2048} MiB; it cannot shrink to ${plan.params.sizeMiB} MiB.`);
+        ctx.log.info(`${ctx.request.xenbusPath}: the persistent thin volume ${plan.key} is ${kept.sectors / 2048} MiB (resized), larger than the ${plan.params.sizeMiB} MiB in its params; it keeps its size`);
       }
-      if (plan.params.sizeMiB === undefined) sectors = kept.sectors;
     }
     id = kept ? kept.id : freePick(ctx, vols);
     await ctx.build.step(THIN_STEP.thin, { pool: f.name, id, persistent: plan.params.persistent, key: plan.key, existed: kept !== undefined }, async () => {
@@ -840,6 +842,54 @@ async function isLooped(run: Runner, file: string): Promise<boolean> {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// resize: a thin volume's size is its table's length; the pool maps blocks as they are written
+// and reads past the base's end return zeros. Reloading the table with another length resizes
+// it online. Shrinking is allowed only below no sector the guest wrote: dm-thin reports the
+// highest one it mapped.
+
+async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const vol = entry.steps.find((s) => s.kind === THIN_STEP.thin && s.done);
+  const dmStep = entry.steps.find((s) => s.kind === 'dm' && typeof s.data.name === 'string');
+  if (!vol || !dmStep) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`);
+  const name = dmStep.data.name as string;
+  const line = (await dmTableLines(deps.run, name))[0];
+  if (!line || line.target !== 'thin') throw new GrowError(`${name} is not a thin volume (${line?.target ?? 'no table'})`);
+  const before = Number(line.length) * 512;
+  const after = wholeMiB(bytes);
+  if (after === before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
+  if (after < before) {
+    if (!deps.shrink) throw new GrowError(`${diskLabel(entry)} is ${human(before)}; ${human(after)} is smaller: give --shrink`);
+    const st = parseThinStatus((await dmStatus(deps.run, name))[0]?.params ?? '-');
+    if (st.state !== 'ok') throw new GrowError(`${name} reports no mapping (${st.state}); not shrunk`);
+    if (st.highestMappedSector !== null && st.highestMappedSector >= BigInt(after / 512)) {
+      throw new GrowError(`the guest wrote up to sector ${st.highestMappedSector} of ${diskLabel(entry)} (${human(Number(st.highestMappedSector + 1n) * 512)}); ${human(after)} would cut it off: not shrunk`);
+    }
+  }
+  const table = `0 ${after / 512} thin ${line.params}`;
+  await dmReload(deps.run, name, table);
+  dmStep.data.table = table;
+  deps.journal.save(entry);
+  if (vol.data.persistent === true && typeof vol.data.key === 'string') {
+    const key = vol.data.key;
+    const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
+    try {
+      const f = poolFiles(deps.config);
+      const v = readVolumes(f.volumes);
+      const kept = v[key];
+      if (kept) {
+        v[key] = { ...kept, sectors: after / 512 };
+        writeVolumes(f.volumes, v);
+      }
+    } finally {
+      await lock.release();
+    }
+  }
+  const how = `${name} reloaded${vol.data.persistent === true ? ', the persistent volume keeps the size' : ''}`;
+  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: entry.backendPath, script: entry.script, target: name, beforeBytes: before, afterBytes: after, online: true, how };
+}
+
 /** gc: a leftover id is deleted from the running pool; a leftover pool file, judged again under the pool lock, is deleted. */
 async function collectThin(l: Leftover, ctx: CollectContext): Promise<void> {
   if (l.kind === 'thin') return collectThinId(ctx.run, ctx.config, ctx.journal, ctx.log, Number(l.key));
@@ -887,6 +937,7 @@ export const thinBackend: Backend<ThinPlan> = {
     if (!usesPool(entry)) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk: it uses no pool`);
     return growThinPool(opts.part ?? 'data', size, deps, entry.backendPath);
   },
+  resize: resizeThin,
   watchShared: watchPool,
   leftovers: thinLeftovers,
   collect: collectThin,

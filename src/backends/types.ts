@@ -18,7 +18,7 @@ import type { Build, UndoRegistry } from '../journal/steps.js';
 import type { Journal, JournalEntry } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 import type { XenstoreClient } from '../xenstore/types.js';
-import type { GrowAction, GrowDeps, GrowOptions, GrowSize, WatchOutcome } from './growth.js';
+import type { GrowAction, GrowDeps, GrowOptions, GrowSize, ResizeDeps, ResizeResult, WatchOutcome } from './growth.js';
 
 export interface BuiltDevice {
   /** What goes into physical-device-path: /dev/mapper/NAME when udev made it, else /dev/dm-N, /dev/loopN, /dev/nbdN. */
@@ -103,6 +103,14 @@ export interface Backend<Plan = unknown> {
    * backend-path lock. Throws GrowError with the reason when the disk cannot grow.
    */
   grow?(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps, opts: GrowOptions): Promise<GrowAction>;
+  /**
+   * Change the size the guest sees to `bytes` (`xen-blockhooks resize`): larger, or smaller only
+   * with deps.shrink and only where the hook can tell that the guest wrote nothing past the new
+   * end (else it refuses). Online where the stack allows it; a hook that cannot says so and records
+   * the size for the next add (ResizeResult.online false). The record is ready and the caller holds
+   * the disk's backend-path lock. Throws GrowError with the reason.
+   */
+  resize?(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult>;
   /**
    * One `watch` pass over one ready disk, under its backend-path lock: its usage, grown once it is
    * at or past watch.threshold, and what the kernel already dropped.

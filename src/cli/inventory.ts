@@ -223,6 +223,7 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
 /** Names transient stores and overlays are given (block-cow, block-qcow): only these are ever taken as leftovers. */
 const TRANSIENT_FILES: { dir: string; name: RegExp }[] = [
   { dir: '', name: /^transient-\d+-\d+\.cow$/ },
+  { dir: '', name: /^transient-\d+-\d+\.cow\.tail$/ },
   { dir: 'qcow', name: /^transient-\d+-\d+-[0-9a-f]+\.qcow2$/ },
 ];
 

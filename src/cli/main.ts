@@ -20,6 +20,7 @@ import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './
 import { DiskSpecError, parseDisk } from './diskspec.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
+import { RESIZE_HELP, resize } from './resize.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
@@ -35,6 +36,7 @@ Commands:
   status [-o F] [-S C]   every device the hooks built, like lvs: domain, vdev, device, usage, state
   gc [--apply]           find (and with --apply remove) what belongs to domains that are gone
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
+  resize DOMAIN VDEV SIZE change the size the guest sees of one disk (online where the hook can)
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
   check [--root DIR]     check the configuration, directories, tools, kernel and Xen: list problems
   xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
@@ -122,6 +124,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     },
     gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
+    resize: { help: RESIZE_HELP, specs: [HELP, { name: 'shrink', type: 'flag' }] },
     // At most a day: a longer timer overflows Node's 32-bit delay and fires at once.
     watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
@@ -279,6 +282,24 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         } finally {
           await xs?.close().catch(() => {});
           if (log && !deps.logger) await log.close();
+        }
+      }
+      case 'resize': {
+        if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "resize web xvda +2G"', cmd);
+        const [domain, vdev, size] = p.positional as [string, string, string];
+        try {
+          parseGrowSize(size);
+          vdevToDevid(vdev);
+        } catch (e) {
+          if (e instanceof GrowError || e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
+        const log = deps.logger ?? cliLogger(config);
+        try {
+          await withProgress(`resize: resizing ${domain}/${vdev}`, err, () => resize(domain, vdev, size, { config, run, log, out }, { shrink: flag(p, 'shrink') }));
+          return 0;
+        } finally {
+          if (!deps.logger) await log.close();
         }
       }
       case 'grow': {

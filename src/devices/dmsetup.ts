@@ -112,8 +112,13 @@ export function errorTable(e: Extent): string {
 // ---------------------------------------------------------------------------------------------
 // argv builders
 
+/**
+ * One target line, or two separated by a newline (a device made of two ranges). Never more:
+ * dmsetup before 2.03.17 splits a --table at its first newline only.
+ */
 function checkTable(table: string): string {
-  if (table.trim() === '' || /[\n\r\0;]/.test(table)) throw new Error(`invalid dm table ${JSON.stringify(table)}`);
+  const lines = table.split('\n');
+  if (lines.length > 2 || lines.some((l) => l.trim() === '' || /[\r\0;]/.test(l))) throw new Error(`invalid dm table ${JSON.stringify(table)}`);
   return table;
 }
 
@@ -397,7 +402,12 @@ export async function dmStatus(run: Runner, name: string): Promise<StatusLine[]>
 
 /** The device's table (its first line), or undefined when it has none. */
 export async function dmTable(run: Runner, name: string): Promise<StatusLine | undefined> {
-  return parseStatus((await run.run('dmsetup', tableArgs(name))).stdout)[0];
+  return (await dmTableLines(run, name))[0];
+}
+
+/** Every target line of the device's live table. */
+export async function dmTableLines(run: Runner, name: string): Promise<StatusLine[]> {
+  return parseStatus((await run.run('dmsetup', tableArgs(name))).stdout);
 }
 
 /** `dmsetup table` and `dmsetup status` of every device, by name. */

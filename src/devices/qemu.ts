@@ -64,6 +64,13 @@ export function qemuImgCreateOverlayArgs(overlay: string, base: string, baseForm
   return ['create', '-q', '-f', 'qcow2', '-b', base, '-F', baseFormat, '--', overlay];
 }
 
+/** `qemu-img resize -q -f qcow2 -- IMAGE BYTES`: a larger virtual size (never --shrink). */
+export function qemuImgResizeArgs(image: string, bytes: number): string[] {
+  if (!image.startsWith('/')) throw new Error(`image ${image} must be an absolute path`);
+  if (!Number.isSafeInteger(bytes) || bytes < 1) throw new Error(`qemu-img resize: the size must be a whole number of bytes, got ${bytes}`);
+  return ['resize', '-q', '-f', 'qcow2', '--', image, String(bytes)];
+}
+
 export interface NbdConnectOptions {
   device: string;
   image: string;
@@ -158,6 +165,10 @@ export function qemuImgInfo(run: Runner, image: string, opts: InfoOptions = {}):
 
 export function qemuImgCreateOverlay(run: Runner, overlay: string, base: string, baseFormat: string): Promise<RunResult> {
   return run.probe('qemu-img', qemuImgCreateOverlayArgs(overlay, base, baseFormat));
+}
+
+export function qemuImgResize(run: Runner, image: string, bytes: number): Promise<RunResult> {
+  return run.probe('qemu-img', qemuImgResizeArgs(image, bytes));
 }
 
 export function qemuNbdConnect(run: Runner, o: NbdConnectOptions, timeoutMs: number): Promise<RunResult> {

@@ -68,6 +68,12 @@ export function rmArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>): string[] {
   return ['rm', '--no-progress', ...clusterArgs(c), specString({ pool: s.pool, image: s.image })];
 }
 
+/** `rbd resize --size <n>M`: a clone's size, in whole MiB (never smaller: no --allow-shrink). */
+export function resizeArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>, mib: number): string[] {
+  if (!Number.isSafeInteger(mib) || mib < 1) throw new Error(`rbd resize: the size must be a whole number of MiB, got ${mib}`);
+  return ['resize', '--no-progress', '--size', `${mib}M`, ...clusterArgs(c), specString({ pool: s.pool, image: s.image })];
+}
+
 export function statusArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>): string[] {
   return ['status', '--format', 'json', ...clusterArgs(c), specString({ pool: s.pool, image: s.image })];
 }

@@ -25,9 +25,15 @@ export type Undoer = (step: StepRecord, ctx: UndoContext) => Promise<void>;
 export type UndoRegistry = Record<string, Undoer>;
 
 export class Build {
+  /**
+   * `before`: record new steps in front of the step at this index instead of at the end (a
+   * finished record that gains a device under one it already has: the new device must be undone
+   * after the one that uses it, and undo runs newest first).
+   */
   constructor(
     readonly entry: JournalEntry,
     private readonly journal: Journal,
+    private before?: number,
   ) {}
 
   /**
@@ -36,7 +42,8 @@ export class Build {
    */
   async step<R>(kind: string, data: Record<string, unknown>, doIt: () => Promise<R>, recordResult?: (r: R) => Record<string, unknown>): Promise<R> {
     const rec: StepRecord = { kind, data: { ...data }, done: false };
-    this.entry.steps.push(rec);
+    if (this.before === undefined) this.entry.steps.push(rec);
+    else this.entry.steps.splice(this.before++, 0, rec);
     this.journal.save(this.entry);
     const r = await doIt();
     if (recordResult) Object.assign(rec.data, recordResult(r));

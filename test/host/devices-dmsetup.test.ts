@@ -66,7 +66,10 @@ t.test('argv builders', async (t) => {
   for (const bad of ['', '-x', 'a b', 'a/b', 'x'.repeat(128), 'a\nb']) {
     t.throws(() => removeArgs(bad), /invalid device-mapper name/, JSON.stringify(bad));
   }
-  t.throws(() => createArgs('x', '0 1 zero\n0 1 error'), /invalid dm table/);
+  t.same(createArgs('x', '0 1 zero\n1 1 error'), ['create', '--table', '0 1 zero\n1 1 error', '--', 'x'], 'two ranges, one per line');
+  t.throws(() => createArgs('x', '0 1 zero\n1 1 error\n2 1 zero'), /invalid dm table/, 'three lines: dmsetup before 2.03.17 splits only the first');
+  t.throws(() => createArgs('x', '0 1 zero\n'), /invalid dm table/, 'an empty line');
+  t.throws(() => createArgs('x', '0 1 zero; 1 1 error'), /invalid dm table/);
   t.throws(() => createArgs('x', ''), /invalid dm table/);
   t.throws(() => messageArgs('p', 0), /invalid dm message/);
   t.throws(() => messageArgs('p', 0, 'a b'), /invalid dm message/);

@@ -1,0 +1,67 @@
+/**
+ * `xen-blockhooks resize DOMAIN VDEV [+]SIZE [--shrink]`: change the size a guest sees of one of
+ * its disks, through its hook's resize facet, under the disk's backend-path lock. Online where
+ * the hook can (a running PV guest is told by blkback: drivers/block/xen-blkback re-reads the
+ * device's size and writes the new `sectors`, blkfront sets the capacity); otherwise the hook
+ * says so and the size applies at the next add.
+ */
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { GrowError, type ResizeResult } from '../backends/growth.js';
+import { hookNamed } from '../backends/index.js';
+import { deviceSectors } from '../devices/sysfs.js';
+import { Journal } from '../journal/journal.js';
+import { acquireFlock } from '../lock/flock.js';
+import { pathLockPath } from '../lock/paths.js';
+import { humanBytes } from './format.js';
+import { findRecord, parseGrowSize, type GrowDeps } from './grow.js';
+
+export const RESIZE_HELP = `Usage: xen-blockhooks resize DOMAIN VDEV [+]SIZE [--shrink]
+
+Change the size the guest sees of one disk. DOMAIN is the domain id or name, VDEV the guest's
+disk name (xvda). SIZE with + is added (+1G; a bare number is MiB), without + it is the new total;
+it is rounded up to whole MiB. A running PV guest sees the new size at once (blkback tells its
+blkfront); grow the filesystem inside it then (resize2fs /dev/xvda).
+
+  block         file: the image is extended (truncate) and its loop re-read (losetup -c);
+                phy: a logical volume is extended (lvextend); another device: refused
+  block-cow     past the base image's end: a tail file <store>.tail is mapped after the snapshot
+                (the device's table is reloaded); a persistent disk comes back at its new size
+  block-thin    the thin volume's virtual size (table reloaded); a persistent volume keeps it
+  block-lvsnap  a thin snapshot's virtual size (lvextend); a classic snapshot is as large as
+                its origin: refused
+  block-qcow    not online (qemu-nbd serves a fixed size): a persistent overlay is resized
+                (qemu-img resize) at its next add; a transient one is refused
+  block-rbd     the clone is resized (rbd resize); the kernel's rbd device follows
+
+Options:
+  --shrink    allow a smaller size; only block-thin does it, and only when the guest wrote nothing
+              past the new end (dm-thin reports the highest sector it mapped); the others refuse
+  -h, --help  this text
+
+Exit status: 0 resized (or recorded for the next add), 1 could not resize (why is printed),
+2 bad usage.`;
+
+export async function resize(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { shrink?: boolean } = {}): Promise<ResizeResult> {
+  const size = parseGrowSize(sizeArg);
+  const journal = deps.journal ?? new Journal(deps.config.stateDir);
+  const entry = findRecord(journal.list().entries, domain, vdev);
+  const lockFile = pathLockPath(deps.config.stateDir, entry.backendPath);
+  mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
+  const lock = await acquireFlock(lockFile, { timeoutMs: 5000, runner: deps.run });
+  try {
+    const fresh = journal.load(entry.backendPath);
+    if (!fresh) throw new GrowError(`${entry.backendPath} was removed meanwhile`);
+    if (fresh.phase !== 'ready' || !fresh.device) throw new GrowError(`${entry.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
+    const facet = hookNamed(fresh.script)?.resize;
+    if (!facet) throw new GrowError(`resizing is not supported for ${fresh.script} (${fresh.backendPath}); nothing was changed`);
+    const current = deviceSectors(fresh.device.major, fresh.device.minor) * 512;
+    const target = size.relative ? current + size.bytes : size.bytes;
+    if (target < current && !opts.shrink) throw new GrowError(`${domain}/${vdev} is ${humanBytes(current)}; ${humanBytes(target)} is smaller: give --shrink to ask for a smaller disk`);
+    const r = await facet(fresh, target, { ...deps, journal, shrink: opts.shrink === true });
+    deps.out(`resized ${domain}/${vdev}: ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)}, ${r.online ? 'online' : 'at its next add'} (${r.how})`);
+    return r;
+  } finally {
+    await lock.release();
+  }
+}
