@@ -7,19 +7,19 @@
  */
 import { after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { projectRoot } from '../lib/project-root.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import { block, listDir, MiB, sh, sha256File } from '../lib/disk-io.js';
 
 export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
+export { block, listDir, MiB, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
-export const MiB = 1024 * 1024;
 /** The bundle `npm run build` makes; XBH_COW_HOOK may name a private copy of it (a copy no concurrent build rewrites). */
 export const HOOK = process.env.XBH_COW_HOOK ?? join(projectRoot(), 'dist', 'block-cow.mjs');
 const scratchRoot = process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp';
@@ -52,56 +52,9 @@ export const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '240000',
 };
 
-export function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
-}
-
-export function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
-
-export function sha256File(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
-
-export function pread(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-export function pwrite(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, offset);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
-
 export function loopsOnBase(): string[] {
   const ino = sh('stat', ['-c', '%i', base]);
   return sh('losetup', ['-a']).split('\n').filter((l) => l.includes(`:${ino} `) || l.endsWith(`(${base})`)).map((l) => l.split(':')[0] as string);
-}
-
-export function listDir(d: string): string[] {
-  try {
-    return readdirSync(d).sort();
-  } catch {
-    return [];
-  }
 }
 
 /** Everything a hook could leave behind; an empty list when nothing is. */

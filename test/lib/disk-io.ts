@@ -1,0 +1,59 @@
+/**
+ * Reading and writing disks in tests of both tiers: a command's output, a known 4 KiB block per
+ * index, positioned reads and synced writes, a file's sha256, a directory's sorted names.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+
+export const MiB = 1024 * 1024;
+
+/** A command's stdout, trimmed; throws on a non-zero exit. */
+export function sh(file: string, args: string[]): string {
+  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+}
+
+/** 4 KiB that only block `i` of `salt` has. */
+export function block(i: number, salt: string): Buffer {
+  const parts: Buffer[] = [];
+  let h = createHash('sha256').update(`${salt}:${i}`).digest();
+  while (parts.length * 32 < 4096) {
+    parts.push(h);
+    h = createHash('sha256').update(h).digest();
+  }
+  return Buffer.concat(parts).subarray(0, 4096);
+}
+
+export function sha256File(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+export function pread(path: string, offset: number, length: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
+    return buf;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export function pwrite(path: string, offset: number, data: Buffer): void {
+  const fd = openSync(path, 'r+');
+  try {
+    writeSync(fd, data, 0, data.length, offset);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export function listDir(d: string): string[] {
+  try {
+    return readdirSync(d).sort();
+  } catch {
+    return [];
+  }
+}
