@@ -222,6 +222,31 @@ test('a thin origin gets thin snapshots (no size); a size is refused', async () 
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
 });
 
+test('resize: a thin snapshot grows online (lvextend), keeping its data; a classic snapshot is refused', async () => {
+  const cli = (...args: string[]) => spawnSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], { env, encoding: 'utf8' });
+  const size = (dev: string) => Number(sh('blockdev', ['--getsize64', dev]));
+  const t1 = disk(6, `${VG}/tgolden`, { domainName: 'tres' });
+  const dev = await addOk(t1);
+  pwrite(dev, 1 * MiB, block(1, 'tres'));
+  const r = cli('resize', 'tres', 'xvda', '+8M');
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /resized tres\/xvda: 16.0M → 24.0M, online \(thin snapshot xbhtestvg\/xbh-tres-xvda extended/);
+  assert.equal(size(dev), 24 * MiB, 'the snapshot device is larger at once');
+  assert.deepEqual(pread(dev, 1 * MiB), block(1, 'tres'), 'its data is unchanged');
+  assert.deepEqual(pread(dev, 20 * MiB), Buffer.alloc(4096), 'the new range reads zeros');
+  await removeOk(t1);
+
+  const c1 = disk(7, `${VG}/golden 8M`, { domainName: 'cls' });
+  const cdev = await addOk(c1);
+  const before = size(cdev);
+  const refused = cli('resize', 'cls', 'xvda', '+8M');
+  assert.equal(refused.status, 1);
+  assert.match(refused.stderr, /is a classic snapshot: it is as large as its origin and cannot be resized/);
+  assert.equal(size(cdev), before, 'nothing changed');
+  await removeOk(c1);
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+});
+
 test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, never grown silently', async () => {
   const a = disk(6, `${VG}/golden 4M`, { domainName: 'eps' });
   const p = await addOk(a);

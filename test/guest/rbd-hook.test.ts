@@ -267,6 +267,33 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   assert.equal(exportSum(`${ceph.pool}/golden`), goldenSum, 'the golden image head is unchanged');
 });
 
+test('resize: rbd resize of a transient clone, and the mapped device follows online with its data; never smaller', async () => {
+  const cli = (...args: string[]) => {
+    try {
+      return { code: 0, out: execFileSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }), err: '' };
+    } catch (e) {
+      const x = e as { status?: number; stdout?: string; stderr?: string };
+      return { code: x.status ?? -1, out: x.stdout ?? '', err: x.stderr ?? '' };
+    }
+  };
+  const size = (dev: string) => Number(execFileSync('blockdev', ['--getsize64', dev], { encoding: 'utf8' }).trim());
+  const a = disk(3, p());
+  const dev = await addOk(a);
+  pwrite(dev, 1 * MiB, block(1, 'R'));
+  const r = cli('resize', 'dom3', 'xvda', `${GOLDEN_MIB + 4}M`);
+  assert.equal(r.code, 0, r.err);
+  assert.match(r.out, /resized dom3\/xvda: 12.0M → 16.0M, online/);
+  assert.equal(size(dev), (GOLDEN_MIB + 4) * MiB, 'the mapped device shows the new size');
+  assert.ok(pread(dev, 1 * MiB, 4096).equals(block(1, 'R')), 'its data is unchanged');
+  assert.ok(pread(dev, (GOLDEN_MIB + 2) * MiB, 4096).equals(Buffer.alloc(4096)), 'the new range reads zeros');
+  const smaller = cli('resize', 'dom3', 'xvda', '8M', '--shrink');
+  assert.equal(smaller.code, 1);
+  assert.match(smaller.err, /block-rbd never shrinks a clone/);
+  await removeOk(a);
+  assertClean('after the resized clone');
+  assert.equal(exportSum(`${ceph.pool}/golden@base`), goldenSum, 'the golden snapshot is unchanged');
+});
+
 test('access=r maps the snapshot itself read-only, no clone', async () => {
   const d = disk(3, p(), { mode: 'r' });
   const dev = await addOk(d);
