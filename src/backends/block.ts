@@ -20,7 +20,7 @@ import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, tru
 import { isAbsolute } from 'node:path';
 import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, resizeLoop, type LoopInfo } from '../devices/losetup.js';
 import { lvExtendTo } from '../devices/lvm.js';
-import { diskLabel, GrowError, human, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
+import { diskLabel, GrowError, human, refuseIfRecorded, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 import { decodeDev, deviceSectors, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../disk/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
@@ -310,6 +310,26 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
   return { backendPath: entry.backendPath, script: entry.script, target, beforeBytes: before, afterBytes: now, online: true, how };
 }
 
+/** A disk not attached: the image is extended (no loop may serve it), or the LV. */
+async function resizeBlockDetached(plan: BlockPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const after = wholeMiB(bytes);
+  if (plan.kind === 'phy') {
+    await lvExtendTo(deps.run, plan.path, after);
+    return { backendPath: '', script: 'block', target: plan.path, beforeBytes: 0, afterBytes: after, online: false, how: `${plan.path} extended (lvextend)` };
+  }
+  refuseIfRecorded(deps.journal, plan.path, 'the image');
+  const st = statSync(plan.path, { bigint: true });
+  const on = filterBacking(await listLoops(deps.run), { dev: devString(st.dev), ino: st.ino.toString() });
+  if (on.length) throw new GrowError(`${plan.path} is in use by ${on.map((l) => l.name).join(', ')}: not resized`);
+  const before = Number(st.size);
+  if (after < before) throw new GrowError(`${plan.path} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`);
+  if (after === before) throw new GrowError(`${plan.path} is already ${human(before)}`);
+  truncateSync(plan.path, after);
+  const how = `${plan.path} extended`;
+  deps.log.info(`resize of a detached disk: ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: '', script: 'block', target: plan.path, beforeBytes: before, afterBytes: after, online: false, how };
+}
+
 export const blockBackend: Backend<BlockPlan> = {
   source: (params) => params,
   script: 'block',
@@ -327,5 +347,6 @@ xend's type dispatch: a backend whose type is not phy or file runs <xen script d
   add: addBlock,
   undo: { [BLOCK_LOOP_STEP]: undoBlockLoop },
   resize: resizeBlock,
+  resizeDetached: resizeBlockDetached,
   removeUnrecorded: removeUnrecordedBlock,
 };

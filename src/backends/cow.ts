@@ -24,8 +24,8 @@ import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotSta
 import type { Runner } from '../devices/runner.js';
 import type { JournalEntry } from '../journal/journal.js';
 import { Build } from '../journal/steps.js';
-import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
-import { deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
+import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome, refuseIfRecorded } from './growth.js';
+import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
 export interface CowPlan {
@@ -440,6 +440,38 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   return { backendPath: entry.backendPath, script: entry.script, target: p.dmName, beforeBytes: before, afterBytes: after, online: true, how };
 }
 
+/** A persistent disk not attached: its tail is made or extended in place, for the next add. */
+async function resizeCowDetached(plan: CowPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  const s = plan.store;
+  if (!s) throw new GrowError(`a read-only block-cow disk is as large as its base ${plan.base}`);
+  if (!s.persistent) throw new GrowError(`a transient block-cow disk exists only while it is attached: resize it through its domain and vdev, or make it persistent`);
+  if (!existsSync(s.path)) throw new GrowError(`the persistent store ${s.path} does not exist yet: nothing to resize (its first add makes it, as large as the base)`);
+  const file = tailPath(s.path);
+  for (const f of [s.path, file]) refuseIfRecorded(deps.journal, f, 'the store');
+  for (const f of [s.path, file]) {
+    if (!existsSync(f)) continue;
+    const st = statSync(f, { bigint: true });
+    const on = await loopsBacking(deps.run, { dev: devString(st.dev), ino: st.ino.toString() });
+    if (on.length) throw new GrowError(`${f} is in use by ${on.map((l) => l.name).join(', ')}: not resized`);
+  }
+  const baseBytes = plan.baseRdev ? deviceSectorsOfPath(plan.base) * 512 : Math.floor(statSync(plan.base).size / 512) * 512;
+  const had = existsSync(file) ? statSync(file).size : 0;
+  const before = baseBytes + had;
+  if (bytes < before) throw new GrowError(`the disk is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote)`);
+  const tailBytes = wholeMiB(bytes - baseBytes);
+  if (baseBytes + tailBytes <= before) throw new GrowError(`the disk is already ${human(before)}`);
+  if (had === 0 && !existsSync(file)) closeSync(openSync(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600));
+  truncateSync(file, tailBytes);
+  const how = `${file} ${had ? 'extended' : 'made'} (${human(tailBytes)} past the base); the next add maps it`;
+  deps.log.info(`resize of a detached disk: store ${s.path}: ${human(before)} → ${human(baseBytes + tailBytes)}: ${how}`, { action: 'resize' });
+  return { backendPath: '', script: 'block-cow', target: s.path, beforeBytes: before, afterBytes: baseBytes + tailBytes, online: false, how };
+}
+
+function deviceSectorsOfPath(path: string): number {
+  const { major, minor } = decodeDev(statSync(path, { bigint: true }).rdev);
+  return deviceSectors(major, minor);
+}
+
 export const cowBackend: Backend<CowPlan> = {
   source: (params) => sourceOf(() => parseCowParams(params).base),
   script: 'block-cow',
@@ -463,5 +495,6 @@ export const cowBackend: Backend<CowPlan> = {
   undo: sharedUndo,
   grow: (entry, size, deps) => growCowStore(entry, size, deps),
   resize: resizeCow,
+  resizeDetached: resizeCowDetached,
   watch: watchCow,
 };

@@ -5,7 +5,7 @@
  */
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import type { Journal, JournalEntry } from '../journal/journal.js';
+import { recordStrings, type Journal, type JournalEntry } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 
 export class GrowError extends Error {
@@ -108,4 +108,10 @@ export interface ResizeResult {
 /** `bytes` rounded up to whole MiB. */
 export function wholeMiB(bytes: number): number {
   return Math.ceil(bytes / MiB) * MiB;
+}
+
+/** A detached disk's file (store, volume list, overlay, image): refused while a record names it. */
+export function refuseIfRecorded(journal: Journal, path: string, what: string): void {
+  const user = journal.list().entries.find((e) => recordStrings(e).has(path));
+  if (user) throw new GrowError(`${what} ${path} is attached (${user.backendPath}): resize it through its domain and vdev instead`);
 }

@@ -51,7 +51,7 @@ import { deviceSectors, devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
-import { diskLabel, GrowError, human, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
+import { diskLabel, GrowError, human, refuseIfRecorded, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 
 export const SCRIPT = 'block-qcow';
 export const STEP = { use: 'qcow-use', overlay: 'qcow-overlay', nbd: 'nbd' } as const;
@@ -520,6 +520,28 @@ async function resizeQcow(entry: JournalEntry, bytes: number, deps: ResizeDeps):
   return { backendPath: entry.backendPath, script: entry.script, target: path, beforeBytes: before, afterBytes: after, online: false, how };
 }
 
+/** A persistent overlay not attached: `qemu-img resize` in place, now. */
+async function resizeQcowDetached(plan: QcowPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  if (plan.overlay !== 'persistent' || !plan.overlayPath) {
+    throw new GrowError(`block-qcow resizes only a persistent overlay; this disk has ${plan.overlay === 'transient' ? 'a transient overlay (a new one at every add)' : 'no overlay (resize the image with qemu-img while no domain uses it)'}`);
+  }
+  const path = plan.overlayPath;
+  if (!existsSync(path)) throw new GrowError(`the persistent overlay ${path} does not exist yet: nothing to resize (its first add makes it, as large as the image)`);
+  refuseIfRecorded(deps.journal, path, 'the overlay');
+  if (qemuNbdUsing(path)) throw new GrowError(`the overlay ${path} is served by qemu-nbd: not resized`);
+  const info = await qemuImgInfo(deps.run, path, { format: 'qcow2' });
+  if (info.failed) throw new GrowError(`qemu-img cannot read ${path}: ${describeFailure(info)}`);
+  const before = parseQemuImgInfo(info.stdout)[0]?.virtualSize ?? 0;
+  const after = wholeMiB(bytes);
+  if (after < before) throw new GrowError(`the overlay is ${human(before)}: block-qcow never shrinks an overlay (the guest's data past the new end would be cut off)`);
+  if (after === before) throw new GrowError(`the overlay is already ${human(before)}`);
+  const r = await qemuImgResize(deps.run, path, after);
+  if (r.failed) throw new GrowError(`qemu-img could not resize ${path}: ${describeFailure(r)}`);
+  const how = `${path} resized (qemu-img resize)`;
+  deps.log.info(`resize of a detached disk: ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+  return { backendPath: '', script: SCRIPT, target: path, beforeBytes: before, afterBytes: after, online: false, how };
+}
+
 // ---------------------------------------------------------------------------------------------
 // undo
 
@@ -600,6 +622,7 @@ export const qcowBackend: Backend<QcowPlan> = {
   add: addQcow,
   undo: qcowUndo,
   resize: resizeQcow,
+  resizeDetached: resizeQcowDetached,
 };
 
 /** For tests and diagnostics: the qemu-nbd daemons a record's pid file names. */

@@ -59,7 +59,7 @@ import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
 import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, CollectContext, HookContext, Leftover, LeftoverContext } from './types.js';
-import { diskLabel, GrowError, human, MiB, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
+import { diskLabel, GrowError, human, MiB, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome, refuseIfRecorded } from './growth.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
 export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
@@ -890,6 +890,32 @@ async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps):
   return { backendPath: entry.backendPath, script: entry.script, target: name, beforeBytes: before, afterBytes: after, online: true, how };
 }
 
+/** A persistent volume not attached: its recorded size grows, and its next add uses it. */
+async function resizeThinDetached(plan: ThinPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
+  if (plan.readOnly) throw new GrowError(`a read-only block-thin disk is as large as its base ${plan.base}`);
+  if (!plan.params.persistent) throw new GrowError('a transient block-thin disk exists only while it is attached: resize it through its domain and vdev, or make it persistent');
+  const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
+  try {
+    const f = poolFiles(deps.config);
+    const v = readVolumes(f.volumes);
+    const kept = v[plan.key];
+    if (!kept) throw new GrowError(`the persistent thin volume ${plan.key} does not exist yet: nothing to resize (give its size in the disk's params)`);
+    const user = deps.journal.list().entries.find((e) => e.steps.some((s) => s.kind === THIN_STEP.thin && s.data.id === kept.id && s.data.pool === f.name));
+    if (user) throw new GrowError(`the persistent thin volume ${plan.key} is attached (${user.backendPath}): resize it through its domain and vdev instead`);
+    const before = kept.sectors * 512;
+    const after = wholeMiB(bytes);
+    if (after < before) throw new GrowError(`the volume is ${human(before)}: a detached volume is never shrunk (attach it, then resize --shrink checks what the guest wrote)`);
+    if (after === before) throw new GrowError(`the volume is already ${human(before)}`);
+    v[plan.key] = { ...kept, sectors: after / 512 };
+    writeVolumes(f.volumes, v);
+    const how = `${f.volumes} records the new size; the next add uses it`;
+    deps.log.info(`resize of a detached disk: thin volume ${plan.key}: ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
+    return { backendPath: '', script: 'block-thin', target: plan.key, beforeBytes: before, afterBytes: after, online: false, how };
+  } finally {
+    await lock.release();
+  }
+}
+
 /** gc: a leftover id is deleted from the running pool; a leftover pool file, judged again under the pool lock, is deleted. */
 async function collectThin(l: Leftover, ctx: CollectContext): Promise<void> {
   if (l.kind === 'thin') return collectThinId(ctx.run, ctx.config, ctx.journal, ctx.log, Number(l.key));
@@ -938,6 +964,7 @@ export const thinBackend: Backend<ThinPlan> = {
     return growThinPool(opts.part ?? 'data', size, deps, entry.backendPath);
   },
   resize: resizeThin,
+  resizeDetached: resizeThinDetached,
   watchShared: watchPool,
   leftovers: thinLeftovers,
   collect: collectThin,

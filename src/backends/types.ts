@@ -112,6 +112,13 @@ export interface Backend<Plan = unknown> {
    */
   resize?(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult>;
   /**
+   * The same for a persistent disk that is not attached, by its spec (`xen-blockhooks resize
+   * DOMAIN DISKSPEC SIZE`): `plan` is this hook's plan of that spec for that domain. Only what
+   * outlives the devices can be resized (a store, volume, overlay or image): refused while any
+   * record or device uses it, and for a transient disk, which exists only while attached.
+   */
+  resizeDetached?(plan: Plan, bytes: number, deps: ResizeDeps): Promise<ResizeResult>;
+  /**
    * One `watch` pass over one ready disk, under its backend-path lock: its usage, grown once it is
    * at or past watch.threshold, and what the kernel already dropped.
    */

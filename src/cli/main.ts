@@ -20,7 +20,7 @@ import { DeniedError, deniedInText, permissionSentence, runningAsRoot } from './
 import { DiskSpecError, parseDisk } from './diskspec.js';
 import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
-import { RESIZE_HELP, resize } from './resize.js';
+import { isDiskSpec, RESIZE_HELP, resize } from './resize.js';
 import { takeInventory } from './inventory.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
@@ -289,9 +289,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         const [domain, vdev, size] = p.positional as [string, string, string];
         try {
           parseGrowSize(size);
-          vdevToDevid(vdev);
+          if (isDiskSpec(vdev)) parseDisk(vdev);
+          else vdevToDevid(vdev);
         } catch (e) {
-          if (e instanceof GrowError || e instanceof VdevError) return usage(e.message, cmd);
+          if (e instanceof GrowError || e instanceof VdevError || e instanceof DiskSpecError) return usage(e.message, cmd);
           throw e;
         }
         const log = deps.logger ?? cliLogger(config);

@@ -85,6 +85,25 @@ test('a persistent disk comes back at its new size, with its data, after remove 
   assert.deepEqual(pread(second.path, (BASE_MIB + 4) * MiB, 4096), block(36, 'kept'), 'the tail kept its data');
   assert.deepEqual(pread(second.path, (BASE_MIB + 6) * MiB, 4096), zeros);
   await removeOk(d);
+
+  // Not attached: named by its domain and spec, the tail grows in place for the next add.
+  const spec = `vdev=xvda,access=w,script=block-cow,target=${base} 16 persistent`;
+  const attachedRefused = await (async () => {
+    await addOk(d);
+    const r = cli('resize', 'guest6', spec, '64M');
+    await removeOk(d);
+    return r;
+  })();
+  assert.equal(attachedRefused.code, 1, 'by spec while attached: refused');
+  assert.match(attachedRefused.err, /is attached .*: give its VDEV instead of its spec/);
+  const detached = cli('resize', 'guest6', spec, '64M');
+  assert.equal(detached.code, 0, detached.err);
+  assert.match(detached.out, /resized guest6's xvda \(not attached\): 40.0M → 64.0M/);
+  const third = await addOk(d);
+  assert.equal(sizeOf(third.path), 64 * MiB, 'the next add has the size given while it was not attached');
+  assert.deepEqual(pread(third.path, (BASE_MIB + 4) * MiB, 4096), block(36, 'kept'), 'with its data');
+  await removeOk(d);
+  assert.equal(cli('resize', 'guest6', `vdev=xvda,access=w,script=block-cow,target=${base} 16`, '64M').code, 1, 'a transient disk by spec: refused');
   assert.deepEqual(leftovers(kept), [], 'nothing but the persistent store, its tail and its claim');
   assert.equal(sha256File(base), baseSum, 'the base image was never written');
   for (const f of kept) rmSync(join(storeDir, f), { recursive: true, force: true });

@@ -140,6 +140,13 @@ test('a persistent volume comes back at its new size, even when its params name 
   assert.deepEqual(pread(again, 20 * MiB, 4096), block(20, 'kept'), 'with the data written past the old end');
   assert.match(readFileSync(logFile, 'utf8'), /persistent thin volume .* is 32 MiB \(resized\), larger than the 16 MiB in its params; it keeps its size/);
   await removeOk(d);
+  const detached = cli('resize', 'guest6', `vdev=xvda,access=w,script=block-thin,target=${base} 16 persistent`, '40M');
+  assert.equal(detached.code, 0, detached.err);
+  assert.match(detached.out, /resized guest6's xvda \(not attached\): 32.0M → 40.0M/);
+  const third = await addOk(d);
+  assert.equal(sizeOf(third), 40 * MiB, 'not attached, its recorded size grew for the next add');
+  assert.deepEqual(pread(third, 20 * MiB, 4096), block(20, 'kept'));
+  await removeOk(d);
   assert.deepEqual(ourDevices(), [], 'no thin device left');
   assert.equal(sha256File(base), baseSum, 'the base image was never written');
 });

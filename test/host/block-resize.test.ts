@@ -49,6 +49,16 @@ t.test('file: grows online, keeps its data; smaller, read-only and bad sizes are
   t.equal(sizeOf(loop), 8 * MiB, 'the refusals changed nothing');
   t.equal((await h.run('remove', be)).code, 0, 'remove');
 
+  const detached = await cli('resize', 'web', `vdev=xvda,access=w,target=${img}`, '12M');
+  t.equal(detached.code, 0, detached.err);
+  t.match(detached.out, /resized web's xvda \(not attached\): 8.0M → 12.0M/);
+  t.equal(statSync(img).size, 12 * MiB, 'a file: image not attached is extended in place');
+  const relative = await cli('resize', 'web', `vdev=xvda,access=w,target=${img}`, '+4M');
+  t.equal(relative.code, 1);
+  t.match(relative.err, /given its new total size \(no \+\)/);
+  const badSpec = await cli('resize', 'web', 'vdev=xvda,access=q', '12M');
+  t.equal(badSpec.code, 2, 'a bad disk spec is a usage error');
+
   const ro = h.image('ro.img', 4);
   const beRo = await h.disk({ domid: 6, devid: 51712, params: ro, mode: 'r', name: 'reader' });
   t.equal((await h.run('add', beRo)).code, 0, 'add read-only');
