@@ -285,7 +285,7 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
   if (entry.disk.mode !== 'w') throw new GrowError(`${who} is read-only and may be shared by other domains; resize its image with them stopped`);
   const dev = entry.device;
   if (!dev) throw new GrowError(`${who} has no device recorded`);
-  const before = deviceSectors(dev.major, dev.minor) * 512;
+  const before = deviceSectors(deps.run, dev.major, dev.minor) * 512;
   const after = wholeMiB(bytes);
   if (after < before) throw new GrowError(`${who} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`);
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
@@ -305,7 +305,7 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
     await lvExtendTo(deps.run, target, after);
     how = `${target} extended (lvextend)`;
   }
-  const now = deviceSectors(dev.major, dev.minor) * 512;
+  const now = deviceSectors(deps.run, dev.major, dev.minor) * 512;
   deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(now)}: ${how}`, { action: 'resize' });
   return { backendPath: entry.backendPath, script: entry.script, target, beforeBytes: before, afterBytes: now, online: true, how };
 }

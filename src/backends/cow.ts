@@ -236,7 +236,7 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   // Before anything is built: a full store filesystem is the administrator's to fix.
   if (plan.store) checkStoreSpace(ctx.config.storeDir);
   const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseSharing(ctx, plan, onBase));
-  const sectors = deviceSectors(baseLoop.major, baseLoop.minor);
+  const sectors = deviceSectors(ctx.run, baseLoop.major, baseLoop.minor);
   if (sectors === 0) throw new HotplugError(`block-cow: the base image ${plan.base} has no whole 512-byte sector.`);
   const origin = `${baseLoop.major}:${baseLoop.minor}`;
 
@@ -270,7 +270,7 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
     const tailLoop = await addLoop(env, tailPath(s.path), { dev: tail.dev, ino: tail.ino }, { readOnly: false }, async (onTail) => {
       if (onTail.length) throw new HotplugError(`block-cow: the tail ${tailPath(s.path)} of the store ${s.path} is already in use by ${onTail.map((l) => l.name).join(', ')}; remove that disk first.`, 'busy');
     });
-    table += `\n${tailLine(sectors, tailLoop)}`;
+    table += `\n${tailLine(ctx.run, sectors, tailLoop)}`;
   }
   const dm = await addDm(env, plan.name, table);
   return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
@@ -382,8 +382,8 @@ export function tailPath(store: string): string {
   return `${store}.tail`;
 }
 
-function tailLine(start: number, loop: { major: number; minor: number }): string {
-  const bytes = deviceSectors(loop.major, loop.minor) * 512;
+function tailLine(run: Runner, start: number, loop: { major: number; minor: number }): string {
+  const bytes = deviceSectors(run, loop.major, loop.minor) * 512;
   return `${start} ${bytes / 512} linear ${loop.major}:${loop.minor} 0`;
 }
 
@@ -419,7 +419,7 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
     made = true;
     loop = await addLoop(env, file, { dev: f.dev, ino: f.ino }, { readOnly: false });
   }
-  const table = `0 ${baseSectors} snapshot ${snap.params}\n${tailLine(baseSectors, loop)}`;
+  const table = `0 ${baseSectors} snapshot ${snap.params}\n${tailLine(deps.run, baseSectors, loop)}`;
   try {
     await dmReload(deps.run, p.dmName, table);
   } catch (e) {
@@ -454,7 +454,7 @@ async function resizeCowDetached(plan: CowPlan, bytes: number, deps: ResizeDeps)
     const on = await loopsBacking(deps.run, { dev: devString(st.dev), ino: st.ino.toString() });
     if (on.length) throw new GrowError(`${f} is in use by ${on.map((l) => l.name).join(', ')}: not resized`);
   }
-  const baseBytes = plan.baseRdev ? deviceSectorsOfPath(plan.base) * 512 : Math.floor(statSync(plan.base).size / 512) * 512;
+  const baseBytes = plan.baseRdev ? deviceSectorsOfPath(deps.run, plan.base) * 512 : Math.floor(statSync(plan.base).size / 512) * 512;
   const had = existsSync(file) ? statSync(file).size : 0;
   const before = baseBytes + had;
   if (bytes < before) throw new GrowError(`the disk is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote)`);
@@ -467,9 +467,9 @@ async function resizeCowDetached(plan: CowPlan, bytes: number, deps: ResizeDeps)
   return { backendPath: '', script: 'block-cow', target: s.path, beforeBytes: before, afterBytes: baseBytes + tailBytes, online: false, how };
 }
 
-function deviceSectorsOfPath(path: string): number {
+function deviceSectorsOfPath(run: Runner, path: string): number {
   const { major, minor } = decodeDev(statSync(path, { bigint: true }).rdev);
-  return deviceSectors(major, minor);
+  return deviceSectors(run, major, minor);
 }
 
 export const cowBackend: Backend<CowPlan> = {

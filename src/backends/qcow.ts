@@ -509,7 +509,7 @@ async function resizeQcow(entry: JournalEntry, bytes: number, deps: ResizeDeps):
   if (!overlay || overlay.data.persistent !== true) {
     throw new GrowError(`${who}: qemu-nbd serves a fixed size, so block-qcow resizes only a persistent overlay, at its next add; this disk has ${overlay ? 'a transient overlay (a new one is made at every add)' : 'no overlay (resize the image with qemu-img while no domain uses it)'}`);
   }
-  const before = entry.device ? deviceSectors(entry.device.major, entry.device.minor) * 512 : 0;
+  const before = entry.device ? deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512 : 0;
   const after = wholeMiB(bytes);
   if (after < before) throw new GrowError(`${who} is ${human(before)}: block-qcow never shrinks an overlay (the guest's data past the new end would be cut off)`);
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);

@@ -580,7 +580,7 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   const clone = entry.steps.find((s) => s.kind === STEP.clone && s.done && typeof s.data.pool === 'string' && typeof s.data.image === 'string');
   const map = entry.steps.find((s) => s.kind === STEP.map && s.done && typeof s.data.device === 'string');
   if (!clone || !map || !entry.device) throw new GrowError(`${who} (${entry.backendPath}) maps the golden snapshot read-only: it is the snapshot's size`);
-  const before = deviceSectors(entry.device.major, entry.device.minor) * 512;
+  const before = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   const after = wholeMiB(bytes);
   if (after < before) throw new GrowError(`${who} is ${human(before)}: block-rbd never shrinks a clone (nothing says which blocks the guest wrote)`);
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
@@ -592,7 +592,7 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   let now = before;
   for (let i = 0; i < 50 && now < after; i++) {
     await sleep(100);
-    now = deviceSectors(entry.device.major, entry.device.minor) * 512;
+    now = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   }
   const how = `${specString(target)} resized (rbd resize)${now < after ? `; ${map.data.device as string} still shows ${human(now)}` : ''}`;
   deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });

@@ -450,7 +450,7 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   if (meta.created && !data.created) log.warn(`block-thin: created a fresh metadata file ${f.meta} for the existing data file ${f.data}`);
   const metaLoop = await poolLoop(run, config, f.meta);
   const dataLoop = await poolLoop(run, config, f.data);
-  const length = poolSectors(BigInt(deviceSectors(dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
+  const length = poolSectors(BigInt(deviceSectors(run, dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`);
   const table = poolTable(length, { major: metaLoop.major, minor: metaLoop.minor }, { major: dataLoop.major, minor: dataLoop.minor }, config.thin.blockKiB);
   const made = await dmCreate(run, f.name, table);
@@ -462,7 +462,7 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
   const name = THIN_POOL_NAME;
   const meta = poolDevice(config.thin.metadataDevice, 'metadata');
   const data = poolDevice(config.thin.dataDevice, 'data');
-  const length = poolSectors(BigInt(deviceSectors(data.major, data.minor)) * 512n, config.thin.blockKiB);
+  const length = poolSectors(BigInt(deviceSectors(run, data.major, data.minor)) * 512n, config.thin.blockKiB);
   if (length === 0n) throw new HotplugError(`block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`);
   const table = poolTable(length, meta, data, config.thin.blockKiB);
   let made;
@@ -601,7 +601,7 @@ async function checkBaseReadOnly(ctx: HookContext, plan: ThinPlan, onBase: LoopI
 async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
   const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseReadOnly(ctx, plan, onBase));
-  const baseSectors = deviceSectors(baseLoop.major, baseLoop.minor);
+  const baseSectors = deviceSectors(ctx.run, baseLoop.major, baseLoop.minor);
   if (baseSectors === 0) throw new HotplugError(`block-thin: the base image ${plan.base} has no whole 512-byte sector.`);
   const origin = { major: baseLoop.major, minor: baseLoop.minor };
   if (plan.readOnly) {
@@ -730,7 +730,7 @@ export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | u
       const device = part === 'data' ? deps.config.thin.dataDevice : deps.config.thin.metadataDevice;
       const bytesOf = () => {
         const d = poolDevice(device, part);
-        return deviceSectors(d.major, d.minor) * 512;
+        return deviceSectors(deps.run, d.major, d.minor) * 512;
       };
       target = device;
       before = bytesOf();

@@ -101,7 +101,7 @@ export async function resize(domain: string, vdev: string, sizeArg: string, deps
     if (fresh.phase !== 'ready' || !fresh.device) throw new GrowError(`${entry.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
     const facet = hookNamed(fresh.script)?.resize;
     if (!facet) throw new GrowError(`resizing is not supported for ${fresh.script} (${fresh.backendPath}); nothing was changed`);
-    const current = deviceSectors(fresh.device.major, fresh.device.minor) * 512;
+    const current = deviceSectors(deps.run, fresh.device.major, fresh.device.minor) * 512;
     const target = size.relative ? current + size.bytes : size.bytes;
     if (target < current && !opts.shrink) throw new GrowError(`${domain}/${vdev} is ${humanBytes(current)}; ${humanBytes(target)} is smaller: give --shrink to ask for a smaller disk`);
     const r = await facet(fresh, target, { ...deps, journal, shrink: opts.shrink === true });

@@ -15,7 +15,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { CommandError, type Runner } from './runner.js';
-import { fileIdKey, fileIdOf, sysfs, type FileId } from './sysfs.js';
+import { fileIdKey, fileIdOf, type FileId } from './sysfs.js';
 
 export interface LoopInfo {
   /** `/dev/loopN` */
@@ -143,7 +143,7 @@ export async function attachLoop(run: Runner, file: string, id: FileId, opts: At
   const r = await run.run('losetup', args);
   const name = r.stdout.trim();
   if (!LOOP_DEV.test(name)) throw new Error(`losetup ${args.join(' ')} printed "${name}", not a loop device`);
-  const sys = `${sysfs.root}/block/${name.slice('/dev/'.length)}`;
+  const sys = `${run.sysRoot ?? '/sys'}/block/${name.slice('/dev/'.length)}`;
   const m = /^(\d+):(\d+)$/.exec(readFileSync(`${sys}/dev`, 'utf8').trim());
   if (!m) throw new Error(`${sys}/dev does not hold major:minor`);
   const ro = readFileSync(`${sys}/ro`, 'utf8').trim() === '1';

@@ -37,6 +37,12 @@ export class CommandError extends Error {
 }
 
 export interface Runner {
+  /**
+   * Where the machine these commands act on has its sysfs, for the synchronous readers that go
+   * with them (a device's size); /sys when absent. A recording runner that plays losetup and
+   * dmsetup points it at its fake tree.
+   */
+  readonly sysRoot?: string;
   /** Run and return the result; throws CommandError when the command fails. */
   run(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult>;
   /** Run and return the result whether or not it failed (for probes: "does this exist?"). */

@@ -160,8 +160,6 @@ export async function kernelName(mm: MajorMinor, sysRoot = '/sys'): Promise<stri
 // ---------------------------------------------------------------------------------------------
 // Synchronous readers for the hooks' hot path, and file identities as losetup prints them
 
-/** Where sysfs is mounted for the synchronous readers; host tests with a recording runner point it at a fake tree. */
-export const sysfs = { root: '/sys' };
 
 /** A file's identity as losetup reports a loop's backing file: its filesystem's decimal `major:minor`, and its inode. */
 export interface FileId {
@@ -189,9 +187,9 @@ export function fileIdKey(id: FileId): string {
   return `${id.dev}:${id.ino}`;
 }
 
-/** Size in 512-byte sectors of block device `major:minor`. */
-export function deviceSectors(major: number, minor: number): number {
-  const text = readFileSync(`${sysfs.root}/dev/block/${major}:${minor}/size`, 'utf8').trim();
+/** Size in 512-byte sectors of block device `major:minor`, read from the sysfs of `on` (a Runner: its sysRoot, default /sys). */
+export function deviceSectors(on: { readonly sysRoot?: string }, major: number, minor: number): number {
+  const text = readFileSync(`${on.sysRoot ?? '/sys'}/dev/block/${major}:${minor}/size`, 'utf8').trim();
   if (!/^\d+$/.test(text)) throw new Error(`/sys/dev/block/${major}:${minor}/size holds "${text}"`);
   return Number(text);
 }

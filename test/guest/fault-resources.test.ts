@@ -24,12 +24,10 @@ import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
   backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, root, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
 } from './cow-lib.js';
+import { sh } from '../lib/disk-io.js';
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
-function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
-}
 
 interface Keep {
   keepLoops?: string[];

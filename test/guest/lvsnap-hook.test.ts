@@ -8,9 +8,9 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -24,6 +24,7 @@ import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import { block, pread, pwrite, sh } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
 const HOOK = join(process.cwd(), 'dist', 'block-lvsnap.mjs');
@@ -50,40 +51,9 @@ const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
 };
 
-function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
-}
 
-function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
 
-function pread(path: string, offset: number, length = 4096): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
-function pwrite(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, offset);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 

@@ -5,13 +5,14 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import { block, pwrite, sh } from '../lib/disk-io.js';
+export { block, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
 export const HOOK = join(process.cwd(), 'dist', 'block-qcow.mjs');
 
@@ -55,9 +56,6 @@ export async function makeWorld(name: string): Promise<World> {
   };
 }
 
-export function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
-}
 
 export function img(...args: string[]): void {
   execFileSync('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -66,40 +64,9 @@ export function img(...args: string[]): void {
 export const MiB = 1024 * 1024;
 
 /** Deterministic 4 KiB block. */
-export function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
 
-export function sha256File(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
 
-export function pwrite(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    assert.equal(writeSync(fd, data, 0, data.length, offset), data.length);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
-export function pread(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** A raw image with a known block at every MiB. */
 export function patternedRaw(path: string, mib: number, salt: string): void {

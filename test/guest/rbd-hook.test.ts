@@ -13,7 +13,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
@@ -26,6 +26,7 @@ import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
+import { block, pread, pwrite } from '../lib/disk-io.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-rbd.mjs');
 const MiB = 1024 * 1024;
@@ -58,36 +59,8 @@ function rbdTry(args: string[]): { out: string; err: string; code: number } {
   }
 }
 
-function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
 
-function pwrite(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    assert.equal(writeSync(fd, data, 0, data.length, offset), data.length);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
-function pread(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** sha256 of `rbd export SPEC -` (the golden image or its snapshot). */
 function exportSum(spec: string): string {

@@ -4,44 +4,19 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readFileSync, readSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, fsyncSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { execRunner } from '../../src/devices/exec.js';
+import { block, pread, sh, sha256File } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
 const CHILD_FLAG = 'XBH_SMOKE_RUNNER_CHILD';
 
-function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
-}
 
 /** Deterministic 4 KiB block for index i: sha256 chains, so content is known but not trivial. */
-function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
 
-function sha256File(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
 
-function pread(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 if (process.env[CHILD_FLAG] === '1') {
   // Child mode: run one real command through the production Runner and report it as JSON.

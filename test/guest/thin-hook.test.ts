@@ -5,9 +5,8 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -21,6 +20,7 @@ import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import { block, listDir, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
 const HOOK = join(process.cwd(), 'dist', 'block-thin.mjs');
@@ -53,42 +53,10 @@ const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M',
 };
 
-function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
-}
 
-function block(i: number, salt: string): Buffer {
-  const parts: Buffer[] = [];
-  let h = createHash('sha256').update(`${salt}:${i}`).digest();
-  while (parts.length * 32 < 4096) {
-    parts.push(h);
-    h = createHash('sha256').update(h).digest();
-  }
-  return Buffer.concat(parts).subarray(0, 4096);
-}
 
-const sha256File = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 
-function pread(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, offset), length, `short read from ${path}`);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
 
-function pwrite(path: string, offset: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, offset);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** Write `mib` MiB from `offsetMiB` with O_DIRECT-free fsync'ed writes; the first error code, or null. */
 function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): string | null {
@@ -116,13 +84,6 @@ function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): s
   }
 }
 
-function listDir(d: string): string[] {
-  try {
-    return readdirSync(d).sort();
-  } catch {
-    return [];
-  }
-}
 
 function leftovers(): string[] {
   const out: string[] = [];

@@ -23,6 +23,7 @@ import {
   MiB, backendPath, base, baseSum, block, closeBackend, destroyNodes, disk, env, pread, pwrite, root, sha256File, stateDir, storeDir, writeBackendNodes,
   xenLockDir, xs,
 } from './cow-lib.js';
+import { sh } from '../lib/disk-io.js';
 
 const VG = 'xbhthinvg';
 const DATA = `/dev/mapper/${VG}-tdata`;
@@ -32,9 +33,6 @@ let pv = '';
 const pvFile = join(root, 'thin-pv.img');
 const lvEnv: NodeJS.ProcessEnv = { ...env, XEN_BLOCKHOOKS_THIN_DATA_DEVICE: DATA, XEN_BLOCKHOOKS_THIN_METADATA_DEVICE: META };
 
-function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
-}
 
 function majMin(dev: string): string {
   return sh('stat', ['-L', '-c', '%t:%T', dev]).split(':').map((h) => String(parseInt(h, 16))).join(':');

@@ -9,7 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
-import { devString, sysfs } from '../../src/devices/sysfs.js';
+import { devString } from '../../src/devices/sysfs.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
@@ -31,7 +31,7 @@ class FakeDevices implements Runner {
   log: string[] = [];
   failAt = -1;
   deviceCommands = 0;
-  constructor(private readonly sys: string) {}
+  constructor(readonly sysRoot: string) {}
 
   private result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
     return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout, stderr, durationMs: 1, failed: !ok, timedOut: false };
@@ -69,12 +69,12 @@ class FakeDevices implements Runner {
       while (this.loops.some((l) => l.minor === minor)) minor++;
       const l: Loop = { name: `/dev/loop${minor}`, minor, file, dev: devString(st.dev), ino: st.ino.toString(), ro: args.includes('--read-only') };
       this.loops.push(l);
-      const dir = join(this.sys, 'block', `loop${minor}`);
+      const dir = join(this.sysRoot, 'block', `loop${minor}`);
       mkdirSync(dir, { recursive: true });
       writeFileSync(join(dir, 'dev'), `7:${minor}\n`);
       writeFileSync(join(dir, 'ro'), l.ro ? '1\n' : '0\n');
-      mkdirSync(join(this.sys, 'dev', 'block', `7:${minor}`), { recursive: true });
-      writeFileSync(join(this.sys, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
+      mkdirSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`), { recursive: true });
+      writeFileSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
       return this.result(cmd, true, `${l.name}\n`);
     }
     if (args[0] === '--detach') {
@@ -124,8 +124,6 @@ async function world(t: TT): Promise<World> {
   const dir = mkdtempSync(join(tmpdir(), 'xbh-cow-'));
   const sys = join(dir, 'sys');
   mkdirSync(sys);
-  const prev = sysfs.root;
-  sysfs.root = sys;
   const images = join(dir, 'images');
   mkdirSync(images);
   const base = join(images, 'base.img');
@@ -143,7 +141,6 @@ async function world(t: TT): Promise<World> {
   };
   const fake = new FakeDevices(sys);
   t.teardown(async () => {
-    sysfs.root = prev;
     await xs.close();
     await server.close();
     rmSync(dir, { recursive: true, force: true });

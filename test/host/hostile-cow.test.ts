@@ -13,7 +13,6 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, sta
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
-import { sysfs } from '../../src/devices/sysfs.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -65,10 +64,7 @@ async function world(t: Test): Promise<World> {
     busyRetryMs: 100,
     lockTimeoutMs: 5000,
   };
-  const prevSys = sysfs.root;
-  sysfs.root = join(dir, 'sys');
   t.teardown(async () => {
-    sysfs.root = prevSys;
     await xs.close().catch(() => {});
     await server.close().catch(() => {});
     rmSync(dir, { recursive: true, force: true });

@@ -13,7 +13,6 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cowBackend } from '../../src/backends/cow.js';
-import { sysfs } from '../../src/devices/sysfs.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
@@ -87,10 +86,7 @@ async function world(t: Test): Promise<World & { xs: Awaited<ReturnType<typeof c
   const server = await startXenstoreServer({ socketPath: sock, onRequest: (op, args) => reqs.push({ op, path: args[0] ?? '' }) });
   const xs = await connectXenstore({ path: sock });
   const config: Config = { ...defaultConfig(), storeDir: join(dir, 'store'), stateDir: join(dir, 'state'), imageDirs: [images], xenLockDir: join(dir, 'xen-hotplug'), logFile: '', busyRetryMs: 100, lockTimeoutMs: 5000 };
-  const prev = sysfs.root;
-  sysfs.root = join(dir, 'sys');
   t.teardown(async () => {
-    sysfs.root = prev;
     await xs.close().catch(() => {});
     await server.close().catch(() => {});
     rmSync(dir, { recursive: true, force: true });

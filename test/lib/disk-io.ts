@@ -9,9 +9,9 @@ import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, readSync, wr
 
 export const MiB = 1024 * 1024;
 
-/** A command's stdout, trimmed; throws on a non-zero exit. */
+/** A command's stdout, trimmed; throws on a non-zero exit. LVM's warnings about inherited descriptors are off. */
 export function sh(file: string, args: string[]): string {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
 }
 
 /** 4 KiB that only block `i` of `salt` has. */
@@ -29,7 +29,7 @@ export function sha256File(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
 }
 
-export function pread(path: string, offset: number, length: number): Buffer {
+export function pread(path: string, offset: number, length = 4096): Buffer {
   const fd = openSync(path, 'r');
   try {
     const buf = Buffer.alloc(length);

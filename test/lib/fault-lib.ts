@@ -133,7 +133,7 @@ function result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
  * Every command is kept in `calls` (file + argv, exactly as given). flock succeeds (the real lock
  * files are still made by the lock module); losetup --find/--list/--detach and dmsetup
  * create/info/remove are played against in-memory devices and a fake sysfs tree at `sysRoot`
- * (point devices/sysfs.ts's `sysfs.root` at it). Like the real losetup, `--find` opens the path it is
+ * (the runtime reads it through Runner.sysRoot). Like the real losetup, `--find` opens the path it is
  * given at that moment (a symlink swapped in between is followed). `onCall` runs before each
  * command (to inject a fault or race a swap).
  */
