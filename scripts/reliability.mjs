@@ -66,11 +66,13 @@ if (doHost) {
 }
 
 if (doGuest) {
-  const { runGuestTests } = await import('./vm/run-guest-tests.mjs');
+  const { guestMemoryMb, runGuestTests } = await import('./vm/run-guest-tests.mjs');
+  const concurrency = process.env.XBH_FAULT_CONCURRENCY ?? '64';
   // Full size: fault-concurrency runs 64 block-cow hooks at once (~12 minutes under TCG).
   const run = await runGuestTests({
     filters: ['fault-'], timeoutMs: 2_700_000, fileTimeoutMs: 1_500_000, log: (m) => console.error(m),
-    env: { XBH_FAULT_CONCURRENCY: process.env.XBH_FAULT_CONCURRENCY ?? '64' },
+    env: { XBH_FAULT_CONCURRENCY: concurrency },
+    memoryMb: guestMemoryMb(Number(concurrency)),
   });
   for (const r of run.results) {
     const source = `test/guest/${basename(r.source)}`;

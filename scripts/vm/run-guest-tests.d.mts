@@ -24,4 +24,8 @@ export function runGuestTests(options?: {
   shell?: boolean;
   /** Variables for the test files in the guest. */
   env?: Record<string, string>;
+  /** The guest's memory (default 2048 MiB). */
+  memoryMb?: number;
 }): Promise<GuestTestRun>;
+/** The guest's memory for a file's shard: every block-cow hook of fault-concurrency is a process of its own. */
+export function guestMemoryMb(concurrency: number): number;

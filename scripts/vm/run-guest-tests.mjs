@@ -56,14 +56,14 @@ export async function bundleGuestTests(files, outDir) {
  * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
  * result carrying `source` (the .ts file) and `points` (its parsed TAP).
  */
-export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false, env = {} } = {}) {
+export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false, env = {}, memoryMb } = {}) {
   const sources = guestTestFiles(filters, prefixes);
   if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${[...filters, ...prefixes.map((p) => `${p}*`)].join(' ') || '*'}`);
   mkdirSync(BUNDLE_DIR, { recursive: true });
   const outDir = mkdtempSync(join(BUNDLE_DIR, 'run-'));
   try {
     const bundles = await bundleGuestTests(sources, outDir);
-    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log, env });
+    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log, env, ...(memoryMb ? { memoryMb } : {}) });
     run.results.forEach((r, i) => {
       r.source = sources[i];
       r.points = parseTap(r.stdout);
@@ -72,6 +72,14 @@ export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 5
   } finally {
     rmSync(outDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Memory for a guest that runs fault-concurrency with `concurrency` block-cow hooks, each a node
+ * process of its own (~60 MiB each under TCG) besides the test and the stock scripts.
+ */
+export function guestMemoryMb(concurrency) {
+  return Math.max(2048, 1536 + 64 * concurrency);
 }
 
 /**
@@ -90,7 +98,7 @@ function indent(text, by = '    ') {
 async function main(argv) {
   const shell = argv.includes('--shell');
   const filters = argv.filter((a) => a !== '--shell');
-  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m), env: npmTestEnv() });
+  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m), env: npmTestEnv(), memoryMb: guestMemoryMb(Number(npmTestEnv().XBH_FAULT_CONCURRENCY)) });
   console.log('TAP version 13');
   let n = 0;
   let failed = 0;

@@ -10,7 +10,7 @@
 import t from 'tap';
 import { basename } from 'node:path';
 import { describeJobFailure } from '../../scripts/vm/run-guest.mjs';
-import { guestTestFiles, npmTestEnv, runGuestTests, type GuestTestRun } from '../../scripts/vm/run-guest-tests.mjs';
+import { guestMemoryMb, guestTestFiles, npmTestEnv, runGuestTests, type GuestTestRun } from '../../scripts/vm/run-guest-tests.mjs';
 import { assertionPoints, errorSummary } from '../../scripts/vm/tap.mjs';
 import { stockScriptsDir } from './stock-scripts.js';
 
@@ -47,7 +47,8 @@ export async function foldGuestShard(shard: string): Promise<void> {
   try {
     // The 64-way concurrency test (fault-concurrency) takes ~12 minutes of one emulated CPU at full
     // size: `npm test` runs it 16-way, `npm run reliability` (RELIABILITY.md) at full size.
-    run = await runGuestTests({ prefixes, timeoutMs: limitMs, fileTimeoutMs: fileLimitMs, env: npmTestEnv() });
+    const env = npmTestEnv();
+    run = await runGuestTests({ prefixes, timeoutMs: limitMs, fileTimeoutMs: fileLimitMs, env, memoryMb: shard === 'fault' ? guestMemoryMb(Number(env.XBH_FAULT_CONCURRENCY)) : undefined });
   } catch (e) {
     t.fail(`the guest tier could not run: ${(e as Error).message}`);
   }
