@@ -22,7 +22,7 @@ import { sourceOf, spacedPathHint } from './params-words.js';
 import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
 import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
 import type { Runner } from '../devices/runner.js';
-import type { JournalEntry } from '../journal/journal.js';
+import { recordsHolding, type JournalEntry } from '../journal/journal.js';
 import { Build } from '../journal/steps.js';
 import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome, refuseIfRecorded } from './growth.js';
 import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
@@ -221,11 +221,7 @@ async function checkBaseSharing(ctx: HookContext, plan: CowPlan, onBase: LoopInf
 
 /** The journal record (backend path) whose loop step is on file `id`, for messages. */
 function loopOwner(ctx: HookContext, id: FileId): string | undefined {
-  for (const e of ctx.journal.list().entries) {
-    if (e.backendPath === ctx.build.entry.backendPath) continue;
-    if (e.steps.some((s) => s.kind === STEP.loop && s.data.dev === id.dev && s.data.ino === id.ino)) return e.backendPath;
-  }
-  return undefined;
+  return recordsHolding(ctx.journal.list().entries, STEP.loop, { dev: id.dev, ino: id.ino }, ctx.build.entry.backendPath)[0]?.backendPath;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import { isLvNotFound, lvActivate, lvCreateSnapshot, lvExtendBy, lvExtendPoolMet
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import type { JournalEntry, StepRecord } from '../journal/journal.js';
+import { recordsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
 import { MAX_STORE_MIB } from './cow-params.js';
 import { sourceOf, splitPathWords } from './params-words.js';
@@ -202,7 +202,7 @@ async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevic
 
 /** Another journal record holds a step for this LV. */
 function ownedElsewhere(ctx: HookContext, snap: LvRef): boolean {
-  return ctx.journal.list().entries.some((e) => e.backendPath !== ctx.build.entry.backendPath && e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === snap.vg && s.data.lv === snap.lv));
+  return recordsHolding(ctx.journal.list().entries, LVSNAP_STEP, { vg: snap.vg, lv: snap.lv }, ctx.build.entry.backendPath).length > 0;
 }
 
 /** `lvremove -f`, retried while the volume is open (blkback lets go asynchronously). */
@@ -345,7 +345,7 @@ async function resizeLvsnap(entry: JournalEntry, bytes: number, deps: ResizeDeps
 const LEFTOVER_AGE_S = 60;
 
 async function leftoverSnapshots(ctx: LeftoverContext): Promise<Leftover[]> {
-  const named = (lv: LvInfo) => ctx.entries.some((e) => e.steps.some((s) => s.kind === LVSNAP_STEP && s.data.vg === lv.vg && s.data.lv === lv.lv));
+  const named = (lv: LvInfo) => recordsHolding(ctx.entries, LVSNAP_STEP, { vg: lv.vg, lv: lv.lv }).length > 0;
   const now = ctx.now / 1000;
   return (await lvsTagged(ctx.run, TAG_TRANSIENT))
     .filter((lv) => lv.tags.includes(TAG_TRANSIENT) && !named(lv) && lv.open === false && lv.createdS !== undefined && now - lv.createdS > LEFTOVER_AGE_S)

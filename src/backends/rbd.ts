@@ -55,7 +55,7 @@ import {
 import type { DiskSpec } from '../disk/spec.js';
 import { isIncoming } from '../disk/migration.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import type { JournalEntry, StepRecord } from '../journal/journal.js';
+import { recordsHolding, stepsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import { lockOptions, stateLockPath } from '../lock/paths.js';
@@ -314,7 +314,7 @@ function describeWatchers(ws: Watcher[]): string {
 
 /** Other records on this host that use the clone. */
 export function localUsers(entries: JournalEntry[], pool: string, image: string, self: string): JournalEntry[] {
-  return entries.filter((e) => e.backendPath !== self && e.steps.some((s) => s.kind === STEP.clone && s.data.pool === pool && s.data.image === image));
+  return recordsHolding(entries, STEP.clone, { pool, image }, self);
 }
 
 function rbdLockPath(config: Config, pool: string, image: string): string {
@@ -637,7 +637,7 @@ async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
   else {
     // Killed between `rbd map` and the record of its device: the mappings of the spec that were
     // not there before and that no other record names.
-    const claimed = new Set(ctx.journal.list().entries.filter((e) => e.backendPath !== ctx.entry.backendPath).flatMap((e) => e.steps.filter((x) => x.kind === STEP.map).map((x) => x.data.device)));
+    const claimed = new Set(stepsHolding(ctx.journal.list().entries, STEP.map, {}, ctx.entry.backendPath).map((h) => h.step.data.device));
     ours = mapped.filter((m) => !before.has(m.device) && !claimed.has(m.device));
     if (ours.length > 1) throw new Error(`${specString(s)} gained ${ours.length} mappings (${ours.map((m) => m.device).join(', ')}) while this add was killed; cannot tell which is ours: unmap it by hand, then run "xen-blockhooks gc"`);
   }

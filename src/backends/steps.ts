@@ -23,7 +23,7 @@ import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatS
 import { dirname, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import type { Journal, JournalEntry, StepRecord } from '../journal/journal.js';
+import { stepsHolding, type Journal, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
@@ -71,13 +71,7 @@ export interface BaseRefHolder {
 /** Records other than `exceptPath` that hold a base-ref step for `key`, and records we could not read. */
 export function baseRefHolders(journal: Journal, key: string, exceptPath: string): { holders: BaseRefHolder[]; unreadable: string[] } {
   const { entries, unreadable } = journal.list();
-  const holders: BaseRefHolder[] = [];
-  for (const e of entries) {
-    if (e.backendPath === exceptPath) continue;
-    for (const s of e.steps) {
-      if (s.kind === STEP.baseRef && s.data.key === key && s.data.counted === true) holders.push({ backendPath: e.backendPath, loop: typeof s.data.loop === 'string' ? s.data.loop : undefined });
-    }
-  }
+  const holders = stepsHolding(entries, STEP.baseRef, { key, counted: true }, exceptPath).map(({ entry, step }) => ({ backendPath: entry.backendPath, loop: typeof step.data.loop === 'string' ? step.data.loop : undefined }));
   return { holders, unreadable: unreadable.map((u) => u.file) };
 }
 
@@ -412,14 +406,8 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
 
 /** Loop devices other records say they made over file `id` (a persistent store's current user). */
 function loopsOfOthers(journal: Journal, id: FileId, exceptPath: string): Set<string> {
-  const out = new Set<string>();
-  for (const e of journal.list().entries) {
-    if (e.backendPath === exceptPath) continue;
-    for (const s of e.steps) {
-      if (s.kind === STEP.loop && s.data.dev === id.dev && s.data.ino === id.ino && typeof s.data.loop === 'string') out.add(s.data.loop);
-    }
-  }
-  return out;
+  const held = stepsHolding(journal.list().entries, STEP.loop, { dev: id.dev, ino: id.ino }, exceptPath);
+  return new Set(held.map((h) => h.step.data.loop).filter((l): l is string => typeof l === 'string'));
 }
 
 async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {

@@ -44,7 +44,7 @@ import { createThin, deleteThin, poolSectors, poolStatus, poolTable, poolUsage, 
 import { lvExtendTo } from '../devices/lvm.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import type { JournalEntry, StepRecord } from '../journal/journal.js';
+import { recordsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
@@ -484,7 +484,7 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
 function holders(ctx: UndoContext | { journal: UndoContext['journal'] }, kind: string, except: string): { paths: string[]; unreadable: string[] } {
   const { entries, unreadable } = ctx.journal.list();
   return {
-    paths: entries.filter((e) => e.backendPath !== except && e.steps.some((s) => s.kind === kind)).map((e) => e.backendPath),
+    paths: recordsHolding(entries, kind, {}, except).map((e) => e.backendPath),
     unreadable: unreadable.map((u) => u.file),
   };
 }
@@ -635,7 +635,7 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
     if (kept) {
       // One writer: the same domain's disk on another backend path (a migration's receiver on
       // this host: both ends name the volume after the domain) is refused while it is attached.
-      const user = ctx.journal.list().entries.find((e) => e.backendPath !== ctx.build.entry.backendPath && e.steps.some((s) => s.kind === THIN_STEP.thin && s.data.id === kept.id && s.data.pool === f.name));
+      const user = recordsHolding(ctx.journal.list().entries, THIN_STEP.thin, { id: kept.id, pool: f.name }, ctx.build.entry.backendPath)[0];
       if (user) throw new HotplugError(`block-thin: the persistent thin volume ${plan.key} is in use by ${user.backendPath}; a volume serves one writer: remove that disk first.`, 'busy');
       if (kept.base.dev !== plan.baseId.dev || kept.base.ino !== plan.baseId.ino) {
         throw new HotplugError(`block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`);
@@ -900,7 +900,7 @@ async function resizeThinDetached(plan: ThinPlan, bytes: number, deps: ResizeDep
     const v = readVolumes(f.volumes);
     const kept = v[plan.key];
     if (!kept) throw new GrowError(`the persistent thin volume ${plan.key} does not exist yet: nothing to resize (give its size in the disk's params)`);
-    const user = deps.journal.list().entries.find((e) => e.steps.some((s) => s.kind === THIN_STEP.thin && s.data.id === kept.id && s.data.pool === f.name));
+    const user = recordsHolding(deps.journal.list().entries, THIN_STEP.thin, { id: kept.id, pool: f.name })[0];
     if (user) throw new GrowError(`the persistent thin volume ${plan.key} is attached (${user.backendPath}): resize it through its domain and vdev instead`);
     const before = kept.sectors * 512;
     const after = wholeMiB(bytes);

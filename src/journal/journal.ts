@@ -153,6 +153,27 @@ export class Journal {
 }
 
 /** Every string anywhere in a record's steps and device (devices, names, files it mentions). */
+/**
+ * The steps of `kind` in `entries` whose data has every value `match` gives, with their record;
+ * records of `except` (a backend path: the asking disk's own) left out. One question asked in many
+ * places: who else holds this loop, this snapshot, this thin id, this clone?
+ */
+export function stepsHolding(entries: readonly JournalEntry[], kind: string, match: Record<string, unknown> = {}, except?: string): { entry: JournalEntry; step: StepRecord }[] {
+  const out: { entry: JournalEntry; step: StepRecord }[] = [];
+  for (const entry of entries) {
+    if (entry.backendPath === except) continue;
+    for (const step of entry.steps) {
+      if (step.kind === kind && Object.entries(match).every(([k, v]) => step.data[k] === v)) out.push({ entry, step });
+    }
+  }
+  return out;
+}
+
+/** The records (other than `except`'s) with a step of `kind` that matches (stepsHolding), each once. */
+export function recordsHolding(entries: readonly JournalEntry[], kind: string, match: Record<string, unknown> = {}, except?: string): JournalEntry[] {
+  return [...new Set(stepsHolding(entries, kind, match, except).map((h) => h.entry))];
+}
+
 export function recordStrings(entry: JournalEntry): Set<string> {
   const out = new Set<string>();
   const walk = (v: unknown): void => {

@@ -2,7 +2,7 @@ import t from 'tap';
 import { existsSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { defaultConfig } from '../../src/config/config.js';
-import { Journal, journalFileName, processAlive } from '../../src/journal/journal.js';
+import { Journal, journalFileName, processAlive, recordsHolding, stepsHolding } from '../../src/journal/journal.js';
 import { Build, undoAll, type UndoRegistry } from '../../src/journal/steps.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import type { Runner } from '../../src/devices/runner.js';
@@ -91,4 +91,19 @@ t.test('list reports unreadable records instead of hiding them', async (t) => {
 t.test('processAlive', async (t) => {
   t.equal(processAlive(process.pid), true);
   t.equal(processAlive(2 ** 22 + 12345), false);
+});
+
+t.test('stepsHolding / recordsHolding: who else holds a step of a kind with these values', async (t) => {
+  const rec = (backendPath: string, steps: { kind: string; data: Record<string, unknown> }[]) =>
+    ({ ...Journal.begin('block-cow', backendPath, { params: 'x', mode: 'w', frontendId: 1, vdev: 'xvda', domainName: 'a' }), steps: steps.map((s) => ({ ...s, done: true })) });
+  const a = rec('backend/vbd/1/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop3' } }, { kind: 'dm', data: { name: 'x' } }]);
+  const b = rec('backend/vbd/2/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop4' } }, { kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop5' } }]);
+  const c = rec('backend/vbd/3/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '99' } }]);
+  const all = [a, b, c];
+  t.same(stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((h) => h.step.data.loop), ['/dev/loop3', '/dev/loop4', '/dev/loop5'], 'every matching step, in order');
+  t.same(stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }, a.backendPath).map((h) => h.entry.backendPath), [b.backendPath, b.backendPath], 'the asking record left out');
+  t.same(recordsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((e) => e.backendPath), [a.backendPath, b.backendPath], 'each record once');
+  t.same(recordsHolding(all, 'loop').length, 3, 'no values: every record with the kind');
+  t.same(recordsHolding(all, 'dm', { name: 'y' }), [], 'a value that differs matches nothing');
+  t.same(recordsHolding(all, 'loop', { ino: 12 }), [], 'values compare strictly: 12 is not "12"');
 });
