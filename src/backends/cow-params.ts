@@ -19,7 +19,7 @@
  */
 import { HotplugError } from '../disk/errors.js';
 import { looksLikeSize, notASize, sizeKiB, sizeMiB } from '../units/size.js';
-import { splitPathWords, whitespaceProblem } from './params-words.js';
+import { basePathOf, MAX_STORE_MIB, splitPathWords } from './params-words.js';
 
 export interface CowParams {
   base: string;
@@ -32,8 +32,7 @@ export interface CowParams {
   chunkKiB: number | undefined;
 }
 
-/** 16 TiB: far beyond any sensible store; stops typos such as `30000000`. */
-export const MAX_STORE_MIB = 16 * 1024 * 1024;
+export { MAX_STORE_MIB } from './params-words.js';
 
 const STORE_NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}$/;
 
@@ -66,12 +65,7 @@ function yesNo(params: string, key: string, v: string): boolean {
 export function parseCowParams(params: string): CowParams {
   const split = splitPathWords(params, cowWord);
   if (split === undefined) throw bad(params, 'no base image given');
-  const base = split.path;
-  const first = base.split(/\s/, 1)[0] as string;
-  if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; the base image path comes first`);
-  if (!base.startsWith('/')) throw bad(params, `the base image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`);
-  const ws = whitespaceProblem(base, 'base image');
-  if (ws) throw bad(params, ws);
+  const base = basePathOf(split, (what) => bad(params, what));
   const end = sizeLikeEnd(split.lastWord);
   if (end) throw bad(params, end);
   const out: CowParams = { base, sizeMiB: undefined, persistent: false, store: undefined, chunkKiB: undefined };

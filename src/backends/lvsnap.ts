@@ -22,9 +22,8 @@ import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
 import { recordsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
-import { MAX_STORE_MIB } from './cow-params.js';
-import { sourceOf, splitPathWords } from './params-words.js';
-import { looksLikeSize, notASize, sizeGrammar, sizeMiB } from '../units/size.js';
+import { parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
+import { looksLikeSize, notASize, sizeGrammar } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext, Leftover, LeftoverContext } from './types.js';
@@ -47,13 +46,8 @@ function bad(params: string, what: string): HotplugError {
   return new HotplugError(`block-lvsnap params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "vg0/golden 2G".`);
 }
 
-/** Words the grammar takes after the origin: a size, persistent, key=value. */
-function lvsnapWord(w: string): boolean {
-  return w === 'persistent' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
-}
-
 export function parseLvsnapParams(params: string): LvsnapParams {
-  const split = splitPathWords(params, lvsnapWord);
+  const split = splitPathWords(params, sizeOrPersistentWord);
   if (split === undefined) throw bad(params, 'no origin volume given');
   const first = split.path.split(/\s/, 1)[0] as string;
   let ref: LvRef;
@@ -68,29 +62,7 @@ export function parseLvsnapParams(params: string): LvsnapParams {
     if (looksLikeSize(w)) throw bad(params, notASize(w));
     throw bad(params, `"${w}" is neither a size (${sizeGrammar()}) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces`);
   }
-  const out: LvsnapParams = { origin: ref, sizeMiB: undefined, persistent: false };
-  let persistentSeen = false;
-  split.rest.forEach((w, i) => {
-    const eq = w.indexOf('=');
-    const key = eq < 0 ? w : w.slice(0, eq);
-    if (key === 'persistent') {
-      if (persistentSeen) throw bad(params, '"persistent" is given twice');
-      persistentSeen = true;
-      const v = eq < 0 ? 'yes' : w.slice(eq + 1);
-      if (/^(1|yes|true|on)$/i.test(v)) out.persistent = true;
-      else if (/^(0|no|false|off)$/i.test(v)) out.persistent = false;
-      else throw bad(params, `persistent=${v}: the value must be yes or no`);
-      return;
-    }
-    if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
-    const size = sizeMiB(w) as number;
-    if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one copy-on-write size`);
-    if (i !== 0) throw bad(params, `the size "${w}" must come right after the origin`);
-    if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
-    if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB (a bare number is MiB)`);
-    out.sizeMiB = size;
-  });
-  return out;
+  return { origin: ref, ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'copy-on-write size', path: 'the origin' }) };
 }
 
 /** `xbh-<owner>-<vdev>`: the snapshot LV's name (valid for LVM: owner and vdev are safe names). */

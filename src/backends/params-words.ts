@@ -7,6 +7,11 @@
  * a path whose last word looks like a size or an option.
  */
 
+import { sizeMiB } from '../units/size.js';
+
+/** 16 TiB: far beyond any sensible store; stops typos such as `30000000`. */
+export const MAX_STORE_MIB = 16 * 1024 * 1024;
+
 export interface PathWords {
   /** The leading part, from the first word to the last word the grammar did not take. */
   path: string;
@@ -50,4 +55,66 @@ export function sourceOf(parse: () => string): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** A word the `[<size>] [persistent[=yes|no]]` grammar takes after the path (block-thin, block-lvsnap). */
+export function sizeOrPersistentWord(w: string): boolean {
+  return w === 'persistent' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
+}
+
+/**
+ * The words after the path in the `[<size>] [persistent[=yes|no]]` grammar: at most one size,
+ * right after the path, in MiB from 1 to 16 TiB; `persistent` once. `bad(what)` makes the hook's
+ * error; `size` names the size ("size", "copy-on-write size") and `path` what it follows.
+ */
+export function parseSizePersistent(rest: readonly string[], bad: (what: string) => Error, names: { size: string; path: string }): { sizeMiB: number | undefined; persistent: boolean } {
+  const out: { sizeMiB: number | undefined; persistent: boolean } = { sizeMiB: undefined, persistent: false };
+  let persistentSeen = false;
+  rest.forEach((w, i) => {
+    const eq = w.indexOf('=');
+    const key = eq < 0 ? w : w.slice(0, eq);
+    if (key === 'persistent') {
+      if (persistentSeen) throw bad('"persistent" is given twice');
+      persistentSeen = true;
+      const v = eq < 0 ? 'yes' : w.slice(eq + 1);
+      if (/^(1|yes|true|on)$/i.test(v)) out.persistent = true;
+      else if (/^(0|no|false|off)$/i.test(v)) out.persistent = false;
+      else throw bad(`persistent=${v}: the value must be yes or no`);
+      return;
+    }
+    if (eq >= 0) throw bad(`unknown option "${key}" (known: persistent)`);
+    const size = sizeMiB(w) as number;
+    if (out.sizeMiB !== undefined) throw bad(`"${w}" is a second size; give one ${names.size}`);
+    if (i !== 0) throw bad(`the size "${w}" must come right after ${names.path}`);
+    if (size < 1) throw bad(`the ${names.size} "${w}" must be at least 1 MiB`);
+    if (size > MAX_STORE_MIB) throw bad(`the ${names.size} "${w}" is more than 16 TiB (a bare number is MiB)`);
+    out.sizeMiB = size;
+  });
+  return out;
+}
+
+/** `key=value` words in order, each key at most once (block-qcow, block-rbd). */
+export function optionPairs(words: readonly string[], bad: (what: string) => Error): [string, string][] {
+  const seen = new Set<string>();
+  return words.map((w) => {
+    const eq = w.indexOf('=');
+    const key = w.slice(0, eq);
+    if (seen.has(key)) throw bad(`"${key}" is given twice`);
+    seen.add(key);
+    return [key, w.slice(eq + 1)];
+  });
+}
+
+/**
+ * The path part of a base image's params (block-cow, block-thin): an absolute path, its first
+ * word not an option, no white space but spaces.
+ */
+export function basePathOf(split: PathWords, bad: (what: string) => Error): string {
+  const base = split.path;
+  const first = base.split(/\s/, 1)[0] as string;
+  if (first.includes('=')) throw bad(`the first word "${first}" looks like an option; the base image path comes first`);
+  if (!base.startsWith('/')) throw bad(`the base image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`);
+  const ws = whitespaceProblem(base, 'base image');
+  if (ws) throw bad(ws);
+  return base;
 }

@@ -45,7 +45,7 @@ import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
-import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
+import { optionPairs, sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { looksLikeSize } from '../units/size.js';
 import { deviceSectors, devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
@@ -91,13 +91,7 @@ export function parseQcowParams(params: string): QcowParams {
   if (last !== undefined && looksLikeSize(last)) throw bad(params, `"${last}" is not a key=value option: block-qcow takes no size (the image's own size is the disk's), and a path cannot end in a word that looks like one`);
   if (last !== undefined && OPTION_WORDS.has(last)) throw bad(params, `"${last}" is not a key=value option (e.g. overlay=transient), and a path cannot end in a word that is an option's name or value`);
   const out: QcowParams = { image, overlay: 'no', format: undefined, name: undefined, cache: undefined };
-  const seen = new Set<string>();
-  for (const w of split.rest) {
-    const eq = w.indexOf('=');
-    const key = w.slice(0, eq);
-    const value = w.slice(eq + 1);
-    if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
-    seen.add(key);
+  for (const [key, value] of optionPairs(split.rest, (what) => bad(params, what))) {
     switch (key) {
       case 'overlay':
         if (value === 'no' || value === 'none') out.overlay = 'no';

@@ -65,7 +65,7 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { deviceSectors } from '../devices/sysfs.js';
 import { diskLabel, GrowError, human, MiB, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
-import { sourceOf, splitPathWords } from './params-words.js';
+import { optionPairs, sourceOf, splitPathWords } from './params-words.js';
 
 export const SCRIPT = 'block-rbd';
 export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
@@ -132,13 +132,7 @@ export function parseRbdParams(params: string): RbdParams {
     cluster: {},
     mapOptions: [],
   };
-  const seen = new Set<string>();
-  for (const w of split.rest) {
-    const eq = w.indexOf('=');
-    const key = w.slice(0, eq);
-    const value = w.slice(eq + 1);
-    if (seen.has(key)) throw bad(params, `"${key}" is given twice`);
-    seen.add(key);
+  for (const [key, value] of optionPairs(split.rest, (what) => bad(params, what))) {
     switch (key) {
       case 'clone':
         if (value !== 'transient' && value !== 'persistent') throw bad(params, `clone=${value}: the value must be transient or persistent`);

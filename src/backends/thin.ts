@@ -51,9 +51,8 @@ import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
 import { deviceSectors, devString, dmDevicePath, fileIdOf, type FileId } from '../devices/sysfs.js';
-import { MAX_STORE_MIB, sizeLikeEnd } from './cow-params.js';
-import { sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
-import { sizeMiB } from '../units/size.js';
+import { sizeLikeEnd } from './cow-params.js';
+import { basePathOf, parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
@@ -80,45 +79,13 @@ function bad(params: string, what: string): HotplugError {
   return new HotplugError(`block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`);
 }
 
-/** Words the grammar takes after the base: a size, persistent, key=value. */
-function thinWord(w: string): boolean {
-  return w === 'persistent' || /^[A-Za-z_]+=/.test(w) || sizeMiB(w) !== undefined;
-}
-
 export function parseThinParams(params: string): ThinParams {
-  const split = splitPathWords(params, thinWord);
+  const split = splitPathWords(params, sizeOrPersistentWord);
   if (split === undefined) throw bad(params, 'no base image given');
-  const base = split.path;
-  const first = base.split(/\s/, 1)[0] as string;
-  if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; the base image path comes first`);
-  if (!base.startsWith('/')) throw bad(params, `the base image "${first}" is not an absolute path; give the full path`);
-  const ws = whitespaceProblem(base, 'base image');
-  if (ws) throw bad(params, ws);
+  const base = basePathOf(split, (what) => bad(params, what));
   const end = sizeLikeEnd(split.lastWord);
   if (end) throw bad(params, end);
-  const out: ThinParams = { base, sizeMiB: undefined, persistent: false };
-  let persistentSeen = false;
-  split.rest.forEach((w, i) => {
-    const eq = w.indexOf('=');
-    const key = eq < 0 ? w : w.slice(0, eq);
-    if (key === 'persistent') {
-      if (persistentSeen) throw bad(params, '"persistent" is given twice');
-      persistentSeen = true;
-      const v = eq < 0 ? 'yes' : w.slice(eq + 1);
-      if (/^(1|yes|true|on)$/i.test(v)) out.persistent = true;
-      else if (/^(0|no|false|off)$/i.test(v)) out.persistent = false;
-      else throw bad(params, `persistent=${v}: the value must be yes or no`);
-      return;
-    }
-    if (eq >= 0) throw bad(params, `unknown option "${key}" (known: persistent)`);
-    const size = sizeMiB(w) as number;
-    if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one size`);
-    if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
-    if (size < 1) throw bad(params, `the size "${w}" must be at least 1 MiB`);
-    if (size > MAX_STORE_MIB) throw bad(params, `the size "${w}" is more than 16 TiB (a bare number is MiB)`);
-    out.sizeMiB = size;
-  });
-  return out;
+  return { base, ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'size', path: 'the base image' }) };
 }
 
 // ---------------------------------------------------------------------------------------------

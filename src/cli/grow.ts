@@ -71,9 +71,11 @@ export interface GrowDeps {
   journal?: Journal;
 }
 
-export async function grow(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { metadata?: boolean } = {}): Promise<GrowAction> {
-  const size = parseGrowSize(sizeArg);
-  const journal = deps.journal ?? new Journal(deps.config.stateDir);
+/**
+ * Run `fn` on DOMAIN/VDEV's record as it is under the disk's backend-path lock (the hooks'
+ * own lock: no add or remove of that disk runs meanwhile).
+ */
+export async function withRecord<T>(domain: string, vdev: string, deps: GrowDeps, journal: Journal, fn: (entry: JournalEntry) => Promise<T>): Promise<T> {
   const entry = findRecord(journal.list().entries, domain, vdev);
   const lockFile = pathLockPath(deps.config.stateDir, entry.backendPath);
   mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
@@ -81,10 +83,17 @@ export async function grow(domain: string, vdev: string, sizeArg: string, deps: 
   try {
     const fresh = journal.load(entry.backendPath);
     if (!fresh) throw new GrowError(`${entry.backendPath} was removed meanwhile`);
-    const action = await growStore(fresh, size, deps, { part: opts.metadata ? 'metadata' : 'data' });
-    deps.out(`grew ${domain}/${vdev}: ${action.target} ${humanBytes(action.beforeBytes)} → ${humanBytes(action.afterBytes)}, online`);
-    return action;
+    return await fn(fresh);
   } finally {
     await lock.release();
   }
+}
+
+export async function grow(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { metadata?: boolean } = {}): Promise<GrowAction> {
+  const size = parseGrowSize(sizeArg);
+  return withRecord(domain, vdev, deps, deps.journal ?? new Journal(deps.config.stateDir), async (entry) => {
+    const action = await growStore(entry, size, deps, { part: opts.metadata ? 'metadata' : 'data' });
+    deps.out(`grew ${domain}/${vdev}: ${action.target} ${humanBytes(action.beforeBytes)} → ${humanBytes(action.afterBytes)}, online`);
+    return action;
+  });
 }

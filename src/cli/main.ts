@@ -284,38 +284,23 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (log && !deps.logger) await log.close();
         }
       }
-      case 'resize': {
-        if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "resize web xvda +2G"', cmd);
+      case 'resize':
+      case 'grow': {
+        if (p.positional.length !== 3) return usage(`expected DOMAIN VDEV SIZE, e.g. "${cmd} web xvda +1G"`, cmd);
         const [domain, vdev, size] = p.positional as [string, string, string];
         try {
           parseGrowSize(size);
-          if (isDiskSpec(vdev)) parseDisk(vdev);
+          if (cmd === 'resize' && isDiskSpec(vdev)) parseDisk(vdev);
           else vdevToDevid(vdev);
         } catch (e) {
           if (e instanceof GrowError || e instanceof VdevError || e instanceof DiskSpecError) return usage(e.message, cmd);
           throw e;
         }
         const log = deps.logger ?? cliLogger(config);
+        const d = { config, run, log, out };
         try {
-          await withProgress(`resize: resizing ${domain}/${vdev}`, err, () => resize(domain, vdev, size, { config, run, log, out }, { shrink: flag(p, 'shrink') }));
-          return 0;
-        } finally {
-          if (!deps.logger) await log.close();
-        }
-      }
-      case 'grow': {
-        if (p.positional.length !== 3) return usage('expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"', cmd);
-        const [domain, vdev, size] = p.positional as [string, string, string];
-        try {
-          parseGrowSize(size);
-          vdevToDevid(vdev);
-        } catch (e) {
-          if (e instanceof GrowError || e instanceof VdevError) return usage(e.message, cmd);
-          throw e;
-        }
-        const log = deps.logger ?? cliLogger(config);
-        try {
-          await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, { config, run, log, out }, { metadata: flag(p, 'metadata') }));
+          if (cmd === 'resize') await withProgress(`resize: resizing ${domain}/${vdev}`, err, () => resize(domain, vdev, size, d, { shrink: flag(p, 'shrink') }));
+          else await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, d, { metadata: flag(p, 'metadata') }));
           return 0;
         } finally {
           if (!deps.logger) await log.close();

@@ -5,17 +5,13 @@
  * device's size and writes the new `sectors`, blkfront sets the capacity); otherwise the hook
  * says so and the size applies at the next add.
  */
-import { mkdirSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { GrowError, type ResizeResult } from '../backends/growth.js';
 import { hookNamed } from '../backends/index.js';
 import { deviceSectors } from '../devices/sysfs.js';
 import { Journal } from '../journal/journal.js';
-import { acquireFlock } from '../lock/flock.js';
-import { pathLockPath } from '../lock/paths.js';
 import { safeName, type DiskSpec } from '../disk/spec.js';
 import { humanBytes } from './format.js';
-import { findRecord, parseGrowSize, type GrowDeps } from './grow.js';
+import { parseGrowSize, withRecord, type GrowDeps } from './grow.js';
 import { parseDisk } from './diskspec.js';
 import { scriptFor } from './simulate.js';
 
@@ -91,14 +87,8 @@ export async function resize(domain: string, vdev: string, sizeArg: string, deps
     return resizeDetached(domain, vdev, sizeArg, deps, journal);
   }
   const size = parseGrowSize(sizeArg);
-  const entry = findRecord(journal.list().entries, domain, vdev);
-  const lockFile = pathLockPath(deps.config.stateDir, entry.backendPath);
-  mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
-  const lock = await acquireFlock(lockFile, { timeoutMs: 5000, runner: deps.run });
-  try {
-    const fresh = journal.load(entry.backendPath);
-    if (!fresh) throw new GrowError(`${entry.backendPath} was removed meanwhile`);
-    if (fresh.phase !== 'ready' || !fresh.device) throw new GrowError(`${entry.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
+  return withRecord(domain, vdev, deps, journal, async (fresh) => {
+    if (fresh.phase !== 'ready' || !fresh.device) throw new GrowError(`${fresh.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
     const facet = hookNamed(fresh.script)?.resize;
     if (!facet) throw new GrowError(`resizing is not supported for ${fresh.script} (${fresh.backendPath}); nothing was changed`);
     const current = deviceSectors(deps.run, fresh.device.major, fresh.device.minor) * 512;
@@ -107,7 +97,5 @@ export async function resize(domain: string, vdev: string, sizeArg: string, deps
     const r = await facet(fresh, target, { ...deps, journal, shrink: opts.shrink === true });
     deps.out(`resized ${domain}/${vdev}: ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)}, ${r.online ? 'online' : 'at its next add'} (${r.how})`);
     return r;
-  } finally {
-    await lock.release();
-  }
+  });
 }
