@@ -14,8 +14,9 @@
 #   xbh_mode=resize xbh_marker=WORD  load ext4, mount /dev/xvda (an ext4 filesystem holding
 #                                    base.txt) read-write at /mnt, write guest.txt ("XBH:WORD"),
 #                                    print "before sectors=N fs_kb=K avail_kb=A files ...", then
-#                                    read the disk (O_DIRECT) every half second until its size
-#                                    changes (at most xbh_wait seconds, default 300): "grown
+#                                    read the disk (O_DIRECT; not with xbh_idle=1) every half
+#                                    second until its size changes (at most xbh_wait seconds,
+#                                    default 300): "grown
 #                                    sectors=N", the kernel's capacity lines ("kernel: ..."),
 #                                    `resize2fs /dev/xvda` on the mounted filesystem ("resize2fs:"
 #                                    lines, "resize2fs exit=N"), "after sectors=N fs_kb=K ...",
@@ -106,14 +107,14 @@ resize)
 	say "before $(sizes) files $(files)"
 	avail=$(set -- $(df -k /mnt | tail -n 1) && echo "$4")
 	s0=$(cat /sys/block/xvda/size)
-	say "waiting"
+	say "waiting${xbh_idle:+ idle=$xbh_idle}"
 	n=0
 	while [ "$(cat /sys/block/xvda/size)" = "$s0" ]; do
 		n=$((n + 1))
 		[ $n -gt $((${xbh_wait:-300} * 2)) ] && { say "the size never changed"; finish; }
 		# A request wakes blkback's thread for the ring, which compares the device's size with
-		# the one it announced (it also wakes every 100 ms on its own).
-		dd if=/dev/xvda iflag=direct bs=4096 count=1 of=/dev/null 2>/dev/null
+		# the one it announced; it also wakes every 100 ms on its own: xbh_idle=1 issues none.
+		[ "${xbh_idle:-}" = 1 ] || dd if=/dev/xvda iflag=direct bs=4096 count=1 of=/dev/null 2>/dev/null
 		sleep 0.5
 	done
 	say "grown sectors=$(cat /sys/block/xvda/size) (was $s0)"

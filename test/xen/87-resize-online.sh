@@ -4,8 +4,9 @@
 # length). dom0 makes an ext4 filesystem holding base.txt; the guest (xbh_mode=resize) mounts
 # /dev/xvda read-write, writes guest.txt, reports its sizes and waits; dom0 runs `xen-blockhooks
 # resize NAME xvda +32M` while it runs: blkback writes the new `sectors` (and says "VBD Resize" in
-# dom0's kernel log), the guest's /sys/block/xvda/size grows, `resize2fs /dev/xvda` grows the
-# mounted filesystem, a file larger than the old filesystem's free space fits, both files read
+# dom0's kernel log), the guest's /sys/block/xvda/size grows (also for a guest that issues no I/O
+# while it waits: blkback's thread looks at the size every 100 ms), `resize2fs /dev/xvda` grows
+# the mounted filesystem, a file larger than the old filesystem's free space fits, both files read
 # back. dom0 then checks the unmounted filesystem (e2fsck -fn, its block count is the new size),
 # destroys the guest, and nothing is left; block-cow's base is unchanged, block's image is larger.
 . "$XBH_PROJECT/test/xen/lib.sh"
@@ -41,16 +42,20 @@ dev_of() { # backend → /dev/NAME of its physical-device
 	name=$(sed -n 's/^DEVNAME=//p' /sys/dev/block/$maj:$min/uevent) && echo /dev/$name
 }
 
-# resize_online HOOK NAME SPEC: the whole story for one disk; returns 1 when the guest did not get
-# as far as waiting for the new size (it is destroyed then).
+# resize_online HOOK NAME SPEC [EXTRA]: the whole story for one disk (EXTRA: more of the guest's
+# orders); returns 1 when the guest did not get as far as waiting for the new size (it is
+# destroyed then).
 resize_online() {
 	hook=$1 name=$2 spec=$3
-	cfg=$(domu_cfg "$name" resize "xbh_marker=$name xbh_hold=1" "$spec")
+	cfg=$(domu_cfg "$name" resize "xbh_marker=$name xbh_hold=1 ${4:-}" "$spec")
 	xl_create "$hook: xl create $name ($spec)" "$cfg" || { expect_nothing_left "$hook: after the failed create"; return 1; }
 	be=$(vbd_backend "$(domid "$name")" 51712)
 	expect_connected "$hook $name" "$be"
 	if wait_console "$name" "xbh-domu: waiting" 120; then
 		ok "$hook: $name mounted its ext4 disk read-write and wrote guest.txt"
+		case ${4:-} in
+		*xbh_idle=1*) if console_has "$name" "xbh-domu: waiting idle=1"; then ok "$hook: the guest waits without I/O (idle=1)"; else not_ok "$hook: the guest waits without I/O (idle=1)" "$(guest_lines "$name")"; fi ;;
+		esac
 	else
 		not_ok "$hook: $name mounted its ext4 disk read-write and wrote guest.txt" "$(guest_lines "$name")" "$(console_log "$name" | tail -20)"
 		xl destroy "$name" 2>/dev/null
@@ -148,7 +153,8 @@ if [ "$(sha256sum <$BASE)" = "$sum0" ]; then ok "block-cow: the base image is un
 # --- block, a raw file ---------------------------------------------------------------------------
 IMG=$IMAGES/xbh-resize-file.img
 cp $BASE $IMG
-resize_online block xbhgrowfile "format=raw, vdev=xvda, access=rw, script=block, target=$IMG"
+# This guest issues no I/O while it waits: blkback's thread also looks at the size on its own.
+resize_online block xbhgrowfile "format=raw, vdev=xvda, access=rw, script=block, target=$IMG" xbh_idle=1
 size=$(stat -c %s $IMG)
 if [ "$size" = $((64 << 20)) ]; then ok "block: the image file is 64 MiB after the resize"; else not_ok "block: the image file is 64 MiB after the resize" "$(ls -l $IMG)"; fi
 if out=$(e2fsck -fn $IMG 2>&1); then ok "block: the image's filesystem is clean after the guest is gone"; else not_ok "block: the image's filesystem is clean after the guest is gone" "$out"; fi
