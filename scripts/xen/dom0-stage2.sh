@@ -98,13 +98,13 @@ leftovers() {
 mkdir -p $S/results
 while read -r id interp file; do
 	[ -n "$id" ] || continue
-	say "scenario $id $file"
+	# A scenario that needs longer than the default says so in a line of its own: "# xbh-timeout: S".
+	limit=$(sed -n 's/^# xbh-timeout: \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
+	say "scenario $id $file (time limit ${limit:-$XBH_SCENARIO_TIMEOUT} s)"
 	t=$(ms)
 	# The plan's extra variables (XBH_PASS names them; plain words, checked by run.mjs).
 	extra=
 	for v in ${XBH_PASS:-}; do eval "extra=\"\$extra $v=\${$v}\""; done
-	# A scenario that needs longer than the default says so in a line of its own: "# xbh-timeout: S".
-	limit=$(sed -n 's/^# xbh-timeout: \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
 	(
 		cd "$XBH_PROJECT" &&
 			exec env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 DM_DISABLE_UDEV=1 \
