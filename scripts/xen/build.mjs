@@ -6,15 +6,18 @@
 //                    nodejs 18.20 (so /usr/bin/node in dom0 is Debian's node, not this machine's)
 //   modroot/         the kernel's modules, depmod'ed, at usr/lib/modules/<version>
 //   dom0-initrd.cpio busybox + virtio/9p/overlay modules + dom0-init.sh
-//   domu-initrd.cpio busybox + xen-blkfront + domu-init.sh (the guest the scenarios boot)
-// Rebuilt only when an input changes (package file names, the init scripts, this file); each
+//   domu-initrd.cpio busybox + xen-blkfront + domu-init.sh (the guest the scenarios boot), and
+//                    for a guest that mounts its disk: ext4's modules and this machine's resize2fs
+//                    with the shared libraries ldd lists for it
+// Rebuilt only when an input changes (package file names, the init scripts, this file, the
+// programs copied from this machine and their libraries); each
 // set of inputs gets its own folder .cache/xen/build-<hash>/ holding the files above.
 //
 //   node scripts/xen/build.mjs      build (or confirm the cache) and print the paths
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
-  closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
+  chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
   readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -57,6 +60,18 @@ const DOM0_MODULES = [
   'xen-blkfront',
 ];
 const DOMU_MODULES = ['xen-blkfront'];
+/**
+ * In the domU's initramfs too, but loaded only by a guest that mounts its disk (xbh_mode=resize),
+ * from /lib/modules/fs.order: ext4 and what it needs (crc32c_generic first: ext4's softdep, for
+ * metadata_csum).
+ */
+const DOMU_FS_MODULES = ['crc32c_generic', 'ext4'];
+/**
+ * Programs of this machine the domU runs besides busybox, at /bin/<name>, with the shared
+ * libraries `ldd` lists for them at the same paths (and the dynamic loader): e2fsprogs'
+ * resize2fs grows a mounted ext4 filesystem online.
+ */
+const DOMU_PROGRAMS = ['/usr/sbin/resize2fs'];
 /** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */
 const MODULE_TREES = [
   'kernel/drivers/xen', 'kernel/drivers/block', 'kernel/drivers/md', 'kernel/drivers/virtio',
@@ -68,7 +83,7 @@ const MODULE_TREES = [
 const INITRD_APPLETS = [
   'sh', 'mount', 'umount', 'mkdir', 'insmod', 'cat', 'ln', 'rm', 'chmod', 'poweroff', 'sync',
   'echo', 'sleep', 'switch_root', 'dd', 'ls', 'test', '[', 'grep', 'head', 'tr', 'cmp', 'blockdev',
-  'mknod', 'seq', 'date', 'hostname',
+  'mknod', 'seq', 'date', 'hostname', 'df', 'tail', 'dmesg',
 ];
 
 function run(file, args, opts = {}) {
@@ -199,6 +214,45 @@ function buildInitramfs(dir, out, init, modules, modFiles) {
   });
 }
 
+/** The programs and every shared library `ldd` lists for them (the loader included), as absolute paths. */
+function withLibraries(programs) {
+  const files = new Set();
+  for (const p of programs) {
+    if (!existsSync(p)) throw new Error(`${p} is missing on this machine (the domU runs it): install the package that has it`);
+    files.add(p);
+    for (const line of run('ldd', [p]).split('\n')) {
+      // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" and "/lib64/ld-linux-x86-64.so.2 (0x…)"
+      const m = /(\/\S+) \(0x[0-9a-f]+\)/.exec(line);
+      if (m) files.add(m[1]);
+    }
+  }
+  return [...files];
+}
+
+/**
+ * The domU's initramfs: busybox, domu-init.sh and xen-blkfront (loaded at boot, /lib/modules/order),
+ * the filesystem modules (loaded on demand, /lib/modules/fs.order), and `programs` with their
+ * libraries (withLibraries): programs at /bin/<name>, libraries at the paths ldd gave.
+ */
+function buildDomuInitramfs(dir, out, kdirMods, modFiles, programs) {
+  const fsModules = moduleOrder(kdirMods, DOMU_FS_MODULES).filter((m) => !DOMU_MODULES.includes(m));
+  buildInitramfs(dir, out, DOMU_INIT, DOMU_MODULES, modFiles);
+  for (const m of fsModules) copyFileSync(findModule(modFiles, m, '/', 'the kernel package').path, join(dir, 'lib', 'modules', `${m}.ko`));
+  writeFileSync(join(dir, 'lib', 'modules', 'fs.order'), `${fsModules.join('\n')}\n`);
+  for (const f of programs) {
+    const to = DOMU_PROGRAMS.includes(f) ? join(dir, 'bin', f.split('/').pop()) : join(dir, f);
+    mkdirSync(dirname(to), { recursive: true });
+    copyFileSync(f, to); // follows symlinks: the library itself under its soname
+    chmodSync(to, 0o755);
+  }
+  const fd = openSync(out, 'w');
+  try {
+    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: dir, input: `${walk(dir).join('\n')}\n`, stdio: ['pipe', fd, 'pipe'] });
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** `names` and everything they depend on, dependencies first, from depmod's modules.dep. */
 function moduleOrder(kdir, names) {
   const deps = new Map();
@@ -237,11 +291,12 @@ function pruneBuilds(keep) {
   }
 }
 
-function stampOf(debs) {
+function stampOf(debs, hostFiles) {
   const h = createHash('sha256');
   for (const part of [
     Object.values(debs).map((p) => p.split('/').pop()).sort().join(' '),
     readFileSync(DOM0_INIT), readFileSync(DOMU_INIT), readFileSync(fileURLToPath(import.meta.url)),
+    ...hostFiles.flatMap((f) => [f, readFileSync(f)]),
   ]) {
     h.update(part);
     h.update('\0');
@@ -254,7 +309,7 @@ function stampOf(debs) {
  * { xen, vmlinux, dom0Initrd, domuInitrd, xenroot, modroot, kernelVersion, nodeVersion, packages }.
  */
 export async function buildXen({ log = () => {} } = {}) {
-  for (const tool of ['apt-get', 'apt-cache', 'dpkg-deb', 'xz', 'cpio', 'tar', 'gzip']) {
+  for (const tool of ['apt-get', 'apt-cache', 'dpkg-deb', 'xz', 'cpio', 'tar', 'gzip', 'ldd']) {
     if (!have(tool)) throw new Error(`${tool} is not installed (needed to build the Xen test tier)`);
   }
   mkdirSync(CACHE_DIR, { recursive: true });
@@ -289,7 +344,8 @@ export async function buildXen({ log = () => {} } = {}) {
     { name: resolved.kernel },
   ];
   const debs = download(specs, log);
-  const stamp = stampOf(debs);
+  const domuFiles = withLibraries(DOMU_PROGRAMS);
+  const stamp = stampOf(debs, domuFiles);
   // Each set of inputs builds into its own folder, never changed once complete: a run that is
   // booted from one build keeps its 9p exports even while another run builds a newer one.
   const dir = join(CACHE_DIR, `build-${stamp.slice(0, 16)}`);
@@ -366,7 +422,7 @@ export async function buildXen({ log = () => {} } = {}) {
   const kdirMods = join(paths.modroot, 'usr', 'lib', 'modules', kver);
   const dom0Modules = [...DOM0_EARLY_MODULES, ...moduleOrder(kdirMods, DOM0_MODULES).filter((m) => !DOM0_EARLY_MODULES.includes(m))];
   buildInitramfs(join(dir, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, dom0Modules, modFiles);
-  buildInitramfs(join(dir, 'domu-initramfs'), paths.domuInitrd, DOMU_INIT, DOMU_MODULES, modFiles);
+  buildDomuInitramfs(join(dir, 'domu-initramfs'), paths.domuInitrd, kdirMods, modFiles, domuFiles);
   rmSync(join(dir, 'dom0-initramfs'), { recursive: true, force: true });
   rmSync(join(dir, 'domu-initramfs'), { recursive: true, force: true });
   rmSync(depmod, { force: true });

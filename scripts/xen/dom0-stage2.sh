@@ -98,7 +98,9 @@ leftovers() {
 mkdir -p $S/results
 while read -r id interp file; do
 	[ -n "$id" ] || continue
-	say "scenario $id $file"
+	# A scenario that needs longer than the default says so in a line of its own: "# xbh-timeout: S".
+	limit=$(sed -n 's/^# xbh-timeout: \([0-9][0-9]*\)$/\1/p' "$file" 2>/dev/null | head -n 1)
+	say "scenario $id $file (time limit ${limit:-$XBH_SCENARIO_TIMEOUT} s)"
 	t=$(ms)
 	# The plan's extra variables (XBH_PASS names them; plain words, checked by run.mjs).
 	extra=
@@ -109,7 +111,7 @@ while read -r id interp file; do
 				XBH_PROJECT="$XBH_PROJECT" XBH_DIST="$XBH_DIST" XBH_DOMU_KERNEL="$XBH_DOMU_KERNEL" XBH_DOMU_RAMDISK="$XBH_DOMU_RAMDISK" \
 				XBH_CONSOLE_LOGS=/var/log/xen/console XBH_SCRATCH=/scratch XBH_INSTALL="$XBH_INSTALL" \
 				XBH_SCENARIO_ID="$id" XBH_ECHO=/dev/console $extra \
-				timeout -k 5 "$XBH_SCENARIO_TIMEOUT" "$interp" "$file"
+				timeout -k 5 "${limit:-$XBH_SCENARIO_TIMEOUT}" "$interp" "$file"
 	) >$S/results/$id.out 2>$S/results/$id.err </dev/null
 	rc=$?
 	echo "$rc $(($(ms) - t))" >$S/results/$id.status

@@ -11,6 +11,18 @@
 #                                    page cache and re-read both with O_DIRECT from the disk itself:
 #                                    "reread #N head=... far=..." (numbered on, across a save and
 #                                    restore: the guest's memory keeps the count)
+#   xbh_mode=resize xbh_marker=WORD  load ext4, mount /dev/xvda (an ext4 filesystem holding
+#                                    base.txt) read-write at /mnt, write guest.txt ("XBH:WORD"),
+#                                    print "before sectors=N fs_kb=K avail_kb=A files ...", then
+#                                    read the disk (O_DIRECT; not with xbh_idle=1) every half
+#                                    second until its size changes (at most xbh_wait seconds,
+#                                    default 300): "grown
+#                                    sectors=N", the kernel's capacity lines ("kernel: ..."),
+#                                    `resize2fs /dev/xvda` on the mounted filesystem ("resize2fs:"
+#                                    lines, "resize2fs exit=N"), "after sectors=N fs_kb=K ...",
+#                                    then a file of A + 4 MiB ("filled ... exit=N": more than the
+#                                    old filesystem had free), both files read back again,
+#                                    unmount ("unmounted"), done
 #   xbh_mode=watch xbh_cycles=N      print "ready", then report /dev/xvdb appearing (with the
 #                                    16 bytes at 4096) and disappearing, numbered; power off
 #                                    after the N-th disappearance (default 1)
@@ -78,6 +90,46 @@ reread)
 		say "reread #$n head=$head far=$far"
 		sleep 1
 	done
+	;;
+resize)
+	for m in $(cat /lib/modules/fs.order); do
+		insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+	done
+	wait_for /dev/xvda 30 || { say "no /dev/xvda"; finish; }
+	mount -t ext4 /dev/xvda /mnt || { say "mount failed"; finish; }
+	printf 'XBH:%s\n' "$xbh_marker" >/mnt/guest.txt && sync || say "write failed"
+	# fs_kb and avail_kb: df's 1K-blocks and Available of the mounted filesystem.
+	sizes() {
+		set -- $(df -k /mnt | tail -n 1)
+		echo "sectors=$(cat /sys/block/xvda/size) fs_kb=$2 avail_kb=$4"
+	}
+	files() { echo "base=$(cat /mnt/base.txt) guest=$(cat /mnt/guest.txt)"; }
+	say "before $(sizes) files $(files)"
+	avail=$(set -- $(df -k /mnt | tail -n 1) && echo "$4")
+	s0=$(cat /sys/block/xvda/size)
+	say "waiting${xbh_idle:+ idle=$xbh_idle}"
+	n=0
+	while [ "$(cat /sys/block/xvda/size)" = "$s0" ]; do
+		n=$((n + 1))
+		[ $n -gt $((${xbh_wait:-300} * 2)) ] && { say "the size never changed"; finish; }
+		# A request wakes blkback's thread for the ring, which compares the device's size with
+		# the one it announced; it also wakes every 100 ms on its own: xbh_idle=1 issues none.
+		[ "${xbh_idle:-}" = 1 ] || dd if=/dev/xvda iflag=direct bs=4096 count=1 of=/dev/null 2>/dev/null
+		sleep 0.5
+	done
+	say "grown sectors=$(cat /sys/block/xvda/size) (was $s0)"
+	dmesg | grep -i -e capacity -e xvda | tail -n 4 | while read -r l; do say "kernel: $l"; done
+	resize2fs /dev/xvda >/tmp/resize2fs.out 2>&1
+	rc=$?
+	while read -r l; do say "resize2fs: $l"; done </tmp/resize2fs.out
+	say "resize2fs exit=$rc"
+	say "after $(sizes) files $(files)"
+	dd if=/dev/zero of=/mnt/fill bs=1024 count=$((avail + 4096)) conv=fsync 2>/dev/null
+	rc=$?
+	say "filled $((avail + 4096)) KiB (old avail_kb=$avail) exit=$rc $(sizes)"
+	say "reread files $(files)"
+	umount /mnt && say "unmounted"
+	finish
 	;;
 watch)
 	say "ready"
