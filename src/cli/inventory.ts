@@ -36,6 +36,7 @@ import { LVSNAP_STEP, TAG_TRANSIENT as LVSNAP_TAG_TRANSIENT } from '../backends/
 import { leftoverPoolFiles, leftoverThinIds, THIN_POOL_NAME } from '../backends/thin.js';
 import { leftoverClones } from '../backends/rbd.js';
 import { lvsTagged, type LvInfo, type LvRef } from '../devices/lvm.js';
+import { isOpenRecord, openRow } from './open.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -134,6 +135,10 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
   for (const e of entries) for (const s of recordStrings(e)) allRefs.add(s);
 
   for (const e of entries) {
+    if (isOpenRecord(e)) {
+      rows.push(openRow(e, kernel, alive));
+      continue;
+    }
     const refs = recordStrings(e);
     const domid = e.disk.frontendId ?? domidOfPath(e.backendPath);
     let domain = e.disk.domainName;
