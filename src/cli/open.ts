@@ -300,7 +300,9 @@ export function recordedMaps(e: JournalEntry): { name: string; major: number; mi
 
 function wrap(e: unknown): Error {
   if (e instanceof OpenError) return e;
-  if (e instanceof HotplugError || e instanceof CommandError) return new OpenError(e.message);
+  // A tool's failure, or a device that is not what it should be (plain Errors from src/devices):
+  // the open's failure, exit 1. Anything else (a TypeError) is a bug and stays one.
+  if (e instanceof HotplugError || e instanceof CommandError || (e instanceof Error && e.constructor === Error)) return new OpenError(e.message);
   return e instanceof Error ? e : new Error(String(e));
 }
 
