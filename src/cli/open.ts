@@ -42,7 +42,7 @@ import { findUsers, parseMountinfo, type AccessDevice, type SharingUser } from '
 import { HotplugError } from '../hotplug/errors.js';
 import { Journal, processAlive, recordStrings, type JournalEntry, type StepRecord } from '../journal/journal.js';
 import { Build, undoAll, type UndoContext, type UndoRegistry } from '../journal/steps.js';
-import { acquireFlock, withFlock, xenBlockLockPath } from '../lock/flock.js';
+import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { lockOptions, pathLockPath } from '../lock/paths.js';
 import type { Logger } from '../log/logger.js';
 import type { XsOps } from '../xenstore/types.js';
@@ -95,7 +95,7 @@ export const OPEN_SCRIPT = 'open';
 const KEY_PREFIX = 'open/';
 
 /** The steps of an open's record. */
-export const OPEN_STEP = { loop: 'open-loop', partitions: 'partitions' } as const;
+export const OPEN_STEP = { xenLock: 'xen-block-lock', loop: 'open-loop', partitions: 'partitions' } as const;
 
 /** A refusal or failure of open or close: one sentence, exit 1. */
 export class OpenError extends Error {
@@ -309,71 +309,77 @@ function wrap(e: unknown): Error {
 export async function openTarget(t: OpenTarget, opts: { rw: boolean }, deps: OpenDeps): Promise<OpenResult> {
   const journal = deps.journal ?? new Journal(deps.config.stateDir);
   const r = resolveTarget(t, journal, deps.cwd ?? process.cwd());
-  const lockFile = pathLockPath(deps.config.stateDir, r.key);
-  mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
-  const lock = await acquireFlock(lockFile, lockOptions(deps.config, deps.run));
-  try {
+  // The record is made before any lock is taken, atomically (of two opens of one disk one wins):
+  // an open killed at any point after this leaves a record, whose undo (close, gc) takes the
+  // locks again and so also removes the lock files a killed holder leaves.
+  const entry = Journal.begin(OPEN_SCRIPT, r.key, {
+    params: r.source, mode: opts.rw ? 'w' : 'r', frontendId: undefined, vdev: undefined, domainName: undefined, domainUuid: undefined,
+  });
+  if (!journal.create(entry)) {
     const had = journal.load(r.key);
-    if (had) {
-      const maps = recordedMaps(had).map((m) => `/dev/mapper/${m.name}`).join(', ');
-      throw new OpenError(`${r.what} is open already (${had.phase}${maps ? `: ${maps}` : ''}); run "xen-blockhooks close" with the same arguments first`);
-    }
-    const entry = Journal.begin(OPEN_SCRIPT, r.key, {
-      params: r.source, mode: opts.rw ? 'w' : 'r', frontendId: undefined, vdev: undefined, domainName: undefined, domainUuid: undefined,
-    });
+    const maps = had ? recordedMaps(had).map((m) => `/dev/mapper/${m.name}`).join(', ') : '';
+    const state = !had ? 'closed meanwhile' : had.phase === 'ready' ? 'open' : had.phase === 'failed' ? 'a close failed' : processAlive(had.pid) ? `being ${had.phase === 'adding' ? 'opened' : 'closed'} by process ${had.pid}` : `left half-way by process ${had.pid}`;
+    throw new OpenError(`${r.what} is open already (${state}${maps ? `: ${maps}` : ''}); run "xen-blockhooks close" with the same arguments first`);
+  }
+  let lock: HeldLock | undefined;
+  try {
+    const lockFile = pathLockPath(deps.config.stateDir, r.key);
+    mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
+    lock = await acquireFlock(lockFile, lockOptions(deps.config, deps.run));
     const build = new Build(entry, journal);
     const readOnly = !opts.rw;
-    try {
-      // Xen's block lock, as the hooks hold it around their sharing check and device set-up:
-      // no hook attaches the image between the check and the maps.
-      const result = await withFlock(xenBlockLockPath(deps.config.xenLockDir), async () => {
-        if (opts.rw) {
-          const why = await rwConflict(r, deps, journal);
-          if (why) throw new OpenError(`--rw refused: ${why}.`);
-        }
-        let parent = r.device;
-        if (r.file) {
-          const f = r.file;
-          const before = (await loopsBacking(deps.run, f.id)).map((l) => l.name);
-          const loop = await build.step(OPEN_STEP.loop, { file: f.path, dev: f.id.dev, ino: f.id.ino, readOnly, before }, () => attachLoopChecked(deps.run, f.path, f.id, { readOnly }), (l) => ({ loop: l.name, major: l.major, minor: l.minor }));
-          parent = { path: loop.name, major: loop.major, minor: loop.minor };
-        }
-        if (!parent) throw new Error('open: nothing to open');
-        const p = parent;
-        if (opts.rw && readOnlyInKernel(p.major, p.minor)) throw new OpenError(`--rw refused: ${r.what} is read-only in the kernel (${p.path}).`);
-        const prefix = mapPrefix(p);
-        const maps = await build.step(
-          OPEN_STEP.partitions,
-          {
-            parent: p.path, majmin: `${p.major}:${p.minor}`, prefix, readOnly,
-            ...(r.disk ? { disk: r.disk.backendPath, domid: r.disk.disk.frontendId ?? null, domain: r.disk.disk.domainName ?? null, vdev: r.disk.disk.vdev ?? null, hook: r.disk.script } : { image: r.source }),
-          },
-          () => kpartxAdd(deps.run, p.path, { readOnly }),
-          (ms: PartitionMap[]) => ({ maps: ms.map((m) => ({ name: m.name, major: m.major, minor: m.minor, number: m.number, sectors: m.sectors })) }),
-        );
-        if (maps.length === 0) throw new OpenError(`${r.what} holds no partition table kpartx can read (MBR or GPT)`);
-        const wrong = maps.filter((m) => m.parent !== `${p.major}:${p.minor}`);
-        if (wrong.length) throw new OpenError(`kpartx mapped ${wrong.map((m) => m.name).join(', ')} over ${wrong[0]?.parent}, not over ${p.path}`);
-        const parts: OpenedPartition[] = [];
-        for (const m of maps) {
-          const ro = readOnlyInKernel(m.major, m.minor);
-          if (readOnly && !ro) throw new OpenError(`${m.name} was asked for read-only (kpartx -r) but the kernel has it writable`);
-          parts.push({ path: await nodeOf(deps.run, m), number: m.number, bytes: (sectorsOf(m.major, m.minor) ?? m.sectors) * 512, readOnly: ro });
-        }
-        return { key: r.key, what: r.what, parent: p.path, partitions: parts };
-      }, lockOptions(deps.config, deps.run));
-      entry.phase = 'ready';
-      journal.save(entry);
-      deps.log.info(`open: mapped ${result.partitions.length} partition(s) of ${r.what} ${readOnly ? 'read-only' : 'writable'}`, { key: r.key, partitions: result.partitions.map((x) => x.path).join(' ') });
-      return result;
-    } catch (e) {
-      const failures = await undoAll(entry, openUndo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: undefined });
-      const err = wrap(e);
-      if (failures.length) throw new OpenError(`${err.message}; and undoing what was made failed: ${failures.map((f) => f.message).join('; ')} (the record ${journal.file(r.key)} is kept for "xen-blockhooks gc")`);
-      throw err;
-    }
+    // Xen's block lock, as the hooks hold it around their sharing check and device set-up:
+    // no hook attaches the image between the check and the maps. Written down first: its undo
+    // takes it once more, which removes the lock file an open killed while holding it leaves.
+    const xenLock = xenBlockLockPath(deps.config.xenLockDir);
+    await build.step(OPEN_STEP.xenLock, { path: xenLock }, async () => {});
+    const result = await withFlock(xenLock, async () => {
+      if (opts.rw) {
+        const why = await rwConflict(r, deps, journal);
+        if (why) throw new OpenError(`--rw refused: ${why}.`);
+      }
+      let parent = r.device;
+      if (r.file) {
+        const f = r.file;
+        const before = (await loopsBacking(deps.run, f.id)).map((l) => l.name);
+        const loop = await build.step(OPEN_STEP.loop, { file: f.path, dev: f.id.dev, ino: f.id.ino, readOnly, before }, () => attachLoopChecked(deps.run, f.path, f.id, { readOnly }), (l) => ({ loop: l.name, major: l.major, minor: l.minor }));
+        parent = { path: loop.name, major: loop.major, minor: loop.minor };
+      }
+      if (!parent) throw new Error('open: nothing to open');
+      const p = parent;
+      if (opts.rw && readOnlyInKernel(p.major, p.minor)) throw new OpenError(`--rw refused: ${r.what} is read-only in the kernel (${p.path}).`);
+      const prefix = mapPrefix(p);
+      const maps = await build.step(
+        OPEN_STEP.partitions,
+        {
+          parent: p.path, majmin: `${p.major}:${p.minor}`, prefix, readOnly,
+          ...(r.disk ? { disk: r.disk.backendPath, domid: r.disk.disk.frontendId ?? null, domain: r.disk.disk.domainName ?? null, vdev: r.disk.disk.vdev ?? null, hook: r.disk.script } : { image: r.source }),
+        },
+        () => kpartxAdd(deps.run, p.path, { readOnly }),
+        (ms: PartitionMap[]) => ({ maps: ms.map((m) => ({ name: m.name, major: m.major, minor: m.minor, number: m.number, sectors: m.sectors })) }),
+      );
+      if (maps.length === 0) throw new OpenError(`${r.what} holds no partition table kpartx can read (MBR or GPT)`);
+      const wrong = maps.filter((m) => m.parent !== `${p.major}:${p.minor}`);
+      if (wrong.length) throw new OpenError(`kpartx mapped ${wrong.map((m) => m.name).join(', ')} over ${wrong[0]?.parent}, not over ${p.path}`);
+      const parts: OpenedPartition[] = [];
+      for (const m of maps) {
+        const ro = readOnlyInKernel(m.major, m.minor);
+        if (readOnly && !ro) throw new OpenError(`${m.name} was asked for read-only (kpartx -r) but the kernel has it writable`);
+        parts.push({ path: await nodeOf(deps.run, m), number: m.number, bytes: (sectorsOf(m.major, m.minor) ?? m.sectors) * 512, readOnly: ro });
+      }
+      return { key: r.key, what: r.what, parent: p.path, partitions: parts };
+    }, lockOptions(deps.config, deps.run));
+    entry.phase = 'ready';
+    journal.save(entry);
+    deps.log.info(`open: mapped ${result.partitions.length} partition(s) of ${r.what} ${readOnly ? 'read-only' : 'writable'}`, { key: r.key, partitions: result.partitions.map((x) => x.path).join(' ') });
+    return result;
+  } catch (e) {
+    const failures = await undoAll(entry, openUndo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: undefined });
+    const err = wrap(e);
+    if (failures.length) throw new OpenError(`${err.message}; and undoing what was made failed: ${failures.map((f) => f.message).join('; ')} (the record ${journal.file(r.key)} is kept for "xen-blockhooks gc")`);
+    throw err;
   } finally {
-    await lock.release();
+    await lock?.release();
   }
 }
 
@@ -502,7 +508,13 @@ async function undoOpenLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
   if (left.length) throw new Error(`${left.map((l) => l.name).join(', ')} over ${String(step.data.file)} is still open by something and goes once it is closed (autoclear set)`);
 }
 
+/** Take Xen's block lock and let it go: nobody is between a check and a device set-up, and the lock file of a killed holder goes. */
+async function undoXenLock(_step: StepRecord, ctx: UndoContext): Promise<void> {
+  await withFlock(xenBlockLockPath(ctx.config.xenLockDir), async () => {}, lockOptions(ctx.config, ctx.run));
+}
+
 export const openUndo: UndoRegistry = {
+  [OPEN_STEP.xenLock]: undoXenLock,
   [OPEN_STEP.partitions]: undoPartitions,
   [OPEN_STEP.loop]: undoOpenLoop,
 };
