@@ -115,6 +115,7 @@ export function partitionMapsIn(tables: string, parent: string, prefix: string):
 /** Map DEV's partitions; an empty list when it holds no table kpartx can read (then nothing was made). */
 export async function kpartxAdd(run: Runner, dev: string, opts: { readOnly: boolean }): Promise<PartitionMap[]> {
   const r = await run.probe('kpartx', addArgs(dev, opts));
+  if (r.failed && r.exitCode === undefined && !r.timedOut && !r.signal) throw new Error('kpartx could not be started: is it installed (Debian package kpartx)?');
   if (r.failed) {
     // Its reason is on stdout.
     throw new CommandError({ ...r, stderr: `${r.stderr}\n${r.stdout}` });
