@@ -336,3 +336,34 @@ test('open and close SIGKILLed after each of their commands: gc --apply leaves n
   assert.ok(completed, 'a close finished within 20 commands');
   assert.deepEqual(census(dirs), []);
 });
+
+test('a plain block (file:) disk: its loop\'s partitions, opened by name and closed by id; never writable while its domain has it', () => {
+  const img = image('plain.img', 16, 'label: gpt\nstart=2048, name=root\n');
+  ext4At(img, 2048, 8, { 'plain.txt': 'on a plain disk\n' });
+  const spec = `vdev=xvdb,access=w,script=block,target=${img}`;
+  const add = cli(['simulate', '--real-xenstore', '--keep', '--domid', '8', '--name', 'mail', spec], xsEnv);
+  assert.equal(add.code, 0, add.all);
+  try {
+    const hookLoop = loopsOn(images)[0]?.trim();
+    assert.ok(hookLoop, 'the hook attached a loop');
+    const o = cli(['open', 'mail', 'xvdb'], xsEnv);
+    assert.equal(o.code, 0, o.all);
+    const [p1, ...more] = paths(o.out);
+    assert.deepEqual(more, []);
+    assert.match(p1 as string, /^\/dev\/mapper\/loop\d+p1$/);
+    assert.equal(mountRead(p1 as string, 'plain.txt'), 'on a plain disk\n');
+    const st = JSON.parse(cli(['status', '--json'], xsEnv).out) as { devices: { hook: string; state: string; domain: string; vdev: string }[] };
+    assert.deepEqual(st.devices.map((d) => `${d.hook} ${d.state} ${d.domain} ${d.vdev}`).sort(), ['block active mail xvdb', 'open open mail xvdb']);
+    assert.equal(cli(['close', '8', 'xvdb'], xsEnv).code, 0, 'closed by domain id');
+    const rw = cli(['open', '8', 'xvdb', '--rw'], xsEnv);
+    assert.equal(rw.code, 1, rw.all);
+    assert.match(rw.err, /--rw refused: disk 8\/xvdb \(\/dev\/loop\d+\) is attached to domain 8 \(mail\)/);
+    const rwImg = cli(['open', img, '--rw'], xsEnv);
+    assert.equal(rwImg.code, 1, rwImg.all);
+    assert.match(rwImg.err, /--rw refused: image .*plain\.img is attached to \/dev\/loop\d+;/);
+  } finally {
+    const rm = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '8', '--name', 'mail', spec], xsEnv);
+    assert.equal(rm.code, 0, rm.all);
+  }
+  assertNothingLeft('after the plain disk');
+});

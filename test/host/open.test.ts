@@ -231,3 +231,13 @@ t.test('close: not open, and the exit codes of the commands', async (t) => {
   }
   t.match(out.join('\n'), /Usage: xen-blockhooks open DOMAIN VDEV \[--rw\][\s\S]*Usage: xen-blockhooks close DOMAIN VDEV/);
 });
+
+t.test('Journal.create: of two records with one key the first stays', async (t) => {
+  const s = setup(t);
+  const a = Journal.begin(OPEN_SCRIPT, 'open/image/1:2', { params: '/a.img', mode: 'r', frontendId: undefined, vdev: undefined, domainName: undefined });
+  const b = Journal.begin(OPEN_SCRIPT, 'open/image/1:2', { params: '/b.img', mode: 'w', frontendId: undefined, vdev: undefined, domainName: undefined });
+  t.equal(s.journal.create(a), true);
+  t.equal(s.journal.create(b), false);
+  t.equal(s.journal.load('open/image/1:2')?.disk.params, '/a.img');
+  t.same(readdirSync(join(s.config.stateDir, 'journal')), ['open~image~1:2.json'], 'no temporary file is left');
+});
