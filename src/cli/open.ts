@@ -17,7 +17,8 @@
  *   - read-only by default: an image is attached to a read-only loop and every map is made
  *     read-only (kpartx -r);
  *   - --rw is refused while anything else uses the disk: a guest (any vbd whose physical-device
- *     is the device, a loop on the image or a device stacked on those), a mount in dom0, a loop
+ *     is the device, a loop on the image or a device stacked on those, or any vbd or qdisk whose
+ *     params name the image), a mount in dom0, a loop
  *     someone else attached, or a journal record of the hooks that names the image (a base
  *     image shared by copy-on-write disks, a qcow2 image, a store) — a base is never opened
  *     writable, even while no guest runs, since its copy-on-write stores depend on it;
@@ -69,11 +70,12 @@ open or close is undone by "xen-blockhooks gc --apply". Close a domain's disk be
 lets go of it: its hook cannot take the device away while partitions are mapped on it.
 
 Options:
-  --rw        map the partitions writable. Refused while any domain has the disk (or, for an
-              image, the image or a device stacked on it) attached, while dom0 has it mounted,
-              while a loop device someone else attached is on the image, and for an image a
-              disk of the hooks uses (a base image shared by copy-on-write disks is never
-              opened writable, nor a qcow2 image, nor a store), for a read-only disk and when
+  --rw        map the partitions writable. Refused while a domain has the disk attached (for
+              an image: through a loop on it or a device stacked on one, or as a disk whose
+              params name it, as QEMU's qdisk backend has it), while dom0 has it mounted,
+              while a loop device someone else attached is on the image, for an image a disk
+              of the hooks uses (a base image shared by copy-on-write disks is never opened
+              writable, nor a qcow2 image, nor a store), for a read-only disk, and when
               xenstore cannot be asked.
   -h, --help  this text
 
@@ -253,17 +255,51 @@ async function rwConflict(r: Resolved, deps: OpenDeps, journal: Journal): Promis
     }
   }
   if (!deps.xs) return `xenstore cannot be reached, so it cannot be made sure that no domain has ${r.what}`;
-  let users: SharingUser[];
-  users = await findUsers(deps.xs, { devices: access, self: 'backend/vbd/-/-' }, deps.mountinfo !== undefined ? { mountinfo: deps.mountinfo } : {});
-  if (r.disk) {
-    // The domain's own vbd counts too: it has the disk while its vbd exists.
-    users = users.filter((u) => u.kind === 'local' || u.backendPath !== undefined);
-  }
+  // A disk given to a domain without a device of dom0's in between (QEMU's qdisk backend opens
+  // the file itself): its params name the image.
+  const named = r.disk ? [] : await backendsNaming(deps.xs, r);
+  if (named.length) return `${r.what} is named by the disk ${named.join(', ')}; detach it there or shut the domain down first`;
+  const users: SharingUser[] = await findUsers(deps.xs, { devices: access, self: 'backend/vbd/-/-' }, deps.mountinfo !== undefined ? { mountinfo: deps.mountinfo } : {});
   const u = users[0];
   if (!u) return undefined;
   if (u.kind === 'local') return `${r.what} is mounted on ${u.mountPoint} in dom0 (through ${u.via}); unmount it first`;
   const name = u.domid !== undefined ? await deps.xs.tryRead(`/local/domain/${u.domid}/name`) : undefined;
   return `${r.what} is attached to domain ${u.domid ?? '?'}${name ? ` (${name})` : ''} (${u.backendPath}, through ${u.via}); detach it there or shut the domain down first`;
+}
+
+async function listOrNone(xs: XsOps, path: string): Promise<string[]> {
+  try {
+    return await xs.directory(path);
+  } catch {
+    return [];
+  }
+}
+
+/** Backends (vbd, vbd3, qdisk) whose params name the image (the same file or device, however spelled), as `backend/qdisk/3/51712`. */
+async function backendsNaming(xs: XsOps, r: Resolved): Promise<string[]> {
+  const same = (p: string): boolean => {
+    try {
+      const st = statSync(p, { bigint: true });
+      if (r.file) return devString(st.dev) === r.file.id.dev && st.ino.toString() === r.file.id.ino;
+      const mm = st.isBlockDevice() ? decodeDev(st.rdev) : undefined;
+      return !!mm && !!r.device && mm.major === r.device.major && mm.minor === r.device.minor;
+    } catch {
+      return false;
+    }
+  };
+  const found: string[] = [];
+  for (const kind of ['vbd', 'vbd3', 'qdisk']) {
+    for (const dom of await listOrNone(xs, `backend/${kind}`)) {
+      for (const dev of await listOrNone(xs, `backend/${kind}/${dom}`)) {
+        const params = await xs.tryRead(`backend/${kind}/${dom}/${dev}/params`).catch(() => undefined);
+        if (!params) continue;
+        // qdisk params are FORMAT:PATH (raw:/srv/a.img); vbd params a path (or a hook's words, first the path).
+        const candidates = [params, params.replace(/^[a-z0-9]+:/, ''), params.split(/\s+/)[0] ?? ''].filter((c) => c.startsWith('/'));
+        if (candidates.some(same)) found.push(`backend/${kind}/${dom}/${dev}`);
+      }
+    }
+  }
+  return found;
 }
 
 export interface OpenedPartition {

@@ -133,6 +133,9 @@ t.test('--rw refusals come before anything is built, and leave no record', async
   s.journal.save(qcow);
   await refuse(recorder({ [LOSETUP_LIST]: s.loopsJson([]) }), fakeXs({}), /is used by block-qcow disk db\/xvdb \(backend\/vbd\/6\/51712\); remove that disk first\.$/, 'a qcow2 image');
   s.journal.delete('backend/vbd/6/51712');
+  // A disk QEMU serves itself (qdisk): no loop, no record; its params name the image.
+  await refuse(recorder({ [LOSETUP_LIST]: s.loopsJson([]) }), fakeXs({ '/local/domain/0/backend/qdisk/3/51712/params': `raw:${s.img}`, '/local/domain/0/backend/vbd/4/51712/params': '/srv/other.img' }),
+    /^--rw refused: image .*disk\.img is named by the disk backend\/qdisk\/3\/51712; detach it there or shut the domain down first\.$/, 'a qdisk');
   // No xenstore: whether a domain has it cannot be known.
   await refuse(recorder({ [LOSETUP_LIST]: s.loopsJson([]) }), undefined, /--rw refused: xenstore cannot be reached, so it cannot be made sure that no domain has image /, 'no xenstore');
 
