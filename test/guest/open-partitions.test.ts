@@ -1,68 +1,18 @@
 /**
  * xen-blockhooks open and close on a real kernel: the partitions of images with MBR and GPT
- * tables and of a block-cow disk (the guest's view, not the base's) are mapped with kpartx,
- * mounted and read; --rw writes; the refusals leave nothing behind; close, and gc after a killed
- * open, take away exactly what open made.
+ * tables, of a block-cow disk (the guest's view, not the base's) and of a plain block disk are
+ * mapped with kpartx, mounted and read; --rw writes; the refusals leave nothing behind; close
+ * takes away exactly what open made. Killed opens and closes: open-kill.test.ts.
  */
 import { before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cli, dmNames, env, images, loopsOn, sock, startXenstored, work } from './cli-lib.js';
-import { census } from '../lib/fault-lib.js';
+import { cli, dmNames, env, images, loopsOn, startXenstored, work } from './cli-lib.js';
+import { assertNothingLeft, ext4At, image, mnt, mountRead, openRecords, partMaps, paths, sh, xsEnv } from './open-lib.js';
 
 before(startXenstored);
-
-const xsEnv = { XENSTORED_PATH: sock };
-const mnt = join(work, 'mnt');
-const journalDir = () => join(env.XEN_BLOCKHOOKS_STATE_DIR as string, 'journal');
-const openRecords = () => {
-  try {
-    return readdirSync(journalDir()).filter((n) => n.startsWith('open~'));
-  } catch {
-    return [];
-  }
-};
-const sh = (file: string, args: string[], input?: string) => execFileSync(file, args, { encoding: 'utf8', ...(input !== undefined ? { input } : {}) });
-const partMaps = () => dmNames().filter((n) => /p\d+$/.test(n));
-
-/** An image of `mib` MiB with the sfdisk `script`'s table. */
-function image(name: string, mib: number, script: string): string {
-  const p = join(images, name);
-  sh('truncate', ['-s', `${mib}M`, p]);
-  sh('sfdisk', ['--quiet', '--', p], script);
-  return p;
-}
-
-/** An ext4 file system holding `files`, written at `startSector` of `target` (an image or a device), `mib` MiB long. */
-function ext4At(target: string, startSector: number, mib: number, files: Record<string, string>): void {
-  const dir = join(work, `fs-${Math.random().toString(36).slice(2)}`);
-  mkdirSync(dir, { recursive: true });
-  for (const [f, text] of Object.entries(files)) writeFileSync(join(dir, f), text);
-  sh('mkfs.ext4', ['-q', '-F', '-E', `offset=${startSector * 512}`, '-d', dir, target, `${mib}M`]);
-}
-
-function mountRead(dev: string, file: string, opts = 'ro'): string | undefined {
-  mkdirSync(mnt, { recursive: true });
-  sh('mount', ['-t', 'ext4', '-o', opts, dev, mnt]);
-  try {
-    return readFileSync(join(mnt, file), 'utf8');
-  } catch {
-    return undefined;
-  } finally {
-    sh('umount', [mnt]);
-  }
-}
-
-/** The /dev/mapper paths open printed, in order. */
-const paths = (out: string) => out.trim().split('\n').map((l) => l.split('\t')[0] as string);
-
-function assertNothingLeft(what: string): void {
-  assert.deepEqual(partMaps(), [], `${what}: no partition maps left`);
-  assert.deepEqual(loopsOn(images), [], `${what}: no loop on the images left`);
-  assert.deepEqual(openRecords(), [], `${what}: no open record left`);
-}
 
 test('an MBR image: read-only maps, mounted and read; status shows them; close refuses while mounted, then removes exactly them', () => {
   const img = image('mbr.img', 24, 'label: dos\nstart=2048, size=8192, type=83\nstart=10240, type=83\n');
@@ -236,105 +186,19 @@ test('a block-cow disk shows the guest\'s view; its base never opens writable; t
     assert.match(rw.err, /--rw refused: disk web\/xvda .* is attached to domain 7 \(web\)/);
     assert.deepEqual(partMaps(), []);
     assert.deepEqual(openRecords(), []);
+
+    // The hook cannot take the disk away under open partitions, and says what sits on it.
+    assert.equal(cli(['open', 'web', 'xvda'], xsEnv).code, 0);
+    const busy = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '7', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${baseImg} 16`], { ...xsEnv, XEN_BLOCKHOOKS_BUSY_RETRY_MS: '500' });
+    assert.equal(busy.code, 1, busy.all);
+    assert.match(busy.all, new RegExp(`${disk}p1 sits on it \\(partitions "xen-blockhooks open" mapped\\?`));
+    assert.equal(cli(['close', 'web', 'xvda'], xsEnv).code, 0);
   } finally {
     const rm = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '7', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${baseImg} 16`], xsEnv);
     assert.equal(rm.code, 0, rm.all);
   }
   assert.deepEqual(dmNames().filter((n) => n.startsWith('xbh-')), []);
   assertNothingLeft('after the cow disk');
-});
-
-test('a killed open (its steps only intended) is undone by gc: exactly its maps and loop, not another loop on the image', () => {
-  const img = image('crash.img', 16, 'label: dos\nstart=2048, size=4096, type=83\nstart=8192, type=83\n');
-  const theirs = sh('losetup', ['--find', '--show', '--read-only', '--', img]).trim();
-  try {
-    const o = cli(['open', img], xsEnv);
-    assert.equal(o.code, 0, o.all);
-    assert.equal(partMaps().length, 2);
-    // As if the open was SIGKILLed after kpartx and losetup ran but before either result was written.
-    const [rec] = openRecords();
-    assert.ok(rec, 'the open has a record');
-    const file = join(journalDir(), rec);
-    const entry = JSON.parse(readFileSync(file, 'utf8'));
-    const dead = spawnSync('true');
-    entry.phase = 'adding';
-    entry.pid = dead.pid;
-    for (const s of entry.steps) {
-      s.done = false;
-      delete s.data.maps;
-      delete s.data.loop;
-      delete s.data.major;
-      delete s.data.minor;
-    }
-    writeFileSync(file, JSON.stringify(entry));
-    const st = cli(['status'], xsEnv);
-    assert.match(st.out, /open: stopped half-way|orphan/, st.out);
-    const plan = cli(['gc'], xsEnv);
-    assert.equal(plan.code, 3, plan.all);
-    assert.match(plan.out, /undo open record open\/image\/.*: open by process \d+ stopped half-way/);
-    const done = cli(['gc', '--apply'], xsEnv);
-    assert.equal(done.code, 0, done.all);
-    assert.deepEqual(partMaps(), [], 'the maps are gone');
-    assert.deepEqual(openRecords(), [], 'the record is gone');
-    assert.equal(loopsOn(images).length, 1, 'their loop is still there');
-    assert.ok(spawnSync('losetup', [theirs], { encoding: 'utf8' }).stdout.includes(img), `${theirs} still on the image`);
-  } finally {
-    sh('losetup', ['-d', theirs]);
-  }
-  assertNothingLeft('after gc');
-});
-
-test('open and close SIGKILLed after each of their commands: gc --apply leaves nothing, the next open works', () => {
-  const img = image('kill.img', 16, 'label: gpt\nstart=2048, size=4096\nstart=8192\n');
-  const dirs = { storeDir: env.XEN_BLOCKHOOKS_STORE_DIR as string, stateDir: env.XEN_BLOCKHOOKS_STATE_DIR as string, xenLockDir: env.XEN_BLOCKHOOKS_XEN_LOCK_DIR as string };
-  const gcAll = (what: string) => {
-    const g = cli(['gc', '--apply'], xsEnv);
-    assert.equal(g.code, 0, `${what}: gc --apply: ${g.all}`);
-    assert.deepEqual(census(dirs), [], `${what}: nothing is left after gc --apply`);
-  };
-  let completed = false;
-  for (let n = 1; n <= 20 && !completed; n++) {
-    const r = cli(['open', img], { ...xsEnv, XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
-    if (r.code === 0) {
-      completed = true;
-      // flock twice, losetup --list and --find, kpartx: killed after each of them first.
-      assert.ok(n > 5, `the open was killed after each of its commands before it ran to the end at ${n}`);
-      assert.equal(paths(r.out).length, 2, r.out);
-      assert.equal(cli(['close', img], xsEnv).code, 0);
-      break;
-    }
-    assert.equal(r.code, null, `open killed after command ${n}: ${r.all}`);
-    gcAll(`open killed after command ${n}`);
-  }
-  assert.ok(completed, 'an open finished within 20 commands');
-  completed = false;
-  for (let n = 1; n <= 20 && !completed; n++) {
-    const o = cli(['open', img], xsEnv);
-    assert.equal(o.code, 0, o.all);
-    const r = cli(['close', img], { ...xsEnv, XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
-    if (r.code === 0) {
-      completed = true;
-      // flock, dmsetup info and remove for each map, losetup --list, --detach, --list, flock.
-      assert.ok(n > 8, `the close was killed after each of its commands before it ran to the end at ${n}`);
-      break;
-    }
-    assert.equal(r.code, null, `close killed after command ${n}: ${r.all}`);
-    // Killed before it changed anything (it had only taken its lock), the open still stands and
-    // gc leaves it alone; close finishes the job. Killed later, gc finishes it.
-    const st = JSON.parse(cli(['status', '--json'], xsEnv).out) as { devices: { hook: string; state: string }[] };
-    const g = cli(['gc', '--apply'], xsEnv);
-    assert.equal(g.code, 0, g.all);
-    if (st.devices.some((d) => d.hook === 'open' && d.state === 'open')) {
-      assert.equal(partMaps().length, 2, `close killed after command ${n}: the open still stands`);
-      const again = cli(['close', img], xsEnv);
-      assert.equal(again.code, 0, again.all);
-    } else {
-      assert.deepEqual(st.devices.map((d) => `${d.hook} ${d.state}`), ['open orphan'], `close killed after command ${n}`);
-    }
-    assert.deepEqual(census(dirs), [], `close killed after command ${n}: nothing is left`);
-  }
-  assert.ok(completed, 'a close finished within 20 commands');
-  assert.deepEqual(census(dirs), []);
 });
 
 test('a plain block (file:) disk: its loop\'s partitions, opened by name and closed by id; never writable while its domain has it', () => {
