@@ -18,10 +18,10 @@
  *     read-only (kpartx -r);
  *   - --rw is refused while anything else uses the disk: a guest (any vbd whose physical-device
  *     is the device, a loop on the image or a device stacked on those, or any vbd or qdisk whose
- *     params name the image), a mount in dom0, a loop
- *     someone else attached, or a journal record of the hooks that names the image (a base
- *     image shared by copy-on-write disks, a qcow2 image, a store) — a base is never opened
- *     writable, even while no guest runs, since its copy-on-write stores depend on it;
+ *     params name the image), a mount in dom0, a loop someone else attached, or a journal record
+ *     of the hooks that names the image (a base image shared by copy-on-write disks, a qcow2
+ *     image, a store): a base is never opened writable, even while no guest runs, since its
+ *     copy-on-write stores depend on it;
  *   - a domain's disk is opened writable only when no domain has it any more, and never a
  *     read-only disk (for block-cow that is the base itself).
  *
