@@ -62,7 +62,7 @@ const ADD_LINE = /^add map (\S+) \((\d+):(\d+)\): 0 (\d+) linear (\d+:\d+) (\d+)
 const DEL_LINE = /^del devmap : (\S+)$/;
 
 function partNumber(name: string): number {
-  const m = new RegExp(`${PART_DELIMITER}(\\d+)$`).exec(name);
+  const m = new RegExp(PART_DELIMITER + '(\\d+)$').exec(name);
   if (!m) throw new Error(`kpartx made a map named ${JSON.stringify(name)}, which ends in no partition number`);
   return Number(m[1]);
 }
@@ -104,7 +104,7 @@ export function parseDeleteOutput(text: string): string[] {
  */
 export function partitionMapsIn(tables: string, parent: string, prefix: string): string[] {
   const out: string[] = [];
-  const named = new RegExp(`^${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}${PART_DELIMITER}\\d+$`);
+  const named = new RegExp('^' + prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + PART_DELIMITER + '\\d+$');
   for (const raw of tables.split('\n')) {
     const m = /^(\S+): 0 \d+ linear (\d+:\d+) \d+$/.exec(raw.trim());
     if (m && m[2] === parent && named.test(m[1] as string)) out.push(m[1] as string);
