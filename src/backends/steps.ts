@@ -168,9 +168,11 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
         targets = onBase.filter((l) => l.name === step.data.loop);
       } else {
         // Intent only: the loop may have been attached without being recorded. Take read-only loops
-        // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop).
+        // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop)
+        // and no other record names (the loop of an image `xen-blockhooks open` holds).
         const inUse = await vbdDevices(ctx.xs);
-        targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`));
+        const others = loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
+        targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`) && !others.has(l.name));
       }
       for (const l of targets) await detachLoop(ctx.run, l.name);
       await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
@@ -404,10 +406,20 @@ export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { re
   );
 }
 
-/** Loop devices other records say they made over file `id` (a persistent store's current user). */
+/**
+ * Loop devices other records say they made over file `id`, by any step that names the file's
+ * dev:inode and a loop (a persistent store's current user, a base's shared loop, the loop of an
+ * image `xen-blockhooks open` holds): never an intent-only undo's to take.
+ */
 function loopsOfOthers(journal: Journal, id: FileId, exceptPath: string): Set<string> {
-  const held = stepsHolding(journal.list().entries, STEP.loop, { dev: id.dev, ino: id.ino }, exceptPath);
-  return new Set(held.map((h) => h.step.data.loop).filter((l): l is string => typeof l === 'string'));
+  const out = new Set<string>();
+  for (const e of journal.list().entries) {
+    if (e.backendPath === exceptPath) continue;
+    for (const s of e.steps) {
+      if (s.data.dev === id.dev && s.data.ino === id.ino && typeof s.data.loop === 'string') out.add(s.data.loop);
+    }
+  }
+  return out;
 }
 
 async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {

@@ -24,6 +24,7 @@ Check that this machine is ready for the hooks, and print every problem found:
   - the tools each hook runs are on the hooks' PATH (losetup; dmsetup for block-cow, block-thin
     and block-lvsnap; qemu-nbd and qemu-img for block-qcow; lvm for block-lvsnap; rbd for
     block-rbd): a problem for a hook installed in xen_script_dir, a note for one that is not;
+    kpartx, for "xen-blockhooks open" (a note when it is missing);
   - the kernel has device-mapper and loop devices (problems when not), nbd (block-qcow) and rbd
     (block-rbd) loaded or loadable (problems when that hook is installed, notes otherwise);
   - this machine is a Xen dom0.
@@ -162,6 +163,8 @@ export function runCheck(o: CheckOptions): CheckReport {
     if (installed.has(hook)) problems.push(`${hook} is installed but cannot run: not on its PATH (${pathDirs.join(':')}): ${what}`);
     else notes.push(`${hook} (not installed) would need: ${what}`);
   }
+
+  if (!found('kpartx')) notes.push('"xen-blockhooks open" would need: kpartx (package kpartx)');
 
   // The kernel.
   const kernelRelease = o.kernelRelease ?? release();

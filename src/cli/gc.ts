@@ -23,6 +23,7 @@ import { dmRemove } from '../devices/dmsetup.js';
 import { detachLoop } from '../devices/losetup.js';
 import { disconnectNbd } from '../devices/nbd.js';
 import { takeInventory, type Inventory, type Row } from './inventory.js';
+import { gcTakesOpen, isOpenRecord, openUndo } from './open.js';
 import { pathLockPath } from '../lock/paths.js';
 import { dropClaim, type StoreOwner } from '../lock/store-owner.js';
 
@@ -34,12 +35,13 @@ that no record mentions (leaked dm devices, loop devices on files in the store d
 under a leaked dm device, nbd connections serving such files), and what a crash leaves: transient
 store files nothing uses, block-lvsnap's transient snapshot LVs, block-thin's transient volumes
 and the transient RBD clones this host made that no record holds, thin pool files that no record
-and no persistent volume needs, and this host's claims on persistent stores that no record holds.
+and no persistent volume needs, this host's claims on persistent stores that no record holds,
+and the partition maps (and image loop) of an "open" or "close" that was killed half-way.
 Prints the plan; --apply carries it out: a record is undone with its hook's own teardown under
 the hook's lock, a leaked object is removed directly (dmsetup remove, losetup -d, qemu-nbd -d,
 lvremove, a thin pool's delete message, rbd rm, rm of a transient store file). gc never deletes
-a persistent store, snapshot, volume or clone, and never touches a disk held for a saved domain
-or another host's claim.
+a persistent store, snapshot, volume or clone, and never touches a disk held for a saved domain,
+another host's claim or partitions that are open (those go with "xen-blockhooks close").
 
 Options:
   --apply              do it (default: only print the plan)
@@ -60,7 +62,9 @@ export interface PlanItem {
 export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): PlanItem[] {
   const items: PlanItem[] = [];
   for (const r of inv.rows) {
-    if (r.kind === 'record') {
+    if (r.kind === 'record' && isOpenRecord({ script: r.hook ?? '' })) {
+      if (gcTakesOpen(r)) items.push({ row: r, action: `undo open record ${r.backendPath}${r.device ? ` (partitions of ${r.device})` : ''}: ${r.why}` });
+    } else if (r.kind === 'record') {
       const gone = r.state === 'orphan' || (opts.withoutXenstore && r.state !== 'adding');
       if (!gone) continue;
       const why = r.state === 'orphan' ? r.why : 'xenstore is down (--without-xenstore)';
@@ -111,7 +115,7 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
     try {
       if (r.kind === 'record') {
         const bp = r.backendPath as string;
-        const backend = (deps.hooks ?? hookNamed)(r.hook ?? '');
+        const backend = isOpenRecord({ script: r.hook ?? '' }) ? { undo: openUndo } : (deps.hooks ?? hookNamed)(r.hook ?? '');
         if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
         const lockFile = pathLockPath(deps.config.stateDir, bp);
         mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });

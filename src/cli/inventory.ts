@@ -33,6 +33,7 @@ import type { Leftover } from '../backends/types.js';
 import { bootId, listMarkers, markerPath, readMarkerSafe } from '../journal/saved.js';
 import { sysBlockDir } from '../devices/sysfs.js';
 import { staleClaims, thisHost, type StoreOwner } from '../lock/store-owner.js';
+import { isOpenRecord, openRow } from './open.js';
 import { parseUsage, readKernel, type DmDevice, type KernelState, type LoopDevice, type Usage } from './kernel.js';
 
 export type RowState = 'active' | 'adding' | 'incomplete' | 'failed' | 'orphan' | 'leaked' | string;
@@ -125,6 +126,10 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
   for (const e of entries) for (const s of recordStrings(e)) allRefs.add(s);
 
   for (const e of entries) {
+    if (isOpenRecord(e)) {
+      rows.push(openRow(e, kernel, alive));
+      continue;
+    }
     const refs = recordStrings(e);
     const domid = e.disk.frontendId ?? domidOfPath(e.backendPath);
     let domain = e.disk.domainName;

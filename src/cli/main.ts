@@ -22,6 +22,7 @@ import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
 import { isDiskSpec, RESIZE_HELP, resize } from './resize.js';
 import { takeInventory } from './inventory.js';
+import { CLOSE_HELP, OPEN_HELP, OpenError, closeTarget, openTarget, parseOpenTarget, renderOpened, type OpenTarget } from './open.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
 import { VdevError, vdevToDevid } from './vdev.js';
@@ -38,6 +39,9 @@ Commands:
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
   resize DOMAIN VDEV SIZE change the size the guest sees of one disk (online where the hook can)
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
+  open DOMAIN VDEV|IMAGE map a disk's partitions in dom0 (read-only unless --rw) and print them
+  close DOMAIN VDEV|IMAGE
+                         take away what open made
   check [--root DIR]     check the configuration, directories, tools, kernel and Xen: list problems
   xenstored --socket P   run the embedded xenstore server in the foreground (for simulate and
                          hook tests on a machine without Xen)
@@ -129,6 +133,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' }] },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
     check: { help: CHECK_HELP, specs: [HELP, { name: 'root', type: 'string' }] },
+    open: { help: OPEN_HELP, specs: [HELP, { name: 'rw', type: 'flag' }] },
+    close: { help: CLOSE_HELP, specs: [HELP] },
   };
   const c = commands[cmd];
   if (!c) return usage(`unknown command "${cmd}" (${[...Object.keys(commands), 'version'].join(', ')})`);
@@ -316,6 +322,32 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (!deps.logger) await log.close();
         }
       }
+      case 'open':
+      case 'close': {
+        let target: OpenTarget;
+        try {
+          target = parseOpenTarget(p.positional);
+        } catch (e) {
+          if (e instanceof OpenError || e instanceof VdevError) return usage(e.message, cmd);
+          throw e;
+        }
+        // Only --rw asks xenstore (whether a domain has the disk).
+        const xs = cmd === 'open' && flag(p, 'rw') ? await tryConnect() : undefined;
+        const log = deps.logger ?? cliLogger(config);
+        try {
+          if (cmd === 'open') {
+            const opened = await withProgress(`open: mapping the partitions of ${p.positional.join(' ')}`, err, () => openTarget(target, { rw: flag(p, 'rw') }, { config, run, log, xs }));
+            for (const l of renderOpened(opened)) out(l);
+          } else {
+            const closed = await withProgress(`close: removing the partition maps of ${p.positional.join(' ')}`, err, () => closeTarget(target, { config, run, log, xs: undefined }));
+            out(`closed ${closed.what}${closed.removed.length ? `: removed ${closed.removed.join(', ')}` : ''}`);
+          }
+          return 0;
+        } finally {
+          await xs?.close().catch(() => {});
+          if (!deps.logger) await log.close();
+        }
+      }
       case 'xenstored': {
         const socketPath = str(p, 'socket');
         if (!socketPath) return usage('--socket PATH is required', cmd);
@@ -333,7 +365,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   } catch (e) {
     const denied = permissionSentence(e, isRoot);
     if (denied) return fail(denied);
-    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError) return fail(e.message);
+    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError || e instanceof OpenError) return fail(e.message);
     if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
     throw e;
   }

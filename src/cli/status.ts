@@ -44,6 +44,8 @@ then, for each row not active, why. States:
               store file nothing uses (left by a crash or a reboot) (gc removes it)
   lost        a saved domain's disk whose transient changes died with an earlier boot: its
               restore is refused until the marker named is deleted
+  open        partitions mapped in dom0 by "xen-blockhooks open" (hook open; WHY names them);
+              "xen-blockhooks close" takes them away
 
 ${STATUS_FIELDS_HELP}
 

@@ -9,6 +9,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CommandError, type Runner } from './runner.js';
+import { readdirSync, readFileSync } from 'node:fs';
 import { decimalDevice, type MajorMinor } from './sysfs.js';
 
 // ---------------------------------------------------------------------------------------------
@@ -435,6 +436,25 @@ export async function dmMessage(run: Runner, name: string, sector: number, ...wo
   return run.probe('dmsetup', messageArgs(name, sector, ...words));
 }
 
+/** The dm names (else kernel names) of the devices stacked on dm device `name` (sysfs holders). */
+async function holderNames(run: Runner, name: string): Promise<string[]> {
+  const info = await dmInfo(run, name).catch(() => undefined);
+  if (!info) return [];
+  let holders: string[];
+  try {
+    holders = readdirSync(`${run.sysRoot ?? '/sys'}/dev/block/${info.major}:${info.minor}/holders`);
+  } catch {
+    return [];
+  }
+  return holders.map((h) => {
+    try {
+      return readFileSync(`${run.sysRoot ?? '/sys'}/class/block/${h}/dm/name`, 'utf8').trim() || h;
+    } catch {
+      return h;
+    }
+  });
+}
+
 /**
  * Remove dm device `name`, retrying while it is busy (blkback lets go of a device
  * asynchronously) for up to `busyRetryMs`. A device that is already gone is fine.
@@ -449,7 +469,10 @@ export async function dmRemove(run: Runner, name: string, busyRetryMs: number): 
     }
     if (!BUSY.test(r.stderr) || Date.now() >= deadline) {
       const e = new CommandError(r);
-      if (BUSY.test(r.stderr)) throw new Error(`${e.message} (still busy after ${busyRetryMs} ms: something, e.g. blkback, still has it open)`);
+      if (BUSY.test(r.stderr)) {
+        const held = await holderNames(run, name);
+        throw new Error(`${e.message} (still busy after ${busyRetryMs} ms: ${held.length ? `${held.join(', ')} ${held.length === 1 ? 'sits' : 'sit'} on it (partitions "xen-blockhooks open" mapped? "xen-blockhooks status" shows them)` : 'something, e.g. blkback, still has it open'})`);
+      }
       throw e;
     }
     await sleep(Math.min(delay, Math.max(0, deadline - Date.now())));

@@ -9,7 +9,7 @@
  * only intended, so the same record serves a clean remove, a remove after a SIGKILLed add, and
  * `xen-blockhooks gc` after xenstore forgot the device.
  */
-import { mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { linkSync, mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { backendPathKey } from '../disk/request.js';
 import type { DiskSpec } from '../disk/spec.js';
@@ -100,6 +100,27 @@ export class Journal {
     const tmp = `${file}.${process.pid}.tmp`;
     writeFileSync(tmp, `${JSON.stringify(entry, null, 1)}\n`, { mode: 0o600 });
     renameSync(tmp, file);
+  }
+
+  /**
+   * Write `entry` only if no record has its key yet (a hard link of the written file: atomic, so
+   * of two processes creating the same key one wins). False when a record is there already.
+   */
+  create(entry: JournalEntry): boolean {
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    entry.updated = new Date().toISOString();
+    const file = this.file(entry.backendPath);
+    const tmp = `${file}.${process.pid}.tmp`;
+    writeFileSync(tmp, `${JSON.stringify(entry, null, 1)}\n`, { mode: 0o600 });
+    try {
+      linkSync(tmp, file);
+      return true;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false;
+      throw e;
+    } finally {
+      unlinkSync(tmp);
+    }
   }
 
   /**

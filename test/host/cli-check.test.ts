@@ -28,7 +28,7 @@ function setup(t: { teardown(f: () => void): void }) {
   const hook = (name: string) => put(root, `/etc/xen/scripts/${name}`, `#!/bin/sh\n# xen-blockhooks: ${name} (installed by xen-blockhooks' install script; replaced on reinstall).\nexec node x "$@"\n`, 0o755);
   hook('block-cow');
   put(root, '/etc/xen/scripts/block', '#!/bin/bash\n# the stock block\n', 0o755);
-  for (const tool of ['losetup', 'dmsetup', 'lvm', 'modprobe']) put(machine, `/usr/sbin/${tool}`, '#!/bin/sh\n', 0o755);
+  for (const tool of ['losetup', 'dmsetup', 'lvm', 'modprobe', 'kpartx']) put(machine, `/usr/sbin/${tool}`, '#!/bin/sh\n', 0o755);
   for (const tool of ['qemu-nbd', 'qemu-img', 'rbd']) put(machine, `/usr/bin/${tool}`, '#!/bin/sh\n', 0o755);
   put(machine, '/proc/misc', '236 device-mapper\n237 loop-control\n');
   put(machine, '/proc/devices', 'Character devices:\n  1 mem\n\nBlock devices:\n  7 loop\n254 device-mapper\n');
@@ -115,6 +115,7 @@ t.test('tools: missing for an installed hook is a problem, for one that is not a
   const h = setup(t);
   rmSync(join(h.machine, '/usr/sbin/dmsetup'));
   rmSync(join(h.machine, '/usr/bin/qemu-img'));
+  rmSync(join(h.machine, '/usr/sbin/kpartx'));
   chmodSync(join(h.machine, '/usr/bin/rbd'), 0o644);
   const path = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
   const r = await h.check();
@@ -125,6 +126,7 @@ t.test('tools: missing for an installed hook is a problem, for one that is not a
     'note: block-thin (not installed) would need: dmsetup (package dmsetup)',
     'note: block-lvsnap (not installed) would need: dmsetup (package dmsetup)',
     'note: block-rbd (not installed) would need: rbd (package ceph-common)',
+    'note: "xen-blockhooks open" would need: kpartx (package kpartx)',
     '1 problem found.',
   ]);
   rmSync(join(h.root, '/etc/xen/scripts/block-cow'));

@@ -54,6 +54,14 @@ const CASES: [string[], string][] = [
   [['xenstored'], '--socket PATH is required'],
   [['xenstored', '--socket', ''], 'option --socket needs a value, not an empty string'],
   [['xenstored', '--socket', '/tmp/s', 'extra'], 'unexpected argument "extra"'],
+  // open, close: DOMAIN VDEV | IMAGE
+  [['open'], 'expected DOMAIN VDEV or IMAGE, not 0 arguments'],
+  [['open', 'web', 'xvda', 'extra'], 'expected DOMAIN VDEV or IMAGE, not 3 arguments'],
+  [['open', 'web', 'vda'], 'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
+  [['open', '/srv/a.img', '--rw=yes'], 'option --rw takes no value'],
+  [['open', '/srv/a.img', '--ro'], 'unknown option --ro'],
+  [['close'], 'expected DOMAIN VDEV or IMAGE, not 0 arguments'],
+  [['close', '/srv/a.img', '--rw'], 'unknown option --rw'],
 ];
 
 t.test('bad usage: exit 2, the exact sentence, and nothing run', async (t) => {
@@ -80,7 +88,7 @@ t.test('without a command, or an unknown one', async (t) => {
   t.equal(await cliMain(['help', 'frobnicate'], {}, deps), 2);
   t.same(err, [
     'xen-blockhooks: no command given; run "xen-blockhooks --help" for usage',
-    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, version); run "xen-blockhooks --help" for usage',
-    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, version); run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
   ]);
 });

@@ -407,3 +407,35 @@ t.test('a base attached writable elsewhere is refused busy before anything is bu
   t.same(w.fake.dms, []);
   t.notOk(statSafe(w.config.storeDir));
 });
+
+t.test('an add that fails at any command never takes the loop an open of the base holds', async (t) => {
+  for (let n = 0; n < 20; n++) {
+    const w = await world(t);
+    // `xen-blockhooks open` of the base: its own read-only loop, named in its record.
+    const st = statSync(w.base, { bigint: true });
+    const id = { dev: devString(st.dev), ino: st.ino.toString() };
+    w.fake.loops.push({ name: '/dev/loop7', minor: 7, file: w.base, ...id, ro: true });
+    const journalDir = join(w.config.stateDir, 'journal');
+    mkdirSync(journalDir, { recursive: true });
+    const now = new Date().toISOString();
+    const open = {
+      version: 1, script: 'open', backendPath: 'open/image/x', phase: 'ready', pid: 1, created: now, updated: now,
+      disk: { params: w.base, mode: 'r' }, steps: [{ kind: 'open-loop', data: { file: w.base, ...id, readOnly: true, loop: '/dev/loop7', major: 7, minor: 7 }, done: true }],
+    };
+    writeFileSync(join(journalDir, 'open~image~x.json'), JSON.stringify(open));
+    const d = disk(1, `${w.base} 30`);
+    await writeBackendNodes(w.xs, d);
+    w.fake.failAt = n;
+    const r = await w.hook('add', d);
+    const what = `failure at command ${n}`;
+    t.ok(w.fake.loops.some((l) => l.name === '/dev/loop7'), `${what}: the open's loop is still there`);
+    if (r.code === 0) {
+      t.ok(n > 3, `the add failed at each of its first ${n} commands first`);
+      t.equal((await w.hook('remove', d)).code, 0);
+      t.ok(w.fake.loops.some((l) => l.name === '/dev/loop7'), 'and after the remove');
+      break;
+    }
+    t.same(w.fake.loops.map((l) => l.name), ['/dev/loop7'], `${what}: only the open's loop is left`);
+    t.same(readdirSync(journalDir), ['open~image~x.json'], `${what}: only the open's record is left`);
+  }
+});

@@ -1,5 +1,6 @@
 import t from 'tap';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { RunResult, Runner } from '../../src/devices/runner.js';
@@ -133,7 +134,7 @@ t.test('status of all devices, info -c, ls', async (t) => {
 });
 
 /** A runner that answers dmsetup with a script of results and records the calls. */
-function scripted(answers: { exitCode: number; stdout?: string; stderr?: string }[]) {
+function scripted(answers: { exitCode: number; stdout?: string; stderr?: string }[], sysRoot?: string) {
   const calls: string[][] = [];
   const next = (file: string, args: readonly string[]): RunResult => {
     calls.push([file, ...args]);
@@ -145,6 +146,7 @@ function scripted(answers: { exitCode: number; stdout?: string; stderr?: string 
     };
   };
   const runner: Runner = {
+    ...(sysRoot !== undefined ? { sysRoot } : {}),
     async run(f, a) { const r = next(f, a); if (r.failed) throw new Error(r.stderr); return r; },
     async probe(f, a) { return next(f, a); },
   };
@@ -180,4 +182,19 @@ t.test('dmInfo: undefined for a missing device; name, numbers, open count and uu
   const b = scripted([{ exitCode: 0, stdout: 'cap-origin|254|2|1|XBH-0123456789abcdef01234567\n' }]);
   t.same(await dmInfo(b.runner, 'cap-origin'), { name: 'cap-origin', major: 254, minor: 2, open: 1, uuid: 'XBH-0123456789abcdef01234567' });
   t.same(b.calls[0], ['dmsetup', 'info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor,open,uuid', '--', 'cap-origin']);
+});
+
+t.test('dmRemove still busy: the devices stacked on it are named (partitions open in dom0)', async (t) => {
+  const root = mkdtempSync(join(tmpdir(), 'xbh-sys-'));
+  t.teardown(() => {
+    rmSync(root, { recursive: true, force: true });
+  });
+  mkdirSync(join(root, 'dev/block/254:3/holders/dm-4'), { recursive: true });
+  mkdirSync(join(root, 'class/block/dm-4/dm'), { recursive: true });
+  writeFileSync(join(root, 'class/block/dm-4/dm/name'), 'xbh-cow-web-xvda-51712p1\n');
+  const busy = { exitCode: 1, stderr: real('remove-busy-stderr') };
+  const s = scripted([busy, { exitCode: 0, stdout: 'xbh-cow-web-xvda-51712|254|3|1|XBH-abc\n' }], root);
+  await t.rejects(dmRemove(s.runner, 'xbh-cow-web-xvda-51712', 0), /still busy after 0 ms: xbh-cow-web-xvda-51712p1 sits on it \(partitions "xen-blockhooks open" mapped\? "xen-blockhooks status" shows them\)\)$/);
+  const none = scripted([busy, { exitCode: 0, stdout: 'cap-origin|254|9|1|\n' }]);
+  await t.rejects(dmRemove(none.runner, 'cap-origin', 0), /still busy after 0 ms: something, e\.g\. blkback, still has it open\)$/, 'nothing stacked on it');
 });

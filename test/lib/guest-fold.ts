@@ -22,6 +22,7 @@ export const GUEST_SHARDS: Record<string, string[]> = {
   qcow: ['qcow-'],
   thin: ['thin-', 'lvsnap-', 'watch-'],
   rbd: ['rbd-'],
+  open: ['open-'],
 };
 
 function tail(text: string, lines = 40): string {
