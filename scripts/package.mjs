@@ -16,7 +16,8 @@
  *                                   dist/licenses.json), changelog.gz
  *   DEBIAN/                         control, conffiles, md5sums, triggers, postinst, prerm, postrm
  *
- * `node scripts/package.mjs [--version V]` (V: the package version, default package.json's).
+ * `node scripts/package.mjs [--version V] [--out DIR]` (V: the package version, default
+ * package.json's; DIR: where the .deb goes, default dist/).
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -29,8 +30,12 @@ import { gzipSync } from 'node:zlib';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const dist = join(root, 'dist');
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
-const at = process.argv.indexOf('--version');
-const version = at > 0 ? process.argv[at + 1] : pkg.version;
+const option = (name) => {
+  const at = process.argv.indexOf(name);
+  return at > 0 ? process.argv[at + 1] : undefined;
+};
+const version = option('--version') ?? pkg.version;
+const outDir = option('--out') ?? dist;
 if (!version || !/^[0-9][A-Za-z0-9.+~-]*$/.test(version)) throw new Error(`not a Debian version: ${version}`);
 
 /** Node's oldest version the bundles run on: package.json's engines (">=X.Y.Z"). */
@@ -50,6 +55,7 @@ for (const f of ['snapshot.cjs', 'licenses.json']) if (!existsSync(join(dist, f)
 const hooks = bundles.filter((b) => b.startsWith('block-'));
 
 const stage = mkdtempSync(join(tmpdir(), 'xen-blockhooks-deb-'));
+chmodSync(stage, 0o755);
 try {
   const put = (path, content, mode = 0o644) => {
     const f = join(stage, path);
@@ -148,7 +154,7 @@ try {
   copy(join(root, 'packaging/debian/triggers'), '/DEBIAN/triggers');
   for (const s of ['postinst', 'prerm', 'postrm']) copy(join(root, 'packaging/debian', s), `/DEBIAN/${s}`, 0o755);
 
-  const out = join(dist, `xen-blockhooks_${version}_all.deb`);
+  const out = join(outDir, `xen-blockhooks_${version}_all.deb`);
   rmSync(out, { force: true });
   execFileSync('dpkg-deb', ['--root-owner-group', '-Zxz', '--build', stage, out], { stdio: ['ignore', 'ignore', 'inherit'] });
   console.log(`built ${relative(root, out)} (${files.length} files, ${sizeKiB} KiB installed)`);
