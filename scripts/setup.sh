@@ -1,14 +1,15 @@
 #!/bin/sh
 # Set up a Debian 12 machine to build, demo and test xen-blockhooks: the system packages the
 # test tiers use (QEMU for the real-kernel and real-Xen guests, the device tools, Debian's
-# xenstore clients, groff for the man-page test), then npm ci, the bundles and the test guests.
+# xenstore clients, groff for the man-page test, lintian for the Debian package's test), then npm
+# ci, the bundles and the test guests.
 # Idempotent; run as root.
 set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio xz-utils kmod \
 dmsetup lvm2 thin-provisioning-tools xenstore-utils util-linux fio time python3 e2fsprogs \
-ceph-mon ceph-osd ceph-common groff-base"
+ceph-mon ceph-osd ceph-common groff-base lintian"
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "setup.sh: run as root (it installs packages with apt-get)" >&2

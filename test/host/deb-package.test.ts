@@ -28,6 +28,9 @@ t.test('npm run package builds xen-blockhooks_<version>_all.deb', async (t) => {
   t.equal(built.code, 0, built.err);
   t.ok(existsSync(deb), deb);
   t.match(built.out, new RegExp(`built .*xen-blockhooks_${pkg.version.replace(/\./g, '\\.')}_all\\.deb`));
+  const readme = readFileSync(join(ROOT, 'README.md'), 'utf8');
+  const names = new Set([...readme.matchAll(/xen-blockhooks_[^\s/]+_all\.deb/g)].map((m) => m[0]));
+  t.same([...names], [`xen-blockhooks_${pkg.version}_all.deb`], 'the README names the package npm run package builds');
 });
 
 const field = (name: string) => sh('dpkg-deb', ['-f', deb, name]).out.trim();
