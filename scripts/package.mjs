@@ -16,8 +16,9 @@
  *                                   dist/licenses.json), changelog.gz
  *   DEBIAN/                         control, conffiles, md5sums, triggers, postinst, prerm, postrm
  *
- * `node scripts/package.mjs [--version V] [--out DIR]` (V: the package version, default
- * package.json's; DIR: where the .deb goes, default dist/).
+ * `node scripts/package.mjs [--version V] [--out DIR] [--dist DIR]` (V: the package version,
+ * default package.json's; --out: where the .deb goes, default dist/; --dist: where the bundles
+ * are, default dist/).
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -28,14 +29,14 @@ import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const dist = join(root, 'dist');
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 const option = (name) => {
   const at = process.argv.indexOf(name);
   return at > 0 ? process.argv[at + 1] : undefined;
 };
 const version = option('--version') ?? pkg.version;
-const outDir = option('--out') ?? dist;
+const dist = option('--dist') ?? join(root, 'dist');
+const outDir = option('--out') ?? join(root, 'dist');
 if (!version || !/^[0-9][A-Za-z0-9.+~-]*$/.test(version)) throw new Error(`not a Debian version: ${version}`);
 
 /** Node's oldest version the bundles run on: package.json's engines (">=X.Y.Z"). */
