@@ -156,6 +156,7 @@ try {
   for (const s of ['postinst', 'prerm', 'postrm']) copy(join(root, 'packaging/debian', s), `/DEBIAN/${s}`, 0o755);
 
   const out = join(outDir, `xen-blockhooks_${version}_all.deb`);
+  mkdirSync(outDir, { recursive: true });
   rmSync(out, { force: true });
   execFileSync('dpkg-deb', ['--root-owner-group', '-Zxz', '--build', stage, out], { stdio: ['ignore', 'ignore', 'inherit'] });
   console.log(`built ${relative(root, out)} (${files.length} files, ${sizeKiB} KiB installed)`);

@@ -82,7 +82,8 @@ function collectLogs(dir, base = dir, out = {}) {
 
 /**
  * The Debian package dom0 installs with dpkg -i (scripts/package.mjs, from the bundles copied
- * above), and in project/layer-debs/ the .debs of the xenroot layer that its Depends name:
+ * above), the same version +1 in project/upgrade/, and in project/layer-debs/ the .debs of the
+ * xenroot layer that its Depends name (xen-utils-common, Debian's nodejs and what it needs):
  * dom0's dpkg database is this machine's, which may not list them although their files are in
  * dom0 (test/xen/lib.sh records them as installed there). Without a built dist/ there is no
  * package, and dom0 uses ./install.
@@ -90,12 +91,16 @@ function collectLogs(dir, base = dir, out = {}) {
 function debForDom0(project, log) {
   if (!existsSync(join(project, 'dist', 'xen-blockhooks.cjs'))) return;
   execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', project], { stdio: ['ignore', 'ignore', 'inherit'] });
+  // The same version +1, for scenario 90's upgrade.
+  execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', join(project, 'upgrade'), '--version', `${JSON.parse(readFileSync(join(PROJECT_ROOT, 'package.json'), 'utf8')).version}+1`], { stdio: ['ignore', 'ignore', 'inherit'] });
   const debs = join(CACHE_DIR, 'debs');
   const memo = JSON.parse(readIf(join(CACHE_DIR, 'packages.json')) || '{}');
   const nodeVersion = String(memo.nodeVersion ?? '').replace(/^\d+:/, '');
   const layer = join(project, 'layer-debs');
   mkdirSync(layer);
-  for (const prefix of ['xen-utils-common_', `nodejs_${nodeVersion}_`, `libnode108_${nodeVersion}_`]) {
+  // xen-utils-common, and Debian's nodejs with what it needs (scenario 90 reinstalls it).
+  const nodeDebs = (memo.node ?? []).map((n) => (n === 'nodejs' || n === 'libnode108' ? `${n}_${nodeVersion}_` : `${n}_`));
+  for (const prefix of ['xen-utils-common_', ...nodeDebs]) {
     const f = existsSync(debs) ? readdirSync(debs).find((d) => d.startsWith(prefix) && d.endsWith('.deb')) : undefined;
     if (!f) throw new Error(`no ${prefix}*.deb in ${debs} (node scripts/xen/build.mjs downloads it)`);
     copyFileSync(join(debs, f), join(layer, f));
