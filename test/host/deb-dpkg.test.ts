@@ -10,7 +10,7 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { debChroot } from '../../scripts/deb-chroot.mjs';
@@ -147,4 +147,24 @@ t.test('purge: nothing of ours is left but the store; the stock block is back', 
   t.same(left.out.trim().split('\n').filter(Boolean), ['/var/lib/xen-blockhooks'], 'of ours only the folder holding the store');
   t.equal(inRoot(['cat', '/etc/xen/scripts/block']).out, readFileSync(join(base, 'etc/xen/scripts/block'), 'utf8'), 'the stock block is back, unchanged');
   t.equal(inRoot(['sh', '-n', '/etc/xen/scripts/block']).code, 0);
+});
+
+t.test('./install --replace-block on a Debian root diverts the stock block (dpkg-divert --local); --uninstall gives it back', async (t) => {
+  const src = file('root/src');
+  mkdirSync(join(src, 'dist'), { recursive: true });
+  cpSync(join(ROOT, 'install'), join(src, 'install'));
+  cpSync(join(ROOT, 'packaging'), join(src, 'packaging'), { recursive: true });
+  for (const f of readdirSync(join(ROOT, 'dist'))) if (/\.(cjs|mjs)$/.test(f)) cpSync(join(ROOT, 'dist', f), join(src, 'dist', f));
+  const stock = readFileSync(join(base, 'etc/xen/scripts/block'), 'utf8');
+  const r = inRoot(['sh', '/root/src/install', '--replace-block']);
+  t.equal(r.code, 0, r.err);
+  t.match(r.out, /\/etc\/xen\/scripts\/block belongs to xen-utils-common: diverting it/);
+  t.equal(inRoot(['dpkg-divert', '--list', '/etc/xen/scripts/block']).out.trim(), 'local diversion of /etc/xen/scripts/block to /etc/xen/scripts/block.stock');
+  t.equal(readFileSync(file('etc/xen/scripts/block.stock'), 'utf8'), stock, 'the stock script is block.stock');
+  t.equal(inRoot(['/etc/xen/scripts/block', '--version']).out.trim(), `block (xen-blockhooks) ${V1} (startup snapshot)`, 'our block, from the snapshot post-install made');
+  const u = inRoot(['sh', '/root/src/install', '--uninstall']);
+  t.equal(u.code, 0, u.err);
+  t.equal(inRoot(['dpkg-divert', '--list', '/etc/xen/scripts/block']).out, '', 'the diversion is gone');
+  t.equal(inRoot(['cat', '/etc/xen/scripts/block']).out, stock, 'and the stock block is back');
+  t.equal(inRoot(['test', '-e', '/usr/lib/xen-blockhooks']).code, 1, 'nothing of the installation is left');
 });
