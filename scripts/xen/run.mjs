@@ -91,14 +91,14 @@ function collectLogs(dir, base = dir, out = {}) {
 function debForDom0(project, log) {
   if (!existsSync(join(project, 'dist', 'xen-blockhooks.cjs'))) return;
   execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', project], { stdio: ['ignore', 'ignore', 'inherit'] });
-  // The same version +1, for scenario 90's upgrade.
+  // The same version +1, for scenario 91's upgrade.
   execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', join(project, 'upgrade'), '--version', `${JSON.parse(readFileSync(join(PROJECT_ROOT, 'package.json'), 'utf8')).version}+1`], { stdio: ['ignore', 'ignore', 'inherit'] });
   const debs = join(CACHE_DIR, 'debs');
   const memo = JSON.parse(readIf(join(CACHE_DIR, 'packages.json')) || '{}');
   const nodeVersion = String(memo.nodeVersion ?? '').replace(/^\d+:/, '');
   const layer = join(project, 'layer-debs');
   mkdirSync(layer);
-  // xen-utils-common, and Debian's nodejs with what it needs (scenario 90 reinstalls it).
+  // xen-utils-common, and Debian's nodejs with what it needs (scenario 90 reinstalls nodejs).
   const nodeDebs = (memo.node ?? []).map((n) => (n === 'nodejs' || n === 'libnode108' ? `${n}_${nodeVersion}_` : `${n}_`));
   for (const prefix of ['xen-utils-common_', ...nodeDebs]) {
     const f = existsSync(debs) ? readdirSync(debs).find((d) => d.startsWith(prefix) && d.endsWith('.deb')) : undefined;
