@@ -2,14 +2,15 @@
 # Set up a Debian 12 machine to build, demo and test xen-blockhooks: the system packages the
 # test tiers use (QEMU for the real-kernel and real-Xen guests, the device tools, Debian's
 # xenstore clients, kpartx for open and fdisk's sfdisk to write the tables its tests open, groff
-# for the man-page test), then npm ci, the bundles and the test guests.
+# for the man-page test, lintian and debootstrap for the Debian package's tests), then npm ci, the
+# bundles, the test guests and the Debian 12 root the package is tried in.
 # Idempotent; run as root.
 set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio xz-utils kmod \
 dmsetup lvm2 thin-provisioning-tools kpartx fdisk xenstore-utils util-linux fio time python3 e2fsprogs \
-ceph-mon ceph-osd ceph-common groff-base"
+ceph-mon ceph-osd ceph-common groff-base lintian debootstrap"
 
 if [ "$(id -u)" -ne 0 ]; then
 	echo "setup.sh: run as root (it installs packages with apt-get)" >&2
@@ -36,3 +37,6 @@ npm run build
 echo "setup.sh: building the test guests"
 node scripts/vm/build-guest.mjs
 node scripts/xen/build.mjs
+# A Debian 12 root (debootstrap, cached in .cache/deb-chroot/) in which the package is installed,
+# upgraded and purged with real dpkg.
+node scripts/deb-chroot.mjs

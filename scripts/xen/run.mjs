@@ -14,7 +14,7 @@ import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, 
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { buildXen, PROJECT_ROOT } from './build.mjs';
+import { buildXen, CACHE_DIR, PROJECT_ROOT } from './build.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 export const SCENARIO_DIR = join(PROJECT_ROOT, 'test', 'xen');
@@ -81,6 +81,34 @@ function collectLogs(dir, base = dir, out = {}) {
 }
 
 /**
+ * The Debian package dom0 installs with dpkg -i (scripts/package.mjs, from the bundles copied
+ * above), the same version +1 in project/upgrade/, and in project/layer-debs/ the .debs of the
+ * xenroot layer that its Depends name (xen-utils-common, Debian's nodejs and what it needs):
+ * dom0's dpkg database is this machine's, which may not list them although their files are in
+ * dom0 (test/xen/lib.sh records them as installed there). Without a built dist/ there is no
+ * package, and dom0 uses ./install.
+ */
+function debForDom0(project, log) {
+  if (!existsSync(join(project, 'dist', 'xen-blockhooks.cjs'))) return;
+  execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', project], { stdio: ['ignore', 'ignore', 'inherit'] });
+  // The same version +1, for scenario 91's upgrade.
+  execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', join(project, 'upgrade'), '--version', `${JSON.parse(readFileSync(join(PROJECT_ROOT, 'package.json'), 'utf8')).version}+1`], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const debs = join(CACHE_DIR, 'debs');
+  const memo = JSON.parse(readIf(join(CACHE_DIR, 'packages.json')) || '{}');
+  const nodeVersion = String(memo.nodeVersion ?? '').replace(/^\d+:/, '');
+  const layer = join(project, 'layer-debs');
+  mkdirSync(layer);
+  // xen-utils-common, and Debian's nodejs with what it needs (scenario 90 reinstalls nodejs).
+  const nodeDebs = (memo.node ?? []).map((n) => (n === 'nodejs' || n === 'libnode108' ? `${n}_${nodeVersion}_` : `${n}_`));
+  for (const prefix of ['xen-utils-common_', ...nodeDebs]) {
+    const f = existsSync(debs) ? readdirSync(debs).find((d) => d.startsWith(prefix) && d.endsWith('.deb')) : undefined;
+    if (!f) throw new Error(`no ${prefix}*.deb in ${debs} (node scripts/xen/build.mjs downloads it)`);
+    copyFileSync(join(debs, f), join(layer, f));
+  }
+  log(`dom0 installs ${readdirSync(project).find((f) => f.endsWith('.deb'))} with dpkg -i`);
+}
+
+/**
  * Boots once and runs `scenarios` (paths). Resolves to
  * { ok, done, timedOut, setupError, bootMs, readyMs, totalMs, consoleTail, logs, results },
  * each result { name, file, finished, exitCode, durationMs, stdout, stderr, leftovers, timedOut, ok }.
@@ -122,11 +150,12 @@ export async function runXenTier({
     mkdirSync(join(project, 'dist'), { recursive: true });
     const dist = join(PROJECT_ROOT, 'dist');
     if (existsSync(dist)) {
-      for (const f of readdirSync(dist)) if (/\.(mjs|cjs)$/.test(f)) copyFileSync(join(dist, f), join(project, 'dist', f));
+      for (const f of readdirSync(dist)) if (/\.(mjs|cjs)$|^licenses\.json$/.test(f)) copyFileSync(join(dist, f), join(project, 'dist', f));
     }
     const installer = join(PROJECT_ROOT, 'install');
     if (existsSync(installer)) copyFileSync(installer, join(project, 'install'));
     if (existsSync(join(PROJECT_ROOT, 'packaging'))) cpSync(join(PROJECT_ROOT, 'packaging'), join(project, 'packaging'), { recursive: true });
+    debForDom0(project, log);
     writeFileSync(join(share, 'plan.env'), [
       `XBH_PROJECT='${PROJECT_ROOT}'`,
       "XBH_DIST='/xbh-share/project/dist'",

@@ -148,7 +148,7 @@ export function runCheck(o: CheckOptions): CheckReport {
   // The installed hooks: wrappers the installer wrote in xen_script_dir.
   const scriptDir = under(root, c.xenScriptDir);
   const installed = new Set(Object.keys(HOOK_TOOLS).filter((h) => (readText(join(scriptDir, h)) ?? '').split('\n').slice(0, 3).some((l) => l.startsWith(WRAPPER_MARK))));
-  if (installed.size === 0) notes.push(`no hook is installed in ${scriptDir} (run ./install); what a hook needs is reported as a note`);
+  if (installed.size === 0) notes.push(`no hook is installed in ${scriptDir} (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`);
 
   // The tools, on the PATH the hooks run them with.
   const pathDirs = (childEnv({}).PATH ?? '').split(':');

@@ -133,7 +133,7 @@ t.test('tools: missing for an installed hook is a problem, for one that is not a
   h.put(h.root, '/etc/xen/scripts/block-cow', '#!/bin/sh\n# somebody else\'s block-cow\n', 0o755);
   const n = await h.check();
   t.equal(n.code, 0, 'a block-cow that is not our wrapper is not our hook');
-  t.same(n.out.slice(0, 2), [`note: no hook is installed in ${h.root}/etc/xen/scripts (run ./install); what a hook needs is reported as a note`, 'note: block-cow (not installed) would need: dmsetup (package dmsetup)']);
+  t.same(n.out.slice(0, 2), [`note: no hook is installed in ${h.root}/etc/xen/scripts (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`, 'note: block-cow (not installed) would need: dmsetup (package dmsetup)']);
 });
 
 t.test('the kernel: device-mapper, loop, nbd, rbd; Xen', async (t) => {

@@ -2,6 +2,8 @@
  * The installer, run for real into a DESTDIR from a copy of the package layout whose dist/ holds
  * small stand-in bundles (so the test does not depend on a build): file list and modes, the
  * wrappers it writes (run them), dry run, uninstall, the stock block, the configuration, Node.
+ * One test takes the real bundles: a DESTDIR install leaves no snapshot, code cache or node path
+ * of the build machine in the tree, and post-install, run on the target, makes them.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -25,6 +27,14 @@ function tree(dir: string): string[] {
   return out.sort((a, b) => (a.split(' ')[1]! < b.split(' ')[1]! ? -1 : 1));
 }
 
+/** A wrapper without its fixed fallback list (/usr/bin/node /usr/local/bin/node), which may name this machine's node too. */
+function withoutFallback(wrapper: string): string {
+  const lines = wrapper.split('\n');
+  const fallback: string[] = lines.filter((l) => l === "\tfallback='/usr/bin/node /usr/local/bin/node'");
+  if (fallback.length !== 1) throw new Error(`the wrapper has ${fallback.length} fallback lines, not 1`);
+  return lines.filter((l) => !fallback.includes(l)).join('\n');
+}
+
 function setup(t: { teardown(f: () => void): void }) {
   const top = mkdtempSync(join(tmpdir(), 'xbh-install-'));
   t.teardown(() => rmSync(top, { recursive: true, force: true }));
@@ -34,7 +44,7 @@ function setup(t: { teardown(f: () => void): void }) {
   cpSync(join(ROOT, 'packaging'), join(src, 'packaging'), { recursive: true });
   // Like the real ones: --version writes the bundle's code cache beside it (scripts/loader.mjs.in).
   const hook = (name: string) =>
-    `#!/usr/bin/env node\nimport { writeFileSync } from 'node:fs';\nif (process.argv[2] === '--version') writeFileSync(new URL('./${name}.cjs.0123456789abcdef.v0-x64.v8cache', import.meta.url), 'cache');\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, execPath: process.execPath }));\n`;
+    `#!/usr/bin/env node\nimport { writeFileSync } from 'node:fs';\nif (process.argv[2] === '--version') writeFileSync(new URL('./${name}.cjs.0123456789abcdef.v0-x64.v8cache', import.meta.url), 'cache');\nprocess.stdout.write(JSON.stringify({ name: ${JSON.stringify(name)}, argv: process.argv.slice(2), nodeOptions: process.env.NODE_OPTIONS ?? null, nodePath: process.env.NODE_PATH ?? null, conf: process.env.XEN_BLOCKHOOKS_CONF ?? null, execPath: process.execPath }));\n`;
   for (const b of ['block', 'block-cow', 'block-qcow', 'xen-blockhooks']) writeFileSync(join(src, 'dist', `${b}.cjs`), `// the ${b} bundle\n`);
   for (const b of ['block', 'block-cow', 'block-qcow']) writeFileSync(join(src, 'dist', `${b}.mjs`), hook(b));
   // check: says which configuration and script directory it was given; FAKE_CHECK_EXIT makes it find problems.
@@ -70,16 +80,13 @@ const INSTALLED = [
   '644 /usr/lib/systemd/system/xen-blockhooks-boot.service',
   '644 /usr/lib/xen-blockhooks/MANIFEST',
   '644 /usr/lib/xen-blockhooks/block-cow.cjs',
-  '644 /usr/lib/xen-blockhooks/block-cow.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block-cow.mjs',
   '644 /usr/lib/xen-blockhooks/block-qcow.cjs',
-  '644 /usr/lib/xen-blockhooks/block-qcow.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block-qcow.mjs',
   '644 /usr/lib/xen-blockhooks/block.cjs',
-  '644 /usr/lib/xen-blockhooks/block.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/block.mjs',
+  '755 /usr/lib/xen-blockhooks/post-install',
   '644 /usr/lib/xen-blockhooks/xen-blockhooks.cjs',
-  '644 /usr/lib/xen-blockhooks/xen-blockhooks.cjs.0123456789abcdef.v0-x64.v8cache',
   '644 /usr/lib/xen-blockhooks/xen-blockhooks.mjs',
   '755 /usr/sbin/xen-blockhooks',
   '644 /usr/share/man/man8/block-cow.8',
@@ -98,7 +105,9 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   const wrapper = readFileSync(join(h.dest, 'etc/xen/scripts/block-cow'), 'utf8');
   t.match(wrapper, /^#!\/bin\/sh\n/);
   t.match(wrapper, /unset NODE_OPTIONS NODE_PATH/);
-  t.ok(wrapper.includes(`exec '${process.execPath}' '/usr/lib/xen-blockhooks/block-cow.mjs' "$@"`), 'execs the absolute node on the installed bundle');
+  t.ok(wrapper.includes(`exec "$n" '/usr/lib/xen-blockhooks/block-cow.mjs' "$@"`), 'execs the node post-install found on the installed bundle');
+  t.notOk(withoutFallback(wrapper).includes(process.execPath), "the build machine's node path is not in the wrapper");
+  t.notOk(wrapper.includes('XEN_BLOCKHOOKS_CONF'), 'with SYSCONFDIR=/etc the programs read their default configuration');
   t.ok(readFileSync(join(h.dest, 'usr/sbin/xen-blockhooks'), 'utf8').includes("'/usr/lib/xen-blockhooks/xen-blockhooks.mjs'"));
   t.notOk(existsSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service')), 'no watch unit when the command has no watch');
   const boot = readFileSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-boot.service'), 'utf8');
@@ -113,12 +122,21 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   t.equal(r.err, '', 'a check without problems adds nothing on stderr');
 
   // Run a wrapper the way libxl would, with a hostile environment. The bundle path is under /usr,
-  // so point a copy of the wrapper at the staged bundle.
-  const staged = wrapper.replace('/usr/lib/xen-blockhooks/', `${h.dest}/usr/lib/xen-blockhooks/`);
+  // so point a copy of the wrapper at the staged bundle, with the node file post-install writes.
+  const staged = wrapper.replaceAll('/usr/lib/xen-blockhooks/', `${h.dest}/usr/lib/xen-blockhooks/`);
   writeFileSync(join(h.top, 'w'), staged, { mode: 0o755 });
+  writeFileSync(join(h.dest, 'usr/lib/xen-blockhooks/node'), `${process.execPath}\n`);
   const w = spawnSync(join(h.top, 'w'), ['add', 'x y'], { encoding: 'utf8', env: { PATH: '/nonexistent', NODE_OPTIONS: '--require /nonexistent.js', NODE_PATH: '/x' } });
   t.equal(w.status, 0, w.stderr);
-  t.same(JSON.parse(w.stdout), { name: 'block-cow', argv: ['add', 'x y'], nodeOptions: null, nodePath: null, execPath: process.execPath }, 'arguments passed as given, Node options and PATH do not matter');
+  t.same(JSON.parse(w.stdout), { name: 'block-cow', argv: ['add', 'x y'], nodeOptions: null, nodePath: null, conf: null, execPath: process.execPath }, 'arguments passed as given, Node options and PATH do not matter');
+  writeFileSync(join(h.dest, 'usr/lib/xen-blockhooks/node'), '/nonexistent/node\n');
+  const fallback = spawnSync(join(h.top, 'w'), ['add'], { encoding: 'utf8', env: { PATH: '/nonexistent' } });
+  if (existsSync('/usr/bin/node') || existsSync('/usr/local/bin/node')) {
+    t.equal(fallback.status, 0, `a node file naming no node falls back to /usr/bin/node or /usr/local/bin/node: ${fallback.stderr}`);
+  } else {
+    t.match(fallback.stderr, /no node found/, 'without any node the wrapper says so');
+  }
+  rmSync(join(h.dest, 'usr/lib/xen-blockhooks/node'));
 
   const again = h.install([]);
   t.equal(again.code, 0, 'reinstall over our own wrappers works');
@@ -188,13 +206,13 @@ t.test('refusals: old Node, a foreign block-cow, bad arguments', async (t) => {
     writeFileSync(f, `#!/bin/sh\necho v${v}\n`, { mode: 0o755 });
     return f;
   };
-  for (const v of ['18.18.2', '16.20.0', '12.22.12']) {
+  for (const v of ['18.20.3', '18.19.0', '16.20.0', '12.22.12']) {
     const r = h.install([], { NODE: fake(v) });
     t.equal(r.code, 1, `Node ${v} is refused`);
-    t.match(r.err, new RegExp(`is Node.js ${v.replace(/\./g, '\\.')}; xen-blockhooks needs 18\\.19\\.0 or newer`));
+    t.match(r.err, new RegExp(`is Node.js ${v.replace(/\./g, '\\.')}; xen-blockhooks needs 18\\.20\\.4 or newer`));
     t.same(tree(h.dest), [], 'and nothing is written');
   }
-  for (const v of ['18.19.0', '18.20.4', '22.1.0']) {
+  for (const v of ['18.20.4', '20.5.0', '22.1.0']) {
     t.equal(h.install(['--dry-run'], { NODE: fake(v) }).code, 0, `Node ${v} is accepted`);
   }
   t.equal(h.install([], { NODE: '/nonexistent/node' }).code, 1);
@@ -259,4 +277,75 @@ t.test('a check that finds problems is shown, and the installation is still comp
   const dry = h.install(['--dry-run'], { FAKE_CHECK_EXIT: '1' });
   t.match(dry.out, /\/usr\/sbin\/xen-blockhooks check --root .*\ndry run: nothing was written\n$/, 'a dry run names the check and does not run it');
   t.equal(dry.err, '');
+});
+
+t.test('SYSCONFDIR reaches the programs: the wrappers name its configuration', async (t) => {
+  const h = setup(t);
+  const r = h.install([], { SYSCONFDIR: '/opt/etc' });
+  t.equal(r.code, 0, r.err);
+  t.ok(existsSync(join(h.dest, 'opt/etc/xen/blockhooks.conf')), 'the configuration is written there');
+  const wrapper = readFileSync(join(h.dest, 'usr/sbin/xen-blockhooks'), 'utf8');
+  writeFileSync(join(h.top, 'w'), wrapper.replaceAll('/usr/lib/xen-blockhooks/', `${h.dest}/usr/lib/xen-blockhooks/`), { mode: 0o755 });
+  writeFileSync(join(h.dest, 'usr/lib/xen-blockhooks/node'), `${process.execPath}\n`);
+  const w = spawnSync(join(h.top, 'w'), ['status'], { encoding: 'utf8', env: { PATH: '/nonexistent' } });
+  t.equal(w.status, 0, w.stderr);
+  t.equal(JSON.parse(w.stdout).conf, '/opt/etc/xen/blockhooks.conf', 'the program is told the configuration under SYSCONFDIR');
+  const mine = spawnSync(join(h.top, 'w'), ['status'], { encoding: 'utf8', env: { PATH: '/nonexistent', XEN_BLOCKHOOKS_CONF: '/tmp/other.conf' } });
+  t.equal(JSON.parse(mine.stdout).conf, '/tmp/other.conf', "a caller's XEN_BLOCKHOOKS_CONF still wins");
+  rmSync(join(h.dest, 'usr/lib/xen-blockhooks/node'));
+  t.equal(h.install(['--uninstall'], { SYSCONFDIR: '/opt/etc' }).code, 0);
+});
+
+t.test('--uninstall warns about disks the journal still holds', async (t) => {
+  const h = setup(t);
+  t.equal(h.install([]).code, 0);
+  const state = join(h.dest, 'run/xen-blockhooks');
+  writeFileSync(join(h.dest, 'etc/xen/blockhooks.conf'), `state_dir = ${state}\n`);
+  mkdirSync(join(state, 'journal'), { recursive: true });
+  writeFileSync(join(state, 'journal', 'backend~vbd~5~51712.json'), '{}\n');
+  const u = h.install(['--uninstall']);
+  t.equal(u.code, 0, 'the uninstall itself goes ahead');
+  t.match(u.err, /warning: the journal holds disks a hook attached and nothing has removed yet/);
+  t.match(u.err, /\n {2}backend\/vbd\/5\/51712\n/, 'each live disk is named by its backend path');
+  const h2 = setup(t);
+  t.equal(h2.install([]).code, 0);
+  const quiet = h2.install(['--uninstall']);
+  t.notMatch(quiet.err, /journal holds/, 'no warning without live disks');
+});
+
+t.test('the real bundles into a DESTDIR: no snapshot, code cache or node path from this machine; post-install on the target makes them', async (t) => {
+  const h = setup(t);
+  const dist = join(ROOT, 'dist');
+  t.ok(existsSync(join(dist, 'block-cow.cjs')) && existsSync(join(dist, 'snapshot.cjs')), 'the bundles are built (npm run build)');
+  rmSync(join(h.src, 'dist'), { recursive: true });
+  mkdirSync(join(h.src, 'dist'));
+  for (const f of readdirSync(dist)) if (!f.includes('.v8cache')) cpSync(join(dist, f), join(h.src, 'dist', f));
+  const r = h.install([]);
+  t.equal(r.code, 0, r.err);
+  const lib = join(h.dest, 'usr/lib/xen-blockhooks');
+  const made = (dir: string) => readdirSync(dir).filter((f) => /\.snapshot|\.v8cache/.test(f) || f === 'node');
+  t.same(made(lib), [], 'no snapshot, stamp, code cache or node file in the staging tree');
+  t.match(r.out, /on the target, run: \/usr\/lib\/xen-blockhooks\/post-install/, 'the target step is named');
+  t.ok(existsSync(join(lib, 'THIRD-PARTY-LICENSES')), 'the bundled packages\' licences are beside the bundles');
+  for (const w of ['etc/xen/scripts/block-cow', 'usr/sbin/xen-blockhooks']) {
+    t.notOk(withoutFallback(readFileSync(join(h.dest, w), 'utf8')).includes(process.execPath), `${w} does not name this machine's node`);
+  }
+  // On the target (here: the staged tree, with this node standing for the target's).
+  const p = spawnSync(join(lib, 'post-install'), [], { encoding: 'utf8', env: { PATH: process.env.PATH, NODE: process.execPath } });
+  t.equal(p.status, 0, p.stderr);
+  t.equal(readFileSync(join(lib, 'node'), 'utf8'), `${process.execPath}\n`, 'post-install writes the node it found');
+  t.ok(existsSync(join(lib, 'block-cow.snapshot')) && existsSync(join(lib, 'block-cow.snapshot.node')), 'and each hook\'s startup snapshot');
+  const wrapper = readFileSync(join(h.dest, 'etc/xen/scripts/block-cow'), 'utf8').replaceAll('/usr/lib/xen-blockhooks/', `${lib}/`);
+  writeFileSync(join(h.top, 'w'), wrapper, { mode: 0o755 });
+  const v = spawnSync(join(h.top, 'w'), ['--version'], { encoding: 'utf8', env: { PATH: '/nonexistent' } });
+  t.equal(v.status, 0, v.stderr);
+  t.match(v.stdout, /\(startup snapshot\)/, 'the wrapper starts the hook from the snapshot post-install made');
+  const c = spawnSync(join(lib, 'post-install'), ['--clean'], { encoding: 'utf8' });
+  t.equal(c.status, 0, c.stderr);
+  t.same(made(lib), [], 'post-install --clean removes all of it');
+  const old = join(h.top, 'old-node');
+  writeFileSync(old, '#!/bin/sh\necho v18.19.0\n', { mode: 0o755 });
+  const refused = spawnSync(join(lib, 'post-install'), [old], { encoding: 'utf8' });
+  t.equal(refused.status, 1);
+  t.match(refused.stderr, /is Node\.js 18\.19\.0; xen-blockhooks needs 18\.20\.4 or newer/);
 });

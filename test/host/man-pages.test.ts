@@ -4,7 +4,8 @@
  * the corresponding help, and every one the help names is on the page. xen-blockhooks(8) is
  * compared command by command (its SYNOPSIS line and its DESCRIPTION entry against
  * `xen-blockhooks COMMAND --help`); a hook's page against the hook's --help (its actions and
- * options); an option written after "install" against `./install --help`.
+ * options); an option written after "install" against `./install --help`;
+ * xen-blockhooks-replace-block(8) against its --help; blockhooks.conf(5) names every key.
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
@@ -16,7 +17,9 @@ import { helpText } from '../../src/hotplug/help.js';
 
 const ROOT = join(import.meta.dirname, '../..');
 const MAN = join(ROOT, 'packaging/man');
-const PAGES = readdirSync(MAN).filter((f) => f.endsWith('.8')).sort();
+const PAGES = readdirSync(MAN).filter((f) => /\.[58]$/.test(f)).sort();
+/** Pages that are not a hook's: the command's, the block replacement command's, the configuration's. */
+const NOT_HOOKS = new Set(['xen-blockhooks.8', 'xen-blockhooks-replace-block.8', 'blockhooks.conf.5']);
 
 /** Long options in plain text: `--name` not glued to a word before it (`NAME--incoming` is a domain name). */
 function longOptions(text: string): Set<string> {
@@ -154,7 +157,7 @@ t.test('xen-blockhooks(8) and the command\'s help name the same commands and opt
 
 t.test('each hook\'s page and the hook\'s --help name the same actions and options', async (t) => {
   const pageOf = (hook: string) => (hook === 'block' ? 'xen-blockhooks-block.8' : `${hook}.8`);
-  t.same(sorted(PAGES.filter((p) => p !== 'xen-blockhooks.8')), sorted(Object.keys(HOOKS).map(pageOf)), 'a page for each hook, and no page for a hook that is not');
+  t.same(sorted(PAGES.filter((p) => !NOT_HOOKS.has(p))), sorted(Object.keys(HOOKS).map(pageOf)), 'a page for each hook, and no page for a hook that is not');
   for (const [hook, backend] of Object.entries(HOOKS)) {
     const help = helpText(backend);
     const page = readPage(readFileSync(join(MAN, pageOf(hook)), 'utf8'));
@@ -169,4 +172,19 @@ t.test('each hook\'s page and the hook\'s --help name the same actions and optio
     t.same({ onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) }, { onPageOnly: [], inHelpOnly: [] }, `${hook}: the page's options are "${hook} --help"'s`);
     t.same(minus(install, longOptions(installHelp)), [], `${hook}: the installer options on its page are the installer's`);
   }
+});
+
+t.test('xen-blockhooks-replace-block(8) and its --help name the same options; blockhooks.conf(5) every key', async (t) => {
+  for (const p of NOT_HOOKS) t.ok(PAGES.includes(p), `${p} is there`);
+  const r = spawnSync('/bin/sh', [join(ROOT, 'packaging/xen-blockhooks-replace-block'), '--help'], { encoding: 'utf8' });
+  t.equal(r.status, 0, r.stderr);
+  const page = readPage(readFileSync(join(MAN, 'xen-blockhooks-replace-block.8'), 'utf8'));
+  const { install, own } = splitInstallOptions([...page.sections.values()].join('\n'));
+  const inHelp = longOptions(r.stdout);
+  inHelp.delete('--help');
+  t.same({ onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) }, { onPageOnly: [], inHelpOnly: [] }, 'the page\'s options are its --help\'s');
+  t.same(minus(install, longOptions(installHelp)), [], 'the installer options on the page are the installer\'s');
+  const { CONFIG_KEYS } = await import('../../src/config/config.js');
+  const conf = [...readPage(readFileSync(join(MAN, 'blockhooks.conf.5'), 'utf8')).sections.values()].join('\n');
+  for (const k of CONFIG_KEYS) t.match(conf, new RegExp(`(^|\\s)${k.replace(/\./g, '\\.')}(\\s|$)`, 'm'), `blockhooks.conf(5) names ${k}`);
 });

@@ -1,5 +1,5 @@
 /**
- * Startup snapshots (scripts/snapshot.cjs, made by the installer, used by the wrappers from
+ * Startup snapshots (scripts/snapshot.cjs, made by post-install, used by the wrappers from
  * packaging/wrapper.sh.in): made and checked by the Node that will run them, used by the wrapper
  * only while that Node is unchanged, and a hook run from one does the same work as from the
  * bundle: a real file: add and remove on a loop device, with the bundle itself moved away.
@@ -28,12 +28,15 @@ function make(dir: string, bundle: string, name = 'block') {
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
 
-/** The installed tree in a DESTDIR, with wrappers pointed at the staged library. */
+/** The installed tree in a DESTDIR, post-install run in it, with wrappers pointed at the staged library. */
 function installed(t: { teardown(f: () => void): void }, node = process.execPath) {
   const dest = tmp(t, 'xbh-snap-dest-');
   const r = spawnSync(join(ROOT, 'install'), ['--replace-block'], { encoding: 'utf8', env: { ...process.env, DESTDIR: dest, NODE: node } });
   if (r.status !== 0) throw new Error(`install failed: ${r.stderr}`);
   const lib = join(dest, LIB);
+  // What the target does after a DESTDIR install: post-install, with the node that will run the hooks.
+  const p = spawnSync(join(lib, 'post-install'), [node], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  if (p.status !== 0) throw new Error(`post-install failed: ${p.stderr}`);
   const wrapper = (name: string) => {
     const f = join(dest, 'staged', name);
     const text = readFileSync(join(dest, 'etc/xen/scripts', name), 'utf8').replaceAll(LIB, `${lib}/`);
@@ -41,7 +44,7 @@ function installed(t: { teardown(f: () => void): void }, node = process.execPath
     writeFileSync(f, text, { mode: 0o755 });
     return f;
   };
-  return { dest, lib, wrapper, out: r.stdout, err: r.stderr };
+  return { dest, lib, wrapper, out: r.stdout + p.stdout, err: r.stderr + p.stderr };
 }
 
 function run(file: string, args: string[], env: Record<string, string> = {}) {
@@ -84,7 +87,7 @@ t.test('a bundle that is not a hook, or reads a deferred module while it loads, 
 
 t.test('the installed wrapper uses the snapshot: a real file: add and remove with the bundle moved away', async (t) => {
   const ins = installed(t);
-  t.match(ins.out, /snapshot\.cjs .*block\.snapshot/, 'the installer made the snapshot');
+  t.match(ins.out, /post-install: node .*; startup snapshots:.* block\n/, 'post-install made the snapshot');
   t.ok(existsSync(join(ins.lib, 'block.snapshot')), 'block.snapshot installed');
   const block = ins.wrapper('block');
   t.match(run(block, ['--version']).out, /\(startup snapshot\)/, 'the wrapper starts from the snapshot');

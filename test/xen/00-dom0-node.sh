@@ -8,9 +8,11 @@ t=$(ms)
 node -e 0
 echo $(($(ms) - t)) >/run/xbh-node-ms
 note "node -e 0 took $(cat /run/xbh-node-ms) ms"
+# The oldest Node the bundles are claimed to run on (package.json's engines.node, ">=X.Y.Z").
+floor=$(sed -n 's/^ *"node": ">=\([0-9.]*\)".*/\1/p' "$XBH_PROJECT/package.json")
 case "$v" in
-v18.20.*) ok "node --version in dom0 is Debian 12's $v ($(command -v node))" ;;
-*) not_ok "node --version in dom0 is v18.20.x" "got: $v from $(command -v node)" ;;
+"v$floor") ok "node --version in dom0 is Debian 12's $v, the oldest Node claimed (engines.node >=$floor; $(command -v node))" ;;
+*) not_ok "node --version in dom0 is v$floor, the oldest Node claimed (engines.node)" "got: $v from $(command -v node)" ;;
 esac
 check "/usr/bin/env node (what the hooks' #!/usr/bin/env node finds) is 18.20" sh -c '/usr/bin/env node --version | grep -q "^v18\.20\."'
 check "xl info answers (the hypervisor and xenstored are up)" xl info
@@ -28,8 +30,16 @@ else
 	not_ok "$(basename "$b") --version under node $v" "$out"
 fi
 
-# The installer makes each hook a startup snapshot with this node; the wrapper starts from it.
+# The package's postinst (or the installer) makes each hook a startup snapshot with this node
+# (post-install); the wrapper starts from it.
 require_hooks
+case $(cat /run/xbh-hooks-installed 2>/dev/null) in
+"installed with dpkg -i"*)
+	check "dpkg lists xen-blockhooks as installed" sh -c "dpkg-query -W -f='\${Status}' xen-blockhooks | grep -qx 'install ok installed'"
+	check "the stock block is diverted to block.stock by xen-blockhooks" sh -c 'dpkg-divert --listpackage /etc/xen/scripts/block | grep -qx xen-blockhooks && [ -f /etc/xen/scripts/block.stock ]'
+	check "post-install recorded dom0's node for the wrappers" sh -c '[ "$(cat /usr/lib/xen-blockhooks/node)" = /usr/bin/node ]'
+	;;
+esac
 missing=
 for w in /etc/xen/scripts/block*; do
 	grep -q '^# xen-blockhooks:' "$w" 2>/dev/null || continue

@@ -109,10 +109,39 @@ make_base() {
 # hook_installed TYPE: /etc/xen/scripts/block-TYPE is installed; hook_installed "": our block.
 hook_installed() { [ -x "/etc/xen/scripts/block${1:+-$1}" ] && grep -q 'xen-blockhooks' "/etc/xen/scripts/block${1:+-$1}"; }
 
+# record_layer_package DEB: dom0's dpkg database is the build machine's, and may not list a
+# package whose files the xenroot layer unpacked into dom0 (xen-utils-common, Debian's nodejs):
+# record it as installed, with the control fields of the .deb that was unpacked.
+record_layer_package() {
+	p=$(dpkg-deb -f "$1" Package) || return 1
+	if dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q ' installed$'; then return 0; fi
+	{ dpkg-deb -f "$1" | awk 'NR == 1 { print; print "Status: install ok installed"; next } { print }'; echo; } >>/var/lib/dpkg/status
+	echo "recorded $p $(dpkg-deb -f "$1" Version) as installed (unpacked by the xenroot layer)"
+}
+
 # Installs the project's hooks into dom0's /etc/xen/scripts (dom0's root is a tmpfs overlay, so
-# this touches nothing on the host): with the project's installer when there is one, else by
-# linking each bundle. Prints how it installed; returns 1 when there is nothing to install.
+# this touches nothing on the host): with the Debian package and dpkg -i when the run built one
+# (then xen-blockhooks-replace-block for the drop-in block), else with the project's installer,
+# else by linking each bundle. Prints how it installed; returns 1 when there is nothing to install.
 install_hooks() {
+	deb=
+	if [ -n "$XBH_INSTALL" ]; then
+		for f in "$(dirname "$XBH_INSTALL")"/xen-blockhooks_*_all.deb; do [ -f "$f" ] && deb=$f; done
+	fi
+	if [ -n "$deb" ] && command -v dpkg >/dev/null 2>&1; then
+		(
+			set -e
+			for l in "$(dirname "$XBH_INSTALL")"/layer-debs/*.deb; do
+				if [ -f "$l" ]; then record_layer_package "$l"; fi
+			done
+			# --no-triggers: the build machine's man-db would rebuild its index (minutes here);
+			# xen-blockhooks' own steps run at configure.
+			dpkg -i --no-triggers "$deb"
+			xen-blockhooks-replace-block
+		) >"$XBH_SCRATCH/install.log" 2>&1 || { cat "$XBH_SCRATCH/install.log"; return 1; }
+		echo "installed with dpkg -i $(basename "$deb"), then xen-blockhooks-replace-block"
+		return 0
+	fi
 	if [ -n "$XBH_INSTALL" ] && [ -x "$XBH_INSTALL" ]; then
 		"$XBH_INSTALL" --replace-block >"$XBH_SCRATCH/install.log" 2>&1 || { cat "$XBH_SCRATCH/install.log"; return 1; }
 		echo "installed with the project's installer: install --replace-block"

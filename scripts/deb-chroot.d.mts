@@ -1,0 +1,2 @@
+export const CHROOT_PACKAGES: string[];
+export function debChroot(opts?: { log?: (m: string) => void }): string;
