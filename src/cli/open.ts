@@ -33,7 +33,7 @@
 import { mkdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmInfo, dmRemove, dmTablesAndStatus, mknodesArgs } from '../devices/dmsetup.js';
+import { dmInfo, dmMknodes, dmRemove, dmTablesAndStatus } from '../devices/dmsetup.js';
 import { kpartxAdd, partitionMapsIn, type PartitionMap } from '../devices/kpartx.js';
 import { detachLoop, listLoops, loopsBacking } from '../devices/losetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
@@ -321,7 +321,7 @@ export interface OpenResult {
 async function nodeOf(run: Runner, m: { name: string; major: number; minor: number }): Promise<string> {
   let path = dmDevicePath(m.name, m.minor, m.major);
   if (path !== `/dev/mapper/${m.name}`) {
-    await run.probe('dmsetup', mknodesArgs(m.name));
+    await dmMknodes(run, m.name);
     path = dmDevicePath(m.name, m.minor, m.major);
   }
   return path;

@@ -423,6 +423,11 @@ export async function dmReload(run: Runner, name: string, table: string): Promis
   await run.run('dmsetup', resumeArgs(name));
 }
 
+/** `dmsetup mknodes NAME`: its /dev/mapper node, where no udev made it; a failure is the caller's to notice (the node is still missing). */
+export async function dmMknodes(run: Runner, name: string): Promise<void> {
+  await run.probe('dmsetup', mknodesArgs(name));
+}
+
 /** Create the device and return its info (it must be there right after). */
 export async function dmCreate(run: Runner, name: string, table: string, o: CreateOptions = {}): Promise<DmDevice> {
   await run.run('dmsetup', createArgs(name, table, o));
