@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import { closeSync, fsyncSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { execRunner } from '../../src/devices/exec.js';
-import { block, pread, sh, sha256File } from '../lib/disk-io.js';
+import { block, patternedImage, pread, sh, sha256File } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
 const CHILD_FLAG = 'XBH_SMOKE_RUNNER_CHILD';
@@ -49,12 +49,7 @@ if (process.env[CHILD_FLAG] === '1') {
     });
 
     // 64 MiB sparse base with a known 4 KiB block at every MiB.
-    writeFileSync(base, '');
-    truncateSync(base, 64 * MiB);
-    const fd = openSync(base, 'r+');
-    for (let i = 0; i < 64; i++) writeSync(fd, block(i, 'base'), 0, 4096, i * MiB);
-    closeSync(fd);
-    const baseSum = sha256File(base);
+    const baseSum = patternedImage(base, 64, 'base');
 
     writeFileSync(cow, '');
     truncateSync(cow, 16 * MiB);

@@ -6,7 +6,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, truncateSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -20,7 +20,7 @@ import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
-import { block, listDir, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { block, listDir, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
 const HOOK = join(process.cwd(), 'dist', 'block-thin.mjs');
@@ -139,12 +139,7 @@ before(async () => {
   mkdirSync(images, { recursive: true });
   server = await startXenstoreServer({ socketPath: sock });
   xs = await connectXenstore({ path: sock });
-  writeFileSync(base, '');
-  truncateSync(base, BASE_MIB * MiB);
-  const fd = openSync(base, 'r+');
-  for (let i = 0; i < BASE_MIB; i++) writeSync(fd, block(i, 'base'), 0, 4096, i * MiB);
-  closeSync(fd);
-  baseSum = sha256File(base);
+  baseSum = patternedImage(base, BASE_MIB, 'base');
 });
 
 after(async () => {

@@ -8,13 +8,13 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
-import { block, MiB, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { block, MiB, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 import { projectRoot } from '../lib/project-root.js';
 
 const HOOK = join(projectRoot(), 'dist', 'block-thin.mjs');
@@ -83,12 +83,7 @@ before(async () => {
   mkdirSync(images, { recursive: true });
   server = await startXenstoreServer({ socketPath: sock });
   xs = await connectXenstore({ path: sock });
-  writeFileSync(base, '');
-  truncateSync(base, BASE_MIB * MiB);
-  const fd = openSync(base, 'r+');
-  for (let i = 0; i < BASE_MIB; i++) writeSync(fd, block(i, 'base'), 0, 4096, i * MiB);
-  closeSync(fd);
-  baseSum = sha256File(base);
+  baseSum = patternedImage(base, BASE_MIB, 'base');
 });
 
 after(async () => {

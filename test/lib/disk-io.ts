@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readdirSync, readFileSync, readSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 
 export const MiB = 1024 * 1024;
 
@@ -56,4 +56,17 @@ export function listDir(d: string): string[] {
   } catch {
     return [];
   }
+}
+
+/** A sparse image of `mib` MiB with block(i, salt) at the start of every MiB i; returns its sha256. */
+export function patternedImage(path: string, mib: number, salt: string): string {
+  writeFileSync(path, '');
+  truncateSync(path, mib * MiB);
+  const fd = openSync(path, 'r+');
+  try {
+    for (let i = 0; i < mib; i++) writeSync(fd, block(i, salt), 0, 4096, i * MiB);
+  } finally {
+    closeSync(fd);
+  }
+  return sha256File(path);
 }

@@ -3,17 +3,8 @@
 # package, 92 purges it; three scenarios, each within the scenario time limit under load).
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-require_hooks
-case $(cat /run/xbh-hooks-installed 2>/dev/null) in
-"installed with dpkg -i"*) ;;
-*)
-	not_ok "the hooks are installed from the Debian package" "$(cat /run/xbh-hooks-installed 2>/dev/null)"
-	finish
-	;;
-esac
-dir=$(dirname "$XBH_INSTALL")
-LIB=/usr/lib/xen-blockhooks
-HOOKS="block-cow block-qcow block-thin block-lvsnap block-rbd block"
+require_package
+dir=$PKG_DIR
 
 # A nodejs "upgrade": reinstalling Debian's nodejs package (its /usr/bin/node is what the trigger
 # watches; libnode, 47 MB, takes minutes to unpack here and moves with it). --no-triggers, then

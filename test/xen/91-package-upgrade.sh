@@ -2,17 +2,8 @@
 # snapshots and the diversion of the stock block.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
-require_hooks
-case $(cat /run/xbh-hooks-installed 2>/dev/null) in
-"installed with dpkg -i"*) ;;
-*)
-	not_ok "the hooks are installed from the Debian package" "$(cat /run/xbh-hooks-installed 2>/dev/null)"
-	finish
-	;;
-esac
-dir=$(dirname "$XBH_INSTALL")
-LIB=/usr/lib/xen-blockhooks
-HOOKS="block-cow block-qcow block-thin block-lvsnap block-rbd block"
+require_package
+dir=$PKG_DIR
 
 # An upgrade: the same version +1.
 new=

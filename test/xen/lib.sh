@@ -181,6 +181,23 @@ require_hooks() {
 	note "$how"
 }
 
+# require_package: require_hooks, and the hooks must have come from the Debian package (dpkg -i),
+# or a failed assertion ends the scenario. Sets PKG_DIR (where the run's packages are), LIB (the
+# package's library directory) and HOOKS (every hook it installs).
+require_package() {
+	require_hooks
+	case $(cat /run/xbh-hooks-installed 2>/dev/null) in
+	"installed with dpkg -i"*) ;;
+	*)
+		not_ok "the hooks are installed from the Debian package" "$(cat /run/xbh-hooks-installed 2>/dev/null)"
+		finish
+		;;
+	esac
+	PKG_DIR=$(dirname "$XBH_INSTALL")
+	LIB=/usr/lib/xen-blockhooks
+	HOOKS="block-cow block-qcow block-thin block-lvsnap block-rbd block"
+}
+
 # A scenario that builds storage of its own for a hook to use (a volume group on a loop, the loop
 # under a Ceph OSD) names it here while it exists: exact dm device names and loop devices that
 # nothing_left does not count. Empty by default, and set back to empty before the scenario's
