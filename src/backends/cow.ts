@@ -25,7 +25,7 @@ import type { Runner } from '../devices/runner.js';
 import { recordsHolding, type JournalEntry } from '../journal/journal.js';
 import { Build } from '../journal/steps.js';
 import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome, refuseIfRecorded } from './growth.js';
-import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdKey, type FileId } from '../devices/sysfs.js';
+import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdKey, fileIdOf, type FileId } from '../devices/sysfs.js';
 import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
 
 export interface CowPlan {
@@ -399,30 +399,33 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   if (after <= before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
   const file = tailPath(p.storeFile);
   const had = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === file && s.done && typeof s.data.loop === 'string');
-  let loop: { name: string; major: number; minor: number };
   let made = false;
-  if (had) {
-    truncateSync(file, tailBytes);
-    await resizeLoop(deps.run, had.data.loop as string);
-    loop = { name: had.data.loop as string, major: had.data.major as number, minor: had.data.minor as number };
-  } else {
-    if (existsSync(file)) throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
-    const persistent = entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
-    // The tail's steps go in front of the device's own, so that a remove takes the device away first.
-    const at = entry.steps.findIndex((s) => s.kind === STEP.dm && s.data.name === p.dmName);
-    const env: StepEnv = { build: new Build(entry, deps.journal, at), run: deps.run, config: deps.config, log: deps.log, journal: deps.journal };
-    const f = await addStoreFile(env, file, tailBytes, persistent);
-    made = true;
-    loop = await addLoop(env, file, { dev: f.dev, ino: f.ino }, { readOnly: false });
-  }
-  const table = `0 ${baseSectors} snapshot ${snap.params}\n${tailLine(deps.run, baseSectors, loop)}`;
+  let table: string;
   try {
+    let loop: { name: string; major: number; minor: number };
+    if (had) {
+      truncateSync(file, tailBytes);
+      await resizeLoop(deps.run, had.data.loop as string);
+      loop = { name: had.data.loop as string, major: had.data.major as number, minor: had.data.minor as number };
+    } else {
+      if (existsSync(file)) throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
+      const persistent = entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
+      // The tail's steps go in front of the device's own, so that a remove takes the device away first.
+      const at = entry.steps.findIndex((s) => s.kind === STEP.dm && s.data.name === p.dmName);
+      const env: StepEnv = { build: new Build(entry, deps.journal, at), run: deps.run, config: deps.config, log: deps.log, journal: deps.journal };
+      const f = await addStoreFile(env, file, tailBytes, persistent);
+      made = !f.existed;
+      loop = await addLoop(env, file, { dev: f.dev, ino: f.ino }, { readOnly: false });
+    }
+    table = `0 ${baseSectors} snapshot ${snap.params}\n${tailLine(deps.run, baseSectors, loop)}`;
     await dmReload(deps.run, p.dmName, table);
   } catch (e) {
     if (made) {
-      // Nothing uses the new tail: it goes, so the next add does not find a larger disk.
-      await detachLoop(deps.run, loop.name).catch(() => false);
-      unlinkSync(file);
+      // Nothing uses a tail this resize made: it goes (its loop, its file, its steps), so neither
+      // a remove nor the next add finds a larger disk than the guest was given.
+      const id = existsSync(file) ? fileIdOf(file) : undefined;
+      if (id) for (const l of await loopsBacking(deps.run, id).catch(() => [])) await detachLoop(deps.run, l.name).catch(() => false);
+      if (existsSync(file)) unlinkSync(file);
       entry.steps = entry.steps.filter((s) => s.data.file !== file && s.data.path !== file);
       deps.journal.save(entry);
     }
