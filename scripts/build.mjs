@@ -31,7 +31,8 @@ const loader = readFileSync(join(root, 'scripts', 'loader.mjs.in'), 'utf8');
 
 mkdirSync(dist, { recursive: true });
 // Caches of earlier bundles can never be used again (their hash is in the name).
-for (const f of readdirSync(dist)) if (f.endsWith('.v8cache') || /\.v8cache\.\d+$/.test(f)) rmSync(join(dist, f), { force: true });
+for (const f of readdirSync(dist))
+  if (f.endsWith('.v8cache') || /\.v8cache\.\d+$/.test(f)) rmSync(join(dist, f), { force: true });
 
 const results = await Promise.all(
   entries.map((name) =>
@@ -48,7 +49,11 @@ const results = await Promise.all(
       logLevel: 'warning',
       // NODE_ENV=production as bundlers set it: winston's @dabh/diagnostics then loads its no-op
       // build instead of the colour machinery of its development build (~4 ms of every start).
-      define: { __XEN_BLOCKHOOKS_VERSION__: JSON.stringify(pkg.version), 'import.meta.url': '__xbhModuleUrl', 'process.env.NODE_ENV': '"production"' },
+      define: {
+        __XEN_BLOCKHOOKS_VERSION__: JSON.stringify(pkg.version),
+        'import.meta.url': '__xbhModuleUrl',
+        'process.env.NODE_ENV': '"production"',
+      },
       banner: { js: 'var __xbhModuleUrl = require("node:url").pathToFileURL(__filename).href;' },
     }),
   ),
@@ -65,28 +70,46 @@ for (const r of results) {
     if (!packages.has(dir)) packages.set(dir, JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')));
   }
 }
-const licences = [...packages].map(([dir, p]) => {
-  const file = readdirSync(dir).find((f) => /^licen[cs]e(\.(md|txt))?$/i.test(f));
-  if (!file) throw new Error(`${p.name} ${p.version} is bundled but has no LICENSE file in ${dir}`);
-  const license = typeof p.license === 'string' ? p.license : p.license?.type;
-  if (!license) throw new Error(`${p.name} ${p.version} is bundled but its package.json names no licence`);
-  return { name: p.name, version: p.version, license, text: readFileSync(join(dir, file), 'utf8').trim() };
-}).sort((a, b) => (a.name < b.name ? -1 : 1));
+const licences = [...packages]
+  .map(([dir, p]) => {
+    const file = readdirSync(dir).find((f) => /^licen[cs]e(\.(md|txt))?$/i.test(f));
+    if (!file) throw new Error(`${p.name} ${p.version} is bundled but has no LICENSE file in ${dir}`);
+    const license = typeof p.license === 'string' ? p.license : p.license?.type;
+    if (!license) throw new Error(`${p.name} ${p.version} is bundled but its package.json names no licence`);
+    return { name: p.name, version: p.version, license, text: readFileSync(join(dir, file), 'utf8').trim() };
+  })
+  .sort((a, b) => (a.name < b.name ? -1 : 1));
 writeFileSync(join(dist, 'licenses.json'), `${JSON.stringify(licences, null, 2)}\n`);
-writeFileSync(join(dist, 'THIRD-PARTY-LICENSES'), [
-  `The bundles of xen-blockhooks ${pkg.version} (*.cjs) contain these npm packages, each under its own licence.\n`,
-  ...licences.map((l) => `${'='.repeat(72)}\n${l.name} ${l.version} (${l.license})\n${'='.repeat(72)}\n\n${l.text}\n`),
-].join('\n'));
+writeFileSync(
+  join(dist, 'THIRD-PARTY-LICENSES'),
+  [
+    `The bundles of xen-blockhooks ${pkg.version} (*.cjs) contain these npm packages, each under its own licence.\n`,
+    ...licences.map(
+      (l) => `${'='.repeat(72)}\n${l.name} ${l.version} (${l.license})\n${'='.repeat(72)}\n\n${l.text}\n`,
+    ),
+  ].join('\n'),
+);
 for (const name of entries) {
-  const hash = createHash('sha256').update(readFileSync(join(dist, `${name}.cjs`))).digest('hex').slice(0, 16);
+  const hash = createHash('sha256')
+    .update(readFileSync(join(dist, `${name}.cjs`)))
+    .digest('hex')
+    .slice(0, 16);
   const file = join(dist, `${name}.mjs`);
-  writeFileSync(file, loader.replaceAll('@NAME@', name).replaceAll('@BUNDLE@', `${name}.cjs`).replaceAll('@HASH@', hash));
+  writeFileSync(
+    file,
+    loader.replaceAll('@NAME@', name).replaceAll('@BUNDLE@', `${name}.cjs`).replaceAll('@HASH@', hash),
+  );
   chmodSync(file, 0o755);
 }
 // The startup snapshot builder the installer runs with the dom0's node (scripts/snapshot.cjs).
 writeFileSync(join(dist, 'snapshot.cjs'), readFileSync(join(root, 'scripts', 'snapshot.cjs')));
 // Warm the code caches with this Node (the hooks' test runs use it).
 for (const name of entries) {
-  execFileSync(process.execPath, [join(dist, `${name}.mjs`), '--version'], { stdio: 'ignore', env: { ...process.env, XEN_BLOCKHOOKS_NO_CODE_CACHE: '' } });
+  execFileSync(process.execPath, [join(dist, `${name}.mjs`), '--version'], {
+    stdio: 'ignore',
+    env: { ...process.env, XEN_BLOCKHOOKS_NO_CODE_CACHE: '' },
+  });
 }
-console.log(`built ${entries.length} bundle(s) in dist/: ${entries.join(', ')} (${licences.length} npm packages bundled, in dist/THIRD-PARTY-LICENSES)`);
+console.log(
+  `built ${entries.length} bundle(s) in dist/: ${entries.join(', ')} (${licences.length} npm packages bundled, in dist/THIRD-PARTY-LICENSES)`,
+);

@@ -30,7 +30,11 @@ export function debChroot({ log = () => {} } = {}) {
   rmSync(tree, { recursive: true, force: true });
   mkdirSync(DIR, { recursive: true });
   log(`debootstrap --variant=minbase --include=${CHROOT_PACKAGES.join(',')} bookworm ${tree}`);
-  execFileSync('debootstrap', ['--variant=minbase', `--include=${CHROOT_PACKAGES.join(',')}`, 'bookworm', tree, MIRROR], { stdio: ['ignore', 'ignore', 'pipe'] });
+  execFileSync(
+    'debootstrap',
+    ['--variant=minbase', `--include=${CHROOT_PACKAGES.join(',')}`, 'bookworm', tree, MIRROR],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
   writeFileSync(join(DIR, 'bookworm.done'), `${CHROOT_PACKAGES.join(' ')}\n`);
   return tree;
 }

@@ -10,7 +10,18 @@
 // directly; on a machine without device-mapper it runs inside the project's QEMU guest.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -108,7 +119,9 @@ async function inside() {
   };
   const t0 = Date.now();
   const cli = (args, { quiet = false } = {}) => {
-    console.log(`\n[${((Date.now() - t0) / 1000).toFixed(1)} s] $ xen-blockhooks ${args.map((a) => (/[\s,']/.test(a) ? `'${a}'` : a)).join(' ')}`);
+    console.log(
+      `\n[${((Date.now() - t0) / 1000).toFixed(1)} s] $ xen-blockhooks ${args.map((a) => (/[\s,']/.test(a) ? `'${a}'` : a)).join(' ')}`,
+    );
     const r = spawnSync(process.execPath, [CLI, ...args], { env, encoding: 'utf8' });
     const text = `${r.stdout}${r.stderr}`.trimEnd();
     if (!quiet) console.log(text);
@@ -117,16 +130,40 @@ async function inside() {
   try {
     makeBase(base);
     const sumBefore = sha256(base);
-    console.log(`base image: ${base}, ${BASE_MIB} MiB, every 4 KiB block says "${line(baseBlock(7))}" with its own number`);
+    console.log(
+      `base image: ${base}, ${BASE_MIB} MiB, every 4 KiB block says "${line(baseBlock(7))}" with its own number`,
+    );
     console.log(`sha256 ${sumBefore}`);
 
-    server = spawn(process.execPath, [CLI, 'xenstored', '--socket', sock], { env, stdio: ['ignore', 'ignore', 'inherit'] });
+    server = spawn(process.execPath, [CLI, 'xenstored', '--socket', sock], {
+      env,
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
     for (let i = 0; i < 600 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
     if (!existsSync(sock)) throw new Error('the embedded xenstore server did not start');
 
-    const web = cli(['simulate', '--real-xenstore', '--keep', '--domid', '1', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${base} 16`]);
+    const web = cli([
+      'simulate',
+      '--real-xenstore',
+      '--keep',
+      '--domid',
+      '1',
+      '--name',
+      'web',
+      `vdev=xvda,access=w,script=block-cow,target=${base} 16`,
+    ]);
     check(web.code === 0, 'domain 1 (web): block-cow add in xl syntax');
-    const db = cli(['simulate', '--real-xenstore', '--keep', '--domid', '2', '--name', 'db', '--xm', `cow:${base} 16,xvda,w`]);
+    const db = cli([
+      'simulate',
+      '--real-xenstore',
+      '--keep',
+      '--domid',
+      '2',
+      '--name',
+      'db',
+      '--xm',
+      `cow:${base} 16,xvda,w`,
+    ]);
     check(db.code === 0, 'domain 2 (db): block-cow add in xm syntax (backend type=cow)');
     if (web.code !== 0 || db.code !== 0) return 1;
 
@@ -142,17 +179,41 @@ async function inside() {
     console.log(`  web reads block 0: "${r0w}"`);
     console.log(`  db  reads block 0: "${r0d}"`);
     check(r0w === 'written by web' && r0d === 'written by db', 'each domain reads back only its own write');
-    check(line(readAt(dWeb, BLOCK, BLOCK)) === line(baseBlock(1)) && line(readAt(dDb, BLOCK, BLOCK)) === line(baseBlock(1)), `both still read the base's block 1: "${line(baseBlock(1))}"`);
+    check(
+      line(readAt(dWeb, BLOCK, BLOCK)) === line(baseBlock(1)) && line(readAt(dDb, BLOCK, BLOCK)) === line(baseBlock(1)),
+      `both still read the base's block 1: "${line(baseBlock(1))}"`,
+    );
     check(sha256(base) === sumBefore, 'the base image is unchanged');
 
     cli(['status']);
     const g = cli(['grow', 'web', 'xvda', '+16M']);
     check(g.code === 0, "web's store grown by 16 MiB while attached");
 
-    const rmWeb = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '1', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${base} 16`]);
+    const rmWeb = cli([
+      'simulate',
+      '--real-xenstore',
+      '--action',
+      'remove',
+      '--domid',
+      '1',
+      '--name',
+      'web',
+      `vdev=xvda,access=w,script=block-cow,target=${base} 16`,
+    ]);
     check(rmWeb.code === 0, 'domain 1 removed');
     check(line(readAt(dDb, 0, BLOCK)) === 'written by db', 'db still reads its own data after web is gone');
-    const rmDb = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '2', '--name', 'db', '--xm', `cow:${base} 16,xvda,w`]);
+    const rmDb = cli([
+      'simulate',
+      '--real-xenstore',
+      '--action',
+      'remove',
+      '--domid',
+      '2',
+      '--name',
+      'db',
+      '--xm',
+      `cow:${base} 16,xvda,w`,
+    ]);
     check(rmDb.code === 0, 'domain 2 removed');
 
     const dm = execFileSync('dmsetup', ['ls'], { encoding: 'utf8' });
@@ -175,7 +236,9 @@ async function outside() {
   }
   const direct = hasDeviceMapper() && process.getuid?.() === 0;
   if (!direct) {
-    console.log('This machine has no device-mapper, so the demo runs inside the project\'s QEMU guest (Debian\'s kernel with dm, this checkout shared read-only).');
+    console.log(
+      "This machine has no device-mapper, so the demo runs inside the project's QEMU guest (Debian's kernel with dm, this checkout shared read-only).",
+    );
   }
   console.log('building the bundles (npm run build)…');
   execFileSync(process.execPath, [join(ROOT, 'scripts', 'build.mjs')], { stdio: ['ignore', 'ignore', 'inherit'] });

@@ -22,7 +22,17 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -48,11 +58,15 @@ const SCRIPTS = '/etc/xen/scripts';
 const UNITS = '/lib/systemd/system';
 const DOC = '/usr/share/doc/xen-blockhooks';
 
-const bundles = readdirSync(dist).filter((f) => f.endsWith('.cjs') && f !== 'snapshot.cjs').map((f) => f.replace(/\.cjs$/, '')).sort();
+const bundles = readdirSync(dist)
+  .filter((f) => f.endsWith('.cjs') && f !== 'snapshot.cjs')
+  .map((f) => f.replace(/\.cjs$/, ''))
+  .sort();
 for (const need of ['xen-blockhooks', 'block', 'block-cow']) {
   if (!bundles.includes(need)) throw new Error(`dist/ has no ${need}.cjs: run npm run build first`);
 }
-for (const f of ['snapshot.cjs', 'licenses.json']) if (!existsSync(join(dist, f))) throw new Error(`dist/${f} is missing: run npm run build first`);
+for (const f of ['snapshot.cjs', 'licenses.json'])
+  if (!existsSync(join(dist, f))) throw new Error(`dist/${f} is missing: run npm run build first`);
 const hooks = bundles.filter((b) => b.startsWith('block-'));
 
 const stage = mkdtempSync(join(tmpdir(), 'xen-blockhooks-deb-'));
@@ -78,7 +92,12 @@ try {
   // The wrappers (packaging/wrapper.sh.in, as ./install writes them for PREFIX=/usr).
   const template = readFileSync(join(root, 'packaging/wrapper.sh.in'), 'utf8');
   const wrapper = (name, snapshot) =>
-    template.replaceAll('@NAME@', name).replaceAll('@LIBDIR@', LIB).replace('@BUNDLE@', `${LIB}/${name}.mjs`).replace('@SNAPSHOT@', snapshot ? `${LIB}/${name}.snapshot` : '').replace('@CONF@', '');
+    template
+      .replaceAll('@NAME@', name)
+      .replaceAll('@LIBDIR@', LIB)
+      .replace('@BUNDLE@', `${LIB}/${name}.mjs`)
+      .replace('@SNAPSHOT@', snapshot ? `${LIB}/${name}.snapshot` : '')
+      .replace('@CONF@', '');
   for (const h of hooks) put(`${SCRIPTS}/${h}`, wrapper(h, true), 0o755);
   put(`${LIB}/block.wrapper`, wrapper('block', true), 0o755);
   put('/usr/sbin/xen-blockhooks', wrapper('xen-blockhooks', false), 0o755);
@@ -91,28 +110,51 @@ try {
   }
   for (const page of readdirSync(join(root, 'packaging/man')).sort()) {
     const section = page.split('.').pop();
-    put(`/usr/share/man/man${section}/${page}.gz`, gzipSync(readFileSync(join(root, 'packaging/man', page)), { level: 9 }));
+    put(
+      `/usr/share/man/man${section}/${page}.gz`,
+      gzipSync(readFileSync(join(root, 'packaging/man', page)), { level: 9 }),
+    );
   }
 
   // copyright: ours, then every npm package inside the bundles with its licence text.
   const licences = JSON.parse(readFileSync(join(dist, 'licenses.json'), 'utf8'));
-  put(`${DOC}/copyright`, [
-    `xen-blockhooks ${version}`,
-    '',
-    'Everything but the npm packages listed below:',
-    '',
-    readFileSync(join(root, 'LICENSE'), 'utf8').trim(),
-    '',
-    `The bundles in ${LIB} (*.cjs) also contain these npm packages, each under its own licence:`,
-    '',
-    ...licences.map((l) => `  ${l.name} ${l.version}: ${l.license}`),
-    '',
-    'Their licence texts follow.',
-    '',
-    ...licences.map((l) => `${'-'.repeat(72)}\n${l.name} ${l.version} (${l.license})\n${'-'.repeat(72)}\n\n${l.text}\n`),
-  ].join('\n'));
-  const date = execFileSync('date', ['-R', '-u', '-d', `@${Number(execFileSync('git', ['-C', root, 'log', '-1', '--format=%ct'], { encoding: 'utf8' }).trim() || 0)}`], { encoding: 'utf8' }).trim();
-  put(`${DOC}/changelog.gz`, gzipSync(`xen-blockhooks (${version}) unstable; urgency=medium\n\n  * Built from the xen-blockhooks repository; its git history is the change log.\n\n -- ${pkg.author}  ${date}\n`, { level: 9 }));
+  put(
+    `${DOC}/copyright`,
+    [
+      `xen-blockhooks ${version}`,
+      '',
+      'Everything but the npm packages listed below:',
+      '',
+      readFileSync(join(root, 'LICENSE'), 'utf8').trim(),
+      '',
+      `The bundles in ${LIB} (*.cjs) also contain these npm packages, each under its own licence:`,
+      '',
+      ...licences.map((l) => `  ${l.name} ${l.version}: ${l.license}`),
+      '',
+      'Their licence texts follow.',
+      '',
+      ...licences.map(
+        (l) => `${'-'.repeat(72)}\n${l.name} ${l.version} (${l.license})\n${'-'.repeat(72)}\n\n${l.text}\n`,
+      ),
+    ].join('\n'),
+  );
+  const date = execFileSync(
+    'date',
+    [
+      '-R',
+      '-u',
+      '-d',
+      `@${Number(execFileSync('git', ['-C', root, 'log', '-1', '--format=%ct'], { encoding: 'utf8' }).trim() || 0)}`,
+    ],
+    { encoding: 'utf8' },
+  ).trim();
+  put(
+    `${DOC}/changelog.gz`,
+    gzipSync(
+      `xen-blockhooks (${version}) unstable; urgency=medium\n\n  * Built from the xen-blockhooks repository; its git history is the change log.\n\n -- ${pkg.author}  ${date}\n`,
+      { level: 9 },
+    ),
+  );
 
   // DEBIAN/
   const files = [];
@@ -126,7 +168,12 @@ try {
   walk(stage);
   const conffiles = files.filter((f) => f.startsWith('etc/')).map((f) => `/${f}`);
   const sizeKiB = files.reduce((s, f) => s + Math.ceil(lstatSync(join(stage, f)).size / 1024), 0);
-  const md5sums = files.map((f) => `${createHash('md5').update(readFileSync(join(stage, f))).digest('hex')}  ${f}`);
+  const md5sums = files.map(
+    (f) =>
+      `${createHash('md5')
+        .update(readFileSync(join(stage, f)))
+        .digest('hex')}  ${f}`,
+  );
   const control = [
     'Package: xen-blockhooks',
     `Version: ${version}`,
@@ -158,7 +205,9 @@ try {
   const out = join(outDir, `xen-blockhooks_${version}_all.deb`);
   mkdirSync(outDir, { recursive: true });
   rmSync(out, { force: true });
-  execFileSync('dpkg-deb', ['--root-owner-group', '-Zxz', '--build', stage, out], { stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync('dpkg-deb', ['--root-owner-group', '-Zxz', '--build', stage, out], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+  });
   console.log(`built ${relative(root, out)} (${files.length} files, ${sizeKiB} KiB installed)`);
 } finally {
   rmSync(stage, { recursive: true, force: true });

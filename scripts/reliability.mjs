@@ -45,21 +45,40 @@ if (build.status !== 0) {
 }
 
 if (doHost) {
-  const files = readdirSync(join(ROOT, 'test', 'host')).filter((f) => /^hostile-.*\.test\.ts$/.test(f)).sort();
+  const files = readdirSync(join(ROOT, 'test', 'host'))
+    .filter((f) => /^hostile-.*\.test\.ts$/.test(f))
+    .sort();
   for (const f of files) {
     const dir = mkdtempSync(join(tmpdir(), 'xbh-reliability-'));
     const rowsFile = join(dir, 'rows.jsonl');
     writeFileSync(rowsFile, '');
     const t0 = Date.now();
     const r = spawnSync('npx', ['tap', '--reporter=terse', join('test', 'host', f)], {
-      cwd: ROOT, encoding: 'utf8', env: { ...process.env, XEN_BLOCKHOOKS_RELIABILITY_OUT: rowsFile }, maxBuffer: 64 << 20,
+      cwd: ROOT,
+      encoding: 'utf8',
+      env: { ...process.env, XEN_BLOCKHOOKS_RELIABILITY_OUT: rowsFile },
+      maxBuffer: 64 << 20,
     });
-    const got = readFileSync(rowsFile, 'utf8').split('\n').filter(Boolean).map((l) => ({ ...JSON.parse(l), source: `test/host/${f}` }));
+    const got = readFileSync(rowsFile, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => ({ ...JSON.parse(l), source: `test/host/${f}` }));
     rmSync(dir, { recursive: true, force: true });
     rows.push(...got);
     runs.push({ file: `test/host/${f}`, ok: r.status === 0, ms: Date.now() - t0 });
     if (r.status !== 0) {
-      rows.push({ hook: '(suite)', fault: f, checked: 'the test file passes', result: 'fail', detail: (r.stdout + r.stderr).split('\n').filter((l) => /✖|not ok/.test(l)).slice(0, 3).join(' / '), source: `test/host/${f}` });
+      rows.push({
+        hook: '(suite)',
+        fault: f,
+        checked: 'the test file passes',
+        result: 'fail',
+        detail: (r.stdout + r.stderr)
+          .split('\n')
+          .filter((l) => /✖|not ok/.test(l))
+          .slice(0, 3)
+          .join(' / '),
+        source: `test/host/${f}`,
+      });
       process.stderr.write(r.stdout + r.stderr);
     }
   }
@@ -70,7 +89,10 @@ if (doGuest) {
   const concurrency = process.env.XBH_FAULT_CONCURRENCY ?? '64';
   // Full size: fault-concurrency runs 64 block-cow hooks at once (~12 minutes under TCG).
   const run = await runGuestTests({
-    filters: ['fault-'], timeoutMs: 2_700_000, fileTimeoutMs: 1_500_000, log: (m) => console.error(m),
+    filters: ['fault-'],
+    timeoutMs: 2_700_000,
+    fileTimeoutMs: 1_500_000,
+    log: (m) => console.error(m),
     env: { XBH_FAULT_CONCURRENCY: concurrency },
     memoryMb: guestMemoryMb(Number(concurrency)),
   });
@@ -80,14 +102,38 @@ if (doGuest) {
     const failed = r.points.filter((p) => !p.ok && !p.todo);
     runs.push({ file: source, ok: r.ok && failed.length === 0, ms: r.durationMs ?? 0 });
     if (!r.ok || failed.length) {
-      const why = failed.map((p) => p.name).concat(r.timedOut ? ['timed out'] : [], r.finished ? [] : ['did not finish'], r.leftovers.length ? [`left ${r.leftovers.join(', ')}`] : []);
-      rows.push({ hook: '(suite)', fault: basename(r.source), checked: 'the guest test file passes and leaves no device', result: 'fail', detail: why.join(' / ').slice(0, 300), source });
+      const why = failed
+        .map((p) => p.name)
+        .concat(
+          r.timedOut ? ['timed out'] : [],
+          r.finished ? [] : ['did not finish'],
+          r.leftovers.length ? [`left ${r.leftovers.join(', ')}`] : [],
+        );
+      rows.push({
+        hook: '(suite)',
+        fault: basename(r.source),
+        checked: 'the guest test file passes and leaves no device',
+        result: 'fail',
+        detail: why.join(' / ').slice(0, 300),
+        source,
+      });
     }
   }
-  if (!run.done) rows.push({ hook: '(suite)', fault: 'guest boot', checked: 'the guest ran every file', result: 'fail', detail: run.consoleTail.split('\n').slice(-3).join(' / '), source: 'guest' });
+  if (!run.done)
+    rows.push({
+      hook: '(suite)',
+      fault: 'guest boot',
+      checked: 'the guest ran every file',
+      result: 'fail',
+      detail: run.consoleTail.split('\n').slice(-3).join(' / '),
+      source: 'guest',
+    });
 }
 
-const esc = (s) => String(s ?? '').replace(/\|/g, '\\|').replace(/\n/g, ' ');
+const esc = (s) =>
+  String(s ?? '')
+    .replace(/\|/g, '\\|')
+    .replace(/\n/g, ' ');
 
 /**
  * What proved a row: a row may name its tier; otherwise it follows from where it ran. The host
@@ -115,7 +161,7 @@ const lines = [
   '(host tier: `test/host/hostile-*.test.ts`; guest tier, a real kernel under QEMU: `test/guest/fault-*.test.ts`).',
   'Each row is one check; "checked" says what had to hold for it to pass, "tier" what proved it: a real',
   'kernel under QEMU, real tools and loop devices on the host, or the fake runner (losetup and dmsetup',
-  'played in memory: the hook\'s own logic, not the kernel\'s). Do not edit by hand.',
+  "played in memory: the hook's own logic, not the kernel's). Do not edit by hand.",
   '',
   `Run: ${new Date().toISOString()} — ${counts.pass} passed, ${counts.fail} failed, ${counts.todo} known gaps (todo).`,
   '',
@@ -127,7 +173,9 @@ const lines = [
 for (const hook of byHook) {
   lines.push(`## ${hook}`, '', '| fault | checked | tier | result |', '|---|---|---|---|');
   for (const r of rows.filter((x) => x.hook === hook)) {
-    lines.push(`| ${esc(r.fault)} | ${esc(r.checked)} | ${esc(tierOf(r))} | ${mark[r.result] ?? esc(r.result)}${r.detail ? `: ${esc(r.detail)}` : ''} |`);
+    lines.push(
+      `| ${esc(r.fault)} | ${esc(r.checked)} | ${esc(tierOf(r))} | ${mark[r.result] ?? esc(r.result)}${r.detail ? `: ${esc(r.detail)}` : ''} |`,
+    );
   }
   lines.push('');
 }

@@ -126,10 +126,19 @@ function main(argv) {
   delete env.NODE_OPTIONS;
   delete env.NODE_PATH;
   try {
-    fs.writeFileSync(entry, entrySource(runAs ? path.resolve(runAs) : absBundle, fs.readFileSync(absBundle, 'utf8')), { mode: 0o600 });
-    execFileSync(process.execPath, ['--snapshot-blob', tmp, '--build-snapshot', entry], { env, stdio: ['ignore', 'ignore', 'pipe'] });
-    const version = execFileSync(process.execPath, ['--snapshot-blob', tmp, '--', '--version'], { env, stdio: ['ignore', 'pipe', 'pipe'] }).toString();
-    if (!version.includes('(startup snapshot)')) throw new Error(`the snapshot started but answered --version with ${JSON.stringify(version.trim())}`);
+    fs.writeFileSync(entry, entrySource(runAs ? path.resolve(runAs) : absBundle, fs.readFileSync(absBundle, 'utf8')), {
+      mode: 0o600,
+    });
+    execFileSync(process.execPath, ['--snapshot-blob', tmp, '--build-snapshot', entry], {
+      env,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    const version = execFileSync(process.execPath, ['--snapshot-blob', tmp, '--', '--version'], {
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    }).toString();
+    if (!version.includes('(startup snapshot)'))
+      throw new Error(`the snapshot started but answered --version with ${JSON.stringify(version.trim())}`);
     fs.chmodSync(tmp, 0o644);
     const files = nodeFiles();
     for (const [kind, file] of Object.entries(files)) {
@@ -145,7 +154,8 @@ function main(argv) {
   } catch (e) {
     // The child's error line (`Error: ...`), else its last line, else our own error.
     const lines = e && e.stderr ? String(e.stderr).trim().split('\n') : [];
-    const why = lines.find((l) => /^[A-Za-z]*Error: /.test(l)) ?? lines.at(-1) ?? (e instanceof Error ? e.message : String(e));
+    const why =
+      lines.find((l) => /^[A-Za-z]*Error: /.test(l)) ?? lines.at(-1) ?? (e instanceof Error ? e.message : String(e));
     process.stderr.write(`snapshot: no startup snapshot for ${bundle} with node ${process.version}: ${why}\n`);
     return 1;
   } finally {

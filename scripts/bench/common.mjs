@@ -55,7 +55,15 @@ function timedRaw(file, args, { env, cwd, timeoutMs }) {
     });
     child.on('close', (code, signal) => {
       clearTimeout(timer);
-      resolve({ code: exit?.code ?? code, signal: exit?.signal ?? signal, ms: ms ?? performance.now() - t0, stdout, stderr, startEpoch, endEpoch: exit?.endEpoch });
+      resolve({
+        code: exit?.code ?? code,
+        signal: exit?.signal ?? signal,
+        ms: ms ?? performance.now() - t0,
+        stdout,
+        stderr,
+        startEpoch,
+        endEpoch: exit?.endEpoch,
+      });
     });
   });
 }
@@ -76,12 +84,20 @@ export function percentile(values, p) {
 }
 
 export function summary(values) {
-  return { n: values.length, p50: percentile(values, 50), p95: percentile(values, 95), min: Math.min(...values), max: Math.max(...values) };
+  return {
+    n: values.length,
+    p50: percentile(values, 50),
+    p95: percentile(values, 95),
+    min: Math.min(...values),
+    max: Math.max(...values),
+  };
 }
 
 function firstLine(file, args) {
   try {
-    return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).split('\n')[0].trim();
+    return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] })
+      .split('\n')[0]
+      .trim();
   } catch {
     return 'unknown';
   }
@@ -101,13 +117,17 @@ export function machine() {
     cpu: model,
     kernel: release(),
     node: process.version,
-    loadavg: loadavg().map((x) => x.toFixed(2)).join(' '),
+    loadavg: loadavg()
+      .map((x) => x.toFixed(2))
+      .join(' '),
     date: new Date().toISOString(),
   };
 }
 
 export function loadNow() {
-  return loadavg().map((x) => x.toFixed(2)).join(' ');
+  return loadavg()
+    .map((x) => x.toFixed(2))
+    .join(' ');
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -46,19 +46,40 @@ function hostNodeCopy() {
   return file;
 }
 
-export async function dom0Bench({ rounds = 10, concurrency = Number(process.env.XBH_BENCH_DOM0_CONCURRENCY ?? 10), log = () => {}, onConsole } = {}) {
+export async function dom0Bench({
+  rounds = 10,
+  concurrency = Number(process.env.XBH_BENCH_DOM0_CONCURRENCY ?? 10),
+  log = () => {},
+  onConsole,
+} = {}) {
   const { runXenTier } = await import(pathToFileURL(join(HERE, '..', 'xen', 'run.mjs')).href);
   const run = await runXenTier({
-    scenarios: [join(HERE, 'dom0-block.sh')], scenarioTimeoutS: 1500, timeoutMs: 2_400_000, log, onConsole,
-    env: { XBH_BENCH_DOM0_ROUNDS: String(rounds), XBH_BENCH_DOM0_CONCURRENCY: String(concurrency), XBH_BENCH_DOM0_ALT_NODE: hostNodeCopy() },
+    scenarios: [join(HERE, 'dom0-block.sh')],
+    scenarioTimeoutS: 1500,
+    timeoutMs: 2_400_000,
+    log,
+    onConsole,
+    env: {
+      XBH_BENCH_DOM0_ROUNDS: String(rounds),
+      XBH_BENCH_DOM0_CONCURRENCY: String(concurrency),
+      XBH_BENCH_DOM0_ALT_NODE: hostNodeCopy(),
+    },
   });
   const r = run.results[0];
   const parsed = parseDom0(r?.stdout ?? '');
   return {
     ...parsed,
-    rounds, concurrency,
-    ok: run.ok, bootMs: run.readyMs, totalMs: run.totalMs, hostLoad: run.hostLoad,
-    kernel: run.tier.kernelVersion, nodeVersion: run.tier.nodeVersion, altNodeVersion: process.version,
-    error: run.ok ? undefined : `${run.setupError ?? ''} exit ${r?.exitCode} ${r?.timedOut ? '(timed out) ' : ''}${(r?.stderr ?? '').split('\n').slice(-8).join('\n')} ${parsed.failures.join('\n')} ${r?.leftovers ?? ''}`.trim(),
+    rounds,
+    concurrency,
+    ok: run.ok,
+    bootMs: run.readyMs,
+    totalMs: run.totalMs,
+    hostLoad: run.hostLoad,
+    kernel: run.tier.kernelVersion,
+    nodeVersion: run.tier.nodeVersion,
+    altNodeVersion: process.version,
+    error: run.ok
+      ? undefined
+      : `${run.setupError ?? ''} exit ${r?.exitCode} ${r?.timedOut ? '(timed out) ' : ''}${(r?.stderr ?? '').split('\n').slice(-8).join('\n')} ${parsed.failures.join('\n')} ${r?.leftovers ?? ''}`.trim(),
   };
 }

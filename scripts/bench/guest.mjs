@@ -5,7 +5,17 @@
 // live on ext4 inside a loop on the scratch tmpfs (tmpfs has no O_DIRECT). Prints one line
 // `XBH-BENCH-RESULT <json>`; progress goes to stderr. Everything made is removed before exit.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { randomBytes } from 'node:crypto';
@@ -76,28 +86,45 @@ async function world(o, { ext4MiB = 900, baseMiB = 64 } = {}) {
   };
   let nextDomid = 1;
   const w = {
-    root, images, base, baseMiB, xs, ours,
+    root,
+    images,
+    base,
+    baseMiB,
+    xs,
+    ours,
     async disk(params, { mode = 'w', script = '/etc/xen/scripts/block', devid = 51712 } = {}) {
       const domid = nextDomid++;
       const d = { domid, devid, params, mode, vdev: 'xvda', script, domainName: `bench${domid}` };
       return { d, be: await lib.writeBackendNodes(xs, d) };
     },
     run(kind, action, be, probe) {
-      if (kind === 'stock') return timed(o.stock, [action], { env: { ...env, XENBUS_PATH: be, script: '/etc/xen/scripts/block' } });
+      if (kind === 'stock')
+        return timed(o.stock, [action], { env: { ...env, XENBUS_PATH: be, script: '/etc/xen/scripts/block' } });
       const hook = join(HERE, 'dist', `${HOOKS[kind]}.mjs`);
       const e = { ...ours, XENBUS_PATH: be, script: `/etc/xen/scripts/${HOOKS[kind]}` };
       if (probe) e.XBH_BENCH_PROBE_OUT = probe;
       return timed(NODE, [...(probe ? probeArgs() : []), hook, action], { env: e });
     },
     async expectOk(kind, action, be, r) {
-      if (r.code !== 0) throw new Error(`${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${(await xs.tryRead(`${be}/hotplug-error`)) ?? ''} ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`);
-      if (action === 'add' && (await xs.tryRead(`${be}/hotplug-status`)) !== 'connected') throw new Error(`${kind} add ${be}: not connected`);
+      if (r.code !== 0)
+        throw new Error(
+          `${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${(await xs.tryRead(`${be}/hotplug-error`)) ?? ''} ${r.stderr.trim().split('\n').slice(-3).join(' | ')}`,
+        );
+      if (action === 'add' && (await xs.tryRead(`${be}/hotplug-status`)) !== 'connected')
+        throw new Error(`${kind} add ${be}: not connected`);
     },
     async add(kind, params, opts = {}, probe) {
-      const disk = await w.disk(params, { script: kind === 'stock' ? '/etc/xen/scripts/block' : `/etc/xen/scripts/${HOOKS[kind]}`, ...opts });
+      const disk = await w.disk(params, {
+        script: kind === 'stock' ? '/etc/xen/scripts/block' : `/etc/xen/scripts/${HOOKS[kind]}`,
+        ...opts,
+      });
       const r = await w.run(kind, 'add', disk.be, probe);
       await w.expectOk(kind, 'add', disk.be, r);
-      return { ...disk, add: r, path: await xs.read(`${disk.be}/physical-device-path`).catch(() => xs.read(`${disk.be}/node`)) };
+      return {
+        ...disk,
+        add: r,
+        path: await xs.read(`${disk.be}/physical-device-path`).catch(() => xs.read(`${disk.be}/node`)),
+      };
     },
     async remove(kind, disk, probe) {
       await lib.closeBackend(xs, disk.d);
@@ -185,7 +212,13 @@ async function concurrency(w) {
       await w.remove(kind, disk);
     }
     const disks = [];
-    for (let i = 0; i < n; i++) disks.push(await w.disk(kind === 'cow' ? `${w.base} 16M` : w.base, { mode: kind === 'stock' ? 'r' : 'w', script: kind === 'stock' ? '/etc/xen/scripts/block' : '/etc/xen/scripts/block-cow' }));
+    for (let i = 0; i < n; i++)
+      disks.push(
+        await w.disk(kind === 'cow' ? `${w.base} 16M` : w.base, {
+          mode: kind === 'stock' ? 'r' : 'w',
+          script: kind === 'stock' ? '/etc/xen/scripts/block' : '/etc/xen/scripts/block-cow',
+        }),
+      );
     log(`${kind}: ${n} concurrent adds`);
     const t0 = performance.now();
     const adds = await Promise.all(disks.map(({ be }) => w.run(kind, 'add', be)));
@@ -199,7 +232,9 @@ async function concurrency(w) {
         log(e.message);
       }
     }
-    const pds = new Set((await Promise.all(disks.map(({ be }) => w.xs.tryRead(`${be}/physical-device`)))).filter(Boolean));
+    const pds = new Set(
+      (await Promise.all(disks.map(({ be }) => w.xs.tryRead(`${be}/physical-device`)))).filter(Boolean),
+    );
     for (const { d } of disks) await lib.closeBackend(w.xs, d);
     log(`${kind}: ${n} concurrent removes`);
     const t1 = performance.now();
@@ -208,10 +243,18 @@ async function concurrency(w) {
     const removeFailures = removes.filter((r) => r.code !== 0).length;
     for (const { d } of disks) await lib.destroyNodes(w.xs, d);
     const dm = sh('dmsetup', ['ls']);
-    const loops = sh('losetup', ['-a']).split('\n').filter((l) => l.includes(w.images));
+    const loops = sh('losetup', ['-a'])
+      .split('\n')
+      .filter((l) => l.includes(w.images));
     res[kind] = {
-      single, addWall, removeWall, addFailures, removeFailures, distinctDevices: pds.size,
-      maxAdd: Math.max(...adds.map((r) => r.ms)), maxRemove: Math.max(...removes.map((r) => r.ms)),
+      single,
+      addWall,
+      removeWall,
+      addFailures,
+      removeFailures,
+      distinctDevices: pds.size,
+      maxAdd: Math.max(...adds.map((r) => r.ms)),
+      maxRemove: Math.max(...removes.map((r) => r.ms)),
       medianAdd: summary(adds.map((r) => r.ms)).p50,
       leftAfter: [...(/No devices found/.test(dm) ? [] : dm.split('\n')), ...loops],
     };
@@ -221,8 +264,16 @@ async function concurrency(w) {
 
 function fio(dev, name, extra, seconds) {
   const out = sh('fio', [
-    `--name=${name}`, `--filename=${dev}`, '--direct=1', '--ioengine=psync', '--iodepth=1', '--numjobs=1',
-    `--runtime=${seconds}`, '--output-format=json', '--randseed=4242', ...extra,
+    `--name=${name}`,
+    `--filename=${dev}`,
+    '--direct=1',
+    '--ioengine=psync',
+    '--iodepth=1',
+    '--numjobs=1',
+    `--runtime=${seconds}`,
+    '--output-format=json',
+    '--randseed=4242',
+    ...extra,
   ]);
   const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   const side = job.write.io_bytes > 0 ? job.write : job.read;
@@ -234,9 +285,16 @@ async function datapath(w) {
   const raw = join(w.images, 'raw-copy.img');
   sh('cp', ['--', w.base, raw]);
   const devices = [
-    ['raw loop', null], ['cow N 4K', 'chunk=4K'], ['cow N 16K', 'chunk=16K'], ['cow N 64K (default)', 'chunk=64K'],
-    ['cow P 4K', 'persistent chunk=4K'], ['cow P 16K', 'persistent chunk=16K'], ['cow P 64K', 'persistent chunk=64K'],
-    ['cow P 128K (Qubes default)', 'persistent chunk=128K'], ['qcow overlay', 'qcow'], ['thin', 'thin'],
+    ['raw loop', null],
+    ['cow N 4K', 'chunk=4K'],
+    ['cow N 16K', 'chunk=16K'],
+    ['cow N 64K (default)', 'chunk=64K'],
+    ['cow P 4K', 'persistent chunk=4K'],
+    ['cow P 16K', 'persistent chunk=16K'],
+    ['cow P 64K', 'persistent chunk=64K'],
+    ['cow P 128K (Qubes default)', 'persistent chunk=128K'],
+    ['qcow overlay', 'qcow'],
+    ['thin', 'thin'],
   ];
   const secs = Number(process.env.XBH_BENCH_FIO_SECONDS ?? 2);
   const rounds = Number(process.env.XBH_BENCH_FIO_ROUNDS ?? 2);
@@ -260,8 +318,18 @@ async function datapath(w) {
           seqRead: fio(dev, 'seqread', ['--rw=read', '--bs=1M', '--time_based'], secs),
           // One 4 KiB write into each of distinct 64 KiB-aligned places: a chunk nobody wrote yet
           // for every chunk size measured here; the same seed again is the overwrite.
-          firstWrite: fio(dev, 'firstwrite', ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`], secs),
-          overwrite: fio(dev, 'overwrite', ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`], secs),
+          firstWrite: fio(
+            dev,
+            'firstwrite',
+            ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`],
+            secs,
+          ),
+          overwrite: fio(
+            dev,
+            'overwrite',
+            ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`],
+            secs,
+          ),
           randRead: fio(dev, 'randread', ['--rw=randread', '--bs=4k', '--time_based'], secs),
         };
         (res[label] ??= []).push(r);
@@ -304,16 +372,28 @@ async function space(w) {
   const baseBytes = allocated(w.base);
   const storeBytes = allocated(store);
   const storeFiles = readdirSync(store).length;
-  const snap = sh('dmsetup', ['status']).split('\n').filter((l) => / snapshot /.test(l)).slice(0, 3);
+  const snap = sh('dmsetup', ['status'])
+    .split('\n')
+    .filter((l) => / snapshot /.test(l))
+    .slice(0, 3);
   const removeMs = [];
   for (let i = 0; i < disks.length; i++) {
     if (i % 10 === 0) log(`space: remove ${i + 1}/${n}`);
     removeMs.push((await w.remove('cow', disks[i])).ms);
   }
   return {
-    n, writeBytesEach: MiB, baseBytes, baseApparent: statSync(w.base).size, storeBytes, storeFiles,
-    expected: baseBytes + n * MiB, overheadBytes: baseBytes + storeBytes - (baseBytes + n * MiB),
-    addAllMs, add: summary(addMs), remove: summary(removeMs), sampleStatus: snap,
+    n,
+    writeBytesEach: MiB,
+    baseBytes,
+    baseApparent: statSync(w.base).size,
+    storeBytes,
+    storeFiles,
+    expected: baseBytes + n * MiB,
+    overheadBytes: baseBytes + storeBytes - (baseBytes + n * MiB),
+    addAllMs,
+    add: summary(addMs),
+    remove: summary(removeMs),
+    sampleStatus: snap,
   };
 }
 
@@ -340,9 +420,30 @@ async function origin(w) {
     lvm('pvcreate', '-q', pv);
     lvm('vgcreate', '-q', '-s', '4M', VG, pv);
     lvm('lvcreate', '-q', '-y', '-n', 'origin', '-L', `${originMiB}M`, VG);
-    lvm('lvcreate', '-q', '-y', '--type', 'thin-pool', '-n', 'tpool', '-L', `${originMiB + 64}M`, '--chunksize', '64k', VG);
+    lvm(
+      'lvcreate',
+      '-q',
+      '-y',
+      '--type',
+      'thin-pool',
+      '-n',
+      'tpool',
+      '-L',
+      `${originMiB + 64}M`,
+      '--chunksize',
+      '64k',
+      VG,
+    );
     lvm('lvcreate', '-q', '-y', '--type', 'thin', '-n', 'torigin', '-V', `${originMiB}M`, '--thinpool', 'tpool', VG);
-    const fill = (lv) => sh('dd', [`if=${w.base}`, `of=/dev/mapper/${VG}-${lv}`, 'bs=1M', `count=${originMiB}`, 'oflag=direct', 'status=none']);
+    const fill = (lv) =>
+      sh('dd', [
+        `if=${w.base}`,
+        `of=/dev/mapper/${VG}-${lv}`,
+        'bs=1M',
+        `count=${originMiB}`,
+        'oflag=direct',
+        'status=none',
+      ]);
     const chunks = originMiB * 16;
     for (let round = 0; round < rounds; round++) {
       for (const n of rotation(counts, round)) {
@@ -357,7 +458,12 @@ async function origin(w) {
             snaps.push(name);
           }
           log(`origin round ${round + 1}/${rounds}: ${kind}, ${n} snapshot(s)`);
-          const r = fio(`/dev/mapper/${VG}-${lv}`, 'originwrite', ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`], secs);
+          const r = fio(
+            `/dev/mapper/${VG}-${lv}`,
+            'originwrite',
+            ['--rw=randwrite', '--bs=4k', '--blockalign=64k', `--number_ios=${Math.floor(chunks / 2)}`],
+            secs,
+          );
           (res[`${kind} ${n}`] ??= []).push(r);
           for (const name of snaps) lvm('lvremove', '-q', '-f', `${VG}/${name}`);
         }

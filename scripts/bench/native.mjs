@@ -14,7 +14,9 @@ const NODE = process.execPath;
 function loopsUnder(dir) {
   const text = execFileSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE'], { encoding: 'utf8' });
   if (!text.trim()) return [];
-  return JSON.parse(text).loopdevices.filter((d) => String(d['back-file'] ?? '').startsWith(dir)).map((d) => d.name);
+  return JSON.parse(text)
+    .loopdevices.filter((d) => String(d['back-file'] ?? '').startsWith(dir))
+    .map((d) => d.name);
 }
 
 /**
@@ -46,7 +48,14 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
   };
   let nextDomid = 1;
   const w = {
-    dir, sock, server, xs, stockBlock: join(stockDir, 'block'), hooks, wrappers, runDir,
+    dir,
+    sock,
+    server,
+    xs,
+    stockBlock: join(stockDir, 'block'),
+    hooks,
+    wrappers,
+    runDir,
     image(name, mib = 64) {
       const p = join(dir, 'img', name);
       writeFileSync(p, '');
@@ -67,18 +76,29 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
      */
     run(kind, action, be, probe) {
       const cpuDir = probe ? undefined : join(dir, 'probe');
-      if (kind === 'stock') return timed(w.stockBlock, [action], { env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' }, cpuDir });
+      if (kind === 'stock')
+        return timed(w.stockBlock, [action], {
+          env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' },
+          cpuDir,
+        });
       const env = { ...ours, XENBUS_PATH: be, script: '/etc/xen/scripts/block' };
       if (!probe) return timed(wrappers.block, [action], { env, cpuDir });
       env.XBH_BENCH_PROBE_OUT = probe;
-      return timed(NODE, ['--import', pathToFileURL(join(runDir, 'probe.mjs')).href, hooks.block, action], { env, cpuDir });
+      return timed(NODE, ['--import', pathToFileURL(join(runDir, 'probe.mjs')).href, hooks.block, action], {
+        env,
+        cpuDir,
+      });
     },
     async check(kind, action, be, r) {
-      if (r.code !== 0) throw new Error(`${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${r.stderr.trim().split('\n').slice(-3).join(' | ')} ${await xs.tryRead(`${be}/hotplug-error`) ?? ''}`);
+      if (r.code !== 0)
+        throw new Error(
+          `${kind} ${action} ${be} exited ${r.code ?? r.signal}: ${r.stderr.trim().split('\n').slice(-3).join(' | ')} ${(await xs.tryRead(`${be}/hotplug-error`)) ?? ''}`,
+        );
       if (action === 'add') {
         const st = await xs.tryRead(`${be}/hotplug-status`);
         const pd = await xs.tryRead(`${be}/physical-device`);
-        if (st !== 'connected' || !pd) throw new Error(`${kind} add ${be}: hotplug-status ${st}, physical-device ${pd}`);
+        if (st !== 'connected' || !pd)
+          throw new Error(`${kind} add ${be}: hotplug-status ${st}, physical-device ${pd}`);
       }
     },
     async close() {
@@ -111,7 +131,13 @@ async function cycle(w, kind, image, probe) {
 export async function nativeLatency(lib, w, { runs = 30, warmup = 3 } = {}) {
   w.lib = lib;
   const image = w.image('latency.img');
-  const res = { ours: { add: [], remove: [], addCpu: [], removeCpu: [] }, stock: { add: [], remove: [], addCpu: [], removeCpu: [] }, node: [], nodeCpu: [], breakdown: { add: [], remove: [] } };
+  const res = {
+    ours: { add: [], remove: [], addCpu: [], removeCpu: [] },
+    stock: { add: [], remove: [], addCpu: [], removeCpu: [] },
+    node: [],
+    nodeCpu: [],
+    breakdown: { add: [], remove: [] },
+  };
   const variants = ['ours', 'stock', 'node', 'probed'];
   log(`native latency: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.join(', ')}`);
   for (let round = 0; round < warmup + runs; round++) {
@@ -174,8 +200,13 @@ async function concurrentOnce(w, kind, images) {
     throw new Error(`${kind}: ${images.length} concurrent removes left ${left.join(', ')}`);
   }
   return {
-    addWall, removeWall, addFailures, removeFailures, distinctDevices: distinct,
-    maxAdd: Math.max(...adds.map((r) => r.ms)), maxRemove: Math.max(...removes.map((r) => r.ms)),
+    addWall,
+    removeWall,
+    addFailures,
+    removeFailures,
+    distinctDevices: distinct,
+    maxAdd: Math.max(...adds.map((r) => r.ms)),
+    maxRemove: Math.max(...removes.map((r) => r.ms)),
   };
 }
 
@@ -183,7 +214,9 @@ export async function nativeConcurrency(lib, w, { n = 10, trials = 20, warmup = 
   w.lib = lib;
   const images = Array.from({ length: n }, (_, i) => w.image(`conc${i}.img`, 16));
   const res = { n, ours: [], stock: [] };
-  log(`native concurrency: ${warmup} warm-up + ${trials} alternating trials of ${n} concurrent adds/removes, ours and stock`);
+  log(
+    `native concurrency: ${warmup} warm-up + ${trials} alternating trials of ${n} concurrent adds/removes, ours and stock`,
+  );
   for (let t = 0; t < warmup + trials; t++) {
     for (const kind of rotation(['ours', 'stock'], t)) {
       const r = await concurrentOnce(w, kind, images);
@@ -207,9 +240,11 @@ export async function startup(hooks, wrappers, { runs = 30, warmup = 3 } = {}) {
   for (let round = 0; round < warmup + runs; round++) {
     for (const v of rotation(variants, round)) {
       const [file, args] =
-        v === 'node -e 0' ? [NODE, ['-e', '0']]
-        : v.startsWith('node ') ? [NODE, [hooks[v.split(' ')[1].replace(/\.mjs$/, '')], '--version']]
-        : [wrappers[v.split(' ')[0]], ['--version']];
+        v === 'node -e 0'
+          ? [NODE, ['-e', '0']]
+          : v.startsWith('node ')
+            ? [NODE, [hooks[v.split(' ')[1].replace(/\.mjs$/, '')], '--version']]
+            : [wrappers[v.split(' ')[0]], ['--version']];
       const r = await timed(file, args, { cpuDir });
       if (r.code !== 0) throw new Error(`${v} exited ${r.code}: ${r.stderr}`);
       if (round >= warmup) {

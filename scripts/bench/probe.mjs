@@ -25,7 +25,14 @@ cp.ChildProcess.prototype.spawn = function spawnTimed(options) {
   const start = performance.now();
   const r = origSpawn.call(this, options);
   const args = options?.args ?? [];
-  this.once('exit', () => children.push({ cmd: basename(String(options?.file ?? '?')), arg: String(args[1] ?? ''), start, end: performance.now() }));
+  this.once('exit', () =>
+    children.push({
+      cmd: basename(String(options?.file ?? '?')),
+      arg: String(args[1] ?? ''),
+      start,
+      end: performance.now(),
+    }),
+  );
   return r;
 };
 
@@ -46,7 +53,13 @@ function frameCounter() {
 const origConnect = net.Socket.prototype.connect;
 net.Socket.prototype.connect = function connectTimed(...args) {
   const o = args[0];
-  const path = Array.isArray(o) ? o[0]?.path : typeof o === 'object' && o ? o.path : typeof o === 'string' ? o : undefined;
+  const path = Array.isArray(o)
+    ? o[0]?.path
+    : typeof o === 'object' && o
+      ? o.path
+      : typeof o === 'string'
+        ? o
+        : undefined;
   const watch = Boolean(path && path === process.env.XENSTORED_PATH && !this.__xbhProbe);
   const c0 = performance.now();
   // connect() resets this.write, so the write hook goes on after it.
@@ -83,15 +96,18 @@ process.on('exit', (code) => {
   if (!out) return;
   const exitAt = performance.now();
   const t = performance.nodeTiming;
-  writeFileSync(out, JSON.stringify({
-    code,
-    timeOrigin: performance.timeOrigin,
-    bootstrapMs: t.bootstrapComplete,
-    probeStartMs: probeStart,
-    firstActivityMs: firstActivity ?? exitAt,
-    exitMs: exitAt,
-    exitEpoch: performance.timeOrigin + exitAt,
-    children,
-    xenstore: xs,
-  }));
+  writeFileSync(
+    out,
+    JSON.stringify({
+      code,
+      timeOrigin: performance.timeOrigin,
+      bootstrapMs: t.bootstrapComplete,
+      probeStartMs: probeStart,
+      firstActivityMs: firstActivity ?? exitAt,
+      exitMs: exitAt,
+      exitEpoch: performance.timeOrigin + exitAt,
+      children,
+      xenstore: xs,
+    }),
+  );
 });

@@ -62,16 +62,30 @@ async function prepare(runDir) {
   const prefix = join(runDir, 'install');
   const inst = spawnSync(join(ROOT, 'install'), ['--replace-block'], {
     encoding: 'utf8',
-    env: { ...process.env, DESTDIR: '', NODE: process.execPath, PREFIX: prefix, SYSCONFDIR: join(prefix, 'etc'), XEN_SCRIPT_DIR: join(prefix, 'scripts') },
+    env: {
+      ...process.env,
+      DESTDIR: '',
+      NODE: process.execPath,
+      PREFIX: prefix,
+      SYSCONFDIR: join(prefix, 'etc'),
+      XEN_SCRIPT_DIR: join(prefix, 'scripts'),
+    },
   });
   if (inst.status !== 0) throw new Error(`install into ${prefix} failed: ${inst.stderr.trim()}`);
   for (const line of inst.stderr.split('\n').filter((l) => /snapshot/i.test(l))) log(line);
   const wrappers = Object.fromEntries(Object.keys(hooks).map((name) => [name, join(prefix, 'scripts', name)]));
   await build({
-    entryPoints: [join(HERE, 'lib.mjs')], bundle: true, platform: 'node', target: 'node18', format: 'esm',
+    entryPoints: [join(HERE, 'lib.mjs')],
+    bundle: true,
+    platform: 'node',
+    target: 'node18',
+    format: 'esm',
     // Two folders below the project root, as test/lib/ is: stock-scripts.ts finds .cache/stock from there.
-    outfile: libFile(runDir), logLevel: 'warning',
-    banner: { js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);" },
+    outfile: libFile(runDir),
+    logLevel: 'warning',
+    banner: {
+      js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);",
+    },
   });
   const lib = await import(pathToFileURL(libFile(runDir)).href);
   return { hooks, wrappers, lib };
@@ -82,19 +96,36 @@ const libFile = (runDir) => join(ROOT, '.cache', 'bench', `lib-${basename(runDir
 async function runGuest(runDir, parts, o) {
   const { runInGuest } = await import(pathToFileURL(join(ROOT, 'scripts', 'vm', 'run-guest.mjs')).href);
   const stockDir = await (await import(pathToFileURL(libFile(runDir)).href)).stockScriptsDir();
-  const commands = parts.map((p) => [process.execPath, join(runDir, 'guest.mjs'), p, '--runs', String(o.guestRuns), '--stock', join(stockDir, 'block'), '--lib', libFile(runDir)]);
+  const commands = parts.map((p) => [
+    process.execPath,
+    join(runDir, 'guest.mjs'),
+    p,
+    '--runs',
+    String(o.guestRuns),
+    '--stock',
+    join(stockDir, 'block'),
+    '--lib',
+    libFile(runDir),
+  ]);
   log(`guest: one boot for ${parts.join(', ')} (streaming its console below)`);
   const run = await runInGuest({
-    commands, timeoutMs: 2_700_000, fileTimeoutMs: 1_800_000, memoryMb: 3072,
+    commands,
+    timeoutMs: 2_700_000,
+    fileTimeoutMs: 1_800_000,
+    memoryMb: 3072,
     env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k.startsWith('XBH_BENCH_'))),
-    onConsole: (s) => process.stderr.write(s), log,
+    onConsole: (s) => process.stderr.write(s),
+    log,
   });
   const out = {};
   run.results.forEach((r, i) => {
     const part = parts[i];
     const line = r.stdout.split('\n').find((l) => l.startsWith('XBH-BENCH-RESULT '));
     if (line) out[part] = JSON.parse(line.slice('XBH-BENCH-RESULT '.length));
-    else out[part] = { error: `no result (exit ${r.exitCode}${r.timedOut ? ', timed out' : ''}): ${r.stderr.split('\n').slice(-8).join('\n')}` };
+    else
+      out[part] = {
+        error: `no result (exit ${r.exitCode}${r.timedOut ? ', timed out' : ''}): ${r.stderr.split('\n').slice(-8).join('\n')}`,
+      };
     if (r.leftovers.length) out[part].leftovers = r.leftovers;
   });
   out.bootMs = run.readyMs;
@@ -117,7 +148,13 @@ async function main(argv) {
   const stamp = new Date().toISOString().replace(/[:.]/g, '-');
   const runDir = join(ROOT, '.cache', 'bench', `run-${stamp}`);
   mkdirSync(runDir, { recursive: true });
-  const results = { machine: machine(), command: `npm run bench${argv.length ? ` -- ${argv.join(' ')}` : ''}`, parts: o.parts, native: {}, guest: {} };
+  const results = {
+    machine: machine(),
+    command: `npm run bench${argv.length ? ` -- ${argv.join(' ')}` : ''}`,
+    parts: o.parts,
+    native: {},
+    guest: {},
+  };
   log(`machine: ${JSON.stringify(results.machine)}`);
   const t0 = Date.now();
   const { hooks, wrappers, lib } = await prepare(runDir);
@@ -128,12 +165,20 @@ async function main(argv) {
     try {
       if (o.parts.includes('latency')) {
         const load = loadNow();
-        results.native.latency = { loadStart: load, ...(await nativeLatency(lib, w, { runs: o.runs })), loadEnd: loadNow() };
+        results.native.latency = {
+          loadStart: load,
+          ...(await nativeLatency(lib, w, { runs: o.runs })),
+          loadEnd: loadNow(),
+        };
         save();
       }
       if (o.parts.includes('concurrency')) {
         const load = loadNow();
-        results.native.concurrency = { loadStart: load, ...(await nativeConcurrency(lib, w, { n: 10, trials: Math.max(20, Math.round(o.runs / 1.5)) })), loadEnd: loadNow() };
+        results.native.concurrency = {
+          loadStart: load,
+          ...(await nativeConcurrency(lib, w, { n: 10, trials: Math.max(20, Math.round(o.runs / 1.5)) })),
+          loadEnd: loadNow(),
+        };
         save();
       }
     } finally {
@@ -142,7 +187,11 @@ async function main(argv) {
   }
   if (o.native && o.parts.includes('startup')) {
     const load = loadNow();
-    results.native.startup = { loadStart: load, ...(await startup({ block: hooks.block, 'block-cow': hooks['block-cow'] }, wrappers, { runs: o.runs })), loadEnd: loadNow() };
+    results.native.startup = {
+      loadStart: load,
+      ...(await startup({ block: hooks.block, 'block-cow': hooks['block-cow'] }, wrappers, { runs: o.runs })),
+      loadEnd: loadNow(),
+    };
     save();
   }
   const guestParts = GUEST_PARTS.filter((p) => o.parts.includes(p));
@@ -153,7 +202,13 @@ async function main(argv) {
     const groups = Array.from({ length: boots }, (_, b) => guestParts.filter((_, i) => i % boots === b));
     const loadStart = loadNow();
     const runs = await Promise.all(groups.map((g) => runGuest(runDir, g, o)));
-    results.guest = { loadStart, boots: groups, bootMs: runs.map((r) => r.bootMs), totalMs: Math.max(...runs.map((r) => r.totalMs)), loadEnd: loadNow() };
+    results.guest = {
+      loadStart,
+      boots: groups,
+      bootMs: runs.map((r) => r.bootMs),
+      totalMs: Math.max(...runs.map((r) => r.totalMs)),
+      loadEnd: loadNow(),
+    };
     for (const r of runs) for (const p of guestParts) if (r[p]) results.guest[p] = r[p];
     save();
   }
@@ -161,7 +216,11 @@ async function main(argv) {
     const { dom0Bench } = await import(pathToFileURL(join(HERE, 'dom0.mjs')).href);
     log('dom0: one boot of the Xen tier (streaming its console below)');
     const loadStart = loadNow();
-    results.dom0 = { loadStart, ...(await dom0Bench({ rounds: o.dom0Runs, log, onConsole: (s) => process.stderr.write(s) })), loadEnd: loadNow() };
+    results.dom0 = {
+      loadStart,
+      ...(await dom0Bench({ rounds: o.dom0Runs, log, onConsole: (s) => process.stderr.write(s) })),
+      loadEnd: loadNow(),
+    };
     save();
   }
   results.wallMs = Date.now() - t0;

@@ -9,8 +9,20 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
-  chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync,
-  readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync,
+  chmodSync,
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readdirSync,
+  renameSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
 } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -23,17 +35,52 @@ const BUSYBOX = '/bin/busybox';
 
 /** Load order for busybox insmod (the .deb has no modules.dep; order follows each `depends=`). */
 export const MODULES = [
-  'virtio_ring', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio', 'virtio_pci',
-  '9pnet', '9pnet_virtio', 'netfs', 'fscache', '9p', 'overlay',
-  'loop', 'nbd',
-  'dm-mod', 'dm-bufio', 'dm-snapshot', 'crc32c_generic', 'dm-bio-prison', 'libcrc32c',
-  'dm-persistent-data', 'dm-thin-pool', 'dm-zero',
-  'crc16', 'mbcache', 'jbd2', 'ext4',
-  'libceph', 'rbd',
+  'virtio_ring',
+  'virtio_pci_modern_dev',
+  'virtio_pci_legacy_dev',
+  'virtio',
+  'virtio_pci',
+  '9pnet',
+  '9pnet_virtio',
+  'netfs',
+  'fscache',
+  '9p',
+  'overlay',
+  'loop',
+  'nbd',
+  'dm-mod',
+  'dm-bufio',
+  'dm-snapshot',
+  'crc32c_generic',
+  'dm-bio-prison',
+  'libcrc32c',
+  'dm-persistent-data',
+  'dm-thin-pool',
+  'dm-zero',
+  'crc16',
+  'mbcache',
+  'jbd2',
+  'ext4',
+  'libceph',
+  'rbd',
 ];
 
 /** Busybox applets guest-init.sh uses. */
-const APPLETS = ['sh', 'mount', 'mkdir', 'insmod', 'cat', 'ln', 'rm', 'chmod', 'chroot', 'poweroff', 'sync', 'hostname', 'echo'];
+const APPLETS = [
+  'sh',
+  'mount',
+  'mkdir',
+  'insmod',
+  'cat',
+  'ln',
+  'rm',
+  'chmod',
+  'chroot',
+  'poweroff',
+  'sync',
+  'hostname',
+  'echo',
+];
 
 function run(file, args, opts = {}) {
   return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], ...opts });
@@ -103,10 +150,16 @@ function kernelDeb(pkg, log) {
 export function extract(deb, dest, patterns) {
   return new Promise((resolve, reject) => {
     const dpkg = spawn('dpkg-deb', ['--fsys-tarfile', deb], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const tar = spawn('tar', ['-x', '-C', dest, '--wildcards', ...patterns], { stdio: [dpkg.stdout, 'ignore', 'pipe'] });
+    const tar = spawn('tar', ['-x', '-C', dest, '--wildcards', ...patterns], {
+      stdio: [dpkg.stdout, 'ignore', 'pipe'],
+    });
     let err = '';
-    dpkg.stderr.on('data', (d) => { err += d; });
-    tar.stderr.on('data', (d) => { err += d; });
+    dpkg.stderr.on('data', (d) => {
+      err += d;
+    });
+    tar.stderr.on('data', (d) => {
+      err += d;
+    });
     let left = 2;
     let failed = false;
     const done = (what) => (code) => {
@@ -151,7 +204,11 @@ export function busyboxInitramfs(root, out, { dirs, applets, init, modules }) {
   writeFileSync(join(root, 'lib', 'modules', 'order'), `${modules.map((m) => m.name).join('\n')}\n`);
   const fd = openSync(out, 'w');
   try {
-    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: root, input: `${walk(root).join('\n')}\n`, stdio: ['pipe', fd, 'pipe'] });
+    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], {
+      cwd: root,
+      input: `${walk(root).join('\n')}\n`,
+      stdio: ['pipe', fd, 'pipe'],
+    });
   } finally {
     closeSync(fd);
   }
@@ -172,7 +229,11 @@ export function unpackVmlinux(vmlinuz, vmlinux) {
   if (at < 0) throw new Error(`${vmlinuz}: no xz payload found`);
   const fd = openSync(vmlinux, 'w');
   try {
-    execFileSync('xz', ['-dc', '--single-stream'], { input: img.subarray(at), stdio: ['pipe', fd, 'pipe'], maxBuffer: 1 << 30 });
+    execFileSync('xz', ['-dc', '--single-stream'], {
+      input: img.subarray(at),
+      stdio: ['pipe', fd, 'pipe'],
+      maxBuffer: 1 << 30,
+    });
   } catch (e) {
     // xz stops reading at the end of its stream; the bytes after it then meet a closed pipe.
     if (!(e.code === 'EPIPE' && e.status === 0)) throw e;
@@ -185,7 +246,12 @@ export function unpackVmlinux(vmlinuz, vmlinux) {
 
 function stampOf(debName) {
   const h = createHash('sha256');
-  for (const part of [debName, readFileSync(INIT_SCRIPT), MODULES.join(' '), readFileSync(fileURLToPath(import.meta.url))]) {
+  for (const part of [
+    debName,
+    readFileSync(INIT_SCRIPT),
+    MODULES.join(' '),
+    readFileSync(fileURLToPath(import.meta.url)),
+  ]) {
     h.update(part);
     h.update('\0');
   }
@@ -207,7 +273,12 @@ export async function buildGuest({ log = () => {} } = {}) {
     kernel: pkg,
   };
   const stampFile = join(CACHE_DIR, 'stamp');
-  if (existsSync(stampFile) && readFileSync(stampFile, 'utf8') === stamp && existsSync(paths.vmlinux) && existsSync(paths.initrd)) {
+  if (
+    existsSync(stampFile) &&
+    readFileSync(stampFile, 'utf8') === stamp &&
+    existsSync(paths.vmlinux) &&
+    existsSync(paths.initrd)
+  ) {
     return paths;
   }
   for (const tool of ['dpkg-deb', 'xz', 'cpio', 'tar']) {
@@ -230,7 +301,9 @@ export async function buildGuest({ log = () => {} } = {}) {
     unpackVmlinux(join(unpacked, vmlinuz), join(work, 'vmlinux'));
 
     busyboxInitramfs(join(work, 'initramfs'), join(work, 'initrd.cpio'), {
-      dirs: ['bin', 'dev', 'proc', 'sys', 'mnt'], applets: APPLETS, init: INIT_SCRIPT,
+      dirs: ['bin', 'dev', 'proc', 'sys', 'mnt'],
+      applets: APPLETS,
+      init: INIT_SCRIPT,
       modules: MODULES.map((m) => findModule(files, m, unpacked, deb)),
     });
     // Same inputs give the same files, so a concurrent builder's rename over ours is harmless.

@@ -49,19 +49,29 @@ function runJob(job) {
     const t0 = Date.now();
     console.log(`xbh-agent: run ${job.label}`);
     const child = spawn(job.argv[0], job.argv.slice(1), {
-      cwd: plan.cwd, env: cleanEnv, stdio: ['ignore', 'pipe', 'pipe'], detached: true,
+      cwd: plan.cwd,
+      env: cleanEnv,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
     });
-    const tee = (fd, sink) => (d) => { writeFileSync(fd, d); if (plan.echo) sink.write(d); };
+    const tee = (fd, sink) => (d) => {
+      writeFileSync(fd, d);
+      if (plan.echo) sink.write(d);
+    };
     child.stdout.on('data', tee(stdout, process.stdout));
     child.stderr.on('data', tee(stderr, process.stderr));
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
-      try { process.kill(-child.pid, 'SIGKILL'); } catch {}
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {}
     }, plan.fileTimeoutMs);
     const finish = (exitCode, signal, error) => {
       clearTimeout(timer);
-      try { process.kill(-child.pid, 'SIGKILL'); } catch {} // stray background children of the test
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {} // stray background children of the test
       resolve({ exitCode, signal, error, timedOut, durationMs: Date.now() - t0 });
     };
     child.on('error', (e) => finish(null, null, String(e)));
@@ -79,11 +89,17 @@ for (const job of plan.jobs) {
   const still = leftovers();
   if (still.length) result.resetFailed = still;
   writeFileSync(join(SHARE, 'results', `${job.id}.json`), JSON.stringify(result));
-  console.log(`xbh-agent: done ${job.label}: exit ${result.exitCode ?? result.signal}${result.timedOut ? ' (timed out)' : ''}`);
+  console.log(
+    `xbh-agent: done ${job.label}: exit ${result.exitCode ?? result.signal}${result.timedOut ? ' (timed out)' : ''}`,
+  );
 }
 if (plan.shell) {
   console.log('xbh-agent: shell (exit it to power off)');
   const tty = openSync('/dev/ttyS0', 'r+');
-  spawnSync('setsid', ['-c', '-w', '/bin/bash', '-i'], { cwd: plan.cwd, env: { ...cleanEnv, TERM: 'linux' }, stdio: [tty, tty, tty] });
+  spawnSync('setsid', ['-c', '-w', '/bin/bash', '-i'], {
+    cwd: plan.cwd,
+    env: { ...cleanEnv, TERM: 'linux' },
+    stdio: [tty, tty, tty],
+  });
 }
 writeFileSync(join(SHARE, 'done'), 'ok\n');

@@ -16,8 +16,9 @@ import { assertionPoints, parseTap } from './tap.mjs';
 export const GUEST_TEST_DIR = join(PROJECT_ROOT, 'test', 'guest');
 export const BUNDLE_DIR = join(PROJECT_ROOT, '.cache', 'guest-tests');
 
-const BANNER = "import { createRequire as __guestCreateRequire } from 'node:module';\n"
-  + 'const require = __guestCreateRequire(import.meta.url);';
+const BANNER =
+  "import { createRequire as __guestCreateRequire } from 'node:module';\n" +
+  'const require = __guestCreateRequire(import.meta.url);';
 
 /**
  * test/guest/*.test.ts, optionally only those whose name contains one of `filters`, or (for the
@@ -44,8 +45,14 @@ export async function bundleGuestTests(files, outDir) {
   for (const file of files) {
     const outfile = join(outDir, basename(file).replace(/\.ts$/, '.mjs'));
     await build({
-      entryPoints: [file], outfile, bundle: true, platform: 'node', target: 'node18', format: 'esm',
-      banner: { js: BANNER }, logLevel: 'warning',
+      entryPoints: [file],
+      outfile,
+      bundle: true,
+      platform: 'node',
+      target: 'node18',
+      format: 'esm',
+      banner: { js: BANNER },
+      logLevel: 'warning',
     });
     out.push(outfile);
   }
@@ -56,14 +63,36 @@ export async function bundleGuestTests(files, outDir) {
  * Bundles and runs the guest tests in one boot. Resolves to the runInGuest result, each job
  * result carrying `source` (the .ts file) and `points` (its parsed TAP).
  */
-export async function runGuestTests({ filters = [], prefixes = [], timeoutMs = 540_000, fileTimeoutMs, onConsole, log, shell = false, env = {}, memoryMb } = {}) {
+export async function runGuestTests({
+  filters = [],
+  prefixes = [],
+  timeoutMs = 540_000,
+  fileTimeoutMs,
+  onConsole,
+  log,
+  shell = false,
+  env = {},
+  memoryMb,
+} = {}) {
   const sources = guestTestFiles(filters, prefixes);
-  if (sources.length === 0) throw new Error(`no guest test files in ${GUEST_TEST_DIR} match ${[...filters, ...prefixes.map((p) => `${p}*`)].join(' ') || '*'}`);
+  if (sources.length === 0)
+    throw new Error(
+      `no guest test files in ${GUEST_TEST_DIR} match ${[...filters, ...prefixes.map((p) => `${p}*`)].join(' ') || '*'}`,
+    );
   mkdirSync(BUNDLE_DIR, { recursive: true });
   const outDir = mkdtempSync(join(BUNDLE_DIR, 'run-'));
   try {
     const bundles = await bundleGuestTests(sources, outDir);
-    const run = await runInGuest({ files: bundles, shell, timeoutMs, fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000), onConsole, log, env, ...(memoryMb ? { memoryMb } : {}) });
+    const run = await runInGuest({
+      files: bundles,
+      shell,
+      timeoutMs,
+      fileTimeoutMs: fileTimeoutMs ?? Math.min(timeoutMs, 300_000),
+      onConsole,
+      log,
+      env,
+      ...(memoryMb ? { memoryMb } : {}),
+    });
     run.results.forEach((r, i) => {
       r.source = sources[i];
       r.points = parseTap(r.stdout);
@@ -92,13 +121,23 @@ export function npmTestEnv() {
 }
 
 function indent(text, by = '    ') {
-  return text.split('\n').map((l) => (l ? by + l : l)).join('\n');
+  return text
+    .split('\n')
+    .map((l) => (l ? by + l : l))
+    .join('\n');
 }
 
 async function main(argv) {
   const shell = argv.includes('--shell');
   const filters = argv.filter((a) => a !== '--shell');
-  const run = await runGuestTests({ filters, shell, timeoutMs: shell ? 3_600_000 : undefined, log: (m) => console.error(m), env: npmTestEnv(), memoryMb: guestMemoryMb(Number(npmTestEnv().XBH_FAULT_CONCURRENCY)) });
+  const run = await runGuestTests({
+    filters,
+    shell,
+    timeoutMs: shell ? 3_600_000 : undefined,
+    log: (m) => console.error(m),
+    env: npmTestEnv(),
+    memoryMb: guestMemoryMb(Number(npmTestEnv().XBH_FAULT_CONCURRENCY)),
+  });
   console.log('TAP version 13');
   let n = 0;
   let failed = 0;
@@ -112,12 +151,20 @@ async function main(argv) {
     console.log(`# Subtest: ${name}`);
     console.log(indent(r.stdout.trimEnd()));
     console.log(`${ok ? 'ok' : 'not ok'} ${++n} - ${name}`);
-    const notes = [why, points.length === 0 ? 'no test points in its output' : '', r.stderr.trim() && !ok ? `stderr:\n${r.stderr.trim().split('\n').slice(-30).join('\n')}` : '']
-      .filter(Boolean).join('\n');
+    const notes = [
+      why,
+      points.length === 0 ? 'no test points in its output' : '',
+      r.stderr.trim() && !ok ? `stderr:\n${r.stderr.trim().split('\n').slice(-30).join('\n')}` : '',
+    ]
+      .filter(Boolean)
+      .join('\n');
     if (notes) console.log(indent(notes, '  # ').replace(/^ {2}# $/gm, '  #'));
   }
   console.log(`1..${n}`);
-  if (!run.done) console.log(`# the guest did not finish${run.timedOut ? ' (time limit, QEMU killed)' : ''}; console tail:\n${indent(run.consoleTail, '# ')}`);
+  if (!run.done)
+    console.log(
+      `# the guest did not finish${run.timedOut ? ' (time limit, QEMU killed)' : ''}; console tail:\n${indent(run.consoleTail, '# ')}`,
+    );
   console.log(`# guest: ${run.totalMs} ms in all, agent ready after ${run.readyMs ?? '?'} ms`);
   console.log(`# ${n - failed} passed, ${failed} failed`);
   return failed === 0 && run.done ? 0 : 1;

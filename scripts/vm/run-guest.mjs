@@ -19,12 +19,34 @@ const CONSOLE_KEEP = 64 * 1024;
 
 function qemuArgs(guest, share, memoryMb) {
   return [
-    '-accel', 'tcg,thread=multi', '-cpu', 'max', '-smp', '1', '-m', String(memoryMb), '-machine', 'q35',
-    '-nodefaults', '-no-user-config', '-nographic', '-serial', 'stdio', '-monitor', 'none', '-no-reboot',
-    '-kernel', guest.vmlinux, '-initrd', guest.initrd,
-    '-append', 'console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init',
-    '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
-    '-virtfs', `local,path=${share},mount_tag=shared,security_model=none,multidevs=remap`,
+    '-accel',
+    'tcg,thread=multi',
+    '-cpu',
+    'max',
+    '-smp',
+    '1',
+    '-m',
+    String(memoryMb),
+    '-machine',
+    'q35',
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    '-serial',
+    'stdio',
+    '-monitor',
+    'none',
+    '-no-reboot',
+    '-kernel',
+    guest.vmlinux,
+    '-initrd',
+    guest.initrd,
+    '-append',
+    'console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init',
+    '-virtfs',
+    'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
+    '-virtfs',
+    `local,path=${share},mount_tag=shared,security_model=none,multidevs=remap`,
   ];
 }
 
@@ -40,8 +62,16 @@ function readIf(file) {
  * QEMU cannot be started.
  */
 export async function runInGuest({
-  files = [], commands = [], env = {}, timeoutMs = 300_000, fileTimeoutMs, onConsole, shell = false,
-  cwd = PROJECT_ROOT, memoryMb = 2048, log = () => {},
+  files = [],
+  commands = [],
+  env = {},
+  timeoutMs = 300_000,
+  fileTimeoutMs,
+  onConsole,
+  shell = false,
+  cwd = PROJECT_ROOT,
+  memoryMb = 2048,
+  log = () => {},
 } = {}) {
   const t0 = Date.now();
   const guest = await buildGuest({ log });
@@ -62,9 +92,17 @@ export async function runInGuest({
     mkdirSync(join(share, 'results'));
     copyFileSync(join(HERE, 'guest-agent.mjs'), join(share, 'agent.mjs'));
     writeFileSync(join(share, 'node'), process.execPath);
-    writeFileSync(join(share, 'plan.json'), JSON.stringify({
-      cwd, env, jobs, shell, echo: Boolean(onConsole) || shell, fileTimeoutMs: fileTimeoutMs ?? timeoutMs,
-    }));
+    writeFileSync(
+      join(share, 'plan.json'),
+      JSON.stringify({
+        cwd,
+        env,
+        jobs,
+        shell,
+        echo: Boolean(onConsole) || shell,
+        fileTimeoutMs: fileTimeoutMs ?? timeoutMs,
+      }),
+    );
 
     let consoleText = '';
     let readyMs;
@@ -94,11 +132,19 @@ export async function runInGuest({
       const base = join(share, 'results', job.id);
       const meta = existsSync(`${base}.json`) ? JSON.parse(readFileSync(`${base}.json`, 'utf8')) : undefined;
       const r = {
-        label: job.label, argv: job.argv, finished: Boolean(meta),
-        exitCode: meta?.exitCode ?? null, signal: meta?.signal ?? null, error: meta?.error,
-        timedOut: meta ? meta.timedOut : timedOut, durationMs: meta?.durationMs,
-        stdout: readIf(`${base}.stdout`), stderr: readIf(`${base}.stderr`),
-        leftovers: meta?.leftovers ?? [], resetFailed: meta?.resetFailed ?? [], scratchLeft: meta?.scratchLeft ?? [],
+        label: job.label,
+        argv: job.argv,
+        finished: Boolean(meta),
+        exitCode: meta?.exitCode ?? null,
+        signal: meta?.signal ?? null,
+        error: meta?.error,
+        timedOut: meta ? meta.timedOut : timedOut,
+        durationMs: meta?.durationMs,
+        stdout: readIf(`${base}.stdout`),
+        stderr: readIf(`${base}.stderr`),
+        leftovers: meta?.leftovers ?? [],
+        resetFailed: meta?.resetFailed ?? [],
+        scratchLeft: meta?.scratchLeft ?? [],
       };
       r.ok = r.finished && r.exitCode === 0 && !r.timedOut && r.leftovers.length === 0;
       return r;
@@ -106,7 +152,11 @@ export async function runInGuest({
     const done = existsSync(join(share, 'done'));
     return {
       ok: done && !timedOut && results.every((r) => r.ok),
-      done, timedOut, qemuExit, readyMs, totalMs: Date.now() - t0,
+      done,
+      timedOut,
+      qemuExit,
+      readyMs,
+      totalMs: Date.now() - t0,
       consoleTail: consoleText.split('\n').slice(-40).join('\n'),
       results,
     };
@@ -118,7 +168,12 @@ export async function runInGuest({
 /** Why a job failed, in a few lines (empty when it passed). */
 export function describeJobFailure(r, run) {
   const why = [];
-  if (!r.finished) why.push(run.timedOut ? 'the guest hit its time limit before this job finished' : 'the guest stopped before this job finished');
+  if (!r.finished)
+    why.push(
+      run.timedOut
+        ? 'the guest hit its time limit before this job finished'
+        : 'the guest stopped before this job finished',
+    );
   else if (r.timedOut) why.push(`timed out after ${r.durationMs} ms`);
   else if (r.error) why.push(`could not start: ${r.error}`);
   else if (r.exitCode !== 0) why.push(`exited with ${r.exitCode ?? r.signal}`);
@@ -134,21 +189,35 @@ async function main(argv) {
   let timeoutMs = 600_000;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a === '--') { command = argv.slice(i + 1); break; }
+    if (a === '--') {
+      command = argv.slice(i + 1);
+      break;
+    }
     if (a === '--shell') shell = true;
     else if (a === '--timeout') timeoutMs = Number(argv[++i]) * 1000;
     else if (a === '-h' || a === '--help') {
       console.log('usage: node scripts/vm/run-guest.mjs [--shell] [--timeout SECONDS] [FILE...] [-- COMMAND ARG...]');
       return 0;
-    } else if (a.startsWith('-')) { console.error(`unknown option ${a}`); return 2; }
-    else files.push(a);
+    } else if (a.startsWith('-')) {
+      console.error(`unknown option ${a}`);
+      return 2;
+    } else files.push(a);
   }
-  if (!files.length && !command?.length && !shell) { console.error('nothing to run (give FILEs, -- COMMAND, or --shell)'); return 2; }
+  if (!files.length && !command?.length && !shell) {
+    console.error('nothing to run (give FILEs, -- COMMAND, or --shell)');
+    return 2;
+  }
   const run = await runInGuest({
-    files, commands: command?.length ? [command] : [], timeoutMs, shell,
-    onConsole: (s) => process.stdout.write(s), log: (m) => console.error(m),
+    files,
+    commands: command?.length ? [command] : [],
+    timeoutMs,
+    shell,
+    onConsole: (s) => process.stdout.write(s),
+    log: (m) => console.error(m),
   });
-  console.error(`\nguest: ${run.totalMs} ms total, agent ready after ${run.readyMs ?? '?'} ms${run.timedOut ? ', TIMED OUT (QEMU killed)' : ''}`);
+  console.error(
+    `\nguest: ${run.totalMs} ms total, agent ready after ${run.readyMs ?? '?'} ms${run.timedOut ? ', TIMED OUT (QEMU killed)' : ''}`,
+  );
   for (const r of run.results) {
     const why = describeJobFailure(r, run);
     console.error(`${why ? 'FAIL' : 'ok  '} ${basename(r.label)}${why ? `: ${why}` : ''}`);

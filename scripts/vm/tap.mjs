@@ -31,7 +31,10 @@ export function parseTap(text) {
     if (lines[i + 1] === `${indent}  ---`) {
       const end = lines.indexOf(`${indent}  ...`, i + 2);
       if (end > 0) {
-        diag = lines.slice(i + 2, end).map((l) => l.slice(indent.length + 2)).join('\n');
+        diag = lines
+          .slice(i + 2, end)
+          .map((l) => l.slice(indent.length + 2))
+          .join('\n');
         i = end;
       }
     }
@@ -41,8 +44,13 @@ export function parseTap(text) {
     points.push({
       name: [...names.slice(0, depth), own].join(' > '),
       ok: m[2].toLowerCase() === 'ok',
-      skip: directive === 'SKIP', todo: directive === 'TODO', directive: m[5] ?? '',
-      diag, failureType, depth, hasChildren: Boolean(childSeen[depth]),
+      skip: directive === 'SKIP',
+      todo: directive === 'TODO',
+      directive: m[5] ?? '',
+      diag,
+      failureType,
+      depth,
+      hasChildren: Boolean(childSeen[depth]),
     });
     childSeen[depth] = false;
     if (depth > 0) childSeen[depth - 1] = true;
@@ -63,6 +71,12 @@ export function assertionPoints(points) {
 export function errorSummary(diag) {
   const m = /^error: (?:\|-?\n((?: {2}.*\n?)+)|'?(.*?)'?$)/m.exec(diag);
   if (!m) return '';
-  const text = m[1] ? m[1].split('\n').map((l) => l.trim()).filter(Boolean).join(' ') : m[2];
+  const text = m[1]
+    ? m[1]
+        .split('\n')
+        .map((l) => l.trim())
+        .filter(Boolean)
+        .join(' ')
+    : m[2];
   return text.length > 300 ? `${text.slice(0, 300)}…` : text;
 }

@@ -17,8 +17,20 @@
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
-  chmodSync, closeSync, copyFileSync, existsSync, lstatSync, mkdirSync, openSync, readFileSync,
-  readdirSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync,
+  chmodSync,
+  closeSync,
+  copyFileSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readdirSync,
+  renameSync,
+  rmSync,
+  symlinkSync,
+  utimesSync,
+  writeFileSync,
 } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -34,10 +46,23 @@ const DOM0_INIT = join(HERE, 'dom0-init.sh');
 const DOMU_INIT = join(HERE, 'domu-init.sh');
 
 export const XEN_PACKAGES = [
-  'xen-hypervisor-4.17-amd64', 'xen-utils-4.17', 'xen-utils-common', 'xenstore-utils',
-  'libxenmisc4.17', 'libxenstore4', 'libxentoolcore1', 'libxentoollog1', 'libxencall1',
-  'libxenevtchn1', 'libxenforeignmemory1', 'libxengnttab1', 'libxendevicemodel1', 'libxenhypfs1',
-  'libyajl2', 'kmod', 'libkmod2',
+  'xen-hypervisor-4.17-amd64',
+  'xen-utils-4.17',
+  'xen-utils-common',
+  'xenstore-utils',
+  'libxenmisc4.17',
+  'libxenstore4',
+  'libxentoolcore1',
+  'libxentoollog1',
+  'libxencall1',
+  'libxenevtchn1',
+  'libxenforeignmemory1',
+  'libxengnttab1',
+  'libxendevicemodel1',
+  'libxenhypfs1',
+  'libyajl2',
+  'kmod',
+  'libkmod2',
 ];
 /** Debian 12's nodejs; its dependencies that this machine lacks are added by nodePackages(). */
 const NODE_ROOTS = ['nodejs', 'libnode108'];
@@ -45,8 +70,17 @@ const NODE_MAJOR = '18.';
 
 /** Modules of the dom0 initramfs, busybox insmod order (each after its `depends=`). */
 const DOM0_EARLY_MODULES = [
-  'virtio_ring', 'virtio_pci_modern_dev', 'virtio_pci_legacy_dev', 'virtio', 'virtio_pci',
-  '9pnet', '9pnet_virtio', 'netfs', 'fscache', '9p', 'overlay',
+  'virtio_ring',
+  'virtio_pci_modern_dev',
+  'virtio_pci_legacy_dev',
+  'virtio',
+  'virtio_pci',
+  '9pnet',
+  '9pnet_virtio',
+  'netfs',
+  'fscache',
+  '9p',
+  'overlay',
 ];
 /**
  * Loaded from dom0's initramfs too (from RAM: reading modules over 9p and running modprobe in
@@ -54,8 +88,20 @@ const DOM0_EARLY_MODULES = [
  * modules.dep. crc32c_generic first: libcrc32c needs a crc32c algorithm (a softdep).
  */
 const DOM0_MODULES = [
-  'crc32c_generic', 'xenfs', 'xen-evtchn', 'xen-gntdev', 'xen-gntalloc', 'xen-privcmd', 'xen-blkback',
-  'loop', 'nbd', 'dm-mod', 'dm-snapshot', 'dm-thin-pool', 'dm-zero', 'rbd',
+  'crc32c_generic',
+  'xenfs',
+  'xen-evtchn',
+  'xen-gntdev',
+  'xen-gntalloc',
+  'xen-privcmd',
+  'xen-blkback',
+  'loop',
+  'nbd',
+  'dm-mod',
+  'dm-snapshot',
+  'dm-thin-pool',
+  'dm-zero',
+  'rbd',
   // A bootloader (pygrub) reads the guest's disk through a dom0 frontend; udev loads it on a real dom0.
   'xen-blkfront',
 ];
@@ -74,20 +120,67 @@ const DOMU_FS_MODULES = ['crc32c_generic', 'ext4'];
 const DOMU_PROGRAMS = ['/usr/sbin/resize2fs'];
 /** Parts of the kernel's module tree dom0 may need (Xen drivers, block, dm, 9p, ext4, crypto). */
 const MODULE_TREES = [
-  'kernel/drivers/xen', 'kernel/drivers/block', 'kernel/drivers/md', 'kernel/drivers/virtio',
-  'kernel/fs/9p', 'kernel/fs/overlayfs', 'kernel/fs/netfs', 'kernel/fs/fscache', 'kernel/fs/ext4',
-  'kernel/fs/jbd2', 'kernel/fs/mbcache.ko', 'kernel/net/9p', 'kernel/net/ceph', 'kernel/net/dns_resolver',
-  'kernel/lib', 'kernel/crypto',
-  'kernel/arch/x86/crypto', 'modules.builtin', 'modules.builtin.modinfo', 'modules.order',
+  'kernel/drivers/xen',
+  'kernel/drivers/block',
+  'kernel/drivers/md',
+  'kernel/drivers/virtio',
+  'kernel/fs/9p',
+  'kernel/fs/overlayfs',
+  'kernel/fs/netfs',
+  'kernel/fs/fscache',
+  'kernel/fs/ext4',
+  'kernel/fs/jbd2',
+  'kernel/fs/mbcache.ko',
+  'kernel/net/9p',
+  'kernel/net/ceph',
+  'kernel/net/dns_resolver',
+  'kernel/lib',
+  'kernel/crypto',
+  'kernel/arch/x86/crypto',
+  'modules.builtin',
+  'modules.builtin.modinfo',
+  'modules.order',
 ];
 const INITRD_APPLETS = [
-  'sh', 'mount', 'umount', 'mkdir', 'insmod', 'cat', 'ln', 'rm', 'chmod', 'poweroff', 'sync',
-  'echo', 'sleep', 'switch_root', 'dd', 'ls', 'test', '[', 'grep', 'head', 'tr', 'cmp', 'blockdev',
-  'mknod', 'seq', 'date', 'hostname', 'df', 'tail', 'dmesg',
+  'sh',
+  'mount',
+  'umount',
+  'mkdir',
+  'insmod',
+  'cat',
+  'ln',
+  'rm',
+  'chmod',
+  'poweroff',
+  'sync',
+  'echo',
+  'sleep',
+  'switch_root',
+  'dd',
+  'ls',
+  'test',
+  '[',
+  'grep',
+  'head',
+  'tr',
+  'cmp',
+  'blockdev',
+  'mknod',
+  'seq',
+  'date',
+  'hostname',
+  'df',
+  'tail',
+  'dmesg',
 ];
 
 function run(file, args, opts = {}) {
-  return execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 64 << 20, ...opts });
+  return execFileSync(file, args, {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+    maxBuffer: 64 << 20,
+    ...opts,
+  });
 }
 
 function have(file) {
@@ -123,8 +216,12 @@ function installedHere(pkg) {
 /** The Debian version of nodejs that matches libnode108 (the host may carry another vendor's nodejs). */
 function debianNodeVersion() {
   const out = aptCache(['madison', 'nodejs']);
-  const versions = out.split('\n').map((l) => l.split('|').map((s) => s.trim())).filter((c) => c[1]?.startsWith(NODE_MAJOR) && /debian/.test(c[2] ?? ''));
-  if (!versions.length) throw new Error(`apt knows no Debian nodejs ${NODE_MAJOR}x (apt-cache madison nodejs):\n${out}`);
+  const versions = out
+    .split('\n')
+    .map((l) => l.split('|').map((s) => s.trim()))
+    .filter((c) => c[1]?.startsWith(NODE_MAJOR) && /debian/.test(c[2] ?? ''));
+  if (!versions.length)
+    throw new Error(`apt knows no Debian nodejs ${NODE_MAJOR}x (apt-cache madison nodejs):\n${out}`);
   return versions[0][1]; // madison lists the newest first
 }
 
@@ -136,7 +233,16 @@ function nodePackages() {
   const want = new Set(NODE_ROOTS);
   let frontier = [...NODE_ROOTS];
   while (frontier.length) {
-    const out = aptCache(['depends', '--no-recommends', '--no-suggests', '--no-conflicts', '--no-breaks', '--no-replaces', '--no-enhances', ...frontier]);
+    const out = aptCache([
+      'depends',
+      '--no-recommends',
+      '--no-suggests',
+      '--no-conflicts',
+      '--no-breaks',
+      '--no-replaces',
+      '--no-enhances',
+      ...frontier,
+    ]);
     const next = [];
     for (const line of out.split('\n')) {
       // "  Depends: libuv1" / " |Depends: <nodejs:any>" (virtual or alternative: skip)
@@ -156,7 +262,8 @@ function nodePackages() {
 function download(specs, log) {
   mkdirSync(DEB_DIR, { recursive: true });
   const files = () => readdirSync(DEB_DIR).filter((f) => f.endsWith('.deb'));
-  const find = (name, version) => files().find((f) => f.startsWith(`${name}_${version ? `${version.replace(/^\d+:/, '')}_` : ''}`));
+  const find = (name, version) =>
+    files().find((f) => f.startsWith(`${name}_${version ? `${version.replace(/^\d+:/, '')}_` : ''}`));
   const missing = specs.filter(({ name, version }) => !find(name, version));
   if (missing.length) {
     const args = missing.map(({ name, version }) => (version ? `${name}=${version}` : name));
@@ -209,7 +316,9 @@ function mergeMove(src, dst) {
 function buildInitramfs(dir, out, init, modules, modFiles) {
   rmSync(dir, { recursive: true, force: true });
   busyboxInitramfs(dir, out, {
-    dirs: ['bin', 'dev', 'proc', 'sys', 'mnt', 'newroot', 'tmp'], applets: INITRD_APPLETS, init,
+    dirs: ['bin', 'dev', 'proc', 'sys', 'mnt', 'newroot', 'tmp'],
+    applets: INITRD_APPLETS,
+    init,
     modules: modules.map((m) => findModule(modFiles, m, '/', 'the kernel package')),
   });
 }
@@ -218,7 +327,8 @@ function buildInitramfs(dir, out, init, modules, modFiles) {
 function withLibraries(programs) {
   const files = new Set();
   for (const p of programs) {
-    if (!existsSync(p)) throw new Error(`${p} is missing on this machine (the domU runs it): install the package that has it`);
+    if (!existsSync(p))
+      throw new Error(`${p} is missing on this machine (the domU runs it): install the package that has it`);
     files.add(p);
     for (const line of run('ldd', [p]).split('\n')) {
       // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" and "/lib64/ld-linux-x86-64.so.2 (0x…)"
@@ -237,7 +347,8 @@ function withLibraries(programs) {
 function buildDomuInitramfs(dir, out, kdirMods, modFiles, programs) {
   const fsModules = moduleOrder(kdirMods, DOMU_FS_MODULES).filter((m) => !DOMU_MODULES.includes(m));
   buildInitramfs(dir, out, DOMU_INIT, DOMU_MODULES, modFiles);
-  for (const m of fsModules) copyFileSync(findModule(modFiles, m, '/', 'the kernel package').path, join(dir, 'lib', 'modules', `${m}.ko`));
+  for (const m of fsModules)
+    copyFileSync(findModule(modFiles, m, '/', 'the kernel package').path, join(dir, 'lib', 'modules', `${m}.ko`));
   writeFileSync(join(dir, 'lib', 'modules', 'fs.order'), `${fsModules.join('\n')}\n`);
   for (const f of programs) {
     const to = DOMU_PROGRAMS.includes(f) ? join(dir, 'bin', f.split('/').pop()) : join(dir, f);
@@ -247,7 +358,11 @@ function buildDomuInitramfs(dir, out, kdirMods, modFiles, programs) {
   }
   const fd = openSync(out, 'w');
   try {
-    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], { cwd: dir, input: `${walk(dir).join('\n')}\n`, stdio: ['pipe', fd, 'pipe'] });
+    execFileSync('cpio', ['-o', '-H', 'newc', '--quiet', '-R', '0:0'], {
+      cwd: dir,
+      input: `${walk(dir).join('\n')}\n`,
+      stdio: ['pipe', fd, 'pipe'],
+    });
   } finally {
     closeSync(fd);
   }
@@ -294,8 +409,13 @@ function pruneBuilds(keep) {
 function stampOf(debs, hostFiles) {
   const h = createHash('sha256');
   for (const part of [
-    Object.values(debs).map((p) => p.split('/').pop()).sort().join(' '),
-    readFileSync(DOM0_INIT), readFileSync(DOMU_INIT), readFileSync(fileURLToPath(import.meta.url)),
+    Object.values(debs)
+      .map((p) => p.split('/').pop())
+      .sort()
+      .join(' '),
+    readFileSync(DOM0_INIT),
+    readFileSync(DOMU_INIT),
+    readFileSync(fileURLToPath(import.meta.url)),
     ...hostFiles.flatMap((f) => [f, readFileSync(f)]),
   ]) {
     h.update(part);
@@ -340,7 +460,10 @@ export async function buildXen({ log = () => {} } = {}) {
   }
   const specs = [
     ...XEN_PACKAGES.map((name) => ({ name })),
-    ...resolved.node.map((name) => ({ name, version: name === 'nodejs' || name === 'libnode108' ? resolved.nodeVersion : undefined })),
+    ...resolved.node.map((name) => ({
+      name,
+      version: name === 'nodejs' || name === 'libnode108' ? resolved.nodeVersion : undefined,
+    })),
     { name: resolved.kernel },
   ];
   const debs = download(specs, log);
@@ -391,7 +514,8 @@ export async function buildXen({ log = () => {} } = {}) {
   rmSync(join(paths.xenroot, 'boot'), { recursive: true, force: true });
   foldIntoUsr(paths.xenroot);
   // Debian's node is /usr/bin/node in this layer; check it is an executable file, not a link out.
-  if (!existsSync(join(paths.xenroot, 'usr', 'bin', 'node'))) throw new Error('the nodejs package left no usr/bin/node');
+  if (!existsSync(join(paths.xenroot, 'usr', 'bin', 'node')))
+    throw new Error('the nodejs package left no usr/bin/node');
 
   // The kernel: ELF vmlinux, and the module trees dom0 needs, depmod'ed with Debian's kmod.
   const kdir = join(dir, 'kernel');
@@ -415,12 +539,17 @@ export async function buildXen({ log = () => {} } = {}) {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, LD_LIBRARY_PATH: join(paths.xenroot, 'usr', 'lib', 'x86_64-linux-gnu') },
   });
-  if (!existsSync(join(paths.modroot, 'usr', 'lib', 'modules', kver, 'modules.dep'))) throw new Error('depmod wrote no modules.dep');
-  const modFiles = walk(join(paths.modroot, 'usr', 'lib', 'modules', kver)).filter((f) => f.endsWith('.ko'))
+  if (!existsSync(join(paths.modroot, 'usr', 'lib', 'modules', kver, 'modules.dep')))
+    throw new Error('depmod wrote no modules.dep');
+  const modFiles = walk(join(paths.modroot, 'usr', 'lib', 'modules', kver))
+    .filter((f) => f.endsWith('.ko'))
     .map((f) => join(paths.modroot, 'usr', 'lib', 'modules', kver, f));
 
   const kdirMods = join(paths.modroot, 'usr', 'lib', 'modules', kver);
-  const dom0Modules = [...DOM0_EARLY_MODULES, ...moduleOrder(kdirMods, DOM0_MODULES).filter((m) => !DOM0_EARLY_MODULES.includes(m))];
+  const dom0Modules = [
+    ...DOM0_EARLY_MODULES,
+    ...moduleOrder(kdirMods, DOM0_MODULES).filter((m) => !DOM0_EARLY_MODULES.includes(m)),
+  ];
   buildInitramfs(join(dir, 'dom0-initramfs'), paths.dom0Initrd, DOM0_INIT, dom0Modules, modFiles);
   buildDomuInitramfs(join(dir, 'domu-initramfs'), paths.domuInitrd, kdirMods, modFiles, domuFiles);
   rmSync(join(dir, 'dom0-initramfs'), { recursive: true, force: true });

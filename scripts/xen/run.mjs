@@ -10,7 +10,17 @@
 // SCENARIOs are files or names in test/xen/ (default: all `NN-*.sh|mjs|ts` there, in order).
 // The serial console (Xen and dom0) streams to stdout unless --quiet.
 import { execFileSync, spawn } from 'node:child_process';
-import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  copyFileSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,8 +32,9 @@ const QEMU = 'qemu-system-x86_64';
 const CONSOLE_KEEP = 256 * 1024;
 const END_MARK = /XBH-XEN-TIER-(DONE|FAILED)/;
 
-export const XEN_CMDLINE = 'console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot '
-  + 'dom0_mem=1024M,max:1024M dom0_max_vcpus=1 smap=0 smep=0 bootscrub=false';
+export const XEN_CMDLINE =
+  'console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all noreboot ' +
+  'dom0_mem=1024M,max:1024M dom0_max_vcpus=1 smap=0 smep=0 bootscrub=false';
 /**
  * QEMU 7.2's TCG offers AVX/AVX2 with -cpu max; with them dom0's processes (glibc picks AVX2
  * string and malloc routines) died now and then of corrupted memory ("malloc(): corrupted top
@@ -38,30 +49,67 @@ export const DOM0_CMDLINE = 'console=hvc0 earlyprintk=xen quiet loglevel=4';
  */
 export function listScenarios(dir = SCENARIO_DIR) {
   if (!existsSync(dir)) return [];
-  return readdirSync(dir).filter((f) => /^\d\d-[\w.-]+\.(sh|mjs|ts)$/.test(f)).sort().map((f) => join(dir, f));
+  return readdirSync(dir)
+    .filter((f) => /^\d\d-[\w.-]+\.(sh|mjs|ts)$/.test(f))
+    .sort()
+    .map((f) => join(dir, f));
 }
 
 /** One .ts scenario → one ESM file for Node 18 (as scripts/build.mjs bundles the hooks). */
 async function bundle(entry, outfile) {
   const { build } = await import('esbuild');
   await build({
-    entryPoints: [entry], outfile, bundle: true, platform: 'node', target: 'node18', format: 'esm',
-    logLevel: 'warning', legalComments: 'none',
+    entryPoints: [entry],
+    outfile,
+    bundle: true,
+    platform: 'node',
+    target: 'node18',
+    format: 'esm',
+    logLevel: 'warning',
+    legalComments: 'none',
     define: { __XEN_BLOCKHOOKS_VERSION__: JSON.stringify('xen-tier') },
-    banner: { js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);" },
+    banner: {
+      js: "import { createRequire as __xbhCreateRequire } from 'node:module'; const require = __xbhCreateRequire(import.meta.url);",
+    },
   });
 }
 
 function qemuArgs(t, share) {
-  const ro = (path, tag) => ['-virtfs', `local,path=${path},mount_tag=${tag},security_model=none,readonly=on,multidevs=remap`];
+  const ro = (path, tag) => [
+    '-virtfs',
+    `local,path=${path},mount_tag=${tag},security_model=none,readonly=on,multidevs=remap`,
+  ];
   return [
-    '-accel', 'tcg,thread=multi', '-machine', 'pc', '-cpu', CPU, '-m', '3G', '-smp', '1',
-    '-nodefaults', '-no-user-config', '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot',
-    '-kernel', t.xen, '-append', XEN_CMDLINE,
+    '-accel',
+    'tcg,thread=multi',
+    '-machine',
+    'pc',
+    '-cpu',
+    CPU,
+    '-m',
+    '3G',
+    '-smp',
+    '1',
+    '-nodefaults',
+    '-no-user-config',
+    '-nographic',
+    '-monitor',
+    'none',
+    '-serial',
+    'stdio',
+    '-no-reboot',
+    '-kernel',
+    t.xen,
+    '-append',
+    XEN_CMDLINE,
     // Multiboot modules, comma-separated: dom0's kernel (with its command line) and its initramfs.
-    '-initrd', `${t.vmlinux} ${DOM0_CMDLINE},${t.dom0Initrd}`,
-    ...ro('/', 'hostroot'), ...ro(t.xenroot, 'xenroot'), ...ro(t.modroot, 'modroot'),
-    '-virtfs', `local,path=${share},mount_tag=shared,security_model=none,multidevs=remap`,
+    '-initrd',
+    `${t.vmlinux} ${DOM0_CMDLINE},${t.dom0Initrd}`,
+    ...ro('/', 'hostroot'),
+    ...ro(t.xenroot, 'xenroot'),
+    ...ro(t.modroot, 'modroot'),
+    '-virtfs',
+    `local,path=${share},mount_tag=shared,security_model=none,multidevs=remap`,
   ];
 }
 
@@ -90,16 +138,34 @@ function collectLogs(dir, base = dir, out = {}) {
  */
 function debForDom0(project, log) {
   if (!existsSync(join(project, 'dist', 'xen-blockhooks.cjs'))) return;
-  execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', project], { stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync(
+    process.execPath,
+    [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', project],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
   // The same version +1, for scenario 91's upgrade.
-  execFileSync(process.execPath, [join(PROJECT_ROOT, 'scripts', 'package.mjs'), '--dist', join(project, 'dist'), '--out', join(project, 'upgrade'), '--version', `${JSON.parse(readFileSync(join(PROJECT_ROOT, 'package.json'), 'utf8')).version}+1`], { stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync(
+    process.execPath,
+    [
+      join(PROJECT_ROOT, 'scripts', 'package.mjs'),
+      '--dist',
+      join(project, 'dist'),
+      '--out',
+      join(project, 'upgrade'),
+      '--version',
+      `${JSON.parse(readFileSync(join(PROJECT_ROOT, 'package.json'), 'utf8')).version}+1`,
+    ],
+    { stdio: ['ignore', 'ignore', 'inherit'] },
+  );
   const debs = join(CACHE_DIR, 'debs');
   const memo = JSON.parse(readIf(join(CACHE_DIR, 'packages.json')) || '{}');
   const nodeVersion = String(memo.nodeVersion ?? '').replace(/^\d+:/, '');
   const layer = join(project, 'layer-debs');
   mkdirSync(layer);
   // xen-utils-common, and Debian's nodejs with what it needs (scenario 90 reinstalls nodejs).
-  const nodeDebs = (memo.node ?? []).map((n) => (n === 'nodejs' || n === 'libnode108' ? `${n}_${nodeVersion}_` : `${n}_`));
+  const nodeDebs = (memo.node ?? []).map((n) =>
+    n === 'nodejs' || n === 'libnode108' ? `${n}_${nodeVersion}_` : `${n}_`,
+  );
   for (const prefix of ['xen-utils-common_', ...nodeDebs]) {
     const f = existsSync(debs) ? readdirSync(debs).find((d) => d.startsWith(prefix) && d.endsWith('.deb')) : undefined;
     if (!f) throw new Error(`no ${prefix}*.deb in ${debs} (node scripts/xen/build.mjs downloads it)`);
@@ -115,12 +181,19 @@ function debForDom0(project, log) {
  * Rejects only when the tier cannot be built or QEMU cannot be started.
  */
 export async function runXenTier({
-  scenarios = listScenarios(), timeoutMs = 1_800_000, scenarioTimeoutS = 480, onConsole, log = () => {}, keep = false, env = {},
+  scenarios = listScenarios(),
+  timeoutMs = 1_800_000,
+  scenarioTimeoutS = 480,
+  onConsole,
+  log = () => {},
+  keep = false,
+  env = {},
 } = {}) {
   // Extra variables for the scenarios (the benchmarks' sizes): simple names and values only, as
   // they pass through plan.env and a shell word list.
   for (const [k, v] of Object.entries(env)) {
-    if (!/^XBH_[A-Z0-9_]+$/.test(k) || !/^[\w.,:/-]*$/.test(String(v))) throw new Error(`runXenTier: env ${k}=${v} is not a plain XBH_ variable`);
+    if (!/^XBH_[A-Z0-9_]+$/.test(k) || !/^[\w.,:/-]*$/.test(String(v)))
+      throw new Error(`runXenTier: env ${k}=${v} is not a plain XBH_ variable`);
   }
   const t0 = Date.now();
   const loadStart = readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ');
@@ -150,23 +223,28 @@ export async function runXenTier({
     mkdirSync(join(project, 'dist'), { recursive: true });
     const dist = join(PROJECT_ROOT, 'dist');
     if (existsSync(dist)) {
-      for (const f of readdirSync(dist)) if (/\.(mjs|cjs)$|^licenses\.json$/.test(f)) copyFileSync(join(dist, f), join(project, 'dist', f));
+      for (const f of readdirSync(dist))
+        if (/\.(mjs|cjs)$|^licenses\.json$/.test(f)) copyFileSync(join(dist, f), join(project, 'dist', f));
     }
     const installer = join(PROJECT_ROOT, 'install');
     if (existsSync(installer)) copyFileSync(installer, join(project, 'install'));
-    if (existsSync(join(PROJECT_ROOT, 'packaging'))) cpSync(join(PROJECT_ROOT, 'packaging'), join(project, 'packaging'), { recursive: true });
+    if (existsSync(join(PROJECT_ROOT, 'packaging')))
+      cpSync(join(PROJECT_ROOT, 'packaging'), join(project, 'packaging'), { recursive: true });
     debForDom0(project, log);
-    writeFileSync(join(share, 'plan.env'), [
-      `XBH_PROJECT='${PROJECT_ROOT}'`,
-      "XBH_DIST='/xbh-share/project/dist'",
-      `XBH_DOMU_KERNEL='${t.vmlinux}'`,
-      `XBH_DOMU_RAMDISK='${t.domuInitrd}'`,
-      `XBH_INSTALL='${existsSync(installer) ? '/xbh-share/project/install' : ''}'`,
-      `XBH_SCENARIO_TIMEOUT=${scenarioTimeoutS}`,
-      ...Object.entries(env).map(([k, v]) => `${k}='${v}'`),
-      `XBH_PASS='${Object.keys(env).join(' ')}'`,
-      '',
-    ].join('\n'));
+    writeFileSync(
+      join(share, 'plan.env'),
+      [
+        `XBH_PROJECT='${PROJECT_ROOT}'`,
+        "XBH_DIST='/xbh-share/project/dist'",
+        `XBH_DOMU_KERNEL='${t.vmlinux}'`,
+        `XBH_DOMU_RAMDISK='${t.domuInitrd}'`,
+        `XBH_INSTALL='${existsSync(installer) ? '/xbh-share/project/install' : ''}'`,
+        `XBH_SCENARIO_TIMEOUT=${scenarioTimeoutS}`,
+        ...Object.entries(env).map(([k, v]) => `${k}='${v}'`),
+        `XBH_PASS='${Object.keys(env).join(' ')}'`,
+        '',
+      ].join('\n'),
+    );
     writeFileSync(join(share, 'scenarios'), jobs.map((j) => `${j.id} ${j.interp} ${j.file}\n`).join(''));
 
     let consoleText = '';
@@ -176,7 +254,8 @@ export async function runXenTier({
     const onData = (d) => {
       const s = d.toString();
       consoleText = (consoleText + s).slice(-CONSOLE_KEEP);
-      if (bootMs === undefined && consoleText.includes('xbh-dom0:') && consoleText.includes('] ready')) bootMs = Date.now() - t0;
+      if (bootMs === undefined && consoleText.includes('xbh-dom0:') && consoleText.includes('] ready'))
+        bootMs = Date.now() - t0;
       onConsole?.(s);
       // dom0 has written its results and synced: stop QEMU (a halted Xen would sit there).
       if (!ended && END_MARK.test(consoleText.slice(-4096))) {
@@ -203,10 +282,14 @@ export async function runXenTier({
       const finished = status.length === 2;
       const exitCode = finished ? Number(status[0]) : null;
       const r = {
-        name: j.name, file: j.file, finished, exitCode,
+        name: j.name,
+        file: j.file,
+        finished,
+        exitCode,
         durationMs: finished ? Number(status[1]) : undefined,
         timedOut: finished ? exitCode === 124 || exitCode === 137 : timedOut,
-        stdout: readIf(`${base}.out`), stderr: readIf(`${base}.err`),
+        stdout: readIf(`${base}.out`),
+        stderr: readIf(`${base}.err`),
         leftovers: readIf(`${base}.leftovers`).trim(),
       };
       r.ok = finished && exitCode === 0 && !r.leftovers;
@@ -217,7 +300,13 @@ export async function runXenTier({
     const readyMs = Number(readIf(join(share, 'ready-ms'))) || undefined;
     return {
       ok: done && !timedOut && results.every((r) => r.ok),
-      done, timedOut, setupError, qemuExit, bootMs, readyMs, totalMs: Date.now() - t0,
+      done,
+      timedOut,
+      setupError,
+      qemuExit,
+      bootMs,
+      readyMs,
+      totalMs: Date.now() - t0,
       hostLoad: `${loadStart} at the start, ${readIf('/proc/loadavg').split(' ').slice(0, 3).join(' ')} at the end`,
       consoleTail: consoleText.split('\n').slice(-60).join('\n'),
       logs: collectLogs(join(share, 'logs')),
@@ -233,7 +322,12 @@ export async function runXenTier({
 /** Why a scenario failed, in a few lines (empty when it passed). */
 export function describeFailure(r, run) {
   const why = [];
-  if (!r.finished) why.push(run.timedOut ? 'the boot hit its time limit before this scenario finished' : 'dom0 stopped before this scenario finished');
+  if (!r.finished)
+    why.push(
+      run.timedOut
+        ? 'the boot hit its time limit before this scenario finished'
+        : 'dom0 stopped before this scenario finished',
+    );
   else if (r.timedOut) why.push(`timed out after ${r.durationMs} ms`);
   else if (r.exitCode !== 0) why.push(`exited with ${r.exitCode}`);
   if (r.leftovers) why.push(`left behind (cleared afterwards):\n${r.leftovers}`);
@@ -268,19 +362,35 @@ async function main(argv) {
   }
   const all = listScenarios();
   const scenarios = picked.length
-    ? picked.map((p) => (existsSync(p) ? p : all.find((f) => basename(f).includes(p)) ?? p))
+    ? picked.map((p) => (existsSync(p) ? p : (all.find((f) => basename(f).includes(p)) ?? p)))
     : all;
-  for (const s of scenarios) if (!existsSync(s)) { console.error(`no such scenario: ${s}`); return 2; }
+  for (const s of scenarios)
+    if (!existsSync(s)) {
+      console.error(`no such scenario: ${s}`);
+      return 2;
+    }
   const run = await runXenTier({
-    scenarios, timeoutMs, keep, onConsole: quiet ? undefined : (s) => process.stdout.write(s), log: (m) => console.error(m),
+    scenarios,
+    timeoutMs,
+    keep,
+    onConsole: quiet ? undefined : (s) => process.stdout.write(s),
+    log: (m) => console.error(m),
   });
-  console.error(`\nxen tier: ${run.totalMs} ms total; dom0 ready after ${run.bootMs ?? '?'} ms; host load ${run.hostLoad}`
-    + `${run.timedOut ? '; TIMED OUT (QEMU killed)' : ''}${run.setupError ? `; dom0 setup failed: ${run.setupError}` : ''}`);
+  console.error(
+    `\nxen tier: ${run.totalMs} ms total; dom0 ready after ${run.bootMs ?? '?'} ms; host load ${run.hostLoad}` +
+      `${run.timedOut ? '; TIMED OUT (QEMU killed)' : ''}${run.setupError ? `; dom0 setup failed: ${run.setupError}` : ''}`,
+  );
   for (const r of run.results) {
     const why = describeFailure(r, run);
     console.error(`${why ? 'FAIL' : 'ok  '} ${r.name} (${r.durationMs ?? '?'} ms)${why ? `: ${why}` : ''}`);
     const text = why ? `${r.stdout}${r.stderr}` : r.stdout;
-    console.error(text.trim().split('\n').map((l) => `     | ${l}`).join('\n'));
+    console.error(
+      text
+        .trim()
+        .split('\n')
+        .map((l) => `     | ${l}`)
+        .join('\n'),
+    );
   }
   if (!run.ok) {
     if (quiet) console.error(`console tail:\n${run.consoleTail}`);

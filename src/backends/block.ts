@@ -16,11 +16,35 @@
  *   still backs the same file (device and inode numbers, which survive the file's deletion), so a
  *   deleted or moved image does not leak its loop as it does with the stock script.
  */
-import { accessSync, constants as fsc, readFileSync, realpathSync, statSync, truncateSync, type BigIntStats } from 'node:fs';
+import {
+  accessSync,
+  constants as fsc,
+  readFileSync,
+  realpathSync,
+  statSync,
+  truncateSync,
+  type BigIntStats,
+} from 'node:fs';
 import { isAbsolute } from 'node:path';
-import { attachLoop, detachLoop, filterBacking, listLoops, LoopRedirected, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import {
+  attachLoop,
+  detachLoop,
+  filterBacking,
+  listLoops,
+  LoopRedirected,
+  resizeLoop,
+  type LoopInfo,
+} from '../devices/losetup.js';
 import { lvExtendTo } from '../devices/lvm.js';
-import { diskLabel, GrowError, human, refuseIfRecorded, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
+import {
+  diskLabel,
+  GrowError,
+  human,
+  refuseIfRecorded,
+  wholeMiB,
+  type ResizeDeps,
+  type ResizeResult,
+} from './growth.js';
 import { decodeDev, deviceSectors, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../disk/errors.js';
 import type { StepRecord, JournalEntry } from '../journal/journal.js';
@@ -51,7 +75,12 @@ function accessOf(l: LoopInfo): AccessDevice {
 // ---------------------------------------------------------------------------------------------
 // plan
 
-function describeKind(st: { isDirectory(): boolean; isCharacterDevice(): boolean; isFIFO(): boolean; isSocket(): boolean }): string {
+function describeKind(st: {
+  isDirectory(): boolean;
+  isCharacterDevice(): boolean;
+  isFIFO(): boolean;
+  isSocket(): boolean;
+}): string {
   if (st.isDirectory()) return 'a directory';
   if (st.isCharacterDevice()) return 'a character device';
   if (st.isFIFO()) return 'a FIFO';
@@ -68,13 +97,19 @@ export function planBlock(params: string, where: string): BlockPlan {
     path = realpathSync(expanded);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    const hint = isAbsolute(given) ? '' : ' (a relative target names a device under /dev; give a file as an absolute path)';
-    throw new HotplugError(`${where}/params: ${expanded} does not exist${code && code !== 'ENOENT' ? ` (${code})` : ''}${hint}; check the disk's target.`);
+    const hint = isAbsolute(given)
+      ? ''
+      : ' (a relative target names a device under /dev; give a file as an absolute path)';
+    throw new HotplugError(
+      `${where}/params: ${expanded} does not exist${code && code !== 'ENOENT' ? ` (${code})` : ''}${hint}; check the disk's target.`,
+    );
   }
   const st = statSync(path);
   if (st.isBlockDevice()) return { kind: 'phy', given, path };
   if (st.isFile()) return { kind: 'file', given, path };
-  throw new HotplugError(`${where}/params: ${path} is ${describeKind(st)}; a disk must be a block device or a regular file.`);
+  throw new HotplugError(
+    `${where}/params: ${path} is ${describeKind(st)}; a disk must be a block device or a regular file.`,
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -83,7 +118,10 @@ export function planBlock(params: string, where: string): BlockPlan {
 /** Re-resolve under the lock: the path must still be what plan() saw. */
 function recheck(plan: BlockPlan, where: string): { path: string; st: BigIntStats } {
   const again = planBlock(plan.given, where);
-  if (again.kind !== plan.kind) throw new HotplugError(`${where}/params: ${plan.given} changed from a ${plan.kind} to a ${again.kind} disk while it was being attached; try again.`);
+  if (again.kind !== plan.kind)
+    throw new HotplugError(
+      `${where}/params: ${plan.given} changed from a ${plan.kind} to a ${again.kind} disk while it was being attached; try again.`,
+    );
   return { path: again.path, st: statSync(again.path, { bigint: true }) };
 }
 
@@ -101,7 +139,10 @@ async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   const { path, st } = recheck(plan, where);
   const { major, minor } = decodeDev(st.rdev);
   if (ctx.disk.mode === 'w' && readOnlyDevice(major, minor)) {
-    throw new HotplugError(`Device ${path} is read-only, and so will not be given read-write to a guest domain; use access=r.`, 'busy');
+    throw new HotplugError(
+      `Device ${path} is read-only, and so will not be given read-write to a guest domain; use access=r.`,
+      'busy',
+    );
   }
   const devices: AccessDevice[] = [{ path, major, minor, readOnly: false }];
   // A loop device given as phy: every other loop over the same file reaches the same data.
@@ -111,11 +152,18 @@ async function addPhy(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
     if (me) {
       devices[0] = { ...accessOf(me), path };
       if (me.backDev !== undefined && me.backIno !== undefined) {
-        for (const l of filterBacking(loops, { dev: me.backDev, ino: me.backIno })) if (l.name !== me.name) devices.push(accessOf(l));
+        for (const l of filterBacking(loops, { dev: me.backDev, ino: me.backIno }))
+          if (l.name !== me.name) devices.push(accessOf(l));
       }
     }
   }
-  await checkSharing(ctx.xs, { what: `Device ${path}`, devices, mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
+  await checkSharing(ctx.xs, {
+    what: `Device ${path}`,
+    devices,
+    mode: ctx.disk.mode,
+    frontendId: ctx.disk.frontendId,
+    self: where,
+  });
   return { path, major, minor };
 }
 
@@ -132,18 +180,32 @@ function writable(path: string, mode: bigint): boolean {
 async function addFile(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice> {
   const where = ctx.request.xenbusPath;
   // Under the runtime's lock the state it read a moment ago, under that same lock, still holds.
-  const state = ctx.xenBlockLockHeld && ctx.disk.state !== undefined ? String(ctx.disk.state) : await ctx.xs.tryRead(`${where}/state`);
+  const state =
+    ctx.xenBlockLockHeld && ctx.disk.state !== undefined
+      ? String(ctx.disk.state)
+      : await ctx.xs.tryRead(`${where}/state`);
   if (state !== '2') {
-    throw new HotplugError(`Path closed or removed during hotplug add: ${where} state: ${state ?? 'unknown'}; nothing was attached.`);
+    throw new HotplugError(
+      `Path closed or removed during hotplug add: ${where} state: ${state ?? 'unknown'}; nothing was attached.`,
+    );
   }
   const { path, st } = recheck(plan, where);
   const readOnly = ctx.disk.mode === 'r';
   if (!readOnly && !writable(path, st.mode)) {
-    throw new HotplugError(`File ${path} is read-only, and so I will not mount it read-write in a guest domain; use access=r or make the file writable.`, 'busy');
+    throw new HotplugError(
+      `File ${path} is read-only, and so I will not mount it read-write in a guest domain; use access=r or make the file writable.`,
+      'busy',
+    );
   }
   const id: FileId = { dev: devString(st.dev), ino: st.ino.toString() };
   const before = filterBacking(await listLoops(ctx.run), id);
-  await checkSharing(ctx.xs, { what: `File ${path}`, devices: before.map(accessOf), mode: ctx.disk.mode, frontendId: ctx.disk.frontendId, self: where });
+  await checkSharing(ctx.xs, {
+    what: `File ${path}`,
+    devices: before.map(accessOf),
+    mode: ctx.disk.mode,
+    frontendId: ctx.disk.frontendId,
+    self: where,
+  });
   const loop = await ctx.build.step(
     BLOCK_LOOP_STEP,
     { file: path, dev: id.dev, ino: id.ino, readOnly, before: before.map((l) => l.name) },
@@ -211,13 +273,19 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
     const l = loops.find((x) => x.name === device);
     if (!l) return;
     if (!onFile.has(l.name)) {
-      ctx.log.warn(`${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`);
+      ctx.log.warn(
+        `${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`,
+      );
       return;
     }
     targets = [l];
   } else {
-    const before = new Set(Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : []);
-    const fresh = loops.filter((l) => onFile.has(l.name) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true));
+    const before = new Set(
+      Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : [],
+    );
+    const fresh = loops.filter(
+      (l) => onFile.has(l.name) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true),
+    );
     const used = await loopsInUse(ctx.xs, ctx.entry, fresh);
     targets = fresh.filter((l) => !used.has(l.name));
   }
@@ -226,10 +294,13 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
   // stays bound to the same file until the last close. sysfs tells without another losetup.
   const left: LoopInfo[] = [];
   for (const l of targets) {
-    if ((await loopBackingFile(l))?.replace(/ \(deleted\)$/, '') === l.backFile && (await loopAutoclear(l)) === true) left.push(l);
+    if ((await loopBackingFile(l))?.replace(/ \(deleted\)$/, '') === l.backFile && (await loopAutoclear(l)) === true)
+      left.push(l);
   }
   if (left.length) {
-    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`);
+    throw new Error(
+      `${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`,
+    );
   }
 }
 
@@ -241,7 +312,10 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
  * no other vbd uses it. Anything else is left alone and said in the log.
  */
 export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<void> {
-  const [node, params] = await Promise.all([ctx.xs.tryRead(`${ctx.xenbusPath}/node`), ctx.xs.tryRead(`${ctx.xenbusPath}/params`)]);
+  const [node, params] = await Promise.all([
+    ctx.xs.tryRead(`${ctx.xenbusPath}/node`),
+    ctx.xs.tryRead(`${ctx.xenbusPath}/params`),
+  ]);
   if (node === undefined || !/^\/dev\/loop\d+$/.test(node) || params === undefined) {
     ctx.log.info(`remove ${ctx.xenbusPath}: nothing recorded and no loop device in node; nothing to undo`);
     return;
@@ -260,12 +334,16 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
       ? filterBacking([loop], { dev: devString(st.dev), ino: st.ino.toString() }).length === 1
       : loop.backFile === params;
     if (!backs) {
-      ctx.log.warn(`remove ${ctx.xenbusPath}: ${node} does not back ${params}; it is not this disk's loop, leaving it alone`);
+      ctx.log.warn(
+        `remove ${ctx.xenbusPath}: ${node} does not back ${params}; it is not this disk's loop, leaving it alone`,
+      );
       return;
     }
     const users = await findUsers(ctx.xs, { devices: [accessOf(loop)], self: ctx.xenbusPath }, {});
     if (users.length) {
-      ctx.log.warn(`remove ${ctx.xenbusPath}: ${node} is also used by ${users.map((u) => u.via).join(', ')}; leaving it alone`);
+      ctx.log.warn(
+        `remove ${ctx.xenbusPath}: ${node} is also used by ${users.map((u) => u.via).join(', ')}; leaving it alone`,
+      );
       return;
     }
     await detachLoop(ctx.run, node);
@@ -282,12 +360,16 @@ export async function removeUnrecordedBlock(ctx: UnrecordedContext): Promise<voi
 
 async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const who = diskLabel(entry);
-  if (entry.disk.mode !== 'w') throw new GrowError(`${who} is read-only and may be shared by other domains; resize its image with them stopped`);
+  if (entry.disk.mode !== 'w')
+    throw new GrowError(`${who} is read-only and may be shared by other domains; resize its image with them stopped`);
   const dev = entry.device;
   if (!dev) throw new GrowError(`${who} has no device recorded`);
   const before = deviceSectors(deps.run, dev.major, dev.minor) * 512;
   const after = wholeMiB(bytes);
-  if (after < before) throw new GrowError(`${who} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`);
+  if (after < before)
+    throw new GrowError(
+      `${who} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`,
+    );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
   const loop = entry.steps.find((s) => s.kind === BLOCK_LOOP_STEP && s.done && typeof s.data.device === 'string');
   let target: string;
@@ -295,8 +377,12 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
   if (loop) {
     target = loop.data.file as string;
     const st = statSync(target, { bigint: true });
-    if (devString(st.dev) !== loop.data.dev || st.ino.toString() !== loop.data.ino) throw new GrowError(`${target} is not the file ${who} was attached from any more (replaced since): not resized`);
-    if (Number(st.size) >= after) throw new GrowError(`${target} is already ${human(Number(st.size))}; its loop is re-read by "losetup -c ${loop.data.device as string}"`);
+    if (devString(st.dev) !== loop.data.dev || st.ino.toString() !== loop.data.ino)
+      throw new GrowError(`${target} is not the file ${who} was attached from any more (replaced since): not resized`);
+    if (Number(st.size) >= after)
+      throw new GrowError(
+        `${target} is already ${human(Number(st.size))}; its loop is re-read by "losetup -c ${loop.data.device as string}"`,
+      );
     truncateSync(target, after);
     await resizeLoop(deps.run, loop.data.device as string);
     how = `${target} extended, ${loop.data.device as string} re-read`;
@@ -307,7 +393,15 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
   }
   const now = deviceSectors(deps.run, dev.major, dev.minor) * 512;
   deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(now)}: ${how}`, { action: 'resize' });
-  return { backendPath: entry.backendPath, script: entry.script, target, beforeBytes: before, afterBytes: now, online: true, how };
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    target,
+    beforeBytes: before,
+    afterBytes: now,
+    online: true,
+    how,
+  };
 }
 
 /** A disk not attached: the image is extended (no loop may serve it), or the LV. */
@@ -315,26 +409,46 @@ async function resizeBlockDetached(plan: BlockPlan, bytes: number, deps: ResizeD
   const after = wholeMiB(bytes);
   if (plan.kind === 'phy') {
     await lvExtendTo(deps.run, plan.path, after);
-    return { backendPath: '', script: 'block', target: plan.path, beforeBytes: 0, afterBytes: after, online: false, how: `${plan.path} extended (lvextend)` };
+    return {
+      backendPath: '',
+      script: 'block',
+      target: plan.path,
+      beforeBytes: 0,
+      afterBytes: after,
+      online: false,
+      how: `${plan.path} extended (lvextend)`,
+    };
   }
   refuseIfRecorded(deps.journal, plan.path, 'the image');
   const st = statSync(plan.path, { bigint: true });
   const on = filterBacking(await listLoops(deps.run), { dev: devString(st.dev), ino: st.ino.toString() });
   if (on.length) throw new GrowError(`${plan.path} is in use by ${on.map((l) => l.name).join(', ')}: not resized`);
   const before = Number(st.size);
-  if (after < before) throw new GrowError(`${plan.path} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`);
+  if (after < before)
+    throw new GrowError(
+      `${plan.path} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`,
+    );
   if (after === before) throw new GrowError(`${plan.path} is already ${human(before)}`);
   truncateSync(plan.path, after);
   const how = `${plan.path} extended`;
   deps.log.info(`resize of a detached disk: ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
-  return { backendPath: '', script: 'block', target: plan.path, beforeBytes: before, afterBytes: after, online: false, how };
+  return {
+    backendPath: '',
+    script: 'block',
+    target: plan.path,
+    beforeBytes: before,
+    afterBytes: after,
+    online: false,
+    how,
+  };
 }
 
 export const blockBackend: Backend<BlockPlan> = {
   source: (params) => params,
   script: 'block',
   lockScope: 'xen-block',
-  summary: 'Attach a phy: (block device) or file: (regular file, through a loop device) disk, with Xen\'s sharing check.',
+  summary:
+    "Attach a phy: (block device) or file: (regular file, through a loop device) disk, with Xen's sharing check.",
   usage: `params is a path; what it is on disk decides:
   a block device        given to blkback directly (a relative name means /dev/<name>)
   a regular file        attached to a loop device of its own (read-only for access=r)

@@ -37,7 +37,9 @@ export { MAX_STORE_MIB } from './params-words.js';
 const STORE_NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}$/;
 
 function bad(params: string, what: string): HotplugError {
-  return new HotplugError(`block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`);
+  return new HotplugError(
+    `block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`,
+  );
 }
 
 /** `4K`, `64k`, `64KiB`, `1M` → KiB, or undefined when not a size with a unit. */
@@ -73,13 +75,15 @@ export function parseCowParams(params: string): CowParams {
   let persistentGiven: boolean | undefined;
   split.rest.forEach((w, i) => {
     const eq = w.indexOf('=');
-    if (w === 'store' || w === 'chunk') throw bad(params, `${w} needs a value, e.g. ${w === 'store' ? 'store=web1-root.cow' : 'chunk=16K'}`);
+    if (w === 'store' || w === 'chunk')
+      throw bad(params, `${w} needs a value, e.g. ${w === 'store' ? 'store=web1-root.cow' : 'chunk=16K'}`);
     if (eq < 0 && w !== 'persistent') {
       const size = sizeMiB(w) as number;
       if (out.sizeMiB !== undefined) throw bad(params, `"${w}" is a second size; give one copy-on-write size`);
       if (i !== 0) throw bad(params, `the size "${w}" must come right after the base image`);
       if (size < 1) throw bad(params, `the copy-on-write size "${w}" must be at least 1 MiB`);
-      if (size > MAX_STORE_MIB) throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB (a bare number is MiB)`);
+      if (size > MAX_STORE_MIB)
+        throw bad(params, `the copy-on-write size "${w}" is more than 16 TiB (a bare number is MiB)`);
       out.sizeMiB = size;
       return;
     }
@@ -93,14 +97,23 @@ export function parseCowParams(params: string): CowParams {
         break;
       case 'store':
         if (!value) throw bad(params, 'store= needs a file name');
-        if (value.includes('/')) throw bad(params, `store=${value}: give a plain file name, not a path; stores always live in the store directory`);
-        if (!STORE_NAME.test(value) || value === '..') throw bad(params, `store=${value}: the name may hold letters, digits, ".", "_", "-", "+", "@" only and must not start with "."`);
+        if (value.includes('/'))
+          throw bad(
+            params,
+            `store=${value}: give a plain file name, not a path; stores always live in the store directory`,
+          );
+        if (!STORE_NAME.test(value) || value === '..')
+          throw bad(
+            params,
+            `store=${value}: the name may hold letters, digits, ".", "_", "-", "+", "@" only and must not start with "."`,
+          );
         out.store = value;
         break;
       case 'chunk': {
         const k = value === undefined ? undefined : parseChunkKiB(value);
         if (k === undefined) throw bad(params, `chunk=${value ?? ''}: ${notASize(value ?? '', { bare: null })}`);
-        if (k < 4 || k > 512 || (k & (k - 1)) !== 0) throw bad(params, `chunk=${value}: the chunk size must be a power of two from 4K to 512K`);
+        if (k < 4 || k > 512 || (k & (k - 1)) !== 0)
+          throw bad(params, `chunk=${value}: the chunk size must be a power of two from 4K to 512K`);
         out.chunkKiB = k;
         break;
       }
@@ -108,7 +121,8 @@ export function parseCowParams(params: string): CowParams {
         throw bad(params, `unknown option "${key}" (known: persistent, store=, chunk=)`);
     }
   });
-  if (out.store !== undefined && persistentGiven === false) throw bad(params, `store=${out.store} names a persistent store; drop persistent=no or drop store=`);
+  if (out.store !== undefined && persistentGiven === false)
+    throw bad(params, `store=${out.store} names a persistent store; drop persistent=no or drop store=`);
   out.persistent = persistentGiven ?? out.store !== undefined;
   return out;
 }

@@ -9,7 +9,19 @@
  * steps of steps.ts (each journaled before it runs); remove is the runtime's undo of the journal.
  * See docs/block-cow.md for the grammar, names and sharing rules.
  */
-import { closeSync, constants as fsc, existsSync, fstatSync, lstatSync, openSync, readFileSync, realpathSync, statSync, truncateSync, unlinkSync } from 'node:fs';
+import {
+  closeSync,
+  constants as fsc,
+  existsSync,
+  fstatSync,
+  lstatSync,
+  openSync,
+  readFileSync,
+  realpathSync,
+  statSync,
+  truncateSync,
+  unlinkSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { DiskSpec } from '../disk/spec.js';
@@ -24,9 +36,43 @@ import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotSta
 import type { Runner } from '../devices/runner.js';
 import { recordsHolding, type JournalEntry } from '../journal/journal.js';
 import { Build } from '../journal/steps.js';
-import { diskLabel, GrowError, human, MiB, percent, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome, refuseIfRecorded } from './growth.js';
-import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdKey, fileIdOf, type FileId } from '../devices/sysfs.js';
-import { addBaseRef, addDm, addLoop, addStoreFile, addStoreOwner, checkStoreSpace, ensureStoreDir, sharedUndo, STEP, type StepEnv } from './steps.js';
+import {
+  diskLabel,
+  GrowError,
+  human,
+  MiB,
+  percent,
+  targetBytes,
+  wholeMiB,
+  type GrowAction,
+  type GrowDeps,
+  type GrowSize,
+  type ResizeDeps,
+  type ResizeResult,
+  type WatchOutcome,
+  refuseIfRecorded,
+} from './growth.js';
+import {
+  decodeDev,
+  deviceSectors,
+  devString,
+  dmDevicePath,
+  fileIdKey,
+  fileIdOf,
+  type FileId,
+} from '../devices/sysfs.js';
+import {
+  addBaseRef,
+  addDm,
+  addLoop,
+  addStoreFile,
+  addStoreOwner,
+  checkStoreSpace,
+  ensureStoreDir,
+  sharedUndo,
+  STEP,
+  type StepEnv,
+} from './steps.js';
 
 export interface CowPlan {
   params: CowParams;
@@ -51,10 +97,15 @@ export function dmName(disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'
 }
 
 /** The store's file name: persistent ones by owner and vdev (so the next add finds them), transient ones by backend path. */
-export function storeName(params: CowParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+export function storeName(
+  params: CowParams,
+  disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>,
+  xenbusPath: string,
+): string {
   const { domid, devid } = backendIds(xenbusPath);
   if (params.store !== undefined) return params.store;
-  if (params.persistent) return `${persistentOwner('block-cow', disk, xenbusPath, 'copy-on-write store', 'store=NAME')}-${disk.vdev ?? devid}.cow`;
+  if (params.persistent)
+    return `${persistentOwner('block-cow', disk, xenbusPath, 'copy-on-write store', 'store=NAME')}-${disk.vdev ?? devid}.cow`;
   return `transient-${domid}-${devid}.cow`;
 }
 
@@ -67,15 +118,23 @@ function inside(path: string, dir: string): boolean {
  * or a block device below one of config.imageDirs, opened read-only (non-blocking, so a FIFO
  * cannot hang us) to prove it is what we stat'ed.
  */
-export function checkBase(raw: string, config: Config): { base: string; id: FileId; rdev: string | undefined; bytes: bigint } {
-  if (!raw.startsWith('/')) throw new HotplugError(`block-cow: the base image "${raw}" is not an absolute path; give the full path.`);
-  if (raw.split('/').includes('..')) throw new HotplugError(`block-cow: the base image "${raw}" contains "..": give the path without ".." components.`);
+export function checkBase(
+  raw: string,
+  config: Config,
+): { base: string; id: FileId; rdev: string | undefined; bytes: bigint } {
+  if (!raw.startsWith('/'))
+    throw new HotplugError(`block-cow: the base image "${raw}" is not an absolute path; give the full path.`);
+  if (raw.split('/').includes('..'))
+    throw new HotplugError(`block-cow: the base image "${raw}" contains "..": give the path without ".." components.`);
   let base: string;
   try {
     base = realpathSync(raw);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new HotplugError(`block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.${spacedPathHint(raw)}`);
+    if (code === 'ENOENT')
+      throw new HotplugError(
+        `block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.${spacedPathHint(raw)}`,
+      );
     throw new HotplugError(`block-cow: cannot resolve the base image ${raw}: ${messageOf(e)}.`);
   }
   const dirs = config.imageDirs.flatMap((d) => {
@@ -87,12 +146,24 @@ export function checkBase(raw: string, config: Config): { base: string; id: File
   });
   if (!dirs.some((d) => inside(base, d))) {
     const via = base === raw ? '' : ` (it resolves to ${base})`;
-    throw new HotplugError(`block-cow: the base image ${raw}${via} is not inside an image directory (${config.imageDirs.join(', ')}); move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`);
+    throw new HotplugError(
+      `block-cow: the base image ${raw}${via} is not inside an image directory (${config.imageDirs.join(', ')}); move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`,
+    );
   }
   const st = lstatSync(base, { bigint: true });
-  const kind = st.isDirectory() ? 'a directory' : st.isFIFO() ? 'a FIFO' : st.isSocket() ? 'a socket' : st.isCharacterDevice() ? 'a character device' : undefined;
+  const kind = st.isDirectory()
+    ? 'a directory'
+    : st.isFIFO()
+      ? 'a FIFO'
+      : st.isSocket()
+        ? 'a socket'
+        : st.isCharacterDevice()
+          ? 'a character device'
+          : undefined;
   if (kind || !(st.isFile() || st.isBlockDevice())) {
-    throw new HotplugError(`block-cow: the base image ${raw} is ${kind ?? 'not a regular file'}; give a disk image file or a block device.`);
+    throw new HotplugError(
+      `block-cow: the base image ${raw} is ${kind ?? 'not a regular file'}; give a disk image file or a block device.`,
+    );
   }
   let fd: number;
   try {
@@ -102,11 +173,20 @@ export function checkBase(raw: string, config: Config): { base: string; id: File
   }
   try {
     const fst = fstatSync(fd, { bigint: true });
-    if (fst.dev !== st.dev || fst.ino !== st.ino) throw new HotplugError(`block-cow: the base image ${base} changed while it was being checked; try again.`);
+    if (fst.dev !== st.dev || fst.ino !== st.ino)
+      throw new HotplugError(`block-cow: the base image ${base} changed while it was being checked; try again.`);
     // A block device's st_size is 0: its size comes from sysfs once its loop exists (add()).
     const bytes = fst.size;
-    if (fst.isFile() && bytes < 512n) throw new HotplugError(`block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
-    return { base, id: { dev: devString(fst.dev), ino: fst.ino.toString() }, rdev: fst.isBlockDevice() ? devString(fst.rdev) : undefined, bytes };
+    if (fst.isFile() && bytes < 512n)
+      throw new HotplugError(
+        `block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`,
+      );
+    return {
+      base,
+      id: { dev: devString(fst.dev), ino: fst.ino.toString() },
+      rdev: fst.isBlockDevice() ? devString(fst.rdev) : undefined,
+      bytes,
+    };
   } finally {
     closeSync(fd);
   }
@@ -125,7 +205,17 @@ export function planCow(disk: DiskSpec, ctx: { config: Config; xenbusPath: strin
         persistent: params.persistent,
         chunkKiB: params.chunkKiB ?? ctx.config.cow.chunkKiB,
       };
-  return { params, base, baseId: id, baseRdev: rdev, readOnly, name: dmName(disk, ctx.xenbusPath), domid, devid, store };
+  return {
+    params,
+    base,
+    baseId: id,
+    baseRdev: rdev,
+    readOnly,
+    name: dmName(disk, ctx.xenbusPath),
+    domid,
+    devid,
+    store,
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,7 +270,11 @@ async function writableVbds(xs: XsOps, self: string, hexDevs: Set<string>, baseK
         devs.map(async (v) => {
           const p = `backend/vbd/${d}/${v}`;
           if (p === stripHome(self)) return;
-          const [mode, pd, params, script, type] = await Promise.all(['mode', 'physical-device', 'params', 'script', 'type'].map((k) => xs.tryRead(`${p}/${k}`).catch(() => undefined)));
+          const [mode, pd, params, script, type] = await Promise.all(
+            ['mode', 'physical-device', 'params', 'script', 'type'].map((k) =>
+              xs.tryRead(`${p}/${k}`).catch(() => undefined),
+            ),
+          );
           if (!mode || !mode.includes('w')) return;
           if (pd && hexDevs.has(pd.toLowerCase())) {
             found.push(`${p} (mode ${mode}, device ${pd})`);
@@ -190,7 +284,8 @@ async function writableVbds(xs: XsOps, self: string, hexDevs: Set<string>, baseK
           if (ours || !params || !params.startsWith('/')) return;
           try {
             const st = statSync(params, { bigint: true });
-            if (fileIdKey({ dev: devString(st.dev), ino: st.ino.toString() }) === baseKey) found.push(`${p} (mode ${mode}, params ${params})`);
+            if (fileIdKey({ dev: devString(st.dev), ino: st.ino.toString() }) === baseKey)
+              found.push(`${p} (mode ${mode}, params ${params})`);
           } catch {
             // not a path we can see
           }
@@ -205,23 +300,42 @@ async function writableVbds(xs: XsOps, self: string, hexDevs: Set<string>, baseK
 async function checkBaseSharing(ctx: HookContext, plan: CowPlan, onBase: LoopInfo[]): Promise<void> {
   const writable = onBase.filter((l) => !l.readOnly);
   if (writable.length) {
-    throw new HotplugError(`block-cow: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its copy-on-write disks: detach it (losetup -d) or stop its user first.`, 'busy');
+    throw new HotplugError(
+      `block-cow: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its copy-on-write disks: detach it (losetup -d) or stop its user first.`,
+      'busy',
+    );
   }
   const devs = new Set(onBase.map((l) => `${l.major}:${l.minor}`));
   if (plan.baseRdev) devs.add(plan.baseRdev);
   const mounts = rwMounts(devs);
   if (mounts.length) {
-    throw new HotplugError(`block-cow: the base image ${plan.base} is mounted read-write at ${mounts.map((m) => m.at).join(', ')}; unmount it or remount it read-only first.`, 'busy');
+    throw new HotplugError(
+      `block-cow: the base image ${plan.base} is mounted read-write at ${mounts.map((m) => m.at).join(', ')}; unmount it or remount it read-only first.`,
+      'busy',
+    );
   }
-  const vbds = await writableVbds(ctx.xs, ctx.request.xenbusPath, new Set([...devs].map(decToHex)), fileIdKey(plan.baseId));
+  const vbds = await writableVbds(
+    ctx.xs,
+    ctx.request.xenbusPath,
+    new Set([...devs].map(decToHex)),
+    fileIdKey(plan.baseId),
+  );
   if (vbds.length) {
-    throw new HotplugError(`block-cow: the base image ${plan.base} is given writable to another guest: ${vbds.join(', ')}; detach that disk or make it access=r first.`, 'busy');
+    throw new HotplugError(
+      `block-cow: the base image ${plan.base} is given writable to another guest: ${vbds.join(', ')}; detach that disk or make it access=r first.`,
+      'busy',
+    );
   }
 }
 
 /** The journal record (backend path) whose loop step is on file `id`, for messages. */
 function loopOwner(ctx: HookContext, id: FileId): string | undefined {
-  return recordsHolding(ctx.journal.list().entries, STEP.loop, { dev: id.dev, ino: id.ino }, ctx.build.entry.backendPath)[0]?.backendPath;
+  return recordsHolding(
+    ctx.journal.list().entries,
+    STEP.loop,
+    { dev: id.dev, ino: id.ino },
+    ctx.build.entry.backendPath,
+  )[0]?.backendPath;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,21 +365,44 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   const storeId = { dev: store.dev, ino: store.ino };
   if (store.existed) {
     const have = statSync(s.path).size;
-    ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent store ${s.path} (${Math.round(have / 1048576)} MiB)`);
+    ctx.log.info(
+      `${ctx.request.xenbusPath}: reattaching persistent store ${s.path} (${Math.round(have / 1048576)} MiB)`,
+    );
   }
   // A transient store is new and unique to this disk; a persistent one may be someone else's right now.
-  const storeLoop = await addLoop(env, s.path, storeId, { readOnly: false }, !s.persistent ? undefined : async (onStore) => {
-    if (onStore.length === 0) return;
-    const owner = loopOwner(ctx, storeId);
-    throw new HotplugError(`block-cow: the copy-on-write store ${s.path} is already in use by ${onStore.map((l) => l.name).join(', ')}${owner ? ` (disk ${owner})` : ''}; a store serves one writer: remove that disk first or choose another store=.`, 'busy');
-  });
+  const storeLoop = await addLoop(
+    env,
+    s.path,
+    storeId,
+    { readOnly: false },
+    !s.persistent
+      ? undefined
+      : async (onStore) => {
+          if (onStore.length === 0) return;
+          const owner = loopOwner(ctx, storeId);
+          throw new HotplugError(
+            `block-cow: the copy-on-write store ${s.path} is already in use by ${onStore.map((l) => l.name).join(', ')}${owner ? ` (disk ${owner})` : ''}; a store serves one writer: remove that disk first or choose another store=.`,
+            'busy',
+          );
+        },
+  );
   let table = `0 ${sectors} snapshot ${origin} ${storeLoop.major}:${storeLoop.minor} ${s.persistent ? 'P' : 'N'} ${s.chunkKiB * 2}`;
   // A persistent disk resized past its base comes back at that size: its tail is mapped again.
   if (s.persistent && existsSync(tailPath(s.path))) {
     const tail = await addStoreFile(env, tailPath(s.path), 0, true);
-    const tailLoop = await addLoop(env, tailPath(s.path), { dev: tail.dev, ino: tail.ino }, { readOnly: false }, async (onTail) => {
-      if (onTail.length) throw new HotplugError(`block-cow: the tail ${tailPath(s.path)} of the store ${s.path} is already in use by ${onTail.map((l) => l.name).join(', ')}; remove that disk first.`, 'busy');
-    });
+    const tailLoop = await addLoop(
+      env,
+      tailPath(s.path),
+      { dev: tail.dev, ino: tail.ino },
+      { readOnly: false },
+      async (onTail) => {
+        if (onTail.length)
+          throw new HotplugError(
+            `block-cow: the tail ${tailPath(s.path)} of the store ${s.path} is already in use by ${onTail.map((l) => l.name).join(', ')}; remove that disk first.`,
+            'busy',
+          );
+      },
+    );
     table += `\n${tailLine(ctx.run, sectors, tailLoop)}`;
   }
   const dm = await addDm(env, plan.name, table);
@@ -285,11 +422,17 @@ async function clearLeftoverTransient(ctx: HookContext, path: string): Promise<v
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw e;
   }
-  if (!st.isFile()) throw new HotplugError(`block-cow: ${path} is in the way of this disk's store and is not a regular file; move it away.`);
+  if (!st.isFile())
+    throw new HotplugError(
+      `block-cow: ${path} is in the way of this disk's store and is not a regular file; move it away.`,
+    );
   const id = { dev: devString(st.dev), ino: st.ino.toString() };
   const loops = await loopsBacking(ctx.run, id);
   if (loops.length) {
-    throw new HotplugError(`block-cow: the leftover store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; run "xen-blockhooks gc" or detach it first.`, 'busy');
+    throw new HotplugError(
+      `block-cow: the leftover store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; run "xen-blockhooks gc" or detach it first.`,
+      'busy',
+    );
   }
   ctx.log.warn(`${ctx.request.xenbusPath}: deleting leftover transient store ${path}`);
   unlinkSync(path);
@@ -311,12 +454,17 @@ export function cowParts(entry: JournalEntry): CowParts | undefined {
   const store = entry.steps.find((s) => s.kind === STEP.storeFile && typeof s.data.path === 'string');
   if (!dm || !store) return undefined;
   const loopStep = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === store.data.path);
-  return { dmName: dm.data.name as string, storeFile: store.data.path as string, loop: typeof loopStep?.data.loop === 'string' ? loopStep.data.loop : undefined };
+  return {
+    dmName: dm.data.name as string,
+    storeFile: store.data.path as string,
+    loop: typeof loopStep?.data.loop === 'string' ? loopStep.data.loop : undefined,
+  };
 }
 
 export async function snapshotState(run: Runner, name: string): Promise<SnapshotStatus> {
   const l = (await dmStatus(run, name))[0];
-  if (!l || l.target !== 'snapshot') throw new GrowError(`${name} is not a snapshot device (${l?.target ?? 'no table'})`);
+  if (!l || l.target !== 'snapshot')
+    throw new GrowError(`${name} is not a snapshot device (${l?.target ?? 'no table'})`);
   return parseSnapshotStatus(l.params);
 }
 
@@ -324,9 +472,14 @@ function droppedMessage(name: string, s: SnapshotStatus): string {
   return `${name} is ${s.state === 'invalid' ? 'Invalid' : s.state}: its copy-on-write store overflowed and the kernel dropped the snapshot; growing cannot bring it back (the disk must be removed and added again, its changes are lost)`;
 }
 
-export async function growCowStore(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps): Promise<GrowAction> {
+export async function growCowStore(
+  entry: JournalEntry,
+  size: GrowSize | undefined,
+  deps: GrowDeps,
+): Promise<GrowAction> {
   const p = cowParts(entry);
-  if (!p) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) has no copy-on-write store (a read-only disk?)`);
+  if (!p)
+    throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) has no copy-on-write store (a read-only disk?)`);
   const s = await snapshotState(deps.run, p.dmName);
   if (s.state !== 'active') throw new GrowError(droppedMessage(p.dmName, s));
   const st = lstatSync(p.storeFile, { bigint: true });
@@ -336,11 +489,24 @@ export async function growCowStore(entry: JournalEntry, size: GrowSize | undefin
   if (!loop) throw new GrowError(`no loop device serves the store ${p.storeFile} of ${entry.backendPath}`);
   const before = Number(st.size);
   const after = targetBytes(before, size, deps.config.watch.stepPercent, MiB);
-  if (after <= before) throw new GrowError(`${p.storeFile} is already ${human(before)}; ${human(after)} is not larger (stores never shrink)`);
+  if (after <= before)
+    throw new GrowError(
+      `${p.storeFile} is already ${human(before)}; ${human(after)} is not larger (stores never shrink)`,
+    );
   truncateSync(p.storeFile, after);
   await resizeLoop(deps.run, loop.name);
-  deps.log.info(`grow ${entry.backendPath} (${diskLabel(entry)}): store ${p.storeFile} ${human(before)} → ${human(after)}, ${loop.name} re-read`, { action: 'grow', kind: 'cow-store' });
-  return { backendPath: entry.backendPath, script: entry.script, kind: 'cow-store', target: p.storeFile, beforeBytes: before, afterBytes: after };
+  deps.log.info(
+    `grow ${entry.backendPath} (${diskLabel(entry)}): store ${p.storeFile} ${human(before)} → ${human(after)}, ${loop.name} re-read`,
+    { action: 'grow', kind: 'cow-store' },
+  );
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    kind: 'cow-store',
+    target: p.storeFile,
+    beforeBytes: before,
+    afterBytes: after,
+  };
 }
 
 async function watchCow(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcome> {
@@ -362,7 +528,12 @@ async function watchCow(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutco
   }
   const g = await growCowStore(entry, undefined, deps);
   out.grown.push(g);
-  out.findings.push({ ...at, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${threshold}%: store grown to ${g.afterBytes} bytes` });
+  out.findings.push({
+    ...at,
+    usedPercent: used,
+    state: 'grown',
+    message: `${used}% used ≥ ${threshold}%: store grown to ${g.afterBytes} bytes`,
+  });
   return out;
 }
 
@@ -385,20 +556,29 @@ function tailLine(run: Runner, start: number, loop: { major: number; minor: numb
 
 async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const p = cowParts(entry);
-  if (!p) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`);
+  if (!p)
+    throw new GrowError(
+      `${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`,
+    );
   const state = await snapshotState(deps.run, p.dmName);
   if (state.state !== 'active') throw new GrowError(droppedMessage(p.dmName, state));
   const lines = await dmTableLines(deps.run, p.dmName);
   const snap = lines[0];
-  if (!snap || snap.target !== 'snapshot' || snap.start !== 0n) throw new GrowError(`${p.dmName} does not start with a snapshot (${snap?.target ?? 'no table'})`);
+  if (!snap || snap.target !== 'snapshot' || snap.start !== 0n)
+    throw new GrowError(`${p.dmName} does not start with a snapshot (${snap?.target ?? 'no table'})`);
   const baseSectors = Number(snap.length);
   const before = (baseSectors + Number(lines[1]?.length ?? 0n)) * 512;
-  if (bytes < before) throw new GrowError(`${diskLabel(entry)} is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote, so the new end could cut off its data)`);
+  if (bytes < before)
+    throw new GrowError(
+      `${diskLabel(entry)} is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote, so the new end could cut off its data)`,
+    );
   const tailBytes = wholeMiB(bytes - baseSectors * 512);
   const after = baseSectors * 512 + tailBytes;
   if (after <= before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
   const file = tailPath(p.storeFile);
-  const had = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === file && s.done && typeof s.data.loop === 'string');
+  const had = entry.steps.find(
+    (s) => s.kind === STEP.loop && s.data.file === file && s.done && typeof s.data.loop === 'string',
+  );
   let made = false;
   let table: string;
   try {
@@ -408,11 +588,19 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
       await resizeLoop(deps.run, had.data.loop as string);
       loop = { name: had.data.loop as string, major: had.data.major as number, minor: had.data.minor as number };
     } else {
-      if (existsSync(file)) throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
-      const persistent = entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
+      if (existsSync(file))
+        throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
+      const persistent =
+        entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
       // The tail's steps go in front of the device's own, so that a remove takes the device away first.
       const at = entry.steps.findIndex((s) => s.kind === STEP.dm && s.data.name === p.dmName);
-      const env: StepEnv = { build: new Build(entry, deps.journal, at), run: deps.run, config: deps.config, log: deps.log, journal: deps.journal };
+      const env: StepEnv = {
+        build: new Build(entry, deps.journal, at),
+        run: deps.run,
+        config: deps.config,
+        log: deps.log,
+        journal: deps.journal,
+      };
       const f = await addStoreFile(env, file, tailBytes, persistent);
       made = !f.existed;
       loop = await addLoop(env, file, { dev: f.dev, ino: f.ino }, { readOnly: false });
@@ -424,7 +612,9 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
       // Nothing uses a tail this resize made: it goes (its loop, its file, its steps), so neither
       // a remove nor the next add finds a larger disk than the guest was given.
       const id = existsSync(file) ? fileIdOf(file) : undefined;
-      if (id) for (const l of await loopsBacking(deps.run, id).catch(() => [])) await detachLoop(deps.run, l.name).catch(() => false);
+      if (id)
+        for (const l of await loopsBacking(deps.run, id).catch(() => []))
+          await detachLoop(deps.run, l.name).catch(() => false);
       if (existsSync(file)) unlinkSync(file);
       entry.steps = entry.steps.filter((s) => s.data.file !== file && s.data.path !== file);
       deps.journal.save(entry);
@@ -435,16 +625,32 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   if (dmStep) dmStep.data.table = table;
   deps.journal.save(entry);
   const how = `${file} ${made ? 'made' : 'extended'} (${human(tailBytes)} past the base), ${p.dmName} reloaded`;
-  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
-  return { backendPath: entry.backendPath, script: entry.script, target: p.dmName, beforeBytes: before, afterBytes: after, online: true, how };
+  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, {
+    action: 'resize',
+  });
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    target: p.dmName,
+    beforeBytes: before,
+    afterBytes: after,
+    online: true,
+    how,
+  };
 }
 
 /** A persistent disk not attached: its tail is made or extended in place, for the next add. */
 async function resizeCowDetached(plan: CowPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const s = plan.store;
   if (!s) throw new GrowError(`a read-only block-cow disk is as large as its base ${plan.base}`);
-  if (!s.persistent) throw new GrowError(`a transient block-cow disk exists only while it is attached: resize it through its domain and vdev, or make it persistent`);
-  if (!existsSync(s.path)) throw new GrowError(`the persistent store ${s.path} does not exist yet: nothing to resize (its first add makes it, as large as the base)`);
+  if (!s.persistent)
+    throw new GrowError(
+      `a transient block-cow disk exists only while it is attached: resize it through its domain and vdev, or make it persistent`,
+    );
+  if (!existsSync(s.path))
+    throw new GrowError(
+      `the persistent store ${s.path} does not exist yet: nothing to resize (its first add makes it, as large as the base)`,
+    );
   const file = tailPath(s.path);
   for (const f of [s.path, file]) refuseIfRecorded(deps.journal, f, 'the store');
   for (const f of [s.path, file]) {
@@ -453,17 +659,34 @@ async function resizeCowDetached(plan: CowPlan, bytes: number, deps: ResizeDeps)
     const on = await loopsBacking(deps.run, { dev: devString(st.dev), ino: st.ino.toString() });
     if (on.length) throw new GrowError(`${f} is in use by ${on.map((l) => l.name).join(', ')}: not resized`);
   }
-  const baseBytes = plan.baseRdev ? deviceSectorsOfPath(deps.run, plan.base) * 512 : Math.floor(statSync(plan.base).size / 512) * 512;
+  const baseBytes = plan.baseRdev
+    ? deviceSectorsOfPath(deps.run, plan.base) * 512
+    : Math.floor(statSync(plan.base).size / 512) * 512;
   const had = existsSync(file) ? statSync(file).size : 0;
   const before = baseBytes + had;
-  if (bytes < before) throw new GrowError(`the disk is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote)`);
+  if (bytes < before)
+    throw new GrowError(
+      `the disk is ${human(before)}: block-cow never shrinks a disk (dm-snapshot does not say which sectors the guest wrote)`,
+    );
   const tailBytes = wholeMiB(bytes - baseBytes);
   if (baseBytes + tailBytes <= before) throw new GrowError(`the disk is already ${human(before)}`);
-  if (had === 0 && !existsSync(file)) closeSync(openSync(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600));
+  if (had === 0 && !existsSync(file))
+    closeSync(openSync(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600));
   truncateSync(file, tailBytes);
   const how = `${file} ${had ? 'extended' : 'made'} (${human(tailBytes)} past the base); the next add maps it`;
-  deps.log.info(`resize of a detached disk: store ${s.path}: ${human(before)} → ${human(baseBytes + tailBytes)}: ${how}`, { action: 'resize' });
-  return { backendPath: '', script: 'block-cow', target: s.path, beforeBytes: before, afterBytes: baseBytes + tailBytes, online: false, how };
+  deps.log.info(
+    `resize of a detached disk: store ${s.path}: ${human(before)} → ${human(baseBytes + tailBytes)}: ${how}`,
+    { action: 'resize' },
+  );
+  return {
+    backendPath: '',
+    script: 'block-cow',
+    target: s.path,
+    beforeBytes: before,
+    afterBytes: baseBytes + tailBytes,
+    online: false,
+    how,
+  };
 }
 
 function deviceSectorsOfPath(run: Runner, path: string): number {
@@ -490,7 +713,8 @@ export const cowBackend: Backend<CowPlan> = {
   ].join('\n'),
   plan: (disk, ctx) => planCow(disk, ctx),
   add: addCow,
-  transient: (plan) => (plan.store && !plan.store.persistent ? `transient copy-on-write store ${plan.store.path}` : undefined),
+  transient: (plan) =>
+    plan.store && !plan.store.persistent ? `transient copy-on-write store ${plan.store.path}` : undefined,
   undo: sharedUndo,
   grow: (entry, size, deps) => growCowStore(entry, size, deps),
   resize: resizeCow,

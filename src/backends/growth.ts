@@ -113,5 +113,8 @@ export function wholeMiB(bytes: number): number {
 /** A detached disk's file (store, volume list, overlay, image): refused while a record names it. */
 export function refuseIfRecorded(journal: Journal, path: string, what: string): void {
   const user = journal.list().entries.find((e) => recordStrings(e).has(path));
-  if (user) throw new GrowError(`${what} ${path} is attached (${user.backendPath}): resize it through its domain and vdev instead`);
+  if (user)
+    throw new GrowError(
+      `${what} ${path} is attached (${user.backendPath}): resize it through its domain and vdev instead`,
+    );
 }

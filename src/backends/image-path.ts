@@ -55,27 +55,42 @@ export function checkImagePath(path: string, imageDirs: readonly string[], opts:
   const what = opts.what ?? 'image';
   const allowed = `the allowed image directories (image_dirs: ${imageDirs.join(' ') || 'none'})`;
   // eslint-disable-next-line no-control-regex -- control characters are exactly what is refused
-  if (path === '' || /[\0-\x1f\x7f]/.test(path)) throw new HotplugError(`The ${what} path ${JSON.stringify(path)} is empty or contains control characters.`);
-  if (!isAbsolute(path)) throw new HotplugError(`The ${what} "${path}" is not an absolute path; give the full path below one of ${allowed}.`);
-  if (path.split('/').includes('..')) throw new HotplugError(`The ${what} "${path}" contains "..": give a plain path below one of ${allowed}.`);
+  if (path === '' || /[\0-\x1f\x7f]/.test(path))
+    throw new HotplugError(`The ${what} path ${JSON.stringify(path)} is empty or contains control characters.`);
+  if (!isAbsolute(path))
+    throw new HotplugError(
+      `The ${what} "${path}" is not an absolute path; give the full path below one of ${allowed}.`,
+    );
+  if (path.split('/').includes('..'))
+    throw new HotplugError(`The ${what} "${path}" contains "..": give a plain path below one of ${allowed}.`);
   let real: string;
   try {
     real = realpathSync(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') throw new HotplugError(`The ${what} ${path} does not exist (or a symlink on the way leads nowhere).${opts.fromParams ? spacedPathHint(path) : ''}`);
+    if (code === 'ENOENT' || code === 'ENOTDIR')
+      throw new HotplugError(
+        `The ${what} ${path} does not exist (or a symlink on the way leads nowhere).${opts.fromParams ? spacedPathHint(path) : ''}`,
+      );
     throw new HotplugError(`The ${what} ${path} cannot be resolved: ${(e as Error).message}.`);
   }
   const dir = resolvedImageDirs(imageDirs).find((d) => isBelow(real, d));
   if (dir === undefined) {
     const via = real === path ? '' : ` (it resolves to ${real})`;
-    throw new HotplugError(`The ${what} ${path}${via} lies outside ${allowed}; move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`);
+    throw new HotplugError(
+      `The ${what} ${path}${via} lies outside ${allowed}; move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`,
+    );
   }
   const st = statSync(real, { bigint: true });
   const isBlockDevice = st.isBlockDevice();
-  if (isBlockDevice && !opts.allowBlockDevice) throw new HotplugError(`The ${what} ${path} is a block device; only image files are accepted here.`);
+  if (isBlockDevice && !opts.allowBlockDevice)
+    throw new HotplugError(`The ${what} ${path} is a block device; only image files are accepted here.`);
   if (!st.isFile() && !isBlockDevice) {
-    const kind = st.isDirectory() ? 'a directory' : st.isCharacterDevice() ? 'a character device' : 'not a regular file';
+    const kind = st.isDirectory()
+      ? 'a directory'
+      : st.isCharacterDevice()
+        ? 'a character device'
+        : 'not a regular file';
     throw new HotplugError(`The ${what} ${path} is ${kind}; give an image file.`);
   }
   return { given: path, real, dir, stat: st, isBlockDevice };

@@ -16,7 +16,22 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config } from '../config/config.js';
-import { isLvNotFound, lvActivate, lvCreateSnapshot, lvExtendBy, lvExtendPoolMetadataBy, lvExtendTo, lvInfo, lvRemove, lvNameProblem, lvsTagged, parseLvRef, vgNameProblem, type LvInfo, type LvRef } from '../devices/lvm.js';
+import {
+  isLvNotFound,
+  lvActivate,
+  lvCreateSnapshot,
+  lvExtendBy,
+  lvExtendPoolMetadataBy,
+  lvExtendTo,
+  lvInfo,
+  lvRemove,
+  lvNameProblem,
+  lvsTagged,
+  parseLvRef,
+  vgNameProblem,
+  type LvInfo,
+  type LvRef,
+} from '../devices/lvm.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
@@ -27,7 +42,19 @@ import { looksLikeSize, notASize, sizeGrammar } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
 import type { Backend, BuiltDevice, HookContext, Leftover, LeftoverContext } from './types.js';
-import { diskLabel, GrowError, human, MiB, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
+import {
+  diskLabel,
+  GrowError,
+  human,
+  MiB,
+  wholeMiB,
+  type GrowAction,
+  type GrowDeps,
+  type GrowSize,
+  type ResizeDeps,
+  type ResizeResult,
+  type WatchOutcome,
+} from './growth.js';
 
 export const LVSNAP_STEP = 'lv-snapshot';
 export const TAG_TRANSIENT = 'xbh_transient';
@@ -60,9 +87,15 @@ export function parseLvsnapParams(params: string): LvsnapParams {
   if (split.lastWord !== undefined) {
     const w = split.lastWord;
     if (looksLikeSize(w)) throw bad(params, notASize(w));
-    throw bad(params, `"${w}" is neither a size (${sizeGrammar()}) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces`);
+    throw bad(
+      params,
+      `"${w}" is neither a size (${sizeGrammar()}) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces`,
+    );
   }
-  return { origin: ref, ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'copy-on-write size', path: 'the origin' }) };
+  return {
+    origin: ref,
+    ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'copy-on-write size', path: 'the origin' }),
+  };
 }
 
 /** `xbh-<owner>-<vdev>`: the snapshot LV's name (valid for LVM: owner and vdev are safe names). */
@@ -84,7 +117,9 @@ export function planLvsnap(disk: DiskSpec, ctx: { config: Config; xenbusPath: st
   const params = parseLvsnapParams(disk.params);
   const readOnly = disk.mode === 'r';
   if (readOnly && (params.persistent || params.sizeMiB !== undefined)) {
-    throw new HotplugError(`block-lvsnap params "${disk.params}": access=r hands out the origin itself; a size or persistent makes no sense there.`);
+    throw new HotplugError(
+      `block-lvsnap params "${disk.params}": access=r hands out the origin itself; a size or persistent makes no sense there.`,
+    );
   }
   if (params.persistent && !readOnly) persistentOwner('block-lvsnap', disk, ctx.xenbusPath, 'snapshot', undefined);
   const snap = { vg: params.origin.vg, lv: snapshotName(disk, ctx.xenbusPath) };
@@ -93,7 +128,10 @@ export function planLvsnap(disk: DiskSpec, ctx: { config: Config; xenbusPath: st
 }
 
 function devOf(l: LvInfo, what: string): { path: string; major: number; minor: number } {
-  if (l.major === undefined || l.minor === undefined) throw new HotplugError(`block-lvsnap: ${what} ${l.vg}/${l.lv} is not active (no kernel device); activate it (lvchange -ay ${l.vg}/${l.lv}).`);
+  if (l.major === undefined || l.minor === undefined)
+    throw new HotplugError(
+      `block-lvsnap: ${what} ${l.vg}/${l.lv} is not active (no kernel device); activate it (lvchange -ay ${l.vg}/${l.lv}).`,
+    );
   return { path: l.dmPath ?? `/dev/${l.vg}/${l.lv}`, major: l.major, minor: l.minor };
 }
 
@@ -107,24 +145,42 @@ async function lvsOrFail(run: Runner, r: LvRef): Promise<LvInfo | undefined> {
 
 async function checkOrigin(ctx: HookContext, origin: LvInfo): Promise<void> {
   const o = devOf(origin, 'the origin');
-  const users = (await findUsers(ctx.xs, { devices: [{ path: o.path, major: o.major, minor: o.minor, readOnly: false }], self: ctx.request.xenbusPath })).filter(
-    (u) => u.mode === 'w' && !(u.kind === 'guest' && u.via !== o.path),
-  );
+  const users = (
+    await findUsers(ctx.xs, {
+      devices: [{ path: o.path, major: o.major, minor: o.minor, readOnly: false }],
+      self: ctx.request.xenbusPath,
+    })
+  ).filter((u) => u.mode === 'w' && !(u.kind === 'guest' && u.via !== o.path));
   const u = users[0];
   if (u) {
     const who = u.kind === 'local' ? `mounted read-write on ${u.mountPoint}` : `given writable to ${u.backendPath}`;
-    throw new HotplugError(`block-lvsnap: the origin ${origin.vg}/${origin.lv} is ${who}; snapshots of an origin that is being written are not a golden image: stop that user first.`, 'busy');
+    throw new HotplugError(
+      `block-lvsnap: the origin ${origin.vg}/${origin.lv} is ${who}; snapshots of an origin that is being written are not a golden image: stop that user first.`,
+      'busy',
+    );
   }
 }
 
 async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevice> {
   const o = plan.params.origin;
   const origin = await lvsOrFail(ctx.run, o);
-  if (!origin) throw new HotplugError(`block-lvsnap: the origin logical volume ${o.vg}/${o.lv} does not exist (lvs finds no such volume); check the name with "lvs ${o.vg}".`);
-  if (origin.kind === 'thin-pool' || origin.kind === 'snapshot' || /^(thin-pool|cache|cache-pool|vdo|vdo-pool)$/.test(origin.segtype)) {
-    throw new HotplugError(`block-lvsnap: ${o.vg}/${o.lv} is a ${origin.kind === 'snapshot' ? 'snapshot' : origin.segtype}, not a volume to snapshot; give the golden image's LV.`);
+  if (!origin)
+    throw new HotplugError(
+      `block-lvsnap: the origin logical volume ${o.vg}/${o.lv} does not exist (lvs finds no such volume); check the name with "lvs ${o.vg}".`,
+    );
+  if (
+    origin.kind === 'thin-pool' ||
+    origin.kind === 'snapshot' ||
+    /^(thin-pool|cache|cache-pool|vdo|vdo-pool)$/.test(origin.segtype)
+  ) {
+    throw new HotplugError(
+      `block-lvsnap: ${o.vg}/${o.lv} is a ${origin.kind === 'snapshot' ? 'snapshot' : origin.segtype}, not a volume to snapshot; give the golden image's LV.`,
+    );
   }
-  if (origin.invalid) throw new HotplugError(`block-lvsnap: the origin ${o.vg}/${o.lv} is marked invalid by LVM (attr ${origin.attr}); repair it first.`);
+  if (origin.invalid)
+    throw new HotplugError(
+      `block-lvsnap: the origin ${o.vg}/${o.lv} is marked invalid by LVM (attr ${origin.attr}); repair it first.`,
+    );
   await checkOrigin(ctx, origin);
   if (plan.readOnly) {
     const d = devOf(origin, 'the origin');
@@ -132,9 +188,14 @@ async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevic
   }
   const thin = origin.kind === 'thin' || origin.segtype === 'thin';
   if (thin && plan.params.sizeMiB !== undefined) {
-    throw new HotplugError(`block-lvsnap: ${o.vg}/${o.lv} is a thin volume: its snapshots are thin too and take their space from the pool, so they have no size; drop "${plan.params.sizeMiB}" from the params.`);
+    throw new HotplugError(
+      `block-lvsnap: ${o.vg}/${o.lv} is a thin volume: its snapshots are thin too and take their space from the pool, so they have no size; drop "${plan.params.sizeMiB}" from the params.`,
+    );
   }
-  const sizeMiB = thin ? undefined : (plan.params.sizeMiB ?? Math.max(1, Math.min(ctx.config.cow.defaultSizeMiB, Math.ceil(Number(origin.sizeBytes) / 1048576))));
+  const sizeMiB = thin
+    ? undefined
+    : (plan.params.sizeMiB ??
+      Math.max(1, Math.min(ctx.config.cow.defaultSizeMiB, Math.ceil(Number(origin.sizeBytes) / 1048576))));
   const tag = plan.params.persistent ? TAG_PERSISTENT : TAG_TRANSIENT;
   const snap = plan.snap;
 
@@ -146,35 +207,66 @@ async function addLvsnap(ctx: HookContext, plan: LvsnapPlan): Promise<BuiltDevic
     if (plan.params.persistent && tags.includes(TAG_PERSISTENT) && existing.origin === o.lv) {
       // One writer: the same domain's disk on another backend path (a migration's receiver on
       // this host: both ends name the snapshot after the domain) is refused while it is attached.
-      if (ownedElsewhere(ctx, snap)) throw new HotplugError(`block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} is in use by another disk of this domain; a snapshot serves one writer: remove that disk first.`, 'busy');
-      if (existing.invalid) throw new HotplugError(`block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} overflowed and is invalid (attr ${existing.attr}); its data is lost: lvremove it to start afresh.`);
+      if (ownedElsewhere(ctx, snap))
+        throw new HotplugError(
+          `block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} is in use by another disk of this domain; a snapshot serves one writer: remove that disk first.`,
+          'busy',
+        );
+      if (existing.invalid)
+        throw new HotplugError(
+          `block-lvsnap: the persistent snapshot ${snap.vg}/${snap.lv} overflowed and is invalid (attr ${existing.attr}); its data is lost: lvremove it to start afresh.`,
+        );
       existed = true;
     } else if (leftover && !plan.params.persistent) {
       ctx.log.warn(`${ctx.request.xenbusPath}: removing leftover transient snapshot ${snap.vg}/${snap.lv}`);
       await removeSnapshot(ctx.run, snap, ctx.config.busyRetryMs);
     } else {
-      const what = tags.includes(TAG_PERSISTENT) ? 'a persistent snapshot' : tags.includes(TAG_TRANSIENT) ? 'a snapshot in use by another disk' : 'a volume this tool did not make';
-      throw new HotplugError(`block-lvsnap: ${snap.vg}/${snap.lv} already exists and is ${what}${existing.origin ? ` (of ${existing.origin})` : ''}; remove that disk, lvremove it, or ${plan.params.persistent ? 'drop' : 'add'} persistent.`, 'busy');
+      const what = tags.includes(TAG_PERSISTENT)
+        ? 'a persistent snapshot'
+        : tags.includes(TAG_TRANSIENT)
+          ? 'a snapshot in use by another disk'
+          : 'a volume this tool did not make';
+      throw new HotplugError(
+        `block-lvsnap: ${snap.vg}/${snap.lv} already exists and is ${what}${existing.origin ? ` (of ${existing.origin})` : ''}; remove that disk, lvremove it, or ${plan.params.persistent ? 'drop' : 'add'} persistent.`,
+        'busy',
+      );
     }
   }
-  await ctx.build.step(LVSNAP_STEP, { vg: snap.vg, lv: snap.lv, origin: o.lv, persistent: plan.params.persistent, existed, thin, ...(sizeMiB === undefined ? {} : { sizeMiB }) }, async () => {
-    if (existed) {
-      ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent snapshot ${snap.vg}/${snap.lv}`);
-      await lvActivate(ctx.run, snap);
-      return;
-    }
-    await lvCreateSnapshot(ctx.run, o, snap.lv, sizeMiB, { addTag: tag });
-  });
+  await ctx.build.step(
+    LVSNAP_STEP,
+    {
+      vg: snap.vg,
+      lv: snap.lv,
+      origin: o.lv,
+      persistent: plan.params.persistent,
+      existed,
+      thin,
+      ...(sizeMiB === undefined ? {} : { sizeMiB }),
+    },
+    async () => {
+      if (existed) {
+        ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent snapshot ${snap.vg}/${snap.lv}`);
+        await lvActivate(ctx.run, snap);
+        return;
+      }
+      await lvCreateSnapshot(ctx.run, o, snap.lv, sizeMiB, { addTag: tag });
+    },
+  );
   const made = await lvsOrFail(ctx.run, snap);
   if (!made) throw new HotplugError(`block-lvsnap: ${snap.vg}/${snap.lv} is missing right after lvcreate.`);
   const d = devOf(made, 'the snapshot');
-  ctx.log.info(`${ctx.request.xenbusPath}: ${thin ? 'thin snapshot' : `snapshot with ${sizeMiB} MiB copy-on-write`} ${snap.vg}/${snap.lv} of ${o.vg}/${o.lv}`);
+  ctx.log.info(
+    `${ctx.request.xenbusPath}: ${thin ? 'thin snapshot' : `snapshot with ${sizeMiB} MiB copy-on-write`} ${snap.vg}/${snap.lv} of ${o.vg}/${o.lv}`,
+  );
   return d;
 }
 
 /** Another journal record holds a step for this LV. */
 function ownedElsewhere(ctx: HookContext, snap: LvRef): boolean {
-  return recordsHolding(ctx.journal.list().entries, LVSNAP_STEP, { vg: snap.vg, lv: snap.lv }, ctx.build.entry.backendPath).length > 0;
+  return (
+    recordsHolding(ctx.journal.list().entries, LVSNAP_STEP, { vg: snap.vg, lv: snap.lv }, ctx.build.entry.backendPath)
+      .length > 0
+  );
 }
 
 /** `lvremove -f`, retried while the volume is open (blkback lets go asynchronously). */
@@ -213,14 +305,21 @@ async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
 
 export function lvsnapRef(entry: JournalEntry): LvRef | undefined {
   const s = entry.steps.find((x) => x.kind === LVSNAP_STEP);
-  return s && typeof s.data.vg === 'string' && typeof s.data.lv === 'string' ? { vg: s.data.vg, lv: s.data.lv } : undefined;
+  return s && typeof s.data.vg === 'string' && typeof s.data.lv === 'string'
+    ? { vg: s.data.vg, lv: s.data.lv }
+    : undefined;
 }
 
 function lvDropped(l: LvInfo): string {
   return `${l.vg}/${l.lv} is Invalid (attr ${l.attr}): its copy-on-write area overflowed and the kernel dropped the snapshot; lvextend cannot bring it back (the disk must be removed and added again, its changes are lost)`;
 }
 
-export async function growLv(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps, part: 'data' | 'metadata' = 'data'): Promise<GrowAction> {
+export async function growLv(
+  entry: JournalEntry,
+  size: GrowSize | undefined,
+  deps: GrowDeps,
+  part: 'data' | 'metadata' = 'data',
+): Promise<GrowAction> {
   const ref = lvsnapRef(entry);
   if (!ref) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) has no snapshot (a read-only disk?)`);
   const snap = await lvInfo(deps.run, ref);
@@ -236,17 +335,36 @@ export async function growLv(entry: JournalEntry, size: GrowSize | undefined, de
     if (!pool) throw new GrowError(`the pool ${ref.vg}/${snap.pool} of ${ref.vg}/${ref.lv} is not there`);
     before = Number(pool.sizeBytes);
   }
-  if (part === 'metadata' && !thin) throw new GrowError(`${ref.vg}/${ref.lv} is a classic snapshot: it has no pool metadata to grow`);
-  const add = size === undefined ? Math.max(MiB, Math.ceil((before * deps.config.watch.stepPercent) / 100)) : size.relative ? size.bytes : size.bytes - before;
-  if (add <= 0) throw new GrowError(`${target.vg}/${target.lv} is already ${human(before)}; ${human(size?.bytes ?? 0)} is not larger`);
+  if (part === 'metadata' && !thin)
+    throw new GrowError(`${ref.vg}/${ref.lv} is a classic snapshot: it has no pool metadata to grow`);
+  const add =
+    size === undefined
+      ? Math.max(MiB, Math.ceil((before * deps.config.watch.stepPercent) / 100))
+      : size.relative
+        ? size.bytes
+        : size.bytes - before;
+  if (add <= 0)
+    throw new GrowError(
+      `${target.vg}/${target.lv} is already ${human(before)}; ${human(size?.bytes ?? 0)} is not larger`,
+    );
   const addMiB = Math.ceil(add / MiB);
   if (part === 'metadata') await lvExtendPoolMetadataBy(deps.run, target, addMiB);
   else await lvExtendBy(deps.run, target, addMiB);
   const now = await lvInfo(deps.run, target);
   const after = now ? Number(now.sizeBytes) : before + addMiB * MiB;
   const kind = !thin ? 'lv' : part === 'data' ? 'lv-pool-data' : 'lv-pool-metadata';
-  deps.log.info(`grow ${entry.backendPath} (${diskLabel(entry)}): ${thin ? `thin pool ${target.vg}/${target.lv} ${part}` : `snapshot ${ref.vg}/${ref.lv}`} +${addMiB} MiB (lvextend)${part === 'data' ? `, ${human(before)} → ${human(after)}` : ''}`, { action: 'grow', kind });
-  return { backendPath: entry.backendPath, script: entry.script, kind, target: `${target.vg}/${target.lv}`, beforeBytes: before, afterBytes: after };
+  deps.log.info(
+    `grow ${entry.backendPath} (${diskLabel(entry)}): ${thin ? `thin pool ${target.vg}/${target.lv} ${part}` : `snapshot ${ref.vg}/${ref.lv}`} +${addMiB} MiB (lvextend)${part === 'data' ? `, ${human(before)} → ${human(after)}` : ''}`,
+    { action: 'grow', kind },
+  );
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    kind,
+    target: `${target.vg}/${target.lv}`,
+    beforeBytes: before,
+    afterBytes: after,
+  };
 }
 
 async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcome> {
@@ -258,7 +376,11 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
   const threshold = deps.config.watch.thresholdPercent;
   const l = await lvInfo(deps.run, ref);
   if (!l) {
-    out.findings.push({ ...at, state: 'error', message: `${name} (${entry.backendPath}) is recorded but LVM does not know it any more` });
+    out.findings.push({
+      ...at,
+      state: 'error',
+      message: `${name} (${entry.backendPath}) is recorded but LVM does not know it any more`,
+    });
     return out;
   }
   if (l.invalid) {
@@ -273,7 +395,13 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
     const meta = pool.metadataPercent ?? 0;
     if (data >= threshold) out.grown.push(await growLv(entry, undefined, deps, 'data'));
     if (meta >= threshold) out.grown.push(await growLv(entry, undefined, deps, 'metadata'));
-    out.findings.push({ ...at, device: `${ref.vg}/${l.pool}`, usedPercent: Math.max(data, meta), state: out.grown.length ? 'grown' : 'ok', message: `pool data ${data}% metadata ${meta}%` });
+    out.findings.push({
+      ...at,
+      device: `${ref.vg}/${l.pool}`,
+      usedPercent: Math.max(data, meta),
+      state: out.grown.length ? 'grown' : 'ok',
+      message: `pool data ${data}% metadata ${meta}%`,
+    });
     return out;
   }
   const used = l.dataPercent ?? 0;
@@ -283,7 +411,12 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
   }
   const g = await growLv(entry, undefined, deps);
   out.grown.push(g);
-  out.findings.push({ ...at, usedPercent: used, state: 'grown', message: `${used}% used ≥ ${threshold}%: lvextend to ${g.afterBytes} bytes` });
+  out.findings.push({
+    ...at,
+    usedPercent: used,
+    state: 'grown',
+    message: `${used}% used ≥ ${threshold}%: lvextend to ${g.afterBytes} bytes`,
+  });
   return out;
 }
 
@@ -294,19 +427,34 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
 async function resizeLvsnap(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const who = diskLabel(entry);
   const ref = lvsnapRef(entry);
-  if (!ref) throw new GrowError(`${who} (${entry.backendPath}) hands out its origin read-only: resize the origin LV itself`);
+  if (!ref)
+    throw new GrowError(`${who} (${entry.backendPath}) hands out its origin read-only: resize the origin LV itself`);
   const snap = await lvInfo(deps.run, ref);
   if (!snap) throw new GrowError(`${ref.vg}/${ref.lv} does not exist any more`);
-  if (snap.kind !== 'thin') throw new GrowError(`${ref.vg}/${ref.lv} is a classic snapshot: it is as large as its origin and cannot be resized (a thin origin gives thin snapshots, which can)`);
+  if (snap.kind !== 'thin')
+    throw new GrowError(
+      `${ref.vg}/${ref.lv} is a classic snapshot: it is as large as its origin and cannot be resized (a thin origin gives thin snapshots, which can)`,
+    );
   const before = Number(snap.sizeBytes);
   const after = wholeMiB(bytes);
-  if (after < before) throw new GrowError(`${who} is ${human(before)}: block-lvsnap never shrinks a snapshot (nothing says which blocks the guest wrote)`);
+  if (after < before)
+    throw new GrowError(
+      `${who} is ${human(before)}: block-lvsnap never shrinks a snapshot (nothing says which blocks the guest wrote)`,
+    );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
   await lvExtendTo(deps.run, `/dev/${ref.vg}/${ref.lv}`, after);
   const now = Number((await lvInfo(deps.run, ref))?.sizeBytes ?? after);
   const how = `thin snapshot ${ref.vg}/${ref.lv} extended (lvextend)`;
   deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(now)}: ${how}`, { action: 'resize' });
-  return { backendPath: entry.backendPath, script: entry.script, target: `${ref.vg}/${ref.lv}`, beforeBytes: before, afterBytes: now, online: true, how };
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    target: `${ref.vg}/${ref.lv}`,
+    beforeBytes: before,
+    afterBytes: now,
+    online: true,
+    how,
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,7 +468,14 @@ async function leftoverSnapshots(ctx: LeftoverContext): Promise<Leftover[]> {
   const named = (lv: LvInfo) => recordsHolding(ctx.entries, LVSNAP_STEP, { vg: lv.vg, lv: lv.lv }).length > 0;
   const now = ctx.now / 1000;
   return (await lvsTagged(ctx.run, TAG_TRANSIENT))
-    .filter((lv) => lv.tags.includes(TAG_TRANSIENT) && !named(lv) && lv.open === false && lv.createdS !== undefined && now - lv.createdS > LEFTOVER_AGE_S)
+    .filter(
+      (lv) =>
+        lv.tags.includes(TAG_TRANSIENT) &&
+        !named(lv) &&
+        lv.open === false &&
+        lv.createdS !== undefined &&
+        now - lv.createdS > LEFTOVER_AGE_S,
+    )
     .map((lv) => ({
       kind: 'lv' as const,
       key: `${lv.vg}/${lv.lv}`,
@@ -333,15 +488,20 @@ async function leftoverSnapshots(ctx: LeftoverContext): Promise<Leftover[]> {
 }
 
 export const lvsnapBackend: Backend<LvsnapPlan> = {
-  source: (params) => sourceOf(() => { const o = parseLvsnapParams(params).origin; return `${o.vg}/${o.lv}`; }),
-  transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient snapshot ${plan.snap.vg}/${plan.snap.lv}` : undefined),
+  source: (params) =>
+    sourceOf(() => {
+      const o = parseLvsnapParams(params).origin;
+      return `${o.vg}/${o.lv}`;
+    }),
+  transient: (plan) =>
+    !plan.readOnly && !plan.params.persistent ? `transient snapshot ${plan.snap.vg}/${plan.snap.lv}` : undefined,
   script: 'block-lvsnap',
   summary: 'copy-on-write disk as an LVM snapshot of an origin logical volume (classic or thin)',
   usage: [
     `params: ${USAGE_LINE}`,
     '  vg/origin-lv  the golden image: an LV (classic or thin); names as LVM allows (letters, digits, + _ . -, no spaces)',
     '  cow-size      copy-on-write space of a classic snapshot: 512 (a bare number is MiB), 512M, 1.5G, 2T;',
-    '                rounded up to whole MiB; default the smaller of the origin\'s size and cow.default_size.',
+    "                rounded up to whole MiB; default the smaller of the origin's size and cow.default_size.",
     '                A thin origin gets a thin snapshot: give no size',
     '  persistent    keep the snapshot after remove and reattach it on the next add of the same domain and vdev',
     'The snapshot is VG/xbh-<domain>-<vdev>. Run "xen-blockhooks watch" to lvextend classic snapshots before they fill up.',

@@ -43,7 +43,13 @@ export function ownerName(disk: Pick<DiskSpec, 'domainName' | 'frontendId'>, dom
  * attached to dom0, where `explicit` says how to name it instead (e.g. "store=NAME"), or is
  * undefined when the hook has no such option.
  */
-export function persistentOwner(script: string, disk: Pick<DiskSpec, 'domainName' | 'frontendId'>, xenbusPath: string, what: string, explicit: string | undefined): string {
+export function persistentOwner(
+  script: string,
+  disk: Pick<DiskSpec, 'domainName' | 'frontendId'>,
+  xenbusPath: string,
+  what: string,
+  explicit: string | undefined,
+): string {
   const { domid } = backendIds(xenbusPath);
   if ((disk.frontendId ?? Number(domid)) === 0) {
     throw new HotplugError(

@@ -38,7 +38,8 @@ export function splitPathWords(params: string, known: (word: string) => boolean)
 
 /** A path may hold spaces; a tab or a line break in it is refused (it cannot be told from a separator, and no label holds one). */
 export function whitespaceProblem(path: string, what: string): string | undefined {
-  if (/[^\S ]/.test(path)) return `the ${what} ${JSON.stringify(path)} holds a tab or a line break; a path may hold spaces, but no other white space`;
+  if (/[^\S ]/.test(path))
+    return `the ${what} ${JSON.stringify(path)} holds a tab or a line break; a path may hold spaces, but no other white space`;
   return undefined;
 }
 
@@ -67,7 +68,11 @@ export function sizeOrPersistentWord(w: string): boolean {
  * right after the path, in MiB from 1 to 16 TiB; `persistent` once. `bad(what)` makes the hook's
  * error; `size` names the size ("size", "copy-on-write size") and `path` what it follows.
  */
-export function parseSizePersistent(rest: readonly string[], bad: (what: string) => Error, names: { size: string; path: string }): { sizeMiB: number | undefined; persistent: boolean } {
+export function parseSizePersistent(
+  rest: readonly string[],
+  bad: (what: string) => Error,
+  names: { size: string; path: string },
+): { sizeMiB: number | undefined; persistent: boolean } {
   const out: { sizeMiB: number | undefined; persistent: boolean } = { sizeMiB: undefined, persistent: false };
   let persistentSeen = false;
   rest.forEach((w, i) => {
@@ -113,7 +118,10 @@ export function basePathOf(split: PathWords, bad: (what: string) => Error): stri
   const base = split.path;
   const first = base.split(/\s/, 1)[0] as string;
   if (first.includes('=')) throw bad(`the first word "${first}" looks like an option; the base image path comes first`);
-  if (!base.startsWith('/')) throw bad(`the base image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`);
+  if (!base.startsWith('/'))
+    throw bad(
+      `the base image "${first}" is not an absolute path; give the full path, e.g. /srv/xen/${first.replace(/^.*\//, '')}`,
+    );
   const ws = whitespaceProblem(base, 'base image');
   if (ws) throw bad(ws);
   return base;

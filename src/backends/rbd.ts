@@ -47,9 +47,28 @@ import { isAbsolute, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner, RunResult } from '../devices/runner.js';
 import {
-  RBD_NAME, cloneArgs, infoArgs, mapArgs, missingWhat, parseInfo, parseMapOutput, parseShowMapped, parseStatus, rbdCommand, rbdReason,
-  rmArgs, showMappedArgs, snapProtectArgs, specString, statusArgs, unmapArgs,
-  type Cluster, type ImageInfo, type ImageSpec, type Mapping, type Watcher,
+  RBD_NAME,
+  cloneArgs,
+  infoArgs,
+  mapArgs,
+  missingWhat,
+  parseInfo,
+  parseMapOutput,
+  parseShowMapped,
+  parseStatus,
+  rbdCommand,
+  rbdReason,
+  rmArgs,
+  showMappedArgs,
+  snapProtectArgs,
+  specString,
+  statusArgs,
+  unmapArgs,
+  type Cluster,
+  type ImageInfo,
+  type ImageSpec,
+  type Mapping,
+  type Watcher,
   resizeArgs,
 } from '../devices/rbd.js';
 import type { DiskSpec } from '../disk/spec.js';
@@ -90,23 +109,31 @@ export interface RbdParams {
   mapOptions: string[];
 }
 
-const GRAMMAR = '<pool>/<image>@<snapshot> [clone=transient|persistent] [name=IMAGE] [conf=PATH] [id=ID] [keyring=PATH] [map_options=OPT,...]';
+const GRAMMAR =
+  '<pool>/<image>@<snapshot> [clone=transient|persistent] [name=IMAGE] [conf=PATH] [id=ID] [keyring=PATH] [map_options=OPT,...]';
 const MAP_OPTION = /^[a-z_]{1,32}(=[A-Za-z0-9._:-]{1,64})?$/;
 /** Map options the hook decides itself. */
 const RESERVED_MAP_OPTIONS = new Set(['ro', 'rw', 'read_only', 'read_write', 'noudev', 'udev', 'share', 'noshare']);
 
 function bad(params: string, what: string): HotplugError {
-  return new HotplugError(`${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "rbd/debian12@golden clone=transient".`);
+  return new HotplugError(
+    `${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "rbd/debian12@golden clone=transient".`,
+  );
 }
 
 function checkName(params: string, kind: string, v: string): string {
   if (v === '') throw bad(params, `the ${kind} name is empty`);
-  if (!RBD_NAME.test(v)) throw bad(params, `the ${kind} name "${v}" is not accepted: use letters, digits, ".", "_", "-" (at most 100, not starting with "." or "-")`);
+  if (!RBD_NAME.test(v))
+    throw bad(
+      params,
+      `the ${kind} name "${v}" is not accepted: use letters, digits, ".", "_", "-" (at most 100, not starting with "." or "-")`,
+    );
   return v;
 }
 
 function absFile(params: string, key: string, v: string): string {
-  if (!isAbsolute(v) || v.split('/').includes('..') || /[\s\0]/.test(v)) throw bad(params, `${key}=${v}: give an absolute path without ".." or spaces`);
+  if (!isAbsolute(v) || v.split('/').includes('..') || /[\s\0]/.test(v))
+    throw bad(params, `${key}=${v}: give an absolute path without ".." or spaces`);
   return v;
 }
 
@@ -115,14 +142,21 @@ export function parseRbdParams(params: string): RbdParams {
   if (split === undefined) throw bad(params, 'no image given');
   const first = split.path.split(/\s/, 1)[0] as string;
   const spec = /^[^/@=]*\/[^/@=]*@[^/@=]*$/;
-  if (split.lastWord !== undefined && !spec.test(first) && spec.test(split.path)) throw bad(params, `"${split.path}": pool, image and snapshot names cannot contain spaces`);
+  if (split.lastWord !== undefined && !spec.test(first) && spec.test(split.path))
+    throw bad(params, `"${split.path}": pool, image and snapshot names cannot contain spaces`);
   const m = /^([^/@]*)\/([^/@]*)@([^/@]*)$/.exec(first);
   if (!m) {
-    if (first.includes('=')) throw bad(params, `the first word "${first}" looks like an option; pool/image@snapshot comes first`);
-    if (!first.includes('@')) throw bad(params, `"${first}" names no snapshot: clones are made of a snapshot, write pool/image@snapshot`);
+    if (first.includes('='))
+      throw bad(params, `the first word "${first}" looks like an option; pool/image@snapshot comes first`);
+    if (!first.includes('@'))
+      throw bad(params, `"${first}" names no snapshot: clones are made of a snapshot, write pool/image@snapshot`);
     throw bad(params, `"${first}" is not pool/image@snapshot`);
   }
-  if (split.lastWord !== undefined) throw bad(params, `"${split.lastWord}" is not a key=value option; pool/image@snapshot comes first and its names cannot contain spaces`);
+  if (split.lastWord !== undefined)
+    throw bad(
+      params,
+      `"${split.lastWord}" is not a key=value option; pool/image@snapshot comes first and its names cannot contain spaces`,
+    );
   const out: RbdParams = {
     pool: checkName(params, 'pool', m[1] as string),
     image: checkName(params, 'image', m[2] as string),
@@ -135,7 +169,8 @@ export function parseRbdParams(params: string): RbdParams {
   for (const [key, value] of optionPairs(split.rest, (what) => bad(params, what))) {
     switch (key) {
       case 'clone':
-        if (value !== 'transient' && value !== 'persistent') throw bad(params, `clone=${value}: the value must be transient or persistent`);
+        if (value !== 'transient' && value !== 'persistent')
+          throw bad(params, `clone=${value}: the value must be transient or persistent`);
         out.clone = value;
         break;
       case 'name':
@@ -148,13 +183,22 @@ export function parseRbdParams(params: string): RbdParams {
         out.cluster.keyring = absFile(params, key, value);
         break;
       case 'id':
-        if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(value)) throw bad(params, `id=${value}: a client id holds letters, digits, ".", "_", "-" (e.g. id=xen for client.xen)`);
+        if (!/^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/.test(value))
+          throw bad(
+            params,
+            `id=${value}: a client id holds letters, digits, ".", "_", "-" (e.g. id=xen for client.xen)`,
+          );
         out.cluster.id = value;
         break;
       case 'map_options':
         for (const o of value.split(',')) {
-          if (!MAP_OPTION.test(o)) throw bad(params, `map_options: "${o}" is not an option such as queue_depth=128 or lock_on_read`);
-          if (RESERVED_MAP_OPTIONS.has(o.replace(/=.*$/, ''))) throw bad(params, `map_options: "${o}" is chosen by the hook (read-only from access=, noudev when no udevd runs)`);
+          if (!MAP_OPTION.test(o))
+            throw bad(params, `map_options: "${o}" is not an option such as queue_depth=128 or lock_on_read`);
+          if (RESERVED_MAP_OPTIONS.has(o.replace(/=.*$/, '')))
+            throw bad(
+              params,
+              `map_options: "${o}" is chosen by the hook (read-only from access=, noudev when no udevd runs)`,
+            );
           out.mapOptions.push(o);
         }
         break;
@@ -162,8 +206,10 @@ export function parseRbdParams(params: string): RbdParams {
         throw bad(params, `unknown option "${key}" (known: clone=, name=, conf=, id=, keyring=, map_options=)`);
     }
   }
-  if (out.name !== undefined && out.clone !== 'persistent') throw bad(params, `name=${out.name} names a persistent clone; add clone=persistent or drop name=`);
-  if (out.name !== undefined && out.name === out.image) throw bad(params, `name=${out.name} is the golden image itself`);
+  if (out.name !== undefined && out.clone !== 'persistent')
+    throw bad(params, `name=${out.name} names a persistent clone; add clone=persistent or drop name=`);
+  if (out.name !== undefined && out.name === out.image)
+    throw bad(params, `name=${out.name} is the golden image itself`);
   return out;
 }
 
@@ -171,19 +217,28 @@ export function parseRbdParams(params: string): RbdParams {
 // names and plan
 
 /** `xbh-<domain>-<vdev>`: both ends of a migration name the same image (the `--incoming` suffix dropped). */
-export function cloneName(p: RbdParams, disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>, xenbusPath: string): string {
+export function cloneName(
+  p: RbdParams,
+  disk: Pick<DiskSpec, 'domainName' | 'frontendId' | 'vdev'>,
+  xenbusPath: string,
+): string {
   if (p.name !== undefined) return p.name;
   if (p.clone === 'persistent') persistentOwner(SCRIPT, disk, xenbusPath, 'clone', 'name=IMAGE');
   const { domid, devid } = backendIds(xenbusPath);
   const owner = domainOwner(disk.domainName);
   if (owner === undefined) {
     if (p.clone === 'persistent') {
-      throw new HotplugError(`${SCRIPT}: a persistent clone is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; name the clone with name=IMAGE.`);
+      throw new HotplugError(
+        `${SCRIPT}: a persistent clone is named after its domain, and /local/domain/${disk.frontendId ?? domid}/name is not set; name the clone with name=IMAGE.`,
+      );
     }
     return `xbh-d${disk.frontendId ?? domid}-${disk.vdev ?? devid}`;
   }
   const name = `xbh-${owner}-${disk.vdev ?? devid}`.slice(0, 100);
-  if (!RBD_NAME.test(name)) throw new HotplugError(`${SCRIPT}: cannot make an image name from domain "${owner}" and vdev "${disk.vdev}"; name the clone with name=IMAGE.`);
+  if (!RBD_NAME.test(name))
+    throw new HotplugError(
+      `${SCRIPT}: cannot make an image name from domain "${owner}" and vdev "${disk.vdev}"; name the clone with name=IMAGE.`,
+    );
   return name;
 }
 
@@ -200,8 +255,17 @@ export function planRbd(disk: DiskSpec, ctx: { xenbusPath: string }): RbdPlan {
   const params = parseRbdParams(disk.params);
   const readOnly = disk.mode === 'r';
   const clone = readOnly ? undefined : cloneName(params, disk, ctx.xenbusPath);
-  if (clone !== undefined && clone === params.image) throw new HotplugError(`${SCRIPT}: the clone's name ${clone} is the golden image's own name; choose another name=.`);
-  return { params, readOnly, parent: { pool: params.pool, image: params.image, snap: params.snap }, clone, incoming: isIncoming(disk.domainName) };
+  if (clone !== undefined && clone === params.image)
+    throw new HotplugError(
+      `${SCRIPT}: the clone's name ${clone} is the golden image's own name; choose another name=.`,
+    );
+  return {
+    params,
+    readOnly,
+    parent: { pool: params.pool, image: params.image, snap: params.snap },
+    clone,
+    incoming: isIncoming(disk.domainName),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,10 +281,16 @@ function clusterWords(c: Cluster): string {
 }
 
 function failure(r: RunResult, what: string, c: Cluster): HotplugError {
-  if (r.timedOut) return new HotplugError(`${SCRIPT}: ${what}: rbd got no answer within ${Math.round(r.durationMs / 1000)} s; is the Ceph cluster${clusterWords(c)} reachable?`);
-  if (r.exitCode === undefined) return new HotplugError(`${SCRIPT}: ${what}: rbd could not be started (install ceph-common).`);
+  if (r.timedOut)
+    return new HotplugError(
+      `${SCRIPT}: ${what}: rbd got no answer within ${Math.round(r.durationMs / 1000)} s; is the Ceph cluster${clusterWords(c)} reachable?`,
+    );
+  if (r.exitCode === undefined)
+    return new HotplugError(`${SCRIPT}: ${what}: rbd could not be started (install ceph-common).`);
   const why = rbdReason(r.stderr) || `status ${r.exitCode}`;
-  const hint = /couldn't connect to the cluster|\(110\)|Connection refused/.test(r.stderr) ? `; is the Ceph cluster${clusterWords(c)} reachable, and are conf=, id= and keyring= right?` : '';
+  const hint = /couldn't connect to the cluster|\(110\)|Connection refused/.test(r.stderr)
+    ? `; is the Ceph cluster${clusterWords(c)} reachable, and are conf=, id= and keyring= right?`
+    : '';
   return new HotplugError(`${SCRIPT}: ${what}: ${why}${hint}`);
 }
 
@@ -234,9 +304,18 @@ export async function goldenInfo(run: Runner, p: RbdParams): Promise<ImageInfo> 
   const r = await rbd(run, infoArgs(p.cluster, spec));
   if (r.failed) {
     const miss = r.exitCode === 2 ? missingWhat(r.stderr) : undefined;
-    if (miss === 'pool') throw new HotplugError(`${SCRIPT}: pool "${p.pool}" does not exist in the Ceph cluster${clusterWords(p.cluster)}; check the pool in ${specString(spec)}.`);
-    if (miss === 'image') throw new HotplugError(`${SCRIPT}: image "${p.image}" does not exist in pool "${p.pool}"${clusterWords(p.cluster)}; check the image in ${specString(spec)}.`);
-    if (miss === 'snapshot') throw new HotplugError(`${SCRIPT}: image ${p.pool}/${p.image} has no snapshot "${p.snap}"; create it with "rbd snap create ${specString(spec)}" or name an existing one (rbd snap ls ${p.pool}/${p.image}).`);
+    if (miss === 'pool')
+      throw new HotplugError(
+        `${SCRIPT}: pool "${p.pool}" does not exist in the Ceph cluster${clusterWords(p.cluster)}; check the pool in ${specString(spec)}.`,
+      );
+    if (miss === 'image')
+      throw new HotplugError(
+        `${SCRIPT}: image "${p.image}" does not exist in pool "${p.pool}"${clusterWords(p.cluster)}; check the image in ${specString(spec)}.`,
+      );
+    if (miss === 'snapshot')
+      throw new HotplugError(
+        `${SCRIPT}: image ${p.pool}/${p.image} has no snapshot "${p.snap}"; create it with "rbd snap create ${specString(spec)}" or name an existing one (rbd snap ls ${p.pool}/${p.image}).`,
+      );
     throw failure(r, `cannot read ${specString(spec)}`, p.cluster);
   }
   try {
@@ -253,7 +332,11 @@ export async function ensureProtected(run: Runner, p: RbdParams, info: ImageInfo
   const r = await rbd(run, snapProtectArgs(p.cluster, spec));
   if (!r.failed) return;
   if (r.exitCode === 16 || /already protected/.test(r.stderr)) return;
-  throw failure(r, `cannot protect snapshot ${specString(spec)} (a layered clone needs a protected snapshot)`, p.cluster);
+  throw failure(
+    r,
+    `cannot protect snapshot ${specString(spec)} (a layered clone needs a protected snapshot)`,
+    p.cluster,
+  );
 }
 
 /** `rbd info` of an image; undefined when it does not exist. */
@@ -353,12 +436,17 @@ export function ownMarker(config: Pick<Config, 'storeDir'>, pool: string, image:
   return m && m.machine === me.machine && m.host === me.host ? m : undefined;
 }
 
-function writeMarker(config: Pick<Config, 'storeDir'>, m: Omit<CloneMarker, 'machine' | 'host' | 'boot' | 'made'>): void {
+function writeMarker(
+  config: Pick<Config, 'storeDir'>,
+  m: Omit<CloneMarker, 'machine' | 'host' | 'boot' | 'made'>,
+): void {
   const { machine, host, boot } = thisHost();
   mkdirSync(markerDir(config), { recursive: true, mode: 0o700 });
   const file = cloneMarkerPath(config, m.pool, m.image);
   const tmp = `${file}.${process.pid}.tmp`;
-  writeFileSync(tmp, `${JSON.stringify({ ...m, machine, host, boot, made: new Date().toISOString() })}\n`, { mode: 0o600 });
+  writeFileSync(tmp, `${JSON.stringify({ ...m, machine, host, boot, made: new Date().toISOString() })}\n`, {
+    mode: 0o600,
+  });
   renameSync(tmp, file);
 }
 
@@ -371,10 +459,16 @@ function dropMarker(config: Pick<Config, 'storeDir'>, pool: string, image: strin
  * a minute (an add writes its marker after journaling, under the clone's lock): what a crash or a
  * reboot left in the cluster.
  */
-export function leftoverClones(config: Pick<Config, 'storeDir'>, entries: readonly JournalEntry[], minAgeMs = 60_000): { file: string; marker: CloneMarker }[] {
+export function leftoverClones(
+  config: Pick<Config, 'storeDir'>,
+  entries: readonly JournalEntry[],
+  minAgeMs = 60_000,
+): { file: string; marker: CloneMarker }[] {
   let names: string[];
   try {
-    names = readdirSync(markerDir(config)).filter((n) => n.endsWith('.json')).sort();
+    names = readdirSync(markerDir(config))
+      .filter((n) => n.endsWith('.json'))
+      .sort();
   } catch {
     return [];
   }
@@ -395,7 +489,11 @@ export function leftoverClones(config: Pick<Config, 'storeDir'>, entries: readon
 }
 
 /** `rbd rm` of a clone; true when it is gone (or was), an error when it is still watched. */
-async function removeClone(run: Runner, c: Cluster, target: { pool: string; image: string }): Promise<'removed' | 'absent' | 'watched'> {
+async function removeClone(
+  run: Runner,
+  c: Cluster,
+  target: { pool: string; image: string },
+): Promise<'removed' | 'absent' | 'watched'> {
   const r = await rbd(run, rmArgs(c, target));
   if (!r.failed) return 'removed';
   if (r.exitCode === 2 && /No such file/.test(r.stderr)) return 'absent';
@@ -404,15 +502,25 @@ async function removeClone(run: Runner, c: Cluster, target: { pool: string; imag
 }
 
 /** gc: delete a leftover transient clone this host made, judged again under its lock. */
-export async function collectClone(run: Runner, config: Config, journal: { list(): { entries: JournalEntry[] } }, log: Logger, pool: string, image: string): Promise<void> {
+export async function collectClone(
+  run: Runner,
+  config: Config,
+  journal: { list(): { entries: JournalEntry[] } },
+  log: Logger,
+  pool: string,
+  image: string,
+): Promise<void> {
   const lock = await acquireFlock(rbdLockPath(config, pool, image), lockOptions(config, run));
   try {
     const m = ownMarker(config, pool, image);
-    if (!m || localUsers(journal.list().entries, pool, image, '').length > 0) throw new Error(`${pool}/${image} is held by a record now (or its marker is gone); left alone`);
+    if (!m || localUsers(journal.list().entries, pool, image, '').length > 0)
+      throw new Error(`${pool}/${image} is held by a record now (or its marker is gone); left alone`);
     const res = await removeClone(run, m.cluster, { pool, image });
     if (res === 'watched') throw new Error(`${pool}/${image} is open somewhere (it has watchers); left alone`);
     dropMarker(config, pool, image);
-    log.info(`gc: ${res === 'removed' ? 'deleted' : 'forgot (already gone)'} leftover transient clone ${pool}/${image}`);
+    log.info(
+      `gc: ${res === 'removed' ? 'deleted' : 'forgot (already gone)'} leftover transient clone ${pool}/${image}`,
+    );
   } finally {
     await lock.release();
   }
@@ -422,18 +530,32 @@ export async function collectClone(run: Runner, config: Config, journal: { list(
 // add
 
 /** An existing clone may be used: a clone of this snapshot, and unwatched and persistent, or taken over by a migration's receiver. */
-async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: string; image: string }, known?: ImageInfo, ownLeftover = false): Promise<'use' | 'leftover'> {
+async function checkExisting(
+  ctx: HookContext,
+  plan: RbdPlan,
+  target: { pool: string; image: string },
+  known?: ImageInfo,
+  ownLeftover = false,
+): Promise<'use' | 'leftover'> {
   const p = plan.params;
   const existing = known ?? (await imageInfo(ctx.run, p.cluster, target));
-  if (!existing) throw new HotplugError(`${SCRIPT}: ${specString(target)} exists and vanished again while this add looked at it; try again.`);
+  if (!existing)
+    throw new HotplugError(
+      `${SCRIPT}: ${specString(target)} exists and vanished again while this add looked at it; try again.`,
+    );
   const par = existing.parent;
   if (!par || par.pool !== p.pool || par.image !== p.image || par.snapshot !== p.snap || par.namespace !== '') {
     const what = par ? `a clone of ${par.pool}/${par.image}@${par.snapshot}` : 'not a clone';
-    throw new HotplugError(`${SCRIPT}: image ${specString(target)} exists and is ${what}, not of ${p.pool}/${p.image}@${p.snap}; move it away (rbd mv) or choose another name=.`);
+    throw new HotplugError(
+      `${SCRIPT}: image ${specString(target)} exists and is ${what}, not of ${p.pool}/${p.image}@${p.snap}; move it away (rbd mv) or choose another name=.`,
+    );
   }
   const ws = (await watchers(ctx.run, p.cluster, target)) ?? [];
   if (ws.length > 0 && !plan.incoming) {
-    throw new HotplugError(`${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`, 'busy');
+    throw new HotplugError(
+      `${SCRIPT}: ${specString(target)} is open by ${describeWatchers(ws)} (mapped on this or another host); a clone is never given to a second writer. Remove the disk there first.`,
+      'busy',
+    );
   }
   if (p.clone !== 'persistent' && !plan.incoming && ownLeftover) return 'leftover';
   if (p.clone !== 'persistent' && !plan.incoming) {
@@ -443,7 +565,10 @@ async function checkExisting(ctx: HookContext, plan: RbdPlan, target: { pool: st
       'busy',
     );
   }
-  if (ws.length > 0) ctx.log.info(`${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`);
+  if (ws.length > 0)
+    ctx.log.info(
+      `${SCRIPT}: ${specString(target)} is mapped by ${describeWatchers(ws)}: taking it over for a live migration (domain ${ctx.disk.domainName})`,
+    );
   return 'use';
 }
 
@@ -457,12 +582,18 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
   const lock = await acquireFlock(rbdLockPath(config, p.pool, image), lockOptions(config, run));
   try {
     const { entries, unreadable } = ctx.journal.list();
-    if (unreadable.length > 0) ctx.log.warn(`journal records ${unreadable.map((u) => u.file).join(', ')} cannot be read; their disks are not seen by the sharing check`);
+    if (unreadable.length > 0)
+      ctx.log.warn(
+        `journal records ${unreadable.map((u) => u.file).join(', ')} cannot be read; their disks are not seen by the sharing check`,
+      );
     const others = localUsers(entries, p.pool, image, ctx.request.xenbusPath);
     // A migration to this same host (xl migrate localhost) finds the sender's record here.
     if (others.length > 0 && !plan.incoming) {
       const o = others[0] as JournalEntry;
-      throw new HotplugError(`${SCRIPT}: ${specString(target)} is already in use on this host by ${o.backendPath}${o.disk.domainName ? ` (domain ${o.disk.domainName})` : ''}; a clone is never given to a second writer.`, 'busy');
+      throw new HotplugError(
+        `${SCRIPT}: ${specString(target)} is already in use on this host by ${o.backendPath}${o.disk.domainName ? ` (domain ${o.disk.domainName})` : ''}; a clone is never given to a second writer.`,
+        'busy',
+      );
     }
     // A persistent clone, or the clone a migration's receiver takes over, usually exists: look
     // first, so that the record says so before anything runs (its undo then never deletes it). A
@@ -488,7 +619,8 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
         // leftover; another host's (a shared store_dir) is that host's to keep.
         const found = transient ? readMarker(cloneMarkerPath(config, p.pool, image)) : undefined;
         const leftoverMarker = found && ownMarker(config, p.pool, image);
-        const mark = () => writeMarker(config, { pool: p.pool, image, cluster: p.cluster, backendPath: ctx.request.xenbusPath });
+        const mark = () =>
+          writeMarker(config, { pool: p.pool, image, cluster: p.cluster, backendPath: ctx.request.xenbusPath });
         if (transient && (!found || leftoverMarker)) mark();
         let r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
         if (!r.failed) {
@@ -506,8 +638,14 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
           // Made by this host (its marker says so): when no record here holds it and nobody has
           // it open, it is a crash's or a reboot's leftover, whose data died with its domain.
           await checkExisting(ctx, plan, target, undefined, true);
-          ctx.log.warn(`${SCRIPT}: deleting leftover transient clone ${specString(target)} (made by this host ${leftoverMarker.made} for ${leftoverMarker.backendPath}; no record holds it and nobody has it open) and cloning afresh`);
-          if ((await removeClone(run, p.cluster, target)) === 'watched') throw new HotplugError(`${SCRIPT}: ${specString(target)} was opened by another client while this add replaced it; try again.`, 'busy');
+          ctx.log.warn(
+            `${SCRIPT}: deleting leftover transient clone ${specString(target)} (made by this host ${leftoverMarker.made} for ${leftoverMarker.backendPath}; no record holds it and nobody has it open) and cloning afresh`,
+          );
+          if ((await removeClone(run, p.cluster, target)) === 'watched')
+            throw new HotplugError(
+              `${SCRIPT}: ${specString(target)} was opened by another client while this add replaced it; try again.`,
+              'busy',
+            );
           existed = false;
           ctx.build.note({ existed: false });
           r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
@@ -538,13 +676,17 @@ async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec, fresh:
     async () => {
       const r = await rbd(run, mapArgs(c, spec, { readOnly: plan.readOnly, noudev, options: plan.params.mapOptions }));
       if (r.failed) {
-        const hint = /\(2\)|No such file/.test(r.stderr) && !existsSync(`${rbdHost.sysRoot}/bus/rbd`) ? ' (the rbd kernel module is not loaded: modprobe rbd)' : '';
+        const hint =
+          /\(2\)|No such file/.test(r.stderr) && !existsSync(`${rbdHost.sysRoot}/bus/rbd`)
+            ? ' (the rbd kernel module is not loaded: modprobe rbd)'
+            : '';
         throw failure(r, `cannot map ${specString(spec)}${hint}`, c);
       }
       const device = parseMapOutput(r.stdout);
       ctx.build.note({ device });
       const mm = sysDev(device);
-      if (plan.readOnly && readOnlyFlag(device) !== true) throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
+      if (plan.readOnly && readOnlyFlag(device) !== true)
+        throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
       return { device, ...mm };
     },
     (r) => ({ device: r.device, major: r.major, minor: r.minor }),
@@ -557,7 +699,9 @@ export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevi
   const golden = await goldenInfo(ctx.run, p);
   if (plan.readOnly) return mapImage(ctx, plan, plan.parent, false);
   if (!golden.features.includes('layering')) {
-    throw new HotplugError(`${SCRIPT}: ${p.pool}/${p.image} lacks the layering feature, so it cannot be cloned; enable it with "rbd feature enable ${p.pool}/${p.image} layering".`);
+    throw new HotplugError(
+      `${SCRIPT}: ${p.pool}/${p.image} lacks the layering feature, so it cannot be cloned; enable it with "rbd feature enable ${p.pool}/${p.image} layering".`,
+    );
   }
   await ensureProtected(ctx.run, p, golden);
   const fresh = await claimClone(ctx, plan);
@@ -571,12 +715,18 @@ export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevi
 
 async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const who = diskLabel(entry);
-  const clone = entry.steps.find((s) => s.kind === STEP.clone && s.done && typeof s.data.pool === 'string' && typeof s.data.image === 'string');
+  const clone = entry.steps.find(
+    (s) => s.kind === STEP.clone && s.done && typeof s.data.pool === 'string' && typeof s.data.image === 'string',
+  );
   const map = entry.steps.find((s) => s.kind === STEP.map && s.done && typeof s.data.device === 'string');
-  if (!clone || !map || !entry.device) throw new GrowError(`${who} (${entry.backendPath}) maps the golden snapshot read-only: it is the snapshot's size`);
+  if (!clone || !map || !entry.device)
+    throw new GrowError(`${who} (${entry.backendPath}) maps the golden snapshot read-only: it is the snapshot's size`);
   const before = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   const after = wholeMiB(bytes);
-  if (after < before) throw new GrowError(`${who} is ${human(before)}: block-rbd never shrinks a clone (nothing says which blocks the guest wrote)`);
+  if (after < before)
+    throw new GrowError(
+      `${who} is ${human(before)}: block-rbd never shrinks a clone (nothing says which blocks the guest wrote)`,
+    );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
   const target = { pool: clone.data.pool as string, image: clone.data.image as string };
   const c = clusterOf(map);
@@ -589,15 +739,28 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
     now = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   }
   const how = `${specString(target)} resized (rbd resize)${now < after ? `; ${map.data.device as string} still shows ${human(now)}` : ''}`;
-  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
-  return { backendPath: entry.backendPath, script: entry.script, target: specString(target), beforeBytes: before, afterBytes: now, online: true, how };
+  deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, {
+    action: 'resize',
+  });
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    target: specString(target),
+    beforeBytes: before,
+    afterBytes: now,
+    online: true,
+    how,
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
 // undo
 
 function clusterOf(step: StepRecord): Cluster {
-  const c = (typeof step.data.cluster === 'object' && step.data.cluster !== null ? step.data.cluster : {}) as Record<string, unknown>;
+  const c = (typeof step.data.cluster === 'object' && step.data.cluster !== null ? step.data.cluster : {}) as Record<
+    string,
+    unknown
+  >;
   const s = (v: unknown) => (typeof v === 'string' ? v : undefined);
   return { conf: s(c.conf), id: s(c.id), keyring: s(c.keyring) };
 }
@@ -631,9 +794,14 @@ async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
   else {
     // Killed between `rbd map` and the record of its device: the mappings of the spec that were
     // not there before and that no other record names.
-    const claimed = new Set(stepsHolding(ctx.journal.list().entries, STEP.map, {}, ctx.entry.backendPath).map((h) => h.step.data.device));
+    const claimed = new Set(
+      stepsHolding(ctx.journal.list().entries, STEP.map, {}, ctx.entry.backendPath).map((h) => h.step.data.device),
+    );
     ours = mapped.filter((m) => !before.has(m.device) && !claimed.has(m.device));
-    if (ours.length > 1) throw new Error(`${specString(s)} gained ${ours.length} mappings (${ours.map((m) => m.device).join(', ')}) while this add was killed; cannot tell which is ours: unmap it by hand, then run "xen-blockhooks gc"`);
+    if (ours.length > 1)
+      throw new Error(
+        `${specString(s)} gained ${ours.length} mappings (${ours.map((m) => m.device).join(', ')}) while this add was killed; cannot tell which is ours: unmap it by hand, then run "xen-blockhooks gc"`,
+      );
   }
   for (const m of ours) await unmapDevice(ctx, c, m.device);
 }
@@ -656,7 +824,9 @@ async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
   }
   // rbd rm refuses an image that has watchers (EBUSY): the check and the delete are one step.
   if ((await removeClone(ctx.run, c, target)) === 'watched') {
-    ctx.log.warn(`${SCRIPT}: keeping ${specString(target)}: it still has watchers, i.e. it is mapped or open elsewhere (the disk lives on there, e.g. after a live migration)`);
+    ctx.log.warn(
+      `${SCRIPT}: keeping ${specString(target)}: it still has watchers, i.e. it is mapped or open elsewhere (the disk lives on there, e.g. after a live migration)`,
+    );
     return;
   }
   dropMarker(ctx.config, pool, image);
@@ -668,8 +838,15 @@ export const rbdUndo: UndoRegistry = {
 };
 
 export const rbdBackend: Backend<RbdPlan> = {
-  source: (params) => sourceOf(() => { const p = parseRbdParams(params); return `${p.pool}/${p.image}@${p.snap}`; }),
-  transient: (plan) => (plan.clone !== undefined && plan.params.clone === 'transient' ? `transient clone ${plan.params.pool}/${plan.clone}` : undefined),
+  source: (params) =>
+    sourceOf(() => {
+      const p = parseRbdParams(params);
+      return `${p.pool}/${p.image}@${p.snap}`;
+    }),
+  transient: (plan) =>
+    plan.clone !== undefined && plan.params.clone === 'transient'
+      ? `transient clone ${plan.params.pool}/${plan.clone}`
+      : undefined,
   // Both ends of a migration name the same clone (cloneName drops --incoming): the receiver maps it.
   migrates: true,
   script: SCRIPT,
@@ -679,7 +856,7 @@ export const rbdBackend: Backend<RbdPlan> = {
     '  pool/image@snapshot   the golden snapshot (protected on first use); access=r maps it read-only, no clone',
     '  clone=transient       (default) access=w clones it to pool/xbh-<domain>-<vdev>, deleted on remove',
     '  clone=persistent      the same clone is kept on remove and reused by the next add',
-    '  name=IMAGE            the persistent clone\'s image name (in the same pool)',
+    "  name=IMAGE            the persistent clone's image name (in the same pool)",
     '  conf=PATH id=ID keyring=PATH   the cluster and client (default /etc/ceph/ceph.conf, client.admin)',
     '  map_options=OPT,...   extra krbd map options (noudev is added by itself when no udevd runs)',
     'xl:  disk = [ "vdev=xvda,access=w,script=block-rbd,target=rbd/debian12@golden" ]',
@@ -702,4 +879,3 @@ export const rbdBackend: Backend<RbdPlan> = {
     return collectClone(ctx.run, ctx.config, ctx.journal, ctx.log, l.key.slice(0, at), l.key.slice(at + 1));
   },
 };
-

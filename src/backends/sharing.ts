@@ -193,7 +193,11 @@ async function listOrEmpty(xs: XsOps, path: string): Promise<string[]> {
 }
 
 /** Every current user of `devices` (and what is stacked on them), in this domain and in guests. */
-export async function findUsers(xs: XsOps, q: Pick<SharingQuery, 'devices' | 'self'>, opts: SharingOptions = {}): Promise<SharingUser[]> {
+export async function findUsers(
+  xs: XsOps,
+  q: Pick<SharingQuery, 'devices' | 'self'>,
+  opts: SharingOptions = {},
+): Promise<SharingUser[]> {
   const targets = stackedDevices(q.devices, opts.sysfs);
   const users: SharingUser[] = [];
   if (targets.size === 0) return users;
@@ -213,13 +217,21 @@ export async function findUsers(xs: XsOps, q: Pick<SharingQuery, 'devices' | 'se
   for (const m of parseMountinfo(mountinfo, statBlock)) {
     const t = targets.get(m.key);
     if (!t) continue;
-    users.push({ kind: 'local', mode: m.readOnly || t.readOnly ? 'r' : 'w', via: t.via, dev: toHex(t.key), mountPoint: m.mountPoint });
+    users.push({
+      kind: 'local',
+      mode: m.readOnly || t.readOnly ? 'r' : 'w',
+      via: t.via,
+      dev: toHex(t.key),
+      mountPoint: m.mountPoint,
+    });
   }
 
   const base = vbdBaseOf(q.self);
   const doms = await listOrEmpty(xs, base);
   const perDom = await Promise.all(doms.map(async (dom) => ({ dom, devs: await listOrEmpty(xs, `${base}/${dom}`) })));
-  const vbds = perDom.flatMap(({ dom, devs }) => devs.map((dev) => ({ dom, path: `${base}/${dom}/${dev}` }))).filter((v) => v.path !== q.self);
+  const vbds = perDom
+    .flatMap(({ dom, devs }) => devs.map((dev) => ({ dom, path: `${base}/${dom}/${dev}` })))
+    .filter((v) => v.path !== q.self);
   const pds = await Promise.all(vbds.map((v) => xs.tryRead(`${v.path}/physical-device`)));
   await Promise.all(
     vbds.map(async (v, i) => {
@@ -229,7 +241,14 @@ export async function findUsers(xs: XsOps, q: Pick<SharingQuery, 'devices' | 'se
       if (!t) return;
       const mode = t.readOnly ? 'r' : vbdMode(await xs.tryRead(`${v.path}/mode`));
       const domid = /^\d+$/.test(v.dom) ? Number(v.dom) : undefined;
-      users.push({ kind: 'guest', mode, via: t.via, dev: toHex(t.key), backendPath: v.path, ...(domid === undefined ? {} : { domid }) });
+      users.push({
+        kind: 'guest',
+        mode,
+        via: t.via,
+        dev: toHex(t.key),
+        backendPath: v.path,
+        ...(domid === undefined ? {} : { domid }),
+      });
     }),
   );
   return users;
@@ -243,7 +262,8 @@ export async function findUsers(xs: XsOps, q: Pick<SharingQuery, 'devices' | 'se
 export async function sameVm(xs: XsOps, a: number | undefined, b: number | undefined): Promise<boolean> {
   if (a === undefined || b === undefined) return false;
   if (a === b) return true;
-  const num = (v: string | undefined): number | undefined => (v !== undefined && /^\d+$/.test(v.trim()) ? Number(v) : undefined);
+  const num = (v: string | undefined): number | undefined =>
+    v !== undefined && /^\d+$/.test(v.trim()) ? Number(v) : undefined;
   const [avm, bvm, at, bt] = await Promise.all([
     xs.tryRead(`/local/domain/${a}/vm`),
     xs.tryRead(`/local/domain/${b}/vm`),
@@ -260,10 +280,20 @@ export async function sameVm(xs: XsOps, a: number | undefined, b: number | undef
 }
 
 /** The first user that forbids giving the device in `q.mode` to `q.frontendId`, or undefined. */
-export async function findConflict(xs: XsOps, q: SharingQuery, opts: SharingOptions = {}): Promise<SharingConflict | undefined> {
+export async function findConflict(
+  xs: XsOps,
+  q: SharingQuery,
+  opts: SharingOptions = {},
+): Promise<SharingConflict | undefined> {
   const users = await findUsers(xs, q, opts);
   // Local users first (nothing to look up), then guests in a stable order.
-  users.sort((x, y) => (x.kind === y.kind ? (x.backendPath ?? x.mountPoint ?? '').localeCompare(y.backendPath ?? y.mountPoint ?? '') : x.kind === 'local' ? -1 : 1));
+  users.sort((x, y) =>
+    x.kind === y.kind
+      ? (x.backendPath ?? x.mountPoint ?? '').localeCompare(y.backendPath ?? y.mountPoint ?? '')
+      : x.kind === 'local'
+        ? -1
+        : 1,
+  );
   for (const u of users) {
     if (q.mode === 'r' && u.mode === 'r') continue;
     if (u.kind === 'guest' && (await sameVm(xs, q.frontendId, u.domid))) continue;

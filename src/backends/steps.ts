@@ -19,7 +19,18 @@
  * sharing check that must not race it).
  */
 import { randomBytes } from 'node:crypto';
-import { closeSync, constants as fsc, fstatSync, ftruncateSync, linkSync, lstatSync, mkdirSync, openSync, statfsSync, unlinkSync } from 'node:fs';
+import {
+  closeSync,
+  constants as fsc,
+  fstatSync,
+  ftruncateSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  openSync,
+  statfsSync,
+  unlinkSync,
+} from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
@@ -33,7 +44,15 @@ import { savedClaimMarker } from '../journal/saved.js';
 import { HotplugError } from '../disk/errors.js';
 import type { XsOps } from '../xenstore/types.js';
 import { dmCreate, dmInfo, dmRemove, type DmDevice } from '../devices/dmsetup.js';
-import { attachLoop, detachLoop, listLoops, loopsBacking, LoopRedirected, type AttachOptions, type LoopInfo } from '../devices/losetup.js';
+import {
+  attachLoop,
+  detachLoop,
+  listLoops,
+  loopsBacking,
+  LoopRedirected,
+  type AttachOptions,
+  type LoopInfo,
+} from '../devices/losetup.js';
 import { devString, devT, fileIdKey, type FileId } from '../devices/sysfs.js';
 
 /** attachLoop, with a redirected open (the path changed under the check) refused as the disk's error. */
@@ -46,7 +65,13 @@ export async function attachLoopChecked(run: Runner, file: string, id: FileId, o
   }
 }
 
-export const STEP = { baseRef: 'base-ref', storeOwner: 'store-owner', storeFile: 'store-file', loop: 'loop', dm: 'dm' } as const;
+export const STEP = {
+  baseRef: 'base-ref',
+  storeOwner: 'store-owner',
+  storeFile: 'store-file',
+  loop: 'loop',
+  dm: 'dm',
+} as const;
 
 export interface StepEnv {
   build: Build;
@@ -69,9 +94,16 @@ export interface BaseRefHolder {
 }
 
 /** Records other than `exceptPath` that hold a base-ref step for `key`, and records we could not read. */
-export function baseRefHolders(journal: Journal, key: string, exceptPath: string): { holders: BaseRefHolder[]; unreadable: string[] } {
+export function baseRefHolders(
+  journal: Journal,
+  key: string,
+  exceptPath: string,
+): { holders: BaseRefHolder[]; unreadable: string[] } {
   const { entries, unreadable } = journal.list();
-  const holders = stepsHolding(entries, STEP.baseRef, { key, counted: true }, exceptPath).map(({ entry, step }) => ({ backendPath: entry.backendPath, loop: typeof step.data.loop === 'string' ? step.data.loop : undefined }));
+  const holders = stepsHolding(entries, STEP.baseRef, { key, counted: true }, exceptPath).map(({ entry, step }) => ({
+    backendPath: entry.backendPath,
+    loop: typeof step.data.loop === 'string' ? step.data.loop : undefined,
+  }));
   return { holders, unreadable: unreadable.map((u) => u.file) };
 }
 
@@ -80,7 +112,12 @@ export function baseRefHolders(journal: Journal, key: string, exceptPath: string
  * loop another record already holds, or attach one. `check` runs under Xen's `block` lock before
  * the loop is used (the sharing check); it throws to refuse.
  */
-export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: (loops: LoopInfo[]) => Promise<void>): Promise<LoopInfo> {
+export async function addBaseRef(
+  env: StepEnv,
+  file: string,
+  id: FileId,
+  check: (loops: LoopInfo[]) => Promise<void>,
+): Promise<LoopInfo> {
   const key = fileIdKey(id);
   // The step is written before the lock is taken (counted: false), so that a hook killed while it
   // waits or holds the lock still has a record whose undo takes the lock again (and so removes
@@ -92,7 +129,10 @@ export async function addBaseRef(env: StepEnv, file: string, id: FileId, check: 
       STEP.baseRef,
       { key, file, dev: id.dev, ino: id.ino, counted: false },
       async () => {
-        lock = await acquireFlock(baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(env.config, env.run));
+        lock = await acquireFlock(
+          baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }),
+          lockOptions(env.config, env.run),
+        );
         env.build.note({ counted: true });
         const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
         return withFlock(
@@ -147,36 +187,49 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
   const id = idOf(step.data);
   const key = typeof step.data.key === 'string' ? step.data.key : undefined;
   if (!id || !key) return; // nothing was ever looked up
-  const lock = await acquireFlock(baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }), lockOptions(ctx.config, ctx.run));
+  const lock = await acquireFlock(
+    baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }),
+    lockOptions(ctx.config, ctx.run),
+  );
   try {
     // Xen's lock too: losetup -d as the stock scripts do it, and a lock file left by a hook killed
     // while it held the lock is removed by this acquire/release.
-    await withFlock(xenBlockLockPath(ctx.config.xenLockDir), async () => {
-      if (step.data.counted !== true) return; // the lock was never ours: nothing was attached
-      const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
-      if (holders.length > 0) {
-        ctx.log.debug(`base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`);
-        return;
-      }
-      if (unreadable.length > 0) {
-        ctx.log.warn(`base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`);
-        return;
-      }
-      const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
-      let targets: LoopInfo[];
-      if (typeof step.data.loop === 'string') {
-        targets = onBase.filter((l) => l.name === step.data.loop);
-      } else {
-        // Intent only: the loop may have been attached without being recorded. Take read-only loops
-        // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop)
-        // and no other record names (the loop of an image `xen-blockhooks open` holds).
-        const inUse = await vbdDevices(ctx.xs);
-        const others = loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
-        targets = onBase.filter((l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`) && !others.has(l.name));
-      }
-      for (const l of targets) await detachLoop(ctx.run, l.name);
-      await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
-    }, lockOptions(ctx.config, ctx.run));
+    await withFlock(
+      xenBlockLockPath(ctx.config.xenLockDir),
+      async () => {
+        if (step.data.counted !== true) return; // the lock was never ours: nothing was attached
+        const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
+        if (holders.length > 0) {
+          ctx.log.debug(
+            `base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`,
+          );
+          return;
+        }
+        if (unreadable.length > 0) {
+          ctx.log.warn(
+            `base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`,
+          );
+          return;
+        }
+        const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
+        let targets: LoopInfo[];
+        if (typeof step.data.loop === 'string') {
+          targets = onBase.filter((l) => l.name === step.data.loop);
+        } else {
+          // Intent only: the loop may have been attached without being recorded. Take read-only loops
+          // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop)
+          // and no other record names (the loop of an image `xen-blockhooks open` holds).
+          const inUse = await vbdDevices(ctx.xs);
+          const others = loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
+          targets = onBase.filter(
+            (l) => !inUse.has(`${l.major.toString(16)}:${l.minor.toString(16)}`) && !others.has(l.name),
+          );
+        }
+        for (const l of targets) await detachLoop(ctx.run, l.name);
+        await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
+      },
+      lockOptions(ctx.config, ctx.run),
+    );
   } finally {
     await lock.release();
   }
@@ -187,7 +240,9 @@ async function assertGone(run: Runner, loops: LoopInfo[], what: string): Promise
   const names = new Set(loops.map((l) => l.name));
   const left = (await listLoops(run)).filter((l) => names.has(l.name) && l.backIno !== undefined);
   if (left.length) {
-    throw new Error(`${left.map((l) => l.name).join(', ')} (loop of ${what}) is still open by something and stays until it is closed (autoclear set)`);
+    throw new Error(
+      `${left.map((l) => l.name).join(', ')} (loop of ${what}) is still open by something and stays until it is closed (autoclear set)`,
+    );
   }
 }
 
@@ -208,7 +263,12 @@ export async function addStoreOwner(env: StepEnv, script: string, path: string):
       'busy',
     );
   }
-  await env.build.step(STEP.storeOwner, { path, backendPath }, async () => claimStore(script, path, backendPath), (r) => ({ ours: r.ours }));
+  await env.build.step(
+    STEP.storeOwner,
+    { path, backendPath },
+    async () => claimStore(script, path, backendPath),
+    (r) => ({ ours: r.ours }),
+  );
 }
 
 export async function undoStoreOwner(step: StepRecord, ctx: UndoContext): Promise<void> {
@@ -218,11 +278,16 @@ export async function undoStoreOwner(step: StepRecord, ctx: UndoContext): Promis
   // A newer step still in the record failed to go (a busy loop, a dm device, an nbd server): the
   // store is still open here, so the claim stays, and says so.
   const newer = ctx.entry.steps.slice(ctx.entry.steps.indexOf(step) + 1);
-  if (newer.length > 0) throw new Error(`keeping this host's claim on ${path}: it is still in use here (${newer.map((s) => s.kind).join(', ')} not taken down)`);
+  if (newer.length > 0)
+    throw new Error(
+      `keeping this host's claim on ${path}: it is still in use here (${newer.map((s) => s.kind).join(', ')} not taken down)`,
+    );
   // A save kept it for its domain's restore (hotplug/lifecycle.ts): its marker says so.
   const saved = savedClaimMarker(ctx.config, path);
   if (saved) {
-    ctx.log.info(`keeping this host's claim on ${path} for the restore of saved domain ${saved.name ?? saved.key} (marker ${saved.file})`);
+    ctx.log.info(
+      `keeping this host's claim on ${path} for the restore of saved domain ${saved.name ?? saved.key} (marker ${saved.file})`,
+    );
     return;
   }
   // Intent only (done: false): the claim may have been made; releaseStore checks it names us.
@@ -242,9 +307,14 @@ export interface StoreFileResult {
 export function ensureStoreDir(dir: string): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
   const st = lstatSync(dir);
-  if (!st.isDirectory()) throw new HotplugError(`the store directory ${dir} is not a directory; fix store_dir in /etc/xen/blockhooks.conf.`);
-  if ((st.mode & 0o022) !== 0) throw new HotplugError(`the store directory ${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); run chmod 700 ${dir}.`);
-  if (typeof process.getuid === 'function' && st.uid !== process.getuid()) throw new HotplugError(`the store directory ${dir} is owned by uid ${st.uid}, not by us; chown it to root.`);
+  if (!st.isDirectory())
+    throw new HotplugError(`the store directory ${dir} is not a directory; fix store_dir in /etc/xen/blockhooks.conf.`);
+  if ((st.mode & 0o022) !== 0)
+    throw new HotplugError(
+      `the store directory ${dir} is writable by group or others (mode ${(st.mode & 0o777).toString(8)}); run chmod 700 ${dir}.`,
+    );
+  if (typeof process.getuid === 'function' && st.uid !== process.getuid())
+    throw new HotplugError(`the store directory ${dir} is owned by uid ${st.uid}, not by us; chown it to root.`);
 }
 
 /**
@@ -288,7 +358,12 @@ function fidOfStats(st: { dev: bigint; ino: bigint }): FileId {
  * and linked into place (link(2) fails if someone else got there first), so an undo never deletes
  * a store it did not make.
  */
-export async function addStoreFile(env: StepEnv, path: string, bytes: number, persistent: boolean): Promise<StoreFileResult> {
+export async function addStoreFile(
+  env: StepEnv,
+  path: string,
+  bytes: number,
+  persistent: boolean,
+): Promise<StoreFileResult> {
   const tmp = persistent ? join(path, '..', `.${path.replace(/^.*\//, '')}.${process.pid}.new`) : undefined;
   return env.build.step(
     STEP.storeFile,
@@ -333,12 +408,16 @@ function openExisting(path: string): FileId | undefined {
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') return undefined;
-    if (code === 'ELOOP') throw new HotplugError(`the store ${path} is a symbolic link; stores must be plain files in the store directory.`);
+    if (code === 'ELOOP')
+      throw new HotplugError(
+        `the store ${path} is a symbolic link; stores must be plain files in the store directory.`,
+      );
     throw e;
   }
   try {
     const st = fstatSync(fd, { bigint: true });
-    if (!st.isFile()) throw new HotplugError(`the store ${path} is not a regular file; move it away or choose another store= name.`);
+    if (!st.isFile())
+      throw new HotplugError(`the store ${path} is not a regular file; move it away or choose another store= name.`);
     return fidOfStats(st);
   } finally {
     closeSync(fd);
@@ -359,7 +438,8 @@ async function unlinkUnattached(run: Runner, path: string, expect: FileId | unde
   if (!id) return;
   if (expect && fileIdKey(expect) !== fileIdKey(id)) return; // another file by now: not ours
   const loops = await loopsBacking(run, id);
-  if (loops.length) throw new Error(`store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; not deleting it`);
+  if (loops.length)
+    throw new Error(`store ${path} is still attached to ${loops.map((l) => l.name).join(', ')}; not deleting it`);
   unlinkSync(path);
 }
 
@@ -382,14 +462,21 @@ async function undoStoreFile(step: StepRecord, ctx: UndoContext): Promise<void> 
     }
   }
   // A persistent store made by an add that never finished holds nothing of value.
-  if (step.done && step.data.existed === false && ctx.entry.device === undefined && recorded) await unlinkUnattached(ctx.run, path, recorded);
+  if (step.done && step.data.existed === false && ctx.entry.device === undefined && recorded)
+    await unlinkUnattached(ctx.run, path, recorded);
 }
 
 // ---------------------------------------------------------------------------------------------
 // loop
 
 /** Attach a loop over `file` (unique to this disk), under Xen's `block` lock; `check` runs first, under it. */
-export async function addLoop(env: StepEnv, file: string, id: FileId, opts: { readOnly: boolean }, check?: (loops: LoopInfo[]) => Promise<void>): Promise<LoopInfo> {
+export async function addLoop(
+  env: StepEnv,
+  file: string,
+  id: FileId,
+  opts: { readOnly: boolean },
+  check?: (loops: LoopInfo[]) => Promise<void>,
+): Promise<LoopInfo> {
   return env.build.step(
     STEP.loop,
     { file, dev: id.dev, ino: id.ino, readOnly: opts.readOnly },
@@ -427,8 +514,11 @@ async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
   if (!id) return;
   const onFile = await loopsBacking(ctx.run, id);
   // Ours: the loop recorded, or (intent only) any loop on the file that no other record claims.
-  const others = typeof step.data.loop === 'string' ? new Set<string>() : loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
-  const loops = onFile.filter((l) => (typeof step.data.loop === 'string' ? l.name === step.data.loop : !others.has(l.name)));
+  const others =
+    typeof step.data.loop === 'string' ? new Set<string>() : loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
+  const loops = onFile.filter((l) =>
+    typeof step.data.loop === 'string' ? l.name === step.data.loop : !others.has(l.name),
+  );
   for (const l of loops) await detachLoop(ctx.run, l.name);
   await assertGone(ctx.run, loops, String(step.data.file));
 }
@@ -441,7 +531,12 @@ async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
  * that an undo of a step that never finished removes the device only when it carries that uuid:
  * a device of the same name may be another disk's (one held for a saved domain of that name).
  */
-export async function addDm(env: StepEnv, name: string, table: string, opts: { readOnly?: boolean; uuid?: string } = {}): Promise<DmDevice> {
+export async function addDm(
+  env: StepEnv,
+  name: string,
+  table: string,
+  opts: { readOnly?: boolean; uuid?: string } = {},
+): Promise<DmDevice> {
   const uuid = opts.uuid ?? `XBH-${randomBytes(12).toString('hex')}`;
   return env.build.step(
     STEP.dm,
@@ -452,7 +547,10 @@ export async function addDm(env: StepEnv, name: string, table: string, opts: { r
       } catch (e) {
         const other = await dmInfo(env.run, name).catch(() => undefined);
         if (other && other.uuid !== uuid) {
-          throw new HotplugError(`a device-mapper device named ${name} exists already (${other.major}:${other.minor}): another disk of a domain of this name, or one held for its saved domain (see "xen-blockhooks status"); nothing was built. Remove that disk or restore that domain first.`, 'busy');
+          throw new HotplugError(
+            `a device-mapper device named ${name} exists already (${other.major}:${other.minor}): another disk of a domain of this name, or one held for its saved domain (see "xen-blockhooks status"); nothing was built. Remove that disk or restore that domain first.`,
+            'busy',
+          );
         }
         throw e;
       }

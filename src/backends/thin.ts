@@ -34,13 +34,46 @@
  * with no persistent volume, its metadata superblock is zeroed, as the files would be deleted:
  * the next pool starts empty. The devices themselves are the administrator's (never removed).
  */
-import { closeSync, constants as fsc, fstatSync, fsyncSync, ftruncateSync, lstatSync, openSync, readFileSync, renameSync, rmSync, statSync, truncateSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  constants as fsc,
+  fstatSync,
+  fsyncSync,
+  ftruncateSync,
+  lstatSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  unlinkSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
-import { dmCreate, dmInfo, dmReload, dmRemove, dmStatus, dmTable, dmTableLines, parseThinStatus } from '../devices/dmsetup.js';
+import {
+  dmCreate,
+  dmInfo,
+  dmReload,
+  dmRemove,
+  dmStatus,
+  dmTable,
+  dmTableLines,
+  parseThinStatus,
+} from '../devices/dmsetup.js';
 import { CommandError, type Runner } from '../devices/runner.js';
 import { decodeDev } from '../devices/sysfs.js';
-import { createThin, deleteThin, poolSectors, poolStatus, poolTable, poolUsage, type PoolUsage } from '../devices/thin.js';
+import {
+  createThin,
+  deleteThin,
+  poolSectors,
+  poolStatus,
+  poolTable,
+  poolUsage,
+  type PoolUsage,
+} from '../devices/thin.js';
 import { lvExtendTo } from '../devices/lvm.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
@@ -58,7 +91,20 @@ import { checkImagePath } from './image-path.js';
 import { findUsers } from './sharing.js';
 import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, CollectContext, HookContext, Leftover, LeftoverContext } from './types.js';
-import { diskLabel, GrowError, human, MiB, targetBytes, wholeMiB, type GrowAction, type GrowDeps, type GrowSize, type ResizeDeps, type ResizeResult, type WatchOutcome } from './growth.js';
+import {
+  diskLabel,
+  GrowError,
+  human,
+  MiB,
+  targetBytes,
+  wholeMiB,
+  type GrowAction,
+  type GrowDeps,
+  type GrowSize,
+  type ResizeDeps,
+  type ResizeResult,
+  type WatchOutcome,
+} from './growth.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
 export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
@@ -76,7 +122,9 @@ export interface ThinParams {
 const USAGE_LINE = '<base-image> [<size>] [persistent[=yes|no]]';
 
 function bad(params: string, what: string): HotplugError {
-  return new HotplugError(`block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`);
+  return new HotplugError(
+    `block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`,
+  );
 }
 
 export function parseThinParams(params: string): ThinParams {
@@ -85,7 +133,10 @@ export function parseThinParams(params: string): ThinParams {
   const base = basePathOf(split, (what) => bad(params, what));
   const end = sizeLikeEnd(split.lastWord);
   if (end) throw bad(params, end);
-  return { base, ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'size', path: 'the base image' }) };
+  return {
+    base,
+    ...parseSizePersistent(split.rest, (what) => bad(params, what), { size: 'size', path: 'the base image' }),
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,11 +242,18 @@ function noteTransientId(config: Pick<Config, 'storeDir'>, id: number, backendPa
  * leftovers), and no persistent volume either (a list left by an older run cannot make gc delete
  * a kept volume).
  */
-export function leftoverThinIds(config: Pick<Config, 'storeDir'>, entries: readonly { steps: readonly StepRecord[] }[]): number[] {
+export function leftoverThinIds(
+  config: Pick<Config, 'storeDir'>,
+  entries: readonly { steps: readonly StepRecord[] }[],
+): number[] {
   const f = poolFiles(config);
   const held = new Set<number>(Object.values(readVolumes(f.volumes)).map((v) => v.id));
-  for (const e of entries) for (const st of e.steps) if (st.kind === THIN_STEP.thin && typeof st.data.id === 'number') held.add(st.data.id);
-  return Object.keys(readTransientIds(f.transient)).map(Number).filter((id) => Number.isInteger(id) && !held.has(id)).sort((a, b) => a - b);
+  for (const e of entries)
+    for (const st of e.steps) if (st.kind === THIN_STEP.thin && typeof st.data.id === 'number') held.add(st.data.id);
+  return Object.keys(readTransientIds(f.transient))
+    .map(Number)
+    .filter((id) => Number.isInteger(id) && !held.has(id))
+    .sort((a, b) => a - b);
 }
 
 /**
@@ -203,7 +261,12 @@ export function leftoverThinIds(config: Pick<Config, 'storeDir'>, entries: reado
  * ids deleted or found already gone; an id the pool refuses to delete stays listed, with a
  * warning, and the caller goes on.
  */
-export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir'>, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger): Promise<number[]> {
+export async function reclaimThinIds(
+  run: Runner,
+  config: Pick<Config, 'storeDir'>,
+  journal: { list(): { entries: { steps: StepRecord[] }[] } },
+  log: Logger,
+): Promise<number[]> {
   const done: number[] = [];
   for (const id of leftoverThinIds(config, journal.list().entries)) {
     let deleted: boolean;
@@ -212,11 +275,15 @@ export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir
     } catch (e) {
       // Reclaiming is housekeeping: a pool that refuses it (read-only metadata, needs_check)
       // must not fail the add that started it. The id stays listed for gc or the next start.
-      log.warn(`block-thin: could not delete leftover transient thin volume id ${id} (${messageOf(e)}); it stays listed`);
+      log.warn(
+        `block-thin: could not delete leftover transient thin volume id ${id} (${messageOf(e)}); it stays listed`,
+      );
       continue;
     }
     noteTransientId(config, id, undefined);
-    log.warn(`block-thin: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}, which no record holds (left by a crash or a reboot)`);
+    log.warn(
+      `block-thin: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}, which no record holds (left by a crash or a reboot)`,
+    );
     done.push(id);
   }
   return done;
@@ -226,11 +293,19 @@ export async function reclaimThinIds(run: Runner, config: Pick<Config, 'storeDir
  * gc: delete one leftover transient id from the running pool, judged again under the pool lock
  * (an add holds that lock from journaling its id until the id exists).
  */
-export async function collectThinId(run: Runner, config: Config, journal: { list(): { entries: { steps: StepRecord[] }[] } }, log: Logger, id: number): Promise<void> {
+export async function collectThinId(
+  run: Runner,
+  config: Config,
+  journal: { list(): { entries: { steps: StepRecord[] }[] } },
+  log: Logger,
+  id: number,
+): Promise<void> {
   const lock = await acquireFlock(poolLockPath(config), lockOptions(config, run));
   try {
-    if (!leftoverThinIds(config, journal.list().entries).includes(id)) throw new Error(`thin id ${id} is held by a record now (or no longer listed); left alone`);
-    if (!(await dmInfo(run, THIN_POOL_NAME))) throw new Error(`the thin pool ${THIN_POOL_NAME} is not running; the id is deleted when it next starts`);
+    if (!leftoverThinIds(config, journal.list().entries).includes(id))
+      throw new Error(`thin id ${id} is held by a record now (or no longer listed); left alone`);
+    if (!(await dmInfo(run, THIN_POOL_NAME)))
+      throw new Error(`the thin pool ${THIN_POOL_NAME} is not running; the id is deleted when it next starts`);
     const deleted = await deleteThin(run, THIN_POOL_NAME, id);
     noteTransientId(config, id, undefined);
     log.info(`gc: ${deleted ? 'deleted' : 'dropped (not in the pool)'} leftover transient thin volume id ${id}`);
@@ -243,7 +318,12 @@ export async function collectThinId(run: Runner, config: Config, journal: { list
  * The pool's files are a crash's leftovers when the pool does not run, no loop holds them, no
  * record has the pool, no persistent volume lives in them, and the pool is not meant to be kept.
  */
-export function leftoverPoolFiles(config: Pick<Config, 'storeDir' | 'thin'>, entries: readonly { steps: readonly StepRecord[] }[], running: boolean, looped: (file: string) => boolean): string[] {
+export function leftoverPoolFiles(
+  config: Pick<Config, 'storeDir' | 'thin'>,
+  entries: readonly { steps: readonly StepRecord[] }[],
+  running: boolean,
+  looped: (file: string) => boolean,
+): string[] {
   if (running || poolOnDevices(config) || config.thin.keepPool) return [];
   if (entries.some((e) => e.steps.some((st) => st.kind === THIN_STEP.pool))) return [];
   const f = poolFiles(config);
@@ -270,13 +350,23 @@ export interface ThinPlan {
 
 export function planThin(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): ThinPlan {
   const params = parseThinParams(disk.params);
-  const img = checkImagePath(params.base, ctx.config.imageDirs, { allowBlockDevice: true, what: 'base image', fromParams: true });
+  const img = checkImagePath(params.base, ctx.config.imageDirs, {
+    allowBlockDevice: true,
+    what: 'base image',
+    fromParams: true,
+  });
   const baseId = { dev: devString(img.stat.dev), ino: img.stat.ino.toString() };
   const bytes = img.isBlockDevice ? 0n : img.stat.size;
-  if (!img.isBlockDevice && bytes < 512n) throw new HotplugError(`block-thin: the base image ${params.base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`);
+  if (!img.isBlockDevice && bytes < 512n)
+    throw new HotplugError(
+      `block-thin: the base image ${params.base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`,
+    );
   const baseSectors = Number(bytes / 512n);
   const readOnly = disk.mode === 'r';
-  if (readOnly && params.persistent) throw new HotplugError(`block-thin params "${disk.params}": persistent makes no sense for a read-only disk (access=r has no volume to keep).`);
+  if (readOnly && params.persistent)
+    throw new HotplugError(
+      `block-thin params "${disk.params}": persistent makes no sense for a read-only disk (access=r has no volume to keep).`,
+    );
   return {
     params,
     base: img.real,
@@ -304,7 +394,10 @@ function ensurePoolFile(path: string, bytes: number): { created: boolean; size: 
     fd = openSync(path, fsc.O_RDWR | fsc.O_NOFOLLOW);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP') throw new HotplugError(`block-thin: the pool file ${path} is a symbolic link; pool files must be plain files in the store directory.`);
+    if (code === 'ELOOP')
+      throw new HotplugError(
+        `block-thin: the pool file ${path} is a symbolic link; pool files must be plain files in the store directory.`,
+      );
     if (code !== 'ENOENT') throw e;
     fd = openSync(path, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL | fsc.O_NOFOLLOW, 0o600);
     created = true;
@@ -366,9 +459,14 @@ export function poolDevice(path: string, what: 'data' | 'metadata'): { major: nu
   try {
     st = statSync(path);
   } catch (e) {
-    throw new HotplugError(`block-thin: the pool's ${what} device ${path} (thin.${what}_device) cannot be opened (${(e as NodeJS.ErrnoException).code ?? messageOf(e)}); create it (e.g. lvcreate) or fix /etc/xen/blockhooks.conf.`);
+    throw new HotplugError(
+      `block-thin: the pool's ${what} device ${path} (thin.${what}_device) cannot be opened (${(e as NodeJS.ErrnoException).code ?? messageOf(e)}); create it (e.g. lvcreate) or fix /etc/xen/blockhooks.conf.`,
+    );
   }
-  if (!st.isBlockDevice()) throw new HotplugError(`block-thin: the pool's ${what} device ${path} (thin.${what}_device) is not a block device.`);
+  if (!st.isBlockDevice())
+    throw new HotplugError(
+      `block-thin: the pool's ${what} device ${path} (thin.${what}_device) is not a block device.`,
+    );
   const d = decodeDev(st.rdev);
   return { major: d.major, minor: d.minor };
 }
@@ -391,19 +489,26 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   const info = await dmInfo(run, f.name);
   if (info) {
     const table = await dmTable(run, f.name);
-    if (!table || table.target !== 'thin-pool') throw new HotplugError(`block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`);
+    if (!table || table.target !== 'thin-pool')
+      throw new HotplugError(
+        `block-thin: a device-mapper device named ${f.name} exists and is not a thin pool; remove it (dmsetup remove ${f.name}) or rename it.`,
+      );
     const devs = tableDevices(table.params);
     if (onDevices) {
       const data = poolDevice(config.thin.dataDevice, 'data');
       if (devs[1] !== `${data.major}:${data.minor}`) {
-        throw new HotplugError(`block-thin: the thin pool ${f.name} is running on other devices than ${config.thin.dataDevice} (thin.data_device changed?); remove it or use the same configuration.`);
+        throw new HotplugError(
+          `block-thin: the thin pool ${f.name} is running on other devices than ${config.thin.dataDevice} (thin.data_device changed?); remove it or use the same configuration.`,
+        );
       }
       return { name: f.name, major: info.major, minor: info.minor, created: false };
     }
     const dataId = fileId(f.data);
     const loops = dataId ? await loopsBacking(run, dataId) : [];
     if (!loops.some((l) => devs[1] === `${l.major}:${l.minor}`)) {
-      throw new HotplugError(`block-thin: the thin pool ${f.name} is running on other devices than ${f.data} (another store_dir?); remove it or use the same configuration.`);
+      throw new HotplugError(
+        `block-thin: the thin pool ${f.name} is running on other devices than ${f.data} (another store_dir?); remove it or use the same configuration.`,
+      );
     }
     return { name: f.name, major: info.major, minor: info.minor, created: false };
   }
@@ -411,17 +516,30 @@ export async function ensurePool(run: Runner, config: Config, log: Logger): Prom
   if (onDevices) return createPoolOnDevices(run, config, log);
   const data = ensurePoolFile(f.data, config.thin.dataMiB * 1048576);
   if (!data.created && fileId(f.meta) === undefined) {
-    throw new HotplugError(`block-thin: the pool data file ${f.data} exists but its metadata file ${f.meta} does not; move the data file away (its volumes cannot be read without metadata).`);
+    throw new HotplugError(
+      `block-thin: the pool data file ${f.data} exists but its metadata file ${f.meta} does not; move the data file away (its volumes cannot be read without metadata).`,
+    );
   }
   const meta = ensurePoolFile(f.meta, config.thin.metadataMiB * 1048576);
-  if (meta.created && !data.created) log.warn(`block-thin: created a fresh metadata file ${f.meta} for the existing data file ${f.data}`);
+  if (meta.created && !data.created)
+    log.warn(`block-thin: created a fresh metadata file ${f.meta} for the existing data file ${f.data}`);
   const metaLoop = await poolLoop(run, config, f.meta);
   const dataLoop = await poolLoop(run, config, f.data);
   const length = poolSectors(BigInt(deviceSectors(run, dataLoop.major, dataLoop.minor)) * 512n, config.thin.blockKiB);
-  if (length === 0n) throw new HotplugError(`block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`);
-  const table = poolTable(length, { major: metaLoop.major, minor: metaLoop.minor }, { major: dataLoop.major, minor: dataLoop.minor }, config.thin.blockKiB);
+  if (length === 0n)
+    throw new HotplugError(
+      `block-thin: the pool data file ${f.data} is smaller than one ${config.thin.blockKiB}K block; set thin.data_size.`,
+    );
+  const table = poolTable(
+    length,
+    { major: metaLoop.major, minor: metaLoop.minor },
+    { major: dataLoop.major, minor: dataLoop.minor },
+    config.thin.blockKiB,
+  );
   const made = await dmCreate(run, f.name, table);
-  log.info(`block-thin: created thin pool ${f.name} (${length / 2048n} MiB data, ${Math.round(meta.size / 1048576)} MiB metadata, ${config.thin.blockKiB}K blocks)`);
+  log.info(
+    `block-thin: created thin pool ${f.name} (${length / 2048n} MiB data, ${Math.round(meta.size / 1048576)} MiB metadata, ${config.thin.blockKiB}K blocks)`,
+  );
   return { name: f.name, major: made.major, minor: made.minor, created: true };
 }
 
@@ -430,7 +548,10 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
   const meta = poolDevice(config.thin.metadataDevice, 'metadata');
   const data = poolDevice(config.thin.dataDevice, 'data');
   const length = poolSectors(BigInt(deviceSectors(run, data.major, data.minor)) * 512n, config.thin.blockKiB);
-  if (length === 0n) throw new HotplugError(`block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`);
+  if (length === 0n)
+    throw new HotplugError(
+      `block-thin: the pool data device ${config.thin.dataDevice} is smaller than one ${config.thin.blockKiB}K block.`,
+    );
   const table = poolTable(length, meta, data, config.thin.blockKiB);
   let made;
   try {
@@ -443,12 +564,18 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
       { cause: e },
     );
   }
-  log.info(`block-thin: started thin pool ${name} on ${config.thin.dataDevice} (${length / 2048n} MiB data) and ${config.thin.metadataDevice} (metadata), ${config.thin.blockKiB}K blocks`);
+  log.info(
+    `block-thin: started thin pool ${name} on ${config.thin.dataDevice} (${length / 2048n} MiB data) and ${config.thin.metadataDevice} (metadata), ${config.thin.blockKiB}K blocks`,
+  );
   return { name, major: made.major, minor: made.minor, created: true };
 }
 
 /** Journal records other than `except` that hold a step of `kind` (the pool's users). */
-function holders(ctx: UndoContext | { journal: UndoContext['journal'] }, kind: string, except: string): { paths: string[]; unreadable: string[] } {
+function holders(
+  ctx: UndoContext | { journal: UndoContext['journal'] },
+  kind: string,
+  except: string,
+): { paths: string[]; unreadable: string[] } {
   const { entries, unreadable } = ctx.journal.list();
   return {
     paths: recordsHolding(entries, kind, {}, except).map((e) => e.backendPath),
@@ -463,12 +590,16 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
   if (poolOnDevices(config)) {
     const kept = Object.keys(readVolumes(f.volumes));
     if (kept.length) {
-      log.info(`block-thin: thin pool ${f.name} stopped; its metadata on ${config.thin.metadataDevice} stays for ${kept.length} persistent volume(s): ${kept.join(', ')}`);
+      log.info(
+        `block-thin: thin pool ${f.name} stopped; its metadata on ${config.thin.metadataDevice} stays for ${kept.length} persistent volume(s): ${kept.join(', ')}`,
+      );
       return;
     }
     wipeMetadataSuperblock(config.thin.metadataDevice);
     rmSync(f.transient, { force: true });
-    log.info(`block-thin: thin pool ${f.name} stopped; no persistent volumes, so its metadata superblock on ${config.thin.metadataDevice} was zeroed (the next pool starts empty)`);
+    log.info(
+      `block-thin: thin pool ${f.name} stopped; no persistent volumes, so its metadata superblock on ${config.thin.metadataDevice} was zeroed (the next pool starts empty)`,
+    );
     return;
   }
   for (const file of [f.data, f.meta]) {
@@ -478,7 +609,9 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
   }
   const kept = Object.keys(readVolumes(f.volumes));
   if (kept.length) {
-    log.info(`block-thin: thin pool ${f.name} stopped; its files stay for ${kept.length} persistent volume(s): ${kept.join(', ')}`);
+    log.info(
+      `block-thin: thin pool ${f.name} stopped; its files stay for ${kept.length} persistent volume(s): ${kept.join(', ')}`,
+    );
     return;
   }
   rmSync(f.data, { force: true });
@@ -496,7 +629,9 @@ async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
       return;
     }
     if (h.unreadable.length) {
-      ctx.log.warn(`thin pool: kept because journal records ${h.unreadable.join(', ')} cannot be read (they may use it)`);
+      ctx.log.warn(
+        `thin pool: kept because journal records ${h.unreadable.join(', ')} cannot be read (they may use it)`,
+      );
       return;
     }
     if (ctx.config.thin.keepPool) {
@@ -554,14 +689,20 @@ async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
 async function checkBaseReadOnly(ctx: HookContext, plan: ThinPlan, onBase: LoopInfo[]): Promise<void> {
   const writable = onBase.filter((l) => !l.readOnly);
   if (writable.length) {
-    throw new HotplugError(`block-thin: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its thin disks: detach it (losetup -d) or stop its user first.`, 'busy');
+    throw new HotplugError(
+      `block-thin: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its thin disks: detach it (losetup -d) or stop its user first.`,
+      'busy',
+    );
   }
   const devices = onBase.map((l) => ({ path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly }));
   const users = (await findUsers(ctx.xs, { devices, self: ctx.request.xenbusPath })).filter((u) => u.mode === 'w');
   const u = users[0];
   if (u) {
     const who = u.kind === 'local' ? `mounted read-write on ${u.mountPoint}` : `given writable to ${u.backendPath}`;
-    throw new HotplugError(`block-thin: the base image ${plan.base} is ${who} (through ${u.via}); a base must not change under its thin disks: stop that user first.`, 'busy');
+    throw new HotplugError(
+      `block-thin: the base image ${plan.base} is ${who} (through ${u.via}); a base must not change under its thin disks: stop that user first.`,
+      'busy',
+    );
   }
 }
 
@@ -569,10 +710,13 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
   const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseReadOnly(ctx, plan, onBase));
   const baseSectors = deviceSectors(ctx.run, baseLoop.major, baseLoop.minor);
-  if (baseSectors === 0) throw new HotplugError(`block-thin: the base image ${plan.base} has no whole 512-byte sector.`);
+  if (baseSectors === 0)
+    throw new HotplugError(`block-thin: the base image ${plan.base} has no whole 512-byte sector.`);
   const origin = { major: baseLoop.major, minor: baseLoop.minor };
   if (plan.readOnly) {
-    const dm = await addDm(env, plan.name, `0 ${baseSectors} linear ${origin.major}:${origin.minor} 0`, { readOnly: true });
+    const dm = await addDm(env, plan.name, `0 ${baseSectors} linear ${origin.major}:${origin.minor} 0`, {
+      readOnly: true,
+    });
     return { path: dmDevicePath(plan.name, dm.minor, dm.major), major: dm.major, minor: dm.minor };
   }
 
@@ -602,35 +746,55 @@ async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
     if (kept) {
       // One writer: the same domain's disk on another backend path (a migration's receiver on
       // this host: both ends name the volume after the domain) is refused while it is attached.
-      const user = recordsHolding(ctx.journal.list().entries, THIN_STEP.thin, { id: kept.id, pool: f.name }, ctx.build.entry.backendPath)[0];
-      if (user) throw new HotplugError(`block-thin: the persistent thin volume ${plan.key} is in use by ${user.backendPath}; a volume serves one writer: remove that disk first.`, 'busy');
+      const user = recordsHolding(
+        ctx.journal.list().entries,
+        THIN_STEP.thin,
+        { id: kept.id, pool: f.name },
+        ctx.build.entry.backendPath,
+      )[0];
+      if (user)
+        throw new HotplugError(
+          `block-thin: the persistent thin volume ${plan.key} is in use by ${user.backendPath}; a volume serves one writer: remove that disk first.`,
+          'busy',
+        );
       if (kept.base.dev !== plan.baseId.dev || kept.base.ino !== plan.baseId.ino) {
-        throw new HotplugError(`block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`);
+        throw new HotplugError(
+          `block-thin: the persistent volume ${plan.key} was made over the base image ${kept.base.file}, not ${plan.base}; a thin volume only makes sense over its own base. Use that base, or drop persistent.`,
+        );
       }
       // The volume's recorded size wins over a smaller size in params: it was resized since
       // (xen-blockhooks resize), and a disk never shrinks at an add. A larger size in params grows it.
       if (plan.params.sizeMiB === undefined || plan.sectors < kept.sectors) sectors = kept.sectors;
       if (plan.params.sizeMiB !== undefined && plan.sectors < kept.sectors) {
-        ctx.log.info(`${ctx.request.xenbusPath}: the persistent thin volume ${plan.key} is ${kept.sectors / 2048} MiB (resized), larger than the ${plan.params.sizeMiB} MiB in its params; it keeps its size`);
+        ctx.log.info(
+          `${ctx.request.xenbusPath}: the persistent thin volume ${plan.key} is ${kept.sectors / 2048} MiB (resized), larger than the ${plan.params.sizeMiB} MiB in its params; it keeps its size`,
+        );
       }
     }
     id = kept ? kept.id : freePick(ctx, vols);
-    await ctx.build.step(THIN_STEP.thin, { pool: f.name, id, persistent: plan.params.persistent, key: plan.key, existed: kept !== undefined }, async () => {
-      if (!plan.params.persistent) noteTransientId(ctx.config, id, ctx.request.xenbusPath);
-      if (kept) {
-        ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent thin volume ${plan.key} (id ${id})`);
-      } else if ((await createThin(ctx.run, f.name, id)) === 'exists') {
-        // No record and no persistent volume holds the id: a leftover of a lost state directory.
-        ctx.log.warn(`${ctx.request.xenbusPath}: thin id ${id} was left in the pool by an earlier run; deleting it and starting afresh`);
-        await deleteThin(ctx.run, f.name, id);
-        if ((await createThin(ctx.run, f.name, id)) !== 'created') throw new Error(`thin id ${id} still exists after delete`);
-      }
-      if (plan.params.persistent) {
-        const v = readVolumes(f.volumes);
-        v[plan.key] = { id, sectors, base: { file: plan.base, dev: plan.baseId.dev, ino: plan.baseId.ino } };
-        writeVolumes(f.volumes, v);
-      }
-    });
+    await ctx.build.step(
+      THIN_STEP.thin,
+      { pool: f.name, id, persistent: plan.params.persistent, key: plan.key, existed: kept !== undefined },
+      async () => {
+        if (!plan.params.persistent) noteTransientId(ctx.config, id, ctx.request.xenbusPath);
+        if (kept) {
+          ctx.log.info(`${ctx.request.xenbusPath}: reattaching persistent thin volume ${plan.key} (id ${id})`);
+        } else if ((await createThin(ctx.run, f.name, id)) === 'exists') {
+          // No record and no persistent volume holds the id: a leftover of a lost state directory.
+          ctx.log.warn(
+            `${ctx.request.xenbusPath}: thin id ${id} was left in the pool by an earlier run; deleting it and starting afresh`,
+          );
+          await deleteThin(ctx.run, f.name, id);
+          if ((await createThin(ctx.run, f.name, id)) !== 'created')
+            throw new Error(`thin id ${id} still exists after delete`);
+        }
+        if (plan.params.persistent) {
+          const v = readVolumes(f.volumes);
+          v[plan.key] = { id, sectors, base: { file: plan.base, dev: plan.baseId.dev, ino: plan.baseId.ino } };
+          writeVolumes(f.volumes, v);
+        }
+      },
+    );
   } finally {
     await lock?.release();
   }
@@ -679,13 +843,21 @@ function tooSmall(part: 'data' | 'metadata', what: string, before: number, after
  * Grow the shared pool's data (default) or metadata, under the pool lock. Works on a pool that is
  * out of data space too: that is how a full pool is recovered.
  */
-export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | undefined, deps: GrowDeps, who = 'pool'): Promise<GrowAction> {
+export async function growThinPool(
+  part: 'data' | 'metadata',
+  size: GrowSize | undefined,
+  deps: GrowDeps,
+  who = 'pool',
+): Promise<GrowAction> {
   const f = poolFiles(deps.config);
   const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
   try {
     if (!(await dmInfo(deps.run, f.name))) throw new GrowError(`the thin pool ${f.name} is not running`);
     const s = await poolStatus(deps.run, f.name);
-    if (s.state !== 'ok') throw new GrowError(`the thin pool ${f.name} has failed (status ${s.state === 'fail' ? 'Fail' : 'Error'}); growing cannot repair it: run thin_check on its metadata`);
+    if (s.state !== 'ok')
+      throw new GrowError(
+        `the thin pool ${f.name} has failed (status ${s.state === 'fail' ? 'Fail' : 'Error'}); growing cannot repair it: run thin_check on its metadata`,
+      );
     const align = part === 'data' ? deps.config.thin.blockKiB * 1024 : MiB;
     const cap = (n: number) => (part === 'metadata' ? Math.min(n, THIN_METADATA_MAX_BYTES) : n);
     let target: string;
@@ -718,8 +890,18 @@ export async function growThinPool(part: 'data' | 'metadata', size: GrowSize | u
     }
     await reloadPool(deps.run, f.name, part === 'data' ? poolSectors(after, deps.config.thin.blockKiB) : undefined);
     const u = poolUsage(await poolStatus(deps.run, f.name));
-    deps.log.info(`grow ${who}: thin pool ${f.name} ${part} ${target} ${human(before)} → ${human(after)}${how}, reloaded; now data ${u.dataPercent}% metadata ${u.metadataPercent}%${u.problem ? `, ${u.problem}` : ''}`, { action: 'grow', kind: `thin-${part}` });
-    return { backendPath: who, script: 'block-thin', kind: part === 'data' ? 'thin-data' : 'thin-metadata', target, beforeBytes: before, afterBytes: after };
+    deps.log.info(
+      `grow ${who}: thin pool ${f.name} ${part} ${target} ${human(before)} → ${human(after)}${how}, reloaded; now data ${u.dataPercent}% metadata ${u.metadataPercent}%${u.problem ? `, ${u.problem}` : ''}`,
+      { action: 'grow', kind: `thin-${part}` },
+    );
+    return {
+      backendPath: who,
+      script: 'block-thin',
+      kind: part === 'data' ? 'thin-data' : 'thin-metadata',
+      target,
+      beforeBytes: before,
+      afterBytes: after,
+    };
   } finally {
     await lock.release();
   }
@@ -747,13 +929,19 @@ async function watchPool(entries: JournalEntry[], deps: GrowDeps): Promise<Watch
     return out;
   }
   if (u.problem === 'Fail' || u.problem === 'Error' || u.problem === 'needs_check') {
-    out.findings.push({ ...at, state: 'error', message: `thin pool has failed (${u.problem}); growing cannot repair it. Its disks: ${users.join(', ')}` });
+    out.findings.push({
+      ...at,
+      state: 'error',
+      message: `thin pool has failed (${u.problem}); growing cannot repair it. Its disks: ${users.join(', ')}`,
+    });
     return out;
   }
   // Out of data space (writes are failing) or metadata full: grow, and the finding says so.
   const threshold = deps.config.watch.thresholdPercent;
-  if (u.dataPercent >= threshold || u.problem === 'out of data space') out.grown.push(await growThinPool('data', undefined, deps, 'watch'));
-  if (u.metadataPercent >= threshold || (u.problem !== undefined && u.problem.startsWith('read-only'))) out.grown.push(await growThinPool('metadata', undefined, deps, 'watch'));
+  if (u.dataPercent >= threshold || u.problem === 'out of data space')
+    out.grown.push(await growThinPool('data', undefined, deps, 'watch'));
+  if (u.metadataPercent >= threshold || (u.problem !== undefined && u.problem.startsWith('read-only')))
+    out.grown.push(await growThinPool('metadata', undefined, deps, 'watch'));
   const grew = out.grown.length > 0;
   out.findings.push({
     ...at,
@@ -818,19 +1006,26 @@ async function isLooped(run: Runner, file: string): Promise<boolean> {
 async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const vol = entry.steps.find((s) => s.kind === THIN_STEP.thin && s.done);
   const dmStep = entry.steps.find((s) => s.kind === 'dm' && typeof s.data.name === 'string');
-  if (!vol || !dmStep) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`);
+  if (!vol || !dmStep)
+    throw new GrowError(
+      `${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`,
+    );
   const name = dmStep.data.name as string;
   const line = (await dmTableLines(deps.run, name))[0];
-  if (!line || line.target !== 'thin') throw new GrowError(`${name} is not a thin volume (${line?.target ?? 'no table'})`);
+  if (!line || line.target !== 'thin')
+    throw new GrowError(`${name} is not a thin volume (${line?.target ?? 'no table'})`);
   const before = Number(line.length) * 512;
   const after = wholeMiB(bytes);
   if (after === before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
   if (after < before) {
-    if (!deps.shrink) throw new GrowError(`${diskLabel(entry)} is ${human(before)}; ${human(after)} is smaller: give --shrink`);
+    if (!deps.shrink)
+      throw new GrowError(`${diskLabel(entry)} is ${human(before)}; ${human(after)} is smaller: give --shrink`);
     const st = parseThinStatus((await dmStatus(deps.run, name))[0]?.params ?? '-');
     if (st.state !== 'ok') throw new GrowError(`${name} reports no mapping (${st.state}); not shrunk`);
     if (st.highestMappedSector !== null && st.highestMappedSector >= BigInt(after / 512)) {
-      throw new GrowError(`the guest wrote up to sector ${st.highestMappedSector} of ${diskLabel(entry)} (${human(Number(st.highestMappedSector + 1n) * 512)}); ${human(after)} would cut it off: not shrunk`);
+      throw new GrowError(
+        `the guest wrote up to sector ${st.highestMappedSector} of ${diskLabel(entry)} (${human(Number(st.highestMappedSector + 1n) * 512)}); ${human(after)} would cut it off: not shrunk`,
+      );
     }
   }
   const table = `0 ${after / 512} thin ${line.params}`;
@@ -853,31 +1048,63 @@ async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps):
     }
   }
   const how = `${name} reloaded${vol.data.persistent === true ? ', the persistent volume keeps the size' : ''}`;
-  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
-  return { backendPath: entry.backendPath, script: entry.script, target: name, beforeBytes: before, afterBytes: after, online: true, how };
+  deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, {
+    action: 'resize',
+  });
+  return {
+    backendPath: entry.backendPath,
+    script: entry.script,
+    target: name,
+    beforeBytes: before,
+    afterBytes: after,
+    online: true,
+    how,
+  };
 }
 
 /** A persistent volume not attached: its recorded size grows, and its next add uses it. */
 async function resizeThinDetached(plan: ThinPlan, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   if (plan.readOnly) throw new GrowError(`a read-only block-thin disk is as large as its base ${plan.base}`);
-  if (!plan.params.persistent) throw new GrowError('a transient block-thin disk exists only while it is attached: resize it through its domain and vdev, or make it persistent');
+  if (!plan.params.persistent)
+    throw new GrowError(
+      'a transient block-thin disk exists only while it is attached: resize it through its domain and vdev, or make it persistent',
+    );
   const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
   try {
     const f = poolFiles(deps.config);
     const v = readVolumes(f.volumes);
     const kept = v[plan.key];
-    if (!kept) throw new GrowError(`the persistent thin volume ${plan.key} does not exist yet: nothing to resize (give its size in the disk's params)`);
+    if (!kept)
+      throw new GrowError(
+        `the persistent thin volume ${plan.key} does not exist yet: nothing to resize (give its size in the disk's params)`,
+      );
     const user = recordsHolding(deps.journal.list().entries, THIN_STEP.thin, { id: kept.id, pool: f.name })[0];
-    if (user) throw new GrowError(`the persistent thin volume ${plan.key} is attached (${user.backendPath}): resize it through its domain and vdev instead`);
+    if (user)
+      throw new GrowError(
+        `the persistent thin volume ${plan.key} is attached (${user.backendPath}): resize it through its domain and vdev instead`,
+      );
     const before = kept.sectors * 512;
     const after = wholeMiB(bytes);
-    if (after < before) throw new GrowError(`the volume is ${human(before)}: a detached volume is never shrunk (attach it, then resize --shrink checks what the guest wrote)`);
+    if (after < before)
+      throw new GrowError(
+        `the volume is ${human(before)}: a detached volume is never shrunk (attach it, then resize --shrink checks what the guest wrote)`,
+      );
     if (after === before) throw new GrowError(`the volume is already ${human(before)}`);
     v[plan.key] = { ...kept, sectors: after / 512 };
     writeVolumes(f.volumes, v);
     const how = `${f.volumes} records the new size; the next add uses it`;
-    deps.log.info(`resize of a detached disk: thin volume ${plan.key}: ${human(before)} → ${human(after)}: ${how}`, { action: 'resize' });
-    return { backendPath: '', script: 'block-thin', target: plan.key, beforeBytes: before, afterBytes: after, online: false, how };
+    deps.log.info(`resize of a detached disk: thin volume ${plan.key}: ${human(before)} → ${human(after)}: ${how}`, {
+      action: 'resize',
+    });
+    return {
+      backendPath: '',
+      script: 'block-thin',
+      target: plan.key,
+      beforeBytes: before,
+      afterBytes: after,
+      online: false,
+      how,
+    };
   } finally {
     await lock.release();
   }
@@ -892,7 +1119,8 @@ async function collectThin(l: Leftover, ctx: CollectContext): Promise<void> {
     const f = poolFiles(ctx.config);
     const looped = new Set<string>();
     for (const file of [f.data, f.meta]) if (await isLooped(ctx.run, file)) looped.add(file);
-    if (!leftoverPoolFiles(ctx.config, ctx.journal.list().entries, running, (x) => looped.has(x)).includes(l.key)) throw new Error(`${l.key} is in use now (or gone); left alone`);
+    if (!leftoverPoolFiles(ctx.config, ctx.journal.list().entries, running, (x) => looped.has(x)).includes(l.key))
+      throw new Error(`${l.key} is in use now (or gone); left alone`);
     try {
       unlinkSync(l.key);
     } catch (e) {
@@ -908,13 +1136,14 @@ export const thinBackend: Backend<ThinPlan> = {
   source: (params) => sourceOf(() => parseThinParams(params).base),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient thin volume ${plan.name}` : undefined),
   script: 'block-thin',
-  summary: 'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',
+  summary:
+    'thin-provisioned copy-on-write disk: a dm thin volume in one shared pool, with the read-only base image as its external origin',
   usage: [
     `params: ${USAGE_LINE}`,
     '  base-image  absolute path of a disk image (or block device) inside image_dirs; opened read-only;',
     '              it may hold spaces (the words after it are read from the right)',
-    '  size        the disk\'s size: 512 (a bare number is MiB), 512M, 1.5G, 2T; rounded up to whole MiB;',
-    '              default the base\'s size. Past the base\'s end the disk reads zeros',
+    "  size        the disk's size: 512 (a bare number is MiB), 512M, 1.5G, 2T; rounded up to whole MiB;",
+    "              default the base's size. Past the base's end the disk reads zeros",
     '  persistent  keep the volume after remove and reattach it on the next add of the same domain and vdev',
     'The pool (store_dir/thin-pool.data and .meta, sparse) is created on first use with thin.data_size, thin.metadata_size,',
     'thin.block, and fails writes at once when full (error_if_no_space): run "xen-blockhooks watch" to grow it in time.',
@@ -927,7 +1156,8 @@ export const thinBackend: Backend<ThinPlan> = {
   add: addThin,
   undo: { ...sharedUndo, [THIN_STEP.pool]: undoPool, [THIN_STEP.thin]: undoThin } satisfies UndoRegistry,
   grow(entry, size, deps, opts) {
-    if (!usesPool(entry)) throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk: it uses no pool`);
+    if (!usesPool(entry))
+      throw new GrowError(`${diskLabel(entry)} (${entry.backendPath}) is a read-only disk: it uses no pool`);
     return growThinPool(opts.part ?? 'data', size, deps, entry.backendPath);
   },
   resize: resizeThin,

@@ -26,7 +26,9 @@ export function hookMain(backend: Backend, deps: RuntimeDeps = {}): void {
         process.exitCode = code;
       },
       (e: unknown) => {
-        process.stderr.write(`${backend.script}: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+        process.stderr.write(
+          `${backend.script}: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
+        );
         process.exitCode = 70;
       },
     );

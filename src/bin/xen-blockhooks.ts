@@ -10,7 +10,9 @@ cliMain(process.argv.slice(2), process.env, { version: VERSION }).then(
     process.exitCode = code;
   },
   (e: unknown) => {
-    process.stderr.write(`xen-blockhooks: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    process.stderr.write(
+      `xen-blockhooks: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`,
+    );
     process.exitCode = 70;
   },
 );

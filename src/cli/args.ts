@@ -39,9 +39,12 @@ export interface Parsed {
 function intValue(spec: OptionSpec, v: string): number {
   if (!/^\d+$/.test(v)) throw new UsageError(`option --${spec.name} needs a whole number, not "${v}"`);
   const value = Number(v);
-  const unit = (n: number) => (!spec.unit ? '' : ` ${n === 1 && /^\w{3,}s$/.test(spec.unit) ? spec.unit.slice(0, -1) : spec.unit}`);
-  if (spec.min !== undefined && value < spec.min) throw new UsageError(`option --${spec.name} must be at least ${spec.min}${unit(spec.min)}, not ${v}`);
-  if (spec.max !== undefined && value > spec.max) throw new UsageError(`option --${spec.name} must be at most ${spec.max}${unit(spec.max)}, not ${v}`);
+  const unit = (n: number) =>
+    !spec.unit ? '' : ` ${n === 1 && /^\w{3,}s$/.test(spec.unit) ? spec.unit.slice(0, -1) : spec.unit}`;
+  if (spec.min !== undefined && value < spec.min)
+    throw new UsageError(`option --${spec.name} must be at least ${spec.min}${unit(spec.min)}, not ${v}`);
+  if (spec.max !== undefined && value > spec.max)
+    throw new UsageError(`option --${spec.name} must be at most ${spec.max}${unit(spec.max)}, not ${v}`);
   return value;
 }
 
@@ -49,7 +52,11 @@ export function parseOptions(argv: readonly string[], specs: readonly OptionSpec
   const byName = new Map(specs.map((s) => [s.name, s]));
   const options: NonNullable<ParseArgsConfig['options']> = {};
   for (const s of specs) {
-    options[s.name] = { type: s.type === 'flag' ? 'boolean' : 'string', ...(s.short ? { short: s.short } : {}), ...(s.repeat ? { multiple: true } : {}) };
+    options[s.name] = {
+      type: s.type === 'flag' ? 'boolean' : 'string',
+      ...(s.short ? { short: s.short } : {}),
+      ...(s.repeat ? { multiple: true } : {}),
+    };
   }
   const { tokens } = parseArgs({ args: [...argv], options, strict: false, allowPositionals: true, tokens: true });
   const parsed: Parsed = { options: {}, positional: [] };
@@ -86,7 +93,8 @@ export function parseOptions(argv: readonly string[], specs: readonly OptionSpec
       list.push(value as string | number);
       parsed.options[spec.name] = list;
     } else {
-      if (parsed.options[spec.name] !== undefined && spec.type !== 'flag') throw new UsageError(`option --${spec.name} given twice`);
+      if (parsed.options[spec.name] !== undefined && spec.type !== 'flag')
+        throw new UsageError(`option --${spec.name} given twice`);
       parsed.options[spec.name] = value;
     }
   }

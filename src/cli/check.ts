@@ -65,7 +65,13 @@ export const HOOK_TOOLS: Readonly<Record<string, readonly string[]>> = {
 };
 
 const PACKAGE: Record<string, string> = {
-  losetup: 'mount', dmsetup: 'dmsetup', 'qemu-nbd': 'qemu-utils', 'qemu-img': 'qemu-utils', modprobe: 'kmod', lvm: 'lvm2', rbd: 'ceph-common',
+  losetup: 'mount',
+  dmsetup: 'dmsetup',
+  'qemu-nbd': 'qemu-utils',
+  'qemu-img': 'qemu-utils',
+  modprobe: 'kmod',
+  lvm: 'lvm2',
+  rbd: 'ceph-common',
 };
 
 /** The line the installer's wrappers start with (packaging/wrapper.sh.in). */
@@ -102,7 +108,10 @@ export function runCheck(o: CheckOptions): CheckReport {
   const notes: string[] = [];
 
   // The configuration: every problem, not only the first.
-  const conf = checkConfig({ ...o.env, XEN_BLOCKHOOKS_CONF: o.env.XEN_BLOCKHOOKS_CONF ?? under(root, DEFAULT_CONFIG_FILE) });
+  const conf = checkConfig({
+    ...o.env,
+    XEN_BLOCKHOOKS_CONF: o.env.XEN_BLOCKHOOKS_CONF ?? under(root, DEFAULT_CONFIG_FILE),
+  });
   problems.push(...conf.problems);
   if (!conf.found) notes.push(`${conf.file} does not exist: the defaults are in force`);
   const c: Config = conf.config;
@@ -120,7 +129,8 @@ export function runCheck(o: CheckOptions): CheckReport {
     const st = statOf(p);
     if (st) {
       if (!st.isDirectory()) problems.push(`${key}: ${p} is not a directory`);
-      else if (st.mode & 0o002) problems.push(`${key}: ${p} is writable by everyone (mode ${modeText(st)}); make it 0755 or stricter`);
+      else if (st.mode & 0o002)
+        problems.push(`${key}: ${p} is writable by everyone (mode ${modeText(st)}); make it 0755 or stricter`);
       continue;
     }
     if (!made) {
@@ -137,30 +147,45 @@ export function runCheck(o: CheckOptions): CheckReport {
     try {
       accessSync(anc, constants.W_OK | constants.X_OK);
     } catch (e) {
-      problems.push(`${key}: ${p} cannot be made: ${anc} is not writable (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+      problems.push(
+        `${key}: ${p} cannot be made: ${anc} is not writable (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+      );
     }
   }
   if (c.logFile) {
     const st = statOf(under(root, c.logFile));
-    if (st && st.mode & 0o002) problems.push(`log_file: ${under(root, c.logFile)} is writable by everyone (mode ${modeText(st)})`);
+    if (st && st.mode & 0o002)
+      problems.push(`log_file: ${under(root, c.logFile)} is writable by everyone (mode ${modeText(st)})`);
   }
 
   // The installed hooks: wrappers the installer wrote in xen_script_dir.
   const scriptDir = under(root, c.xenScriptDir);
-  const installed = new Set(Object.keys(HOOK_TOOLS).filter((h) => (readText(join(scriptDir, h)) ?? '').split('\n').slice(0, 3).some((l) => l.startsWith(WRAPPER_MARK))));
-  if (installed.size === 0) notes.push(`no hook is installed in ${scriptDir} (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`);
+  const installed = new Set(
+    Object.keys(HOOK_TOOLS).filter((h) =>
+      (readText(join(scriptDir, h)) ?? '')
+        .split('\n')
+        .slice(0, 3)
+        .some((l) => l.startsWith(WRAPPER_MARK)),
+    ),
+  );
+  if (installed.size === 0)
+    notes.push(
+      `no hook is installed in ${scriptDir} (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`,
+    );
 
   // The tools, on the PATH the hooks run them with.
   const pathDirs = (childEnv({}).PATH ?? '').split(':');
-  const found = (tool: string) => pathDirs.some((d) => {
-    const st = statOf(under(machine, join(d, tool)));
-    return st !== undefined && st.isFile() && (st.mode & 0o111) !== 0;
-  });
+  const found = (tool: string) =>
+    pathDirs.some((d) => {
+      const st = statOf(under(machine, join(d, tool)));
+      return st !== undefined && st.isFile() && (st.mode & 0o111) !== 0;
+    });
   for (const [hook, tools] of Object.entries(HOOK_TOOLS)) {
     const missing = tools.filter((t) => !found(t));
     if (missing.length === 0) continue;
     const what = missing.map((t) => `${t} (package ${PACKAGE[t] ?? t})`).join(', ');
-    if (installed.has(hook)) problems.push(`${hook} is installed but cannot run: not on its PATH (${pathDirs.join(':')}): ${what}`);
+    if (installed.has(hook))
+      problems.push(`${hook} is installed but cannot run: not on its PATH (${pathDirs.join(':')}): ${what}`);
     else notes.push(`${hook} (not installed) would need: ${what}`);
   }
 
@@ -169,16 +194,24 @@ export function runCheck(o: CheckOptions): CheckReport {
   // The kernel.
   const kernelRelease = o.kernelRelease ?? release();
   const modules = `${readText(under(machine, `/lib/modules/${kernelRelease}/modules.dep`)) ?? ''}\n${readText(under(machine, `/lib/modules/${kernelRelease}/modules.builtin`)) ?? ''}`;
-  const hasModule = (name: string) => new RegExp(`(^|/)${name.replace(/[-_]/g, '[-_]')}\\.ko(\\.[a-z]+)?:?`, 'm').test(modules);
+  const hasModule = (name: string) =>
+    new RegExp(`(^|/)${name.replace(/[-_]/g, '[-_]')}\\.ko(\\.[a-z]+)?:?`, 'm').test(modules);
   const misc = readText(under(machine, '/proc/misc')) ?? '';
   const devices = readText(under(machine, '/proc/devices')) ?? '';
 
   if (/\sdevice-mapper$/m.test(misc) || /\sdevice-mapper$/m.test(devices)) {
-    if (!existsSync(under(machine, '/dev/mapper/control'))) problems.push(`device-mapper: the kernel has it but ${under(machine, '/dev/mapper/control')} is missing (dmsetup mknodes makes it)`);
+    if (!existsSync(under(machine, '/dev/mapper/control')))
+      problems.push(
+        `device-mapper: the kernel has it but ${under(machine, '/dev/mapper/control')} is missing (dmsetup mknodes makes it)`,
+      );
   } else if (hasModule('dm-mod')) {
-    notes.push('device-mapper: the dm_mod module is not loaded; the kernel loads it when dmsetup first opens /dev/mapper/control');
+    notes.push(
+      'device-mapper: the dm_mod module is not loaded; the kernel loads it when dmsetup first opens /dev/mapper/control',
+    );
   } else {
-    problems.push(`device-mapper: this kernel has none (no device-mapper in ${under(machine, '/proc/misc')}, no dm_mod module): block-cow, block-thin and block-lvsnap cannot build a disk`);
+    problems.push(
+      `device-mapper: this kernel has none (no device-mapper in ${under(machine, '/proc/misc')}, no dm_mod module): block-cow, block-thin and block-lvsnap cannot build a disk`,
+    );
   }
 
   if (existsSync(under(machine, '/dev/loop-control'))) {
@@ -186,7 +219,9 @@ export function runCheck(o: CheckOptions): CheckReport {
   } else if (hasModule('loop')) {
     notes.push(`loop: the module is not loaded and ${under(machine, '/dev/loop-control')} is missing (modprobe loop)`);
   } else {
-    problems.push(`loop: this kernel has no loop devices (no ${under(machine, '/dev/loop-control')}, no loop module): block, block-cow and block-thin cannot attach a file`);
+    problems.push(
+      `loop: this kernel has no loop devices (no ${under(machine, '/dev/loop-control')}, no loop module): block, block-cow and block-thin cannot attach a file`,
+    );
   }
 
   const optional: [string, string, string, string][] = [
@@ -208,9 +243,11 @@ export function runCheck(o: CheckOptions): CheckReport {
   const caps = readText(under(machine, '/proc/xen/capabilities'));
   if (caps === undefined) {
     const hv = (readText(under(machine, '/sys/hypervisor/type')) ?? '').trim();
-    problems.push(hv === 'xen'
-      ? `Xen: ${under(machine, '/proc/xen/capabilities')} is missing (is xenfs mounted on /proc/xen?)`
-      : 'Xen: this machine is not running on Xen (no /proc/xen, /sys/hypervisor/type is not xen): no toolstack will run the hooks');
+    problems.push(
+      hv === 'xen'
+        ? `Xen: ${under(machine, '/proc/xen/capabilities')} is missing (is xenfs mounted on /proc/xen?)`
+        : 'Xen: this machine is not running on Xen (no /proc/xen, /sys/hypervisor/type is not xen): no toolstack will run the hooks',
+    );
   } else if (!/control_d/.test(caps)) {
     problems.push('Xen: this is a Xen guest, not dom0 (no control_d in /proc/xen/capabilities): the hooks run in dom0');
   }
@@ -220,6 +257,10 @@ export function runCheck(o: CheckOptions): CheckReport {
 export function renderCheck(r: CheckReport): string[] {
   const lines = [...r.problems.map((p) => `problem: ${p}`), ...r.notes.map((n) => `note: ${n}`)];
   const n = r.problems.length;
-  lines.push(n === 0 ? `No problems found${r.notes.length ? ` (${r.notes.length} note${r.notes.length === 1 ? '' : 's'})` : ''}.` : `${n} problem${n === 1 ? '' : 's'} found.`);
+  lines.push(
+    n === 0
+      ? `No problems found${r.notes.length ? ` (${r.notes.length} note${r.notes.length === 1 ? '' : 's'})` : ''}.`
+      : `${n} problem${n === 1 ? '' : 's'} found.`,
+  );
   return lines;
 }

@@ -54,8 +54,22 @@ export type Disk = XlDisk | XmDisk;
 
 const FORMATS = new Set(['', 'raw', 'qcow', 'qcow2', 'vhd', 'empty', 'qed']);
 const ACCESS: Record<string, 'r' | 'w'> = { r: 'r', ro: 'r', w: 'w', rw: 'w', '': 'w' };
-const KEYS = new Set(['format', 'devtype', 'access', 'backend', 'backendtype', 'specification', 'vdev', 'script',
-  'colo-host', 'colo-port', 'colo-export', 'active-disk', 'hidden-disk', 'grant_usage']);
+const KEYS = new Set([
+  'format',
+  'devtype',
+  'access',
+  'backend',
+  'backendtype',
+  'specification',
+  'vdev',
+  'script',
+  'colo-host',
+  'colo-port',
+  'colo-export',
+  'active-disk',
+  'hidden-disk',
+  'grant_usage',
+]);
 const FLAGS = new Set(['cdrom', 'direct-io-safe', 'discard', 'no-discard', 'colo', 'no-colo', 'trusted', 'untrusted']);
 const DROPPED_PREFIX = /^(tapdisk|tap2?|aio|ioemu|file|phy):/;
 const FORMAT_PREFIX = /^(raw|qcow2?|vhd):/;
@@ -135,7 +149,11 @@ export function parseXlDisk(spec: string): XlDisk {
       continue;
     }
     if (ANY_PREFIX.test(rest)) {
-      fail(spec, rest.slice(0, rest.indexOf(':') + 1), 'unknown deprecated disk prefix (xm syntax such as "cow:…" is not valid under xl: write vdev=…,access=…,script=block-cow,target=…)');
+      fail(
+        spec,
+        rest.slice(0, rest.indexOf(':') + 1),
+        'unknown deprecated disk prefix (xm syntax such as "cow:…" is not valid under xl: write vdev=…,access=…,script=block-cow,target=…)',
+      );
     }
     const comma = rest.indexOf(',');
     const word = comma < 0 ? rest : rest.slice(0, comma);
@@ -146,14 +164,20 @@ export function parseXlDisk(spec: string): XlDisk {
       const v = word.slice(eq + 1);
       if (!KEYS.has(key)) fail(spec, word, 'unknown parameter');
       switch (key) {
-        case 'format': setFormat(v); break;
+        case 'format':
+          setFormat(v);
+          break;
         case 'devtype':
           if (v === 'cdrom') cdrom = true;
           else if (v === 'disk') cdrom = false;
           else fail(spec, word, 'unknown value for devtype (disk or cdrom)');
           break;
-        case 'access': setAccess(v); break;
-        case 'backend': backendDomain = once('backend', backendDomain, v); break;
+        case 'access':
+          setAccess(v);
+          break;
+        case 'backend':
+          backendDomain = once('backend', backendDomain, v);
+          break;
         case 'backendtype':
           if (!['phy', 'tap', 'qdisk', 'standalone'].includes(v)) fail(spec, word, 'unknown value for backendtype');
           backendType = v;
@@ -162,12 +186,17 @@ export function parseXlDisk(spec: string): XlDisk {
           if (v !== 'xen' && v !== 'virtio') fail(spec, word, 'unknown value for specification');
           specification = v;
           break;
-        case 'vdev': vdev = once('vdev', vdev, v); break;
-        case 'script': script = once('script', script, v); break;
+        case 'vdev':
+          vdev = once('vdev', vdev, v);
+          break;
+        case 'script':
+          script = once('script', script, v);
+          break;
         case 'grant_usage':
           if (v !== '0' && v !== '1') fail(spec, word, 'grant_usage must be 0 or 1');
           break;
-        default: break; // colo settings: accepted, not used by block scripts
+        default:
+          break; // colo settings: accepted, not used by block scripts
       }
       continue;
     }
@@ -195,17 +224,38 @@ export function parseXlDisk(spec: string): XlDisk {
   if (vdev === undefined || vdev === '') fail(spec, '', 'no vdev specified (add vdev=xvda)');
   const mode = access ?? 'w';
   return {
-    syntax: 'xl', target, vdev, devid: vdevToDevid(vdev), mode, script, format, backendType, backendDomain,
-    cdrom, discard: discard ?? mode === 'w', directIoSafe, trusted, specification,
+    syntax: 'xl',
+    target,
+    vdev,
+    devid: vdevToDevid(vdev),
+    mode,
+    script,
+    format,
+    backendType,
+    backendDomain,
+    cdrom,
+    discard: discard ?? mode === 'w',
+    directIoSafe,
+    trusted,
+    specification,
   };
 }
 
 export function parseXmDisk(spec: string): XmDisk {
   const fields = spec.split(',');
   if (fields.length < 3 || fields.length > 4) {
-    fail(spec, '', `xm syntax is "<type>:<params>,<dev>,<mode>" (found ${fields.length} comma-separated field${fields.length === 1 ? '' : 's'})`);
+    fail(
+      spec,
+      '',
+      `xm syntax is "<type>:<params>,<dev>,<mode>" (found ${fields.length} comma-separated field${fields.length === 1 ? '' : 's'})`,
+    );
   }
-  const [uname, devField, modeField, backendField] = fields.map((f) => f.trim()) as [string, string, string, string | undefined];
+  const [uname, devField, modeField, backendField] = fields.map((f) => f.trim()) as [
+    string,
+    string,
+    string,
+    string | undefined,
+  ];
   const colon = uname.indexOf(':');
   if (colon <= 0) fail(spec, uname, 'the first field needs a type prefix such as cow: or file:');
   const type = uname.slice(0, colon);
@@ -223,7 +273,16 @@ export function parseXmDisk(spec: string): XmDisk {
   }
   if (!/^(r|w|w!|rw|ro)$/.test(modeField)) fail(spec, modeField, 'the mode must be r or w (or w!)');
   const mode = modeField === 'rw' ? 'w' : modeField === 'ro' ? 'r' : modeField;
-  return { syntax: 'xm', type, params, vdev: dev, devid: vdevToDevid(dev), mode, cdrom, backendDomain: backendField || undefined };
+  return {
+    syntax: 'xm',
+    type,
+    params,
+    vdev: dev,
+    devid: vdevToDevid(dev),
+    mode,
+    cdrom,
+    backendDomain: backendField || undefined,
+  };
 }
 
 /** Parse in the syntax asked for, or guess: xm only when xl would reject the prefix. */

@@ -63,24 +63,35 @@ export function gcPlan(inv: Inventory, opts: { withoutXenstore: boolean }): Plan
   const items: PlanItem[] = [];
   for (const r of inv.rows) {
     if (r.kind === 'record' && isOpenRecord({ script: r.hook ?? '' })) {
-      if (gcTakesOpen(r)) items.push({ row: r, action: `undo open record ${r.backendPath}${r.device ? ` (partitions of ${r.device})` : ''}: ${r.why}` });
+      if (gcTakesOpen(r))
+        items.push({
+          row: r,
+          action: `undo open record ${r.backendPath}${r.device ? ` (partitions of ${r.device})` : ''}: ${r.why}`,
+        });
     } else if (r.kind === 'record') {
       const gone = r.state === 'orphan' || (opts.withoutXenstore && r.state !== 'adding');
       if (!gone) continue;
       const why = r.state === 'orphan' ? r.why : 'xenstore is down (--without-xenstore)';
-      items.push({ row: r, action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}` });
+      items.push({
+        row: r,
+        action: `undo ${r.hook} record for ${r.backendPath}${r.device ? ` (${r.device})` : ''}: ${why}`,
+      });
     }
   }
   const order = { dm: 0, loop: 1, nbd: 2, thin: 3, lv: 4, rbd: 5, store: 6, claim: 7, record: 8, saved: 9 } as const;
   const leaked = inv.rows.filter((r) => r.state === 'leaked').sort((a, b) => order[a.kind] - order[b.kind]);
   for (const r of leaked) {
-    const what =
-      r.leftover ? r.leftover.action
-      : r.kind === 'dm' ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}`
-      : r.kind === 'loop' ? `losetup -d ${r.device}`
-      : r.kind === 'store' ? `rm ${r.store}`
-      : r.kind === 'claim' ? `release ${r.store}.owner`
-      : `qemu-nbd -d ${r.device}`;
+    const what = r.leftover
+      ? r.leftover.action
+      : r.kind === 'dm'
+        ? `dmsetup remove ${r.device?.replace('/dev/mapper/', '')}`
+        : r.kind === 'loop'
+          ? `losetup -d ${r.device}`
+          : r.kind === 'store'
+            ? `rm ${r.store}`
+            : r.kind === 'claim'
+              ? `release ${r.store}.owner`
+              : `qemu-nbd -d ${r.device}`;
     items.push({ row: r, action: `${what}: ${r.why}` });
   }
   return items;
@@ -115,21 +126,46 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
     try {
       if (r.kind === 'record') {
         const bp = r.backendPath as string;
-        const backend = isOpenRecord({ script: r.hook ?? '' }) ? { undo: openUndo } : (deps.hooks ?? hookNamed)(r.hook ?? '');
-        if (!backend) throw new Error(`record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`);
+        const backend = isOpenRecord({ script: r.hook ?? '' })
+          ? { undo: openUndo }
+          : (deps.hooks ?? hookNamed)(r.hook ?? '');
+        if (!backend)
+          throw new Error(
+            `record ${journal.file(bp)} was made by "${r.hook}", which this version does not know; remove its devices by hand`,
+          );
         const lockFile = pathLockPath(deps.config.stateDir, bp);
         mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
-        const lock = await acquireFlock(lockFile, { timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000), runner: deps.run });
+        const lock = await acquireFlock(lockFile, {
+          timeoutMs: Math.min(deps.config.lockTimeoutMs, 5000),
+          runner: deps.run,
+        });
         try {
           const entry = journal.load(bp);
-          const twin = entry?.device && journal.list().entries.find((o) => o.backendPath !== bp && o.device?.major === entry.device?.major && o.device?.minor === entry.device?.minor);
+          const twin =
+            entry?.device &&
+            journal
+              .list()
+              .entries.find(
+                (o) =>
+                  o.backendPath !== bp &&
+                  o.device?.major === entry.device?.major &&
+                  o.device?.minor === entry.device?.minor,
+              );
           if (entry && twin) {
             // A copy left by a crash while the record moved (held for a saved domain, or adopted
             // by its restore): the devices are the other record's, so only this file goes.
             journal.delete(bp);
-            deps.log.warn(`gc: ${bp}'s record names the device of ${twin.backendPath} (a copy left by a crash while it moved); deleted the copy, kept the devices`);
+            deps.log.warn(
+              `gc: ${bp}'s record names the device of ${twin.backendPath} (a copy left by a crash while it moved); deleted the copy, kept the devices`,
+            );
           } else if (entry) {
-            const failures = await undoAll(entry, backend.undo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: deps.xs });
+            const failures = await undoAll(entry, backend.undo, {
+              run: deps.run,
+              config: deps.config,
+              log: deps.log,
+              journal,
+              xs: deps.xs,
+            });
             if (failures.length) throw new Error(failures.map((f) => f.message).join('; '));
           }
         } finally {
@@ -137,7 +173,11 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         }
         deps.log.info(`gc: undid ${r.hook} record for ${bp}`, { device: r.device });
       } else if (r.kind === 'dm') {
-        await dmRemove(deps.run, (r.device as string).replace('/dev/mapper/', ''), Math.max(deps.config.busyRetryMs, 1000));
+        await dmRemove(
+          deps.run,
+          (r.device as string).replace('/dev/mapper/', ''),
+          Math.max(deps.config.busyRetryMs, 1000),
+        );
         deps.log.info(`gc: removed leaked dm device ${r.device}`);
       } else if (r.kind === 'loop') {
         await detachLoop(deps.run, r.device as string);
@@ -146,9 +186,17 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
         // Judged again now: an add may have taken it since the plan was made.
         const l = r.leftover;
         const backend = hookNamed(r.hook ?? '');
-        if (!backend?.collect) throw new Error(`${r.hook ?? 'an unknown hook'} cannot take away its ${l.kind} ${l.key}; remove it by hand`);
-        const still = await takeInventory({ config: deps.config, run: deps.run, xs: undefined, journal, ...(deps.now ? { now: deps.now } : {}) });
-        if (!still.rows.some((x) => x.hook === r.hook && x.leftover?.kind === l.kind && x.leftover.key === l.key)) throw new Error(`${l.key} is in use now (or gone); left alone`);
+        if (!backend?.collect)
+          throw new Error(`${r.hook ?? 'an unknown hook'} cannot take away its ${l.kind} ${l.key}; remove it by hand`);
+        const still = await takeInventory({
+          config: deps.config,
+          run: deps.run,
+          xs: undefined,
+          journal,
+          ...(deps.now ? { now: deps.now } : {}),
+        });
+        if (!still.rows.some((x) => x.hook === r.hook && x.leftover?.kind === l.kind && x.leftover.key === l.key))
+          throw new Error(`${l.key} is in use now (or gone); left alone`);
         await backend.collect(l, { config: deps.config, run: deps.run, log: deps.log, journal });
       } else if (r.kind === 'claim') {
         dropClaim(r.store as string, r.owner as StoreOwner);
@@ -156,7 +204,8 @@ export async function applyGc(items: PlanItem[], deps: GcDeps): Promise<GcResult
       } else if (r.kind === 'store') {
         // Judged again now: an add may have started using it since the plan was made.
         const still = await takeInventory({ config: deps.config, run: deps.run, xs: undefined, journal });
-        if (!still.rows.some((x) => x.kind === 'store' && x.store === r.store)) throw new Error(`${r.store} is in use now (or gone); left alone`);
+        if (!still.rows.some((x) => x.kind === 'store' && x.store === r.store))
+          throw new Error(`${r.store} is in use now (or gone); left alone`);
         try {
           unlinkSync(r.store as string);
         } catch (e) {

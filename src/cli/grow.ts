@@ -56,10 +56,15 @@ export function findRecord(entries: JournalEntry[], domain: string, vdev: string
   };
   const matches = entries.filter((e) => byDomain(e) && e.disk.vdev === vdev);
   if (matches.length === 0) {
-    const known = entries.map((e) => `${e.disk.domainName ?? e.disk.frontendId ?? '?'}/${e.disk.vdev ?? '?'}`).join(', ');
-    throw new GrowError(`no device recorded for domain ${domain}, vdev ${vdev}${known ? ` (recorded: ${known})` : ' (nothing is recorded)'}`);
+    const known = entries
+      .map((e) => `${e.disk.domainName ?? e.disk.frontendId ?? '?'}/${e.disk.vdev ?? '?'}`)
+      .join(', ');
+    throw new GrowError(
+      `no device recorded for domain ${domain}, vdev ${vdev}${known ? ` (recorded: ${known})` : ' (nothing is recorded)'}`,
+    );
   }
-  if (matches.length > 1) throw new GrowError(`domain ${domain}, vdev ${vdev} matches ${matches.length} records; use the domain id`);
+  if (matches.length > 1)
+    throw new GrowError(`domain ${domain}, vdev ${vdev} matches ${matches.length} records; use the domain id`);
   return matches[0] as JournalEntry;
 }
 
@@ -75,7 +80,13 @@ export interface GrowDeps {
  * Run `fn` on DOMAIN/VDEV's record as it is under the disk's backend-path lock (the hooks'
  * own lock: no add or remove of that disk runs meanwhile).
  */
-export async function withRecord<T>(domain: string, vdev: string, deps: GrowDeps, journal: Journal, fn: (entry: JournalEntry) => Promise<T>): Promise<T> {
+export async function withRecord<T>(
+  domain: string,
+  vdev: string,
+  deps: GrowDeps,
+  journal: Journal,
+  fn: (entry: JournalEntry) => Promise<T>,
+): Promise<T> {
   const entry = findRecord(journal.list().entries, domain, vdev);
   const lockFile = pathLockPath(deps.config.stateDir, entry.backendPath);
   mkdirSync(dirname(lockFile), { recursive: true, mode: 0o700 });
@@ -89,11 +100,19 @@ export async function withRecord<T>(domain: string, vdev: string, deps: GrowDeps
   }
 }
 
-export async function grow(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { metadata?: boolean } = {}): Promise<GrowAction> {
+export async function grow(
+  domain: string,
+  vdev: string,
+  sizeArg: string,
+  deps: GrowDeps,
+  opts: { metadata?: boolean } = {},
+): Promise<GrowAction> {
   const size = parseGrowSize(sizeArg);
   return withRecord(domain, vdev, deps, deps.journal ?? new Journal(deps.config.stateDir), async (entry) => {
     const action = await growStore(entry, size, deps, { part: opts.metadata ? 'metadata' : 'data' });
-    deps.out(`grew ${domain}/${vdev}: ${action.target} ${humanBytes(action.beforeBytes)} → ${humanBytes(action.afterBytes)}, online`);
+    deps.out(
+      `grew ${domain}/${vdev}: ${action.target} ${humanBytes(action.beforeBytes)} → ${humanBytes(action.afterBytes)}, online`,
+    );
     return action;
   });
 }

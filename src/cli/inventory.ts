@@ -85,7 +85,12 @@ function isOurDmName(name: string): boolean {
 }
 
 function dmReferenced(d: DmDevice, refs: Set<string>): boolean {
-  return refs.has(d.name) || refs.has(`/dev/mapper/${d.name}`) || refs.has(`${d.major}:${d.minor}`) || refs.has(`/dev/dm-${d.minor}`);
+  return (
+    refs.has(d.name) ||
+    refs.has(`/dev/mapper/${d.name}`) ||
+    refs.has(`${d.major}:${d.minor}`) ||
+    refs.has(`/dev/dm-${d.minor}`)
+  );
 }
 
 function loopReferenced(l: LoopDevice, refs: Set<string>): boolean {
@@ -140,7 +145,8 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     let gone: string | undefined;
     if (deps.xs) {
       if (!(await exists(deps.xs, e.backendPath))) gone = `backend ${e.backendPath} no longer exists`;
-      else if (domid !== undefined && !(await exists(deps.xs, `/local/domain/${domid}`))) gone = `domain ${domid} no longer exists`;
+      else if (domid !== undefined && !(await exists(deps.xs, `/local/domain/${domid}`)))
+        gone = `domain ${domid} no longer exists`;
       if (domid !== undefined && domain === undefined) domain = await deps.xs.tryRead(`/local/domain/${domid}/name`);
     }
     const owner = alive(e.pid) && e.pid !== process.pid;
@@ -179,22 +185,44 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     }
     const store = [...refs].find((s) => under(deps.config.storeDir, s));
     rows.push({
-      kind: 'record', entry: e, backendPath: e.backendPath, domid, domain, vdev: e.disk.vdev, hook: e.script,
-      device: e.device?.path ?? dm?.name, majmin: e.device ? `${e.device.major}:${e.device.minor}` : undefined,
-      base: paramsSource(e.script, e.disk.params), store, usage, state, why,
+      kind: 'record',
+      entry: e,
+      backendPath: e.backendPath,
+      domid,
+      domain,
+      vdev: e.disk.vdev,
+      hook: e.script,
+      device: e.device?.path ?? dm?.name,
+      majmin: e.device ? `${e.device.major}:${e.device.minor}` : undefined,
+      base: paramsSource(e.script, e.disk.params),
+      store,
+      usage,
+      state,
+      why,
     });
   }
 
   // Kernel objects that look like ours but no record mentions.
   const leakedDm = kernel.dm.filter((d) => isOurDmName(d.name) && !dmReferenced(d, allRefs));
   const leakedDmDeps = new Set<string>();
-  for (const d of leakedDm) for (const l of d.table) for (const w of l.split(/\s+/)) if (/^\d+:\d+$/.test(w)) leakedDmDeps.add(w);
+  for (const d of leakedDm)
+    for (const l of d.table) for (const w of l.split(/\s+/)) if (/^\d+:\d+$/.test(w)) leakedDmDeps.add(w);
   for (const d of leakedDm) {
     const usage = parseUsage(d.status, d.table);
     rows.push({
-      kind: 'dm', domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: `/dev/mapper/${d.name}`,
-      majmin: `${d.major}:${d.minor}`, base: undefined, store: undefined, usage, state: 'leaked',
-      why: 'device-mapper device named like ours that no record mentions', backendPath: undefined,
+      kind: 'dm',
+      domid: undefined,
+      domain: undefined,
+      vdev: undefined,
+      hook: undefined,
+      device: `/dev/mapper/${d.name}`,
+      majmin: `${d.major}:${d.minor}`,
+      base: undefined,
+      store: undefined,
+      usage,
+      state: 'leaked',
+      why: 'device-mapper device named like ours that no record mentions',
+      backendPath: undefined,
     });
   }
   for (const l of kernel.loops) {
@@ -204,21 +232,46 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     const underLeak = leakedDmDeps.has(`${l.major}:${l.minor}`);
     if (!inStore && !underLeak) continue;
     rows.push({
-      kind: 'loop', domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: l.name,
-      majmin: `${l.major}:${l.minor}`, base: inStore ? undefined : backing, store: inStore ? backing : undefined, usage: undefined,
-      state: 'leaked', why: inStore ? `loop device on ${backing} in the store directory that no record mentions` : 'loop device under a leaked device-mapper device',
+      kind: 'loop',
+      domid: undefined,
+      domain: undefined,
+      vdev: undefined,
+      hook: undefined,
+      device: l.name,
+      majmin: `${l.major}:${l.minor}`,
+      base: inStore ? undefined : backing,
+      store: inStore ? backing : undefined,
+      usage: undefined,
+      state: 'leaked',
+      why: inStore
+        ? `loop device on ${backing} in the store directory that no record mentions`
+        : 'loop device under a leaked device-mapper device',
       backendPath: undefined,
     });
   }
-  rows.push(...leakedStores(deps.config, allRefs, kernel), ...lostSaved(deps.config), ...staleOwnClaims(deps.config, entries, kernel));
+  rows.push(
+    ...leakedStores(deps.config, allRefs, kernel),
+    ...lostSaved(deps.config),
+    ...staleOwnClaims(deps.config, entries, kernel),
+  );
   rows.push(...(await hookLeftovers(deps, entries, kernel)));
   for (const n of kernel.nbds) {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
     if (!file) continue;
     rows.push({
-      kind: 'nbd', domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: n.name, majmin: undefined,
-      base: undefined, store: file, usage: undefined, state: 'leaked', why: `nbd served by process ${n.pid} for ${file} that no record mentions`,
+      kind: 'nbd',
+      domid: undefined,
+      domain: undefined,
+      vdev: undefined,
+      hook: undefined,
+      device: n.name,
+      majmin: undefined,
+      base: undefined,
+      store: file,
+      usage: undefined,
+      state: 'leaked',
+      why: `nbd served by process ${n.pid} for ${file} that no record mentions`,
       backendPath: undefined,
     });
   }
@@ -259,7 +312,9 @@ function leakedStores(config: Config, refs: Set<string>, kernel: KernelState): R
   const rows: Row[] = [];
   for (const t of TRANSIENT_FILES) {
     const dir = t.dir ? join(config.storeDir, t.dir) : config.storeDir;
-    for (const n of listDir(dir).filter((f) => t.name.test(f)).sort()) {
+    for (const n of listDir(dir)
+      .filter((f) => t.name.test(f))
+      .sort()) {
       const file = join(dir, n);
       if (refs.has(file)) continue;
       // An add journals its store before it makes it, but one may start after the journal was
@@ -268,8 +323,18 @@ function leakedStores(config: Config, refs: Set<string>, kernel: KernelState): R
       if (kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === file)) continue;
       if (kernel.nbds.some((b) => b.cmdline.includes(file))) continue;
       rows.push({
-        kind: 'store', domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
-        base: undefined, store: file, usage: undefined, state: 'leaked', backendPath: undefined,
+        kind: 'store',
+        domid: undefined,
+        domain: undefined,
+        vdev: undefined,
+        hook: undefined,
+        device: undefined,
+        majmin: undefined,
+        base: undefined,
+        store: file,
+        usage: undefined,
+        state: 'leaked',
+        backendPath: undefined,
         why: 'transient store file that no record, loop or nbd server uses (left by a crash or a reboot)',
       });
     }
@@ -292,10 +357,25 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
   const kept = new Set(listMarkers(config).flatMap(({ marker }) => marker.claims ?? []));
   return staleClaims(stores, (bp) => recorded.has(bp))
     .filter(({ store }) => !kept.has(store))
-    .filter(({ store }) => !kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === store) && !kernel.nbds.some((n) => n.cmdline.includes(store)))
+    .filter(
+      ({ store }) =>
+        !kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === store) &&
+        !kernel.nbds.some((n) => n.cmdline.includes(store)),
+    )
     .map(({ store, owner }) => ({
-      kind: 'claim' as const, domid: undefined, domain: undefined, vdev: undefined, hook: undefined, device: undefined, majmin: undefined,
-      base: undefined, store, usage: undefined, state: 'leaked', backendPath: owner.backendPath, owner,
+      kind: 'claim' as const,
+      domid: undefined,
+      domain: undefined,
+      vdev: undefined,
+      hook: undefined,
+      device: undefined,
+      majmin: undefined,
+      base: undefined,
+      store,
+      usage: undefined,
+      state: 'leaked',
+      backendPath: owner.backendPath,
+      owner,
       why: `this host's claim on ${store} (${owner.boot === thisHost().boot ? `for ${owner.backendPath}, which no record knows` : `from an earlier boot, ${owner.since}`}); other hosts are refused the store while it stands`,
     }));
 }
@@ -304,13 +384,31 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
 async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kernel: KernelState): Promise<Row[]> {
   const dmNames = new Set(kernel.dm.map((d) => d.name));
   const looped = (f: string) => kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === f);
-  const ctx = { config: deps.config, run: deps.run, entries, kernel: { dmNames, looped }, now: (deps.now ?? Date.now)() };
+  const ctx = {
+    config: deps.config,
+    run: deps.run,
+    entries,
+    kernel: { dmNames, looped },
+    now: (deps.now ?? Date.now)(),
+  };
   const rows: Row[] = [];
   for (const [hook, backend] of Object.entries(HOOKS)) {
     for (const l of (await backend.leftovers?.(ctx)) ?? []) {
       rows.push({
-        kind: l.kind, domid: undefined, domain: undefined, vdev: undefined, hook, device: l.device, majmin: l.majmin,
-        base: l.base, store: l.store, usage: undefined, state: 'leaked', why: l.why, backendPath: undefined, leftover: l,
+        kind: l.kind,
+        domid: undefined,
+        domain: undefined,
+        vdev: undefined,
+        hook,
+        device: l.device,
+        majmin: l.majmin,
+        base: l.base,
+        store: l.store,
+        usage: undefined,
+        state: 'leaked',
+        why: l.why,
+        backendPath: undefined,
+        leftover: l,
       });
     }
   }
@@ -324,18 +422,40 @@ async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kerne
 function lostSaved(config: Config): Row[] {
   const boot = bootId();
   const markers = listMarkers(config);
-  const claims = markers.filter(({ marker }) => marker.claims).map(({ file, marker: m }) => ({
-    kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
-    base: paramsSource(m.script, m.params), store: m.claims?.join(', '), usage: undefined, state: 'held', backendPath: undefined,
-    why: `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
-  }));
-  return claims.concat(markers
-    .filter(({ marker }) => !marker.claims && (marker.bootId !== boot || !marker.held))
+  const claims = markers
+    .filter(({ marker }) => marker.claims)
     .map(({ file, marker: m }) => ({
-      kind: 'saved' as const, domid: undefined, domain: m.name, vdev: m.vdev, hook: m.script, device: undefined, majmin: undefined,
-      base: paramsSource(m.script, m.params), store: undefined, usage: undefined, state: 'lost', backendPath: undefined,
-      why: `saved ${m.savedAt} ${m.held ? "in an earlier boot; its " + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
-    })));
+      kind: 'saved' as const,
+      domid: undefined,
+      domain: m.name,
+      vdev: m.vdev,
+      hook: m.script,
+      device: undefined,
+      majmin: undefined,
+      base: paramsSource(m.script, m.params),
+      store: m.claims?.join(', '),
+      usage: undefined,
+      state: 'held',
+      backendPath: undefined,
+      why: `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
+    }));
+  return claims.concat(
+    markers
+      .filter(({ marker }) => !marker.claims && (marker.bootId !== boot || !marker.held))
+      .map(({ file, marker: m }) => ({
+        kind: 'saved' as const,
+        domid: undefined,
+        domain: m.name,
+        vdev: m.vdev,
+        hook: m.script,
+        device: undefined,
+        majmin: undefined,
+        base: paramsSource(m.script, m.params),
+        store: undefined,
+        usage: undefined,
+        state: 'lost',
+        backendPath: undefined,
+        why: `saved ${m.savedAt} ${m.held ? 'in an earlier boot; its ' + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
+      })),
+  );
 }
-
-

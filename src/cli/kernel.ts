@@ -59,7 +59,13 @@ export async function readDm(run: Runner): Promise<{ available: boolean; devices
   const st = parseNamedLines(status);
   return {
     available: true,
-    devices: list.devices.map((d) => ({ name: d.name, major: d.major, minor: d.minor, table: t.get(d.name) ?? [], status: st.get(d.name) ?? [] })),
+    devices: list.devices.map((d) => ({
+      name: d.name,
+      major: d.major,
+      minor: d.minor,
+      table: t.get(d.name) ?? [],
+      status: st.get(d.name) ?? [],
+    })),
   };
 }
 
@@ -135,12 +141,14 @@ export function parseUsage(status: string[], table: string[]): Usage | undefined
     return { target, used: undefined, total: undefined, unit: 'sectors', problem: rest.join(' ') || 'unknown' };
   }
   if (target === 'thin') {
-    if (rest[0] === 'Fail' || rest[0] === 'Error') return { target, used: undefined, total: length, unit: 'sectors', problem: rest[0] };
+    if (rest[0] === 'Fail' || rest[0] === 'Error')
+      return { target, used: undefined, total: length, unit: 'sectors', problem: rest[0] };
     const n = Number(rest[0]);
     return { target, used: Number.isFinite(n) ? n : undefined, total: length, unit: 'sectors', problem: undefined };
   }
   if (target === 'thin-pool') {
-    if (rest[0] === 'Fail' || rest[0] === 'Error') return { target, used: undefined, total: undefined, unit: 'sectors', problem: rest[0] };
+    if (rest[0] === 'Fail' || rest[0] === 'Error')
+      return { target, used: undefined, total: undefined, unit: 'sectors', problem: rest[0] };
     const m = /^(\d+)\/(\d+)$/.exec(rest[2] ?? '');
     const mode = rest[4];
     const problem = mode === 'out_of_data_space' || mode === 'ro' ? mode : undefined;

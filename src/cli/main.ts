@@ -22,7 +22,16 @@ import { GC_HELP, applyGc, gcPlan } from './gc.js';
 import { GROW_HELP, GrowError, grow, parseGrowSize } from './grow.js';
 import { isDiskSpec, RESIZE_HELP, resize } from './resize.js';
 import { takeInventory } from './inventory.js';
-import { CLOSE_HELP, OPEN_HELP, OpenError, closeTarget, openTarget, parseOpenTarget, renderOpened, type OpenTarget } from './open.js';
+import {
+  CLOSE_HELP,
+  OPEN_HELP,
+  OpenError,
+  closeTarget,
+  openTarget,
+  parseOpenTarget,
+  renderOpened,
+  type OpenTarget,
+} from './open.js';
 import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
 import { VdevError, vdevToDevid } from './vdev.js';
@@ -104,7 +113,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     return 2;
   };
   if (cmd === undefined) return usage('no command given');
-  if (cmd === 'help' && rest[0] !== undefined && !rest[0].startsWith('-')) return cliMain([rest[0], '--help'], env, deps);
+  if (cmd === 'help' && rest[0] !== undefined && !rest[0].startsWith('-'))
+    return cliMain([rest[0], '--help'], env, deps);
   if (cmd === '-h' || cmd === '--help' || cmd === 'help') {
     out(MAIN_HELP);
     return 0;
@@ -117,20 +127,51 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     simulate: {
       help: SIMULATE_HELP,
       // 32751: the last domain id before Xen's reserved ones (DOMID_FIRST_RESERVED 0x7FF0).
-      specs: [HELP, { name: 'domid', type: 'int', max: 32751 }, { name: 'name', type: 'string' }, { name: 'xl', type: 'flag' }, { name: 'xm', type: 'flag' },
-        { name: 'action', type: 'string' }, { name: 'keep', type: 'flag' }, { name: 'real-xenstore', type: 'flag' },
-        { name: 'script-dir', type: 'string' }, { name: 'timeout', type: 'int', min: 1, max: 3600, unit: 'seconds' }],
+      specs: [
+        HELP,
+        { name: 'domid', type: 'int', max: 32751 },
+        { name: 'name', type: 'string' },
+        { name: 'xl', type: 'flag' },
+        { name: 'xm', type: 'flag' },
+        { name: 'action', type: 'string' },
+        { name: 'keep', type: 'flag' },
+        { name: 'real-xenstore', type: 'flag' },
+        { name: 'script-dir', type: 'string' },
+        { name: 'timeout', type: 'int', min: 1, max: 3600, unit: 'seconds' },
+      ],
     },
     status: {
       help: STATUS_HELP,
-      specs: [HELP, { name: 'json', type: 'flag' }, { name: 'options', short: 'o', type: 'string', repeat: true }, { name: 'select', short: 'S', type: 'string', repeat: true },
-        { name: 'units', type: 'string' }, { name: 'noheadings', type: 'flag' }, { name: 'separator', type: 'string' }],
+      specs: [
+        HELP,
+        { name: 'json', type: 'flag' },
+        { name: 'options', short: 'o', type: 'string', repeat: true },
+        { name: 'select', short: 'S', type: 'string', repeat: true },
+        { name: 'units', type: 'string' },
+        { name: 'noheadings', type: 'flag' },
+        { name: 'separator', type: 'string' },
+      ],
     },
-    gc: { help: GC_HELP, specs: [HELP, { name: 'apply', type: 'flag' }, { name: 'without-xenstore', type: 'flag' }, { name: 'json', type: 'flag' }] },
+    gc: {
+      help: GC_HELP,
+      specs: [
+        HELP,
+        { name: 'apply', type: 'flag' },
+        { name: 'without-xenstore', type: 'flag' },
+        { name: 'json', type: 'flag' },
+      ],
+    },
     grow: { help: GROW_HELP, specs: [HELP, { name: 'metadata', type: 'flag' }] },
     resize: { help: RESIZE_HELP, specs: [HELP, { name: 'shrink', type: 'flag' }] },
     // At most a day: a longer timer overflows Node's 32-bit delay and fires at once.
-    watch: { help: WATCH_HELP, specs: [HELP, { name: 'once', type: 'flag' }, { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' }] },
+    watch: {
+      help: WATCH_HELP,
+      specs: [
+        HELP,
+        { name: 'once', type: 'flag' },
+        { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' },
+      ],
+    },
     xenstored: { help: XENSTORED_HELP, specs: [HELP, { name: 'socket', type: 'string' }] },
     check: { help: CHECK_HELP, specs: [HELP, { name: 'root', type: 'string' }] },
     open: { help: OPEN_HELP, specs: [HELP, { name: 'rw', type: 'flag' }] },
@@ -154,7 +195,11 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
     const root = str(p, 'root');
     if (root !== undefined && !root.startsWith('/')) return usage(`--root needs an absolute path, not "${root}"`, cmd);
-    const report = runCheck({ env, ...(root !== undefined ? { root } : {}), ...(deps.machine ? { machineRoot: deps.machine.root, kernelRelease: deps.machine.kernelRelease } : {}) });
+    const report = runCheck({
+      env,
+      ...(root !== undefined ? { root } : {}),
+      ...(deps.machine ? { machineRoot: deps.machine.root, kernelRelease: deps.machine.kernelRelease } : {}),
+    });
     for (const l of renderCheck(report)) out(l);
     return report.problems.length ? 1 : 0;
   }
@@ -184,7 +229,11 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   const inventory = async (label: string, xs: XenstoreClient | undefined) => {
     const inv = await withProgress(label, err, () => takeInventory({ config, run, xs }));
     const u = inv.unreadable.find((x) => /^E(?:ACCES|PERM)\b/.test(x.error));
-    if (u && !isRoot) throw new DeniedError(`open ${u.file}`, u.error.startsWith('EPERM') ? 'operation not permitted' : 'permission denied');
+    if (u && !isRoot)
+      throw new DeniedError(
+        `open ${u.file}`,
+        u.error.startsWith('EPERM') ? 'operation not permitted' : 'permission denied',
+      );
     return inv;
   };
   const fail = (m: string) => {
@@ -199,7 +248,8 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (spec === '') return usage('no disk spec given', cmd);
         if (flag(p, 'xl') && flag(p, 'xm')) return usage('--xl and --xm exclude each other', cmd);
         const actionArg = str(p, 'action');
-        if (actionArg !== undefined && actionArg !== 'add' && actionArg !== 'remove') return usage(`--action must be add or remove, not "${actionArg}"`, cmd);
+        if (actionArg !== undefined && actionArg !== 'add' && actionArg !== 'remove')
+          return usage(`--action must be add or remove, not "${actionArg}"`, cmd);
         if (actionArg === 'remove' && flag(p, 'keep')) return usage('--keep makes no sense with --action remove', cmd);
         const domid = int(p, 'domid') ?? 1;
         if (domid === 0) return usage('--domid 0 is dom0 itself; give the guest a domain id of 1 or more', cmd);
@@ -210,24 +260,31 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (e instanceof DiskSpecError || e instanceof VdevError) return usage(e.message, cmd);
           throw e;
         }
-        return await simulate({
-          spec,
-          syntax: flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto',
-          domid,
-          name: str(p, 'name') ?? `sim${domid}`,
-          action: actionArg === 'remove' ? 'remove' : actionArg === 'add' || flag(p, 'keep') ? 'add' : 'both',
-          realXenstore: flag(p, 'real-xenstore'),
-          scriptDir: str(p, 'script-dir'),
-          timeoutMs: (int(p, 'timeout') ?? 40) * 1000,
-        }, { config, run, env, out, err, ...(deps.bundleDir ? { bundleDir: deps.bundleDir } : {}) });
+        return await simulate(
+          {
+            spec,
+            syntax: flag(p, 'xm') ? 'xm' : flag(p, 'xl') ? 'xl' : 'auto',
+            domid,
+            name: str(p, 'name') ?? `sim${domid}`,
+            action: actionArg === 'remove' ? 'remove' : actionArg === 'add' || flag(p, 'keep') ? 'add' : 'both',
+            realXenstore: flag(p, 'real-xenstore'),
+            scriptDir: str(p, 'script-dir'),
+            timeoutMs: (int(p, 'timeout') ?? 40) * 1000,
+          },
+          { config, run, env, out, err, ...(deps.bundleDir ? { bundleDir: deps.bundleDir } : {}) },
+        );
       }
       case 'status': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const units = str(p, 'units');
         const separator = str(p, 'separator');
         const so: StatusOptions = {
-          json: flag(p, 'json'), fields: strs(p, 'options'), select: strs(p, 'select'), noHeadings: flag(p, 'noheadings'),
-          ...(units !== undefined ? { units } : {}), ...(separator !== undefined ? { separator } : {}),
+          json: flag(p, 'json'),
+          fields: strs(p, 'options'),
+          select: strs(p, 'select'),
+          noHeadings: flag(p, 'noheadings'),
+          ...(units !== undefined ? { units } : {}),
+          ...(separator !== undefined ? { separator } : {}),
         };
         try {
           statusPlan(so);
@@ -258,14 +315,24 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           const json = flag(p, 'json');
           const undecided = !inv.xenstore && !withoutXenstore && inv.rows.some((r) => r.kind === 'record');
           if (!flag(p, 'apply')) {
-            if (json) out(JSON.stringify({ xenstore: inv.xenstore, plan: plan.map((i) => ({ action: i.action, ...rowJson(i.row) })) }, null, 2));
+            if (json)
+              out(
+                JSON.stringify(
+                  { xenstore: inv.xenstore, plan: plan.map((i) => ({ action: i.action, ...rowJson(i.row) })) },
+                  null,
+                  2,
+                ),
+              );
             else {
               if (plan.length === 0) out('Nothing to collect.');
               else {
                 out(`Plan (${plan.length}; run "xen-blockhooks gc --apply" to carry it out):`);
                 for (const i of plan) out(`  ${i.action}`);
               }
-              if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
+              if (undecided)
+                out(
+                  'Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.',
+                );
             }
             return plan.length ? 3 : 0;
           }
@@ -274,11 +341,22 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           const denials = raw.map((r) => (r.error === undefined ? undefined : deniedInText(r.error)));
           const results = raw.map((r, i) => ({ ...r, error: denials[i]?.text ?? r.error }));
           const failed = results.filter((r) => !r.ok);
-          if (json) out(JSON.stringify({ results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) }, null, 2));
+          if (json)
+            out(
+              JSON.stringify(
+                { results: results.map((r) => ({ action: r.item.action, ok: r.ok, error: r.error ?? null })) },
+                null,
+                2,
+              ),
+            );
           else {
             if (results.length === 0) out('Nothing to collect.');
-            for (const r of results) out(`${r.ok ? 'done' : 'FAILED'}: ${r.item.action}${r.error ? `: ${r.error}` : ''}`);
-            if (undecided) out('Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.');
+            for (const r of results)
+              out(`${r.ok ? 'done' : 'FAILED'}: ${r.item.action}${r.error ? `: ${r.error}` : ''}`);
+            if (undecided)
+              out(
+                'Note: xenstore is not reachable, so records were not judged; if Xen is not running, use --without-xenstore.',
+              );
           }
           const count = `${failed.length} of ${results.length} removal${results.length === 1 ? '' : 's'} failed`;
           const denied = isRoot ? undefined : denials.find((d) => d !== undefined);
@@ -299,14 +377,21 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (cmd === 'resize' && isDiskSpec(vdev)) parseDisk(vdev);
           else vdevToDevid(vdev);
         } catch (e) {
-          if (e instanceof GrowError || e instanceof VdevError || e instanceof DiskSpecError) return usage(e.message, cmd);
+          if (e instanceof GrowError || e instanceof VdevError || e instanceof DiskSpecError)
+            return usage(e.message, cmd);
           throw e;
         }
         const log = deps.logger ?? cliLogger(config);
         const d = { config, run, log, out };
         try {
-          if (cmd === 'resize') await withProgress(`resize: resizing ${domain}/${vdev}`, err, () => resize(domain, vdev, size, d, { shrink: flag(p, 'shrink') }));
-          else await withProgress(`grow: growing ${domain}/${vdev}`, err, () => grow(domain, vdev, size, d, { metadata: flag(p, 'metadata') }));
+          if (cmd === 'resize')
+            await withProgress(`resize: resizing ${domain}/${vdev}`, err, () =>
+              resize(domain, vdev, size, d, { shrink: flag(p, 'shrink') }),
+            );
+          else
+            await withProgress(`grow: growing ${domain}/${vdev}`, err, () =>
+              grow(domain, vdev, size, d, { metadata: flag(p, 'metadata') }),
+            );
           return 0;
         } finally {
           if (!deps.logger) await log.close();
@@ -317,7 +402,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         const interval = int(p, 'interval');
         const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
         try {
-          return await watch({ once: flag(p, 'once'), ...(interval !== undefined ? { intervalMs: interval } : {}) }, { config, run, log, out, err, ...(deps.stopSignal ? { stop: deps.stopSignal } : {}) });
+          return await watch(
+            { once: flag(p, 'once'), ...(interval !== undefined ? { intervalMs: interval } : {}) },
+            { config, run, log, out, err, ...(deps.stopSignal ? { stop: deps.stopSignal } : {}) },
+          );
         } finally {
           if (!deps.logger) await log.close();
         }
@@ -336,10 +424,16 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         const log = deps.logger ?? cliLogger(config);
         try {
           if (cmd === 'open') {
-            const opened = await withProgress(`open: mapping the partitions of ${p.positional.join(' ')}`, err, () => openTarget(target, { rw: flag(p, 'rw') }, { config, run, log, xs }));
+            const opened = await withProgress(`open: mapping the partitions of ${p.positional.join(' ')}`, err, () =>
+              openTarget(target, { rw: flag(p, 'rw') }, { config, run, log, xs }),
+            );
             for (const l of renderOpened(opened)) out(l);
           } else {
-            const closed = await withProgress(`close: removing the partition maps of ${p.positional.join(' ')}`, err, () => closeTarget(target, { config, run, log, xs: undefined }));
+            const closed = await withProgress(
+              `close: removing the partition maps of ${p.positional.join(' ')}`,
+              err,
+              () => closeTarget(target, { config, run, log, xs: undefined }),
+            );
             out(`closed ${closed.what}${closed.removed.length ? `: removed ${closed.removed.join(', ')}` : ''}`);
           }
           return 0;
@@ -354,10 +448,11 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
         const server = await startXenstoreServer({ socketPath });
         out(`xenstore server listening on ${socketPath}; XENSTORED_PATH=${socketPath}`);
-        await (deps.stopSignal ?? new Promise<void>((res) => {
-          process.once('SIGINT', () => res());
-          process.once('SIGTERM', () => res());
-        }));
+        await (deps.stopSignal ??
+          new Promise<void>((res) => {
+            process.once('SIGINT', () => res());
+            process.once('SIGTERM', () => res());
+          }));
         await server.close();
         return 0;
       }
@@ -365,8 +460,19 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
   } catch (e) {
     const denied = permissionSentence(e, isRoot);
     if (denied) return fail(denied);
-    if (e instanceof DiskSpecError || e instanceof VdevError || e instanceof GrowError || e instanceof AlreadyRunningError || e instanceof OpenError) return fail(e.message);
-    if (e instanceof Error && (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)) return fail(e.message);
+    if (
+      e instanceof DiskSpecError ||
+      e instanceof VdevError ||
+      e instanceof GrowError ||
+      e instanceof AlreadyRunningError ||
+      e instanceof OpenError
+    )
+      return fail(e.message);
+    if (
+      e instanceof Error &&
+      (e.name === 'XsError' || e.name === 'LockTimeoutError' || (e as NodeJS.ErrnoException).code !== undefined)
+    )
+      return fail(e.message);
     throw e;
   }
   return 0;

@@ -198,18 +198,34 @@ function resolveTarget(t: OpenTarget, journal: Journal, cwd: string): Resolved {
     const hooks = journal.list().entries.filter((e) => !isOpenRecord(e));
     const matches = hooks.filter((e) => domainMatches(e, t.domain) && e.disk.vdev === t.vdev);
     if (matches.length === 0) {
-      const known = hooks.map((e) => `${e.disk.domainName ?? e.disk.frontendId ?? '?'}/${e.disk.vdev ?? '?'}`).join(', ');
-      throw new OpenError(`no disk recorded for domain ${t.domain}, vdev ${t.vdev}${known ? ` (recorded: ${known})` : ' (the hooks have built no disk)'}`);
+      const known = hooks
+        .map((e) => `${e.disk.domainName ?? e.disk.frontendId ?? '?'}/${e.disk.vdev ?? '?'}`)
+        .join(', ');
+      throw new OpenError(
+        `no disk recorded for domain ${t.domain}, vdev ${t.vdev}${known ? ` (recorded: ${known})` : ' (the hooks have built no disk)'}`,
+      );
     }
-    if (matches.length > 1) throw new OpenError(`domain ${t.domain}, vdev ${t.vdev} matches ${matches.length} disks; give the domain id`);
+    if (matches.length > 1)
+      throw new OpenError(`domain ${t.domain}, vdev ${t.vdev} matches ${matches.length} disks; give the domain id`);
     const disk = matches[0] as JournalEntry;
-    if (disk.phase !== 'ready' || !disk.device) throw new OpenError(`disk ${t.domain}/${t.vdev} (${disk.backendPath}) is not built (its record is ${disk.phase}); see "xen-blockhooks status"`);
+    if (disk.phase !== 'ready' || !disk.device)
+      throw new OpenError(
+        `disk ${t.domain}/${t.vdev} (${disk.backendPath}) is not built (its record is ${disk.phase}); see "xen-blockhooks status"`,
+      );
     const dev = disk.device;
     const rdev = statRdev(dev.path);
     if (!rdev || rdev.major !== dev.major || rdev.minor !== dev.minor) {
-      throw new OpenError(`disk ${t.domain}/${t.vdev}: ${dev.path} is not the device ${dev.major}:${dev.minor} its record names any more; see "xen-blockhooks status"`);
+      throw new OpenError(
+        `disk ${t.domain}/${t.vdev}: ${dev.path} is not the device ${dev.major}:${dev.minor} its record names any more; see "xen-blockhooks status"`,
+      );
     }
-    return { key: keyOf(disk.backendPath), what: `disk ${t.domain}/${t.vdev} (${dev.path})`, device: dev, disk, source: dev.path };
+    return {
+      key: keyOf(disk.backendPath),
+      what: `disk ${t.domain}/${t.vdev} (${dev.path})`,
+      device: dev,
+      disk,
+      source: dev.path,
+    };
   }
   const given = resolve(cwd, t.path);
   let real: string;
@@ -217,13 +233,20 @@ function resolveTarget(t: OpenTarget, journal: Journal, cwd: string): Resolved {
     real = realpathSync(given);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new OpenError(`${t.path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message}`);
+    throw new OpenError(
+      `${t.path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (e as Error).message}`,
+    );
   }
   const st = statSync(real, { bigint: true });
   const id = { dev: devString(st.dev), ino: st.ino.toString() };
   if (st.isBlockDevice()) {
     const mm = decodeDev(st.rdev);
-    return { key: keyOf(`dev/${decimalDevice(mm)}`), what: `device ${real}`, device: { path: real, ...mm }, source: real };
+    return {
+      key: keyOf(`dev/${decimalDevice(mm)}`),
+      what: `device ${real}`,
+      device: { path: real, ...mm },
+      source: real,
+    };
   }
   if (!st.isFile()) throw new OpenError(`${t.path} is neither a disk image file nor a block device`);
   if (st.size < 1024n) throw new OpenError(`${t.path} is ${st.size} bytes: too small to hold a partition table`);
@@ -232,12 +255,14 @@ function resolveTarget(t: OpenTarget, journal: Journal, cwd: string): Resolved {
 
 /** Another user of what is to be opened writable, as one sentence; undefined when there is none. */
 async function rwConflict(r: Resolved, deps: OpenDeps, journal: Journal): Promise<string | undefined> {
-  if (r.disk && r.disk.disk.mode !== 'w') return `${r.what} is a read-only disk (access=r): its device is not the guest's to change, and writing it would change what it is made from`;
+  if (r.disk && r.disk.disk.mode !== 'w')
+    return `${r.what} is a read-only disk (access=r): its device is not the guest's to change, and writing it would change what it is made from`;
   const access: AccessDevice[] = [];
   if (r.device) access.push({ path: r.device.path, major: r.device.major, minor: r.device.minor, readOnly: false });
   if (r.file) {
     const loops = await loopsBacking(deps.run, r.file.id);
-    if (loops.length) return `${r.what} is attached to ${loops.map((l) => `${l.name}${l.readOnly ? ' (read-only)' : ''}`).join(', ')}; whoever attached it may be using it: detach it first`;
+    if (loops.length)
+      return `${r.what} is attached to ${loops.map((l) => `${l.name}${l.readOnly ? ' (read-only)' : ''}`).join(', ')}; whoever attached it may be using it: detach it first`;
   }
   // A disk of the hooks that names the image (a base, a qcow2 image, a store): never written under it.
   if (!r.disk) {
@@ -246,7 +271,12 @@ async function rwConflict(r: Resolved, deps: OpenDeps, journal: Journal): Promis
       if (isOpenRecord(e)) continue;
       const strings = recordStrings(e);
       const isBase = idKey !== undefined && e.steps.some((s) => s.kind === HOOK_STEP.baseRef && s.data.key === idKey);
-      if (isBase || strings.has(r.source) || (r.device && strings.has(`${r.device.major}:${r.device.minor}`)) || e.disk.params.includes(r.source)) {
+      if (
+        isBase ||
+        strings.has(r.source) ||
+        (r.device && strings.has(`${r.device.major}:${r.device.minor}`)) ||
+        e.disk.params.includes(r.source)
+      ) {
         const who = `${e.script} disk ${e.disk.domainName ?? e.disk.frontendId ?? '?'}/${e.disk.vdev ?? '?'} (${e.backendPath})`;
         return isBase
           ? `${r.what} is the base image of ${who}; a base shared by copy-on-write disks is never opened writable`
@@ -258,8 +288,13 @@ async function rwConflict(r: Resolved, deps: OpenDeps, journal: Journal): Promis
   // A disk given to a domain without a device of dom0's in between (QEMU's qdisk backend opens
   // the file itself): its params name the image.
   const named = r.disk ? [] : await backendsNaming(deps.xs, r);
-  if (named.length) return `${r.what} is named by the disk ${named.join(', ')}; detach it there or shut the domain down first`;
-  const users: SharingUser[] = await findUsers(deps.xs, { devices: access, self: 'backend/vbd/-/-' }, deps.mountinfo !== undefined ? { mountinfo: deps.mountinfo } : {});
+  if (named.length)
+    return `${r.what} is named by the disk ${named.join(', ')}; detach it there or shut the domain down first`;
+  const users: SharingUser[] = await findUsers(
+    deps.xs,
+    { devices: access, self: 'backend/vbd/-/-' },
+    deps.mountinfo !== undefined ? { mountinfo: deps.mountinfo } : {},
+  );
   const u = users[0];
   if (!u) return undefined;
   if (u.kind === 'local') return `${r.what} is mounted on ${u.mountPoint} in dom0 (through ${u.via}); unmount it first`;
@@ -294,7 +329,9 @@ async function backendsNaming(xs: XsOps, r: Resolved): Promise<string[]> {
         const params = await xs.tryRead(`backend/${kind}/${dom}/${dev}/params`).catch(() => undefined);
         if (!params) continue;
         // qdisk params are FORMAT:PATH (raw:/srv/a.img); vbd params a path (or a hook's words, first the path).
-        const candidates = [params, params.replace(/^[a-z0-9]+:/, ''), params.split(/\s+/)[0] ?? ''].filter((c) => c.startsWith('/'));
+        const candidates = [params, params.replace(/^[a-z0-9]+:/, ''), params.split(/\s+/)[0] ?? ''].filter((c) =>
+          c.startsWith('/'),
+        );
         if (candidates.some(same)) found.push(`backend/${kind}/${dom}/${dev}`);
       }
     }
@@ -328,17 +365,22 @@ async function nodeOf(run: Runner, m: { name: string; major: number; minor: numb
 }
 
 /** The partitions an open record holds, from its steps. */
-export function recordedMaps(e: JournalEntry): { name: string; major: number; minor: number; number: number; sectors: number }[] {
+export function recordedMaps(
+  e: JournalEntry,
+): { name: string; major: number; minor: number; number: number; sectors: number }[] {
   const s = e.steps.find((x) => x.kind === OPEN_STEP.partitions);
   const maps = s?.data.maps;
-  return Array.isArray(maps) ? (maps as { name: string; major: number; minor: number; number: number; sectors: number }[]) : [];
+  return Array.isArray(maps)
+    ? (maps as { name: string; major: number; minor: number; number: number; sectors: number }[])
+    : [];
 }
 
 function wrap(e: unknown): Error {
   if (e instanceof OpenError) return e;
   // A tool's failure, or a device that is not what it should be (plain Errors from src/devices):
   // the open's failure, exit 1. Anything else (a TypeError) is a bug and stays one.
-  if (e instanceof HotplugError || e instanceof CommandError || (e instanceof Error && e.constructor === Error)) return new OpenError(e.message);
+  if (e instanceof HotplugError || e instanceof CommandError || (e instanceof Error && e.constructor === Error))
+    return new OpenError(e.message);
   return e instanceof Error ? e : new Error(String(e));
 }
 
@@ -349,13 +391,32 @@ export async function openTarget(t: OpenTarget, opts: { rw: boolean }, deps: Ope
   // an open killed at any point after this leaves a record, whose undo (close, gc) takes the
   // locks again and so also removes the lock files a killed holder leaves.
   const entry = Journal.begin(OPEN_SCRIPT, r.key, {
-    params: r.source, mode: opts.rw ? 'w' : 'r', frontendId: undefined, vdev: undefined, domainName: undefined, domainUuid: undefined,
+    params: r.source,
+    mode: opts.rw ? 'w' : 'r',
+    frontendId: undefined,
+    vdev: undefined,
+    domainName: undefined,
+    domainUuid: undefined,
   });
   if (!journal.create(entry)) {
     const had = journal.load(r.key);
-    const maps = had ? recordedMaps(had).map((m) => `/dev/mapper/${m.name}`).join(', ') : '';
-    const state = !had ? 'closed meanwhile' : had.phase === 'ready' ? 'open' : had.phase === 'failed' ? 'a close failed' : processAlive(had.pid) ? `being ${had.phase === 'adding' ? 'opened' : 'closed'} by process ${had.pid}` : `left half-way by process ${had.pid}`;
-    throw new OpenError(`${r.what} is open already (${state}${maps ? `: ${maps}` : ''}); run "xen-blockhooks close" with the same arguments first`);
+    const maps = had
+      ? recordedMaps(had)
+          .map((m) => `/dev/mapper/${m.name}`)
+          .join(', ')
+      : '';
+    const state = !had
+      ? 'closed meanwhile'
+      : had.phase === 'ready'
+        ? 'open'
+        : had.phase === 'failed'
+          ? 'a close failed'
+          : processAlive(had.pid)
+            ? `being ${had.phase === 'adding' ? 'opened' : 'closed'} by process ${had.pid}`
+            : `left half-way by process ${had.pid}`;
+    throw new OpenError(
+      `${r.what} is open already (${state}${maps ? `: ${maps}` : ''}); run "xen-blockhooks close" with the same arguments first`,
+    );
   }
   let lock: HeldLock | undefined;
   try {
@@ -369,50 +430,100 @@ export async function openTarget(t: OpenTarget, opts: { rw: boolean }, deps: Ope
     // takes it once more, which removes the lock file an open killed while holding it leaves.
     const xenLock = xenBlockLockPath(deps.config.xenLockDir);
     await build.step(OPEN_STEP.xenLock, { path: xenLock }, async () => {});
-    const result = await withFlock(xenLock, async () => {
-      if (opts.rw) {
-        const why = await rwConflict(r, deps, journal);
-        if (why) throw new OpenError(`--rw refused: ${why}.`);
-      }
-      let parent = r.device;
-      if (r.file) {
-        const f = r.file;
-        const before = (await loopsBacking(deps.run, f.id)).map((l) => l.name);
-        const loop = await build.step(OPEN_STEP.loop, { file: f.path, dev: f.id.dev, ino: f.id.ino, readOnly, before }, () => attachLoopChecked(deps.run, f.path, f.id, { readOnly }), (l) => ({ loop: l.name, major: l.major, minor: l.minor }));
-        parent = { path: loop.name, major: loop.major, minor: loop.minor };
-      }
-      if (!parent) throw new Error('open: nothing to open');
-      const p = parent;
-      if (opts.rw && readOnlyInKernel(p.major, p.minor)) throw new OpenError(`--rw refused: ${r.what} is read-only in the kernel (${p.path}).`);
-      const prefix = mapPrefix(p);
-      const maps = await build.step(
-        OPEN_STEP.partitions,
-        {
-          parent: p.path, majmin: `${p.major}:${p.minor}`, prefix, readOnly,
-          ...(r.disk ? { disk: r.disk.backendPath, domid: r.disk.disk.frontendId ?? null, domain: r.disk.disk.domainName ?? null, vdev: r.disk.disk.vdev ?? null, hook: r.disk.script } : { image: r.source }),
-        },
-        () => kpartxAdd(deps.run, p.path, { readOnly }),
-        (ms: PartitionMap[]) => ({ maps: ms.map((m) => ({ name: m.name, major: m.major, minor: m.minor, number: m.number, sectors: m.sectors })) }),
-      );
-      if (maps.length === 0) throw new OpenError(`${r.what} holds no partition table kpartx can read (MBR or GPT)`);
-      const wrong = maps.filter((m) => m.parent !== `${p.major}:${p.minor}`);
-      if (wrong.length) throw new OpenError(`kpartx mapped ${wrong.map((m) => m.name).join(', ')} over ${wrong[0]?.parent}, not over ${p.path}`);
-      const parts: OpenedPartition[] = [];
-      for (const m of maps) {
-        const ro = readOnlyInKernel(m.major, m.minor);
-        if (readOnly && !ro) throw new OpenError(`${m.name} was asked for read-only (kpartx -r) but the kernel has it writable`);
-        parts.push({ path: await nodeOf(deps.run, m), number: m.number, bytes: (sectorsOf(m.major, m.minor) ?? m.sectors) * 512, readOnly: ro });
-      }
-      return { key: r.key, what: r.what, parent: p.path, partitions: parts };
-    }, lockOptions(deps.config, deps.run));
+    const result = await withFlock(
+      xenLock,
+      async () => {
+        if (opts.rw) {
+          const why = await rwConflict(r, deps, journal);
+          if (why) throw new OpenError(`--rw refused: ${why}.`);
+        }
+        let parent = r.device;
+        if (r.file) {
+          const f = r.file;
+          const before = (await loopsBacking(deps.run, f.id)).map((l) => l.name);
+          const loop = await build.step(
+            OPEN_STEP.loop,
+            { file: f.path, dev: f.id.dev, ino: f.id.ino, readOnly, before },
+            () => attachLoopChecked(deps.run, f.path, f.id, { readOnly }),
+            (l) => ({ loop: l.name, major: l.major, minor: l.minor }),
+          );
+          parent = { path: loop.name, major: loop.major, minor: loop.minor };
+        }
+        if (!parent) throw new Error('open: nothing to open');
+        const p = parent;
+        if (opts.rw && readOnlyInKernel(p.major, p.minor))
+          throw new OpenError(`--rw refused: ${r.what} is read-only in the kernel (${p.path}).`);
+        const prefix = mapPrefix(p);
+        const maps = await build.step(
+          OPEN_STEP.partitions,
+          {
+            parent: p.path,
+            majmin: `${p.major}:${p.minor}`,
+            prefix,
+            readOnly,
+            ...(r.disk
+              ? {
+                  disk: r.disk.backendPath,
+                  domid: r.disk.disk.frontendId ?? null,
+                  domain: r.disk.disk.domainName ?? null,
+                  vdev: r.disk.disk.vdev ?? null,
+                  hook: r.disk.script,
+                }
+              : { image: r.source }),
+          },
+          () => kpartxAdd(deps.run, p.path, { readOnly }),
+          (ms: PartitionMap[]) => ({
+            maps: ms.map((m) => ({
+              name: m.name,
+              major: m.major,
+              minor: m.minor,
+              number: m.number,
+              sectors: m.sectors,
+            })),
+          }),
+        );
+        if (maps.length === 0) throw new OpenError(`${r.what} holds no partition table kpartx can read (MBR or GPT)`);
+        const wrong = maps.filter((m) => m.parent !== `${p.major}:${p.minor}`);
+        if (wrong.length)
+          throw new OpenError(
+            `kpartx mapped ${wrong.map((m) => m.name).join(', ')} over ${wrong[0]?.parent}, not over ${p.path}`,
+          );
+        const parts: OpenedPartition[] = [];
+        for (const m of maps) {
+          const ro = readOnlyInKernel(m.major, m.minor);
+          if (readOnly && !ro)
+            throw new OpenError(`${m.name} was asked for read-only (kpartx -r) but the kernel has it writable`);
+          parts.push({
+            path: await nodeOf(deps.run, m),
+            number: m.number,
+            bytes: (sectorsOf(m.major, m.minor) ?? m.sectors) * 512,
+            readOnly: ro,
+          });
+        }
+        return { key: r.key, what: r.what, parent: p.path, partitions: parts };
+      },
+      lockOptions(deps.config, deps.run),
+    );
     entry.phase = 'ready';
     journal.save(entry);
-    deps.log.info(`open: mapped ${result.partitions.length} partition(s) of ${r.what} ${readOnly ? 'read-only' : 'writable'}`, { key: r.key, partitions: result.partitions.map((x) => x.path).join(' ') });
+    deps.log.info(
+      `open: mapped ${result.partitions.length} partition(s) of ${r.what} ${readOnly ? 'read-only' : 'writable'}`,
+      { key: r.key, partitions: result.partitions.map((x) => x.path).join(' ') },
+    );
     return result;
   } catch (e) {
-    const failures = await undoAll(entry, openUndo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: undefined });
+    const failures = await undoAll(entry, openUndo, {
+      run: deps.run,
+      config: deps.config,
+      log: deps.log,
+      journal,
+      xs: undefined,
+    });
     const err = wrap(e);
-    if (failures.length) throw new OpenError(`${err.message}; and undoing what was made failed: ${failures.map((f) => f.message).join('; ')} (the record ${journal.file(r.key)} is kept for "xen-blockhooks gc")`);
+    if (failures.length)
+      throw new OpenError(
+        `${err.message}; and undoing what was made failed: ${failures.map((f) => f.message).join('; ')} (the record ${journal.file(r.key)} is kept for "xen-blockhooks gc")`,
+      );
     throw err;
   } finally {
     await lock?.release();
@@ -448,15 +559,26 @@ function findOpen(t: OpenTarget, journal: Journal, cwd: string): JournalEntry {
   if (byKey) return byKey;
   if (t.kind === 'image') {
     const given = resolve(cwd, t.path);
-    const byPath = opens.find((e) => e.disk.params === given || e.steps.some((s) => s.data.image === given || s.data.file === given));
+    const byPath = opens.find(
+      (e) => e.disk.params === given || e.steps.some((s) => s.data.image === given || s.data.file === given),
+    );
     if (byPath) return byPath;
   } else {
-    const byDisk = opens.find((e) => e.steps.some((s) => s.kind === OPEN_STEP.partitions && s.data.vdev === t.vdev && (String(s.data.domid) === t.domain || s.data.domain === t.domain)));
+    const byDisk = opens.find((e) =>
+      e.steps.some(
+        (s) =>
+          s.kind === OPEN_STEP.partitions &&
+          s.data.vdev === t.vdev &&
+          (String(s.data.domid) === t.domain || s.data.domain === t.domain),
+      ),
+    );
     if (byDisk) return byDisk;
   }
   const what = t.kind === 'disk' ? `disk ${t.domain}/${t.vdev}` : t.path;
   const list = opens.map((e) => e.disk.params).join(', ');
-  throw new OpenError(`${what} is not open${resolveError && t.kind === 'image' ? ` (${resolveError.message})` : ''}${list ? ` (open: ${list})` : ' (nothing is open)'}`);
+  throw new OpenError(
+    `${what} is not open${resolveError && t.kind === 'image' ? ` (${resolveError.message})` : ''}${list ? ` (open: ${list})` : ' (nothing is open)'}`,
+  );
 }
 
 export async function closeTarget(t: OpenTarget, deps: OpenDeps): Promise<{ what: string; removed: string[] }> {
@@ -468,11 +590,22 @@ export async function closeTarget(t: OpenTarget, deps: OpenDeps): Promise<{ what
   try {
     const entry = journal.load(found.backendPath);
     if (!entry) throw new OpenError(`${found.disk.params} was closed meanwhile`);
-    if (entry.phase === 'adding' && entry.pid !== process.pid && processAlive(entry.pid)) throw new OpenError(`${entry.disk.params} is being opened by process ${entry.pid} right now`);
+    if (entry.phase === 'adding' && entry.pid !== process.pid && processAlive(entry.pid))
+      throw new OpenError(`${entry.disk.params} is being opened by process ${entry.pid} right now`);
     const removed = recordedMaps(entry).map((m) => `/dev/mapper/${m.name}`);
-    const failures = await undoAll(entry, openUndo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: undefined });
-    if (failures.length) throw new OpenError(`closing ${entry.disk.params}: ${failures.map((f) => f.message).join('; ')}`);
-    deps.log.info(`close: removed the partition maps of ${entry.disk.params}`, { key: entry.backendPath, removed: removed.join(' ') });
+    const failures = await undoAll(entry, openUndo, {
+      run: deps.run,
+      config: deps.config,
+      log: deps.log,
+      journal,
+      xs: undefined,
+    });
+    if (failures.length)
+      throw new OpenError(`closing ${entry.disk.params}: ${failures.map((f) => f.message).join('; ')}`);
+    deps.log.info(`close: removed the partition maps of ${entry.disk.params}`, {
+      key: entry.backendPath,
+      removed: removed.join(' '),
+    });
     return { what: entry.disk.params, removed };
   } finally {
     await lock.release();
@@ -501,7 +634,10 @@ async function undoPartitions(step: StepRecord, ctx: UndoContext): Promise<void>
   const prefix = typeof step.data.prefix === 'string' ? step.data.prefix : undefined;
   let names: { name: string; majmin?: string }[];
   if (Array.isArray(step.data.maps)) {
-    names = (step.data.maps as { name: string; major: number; minor: number }[]).map((m) => ({ name: m.name, majmin: `${m.major}:${m.minor}` }));
+    names = (step.data.maps as { name: string; major: number; minor: number }[]).map((m) => ({
+      name: m.name,
+      majmin: `${m.major}:${m.minor}`,
+    }));
   } else {
     if (!majmin || !prefix) return;
     const { tables } = await dmTablesAndStatus(ctx.run);
@@ -519,7 +655,9 @@ async function undoPartitions(step: StepRecord, ctx: UndoContext): Promise<void>
   }
   const mounted = parseMountinfo(mountinfoText(), statKey).filter((m) => keys.has(m.key));
   if (mounted.length) {
-    throw new Error(`a partition is mounted on ${[...new Set(mounted.map((m) => m.mountPoint))].join(', ')}; unmount it first`);
+    throw new Error(
+      `a partition is mounted on ${[...new Set(mounted.map((m) => m.mountPoint))].join(', ')}; unmount it first`,
+    );
   }
   for (const n of present.reverse()) await dmRemove(ctx.run, n.name, Math.max(ctx.config.busyRetryMs, 1000));
 }
@@ -536,12 +674,16 @@ async function undoOpenLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
   } else {
     const before = new Set(Array.isArray(step.data.before) ? (step.data.before as string[]) : []);
     const named = new Set<string>();
-    for (const e of ctx.journal.list().entries) if (e.backendPath !== ctx.entry.backendPath) for (const s of recordStrings(e)) named.add(s);
+    for (const e of ctx.journal.list().entries)
+      if (e.backendPath !== ctx.entry.backendPath) for (const s of recordStrings(e)) named.add(s);
     targets = onFile.filter((l) => !before.has(l.name) && !named.has(l.name) && !named.has(`${l.major}:${l.minor}`));
   }
   for (const l of targets) await detachLoop(ctx.run, l.name);
   const left = (await listLoops(ctx.run)).filter((l) => targets.some((t) => t.name === l.name) && l.backIno === ino);
-  if (left.length) throw new Error(`${left.map((l) => l.name).join(', ')} over ${String(step.data.file)} is still open by something and goes once it is closed (autoclear set)`);
+  if (left.length)
+    throw new Error(
+      `${left.map((l) => l.name).join(', ')} over ${String(step.data.file)} is still open by something and goes once it is closed (autoclear set)`,
+    );
 }
 
 /** Take Xen's block lock and let it go: nobody is between a check and a device set-up, and the lock file of a killed holder goes. */
@@ -563,7 +705,11 @@ export const openUndo: UndoRegistry = {
  * running), orphan (an open or close was killed half-way: gc undoes it), failed (a close failed,
  * e.g. a partition was mounted: close again once it is not), missing (the maps are gone).
  */
-export function openRow(e: JournalEntry, k: { dm: { name: string; major: number; minor: number }[] }, alive: (pid: number) => boolean = processAlive): Row {
+export function openRow(
+  e: JournalEntry,
+  k: { dm: { name: string; major: number; minor: number }[] },
+  alive: (pid: number) => boolean = processAlive,
+): Row {
   const part = e.steps.find((s) => s.kind === OPEN_STEP.partitions)?.data ?? {};
   const maps = recordedMaps(e);
   const ro = e.disk.mode === 'r' ? 'read-only' : 'writable';
@@ -574,7 +720,9 @@ export function openRow(e: JournalEntry, k: { dm: { name: string; major: number;
   if (e.phase === 'ready') {
     const gone = maps.filter((m) => !k.dm.some((d) => d.name === m.name && d.major === m.major && d.minor === m.minor));
     state = gone.length ? 'missing' : 'open';
-    why = gone.length ? `${gone.map((m) => m.name).join(', ')} no longer in the kernel; "xen-blockhooks close" forgets them` : `partitions ${list} (${ro}); "xen-blockhooks close" takes them away`;
+    why = gone.length
+      ? `${gone.map((m) => m.name).join(', ')} no longer in the kernel; "xen-blockhooks close" forgets them`
+      : `partitions ${list} (${ro}); "xen-blockhooks close" takes them away`;
   } else if (running) {
     state = 'adding';
     why = `process ${e.pid} is ${e.phase === 'adding' ? 'opening' : 'closing'} it`;
@@ -589,8 +737,20 @@ export function openRow(e: JournalEntry, k: { dm: { name: string; major: number;
   const domid = typeof part.domid === 'number' ? part.domid : undefined;
   const parentMm = str(part.majmin);
   return {
-    kind: 'record', entry: e, backendPath: e.backendPath, domid, domain: str(part.domain), vdev: str(part.vdev), hook: OPEN_SCRIPT,
-    device: str(part.parent), majmin: parentMm, base: str(part.image) ?? str(part.disk) ?? e.disk.params, store: undefined, usage: undefined, state, why,
+    kind: 'record',
+    entry: e,
+    backendPath: e.backendPath,
+    domid,
+    domain: str(part.domain),
+    vdev: str(part.vdev),
+    hook: OPEN_SCRIPT,
+    device: str(part.parent),
+    majmin: parentMm,
+    base: str(part.image) ?? str(part.disk) ?? e.disk.params,
+    store: undefined,
+    usage: undefined,
+    state,
+    why,
   };
 }
 

@@ -15,7 +15,10 @@ export function runningAsRoot(): boolean {
 /** Something this process may not read or change, found where no exception was thrown (a journal record listed as unreadable). */
 export class DeniedError extends Error {
   override name = 'DeniedError';
-  constructor(readonly what: string, readonly why = 'permission denied') {
+  constructor(
+    readonly what: string,
+    readonly why = 'permission denied',
+  ) {
     super(`${what}: ${why}`);
   }
 }
@@ -25,7 +28,9 @@ export function deniedWhat(e: unknown): { what: string; why: string } | undefine
   if (e instanceof DeniedError) return { what: e.what, why: e.why };
   if (e instanceof CommandError) {
     const r = e.result;
-    return r.exitCode !== undefined && DENIED.test(r.stderr) ? { what: r.command, why: 'permission denied' } : undefined;
+    return r.exitCode !== undefined && DENIED.test(r.stderr)
+      ? { what: r.command, why: 'permission denied' }
+      : undefined;
   }
   const x = e as (NodeJS.ErrnoException & { dest?: string }) | undefined;
   if (!(x instanceof Error) || (x.code !== 'EACCES' && x.code !== 'EPERM')) return undefined;
@@ -44,7 +49,8 @@ export function permissionSentence(e: unknown, isRoot: boolean): string | undefi
   return isRoot ? `${d.what}: ${d.why}, although this runs as root` : `must run as root (${d.what}: ${d.why})`;
 }
 
-const NODE_DENIED = /\b(EACCES|EPERM): (?:permission denied|operation not permitted), (\w+) '([^']*)'(?: -> '([^']*)')?/;
+const NODE_DENIED =
+  /\b(EACCES|EPERM): (?:permission denied|operation not permitted), (\w+) '([^']*)'(?: -> '([^']*)')?/;
 
 /**
  * A permission error already turned into text (gc's failed removals): Node's `EACCES: permission

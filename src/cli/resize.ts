@@ -55,47 +55,87 @@ export function isDiskSpec(arg: string): boolean {
 }
 
 /** A persistent disk not attached, by its spec: its hook's resizeDetached facet. */
-async function resizeDetached(domain: string, spec: string, sizeArg: string, deps: GrowDeps, journal: Journal): Promise<ResizeResult> {
+async function resizeDetached(
+  domain: string,
+  spec: string,
+  sizeArg: string,
+  deps: GrowDeps,
+  journal: Journal,
+): Promise<ResizeResult> {
   const size = parseGrowSize(sizeArg);
-  if (size.relative) throw new GrowError('a disk that is not attached is given its new total size (no +): its current size is not known until its hook looks');
-  if (/^\d+$/.test(domain)) throw new GrowError(`a disk that is not attached is named after its domain's name, not an id (${domain})`);
+  if (size.relative)
+    throw new GrowError(
+      'a disk that is not attached is given its new total size (no +): its current size is not known until its hook looks',
+    );
+  if (/^\d+$/.test(domain))
+    throw new GrowError(`a disk that is not attached is named after its domain's name, not an id (${domain})`);
   const disk = parseDisk(spec);
   const script = scriptFor(disk);
   const backend = hookNamed(script);
   if (!backend) throw new GrowError(`${script} is not a hook of this build`);
   const attached = journal.list().entries.find((e) => e.disk.domainName === domain && e.disk.vdev === disk.vdev);
-  if (attached) throw new GrowError(`${domain}/${disk.vdev} is attached (${attached.backendPath}): give its VDEV instead of its spec`);
-  if (!backend.resizeDetached) throw new GrowError(`${script} resizes a disk only while it is attached: attach it, then "xen-blockhooks resize ${domain} ${disk.vdev} SIZE"`);
+  if (attached)
+    throw new GrowError(
+      `${domain}/${disk.vdev} is attached (${attached.backendPath}): give its VDEV instead of its spec`,
+    );
+  if (!backend.resizeDetached)
+    throw new GrowError(
+      `${script} resizes a disk only while it is attached: attach it, then "xen-blockhooks resize ${domain} ${disk.vdev} SIZE"`,
+    );
   const params = disk.syntax === 'xl' ? (disk.target ?? '') : disk.params;
   const mode = disk.mode === 'r' ? 'r' : 'w';
   // A backend path of no real domain: persistent names come from the domain's name and the vdev.
   const xenbusPath = `backend/vbd/${DETACHED_DOMID}/${disk.devid}`;
-  const d: DiskSpec = { params, mode, vdev: disk.vdev, domainName: safeName(domain), frontendId: DETACHED_DOMID, type: disk.syntax === 'xm' ? disk.type : undefined, state: undefined };
+  const d: DiskSpec = {
+    params,
+    mode,
+    vdev: disk.vdev,
+    domainName: safeName(domain),
+    frontendId: DETACHED_DOMID,
+    type: disk.syntax === 'xm' ? disk.type : undefined,
+    state: undefined,
+  };
   const plan = await backend.plan(d, { config: deps.config, env: process.env, xenbusPath });
   const r = await backend.resizeDetached(plan, size.bytes, { ...deps, journal, shrink: false });
-  deps.out(`resized ${domain}'s ${disk.vdev} (not attached): ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)} (${r.how})`);
+  deps.out(
+    `resized ${domain}'s ${disk.vdev} (not attached): ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)} (${r.how})`,
+  );
   return r;
 }
 
 /** The frontend id the plan of a detached disk is made for: never a real domain's, never dom0's. */
 const DETACHED_DOMID = 2147483647;
 
-export async function resize(domain: string, vdev: string, sizeArg: string, deps: GrowDeps, opts: { shrink?: boolean } = {}): Promise<ResizeResult> {
+export async function resize(
+  domain: string,
+  vdev: string,
+  sizeArg: string,
+  deps: GrowDeps,
+  opts: { shrink?: boolean } = {},
+): Promise<ResizeResult> {
   const journal = deps.journal ?? new Journal(deps.config.stateDir);
   if (isDiskSpec(vdev)) {
-    if (opts.shrink) throw new GrowError('--shrink needs the disk attached (only then can its hook tell what the guest wrote)');
+    if (opts.shrink)
+      throw new GrowError('--shrink needs the disk attached (only then can its hook tell what the guest wrote)');
     return resizeDetached(domain, vdev, sizeArg, deps, journal);
   }
   const size = parseGrowSize(sizeArg);
   return withRecord(domain, vdev, deps, journal, async (fresh) => {
-    if (fresh.phase !== 'ready' || !fresh.device) throw new GrowError(`${fresh.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
+    if (fresh.phase !== 'ready' || !fresh.device)
+      throw new GrowError(`${fresh.backendPath} is ${fresh.phase}, not ready; resize it once the add has finished`);
     const facet = hookNamed(fresh.script)?.resize;
-    if (!facet) throw new GrowError(`resizing is not supported for ${fresh.script} (${fresh.backendPath}); nothing was changed`);
+    if (!facet)
+      throw new GrowError(`resizing is not supported for ${fresh.script} (${fresh.backendPath}); nothing was changed`);
     const current = deviceSectors(deps.run, fresh.device.major, fresh.device.minor) * 512;
     const target = size.relative ? current + size.bytes : size.bytes;
-    if (target < current && !opts.shrink) throw new GrowError(`${domain}/${vdev} is ${humanBytes(current)}; ${humanBytes(target)} is smaller: give --shrink to ask for a smaller disk`);
+    if (target < current && !opts.shrink)
+      throw new GrowError(
+        `${domain}/${vdev} is ${humanBytes(current)}; ${humanBytes(target)} is smaller: give --shrink to ask for a smaller disk`,
+      );
     const r = await facet(fresh, target, { ...deps, journal, shrink: opts.shrink === true });
-    deps.out(`resized ${domain}/${vdev}: ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)}, ${r.online ? 'online' : 'at its next add'} (${r.how})`);
+    deps.out(
+      `resized ${domain}/${vdev}: ${humanBytes(r.beforeBytes)} → ${humanBytes(r.afterBytes)}, ${r.online ? 'online' : 'at its next add'} (${r.how})`,
+    );
     return r;
   });
 }

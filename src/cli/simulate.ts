@@ -111,7 +111,11 @@ export function backendPaths(disk: Disk, domid: number) {
 /** The nodes the toolstack writes for this disk, in order: [path, value]. */
 export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPath: string): [string, string][] {
   const p = backendPaths(disk, domid);
-  const nodes: [string, string][] = [[`/local/domain/${domid}/name`, name], [`/local/domain/${domid}/domid`, String(domid)], [`/local/domain/${domid}/${SIMULATED_MARK}`, '1']];
+  const nodes: [string, string][] = [
+    [`/local/domain/${domid}/name`, name],
+    [`/local/domain/${domid}/domid`, String(domid)],
+    [`/local/domain/${domid}/${SIMULATED_MARK}`, '1'],
+  ];
   if (disk.syntax === 'xl') {
     const b = (k: string, v: string) => nodes.push([`${p.back}/${k}`, v]);
     b('frontend', p.front);
@@ -184,7 +188,12 @@ async function realBackendNode(env: NodeJS.ProcessEnv, path: string): Promise<st
 export function defaultBundleDir(): string {
   const here = dirname(fileURLToPath(import.meta.url));
   for (const d of [here, resolve(here, '../../dist'), resolve(here, '../dist')]) {
-    if (existsSync(join(d, 'xen-blockhooks.mjs')) || existsSync(join(d, 'block-cow.mjs')) || existsSync(join(d, 'block.mjs'))) return d;
+    if (
+      existsSync(join(d, 'xen-blockhooks.mjs')) ||
+      existsSync(join(d, 'block-cow.mjs')) ||
+      existsSync(join(d, 'block.mjs'))
+    )
+      return d;
   }
   return here;
 }
@@ -203,8 +212,12 @@ function runHookProcess(file: string, args: string[], env: NodeJS.ProcessEnv, ti
     let output = '';
     let timedOut = false;
     const child = spawn(file, args, { env, cwd: '/', stdio: ['ignore', 'pipe', 'pipe'] });
-    child.stdout.on('data', (d: Buffer) => { output += d.toString(); });
-    child.stderr.on('data', (d: Buffer) => { output += d.toString(); });
+    child.stdout.on('data', (d: Buffer) => {
+      output += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      output += d.toString();
+    });
     const timer = setTimeout(() => {
       timedOut = true;
       child.kill('SIGKILL');
@@ -270,7 +283,9 @@ function describeDevice(majmin: string, k: KernelState, out: (s: string) => void
 function stillThere(entry: JournalEntry, k: KernelState, others: Set<string>): string[] {
   const refs = recordStrings(entry);
   const left: string[] = [];
-  for (const d of k.dm) if (refs.has(d.name) || refs.has(`/dev/mapper/${d.name}`) || refs.has(`${d.major}:${d.minor}`)) left.push(`dm ${d.name}`);
+  for (const d of k.dm)
+    if (refs.has(d.name) || refs.has(`/dev/mapper/${d.name}`) || refs.has(`${d.major}:${d.minor}`))
+      left.push(`dm ${d.name}`);
   for (const l of k.loops) {
     const mentioned = refs.has(l.name) || refs.has(`${l.major}:${l.minor}`);
     const shared = others.has(l.name) || others.has(`${l.major}:${l.minor}`);
@@ -285,14 +300,21 @@ function stillThere(entry: JournalEntry, k: KernelState, others: Set<string>): s
  * simulated domain, a loop or nbd on a file the disk names or in the store directory. (Other
  * domains and programs may make devices meanwhile: those are not this disk's leftovers.)
  */
-function kernelDiff(before: KernelState, after: KernelState, ours: { name: string; files: string[]; storeDir: string }): string[] {
+function kernelDiff(
+  before: KernelState,
+  after: KernelState,
+  ours: { name: string; files: string[]; storeDir: string },
+): string[] {
   const dmBefore = new Set(before.dm.map((d) => d.name));
   const loopBefore = new Set(before.loops.map((l) => `${l.name} ${l.backFile}`));
   const nbdBefore = new Set(before.nbds.map((n) => n.name));
-  const mine = (file: string | undefined) => file !== undefined && (ours.files.includes(file) || file.startsWith(`${ours.storeDir}/`));
+  const mine = (file: string | undefined) =>
+    file !== undefined && (ours.files.includes(file) || file.startsWith(`${ours.storeDir}/`));
   return [
     ...after.dm.filter((d) => !dmBefore.has(d.name) && d.name.includes(`-${ours.name}-`)).map((d) => `dm ${d.name}`),
-    ...after.loops.filter((l) => !loopBefore.has(`${l.name} ${l.backFile}`) && mine(l.backFile?.replace(/ \(deleted\)$/, ''))).map((l) => `loop ${l.name} on ${l.backFile ?? '?'}`),
+    ...after.loops
+      .filter((l) => !loopBefore.has(`${l.name} ${l.backFile}`) && mine(l.backFile?.replace(/ \(deleted\)$/, '')))
+      .map((l) => `loop ${l.name} on ${l.backFile ?? '?'}`),
     ...after.nbds.filter((n) => !nbdBefore.has(n.name) && n.cmdline.some((a) => mine(a))).map((n) => `nbd ${n.name}`),
   ];
 }
@@ -313,7 +335,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     const dir = deps.bundleDir ?? defaultBundleDir();
     const bundle = join(dir, `${script}.mjs`);
     if (!existsSync(bundle)) {
-      err(`xen-blockhooks simulate: there is no ${script}.mjs in ${dir}; build the hooks (npm run build) or give --script-dir`);
+      err(
+        `xen-blockhooks simulate: there is no ${script}.mjs in ${dir}; build the hooks (npm run build) or give --script-dir`,
+      );
       return 1;
     }
     file = process.execPath;
@@ -329,7 +353,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
   const realJournal = new Journal(deps.config.stateDir);
   const real = realJournal.load(p.rel);
   if (real && !o.realXenstore) {
-    err(`xen-blockhooks simulate: ${p.rel} is a real disk (${real.script} record ${realJournal.file(p.rel)}${real.disk.domainName ? `, domain ${real.disk.domainName}` : ''}); simulate never touches it: choose another --domid`);
+    err(
+      `xen-blockhooks simulate: ${p.rel} is a real disk (${real.script} record ${realJournal.file(p.rel)}${real.disk.domainName ? `, domain ${real.disk.domainName}` : ''}); simulate never touches it: choose another --domid`,
+    );
     return 1;
   }
   const journal = o.realXenstore ? realJournal : new Journal(simulateStateDir(deps.config));
@@ -345,7 +371,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     } else {
       const live = await realBackendNode(deps.env, p.back);
       if (live) {
-        err(`xen-blockhooks simulate: ${p.back} exists in the running xenstored (${live}); simulate never touches a real disk: choose another --domid`);
+        err(
+          `xen-blockhooks simulate: ${p.back} exists in the running xenstored (${live}); simulate never touches a real disk: choose another --domid`,
+        );
         return 1;
       }
       sockDir = mkdtempSync(join(tmpdir(), 'xbh-simulate-'));
@@ -354,20 +382,32 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       hookEnv.XENSTORED_PATH = server.socketPath;
       hookEnv.XEN_BLOCKHOOKS_STATE_DIR = simulateStateDir(deps.config);
       if (deps.env.XEN_BLOCKHOOKS_LOG_FILE === undefined) hookEnv.XEN_BLOCKHOOKS_LOG_FILE = '';
-      out(`xenstore: embedded server on ${server.socketPath} (lives as long as this command); journal and locks in ${simulateStateDir(deps.config)}`);
+      out(
+        `xenstore: embedded server on ${server.socketPath} (lives as long as this command); journal and locks in ${simulateStateDir(deps.config)}`,
+      );
     }
     const c = xs;
-    out(`${disk.syntax} disk: vdev ${disk.vdev} → devid ${disk.devid}, mode ${disk.mode}, script ${script}, domain ${o.domid} (${o.name})`);
+    out(
+      `${disk.syntax} disk: vdev ${disk.vdev} → devid ${disk.devid}, mode ${disk.mode}, script ${script}, domain ${o.domid} (${o.name})`,
+    );
 
     const existed = (await c.tryRead(p.back)) !== undefined;
     const domainExisted = (await c.tryRead(`/local/domain/${o.domid}`)) !== undefined;
-    if (o.realXenstore && domainExisted && (await c.tryRead(`/local/domain/${o.domid}/${SIMULATED_MARK}`)) === undefined) {
+    if (
+      o.realXenstore &&
+      domainExisted &&
+      (await c.tryRead(`/local/domain/${o.domid}/${SIMULATED_MARK}`)) === undefined
+    ) {
       const name = await c.tryRead(`/local/domain/${o.domid}/name`);
-      err(`xen-blockhooks simulate: domain ${o.domid}${name ? ` (${name})` : ''} exists in the running xenstored and was not made by simulate; choose a --domid no domain has`);
+      err(
+        `xen-blockhooks simulate: domain ${o.domid}${name ? ` (${name})` : ''} exists in the running xenstored and was not made by simulate; choose a --domid no domain has`,
+      );
       return 1;
     }
     if (o.action !== 'remove' && existed) {
-      err(`xen-blockhooks simulate: ${p.back} already exists (a device is attached there); remove it first with --action remove`);
+      err(
+        `xen-blockhooks simulate: ${p.back} already exists (a device is attached there); remove it first with --action remove`,
+      );
       return 1;
     }
     if (!existed) {
@@ -395,7 +435,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       out(`backend state 2 (InitWait, as blkback sets it); running: XENBUS_PATH=${p.rel} ${shown} add`);
       const before = new Map(await dump(c, p.back));
       const r = await runHookProcess(file, [...args, 'add'], hookBaseEnv, o.timeoutMs);
-      out(`${script} add: ${r.timedOut ? `killed after ${o.timeoutMs} ms (SIGKILL, as libxl does)` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`);
+      out(
+        `${script} add: ${r.timedOut ? `killed after ${o.timeoutMs} ms (SIGKILL, as libxl does)` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`,
+      );
       for (const l of r.output.trimEnd().split('\n').filter(Boolean)) out(`  | ${l}`);
       const after = await dump(c, p.back);
       const written = after.filter(([k, v]) => before.get(k) !== v);
@@ -405,7 +447,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       const pd = after.find(([k]) => k === 'physical-device')?.[1];
       if (r.code !== 0 || pd === undefined) {
         const he = after.find(([k]) => k === 'hotplug-error')?.[1];
-        err(`xen-blockhooks simulate: ${script} add failed${he ? `: ${he}` : r.code === 0 ? ': it exited 0 without writing physical-device (xl would wait for a device that never comes)' : ''}`);
+        err(
+          `xen-blockhooks simulate: ${script} add failed${he ? `: ${he}` : r.code === 0 ? ': it exited 0 without writing physical-device (xl would wait for a device that never comes)' : ''}`,
+        );
         failed = true;
       } else {
         out(`built: physical-device ${pd} = ${after.find(([k]) => k === 'physical-device-path')?.[1] ?? '?'}`);
@@ -417,7 +461,9 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
         }
       }
       if (o.action === 'add' && !failed) {
-        out(`kept: run "xen-blockhooks simulate --action remove --domid ${o.domid}${o.realXenstore ? ' --real-xenstore' : ''} DISKSPEC" to take it down`);
+        out(
+          `kept: run "xen-blockhooks simulate --action remove --domid ${o.domid}${o.realXenstore ? ' --real-xenstore' : ''} DISKSPEC" to take it down`,
+        );
         return 0;
       }
       // After a failed add libxl runs remove as well.
@@ -432,14 +478,21 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     await c.write(`${p.back}/state`, '6');
     out(`backend online 0, state 5 then 6 (Closing, Closed); running: XENBUS_PATH=${p.rel} ${shown} remove`);
     const r = await runHookProcess(file, [...args, 'remove'], hookBaseEnv, o.timeoutMs);
-    out(`${script} remove: ${r.timedOut ? `killed after ${o.timeoutMs} ms` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`);
+    out(
+      `${script} remove: ${r.timedOut ? `killed after ${o.timeoutMs} ms` : `exit ${r.code ?? r.signal}`} in ${r.ms} ms`,
+    );
     for (const l of r.output.trimEnd().split('\n').filter(Boolean)) out(`  | ${l}`);
     if (r.code !== 0) {
       const he = await c.tryRead(`${p.back}/hotplug-error`);
       err(`xen-blockhooks simulate: ${script} remove failed${he ? `: ${he}` : ''}`);
       failed = true;
     }
-    const gone = [p.back, p.front, ...(disk.syntax === 'xl' ? [p.libxl] : []), ...(o.action === 'both' && !domainExisted ? [`/local/domain/${o.domid}`] : [])];
+    const gone = [
+      p.back,
+      p.front,
+      ...(disk.syntax === 'xl' ? [p.libxl] : []),
+      ...(o.action === 'both' && !domainExisted ? [`/local/domain/${o.domid}`] : []),
+    ];
     for (const path of gone) {
       if ((await c.tryRead(path)) !== undefined) await c.rm(path);
     }
@@ -448,18 +501,23 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     const kernelAfter = await readKernel(deps.run);
     // Devices another record uses (a real disk's too: a read-only file: disk shares its loop) are not this disk's leftovers.
     const others = new Set<string>();
-    for (const j of new Set([journal, realJournal])) for (const e of j.list().entries) for (const s of recordStrings(e)) others.add(s);
+    for (const j of new Set([journal, realJournal]))
+      for (const e of j.list().entries) for (const s of recordStrings(e)) others.add(s);
     const left: string[] = [];
     if (journal.load(p.rel)) left.push(`journal record ${journal.file(p.rel)}`);
     if (entry) left.push(...stillThere(entry, kernelAfter, others));
-    const source = paramsSource(script, disk.syntax === 'xl' ? disk.target ?? '' : disk.params);
+    const source = paramsSource(script, disk.syntax === 'xl' ? (disk.target ?? '') : disk.params);
     const files = source.startsWith('/') ? [source] : [];
-    if (kernelBefore) for (const d of kernelDiff(kernelBefore, kernelAfter, { name: o.name, files, storeDir: deps.config.storeDir })) if (!left.includes(d)) left.push(d);
+    if (kernelBefore)
+      for (const d of kernelDiff(kernelBefore, kernelAfter, { name: o.name, files, storeDir: deps.config.storeDir }))
+        if (!left.includes(d)) left.push(d);
     if (left.length) {
       err(`xen-blockhooks simulate: remove left behind: ${left.join('; ')}`);
       return 1;
     }
-    out(`nothing left: no record, no device-mapper device, loop or nbd of this disk${kernelBefore ? ' (the kernel holds the same devices as before add)' : ''}`);
+    out(
+      `nothing left: no record, no device-mapper device, loop or nbd of this disk${kernelBefore ? ' (the kernel holds the same devices as before add)' : ''}`,
+    );
     return failed ? 1 : 0;
   } finally {
     await xs?.close().catch(() => {});

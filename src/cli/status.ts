@@ -75,7 +75,10 @@ function usageBytes(u: Usage | undefined): { used: number | undefined; size: num
   if (!u) return { used: undefined, size: undefined };
   const mult = u.unit === 'sectors' ? 512 : u.blockSectors !== undefined ? u.blockSectors * 512 : undefined;
   if (mult === undefined) return { used: undefined, size: undefined };
-  return { used: u.used === undefined ? undefined : u.used * mult, size: u.total === undefined ? undefined : u.total * mult };
+  return {
+    used: u.used === undefined ? undefined : u.used * mult,
+    size: u.total === undefined ? undefined : u.total * mult,
+  };
 }
 
 function percentOf(u: Usage | undefined): number | undefined {
@@ -145,13 +148,20 @@ interface Condition {
 function parseSelect(text: string): Condition[] {
   return text.split(/,|&&/).map((c) => {
     const m = /^\s*([A-Za-z:%]+)\s*(!=|<=|>=|=|<|>)\s*(.*?)\s*$/.exec(c);
-    if (!m) throw new UsageError(`-S "${text}": "${c.trim()}" is not FIELD=VALUE, FIELD!=VALUE or FIELD<NUMBER (<, <=, >, >=)`);
+    if (!m)
+      throw new UsageError(
+        `-S "${text}": "${c.trim()}" is not FIELD=VALUE, FIELD!=VALUE or FIELD<NUMBER (<, <=, >, >=)`,
+      );
     const f = field(m[1] as string);
     const op = m[2] as Condition['op'];
     const value = m[3] as string;
     if (op !== '=' && op !== '!=') {
-      if (!NUMERIC.has(f.name)) throw new UsageError(`-S "${text}": ${op} compares numbers, and ${f.name} is not one (${[...NUMERIC].join(', ')} are)`);
-      if (!/^\d+(\.\d+)?$/.test(value)) throw new UsageError(`-S "${text}": ${f.name}${op} needs a number, not "${value}"`);
+      if (!NUMERIC.has(f.name))
+        throw new UsageError(
+          `-S "${text}": ${op} compares numbers, and ${f.name} is not one (${[...NUMERIC].join(', ')} are)`,
+        );
+      if (!/^\d+(\.\d+)?$/.test(value))
+        throw new UsageError(`-S "${text}": ${f.name}${op} needs a number, not "${value}"`);
     }
     return { field: f, op, value };
   });
@@ -180,9 +190,16 @@ export interface StatusOptions {
 }
 
 /** Checks the options without the inventory: bad usage is found before anything is read. */
-export function statusPlan(o: StatusOptions): { fields: Field[]; explicit: boolean; conditions: Condition[]; units: Units } {
+export function statusPlan(o: StatusOptions): {
+  fields: Field[];
+  explicit: boolean;
+  conditions: Condition[];
+  units: Units;
+} {
   if (o.json && (o.units !== undefined || o.noHeadings || o.separator !== undefined)) {
-    throw new UsageError('--units, --noheadings and --separator shape the table; --json gives sizes in bytes and has no headings');
+    throw new UsageError(
+      '--units, --noheadings and --separator shape the table; --json gives sizes in bytes and has no headings',
+    );
   }
   const units = (o.units ?? 'h') as Units;
   if (!UNITS.includes(units)) throw new UsageError(`--units must be one of ${UNITS.join(', ')}, not "${o.units}"`);
@@ -244,7 +261,13 @@ function fit(fields: Field[], natural: number[], width: number): number[] {
     let pick = -1;
     fields.forEach((f, i) => {
       const min = Math.max(f.shrink?.min ?? Infinity, f.header.length);
-      if (f.shrink && !!f.shrink.last === last && (w[i] as number) > min && (pick < 0 || (w[i] as number) > (w[pick] as number))) pick = i;
+      if (
+        f.shrink &&
+        !!f.shrink.last === last &&
+        (w[i] as number) > min &&
+        (pick < 0 || (w[i] as number) > (w[pick] as number))
+      )
+        pick = i;
     });
     return pick;
   };
@@ -260,18 +283,28 @@ export function renderStatus(inv: Inventory, opts: StatusOptions = {}): string {
   const plan = statusPlan(opts);
   const rows = inv.rows.filter((r) => plan.conditions.every((c) => holds(c, r)));
   if (opts.json) {
-    const pick = (r: Row) => (plan.explicit ? Object.fromEntries(plan.fields.map((f) => [f.name, f.value(r)])) : rowJson(r));
-    return JSON.stringify({
-      xenstore: inv.xenstore,
-      deviceMapper: inv.dmAvailable,
-      devices: rows.map(pick),
-      unreadable: inv.unreadable,
-    }, null, 2);
+    const pick = (r: Row) =>
+      plan.explicit ? Object.fromEntries(plan.fields.map((f) => [f.name, f.value(r)])) : rowJson(r);
+    return JSON.stringify(
+      {
+        xenstore: inv.xenstore,
+        deviceMapper: inv.dmAvailable,
+        devices: rows.map(pick),
+        unreadable: inv.unreadable,
+      },
+      null,
+      2,
+    );
   }
   const lines: string[] = [];
   const headings = !opts.noHeadings;
   if (rows.length === 0) {
-    if (headings) lines.push(inv.rows.length === 0 ? 'No devices recorded or leaked.' : `No device matches ${(opts.select ?? []).map((s) => `-S "${s}"`).join(' ')}.`);
+    if (headings)
+      lines.push(
+        inv.rows.length === 0
+          ? 'No devices recorded or leaked.'
+          : `No device matches ${(opts.select ?? []).map((s) => `-S "${s}"`).join(' ')}.`,
+      );
   } else {
     // The default view is shortened to fit; fields asked for by name are shown whole.
     const short = !plan.explicit && opts.separator === undefined;
@@ -281,26 +314,31 @@ export function renderStatus(inv: Inventory, opts: StatusOptions = {}): string {
       if (headings) lines.push(header.join(opts.separator));
       for (const c of cells) lines.push(c.join(opts.separator));
     } else {
-      const natural = plan.fields.map((f, i) => Math.max(f.header.length, ...cells.map((c) => (c[i] as string).length)));
+      const natural = plan.fields.map((f, i) =>
+        Math.max(f.header.length, ...cells.map((c) => (c[i] as string).length)),
+      );
       const widths = short ? fit(plan.fields, natural, STATUS_WIDTH) : natural;
-      const line = (cs: string[]) => cs
-        .map((c, i) => {
-          const f = plan.fields[i] as Field;
-          const w = widths[i] as number;
-          const s = f.shrink ? shorten(c, w, f.shrink.at) : c;
-          return i === cs.length - 1 ? s : s.padEnd(w);
-        })
-        .join('  ')
-        .trimEnd();
+      const line = (cs: string[]) =>
+        cs
+          .map((c, i) => {
+            const f = plan.fields[i] as Field;
+            const w = widths[i] as number;
+            const s = f.shrink ? shorten(c, w, f.shrink.at) : c;
+            return i === cs.length - 1 ? s : s.padEnd(w);
+          })
+          .join('  ')
+          .trimEnd();
       if (headings) lines.push(line(header));
       for (const c of cells) lines.push(line(c));
     }
     if (headings && !plan.fields.some((f) => f.name === 'why')) {
-      for (const r of rows.filter((x) => x.state !== 'active' && x.why)) lines.push(`  ${r.device ?? r.store ?? r.backendPath ?? '?'}: ${r.state}: ${r.why}`);
+      for (const r of rows.filter((x) => x.state !== 'active' && x.why))
+        lines.push(`  ${r.device ?? r.store ?? r.backendPath ?? '?'}: ${r.state}: ${r.why}`);
     }
   }
   if (headings) {
-    if (!inv.xenstore) lines.push('Note: xenstore is not reachable, so orphaned records cannot be told apart from active ones.');
+    if (!inv.xenstore)
+      lines.push('Note: xenstore is not reachable, so orphaned records cannot be told apart from active ones.');
     if (!inv.dmAvailable) lines.push('Note: this kernel has no device-mapper; usage is unknown.');
     for (const u of inv.unreadable) lines.push(`Warning: unreadable record ${u.file}: ${u.error}`);
   }

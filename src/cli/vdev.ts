@@ -35,7 +35,8 @@ function partition(s: string): number | undefined {
 
 function xvd(disk: number, part: number, vdev: string): number {
   if (disk <= 15 && part <= 15) return (202 << 8) | (disk << 4) | part;
-  if (disk >= 1 << 20 || part > 255) throw new VdevError(`vdev "${vdev}" is out of range (xvd disks up to 2^20, partitions up to 255)`);
+  if (disk >= 1 << 20 || part > 255)
+    throw new VdevError(`vdev "${vdev}" is out of range (xvd disks up to 2^20, partitions up to 255)`);
   return ((1 << 28) | (disk << 8) | part) >>> 0;
 }
 
@@ -57,7 +58,8 @@ export function vdevToDevid(vdev: string): number {
     const disk = letters(m[1] as string);
     const part = partition(m[2] as string);
     if (disk !== undefined && part !== undefined) {
-      if (disk > 3 || part > 63) throw new VdevError(`vdev "${vdev}" is out of range (hda to hdd, partitions up to 63)`);
+      if (disk > 3 || part > 63)
+        throw new VdevError(`vdev "${vdev}" is out of range (hda to hdd, partitions up to 63)`);
       return (((disk < 2 ? 3 : 22) << 8) | ((disk & 1) << 6) | part) >>> 0;
     }
   }
@@ -66,7 +68,8 @@ export function vdevToDevid(vdev: string): number {
     const disk = letters(m[1] as string);
     const part = partition(m[2] as string);
     if (disk !== undefined && part !== undefined) {
-      if (disk > 15 || part > 15) throw new VdevError(`vdev "${vdev}" is out of range (sda to sdp, partitions up to 15)`);
+      if (disk > 15 || part > 15)
+        throw new VdevError(`vdev "${vdev}" is out of range (sda to sdp, partitions up to 15)`);
       return (8 << 8) | (disk << 4) | part;
     }
   }

@@ -43,30 +43,40 @@ export interface WatchDeps {
 }
 
 function describe(r: WatchReport, out: (s: string) => void, err: (s: string) => void): void {
-  for (const g of r.grown) out(`grew ${g.backendPath} (${g.script}): ${g.target} ${humanBytes(g.beforeBytes)} → ${humanBytes(g.afterBytes)}`);
+  for (const g of r.grown)
+    out(`grew ${g.backendPath} (${g.script}): ${g.target} ${humanBytes(g.beforeBytes)} → ${humanBytes(g.afterBytes)}`);
   for (const p of r.news) err(`${p.state.toUpperCase()}: ${p.backendPath} ${p.device}: ${p.message}`);
-  for (const { finding: f, was } of r.recovered) out(`RECOVERED: ${f.backendPath} ${f.device}: was ${was}, now ${f.state}: ${f.message}`);
+  for (const { finding: f, was } of r.recovered)
+    out(`RECOVERED: ${f.backendPath} ${f.device}: was ${was}, now ${f.state}: ${f.message}`);
 }
 
 export async function watch(opts: { once: boolean; intervalMs?: number }, deps: WatchDeps): Promise<number> {
-  const lock = await claimSingleInstance(watchLockPath(deps.config.stateDir), 'xen-blockhooks watch', { runner: deps.run });
+  const lock = await claimSingleInstance(watchLockPath(deps.config.stateDir), 'xen-blockhooks watch', {
+    runner: deps.run,
+  });
   try {
     if (opts.once) {
       const r = await watchOnce(deps.config, deps.run, deps.log);
       describe(r, deps.out, deps.err);
-      deps.out(`checked ${r.checked} disk${r.checked === 1 ? '' : 's'}, grew ${r.grown.length}, ${r.problems.length} problem${r.problems.length === 1 ? '' : 's'}`);
+      deps.out(
+        `checked ${r.checked} disk${r.checked === 1 ? '' : 's'}, grew ${r.grown.length}, ${r.problems.length} problem${r.problems.length === 1 ? '' : 's'}`,
+      );
       return r.problems.length ? 1 : 0;
     }
     const interval = opts.intervalMs ?? deps.config.watch.intervalMs;
     let stopped = false;
-    const stop = deps.stop ?? new Promise<void>((res) => {
-      process.once('SIGINT', () => res());
-      process.once('SIGTERM', () => res());
-    });
+    const stop =
+      deps.stop ??
+      new Promise<void>((res) => {
+        process.once('SIGINT', () => res());
+        process.once('SIGTERM', () => res());
+      });
     void stop.then(() => {
       stopped = true;
     });
-    deps.log.info(`watch: started, threshold ${deps.config.watch.thresholdPercent}%, step ${deps.config.watch.stepPercent}%, every ${interval} ms`);
+    deps.log.info(
+      `watch: started, threshold ${deps.config.watch.thresholdPercent}%, step ${deps.config.watch.stepPercent}%, every ${interval} ms`,
+    );
     const memory = new WatchMemory();
     while (!stopped) {
       describe(await watchOnce(deps.config, deps.run, deps.log, { memory }), deps.out, deps.err);

@@ -38,7 +38,14 @@ export interface Config {
    * dataDevice/metadataDevice: block devices (e.g. LVs) for the pool instead of the sparse files in
    * store_dir; both or neither. Empty: files.
    */
-  thin: { blockKiB: number; dataMiB: number; metadataMiB: number; keepPool: boolean; dataDevice: string; metadataDevice: string };
+  thin: {
+    blockKiB: number;
+    dataMiB: number;
+    metadataMiB: number;
+    keepPool: boolean;
+    dataDevice: string;
+    metadataDevice: string;
+  };
   qcow: { cache: string };
   watch: { thresholdPercent: number; stepPercent: number; intervalMs: number };
 }
@@ -101,33 +108,74 @@ function bool(v: string, where: string): boolean {
 }
 
 const SETTERS: Record<string, Setter> = {
-  store_dir: (c, v, w) => { c.storeDir = dir(v, w); },
-  state_dir: (c, v, w) => { c.stateDir = dir(v, w); },
-  image_dirs: (c, v, w) => { c.imageDirs = v.split(/[\s:]+/).filter(Boolean).map((d) => dir(d, w)); },
-  xen_lock_dir: (c, v, w) => { c.xenLockDir = dir(v, w); },
-  xen_script_dir: (c, v, w) => { c.xenScriptDir = dir(v, w); },
-  log_file: (c, v, w) => { c.logFile = v === '' || v === 'none' ? '' : dir(v, w); },
-  busy_retry_ms: (c, v, w) => { c.busyRetryMs = int(v, w); },
-  lock_timeout_ms: (c, v, w) => { c.lockTimeoutMs = int(v, w, 1); },
+  store_dir: (c, v, w) => {
+    c.storeDir = dir(v, w);
+  },
+  state_dir: (c, v, w) => {
+    c.stateDir = dir(v, w);
+  },
+  image_dirs: (c, v, w) => {
+    c.imageDirs = v
+      .split(/[\s:]+/)
+      .filter(Boolean)
+      .map((d) => dir(d, w));
+  },
+  xen_lock_dir: (c, v, w) => {
+    c.xenLockDir = dir(v, w);
+  },
+  xen_script_dir: (c, v, w) => {
+    c.xenScriptDir = dir(v, w);
+  },
+  log_file: (c, v, w) => {
+    c.logFile = v === '' || v === 'none' ? '' : dir(v, w);
+  },
+  busy_retry_ms: (c, v, w) => {
+    c.busyRetryMs = int(v, w);
+  },
+  lock_timeout_ms: (c, v, w) => {
+    c.lockTimeoutMs = int(v, w, 1);
+  },
   'cow.chunk': (c, v, w) => {
     const k = kib(v, w);
-    if (k < 4 || k > 512 || (k & (k - 1)) !== 0) throw new ConfigError(`${w}: chunk "${v}" must be a power of two from 4K to 512K`);
+    if (k < 4 || k > 512 || (k & (k - 1)) !== 0)
+      throw new ConfigError(`${w}: chunk "${v}" must be a power of two from 4K to 512K`);
     c.cow.chunkKiB = k;
   },
-  'cow.default_size': (c, v, w) => { c.cow.defaultSizeMiB = mib(v, w); },
-  'thin.block': (c, v, w) => { c.thin.blockKiB = kib(v, w); },
-  'thin.data_size': (c, v, w) => { c.thin.dataMiB = mib(v, w); },
-  'thin.metadata_size': (c, v, w) => { c.thin.metadataMiB = mib(v, w); },
-  'thin.keep_pool': (c, v, w) => { c.thin.keepPool = bool(v, w); },
-  'thin.data_device': (c, v, w) => { c.thin.dataDevice = v === '' ? '' : dir(v, w); },
-  'thin.metadata_device': (c, v, w) => { c.thin.metadataDevice = v === '' ? '' : dir(v, w); },
+  'cow.default_size': (c, v, w) => {
+    c.cow.defaultSizeMiB = mib(v, w);
+  },
+  'thin.block': (c, v, w) => {
+    c.thin.blockKiB = kib(v, w);
+  },
+  'thin.data_size': (c, v, w) => {
+    c.thin.dataMiB = mib(v, w);
+  },
+  'thin.metadata_size': (c, v, w) => {
+    c.thin.metadataMiB = mib(v, w);
+  },
+  'thin.keep_pool': (c, v, w) => {
+    c.thin.keepPool = bool(v, w);
+  },
+  'thin.data_device': (c, v, w) => {
+    c.thin.dataDevice = v === '' ? '' : dir(v, w);
+  },
+  'thin.metadata_device': (c, v, w) => {
+    c.thin.metadataDevice = v === '' ? '' : dir(v, w);
+  },
   'qcow.cache': (c, v, w) => {
-    if (!/^(none|writeback|writethrough|directsync|unsafe)$/.test(v)) throw new ConfigError(`${w}: unknown qemu cache mode "${v}"`);
+    if (!/^(none|writeback|writethrough|directsync|unsafe)$/.test(v))
+      throw new ConfigError(`${w}: unknown qemu cache mode "${v}"`);
     c.qcow.cache = v;
   },
-  'watch.threshold': (c, v, w) => { c.watch.thresholdPercent = int(v.replace(/%$/, ''), w, 1); },
-  'watch.step': (c, v, w) => { c.watch.stepPercent = int(v.replace(/%$/, ''), w, 1); },
-  'watch.interval_ms': (c, v, w) => { c.watch.intervalMs = int(v, w, 100); },
+  'watch.threshold': (c, v, w) => {
+    c.watch.thresholdPercent = int(v.replace(/%$/, ''), w, 1);
+  },
+  'watch.step': (c, v, w) => {
+    c.watch.stepPercent = int(v.replace(/%$/, ''), w, 1);
+  },
+  'watch.interval_ms': (c, v, w) => {
+    c.watch.intervalMs = int(v, w, 100);
+  },
 };
 
 export const CONFIG_KEYS = Object.keys(SETTERS);
@@ -138,7 +186,11 @@ function editDistance(a: string, b: string): number {
   for (let i = 1; i <= a.length; i++) {
     const cur = [i];
     for (let j = 1; j <= b.length; j++) {
-      cur[j] = Math.min((prev[j] as number) + 1, (cur[j - 1] as number) + 1, (prev[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1));
+      cur[j] = Math.min(
+        (prev[j] as number) + 1,
+        (cur[j - 1] as number) + 1,
+        (prev[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
     }
     prev = cur;
   }
@@ -160,7 +212,10 @@ export function suggestKey(key: string): string | undefined {
   let bestD = Infinity;
   let tie = false;
   for (const k of CONFIG_KEYS) {
-    const d = Math.min(editDistance(norm, k), k.includes('.') && !norm.includes('.') ? editDistance(norm, k.slice(k.indexOf('.') + 1)) : Infinity);
+    const d = Math.min(
+      editDistance(norm, k),
+      k.includes('.') && !norm.includes('.') ? editDistance(norm, k.slice(k.indexOf('.') + 1)) : Infinity,
+    );
     if (d < bestD) [best, bestD, tie] = [k, d, false];
     else if (d === bestD) tie = true;
   }
@@ -170,7 +225,9 @@ export function suggestKey(key: string): string | undefined {
 /** The sentence for a key this build does not know. */
 export function unknownKeyMessage(key: string): string {
   const s = suggestKey(key);
-  return s ? `unknown key \`${key}\`; did you mean \`${s}\`?` : `unknown key \`${key}\` (known keys: ${CONFIG_KEYS.join(', ')})`;
+  return s
+    ? `unknown key \`${key}\`; did you mean \`${s}\`?`
+    : `unknown key \`${key}\` (known keys: ${CONFIG_KEYS.join(', ')})`;
 }
 
 /**
@@ -230,14 +287,18 @@ export function checkConfig(env: NodeJS.ProcessEnv = process.env): ConfigReport 
   return { ...r, problems };
 }
 
-function loadConfigWith(env: NodeJS.ProcessEnv, problem: (e: ConfigError) => void): { config: Config; file: string; found: boolean } {
+function loadConfigWith(
+  env: NodeJS.ProcessEnv,
+  problem: (e: ConfigError) => void,
+): { config: Config; file: string; found: boolean } {
   const file = env.XEN_BLOCKHOOKS_CONF ?? DEFAULT_CONFIG_FILE;
   let c = defaultConfig();
   let text: string | undefined;
   try {
     text = readFileSync(file, 'utf8');
   } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') problem(new ConfigError(`cannot read ${file}: ${(e as Error).message}`));
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT')
+      problem(new ConfigError(`cannot read ${file}: ${(e as Error).message}`));
   }
   if (text !== undefined) c = parseConfigLines(text, file, c, problem);
   for (const key of CONFIG_KEYS) {
@@ -260,7 +321,11 @@ function loadConfigWith(env: NodeJS.ProcessEnv, problem: (e: ConfigError) => voi
     }
   }
   if ((c.thin.dataDevice === '') !== (c.thin.metadataDevice === '')) {
-    problem(new ConfigError(`${file}: thin.data_device and thin.metadata_device go together (the pool is on two devices or on two files); set both or neither`));
+    problem(
+      new ConfigError(
+        `${file}: thin.data_device and thin.metadata_device go together (the pool is on two devices or on two files); set both or neither`,
+      ),
+    );
   }
   return { config: c, file, found: text !== undefined };
 }

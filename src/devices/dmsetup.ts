@@ -60,10 +60,21 @@ export function linearTable(e: Extent, dev: DevRef, offset: number | bigint = 0)
  * `overflow` a full store reports `Overflow` and keeps what it has (reads still work) instead of
  * invalidating the whole snapshot.
  */
-export function snapshotTable(e: Extent, origin: DevRef, cow: DevRef, opts: { persistent: boolean; chunkSectors: number; overflow?: boolean }): string {
+export function snapshotTable(
+  e: Extent,
+  origin: DevRef,
+  cow: DevRef,
+  opts: { persistent: boolean; chunkSectors: number; overflow?: boolean },
+): string {
   const c = opts.chunkSectors;
-  if (!Number.isInteger(c) || c < 8 || (c & (c - 1)) !== 0) throw new Error(`snapshot chunk must be a power of two >= 8 sectors, got ${c}`);
-  return line(e, 'snapshot', [devRef(origin), devRef(cow), (opts.persistent ? 'P' : 'N') + (opts.overflow ? 'O' : ''), String(c)]);
+  if (!Number.isInteger(c) || c < 8 || (c & (c - 1)) !== 0)
+    throw new Error(`snapshot chunk must be a power of two >= 8 sectors, got ${c}`);
+  return line(e, 'snapshot', [
+    devRef(origin),
+    devRef(cow),
+    (opts.persistent ? 'P' : 'N') + (opts.overflow ? 'O' : ''),
+    String(c),
+  ]);
 }
 
 export function snapshotOriginTable(e: Extent, origin: DevRef): string {
@@ -85,7 +96,8 @@ export interface ThinPoolOptions {
 
 export function thinPoolTable(e: Extent, metadata: DevRef, data: DevRef, o: ThinPoolOptions): string {
   const b = o.blockSectors;
-  if (!Number.isInteger(b) || b < 128 || b > 2097152 || b % 128 !== 0) throw new Error(`thin-pool block size must be a multiple of 128 sectors in 128..2097152, got ${b}`);
+  if (!Number.isInteger(b) || b < 128 || b > 2097152 || b % 128 !== 0)
+    throw new Error(`thin-pool block size must be a multiple of 128 sectors in 128..2097152, got ${b}`);
   const features = [
     ...(o.skipBlockZeroing ? ['skip_block_zeroing'] : []),
     ...(o.ignoreDiscard ? ['ignore_discard'] : []),
@@ -93,13 +105,25 @@ export function thinPoolTable(e: Extent, metadata: DevRef, data: DevRef, o: Thin
     ...(o.readOnly ? ['read_only'] : []),
     ...(o.errorIfNoSpace ? ['error_if_no_space'] : []),
   ];
-  return line(e, 'thin-pool', [devRef(metadata), devRef(data), String(b), sectors(o.lowWaterBlocks, 'low water mark'), String(features.length), ...features]);
+  return line(e, 'thin-pool', [
+    devRef(metadata),
+    devRef(data),
+    String(b),
+    sectors(o.lowWaterBlocks, 'low water mark'),
+    String(features.length),
+    ...features,
+  ]);
 }
 
 /** `thin <pool dev> <dev id> [<external origin dev>]` */
 export function thinTable(e: Extent, pool: DevRef, devId: number, externalOrigin?: DevRef): string {
-  if (!Number.isInteger(devId) || devId < 0 || devId > 0xffffff) throw new Error(`thin device id must be 0..16777215, got ${devId}`);
-  return line(e, 'thin', [devRef(pool), String(devId), ...(externalOrigin === undefined ? [] : [devRef(externalOrigin)])]);
+  if (!Number.isInteger(devId) || devId < 0 || devId > 0xffffff)
+    throw new Error(`thin device id must be 0..16777215, got ${devId}`);
+  return line(e, 'thin', [
+    devRef(pool),
+    String(devId),
+    ...(externalOrigin === undefined ? [] : [devRef(externalOrigin)]),
+  ]);
 }
 
 export function zeroTable(e: Extent): string {
@@ -119,7 +143,8 @@ export function errorTable(e: Extent): string {
  */
 function checkTable(table: string): string {
   const lines = table.split('\n');
-  if (lines.length > 2 || lines.some((l) => l.trim() === '' || /[\r\0;]/.test(l))) throw new Error(`invalid dm table ${JSON.stringify(table)}`);
+  if (lines.length > 2 || lines.some((l) => l.trim() === '' || /[\r\0;]/.test(l)))
+    throw new Error(`invalid dm table ${JSON.stringify(table)}`);
   return table;
 }
 
@@ -130,7 +155,15 @@ export interface CreateOptions {
 
 export function createArgs(name: string, table: string, o: CreateOptions = {}): string[] {
   const uuid = o.uuid === undefined ? [] : ['--uuid', checkDmName(o.uuid)];
-  return ['create', ...(o.readOnly ? ['--readonly'] : []), ...uuid, '--table', checkTable(table), '--', checkDmName(name)];
+  return [
+    'create',
+    ...(o.readOnly ? ['--readonly'] : []),
+    ...uuid,
+    '--table',
+    checkTable(table),
+    '--',
+    checkDmName(name),
+  ];
 }
 
 export function removeArgs(name: string): string[] {
@@ -152,7 +185,8 @@ export function reloadArgs(name: string, table: string): string[] {
 
 /** `dmsetup message NAME SECTOR WORDS...` (e.g. thin-pool `create_thin 0`). */
 export function messageArgs(name: string, sector: number, ...words: string[]): string[] {
-  if (words.length === 0 || words.some((w) => w === '' || /\s/.test(w))) throw new Error(`invalid dm message ${JSON.stringify(words)}`);
+  if (words.length === 0 || words.some((w) => w === '' || /\s/.test(w)))
+    throw new Error(`invalid dm message ${JSON.stringify(words)}`);
   return ['message', checkDmName(name), String(sector), ...words];
 }
 
@@ -173,7 +207,17 @@ export function infoArgs(): string[] {
 
 /** One device, with its uuid: `name|major|minor|open|uuid` (dmInfo). */
 export function infoOneArgs(name: string): string[] {
-  return ['info', '-c', '--noheadings', '--separator', '|', '-o', 'name,major,minor,open,uuid', '--', checkDmName(name)];
+  return [
+    'info',
+    '-c',
+    '--noheadings',
+    '--separator',
+    '|',
+    '-o',
+    'name,major,minor,open,uuid',
+    '--',
+    checkDmName(name),
+  ];
 }
 
 export function lsArgs(): string[] {
@@ -224,31 +268,41 @@ export type SnapshotStatus =
 export function parseSnapshotStatus(params: string): SnapshotStatus {
   const p = params.trim();
   const m = /^(\d+)\/(\d+) (\d+)$/.exec(p);
-  if (m) return { state: 'active', allocatedSectors: BigInt(m[1]!), totalSectors: BigInt(m[2]!), metadataSectors: BigInt(m[3]!) };
+  if (m)
+    return {
+      state: 'active',
+      allocatedSectors: BigInt(m[1]!),
+      totalSectors: BigInt(m[2]!),
+      metadataSectors: BigInt(m[3]!),
+    };
   switch (p) {
-    case 'Invalid': return { state: 'invalid' };
-    case 'Overflow': return { state: 'overflow' };
-    case 'Merge failed': return { state: 'merge-failed' };
-    case 'Unknown': return { state: 'unknown' };
+    case 'Invalid':
+      return { state: 'invalid' };
+    case 'Overflow':
+      return { state: 'overflow' };
+    case 'Merge failed':
+      return { state: 'merge-failed' };
+    case 'Unknown':
+      return { state: 'unknown' };
   }
   throw new Error(`unexpected snapshot status: ${JSON.stringify(params)}`);
 }
 
 export type ThinPoolStatus =
   | {
-    state: 'ok';
-    transactionId: bigint;
-    usedMetadataBlocks: bigint;
-    totalMetadataBlocks: bigint;
-    usedDataBlocks: bigint;
-    totalDataBlocks: bigint;
-    heldMetadataRoot: bigint | null;
-    mode: 'rw' | 'ro' | 'out_of_data_space';
-    discard: 'discard_passdown' | 'no_discard_passdown' | 'ignore_discard';
-    noSpace: 'error_if_no_space' | 'queue_if_no_space';
-    needsCheck: boolean;
-    metadataLowWatermark: bigint | null;
-  }
+      state: 'ok';
+      transactionId: bigint;
+      usedMetadataBlocks: bigint;
+      totalMetadataBlocks: bigint;
+      usedDataBlocks: bigint;
+      totalDataBlocks: bigint;
+      heldMetadataRoot: bigint | null;
+      mode: 'rw' | 'ro' | 'out_of_data_space';
+      discard: 'discard_passdown' | 'no_discard_passdown' | 'ignore_discard';
+      noSpace: 'error_if_no_space' | 'queue_if_no_space';
+      needsCheck: boolean;
+      metadataLowWatermark: bigint | null;
+    }
   | { state: 'fail' | 'error' };
 
 /**
@@ -265,12 +319,16 @@ export function parseThinPoolStatus(params: string): ThinPoolStatus {
   const mm = /^(\d+)\/(\d+)$/.exec(meta ?? '');
   const dm = /^(\d+)\/(\d+)$/.exec(data ?? '');
   if (
-    !/^\d+$/.test(tid ?? '') || !mm || !dm || !/^(\d+|-)$/.test(held ?? '') ||
+    !/^\d+$/.test(tid ?? '') ||
+    !mm ||
+    !dm ||
+    !/^(\d+|-)$/.test(held ?? '') ||
     !(mode === 'rw' || mode === 'ro' || mode === 'out_of_data_space') ||
     !(discard === 'discard_passdown' || discard === 'no_discard_passdown' || discard === 'ignore_discard') ||
     !(noSpace === 'error_if_no_space' || noSpace === 'queue_if_no_space') ||
     !(check === 'needs_check' || check === '-') ||
-    !(lowWater === undefined || /^\d+$/.test(lowWater)) || w.length > 9
+    !(lowWater === undefined || /^\d+$/.test(lowWater)) ||
+    w.length > 9
   ) {
     throw new Error(`unexpected thin-pool status: ${JSON.stringify(params)}`);
   }
@@ -358,9 +416,11 @@ export function parseLs(text: string): { name: string; major: number; minor: num
 
 // The last alternative is a kernel without device-mapper at all: then no dm device can exist
 // either, so a remove or an info of one has nothing to find (an add fails before it built one).
-const NOT_THERE = /No such device or address|^Device .* not found$|Device does not exist|Failure to communicate with kernel device-mapper driver/m;
+const NOT_THERE =
+  /No such device or address|^Device .* not found$|Device does not exist|Failure to communicate with kernel device-mapper driver/m;
 const BUSY = /busy/i;
-const NO_DM = /No such device|Failure to communicate with kernel device-mapper|\/proc\/misc: No entry for device-mapper/;
+const NO_DM =
+  /No such device|Failure to communicate with kernel device-mapper|\/proc\/misc: No entry for device-mapper/;
 
 export function isNoSuchDevice(stderr: string): boolean {
   return NOT_THERE.test(stderr);
@@ -383,8 +443,15 @@ export async function dmInfo(run: Runner, name: string): Promise<DmDevice | unde
     throw new CommandError(r);
   }
   const f = r.stdout.trim().split('|');
-  if (f.length < 5 || !/^\d+$/.test(f[1] ?? '') || !/^\d+$/.test(f[2] ?? '')) throw new Error(`dmsetup info ${name}: cannot read "${r.stdout.trim()}"`);
-  return { name: f[0] as string, major: Number(f[1]), minor: Number(f[2]), open: Number(f[3]) || 0, uuid: f.slice(4).join('|') };
+  if (f.length < 5 || !/^\d+$/.test(f[1] ?? '') || !/^\d+$/.test(f[2] ?? ''))
+    throw new Error(`dmsetup info ${name}: cannot read "${r.stdout.trim()}"`);
+  return {
+    name: f[0] as string,
+    major: Number(f[1]),
+    minor: Number(f[2]),
+    open: Number(f[3]) || 0,
+    uuid: f.slice(4).join('|'),
+  };
 }
 
 /** Every device (infoArgs), or `available: false` on a kernel without device-mapper. */
@@ -476,7 +543,9 @@ export async function dmRemove(run: Runner, name: string, busyRetryMs: number): 
       const e = new CommandError(r);
       if (BUSY.test(r.stderr)) {
         const held = await holderNames(run, name);
-        throw new Error(`${e.message} (still busy after ${busyRetryMs} ms: ${held.length ? `${held.join(', ')} ${held.length === 1 ? 'sits' : 'sit'} on it (partitions "xen-blockhooks open" mapped? "xen-blockhooks status" shows them)` : 'something, e.g. blkback, still has it open'})`);
+        throw new Error(
+          `${e.message} (still busy after ${busyRetryMs} ms: ${held.length ? `${held.join(', ')} ${held.length === 1 ? 'sits' : 'sit'} on it (partitions "xen-blockhooks open" mapped? "xen-blockhooks status" shows them)` : 'something, e.g. blkback, still has it open'})`,
+        );
       }
       throw e;
     }

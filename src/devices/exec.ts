@@ -107,20 +107,37 @@ function faultPoint(): void {
 }
 
 /** Run one command to its end; never throws, never rejects. */
-function spawnCommand(file: string, args: readonly string[], opts: RunOptions & { env: Record<string, string> }): Promise<RunResult> {
+function spawnCommand(
+  file: string,
+  args: readonly string[],
+  opts: RunOptions & { env: Record<string, string> },
+): Promise<RunResult> {
   const command = commandLine(file, args);
   const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const stdio: StdioOptions = [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe', ...(opts.extraFds ?? [])];
 
-  const result = (r: Omit<RunResult, 'command' | 'durationMs'>): RunResult => ({ command, durationMs: Number(process.hrtime.bigint() - started) / 1e6, ...r });
+  const result = (r: Omit<RunResult, 'command' | 'durationMs'>): RunResult => ({
+    command,
+    durationMs: Number(process.hrtime.bigint() - started) / 1e6,
+    ...r,
+  });
 
   let child: ChildProcess;
   try {
     child = spawn(file, args, { env: opts.env, stdio, windowsHide: true });
   } catch (e) {
     // Synchronous failures (a NUL in an argument, a bad fd): the command never started.
-    return Promise.resolve(result({ exitCode: undefined, signal: undefined, stdout: '', stderr: (e as Error).message, failed: true, timedOut: false }));
+    return Promise.resolve(
+      result({
+        exitCode: undefined,
+        signal: undefined,
+        stdout: '',
+        stderr: (e as Error).message,
+        failed: true,
+        timedOut: false,
+      }),
+    );
   }
   track(child);
 

@@ -79,7 +79,15 @@ export function parseAddOutput(text: string): PartitionMap[] {
     const m = ADD_LINE.exec(l);
     if (!m) throw new Error(`kpartx: ${l}`);
     const name = m[1] as string;
-    out.push({ name, major: Number(m[2]), minor: Number(m[3]), number: partNumber(name), sectors: Number(m[4]), parent: m[5] as string, offset: Number(m[6]) });
+    out.push({
+      name,
+      major: Number(m[2]),
+      minor: Number(m[3]),
+      number: partNumber(name),
+      sectors: Number(m[4]),
+      parent: m[5] as string,
+      offset: Number(m[6]),
+    });
   }
   return out;
 }
@@ -115,7 +123,8 @@ export function partitionMapsIn(tables: string, parent: string, prefix: string):
 /** Map DEV's partitions; an empty list when it holds no table kpartx can read (then nothing was made). */
 export async function kpartxAdd(run: Runner, dev: string, opts: { readOnly: boolean }): Promise<PartitionMap[]> {
   const r = await run.probe('kpartx', addArgs(dev, opts));
-  if (r.failed && r.exitCode === undefined && !r.timedOut && !r.signal) throw new Error('kpartx could not be started: is it installed (Debian package kpartx)?');
+  if (r.failed && r.exitCode === undefined && !r.timedOut && !r.signal)
+    throw new Error('kpartx could not be started: is it installed (Debian package kpartx)?');
   if (r.failed) {
     // Its reason is on stdout.
     throw new CommandError({ ...r, stderr: `${r.stderr}\n${r.stdout}` });

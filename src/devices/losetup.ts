@@ -40,7 +40,8 @@ const LOOP_DEV = /^\/dev\/loop\d+$/;
 
 function checkImagePath(file: string): void {
   if (!file.startsWith('/')) throw new Error(`losetup: image path must be absolute: ${JSON.stringify(file)}`);
-  if (file.includes('\0') || file.includes('\n')) throw new Error(`losetup: image path contains a NUL or newline: ${JSON.stringify(file)}`);
+  if (file.includes('\0') || file.includes('\n'))
+    throw new Error(`losetup: image path contains a NUL or newline: ${JSON.stringify(file)}`);
 }
 
 function checkLoopDev(dev: string): void {
@@ -55,7 +56,14 @@ export interface AttachOptions {
 
 export function attachArgs(file: string, opts: AttachOptions): string[] {
   checkImagePath(file);
-  return ['--find', '--show', ...(opts.readOnly ? ['--read-only'] : []), ...(opts.direct ? ['--direct-io=on'] : []), '--', file];
+  return [
+    '--find',
+    '--show',
+    ...(opts.readOnly ? ['--read-only'] : []),
+    ...(opts.direct ? ['--direct-io=on'] : []),
+    '--',
+    file,
+  ];
 }
 
 export function detachArgs(dev: string): string[] {
@@ -147,7 +155,8 @@ export async function attachLoop(run: Runner, file: string, id: FileId, opts: At
   const m = /^(\d+):(\d+)$/.exec(readFileSync(`${sys}/dev`, 'utf8').trim());
   if (!m) throw new Error(`${sys}/dev does not hold major:minor`);
   const ro = readFileSync(`${sys}/ro`, 'utf8').trim() === '1';
-  if (opts.readOnly && !ro) throw new Error(`${name} over ${file} is not read-only although losetup was asked for --read-only`);
+  if (opts.readOnly && !ro)
+    throw new Error(`${name} over ${file} is not read-only although losetup was asked for --read-only`);
   let back: string | undefined;
   try {
     back = readFileSync(`${sys}/loop/backing_file`, 'utf8').trim();
@@ -164,9 +173,22 @@ export async function attachLoop(run: Runner, file: string, id: FileId, opts: At
   }
   if (!same && back !== undefined) {
     await detachLoop(run, name);
-    throw new LoopRedirected(`${file} changed while it was being attached: ${name} opened ${back} instead (a directory on the path was replaced, e.g. by a symbolic link); detached it and refused the disk.`);
+    throw new LoopRedirected(
+      `${file} changed while it was being attached: ${name} opened ${back} instead (a directory on the path was replaced, e.g. by a symbolic link); detached it and refused the disk.`,
+    );
   }
-  return { name, major: Number(m[1]), minor: Number(m[2]), backFile: file, backDeleted: false, backDev: id.dev, backIno: id.ino, readOnly: ro, offset: 0, sizeLimit: 0 };
+  return {
+    name,
+    major: Number(m[1]),
+    minor: Number(m[2]),
+    backFile: file,
+    backDeleted: false,
+    backDev: id.dev,
+    backIno: id.ino,
+    readOnly: ro,
+    offset: 0,
+    sizeLimit: 0,
+  };
 }
 
 /**

@@ -12,7 +12,24 @@ import { CommandError, type Runner } from './runner.js';
 
 const NAME_CHARS = /^[A-Za-z0-9+_.-]+$/;
 const RESERVED_LV = new Set(['snapshot', 'pvmove']);
-const RESERVED_PARTS = ['_cdata', '_cmeta', '_corig', '_cpool', '_cvol', '_wcorig', '_iorig', '_mimage', '_mlog', '_pmspare', '_rimage', '_rmeta', '_tdata', '_tmeta', '_vorigin', '_vdata'];
+const RESERVED_PARTS = [
+  '_cdata',
+  '_cmeta',
+  '_corig',
+  '_cpool',
+  '_cvol',
+  '_wcorig',
+  '_iorig',
+  '_mimage',
+  '_mlog',
+  '_pmspare',
+  '_rimage',
+  '_rmeta',
+  '_tdata',
+  '_tmeta',
+  '_vorigin',
+  '_vdata',
+];
 export const MAX_LVM_NAME = 127;
 
 /** Why `name` is not a valid VG name, or undefined when it is. */
@@ -65,10 +82,13 @@ export function lvDmName(r: LvRef): string {
 // ---------------------------------------------------------------------------------------------
 // argv builders (for the `lvm` binary)
 
-export const LVS_FIELDS = 'vg_name,lv_name,lv_attr,lv_size,origin,pool_lv,data_percent,metadata_percent,segtype,lv_dm_path,lv_kernel_major,lv_kernel_minor,lv_tags';
+export const LVS_FIELDS =
+  'vg_name,lv_name,lv_attr,lv_size,origin,pool_lv,data_percent,metadata_percent,segtype,lv_dm_path,lv_kernel_major,lv_kernel_minor,lv_tags';
 
 export function lvsArgs(targets: readonly LvRef[] | string[] = []): string[] {
-  const sel = targets.map((t) => (typeof t === 'string' ? (vgNameProblem(t) ? fail(`invalid volume group ${JSON.stringify(t)}`) : t) : lvPath(t)));
+  const sel = targets.map((t) =>
+    typeof t === 'string' ? (vgNameProblem(t) ? fail(`invalid volume group ${JSON.stringify(t)}`) : t) : lvPath(t),
+  );
   return ['lvs', '--reportformat', 'json', '--units', 'b', '--nosuffix', '-o', LVS_FIELDS, ...sel];
 }
 
@@ -77,7 +97,19 @@ export function lvsArgs(targets: readonly LvRef[] | string[] = []): string[] {
  * seconds): `lvs @TAG` selects by tag across all volume groups.
  */
 export function lvsTaggedArgs(tag: string): string[] {
-  return ['lvs', '--reportformat', 'json', '--units', 'b', '--nosuffix', '--config', 'report/time_format="%s"', '-o', `${LVS_FIELDS},lv_device_open,lv_time`, `@${checkTag(tag)}`];
+  return [
+    'lvs',
+    '--reportformat',
+    'json',
+    '--units',
+    'b',
+    '--nosuffix',
+    '--config',
+    'report/time_format="%s"',
+    '-o',
+    `${LVS_FIELDS},lv_device_open,lv_time`,
+    `@${checkTag(tag)}`,
+  ];
 }
 
 function fail(msg: string): never {
@@ -95,7 +127,12 @@ function checkMiB(mib: number, what: string): string {
  * activation-skip flag and stay inactive). `-y` answers LVM's questions; `-Wn -Zn` keep it from
  * wiping signatures on the new volume (it must show the origin's data).
  */
-export function lvcreateSnapshotArgs(origin: LvRef, name: string, cowMiB?: number, o: { addTag?: string } = {}): string[] {
+export function lvcreateSnapshotArgs(
+  origin: LvRef,
+  name: string,
+  cowMiB?: number,
+  o: { addTag?: string } = {},
+): string[] {
   const p = lvNameProblem(name);
   if (p) throw new Error(`invalid snapshot name: ${p}`);
   const size = cowMiB === undefined ? ['-kn'] : ['-L', checkMiB(cowMiB, 'snapshot size')];
@@ -197,7 +234,16 @@ export function parseLvs(text: string): LvInfo[] {
         major: major !== undefined && major >= 0 ? major : undefined,
         minor: minor !== undefined && minor >= 0 ? minor : undefined,
         tags: typeof d.lv_tags === 'string' && d.lv_tags !== '' ? d.lv_tags.split(',') : [],
-        kind: t === 's' || t === 'S' ? 'snapshot' : t === 'V' ? 'thin' : t === 't' ? 'thin-pool' : t === 'o' ? 'origin' : 'other',
+        kind:
+          t === 's' || t === 'S'
+            ? 'snapshot'
+            : t === 'V'
+              ? 'thin'
+              : t === 't'
+                ? 'thin-pool'
+                : t === 'o'
+                  ? 'origin'
+                  : 'other',
         invalid: attr[4] === 'I' || attr[4] === 'S' || t === 'S' || attr[8] === 'X',
         active: attr[4] === 'a',
         ...(d.lv_device_open === undefined ? {} : { open: d.lv_device_open === 'open' }),
@@ -241,7 +287,13 @@ export async function lvActivate(run: Runner, r: LvRef): Promise<void> {
 }
 
 /** `lvcreate -s` (lvcreateSnapshotArgs). */
-export async function lvCreateSnapshot(run: Runner, origin: LvRef, name: string, cowMiB: number | undefined, o: { addTag?: string } = {}): Promise<void> {
+export async function lvCreateSnapshot(
+  run: Runner,
+  origin: LvRef,
+  name: string,
+  cowMiB: number | undefined,
+  o: { addTag?: string } = {},
+): Promise<void> {
   await run.run('lvm', lvcreateSnapshotArgs(origin, name, cowMiB, o), { timeoutMs: 30_000 });
 }
 
@@ -252,8 +304,10 @@ export async function lvExtendBy(run: Runner, r: LvRef, addMiB: number): Promise
 
 /** `lvextend -L <bytes>b DEVICE`: an LV given by its device path, to a total size (LVM rounds up to whole extents). */
 export async function lvExtendTo(run: Runner, device: string, bytes: number): Promise<void> {
-  if (!Number.isSafeInteger(bytes) || bytes < 1) throw new Error(`lvextend: size must be a whole number of bytes, got ${bytes}`);
-  if (!device.startsWith('/')) throw new Error(`lvextend: the device must be an absolute path: ${JSON.stringify(device)}`);
+  if (!Number.isSafeInteger(bytes) || bytes < 1)
+    throw new Error(`lvextend: size must be a whole number of bytes, got ${bytes}`);
+  if (!device.startsWith('/'))
+    throw new Error(`lvextend: the device must be an absolute path: ${JSON.stringify(device)}`);
   await run.run('lvm', ['lvextend', '-q', '-L', `${bytes}b`, '--', device]);
 }
 
@@ -270,5 +324,9 @@ export async function lvsTagged(run: Runner, tag: string): Promise<LvInfo[]> {
 
 /** `lvextend --poolmetadatasize +<n>m VG/POOL`: a thin pool LV's metadata. */
 export async function lvExtendPoolMetadataBy(run: Runner, pool: LvRef, addMiB: number): Promise<void> {
-  await run.run('lvm', ['lvextend', '-q', '--poolmetadatasize', `+${checkMiB(addMiB, 'extension')}`, '--', lvPath(pool)], { timeoutMs: 60_000 });
+  await run.run(
+    'lvm',
+    ['lvextend', '-q', '--poolmetadatasize', `+${checkMiB(addMiB, 'extension')}`, '--', lvPath(pool)],
+    { timeoutMs: 60_000 },
+  );
 }

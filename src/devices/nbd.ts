@@ -105,10 +105,14 @@ export async function ensureNbdModule(run: Runner, sysRoot = '/sys'): Promise<vo
   if (listNbdDevices(sysRoot).length > 0) return;
   if (!existsSync(`${sysRoot}/module/nbd`)) {
     const r = await run.probe('modprobe', ['nbd', `nbds_max=${NBDS_MAX}`]);
-    if (r.failed) throw new Error(`the kernel has no nbd devices and "modprobe nbd" failed (${r.stderr.trim() || `status ${r.exitCode}`}); load the nbd module`);
+    if (r.failed)
+      throw new Error(
+        `the kernel has no nbd devices and "modprobe nbd" failed (${r.stderr.trim() || `status ${r.exitCode}`}); load the nbd module`,
+      );
   }
   for (let i = 0; i < 50 && listNbdDevices(sysRoot).length === 0; i++) await sleep(100);
-  if (listNbdDevices(sysRoot).length === 0) throw new Error('the nbd module is loaded but /sys/block has no nbd devices (loaded with nbds_max=0?)');
+  if (listNbdDevices(sysRoot).length === 0)
+    throw new Error('the nbd module is loaded but /sys/block has no nbd devices (loaded with nbds_max=0?)');
 }
 
 /** The pid in a qemu-nbd --pid-file, if it holds one. */
@@ -120,7 +124,10 @@ export function readPidFile(pidFile: string): number | undefined {
 /** argv of a process, or undefined when it is gone. */
 export function processArgv(pid: number, procRoot = '/proc'): string[] | undefined {
   try {
-    return readFileSync(`${procRoot}/${pid}/cmdline`).toString('utf8').split('\0').filter((s, i, a) => s !== '' || i < a.length - 1);
+    return readFileSync(`${procRoot}/${pid}/cmdline`)
+      .toString('utf8')
+      .split('\0')
+      .filter((s, i, a) => s !== '' || i < a.length - 1);
   } catch {
     return undefined;
   }
@@ -179,7 +186,12 @@ export interface DisconnectTarget {
  * daemon serves it, wait (bounded) for the daemon to exit, and end it with SIGTERM then SIGKILL
  * if it does not. Idempotent; a device that another daemon serves is left alone.
  */
-export async function disconnectOurs(run: Runner, t: DisconnectTarget, waitMs: number, sysRoot = '/sys'): Promise<void> {
+export async function disconnectOurs(
+  run: Runner,
+  t: DisconnectTarget,
+  waitMs: number,
+  sysRoot = '/sys',
+): Promise<void> {
   const ours = new Set<number>(qemuNbdProcesses(t.pidFile));
   const filed = readPidFile(t.pidFile);
   for (const p of [t.pid, filed]) if (p !== undefined && isQemuNbdWith(processArgv(p), t.pidFile)) ours.add(p);
@@ -190,10 +202,14 @@ export async function disconnectOurs(run: Runner, t: DisconnectTarget, waitMs: n
   };
   if (servedByUs() && t.device) {
     const r = await run.probe('qemu-nbd', qemuNbdDisconnectArgs(t.device));
-    if (r.failed && servedByUs()) throw new Error(`qemu-nbd --disconnect ${t.device} failed: ${r.stderr.trim() || `status ${r.exitCode}`}`);
+    if (r.failed && servedByUs())
+      throw new Error(`qemu-nbd --disconnect ${t.device} failed: ${r.stderr.trim() || `status ${r.exitCode}`}`);
   }
   let left = await waitExit([...ours], waitMs);
-  for (const [signal, ms] of [['SIGTERM', 3000], ['SIGKILL', 2000]] as const) {
+  for (const [signal, ms] of [
+    ['SIGTERM', 3000],
+    ['SIGKILL', 2000],
+  ] as const) {
     if (left.length === 0) break;
     for (const p of left) {
       try {
@@ -204,7 +220,8 @@ export async function disconnectOurs(run: Runner, t: DisconnectTarget, waitMs: n
     }
     left = await waitExit(left, ms);
   }
-  if (left.length > 0) throw new Error(`qemu-nbd (pid ${left.join(', ')}) for ${t.device ?? 'an nbd device'} does not exit`);
+  if (left.length > 0)
+    throw new Error(`qemu-nbd (pid ${left.join(', ')}) for ${t.device ?? 'an nbd device'} does not exit`);
   if (servedByUs()) throw new Error(`${t.device} is still connected after its qemu-nbd exited`);
   rmSync(t.pidFile, { force: true });
 }

@@ -51,10 +51,13 @@ export interface InfoOptions {
 /** `qemu-img info --output=json -U [--backing-chain] [-f FMT] -- IMAGE` */
 export function qemuImgInfoArgs(image: string, opts: InfoOptions = {}): string[] {
   return [
-    'info', '--output=json', '-U',
+    'info',
+    '--output=json',
+    '-U',
     ...(opts.backingChain ? ['--backing-chain'] : []),
     ...(opts.format ? ['-f', opts.format] : []),
-    '--', image,
+    '--',
+    image,
   ];
 }
 
@@ -67,7 +70,8 @@ export function qemuImgCreateOverlayArgs(overlay: string, base: string, baseForm
 /** `qemu-img resize -q -f qcow2 -- IMAGE BYTES`: a larger virtual size (never --shrink). */
 export function qemuImgResizeArgs(image: string, bytes: number): string[] {
   if (!image.startsWith('/')) throw new Error(`image ${image} must be an absolute path`);
-  if (!Number.isSafeInteger(bytes) || bytes < 1) throw new Error(`qemu-img resize: the size must be a whole number of bytes, got ${bytes}`);
+  if (!Number.isSafeInteger(bytes) || bytes < 1)
+    throw new Error(`qemu-img resize: the size must be a whole number of bytes, got ${bytes}`);
   return ['resize', '-q', '-f', 'qcow2', '--', image, String(bytes)];
 }
 
@@ -99,7 +103,8 @@ export function qemuNbdConnectArgs(o: NbdConnectOptions): string[] {
     `--pid-file=${o.pidFile}`,
     `--cache=${o.cache}`,
     ...(o.readOnly ? ['--read-only'] : o.discard ? ['--discard=unmap'] : []),
-    '--', o.image,
+    '--',
+    o.image,
   ];
 }
 
@@ -113,11 +118,13 @@ function str(v: unknown): string | undefined {
 }
 
 function one(o: unknown, where: string): ImageInfo {
-  if (typeof o !== 'object' || o === null || Array.isArray(o)) throw new Error(`qemu-img info: ${where} is not an object`);
+  if (typeof o !== 'object' || o === null || Array.isArray(o))
+    throw new Error(`qemu-img info: ${where} is not an object`);
   const r = o as Record<string, unknown>;
   const filename = str(r['filename']);
   const format = str(r['format']);
-  if (filename === undefined || format === undefined) throw new Error(`qemu-img info: ${where} has no filename or format`);
+  if (filename === undefined || format === undefined)
+    throw new Error(`qemu-img info: ${where} has no filename or format`);
   const size = r['virtual-size'];
   const fs = r['format-specific'] as { data?: Record<string, unknown> } | undefined;
   return {
@@ -163,7 +170,12 @@ export function qemuImgInfo(run: Runner, image: string, opts: InfoOptions = {}):
   return run.probe('qemu-img', qemuImgInfoArgs(image, opts));
 }
 
-export function qemuImgCreateOverlay(run: Runner, overlay: string, base: string, baseFormat: string): Promise<RunResult> {
+export function qemuImgCreateOverlay(
+  run: Runner,
+  overlay: string,
+  base: string,
+  baseFormat: string,
+): Promise<RunResult> {
   return run.probe('qemu-img', qemuImgCreateOverlayArgs(overlay, base, baseFormat));
 }
 

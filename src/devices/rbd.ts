@@ -61,7 +61,14 @@ export function snapProtectArgs(c: Cluster, s: ImageSpec & { snap: string }): st
 
 /** A layered clone with the one feature krbd on every kernel maps (`layering`). */
 export function cloneArgs(c: Cluster, parent: ImageSpec & { snap: string }, child: Omit<ImageSpec, 'snap'>): string[] {
-  return ['clone', '--image-feature', 'layering', ...clusterArgs(c), specString(parent), specString({ pool: child.pool, image: child.image })];
+  return [
+    'clone',
+    '--image-feature',
+    'layering',
+    ...clusterArgs(c),
+    specString(parent),
+    specString({ pool: child.pool, image: child.image }),
+  ];
 }
 
 export function rmArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>): string[] {
@@ -70,8 +77,16 @@ export function rmArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>): string[] {
 
 /** `rbd resize --size <n>M`: a clone's size, in whole MiB (never smaller: no --allow-shrink). */
 export function resizeArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>, mib: number): string[] {
-  if (!Number.isSafeInteger(mib) || mib < 1) throw new Error(`rbd resize: the size must be a whole number of MiB, got ${mib}`);
-  return ['resize', '--no-progress', '--size', `${mib}M`, ...clusterArgs(c), specString({ pool: s.pool, image: s.image })];
+  if (!Number.isSafeInteger(mib) || mib < 1)
+    throw new Error(`rbd resize: the size must be a whole number of MiB, got ${mib}`);
+  return [
+    'resize',
+    '--no-progress',
+    '--size',
+    `${mib}M`,
+    ...clusterArgs(c),
+    specString({ pool: s.pool, image: s.image }),
+  ];
 }
 
 export function statusArgs(c: Cluster, s: Omit<ImageSpec, 'snap'>): string[] {
@@ -86,9 +101,19 @@ export function showMappedArgs(c: Cluster): string[] {
  * `rbd map`: `options` are krbd map options (`-o a,b=c`), `noudev` added when no udevd runs
  * (without it rbd waits for a udev event that never comes).
  */
-export function mapArgs(c: Cluster, s: ImageSpec, opts: { readOnly: boolean; noudev: boolean; options?: readonly string[] }): string[] {
+export function mapArgs(
+  c: Cluster,
+  s: ImageSpec,
+  opts: { readOnly: boolean; noudev: boolean; options?: readonly string[] },
+): string[] {
   const o = [...(opts.options ?? []), ...(opts.noudev ? ['noudev'] : [])];
-  return ['map', ...(opts.readOnly ? ['--read-only'] : []), ...(o.length ? ['-o', o.join(',')] : []), ...clusterArgs(c), specString(s)];
+  return [
+    'map',
+    ...(opts.readOnly ? ['--read-only'] : []),
+    ...(o.length ? ['-o', o.join(',')] : []),
+    ...clusterArgs(c),
+    specString(s),
+  ];
 }
 
 export function unmapArgs(c: Cluster, device: string, opts: { noudev: boolean; force?: boolean }): string[] {
@@ -118,7 +143,8 @@ function str(v: unknown, what: string): string {
 }
 
 function num(v: unknown, what: string): number {
-  if (typeof v !== 'number' || !Number.isFinite(v)) throw new Error(`${what}: expected a number, found ${JSON.stringify(v)}`);
+  if (typeof v !== 'number' || !Number.isFinite(v))
+    throw new Error(`${what}: expected a number, found ${JSON.stringify(v)}`);
   return v;
 }
 
@@ -168,7 +194,12 @@ export function parseSnapLs(text: string): SnapInfo[] {
   if (!Array.isArray(a)) throw new Error('rbd snap ls: expected an array');
   return a.map((x, i) => {
     const o = obj(x, `rbd snap ls [${i}]`);
-    return { id: num(o.id, 'snap id'), name: str(o.name, 'snap name'), size: num(o.size, 'snap size'), protected: o.protected === 'true' || o.protected === true };
+    return {
+      id: num(o.id, 'snap id'),
+      name: str(o.name, 'snap name'),
+      size: num(o.size, 'snap size'),
+      protected: o.protected === 'true' || o.protected === true,
+    };
   });
 }
 
@@ -185,7 +216,11 @@ export function parseStatus(text: string): Watcher[] {
   if (!Array.isArray(o.watchers)) throw new Error('rbd status: no watchers list');
   return o.watchers.map((x, i) => {
     const w = obj(x, `rbd status watcher ${i}`);
-    return { address: str(w.address, 'watcher address'), client: num(w.client, 'watcher client'), cookie: typeof w.cookie === 'number' || typeof w.cookie === 'string' ? w.cookie : 0 };
+    return {
+      address: str(w.address, 'watcher address'),
+      client: num(w.client, 'watcher client'),
+      cookie: typeof w.cookie === 'number' || typeof w.cookie === 'string' ? w.cookie : 0,
+    };
   });
 }
 
@@ -220,7 +255,8 @@ export function parseShowMapped(text: string): Mapping[] {
 /** `rbd map` prints the device on its last line. */
 export function parseMapOutput(text: string): string {
   const dev = text.trim().split('\n').pop()?.trim() ?? '';
-  if (!/^\/dev\/rbd\d+$/.test(dev)) throw new Error(`rbd map printed "${text.trim().slice(0, 120)}", not a /dev/rbdN device`);
+  if (!/^\/dev\/rbd\d+$/.test(dev))
+    throw new Error(`rbd map printed "${text.trim().slice(0, 120)}", not a /dev/rbdN device`);
   return dev;
 }
 

@@ -160,7 +160,6 @@ export async function kernelName(mm: MajorMinor, sysRoot = '/sys'): Promise<stri
 // ---------------------------------------------------------------------------------------------
 // Synchronous readers for the hooks' hot path, and file identities as losetup prints them
 
-
 /** A file's identity as losetup reports a loop's backing file: its filesystem's decimal `major:minor`, and its inode. */
 export interface FileId {
   /** major:minor of the filesystem holding the file, decimal, e.g. `254:0`. */

@@ -11,7 +11,15 @@
  *     (data) and resume; the pool picks up a grown metadata device at resume too.
  */
 import { CommandError, type Runner } from './runner.js';
-import { messageArgs, parseStatus, parseThinPoolStatus, statusArgs, thinPoolTable, type DevRef, type ThinPoolStatus } from './dmsetup.js';
+import {
+  messageArgs,
+  parseStatus,
+  parseThinPoolStatus,
+  statusArgs,
+  thinPoolTable,
+  type DevRef,
+  type ThinPoolStatus,
+} from './dmsetup.js';
 
 /** Sectors of one pool data block for a block size in KiB (a multiple of 64 KiB). */
 export function blockSectors(blockKiB: number): number {
@@ -30,7 +38,11 @@ export function poolSectors(dataBytes: bigint | number, blockKiB: number): bigin
 
 /** The table of every pool this project builds: no low-water event, error_if_no_space always. */
 export function poolTable(lengthSectors: bigint, metadata: DevRef, data: DevRef, blockKiB: number): string {
-  return thinPoolTable({ length: lengthSectors }, metadata, data, { blockSectors: blockSectors(blockKiB), lowWaterBlocks: 0, errorIfNoSpace: true });
+  return thinPoolTable({ length: lengthSectors }, metadata, data, {
+    blockSectors: blockSectors(blockKiB),
+    lowWaterBlocks: 0,
+    errorIfNoSpace: true,
+  });
 }
 
 export function createThinArgs(pool: string, id: number): string[] {
@@ -44,7 +56,8 @@ export function deleteThinArgs(pool: string, id: number): string[] {
 }
 
 function checkId(id: number): void {
-  if (!Number.isInteger(id) || id < 0 || id > 0xffffff) throw new Error(`thin device id must be 0..16777215, got ${id}`);
+  if (!Number.isInteger(id) || id < 0 || id > 0xffffff)
+    throw new Error(`thin device id must be 0..16777215, got ${id}`);
 }
 
 /** The lowest id at or above 0 not in `used`. */
@@ -93,8 +106,20 @@ export interface PoolUsage {
 }
 
 export function poolUsage(s: ThinPoolStatus): PoolUsage {
-  if (s.state !== 'ok') return { dataPercent: 100, metadataPercent: 100, problem: s.state === 'fail' ? 'Fail' : 'Error' };
+  if (s.state !== 'ok')
+    return { dataPercent: 100, metadataPercent: 100, problem: s.state === 'fail' ? 'Fail' : 'Error' };
   const pct = (a: bigint, b: bigint) => (b === 0n ? 100 : Number((a * 10000n) / b) / 100);
-  const problem = s.mode === 'out_of_data_space' ? 'out of data space' : s.mode === 'ro' ? 'read-only (metadata full or failed)' : s.needsCheck ? 'needs_check' : undefined;
-  return { dataPercent: pct(s.usedDataBlocks, s.totalDataBlocks), metadataPercent: pct(s.usedMetadataBlocks, s.totalMetadataBlocks), problem };
+  const problem =
+    s.mode === 'out_of_data_space'
+      ? 'out of data space'
+      : s.mode === 'ro'
+        ? 'read-only (metadata full or failed)'
+        : s.needsCheck
+          ? 'needs_check'
+          : undefined;
+  return {
+    dataPercent: pct(s.usedDataBlocks, s.totalDataBlocks),
+    metadataPercent: pct(s.usedMetadataBlocks, s.totalMetadataBlocks),
+    problem,
+  };
 }

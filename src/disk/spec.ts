@@ -38,15 +38,22 @@ export function canonicalMode(raw: string, path: string): Mode {
       return 'w';
     case 'w!':
     case 'rw!':
-      throw new HotplugError(`${path}/mode is "${raw}": the "!" mode (no sharing check) is not supported; use access=w.`);
+      throw new HotplugError(
+        `${path}/mode is "${raw}": the "!" mode (no sharing check) is not supported; use access=w.`,
+      );
     default:
-      throw new HotplugError(`${path}/mode is "${raw}", which is neither r nor w; set access=r or access=w on the disk.`);
+      throw new HotplugError(
+        `${path}/mode is "${raw}", which is neither r nor w; set access=r or access=w on the disk.`,
+      );
   }
 }
 
 /** Letters, digits, `.`, `_`, `-`; at most 48 characters (dm names are limited to 127). */
 export function safeName(s: string): string {
-  return s.replace(/[^A-Za-z0-9._-]+/g, '_').replace(/^[._-]+/, '').slice(0, 48);
+  return s
+    .replace(/[^A-Za-z0-9._-]+/g, '_')
+    .replace(/^[._-]+/, '')
+    .slice(0, 48);
 }
 
 export async function readDisk(xs: XsOps, path: string): Promise<DiskSpec> {
@@ -54,14 +61,20 @@ export async function readDisk(xs: XsOps, path: string): Promise<DiskSpec> {
     ['params', 'mode', 'frontend-id', 'dev', 'type', 'state'].map((k) => xs.tryRead(`${path}/${k}`)),
   );
   if (params === undefined || params.trim() === '') {
-    throw new HotplugError(`${path}/params is missing or empty: the disk has no target; give the disk a target= (e.g. target=/var/lib/xen/images/base.img 64).`);
+    throw new HotplugError(
+      `${path}/params is missing or empty: the disk has no target; give the disk a target= (e.g. target=/var/lib/xen/images/base.img 64).`,
+    );
   }
-  if (mode === undefined) throw new HotplugError(`${path}/mode is missing: the toolstack did not say whether the disk is r or w.`);
+  if (mode === undefined)
+    throw new HotplugError(`${path}/mode is missing: the toolstack did not say whether the disk is r or w.`);
   const frontendId = fid !== undefined && /^\d+$/.test(fid) ? Number(fid) : undefined;
   let domainName: string | undefined;
   let domainUuid: string | undefined;
   if (frontendId !== undefined) {
-    const [n, vm] = await Promise.all([xs.tryRead(`/local/domain/${frontendId}/name`), xs.tryRead(`/local/domain/${frontendId}/vm`)]);
+    const [n, vm] = await Promise.all([
+      xs.tryRead(`/local/domain/${frontendId}/name`),
+      xs.tryRead(`/local/domain/${frontendId}/vm`),
+    ]);
     if (n !== undefined && safeName(n) !== '') domainName = safeName(n);
     domainUuid = uuidOfVmPath(vm);
   }
@@ -81,6 +94,9 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 /** `/vm/<uuid>` (libxl's vm path) → the uuid, lower case; anything else → undefined. */
 export function uuidOfVmPath(vm: string | undefined): string | undefined {
-  const u = vm?.trim().replace(/^\/vm\//, '').toLowerCase();
+  const u = vm
+    ?.trim()
+    .replace(/^\/vm\//, '')
+    .toLowerCase();
   return u !== undefined && UUID.test(u) ? u : undefined;
 }

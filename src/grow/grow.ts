@@ -12,9 +12,16 @@ import { GrowError, type GrowAction, type GrowDeps, type GrowOptions, type GrowS
 export { GrowError, type GrowAction, type GrowDeps, type GrowOptions, type GrowSize } from '../backends/growth.js';
 
 /** Grow what backs one disk. `size` undefined: by watch.step percent. */
-export async function growStore(entry: JournalEntry, size: GrowSize | undefined, deps: GrowDeps, opts: GrowOptions = {}): Promise<GrowAction> {
-  if (entry.phase !== 'ready') throw new GrowError(`${entry.backendPath} is ${entry.phase}, not ready; grow it once the add has finished`);
+export async function growStore(
+  entry: JournalEntry,
+  size: GrowSize | undefined,
+  deps: GrowDeps,
+  opts: GrowOptions = {},
+): Promise<GrowAction> {
+  if (entry.phase !== 'ready')
+    throw new GrowError(`${entry.backendPath} is ${entry.phase}, not ready; grow it once the add has finished`);
   const grow = hookNamed(entry.script)?.grow;
-  if (!grow) throw new GrowError(`growing is not supported for ${entry.script} (${entry.backendPath}); nothing was changed`);
+  if (!grow)
+    throw new GrowError(`growing is not supported for ${entry.script} (${entry.backendPath}); nothing was changed`);
   return grow(entry, size, deps, opts);
 }

@@ -75,10 +75,13 @@ function logFindings(report: WatchReport, log: Logger, memory: WatchMemory | und
     }
     for (const key of [...memory.reported.keys()]) if (!seen.has(key)) memory.reported.delete(key);
   }
-  for (const f of report.news) log.error(`watch: ${f.message}`, f.state === 'invalid' ? { outcome: 'invalid' } : undefined);
-  for (const r of report.recovered) log.info(`watch: ${r.finding.backendPath === r.finding.device ? r.finding.device : `${r.finding.device} (${r.finding.backendPath})`} recovered (was ${r.was}): ${r.finding.message}`);
+  for (const f of report.news)
+    log.error(`watch: ${f.message}`, f.state === 'invalid' ? { outcome: 'invalid' } : undefined);
+  for (const r of report.recovered)
+    log.info(
+      `watch: ${r.finding.backendPath === r.finding.device ? r.finding.device : `${r.finding.device} (${r.finding.backendPath})`} recovered (was ${r.was}): ${r.finding.message}`,
+    );
 }
-
 
 function msg(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
@@ -90,7 +93,12 @@ function take(report: WatchReport, o: WatchOutcome): void {
 }
 
 /** One pass over everything the journal knows. Never throws for one device: its error becomes a finding. */
-export async function watchOnce(config: Config, run: Runner, log: Logger, opts: WatchOptions = {}): Promise<WatchReport> {
+export async function watchOnce(
+  config: Config,
+  run: Runner,
+  log: Logger,
+  opts: WatchOptions = {},
+): Promise<WatchReport> {
   const journal = opts.journal ?? new Journal(config.stateDir);
   const report: WatchReport = { checked: 0, grown: [], findings: [], problems: [], news: [], recovered: [] };
   const { entries, unreadable } = journal.list();
@@ -105,16 +113,30 @@ export async function watchOnce(config: Config, run: Runner, log: Logger, opts: 
     if (!hook?.watch && !hook?.watchShared) continue;
     report.checked += 1;
     if (!hook.watch) continue;
-    const lock = await tryAcquireFlock(pathLockPath(config.stateDir, entry.backendPath), { runner: run }).catch(() => null);
+    const lock = await tryAcquireFlock(pathLockPath(config.stateDir, entry.backendPath), { runner: run }).catch(
+      () => null,
+    );
     if (!lock) {
-      report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'busy', message: 'its hook is running; looked at on the next pass' });
+      report.findings.push({
+        backendPath: entry.backendPath,
+        script: entry.script,
+        device: '?',
+        state: 'busy',
+        message: 'its hook is running; looked at on the next pass',
+      });
       continue;
     }
     try {
       const fresh = journal.load(entry.backendPath);
       if (fresh && fresh.phase === 'ready') take(report, await hook.watch(fresh, deps));
     } catch (e) {
-      report.findings.push({ backendPath: entry.backendPath, script: entry.script, device: '?', state: 'error', message: `${entry.backendPath}: ${msg(e)}` });
+      report.findings.push({
+        backendPath: entry.backendPath,
+        script: entry.script,
+        device: '?',
+        state: 'error',
+        message: `${entry.backendPath}: ${msg(e)}`,
+      });
     } finally {
       await lock.release();
     }
@@ -127,7 +149,13 @@ export async function watchOnce(config: Config, run: Runner, log: Logger, opts: 
     try {
       take(report, await hook.watchShared(mine, deps));
     } catch (e) {
-      report.findings.push({ backendPath: (mine[0] as JournalEntry).backendPath, script, device: 'pool', state: 'error', message: `${script} shared pool: ${msg(e)}` });
+      report.findings.push({
+        backendPath: (mine[0] as JournalEntry).backendPath,
+        script,
+        device: 'pool',
+        state: 'error',
+        message: `${script} shared pool: ${msg(e)}`,
+      });
     }
   }
   report.problems = report.findings.filter((f) => isProblem(f.state));

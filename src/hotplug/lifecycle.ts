@@ -157,7 +157,11 @@ export async function savingReason(e: LifecycleEnv, xs: XsOps, entry: JournalEnt
   if (dom && stateIsSuspended(dom.state)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;
   // A restore that fails after its disks were added destroys the domain before it ran: it never
   // used a moment of CPU, and blkback never saw its frontend connect (no `sectors`).
-  if (entry.restored && (dom === undefined || dom.cpuSeconds === 0) && (await xs.tryRead(`${entry.backendPath}/sectors`).catch(() => undefined)) === undefined) {
+  if (
+    entry.restored &&
+    (dom === undefined || dom.cpuSeconds === 0) &&
+    (await xs.tryRead(`${entry.backendPath}/sectors`).catch(() => undefined)) === undefined
+  ) {
     return `the restore that reattached it (${entry.restored.at}) ended before its guest ran`;
   }
   return undefined;
@@ -174,11 +178,30 @@ export function domainKey(disk: Pick<DiskSpec, 'domainUuid' | 'domainName'>): st
  * held key. Throws (and changes nothing) when the domain cannot be named or a held record of the
  * same disk is already there.
  */
-function savedMarker(entry: JournalEntry, key: string, devid: string, name: string | undefined, held: string): SavedDisk {
+function savedMarker(
+  entry: JournalEntry,
+  key: string,
+  devid: string,
+  name: string | undefined,
+  held: string,
+): SavedDisk {
   const me = thisHost();
   return {
-    version: 1, machine: me.machine, host: me.host, key, name: name ?? entry.disk.domainName, vdev: entry.disk.vdev, devid, script: entry.script,
-    params: entry.disk.params, mode: entry.disk.mode, transient: entry.transient ?? '', held, from: entry.backendPath, bootId: me.boot, savedAt: new Date().toISOString(),
+    version: 1,
+    machine: me.machine,
+    host: me.host,
+    key,
+    name: name ?? entry.disk.domainName,
+    vdev: entry.disk.vdev,
+    devid,
+    script: entry.script,
+    params: entry.disk.params,
+    mode: entry.disk.mode,
+    transient: entry.transient ?? '',
+    held,
+    from: entry.backendPath,
+    bootId: me.boot,
+    savedAt: new Date().toISOString(),
   };
 }
 
@@ -189,15 +212,23 @@ function savedMarker(entry: JournalEntry, key: string, devid: string, name: stri
  */
 export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<void> {
   const domid = domidOf(entry);
-  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
-  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
+  const [vm, name] = await Promise.all([
+    xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
+    xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined),
+  ]);
+  const key = domainKey({
+    domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid,
+    domainName: name ?? entry.disk.domainName,
+  });
   if (!key) throw new Error(`the domain of ${entry.backendPath} has neither a uuid nor a name in xenstore`);
   writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name ?? undefined, ''));
 }
 
 /** The persistent stores this record claimed for this host (lock/store-owner.ts). */
 export function claimedStores(entry: JournalEntry): string[] {
-  return entry.steps.filter((s) => s.kind === 'store-owner' && s.done && s.data.ours === true && typeof s.data.path === 'string').map((s) => s.data.path as string);
+  return entry.steps
+    .filter((s) => s.kind === 'store-owner' && s.done && s.data.ours === true && typeof s.data.path === 'string')
+    .map((s) => s.data.path as string);
 }
 
 /**
@@ -207,20 +238,45 @@ export function claimedStores(entry: JournalEntry): string[] {
  */
 export async function keepClaims(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
   const domid = domidOf(entry);
-  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
-  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
-  if (!key) throw new Error(`cannot keep the claims of ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
+  const [vm, name] = await Promise.all([
+    xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
+    xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined),
+  ]);
+  const key = domainKey({
+    domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid,
+    domainName: name ?? entry.disk.domainName,
+  });
+  if (!key)
+    throw new Error(
+      `cannot keep the claims of ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`,
+    );
   const marker = { ...savedMarker(entry, key, devidOf(entry.backendPath), name, ''), claims: claimedStores(entry) };
   writeMarker(e.config, marker);
-  e.log.info(`remove ${entry.backendPath}: ${reason}; keeping this host's claim on ${marker.claims.join(', ')} for the restore (marker ${markerPath(e.config, key, marker.devid)})`);
+  e.log.info(
+    `remove ${entry.backendPath}: ${reason}; keeping this host's claim on ${marker.claims.join(', ')} for the restore (marker ${markerPath(e.config, key, marker.devid)})`,
+  );
   return marker;
 }
 
-export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: XenstoreClient, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+export async function holdRecord(
+  e: LifecycleEnv & { undo: UndoRegistry },
+  xs: XenstoreClient,
+  entry: JournalEntry,
+  reason: string,
+): Promise<SavedDisk> {
   const domid = domidOf(entry);
-  const [vm, name] = await Promise.all([xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined), xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined)]);
-  const key = domainKey({ domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid, domainName: name ?? entry.disk.domainName });
-  if (!key) throw new Error(`cannot hold ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
+  const [vm, name] = await Promise.all([
+    xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
+    xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined),
+  ]);
+  const key = domainKey({
+    domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid,
+    domainName: name ?? entry.disk.domainName,
+  });
+  if (!key)
+    throw new Error(
+      `cannot hold ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`,
+    );
   const devid = devidOf(entry.backendPath);
   const target = heldKey(key, devid);
   const other = e.journal.load(target);
@@ -228,20 +284,34 @@ export async function holdRecord(e: LifecycleEnv & { undo: UndoRegistry }, xs: X
     // A held disk of the same domain and devid whose marker is gone was given up (its saved
     // domain will never be restored): it goes, and this one is held in its place.
     if (readMarkerSafe(e.config, key, devid) !== undefined) {
-      throw new Error(`cannot hold ${entry.backendPath} for its saved domain: ${target} already holds a disk of that domain (from ${other.held?.from ?? '?'}) and its marker is there; see "xen-blockhooks status"`);
+      throw new Error(
+        `cannot hold ${entry.backendPath} for its saved domain: ${target} already holds a disk of that domain (from ${other.held?.from ?? '?'}) and its marker is there; see "xen-blockhooks status"`,
+      );
     }
     const failures = await undoAll(other, e.undo, { ...e, xs });
-    if (failures.length) throw new Error(`cannot hold ${entry.backendPath}: taking down the given-up ${target} failed: ${failures.map((f) => f.message).join('; ')}`);
+    if (failures.length)
+      throw new Error(
+        `cannot hold ${entry.backendPath}: taking down the given-up ${target} failed: ${failures.map((f) => f.message).join('; ')}`,
+      );
   }
   const marker = savedMarker(entry, key, devid, name, target);
   writeMarker(e.config, marker);
-  const held: HeldFor = { uuid: key, name: marker.name, devid, from: entry.backendPath, since: marker.savedAt, bootId: marker.bootId };
+  const held: HeldFor = {
+    uuid: key,
+    name: marker.name,
+    devid,
+    from: entry.backendPath,
+    since: marker.savedAt,
+    bootId: marker.bootId,
+  };
   const from = entry.backendPath;
   entry.held = held;
   entry.phase = 'held';
   delete entry.restored;
   e.journal.move(entry, from, target);
-  e.log.info(`remove ${from}: ${reason}; keeping ${entry.device?.path ?? 'its device'} and ${entry.transient} for the restore (record ${target}, marker ${markerPath(e.config, key, devid)})`);
+  e.log.info(
+    `remove ${from}: ${reason}; keeping ${entry.device?.path ?? 'its device'} and ${entry.transient} for the restore (record ${target}, marker ${markerPath(e.config, key, devid)})`,
+  );
   return marker;
 }
 
@@ -300,7 +370,9 @@ export function adoptSaved(
   if (!read) return undefined;
   const file = markerPath(e.config, key, devid);
   if (read === 'unreadable') {
-    throw new HotplugError(`${e.script}: ${file} says this domain's disk was saved, and cannot be read; nothing was built. Restore needs it intact: check the file, or delete it to start the domain afresh.`);
+    throw new HotplugError(
+      `${e.script}: ${file} says this domain's disk was saved, and cannot be read; nothing was built. Restore needs it intact: check the file, or delete it to start the domain afresh.`,
+    );
   }
   const m = read;
   const what = describeDisk(m);
@@ -313,13 +385,18 @@ export function adoptSaved(
   const me = thisHost();
   if (m.claims) {
     if (m.machine !== me.machine || m.host !== me.host) {
-      throw new HotplugError(`${e.script}: the saved domain ${m.name ?? m.key}'s persistent store ${m.claims.join(', ')} on ${m.vdev ?? m.devid} is claimed by host ${m.host}, which saved it (${m.savedAt}); restore the domain there. Nothing was built. ${startFresh}`, 'busy');
+      throw new HotplugError(
+        `${e.script}: the saved domain ${m.name ?? m.key}'s persistent store ${m.claims.join(', ')} on ${m.vdev ?? m.devid} is claimed by host ${m.host}, which saved it (${m.savedAt}); restore the domain there. Nothing was built. ${startFresh}`,
+        'busy',
+      );
     }
     // The devices went at the save, the store stayed: the add builds them again as usual, and
     // the claim kept since then becomes this backend path's.
     for (const store of m.claims) handOverClaim(store, m.from, backendPath);
     deleteMarker(e.config, key, devid);
-    e.log.info(`add ${backendPath}: ${what}'s claim on ${m.claims.join(', ')}, kept since the save (${m.savedAt}, was ${m.from}), is this disk's again`);
+    e.log.info(
+      `add ${backendPath}: ${what}'s claim on ${m.claims.join(', ')}, kept since the save (${m.savedAt}, was ${m.from}), is this disk's again`,
+    );
     return undefined;
   }
   if (m.machine !== undefined && (m.machine !== me.machine || m.host !== me.host)) {
@@ -329,9 +406,14 @@ export function adoptSaved(
   }
   const held = m.held ? e.journal.load(m.held) : undefined;
   if (m.bootId !== me.boot || !held || held.phase !== 'held' || !deviceIsTheRecords(held, sysRoot)) {
-    const why = m.bootId !== me.boot
-      ? 'dom0 has restarted since, and they lived only in its devices'
-      : !m.held ? 'they could not be kept at the save (the hotplug log says why)' : held ? `its device ${held.device?.path ?? ''} is gone` : 'the record that kept them is gone';
+    const why =
+      m.bootId !== me.boot
+        ? 'dom0 has restarted since, and they lived only in its devices'
+        : !m.held
+          ? 'they could not be kept at the save (the hotplug log says why)'
+          : held
+            ? `its device ${held.device?.path ?? ''} is gone`
+            : 'the record that kept them is gone';
     throw new HotplugError(
       `${e.script}: the saved domain ${m.name ?? m.key}'s ${m.transient} on ${m.vdev ?? m.devid} (saved ${m.savedAt}) did not survive: ${why}. Restoring it would hand the guest a disk without the blocks it wrote, so nothing was built. Start the domain fresh, or give the disk a persistent store so a saved domain survives a dom0 restart. ${startFresh}`,
     );
@@ -339,11 +421,20 @@ export function adoptSaved(
   held.backendPath = backendPath;
   held.phase = 'ready';
   held.pid = process.pid;
-  held.disk = { params: disk.params, mode: disk.mode, frontendId: disk.frontendId, vdev: disk.vdev, domainName: disk.domainName, domainUuid: disk.domainUuid };
+  held.disk = {
+    params: disk.params,
+    mode: disk.mode,
+    frontendId: disk.frontendId,
+    vdev: disk.vdev,
+    domainName: disk.domainName,
+    domainUuid: disk.domainUuid,
+  };
   held.restored = { from: m.from, at: new Date().toISOString() };
   delete held.held;
   e.journal.move(held, m.held, backendPath);
   deleteMarker(e.config, key, devid);
-  e.log.info(`add ${backendPath}: reattaching ${what}'s ${m.transient} kept since the save (${m.savedAt}, was ${m.from}): ${held.device?.path}`);
+  e.log.info(
+    `add ${backendPath}: reattaching ${what}'s ${m.transient} kept since the save (${m.savedAt}, was ${m.from}): ${held.device?.path}`,
+  );
   return held;
 }

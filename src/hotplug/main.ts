@@ -58,7 +58,12 @@ interface Env {
   env: NodeJS.ProcessEnv;
 }
 
-export async function runHook(backend: Backend, argv: readonly string[], env: NodeJS.ProcessEnv, deps: RuntimeDeps = {}): Promise<number> {
+export async function runHook(
+  backend: Backend,
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv,
+  deps: RuntimeDeps = {},
+): Promise<number> {
   const out = deps.out ?? ((s: string) => process.stdout.write(`${s}\n`));
   const err = deps.err ?? ((s: string) => process.stderr.write(`${s}\n`));
   let req: HotplugRequest;
@@ -96,7 +101,15 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
   }
   const log = deps.logger ?? createLogger({ tag: backend.script, file: config.logFile, verbose: req.verbose });
   const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
-  const ctx: Env = { req, backend, config, run: deps.run ?? execRunner(env), log, journal: new Journal(config.stateDir), env };
+  const ctx: Env = {
+    req,
+    backend,
+    config,
+    run: deps.run ?? execRunner(env),
+    log,
+    journal: new Journal(config.stateDir),
+    env,
+  };
   let xs: XenstoreClient | undefined;
   try {
     try {
@@ -106,7 +119,9 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
         log.error(`${req.action} ${req.xenbusPath}: cannot reach xenstore: ${messageOf(e)}`, { outcome: 'error' });
         return 1;
       }
-      log.warn(`remove ${req.xenbusPath}: cannot reach xenstore (${messageOf(e)}); tearing down from the journal alone`);
+      log.warn(
+        `remove ${req.xenbusPath}: cannot reach xenstore (${messageOf(e)}); tearing down from the journal alone`,
+      );
     }
     if (deps.typeDispatch && xs) {
       const target = dispatchTarget(await xs.tryRead(`${req.xenbusPath}/type`), config.xenScriptDir);
@@ -116,7 +131,10 @@ export async function runHook(backend: Backend, argv: readonly string[], env: No
       }
     }
     const code = req.action === 'add' ? await add(ctx, xs as XenstoreClient) : await remove(ctx, xs);
-    log.info(`${req.action} ${req.xenbusPath}: ${code === 0 ? 'done' : 'failed'}`, { ms: Math.round(Number(process.hrtime.bigint() - started) / 1e6), dialect: req.dialect });
+    log.info(`${req.action} ${req.xenbusPath}: ${code === 0 ? 'done' : 'failed'}`, {
+      ms: Math.round(Number(process.hrtime.bigint() - started) / 1e6),
+      dialect: req.dialect,
+    });
     return code;
   } finally {
     await xs?.close().catch(() => {});
@@ -160,9 +178,18 @@ function describeUnplanned(e: Env, error: unknown): string {
 
 /** Take away what an earlier, unfinished or forgotten record built before building again. */
 async function clearStale(e: Env, xs: XenstoreClient | undefined, entry: JournalEntry): Promise<void> {
-  e.log.warn(`${e.req.xenbusPath}: found a ${entry.phase} record from pid ${entry.pid}; undoing it before building again`);
-  const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
-  if (failures.length) throw new TeardownError(`${e.req.xenbusPath}: could not clear what an earlier attempt left`, failures);
+  e.log.warn(
+    `${e.req.xenbusPath}: found a ${entry.phase} record from pid ${entry.pid}; undoing it before building again`,
+  );
+  const failures = await undoAll(entry, e.backend.undo, {
+    run: e.run,
+    config: e.config,
+    log: e.log,
+    journal: e.journal,
+    xs,
+  });
+  if (failures.length)
+    throw new TeardownError(`${e.req.xenbusPath}: could not clear what an earlier attempt left`, failures);
 }
 
 async function add(e: Env, xs: XenstoreClient): Promise<number> {
@@ -172,7 +199,10 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
   const releaseHeld = async (): Promise<void> => {
     const r = held;
     held = undefined;
-    if (r) await r().catch((w: unknown) => e.log.warn(`${e.req.xenbusPath}: releasing the backend's lock failed: ${messageOf(w)}`));
+    if (r)
+      await r().catch((w: unknown) =>
+        e.log.warn(`${e.req.xenbusPath}: releasing the backend's lock failed: ${messageOf(w)}`),
+      );
   };
   try {
     lock = await lockPath(e);
@@ -187,12 +217,17 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     }
     const disk = await reading;
     if (disk.state !== undefined && disk.state >= 5) {
-      throw new HotplugError(`${e.req.xenbusPath} is closing (backend state ${disk.state}): the device was removed while it was being added; nothing was built.`);
+      throw new HotplugError(
+        `${e.req.xenbusPath} is closing (backend state ${disk.state}): the device was removed while it was being added; nothing was built.`,
+      );
     }
     const previous = e.journal.load(e.req.xenbusPath);
     if (previous) {
       if (previous.phase === 'adding' && previous.pid !== process.pid && processAlive(previous.pid)) {
-        throw new HotplugError(`${e.req.xenbusPath} is being added by process ${previous.pid} already; wait for it or run remove.`, 'busy');
+        throw new HotplugError(
+          `${e.req.xenbusPath} is being added by process ${previous.pid} already; wait for it or run remove.`,
+          'busy',
+        );
       }
       await clearStale(e, xs, previous);
     }
@@ -200,7 +235,12 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     const adopted = adoptSaved({ ...e, script: e.backend.script }, e.req.xenbusPath, disk);
     if (adopted?.device) {
       await reportSuccess(xs, e.req.xenbusPath, adopted.device);
-      e.log.info(`add ${e.req.xenbusPath}: connected ${adopted.device.path} (kept since the save)`, { dev: `${adopted.device.major}:${adopted.device.minor}`, params: disk.params, mode: disk.mode, outcome: 'connected' });
+      e.log.info(`add ${e.req.xenbusPath}: connected ${adopted.device.path} (kept since the save)`, {
+        dev: `${adopted.device.major}:${adopted.device.minor}`,
+        params: disk.params,
+        mode: disk.mode,
+        outcome: 'connected',
+      });
       return 0;
     }
     const plan = await e.backend.plan(disk, { config: e.config, env: e.env, xenbusPath: e.req.xenbusPath });
@@ -223,7 +263,18 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     built = entry;
     const build = new Build(entry, e.journal);
     const dev: BuiltDevice = await e.backend.add(
-      { request: e.req, disk, config: e.config, run: e.run, log: e.log, xs, journal: e.journal, build, env: e.env, xenBlockLockHeld: e.backend.lockScope === 'xen-block' },
+      {
+        request: e.req,
+        disk,
+        config: e.config,
+        run: e.run,
+        log: e.log,
+        xs,
+        journal: e.journal,
+        build,
+        env: e.env,
+        xenBlockLockHeld: e.backend.lockScope === 'xen-block',
+      },
       plan,
     );
     held = dev.release;
@@ -232,17 +283,32 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     e.journal.save(entry);
     await reportSuccess(xs, e.req.xenbusPath, dev);
     await releaseHeld();
-    e.log.info(`add ${e.req.xenbusPath}: connected ${dev.path}`, { dev: `${dev.major}:${dev.minor}`, params: disk.params, mode: disk.mode, outcome: 'connected' });
+    e.log.info(`add ${e.req.xenbusPath}: connected ${dev.path}`, {
+      dev: `${dev.major}:${dev.minor}`,
+      params: disk.params,
+      mode: disk.mode,
+      outcome: 'connected',
+    });
     return 0;
   } catch (error) {
     await releaseHeld();
     let reported = error;
     if (built) {
-      const failures = await undoAll(built, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+      const failures = await undoAll(built, e.backend.undo, {
+        run: e.run,
+        config: e.config,
+        log: e.log,
+        journal: e.journal,
+        xs,
+      });
       if (failures.length) {
         const extra = new TeardownError('and undoing the partial device also failed', failures);
         e.log.error(`${e.req.xenbusPath}: ${extra.message}; the record stays for "xen-blockhooks gc"`);
-        if (error instanceof HotplugError) reported = new HotplugError(`${error.message} (cleanup also failed: ${extra.message}; run "xen-blockhooks gc")`, error.status);
+        if (error instanceof HotplugError)
+          reported = new HotplugError(
+            `${error.message} (cleanup also failed: ${extra.message}; run "xen-blockhooks gc")`,
+            error.status,
+          );
       }
     }
     return await fail(e, xs, reported);
@@ -259,7 +325,14 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
     const entry = e.journal.load(e.req.xenbusPath);
     if (!entry) {
       if (xs && e.backend.removeUnrecorded) {
-        await e.backend.removeUnrecorded({ xenbusPath: e.req.xenbusPath, xs, config: e.config, run: e.run, log: e.log, xenBlockLockHeld: e.backend.lockScope === 'xen-block' });
+        await e.backend.removeUnrecorded({
+          xenbusPath: e.req.xenbusPath,
+          xs,
+          config: e.config,
+          run: e.run,
+          log: e.log,
+          xenBlockLockHeld: e.backend.lockScope === 'xen-block',
+        });
         return 0;
       }
       e.log.info(`remove ${e.req.xenbusPath}: nothing recorded; nothing to undo`);
@@ -275,7 +348,9 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
         // Never a fresh disk for this domain's restore: mark the saved disk lost (its restore is
         // refused), then take the devices down as at any remove. Without a marker, keep them.
         await markLost(e, xs, entry);
-        e.log.error(`remove ${e.req.xenbusPath}: ${hold}, but its devices could not be kept (${messageOf(err)}); its restore will be refused, taking them down`);
+        e.log.error(
+          `remove ${e.req.xenbusPath}: ${hold}, but its devices could not be kept (${messageOf(err)}); its restore will be refused, taking them down`,
+        );
       }
     }
     // A persistent disk of a domain being saved: its devices go, its claims stay for the restore.
@@ -285,13 +360,24 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
         try {
           await keepClaims(e, xs, entry, saving);
         } catch (err) {
-          e.log.warn(`remove ${e.req.xenbusPath}: ${saving}, but its claims cannot be kept (${messageOf(err)}); releasing them as at any remove`);
+          e.log.warn(
+            `remove ${e.req.xenbusPath}: ${saving}, but its claims cannot be kept (${messageOf(err)}); releasing them as at any remove`,
+          );
         }
       }
     }
-    const failures = await undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+    const failures = await undoAll(entry, e.backend.undo, {
+      run: e.run,
+      config: e.config,
+      log: e.log,
+      journal: e.journal,
+      xs,
+    });
     if (failures.length === 0) return 0;
-    const error = new TeardownError(`${e.backend.script} remove ${e.req.xenbusPath} left devices behind (the record stays for "xen-blockhooks gc")`, failures);
+    const error = new TeardownError(
+      `${e.backend.script} remove ${e.req.xenbusPath} left devices behind (the record stays for "xen-blockhooks gc")`,
+      failures,
+    );
     if (xs) return await fail(e, xs, error);
     e.log.error(error.message);
     return 1;

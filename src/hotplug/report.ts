@@ -46,8 +46,16 @@ export function fitError(message: string): string {
   return fits(keep);
 }
 
-export async function reportFailure(xs: XenstoreClient, path: string, message: string, status: FailureStatus): Promise<void> {
+export async function reportFailure(
+  xs: XenstoreClient,
+  path: string,
+  message: string,
+  status: FailureStatus,
+): Promise<void> {
   await xs.transaction(async (tx: XsOps) => {
-    await Promise.all([tx.write(`${path}/hotplug-error`, fitError(message)), tx.write(`${path}/hotplug-status`, status)]);
+    await Promise.all([
+      tx.write(`${path}/hotplug-error`, fitError(message)),
+      tx.write(`${path}/hotplug-status`, status),
+    ]);
   });
 }

@@ -15,10 +15,7 @@ import type { Action, Dialect, HotplugRequest } from '../disk/request.js';
 
 export type { Action, Dialect, HotplugRequest } from '../disk/request.js';
 
-export type ParsedArgs =
-  | { kind: 'help' }
-  | { kind: 'version' }
-  | { kind: 'request'; request: HotplugRequest };
+export type ParsedArgs = { kind: 'help' } | { kind: 'version' } | { kind: 'request'; request: HotplugRequest };
 
 const ACTIONS: Record<string, { action: Action; dialect: Dialect }> = {
   add: { action: 'add', dialect: 'libxl' },
@@ -39,7 +36,8 @@ const BACKEND_PATH = /^(\/local\/domain\/\d+\/)?backend\/vbd3?\/\d+\/\d+$/;
 export function checkBackendPath(p: string): string | undefined {
   if (p === '') return 'XENBUS_PATH is empty';
   if (p.split('/').includes('..')) return `XENBUS_PATH "${p}" contains ".."`;
-  if (!BACKEND_PATH.test(p)) return `XENBUS_PATH "${p}" is not a block backend path (expected backend/vbd/<domid>/<devid>)`;
+  if (!BACKEND_PATH.test(p))
+    return `XENBUS_PATH "${p}" is not a block backend path (expected backend/vbd/<domid>/<devid>)`;
   return undefined;
 }
 
@@ -59,9 +57,16 @@ export function parseArgs(script: string, argv: readonly string[], env: NodeJS.P
   if (!act) throw new UsageError(`unknown action "${verb}" (expected add, remove, create or destroy)`);
   if (words.length > 2) throw new UsageError(`too many arguments after ${verb}`);
   const xenbusPath = env.XENBUS_PATH;
-  if (xenbusPath === undefined) throw new UsageError('XENBUS_PATH is not set (this script is run by xl/libxl for a disk)');
+  if (xenbusPath === undefined)
+    throw new UsageError('XENBUS_PATH is not set (this script is run by xl/libxl for a disk)');
   return {
     kind: 'request',
-    request: { script, ...act, xenbusPath, xenbusType: env.XENBUS_TYPE ?? 'vbd', verbose: verbose || env.XEN_BLOCKHOOKS_VERBOSE === '1' },
+    request: {
+      script,
+      ...act,
+      xenbusPath,
+      xenbusType: env.XENBUS_TYPE ?? 'vbd',
+      verbose: verbose || env.XEN_BLOCKHOOKS_VERBOSE === '1',
+    },
   };
 }

@@ -89,7 +89,8 @@ export class Journal {
       throw e;
     }
     const entry = JSON.parse(text) as JournalEntry;
-    if (entry.version !== 1 || !Array.isArray(entry.steps)) throw new Error(`${file} is not a journal record this version understands`);
+    if (entry.version !== 1 || !Array.isArray(entry.steps))
+      throw new Error(`${file} is not a journal record this version understands`);
     return entry;
   }
 
@@ -169,7 +170,17 @@ export class Journal {
   /** A fresh record for an add about to start. */
   static begin(script: string, backendPath: string, disk: JournalEntry['disk']): JournalEntry {
     const now = new Date().toISOString();
-    return { version: 1, script, backendPath, phase: 'adding', pid: process.pid, created: now, updated: now, disk, steps: [] };
+    return {
+      version: 1,
+      script,
+      backendPath,
+      phase: 'adding',
+      pid: process.pid,
+      created: now,
+      updated: now,
+      disk,
+      steps: [],
+    };
   }
 }
 
@@ -179,7 +190,12 @@ export class Journal {
  * records of `except` (a backend path: the asking disk's own) left out. One question asked in many
  * places: who else holds this loop, this snapshot, this thin id, this clone?
  */
-export function stepsHolding(entries: readonly JournalEntry[], kind: string, match: Record<string, unknown> = {}, except?: string): { entry: JournalEntry; step: StepRecord }[] {
+export function stepsHolding(
+  entries: readonly JournalEntry[],
+  kind: string,
+  match: Record<string, unknown> = {},
+  except?: string,
+): { entry: JournalEntry; step: StepRecord }[] {
   const out: { entry: JournalEntry; step: StepRecord }[] = [];
   for (const entry of entries) {
     if (entry.backendPath === except) continue;
@@ -191,7 +207,12 @@ export function stepsHolding(entries: readonly JournalEntry[], kind: string, mat
 }
 
 /** The records (other than `except`'s) with a step of `kind` that matches (stepsHolding), each once. */
-export function recordsHolding(entries: readonly JournalEntry[], kind: string, match: Record<string, unknown> = {}, except?: string): JournalEntry[] {
+export function recordsHolding(
+  entries: readonly JournalEntry[],
+  kind: string,
+  match: Record<string, unknown> = {},
+  except?: string,
+): JournalEntry[] {
   return [...new Set(stepsHolding(entries, kind, match, except).map((h) => h.entry))];
 }
 

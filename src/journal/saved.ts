@@ -4,11 +4,20 @@
  * record or is refused, never handed a fresh disk (src/hotplug/lifecycle.ts has the contract).
  * They live in the store directory because they must outlive a reboot; the journal is in /run.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import { thisHost } from '../lock/store-owner.js';
-
 
 export interface SavedDisk {
   version: 1;

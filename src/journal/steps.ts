@@ -40,7 +40,12 @@ export class Build {
    * Record `kind` with `data`, run `doIt`, merge what it returns into the record, mark it done.
    * If `doIt` throws, the record stays (done: false) for the rollback to undo whatever part of it happened.
    */
-  async step<R>(kind: string, data: Record<string, unknown>, doIt: () => Promise<R>, recordResult?: (r: R) => Record<string, unknown>): Promise<R> {
+  async step<R>(
+    kind: string,
+    data: Record<string, unknown>,
+    doIt: () => Promise<R>,
+    recordResult?: (r: R) => Record<string, unknown>,
+  ): Promise<R> {
     const rec: StepRecord = { kind, data: { ...data }, done: false };
     if (this.before === undefined) this.entry.steps.push(rec);
     else this.entry.steps.splice(this.before++, 0, rec);
@@ -65,7 +70,11 @@ export class Build {
  * failure. Each undone step is dropped from the record as soon as it is gone, so a remove that is
  * itself killed resumes where it stopped. The record is deleted once nothing is left.
  */
-export async function undoAll(entry: JournalEntry, registry: UndoRegistry, ctx: Omit<UndoContext, 'entry'>): Promise<Error[]> {
+export async function undoAll(
+  entry: JournalEntry,
+  registry: UndoRegistry,
+  ctx: Omit<UndoContext, 'entry'>,
+): Promise<Error[]> {
   const failures: Error[] = [];
   entry.phase = 'removing';
   entry.pid = process.pid;

@@ -86,7 +86,19 @@
  *   `flock -x -w <secs> 3` (or `flock -n 3`) with our fd as its fd 3: flock(2) applies to the
  *   open file description we share with it, so the lock stays with us after it exits.
  */
-import { closeSync, fstatSync, mkdirSync, openSync, constants as fsc, readdirSync, readFileSync, readlinkSync, statSync, unlinkSync, type Stats } from 'node:fs';
+import {
+  closeSync,
+  fstatSync,
+  mkdirSync,
+  openSync,
+  constants as fsc,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  statSync,
+  unlinkSync,
+  type Stats,
+} from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { execRunner } from '../devices/exec.js';
 import { describeFailure, type Runner } from '../devices/runner.js';
@@ -159,7 +171,10 @@ export async function acquireFlock(path: string, opts: LockOptions = {}): Promis
  * One attempt that does not wait: the lock, or `null` when someone else holds it. For guards
  * ("is another instance running?"), not for hotplug work, which should wait its turn.
  */
-export async function tryAcquireFlock(path: string, opts: Omit<LockOptions, 'timeoutMs'> = {}): Promise<HeldLock | null> {
+export async function tryAcquireFlock(
+  path: string,
+  opts: Omit<LockOptions, 'timeoutMs'> = {},
+): Promise<HeldLock | null> {
   return lockLoop(path, { ...opts, timeoutMs: 0 }, 'try');
 }
 
@@ -175,7 +190,8 @@ export async function withFlock<T>(path: string, fn: () => Promise<T>, opts?: Lo
 async function lockLoop(rawPath: string, opts: LockOptions, mode: 'wait' | 'try'): Promise<HeldLock | null> {
   const path = resolve(rawPath);
   const timeoutMs = opts.timeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
-  if (!Number.isFinite(timeoutMs) || timeoutMs < 0) throw new RangeError(`lock ${path}: timeoutMs must be >= 0, got ${timeoutMs}`);
+  if (!Number.isFinite(timeoutMs) || timeoutMs < 0)
+    throw new RangeError(`lock ${path}: timeoutMs must be >= 0, got ${timeoutMs}`);
   const run = runnerOf(opts);
   const deadline = Date.now() + timeoutMs;
   mkdirSync(dirname(path), { recursive: true, mode: 0o755 });

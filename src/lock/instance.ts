@@ -25,7 +25,11 @@ export class AlreadyRunningError extends Error {
 }
 
 /** Take the guard at `path` or throw AlreadyRunningError. Release it on orderly shutdown. */
-export async function claimSingleInstance(path: string, what: string, opts: Omit<LockOptions, 'timeoutMs'> = {}): Promise<HeldLock> {
+export async function claimSingleInstance(
+  path: string,
+  what: string,
+  opts: Omit<LockOptions, 'timeoutMs'> = {},
+): Promise<HeldLock> {
   const lock = await tryAcquireFlock(path, opts);
   if (!lock) throw new AlreadyRunningError(path, what);
   return lock;

@@ -55,7 +55,11 @@ function readTrim(path: string): string | undefined {
 
 export function thisHost(): HostIdentity {
   const host = hostname();
-  return { machine: readTrim('/etc/machine-id') ?? host, host, boot: readTrim('/proc/sys/kernel/random/boot_id') ?? 'unknown' };
+  return {
+    machine: readTrim('/etc/machine-id') ?? host,
+    host,
+    boot: readTrim('/proc/sys/kernel/random/boot_id') ?? 'unknown',
+  };
 }
 
 export interface StoreOwner extends HostIdentity {
@@ -87,7 +91,13 @@ function writeOwner(dir: string, o: StoreOwner): void {
  * Claim `store` for `backendPath` on this host. Returns whether the claim is this disk's (and so
  * its to release); throws a busy HotplugError when another host holds it.
  */
-export function claimStore(script: string, store: string, backendPath: string, me: HostIdentity = thisHost(), attempt = 0): { ours: boolean } {
+export function claimStore(
+  script: string,
+  store: string,
+  backendPath: string,
+  me: HostIdentity = thisHost(),
+  attempt = 0,
+): { ours: boolean } {
   const dir = ownerDir(store);
   const mine: StoreOwner = { ...me, backendPath, since: new Date().toISOString() };
   try {
@@ -105,7 +115,11 @@ export function claimStore(script: string, store: string, backendPath: string, m
     } catch {
       age = Infinity; // released meanwhile
     }
-    if (age < CLAIM_GRACE_MS || attempt > 2) throw new HotplugError(`${script}: the persistent store ${store} is being claimed right now (${dir} has no owner yet); try again.`, 'busy');
+    if (age < CLAIM_GRACE_MS || attempt > 2)
+      throw new HotplugError(
+        `${script}: the persistent store ${store} is being claimed right now (${dir} has no owner yet); try again.`,
+        'busy',
+      );
     if (age !== Infinity) {
       const away = `${dir}.stale.${me.machine.slice(0, 12)}.${process.pid}`;
       try {
@@ -134,7 +148,8 @@ export function claimStore(script: string, store: string, backendPath: string, m
 export function releaseStore(store: string, backendPath: string, me: HostIdentity = thisHost()): void {
   const dir = ownerDir(store);
   const o = readOwner(dir);
-  if (!o || o.machine !== me.machine || o.host !== me.host || o.boot !== me.boot || o.backendPath !== backendPath) return;
+  if (!o || o.machine !== me.machine || o.host !== me.host || o.boot !== me.boot || o.backendPath !== backendPath)
+    return;
   try {
     unlinkSync(join(dir, 'owner.json'));
     rmdirSync(dir);
@@ -149,7 +164,11 @@ export function releaseStore(store: string, backendPath: string, me: HostIdentit
  * or in this boot for a backend path `recorded` does not know. Claims of other hosts are never
  * listed. `stores` are the persistent stores to look at.
  */
-export function staleClaims(stores: string[], recorded: (backendPath: string) => boolean, me: HostIdentity = thisHost()): { store: string; owner: StoreOwner }[] {
+export function staleClaims(
+  stores: string[],
+  recorded: (backendPath: string) => boolean,
+  me: HostIdentity = thisHost(),
+): { store: string; owner: StoreOwner }[] {
   const out: { store: string; owner: StoreOwner }[] = [];
   for (const store of stores) {
     const o = readOwner(ownerDir(store));

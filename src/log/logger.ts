@@ -51,7 +51,14 @@ function render(fields: Fields): string {
     .join(' ');
 }
 
-export function formatLine(time: Date, tag: string, pid: number, level: string, msg: string, fields: Fields = {}): string {
+export function formatLine(
+  time: Date,
+  tag: string,
+  pid: number,
+  level: string,
+  msg: string,
+  fields: Fields = {},
+): string {
   const f = render(fields);
   return `${time.toISOString()} ${tag}[${pid}] ${level} ${msg}${f ? ` ${f}` : ''}`;
 }
@@ -117,8 +124,17 @@ export function createLogger(opts: LoggerOptions): Logger {
 /** A logger that keeps lines in memory (tests, and `simulate` to show what a hook logged). */
 export function memoryLogger(): Logger & { lines: { level: string; msg: string; fields: Fields }[] } {
   const lines: { level: string; msg: string; fields: Fields }[] = [];
-  const log = (level: string) => (msg: string, fields: Fields = {}) => {
-    lines.push({ level, msg, fields });
+  const log =
+    (level: string) =>
+    (msg: string, fields: Fields = {}) => {
+      lines.push({ level, msg, fields });
+    };
+  return {
+    lines,
+    debug: log('debug'),
+    info: log('info'),
+    warn: log('warn'),
+    error: log('error'),
+    close: async () => {},
   };
-  return { lines, debug: log('debug'), info: log('info'), warn: log('warn'), error: log('error'), close: async () => {} };
 }

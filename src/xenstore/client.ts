@@ -10,7 +10,16 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { XENSTORE_PAYLOAD_MAX, XsError } from './types.js';
 import type { WatchEvent, XenstoreClient, XsOps, XsTransaction } from './types.js';
 import {
-  FrameDecoder, HEADER_SIZE, XsOp, cString, encodeFrame, nulStrings, opName, parseErrno, splitStrings, writePayload,
+  FrameDecoder,
+  HEADER_SIZE,
+  XsOp,
+  cString,
+  encodeFrame,
+  nulStrings,
+  opName,
+  parseErrno,
+  splitStrings,
+  writePayload,
 } from './wire.js';
 import type { Frame } from './wire.js';
 
@@ -64,8 +73,12 @@ export async function connectXenstore(opts: ConnectOptions = {}): Promise<Xensto
       tried.push(`${path} (${errCode(e)})`);
     }
   }
-  throw new XsError('ECONNECT', 'connect', undefined,
-    `cannot reach xenstore; tried ${tried.join(', ')}; xenstored is probably not running`);
+  throw new XsError(
+    'ECONNECT',
+    'connect',
+    undefined,
+    `cannot reach xenstore; tried ${tried.join(', ')}; xenstored is probably not running`,
+  );
 }
 
 function errCode(e: unknown): string {
@@ -108,13 +121,19 @@ function openSocket(path: string, timeoutMs: number, sink: Sink): Promise<Transp
       sock.setNoDelay?.(true);
       let closeReason = 'connection to xenstored closed';
       sock.on('data', (chunk: Buffer) => sink.onData(chunk));
-      sock.on('error', (e: NodeJS.ErrnoException) => { closeReason = `connection to xenstored failed: ${e.code ?? e.message}`; });
+      sock.on('error', (e: NodeJS.ErrnoException) => {
+        closeReason = `connection to xenstored failed: ${e.code ?? e.message}`;
+      });
       sock.on('close', () => sink.onClosed(closeReason));
       resolve({
         maxPayload: XENSTORE_PAYLOAD_MAX,
-        send: (buf) => { sock.write(buf); },
+        send: (buf) => {
+          sock.write(buf);
+        },
         setActive: () => {},
-        close: () => { sock.destroy(); },
+        close: () => {
+          sock.destroy();
+        },
       });
     });
   });
@@ -138,7 +157,10 @@ async function openDevice(path: string, sink: Sink): Promise<Transport> {
 
   const schedule = (): void => {
     if (closed || !active || reading || timer) return;
-    timer = setTimeout(() => { timer = undefined; readOnce(); }, idleDelay);
+    timer = setTimeout(() => {
+      timer = undefined;
+      readOnce();
+    }, idleDelay);
   };
   const readOnce = (): void => {
     if (closed || reading) return;
@@ -180,13 +202,19 @@ async function openDevice(path: string, sink: Sink): Promise<Transport> {
       let off = 0;
       while (off < msg.length) off += fs.writeSync(fd, msg, off, msg.length - off);
       idleDelay = 0;
-      if (timer) { clearTimeout(timer); timer = undefined; }
+      if (timer) {
+        clearTimeout(timer);
+        timer = undefined;
+      }
       schedule();
     },
     setActive: (a) => {
       active = a;
       if (a) schedule();
-      else if (timer) { clearTimeout(timer); timer = undefined; }
+      else if (timer) {
+        clearTimeout(timer);
+        timer = undefined;
+      }
     },
     close: () => shutdown('closed'),
   };
@@ -215,7 +243,10 @@ class Client implements XenstoreClient, Sink {
 
   private readonly base: XsOps;
 
-  constructor(private readonly txAttempts: number, private readonly timeoutMs: number) {
+  constructor(
+    private readonly txAttempts: number,
+    private readonly timeoutMs: number,
+  ) {
     this.base = this.ops(0);
   }
 
@@ -369,12 +400,24 @@ class Client implements XenstoreClient, Sink {
     throw new XsError('EAGAIN', 'DIRECTORY_PART', path, 'directory kept changing');
   }
 
-  read(path: string): Promise<string> { return this.base.read(path); }
-  tryRead(path: string): Promise<string | undefined> { return this.base.tryRead(path); }
-  write(path: string, value: string): Promise<void> { return this.base.write(path, value); }
-  mkdir(path: string): Promise<void> { return this.base.mkdir(path); }
-  rm(path: string): Promise<void> { return this.base.rm(path); }
-  directory(path: string): Promise<string[]> { return this.base.directory(path); }
+  read(path: string): Promise<string> {
+    return this.base.read(path);
+  }
+  tryRead(path: string): Promise<string | undefined> {
+    return this.base.tryRead(path);
+  }
+  write(path: string, value: string): Promise<void> {
+    return this.base.write(path, value);
+  }
+  mkdir(path: string): Promise<void> {
+    return this.base.mkdir(path);
+  }
+  rm(path: string): Promise<void> {
+    return this.base.rm(path);
+  }
+  directory(path: string): Promise<string[]> {
+    return this.base.directory(path);
+  }
 
   async transaction<T>(body: (tx: XsTransaction) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {

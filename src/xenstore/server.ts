@@ -78,7 +78,12 @@ export async function startXenstoreServer(opts: XenstoreServerOptions): Promise<
     };
     try {
       const tx = f.txId;
-      if (tx !== 0 && f.type !== XsOp.WATCH && f.type !== XsOp.UNWATCH && !(c.txs.has(tx) && store.hasTransaction(tx))) {
+      if (
+        tx !== 0 &&
+        f.type !== XsOp.WATCH &&
+        f.type !== XsOp.UNWATCH &&
+        !(c.txs.has(tx) && store.hasTransaction(tx))
+      ) {
         throw new XsStoreError('ENOENT', `no transaction ${tx}`);
       }
       switch (f.type) {

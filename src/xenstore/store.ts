@@ -10,7 +10,10 @@ export const XENSTORE_ABS_PATH_MAX = 3072;
 export const XENSTORE_REL_PATH_MAX = 2048;
 
 export class XsStoreError extends Error {
-  constructor(readonly errno: XsErrno, detail?: string) {
+  constructor(
+    readonly errno: XsErrno,
+    detail?: string,
+  ) {
     super(detail ? `${errno}: ${detail}` : errno);
     this.name = 'XsStoreError';
   }
@@ -92,11 +95,14 @@ export class XsStore {
    */
   canonical(path: string, special = false): string {
     if (special && path.startsWith('@')) {
-      if (!VALID.test(path) || path.length > XENSTORE_ABS_PATH_MAX) throw new XsStoreError('EINVAL', `invalid path ${JSON.stringify(path)}`);
+      if (!VALID.test(path) || path.length > XENSTORE_ABS_PATH_MAX)
+        throw new XsStoreError('EINVAL', `invalid path ${JSON.stringify(path)}`);
       return path;
     }
     const abs = path.startsWith('/') ? path : `${this.home}/${path}`;
-    const bad = (why: string): never => { throw new XsStoreError('EINVAL', `${why}: ${JSON.stringify(path)}`); };
+    const bad = (why: string): never => {
+      throw new XsStoreError('EINVAL', `${why}: ${JSON.stringify(path)}`);
+    };
     if (!VALID.test(abs)) bad('invalid character in path');
     if (abs.includes('//')) bad('empty path component');
     if (abs.length > 1 && abs.endsWith('/')) bad('trailing slash');

@@ -9,8 +9,22 @@
 
 /** Error names the daemon sends back in an XS_ERROR reply (xs_wire.h `xsd_errors[]`). */
 export type XsErrno =
-  | 'EINVAL' | 'EACCES' | 'EEXIST' | 'EISDIR' | 'ENOENT' | 'ENOMEM' | 'ENOSPC' | 'EIO'
-  | 'ENOTEMPTY' | 'ENOSYS' | 'EROFS' | 'EBUSY' | 'EAGAIN' | 'EISCONN' | 'E2BIG' | 'EPERM';
+  | 'EINVAL'
+  | 'EACCES'
+  | 'EEXIST'
+  | 'EISDIR'
+  | 'ENOENT'
+  | 'ENOMEM'
+  | 'ENOSPC'
+  | 'EIO'
+  | 'ENOTEMPTY'
+  | 'ENOSYS'
+  | 'EROFS'
+  | 'EBUSY'
+  | 'EAGAIN'
+  | 'EISCONN'
+  | 'E2BIG'
+  | 'EPERM';
 
 /** A failed xenstore request: `errno` is the daemon's answer, `op` and `path` what we asked. */
 export class XsError extends Error {

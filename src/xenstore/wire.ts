@@ -47,8 +47,22 @@ export function opName(type: number): string {
 
 /** The error names of xsd_errors[]; anything else in an ERROR reply is read as EINVAL (as libxenstore does). */
 export const XS_ERRNOS: readonly XsErrno[] = [
-  'EINVAL', 'EACCES', 'EEXIST', 'EISDIR', 'ENOENT', 'ENOMEM', 'ENOSPC', 'EIO',
-  'ENOTEMPTY', 'ENOSYS', 'EROFS', 'EBUSY', 'EAGAIN', 'EISCONN', 'E2BIG', 'EPERM',
+  'EINVAL',
+  'EACCES',
+  'EEXIST',
+  'EISDIR',
+  'ENOENT',
+  'ENOMEM',
+  'ENOSPC',
+  'EIO',
+  'ENOTEMPTY',
+  'ENOSYS',
+  'EROFS',
+  'EBUSY',
+  'EAGAIN',
+  'EISCONN',
+  'E2BIG',
+  'EPERM',
 ];
 
 export function parseErrno(payload: Buffer): XsErrno {
@@ -85,7 +99,11 @@ export function nulStrings(...parts: string[]): Buffer {
 
 /** WRITE payload: `path\0` then the value bytes, not terminated. */
 export function writePayload(path: string, value: string | Buffer): Buffer {
-  return Buffer.concat([Buffer.from(path, 'utf8'), ZERO, typeof value === 'string' ? Buffer.from(value, 'utf8') : value]);
+  return Buffer.concat([
+    Buffer.from(path, 'utf8'),
+    ZERO,
+    typeof value === 'string' ? Buffer.from(value, 'utf8') : value,
+  ]);
 }
 
 /** Split a reply of NUL-terminated strings, dropping the empty tail after the last NUL. */
@@ -142,7 +160,10 @@ export class FrameDecoder {
 }
 
 export class FrameTooLargeError extends Error {
-  constructor(readonly len: number, readonly max: number) {
+  constructor(
+    readonly len: number,
+    readonly max: number,
+  ) {
     super(`xenstore frame announces ${len} payload bytes, more than ${max}`);
     this.name = 'FrameTooLargeError';
   }

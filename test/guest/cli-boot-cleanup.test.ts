@@ -50,7 +50,8 @@ function readAt(dm: string, offset: number, length: number): string {
 
 /** What a crash does to the hooks' world: every device gone, /run's journal gone, time passes. */
 function crash(): void {
-  for (const n of dmNames().filter((d) => d.startsWith('xbh-'))) assert.equal(spawnSync('dmsetup', ['remove', n]).status, 0, `dmsetup remove ${n}`);
+  for (const n of dmNames().filter((d) => d.startsWith('xbh-')))
+    assert.equal(spawnSync('dmsetup', ['remove', n]).status, 0, `dmsetup remove ${n}`);
   spawnSync('losetup', ['-D']);
   assert.deepEqual(loopsOn(work), [], 'no loop after the crash');
   rmSync(env.XEN_BLOCKHOOKS_STATE_DIR as string, { recursive: true, force: true });
@@ -58,10 +59,13 @@ function crash(): void {
   for (const f of ['transient-5-51712.cow', 'web-xvda.cow']) utimesSync(join(storeDir, f), old, old);
 }
 
-test('boot cleanup: a crash\'s transient store is deleted, a persistent one kept with its data', async () => {
+test("boot cleanup: a crash's transient store is deleted, a persistent one kept with its data", async () => {
   const t5 = cli(['simulate', '--real-xenstore', '--keep', '--domid', '5', '--name', 'lab', spec('8')], xsEnv);
   assert.equal(t5.code, 0, t5.all);
-  const p6 = cli(['simulate', '--real-xenstore', '--keep', '--domid', '6', '--name', 'web', spec('8 persistent')], xsEnv);
+  const p6 = cli(
+    ['simulate', '--real-xenstore', '--keep', '--domid', '6', '--name', 'web', spec('8 persistent')],
+    xsEnv,
+  );
   assert.equal(p6.code, 0, p6.all);
   assert.ok(existsSync(devOf('xbh-cow-web-xvda-51712')));
   writeAt('xbh-cow-web-xvda-51712', 1024 * 1024, 'WRITTEN-BEFORE-THE-CRASH');
@@ -69,13 +73,21 @@ test('boot cleanup: a crash\'s transient store is deleted, a persistent one kept
   assert.ok(existsSync(join(storeDir, 'web-xvda.cow')));
 
   crash();
-  assert.deepEqual(dmNames().filter((d) => d.startsWith('xbh-')), [], 'no device after the crash');
+  assert.deepEqual(
+    dmNames().filter((d) => d.startsWith('xbh-')),
+    [],
+    'no device after the crash',
+  );
 
   const plan = cli(['gc'], xsEnv);
   assert.equal(plan.code, 3, `something to collect: ${plan.all}`);
   assert.match(plan.out, /rm .*\/transient-5-51712\.cow: transient store file that no record, loop or nbd server uses/);
   assert.doesNotMatch(plan.out, /rm .*web-xvda\.cow/, 'the persistent store is not in the plan');
-  assert.match(plan.out, /release .*\/web-xvda\.cow\.owner: this host's claim on .*web-xvda\.cow \(for backend\/vbd\/6\/51712, which no record knows\)/, 'its claim is, since no record holds it after the crash');
+  assert.match(
+    plan.out,
+    /release .*\/web-xvda\.cow\.owner: this host's claim on .*web-xvda\.cow \(for backend\/vbd\/6\/51712, which no record knows\)/,
+    'its claim is, since no record holds it after the crash',
+  );
   assert.ok(existsSync(join(storeDir, 'transient-5-51712.cow')), 'the plan alone changes nothing');
 
   const done = cli(['gc', '--apply'], xsEnv);
@@ -90,12 +102,21 @@ test('boot cleanup: a crash\'s transient store is deleted, a persistent one kept
   await xs.rm('/local/domain/0/backend/vbd/6');
   await xs.rm('/local/domain/0/backend/vbd/5');
   await xs.close();
-  const again = cli(['simulate', '--real-xenstore', '--keep', '--domid', '7', '--name', 'web', spec('8 persistent')], xsEnv);
+  const again = cli(
+    ['simulate', '--real-xenstore', '--keep', '--domid', '7', '--name', 'web', spec('8 persistent')],
+    xsEnv,
+  );
   assert.equal(again.code, 0, again.all);
   assert.equal(readAt('xbh-cow-web-xvda-51712', 1024 * 1024, 25), 'WRITTEN-BEFORE-THE-CRASH\0');
-  const rm = cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '7', '--name', 'web', spec('8 persistent')], xsEnv);
+  const rm = cli(
+    ['simulate', '--real-xenstore', '--action', 'remove', '--domid', '7', '--name', 'web', spec('8 persistent')],
+    xsEnv,
+  );
   assert.equal(rm.code, 0, rm.all);
-  assert.deepEqual(dmNames().filter((d) => d.startsWith('xbh-')), []);
+  assert.deepEqual(
+    dmNames().filter((d) => d.startsWith('xbh-')),
+    [],
+  );
   assert.deepEqual(loopsOn(work), []);
   assert.ok(!existsSync(join(storeDir, 'web-xvda.cow.owner')), 'the remove released the claim it made');
   rmSync(join(storeDir, 'web-xvda.cow'));

@@ -33,8 +33,15 @@ export function cli(args: string[], extra: NodeJS.ProcessEnv = {}, file = proces
   return { code: r.status, out: r.stdout ?? '', err: r.stderr ?? '', all: `${r.stdout}${r.stderr}` };
 }
 
-export const dmNames = () => spawnSync('dmsetup', ['ls'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(/\s/)[0]).filter((n): n is string => !!n && n !== 'No');
-export const loopsOn = (dir: string) => spawnSync('losetup', ['--list', '--noheadings', '-O', 'BACK-FILE'], { encoding: 'utf8' }).stdout.split('\n').filter((l) => l.includes(dir));
+export const dmNames = () =>
+  spawnSync('dmsetup', ['ls'], { encoding: 'utf8' })
+    .stdout.split('\n')
+    .map((l) => l.split(/\s/)[0])
+    .filter((n): n is string => !!n && n !== 'No');
+export const loopsOn = (dir: string) =>
+  spawnSync('losetup', ['--list', '--noheadings', '-O', 'BACK-FILE'], { encoding: 'utf8' })
+    .stdout.split('\n')
+    .filter((l) => l.includes(dir));
 
 let server: ReturnType<typeof spawn> | undefined;
 
@@ -48,9 +55,14 @@ export async function startXenstored(): Promise<void> {
   server = spawn(process.execPath, [CLI, 'xenstored', '--socket', sock], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let serverErr = '';
   let exited: number | null | undefined;
-  server.stderr?.on('data', (d: Buffer) => { serverErr += d.toString(); });
-  server.on('exit', (code) => { exited = code; });
-  for (let i = 0; i < 2400 && !existsSync(sock) && exited === undefined; i++) await new Promise((r) => setTimeout(r, 50));
+  server.stderr?.on('data', (d: Buffer) => {
+    serverErr += d.toString();
+  });
+  server.on('exit', (code) => {
+    exited = code;
+  });
+  for (let i = 0; i < 2400 && !existsSync(sock) && exited === undefined; i++)
+    await new Promise((r) => setTimeout(r, 50));
   assert.ok(existsSync(sock), `the embedded xenstore server is listening (exit ${exited}; stderr: ${serverErr})`);
 }
 
@@ -58,4 +70,3 @@ after(() => {
   server?.kill('SIGTERM');
   rmSync(work, { recursive: true, force: true });
 });
-

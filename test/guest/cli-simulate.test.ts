@@ -3,7 +3,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { base, cli, dmNames, loopsOn, work,} from './cli-lib.js';
+import { base, cli, dmNames, loopsOn, work } from './cli-lib.js';
 
 test('simulate, xl syntax: block-cow add builds a snapshot, remove leaves nothing', () => {
   const r = cli(['simulate', '--domid', '3', '--name', 'web', `vdev=xvda,access=w,script=block-cow,target=${base} 8`]);
@@ -18,7 +18,10 @@ test('simulate, xl syntax: block-cow add builds a snapshot, remove leaves nothin
   assert.match(r.out, /on .*base\.img \(read-only\)/, 'the base loop is read-only');
   assert.match(r.out, /block-cow remove: exit 0/);
   assert.match(r.out, /nothing left/);
-  assert.deepEqual(dmNames().filter((n) => n.startsWith('xbh-')), []);
+  assert.deepEqual(
+    dmNames().filter((n) => n.startsWith('xbh-')),
+    [],
+  );
   assert.deepEqual(loopsOn(work), []);
 });
 
@@ -37,4 +40,3 @@ test('simulate reports a hook failure in one sentence and exits 1', () => {
   assert.match(r.err, /^xen-blockhooks simulate: block-cow add failed: block-cow/m);
   assert.deepEqual(loopsOn('/etc/passwd'), []);
 });
-

@@ -1,7 +1,19 @@
 /** block-cow on a real kernel: the hook SIGKILLed after each command of an add (as libxl's timeout does), then remove. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { addOk, closeBackend, destroyNodes, disk, explain, hook, leftovers, loopsOnBase, removeOk, writeBackendNodes, xs } from './cow-lib.js';
+import {
+  addOk,
+  closeBackend,
+  destroyNodes,
+  disk,
+  explain,
+  hook,
+  leftovers,
+  loopsOnBase,
+  removeOk,
+  writeBackendNodes,
+  xs,
+} from './cow-lib.js';
 
 test('SIGKILL after each command of an add, then remove: nothing left', async () => {
   let finished = false;

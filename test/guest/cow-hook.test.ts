@@ -4,8 +4,30 @@ import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import {
-  MiB, addOk, backendPath, base, baseSum, block, closeBackend, destroyNodes, disk, explain, hook, images, leftovers, listDir, loopsOnBase,
-  pread, pwrite, removeOk, sh, sha256File, storeDir, writeBackendNodes, xs, BASE_MIB,
+  MiB,
+  addOk,
+  backendPath,
+  base,
+  baseSum,
+  block,
+  closeBackend,
+  destroyNodes,
+  disk,
+  explain,
+  hook,
+  images,
+  leftovers,
+  listDir,
+  loopsOnBase,
+  pread,
+  pwrite,
+  removeOk,
+  sh,
+  sha256File,
+  storeDir,
+  writeBackendNodes,
+  xs,
+  BASE_MIB,
 } from './cow-lib.js';
 
 test('two domains on one base: each sees only its own writes, the base never changes, one base loop serves both', async () => {
@@ -21,7 +43,11 @@ test('two domains on one base: each sees only its own writes, the base never cha
   assert.equal(sh('blockdev', ['--getro', loopsOnBase()[0] as string]), '1', 'the base loop is read-only');
   assert.equal(sh('blockdev', ['--getsz', da.path]), String((BASE_MIB * MiB) / 512));
   const snapTable = sh('dmsetup', ['table', 'xbh-cow-beta-xvda-51712']).split(/\s+/);
-  assert.deepEqual(snapTable.slice(2, 3).concat(snapTable.slice(5)), ['snapshot', 'N', '32'], `table ${snapTable.join(' ')}`);
+  assert.deepEqual(
+    snapTable.slice(2, 3).concat(snapTable.slice(5)),
+    ['snapshot', 'N', '32'],
+    `table ${snapTable.join(' ')}`,
+  );
 
   pwrite(da.path, 3 * MiB, block(3, 'alpha'));
   pwrite(db.path, 3 * MiB, block(3, 'beta'));

@@ -14,7 +14,15 @@ import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { projectRoot } from '../lib/project-root.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { listDir, patternedImage, sh } from '../lib/disk-io.js';
 
 export { backendPath, closeBackend, destroyNodes, writeBackendNodes };
@@ -54,7 +62,10 @@ export const env: NodeJS.ProcessEnv = {
 
 export function loopsOnBase(): string[] {
   const ino = sh('stat', ['-c', '%i', base]);
-  return sh('losetup', ['-a']).split('\n').filter((l) => l.includes(`:${ino} `) || l.endsWith(`(${base})`)).map((l) => l.split(':')[0] as string);
+  return sh('losetup', ['-a'])
+    .split('\n')
+    .filter((l) => l.includes(`:${ino} `) || l.endsWith(`(${base})`))
+    .map((l) => l.split(':')[0] as string);
 }
 
 /** Everything a hook could leave behind; an empty list when nothing is. */
@@ -64,7 +75,11 @@ export function leftovers(keepStores: string[] = []): string[] {
   if (!/No devices found/.test(dm)) out.push(...dm.split('\n').map((l) => `dm ${l}`));
   const loops = sh('losetup', ['-a']);
   if (loops) out.push(...loops.split('\n').map((l) => `loop ${l}`));
-  out.push(...listDir(storeDir).filter((f) => !keepStores.includes(f)).map((f) => `store ${f}`));
+  out.push(
+    ...listDir(storeDir)
+      .filter((f) => !keepStores.includes(f))
+      .map((f) => `store ${f}`),
+  );
   out.push(...listDir(join(stateDir, 'journal')).map((f) => `journal ${f}`));
   out.push(...listDir(join(stateDir, 'locks')).map((f) => `lock ${f}`));
   out.push(...listDir(xenLockDir).map((f) => `xen lock ${f}`));
@@ -80,7 +95,11 @@ export function explain(r: HookRun): string {
   return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
 }
 
-export async function hook(action: string, d: Pick<DiskNodes, 'domid' | 'devid'>, extraEnv: NodeJS.ProcessEnv = {}): Promise<HookRun> {
+export async function hook(
+  action: string,
+  d: Pick<DiskNodes, 'domid' | 'devid'>,
+  extraEnv: NodeJS.ProcessEnv = {},
+): Promise<HookRun> {
   return runHookProcess(HOOK, action, backendPath(d), { ...env, ...extraEnv });
 }
 
@@ -123,6 +142,5 @@ after(async () => {
   for (const l of loopsOnBase()) spawnSync('losetup', ['-d', l]);
   rmSync(root, { recursive: true, force: true });
 });
-
 
 export type { DiskNodes, HookRun };

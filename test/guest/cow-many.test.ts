@@ -1,8 +1,26 @@
 /** block-cow on a real kernel: 16 concurrent adds on one base, then 16 concurrent removes. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { MiB, backendPath, base, baseSum, block, closeBackend, destroyNodes, disk, explain, hook, leftovers, loopsOnBase,
-  pread, pwrite, sh, sha256File, writeBackendNodes, xs } from './cow-lib.js';
+import {
+  MiB,
+  backendPath,
+  base,
+  baseSum,
+  block,
+  closeBackend,
+  destroyNodes,
+  disk,
+  explain,
+  hook,
+  leftovers,
+  loopsOnBase,
+  pread,
+  pwrite,
+  sh,
+  sha256File,
+  writeBackendNodes,
+  xs,
+} from './cow-lib.js';
 
 test('16 concurrent adds on one base, then 16 concurrent removes: all succeed, nothing left', async () => {
   const disks = Array.from({ length: 16 }, (_, i) => disk(100 + i, { params: `${base} 4` }));

@@ -11,7 +11,24 @@ import { spawnSync } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { projectRoot } from '../lib/project-root.js';
-import { addOk, base, baseSum, BASE_MIB, block, disk, env, leftovers, listDir, MiB, pread, pwrite, removeOk, sh, sha256File, storeDir } from './cow-lib.js';
+import {
+  addOk,
+  base,
+  baseSum,
+  BASE_MIB,
+  block,
+  disk,
+  env,
+  leftovers,
+  listDir,
+  MiB,
+  pread,
+  pwrite,
+  removeOk,
+  sh,
+  sha256File,
+  storeDir,
+} from './cow-lib.js';
 
 const CLI = join(projectRoot(), 'dist', 'xen-blockhooks.mjs');
 
@@ -44,7 +61,8 @@ test('a transient disk grows past its base twice, online: old data kept, new ran
   assert.deepEqual(pread(path, 1 * MiB, 4096), block(1, 'guest'), 'written data before the old end is unchanged');
   assert.deepEqual(pread(path, (BASE_MIB - 1) * MiB, 4096), block(31, 'guest'));
   assert.deepEqual(pread(path, 2 * MiB, 4096), block(2, 'base'), 'unwritten data reads the base');
-  for (const mib of [BASE_MIB, BASE_MIB + 8, BASE_MIB + 15]) assert.deepEqual(pread(path, mib * MiB, 4096), zeros, `the new range reads zeros at ${mib} MiB`);
+  for (const mib of [BASE_MIB, BASE_MIB + 8, BASE_MIB + 15])
+    assert.deepEqual(pread(path, mib * MiB, 4096), zeros, `the new range reads zeros at ${mib} MiB`);
   pwrite(path, (BASE_MIB + 8) * MiB, block(40, 'guest'));
   assert.deepEqual(pread(path, (BASE_MIB + 8) * MiB, 4096), block(40, 'guest'), 'the new range keeps what is written');
 
@@ -52,8 +70,16 @@ test('a transient disk grows past its base twice, online: old data kept, new ran
   assert.equal(again.code, 0, again.err);
   assert.equal(sizeOf(path), (BASE_MIB + 32) * MiB);
   assert.deepEqual(pread(path, (BASE_MIB + 8) * MiB, 4096), block(40, 'guest'), 'the tail kept its data as it grew');
-  assert.deepEqual(pread(path, 1 * MiB, 4096), block(1, 'guest'), 'the snapshot kept its exceptions through the reload');
-  assert.match(sh('dmsetup', ['status', 'xbh-cow-guest5-xvda-51712']).split('\n')[0] as string, /snapshot \d+\/\d+ \d+$/, 'the snapshot is still valid');
+  assert.deepEqual(
+    pread(path, 1 * MiB, 4096),
+    block(1, 'guest'),
+    'the snapshot kept its exceptions through the reload',
+  );
+  assert.match(
+    sh('dmsetup', ['status', 'xbh-cow-guest5-xvda-51712']).split('\n')[0] as string,
+    /snapshot \d+\/\d+ \d+$/,
+    'the snapshot is still valid',
+  );
 
   const smaller = cli('resize', 'guest5', 'xvda', '40M');
   assert.equal(smaller.code, 1);
@@ -77,7 +103,10 @@ test('a persistent disk comes back at its new size, with its data, after remove 
   pwrite(first.path, (BASE_MIB + 4) * MiB, block(36, 'kept'));
   await removeOk(d);
   const kept = listDir(storeDir);
-  assert.ok(kept.some((f) => f.endsWith('.tail')), `the tail is kept with the store: ${kept.join(', ')}`);
+  assert.ok(
+    kept.some((f) => f.endsWith('.tail')),
+    `the tail is kept with the store: ${kept.join(', ')}`,
+  );
 
   const second = await addOk(d);
   assert.equal(sizeOf(second.path), (BASE_MIB + 8) * MiB, 'the same size as before the remove');
@@ -103,7 +132,11 @@ test('a persistent disk comes back at its new size, with its data, after remove 
   assert.equal(sizeOf(third.path), 64 * MiB, 'the next add has the size given while it was not attached');
   assert.deepEqual(pread(third.path, (BASE_MIB + 4) * MiB, 4096), block(36, 'kept'), 'with its data');
   await removeOk(d);
-  assert.equal(cli('resize', 'guest6', `vdev=xvda,access=w,script=block-cow,target=${base} 16`, '64M').code, 1, 'a transient disk by spec: refused');
+  assert.equal(
+    cli('resize', 'guest6', `vdev=xvda,access=w,script=block-cow,target=${base} 16`, '64M').code,
+    1,
+    'a transient disk by spec: refused',
+  );
   assert.deepEqual(leftovers(kept), [], 'nothing but the persistent store, its tail and its claim');
   assert.equal(sha256File(base), baseSum, 'the base image was never written');
   for (const f of kept) rmSync(join(storeDir, f), { recursive: true, force: true });

@@ -21,8 +21,22 @@ import { projectRoot } from '../lib/project-root.js';
 import { stockPrerequisites } from '../lib/stock-scripts.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  HOOK, backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, images, loopsOnBase, sha256File, sh, stateDir, storeDir,
-  writeBackendNodes, xs,
+  HOOK,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  images,
+  loopsOnBase,
+  sha256File,
+  sh,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xs,
 } from './cow-lib.js';
 
 /** 64 by default and in `npm run reliability`; `npm test` runs 16 (XBH_FAULT_CONCURRENCY, set by test/lib/guest-fold.ts). */
@@ -40,8 +54,16 @@ interface Run {
 
 function child(file: string, action: string, be: string, e: NodeJS.ProcessEnv, viaNode: boolean): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const full = { ...e, XENBUS_PATH: be, XENBUS_TYPE: 'vbd', XENBUS_BASE_PATH: 'backend', script: '/etc/xen/scripts/block' };
-    const c = viaNode ? spawn(process.execPath, [file, action], { env: full, stdio: ['ignore', 'pipe', 'pipe'] }) : spawn(file, [action], { env: full, stdio: ['ignore', 'pipe', 'pipe'] });
+    const full = {
+      ...e,
+      XENBUS_PATH: be,
+      XENBUS_TYPE: 'vbd',
+      XENBUS_BASE_PATH: 'backend',
+      script: '/etc/xen/scripts/block',
+    };
+    const c = viaNode
+      ? spawn(process.execPath, [file, action], { env: full, stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn(file, [action], { env: full, stdio: ['ignore', 'pipe', 'pipe'] });
     let text = '';
     c.stdout.setEncoding('utf8').on('data', (s: string) => (text += s));
     c.stderr.setEncoding('utf8').on('data', (s: string) => (text += s));
@@ -55,8 +77,15 @@ test(`${N_COW} concurrent block-cow adds on one base mixed with ${N_STOCK} stock
   assert.ok(existsSync(stock), `${stock} exists (the host fetches Debian's xen-utils-common before booting the guest)`);
   assert.deepEqual(await stockPrerequisites(), [], 'the stock script can run here');
   mkdirSync(XEN_LOCK_DIR, { recursive: true });
-  const ours: NodeJS.ProcessEnv = { ...env, XEN_BLOCKHOOKS_XEN_LOCK_DIR: XEN_LOCK_DIR, XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '900000' };
-  const stockEnv: NodeJS.ProcessEnv = { PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin', XENSTORED_PATH: env.XENSTORED_PATH };
+  const ours: NodeJS.ProcessEnv = {
+    ...env,
+    XEN_BLOCKHOOKS_XEN_LOCK_DIR: XEN_LOCK_DIR,
+    XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '900000',
+  };
+  const stockEnv: NodeJS.ProcessEnv = {
+    PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
+    XENSTORED_PATH: env.XENSTORED_PATH,
+  };
 
   const cows: DiskNodes[] = Array.from({ length: N_COW }, (_, i) => disk(200 + i, { params: `${base} 4` }));
   const files = Array.from({ length: N_STOCK }, (_, i) => join(images, `stock-${i}.img`));
@@ -64,7 +93,9 @@ test(`${N_COW} concurrent block-cow adds on one base mixed with ${N_STOCK} stock
     writeFileSync(f, '');
     truncateSync(f, 4 * 1024 * 1024);
   }
-  const stocks: DiskNodes[] = files.map((f, i) => disk(300 + i, { params: f, script: '/etc/xen/scripts/block', domainName: `stock${i}` }));
+  const stocks: DiskNodes[] = files.map((f, i) =>
+    disk(300 + i, { params: f, script: '/etc/xen/scripts/block', domainName: `stock${i}` }),
+  );
   for (const d of [...cows, ...stocks]) await writeBackendNodes(xs, d);
 
   const run = (d: DiskNodes, i: number, action: 'add' | 'remove'): Promise<Run> => {
@@ -80,11 +111,16 @@ test(`${N_COW} concurrent block-cow adds on one base mixed with ${N_STOCK} stock
   });
   const t0 = Date.now();
   let done = 0;
-  const progress = (what: string) => (r: Run): Run => {
-    done += 1;
-    if (done % 16 === 0 || r.code !== 0) process.stdout.write(`# ${what}: ${done}/${order.length} done after ${Date.now() - t0} ms${r.code !== 0 ? ` (one exited ${r.code})` : ''}\n`);
-    return r;
-  };
+  const progress =
+    (what: string) =>
+    (r: Run): Run => {
+      done += 1;
+      if (done % 16 === 0 || r.code !== 0)
+        process.stdout.write(
+          `# ${what}: ${done}/${order.length} done after ${Date.now() - t0} ms${r.code !== 0 ? ` (one exited ${r.code})` : ''}\n`,
+        );
+      return r;
+    };
   let passed = false;
   try {
     await mixedRuns(order, run, progress, t0, stocks, files);
@@ -103,12 +139,18 @@ async function why(d: DiskNodes, r: Run): Promise<string> {
 }
 
 async function mixedRuns(
-  order: DiskNodes[], run: (d: DiskNodes, i: number, a: 'add' | 'remove') => Promise<Run>, progress: (what: string) => (r: Run) => Run, t0: number,
-  stocks: DiskNodes[], files: string[],
+  order: DiskNodes[],
+  run: (d: DiskNodes, i: number, a: 'add' | 'remove') => Promise<Run>,
+  progress: (what: string) => (r: Run) => Run,
+  t0: number,
+  stocks: DiskNodes[],
+  files: string[],
 ): Promise<void> {
   const adds = await Promise.all(order.map((d) => run(d, d.domid - 200, 'add').then(progress('adds'))));
   const addMs = Date.now() - t0;
-  const failedAdds = await Promise.all(adds.map(async (r, i) => (r.code === 0 ? '' : await why(order[i] as DiskNodes, r))));
+  const failedAdds = await Promise.all(
+    adds.map(async (r, i) => (r.code === 0 ? '' : await why(order[i] as DiskNodes, r))),
+  );
   assert.deepEqual(failedAdds.filter(Boolean), [], 'every add exits 0');
 
   const pds: string[] = [];
@@ -129,7 +171,9 @@ async function mixedRuns(
   const t1 = Date.now();
   const removes = await Promise.all(order.map((d) => run(d, d.domid - 200, 'remove')));
   const removeMs = Date.now() - t1;
-  const failedRemoves = await Promise.all(removes.map(async (r, i) => (r.code === 0 ? '' : await why(order[i] as DiskNodes, r))));
+  const failedRemoves = await Promise.all(
+    removes.map(async (r, i) => (r.code === 0 ? '' : await why(order[i] as DiskNodes, r))),
+  );
   assert.deepEqual(failedRemoves.filter(Boolean), [], 'every remove exits 0');
   for (const d of order) await destroyNodes(xs, d);
   assert.deepEqual(loopsOnBase(), [], 'the base loop went with the last disk');
@@ -139,7 +183,8 @@ async function mixedRuns(
   reportRow({
     hook: 'block-cow',
     fault: `${N_COW} concurrent add/remove on one base, each a hook process as Xen runs it, mixed with ${N_STOCK} stock block runs`,
-    checked: 'every run exits 0, distinct physical-devices, one shared base loop then none, stock loops on their own files, nothing left, base unchanged',
+    checked:
+      'every run exits 0, distinct physical-devices, one shared base loop then none, stock loops on their own files, nothing left, base unchanged',
     result: 'pass',
   });
 }

@@ -11,20 +11,36 @@ import { census, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { cowBackend } from '../../src/backends/cow.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, explain, hook, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  explain,
+  hook,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
 async function inproc(action: 'add' | 'remove', d: DiskNodes): Promise<number> {
   const r = await hookInProcess(cowBackend, action, backendPath(d), env);
-  if (r.code !== 0) process.stderr.write(`${action} ${backendPath(d)}: exit ${r.code}: ${r.text}
+  if (r.code !== 0)
+    process.stderr.write(`${action} ${backendPath(d)}: exit ${r.code}: ${r.text}
 `);
   return r.code;
 }
 
 const t0 = Date.now();
-const progress = (m: string): void => void process.stderr.write(`fault-kill-cow-remove ${((Date.now() - t0) / 1000).toFixed(1)}s: ${m}\n`);
+const progress = (m: string): void =>
+  void process.stderr.write(`fault-kill-cow-remove ${((Date.now() - t0) / 1000).toFixed(1)}s: ${m}\n`);
 
 test('block-cow: SIGKILL after every command of remove; remove + gc leave nothing; the next add succeeds', async () => {
   const mtime = statSync(base).mtimeMs;
@@ -33,7 +49,11 @@ test('block-cow: SIGKILL after every command of remove; remove + gc leave nothin
   const d = disk(6, { domainName: 'killrm' });
   for (let n = 1; n <= 30 && !done; n++) {
     await writeBackendNodes(xs, d);
-    assert.equal(await inproc('add', d), 0, `the add before remove kill ${n} (after the previous kill, remove and gc) succeeds`);
+    assert.equal(
+      await inproc('add', d),
+      0,
+      `the add before remove kill ${n} (after the previous kill, remove and gc) succeeds`,
+    );
     await closeBackend(xs, d);
     progress(`remove killed after ${n}`);
     const r = await hook('remove', d, { XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
@@ -54,5 +74,11 @@ test('block-cow: SIGKILL after every command of remove; remove + gc leave nothin
   assert.equal(sha256File(base), baseSum, 'the base checksum is unchanged');
   assert.equal(statSync(base).mtimeMs, mtime, 'the base mtime is unchanged');
   process.stdout.write(`# remove killed at ${kills} points\n`);
-  reportRow({ hook: 'block-cow', fault: `SIGKILL after each of the ${kills} commands of remove`, checked: 'remove again + gc --apply: no dm, loop, nbd, qemu-nbd, store, journal, lock file or held lock; the next add of the same disk succeeds; base sha256 and mtime unchanged', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: `SIGKILL after each of the ${kills} commands of remove`,
+    checked:
+      'remove again + gc --apply: no dm, loop, nbd, qemu-nbd, store, journal, lock file or held lock; the next add of the same disk succeeds; base sha256 and mtime unchanged',
+    result: 'pass',
+  });
 });

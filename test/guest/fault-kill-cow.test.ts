@@ -14,14 +14,30 @@ import { census, gcApply, hookInProcess, reportRow, sh } from '../lib/fault-lib.
 import { cowBackend } from '../../src/backends/cow.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, explain, hook, loopsOnBase, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  explain,
+  hook,
+  loopsOnBase,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
 async function inproc(action: 'add' | 'remove', d: DiskNodes): Promise<number> {
   const r = await hookInProcess(cowBackend, action, backendPath(d), env);
-  if (r.code !== 0) process.stderr.write(`${action} ${backendPath(d)}: exit ${r.code}: ${r.text}
+  if (r.code !== 0)
+    process.stderr.write(`${action} ${backendPath(d)}: exit ${r.code}: ${r.text}
 `);
   return r.code;
 }
@@ -55,5 +71,11 @@ test('block-cow: SIGKILL after every command of add; remove + gc leave nothing; 
   assert.equal(sha256File(base), baseSum, 'the base checksum is unchanged');
   assert.equal(statSync(base).mtimeMs, mtime, 'the base mtime is unchanged');
   process.stdout.write(`# add killed at ${kills} points\n`);
-  reportRow({ hook: 'block-cow', fault: `SIGKILL after each of the ${kills} commands of add`, checked: 'remove + gc --apply: no dm, loop, nbd, qemu-nbd, store, journal, lock file or held lock; the next add of the same disk succeeds over a read-only base loop; base sha256 and mtime unchanged', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: `SIGKILL after each of the ${kills} commands of add`,
+    checked:
+      'remove + gc --apply: no dm, loop, nbd, qemu-nbd, store, journal, lock file or held lock; the next add of the same disk succeeds over a read-only base loop; base sha256 and mtime unchanged',
+    result: 'pass',
+  });
 });

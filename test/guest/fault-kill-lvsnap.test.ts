@@ -11,7 +11,14 @@ import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { census, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+} from '../lib/backend-nodes.js';
 import { lvsnapBackend } from '../../src/backends/lvsnap.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
@@ -19,7 +26,12 @@ import type { XenstoreClient } from '../../src/xenstore/types.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-lvsnap.mjs');
 const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `lvkill-${process.pid}`);
-const dirs = { storeDir: join(root, 'store'), stateDir: join(root, 'state'), xenLockDir: join(root, 'xen-hotplug'), vg: 'xbhkillvg' };
+const dirs = {
+  storeDir: join(root, 'store'),
+  stateDir: join(root, 'state'),
+  xenLockDir: join(root, 'xen-hotplug'),
+  vg: 'xbhkillvg',
+};
 const VG = dirs.vg;
 const sock = join(root, 'xenstored.sock');
 const pvs: string[] = [];
@@ -39,7 +51,12 @@ const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
 };
 
-const sh = (file: string, args: string[]) => execFileSync(file, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' } }).trim();
+const sh = (file: string, args: string[]) =>
+  execFileSync(file, args, {
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, LVM_SUPPRESS_FD_WARNINGS: '1' },
+  }).trim();
 const origin = `/dev/${VG}/golden`;
 const sha = () => createHash('sha256').update(readFileSync(origin)).digest('hex');
 
@@ -67,7 +84,15 @@ after(async () => {
 
 test('block-lvsnap: SIGKILL after every command of add; remove + gc leave nothing; the next add succeeds', async () => {
   const before = sha();
-  const d: DiskNodes = { domid: 41, devid: 51712, params: `${VG}/golden 4M`, mode: 'w', vdev: 'xvda', domainName: 'lvkill', script: '/etc/xen/scripts/block-lvsnap' };
+  const d: DiskNodes = {
+    domid: 41,
+    devid: 51712,
+    params: `${VG}/golden 4M`,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: 'lvkill',
+    script: '/etc/xen/scripts/block-lvsnap',
+  };
   let done = false;
   let kills = 0;
   for (let n = 1; n <= 30 && !done; n++) {
@@ -83,11 +108,21 @@ test('block-lvsnap: SIGKILL after every command of add; remove + gc leave nothin
     assert.equal(rm.code, 0, `remove after the add was killed at ${n}: ${rm.text}`);
     await destroyNodes(xs, d);
     await gcApply(env);
-    assert.deepEqual(census({ ...dirs, keepLoops: pvs, keepDms: [`${VG}-golden`] }), [], `add killed after command ${n}, then remove and gc`);
+    assert.deepEqual(
+      census({ ...dirs, keepLoops: pvs, keepDms: [`${VG}-golden`] }),
+      [],
+      `add killed after command ${n}, then remove and gc`,
+    );
   }
   assert.ok(done, 'an add ran to completion under the fault point');
   assert.ok(kills >= 2, `killed ${kills} adds`);
   assert.equal(sha(), before, 'the origin is unchanged');
   process.stdout.write(`# add killed at ${kills} points\n`);
-  reportRow({ hook: 'block-lvsnap', fault: `SIGKILL after each of the ${kills} commands of add`, checked: 'remove + gc --apply: no snapshot LV, journal, lock file or held lock; the next add succeeds; origin sha256 unchanged', result: 'pass' });
+  reportRow({
+    hook: 'block-lvsnap',
+    fault: `SIGKILL after each of the ${kills} commands of add`,
+    checked:
+      'remove + gc --apply: no snapshot LV, journal, lock file or held lock; the next add succeeds; origin sha256 unchanged',
+    result: 'pass',
+  });
 });

@@ -12,7 +12,19 @@ import { census, gcApply, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { runHookProcess, type DiskNodes } from '../lib/backend-nodes.js';
 import { thinBackend } from '../../src/backends/thin.js';
 import {
-  backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-thin.mjs');
@@ -31,7 +43,10 @@ test('block-thin: SIGKILL after every command of add; remove + gc leave nothing;
   const d = disk(31, { domainName: 'thinkill' });
   for (let n = 1; n <= 40 && !done; n++) {
     await writeBackendNodes(xs, d);
-    const r = await runHookProcess(HOOK, 'add', backendPath(d), { ...thinEnv, XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n) });
+    const r = await runHookProcess(HOOK, 'add', backendPath(d), {
+      ...thinEnv,
+      XEN_BLOCKHOOKS_FAULT_KILL_AFTER: String(n),
+    });
     if (r.code === 0) {
       done = true;
       assert.match(await xs.read(`${backendPath(d)}/physical-device`), /^[0-9a-f]+:[0-9a-f]+$/, 'connected');
@@ -49,5 +64,11 @@ test('block-thin: SIGKILL after every command of add; remove + gc leave nothing;
   assert.ok(kills >= 5, `killed ${kills} adds`);
   assert.equal(sha256File(base), baseSum, 'the base checksum is unchanged');
   process.stdout.write(`# add killed at ${kills} points\n`);
-  reportRow({ hook: 'block-thin', fault: `SIGKILL after each of the ${kills} commands of add`, checked: 'remove + gc --apply: no pool, thin volume, dm, loop, pool file, journal, lock file or held lock; the next add succeeds; base sha256 unchanged', result: 'pass' });
+  reportRow({
+    hook: 'block-thin',
+    fault: `SIGKILL after each of the ${kills} commands of add`,
+    checked:
+      'remove + gc --apply: no pool, thin volume, dm, loop, pool file, journal, lock file or held lock; the next add succeeds; base sha256 unchanged',
+    result: 'pass',
+  });
 });

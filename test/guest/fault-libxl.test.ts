@@ -16,12 +16,28 @@ import { cowBackend } from '../../src/backends/cow.js';
 import { Journal } from '../../src/journal/journal.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 
 const dirs = { storeDir, stateDir, xenLockDir };
 
-function inproc(action: 'add' | 'remove', d: DiskNodes, extra: NodeJS.ProcessEnv = {}): Promise<{ code: number; text: string }> {
+function inproc(
+  action: 'add' | 'remove',
+  d: DiskNodes,
+  extra: NodeJS.ProcessEnv = {},
+): Promise<{ code: number; text: string }> {
   return hookInProcess(cowBackend, action, backendPath(d), { ...env, ...extra });
 }
 
@@ -42,7 +58,12 @@ test('xenstore nodes wiped without remove: gc --apply takes everything away', as
   assert.match(plan.text, /vbd\/21\//, 'the plan names the orphaned disk');
   await gcApply(env);
   assert.deepEqual(census(dirs), [], 'nothing left after gc --apply');
-  reportRow({ hook: 'block-cow', fault: 'xenstore nodes wiped without remove', checked: 'gc lists the orphaned record (exit 3); gc --apply leaves no dm, loop, store, journal or lock', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: 'xenstore nodes wiped without remove',
+    checked: 'gc lists the orphaned record (exit 3); gc --apply leaves no dm, loop, store, journal or lock',
+    result: 'pass',
+  });
 });
 
 test('remove while the device is still open: bounded retries, a clear error, and remove finishes once it is closed', async () => {
@@ -60,14 +81,24 @@ test('remove while the device is still open: bounded retries, a clear error, and
   const took = Date.now() - t0;
   assert.equal(first.code, 1, 'remove of an open device fails');
   assert.ok(took < 60_000, `the retries are bounded (${took} ms)`);
-  assert.match(await xs.read(`${backendPath(d)}/hotplug-error`), /busy|open/i, 'hotplug-error says the device is still in use');
+  assert.match(
+    await xs.read(`${backendPath(d)}/hotplug-error`),
+    /busy|open/i,
+    'hotplug-error says the device is still in use',
+  );
   const kept = new Journal(stateDir).load(backendPath(d));
   assert.ok(kept && kept.steps.length > 0, 'the record stays, with what is left to undo');
   const second = await inproc('remove', d);
   assert.equal(second.code, 0, `remove after the device was closed: ${second.text}`);
   await destroyNodes(xs, d);
   assert.deepEqual(census(dirs), [], 'nothing left');
-  reportRow({ hook: 'block-cow', fault: 'remove while the device is still open', checked: 'exit 1 within the retry bound, hotplug-error names the busy device, the record is kept; the next remove after close leaves nothing', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: 'remove while the device is still open',
+    checked:
+      'exit 1 within the retry bound, hotplug-error names the busy device, the record is kept; the next remove after close leaves nothing',
+    result: 'pass',
+  });
 });
 
 test('the base image deleted between add and remove: remove still takes everything away', async () => {
@@ -85,5 +116,10 @@ test('the base image deleted between add and remove: remove still takes everythi
     renameSync(saved, base);
   }
   assert.equal(sha256File(base), baseSum, 'the base checksum is unchanged');
-  reportRow({ hook: 'block-cow', fault: 'base image removed between add and remove', checked: 'remove exits 0 and leaves no loop, dm, store, journal or lock', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: 'base image removed between add and remove',
+    checked: 'remove exits 0 and leaves no loop, dm, store, journal or lock',
+    result: 'pass',
+  });
 });

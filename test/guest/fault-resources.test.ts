@@ -13,7 +13,16 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { census, hookInProcess, reportRow } from '../lib/fault-lib.js';
 import { cowBackend } from '../../src/backends/cow.js';
@@ -22,12 +31,24 @@ import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  backendPath, base, baseSum, closeBackend, destroyNodes, disk, env, root, sha256File, stateDir, storeDir, writeBackendNodes, xenLockDir, xs,
+  backendPath,
+  base,
+  baseSum,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  root,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 import { sh } from '../lib/disk-io.js';
 
 const dirs = { storeDir, stateDir, xenLockDir };
-
 
 interface Keep {
   keepLoops?: string[];
@@ -37,7 +58,14 @@ interface Keep {
   own?: (line: string) => boolean;
 }
 
-async function refusedThenFine(backend: Backend, d: DiskNodes, re: RegExp, extraEnv: NodeJS.ProcessEnv, keep: Keep, restore: () => void): Promise<string> {
+async function refusedThenFine(
+  backend: Backend,
+  d: DiskNodes,
+  re: RegExp,
+  extraEnv: NodeJS.ProcessEnv,
+  keep: Keep,
+  restore: () => void,
+): Promise<string> {
   await writeBackendNodes(xs, d);
   const be = backendPath(d);
   let refusedText = '';
@@ -50,7 +78,11 @@ async function refusedThenFine(backend: Backend, d: DiskNodes, re: RegExp, extra
     assert.match(msg, re, `hotplug-error says what ran out: ${msg}`);
     assert.doesNotMatch(msg, /failed unexpectedly|\n\s+at /, 'a sentence, not a stack');
     assert.equal(await xs.tryRead(`${be}/physical-device`), undefined, 'no physical-device');
-    assert.deepEqual(census({ ...dirs, keepLoops: keep.keepLoops, keepDms: keep.keepDms, vg: keep.vg }).filter((l) => !keep.own?.(l)), [], 'nothing left behind');
+    assert.deepEqual(
+      census({ ...dirs, keepLoops: keep.keepLoops, keepDms: keep.keepDms, vg: keep.vg }).filter((l) => !keep.own?.(l)),
+      [],
+      'nothing left behind',
+    );
     assert.equal(sha256File(base), baseSum, 'the base is unchanged');
   } finally {
     restore();
@@ -63,13 +95,20 @@ async function refusedThenFine(backend: Backend, d: DiskNodes, re: RegExp, extra
   const rm = await hookInProcess(backend, 'remove', be, { ...env, ...extraEnv });
   assert.equal(rm.code, 0, `and removes: ${rm.text}`);
   await destroyNodes(xs, d);
-  assert.deepEqual(census({ ...dirs, keepLoops: keep.keepLoops, keepDms: keep.keepDms, vg: keep.vg }).filter((l) => !keep.own?.(l)), [], 'nothing left after the good run');
+  assert.deepEqual(
+    census({ ...dirs, keepLoops: keep.keepLoops, keepDms: keep.keepDms, vg: keep.vg }).filter((l) => !keep.own?.(l)),
+    [],
+    'nothing left after the good run',
+  );
   return refusedText;
 }
 
 /** Loop device nodes that are not bound now. */
 function freeLoopNodes(): string[] {
-  return readdirSync('/dev').filter((n) => /^loop\d+$/.test(n)).filter((n) => !existsSync(`/sys/block/${n}/loop/backing_file`)).map((n) => `/dev/${n}`);
+  return readdirSync('/dev')
+    .filter((n) => /^loop\d+$/.test(n))
+    .filter((n) => !existsSync(`/sys/block/${n}/loop/backing_file`))
+    .map((n) => `/dev/${n}`);
 }
 
 test('no free loop device: block-cow says so, builds nothing, and works once one is free', async () => {
@@ -98,7 +137,13 @@ test('no free loop device: block-cow says so, builds nothing, and works once one
     restore();
     rmSync(filler, { force: true });
   }
-  reportRow({ hook: 'block-cow', fault: 'no free loop device (all bound, no loop-control)', checked: 'exit 1, hotplug-error names the loop shortage, nothing left, base unchanged; the same disk adds once a loop is free', result: 'pass' });
+  reportRow({
+    hook: 'block-cow',
+    fault: 'no free loop device (all bound, no loop-control)',
+    checked:
+      'exit 1, hotplug-error names the loop shortage, nothing left, base unchanged; the same disk adds once a loop is free',
+    result: 'pass',
+  });
 });
 
 test('no free nbd device: block-qcow says so, builds nothing, and works once one is free', async () => {
@@ -129,30 +174,48 @@ test('no free nbd device: block-qcow says so, builds nothing, and works once one
     // qemu-nbd --connect returns once the device is set up; the pid file appears with it.
     for (let i = 0; i < 100 && !nbds.every(connected); i++) await new Promise((r) => setTimeout(r, 100));
     assert.ok(nbds.every(connected), `every nbd device is connected (${nbds.length})`);
-    const fillers = new Set(readdirSync('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-      try {
-        return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'qemu-nbd';
-      } catch {
-        return false;
-      }
-    }).map((p) => `qemu-nbd pid ${p}`));
+    const fillers = new Set(
+      readdirSync('/proc')
+        .filter((p) => /^\d+$/.test(p))
+        .filter((p) => {
+          try {
+            return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'qemu-nbd';
+          } catch {
+            return false;
+          }
+        })
+        .map((p) => `qemu-nbd pid ${p}`),
+    );
     const own = (l: string) => fillers.has(l) || taken.some((n) => l === `nbd ${n} connected`);
     const d = disk(62, { params: `${qbase}`, mode: 'r' });
     const before = sha256File(qbase);
-    await refusedThenFine(qcowBackend, d, /every nbd device is in use/, { XEN_BLOCKHOOKS_IMAGE_DIRS: images }, { own }, () => {
-      restore();
-      for (let i = 0; i < 100 && nbds.some(connected); i++) execFileSync('sleep', ['0.1']);
-    });
+    await refusedThenFine(
+      qcowBackend,
+      d,
+      /every nbd device is in use/,
+      { XEN_BLOCKHOOKS_IMAGE_DIRS: images },
+      { own },
+      () => {
+        restore();
+        for (let i = 0; i < 100 && nbds.some(connected); i++) execFileSync('sleep', ['0.1']);
+      },
+    );
     assert.equal(sha256File(qbase), before, 'the image is unchanged');
   } finally {
     restore();
     rmSync(filler, { force: true });
     rmSync(qbase, { force: true });
   }
-  reportRow({ hook: 'block-qcow', fault: `no free nbd device (all ${nbds.length} connected)`, checked: 'exit 1, hotplug-error names the nbd shortage, no qemu-nbd of ours, nothing left; the same disk adds once one is free', result: 'pass' });
+  reportRow({
+    hook: 'block-qcow',
+    fault: `no free nbd device (all ${nbds.length} connected)`,
+    checked:
+      'exit 1, hotplug-error names the nbd shortage, no qemu-nbd of ours, nothing left; the same disk adds once one is free',
+    result: 'pass',
+  });
 });
 
-test('volume group full: block-lvsnap passes on lvcreate\'s reason, creates no LV, and works once there is room', async () => {
+test("volume group full: block-lvsnap passes on lvcreate's reason, creates no LV, and works once there is room", async () => {
   const VG = 'xbhfullvg';
   const pvFile = join(root, 'pv-full.img');
   mkdirSync(root, { recursive: true });
@@ -168,10 +231,20 @@ test('volume group full: block-lvsnap passes on lvcreate\'s reason, creates no L
     if (free > 0) sh('lvm', ['lvcreate', '-q', '-y', '-n', 'ballast', '-l', String(free), VG]);
     assert.equal(Number(sh('lvm', ['vgs', '--noheadings', '-o', 'vg_free_count', VG])), 0, 'the VG has no free extent');
     const d = disk(63, { params: `${VG}/golden 4M` });
-    await refusedThenFine(lvsnapBackend, d, /insufficient free space|free space/i, {}, { vg: VG, keepLoops: [pv], keepDms: [`${VG}-golden`, `${VG}-ballast`] }, () => {
-      sh('lvm', ['lvremove', '-q', '-y', `${VG}/ballast`]);
-    });
-    const lvs = sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG]).split('\n').map((s) => s.trim()).filter(Boolean);
+    await refusedThenFine(
+      lvsnapBackend,
+      d,
+      /insufficient free space|free space/i,
+      {},
+      { vg: VG, keepLoops: [pv], keepDms: [`${VG}-golden`, `${VG}-ballast`] },
+      () => {
+        sh('lvm', ['lvremove', '-q', '-y', `${VG}/ballast`]);
+      },
+    );
+    const lvs = sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG])
+      .split('\n')
+      .map((s) => s.trim())
+      .filter(Boolean);
     assert.deepEqual(lvs, ['golden'], 'only the origin is left');
   } finally {
     spawnSync('lvm', ['vgremove', '-q', '-f', VG], { stdio: 'ignore' });
@@ -179,5 +252,11 @@ test('volume group full: block-lvsnap passes on lvcreate\'s reason, creates no L
     spawnSync('losetup', ['-d', pv]);
     rmSync(pvFile, { force: true });
   }
-  reportRow({ hook: 'block-lvsnap', fault: 'volume group full', checked: 'exit 1, hotplug-error carries lvcreate\'s "insufficient free space", no LV created, nothing left; the same disk adds once extents are free', result: 'pass' });
+  reportRow({
+    hook: 'block-lvsnap',
+    fault: 'volume group full',
+    checked:
+      'exit 1, hotplug-error carries lvcreate\'s "insufficient free space", no LV created, nothing left; the same disk adds once extents are free',
+    result: 'pass',
+  });
 });

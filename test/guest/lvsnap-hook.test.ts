@@ -23,7 +23,15 @@ import { takeInventory } from '../../src/cli/inventory.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { block, pread, pwrite, sh } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
@@ -51,18 +59,27 @@ const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
 };
 
-
-
-
-
 const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 
 function lvNames(): string[] {
-  return sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG]).split('\n').map((s) => s.trim()).filter(Boolean).sort();
+  return sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG])
+    .split('\n')
+    .map((s) => s.trim())
+    .filter(Boolean)
+    .sort();
 }
 
 function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
-  return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `g${domid}`, script: '/etc/xen/scripts/block-lvsnap', ...extra };
+  return {
+    domid,
+    devid: 51712,
+    params,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `g${domid}`,
+    script: '/etc/xen/scripts/block-lvsnap',
+    ...extra,
+  };
 }
 
 function explain(r: HookRun): string {
@@ -70,7 +87,8 @@ function explain(r: HookRun): string {
   return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
 }
 
-const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) => runHookProcess(HOOK, action, backendPath(d), env);
+const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) =>
+  runHookProcess(HOOK, action, backendPath(d), env);
 
 async function addOk(d: DiskNodes): Promise<string> {
   await writeBackendNodes(xs, d);
@@ -143,13 +161,16 @@ test('two classic snapshots of one origin: isolation, origin unchanged, removal 
   await removeOk(a);
   await removeOk(b);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
-  assert.deepEqual(existsSync(join(stateDir, 'journal')) ? (await import('node:fs')).readdirSync(join(stateDir, 'journal')) : [], []);
+  assert.deepEqual(
+    existsSync(join(stateDir, 'journal')) ? (await import('node:fs')).readdirSync(join(stateDir, 'journal')) : [],
+    [],
+  );
   // remove twice: nothing to do, success
   const again = await hook('remove', a);
   assert.equal(again.code, 0, explain(again));
 });
 
-test('a persistent snapshot serves one writer: a migration\'s receiver on this host is refused, not given a new one', async () => {
+test("a persistent snapshot serves one writer: a migration's receiver on this host is refused, not given a new one", async () => {
   const a = disk(3, `${VG}/golden 8M persistent`, { domainName: 'gamma' });
   const pa = await addOk(a);
   pwrite(pa, 4 * MiB, block(4, 'gamma'));
@@ -157,9 +178,12 @@ test('a persistent snapshot serves one writer: a migration\'s receiver on this h
   await writeBackendNodes(xs, recv);
   const r = await hook('add', recv);
   assert.equal(r.code, 1, explain(r));
-  assert.match((await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '', /persistent snapshot .*\/xbh-gamma-xvda is in use by another disk/);
+  assert.match(
+    (await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '',
+    /persistent snapshot .*\/xbh-gamma-xvda is in use by another disk/,
+  );
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-gamma-xvda'], 'no second snapshot');
-  assert.deepEqual(pread(pa, 4 * MiB), block(4, 'gamma'), 'the sender\'s snapshot is untouched');
+  assert.deepEqual(pread(pa, 4 * MiB), block(4, 'gamma'), "the sender's snapshot is untouched");
   await destroyNodes(xs, recv);
   await removeOk(a);
   const lv = spawnSync('lvm', ['lvremove', '-f', `${VG}/xbh-gamma-xvda`], { encoding: 'utf8', env });
@@ -193,7 +217,11 @@ test('a thin origin gets thin snapshots (no size); a size is refused', async () 
 });
 
 test('resize: a thin snapshot grows online (lvextend), keeping its data; a classic snapshot is refused', async () => {
-  const cli = (...args: string[]) => spawnSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], { env, encoding: 'utf8' });
+  const cli = (...args: string[]) =>
+    spawnSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], {
+      env,
+      encoding: 'utf8',
+    });
   const size = (dev: string) => Number(sh('blockdev', ['--getsize64', dev]));
   const t1 = disk(6, `${VG}/tgolden`, { domainName: 'tres' });
   const dev = await addOk(t1);
@@ -279,22 +307,49 @@ test('a crash leaves transient snapshots behind: gc removes those nothing holds,
   let plan;
   try {
     const young = await takeInventory({ config, run, xs: undefined, journal });
-    assert.deepEqual(young.rows.filter((r) => r.kind === 'lv'), [], 'a snapshot younger than a minute is nobody\'s leftover yet');
+    assert.deepEqual(
+      young.rows.filter((r) => r.kind === 'lv'),
+      [],
+      "a snapshot younger than a minute is nobody's leftover yet",
+    );
     const inv = await takeInventory({ config, run, xs: undefined, journal, now: later });
-    assert.deepEqual(inv.rows.filter((r) => r.kind === 'lv').map((r) => r.device), [`/dev/${VG}/xbh-g21-xvda`], 'only the transient, closed, unrecorded one');
+    assert.deepEqual(
+      inv.rows.filter((r) => r.kind === 'lv').map((r) => r.device),
+      [`/dev/${VG}/xbh-g21-xvda`],
+      'only the transient, closed, unrecorded one',
+    );
     plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'lv');
-    assert.match(plan[0]?.action ?? '', new RegExp(`^lvremove -f ${VG}/xbh-g21-xvda: transient snapshot LV \\(tag xbh_transient\\) that no record names and nothing holds open`));
+    assert.match(
+      plan[0]?.action ?? '',
+      new RegExp(
+        `^lvremove -f ${VG}/xbh-g21-xvda: transient snapshot LV \\(tag xbh_transient\\) that no record names and nothing holds open`,
+      ),
+    );
   } finally {
     closeSync(fd);
   }
   const results = await applyGc(plan, { config, run, log, xs: undefined, journal, now: later });
-  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.deepEqual(
+    results.map((r) => r.ok),
+    [true],
+    JSON.stringify(results),
+  );
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-g22-xvda', 'xbh-g23-xvda', 'xbh-g24-xvda']);
   // The open one, once closed, is the next run's.
   const again = await takeInventory({ config, run, xs: undefined, journal, now: later });
-  assert.deepEqual(again.rows.filter((r) => r.kind === 'lv').map((r) => r.device), [`/dev/${VG}/xbh-g22-xvda`]);
-  const second = await applyGc(gcPlan(again, { withoutXenstore: false }).filter((i) => i.row.kind === 'lv'), { config, run, log, xs: undefined, journal, now: later });
-  assert.deepEqual(second.map((r) => r.ok), [true], JSON.stringify(second));
+  assert.deepEqual(
+    again.rows.filter((r) => r.kind === 'lv').map((r) => r.device),
+    [`/dev/${VG}/xbh-g22-xvda`],
+  );
+  const second = await applyGc(
+    gcPlan(again, { withoutXenstore: false }).filter((i) => i.row.kind === 'lv'),
+    { config, run, log, xs: undefined, journal, now: later },
+  );
+  assert.deepEqual(
+    second.map((r) => r.ok),
+    [true],
+    JSON.stringify(second),
+  );
   await removeOk(live);
   sh('lvm', ['lvremove', '-q', '-f', `${VG}/xbh-g23-xvda`]);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);

@@ -48,7 +48,10 @@ test('a killed open (its steps only intended) is undone by gc: exactly its maps 
     assert.deepEqual(partMaps(), [], 'the maps are gone');
     assert.deepEqual(openRecords(), [], 'the record is gone');
     assert.equal(loopsOn(images).length, 1, 'their loop is still there');
-    assert.ok(spawnSync('losetup', [theirs], { encoding: 'utf8' }).stdout.includes(img), `${theirs} still on the image`);
+    assert.ok(
+      spawnSync('losetup', [theirs], { encoding: 'utf8' }).stdout.includes(img),
+      `${theirs} still on the image`,
+    );
   } finally {
     sh('losetup', ['-d', theirs]);
   }
@@ -57,7 +60,11 @@ test('a killed open (its steps only intended) is undone by gc: exactly its maps 
 
 test('open and close SIGKILLed after each of their commands: gc --apply leaves nothing, the next open works', () => {
   const img = image('kill.img', 16, 'label: gpt\nstart=2048, size=4096\nstart=8192\n');
-  const dirs = { storeDir: env.XEN_BLOCKHOOKS_STORE_DIR as string, stateDir: env.XEN_BLOCKHOOKS_STATE_DIR as string, xenLockDir: env.XEN_BLOCKHOOKS_XEN_LOCK_DIR as string };
+  const dirs = {
+    storeDir: env.XEN_BLOCKHOOKS_STORE_DIR as string,
+    stateDir: env.XEN_BLOCKHOOKS_STATE_DIR as string,
+    xenLockDir: env.XEN_BLOCKHOOKS_XEN_LOCK_DIR as string,
+  };
   const gcAll = (what: string) => {
     const g = cli(['gc', '--apply'], xsEnv);
     assert.equal(g.code, 0, `${what}: gc --apply: ${g.all}`);
@@ -100,7 +107,11 @@ test('open and close SIGKILLed after each of their commands: gc --apply leaves n
       const again = cli(['close', img], xsEnv);
       assert.equal(again.code, 0, again.all);
     } else {
-      assert.deepEqual(st.devices.map((d) => `${d.hook} ${d.state}`), ['open orphan'], `close killed after command ${n}`);
+      assert.deepEqual(
+        st.devices.map((d) => `${d.hook} ${d.state}`),
+        ['open orphan'],
+        `close killed after command ${n}`,
+      );
     }
     assert.deepEqual(census(dirs), [], `close killed after command ${n}: nothing is left`);
   }

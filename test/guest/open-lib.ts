@@ -19,7 +19,8 @@ export const openRecords = () => {
     return [];
   }
 };
-export const sh = (file: string, args: string[], input?: string) => execFileSync(file, args, { encoding: 'utf8', ...(input !== undefined ? { input } : {}) });
+export const sh = (file: string, args: string[], input?: string) =>
+  execFileSync(file, args, { encoding: 'utf8', ...(input !== undefined ? { input } : {}) });
 export const partMaps = () => dmNames().filter((n) => /p\d+$/.test(n));
 
 /** An image of `mib` MiB with the sfdisk `script`'s table. */
@@ -51,7 +52,11 @@ export function mountRead(dev: string, file: string, opts = 'ro'): string | unde
 }
 
 /** The /dev/mapper paths open printed, in order. */
-export const paths = (out: string) => out.trim().split('\n').map((l) => l.split('\t')[0] as string);
+export const paths = (out: string) =>
+  out
+    .trim()
+    .split('\n')
+    .map((l) => l.split('\t')[0] as string);
 
 export function assertNothingLeft(what: string): void {
   assert.deepEqual(partMaps(), [], `${what}: no partition maps left`);

@@ -7,7 +7,20 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { MiB, addOk, assertClean, block, disk, makeWorld, patternedRaw, pread, pwrite, removeOk, sha256File, type World } from './qcow-lib.js';
+import {
+  MiB,
+  addOk,
+  assertClean,
+  block,
+  disk,
+  makeWorld,
+  patternedRaw,
+  pread,
+  pwrite,
+  removeOk,
+  sha256File,
+  type World,
+} from './qcow-lib.js';
 
 let w: World;
 before(async () => {
@@ -15,7 +28,10 @@ before(async () => {
 });
 after(async () => {
   await w?.close();
-  if (w) process.stderr.write(`hook log:\n${readFileSync(join(w.root, 'hook.log'), 'utf8').split('\n').slice(-40).join('\n')}\n`);
+  if (w)
+    process.stderr.write(
+      `hook log:\n${readFileSync(join(w.root, 'hook.log'), 'utf8').split('\n').slice(-40).join('\n')}\n`,
+    );
 });
 
 test('8 concurrent adds on one base, then 8 concurrent removes', async () => {
@@ -24,21 +40,26 @@ test('8 concurrent adds on one base, then 8 concurrent removes', async () => {
   const sum = sha256File(base);
   const disks = Array.from({ length: 8 }, (_, i) => disk(100 + i, `${base} overlay=transient`));
   const t0 = Date.now();
-  const added = await Promise.all(disks.map(async (d) => {
-    const a = await addOk(w, d);
-    process.stderr.write(`add ${d.domid}: ${a.device} after ${Date.now() - t0} ms (hook ${a.run.ms} ms)\n`);
-    return a;
-  }));
+  const added = await Promise.all(
+    disks.map(async (d) => {
+      const a = await addOk(w, d);
+      process.stderr.write(`add ${d.domid}: ${a.device} after ${Date.now() - t0} ms (hook ${a.run.ms} ms)\n`);
+      return a;
+    }),
+  );
   const devices = added.map((a) => a.device);
   assert.equal(new Set(devices).size, 8, `eight different nbd devices: ${devices.join(' ')}`);
   added.forEach((a, i) => pwrite(a.device, 1 * MiB, block(i, 'writer')));
-  added.forEach((a, i) => assert.deepEqual(pread(a.device, 1 * MiB, 4096), block(i, 'writer'), `disk ${i} reads its own write`));
-  await Promise.all(disks.map(async (d) => {
-    await removeOk(w, d);
-    process.stderr.write(`remove ${d.domid} after ${Date.now() - t0} ms\n`);
-  }));
+  added.forEach((a, i) =>
+    assert.deepEqual(pread(a.device, 1 * MiB, 4096), block(i, 'writer'), `disk ${i} reads its own write`),
+  );
+  await Promise.all(
+    disks.map(async (d) => {
+      await removeOk(w, d);
+      process.stderr.write(`remove ${d.domid} after ${Date.now() - t0} ms\n`);
+    }),
+  );
   assert.equal(sha256File(base), sum);
   assertClean(w, 'after 8 removes');
   rmSync(base);
 });
-

@@ -7,7 +7,17 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { add, assertClean, connectedNbds, disk, makeWorld, patternedRaw, remove, sha256File, type World } from './qcow-lib.js';
+import {
+  add,
+  assertClean,
+  connectedNbds,
+  disk,
+  makeWorld,
+  patternedRaw,
+  remove,
+  sha256File,
+  type World,
+} from './qcow-lib.js';
 
 let w: World;
 before(async () => {

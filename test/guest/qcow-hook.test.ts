@@ -6,7 +6,22 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { MiB, addOk, assertClean, block, disk, img, makeWorld, patternedRaw, pread, pwrite, removeOk, sha256File, sh, type World } from './qcow-lib.js';
+import {
+  MiB,
+  addOk,
+  assertClean,
+  block,
+  disk,
+  img,
+  makeWorld,
+  patternedRaw,
+  pread,
+  pwrite,
+  removeOk,
+  sha256File,
+  sh,
+  type World,
+} from './qcow-lib.js';
 
 let w: World;
 before(async () => {
@@ -62,7 +77,9 @@ test('overlay=transient on a raw base: two domains each see only their own write
   const pids = sh('pgrep', ['-x', 'qemu-nbd']).split('\n');
   assert.equal(pids.length, 2, 'one daemon per disk');
   for (const pid of pids) {
-    const fdinfo = sh('ls', ['-l', `/proc/${pid}/fd`]).split('\n').filter((l) => l.endsWith(base));
+    const fdinfo = sh('ls', ['-l', `/proc/${pid}/fd`])
+      .split('\n')
+      .filter((l) => l.endsWith(base));
     assert.ok(fdinfo.length >= 1, 'the daemon has the base open');
     for (const l of fdinfo) assert.match(l, /^lr-x/, `base opened read-only: ${l}`);
   }

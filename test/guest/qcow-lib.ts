@@ -10,7 +10,14 @@ import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { block, pwrite, sh } from '../lib/disk-io.js';
 export { block, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
@@ -33,7 +40,13 @@ export async function makeWorld(name: string): Promise<World> {
   assert.ok(scratch, 'XEN_BLOCKHOOKS_SCRATCH is set (run in the guest tier)');
   assert.ok(existsSync(HOOK), `${HOOK} exists (npm run build first)`);
   const root = join(scratch, name);
-  const w = { root, images: join(root, 'images'), outside: join(root, 'outside'), store: join(root, 'store'), state: join(root, 'state') };
+  const w = {
+    root,
+    images: join(root, 'images'),
+    outside: join(root, 'outside'),
+    store: join(root, 'store'),
+    state: join(root, 'state'),
+  };
   for (const d of [w.images, w.outside]) mkdirSync(d, { recursive: true });
   const server = await startXenstoreServer({ socketPath: join(root, 'xs.sock') });
   const xs = await connectXenstore({ path: server.socketPath });
@@ -48,14 +61,16 @@ export async function makeWorld(name: string): Promise<World> {
     XEN_BLOCKHOOKS_LOG_FILE: join(root, 'hook.log'),
   };
   return {
-    ...w, server, xs, env,
+    ...w,
+    server,
+    xs,
+    env,
     async close() {
       await xs.close();
       await server.close();
     },
   };
 }
-
 
 export function img(...args: string[]): void {
   execFileSync('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -64,9 +79,6 @@ export function img(...args: string[]): void {
 export const MiB = 1024 * 1024;
 
 /** Deterministic 4 KiB block. */
-
-
-
 
 /** A raw image with a known block at every MiB. */
 export function patternedRaw(path: string, mib: number, salt: string): void {
@@ -85,7 +97,16 @@ export interface Added {
 
 export function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
   nextDevid += 1;
-  return { domid, devid: nextDevid, params, mode: 'w', vdev: 'xvda', domainName: `dom${domid}`, script: '/etc/xen/scripts/block-qcow', ...extra };
+  return {
+    domid,
+    devid: nextDevid,
+    params,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `dom${domid}`,
+    script: '/etc/xen/scripts/block-qcow',
+    ...extra,
+  };
 }
 
 export async function add(w: World, d: DiskNodes, env: NodeJS.ProcessEnv = {}): Promise<Added> {
@@ -125,7 +146,9 @@ export function connectedNbds(): string[] {
 }
 
 export function qemuNbdProcesses(): string[] {
-  return sh('ps', ['-eo', 'pid,args']).split('\n').filter((l) => /qemu-nbd\s/.test(l));
+  return sh('ps', ['-eo', 'pid,args'])
+    .split('\n')
+    .filter((l) => /qemu-nbd\s/.test(l));
 }
 
 function filesIn(dir: string): string[] {
@@ -136,7 +159,11 @@ function filesIn(dir: string): string[] {
 export function assertClean(w: World, what: string, keep: string[] = []): void {
   assert.deepEqual(connectedNbds(), [], `${what}: no nbd device connected`);
   assert.deepEqual(qemuNbdProcesses(), [], `${what}: no qemu-nbd running`);
-  assert.deepEqual(filesIn(join(w.store, 'qcow')).filter((f) => !keep.includes(f)), [], `${what}: no overlay left`);
+  assert.deepEqual(
+    filesIn(join(w.store, 'qcow')).filter((f) => !keep.includes(f)),
+    [],
+    `${what}: no overlay left`,
+  );
   assert.deepEqual(filesIn(join(w.state, 'journal')), [], `${what}: no journal record left`);
   assert.deepEqual(filesIn(join(w.state, 'qcow')), [], `${what}: no pid file left`);
 }

@@ -9,7 +9,21 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { projectRoot } from '../lib/project-root.js';
-import { addOk, assertClean, block, disk, makeWorld, MiB, patternedRaw, pread, pwrite, removeOk, sh, sha256File, type World } from './qcow-lib.js';
+import {
+  addOk,
+  assertClean,
+  block,
+  disk,
+  makeWorld,
+  MiB,
+  patternedRaw,
+  pread,
+  pwrite,
+  removeOk,
+  sh,
+  sha256File,
+  type World,
+} from './qcow-lib.js';
 
 const CLI = join(projectRoot(), 'dist', 'xen-blockhooks.mjs');
 let w: World;
@@ -43,7 +57,10 @@ test('a persistent overlay is resized at its next add, with its data; the runnin
   assert.match(r.out, /resized dom5\/xvda: 16.0M → 32.0M, at its next add/);
   assert.equal(sizeOf(first.device), 16 * MiB, 'qemu-nbd still serves the old size');
   const overlays = readdirSync(join(w.store, 'qcow'));
-  assert.ok(overlays.some((f) => f.endsWith('.qcow2.resize')), `the size is recorded next to the overlay: ${overlays.join(', ')}`);
+  assert.ok(
+    overlays.some((f) => f.endsWith('.qcow2.resize')),
+    `the size is recorded next to the overlay: ${overlays.join(', ')}`,
+  );
   await removeOk(w, d);
 
   const second = await addOk(w, d);
@@ -75,6 +92,9 @@ test('a transient overlay and an image served directly are refused, and nothing 
   assert.equal(direct.code, 1);
   assert.match(direct.err, /no overlay \(resize the image with qemu-img while no domain uses it\)/);
   await removeOk(w, t2);
-  assert.ok(!existsSync(join(w.store, 'qcow')) || !readdirSync(join(w.store, 'qcow')).some((f) => f.endsWith('.resize')), 'nothing recorded');
+  assert.ok(
+    !existsSync(join(w.store, 'qcow')) || !readdirSync(join(w.store, 'qcow')).some((f) => f.endsWith('.resize')),
+    'nothing recorded',
+  );
   assert.equal(sha256File(base), baseSum);
 });

@@ -6,7 +6,22 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { MiB, addOk, add, assertClean, block, disk, img, makeWorld, patternedRaw, pread, pwrite, removeOk, sha256File, type World } from './qcow-lib.js';
+import {
+  MiB,
+  addOk,
+  add,
+  assertClean,
+  block,
+  disk,
+  img,
+  makeWorld,
+  patternedRaw,
+  pread,
+  pwrite,
+  removeOk,
+  sha256File,
+  type World,
+} from './qcow-lib.js';
 
 let w: World;
 before(async () => {
@@ -16,7 +31,7 @@ after(async () => {
   await w?.close();
 });
 
-test('overlay=persistent keeps the domain\'s writes across remove and add', async () => {
+test("overlay=persistent keeps the domain's writes across remove and add", async () => {
   const base = join(w.images, 'pbase.raw');
   patternedRaw(base, 16, 'pbase');
   const sum = sha256File(base);
@@ -35,7 +50,10 @@ test('overlay=persistent keeps the domain\'s writes across remove and add', asyn
   const c = await add(w, d3);
   assert.equal(c.run.code, 1);
   assert.equal(await w.xs.tryRead(`${c.be}/hotplug-status`), 'busy');
-  assert.match((await w.xs.tryRead(`${c.be}/hotplug-error`)) ?? '', /keeper-xvdb\.qcow2 cannot be given writable: it is in use by backend\/vbd\/42\/\d+ \(domain keeper\)/);
+  assert.match(
+    (await w.xs.tryRead(`${c.be}/hotplug-error`)) ?? '',
+    /keeper-xvdb\.qcow2 cannot be given writable: it is in use by backend\/vbd\/42\/\d+ \(domain keeper\)/,
+  );
   await removeOk(w, d2);
   await removeOk(w, d3);
   assert.equal(sha256File(base), sum);
@@ -53,7 +71,10 @@ test('a writer is refused (busy, naming the other disk) on an image other domain
   const x = await add(w, wr);
   assert.equal(x.run.code, 1);
   assert.equal(await w.xs.tryRead(`${x.be}/hotplug-status`), 'busy');
-  assert.match((await w.xs.tryRead(`${x.be}/hotplug-error`)) ?? '', /shared\.raw cannot be given writable: it is in use by backend\/vbd\/51\/\d+ \(domain reader\)/);
+  assert.match(
+    (await w.xs.tryRead(`${x.be}/hotplug-error`)) ?? '',
+    /shared\.raw cannot be given writable: it is in use by backend\/vbd\/51\/\d+ \(domain reader\)/,
+  );
   await removeOk(w, wr);
   await removeOk(w, ro);
   assertClean(w, 'after busy refusal');
@@ -70,7 +91,10 @@ test('a backing file outside the allowed directories is refused with a clear hot
     const x = await add(w, d);
     assert.equal(x.run.code, 1, 'exit 1');
     assert.equal(await w.xs.tryRead(`${x.be}/hotplug-status`), 'error');
-    assert.match((await w.xs.tryRead(`${x.be}/hotplug-error`)) ?? '', /backing file .*secret\.raw .*lies outside the allowed image directories/);
+    assert.match(
+      (await w.xs.tryRead(`${x.be}/hotplug-error`)) ?? '',
+      /backing file .*secret\.raw .*lies outside the allowed image directories/,
+    );
     assert.equal(await w.xs.tryRead(`${x.be}/physical-device`), undefined);
     assertClean(w, `after refusing ${params}`);
     await removeOk(w, d);

@@ -18,7 +18,14 @@ import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { startMiniCeph, type MiniCeph } from '../lib/mini-ceph.js';
 import { applyGc, gcPlan } from '../../src/cli/gc.js';
 import { takeInventory } from '../../src/cli/inventory.js';
@@ -59,17 +66,23 @@ function rbdTry(args: string[]): { out: string; err: string; code: number } {
   }
 }
 
-
-
-
 /** sha256 of `rbd export SPEC -` (the golden image or its snapshot). */
 function exportSum(spec: string): string {
-  const out = execFileSync('rbd', ['export', '--no-progress', spec, '-'], { env: ceph.env, maxBuffer: 64 * MiB, stdio: ['ignore', 'pipe', 'pipe'] });
+  const out = execFileSync('rbd', ['export', '--no-progress', spec, '-'], {
+    env: ceph.env,
+    maxBuffer: 64 * MiB,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   return createHash('sha256').update(out).digest('hex');
 }
 
 function mappings(): { pool: string; name: string; snap: string; device: string }[] {
-  return JSON.parse(ceph.rbd(['showmapped', '--format', 'json'])) as { pool: string; name: string; snap: string; device: string }[];
+  return JSON.parse(ceph.rbd(['showmapped', '--format', 'json'])) as {
+    pool: string;
+    name: string;
+    snap: string;
+    device: string;
+  }[];
 }
 
 function images(): string[] {
@@ -91,7 +104,16 @@ function assertClean(what: string, state = env.XEN_BLOCKHOOKS_STATE_DIR as strin
 let nextDevid = 51712;
 function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
   nextDevid += 16;
-  return { domid, devid: nextDevid, params, mode: 'w', vdev: 'xvda', domainName: `dom${domid}`, script: '/etc/xen/scripts/block-rbd', ...extra };
+  return {
+    domid,
+    devid: nextDevid,
+    params,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `dom${domid}`,
+    script: '/etc/xen/scripts/block-rbd',
+    ...extra,
+  };
 }
 
 function p(extra = ''): string {
@@ -118,10 +140,15 @@ function watchdog(): NodeJS.Timeout {
   return timer;
 }
 
-async function add(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<{ be: string; run: HookRun; device: string | undefined }> {
+async function add(
+  d: DiskNodes,
+  extraEnv: NodeJS.ProcessEnv = {},
+): Promise<{ be: string; run: HookRun; device: string | undefined }> {
   const be = await writeBackendNodes(xs, d);
   const run = await runHookProcess(HOOK, 'add', be, { ...env, ...extraEnv });
-  process.stdout.write(`# add ${d.domainName ?? d.domid} ${d.params.split(' ')[0]}: ${run.code ?? run.signal} in ${run.ms} ms\n`);
+  process.stdout.write(
+    `# add ${d.domainName ?? d.domid} ${d.params.split(' ')[0]}: ${run.code ?? run.signal} in ${run.ms} ms\n`,
+  );
   return { be, run, device: await xs.tryRead(`${be}/physical-device-path`) };
 }
 
@@ -131,7 +158,11 @@ async function addOk(d: DiskNodes, extraEnv: NodeJS.ProcessEnv = {}): Promise<st
   assert.equal(await xs.tryRead(`${a.be}/hotplug-status`), 'connected');
   assert.ok(a.device && /^\/dev\/rbd\d+$/.test(a.device), `physical-device-path ${a.device}`);
   const [maj, min] = execFileSync('stat', ['-L', '-c', '%t:%T', a.device], { encoding: 'utf8' }).trim().split(':');
-  assert.equal(await xs.tryRead(`${a.be}/physical-device`), `${maj}:${min}`, 'physical-device is the rbd device, hex major:minor');
+  assert.equal(
+    await xs.tryRead(`${a.be}/physical-device`),
+    `${maj}:${min}`,
+    'physical-device is the rbd device, hex major:minor',
+  );
   return a.device;
 }
 
@@ -201,7 +232,11 @@ after(async () => {
       }
     })()) {
       try {
-        execFileSync('rbd', ['unmap', '-o', 'noudev,force', m.device], { env: ceph.env, stdio: 'ignore', timeout: 30_000 });
+        execFileSync('rbd', ['unmap', '-o', 'noudev,force', m.device], {
+          env: ceph.env,
+          stdio: 'ignore',
+          timeout: 30_000,
+        });
       } catch {
         /* reported by the test that left it */
       }
@@ -217,7 +252,11 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   fixture('snap-ls-protected', () => ceph.rbd(['snap', 'ls', '--format', 'json', `${ceph.pool}/golden`]));
   const devB = await addOk(b);
   assert.notEqual(devA, devB);
-  assert.deepEqual(images(), ['golden', 'xbh-dom1-xvda', 'xbh-dom2-xvda'], 'one clone per domain, named after domain and vdev');
+  assert.deepEqual(
+    images(),
+    ['golden', 'xbh-dom1-xvda', 'xbh-dom2-xvda'],
+    'one clone per domain, named after domain and vdev',
+  );
   fixture('info-clone', () => ceph.rbd(['info', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
   fixture('info-snap', () => ceph.rbd(['info', '--format', 'json', `${ceph.pool}/golden@base`]));
   fixture('status-mapped', () => ceph.rbd(['status', '--format', 'json', `${ceph.pool}/xbh-dom1-xvda`]));
@@ -232,7 +271,7 @@ test('two domains on one golden snapshot each see only their own writes; the gol
   pwrite(devA, 9 * MiB, block(9, 'A'));
   assert.ok(pread(devA, 0, 4096).equals(block(0, 'A')), 'A reads its own write');
   assert.ok(pread(devB, 0, 4096).equals(block(0, 'B')), 'B reads its own write');
-  assert.ok(pread(devB, 9 * MiB, 4096).equals(block(9 * 256, 'golden')), 'B does not see A\'s write at 9 MiB');
+  assert.ok(pread(devB, 9 * MiB, 4096).equals(block(9 * 256, 'golden')), "B does not see A's write at 9 MiB");
   await removeOk(a);
   await removeOk(b);
   assertClean('after removing both');
@@ -243,7 +282,15 @@ test('two domains on one golden snapshot each see only their own writes; the gol
 test('resize: rbd resize of a transient clone, and the mapped device follows online with its data; never smaller', async () => {
   const cli = (...args: string[]) => {
     try {
-      return { code: 0, out: execFileSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }), err: '' };
+      return {
+        code: 0,
+        out: execFileSync(process.execPath, [join(process.cwd(), 'dist', 'xen-blockhooks.mjs'), ...args], {
+          env,
+          encoding: 'utf8',
+          stdio: ['ignore', 'pipe', 'pipe'],
+        }),
+        err: '',
+      };
     } catch (e) {
       const x = e as { status?: number; stdout?: string; stderr?: string };
       return { code: x.status ?? -1, out: x.stdout ?? '', err: x.stderr ?? '' };
@@ -290,19 +337,31 @@ test('live migration: the receiver adds NAME--incoming while the sender has the 
   const dst = disk(6, p(), { domainName: 'mig--incoming' });
   const devDst = await addOk(dst, { XEN_BLOCKHOOKS_STATE_DIR: dstState });
   assert.deepEqual(images(), ['golden', 'xbh-mig-xvda'], 'both ends use the same clone');
-  assert.ok(pread(devDst, 2 * MiB, 4096).equals(block(2, 'mig')), 'the receiver sees the sender\'s data');
+  assert.ok(pread(devDst, 2 * MiB, 4096).equals(block(2, 'mig')), "the receiver sees the sender's data");
   // Not a migration: a plain second writer on another host is refused.
   const intruder = disk(7, p(), { domainName: 'mig' });
   const refused = await add(intruder, { XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state-third') });
   assert.equal(refused.run.code, 1);
   assert.equal(await xs.tryRead(`${refused.be}/hotplug-status`), 'busy');
-  assert.match((await xs.tryRead(`${refused.be}/hotplug-error`)) ?? '', /xbh-mig-xvda is open by client\.\d+ at 127\.0\.0\.1/, 'the refusal names the watcher');
+  assert.match(
+    (await xs.tryRead(`${refused.be}/hotplug-error`)) ?? '',
+    /xbh-mig-xvda is open by client\.\d+ at 127\.0\.0\.1/,
+    'the refusal names the watcher',
+  );
   assert.deepEqual(journalFiles(join(root, 'state-third')), [], 'the refused add left no record');
   await destroyNodes(xs, intruder);
   // The sender's remove runs after the receiver resumed: unmap only, the clone lives on.
   await removeOk(src);
-  assert.deepEqual(mappings().map((m) => m.device), [devDst], 'only the receiver\'s mapping remains');
-  assert.deepEqual(images(), ['golden', 'xbh-mig-xvda'], 'the sender\'s remove keeps the transient clone the receiver uses');
+  assert.deepEqual(
+    mappings().map((m) => m.device),
+    [devDst],
+    "only the receiver's mapping remains",
+  );
+  assert.deepEqual(
+    images(),
+    ['golden', 'xbh-mig-xvda'],
+    "the sender's remove keeps the transient clone the receiver uses",
+  );
   await removeOk(dst, { XEN_BLOCKHOOKS_STATE_DIR: dstState });
   assertClean('after both ends removed');
   assert.deepEqual(journalFiles(dstState), []);
@@ -341,7 +400,11 @@ test('a crash leaves a transient clone: the next add of that disk starts afresh 
   assert.deepEqual(images(), ['golden', 'xbh-crashy-xvda'], 'the clone outlived the crash');
   const again = disk(30, p(), { domainName: 'crashy' });
   const dev2 = await addOk(again);
-  assert.deepEqual(pread(dev2, 0, 4096), block(0, 'golden'), 'a transient disk starts from the golden image, not from the dead boot\'s writes');
+  assert.deepEqual(
+    pread(dev2, 0, 4096),
+    block(0, 'golden'),
+    "a transient disk starts from the golden image, not from the dead boot's writes",
+  );
   await removeOk(again);
   assertClean('after the replaced clone is removed');
 
@@ -352,15 +415,22 @@ test('a crash leaves a transient clone: the next add of that disk starts afresh 
   const run = execRunner({ ...env, ...ceph.env });
   const journal = new Journal(state);
   const marker = join(env.XEN_BLOCKHOOKS_STORE_DIR as string, 'rbd', `${ceph.pool}@xbh-gone-xvda.json`);
-  assert.ok(existsSync(marker), 'this host\'s marker of the clone');
+  assert.ok(existsSync(marker), "this host's marker of the clone");
   const old = Date.now() / 1000 - 600;
   utimesSync(marker, old, old);
   const inv = await takeInventory({ config, run, xs: undefined, journal });
   const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
   assert.equal(plan.length, 1, JSON.stringify(inv.rows));
-  assert.match(plan[0]?.action ?? '', new RegExp(`^rbd rm ${ceph.pool}/xbh-gone-xvda: transient RBD clone this host made`));
+  assert.match(
+    plan[0]?.action ?? '',
+    new RegExp(`^rbd rm ${ceph.pool}/xbh-gone-xvda: transient RBD clone this host made`),
+  );
   const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
-  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.deepEqual(
+    results.map((r) => r.ok),
+    [true],
+    JSON.stringify(results),
+  );
   assert.ok(!existsSync(marker), 'the marker goes with the clone');
   assertClean('after gc');
 });

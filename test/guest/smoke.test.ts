@@ -13,10 +13,7 @@ import { block, patternedImage, pread, sh, sha256File } from '../lib/disk-io.js'
 const MiB = 1024 * 1024;
 const CHILD_FLAG = 'XBH_SMOKE_RUNNER_CHILD';
 
-
 /** Deterministic 4 KiB block for index i: sha256 chains, so content is known but not trivial. */
-
-
 
 if (process.env[CHILD_FLAG] === '1') {
   // Child mode: run one real command through the production Runner and report it as JSON.
@@ -95,7 +92,9 @@ if (process.env[CHILD_FLAG] === '1') {
 
   test('a bundle run by a node child uses the project Runner', () => {
     const child = spawnSync(process.execPath, [process.argv[1] ?? ''], {
-      encoding: 'utf8', env: { ...process.env, [CHILD_FLAG]: '1' }, timeout: 60_000,
+      encoding: 'utf8',
+      env: { ...process.env, [CHILD_FLAG]: '1' },
+      timeout: 60_000,
     });
     assert.equal(child.status, 0, `child failed: ${child.stderr}`);
     const out = JSON.parse(child.stdout) as { exitCode: number; stdout: string; command: string };

@@ -6,7 +6,18 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fsyncSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -19,7 +30,15 @@ import { takeInventory } from '../../src/cli/inventory.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { block, listDir, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 
 const MiB = 1024 * 1024;
@@ -53,11 +72,6 @@ const env: NodeJS.ProcessEnv = {
   XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M',
 };
 
-
-
-
-
-
 /** Write `mib` MiB from `offsetMiB` with O_DIRECT-free fsync'ed writes; the first error code, or null. */
 function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): string | null {
   const buf = Buffer.alloc(MiB, fill);
@@ -84,7 +98,6 @@ function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): s
   }
 }
 
-
 function leftovers(): string[] {
   const out: string[] = [];
   const dm = sh('dmsetup', ['ls']);
@@ -98,7 +111,16 @@ function leftovers(): string[] {
 }
 
 function disk(domid: number, extra: Partial<DiskNodes> = {}): DiskNodes {
-  return { domid, devid: 51712, params: base, mode: 'w', vdev: 'xvda', domainName: `guest${domid}`, script: '/etc/xen/scripts/block-thin', ...extra };
+  return {
+    domid,
+    devid: 51712,
+    params: base,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `guest${domid}`,
+    script: '/etc/xen/scripts/block-thin',
+    ...extra,
+  };
 }
 
 function explain(r: HookRun): string {
@@ -106,7 +128,8 @@ function explain(r: HookRun): string {
   return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
 }
 
-const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) => runHookProcess(HOOK, action, backendPath(d), env);
+const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) =>
+  runHookProcess(HOOK, action, backendPath(d), env);
 
 async function addOk(d: DiskNodes): Promise<{ path: string; pd: string }> {
   await writeBackendNodes(xs, d);
@@ -150,7 +173,8 @@ after(async () => {
     if (name?.startsWith('xbh-thin-')) spawnSync('dmsetup', ['remove', name]);
   }
   spawnSync('dmsetup', ['remove', POOL]);
-  for (const l of sh('losetup', ['-a']).split('\n')) if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
+  for (const l of sh('losetup', ['-a']).split('\n'))
+    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
   rmSync(root, { recursive: true, force: true });
 });
 
@@ -169,7 +193,9 @@ test('two domains on one base: isolation, one shared pool, one base loop, base u
   assert.equal(ta[2], 'thin');
   assert.notEqual(ta[4], tb[4], 'distinct thin ids');
   assert.equal(ta[5], tb[5], 'one external origin');
-  const baseLoops = sh('losetup', ['-a']).split('\n').filter((l) => l.includes('rootfs.img'));
+  const baseLoops = sh('losetup', ['-a'])
+    .split('\n')
+    .filter((l) => l.includes('rootfs.img'));
   assert.equal(baseLoops.length, 1, baseLoops.join('\n'));
   assert.equal(sh('blockdev', ['--getro', baseLoops[0]!.split(':')[0]!]), '1');
 
@@ -216,7 +242,10 @@ test('pool full: the writer gets an error, the status parser says out_of_data_sp
   assert.ok(err === 'ENOSPC' || err === 'EIO', `a write into a full pool fails (got ${err})`);
   const full = poolStatus();
   assert.equal(full.state, 'ok');
-  assert.ok(full.state === 'ok' && full.mode === 'out_of_data_space', JSON.stringify(full, (_k, v) => (typeof v === 'bigint' ? String(v) : v)));
+  assert.ok(
+    full.state === 'ok' && full.mode === 'out_of_data_space',
+    JSON.stringify(full, (_k, v) => (typeof v === 'bigint' ? String(v) : v)),
+  );
 
   const config = loadConfig(env);
   const run = execRunner(env);
@@ -228,9 +257,15 @@ test('pool full: the writer gets an error, the status parser says out_of_data_sp
   assert.equal(g.afterBytes, 32 * MiB);
   assert.equal(statSync(join(storeDir, 'thin-pool.data')).size, 32 * MiB);
   const grown = poolStatus();
-  assert.ok(grown.state === 'ok' && grown.mode === 'rw', `pool back to rw: ${grown.state === 'ok' ? grown.mode : grown.state}`);
+  assert.ok(
+    grown.state === 'ok' && grown.mode === 'rw',
+    `pool back to rw: ${grown.state === 'ok' ? grown.mode : grown.state}`,
+  );
   assert.ok(grown.state === 'ok' && grown.totalDataBlocks === BigInt((32 * MiB) / (64 * 1024)));
-  assert.ok(log.lines.some((l) => l.level === 'info' && /thin pool xbh-thinpool data .* 8 MiB → 32 MiB/.test(l.msg)), log.lines.map((l) => l.msg).join('\n'));
+  assert.ok(
+    log.lines.some((l) => l.level === 'info' && /thin pool xbh-thinpool data .* 8 MiB → 32 MiB/.test(l.msg)),
+    log.lines.map((l) => l.msg).join('\n'),
+  );
 
   assert.equal(writeMiB(d.path, 0, 16, 0x22), null, 'writes succeed after growing');
   assert.deepEqual(pread(d.path, 15 * MiB, 16), Buffer.alloc(16, 0x22));
@@ -238,7 +273,10 @@ test('pool full: the writer gets an error, the status parser says out_of_data_sp
 
   // watchOnce sees a pool past the threshold and grows it again, logging what it did.
   const w = await watchOnce({ ...config, watch: { ...config.watch, thresholdPercent: 40 } }, run, log);
-  assert.ok(w.grown.some((x) => x.kind === 'thin-data'), JSON.stringify(w.findings));
+  assert.ok(
+    w.grown.some((x) => x.kind === 'thin-data'),
+    JSON.stringify(w.findings),
+  );
   await removeOk(a);
   assert.deepEqual(leftovers(), []);
   assert.equal(sha256File(base), baseSum);
@@ -264,9 +302,12 @@ test('persistent: the volume survives remove and the pool teardown, and comes ba
   await writeBackendNodes(xs, recv);
   const r = await hook('add', recv);
   assert.equal(r.code, 1, explain(r));
-  assert.match((await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '', /persistent thin volume zeta-xvda is in use by backend\/vbd\/6\//);
+  assert.match(
+    (await xs.tryRead(`${backendPath(recv)}/hotplug-error`)) ?? '',
+    /persistent thin volume zeta-xvda is in use by backend\/vbd\/6\//,
+  );
   assert.equal(await xs.tryRead(`${backendPath(recv)}/hotplug-status`), 'busy');
-  assert.deepEqual(pread(d.path, 2 * MiB, 4096), block(2, 'zeta'), 'the sender\'s volume is untouched');
+  assert.deepEqual(pread(d.path, 2 * MiB, 4096), block(2, 'zeta'), "the sender's volume is untouched");
   await destroyNodes(xs, recv);
   await removeOk(a);
   assert.equal(sha256File(base), baseSum);
@@ -279,7 +320,8 @@ function crashThin(): void {
     if (name?.startsWith('xbh-thin-')) sh('dmsetup', ['remove', name]);
   }
   if (sh('dmsetup', ['ls']).includes(POOL)) sh('dmsetup', ['remove', POOL]);
-  for (const l of sh('losetup', ['-a']).split('\n')) if (l.includes(root)) sh('losetup', ['-d', l.split(':')[0] as string]);
+  for (const l of sh('losetup', ['-a']).split('\n'))
+    if (l.includes(root)) sh('losetup', ['-d', l.split(':')[0] as string]);
   rmSync(stateDir, { recursive: true, force: true });
 }
 
@@ -315,21 +357,37 @@ test('a crash leaves transient volumes in the pool: its next start deletes them,
   const usedBefore = usedBlocks();
   crashThin();
   for (const d of [kept, lost]) await destroyNodes(xs, d);
-  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json', 'thin-pool.volumes.json']);
+  assert.deepEqual(listDir(storeDir), [
+    'thin-pool.data',
+    'thin-pool.meta',
+    'thin-pool.transient.json',
+    'thin-pool.volumes.json',
+  ]);
 
   const config = loadConfig(env);
   const run = execRunner(env);
   const journal = new Journal(stateDir);
   const down = await takeInventory({ config, run, xs: undefined, journal });
-  assert.deepEqual(down.rows.filter((r) => r.hook === 'block-thin'), [], 'with a persistent volume in them the pool files are no leftover, and a stopped pool\'s ids wait for its start');
+  assert.deepEqual(
+    down.rows.filter((r) => r.hook === 'block-thin'),
+    [],
+    "with a persistent volume in them the pool files are no leftover, and a stopped pool's ids wait for its start",
+  );
 
   // The pool's next start (the persistent disk's add) deletes the leftover id first.
   const again = await addOk(kept);
   assert.deepEqual(pread(again.path, 3 * MiB, 4096), block(3, 'kappa'), 'the persistent volume keeps its data');
   assert.ok(idFree(lostId), `the leftover transient id ${lostId} is gone from the pool`);
   assert.ok(usedBlocks() < usedBefore, 'its blocks are free again');
-  assert.match(readFileSync(logFile, 'utf8'), new RegExp(`deleted leftover transient thin volume id ${lostId}, which no record holds`));
-  assert.deepEqual(listDir(storeDir), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.volumes.json'], 'no transient id is listed any more');
+  assert.match(
+    readFileSync(logFile, 'utf8'),
+    new RegExp(`deleted leftover transient thin volume id ${lostId}, which no record holds`),
+  );
+  assert.deepEqual(
+    listDir(storeDir),
+    ['thin-pool.data', 'thin-pool.meta', 'thin-pool.volumes.json'],
+    'no transient id is listed any more',
+  );
 
   // A transient volume whose record is lost while the pool runs: gc deletes it, under the pool lock.
   const orphan = disk(12, { domainName: 'mu' });
@@ -341,9 +399,18 @@ test('a crash leaves transient volumes in the pool: its next start deletes them,
   await destroyNodes(xs, orphan);
   const inv = await takeInventory({ config, run, xs: undefined, journal });
   const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.hook === 'block-thin');
-  assert.deepEqual(plan.map((i) => i.action), [`dmsetup message ${POOL} 0 "delete ${orphanId}": transient thin volume id ${orphanId} in the pool that no record holds (left by a crash or a reboot)`]);
+  assert.deepEqual(
+    plan.map((i) => i.action),
+    [
+      `dmsetup message ${POOL} 0 "delete ${orphanId}": transient thin volume id ${orphanId} in the pool that no record holds (left by a crash or a reboot)`,
+    ],
+  );
   const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
-  assert.deepEqual(results.map((r) => r.ok), [true], JSON.stringify(results));
+  assert.deepEqual(
+    results.map((r) => r.ok),
+    [true],
+    JSON.stringify(results),
+  );
   assert.ok(idFree(orphanId), 'gc deleted it');
   assert.deepEqual(pread(again.path, 3 * MiB, 4096), block(3, 'kappa'), 'the persistent volume is untouched');
   await removeOk(kept);
@@ -365,15 +432,29 @@ test('a crash leaves a pool with no persistent volume: gc deletes its files', as
   const run = execRunner(env2);
   const journal = new Journal(stateDir);
   const young = await takeInventory({ config, run, xs: undefined, journal });
-  assert.deepEqual(young.rows.filter((x) => x.hook === 'block-thin'), [], 'files younger than a minute are nobody\'s leftovers yet');
+  assert.deepEqual(
+    young.rows.filter((x) => x.hook === 'block-thin'),
+    [],
+    "files younger than a minute are nobody's leftovers yet",
+  );
   const old = Date.now() / 1000 - 600;
   for (const f of ['thin-pool.data', 'thin-pool.meta']) utimesSync(join(store2, f), old, old);
   const inv = await takeInventory({ config, run, xs: undefined, journal });
   const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.hook === 'block-thin');
-  assert.deepEqual(plan.map((i) => i.row.store), ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json'].map((f) => join(store2, f)));
-  assert.match(plan[0]?.action ?? '', /^rm .*thin-pool\.data: thin pool file with no persistent volume in it, no record and no running pool/);
+  assert.deepEqual(
+    plan.map((i) => i.row.store),
+    ['thin-pool.data', 'thin-pool.meta', 'thin-pool.transient.json'].map((f) => join(store2, f)),
+  );
+  assert.match(
+    plan[0]?.action ?? '',
+    /^rm .*thin-pool\.data: thin pool file with no persistent volume in it, no record and no running pool/,
+  );
   const results = await applyGc(plan, { config, run, log: memoryLogger(), xs: undefined, journal });
-  assert.deepEqual(results.map((x) => x.ok), [true, true, true], JSON.stringify(results));
+  assert.deepEqual(
+    results.map((x) => x.ok),
+    [true, true, true],
+    JSON.stringify(results),
+  );
   assert.deepEqual(listDir(store2), []);
 });
 

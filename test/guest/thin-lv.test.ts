@@ -20,8 +20,24 @@ import { memoryLogger } from '../../src/log/logger.js';
 import { census, hookInProcess } from '../lib/fault-lib.js';
 import type { DiskNodes } from '../lib/backend-nodes.js';
 import {
-  MiB, backendPath, base, baseSum, block, closeBackend, destroyNodes, disk, env, pread, pwrite, root, sha256File, stateDir, storeDir, writeBackendNodes,
-  xenLockDir, xs,
+  MiB,
+  backendPath,
+  base,
+  baseSum,
+  block,
+  closeBackend,
+  destroyNodes,
+  disk,
+  env,
+  pread,
+  pwrite,
+  root,
+  sha256File,
+  stateDir,
+  storeDir,
+  writeBackendNodes,
+  xenLockDir,
+  xs,
 } from './cow-lib.js';
 import { sh } from '../lib/disk-io.js';
 
@@ -31,11 +47,17 @@ const META = `/dev/mapper/${VG}-tmeta`;
 const POOL = 'xbh-thinpool';
 let pv = '';
 const pvFile = join(root, 'thin-pv.img');
-const lvEnv: NodeJS.ProcessEnv = { ...env, XEN_BLOCKHOOKS_THIN_DATA_DEVICE: DATA, XEN_BLOCKHOOKS_THIN_METADATA_DEVICE: META };
-
+const lvEnv: NodeJS.ProcessEnv = {
+  ...env,
+  XEN_BLOCKHOOKS_THIN_DATA_DEVICE: DATA,
+  XEN_BLOCKHOOKS_THIN_METADATA_DEVICE: META,
+};
 
 function majMin(dev: string): string {
-  return sh('stat', ['-L', '-c', '%t:%T', dev]).split(':').map((h) => String(parseInt(h, 16))).join(':');
+  return sh('stat', ['-L', '-c', '%t:%T', dev])
+    .split(':')
+    .map((h) => String(parseInt(h, 16)))
+    .join(':');
 }
 
 function firstBytes(dev: string, n: number): Buffer {
@@ -72,7 +94,7 @@ after(() => {
   rmSync(pvFile, { force: true });
 });
 
-test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool files or loops; growth by lvextend; teardown zeroes the metadata, keeps the LVs', async () => {
+test("pool on LVs: two domains, isolation, the pool's table on the LVs, no pool files or loops; growth by lvextend; teardown zeroes the metadata, keeps the LVs", async () => {
   const a = disk(71, { params: `${base}` });
   const b = disk(72, { params: `${base} 48` });
   for (const d of [a, b]) {
@@ -84,8 +106,19 @@ test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool
   assert.ok(t && t.target === 'thin-pool', 'the pool runs');
   const words = (t?.params ?? '').split(/\s+/);
   assert.deepEqual(words.slice(0, 2), [majMin(META), majMin(DATA)], 'its metadata and data devices are the LVs');
-  assert.deepEqual(existsSync(storeDir) ? execFileSync('ls', [storeDir], { encoding: 'utf8' }).split('\n').filter((f) => f.startsWith('thin-pool.') && !f.endsWith('.json')) : [], [], 'no pool data or metadata file');
-  const loops = sh('losetup', ['-a']).split('\n').filter(Boolean).filter((l) => !l.startsWith(`${pv}:`));
+  assert.deepEqual(
+    existsSync(storeDir)
+      ? execFileSync('ls', [storeDir], { encoding: 'utf8' })
+          .split('\n')
+          .filter((f) => f.startsWith('thin-pool.') && !f.endsWith('.json'))
+      : [],
+    [],
+    'no pool data or metadata file',
+  );
+  const loops = sh('losetup', ['-a'])
+    .split('\n')
+    .filter(Boolean)
+    .filter((l) => !l.startsWith(`${pv}:`));
   assert.equal(loops.length, 1, `only the base loop besides the PV: ${loops.join(' | ')}`);
 
   const pa = await xs.read(`${backendPath(a)}/physical-device-path`);
@@ -104,7 +137,10 @@ test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool
   assert.ok(afterSectors > beforeSectors, `lvextend grew the data LV (${beforeSectors} → ${afterSectors} sectors)`);
   assert.equal(grown.target, DATA);
   const t2 = parseStatus(sh('dmsetup', ['table', POOL]))[0];
-  assert.ok(t2 && BigInt(t2.length) > BigInt(t?.length ?? 0), `the pool was reloaded longer (${t?.length} → ${t2?.length})`);
+  assert.ok(
+    t2 && BigInt(t2.length) > BigInt(t?.length ?? 0),
+    `the pool was reloaded longer (${t?.length} → ${t2?.length})`,
+  );
   assert.deepEqual(pread(pa, 3 * MiB, 4096), block(3, 'a'), 'data survives the reload');
 
   for (const d of [a, b]) {
@@ -113,25 +149,51 @@ test('pool on LVs: two domains, isolation, the pool\'s table on the LVs, no pool
     assert.equal(r.code, 0, `remove ${backendPath(d)}: ${r.text}`);
     await destroyNodes(xs, d);
   }
-  assert.equal(spawnSync('dmsetup', ['info', POOL], { stdio: 'ignore' }).status !== 0, true, 'the pool is gone with its last user');
-  assert.deepEqual(firstBytes(META, 4096), Buffer.alloc(4096), 'the metadata superblock was zeroed (no persistent volumes)');
-  const lvs = sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG]).split('\n').map((s) => s.trim()).filter(Boolean).sort();
-  assert.deepEqual(lvs, ['tdata', 'tmeta'], 'the LVs are the administrator\'s: kept');
-  assert.deepEqual(census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }), [], 'nothing left');
+  assert.equal(
+    spawnSync('dmsetup', ['info', POOL], { stdio: 'ignore' }).status !== 0,
+    true,
+    'the pool is gone with its last user',
+  );
+  assert.deepEqual(
+    firstBytes(META, 4096),
+    Buffer.alloc(4096),
+    'the metadata superblock was zeroed (no persistent volumes)',
+  );
+  const lvs = sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG])
+    .split('\n')
+    .map((s) => s.trim())
+    .filter(Boolean)
+    .sort();
+  assert.deepEqual(lvs, ['tdata', 'tmeta'], "the LVs are the administrator's: kept");
+  assert.deepEqual(
+    census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }),
+    [],
+    'nothing left',
+  );
   assert.equal(sha256File(base), baseSum, 'the base is unchanged');
 });
 
 test('a metadata device holding something else is refused with how to start afresh; nothing is left', async () => {
   // Random bytes where the pool's superblock would be.
-  execFileSync('dd', ['if=/dev/urandom', `of=${META}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync'], { stdio: 'ignore' });
+  execFileSync('dd', ['if=/dev/urandom', `of=${META}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync'], {
+    stdio: 'ignore',
+  });
   const d = disk(73, { params: `${base}` });
   await writeBackendNodes(xs, d);
   const r = await run('add', d);
   assert.equal(r.code, 1, r.text);
   const msg = await xs.read(`${backendPath(d)}/hotplug-error`);
-  assert.match(msg, /would not start on .*tmeta .*zero its first 4 KiB \(dd if=\/dev\/zero of=.*tmeta bs=4096 count=1\)/, msg);
+  assert.match(
+    msg,
+    /would not start on .*tmeta .*zero its first 4 KiB \(dd if=\/dev\/zero of=.*tmeta bs=4096 count=1\)/,
+    msg,
+  );
   await destroyNodes(xs, d);
-  assert.deepEqual(census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }), [], 'nothing left');
+  assert.deepEqual(
+    census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }),
+    [],
+    'nothing left',
+  );
 
   execFileSync('dd', ['if=/dev/zero', `of=${META}`, 'bs=4096', 'count=1', 'conv=notrunc,fsync'], { stdio: 'ignore' });
   await writeBackendNodes(xs, d);
@@ -149,5 +211,8 @@ test('only one of thin.data_device / thin.metadata_device: a configuration error
   assert.equal(r.code, 1);
   assert.match(r.text, /thin\.data_device and thin\.metadata_device go together/);
   await destroyNodes(xs, d);
-  assert.deepEqual(census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }), []);
+  assert.deepEqual(
+    census({ storeDir, stateDir, xenLockDir, keepLoops: [pv], keepDms: [`${VG}-tdata`, `${VG}-tmeta`] }),
+    [],
+  );
 });

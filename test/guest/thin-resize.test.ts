@@ -13,7 +13,15 @@ import { join } from 'node:path';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 import { block, MiB, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 import { projectRoot } from '../lib/project-root.js';
 
@@ -52,7 +60,15 @@ function explain(r: HookRun): string {
 }
 
 function disk(domid: number, params = base): DiskNodes {
-  return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `guest${domid}`, script: '/etc/xen/scripts/block-thin' };
+  return {
+    domid,
+    devid: 51712,
+    params,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `guest${domid}`,
+    script: '/etc/xen/scripts/block-thin',
+  };
 }
 
 async function addOk(d: DiskNodes): Promise<string> {
@@ -75,7 +91,10 @@ function cli(...args: string[]): { code: number | null; out: string; err: string
 }
 
 const sizeOf = (dev: string) => Number(sh('blockdev', ['--getsize64', dev]));
-const ourDevices = () => sh('dmsetup', ['ls']).split('\n').filter((l) => l.startsWith('xbh-thin-'));
+const ourDevices = () =>
+  sh('dmsetup', ['ls'])
+    .split('\n')
+    .filter((l) => l.startsWith('xbh-thin-'));
 
 before(async () => {
   assert.ok(existsSync(HOOK) && existsSync(CLI), 'run npm run build first');
@@ -91,7 +110,8 @@ after(async () => {
   await server?.close().catch(() => {});
   for (const l of ourDevices()) spawnSync('dmsetup', ['remove', l.split(/\s+/)[0] as string]);
   spawnSync('dmsetup', ['remove', 'xbh-thinpool']);
-  for (const l of sh('losetup', ['-a']).split('\n')) if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
+  for (const l of sh('losetup', ['-a']).split('\n'))
+    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
   rmSync(root, { recursive: true, force: true });
 });
 
@@ -106,7 +126,8 @@ test('a transient volume grows online; --shrink stops at the highest sector the 
   assert.equal(sizeOf(path), 32 * MiB, 'the device is larger at once');
   assert.deepEqual(pread(path, 1 * MiB, 4096), block(1, 'guest'), 'written data is unchanged');
   assert.deepEqual(pread(path, 2 * MiB, 4096), block(2, 'base'), 'unwritten data reads the base');
-  for (const mib of [16, 24, 31]) assert.deepEqual(pread(path, mib * MiB, 4096), zeros, `zeros past the base at ${mib} MiB`);
+  for (const mib of [16, 24, 31])
+    assert.deepEqual(pread(path, mib * MiB, 4096), zeros, `zeros past the base at ${mib} MiB`);
   pwrite(path, 24 * MiB, block(24, 'guest'));
   assert.deepEqual(pread(path, 24 * MiB, 4096), block(24, 'guest'));
 
@@ -133,7 +154,10 @@ test('a persistent volume comes back at its new size, even when its params name 
   const again = await addOk(d);
   assert.equal(sizeOf(again), 32 * MiB, 'the size it was resized to');
   assert.deepEqual(pread(again, 20 * MiB, 4096), block(20, 'kept'), 'with the data written past the old end');
-  assert.match(readFileSync(logFile, 'utf8'), /persistent thin volume .* is 32 MiB \(resized\), larger than the 16 MiB in its params; it keeps its size/);
+  assert.match(
+    readFileSync(logFile, 'utf8'),
+    /persistent thin volume .* is 32 MiB \(resized\), larger than the 16 MiB in its params; it keeps its size/,
+  );
   await removeOk(d);
   const detached = cli('resize', 'guest6', `vdev=xvda,access=w,script=block-thin,target=${base} 16 persistent`, '40M');
   assert.equal(detached.code, 0, detached.err);

@@ -8,7 +8,18 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig, type Config } from '../../src/config/config.js';
@@ -19,7 +30,15 @@ import { watchOnce, type WatchReport } from '../../src/grow/index.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, closeBackend, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes, type HookRun } from '../lib/backend-nodes.js';
+import {
+  backendPath,
+  closeBackend,
+  destroyNodes,
+  runHookProcess,
+  writeBackendNodes,
+  type DiskNodes,
+  type HookRun,
+} from '../lib/backend-nodes.js';
 
 const MiB = 1024 * 1024;
 const HOOK = join(process.cwd(), 'dist', 'block-cow.mjs');
@@ -96,9 +115,15 @@ try { fs.closeSync(fd); } catch (e) { errors++; console.error('close: ' + e.code
 console.log(JSON.stringify({ errors }));
 `;
 
-function startWriter(dev: string, mib: number, pauseMs: number): Promise<{ errors: number; stderr: string; code: number | null }> {
+function startWriter(
+  dev: string,
+  mib: number,
+  pauseMs: number,
+): Promise<{ errors: number; stderr: string; code: number | null }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['-e', WRITER, dev, String(mib), String(pauseMs)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['-e', WRITER, dev, String(mib), String(pauseMs)], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let out = '';
     let err = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
@@ -144,7 +169,8 @@ after(async () => {
     const name = l.split(/\s+/)[0];
     if (name?.startsWith('xbh-cow-')) spawnSync('dmsetup', ['remove', name]);
   }
-  for (const l of execFileSync('losetup', ['-a'], { encoding: 'utf8' }).split('\n')) if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
+  for (const l of execFileSync('losetup', ['-a'], { encoding: 'utf8' }).split('\n'))
+    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
   rmSync(root, { recursive: true, force: true });
 });
 
@@ -171,15 +197,25 @@ test('with watchOnce in a loop, a domain writes 3× its copy-on-write allotment 
   const w = await writer;
   t.after(() => removeOk(d));
   assert.equal(w.code, 0, w.stderr);
-  assert.equal(w.errors, 0, `writer errors: ${w.stderr}\nwatch log:\n${log.lines.map((l) => `${l.level} ${l.msg}`).join('\n')}`);
+  assert.equal(
+    w.errors,
+    0,
+    `writer errors: ${w.stderr}\nwatch log:\n${log.lines.map((l) => `${l.level} ${l.msg}`).join('\n')}`,
+  );
   const grown = passes.flatMap((p) => p.grown);
   assert.ok(grown.length >= 2, `grown ${grown.length} times`);
-  assert.ok(passes.every((p) => p.problems.length === 0), JSON.stringify(passes.flatMap((p) => p.problems)));
+  assert.ok(
+    passes.every((p) => p.problems.length === 0),
+    JSON.stringify(passes.flatMap((p) => p.problems)),
+  );
   const s = snapStatus('xbh-cow-watched-xvda-51712');
   assert.equal(s.state, 'active');
   const store = statSync(join(storeDir, 'transient-1-51712.cow')).size;
   assert.ok(store >= WRITE_MIB * MiB, `store grew to ${store}`);
-  assert.ok(log.lines.some((l) => l.level === 'info' && /grow backend\/vbd\/1\/51712 .*store .* → .*re-read/.test(l.msg)), 'every growth logged');
+  assert.ok(
+    log.lines.some((l) => l.level === 'info' && /grow backend\/vbd\/1\/51712 .*store .* → .*re-read/.test(l.msg)),
+    'every growth logged',
+  );
   for (const i of [0, 7, 15, WRITE_MIB - 1]) assert.equal(readMiBFill(dev, i), (i % 250) + 1, `MiB ${i} reads back`);
 });
 
@@ -199,5 +235,8 @@ test('without the watcher the store overflows: the writer gets errors, the snaps
   assert.equal(mine.length, 1, JSON.stringify(report.problems));
   assert.equal(mine[0]?.state, 'invalid');
   assert.match(mine[0]?.message ?? '', /xbh-cow-unwatched-xvda-51712 .* is Invalid/);
-  assert.ok(log.lines.some((l) => l.level === 'error' && /unwatched.*Invalid/.test(l.msg)), 'logged at error level');
+  assert.ok(
+    log.lines.some((l) => l.level === 'error' && /unwatched.*Invalid/.test(l.msg)),
+    'logged at error level',
+  );
 });

@@ -25,7 +25,11 @@ for (const mode of ['w', 'r'] as const) {
     t.equal(await h.read(`${be}/hotplug-status`), 'connected');
     t.equal(await h.read(`${be}/hotplug-error`), undefined, 'no hotplug-error');
     const mine = h.loopsOnImages();
-    t.same(mine.map((l) => l.name), [node], 'exactly one loop over the image, the one reported');
+    t.same(
+      mine.map((l) => l.name),
+      [node],
+      'exactly one loop over the image, the one reported',
+    );
     t.equal(mine[0]?.ro, mode === 'r', `the loop is ${mode === 'r' ? 'read-only' : 'writable'}`);
     t.ok(readdirSync(join(h.stateDir, 'journal')).length === 1, 'a journal record exists');
 
@@ -60,7 +64,11 @@ t.test('remove after the image was deleted still detaches its loop (stale node)'
   const node = await h.read(`${be}/node`);
   unlinkSync(img);
   const before = h.loopsOnImages();
-  t.same(before.map((l) => l.name), [node], 'the loop still backs the deleted image');
+  t.same(
+    before.map((l) => l.name),
+    [node],
+    'the loop still backs the deleted image',
+  );
   t.match(before[0]?.backFile, /\(deleted\)/, 'losetup shows the backing file as deleted');
   const rm = await h.run('remove', be);
   t.equal(rm.code, 0, `remove exits 0 (stderr: ${rm.stderr})`);
@@ -80,7 +88,11 @@ t.test('remove does not detach a loop that no longer backs the recorded file', a
   execFileSync('losetup', [node, '--', other]);
   const rm = await h.run('remove', be);
   t.equal(rm.code, 0, 'remove exits 0');
-  t.same(h.loopsOnImages().map((l) => [l.name, l.back]), [[node, identity(other)]], 'the reused loop over the other file is left alone');
+  t.same(
+    h.loopsOnImages().map((l) => [l.name, l.back]),
+    [[node, identity(other)]],
+    'the reused loop over the other file is left alone',
+  );
   execFileSync('losetup', ['--detach', node]);
 });
 
@@ -109,7 +121,10 @@ t.test('state guard: a backend that is not waiting (InitWait) gets no loop', asy
   const add = await h.run('add', be);
   t.equal(add.code, 1);
   t.equal(await h.read(`${be}/hotplug-status`), 'error');
-  t.match(await h.read(`${be}/hotplug-error`), /Path closed or removed during hotplug add: backend\/vbd\/10\/51712 state: 1/);
+  t.match(
+    await h.read(`${be}/hotplug-error`),
+    /Path closed or removed during hotplug add: backend\/vbd\/10\/51712 state: 1/,
+  );
   t.same(h.loopsOnImages(), []);
 });
 
@@ -139,30 +154,41 @@ t.test('a symbolic link is resolved to the file it names', async (t) => {
   t.ok(existsSync(img));
 });
 
-t.test('remove of a loop that something holds open fails loudly, keeps the record, and the next remove finishes', async (t) => {
-  const h = await harness(t);
-  const img = h.image('held.img');
-  const be = await h.disk({ domid: 13, devid: 51712, params: img, mode: 'w' });
-  t.equal((await h.run('add', be)).code, 0, 'add');
-  const node = (await h.read(`${be}/node`)) as string;
-  const fd = openSync(node, 'r');
-  let closed = false;
-  t.teardown(() => {
-    if (!closed) closeSync(fd);
-  });
-  const rm = await h.run('remove', be);
-  t.equal(rm.code, 1, 'remove exits 1 while the loop is open');
-  t.match(await h.read(`${be}/hotplug-error`), new RegExp(`${node} \\(loop of .*held\\.img\\) is still open`), 'hotplug-error names the busy loop');
-  t.equal(readdirSync(join(h.stateDir, 'journal')).length, 1, 'the record stays');
-  t.same(h.loopsOnImages().map((l) => l.name), [node], 'the loop is still bound while open');
-  closeSync(fd);
-  closed = true;
-  // losetup -d set autoclear: the kernel detaches the loop at the last close.
-  t.same(h.loopsOnImages(), [], 'closing it detached it (autoclear)');
-  const again = await h.run('remove', be);
-  t.equal(again.code, 0, `the next remove exits 0 (stderr: ${again.stderr})`);
-  t.same(readdirSync(join(h.stateDir, 'journal')), [], 'the record is gone');
-});
+t.test(
+  'remove of a loop that something holds open fails loudly, keeps the record, and the next remove finishes',
+  async (t) => {
+    const h = await harness(t);
+    const img = h.image('held.img');
+    const be = await h.disk({ domid: 13, devid: 51712, params: img, mode: 'w' });
+    t.equal((await h.run('add', be)).code, 0, 'add');
+    const node = (await h.read(`${be}/node`)) as string;
+    const fd = openSync(node, 'r');
+    let closed = false;
+    t.teardown(() => {
+      if (!closed) closeSync(fd);
+    });
+    const rm = await h.run('remove', be);
+    t.equal(rm.code, 1, 'remove exits 1 while the loop is open');
+    t.match(
+      await h.read(`${be}/hotplug-error`),
+      new RegExp(`${node} \\(loop of .*held\\.img\\) is still open`),
+      'hotplug-error names the busy loop',
+    );
+    t.equal(readdirSync(join(h.stateDir, 'journal')).length, 1, 'the record stays');
+    t.same(
+      h.loopsOnImages().map((l) => l.name),
+      [node],
+      'the loop is still bound while open',
+    );
+    closeSync(fd);
+    closed = true;
+    // losetup -d set autoclear: the kernel detaches the loop at the last close.
+    t.same(h.loopsOnImages(), [], 'closing it detached it (autoclear)');
+    const again = await h.run('remove', be);
+    t.equal(again.code, 0, `the next remove exits 0 (stderr: ${again.stderr})`);
+    t.same(readdirSync(join(h.stateDir, 'journal')), [], 'the record is gone');
+  },
+);
 
 t.test('file: an image under a directory with a space in its name (a medium mounted under its label)', async (t) => {
   const h = await harness(t);
@@ -174,7 +200,11 @@ t.test('file: an image under a directory with a space in its name (a medium moun
   t.equal(await h.read(`${be}/hotplug-status`), 'connected');
   const node = await h.read(`${be}/node`);
   const mine = h.loopsOnImages();
-  t.same(mine.map((l) => [l.name, l.backFile]), [[node, img]], 'one loop, over the whole spaced path');
+  t.same(
+    mine.map((l) => [l.name, l.backFile]),
+    [[node, img]],
+    'one loop, over the whole spaced path',
+  );
   const [entry] = new Journal(h.stateDir).list().entries;
   t.equal(entry && paramsSource(entry.script, entry.disk.params), img, 'status shows the whole path as the base');
   const rm = await h.run('remove', be);
@@ -186,21 +216,24 @@ t.test('no loop device is left over any image of these tests', async (t) => {
   t.same(harnessLoops(), []);
 });
 
-t.test("Xen's block lock held past lock_timeout_ms: block waits, as the stock script would, and attaches", async (t) => {
-  const h = await harness(t);
-  const img = h.image('waits.img');
-  const be = await h.disk({ domid: 9, devid: 51712, params: img, mode: 'w' });
-  mkdirSync(h.xenLockDir, { recursive: true });
-  // Another script holds the lock for 3 s (flock(1) on the same file, as locking.sh would).
-  const holder = spawn('flock', ['-x', join(h.xenLockDir, 'block'), 'sleep', '3'], { stdio: 'ignore' });
-  t.teardown(() => holder.kill());
-  await new Promise((r) => setTimeout(r, 300));
-  const t0 = Date.now();
-  const add = await h.run('add', be, { XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '1000' });
-  const took = Date.now() - t0;
-  t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
-  t.ok(took > 2000, `it waited for the holder (${took} ms), past the configured 1 s`);
-  t.equal(await h.read(`${be}/hotplug-status`), 'connected');
-  t.equal((await h.run('remove', be)).code, 0, 'remove');
-  t.same(h.loopsOnImages(), [], 'nothing left');
-});
+t.test(
+  "Xen's block lock held past lock_timeout_ms: block waits, as the stock script would, and attaches",
+  async (t) => {
+    const h = await harness(t);
+    const img = h.image('waits.img');
+    const be = await h.disk({ domid: 9, devid: 51712, params: img, mode: 'w' });
+    mkdirSync(h.xenLockDir, { recursive: true });
+    // Another script holds the lock for 3 s (flock(1) on the same file, as locking.sh would).
+    const holder = spawn('flock', ['-x', join(h.xenLockDir, 'block'), 'sleep', '3'], { stdio: 'ignore' });
+    t.teardown(() => holder.kill());
+    await new Promise((r) => setTimeout(r, 300));
+    const t0 = Date.now();
+    const add = await h.run('add', be, { XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '1000' });
+    const took = Date.now() - t0;
+    t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
+    t.ok(took > 2000, `it waited for the holder (${took} ms), past the configured 1 s`);
+    t.equal(await h.read(`${be}/hotplug-status`), 'connected');
+    t.equal((await h.run('remove', be)).code, 0, 'remove');
+    t.same(h.loopsOnImages(), [], 'nothing left');
+  },
+);

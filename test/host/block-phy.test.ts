@@ -13,12 +13,17 @@ t.setTimeout(180_000);
 
 /** Debian's xenstore-read against the test's server (asynchronously: the server is in this process). */
 async function xenstoreRead(h: BlockHarness, ...keys: string[]): Promise<{ code: number | null; out: string }> {
-  const r = await runProcess('xenstore-read', keys, { PATH: process.env.PATH ?? '', XENSTORED_PATH: h.store.socketPath });
+  const r = await runProcess('xenstore-read', keys, {
+    PATH: process.env.PATH ?? '',
+    XENSTORED_PATH: h.store.socketPath,
+  });
   return { code: r.code, out: r.stdout };
 }
 
 function attachLoop(t: { teardown(fn: () => void): void }, file: string, ro = false): string {
-  const loop = execFileSync('losetup', ['--find', '--show', ...(ro ? ['--read-only'] : []), '--', file], { encoding: 'utf8' }).trim();
+  const loop = execFileSync('losetup', ['--find', '--show', ...(ro ? ['--read-only'] : []), '--', file], {
+    encoding: 'utf8',
+  }).trim();
   t.teardown(() => {
     try {
       execFileSync('losetup', ['--detach', loop]);
@@ -36,13 +41,23 @@ t.test('phy: on a real loop device: the keys, readable by xenstore-read; remove 
   const be = await h.disk({ domid: 5, devid: 51712, params: loop, mode: 'w' });
   const add = await h.run('add', be);
   t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
-  const r = await xenstoreRead(h, `${be}/physical-device`, `${be}/physical-device-path`, `${be}/hotplug-status`, `${be}/node`);
+  const r = await xenstoreRead(
+    h,
+    `${be}/physical-device`,
+    `${be}/physical-device-path`,
+    `${be}/hotplug-status`,
+    `${be}/node`,
+  );
   t.equal(r.code, 0, 'xenstore-read reads them');
   t.equal(r.out, `${hexOf(loop)}\n${loop}\nconnected\n${loop}\n`);
   t.equal((await xenstoreRead(h, `${be}/hotplug-error`)).code, 1, 'no hotplug-error');
   const rm = await h.run('remove', be);
   t.equal(rm.code, 0);
-  t.same(h.loopsOnImages().map((l) => l.name), [loop], 'remove of a phy: disk leaves the device alone');
+  t.same(
+    h.loopsOnImages().map((l) => l.name),
+    [loop],
+    'remove of a phy: disk leaves the device alone',
+  );
   execFileSync('losetup', ['--detach', loop]);
 });
 
@@ -73,29 +88,32 @@ t.test('phy: a failing run leaves hotplug-error and hotplug-status=error and exi
   t.equal((await xenstoreRead(h, `${be}/physical-device`)).code, 1, 'no physical-device');
 });
 
-t.test('phy: sharing: a device given writable to one domain is refused to another; w on a read-only device is refused', async (t) => {
-  const h = await harness(t);
-  const img = h.image('phy-share.img');
-  const loop = attachLoop(t, img);
-  const a = await h.disk({ domid: 2, devid: 51712, params: loop, mode: 'w', domainName: 'alpha' });
-  const b = await h.disk({ domid: 3, devid: 51712, params: loop, mode: 'r' });
-  t.equal((await h.run('add', a)).code, 0);
-  t.equal((await h.run('add', b)).code, 1, 'second domain refused');
-  t.match(await h.read(`${b}/hotplug-error`), /Device .* is already given read-write to domain 2 \(alpha\)/);
-  // The file behind the loop is the same data: file: of it is refused as well.
-  const c = await h.disk({ domid: 4, devid: 51712, params: img, mode: 'r' });
-  t.equal((await h.run('add', c)).code, 1, 'file: of the loop\'s backing file refused');
-  t.equal(await h.read(`${c}/hotplug-status`), 'busy');
-  for (const be of [c, b, a]) t.equal((await h.run('remove', be)).code, 0);
-  const roImg = h.image('ro-dev.img');
-  const roLoop = attachLoop(t, roImg, true);
-  const d = await h.disk({ domid: 5, devid: 51712, params: roLoop, mode: 'w' });
-  t.equal((await h.run('add', d)).code, 1, 'w on a read-only device refused');
-  t.match(await h.read(`${d}/hotplug-error`), /is read-only/);
-  t.equal(await h.read(`${d}/hotplug-status`), 'busy');
-  execFileSync('losetup', ['--detach', loop]);
-  execFileSync('losetup', ['--detach', roLoop]);
-});
+t.test(
+  'phy: sharing: a device given writable to one domain is refused to another; w on a read-only device is refused',
+  async (t) => {
+    const h = await harness(t);
+    const img = h.image('phy-share.img');
+    const loop = attachLoop(t, img);
+    const a = await h.disk({ domid: 2, devid: 51712, params: loop, mode: 'w', domainName: 'alpha' });
+    const b = await h.disk({ domid: 3, devid: 51712, params: loop, mode: 'r' });
+    t.equal((await h.run('add', a)).code, 0);
+    t.equal((await h.run('add', b)).code, 1, 'second domain refused');
+    t.match(await h.read(`${b}/hotplug-error`), /Device .* is already given read-write to domain 2 \(alpha\)/);
+    // The file behind the loop is the same data: file: of it is refused as well.
+    const c = await h.disk({ domid: 4, devid: 51712, params: img, mode: 'r' });
+    t.equal((await h.run('add', c)).code, 1, "file: of the loop's backing file refused");
+    t.equal(await h.read(`${c}/hotplug-status`), 'busy');
+    for (const be of [c, b, a]) t.equal((await h.run('remove', be)).code, 0);
+    const roImg = h.image('ro-dev.img');
+    const roLoop = attachLoop(t, roImg, true);
+    const d = await h.disk({ domid: 5, devid: 51712, params: roLoop, mode: 'w' });
+    t.equal((await h.run('add', d)).code, 1, 'w on a read-only device refused');
+    t.match(await h.read(`${d}/hotplug-error`), /is read-only/);
+    t.equal(await h.read(`${d}/hotplug-status`), 'busy');
+    execFileSync('losetup', ['--detach', loop]);
+    execFileSync('losetup', ['--detach', roLoop]);
+  },
+);
 
 t.test('xend dialect: create/destroy of a file: disk', async (t) => {
   const h = await harness(t);
@@ -120,10 +138,21 @@ t.test('xend type dispatch: type=cow runs <script dir>/block-cow with the same a
     `#!${process.execPath}\nrequire('node:fs').writeFileSync(${JSON.stringify(record)}, JSON.stringify({ argv: process.argv.slice(2), xenbus: process.env.XENBUS_PATH, type: process.env.XENBUS_TYPE, base: process.env.XENBUS_BASE_PATH }));\nprocess.exitCode = Number(process.argv[2] === 'create' ? 3 : 0);\n`,
   );
   chmodSync(fake, 0o755);
-  const be = await h.disk({ domid: 9, devid: 51712, params: '/mnt/cdrom/rootfs.img 30', mode: 'w', type: 'cow', dialect: 'xend' });
+  const be = await h.disk({
+    domid: 9,
+    devid: 51712,
+    params: '/mnt/cdrom/rootfs.img 30',
+    mode: 'w',
+    type: 'cow',
+    dialect: 'xend',
+  });
   const c = await h.run('create', be, { XEN_SCRIPT_DIR: scripts });
   t.equal(c.code, 3, 'the exit code of block-cow is passed through');
-  t.same(JSON.parse(readFileSync(record, 'utf8')), { argv: ['create'], xenbus: be, type: 'vbd', base: 'backend' }, 'argv and environment as given');
+  t.same(
+    JSON.parse(readFileSync(record, 'utf8')),
+    { argv: ['create'], xenbus: be, type: 'vbd', base: 'backend' },
+    'argv and environment as given',
+  );
   const d = await h.run('destroy', be, { XEN_SCRIPT_DIR: scripts });
   t.equal(d.code, 0);
   t.same(JSON.parse(readFileSync(record, 'utf8')).argv, ['destroy']);

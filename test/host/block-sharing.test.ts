@@ -29,7 +29,10 @@ for (const { first, second, allowed } of pairs) {
       t.equal(r.code, 0, `second add exits 0 (stderr: ${r.stderr})`);
       const l = h.loopsOnImages();
       t.equal(l.length, 2, 'each disk has a loop of its own');
-      t.ok(l.every((x) => x.ro), 'both read-only');
+      t.ok(
+        l.every((x) => x.ro),
+        'both read-only',
+      );
       t.not(await h.read(`${a}/physical-device`), await h.read(`${b}/physical-device`), 'different devices');
     } else {
       t.equal(r.code, 1, 'second add exits 1');
@@ -62,42 +65,59 @@ t.test('a hard link to the file is the same file', async (t) => {
   t.same(h.loopsOnImages(), []);
 });
 
-t.test('through an existing loop device on the same dev:inode, set up by someone else (what the stock check misses)', async (t) => {
-  const h = await harness(t);
-  const img = h.image('foreign.img');
-  // A loop attached outside our hook (as the stock block does: losetup <dev> <file>), given
-  // writable to domain 4: its vbd's physical-device names that loop.
-  const loop = execFileSync('losetup', ['--find', '--show', '--', img], { encoding: 'utf8' }).trim();
-  t.teardown(() => {
-    try {
-      execFileSync('losetup', ['--detach', loop]);
-    } catch {
-      /* already gone */
-    }
-  });
-  const other = await h.disk({ domid: 4, devid: 51712, params: img, mode: 'w', domainName: 'delta' });
-  await h.store.xs.write(`${other}/physical-device`, hexOf(loop));
-  await h.store.xs.write(`${other}/node`, loop);
-  const be = await h.disk({ domid: 5, devid: 51712, params: img, mode: 'r' });
-  const r = await h.run('add', be);
-  t.equal(r.code, 1, 'refused');
-  t.equal(await h.read(`${be}/hotplug-status`), 'busy');
-  t.match(await h.read(`${be}/hotplug-error`), new RegExp(`given read-write to domain 4 \\(delta\\) through ${loop}`));
-  t.same(h.loopsOnImages().map((l) => l.name), [loop], 'no loop added');
-  // The loop alone, used by nobody, is no conflict (the stock rule).
-  await h.store.xs.rm(other);
-  const r2 = await h.run('add', be);
-  t.equal(r2.code, 0, `allowed once no vbd uses the loop (stderr: ${r2.stderr})`);
-  t.equal((await h.run('remove', be)).code, 0);
-  execFileSync('losetup', ['--detach', loop]);
-  t.same(h.loopsOnImages(), []);
-});
+t.test(
+  'through an existing loop device on the same dev:inode, set up by someone else (what the stock check misses)',
+  async (t) => {
+    const h = await harness(t);
+    const img = h.image('foreign.img');
+    // A loop attached outside our hook (as the stock block does: losetup <dev> <file>), given
+    // writable to domain 4: its vbd's physical-device names that loop.
+    const loop = execFileSync('losetup', ['--find', '--show', '--', img], { encoding: 'utf8' }).trim();
+    t.teardown(() => {
+      try {
+        execFileSync('losetup', ['--detach', loop]);
+      } catch {
+        /* already gone */
+      }
+    });
+    const other = await h.disk({ domid: 4, devid: 51712, params: img, mode: 'w', domainName: 'delta' });
+    await h.store.xs.write(`${other}/physical-device`, hexOf(loop));
+    await h.store.xs.write(`${other}/node`, loop);
+    const be = await h.disk({ domid: 5, devid: 51712, params: img, mode: 'r' });
+    const r = await h.run('add', be);
+    t.equal(r.code, 1, 'refused');
+    t.equal(await h.read(`${be}/hotplug-status`), 'busy');
+    t.match(
+      await h.read(`${be}/hotplug-error`),
+      new RegExp(`given read-write to domain 4 \\(delta\\) through ${loop}`),
+    );
+    t.same(
+      h.loopsOnImages().map((l) => l.name),
+      [loop],
+      'no loop added',
+    );
+    // The loop alone, used by nobody, is no conflict (the stock rule).
+    await h.store.xs.rm(other);
+    const r2 = await h.run('add', be);
+    t.equal(r2.code, 0, `allowed once no vbd uses the loop (stderr: ${r2.stderr})`);
+    t.equal((await h.run('remove', be)).code, 0);
+    execFileSync('losetup', ['--detach', loop]);
+    t.same(h.loopsOnImages(), []);
+  },
+);
 
 t.test('the same VM may share a writable file (device-model stub domain with target)', async (t) => {
   const h = await harness(t);
   const img = h.image('stub.img');
   const guest = await h.disk({ domid: 6, devid: 51712, params: img, mode: 'w' });
-  const stub = await h.disk({ domid: 7, devid: 51712, params: img, mode: 'w', target: 6, uuid: '00000000-0000-4000-8000-0000000000aa' });
+  const stub = await h.disk({
+    domid: 7,
+    devid: 51712,
+    params: img,
+    mode: 'w',
+    target: 6,
+    uuid: '00000000-0000-4000-8000-0000000000aa',
+  });
   t.equal((await h.run('add', guest)).code, 0);
   const r = await h.run('add', stub);
   t.equal(r.code, 0, `stub domain of the same guest may have it (stderr: ${r.stderr})`);
@@ -108,25 +128,28 @@ t.test('the same VM may share a writable file (device-model stub domain with tar
   t.same(h.loopsOnImages(), []);
 });
 
-t.test('a same-host migration: the receiver (NAME--incoming, same uuid) shares the sender\'s writable file; the sender\'s remove keeps it', async (t) => {
-  // What xl migrate-receive does on one host: the receiving domain, with the sender's uuid, adds
-  // the disk while the suspended sender still has it; then the sender is destroyed.
-  const h = await harness(t);
-  const img = h.image('mig.img');
-  const uuid = '00000000-0000-4000-8000-0000000000bb';
-  const sender = await h.disk({ domid: 11, devid: 51712, params: img, mode: 'w', uuid, name: 'web' });
-  t.equal((await h.run('add', sender)).code, 0);
-  const receiver = await h.disk({ domid: 12, devid: 51712, params: img, mode: 'w', uuid, name: 'web--incoming' });
-  const r = await h.run('add', receiver);
-  t.equal(r.code, 0, `the receiver gets the file (stderr: ${r.stderr})`);
-  await h.store.xs.write('/local/domain/11/name', 'web--migratedaway');
-  t.equal((await h.run('remove', sender)).code, 0, 'the sender is destroyed');
-  const left = h.loopsOnImages();
-  t.equal(left.length, 1, 'the receiver\'s loop stays');
-  t.equal(left[0]?.name, await h.read(`${receiver}/node`), 'and it is the receiver\'s own');
-  t.equal((await h.run('remove', receiver)).code, 0);
-  t.same(h.loopsOnImages(), []);
-});
+t.test(
+  "a same-host migration: the receiver (NAME--incoming, same uuid) shares the sender's writable file; the sender's remove keeps it",
+  async (t) => {
+    // What xl migrate-receive does on one host: the receiving domain, with the sender's uuid, adds
+    // the disk while the suspended sender still has it; then the sender is destroyed.
+    const h = await harness(t);
+    const img = h.image('mig.img');
+    const uuid = '00000000-0000-4000-8000-0000000000bb';
+    const sender = await h.disk({ domid: 11, devid: 51712, params: img, mode: 'w', uuid, name: 'web' });
+    t.equal((await h.run('add', sender)).code, 0);
+    const receiver = await h.disk({ domid: 12, devid: 51712, params: img, mode: 'w', uuid, name: 'web--incoming' });
+    const r = await h.run('add', receiver);
+    t.equal(r.code, 0, `the receiver gets the file (stderr: ${r.stderr})`);
+    await h.store.xs.write('/local/domain/11/name', 'web--migratedaway');
+    t.equal((await h.run('remove', sender)).code, 0, 'the sender is destroyed');
+    const left = h.loopsOnImages();
+    t.equal(left.length, 1, "the receiver's loop stays");
+    t.equal(left[0]?.name, await h.read(`${receiver}/node`), "and it is the receiver's own");
+    t.equal((await h.run('remove', receiver)).code, 0);
+    t.same(h.loopsOnImages(), []);
+  },
+);
 
 t.test('a domain without a vm node is not taken for the same VM', async (t) => {
   const h = await harness(t);

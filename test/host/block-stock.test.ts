@@ -36,7 +36,10 @@ const logSize = (): number => (existsSync(HOTPLUG_LOG) ? statSync(HOTPLUG_LOG).s
 /** Stock adds run again after losing their loop race (below), reported when the file ends. */
 const races: string[] = [];
 t.teardown(() => {
-  if (races.length) t.comment(`the stock script lost its find-then-attach loop race ${races.length} time(s) and was run again: ${races.join('; ')}`);
+  if (races.length)
+    t.comment(
+      `the stock script lost its find-then-attach loop race ${races.length} time(s) and was run again: ${races.join('; ')}`,
+    );
 });
 
 /**
@@ -56,7 +59,9 @@ async function stock(h: BlockHarness, action: string, be: string) {
     const file = await h.read(`${be}/params`);
     const error = (await h.read(`${be}/hotplug-error`)) ?? '';
     const log = readFileSync(HOTPLUG_LOG).subarray(from).toString('utf8');
-    const lostRace = /^losetup (-r )?\/dev\/loop\d+ /.test(error) && log.includes(`${file}: failed to set up loop device: Device or resource busy`);
+    const lostRace =
+      /^losetup (-r )?\/dev\/loop\d+ /.test(error) &&
+      log.includes(`${file}: failed to set up loop device: Device or resource busy`);
     if (!lostRace) return r;
     races.push(`${be}: ${error}`);
     await h.store.xs.rm(`${be}/hotplug-error`);
@@ -79,7 +84,11 @@ t.test('ours refuses a second writer after the stock block attached the file wri
     const r = await h.run('add', o);
     t.equal(r.code, 1, `ours refuses ${mode}`);
     t.equal(await h.read(`${o}/hotplug-status`), 'busy');
-    t.match(await h.read(`${o}/hotplug-error`), new RegExp(`read-write to domain 2 \\(stock-guest\\) through ${stockLoop}`), 'naming the stock-attached domain and loop');
+    t.match(
+      await h.read(`${o}/hotplug-error`),
+      new RegExp(`read-write to domain 2 \\(stock-guest\\) through ${stockLoop}`),
+      'naming the stock-attached domain and loop',
+    );
     t.equal((await h.run('remove', o)).code, 0);
   }
   t.equal(h.loopsOnImages().length, 1, 'only the stock loop');
@@ -124,7 +133,9 @@ t.test('interleaved and concurrent adds of both: no loop device handed out twice
     }
   }
   const results = await Promise.all(disks.map((d) => (d.who === 'stock' ? stock(h, 'add', d.be) : h.run('add', d.be))));
-  results.forEach((r, i) => t.equal(r.code, 0, `${disks[i]?.who} add ${disks[i]?.be} (stderr: ${r.stderr.trim().slice(0, 300)})`));
+  results.forEach((r, i) =>
+    t.equal(r.code, 0, `${disks[i]?.who} add ${disks[i]?.be} (stderr: ${r.stderr.trim().slice(0, 300)})`),
+  );
   const nodes = await Promise.all(disks.map((d) => h.read(`${d.be}/node`)));
   const pds = await Promise.all(disks.map((d) => h.read(`${d.be}/physical-device`)));
   t.equal(new Set(nodes).size, disks.length, 'every disk has its own loop device');
@@ -137,7 +148,9 @@ t.test('interleaved and concurrent adds of both: no loop device handed out twice
   t.equal((await h.run('add', w)).code, 1, 'a writer of the shared read-only image is refused');
   t.equal((await h.run('remove', w)).code, 0);
 
-  const removed = await Promise.all(disks.map((d) => (d.who === 'stock' ? stock(h, 'remove', d.be) : h.run('remove', d.be))));
+  const removed = await Promise.all(
+    disks.map((d) => (d.who === 'stock' ? stock(h, 'remove', d.be) : h.run('remove', d.be))),
+  );
   removed.forEach((r, i) => t.equal(r.code, 0, `${disks[i]?.who} remove ${disks[i]?.be}`));
   t.same(h.loopsOnImages(), [], 'all detached');
 });
@@ -158,11 +171,14 @@ t.test('ours removes what the stock block attached before ours replaced it', asy
   // A node that names another disk's loop (a confused or hostile record) is left alone.
   await h.store.xs.write(`${s2}/params`, img);
   t.equal((await h.run('remove', s2)).code, 0);
-  t.equal(h.loopsOnImages().length, 2, 'a loop that does not back the disk\'s file is not detached');
+  t.equal(h.loopsOnImages().length, 2, "a loop that does not back the disk's file is not detached");
   await h.store.xs.write(`${s2}/params`, other);
   // The real case: no record of ours, node names the stock loop over the disk's file.
   t.equal((await h.run('remove', s)).code, 0, 'our remove exits 0');
-  t.notOk(h.loopsOnImages().some((l) => l.name === loop), `${loop} detached by our remove`);
+  t.notOk(
+    h.loopsOnImages().some((l) => l.name === loop),
+    `${loop} detached by our remove`,
+  );
   t.equal((await h.run('remove', s2)).code, 0);
   t.same(h.loopsOnImages(), [], 'all detached');
 });

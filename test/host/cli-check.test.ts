@@ -11,7 +11,14 @@ import { cliMain } from '../../src/cli/main.js';
 import { CONFIG_KEYS } from '../../src/config/config.js';
 
 const RELEASE = '6.1.0-test';
-const CONF = ['state_dir = /run/xbh', 'store_dir = /var/lib/xbh', 'xen_lock_dir = /run/xen-hotplug', 'log_file = /var/log/xen/xen-hotplug.log', 'image_dirs = /srv/images', ''].join('\n');
+const CONF = [
+  'state_dir = /run/xbh',
+  'store_dir = /var/lib/xbh',
+  'xen_lock_dir = /run/xen-hotplug',
+  'log_file = /var/log/xen/xen-hotplug.log',
+  'image_dirs = /srv/images',
+  '',
+].join('\n');
 
 function setup(t: { teardown(f: () => void): void }) {
   const top = mkdtempSync(join(tmpdir(), 'xbh-check-'));
@@ -24,11 +31,19 @@ function setup(t: { teardown(f: () => void): void }) {
     chmodSync(join(base, path), mode);
   };
   put(root, '/etc/xen/blockhooks.conf', CONF);
-  for (const d of ['/run/xbh', '/var/lib/xbh', '/run/xen-hotplug', '/var/log/xen', '/srv/images']) mkdirSync(join(root, d), { recursive: true, mode: 0o755 });
-  const hook = (name: string) => put(root, `/etc/xen/scripts/${name}`, `#!/bin/sh\n# xen-blockhooks: ${name} (installed by xen-blockhooks' install script; replaced on reinstall).\nexec node x "$@"\n`, 0o755);
+  for (const d of ['/run/xbh', '/var/lib/xbh', '/run/xen-hotplug', '/var/log/xen', '/srv/images'])
+    mkdirSync(join(root, d), { recursive: true, mode: 0o755 });
+  const hook = (name: string) =>
+    put(
+      root,
+      `/etc/xen/scripts/${name}`,
+      `#!/bin/sh\n# xen-blockhooks: ${name} (installed by xen-blockhooks' install script; replaced on reinstall).\nexec node x "$@"\n`,
+      0o755,
+    );
   hook('block-cow');
   put(root, '/etc/xen/scripts/block', '#!/bin/bash\n# the stock block\n', 0o755);
-  for (const tool of ['losetup', 'dmsetup', 'lvm', 'modprobe', 'kpartx']) put(machine, `/usr/sbin/${tool}`, '#!/bin/sh\n', 0o755);
+  for (const tool of ['losetup', 'dmsetup', 'lvm', 'modprobe', 'kpartx'])
+    put(machine, `/usr/sbin/${tool}`, '#!/bin/sh\n', 0o755);
   for (const tool of ['qemu-nbd', 'qemu-img', 'rbd']) put(machine, `/usr/bin/${tool}`, '#!/bin/sh\n', 0o755);
   put(machine, '/proc/misc', '236 device-mapper\n237 loop-control\n');
   put(machine, '/proc/devices', 'Character devices:\n  1 mem\n\nBlock devices:\n  7 loop\n254 device-mapper\n');
@@ -43,7 +58,11 @@ function setup(t: { teardown(f: () => void): void }) {
   const check = async (args: string[] = [], env: NodeJS.ProcessEnv = {}) => {
     out.length = 0;
     err.length = 0;
-    const code = await cliMain(['check', '--root', root, ...args], env, { out: (s) => out.push(s), err: (s) => err.push(s), machine: { root: machine, kernelRelease: RELEASE } });
+    const code = await cliMain(['check', '--root', root, ...args], env, {
+      out: (s) => out.push(s),
+      err: (s) => err.push(s),
+      machine: { root: machine, kernelRelease: RELEASE },
+    });
     return { code, out: [...out], err: [...err] };
   };
   return { root, machine, put, hook, check };
@@ -70,10 +89,16 @@ t.test('the configuration: every bad line is a problem, and the rest is still ch
     '4 problems found.',
   ]);
   t.same(r.err, [], 'a broken configuration is what check reports, not a reason to stop');
-  t.equal(await cliMain(['status'], { XEN_BLOCKHOOKS_CONF: conf }, { out: () => {}, err: () => {} }), 1, 'while the other commands refuse to run on it');
+  t.equal(
+    await cliMain(['status'], { XEN_BLOCKHOOKS_CONF: conf }, { out: () => {}, err: () => {} }),
+    1,
+    'while the other commands refuse to run on it',
+  );
 
   h.put(h.root, '/etc/xen/blockhooks.conf', 'frobnicate = 1\n');
-  t.same((await h.check()).out.slice(0, 1), [`problem: ${conf}:1: unknown key \`frobnicate\` (known keys: ${CONFIG_KEYS.join(', ')})`]);
+  t.same((await h.check()).out.slice(0, 1), [
+    `problem: ${conf}:1: unknown key \`frobnicate\` (known keys: ${CONFIG_KEYS.join(', ')})`,
+  ]);
 
   rmSync(conf);
   h.put(h.machine, '/proc/xen/capabilities', 'control_d\n');
@@ -88,7 +113,11 @@ t.test('the configuration: every bad line is a problem, and the rest is still ch
     'No problems found (5 notes).',
   ]);
   const env = await h.check([], { XEN_BLOCKHOOKS_CONF: join(h.root, 'none.conf'), XEN_BLOCKHOOKS_STATE_DIR: 'run/x' });
-  t.same(env.out[0], 'problem: XEN_BLOCKHOOKS_STATE_DIR: "run/x" is not an absolute path', 'the environment\'s overrides too');
+  t.same(
+    env.out[0],
+    'problem: XEN_BLOCKHOOKS_STATE_DIR: "run/x" is not an absolute path',
+    "the environment's overrides too",
+  );
 });
 
 t.test('directories: world-writable, not a directory, cannot be made', async (t) => {
@@ -102,13 +131,17 @@ t.test('directories: world-writable, not a directory, cannot be made', async (t)
   rmSync(join(h.root, '/run/xen-hotplug'), { recursive: true });
   const r = await h.check();
   t.equal(r.code, 1);
-  t.same(r.out, [
-    `problem: state_dir: ${h.root}/run/xbh is writable by everyone (mode 0777); make it 0755 or stricter`,
-    `problem: store_dir: ${h.root}/var/lib/xbh is not a directory`,
-    `problem: log_file: ${h.root}/var/log/xen cannot be made: ${h.root}/var/log is not a directory`,
-    `problem: image_dirs: ${h.root}/srv/images is writable by everyone (mode 1777); make it 0755 or stricter`,
-    '4 problems found.',
-  ], 'a missing xen_lock_dir whose parent exists is no problem: it is made on first use');
+  t.same(
+    r.out,
+    [
+      `problem: state_dir: ${h.root}/run/xbh is writable by everyone (mode 0777); make it 0755 or stricter`,
+      `problem: store_dir: ${h.root}/var/lib/xbh is not a directory`,
+      `problem: log_file: ${h.root}/var/log/xen cannot be made: ${h.root}/var/log is not a directory`,
+      `problem: image_dirs: ${h.root}/srv/images is writable by everyone (mode 1777); make it 0755 or stricter`,
+      '4 problems found.',
+    ],
+    'a missing xen_lock_dir whose parent exists is no problem: it is made on first use',
+  );
 });
 
 t.test('tools: missing for an installed hook is a problem, for one that is not a note', async (t) => {
@@ -130,10 +163,13 @@ t.test('tools: missing for an installed hook is a problem, for one that is not a
     '1 problem found.',
   ]);
   rmSync(join(h.root, '/etc/xen/scripts/block-cow'));
-  h.put(h.root, '/etc/xen/scripts/block-cow', '#!/bin/sh\n# somebody else\'s block-cow\n', 0o755);
+  h.put(h.root, '/etc/xen/scripts/block-cow', "#!/bin/sh\n# somebody else's block-cow\n", 0o755);
   const n = await h.check();
   t.equal(n.code, 0, 'a block-cow that is not our wrapper is not our hook');
-  t.same(n.out.slice(0, 2), [`note: no hook is installed in ${h.root}/etc/xen/scripts (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`, 'note: block-cow (not installed) would need: dmsetup (package dmsetup)']);
+  t.same(n.out.slice(0, 2), [
+    `note: no hook is installed in ${h.root}/etc/xen/scripts (install the xen-blockhooks package, or run ./install); what a hook needs is reported as a note`,
+    'note: block-cow (not installed) would need: dmsetup (package dmsetup)',
+  ]);
 });
 
 t.test('the kernel: device-mapper, loop, nbd, rbd; Xen', async (t) => {
@@ -157,7 +193,11 @@ t.test('the kernel: device-mapper, loop, nbd, rbd; Xen', async (t) => {
     '4 problems found.',
   ]);
 
-  h.put(h.machine, `/lib/modules/${RELEASE}/modules.dep`, 'kernel/drivers/md/dm-mod.ko.xz: \nkernel/drivers/block/loop.ko:\nkernel/drivers/block/nbd.ko: \n');
+  h.put(
+    h.machine,
+    `/lib/modules/${RELEASE}/modules.dep`,
+    'kernel/drivers/md/dm-mod.ko.xz: \nkernel/drivers/block/loop.ko:\nkernel/drivers/block/nbd.ko: \n',
+  );
   h.put(h.machine, `/lib/modules/${RELEASE}/modules.builtin`, 'kernel/drivers/block/rbd.ko\n');
   h.put(h.machine, '/proc/xen/capabilities', 'control_d\n');
   const m = await h.check();
@@ -172,7 +212,10 @@ t.test('the kernel: device-mapper, loop, nbd, rbd; Xen', async (t) => {
 
   h.put(h.machine, '/proc/misc', '236 device-mapper\n');
   rmSync(join(h.machine, '/dev/mapper/control'));
-  t.equal((await h.check()).out[0], `problem: device-mapper: the kernel has it but ${h.machine}/dev/mapper/control is missing (dmsetup mknodes makes it)`);
+  t.equal(
+    (await h.check()).out[0],
+    `problem: device-mapper: the kernel has it but ${h.machine}/dev/mapper/control is missing (dmsetup mknodes makes it)`,
+  );
 });
 
 t.test('usage and help', async (t) => {
@@ -182,8 +225,14 @@ t.test('usage and help', async (t) => {
   t.equal(await cliMain(['check', 'extra'], {}, deps), 2);
   t.same(err.pop(), 'xen-blockhooks check: unexpected argument "extra"; run "xen-blockhooks check --help" for usage');
   t.equal(await cliMain(['check', '--root', 'stage'], {}, deps), 2);
-  t.same(err.pop(), 'xen-blockhooks check: --root needs an absolute path, not "stage"; run "xen-blockhooks check --help" for usage');
-  for (const argv of [['check', '--help'], ['help', 'check']]) {
+  t.same(
+    err.pop(),
+    'xen-blockhooks check: --root needs an absolute path, not "stage"; run "xen-blockhooks check --help" for usage',
+  );
+  for (const argv of [
+    ['check', '--help'],
+    ['help', 'check'],
+  ]) {
     out.length = 0;
     t.equal(await cliMain(argv, {}, deps), 0, argv.join(' '));
     t.match(out.join('\n'), /^Usage: xen-blockhooks check \[--root DIR\]\n/);
@@ -195,8 +244,15 @@ t.test('usage and help', async (t) => {
 
 t.test('this machine, as it is: a last line that counts', async (t) => {
   const out: string[] = [];
-  const code = await cliMain(['check'], { XEN_BLOCKHOOKS_CONF: '/nonexistent/blockhooks.conf' }, { out: (s) => out.push(s), err: () => {} });
+  const code = await cliMain(
+    ['check'],
+    { XEN_BLOCKHOOKS_CONF: '/nonexistent/blockhooks.conf' },
+    { out: (s) => out.push(s), err: () => {} },
+  );
   const problems = out.filter((l) => l.startsWith('problem: ')).length;
   t.equal(code, problems ? 1 : 0);
-  t.match(out.at(-1), problems ? new RegExp(`^${problems} problems? found\\.$`) : /^No problems found( \(\d+ notes?\))?\.$/);
+  t.match(
+    out.at(-1),
+    problems ? new RegExp(`^${problems} problems? found\\.$`) : /^No problems found( \(\d+ notes?\))?\.$/,
+  );
 });

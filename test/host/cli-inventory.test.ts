@@ -27,7 +27,16 @@ function recorder(answers: Record<string, string>): Runner & { calls: string[] }
     const command = [file, ...args].join(' ');
     calls.push(command);
     const stdout = answers[command];
-    return { command, exitCode: 0, signal: undefined, stdout: stdout ?? '', stderr: '', durationMs: 1, failed: false, timedOut: false };
+    return {
+      command,
+      exitCode: 0,
+      signal: undefined,
+      stdout: stdout ?? '',
+      stderr: '',
+      durationMs: 1,
+      failed: false,
+      timedOut: false,
+    };
   };
   return { calls, run: exec, probe: exec };
 }
@@ -38,27 +47,64 @@ function fakeXs(nodes: Record<string, string>): XenstoreClient {
     if (abs in nodes) return nodes[abs];
     return Object.keys(nodes).some((k) => k.startsWith(`${abs}/`)) ? '' : undefined;
   };
-  const no = async () => { throw new Error('not in this fake'); };
-  return { tryRead: get, read: no, write: no, mkdir: no, rm: no, directory: no, transaction: no, watch: no, unwatch: no, getDomainPath: no, close: async () => {} } as unknown as XenstoreClient;
+  const no = async () => {
+    throw new Error('not in this fake');
+  };
+  return {
+    tryRead: get,
+    read: no,
+    write: no,
+    mkdir: no,
+    rm: no,
+    directory: no,
+    transaction: no,
+    watch: no,
+    unwatch: no,
+    getDomainPath: no,
+    close: async () => {},
+  } as unknown as XenstoreClient;
 }
 
 function setup(t: { teardown(f: () => void): void }) {
   const dir = mkdtempSync(join(tmpdir(), 'xbh-cli-inv-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const config: Config = { ...defaultConfig(), stateDir: join(dir, 'state'), storeDir: '/var/lib/xen-blockhooks', logFile: '' };
+  const config: Config = {
+    ...defaultConfig(),
+    stateDir: join(dir, 'state'),
+    storeDir: '/var/lib/xen-blockhooks',
+    logFile: '',
+  };
   const journal = new Journal(config.stateDir);
   const record = (domid: number, name: string, minor: number, over: Partial<JournalEntry> = {}): JournalEntry => {
     const bp = `backend/vbd/${domid}/51712`;
     const dm = `xbh-cow-${name}-xvda-51712`;
     const steps: StepRecord[] = [
-      { kind: 'base-ref', data: { key: '254:0:12', file: '/srv/xen/base.img', loop: '/dev/loop0', major: 7, minor: 0 }, done: true },
+      {
+        kind: 'base-ref',
+        data: { key: '254:0:12', file: '/srv/xen/base.img', loop: '/dev/loop0', major: 7, minor: 0 },
+        done: true,
+      },
       { kind: 'store-file', data: { path: `/var/lib/xen-blockhooks/${name}.cow`, persistent: false }, done: true },
-      { kind: 'loop', data: { file: `/var/lib/xen-blockhooks/${name}.cow`, loop: `/dev/loop${domid}`, major: 7, minor: domid }, done: true },
+      {
+        kind: 'loop',
+        data: { file: `/var/lib/xen-blockhooks/${name}.cow`, loop: `/dev/loop${domid}`, major: 7, minor: domid },
+        done: true,
+      },
       { kind: 'dm', data: { name: dm, table: `0 131072 snapshot 7:0 7:${domid} N 128` }, done: true },
     ];
     const e: JournalEntry = {
-      ...Journal.begin('block-cow', bp, { params: '/srv/xen/base.img 64', mode: 'w', frontendId: domid, vdev: 'xvda', domainName: name }),
-      phase: 'ready', pid: 999_999_999, steps, device: { path: `/dev/dm-${minor}`, major: 254, minor }, ...over,
+      ...Journal.begin('block-cow', bp, {
+        params: '/srv/xen/base.img 64',
+        mode: 'w',
+        frontendId: domid,
+        vdev: 'xvda',
+        domainName: name,
+      }),
+      phase: 'ready',
+      pid: 999_999_999,
+      steps,
+      device: { path: `/dev/dm-${minor}`, major: 254, minor },
+      ...over,
     };
     journal.save(e);
     return e;
@@ -91,9 +137,12 @@ function setup(t: { teardown(f: () => void): void }) {
     'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT': loops,
   });
   const xs = fakeXs({
-    '/local/domain/0/backend/vbd/1/51712/state': '4', '/local/domain/1/name': 'web',
-    '/local/domain/3/name': 'mail', '/local/domain/0/backend/vbd/3/51712/state': '4',
-    '/local/domain/4/name': 'dns', '/local/domain/0/backend/vbd/4/51712/state': '2',
+    '/local/domain/0/backend/vbd/1/51712/state': '4',
+    '/local/domain/1/name': 'web',
+    '/local/domain/3/name': 'mail',
+    '/local/domain/0/backend/vbd/3/51712/state': '4',
+    '/local/domain/4/name': 'dns',
+    '/local/domain/0/backend/vbd/4/51712/state': '2',
     // domain 2 is gone, and so is its backend
   });
   return { config, journal, run, xs };
@@ -111,47 +160,95 @@ t.test('status: the BASE column is the path the params name, spaces and all', as
 });
 
 t.test('usage parsing from captured dmsetup status lines', async (t) => {
-  const line = (n: string) => fixture(n).trim().split('\n').map((l) => l.replace(/^[^:]+: /, ''));
-  t.match(parseUsage(['0 131072 snapshot 2072/8192 24'], ['0 131072 snapshot 7:0 7:1 N 128']), { target: 'snapshot', used: 2072, total: 8192, problem: undefined });
+  const line = (n: string) =>
+    fixture(n)
+      .trim()
+      .split('\n')
+      .map((l) => l.replace(/^[^:]+: /, ''));
+  t.match(parseUsage(['0 131072 snapshot 2072/8192 24'], ['0 131072 snapshot 7:0 7:1 N 128']), {
+    target: 'snapshot',
+    used: 2072,
+    total: 8192,
+    problem: undefined,
+  });
   t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-snapshot-invalid.txt'), []), { problem: 'Invalid' });
   t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-snapshot-overflow.txt'), []), { problem: 'Overflow' });
-  t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-thin-used.txt'), ['0 65536 thin 254:3 0 7:0']), { target: 'thin', total: 65536, problem: undefined });
-  t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-thin-pool-full.txt'), []), { target: 'thin-pool', unit: 'blocks', problem: 'out_of_data_space' });
+  t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-thin-used.txt'), ['0 65536 thin 254:3 0 7:0']), {
+    target: 'thin',
+    total: 65536,
+    problem: undefined,
+  });
+  t.match(parseUsage(line('dmsetup-1.02.185-k6.1-status-thin-pool-full.txt'), []), {
+    target: 'thin-pool',
+    unit: 'blocks',
+    problem: 'out_of_data_space',
+  });
 });
 
 t.test('status: every state from journal, xenstore and kernel', async (t) => {
   const { config, journal, run, xs } = setup(t);
-  const inv = await takeInventory({ config, run, xs, journal, alive: (pid) => pid === 999_999_999 ? false : true });
+  const inv = await takeInventory({ config, run, xs, journal, alive: (pid) => (pid === 999_999_999 ? false : true) });
   const byState = (s: string) => inv.rows.filter((r) => r.state === s).map((r) => r.device);
   t.same(byState('active'), ['/dev/dm-0'], 'web is active');
   t.same(byState('orphan'), ['/dev/dm-1'], 'db lost its domain and backend');
   t.same(byState('Invalid'), ['/dev/dm-2'], 'mail overflowed');
   t.same(byState('incomplete'), ['/dev/dm-3'], 'dns: an add whose process died');
-  t.same(byState('leaked').sort(), ['/dev/loop7', '/dev/loop8', '/dev/mapper/xbh-cow-old-xvdb-51728'], 'our leaked dm device, the loops under it and in the store; not vg0-root, not loop9');
+  t.same(
+    byState('leaked').sort(),
+    ['/dev/loop7', '/dev/loop8', '/dev/mapper/xbh-cow-old-xvdb-51728'],
+    'our leaked dm device, the loops under it and in the store; not vg0-root, not loop9',
+  );
   const web = inv.rows.find((r) => r.domain === 'web');
-  t.match(web, { domid: 1, vdev: 'xvda', hook: 'block-cow', majmin: '254:0', base: '/srv/xen/base.img', store: '/var/lib/xen-blockhooks/web.cow' });
+  t.match(web, {
+    domid: 1,
+    vdev: 'xvda',
+    hook: 'block-cow',
+    majmin: '254:0',
+    base: '/srv/xen/base.img',
+    store: '/var/lib/xen-blockhooks/web.cow',
+  });
   t.match(web?.usage, { used: 2072, total: 8192 });
   const text = renderStatus(inv);
   t.match(text, /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+SIZE\s+USE%\s+STATE\n/, 'the default fields');
   t.match(text, /\n1\s+web\s+xvda\s+block-cow\s+dm-0\s+4\.0M\s+25\.3%\s+active\n/);
-  t.match(text, /dm-1: orphan: domain 2 no longer exists|dm-1: orphan: backend backend\/vbd\/2\/51712 no longer exists/);
+  t.match(
+    text,
+    /dm-1: orphan: domain 2 no longer exists|dm-1: orphan: backend backend\/vbd\/2\/51712 no longer exists/,
+  );
   const all = renderStatus(inv, { fields: ['all'] });
-  t.match(all, /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+MAJ:MIN\s+BASE\s+STORE\s+TARGET\s+USED\s+SIZE\s+USE%\s+STATE\s+WHY\s+BACKEND\s+KIND\n/, '-o all: every field');
-  t.match(all, /\n1\s+web\s+xvda\s+block-cow\s+\/dev\/dm-0\s+254:0\s+\/srv\/xen\/base\.img\s+\/var\/lib\/xen-blockhooks\/web\.cow\s+snapshot\s+1\.0M\s+4\.0M\s+25\.3%\s+active\s+-\s+backend\/vbd\/1\/51712\s+record\n/);
+  t.match(
+    all,
+    /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+MAJ:MIN\s+BASE\s+STORE\s+TARGET\s+USED\s+SIZE\s+USE%\s+STATE\s+WHY\s+BACKEND\s+KIND\n/,
+    '-o all: every field',
+  );
+  t.match(
+    all,
+    /\n1\s+web\s+xvda\s+block-cow\s+\/dev\/dm-0\s+254:0\s+\/srv\/xen\/base\.img\s+\/var\/lib\/xen-blockhooks\/web\.cow\s+snapshot\s+1\.0M\s+4\.0M\s+25\.3%\s+active\s+-\s+backend\/vbd\/1\/51712\s+record\n/,
+  );
   const json = JSON.parse(renderStatus(inv, { json: true }));
   t.equal(json.devices.length, 7);
-  t.match(json.devices[0], { domid: 1, domain: 'web', percent: 25.3, state: 'active', used: 2072 * 512, size: 8192 * 512, unit: 'bytes' }, 'JSON sizes are bytes');
+  t.match(
+    json.devices[0],
+    { domid: 1, domain: 'web', percent: 25.3, state: 'active', used: 2072 * 512, size: 8192 * 512, unit: 'bytes' },
+    'JSON sizes are bytes',
+  );
 });
 
 t.test('an add in progress is never collected, and nothing is judged without xenstore', async (t) => {
   const { config, journal, run } = setup(t);
   const inv = await takeInventory({ config, run, xs: undefined, journal, alive: () => true });
   t.equal(inv.rows.find((r) => r.domain === 'dns')?.state, 'adding');
-  t.notOk(inv.rows.some((r) => r.state === 'orphan'), 'no orphans without xenstore');
+  t.notOk(
+    inv.rows.some((r) => r.state === 'orphan'),
+    'no orphans without xenstore',
+  );
   const plan = gcPlan(inv, { withoutXenstore: false });
   t.same(plan.map((p) => p.row.kind).sort(), ['dm', 'loop', 'loop'], 'only leaked kernel objects');
   const all = gcPlan(inv, { withoutXenstore: true });
-  t.notOk(all.some((p) => p.row.domain === 'dns'), '--without-xenstore still leaves a running add alone');
+  t.notOk(
+    all.some((p) => p.row.domain === 'dns'),
+    '--without-xenstore still leaves a running add alone',
+  );
   t.equal(all.filter((p) => p.row.kind === 'record').length, 3);
 });
 
@@ -159,26 +256,58 @@ t.test('gc: plan, then apply through the hook undoers and direct removal', async
   const { config, journal, run, xs } = setup(t);
   const inv = await takeInventory({ config, run, xs, journal, alive: () => false });
   const plan = gcPlan(inv, { withoutXenstore: false });
-  t.same(plan.map((p) => p.row.kind), ['record', 'dm', 'loop', 'loop'], 'the orphan record, then dm before loops');
+  t.same(
+    plan.map((p) => p.row.kind),
+    ['record', 'dm', 'loop', 'loop'],
+    'the orphan record, then dm before loops',
+  );
   t.match(plan[0]?.action, /undo block-cow record for backend\/vbd\/2\/51712/);
   const undone: string[] = [];
   const registry: UndoRegistry = {};
-  for (const k of ['base-ref', 'store-file', 'loop', 'dm']) registry[k] = async (s) => { undone.push(k); void s; };
+  for (const k of ['base-ref', 'store-file', 'loop', 'dm'])
+    registry[k] = async (s) => {
+      undone.push(k);
+      void s;
+    };
   run.calls.length = 0;
-  const results = await applyGc(plan, { config, run, log: memoryLogger(), xs, journal, hooks: (s) => (s === 'block-cow' ? { undo: registry } : undefined) });
-  t.ok(results.every((r) => r.ok), JSON.stringify(results.filter((r) => !r.ok).map((r) => r.error)));
+  const results = await applyGc(plan, {
+    config,
+    run,
+    log: memoryLogger(),
+    xs,
+    journal,
+    hooks: (s) => (s === 'block-cow' ? { undo: registry } : undefined),
+  });
+  t.ok(
+    results.every((r) => r.ok),
+    JSON.stringify(results.filter((r) => !r.ok).map((r) => r.error)),
+  );
   t.same(undone, ['dm', 'loop', 'store-file', 'base-ref'], 'the record is undone newest step first');
   t.equal(journal.load('backend/vbd/2/51712'), undefined, 'its record is gone');
   t.ok(journal.load('backend/vbd/1/51712'), 'the active record is untouched');
   const device = run.calls.filter((c) => !c.startsWith('flock'));
-  t.same(device, ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup --detach /dev/loop7', 'losetup --detach /dev/loop8'], 'leaked objects removed directly, dm first');
+  t.same(
+    device,
+    ['dmsetup remove -- xbh-cow-old-xvdb-51728', 'losetup --detach /dev/loop7', 'losetup --detach /dev/loop8'],
+    'leaked objects removed directly, dm first',
+  );
 });
 
 t.test('gc: a record from an unknown hook is a named failure, the others still go', async (t) => {
   const { config, journal, run, xs } = setup(t);
   const inv = await takeInventory({ config, run, xs, journal, alive: () => false });
-  const results = await applyGc(gcPlan(inv, { withoutXenstore: false }), { config, run, log: memoryLogger(), xs, journal, hooks: () => undefined });
-  t.same(results.map((r) => r.ok), [false, true, true, true]);
+  const results = await applyGc(gcPlan(inv, { withoutXenstore: false }), {
+    config,
+    run,
+    log: memoryLogger(),
+    xs,
+    journal,
+    hooks: () => undefined,
+  });
+  t.same(
+    results.map((r) => r.ok),
+    [false, true, true, true],
+  );
   t.match(results[0]?.error, /made by "block-cow", which this version does not know/);
   t.ok(journal.load('backend/vbd/2/51712'), 'the record stays for another try');
 });
@@ -187,15 +316,45 @@ t.test('the commands: exit codes and output', async (t) => {
   const { config, run, xs } = setup(t);
   const out: string[] = [];
   const err: string[] = [];
-  const deps = { config, run, connect: async () => xs, out: (s: string) => out.push(s), err: (s: string) => err.push(s), logger: memoryLogger() };
+  const deps = {
+    config,
+    run,
+    connect: async () => xs,
+    out: (s: string) => out.push(s),
+    err: (s: string) => err.push(s),
+    logger: memoryLogger(),
+  };
   t.equal(await cliMain(['status', '--json'], {}, deps), 0);
   t.equal(JSON.parse(out.join('\n')).devices.length, 7);
   out.length = 0;
-  t.equal(await cliMain(['status', '-S', 'domain=web', '-S', 'hook=block-cow', '-o', 'domid,state,size', '--units', 'k', '--noheadings', '--separator', ':'], {}, deps), 0);
+  t.equal(
+    await cliMain(
+      [
+        'status',
+        '-S',
+        'domain=web',
+        '-S',
+        'hook=block-cow',
+        '-o',
+        'domid,state,size',
+        '--units',
+        'k',
+        '--noheadings',
+        '--separator',
+        ':',
+      ],
+      {},
+      deps,
+    ),
+    0,
+  );
   t.same(out, ['1:active:4096.00k'], 'status: -S, -o, --units, --noheadings, --separator');
   out.length = 0;
   t.equal(await cliMain(['status', '-Sstate=orphan', '-o+why'], {}, deps), 0);
-  t.match(out.join('\n'), /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+SIZE\s+USE%\s+STATE\s+WHY\n2\s+db\s+xvda\s+block-cow\s+\/dev\/dm-1\s+4\.0M\s+0\.2%\s+orphan\s+(domain 2|backend \S+) no longer exists$/);
+  t.match(
+    out.join('\n'),
+    /^DOM\s+NAME\s+VDEV\s+HOOK\s+DEVICE\s+SIZE\s+USE%\s+STATE\s+WHY\n2\s+db\s+xvda\s+block-cow\s+\/dev\/dm-1\s+4\.0M\s+0\.2%\s+orphan\s+(domain 2|backend \S+) no longer exists$/,
+  );
   out.length = 0;
   t.equal(await cliMain(['gc'], {}, deps), 3, 'gc with something to collect and no --apply exits 3');
   t.match(out.join('\n'), /Plan \(4; run "xen-blockhooks gc --apply"/);
@@ -208,7 +367,11 @@ t.test('the commands: exit codes and output', async (t) => {
   t.match(err.pop(), /"lots" is not a size/);
   t.equal(await cliMain(['simulate'], {}, deps), 2);
   t.equal(await cliMain(['simulate', '--action', 'sideways', 'x'], {}, deps), 2);
-  t.equal(await cliMain(['simulate', 'vdev=xvda,colour=red,target=/a'], {}, deps), 2, 'a disk spec xl would refuse is bad usage');
+  t.equal(
+    await cliMain(['simulate', 'vdev=xvda,colour=red,target=/a'], {}, deps),
+    2,
+    'a disk spec xl would refuse is bad usage',
+  );
   t.match(err.pop(), /unknown parameter at "colour=red"/);
   t.equal(await cliMain(['nonsense'], {}, deps), 2);
   t.equal(await cliMain([], {}, deps), 2);
@@ -230,7 +393,17 @@ t.test('gc without --apply changes nothing on the machine: no log file or direct
   const { config, run, xs } = setup(t);
   const logDir = join(config.stateDir, '..', 'log-dir');
   const out: string[] = [];
-  const code = await cliMain(['gc'], {}, { config: { ...config, logFile: join(logDir, 'xen-hotplug.log') }, run, connect: async () => xs, out: (s) => out.push(s), err: () => {} });
+  const code = await cliMain(
+    ['gc'],
+    {},
+    {
+      config: { ...config, logFile: join(logDir, 'xen-hotplug.log') },
+      run,
+      connect: async () => xs,
+      out: (s) => out.push(s),
+      err: () => {},
+    },
+  );
   t.equal(code, 3, 'a plan');
   t.notOk(existsSync(logDir), 'no log directory made');
 });

@@ -34,7 +34,11 @@ function world(t: { teardown(f: () => unknown): void }) {
     XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(dir, 'xen-hotplug'),
     XENSTORED_PATH: join(dir, 'no-xenstored'),
   };
-  const loopsOnImg = () => execFileSync('losetup', ['-j', img], { encoding: 'utf8' }).split('\n').filter(Boolean).map((l) => l.split(':')[0] as string);
+  const loopsOnImg = () =>
+    execFileSync('losetup', ['-j', img], { encoding: 'utf8' })
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.split(':')[0] as string);
   t.teardown(() => {
     for (const l of loopsOnImg()) execFileSync('losetup', ['-d', l]);
     rmSync(dir, { recursive: true, force: true });
@@ -42,7 +46,11 @@ function world(t: { teardown(f: () => unknown): void }) {
   const cli = async (args: string[], extra: NodeJS.ProcessEnv = {}) => {
     const out: string[] = [];
     const err: string[] = [];
-    const code = await cliMain(args, { ...env, ...extra }, { out: (s) => out.push(s), err: (s) => err.push(s), bundleDir: join(projectRoot(), 'dist') });
+    const code = await cliMain(
+      args,
+      { ...env, ...extra },
+      { out: (s) => out.push(s), err: (s) => err.push(s), bundleDir: join(projectRoot(), 'dist') },
+    );
     return { code, out: out.join('\n'), err: err.join('\n') };
   };
   return { dir, img, log, env, cli, loopsOnImg };
@@ -52,7 +60,13 @@ function world(t: { teardown(f: () => unknown): void }) {
 function realDisk(w: ReturnType<typeof world>, domid: number): { file: string; text: string; loop: string } {
   const loop = execFileSync('losetup', ['--find', '--show', '--', w.img], { encoding: 'utf8' }).trim();
   const journal = new Journal(join(w.dir, 'state'));
-  const entry = Journal.begin('block', `backend/vbd/${domid}/51712`, { params: w.img, mode: 'w', frontendId: domid, vdev: 'xvda', domainName: 'prod' });
+  const entry = Journal.begin('block', `backend/vbd/${domid}/51712`, {
+    params: w.img,
+    mode: 'w',
+    frontendId: domid,
+    vdev: 'xvda',
+    domainName: 'prod',
+  });
   entry.phase = 'ready';
   entry.steps.push({ kind: 'loop', data: { file: w.img, loop }, done: true });
   journal.save(entry);
@@ -65,7 +79,10 @@ t.test('a backend path with a record in the real journal is refused; record and 
   const real = realDisk(w, 1);
   const r = await w.cli(['simulate', `file:${w.img},xvda,w`]);
   t.equal(r.code, 1, 'refused');
-  t.match(r.err, /backend\/vbd\/1\/51712 is a real disk \(block record .*, domain prod\); simulate never touches it: choose another --domid/);
+  t.match(
+    r.err,
+    /backend\/vbd\/1\/51712 is a real disk \(block record .*, domain prod\); simulate never touches it: choose another --domid/,
+  );
   t.equal(readFileSync(real.file, 'utf8'), real.text, 'the record is unchanged');
   t.same(w.loopsOnImg(), [real.loop], 'its loop is still attached');
 });
@@ -76,8 +93,16 @@ t.test('the embedded simulation has its own journal and writes no hotplug log li
   const r = await w.cli(['simulate', '--keep', '--domid', '3', `file:${w.img},xvda,r`]);
   t.equal(r.code, 0, r.err);
   t.match(r.out, /journal and locks in .*\/state\/simulate/);
-  t.same(readdirSync(join(w.dir, 'state', 'journal')), ['backend~vbd~1~51712.json'], 'while the simulated disk is up, the real journal has only the real record');
-  t.same(readdirSync(join(w.dir, 'state', 'simulate', 'journal')), ['backend~vbd~3~51712.json'], 'the simulated record is in simulate\'s own journal');
+  t.same(
+    readdirSync(join(w.dir, 'state', 'journal')),
+    ['backend~vbd~1~51712.json'],
+    'while the simulated disk is up, the real journal has only the real record',
+  );
+  t.same(
+    readdirSync(join(w.dir, 'state', 'simulate', 'journal')),
+    ['backend~vbd~3~51712.json'],
+    "the simulated record is in simulate's own journal",
+  );
   const rm = await w.cli(['simulate', '--action', 'remove', '--domid', '3', `file:${w.img},xvda,r`]);
   t.equal(rm.code, 0, rm.err);
   t.equal(readFileSync(real.file, 'utf8'), real.text, 'the real record is unchanged');
@@ -88,26 +113,41 @@ t.test('the embedded simulation has its own journal and writes no hotplug log li
   t.match(readFileSync(w.log, 'utf8'), /backend\/vbd\/3\/51712/, 'a log named in the environment is written');
 });
 
-t.test('a backend node in the running xenstored is refused; with --real-xenstore, a real domain id is refused', async (t) => {
-  const w = world(t);
-  const store = await startTestStore('xbh-simsafe-xs-');
-  t.teardown(() => store.close());
-  await writeDomain(store.xs, { domid: 4, name: 'prod4' });
-  await writeBackendNodes(store.xs, { domid: 4, devid: 51712, params: w.img, script: '/etc/xen/scripts/block', domainName: 'prod4' });
-  await store.xs.write('backend/vbd/4/51712/physical-device', '7:0');
-  const xsEnv = { XENSTORED_PATH: store.socketPath };
-  const r = await w.cli(['simulate', '--domid', '4', `file:${w.img},xvda,r`], xsEnv);
-  t.equal(r.code, 1);
-  t.match(r.err, /\/local\/domain\/0\/backend\/vbd\/4\/51712 exists in the running xenstored \(physical-device 7:0\)/);
-  t.equal(await store.xs.read('backend/vbd/4/51712/physical-device'), '7:0', 'the node is untouched');
+t.test(
+  'a backend node in the running xenstored is refused; with --real-xenstore, a real domain id is refused',
+  async (t) => {
+    const w = world(t);
+    const store = await startTestStore('xbh-simsafe-xs-');
+    t.teardown(() => store.close());
+    await writeDomain(store.xs, { domid: 4, name: 'prod4' });
+    await writeBackendNodes(store.xs, {
+      domid: 4,
+      devid: 51712,
+      params: w.img,
+      script: '/etc/xen/scripts/block',
+      domainName: 'prod4',
+    });
+    await store.xs.write('backend/vbd/4/51712/physical-device', '7:0');
+    const xsEnv = { XENSTORED_PATH: store.socketPath };
+    const r = await w.cli(['simulate', '--domid', '4', `file:${w.img},xvda,r`], xsEnv);
+    t.equal(r.code, 1);
+    t.match(
+      r.err,
+      /\/local\/domain\/0\/backend\/vbd\/4\/51712 exists in the running xenstored \(physical-device 7:0\)/,
+    );
+    t.equal(await store.xs.read('backend/vbd/4/51712/physical-device'), '7:0', 'the node is untouched');
 
-  const dom = await w.cli(['simulate', '--real-xenstore', '--domid', '4', `file:${w.img},xvdb,r`], xsEnv);
-  t.equal(dom.code, 1);
-  t.match(dom.err, /domain 4 \(prod4\) exists in the running xenstored and was not made by simulate/);
+    const dom = await w.cli(['simulate', '--real-xenstore', '--domid', '4', `file:${w.img},xvdb,r`], xsEnv);
+    t.equal(dom.code, 1);
+    t.match(dom.err, /domain 4 \(prod4\) exists in the running xenstored and was not made by simulate/);
 
-  const keep = await w.cli(['simulate', '--real-xenstore', '--keep', '--domid', '6', `file:${w.img},xvda,r`], xsEnv);
-  t.equal(keep.code, 0, keep.err);
-  const rm = await w.cli(['simulate', '--real-xenstore', '--action', 'remove', '--domid', '6', `file:${w.img},xvda,r`], xsEnv);
-  t.equal(rm.code, 0, `simulate's own domain can be taken down again: ${rm.err}`);
-  t.same(w.loopsOnImg(), [], 'nothing left');
-});
+    const keep = await w.cli(['simulate', '--real-xenstore', '--keep', '--domid', '6', `file:${w.img},xvda,r`], xsEnv);
+    t.equal(keep.code, 0, keep.err);
+    const rm = await w.cli(
+      ['simulate', '--real-xenstore', '--action', 'remove', '--domid', '6', `file:${w.img},xvda,r`],
+      xsEnv,
+    );
+    t.equal(rm.code, 0, `simulate's own domain can be taken down again: ${rm.err}`);
+    t.same(w.loopsOnImg(), [], 'nothing left');
+  },
+);

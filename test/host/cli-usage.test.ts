@@ -9,11 +9,23 @@ import type { Runner } from '../../src/devices/runner.js';
 
 const CASES: [string[], string][] = [
   // grow: DOMAIN VDEV SIZE
-  [['grow', '1', 'xvda', '64X'], '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
+  [
+    ['grow', '1', 'xvda', '64X'],
+    '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)',
+  ],
   [['grow', '1', 'xvda', '+0'], '"+0" must be more than zero'],
-  [['grow', '1', 'xvda', '-1G'], '"-1G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
-  [['grow', '1', 'xvda', '1.5.5G'], '"1.5.5G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)'],
-  [['grow', '1', 'vda', '+1G'], 'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
+  [
+    ['grow', '1', 'xvda', '-1G'],
+    '"-1G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)',
+  ],
+  [
+    ['grow', '1', 'xvda', '1.5.5G'],
+    '"1.5.5G" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB; a + in front adds it to the current size (+512M)',
+  ],
+  [
+    ['grow', '1', 'vda', '+1G'],
+    'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)',
+  ],
   [['grow', '1', 'xvda'], 'expected DOMAIN VDEV SIZE, e.g. "grow web xvda +1G"'],
   [['grow', '1', 'xvda', '+1G', '--metadata=yes'], 'option --metadata takes no value'],
   // simulate
@@ -31,9 +43,18 @@ const CASES: [string[], string][] = [
   [['simulate', '--action', 'remove', '--keep', 'x'], '--keep makes no sense with --action remove'],
   [['simulate', '--xl', '--xm', 'x'], '--xl and --xm exclude each other'],
   [['simulate'], 'no disk spec given'],
-  [['simulate', 'vdev=xvda,colour=red,target=/a'], 'disk spec "vdev=xvda,colour=red,target=/a": unknown parameter at "colour=red"'],
-  [['simulate', 'vdev=xvdA,target=/a'], 'vdev "xvdA" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
-  [['simulate', '--xm', 'cow:/a,xvda'], 'disk spec "cow:/a,xvda": xm syntax is "<type>:<params>,<dev>,<mode>" (found 2 comma-separated fields)'],
+  [
+    ['simulate', 'vdev=xvda,colour=red,target=/a'],
+    'disk spec "vdev=xvda,colour=red,target=/a": unknown parameter at "colour=red"',
+  ],
+  [
+    ['simulate', 'vdev=xvdA,target=/a'],
+    'vdev "xvdA" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)',
+  ],
+  [
+    ['simulate', '--xm', 'cow:/a,xvda'],
+    'disk spec "cow:/a,xvda": xm syntax is "<type>:<params>,<dev>,<mode>" (found 2 comma-separated fields)',
+  ],
   // watch
   [['watch', '--interval', '0'], 'option --interval must be at least 100 ms, not 0'],
   [['watch', '--interval', '99'], 'option --interval must be at least 100 ms, not 99'],
@@ -42,10 +63,16 @@ const CASES: [string[], string][] = [
   // status, gc, check, xenstored
   [['status', '--jsn'], 'unknown option --jsn'],
   [['status', 'all'], 'unexpected argument "all"'],
-  [['status', '-o', 'domid,colour'], 'unknown field "colour" (domid, domain, vdev, hook, device, majmin, base, store, target, used, size, percent, state, why, backendPath, kind)'],
+  [
+    ['status', '-o', 'domid,colour'],
+    'unknown field "colour" (domid, domain, vdev, hook, device, majmin, base, store, target, used, size, percent, state, why, backendPath, kind)',
+  ],
   [['status', '--units', 'q'], '--units must be one of h, b, s, k, m, g, t, not "q"'],
   [['status', '-S', 'state'], '-S "state": "state" is not FIELD=VALUE, FIELD!=VALUE or FIELD<NUMBER (<, <=, >, >=)'],
-  [['status', '--json', '--noheadings'], '--units, --noheadings and --separator shape the table; --json gives sizes in bytes and has no headings'],
+  [
+    ['status', '--json', '--noheadings'],
+    '--units, --noheadings and --separator shape the table; --json gives sizes in bytes and has no headings',
+  ],
   [['status', '--separator'], 'option --separator needs a value'],
   [['gc', '--apply', 'now'], 'unexpected argument "now"'],
   [['gc', '-x'], 'unknown option -x'],
@@ -57,7 +84,10 @@ const CASES: [string[], string][] = [
   // open, close: DOMAIN VDEV | IMAGE
   [['open'], 'expected DOMAIN VDEV or IMAGE, not 0 arguments'],
   [['open', 'web', 'xvda', 'extra'], 'expected DOMAIN VDEV or IMAGE, not 3 arguments'],
-  [['open', 'web', 'vda'], 'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)'],
+  [
+    ['open', 'web', 'vda'],
+    'vdev "vda" is not a disk name libxl understands (xvda, xvdb1, hda, sda1, d0p1 or a number)',
+  ],
   [['open', '/srv/a.img', '--rw=yes'], 'option --rw takes no value'],
   [['open', '/srv/a.img', '--ro'], 'unknown option --ro'],
   [['close'], 'expected DOMAIN VDEV or IMAGE, not 0 arguments'],
@@ -67,15 +97,41 @@ const CASES: [string[], string][] = [
 t.test('bad usage: exit 2, the exact sentence, and nothing run', async (t) => {
   const calls: string[] = [];
   const run: Runner = {
-    run: async (f, a) => { calls.push([f, ...a].join(' ')); throw new Error('nothing may run'); },
-    probe: async (f, a) => { calls.push([f, ...a].join(' ')); throw new Error('nothing may run'); },
+    run: async (f, a) => {
+      calls.push([f, ...a].join(' '));
+      throw new Error('nothing may run');
+    },
+    probe: async (f, a) => {
+      calls.push([f, ...a].join(' '));
+      throw new Error('nothing may run');
+    },
   };
   const config = { ...defaultConfig(), stateDir: '/nonexistent/state', logFile: '' };
   for (const [argv, message] of CASES) {
     const out: string[] = [];
     const err: string[] = [];
-    const code = await cliMain(argv, {}, { config, run, connect: async () => { throw new Error('no xenstore'); }, out: (s) => out.push(s), err: (s) => err.push(s) });
-    t.same({ code, out, err }, { code: 2, out: [], err: [`xen-blockhooks ${argv[0]}: ${message}; run "xen-blockhooks ${argv[0]} --help" for usage`] }, argv.join(' '));
+    const code = await cliMain(
+      argv,
+      {},
+      {
+        config,
+        run,
+        connect: async () => {
+          throw new Error('no xenstore');
+        },
+        out: (s) => out.push(s),
+        err: (s) => err.push(s),
+      },
+    );
+    t.same(
+      { code, out, err },
+      {
+        code: 2,
+        out: [],
+        err: [`xen-blockhooks ${argv[0]}: ${message}; run "xen-blockhooks ${argv[0]} --help" for usage`],
+      },
+      argv.join(' '),
+    );
   }
   t.same(calls, [], 'no command was run');
 });

@@ -12,7 +12,17 @@ function deps(stateDir: string) {
   const out: string[] = [];
   const err: string[] = [];
   const config = { ...defaultConfig(), stateDir, storeDir: join(stateDir, 'stores'), logFile: '' };
-  return { out, err, d: { out: (s: string) => out.push(s), err: (s: string) => err.push(s), config, run: execRunner(), logger: memoryLogger() } };
+  return {
+    out,
+    err,
+    d: {
+      out: (s: string) => out.push(s),
+      err: (s: string) => err.push(s),
+      config,
+      run: execRunner(),
+      logger: memoryLogger(),
+    },
+  };
 }
 
 t.test('watch --once over an empty journal: nothing to do, exit 0', async (t) => {
@@ -33,7 +43,9 @@ t.test('the running watch reports a problem once, not on every pass, and forgets
   const dir = t.testdir({ journal: { 'backend~vbd~3~51712.json': '{ broken' } });
   const { err, d } = deps(dir);
   let stop!: () => void;
-  const stopSignal = new Promise<void>((res) => { stop = res; });
+  const stopSignal = new Promise<void>((res) => {
+    stop = res;
+  });
   const running = cliMain(['watch', '--interval', '100'], {}, { ...d, stopSignal });
   const passes = () => d.logger.lines.filter((l) => /watch: started/.test(l.msg)).length;
   for (let i = 0; i < 200 && passes() === 0; i++) await new Promise((r) => setTimeout(r, 25));
@@ -55,10 +67,13 @@ t.test('a second watcher exits at once, naming the first', async (t) => {
   const dir = t.testdir({});
   const { err, d } = deps(dir);
   let stop!: () => void;
-  const stopSignal = new Promise<void>((res) => { stop = res; });
+  const stopSignal = new Promise<void>((res) => {
+    stop = res;
+  });
   const first = cliMain(['watch', '--interval', '100'], {}, { ...d, stopSignal });
   // Wait until the first one holds its lock (it logs its start in the memory logger).
-  for (let i = 0; i < 200 && !d.logger.lines.some((l) => /watch: started/.test(l.msg)); i++) await new Promise((r) => setTimeout(r, 25));
+  for (let i = 0; i < 200 && !d.logger.lines.some((l) => /watch: started/.test(l.msg)); i++)
+    await new Promise((r) => setTimeout(r, 25));
   const second = deps(dir);
   t.equal(await cliMain(['watch', '--once'], {}, second.d), 1, 'the second one fails');
   t.match(second.err.join('\n'), /already running|held by/i);

@@ -22,7 +22,10 @@ function copy(t: { teardown(f: () => void): void }): string {
 const caches = (dir: string) => readdirSync(dir).filter((f) => f.includes('.v8cache'));
 
 function version(dir: string, env: Record<string, string> = {}) {
-  const r = spawnSync(process.execPath, [join(dir, 'block.mjs'), '--version'], { encoding: 'utf8', env: { ...process.env, ...env } });
+  const r = spawnSync(process.execPath, [join(dir, 'block.mjs'), '--version'], {
+    encoding: 'utf8',
+    env: { ...process.env, ...env },
+  });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
 
@@ -33,8 +36,15 @@ t.test('the first run writes the cache beside the bundle, named after its hash a
   const first = version(dir);
   t.equal(first.code, 0, first.err);
   t.match(first.out, /^block \(xen-blockhooks\) \S+\n$/);
-  const hash = createHash('sha256').update(readFileSync(join(dir, 'block.cjs'))).digest('hex').slice(0, 16);
-  t.same(caches(dir), [`block.cjs.${hash}.${process.version}-${process.arch}.v8cache`], 'one cache, hash + Node version + arch in its name');
+  const hash = createHash('sha256')
+    .update(readFileSync(join(dir, 'block.cjs')))
+    .digest('hex')
+    .slice(0, 16);
+  t.same(
+    caches(dir),
+    [`block.cjs.${hash}.${process.version}-${process.arch}.v8cache`],
+    'one cache, hash + Node version + arch in its name',
+  );
   const made = readFileSync(join(dir, caches(dir)[0]!));
   t.ok(made.length > 10_000, 'it holds compiled code');
   const second = version(dir);
@@ -63,23 +73,32 @@ t.test('XEN_BLOCKHOOKS_NO_CODE_CACHE: runs without reading or writing a cache', 
 
 t.test('a hook run through the loader keeps its exit code and its errors', async (t) => {
   const dir = copy(t);
-  const r = spawnSync(process.execPath, [join(dir, 'block.mjs'), 'frobnicate'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
+  const r = spawnSync(process.execPath, [join(dir, 'block.mjs'), 'frobnicate'], {
+    encoding: 'utf8',
+    env: { PATH: process.env.PATH },
+  });
   t.equal(r.status, 2, 'bad usage is exit 2');
   t.match(r.stderr, /block: .*--help/);
 });
 
-t.test('a cache made by --version (the installer\'s warm-up) is replaced once by a run that does work, then kept', async (t) => {
-  const dir = copy(t);
-  version(dir);
-  const name = caches(dir)[0]!;
-  t.equal(readFileSync(join(dir, name)).subarray(0, 1).toString(), 'V', 'the warm-up cache is marked V');
-  const v1 = readFileSync(join(dir, name));
-  version(dir);
-  t.ok(readFileSync(join(dir, name)).equals(v1), 'another --version keeps it');
-  // An action (here one the hook refuses: still the add/remove path's start-up and parsing).
-  spawnSync(process.execPath, [join(dir, 'block.mjs'), 'remove'], { encoding: 'utf8', env: { PATH: process.env.PATH } });
-  const w = readFileSync(join(dir, name));
-  t.equal(w.subarray(0, 1).toString(), 'W', 'a run with an action replaced it (marked W)');
-  version(dir);
-  t.ok(readFileSync(join(dir, name)).equals(w), '--version afterwards keeps the W cache');
-});
+t.test(
+  "a cache made by --version (the installer's warm-up) is replaced once by a run that does work, then kept",
+  async (t) => {
+    const dir = copy(t);
+    version(dir);
+    const name = caches(dir)[0]!;
+    t.equal(readFileSync(join(dir, name)).subarray(0, 1).toString(), 'V', 'the warm-up cache is marked V');
+    const v1 = readFileSync(join(dir, name));
+    version(dir);
+    t.ok(readFileSync(join(dir, name)).equals(v1), 'another --version keeps it');
+    // An action (here one the hook refuses: still the add/remove path's start-up and parsing).
+    spawnSync(process.execPath, [join(dir, 'block.mjs'), 'remove'], {
+      encoding: 'utf8',
+      env: { PATH: process.env.PATH },
+    });
+    const w = readFileSync(join(dir, name));
+    t.equal(w.subarray(0, 1).toString(), 'W', 'a run with an action replaced it (marked W)');
+    version(dir);
+    t.ok(readFileSync(join(dir, name)).equals(w), '--version afterwards keeps the W cache');
+  },
+);

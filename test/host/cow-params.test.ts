@@ -9,7 +9,10 @@ import { HotplugError } from '../../src/disk/errors.js';
 
 t.test('good params', async (t) => {
   const cases: [string, object][] = [
-    ['/mnt/cdrom/rootfs.img', { base: '/mnt/cdrom/rootfs.img', sizeMiB: undefined, persistent: false, store: undefined, chunkKiB: undefined }],
+    [
+      '/mnt/cdrom/rootfs.img',
+      { base: '/mnt/cdrom/rootfs.img', sizeMiB: undefined, persistent: false, store: undefined, chunkKiB: undefined },
+    ],
     ['/mnt/cdrom/rootfs.img 30', { sizeMiB: 30 }],
     ['/mnt/cdrom/rootfs.img 30M', { sizeMiB: 30 }],
     ['/mnt/cdrom/rootfs.img 30MiB', { sizeMiB: 30 }],
@@ -71,11 +74,26 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
 });
 
 t.test('sizes: the one grammar, rounded up to whole MiB, with the exact refusals', async (t) => {
-  const sizes: [string, number][] = [['30', 30], ['1G', 1024], ['1.5G', 1536], ['1.5g', 1536], ['2GiB', 2048], ['2GB', 2048], ['1T', 1048576], ['512K', 1], ['1.3G', 1332], ['.5G', 512]];
+  const sizes: [string, number][] = [
+    ['30', 30],
+    ['1G', 1024],
+    ['1.5G', 1536],
+    ['1.5g', 1536],
+    ['2GiB', 2048],
+    ['2GB', 2048],
+    ['1T', 1048576],
+    ['512K', 1],
+    ['1.3G', 1332],
+    ['.5G', 512],
+  ];
   for (const [w, mib] of sizes) t.equal(parseCowParams(`/i/b.img ${w}`).sizeMiB, mib, w);
-  const msg = (params: string, what: string) => `block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`;
+  const msg = (params: string, what: string) =>
+    `block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`;
   const refused: [string, string][] = [
-    ['/i/b.img 64X', '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)'],
+    [
+      '/i/b.img 64X',
+      '"64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)',
+    ],
     ['/i/b.img 17T', 'the copy-on-write size "17T" is more than 16 TiB (a bare number is MiB)'],
     ['/i/b.img 0.0', 'the copy-on-write size "0.0" must be at least 1 MiB'],
   ];
@@ -85,18 +103,31 @@ t.test('sizes: the one grammar, rounded up to whole MiB, with the exact refusals
 t.test('a base path with spaces: the words after it are read from the right', async (t) => {
   const good: [string, object][] = [
     ['/media/LIVE CD/rootfs.img', { base: '/media/LIVE CD/rootfs.img', sizeMiB: undefined, persistent: false }],
-    ['/media/LIVE CD/rootfs.img 1.5G persistent', { base: '/media/LIVE CD/rootfs.img', sizeMiB: 1536, persistent: true }],
-    ['  /media/LIVE  CD/root fs.img  512M  store=a chunk=16K ', { base: '/media/LIVE  CD/root fs.img', sizeMiB: 512, store: 'a', chunkKiB: 16 }],
+    [
+      '/media/LIVE CD/rootfs.img 1.5G persistent',
+      { base: '/media/LIVE CD/rootfs.img', sizeMiB: 1536, persistent: true },
+    ],
+    [
+      '  /media/LIVE  CD/root fs.img  512M  store=a chunk=16K ',
+      { base: '/media/LIVE  CD/root fs.img', sizeMiB: 512, store: 'a', chunkKiB: 16 },
+    ],
     ['/media/Ubuntu 24.04.iso 30', { base: '/media/Ubuntu 24.04.iso', sizeMiB: 30 }],
     ['/i/b.img thirty', { base: '/i/b.img thirty', sizeMiB: undefined }],
   ];
   for (const [params, want] of good) t.match(parseCowParams(params), want, params);
-  const expected = 'Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".';
+  const expected =
+    'Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".';
   const refused: [string, string][] = [
-    ['/media/LIVE CD 64X/rootfs.img 1X', '"1X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)'],
+    [
+      '/media/LIVE CD 64X/rootfs.img 1X',
+      '"1X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB (a path cannot end in a word that looks like a size)',
+    ],
     ['/media/disk 2 512M', '"512M" is a second size; give one copy-on-write size'],
     ['/media/LIVE CD/rootfs.img persistent 30', 'the size "30" must come right after the base image'],
-    ['/media/LIVE\tCD/rootfs.img 30', 'the base image "/media/LIVE\\tCD/rootfs.img" holds a tab or a line break; a path may hold spaces, but no other white space'],
+    [
+      '/media/LIVE\tCD/rootfs.img 30',
+      'the base image "/media/LIVE\\tCD/rootfs.img" holds a tab or a line break; a path may hold spaces, but no other white space',
+    ],
   ];
   for (const [params, what] of refused) {
     const p = params.replace('\\t', '\t');
@@ -113,7 +144,15 @@ t.test('plan: a base under a directory with a space (cow needs dm to run; the pl
   writeFileSync(base, '');
   truncateSync(base, 4 * 1048576);
   const config = { ...defaultConfig(), imageDirs: [images], storeDir: join(dir, 'store') };
-  const disk = { params: `${base} 1.5G`, mode: 'w' as const, frontendId: 7, vdev: 'xvda', type: 'phy', state: 2, domainName: 'web' };
+  const disk = {
+    params: `${base} 1.5G`,
+    mode: 'w' as const,
+    frontendId: 7,
+    vdev: 'xvda',
+    type: 'phy',
+    state: 2,
+    domainName: 'web',
+  };
   const p = planCow(disk, { config, xenbusPath: 'backend/vbd/7/51712' });
   t.equal(p.base, base, 'the resolved base is the whole spaced path');
   t.equal(p.store?.bytes, 1536 * 1048576, '1.5G store');
@@ -129,13 +168,27 @@ t.test('names: dm name says whose it is, stores are per disk or per domain+vdev'
   const anon = { domainName: undefined, frontendId: 7, vdev: 'sda1' };
   t.equal(dmName(named, 'backend/vbd/5/51712'), 'xbh-cow-web1-xvda-51712');
   t.equal(dmName(anon, '/local/domain/0/backend/vbd/7/2049'), 'xbh-cow-d7-sda1-2049');
-  t.equal(dmName({ domainName: undefined, frontendId: undefined, vdev: undefined }, 'backend/vbd/9/768'), 'xbh-cow-d9-disk-768');
-  const long = dmName({ domainName: 'a'.repeat(48), frontendId: 1, vdev: 'b'.repeat(48) }, 'backend/vbd/4294967295/4294967295');
+  t.equal(
+    dmName({ domainName: undefined, frontendId: undefined, vdev: undefined }, 'backend/vbd/9/768'),
+    'xbh-cow-d9-disk-768',
+  );
+  const long = dmName(
+    { domainName: 'a'.repeat(48), frontendId: 1, vdev: 'b'.repeat(48) },
+    'backend/vbd/4294967295/4294967295',
+  );
   t.ok(long.length <= 127, `dm names fit in 127 characters (${long.length})`);
   t.notMatch(long, /\//);
   const p = parseCowParams('/i/b.img 30 persistent');
-  t.equal(storeName(p, named, 'backend/vbd/5/51712'), 'web1-xvda.cow', 'persistent: by domain and vdev, so the next boot finds it');
-  t.equal(storeName(parseCowParams('/i/b.img'), named, 'backend/vbd/5/51712'), 'transient-5-51712.cow', 'transient: by backend path');
+  t.equal(
+    storeName(p, named, 'backend/vbd/5/51712'),
+    'web1-xvda.cow',
+    'persistent: by domain and vdev, so the next boot finds it',
+  );
+  t.equal(
+    storeName(parseCowParams('/i/b.img'), named, 'backend/vbd/5/51712'),
+    'transient-5-51712.cow',
+    'transient: by backend path',
+  );
   t.equal(storeName(parseCowParams('/i/b.img store=shared.cow'), named, 'backend/vbd/5/51712'), 'shared.cow');
   t.throws(() => dmName(named, 'backend/vif/5/0'), HotplugError);
 });

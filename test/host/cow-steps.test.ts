@@ -4,7 +4,16 @@
  * undo after a failure at every step of an add.
  */
 import t, { type Test } from 'tap';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,8 +30,21 @@ import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-n
 
 type TT = Test;
 
-interface Loop { name: string; minor: number; file: string; dev: string; ino: string; ro: boolean }
-interface Dm { name: string; minor: number; table: string; ro: boolean; uuid: string }
+interface Loop {
+  name: string;
+  minor: number;
+  file: string;
+  dev: string;
+  ino: string;
+  ro: boolean;
+}
+interface Dm {
+  name: string;
+  minor: number;
+  table: string;
+  ro: boolean;
+  uuid: string;
+}
 
 /** losetup and dmsetup played in memory; every command is recorded; `failAt` fails the n-th device command. */
 class FakeDevices implements Runner {
@@ -34,7 +56,16 @@ class FakeDevices implements Runner {
   constructor(readonly sysRoot: string) {}
 
   private result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
-    return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout, stderr, durationMs: 1, failed: !ok, timedOut: false };
+    return {
+      command: cmd,
+      exitCode: ok ? 0 : 1,
+      signal: undefined,
+      stdout,
+      stderr,
+      durationMs: 1,
+      failed: !ok,
+      timedOut: false,
+    };
   }
 
   async probe(file: string, args: readonly string[], _opts?: RunOptions): Promise<RunResult> {
@@ -59,7 +90,16 @@ class FakeDevices implements Runner {
 
   private losetup(cmd: string, args: readonly string[]): RunResult {
     if (args[0] === '--list') {
-      const devs = this.loops.map((l) => ({ name: l.name, 'back-file': l.file, 'back-ino': Number(l.ino), 'back-maj:min': l.dev, 'maj:min': `7:${l.minor}`, ro: l.ro, offset: 0, sizelimit: 0 }));
+      const devs = this.loops.map((l) => ({
+        name: l.name,
+        'back-file': l.file,
+        'back-ino': Number(l.ino),
+        'back-maj:min': l.dev,
+        'maj:min': `7:${l.minor}`,
+        ro: l.ro,
+        offset: 0,
+        sizelimit: 0,
+      }));
       return this.result(cmd, true, devs.length ? JSON.stringify({ loopdevices: devs }) : '');
     }
     if (args[0] === '--find') {
@@ -67,7 +107,14 @@ class FakeDevices implements Runner {
       const st = statSync(file, { bigint: true });
       let minor = 0;
       while (this.loops.some((l) => l.minor === minor)) minor++;
-      const l: Loop = { name: `/dev/loop${minor}`, minor, file, dev: devString(st.dev), ino: st.ino.toString(), ro: args.includes('--read-only') };
+      const l: Loop = {
+        name: `/dev/loop${minor}`,
+        minor,
+        file,
+        dev: devString(st.dev),
+        ino: st.ino.toString(),
+        ro: args.includes('--read-only'),
+      };
       this.loops.push(l);
       const dir = join(this.sysRoot, 'block', `loop${minor}`);
       mkdirSync(dir, { recursive: true });
@@ -91,16 +138,31 @@ class FakeDevices implements Runner {
     const dm = this.dms.find((d) => d.name === name);
     switch (args[0]) {
       case 'create': {
-        if (dm) return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
+        if (dm)
+          return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
         let minor = 0;
         while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly'), uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '' });
+        this.dms.push({
+          name,
+          minor,
+          table: args[args.indexOf('--table') + 1] as string,
+          ro: args.includes('--readonly'),
+          uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '',
+        });
         return this.result(cmd, true);
       }
       case 'info':
-        return dm ? this.result(cmd, true, `${name}|254|${dm.minor}|0|${dm.uuid}\n`) : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
+        return dm
+          ? this.result(cmd, true, `${name}|254|${dm.minor}|0|${dm.uuid}\n`)
+          : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
       case 'remove':
-        if (!dm) return this.result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
+        if (!dm)
+          return this.result(
+            cmd,
+            false,
+            '',
+            `device-mapper: remove ioctl on ${name}  failed: No such device or address`,
+          );
         this.dms = this.dms.filter((d) => d !== dm);
         return this.result(cmd, true);
       default:
@@ -146,10 +208,20 @@ async function world(t: TT): Promise<World> {
     rmSync(dir, { recursive: true, force: true });
   });
   const w: World = {
-    dir, config, xs, fake, images, base,
+    dir,
+    config,
+    xs,
+    fake,
+    images,
+    base,
     async hook(action, d, f = fake) {
       const logger = memoryLogger();
-      const code = await runHook(cowBackend, [action], { XENBUS_PATH: backendPath(d) }, { connect: () => connectXenstore({ path: join(dir, 'xs.sock') }), run: f, config, logger, err: () => {} });
+      const code = await runHook(
+        cowBackend,
+        [action],
+        { XENBUS_PATH: backendPath(d) },
+        { connect: () => connectXenstore({ path: join(dir, 'xs.sock') }), run: f, config, logger, err: () => {} },
+      );
       return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
     },
     nothingLeft(t, what, f = fake) {
@@ -228,14 +300,20 @@ t.test('add then remove: the command sequence, the dm table, the shared base', a
   const ra = await w.hook('add', a);
   t.equal(ra.code, 0, ra.log.join('\n'));
   // Each dm device gets a dm uuid of its own (steps.ts addDm): random, so it is matched, then left out.
-  t.match(w.fake.log.find((c) => c.startsWith('dmsetup create')) ?? '', /^dmsetup create --uuid XBH-[0-9a-f]{24} --table /);
-  t.same(w.fake.log.map((c) => c.replace(/--uuid XBH-[0-9a-f]{24} /, '')), [
-    'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT',
-    `losetup --find --show --read-only -- ${w.base}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
-    `losetup --find --show -- ${join(w.config.storeDir, 'transient-1-51712.cow')}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
-    'dmsetup create --table 0 2048 snapshot 7:0 7:1 N 32 -- xbh-cow-g1-xvda-51712',
-    'dmsetup info -c --noheadings --separator | -o name,major,minor,open,uuid -- xbh-cow-g1-xvda-51712',
-  ]);
+  t.match(
+    w.fake.log.find((c) => c.startsWith('dmsetup create')) ?? '',
+    /^dmsetup create --uuid XBH-[0-9a-f]{24} --table /,
+  );
+  t.same(
+    w.fake.log.map((c) => c.replace(/--uuid XBH-[0-9a-f]{24} /, '')),
+    [
+      'losetup --list --json --output NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT',
+      `losetup --find --show --read-only -- ${w.base}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
+      `losetup --find --show -- ${join(w.config.storeDir, 'transient-1-51712.cow')}`.replace(/\/tmp\/[^ ]*\//g, '…/'),
+      'dmsetup create --table 0 2048 snapshot 7:0 7:1 N 32 -- xbh-cow-g1-xvda-51712',
+      'dmsetup info -c --noheadings --separator | -o name,major,minor,open,uuid -- xbh-cow-g1-xvda-51712',
+    ],
+  );
   t.equal(await w.xs.read(`${backendPath(a)}/physical-device`), 'fe:0');
   t.equal(await w.xs.read(`${backendPath(a)}/physical-device-path`), '/dev/mapper/xbh-cow-g1-xvda-51712');
   t.equal(await w.xs.read(`${backendPath(a)}/hotplug-status`), 'connected');
@@ -249,7 +327,10 @@ t.test('add then remove: the command sequence, the dm table, the shared base', a
   t.equal(rb.code, 0, rb.log.join('\n'));
   t.equal(w.fake.loops.filter((l) => l.ro).length, 1, 'the second disk shares the base loop');
   t.match(w.fake.dms.find((d) => d.name === 'xbh-cow-g2-xvda-51712')?.table, /snapshot 7:0 7:2 P 128$/);
-  t.notOk(w.fake.log.some((c) => c.includes('--read-only')), 'no second base loop');
+  t.notOk(
+    w.fake.log.some((c) => c.includes('--read-only')),
+    'no second base loop',
+  );
 
   w.fake.log = [];
   t.equal((await w.hook('remove', a)).code, 0);
@@ -277,7 +358,10 @@ t.test('mode r: a read-only linear device over the base, no store', async (t) =>
   const d = disk(3, `${w.base} 30`, { mode: 'r' });
   await writeBackendNodes(w.xs, d);
   t.equal((await w.hook('add', d)).code, 0);
-  t.same(w.fake.dms.map((x) => [x.table, x.ro]), [['0 2048 linear 7:0 0', true]]);
+  t.same(
+    w.fake.dms.map((x) => [x.table, x.ro]),
+    [['0 2048 linear 7:0 0', true]],
+  );
   t.notOk(statSafe(w.config.storeDir));
   t.equal((await w.hook('remove', d)).code, 0);
   w.nothingLeft(t, 'mode r');
@@ -309,7 +393,10 @@ t.test('a failure at each device command of an add is undone completely', async 
       if (r.code === 0 && w.fake.failAt >= w.fake.deviceCommands) {
         w.fake.failAt = -1;
         // n is past the last command: the add finished. Every earlier command was a failure point.
-        t.ok(failed >= (shared ? total - 2 : total), `${shared ? 'shared' : 'own'} base: a failure at each of ${failed} commands was undone`);
+        t.ok(
+          failed >= (shared ? total - 2 : total),
+          `${shared ? 'shared' : 'own'} base: a failure at each of ${failed} commands was undone`,
+        );
         t.equal((await w.hook('remove', d)).code, 0);
         if (shared) t.equal((await w.hook('remove', other)).code, 0);
         rmSync(join(w.config.storeDir, 'g1-xvda.cow'), { force: true });
@@ -319,7 +406,11 @@ t.test('a failure at each device command of an add is undone completely', async 
       failed++;
       const what = `failure at command ${n}${shared ? ' (base shared)' : ''}`;
       t.equal(r.code, 1, `${what}: exit 1`);
-      t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), /injected failure/, `${what}: the tool's words reach hotplug-error`);
+      t.match(
+        await w.xs.read(`${backendPath(d)}/hotplug-error`),
+        /injected failure/,
+        `${what}: the tool's words reach hotplug-error`,
+      );
       t.equal(await w.xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
       if (shared) {
         t.equal(w.fake.loops.length, 2, `${what}: the other disk keeps its base and store loops`);
@@ -342,61 +433,95 @@ t.test('a persistent store in use is refused busy, and the refusal leaves the us
   const r = await w.hook('add', b);
   t.equal(r.code, 1);
   t.equal(await w.xs.read(`${backendPath(b)}/hotplug-status`), 'busy');
-  t.match(await w.xs.read(`${backendPath(b)}/hotplug-error`), /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/);
+  t.match(
+    await w.xs.read(`${backendPath(b)}/hotplug-error`),
+    /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/,
+  );
   t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the first disk keeps its loops and dm device');
   t.ok(statSync(join(w.config.storeDir, 'shared.cow')).isFile(), 'the store stays');
-  t.same(readdirSync(join(w.config.stateDir, 'journal')), ['backend~vbd~1~51712.json'], 'only the first disk has a record');
+  t.same(
+    readdirSync(join(w.config.stateDir, 'journal')),
+    ['backend~vbd~1~51712.json'],
+    'only the first disk has a record',
+  );
   t.equal((await w.hook('remove', a)).code, 0);
   rmSync(join(w.config.storeDir, 'shared.cow'));
   w.nothingLeft(t, 'the end');
 });
 
-t.test('a migration\'s receiving end (NAME--incoming) is refused: the persistent store is the sender\'s, a transient one is not there', async (t) => {
-  const w = await world(t);
-  const sender = disk(1, `${w.base} 8 persistent`, { domainName: 'web' });
-  const receiver = disk(2, `${w.base} 8 persistent`, { domainName: 'web--incoming' });
-  await writeBackendNodes(w.xs, sender);
-  await writeBackendNodes(w.xs, receiver);
-  t.equal((await w.hook('add', sender)).code, 0);
-  const before = JSON.stringify([w.fake.loops, w.fake.dms]);
-  const r = await w.hook('add', receiver);
-  t.equal(r.code, 1, 'the receiver is refused');
-  t.equal(await w.xs.read(`${backendPath(receiver)}/hotplug-status`), 'busy');
-  t.match(await w.xs.read(`${backendPath(receiver)}/hotplug-error`), /web-xvda\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/, 'it names the sender\'s store (the --incoming suffix is not part of the name)');
-  t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the sender keeps its devices');
-  t.same(readdirSync(w.config.storeDir).sort(), ['web-xvda.cow', 'web-xvda.cow.owner'], 'no second store; the sender\'s claim stays');
-  const transient = disk(3, `${w.base} 8`, { domainName: 'web--incoming', devid: 51728 });
-  await writeBackendNodes(w.xs, transient);
-  const rt = await w.hook('add', transient);
-  t.equal(rt.code, 1);
-  t.match(await w.xs.read(`${backendPath(transient)}/hotplug-error`), /receiving end of a live migration/);
-  t.equal((await w.hook('remove', sender)).code, 0);
-  t.same(readdirSync(w.config.storeDir), ['web-xvda.cow'], 'the claim goes with the sender\'s remove');
-  rmSync(join(w.config.storeDir, 'web-xvda.cow'));
-  w.nothingLeft(t, 'the end');
-});
+t.test(
+  "a migration's receiving end (NAME--incoming) is refused: the persistent store is the sender's, a transient one is not there",
+  async (t) => {
+    const w = await world(t);
+    const sender = disk(1, `${w.base} 8 persistent`, { domainName: 'web' });
+    const receiver = disk(2, `${w.base} 8 persistent`, { domainName: 'web--incoming' });
+    await writeBackendNodes(w.xs, sender);
+    await writeBackendNodes(w.xs, receiver);
+    t.equal((await w.hook('add', sender)).code, 0);
+    const before = JSON.stringify([w.fake.loops, w.fake.dms]);
+    const r = await w.hook('add', receiver);
+    t.equal(r.code, 1, 'the receiver is refused');
+    t.equal(await w.xs.read(`${backendPath(receiver)}/hotplug-status`), 'busy');
+    t.match(
+      await w.xs.read(`${backendPath(receiver)}/hotplug-error`),
+      /web-xvda\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/,
+      "it names the sender's store (the --incoming suffix is not part of the name)",
+    );
+    t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the sender keeps its devices');
+    t.same(
+      readdirSync(w.config.storeDir).sort(),
+      ['web-xvda.cow', 'web-xvda.cow.owner'],
+      "no second store; the sender's claim stays",
+    );
+    const transient = disk(3, `${w.base} 8`, { domainName: 'web--incoming', devid: 51728 });
+    await writeBackendNodes(w.xs, transient);
+    const rt = await w.hook('add', transient);
+    t.equal(rt.code, 1);
+    t.match(await w.xs.read(`${backendPath(transient)}/hotplug-error`), /receiving end of a live migration/);
+    t.equal((await w.hook('remove', sender)).code, 0);
+    t.same(readdirSync(w.config.storeDir), ['web-xvda.cow'], "the claim goes with the sender's remove");
+    rmSync(join(w.config.storeDir, 'web-xvda.cow'));
+    w.nothingLeft(t, 'the end');
+  },
+);
 
 t.test('a persistent store held by another host (shared storage) is refused busy; nothing is built', async (t) => {
   const w = await world(t);
   mkdirSync(join(w.config.storeDir, 'web.cow.owner'), { recursive: true, mode: 0o700 });
-  const other = { machine: 'another-machine', host: 'dom0-b', boot: 'x', backendPath: 'backend/vbd/9/51712', since: '2026-12-01T00:00:00.000Z' };
+  const other = {
+    machine: 'another-machine',
+    host: 'dom0-b',
+    boot: 'x',
+    backendPath: 'backend/vbd/9/51712',
+    since: '2026-12-01T00:00:00.000Z',
+  };
   writeFileSync(join(w.config.storeDir, 'web.cow.owner', 'owner.json'), JSON.stringify(other));
   const d = disk(1, `${w.base} 8 store=web.cow`);
   await writeBackendNodes(w.xs, d);
   const r = await w.hook('add', d);
   t.equal(r.code, 1);
   t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'busy');
-  t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), /web\.cow is held by host dom0-b \(since 2026-12-01T00:00:00\.000Z, disk backend\/vbd\/9\/51712\); a store serves one host at a time/);
+  t.match(
+    await w.xs.read(`${backendPath(d)}/hotplug-error`),
+    /web\.cow is held by host dom0-b \(since 2026-12-01T00:00:00\.000Z, disk backend\/vbd\/9\/51712\); a store serves one host at a time/,
+  );
   t.same(w.fake.loops, [], 'no loop');
   t.same(w.fake.dms, [], 'no dm device');
-  t.same(readdirSync(w.config.storeDir), ['web.cow.owner'], 'no store made; the other host\'s claim untouched');
+  t.same(readdirSync(w.config.storeDir), ['web.cow.owner'], "no store made; the other host's claim untouched");
   t.same(JSON.parse(readFileSync(join(w.config.storeDir, 'web.cow.owner', 'owner.json'), 'utf8')), other);
 });
 
 t.test('a base attached writable elsewhere is refused busy before anything is built', async (t) => {
   const w = await world(t);
   const st = statSync(w.base, { bigint: true });
-  w.fake.loops.push({ name: '/dev/loop7', minor: 7, file: w.base, dev: devString(st.dev), ino: st.ino.toString(), ro: false });
+  w.fake.loops.push({
+    name: '/dev/loop7',
+    minor: 7,
+    file: w.base,
+    dev: devString(st.dev),
+    ino: st.ino.toString(),
+    ro: false,
+  });
   const d = disk(1, `${w.base} 8`);
   await writeBackendNodes(w.xs, d);
   const r = await w.hook('add', d);
@@ -419,8 +544,21 @@ t.test('an add that fails at any command never takes the loop an open of the bas
     mkdirSync(journalDir, { recursive: true });
     const now = new Date().toISOString();
     const open = {
-      version: 1, script: 'open', backendPath: 'open/image/x', phase: 'ready', pid: 1, created: now, updated: now,
-      disk: { params: w.base, mode: 'r' }, steps: [{ kind: 'open-loop', data: { file: w.base, ...id, readOnly: true, loop: '/dev/loop7', major: 7, minor: 7 }, done: true }],
+      version: 1,
+      script: 'open',
+      backendPath: 'open/image/x',
+      phase: 'ready',
+      pid: 1,
+      created: now,
+      updated: now,
+      disk: { params: w.base, mode: 'r' },
+      steps: [
+        {
+          kind: 'open-loop',
+          data: { file: w.base, ...id, readOnly: true, loop: '/dev/loop7', major: 7, minor: 7 },
+          done: true,
+        },
+      ],
     };
     writeFileSync(join(journalDir, 'open~image~x.json'), JSON.stringify(open));
     const d = disk(1, `${w.base} 30`);
@@ -428,14 +566,24 @@ t.test('an add that fails at any command never takes the loop an open of the bas
     w.fake.failAt = n;
     const r = await w.hook('add', d);
     const what = `failure at command ${n}`;
-    t.ok(w.fake.loops.some((l) => l.name === '/dev/loop7'), `${what}: the open's loop is still there`);
+    t.ok(
+      w.fake.loops.some((l) => l.name === '/dev/loop7'),
+      `${what}: the open's loop is still there`,
+    );
     if (r.code === 0) {
       t.ok(n > 3, `the add failed at each of its first ${n} commands first`);
       t.equal((await w.hook('remove', d)).code, 0);
-      t.ok(w.fake.loops.some((l) => l.name === '/dev/loop7'), 'and after the remove');
+      t.ok(
+        w.fake.loops.some((l) => l.name === '/dev/loop7'),
+        'and after the remove',
+      );
       break;
     }
-    t.same(w.fake.loops.map((l) => l.name), ['/dev/loop7'], `${what}: only the open's loop is left`);
+    t.same(
+      w.fake.loops.map((l) => l.name),
+      ['/dev/loop7'],
+      `${what}: only the open's loop is left`,
+    );
     t.same(readdirSync(journalDir), ['open~image~x.json'], `${what}: only the open's record is left`);
   }
 });

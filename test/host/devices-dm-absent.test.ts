@@ -9,7 +9,16 @@ const noDm = readFileSync(join(FIX, 'dmsetup-1.02.185-no-kernel-dm.txt'), 'utf8'
 
 t.test('a kernel without device-mapper holds no dm device: removing one finds nothing', async (t) => {
   t.ok(isNoSuchDevice(noDm), 'the "no device-mapper driver" answer means "not there"');
-  const result: RunResult = { command: 'dmsetup remove x', exitCode: 1, signal: undefined, stdout: '', stderr: noDm, durationMs: 1, failed: true, timedOut: false };
+  const result: RunResult = {
+    command: 'dmsetup remove x',
+    exitCode: 1,
+    signal: undefined,
+    stdout: '',
+    stderr: noDm,
+    durationMs: 1,
+    failed: true,
+    timedOut: false,
+  };
   const run: Runner = { run: async () => result, probe: async () => result };
   await t.resolves(dmRemove(run, 'xbh-cow-x', 0), 'dmRemove finds nothing to remove, no error');
 });

@@ -10,10 +10,33 @@ import { fileURLToPath } from 'node:url';
 import { execRunner } from '../../src/devices/exec.js';
 import type { Runner } from '../../src/devices/runner.js';
 import {
-  attachArgs, attachLoop, detachArgs, detachLoop, filterBacking, listArgs, listLoops, loopsBacking, parseLoopList, resizeArgs, resizeLoop,
+  attachArgs,
+  attachLoop,
+  detachArgs,
+  detachLoop,
+  filterBacking,
+  listArgs,
+  listLoops,
+  loopsBacking,
+  parseLoopList,
+  resizeArgs,
+  resizeLoop,
 } from '../../src/devices/losetup.js';
 import {
-  decimalDevice, decodeDev, devString, encodeDev, fileIdOf, parseDecimalDevice, parsePhysicalDevice, holders, isBlockDevice, isReadOnly, loopBackingFile, majorMinor, physicalDevice, sizeSectors,
+  decimalDevice,
+  decodeDev,
+  devString,
+  encodeDev,
+  fileIdOf,
+  parseDecimalDevice,
+  parsePhysicalDevice,
+  holders,
+  isBlockDevice,
+  isReadOnly,
+  loopBackingFile,
+  majorMinor,
+  physicalDevice,
+  sizeSectors,
 } from '../../src/devices/sysfs.js';
 
 const FIX = fileURLToPath(new URL('../fixtures/', import.meta.url));
@@ -21,26 +44,44 @@ const fixture = (c: string) => readFileSync(join(FIX, `losetup-2.38.1-${c}.txt`)
 
 t.test('argv builders', async (t) => {
   t.same(attachArgs('/img/base.img', { readOnly: true }), ['--find', '--show', '--read-only', '--', '/img/base.img']);
-  t.same(attachArgs('/img/-odd.img', { readOnly: false, direct: true }), ['--find', '--show', '--direct-io=on', '--', '/img/-odd.img']);
+  t.same(attachArgs('/img/-odd.img', { readOnly: false, direct: true }), [
+    '--find',
+    '--show',
+    '--direct-io=on',
+    '--',
+    '/img/-odd.img',
+  ]);
   t.throws(() => attachArgs('-r', { readOnly: false }), /must be absolute/);
   t.throws(() => attachArgs('rel/x.img', { readOnly: false }), /must be absolute/);
   t.same(detachArgs('/dev/loop3'), ['--detach', '/dev/loop3']);
   t.same(resizeArgs('/dev/loop12'), ['--set-capacity', '/dev/loop12']);
   t.throws(() => detachArgs('/dev/sda'), /not a loop device/);
   t.throws(() => detachArgs('-D'), /not a loop device/);
-  t.same(listArgs(), ['--list', '--json', '--output', 'NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT']);
+  t.same(listArgs(), [
+    '--list',
+    '--json',
+    '--output',
+    'NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN,MAJ:MIN,RO,OFFSET,SIZELIMIT',
+  ]);
 });
 
 t.test('parser on recorded output', async (t) => {
   const three = parseLoopList(fixture('list-json-three'));
-  t.same(three.map((l) => [l.name, l.backFile, l.backDev, l.backIno, l.readOnly]), [
-    ['/dev/loop1', '/tmp/lt/-dash.img', '254:0', '2146754', true],
-    ['/dev/loop2', '/tmp/lt/hard.img', '254:0', '2146546', true],
-    ['/dev/loop0', '/tmp/lt/a.img', '254:0', '2146546', false],
-  ]);
+  t.same(
+    three.map((l) => [l.name, l.backFile, l.backDev, l.backIno, l.readOnly]),
+    [
+      ['/dev/loop1', '/tmp/lt/-dash.img', '254:0', '2146754', true],
+      ['/dev/loop2', '/tmp/lt/hard.img', '254:0', '2146546', true],
+      ['/dev/loop0', '/tmp/lt/a.img', '254:0', '2146546', false],
+    ],
+  );
   t.same([three[2]!.major, three[2]!.minor], [7, 0]);
   // st_dev of /tmp/lt/a.img was 65024 (stat %d) = fe00 (stat %D): the stock script's decimal-vs-hex trap.
-  t.same(filterBacking(three, { dev: devString(65024n), ino: '2146546' }).map((l) => l.name), ['/dev/loop2', '/dev/loop0'], 'hard link and original by dev:ino');
+  t.same(
+    filterBacking(three, { dev: devString(65024n), ino: '2146546' }).map((l) => l.name),
+    ['/dev/loop2', '/dev/loop0'],
+    'hard link and original by dev:ino',
+  );
   t.same(filterBacking(three, { dev: devString(0xfe01n), ino: '2146546' }), [], 'another filesystem');
 
   const odd = parseLoopList(fixture('list-json-odd-names'));
@@ -50,7 +91,13 @@ t.test('parser on recorded output', async (t) => {
   t.equal(odd[1]!.backDeleted, false);
 
   const ac = parseLoopList(fixture('list-json-offset-autoclear'));
-  t.same(ac.map((l) => [l.name, l.offset, l.sizeLimit]), [['/dev/loop1', 0, 0], ['/dev/loop0', 512, 1048576]]);
+  t.same(
+    ac.map((l) => [l.name, l.offset, l.sizeLimit]),
+    [
+      ['/dev/loop1', 0, 0],
+      ['/dev/loop0', 512, 1048576],
+    ],
+  );
   t.same(parseLoopList(fixture('list-json-empty')), []);
   t.same(parseLoopList(fixture('list-json-unattached')), [], 'an unbound device is not listed');
   t.same(parseLoopList(''), []);
@@ -146,15 +193,29 @@ t.test('real loop devices: attach, read-only flag, find by dev:inode, hard links
 t.test('detachLoop of a device that is not attached: false, not an error (recorded stderr)', async (t) => {
   const calls: string[][] = [];
   const answer = (exitCode: number, stderr: string): Runner => ({
-    async run() { throw new Error('run() not expected'); },
+    async run() {
+      throw new Error('run() not expected');
+    },
     async probe(file, args) {
       calls.push([file, ...args]);
-      return { command: [file, ...args].join(' '), exitCode, signal: undefined, stdout: '', stderr, durationMs: 1, failed: exitCode !== 0, timedOut: false };
+      return {
+        command: [file, ...args].join(' '),
+        exitCode,
+        signal: undefined,
+        stdout: '',
+        stderr,
+        durationMs: 1,
+        failed: exitCode !== 0,
+        timedOut: false,
+      };
     },
   });
   t.equal(await detachLoop(answer(1, fixture('detach-unattached-stderr')), '/dev/loop5'), false);
   t.same(calls, [['losetup', '--detach', '/dev/loop5']]);
-  await t.rejects(detachLoop(answer(1, 'losetup: /dev/loop5: detach failed: Permission denied\n'), '/dev/loop5'), /Permission denied/);
+  await t.rejects(
+    detachLoop(answer(1, 'losetup: /dev/loop5: detach failed: Permission denied\n'), '/dev/loop5'),
+    /Permission denied/,
+  );
 });
 
 t.test('helpers refuse bad input before running anything', async (t) => {

@@ -22,7 +22,16 @@ const FIX = fileURLToPath(new URL('../fixtures/', import.meta.url));
 const MiB = 1048576;
 
 function ok(file: string, args: readonly string[], stdout: string): RunResult {
-  return { command: [file, ...args].join(' '), exitCode: 0, signal: undefined, stdout, stderr: '', durationMs: 1, failed: false, timedOut: false };
+  return {
+    command: [file, ...args].join(' '),
+    exitCode: 0,
+    signal: undefined,
+    stdout,
+    stderr: '',
+    durationMs: 1,
+    failed: false,
+    timedOut: false,
+  };
 }
 
 /** Answers dmsetup status and losetup --list from `answers`; runs flock for real; records everything. */
@@ -50,10 +59,21 @@ function recorder(answers: { status: string; loops: string }): Runner & { calls:
   };
 }
 
-function setup(t: { teardown: (f: () => void) => void }): { config: Config; journal: Journal; store: string; loops: string } {
+function setup(t: { teardown: (f: () => void) => void }): {
+  config: Config;
+  journal: Journal;
+  store: string;
+  loops: string;
+} {
   const dir = mkdtempSync(join(tmpdir(), 'grow-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  const config = { ...defaultConfig(), stateDir: join(dir, 'state'), storeDir: join(dir, 'store'), logFile: '', watch: { thresholdPercent: 20, stepPercent: 50, intervalMs: 1000 } };
+  const config = {
+    ...defaultConfig(),
+    stateDir: join(dir, 'state'),
+    storeDir: join(dir, 'store'),
+    logFile: '',
+    watch: { thresholdPercent: 20, stepPercent: 50, intervalMs: 1000 },
+  };
   mkdirSync(config.storeDir, { recursive: true });
   const store = join(config.storeDir, 'transient-1-51712.cow');
   writeFileSync(store, '');
@@ -61,14 +81,37 @@ function setup(t: { teardown: (f: () => void) => void }): { config: Config; jour
   const st = statSync(store, { bigint: true });
   const d = decodeDev(st.dev);
   const loops = JSON.stringify({
-    loopdevices: [{ name: '/dev/loop7', 'back-file': store, 'back-ino': Number(st.ino), 'back-maj:min': `${d.major}:${d.minor}`, 'maj:min': '7:7', ro: false, sizelimit: 0, offset: 0, autoclear: false, dio: false }],
+    loopdevices: [
+      {
+        name: '/dev/loop7',
+        'back-file': store,
+        'back-ino': Number(st.ino),
+        'back-maj:min': `${d.major}:${d.minor}`,
+        'maj:min': '7:7',
+        ro: false,
+        sizelimit: 0,
+        offset: 0,
+        autoclear: false,
+        dio: false,
+      },
+    ],
   });
   const journal = new Journal(config.stateDir);
-  const entry = Journal.begin('block-cow', 'backend/vbd/1/51712', { params: '/srv/xen/base.img 4', mode: 'w', frontendId: 1, vdev: 'xvda', domainName: 'alpha' });
+  const entry = Journal.begin('block-cow', 'backend/vbd/1/51712', {
+    params: '/srv/xen/base.img 4',
+    mode: 'w',
+    frontendId: 1,
+    vdev: 'xvda',
+    domainName: 'alpha',
+  });
   entry.phase = 'ready';
   entry.device = { path: '/dev/dm-3', major: 254, minor: 3 };
   entry.steps.push(
-    { kind: 'base-ref', data: { key: '1:2:3', file: '/srv/xen/base.img', dev: '1:2', ino: '3', loop: '/dev/loop6' }, done: true },
+    {
+      kind: 'base-ref',
+      data: { key: '1:2:3', file: '/srv/xen/base.img', dev: '1:2', ino: '3', loop: '/dev/loop6' },
+      done: true,
+    },
     { kind: 'store-file', data: { path: store, persistent: false }, done: true },
     { kind: 'loop', data: { file: store, loop: '/dev/loop7' }, done: true },
     { kind: 'dm', data: { name: 'xbh-cow-alpha-xvda-51712', readOnly: false }, done: true },
@@ -79,7 +122,10 @@ function setup(t: { teardown: (f: () => void) => void }): { config: Config; jour
 
 t.test('a snapshot past the threshold is grown by the step, online, and logged', async (t) => {
   const { config, store, loops } = setup(t);
-  const run = recorder({ status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-used.txt'), 'utf8'), loops });
+  const run = recorder({
+    status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-used.txt'), 'utf8'),
+    loops,
+  });
   const log = memoryLogger();
   const r = await watchOnce(config, run, log);
   t.equal(r.checked, 1);
@@ -88,13 +134,22 @@ t.test('a snapshot past the threshold is grown by the step, online, and logged',
   t.match(r.grown[0], { kind: 'cow-store', target: store, beforeBytes: 4 * MiB, afterBytes: 6 * MiB });
   t.equal(statSync(store).size, 6 * MiB, 'the file really grew');
   t.ok(run.calls.includes('losetup --set-capacity /dev/loop7'), run.calls.join('\n'));
-  t.ok(log.lines.some((l) => l.level === 'info' && /grow backend\/vbd\/1\/51712 \(alpha\/xvda\): store .* 4 MiB → 6 MiB, \/dev\/loop7 re-read/.test(l.msg)));
+  t.ok(
+    log.lines.some(
+      (l) =>
+        l.level === 'info' &&
+        /grow backend\/vbd\/1\/51712 \(alpha\/xvda\): store .* 4 MiB → 6 MiB, \/dev\/loop7 re-read/.test(l.msg),
+    ),
+  );
   t.equal(r.findings[0]?.usedPercent, 25.78);
 });
 
 t.test('below the threshold nothing changes', async (t) => {
   const { config, store, loops } = setup(t);
-  const run = recorder({ status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-fresh.txt'), 'utf8'), loops });
+  const run = recorder({
+    status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-fresh.txt'), 'utf8'),
+    loops,
+  });
   const r = await watchOnce(config, run, memoryLogger());
   t.same(r.grown, []);
   t.equal(r.findings[0]?.state, 'ok');
@@ -103,7 +158,10 @@ t.test('below the threshold nothing changes', async (t) => {
 
 t.test('an Invalid snapshot is reported loudly and never grown', async (t) => {
   const { config, store, loops, journal } = setup(t);
-  const run = recorder({ status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-invalid.txt'), 'utf8'), loops });
+  const run = recorder({
+    status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-invalid.txt'), 'utf8'),
+    loops,
+  });
   const log = memoryLogger();
   const r = await watchOnce(config, run, log);
   t.same(r.grown, []);
@@ -113,17 +171,32 @@ t.test('an Invalid snapshot is reported loudly and never grown', async (t) => {
   t.ok(log.lines.some((l) => l.level === 'error' && /Invalid/.test(l.msg)));
   t.equal(statSync(store).size, 4 * MiB, 'nothing grown');
   const entry = journal.load('backend/vbd/1/51712')!;
-  await t.rejects(growStore(entry, { relative: true, bytes: MiB }, { config, run, log }), /Invalid: .* growing cannot bring it back/);
+  await t.rejects(
+    growStore(entry, { relative: true, bytes: MiB }, { config, run, log }),
+    /Invalid: .* growing cannot bring it back/,
+  );
   t.equal(statSync(store).size, 4 * MiB);
 });
 
 t.test('growStore refuses what it cannot grow', async (t) => {
   const { config, loops, journal } = setup(t);
-  const run = recorder({ status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-used.txt'), 'utf8'), loops });
+  const run = recorder({
+    status: readFileSync(join(FIX, 'dmsetup-1.02.185-k6.1-status-snapshot-used.txt'), 'utf8'),
+    loops,
+  });
   const entry = journal.load('backend/vbd/1/51712')!;
-  await t.rejects(growStore({ ...entry, script: 'block' }, undefined, { config, run, log: memoryLogger() }), /not supported for block/);
-  await t.rejects(growStore({ ...entry, phase: 'adding' }, undefined, { config, run, log: memoryLogger() }), /adding, not ready/);
-  await t.rejects(growStore(entry, { relative: false, bytes: 2 * MiB }, { config, run, log: memoryLogger() }), /not larger \(stores never shrink\)/);
+  await t.rejects(
+    growStore({ ...entry, script: 'block' }, undefined, { config, run, log: memoryLogger() }),
+    /not supported for block/,
+  );
+  await t.rejects(
+    growStore({ ...entry, phase: 'adding' }, undefined, { config, run, log: memoryLogger() }),
+    /adding, not ready/,
+  );
+  await t.rejects(
+    growStore(entry, { relative: false, bytes: 2 * MiB }, { config, run, log: memoryLogger() }),
+    /not larger \(stores never shrink\)/,
+  );
   const g = await growStore(entry, { relative: false, bytes: 10 * MiB }, { config, run, log: memoryLogger() });
   t.equal(g.afterBytes, 10 * MiB);
 });
@@ -156,7 +229,14 @@ t.test('with a memory a problem is logged once, again only on a change, and a re
   const back = await pass();
   t.equal(back.recovered.length, 1, 'a recovery is reported');
   t.match(back.recovered[0], { was: 'invalid', finding: { state: 'ok', backendPath: 'backend/vbd/1/51712' } });
-  t.equal(log.lines.filter((l) => l.level === 'info' && /xbh-cow-alpha-xvda-51712 \(backend\/vbd\/1\/51712\) recovered \(was invalid\)/.test(l.msg)).length, 1);
+  t.equal(
+    log.lines.filter(
+      (l) =>
+        l.level === 'info' &&
+        /xbh-cow-alpha-xvda-51712 \(backend\/vbd\/1\/51712\) recovered \(was invalid\)/.test(l.msg),
+    ).length,
+    1,
+  );
   const still = await pass();
   t.same(still.recovered, [], 'and only once');
 

@@ -8,7 +8,9 @@ import { GUEST_SHARDS } from '../lib/guest-fold.js';
 
 const all = guestTestFiles().map((f) => basename(f));
 for (const f of all) {
-  const owners = Object.entries(GUEST_SHARDS).filter(([, prefixes]) => prefixes.some((p) => f.startsWith(p))).map(([s]) => s);
+  const owners = Object.entries(GUEST_SHARDS)
+    .filter(([, prefixes]) => prefixes.some((p) => f.startsWith(p)))
+    .map(([s]) => s);
   t.equal(owners.length, 1, `${f} runs in one boot (${owners.join(', ') || 'none'})`);
 }
 
@@ -20,5 +22,7 @@ for (const f of readdirSync(HOST_DIR).filter((n) => /^guest-.*\.test\.ts$/.test(
   const m = /foldGuestShard\('([\w-]+)'\)/.exec(readFileSync(join(HOST_DIR, f), 'utf8'));
   if (m) folds.set(m[1] as string, f);
 }
-for (const shard of Object.keys(GUEST_SHARDS)) t.equal(folds.get(shard), `guest-${shard}.test.ts`, `shard ${shard} has its host fold file`);
-for (const shard of folds.keys()) t.ok(shard in GUEST_SHARDS, `${folds.get(shard)} folds a shard that exists (${shard})`);
+for (const shard of Object.keys(GUEST_SHARDS))
+  t.equal(folds.get(shard), `guest-${shard}.test.ts`, `shard ${shard} has its host fold file`);
+for (const shard of folds.keys())
+  t.ok(shard in GUEST_SHARDS, `${folds.get(shard)} folds a shard that exists (${shard})`);

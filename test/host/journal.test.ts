@@ -8,8 +8,12 @@ import { memoryLogger } from '../../src/log/logger.js';
 import type { Runner } from '../../src/devices/runner.js';
 
 const noRun: Runner = {
-  run: async () => { throw new Error('no commands expected'); },
-  probe: async () => { throw new Error('no commands expected'); },
+  run: async () => {
+    throw new Error('no commands expected');
+  },
+  probe: async () => {
+    throw new Error('no commands expected');
+  },
 };
 const disk = { params: '/img/base.img 30', mode: 'w' as const, frontendId: 5, vdev: 'xvda', domainName: 'web' };
 
@@ -31,19 +35,37 @@ t.test('each step is written before it runs and marked done after', async (t) =>
   journal.save(entry);
   const b = new Build(entry, journal);
   let seenDuring: unknown;
-  await b.step('loop', { file: '/img/base.img' }, async () => {
-    seenDuring = journal.load('backend/vbd/5/51712')?.steps[0];
-    return '/dev/loop7';
-  }, (dev) => ({ device: dev }));
-  t.same(seenDuring, { kind: 'loop', data: { file: '/img/base.img' }, done: false }, 'intent recorded before the command');
-  t.same(journal.load('backend/vbd/5/51712')?.steps[0], { kind: 'loop', data: { file: '/img/base.img', device: '/dev/loop7' }, done: true });
+  await b.step(
+    'loop',
+    { file: '/img/base.img' },
+    async () => {
+      seenDuring = journal.load('backend/vbd/5/51712')?.steps[0];
+      return '/dev/loop7';
+    },
+    (dev) => ({ device: dev }),
+  );
+  t.same(
+    seenDuring,
+    { kind: 'loop', data: { file: '/img/base.img' }, done: false },
+    'intent recorded before the command',
+  );
+  t.same(journal.load('backend/vbd/5/51712')?.steps[0], {
+    kind: 'loop',
+    data: { file: '/img/base.img', device: '/dev/loop7' },
+    done: true,
+  });
 });
 
 t.test('a failing step stays recorded, not done', async (t) => {
   const { journal } = setup(t);
   const entry = Journal.begin('block-cow', 'backend/vbd/5/1', disk);
   const b = new Build(entry, journal);
-  await t.rejects(b.step('dm', { name: 'x' }, async () => { throw new Error('boom'); }), /boom/);
+  await t.rejects(
+    b.step('dm', { name: 'x' }, async () => {
+      throw new Error('boom');
+    }),
+    /boom/,
+  );
   t.same(journal.load('backend/vbd/5/1')?.steps, [{ kind: 'dm', data: { name: 'x' }, done: false }]);
 });
 
@@ -54,17 +76,33 @@ t.test('undoAll goes newest first, keeps going past failures, keeps what failed'
   const order: string[] = [];
   for (const k of ['a', 'b', 'c']) await b.step(k, { k }, async () => k);
   const registry: UndoRegistry = {
-    a: async (s) => { order.push(String(s.data.k)); },
-    b: async () => { order.push('b'); throw new Error('b is busy'); },
-    c: async (s) => { order.push(String(s.data.k)); },
+    a: async (s) => {
+      order.push(String(s.data.k));
+    },
+    b: async () => {
+      order.push('b');
+      throw new Error('b is busy');
+    },
+    c: async (s) => {
+      order.push(String(s.data.k));
+    },
   };
   const failures = await undoAll(entry, registry, ctx);
   t.same(order, ['c', 'b', 'a']);
-  t.same(failures.map((f) => f.message), ['b is busy']);
+  t.same(
+    failures.map((f) => f.message),
+    ['b is busy'],
+  );
   const left = journal.load('backend/vbd/5/2');
   t.equal(left?.phase, 'failed');
-  t.same(left?.steps.map((s) => s.kind), ['b'], 'only the step that failed remains for gc');
-  registry.b = async () => { order.push('b again'); };
+  t.same(
+    left?.steps.map((s) => s.kind),
+    ['b'],
+    'only the step that failed remains for gc',
+  );
+  registry.b = async () => {
+    order.push('b again');
+  };
   t.same(await undoAll(left!, registry, ctx), []);
   t.equal(journal.load('backend/vbd/5/2'), undefined, 'record deleted when everything is undone');
 });
@@ -85,7 +123,10 @@ t.test('list reports unreadable records instead of hiding them', async (t) => {
   t.equal(entries.length, 1);
   t.equal(unreadable.length, 1);
   t.ok(existsSync(join(dir, 'journal')));
-  t.notOk(readdirSync(join(dir, 'journal')).some((n) => n.endsWith('.tmp')), 'no temporary files left');
+  t.notOk(
+    readdirSync(join(dir, 'journal')).some((n) => n.endsWith('.tmp')),
+    'no temporary files left',
+  );
 });
 
 t.test('processAlive', async (t) => {
@@ -94,15 +135,41 @@ t.test('processAlive', async (t) => {
 });
 
 t.test('stepsHolding / recordsHolding: who else holds a step of a kind with these values', async (t) => {
-  const rec = (backendPath: string, steps: { kind: string; data: Record<string, unknown> }[]) =>
-    ({ ...Journal.begin('block-cow', backendPath, { params: 'x', mode: 'w', frontendId: 1, vdev: 'xvda', domainName: 'a' }), steps: steps.map((s) => ({ ...s, done: true })) });
-  const a = rec('backend/vbd/1/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop3' } }, { kind: 'dm', data: { name: 'x' } }]);
-  const b = rec('backend/vbd/2/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop4' } }, { kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop5' } }]);
+  const rec = (backendPath: string, steps: { kind: string; data: Record<string, unknown> }[]) => ({
+    ...Journal.begin('block-cow', backendPath, {
+      params: 'x',
+      mode: 'w',
+      frontendId: 1,
+      vdev: 'xvda',
+      domainName: 'a',
+    }),
+    steps: steps.map((s) => ({ ...s, done: true })),
+  });
+  const a = rec('backend/vbd/1/51712', [
+    { kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop3' } },
+    { kind: 'dm', data: { name: 'x' } },
+  ]);
+  const b = rec('backend/vbd/2/51712', [
+    { kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop4' } },
+    { kind: 'loop', data: { dev: '7:1', ino: '12', loop: '/dev/loop5' } },
+  ]);
   const c = rec('backend/vbd/3/51712', [{ kind: 'loop', data: { dev: '7:1', ino: '99' } }]);
   const all = [a, b, c];
-  t.same(stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((h) => h.step.data.loop), ['/dev/loop3', '/dev/loop4', '/dev/loop5'], 'every matching step, in order');
-  t.same(stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }, a.backendPath).map((h) => h.entry.backendPath), [b.backendPath, b.backendPath], 'the asking record left out');
-  t.same(recordsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((e) => e.backendPath), [a.backendPath, b.backendPath], 'each record once');
+  t.same(
+    stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((h) => h.step.data.loop),
+    ['/dev/loop3', '/dev/loop4', '/dev/loop5'],
+    'every matching step, in order',
+  );
+  t.same(
+    stepsHolding(all, 'loop', { dev: '7:1', ino: '12' }, a.backendPath).map((h) => h.entry.backendPath),
+    [b.backendPath, b.backendPath],
+    'the asking record left out',
+  );
+  t.same(
+    recordsHolding(all, 'loop', { dev: '7:1', ino: '12' }).map((e) => e.backendPath),
+    [a.backendPath, b.backendPath],
+    'each record once',
+  );
   t.same(recordsHolding(all, 'loop').length, 3, 'no values: every record with the kind');
   t.same(recordsHolding(all, 'dm', { name: 'y' }), [], 'a value that differs matches nothing');
   t.same(recordsHolding(all, 'loop', { ino: 12 }), [], 'values compare strictly: 12 is not "12"');

@@ -1,5 +1,15 @@
 import t from 'tap';
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  statSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
@@ -15,7 +25,16 @@ import {
 } from '../../src/lock/flock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath, thinPoolLockPath } from '../../src/lock/paths.js';
 import { AlreadyRunningError, claimSingleInstance } from '../../src/lock/instance.js';
-import { flockWaiters, pathIsLocked, rawClose, rawLock, spawnUntil, tracked, until, writeLockingSh } from './lock-helpers.js';
+import {
+  flockWaiters,
+  pathIsLocked,
+  rawClose,
+  rawLock,
+  spawnUntil,
+  tracked,
+  until,
+  writeLockingSh,
+} from './lock-helpers.js';
 
 t.test('paths', async (t) => {
   t.equal(xenBlockLockPath(), '/var/run/xen-hotplug/block');
@@ -57,9 +76,20 @@ t.test('acquire creates the directory, holds a real flock, release unlinks then 
 
 t.test('withFlock returns the value and releases on success and on throw', async (t) => {
   const path = join(t.testdir(), 'l');
-  t.equal(await withFlock(path, async () => { t.ok(pathIsLocked(path)); return 42; }), 42);
+  t.equal(
+    await withFlock(path, async () => {
+      t.ok(pathIsLocked(path));
+      return 42;
+    }),
+    42,
+  );
   t.notOk(existsSync(path));
-  await t.rejects(withFlock(path, async () => { throw new Error('boom'); }), /boom/);
+  await t.rejects(
+    withFlock(path, async () => {
+      throw new Error('boom');
+    }),
+    /boom/,
+  );
   t.notOk(existsSync(path), 'released after throw');
   t.notOk(pathIsLocked(path));
 });
@@ -70,7 +100,9 @@ t.test('tryAcquireFlock and the single-instance guard', async (t) => {
   t.ok(a, 'free lock is taken');
   t.equal(await tryAcquireFlock(path), null, 'held lock: null, no wait');
   await t.rejects(claimSingleInstance(path, 'xen-blockhooks watch'), AlreadyRunningError);
-  await t.rejects(claimSingleInstance(path, 'xen-blockhooks watch'), { message: `xen-blockhooks watch is already running (lock ${path} is held)` });
+  await t.rejects(claimSingleInstance(path, 'xen-blockhooks watch'), {
+    message: `xen-blockhooks watch is already running (lock ${path} is held)`,
+  });
   await a!.release();
   const g = await claimSingleInstance(path, 'xen-blockhooks watch');
   t.ok(pathIsLocked(path));
@@ -84,14 +116,23 @@ t.test('timeouts give a clear error naming the lock file', async (t) => {
   await t.test('held in this process: not re-entrant, said so', async (t) => {
     const held = await acquireFlock(path);
     const t0 = Date.now();
-    const err = await acquireFlock(path, { timeoutMs: 300 }).then(() => null, (e: unknown) => e);
+    const err = await acquireFlock(path, { timeoutMs: 300 }).then(
+      () => null,
+      (e: unknown) => e,
+    );
     t.ok(err instanceof LockTimeoutError, 'LockTimeoutError');
     const e = err as LockTimeoutError;
     t.equal(e.path, path);
     t.equal(e.timeoutMs, 300);
-    t.equal(e.message, `lock ${path} not acquired within 300 ms (this process holds it already: locks are not re-entrant)`);
+    t.equal(
+      e.message,
+      `lock ${path} not acquired within 300 ms (this process holds it already: locks are not re-entrant)`,
+    );
     t.ok(Date.now() - t0 >= 250, 'waited about the timeout');
-    const busy = await acquireFlock(path, { timeoutMs: 0 }).then(() => null, (e: unknown) => e as Error);
+    const busy = await acquireFlock(path, { timeoutMs: 0 }).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
     t.match(busy?.message, new RegExp(`^lock ${path} is busy`));
     await held.release();
   });
@@ -100,10 +141,16 @@ t.test('timeouts give a clear error naming the lock file', async (t) => {
     const sh = writeLockingSh(dir);
     const go = join(dir, 'go-timeout');
     const { child } = await spawnUntil('bash', [sh, dir, 'block', go], 'locked');
-    const err = await acquireFlock(path, { timeoutMs: 1000 }).then(() => null, (e: unknown) => e as Error);
+    const err = await acquireFlock(path, { timeoutMs: 1000 }).then(
+      () => null,
+      (e: unknown) => e as Error,
+    );
     t.ok(err instanceof LockTimeoutError);
     // The shell's own children (its `sleep`) share its lock fd and may be named after it.
-    t.match(err?.message, `lock ${path} not acquired within 1 s (held by pid ${child.pid} bash ${sh} ${dir} block ${go}`);
+    t.match(
+      err?.message,
+      `lock ${path} not acquired within 1 s (held by pid ${child.pid} bash ${sh} ${dir} block ${go}`,
+    );
     writeFileSync(go, '');
     await new Promise((r) => child.on('exit', r));
   });
@@ -118,12 +165,24 @@ t.test('flock argv, bounded runner time, and failures other than a timeout', asy
   const calls: { file: string; args: readonly string[]; opts?: RunOptions }[] = [];
   const fake = (exitCode: number, stderr = ''): Runner => {
     const res = (file: string, args: readonly string[]): RunResult => ({
-      command: [file, ...args].join(' '), exitCode, signal: undefined, stdout: '', stderr,
-      durationMs: 1, failed: exitCode !== 0, timedOut: false,
+      command: [file, ...args].join(' '),
+      exitCode,
+      signal: undefined,
+      stdout: '',
+      stderr,
+      durationMs: 1,
+      failed: exitCode !== 0,
+      timedOut: false,
     });
     return {
-      async run(file, args, opts) { calls.push({ file, args, opts }); return res(file, args); },
-      async probe(file, args, opts) { calls.push({ file, args, opts }); return res(file, args); },
+      async run(file, args, opts) {
+        calls.push({ file, args, opts });
+        return res(file, args);
+      },
+      async probe(file, args, opts) {
+        calls.push({ file, args, opts });
+        return res(file, args);
+      },
     };
   };
   const path = join(t.testdir(), 'l');
@@ -143,8 +202,14 @@ t.test('flock argv, bounded runner time, and failures other than a timeout', asy
   await tryAcquireFlock(path, { runner: fake(0) }).then((l) => l?.release());
   t.same(calls[0]?.args, ['-x', '-n', '3'], 'no wait: -n');
 
-  const err = await acquireFlock(path, { runner: fake(66, 'flock: 3: Bad file descriptor') }).then(() => null, (e: unknown) => e as Error);
-  t.match(err?.message, /^cannot lock \S+\/l: flock -x -w (19\.\d{3}|20\.000) 3 exited with status 66: flock: 3: Bad file descriptor$/);
+  const err = await acquireFlock(path, { runner: fake(66, 'flock: 3: Bad file descriptor') }).then(
+    () => null,
+    (e: unknown) => e as Error,
+  );
+  t.match(
+    err?.message,
+    /^cannot lock \S+\/l: flock -x -w (19\.\d{3}|20\.000) 3 exited with status 66: flock: 3: Bad file descriptor$/,
+  );
   t.notOk(err instanceof LockTimeoutError, 'not reported as a timeout');
   t.notOk(existsSync(path) && pathIsLocked(path));
 });
@@ -195,14 +260,26 @@ t.test('the lock fd reaches no child started through the Runner unless listed in
         try {
           const cmd = readlinkSync(`/proc/${p}/exe`);
           const args = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
-          if (cmd.endsWith('/sleep') && args.includes(marker)) { pid = Number(p); return true; }
-        } catch { /* gone */ }
+          if (cmd.endsWith('/sleep') && args.includes(marker)) {
+            pid = Number(p);
+            return true;
+          }
+        } catch {
+          /* gone */
+        }
       }
       return false;
     }, `daemon ${marker}`);
     return pid;
   };
-  const links = (pid: number) => readdirSync(`/proc/${pid}/fd`).map((f) => { try { return readlinkSync(`/proc/${pid}/fd/${f}`); } catch { return ''; } });
+  const links = (pid: number) =>
+    readdirSync(`/proc/${pid}/fd`).map((f) => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${f}`);
+      } catch {
+        return '';
+      }
+    });
 
   await run.run('sh', ['-c', 'sleep 60.123 </dev/null >/dev/null 2>&1 &']);
   await run.run('sh', ['-c', 'sleep 60.456 </dev/null >/dev/null 2>&1 &'], { extraFds: [ctl] });

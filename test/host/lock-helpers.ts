@@ -112,11 +112,19 @@ export async function buildHolder(dir: string): Promise<string> {
 }
 
 /** Spawn a process and resolve once a line equal to `line` appears on its stdout. */
-export function spawnUntil(cmd: string, args: string[], line: string, timeoutMs = 30_000): Promise<{ child: ChildProcess; out: () => string }> {
+export function spawnUntil(
+  cmd: string,
+  args: string[],
+  line: string,
+  timeoutMs = 30_000,
+): Promise<{ child: ChildProcess; out: () => string }> {
   const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'inherit'] });
   let buf = '';
   return new Promise((res, rej) => {
-    const timer = setTimeout(() => rej(new Error(`${cmd} ${args.join(' ')}: no "${line}" after ${timeoutMs} ms; output: ${buf}`)), timeoutMs);
+    const timer = setTimeout(
+      () => rej(new Error(`${cmd} ${args.join(' ')}: no "${line}" after ${timeoutMs} ms; output: ${buf}`)),
+      timeoutMs,
+    );
     child.stdout!.on('data', (d: Buffer) => {
       buf += d.toString();
       if (buf.split('\n').includes(line)) {
@@ -192,8 +200,12 @@ export function rawClose(fd: number): void {
 export function tracked<T>(p: Promise<T>): { p: Promise<T>; settled: () => boolean } {
   let done = false;
   p.then(
-    () => { done = true; },
-    () => { done = true; },
+    () => {
+      done = true;
+    },
+    () => {
+      done = true;
+    },
   );
   return { p, settled: () => done };
 }

@@ -7,7 +7,16 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { acquireFlock } from '../../src/lock/flock.js';
-import { buildHolder, flockWaiters, pathIsLocked, spawnUntil, tracked, until, waitLine, writeLockingSh } from './lock-helpers.js';
+import {
+  buildHolder,
+  flockWaiters,
+  pathIsLocked,
+  spawnUntil,
+  tracked,
+  until,
+  waitLine,
+  writeLockingSh,
+} from './lock-helpers.js';
 
 const dir = t.testdir();
 let holder = '';
@@ -23,7 +32,9 @@ t.test('mutual exclusion among our processes', async (t) => {
   writeFileSync(log, '');
   const N = 4;
   const K = 10;
-  const kids = Array.from({ length: N }, () => spawn(process.execPath, [holder, 'count', path, counter, log, String(K)], { stdio: 'inherit' }));
+  const kids = Array.from({ length: N }, () =>
+    spawn(process.execPath, [holder, 'count', path, counter, log, String(K)], { stdio: 'inherit' }),
+  );
   const codes = await Promise.all(kids.map((k) => new Promise<number | null>((r) => k.on('exit', (c) => r(c)))));
   t.same(codes, Array(N).fill(0), 'all workers finished');
   t.equal(readFileSync(counter, 'utf8'), String(N * K), 'no lost update in read-sleep-write');
@@ -76,7 +87,7 @@ t.test('interop with locking.sh: a stock shell holder blocks us', async (t) => {
   const lock = await w.p;
   t.ok(existsSync(path) && pathIsLocked(path), 'after release_lock (rm) we hold a fresh, linked file');
   await lock.release();
-  await new Promise((r) => child.exitCode !== null ? r(null) : child.on('exit', r));
+  await new Promise((r) => (child.exitCode !== null ? r(null) : child.on('exit', r)));
   t.equal(child.exitCode, 0);
 });
 
@@ -88,7 +99,9 @@ t.test('interop with locking.sh: we block a stock shell claim_lock', async (t) =
   const lock = await acquireFlock(path);
   const child = spawn('bash', [sh, base, 'block', go], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
-  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+  child.stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+  });
   await until(() => flockWaiters(path) === 1, 'claim_lock to queue behind us');
   t.equal(out, '', 'claim_lock has not returned');
   await lock.release();
@@ -96,7 +109,7 @@ t.test('interop with locking.sh: we block a stock shell claim_lock', async (t) =
   t.ok(existsSync(path) && pathIsLocked(path), 'the shell holds a fresh file after our unlink');
   writeFileSync(go, '');
   await waitLine(child, 'released', () => out);
-  await new Promise((r) => child.exitCode !== null ? r(null) : child.on('exit', r));
+  await new Promise((r) => (child.exitCode !== null ? r(null) : child.on('exit', r)));
   t.notOk(existsSync(path), 'release_lock removed it');
   const again = await acquireFlock(path, { timeoutMs: 2000 });
   await again.release();
@@ -112,7 +125,9 @@ t.test('interop with locking.sh: the shell re-checks the inode after we release 
   const first = await acquireFlock(path);
   const child = spawn('bash', [sh, base, 'block', go], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
-  child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+  child.stdout.on('data', (d: Buffer) => {
+    out += d.toString();
+  });
   await until(() => flockWaiters(path) === 1, 'claim_lock to queue');
   // A second waiter of ours queues too; exactly one of the two may win at a time.
   const w = tracked(acquireFlock(path, { timeoutMs: 30_000 }));
@@ -138,7 +153,7 @@ t.test('interop with locking.sh: the shell re-checks the inode after we release 
     t.ok(existsSync(path) && pathIsLocked(path), 'then we hold a fresh, linked file');
     await l.release();
   }
-  await new Promise((r) => child.exitCode !== null ? r(null) : child.on('exit', r));
+  await new Promise((r) => (child.exitCode !== null ? r(null) : child.on('exit', r)));
   t.equal(child.exitCode, 0);
   t.notOk(existsSync(path));
 });

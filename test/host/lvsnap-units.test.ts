@@ -9,7 +9,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
-  isLvNotFound, lvActivateArgs, lvcreateSnapshotArgs, lvDmName, lvextendArgs, lvNameProblem, lvremoveArgs, lvsArgs, parseLvRef, parseLvs, vgNameProblem,
+  isLvNotFound,
+  lvActivateArgs,
+  lvcreateSnapshotArgs,
+  lvDmName,
+  lvextendArgs,
+  lvNameProblem,
+  lvremoveArgs,
+  lvsArgs,
+  parseLvRef,
+  parseLvs,
+  vgNameProblem,
 } from '../../src/devices/lvm.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -48,8 +58,25 @@ t.test('LVM names', async (t) => {
 
 t.test('argv builders', async (t) => {
   const o = { vg: 'vg0', lv: 'golden' };
-  t.same(lvcreateSnapshotArgs(o, 'xbh-a-xvda', 512, { addTag: 'xbh_transient' }), ['lvcreate', '-q', '-y', '-s', '-n', 'xbh-a-xvda', '-L', '512m', '--addtag', 'xbh_transient', '--', 'vg0/golden']);
-  t.same(lvcreateSnapshotArgs(o, 'xbh-a-xvda'), ['lvcreate', '-q', '-y', '-s', '-n', 'xbh-a-xvda', '-kn', '--', 'vg0/golden'], 'thin: no size, activate');
+  t.same(lvcreateSnapshotArgs(o, 'xbh-a-xvda', 512, { addTag: 'xbh_transient' }), [
+    'lvcreate',
+    '-q',
+    '-y',
+    '-s',
+    '-n',
+    'xbh-a-xvda',
+    '-L',
+    '512m',
+    '--addtag',
+    'xbh_transient',
+    '--',
+    'vg0/golden',
+  ]);
+  t.same(
+    lvcreateSnapshotArgs(o, 'xbh-a-xvda'),
+    ['lvcreate', '-q', '-y', '-s', '-n', 'xbh-a-xvda', '-kn', '--', 'vg0/golden'],
+    'thin: no size, activate',
+  );
   t.throws(() => lvcreateSnapshotArgs(o, '-n'), /must not start/);
   t.throws(() => lvcreateSnapshotArgs(o, 'x', 0), /MiB >= 1/);
   t.throws(() => lvcreateSnapshotArgs(o, 'x', 1.5), /whole number/);
@@ -67,8 +94,25 @@ t.test('lvs JSON on real lvm 2.03.16 output', async (t) => {
   const fresh = parseLvs(fx('lvs-snapshot-fresh'));
   t.equal(fresh.length, 2);
   const [origin, snap] = fresh;
-  t.match(origin, { vg: 'capvg', lv: 'origin', kind: 'origin', sizeBytes: 16777216n, invalid: false, active: true, major: 254, minor: 0 });
-  t.match(snap, { lv: 'snap', kind: 'snapshot', origin: 'origin', dataPercent: 0, sizeBytes: 4194304n, dmPath: '/dev/mapper/capvg-snap', invalid: false });
+  t.match(origin, {
+    vg: 'capvg',
+    lv: 'origin',
+    kind: 'origin',
+    sizeBytes: 16777216n,
+    invalid: false,
+    active: true,
+    major: 254,
+    minor: 0,
+  });
+  t.match(snap, {
+    lv: 'snap',
+    kind: 'snapshot',
+    origin: 'origin',
+    dataPercent: 0,
+    sizeBytes: 4194304n,
+    dmPath: '/dev/mapper/capvg-snap',
+    invalid: false,
+  });
   const used = parseLvs(fx('lvs-snapshot-used'));
   t.equal(used[0]?.dataPercent, 25.29);
   const ext = parseLvs(fx('lvs-snapshot-extended'));
@@ -91,13 +135,29 @@ t.test('lvs JSON on real lvm 2.03.16 output', async (t) => {
   t.ok(isLvNotFound(fx('lvs-missing-vg-stderr')));
   t.ok(isLvNotFound(fx('lvremove-missing-stderr')));
   t.notOk(isLvNotFound(fx('lvcreate-exists-stderr')));
-  t.equal(fx('lvextend-invalid-stderr'), '', 'lvextend of an Invalid snapshot succeeds silently: the grow code must check first');
+  t.equal(
+    fx('lvextend-invalid-stderr'),
+    '',
+    'lvextend of an Invalid snapshot succeeds silently: the grow code must check first',
+  );
 });
 
 t.test('params grammar', async (t) => {
-  t.same(parseLvsnapParams('vg0/golden'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: undefined, persistent: false });
-  t.same(parseLvsnapParams('/dev/vg0/golden 2G persistent'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 2048, persistent: true });
-  t.same(parseLvsnapParams('vg0/golden 300 persistent=no'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 300, persistent: false });
+  t.same(parseLvsnapParams('vg0/golden'), {
+    origin: { vg: 'vg0', lv: 'golden' },
+    sizeMiB: undefined,
+    persistent: false,
+  });
+  t.same(parseLvsnapParams('/dev/vg0/golden 2G persistent'), {
+    origin: { vg: 'vg0', lv: 'golden' },
+    sizeMiB: 2048,
+    persistent: true,
+  });
+  t.same(parseLvsnapParams('vg0/golden 300 persistent=no'), {
+    origin: { vg: 'vg0', lv: 'golden' },
+    sizeMiB: 300,
+    persistent: false,
+  });
   const bad: [string, RegExp][] = [
     ['', /no origin volume/],
     ['golden', /not a valid VG\/LV/],
@@ -111,24 +171,48 @@ t.test('params grammar', async (t) => {
     ['vg0/golden;reboot', /only letters/],
   ];
   for (const [p, re] of bad) t.throws(() => parseLvsnapParams(p), re, p);
-  t.same(parseLvsnapParams('vg0/golden 1.5G'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 1536, persistent: false });
-  t.same(parseLvsnapParams('vg0/golden 1T persistent'), { origin: { vg: 'vg0', lv: 'golden' }, sizeMiB: 1048576, persistent: true });
+  t.same(parseLvsnapParams('vg0/golden 1.5G'), {
+    origin: { vg: 'vg0', lv: 'golden' },
+    sizeMiB: 1536,
+    persistent: false,
+  });
+  t.same(parseLvsnapParams('vg0/golden 1T persistent'), {
+    origin: { vg: 'vg0', lv: 'golden' },
+    sizeMiB: 1048576,
+    persistent: true,
+  });
   const expected = 'Expected: <vg>/<origin-lv> [<cow-size>] [persistent[=yes|no]], e.g. "vg0/golden 2G".';
-  t.throws(() => parseLvsnapParams('vg0/my golden 2G'), {
-    message: `block-lvsnap params "vg0/my golden 2G": "golden" is neither a size (a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces. ${expected}`,
-  }, 'an origin with a space: refused, saying why');
+  t.throws(
+    () => parseLvsnapParams('vg0/my golden 2G'),
+    {
+      message: `block-lvsnap params "vg0/my golden 2G": "golden" is neither a size (a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB) nor an option (known: persistent); the origin is VG/LV, and LVM names cannot contain spaces. ${expected}`,
+    },
+    'an origin with a space: refused, saying why',
+  );
   t.throws(() => parseLvsnapParams('vg0/golden 64X persistent'), {
     message: `block-lvsnap params "vg0/golden 64X persistent": "64X" is not a size: a number with an optional unit K, M, G or T (e.g. 512M, 1.5G, 2T); a bare number is MiB. ${expected}`,
   });
   t.equal(snapshotName({ domainName: 'web01', frontendId: 3, vdev: 'xvda' }, 'backend/vbd/3/51712'), 'xbh-web01-xvda');
-  t.equal(snapshotName({ domainName: undefined, frontendId: 3, vdev: undefined }, 'backend/vbd/3/51712'), 'xbh-d3-51712');
+  t.equal(
+    snapshotName({ domainName: undefined, frontendId: 3, vdev: undefined }, 'backend/vbd/3/51712'),
+    'xbh-d3-51712',
+  );
 });
 
 /** Records every command; only flock (the locks) really runs. */
 function recorder(): Runner & { calls: string[] } {
   const calls: string[] = [];
   const real = execRunner();
-  const res = (file: string, args: readonly string[]): RunResult => ({ command: [file, ...args].join(' '), exitCode: 1, signal: undefined, stdout: '', stderr: 'not expected here', durationMs: 0, failed: true, timedOut: false });
+  const res = (file: string, args: readonly string[]): RunResult => ({
+    command: [file, ...args].join(' '),
+    exitCode: 1,
+    signal: undefined,
+    stdout: '',
+    stderr: 'not expected here',
+    durationMs: 0,
+    failed: true,
+    timedOut: false,
+  });
   return {
     calls,
     async run(file: string, args: readonly string[], o?: RunOptions) {
@@ -154,16 +238,35 @@ t.test('bad params through the hook: hotplug-error, exit 1, no command run', asy
     await xs.close();
     await server.close();
   });
-  const config = { ...defaultConfig(), stateDir: join(dir, 'state'), storeDir: join(dir, 'store'), xenLockDir: join(dir, 'xl'), logFile: '' };
-  for (const [params, re] of [['vg0', /not a valid VG\/LV/], ['vg0/golden 5X', /"5X" is not a size/], ['vg0/x_tmeta', /internal volumes/]] as const) {
+  const config = {
+    ...defaultConfig(),
+    stateDir: join(dir, 'state'),
+    storeDir: join(dir, 'store'),
+    xenLockDir: join(dir, 'xl'),
+    logFile: '',
+  };
+  for (const [params, re] of [
+    ['vg0', /not a valid VG\/LV/],
+    ['vg0/golden 5X', /"5X" is not a size/],
+    ['vg0/x_tmeta', /internal volumes/],
+  ] as const) {
     const d = { domid: 4, devid: 51712, params, script: '/etc/xen/scripts/block-lvsnap' };
     await writeBackendNodes(xs, d);
     const run = recorder();
-    const code = await runHook(lvsnapBackend, ['add'], { XENBUS_PATH: backendPath(d) }, { connect: () => connectXenstore({ path: sock }), run, config, logger: memoryLogger(), err: () => {} });
+    const code = await runHook(
+      lvsnapBackend,
+      ['add'],
+      { XENBUS_PATH: backendPath(d) },
+      { connect: () => connectXenstore({ path: sock }), run, config, logger: memoryLogger(), err: () => {} },
+    );
     t.equal(code, 1, params);
     t.match(await xs.read(`${backendPath(d)}/hotplug-error`), re);
     t.equal(await xs.read(`${backendPath(d)}/hotplug-status`), 'error');
-    t.same(run.calls.filter((c) => !c.startsWith('flock')), [], 'nothing but locks was run');
+    t.same(
+      run.calls.filter((c) => !c.startsWith('flock')),
+      [],
+      'nothing but locks was run',
+    );
     await xs.rm(backendPath(d));
   }
 });

@@ -17,7 +17,9 @@ import { helpText } from '../../src/hotplug/help.js';
 
 const ROOT = join(import.meta.dirname, '../..');
 const MAN = join(ROOT, 'packaging/man');
-const PAGES = readdirSync(MAN).filter((f) => /\.[58]$/.test(f)).sort();
+const PAGES = readdirSync(MAN)
+  .filter((f) => /\.[58]$/.test(f))
+  .sort();
 /** Pages that are not a hook's: the command's, the block replacement command's, the configuration's. */
 const NOT_HOOKS = new Set(['xen-blockhooks.8', 'xen-blockhooks-replace-block.8', 'blockhooks.conf.5']);
 
@@ -32,7 +34,12 @@ function args(s: string): string[] {
 }
 
 function unescape(s: string): string {
-  return s.replace(/\\f[BIRP]/g, '').replace(/\\-/g, '-').replace(/\\\(em/g, '—').replace(/\\&/g, '').replace(/\\e/g, '\\');
+  return s
+    .replace(/\\f[BIRP]/g, '')
+    .replace(/\\-/g, '-')
+    .replace(/\\\(em/g, '—')
+    .replace(/\\&/g, '')
+    .replace(/\\e/g, '\\');
 }
 
 interface Page {
@@ -106,7 +113,8 @@ const installHelp = spawnSync('/bin/sh', [join(ROOT, 'install'), '--help'], { en
 function splitInstallOptions(text: string): { install: Set<string>; own: Set<string> } {
   const install = new Set<string>();
   const own = new Set<string>();
-  for (const m of text.matchAll(/(\binstall\s+)?((?<![\w-])--[a-z][a-z0-9-]*[a-z0-9])/g)) (m[1] ? install : own).add(m[2] as string);
+  for (const m of text.matchAll(/(\binstall\s+)?((?<![\w-])--[a-z][a-z0-9-]*[a-z0-9])/g))
+    (m[1] ? install : own).add(m[2] as string);
   return { install, own };
 }
 
@@ -126,16 +134,31 @@ t.test('every page renders with groff -ww -man -Tutf8 without a warning', async 
 });
 
 t.test('the test reads a page as groff does: its checks can fail', async (t) => {
-  const p = readPage('.SH SYNOPSIS\n.B x run\n.RB [ \\-\\-dry\\-run ]\n.br\n.B x stop\n.SH DESCRIPTION\n.TP\n.B run\nwith\n.IR NAME \\-\\-incoming\nand \\fB\\-\\-fast\\fR.\n.PP\nEvery command takes\n.BR \\-\\-help .\n');
+  const p = readPage(
+    '.SH SYNOPSIS\n.B x run\n.RB [ \\-\\-dry\\-run ]\n.br\n.B x stop\n.SH DESCRIPTION\n.TP\n.B run\nwith\n.IR NAME \\-\\-incoming\nand \\fB\\-\\-fast\\fR.\n.PP\nEvery command takes\n.BR \\-\\-help .\n',
+  );
   t.same(p.synopsis, ['x run [--dry-run]', 'x stop']);
   t.same(sorted(p.entries.keys()), ['run']);
-  t.same(sorted(longOptions(p.entries.get('run') ?? '')), ['--fast'], 'NAME--incoming is no option; the paragraph after .PP is not the entry');
-  t.same(splitInstallOptions('run install --replace-block, then --apply'), { install: new Set(['--replace-block']), own: new Set(['--apply']) });
+  t.same(
+    sorted(longOptions(p.entries.get('run') ?? '')),
+    ['--fast'],
+    'NAME--incoming is no option; the paragraph after .PP is not the entry',
+  );
+  t.same(splitInstallOptions('run install --replace-block, then --apply'), {
+    install: new Set(['--replace-block']),
+    own: new Set(['--apply']),
+  });
 });
 
-t.test('xen-blockhooks(8) and the command\'s help name the same commands and options', async (t) => {
+t.test("xen-blockhooks(8) and the command's help name the same commands and options", async (t) => {
   const page = readPage(readFileSync(join(MAN, 'xen-blockhooks.8'), 'utf8'));
-  const helpCommands = new Set([...MAIN_HELP.split('\n\n').find((b) => b.startsWith('Commands:'))!.matchAll(/^ {2}([a-z]+)/gm)].map((m) => m[1] as string));
+  const helpCommands = new Set(
+    [
+      ...MAIN_HELP.split('\n\n')
+        .find((b) => b.startsWith('Commands:'))!
+        .matchAll(/^ {2}([a-z]+)/gm),
+    ].map((m) => m[1] as string),
+  );
   const synopsisCommands = new Map(page.synopsis.map((s) => [/^xen-blockhooks ([a-z]+)/.exec(s)?.[1] ?? s, s]));
   const entryCommands = new Set(page.entries.keys());
   t.same(sorted(synopsisCommands.keys()), sorted(helpCommands), 'SYNOPSIS: the commands of "xen-blockhooks --help"');
@@ -148,43 +171,77 @@ t.test('xen-blockhooks(8) and the command\'s help name the same commands and opt
     for (const o of longOptions(help)) everyHelp.add(o);
     const onPage = longOptions(`${synopsisCommands.get(cmd) ?? ''}\n${page.entries.get(cmd) ?? ''}`);
     onPage.delete('--help');
-    t.same({ onPageOnly: minus(onPage, inHelp), inHelpOnly: minus(inHelp, onPage) }, { onPageOnly: [], inHelpOnly: [] }, `${cmd}: the page's options are "${cmd} --help"'s`);
+    t.same(
+      { onPageOnly: minus(onPage, inHelp), inHelpOnly: minus(inHelp, onPage) },
+      { onPageOnly: [], inHelpOnly: [] },
+      `${cmd}: the page's options are "${cmd} --help"'s`,
+    );
   }
   const all = splitInstallOptions([...page.sections.values()].join('\n'));
-  t.same(minus(all.own, everyHelp), [], 'every option anywhere on the page is one of the command\'s');
-  t.same(minus(all.install, longOptions(installHelp)), [], 'every installer option on the page is the installer\'s');
+  t.same(minus(all.own, everyHelp), [], "every option anywhere on the page is one of the command's");
+  t.same(minus(all.install, longOptions(installHelp)), [], "every installer option on the page is the installer's");
 });
 
-t.test('each hook\'s page and the hook\'s --help name the same actions and options', async (t) => {
+t.test("each hook's page and the hook's --help name the same actions and options", async (t) => {
   const pageOf = (hook: string) => (hook === 'block' ? 'xen-blockhooks-block.8' : `${hook}.8`);
-  t.same(sorted(PAGES.filter((p) => !NOT_HOOKS.has(p))), sorted(Object.keys(HOOKS).map(pageOf)), 'a page for each hook, and no page for a hook that is not');
+  t.same(
+    sorted(PAGES.filter((p) => !NOT_HOOKS.has(p))),
+    sorted(Object.keys(HOOKS).map(pageOf)),
+    'a page for each hook, and no page for a hook that is not',
+  );
   for (const [hook, backend] of Object.entries(HOOKS)) {
     const help = helpText(backend);
     const page = readPage(readFileSync(join(MAN, pageOf(hook)), 'utf8'));
-    const actions = (text: string) => new Set(text.split('\n')
-      .map((l) => new RegExp(`^\\s*(?:Usage:\\s+)?${hook} ([a-z|]+)(?:\\s|$)`).exec(l)?.[1])
-      .filter((a): a is string => a !== undefined)
-      .flatMap((a) => a.split('|')));
-    t.same(sorted(actions(page.synopsis.join('\n'))), sorted(actions(help)), `${hook}: SYNOPSIS has the actions of its usage`);
+    const actions = (text: string) =>
+      new Set(
+        text
+          .split('\n')
+          .map((l) => new RegExp(`^\\s*(?:Usage:\\s+)?${hook} ([a-z|]+)(?:\\s|$)`).exec(l)?.[1])
+          .filter((a): a is string => a !== undefined)
+          .flatMap((a) => a.split('|')),
+      );
+    t.same(
+      sorted(actions(page.synopsis.join('\n'))),
+      sorted(actions(help)),
+      `${hook}: SYNOPSIS has the actions of its usage`,
+    );
     const text = [...page.sections.values()].join('\n');
     const { install, own } = splitInstallOptions(text);
     const inHelp = longOptions(help);
-    t.same({ onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) }, { onPageOnly: [], inHelpOnly: [] }, `${hook}: the page's options are "${hook} --help"'s`);
-    t.same(minus(install, longOptions(installHelp)), [], `${hook}: the installer options on its page are the installer's`);
+    t.same(
+      { onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) },
+      { onPageOnly: [], inHelpOnly: [] },
+      `${hook}: the page's options are "${hook} --help"'s`,
+    );
+    t.same(
+      minus(install, longOptions(installHelp)),
+      [],
+      `${hook}: the installer options on its page are the installer's`,
+    );
   }
 });
 
-t.test('xen-blockhooks-replace-block(8) and its --help name the same options; blockhooks.conf(5) every key', async (t) => {
-  for (const p of NOT_HOOKS) t.ok(PAGES.includes(p), `${p} is there`);
-  const r = spawnSync('/bin/sh', [join(ROOT, 'packaging/xen-blockhooks-replace-block'), '--help'], { encoding: 'utf8' });
-  t.equal(r.status, 0, r.stderr);
-  const page = readPage(readFileSync(join(MAN, 'xen-blockhooks-replace-block.8'), 'utf8'));
-  const { install, own } = splitInstallOptions([...page.sections.values()].join('\n'));
-  const inHelp = longOptions(r.stdout);
-  inHelp.delete('--help');
-  t.same({ onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) }, { onPageOnly: [], inHelpOnly: [] }, 'the page\'s options are its --help\'s');
-  t.same(minus(install, longOptions(installHelp)), [], 'the installer options on the page are the installer\'s');
-  const { CONFIG_KEYS } = await import('../../src/config/config.js');
-  const conf = [...readPage(readFileSync(join(MAN, 'blockhooks.conf.5'), 'utf8')).sections.values()].join('\n');
-  for (const k of CONFIG_KEYS) t.match(conf, new RegExp(`(^|\\s)${k.replace(/\./g, '\\.')}(\\s|$)`, 'm'), `blockhooks.conf(5) names ${k}`);
-});
+t.test(
+  'xen-blockhooks-replace-block(8) and its --help name the same options; blockhooks.conf(5) every key',
+  async (t) => {
+    for (const p of NOT_HOOKS) t.ok(PAGES.includes(p), `${p} is there`);
+    const r = spawnSync('/bin/sh', [join(ROOT, 'packaging/xen-blockhooks-replace-block'), '--help'], {
+      encoding: 'utf8',
+    });
+    t.equal(r.status, 0, r.stderr);
+    const page = readPage(readFileSync(join(MAN, 'xen-blockhooks-replace-block.8'), 'utf8'));
+    const { install, own } = splitInstallOptions([...page.sections.values()].join('\n'));
+    const inHelp = longOptions(r.stdout);
+    inHelp.delete('--help');
+    t.same(
+      { onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) },
+      { onPageOnly: [], inHelpOnly: [] },
+      "the page's options are its --help's",
+    );
+    t.same(minus(install, longOptions(installHelp)), [], "the installer options on the page are the installer's");
+    const { CONFIG_KEYS } = await import('../../src/config/config.js');
+    const conf = [...readPage(readFileSync(join(MAN, 'blockhooks.conf.5'), 'utf8')).sections.values()].join('\n');
+    for (const k of CONFIG_KEYS)
+      t.match(conf, new RegExp(`(^|\\s)${k.replace(/\./g, '\\.')}(\\s|$)`, 'm'), `blockhooks.conf(5) names ${k}`);
+  },
+);

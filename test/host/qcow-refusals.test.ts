@@ -38,7 +38,14 @@ t.test('bad inputs: hotplug-error, exit 1, nothing left behind', async (t) => {
   const outside = join(root, 'outside');
   mkdirSync(images);
   mkdirSync(outside);
-  const config: Config = { ...defaultConfig(), storeDir: join(root, 'store'), stateDir: join(root, 'state'), imageDirs: [images], logFile: '', lockTimeoutMs: 5000 };
+  const config: Config = {
+    ...defaultConfig(),
+    storeDir: join(root, 'store'),
+    stateDir: join(root, 'state'),
+    imageDirs: [images],
+    logFile: '',
+    lockTimeoutMs: 5000,
+  };
   const server = await startXenstoreServer({ socketPath: join(root, 'xs.sock') });
   t.teardown(() => server.close());
   const xs = await connectXenstore({ path: server.socketPath });
@@ -52,17 +59,46 @@ t.test('bad inputs: hotplug-error, exit 1, nothing left behind', async (t) => {
   img('create', '-q', '-f', 'qcow2', '-b', join(images, 'link.raw'), '-F', 'raw', join(images, 'via-link.qcow2'));
   img('create', '-q', '-f', 'qcow2', '-b', join(images, 'escape.qcow2'), '-F', 'qcow2', join(images, 'deep.qcow2'));
   execFileSync('mknod', [join(images, 'zero'), 'c', '1', '5']);
-  img('create', '-q', '-f', 'qcow2', '-u', '-b', join(images, 'zero'), '-F', 'raw', join(images, 'dev-backing.qcow2'), '16M');
+  img(
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-u',
+    '-b',
+    join(images, 'zero'),
+    '-F',
+    'raw',
+    join(images, 'dev-backing.qcow2'),
+    '16M',
+  );
   img('create', '-q', '-f', 'qcow2', '-o', `data_file=${join(images, 'data.raw')}`, join(images, 'ext.qcow2'), '16M');
-  img('create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=x', '-o', 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', join(images, 'enc.qcow2'), '16M');
+  img(
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '--object',
+    'secret,id=s0,data=x',
+    '-o',
+    'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10',
+    join(images, 'enc.qcow2'),
+    '16M',
+  );
   symlinkSync(join(outside, 'secret.raw'), join(images, 'top-link.raw'));
   mkdirSync(join(images, 'adir'));
   writeFileSync(join(images, 'not-an-image.txt'), 'hello');
 
   const cases: { params: string; mode?: 'r' | 'w'; error: RegExp; name?: string }[] = [
-    { params: `${join(images, 'escape.qcow2')} overlay=transient`, error: /backing file .*secret\.raw.* lies outside the allowed image directories/ },
+    {
+      params: `${join(images, 'escape.qcow2')} overlay=transient`,
+      error: /backing file .*secret\.raw.* lies outside the allowed image directories/,
+    },
     { params: join(images, 'escape.qcow2'), mode: 'r', error: /lies outside the allowed image directories/ },
-    { params: `${join(images, 'via-link.qcow2')} overlay=transient`, error: /link\.raw \(it resolves to .*outside\/secret\.raw\) lies outside/ },
+    {
+      params: `${join(images, 'via-link.qcow2')} overlay=transient`,
+      error: /link\.raw \(it resolves to .*outside\/secret\.raw\) lies outside/,
+    },
     { params: `${join(images, 'deep.qcow2')} overlay=transient`, error: /secret\.raw.* lies outside/ },
     { params: `${join(images, 'dev-backing.qcow2')} overlay=transient`, error: /zero is a character device/ },
     { params: join(images, 'ext.qcow2'), error: /external file/ },
@@ -81,12 +117,29 @@ t.test('bad inputs: hotplug-error, exit 1, nothing left behind', async (t) => {
   let devid = 51712;
   for (const c of cases) {
     devid += 1;
-    const d = { domid: 7, devid, params: c.params, mode: c.mode ?? 'w', vdev: 'xvdb', script: '/etc/xen/scripts/block-qcow' };
+    const d = {
+      domid: 7,
+      devid,
+      params: c.params,
+      mode: c.mode ?? 'w',
+      vdev: 'xvdb',
+      script: '/etc/xen/scripts/block-qcow',
+    };
     const be = await writeBackendNodes(xs, d);
     const log = memoryLogger();
-    const code = await runHook(qcowBackend, ['add'], { XENBUS_PATH: be }, {
-      config, logger: log, run: execRunner(), connect: () => connectXenstore({ path: server.socketPath }), err: () => {}, out: () => {},
-    });
+    const code = await runHook(
+      qcowBackend,
+      ['add'],
+      { XENBUS_PATH: be },
+      {
+        config,
+        logger: log,
+        run: execRunner(),
+        connect: () => connectXenstore({ path: server.socketPath }),
+        err: () => {},
+        out: () => {},
+      },
+    );
     const label = c.name ?? c.params;
     t.equal(code, 1, `${label}: exit 1`);
     t.match(await xs.tryRead(`${be}/hotplug-error`), c.error, `${label}: hotplug-error says why`);
@@ -98,6 +151,8 @@ t.test('bad inputs: hotplug-error, exit 1, nothing left behind', async (t) => {
     t.strictSame(existsSync(qdir) ? readdirSync(qdir) : [], [], `${label}: no overlay`);
   }
   // Nothing ran qemu-nbd: no daemon names our state directory.
-  const procs = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' }).split('\n').filter((l) => l.includes('qemu-nbd') && l.includes(config.stateDir));
+  const procs = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' })
+    .split('\n')
+    .filter((l) => l.includes('qemu-nbd') && l.includes(config.stateDir));
   t.strictSame(procs, [], 'no qemu-nbd started');
 });

@@ -7,7 +7,16 @@
  * failed or interrupted map, and the migration handover.
  */
 import t from 'tap';
-import { mkdirSync, mkdtempSync, readdirSync, existsSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  existsSync,
+  readFileSync,
+  rmSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { defaultConfig, type Config } from '../../src/config/config.js';
@@ -44,7 +53,13 @@ class Sim {
   }
 
   handle(args: string[]): Partial<RunResult> {
-    const words = args.filter((a, i) => !a.startsWith('--') && !(i > 0 && /^--(conf|id|keyring|client_mount_timeout|format|image-feature)$/.test(args[i - 1] as string)) && a !== '-o' && args[args.indexOf(a) - 1] !== '-o');
+    const words = args.filter(
+      (a, i) =>
+        !a.startsWith('--') &&
+        !(i > 0 && /^--(conf|id|keyring|client_mount_timeout|format|image-feature)$/.test(args[i - 1] as string)) &&
+        a !== '-o' &&
+        args[args.indexOf(a) - 1] !== '-o',
+    );
     const sub = words[0] === 'snap' ? `snap ${words[1]}` : (words[0] as string);
     const target = words[words.length - 1] as string;
     this.calls.push(`${sub} ${sub === 'showmapped' ? '' : target}`.trim());
@@ -59,8 +74,10 @@ class Sim {
     const enoent = (what: string) => ({ exitCode: 2, failed: true, stderr: what });
     const needImage = () => {
       if (!this.pools.has(pool)) return enoent(`rbd: error opening pool '${pool}': (2) No such file or directory\n`);
-      if (!this.images.has(spec)) return enoent(`rbd: error opening image ${spec.split('/')[1]}: (2) No such file or directory\n`);
-      if (snap !== undefined && !this.images.get(spec)?.snaps.has(snap)) return enoent('error setting snapshot context: (2) No such file or directory\n');
+      if (!this.images.has(spec))
+        return enoent(`rbd: error opening image ${spec.split('/')[1]}: (2) No such file or directory\n`);
+      if (snap !== undefined && !this.images.get(spec)?.snaps.has(snap))
+        return enoent('error setting snapshot context: (2) No such file or directory\n');
       return undefined;
     };
     const ok = (stdout = '') => ({ exitCode: 0, failed: false, stdout });
@@ -69,10 +86,23 @@ class Sim {
         const miss = needImage();
         if (miss) return miss;
         const im = this.images.get(spec) as Img;
-        const o: Record<string, unknown> = { name: spec.split('/')[1], id: 'abc', size: 16777216, features: ['layering'] };
+        const o: Record<string, unknown> = {
+          name: spec.split('/')[1],
+          id: 'abc',
+          size: 16777216,
+          features: ['layering'],
+        };
         if (im.parent) {
           const [pp, ps] = im.parent.split('@') as [string, string];
-          o.parent = { pool: pp.split('/')[0], pool_namespace: '', image: pp.split('/')[1], id: 'x', snapshot: ps, trash: false, overlap: 16777216 };
+          o.parent = {
+            pool: pp.split('/')[0],
+            pool_namespace: '',
+            image: pp.split('/')[1],
+            id: 'x',
+            snapshot: ps,
+            trash: false,
+            overlap: 16777216,
+          };
         }
         if (snap !== undefined) o.protected = im.snaps.get(snap) ? 'true' : 'false';
         return ok(JSON.stringify(o));
@@ -81,14 +111,16 @@ class Sim {
         const miss = needImage();
         if (miss) return miss;
         const im = this.images.get(spec) as Img;
-        if (im.snaps.get(snap as string)) return { exitCode: 16, failed: true, stderr: 'rbd: snap is already protected\n' };
+        if (im.snaps.get(snap as string))
+          return { exitCode: 16, failed: true, stderr: 'rbd: snap is already protected\n' };
         im.snaps.set(snap as string, true);
         return ok();
       }
       case 'clone': {
         const child = target;
         const parent = words[words.length - 2] as string;
-        if (this.images.has(child)) return { exitCode: 17, failed: true, stderr: 'rbd: clone error: (17) File exists\n' };
+        if (this.images.has(child))
+          return { exitCode: 17, failed: true, stderr: 'rbd: clone error: (17) File exists\n' };
         this.images.set(child, { parent, snaps: new Map() });
         return ok();
       }
@@ -96,7 +128,9 @@ class Sim {
         const miss = needImage();
         if (miss) return miss;
         const ws = this.watchers.get(spec) ?? [];
-        return ok(JSON.stringify({ watchers: ws.map((c) => ({ address: `127.0.0.1:0/${c * 7}`, client: c, cookie: 1 })) }));
+        return ok(
+          JSON.stringify({ watchers: ws.map((c) => ({ address: `127.0.0.1:0/${c * 7}`, client: c, cookie: 1 })) }),
+        );
       }
       case 'map': {
         const miss = needImage();
@@ -107,10 +141,21 @@ class Sim {
         return ok(`${device}\n`);
       }
       case 'showmapped':
-        return ok(JSON.stringify(this.mapped.map((m, i) => {
-          const [s, sn] = m.spec.split('@') as [string, string | undefined];
-          return { id: String(i), pool: s.split('/')[0], namespace: '', name: s.split('/')[1], snap: sn ?? '-', device: m.device };
-        })));
+        return ok(
+          JSON.stringify(
+            this.mapped.map((m, i) => {
+              const [s, sn] = m.spec.split('@') as [string, string | undefined];
+              return {
+                id: String(i),
+                pool: s.split('/')[0],
+                namespace: '',
+                name: s.split('/')[1],
+                snap: sn ?? '-',
+                device: m.device,
+              };
+            }),
+          ),
+        );
       case 'unmap': {
         const m = this.mapped.find((x) => x.device === target);
         if (!m) return { exitCode: 22, failed: true, stderr: 'rbd: unmap failed: (22) Invalid argument\n' };
@@ -120,8 +165,14 @@ class Sim {
         return ok();
       }
       case 'rm': {
-        if (!this.images.has(target)) return { exitCode: 2, failed: true, stderr: 'Removing image: 0% complete...failed.\nrbd: delete error: (2) No such file or directory\n' };
-        if ((this.watchers.get(target) ?? []).length) return { exitCode: 16, failed: true, stderr: 'rbd: error: image still has watchers\n' };
+        if (!this.images.has(target))
+          return {
+            exitCode: 2,
+            failed: true,
+            stderr: 'Removing image: 0% complete...failed.\nrbd: delete error: (2) No such file or directory\n',
+          };
+        if ((this.watchers.get(target) ?? []).length)
+          return { exitCode: 16, failed: true, stderr: 'rbd: error: image still has watchers\n' };
         this.images.delete(target);
         return ok();
       }
@@ -134,7 +185,16 @@ class Sim {
     const real = execRunner();
     const exec = async (file: string, args: readonly string[]): Promise<RunResult> => {
       const r = this.handle([...args]);
-      return { command: `${file} ${args.join(' ')}`, exitCode: r.exitCode ?? 0, signal: undefined, stdout: r.stdout ?? '', stderr: r.stderr ?? '', durationMs: 1, failed: r.failed ?? false, timedOut: false };
+      return {
+        command: `${file} ${args.join(' ')}`,
+        exitCode: r.exitCode ?? 0,
+        signal: undefined,
+        stdout: r.stdout ?? '',
+        stderr: r.stderr ?? '',
+        durationMs: 1,
+        failed: r.failed ?? false,
+        timedOut: false,
+      };
     };
     return {
       probe: (file, args, opts) => (file === 'rbd' ? exec(file, args) : real.probe(file, args, opts)),
@@ -172,18 +232,42 @@ async function world(t: { teardown(fn: () => unknown): void }) {
   const xs = await connectXenstore({ path: server.socketPath });
   t.teardown(() => xs.close());
   const sim = new Sim();
-  const configFor = (state: string): Config => ({ ...defaultConfig(), storeDir: join(root, 'store'), stateDir: join(root, state), logFile: '', lockTimeoutMs: 5000, busyRetryMs: 200 });
+  const configFor = (state: string): Config => ({
+    ...defaultConfig(),
+    storeDir: join(root, 'store'),
+    stateDir: join(root, state),
+    logFile: '',
+    lockTimeoutMs: 5000,
+    busyRetryMs: 200,
+  });
   let devid = 51712;
   const disk = (domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes => ({
-    domid, devid: ++devid, params, mode: 'w', vdev: 'xvda', domainName: `dom${domid}`, script: '/etc/xen/scripts/block-rbd', ...extra,
+    domid,
+    devid: ++devid,
+    params,
+    mode: 'w',
+    vdev: 'xvda',
+    domainName: `dom${domid}`,
+    script: '/etc/xen/scripts/block-rbd',
+    ...extra,
   });
   const hook = async (action: 'add' | 'remove', d: DiskNodes, state = 'state') => {
     const be = action === 'add' ? await writeBackendNodes(xs, d) : `backend/vbd/${d.domid}/${d.devid}`;
     if (action === 'remove') await closeBackend(xs, d);
     const log = memoryLogger();
-    const code = await runHook(rbdBackend, [action], { XENBUS_PATH: be }, {
-      config: configFor(state), logger: log, run: sim.runner(), connect: () => connectXenstore({ path: server.socketPath }), err: () => {}, out: () => {},
-    });
+    const code = await runHook(
+      rbdBackend,
+      [action],
+      { XENBUS_PATH: be },
+      {
+        config: configFor(state),
+        logger: log,
+        run: sim.runner(),
+        connect: () => connectXenstore({ path: server.socketPath }),
+        err: () => {},
+        out: () => {},
+      },
+    );
     const res = {
       code,
       error: await xs.tryRead(`${be}/hotplug-error`),
@@ -202,31 +286,38 @@ async function world(t: { teardown(fn: () => unknown): void }) {
   return { root, sys, sim, disk, hook, journal, configFor, xs };
 }
 
-t.test('add protects the snapshot, clones, maps with noudev; remove unmaps and deletes the transient clone', async (t) => {
-  const w = await world(t);
-  const d = w.disk(1, 'rbd/golden@base conf=/etc/ceph/t.conf');
-  const a = await w.hook('add', d);
-  t.equal(a.code, 0, a.error ?? '');
-  t.equal(a.status, 'connected');
-  t.equal(a.path, '/dev/rbd0');
-  t.equal(a.pd, 'fb:0', 'physical-device from sysfs, hex');
-  t.strictSame(w.sim.calls, ['info rbd/golden@base', 'snap protect rbd/golden@base', 'clone rbd/xbh-dom1-xvda', 'map rbd/xbh-dom1-xvda'], 'a fresh transient clone: no look before rbd clone');
-  t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-dom1-xvda']);
-  t.equal(w.sim.images.get('rbd/xbh-dom1-xvda')?.parent, 'rbd/golden@base');
-  w.sim.calls = [];
-  const again = await w.hook('add', d);
-  t.equal(again.code, 0, 'a second add of a connected disk is a no-op');
-  t.strictSame(w.sim.calls, [], 'and runs nothing');
-  const r = await w.hook('remove', d);
-  t.equal(r.code, 0);
-  t.strictSame(w.sim.calls, ['showmapped', 'unmap /dev/rbd0', 'rm rbd/xbh-dom1-xvda']);
-  t.strictSame(w.sim.images_(), ['rbd/golden']);
-  t.strictSame(w.sim.mapped, []);
-  t.strictSame(w.journal(), []);
-  t.equal((await w.hook('remove', d)).code, 0, 'remove twice is fine');
-});
+t.test(
+  'add protects the snapshot, clones, maps with noudev; remove unmaps and deletes the transient clone',
+  async (t) => {
+    const w = await world(t);
+    const d = w.disk(1, 'rbd/golden@base conf=/etc/ceph/t.conf');
+    const a = await w.hook('add', d);
+    t.equal(a.code, 0, a.error ?? '');
+    t.equal(a.status, 'connected');
+    t.equal(a.path, '/dev/rbd0');
+    t.equal(a.pd, 'fb:0', 'physical-device from sysfs, hex');
+    t.strictSame(
+      w.sim.calls,
+      ['info rbd/golden@base', 'snap protect rbd/golden@base', 'clone rbd/xbh-dom1-xvda', 'map rbd/xbh-dom1-xvda'],
+      'a fresh transient clone: no look before rbd clone',
+    );
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-dom1-xvda']);
+    t.equal(w.sim.images.get('rbd/xbh-dom1-xvda')?.parent, 'rbd/golden@base');
+    w.sim.calls = [];
+    const again = await w.hook('add', d);
+    t.equal(again.code, 0, 'a second add of a connected disk is a no-op');
+    t.strictSame(w.sim.calls, [], 'and runs nothing');
+    const r = await w.hook('remove', d);
+    t.equal(r.code, 0);
+    t.strictSame(w.sim.calls, ['showmapped', 'unmap /dev/rbd0', 'rm rbd/xbh-dom1-xvda']);
+    t.strictSame(w.sim.images_(), ['rbd/golden']);
+    t.strictSame(w.sim.mapped, []);
+    t.strictSame(w.journal(), []);
+    t.equal((await w.hook('remove', d)).code, 0, 'remove twice is fine');
+  },
+);
 
-t.test('map options: noudev only without udevd; the user\'s options pass through', async (t) => {
+t.test("map options: noudev only without udevd; the user's options pass through", async (t) => {
   const w = await world(t);
   writeFileSync(rbdHost.udevControl, '');
   const seen: string[][] = [];
@@ -284,46 +375,55 @@ t.test('missing pool, image, snapshot: a clear error, no rbd command beyond the 
   t.strictSame(w.journal(), []);
 });
 
-t.test('sharing: a watched clone is busy; a transient clone that is not ours is busy; a clone of another snapshot is refused', async (t) => {
-  const w = await world(t);
-  w.sim.images.get('rbd/golden')?.snaps.set('base', true);
-  // Another host has dom1's persistent clone mapped.
-  w.sim.images.set('rbd/xbh-dom1-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
-  w.sim.watchers.set('rbd/xbh-dom1-xvda', [9001]);
-  const a = await w.hook('add', w.disk(1, 'rbd/golden@base clone=persistent'));
-  t.equal(a.code, 1);
-  t.equal(a.status, 'busy');
-  t.match(a.error, /rbd\/xbh-dom1-xvda is open by client\.9001 at 127\.0\.0\.1:0\/63007 .*never given to a second writer/);
-  t.notOk(w.sim.calls.includes('map rbd/xbh-dom1-xvda'));
-  // Once nobody watches it, the persistent clone is reused (no second clone).
-  w.sim.watchers.set('rbd/xbh-dom1-xvda', []);
-  w.sim.calls = [];
-  const d = w.disk(1, 'rbd/golden@base clone=persistent');
-  t.equal((await w.hook('add', d)).code, 0);
-  t.notOk(w.sim.calls.some((c) => c.startsWith('clone')), 'reused, not cloned');
-  // On this host a second disk of the same domain and vdev is busy before asking the cluster.
-  w.sim.calls = [];
-  const second = await w.hook('add', w.disk(1, 'rbd/golden@base clone=persistent'));
-  t.equal(second.status, 'busy');
-  t.match(second.error, /already in use on this host by backend\/vbd\/1\/\d+ \(domain dom1\)/);
-  t.strictSame(w.sim.calls, ['info rbd/golden@base']);
-  t.equal((await w.hook('remove', d)).code, 0);
-  t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-dom1-xvda'], 'a persistent clone survives remove');
+t.test(
+  'sharing: a watched clone is busy; a transient clone that is not ours is busy; a clone of another snapshot is refused',
+  async (t) => {
+    const w = await world(t);
+    w.sim.images.get('rbd/golden')?.snaps.set('base', true);
+    // Another host has dom1's persistent clone mapped.
+    w.sim.images.set('rbd/xbh-dom1-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
+    w.sim.watchers.set('rbd/xbh-dom1-xvda', [9001]);
+    const a = await w.hook('add', w.disk(1, 'rbd/golden@base clone=persistent'));
+    t.equal(a.code, 1);
+    t.equal(a.status, 'busy');
+    t.match(
+      a.error,
+      /rbd\/xbh-dom1-xvda is open by client\.9001 at 127\.0\.0\.1:0\/63007 .*never given to a second writer/,
+    );
+    t.notOk(w.sim.calls.includes('map rbd/xbh-dom1-xvda'));
+    // Once nobody watches it, the persistent clone is reused (no second clone).
+    w.sim.watchers.set('rbd/xbh-dom1-xvda', []);
+    w.sim.calls = [];
+    const d = w.disk(1, 'rbd/golden@base clone=persistent');
+    t.equal((await w.hook('add', d)).code, 0);
+    t.notOk(
+      w.sim.calls.some((c) => c.startsWith('clone')),
+      'reused, not cloned',
+    );
+    // On this host a second disk of the same domain and vdev is busy before asking the cluster.
+    w.sim.calls = [];
+    const second = await w.hook('add', w.disk(1, 'rbd/golden@base clone=persistent'));
+    t.equal(second.status, 'busy');
+    t.match(second.error, /already in use on this host by backend\/vbd\/1\/\d+ \(domain dom1\)/);
+    t.strictSame(w.sim.calls, ['info rbd/golden@base']);
+    t.equal((await w.hook('remove', d)).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-dom1-xvda'], 'a persistent clone survives remove');
 
-  // A transient clone someone else left: not reused, not deleted.
-  w.sim.images.set('rbd/xbh-dom2-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
-  const tr = await w.hook('add', w.disk(2, 'rbd/golden@base'));
-  t.equal(tr.status, 'busy');
-  t.match(tr.error, /transient clone rbd\/xbh-dom2-xvda already exists and no record on this host made it/);
-  t.ok(w.sim.images.has('rbd/xbh-dom2-xvda'), 'left alone');
+    // A transient clone someone else left: not reused, not deleted.
+    w.sim.images.set('rbd/xbh-dom2-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
+    const tr = await w.hook('add', w.disk(2, 'rbd/golden@base'));
+    t.equal(tr.status, 'busy');
+    t.match(tr.error, /transient clone rbd\/xbh-dom2-xvda already exists and no record on this host made it/);
+    t.ok(w.sim.images.has('rbd/xbh-dom2-xvda'), 'left alone');
 
-  // An image of that name that is a clone of something else.
-  w.sim.images.set('rbd/xbh-dom3-xvda', { parent: 'rbd/golden@other', snaps: new Map() });
-  const wrong = await w.hook('add', w.disk(3, 'rbd/golden@base clone=persistent'));
-  t.equal(wrong.code, 1);
-  t.match(wrong.error, /exists and is a clone of rbd\/golden@other, not of rbd\/golden@base/);
-  t.strictSame(w.journal(), []);
-});
+    // An image of that name that is a clone of something else.
+    w.sim.images.set('rbd/xbh-dom3-xvda', { parent: 'rbd/golden@other', snaps: new Map() });
+    const wrong = await w.hook('add', w.disk(3, 'rbd/golden@base clone=persistent'));
+    t.equal(wrong.code, 1);
+    t.match(wrong.error, /exists and is a clone of rbd\/golden@other, not of rbd\/golden@base/);
+    t.strictSame(w.journal(), []);
+  },
+);
 
 t.test('failures leave no mapping and no clone', async (t) => {
   const w = await world(t);
@@ -337,7 +437,8 @@ t.test('failures leave no mapping and no clone', async (t) => {
 
   // map "fails" (e.g. timed out) after the kernel mapped it: the new mapping is found and unmapped.
   w.sim.fail.set('map', {
-    code: 110, stderr: 'rbd: map failed: (110) Connection timed out\n',
+    code: 110,
+    stderr: 'rbd: map failed: (110) Connection timed out\n',
     thenDo: () => w.sim.mapped.push({ spec: 'rbd/xbh-dom2-xvda', device: '/dev/rbd5' }),
   });
   const b = await w.hook('add', w.disk(2, 'rbd/golden@base'));
@@ -346,11 +447,15 @@ t.test('failures leave no mapping and no clone', async (t) => {
   t.strictSame(w.sim.images_(), ['rbd/golden']);
 
   // The clone appears between our look and our clone (another host): ours to refuse, not to delete.
-  w.sim.fail.set('clone', { code: 17, stderr: 'rbd: clone error: (17) File exists\n', thenDo: () => w.sim.images.set('rbd/xbh-dom3-xvda', { parent: 'rbd/golden@base', snaps: new Map() }) });
+  w.sim.fail.set('clone', {
+    code: 17,
+    stderr: 'rbd: clone error: (17) File exists\n',
+    thenDo: () => w.sim.images.set('rbd/xbh-dom3-xvda', { parent: 'rbd/golden@base', snaps: new Map() }),
+  });
   const c = await w.hook('add', w.disk(3, 'rbd/golden@base'));
   t.equal(c.status, 'busy');
   t.match(c.error, /already exists and no record on this host made it/);
-  t.ok(w.sim.images.has('rbd/xbh-dom3-xvda'), 'the other host\'s clone is not deleted');
+  t.ok(w.sim.images.has('rbd/xbh-dom3-xvda'), "the other host's clone is not deleted");
   t.notOk(w.sim.calls.includes('rm rbd/xbh-dom3-xvda'));
   t.strictSame(w.journal(), []);
 
@@ -363,117 +468,173 @@ t.test('failures leave no mapping and no clone', async (t) => {
   t.strictSame(w.sim.images_(), ['rbd/golden']);
 });
 
-t.test('live migration: the receiver (NAME--incoming) maps the sender\'s clone; the sender\'s remove keeps it; the receiver\'s remove deletes it', async (t) => {
-  const w = await world(t);
-  const src = w.disk(1, 'rbd/golden@base', { domainName: 'web' });
-  t.equal((await w.hook('add', src)).code, 0);
-  const dst = w.disk(7, 'rbd/golden@base', { domainName: 'web--incoming' });
-  const a = await w.hook('add', dst, 'state-dst');
-  t.equal(a.code, 0, a.error ?? '');
-  t.equal(w.sim.mapped.length, 2, 'both ends map the clone');
-  t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
-  t.ok(a.log.lines.some((l) => /taking it over for a live migration/.test(l.msg)));
-  const rs = await w.hook('remove', src);
-  t.equal(rs.code, 0);
-  t.ok(rs.log.lines.some((l) => /keeping rbd\/xbh-web-xvda: it still has watchers/.test(l.msg)), 'kept, and says why');
-  t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
-  t.equal(w.sim.mapped.length, 1);
-  t.equal((await w.hook('remove', dst, 'state-dst')).code, 0);
-  t.strictSame(w.sim.images_(), ['rbd/golden']);
-  t.strictSame(w.sim.mapped, []);
+t.test(
+  "live migration: the receiver (NAME--incoming) maps the sender's clone; the sender's remove keeps it; the receiver's remove deletes it",
+  async (t) => {
+    const w = await world(t);
+    const src = w.disk(1, 'rbd/golden@base', { domainName: 'web' });
+    t.equal((await w.hook('add', src)).code, 0);
+    const dst = w.disk(7, 'rbd/golden@base', { domainName: 'web--incoming' });
+    const a = await w.hook('add', dst, 'state-dst');
+    t.equal(a.code, 0, a.error ?? '');
+    t.equal(w.sim.mapped.length, 2, 'both ends map the clone');
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
+    t.ok(a.log.lines.some((l) => /taking it over for a live migration/.test(l.msg)));
+    const rs = await w.hook('remove', src);
+    t.equal(rs.code, 0);
+    t.ok(
+      rs.log.lines.some((l) => /keeping rbd\/xbh-web-xvda: it still has watchers/.test(l.msg)),
+      'kept, and says why',
+    );
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
+    t.equal(w.sim.mapped.length, 1);
+    t.equal((await w.hook('remove', dst, 'state-dst')).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden']);
+    t.strictSame(w.sim.mapped, []);
 
-  // A receiver whose map fails leaves the sender's clone alone.
-  t.equal((await w.hook('add', src)).code, 0);
-  w.sim.fail.set('map', { code: 1, stderr: 'rbd: map failed: (5) Input/output error\n' });
-  const failed = await w.hook('add', w.disk(8, 'rbd/golden@base', { domainName: 'web--incoming' }), 'state-dst');
-  t.equal(failed.code, 1);
-  t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'the sender keeps its disk');
-  t.equal(w.sim.mapped.length, 1);
-  t.equal((await w.hook('remove', src)).code, 0);
-  t.strictSame(w.sim.images_(), ['rbd/golden']);
-});
+    // A receiver whose map fails leaves the sender's clone alone.
+    t.equal((await w.hook('add', src)).code, 0);
+    w.sim.fail.set('map', { code: 1, stderr: 'rbd: map failed: (5) Input/output error\n' });
+    const failed = await w.hook('add', w.disk(8, 'rbd/golden@base', { domainName: 'web--incoming' }), 'state-dst');
+    t.equal(failed.code, 1);
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'the sender keeps its disk');
+    t.equal(w.sim.mapped.length, 1);
+    t.equal((await w.hook('remove', src)).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden']);
+  },
+);
 
-t.test('a crash leaves a transient clone in the cluster: this host\'s marker lets the next add replace it and gc delete it; another host\'s clone stays refused', async (t) => {
-  const w = await world(t);
-  const config = w.configFor('state');
-  const crash = async (d: DiskNodes) => {
-    // Every mapping and /run (the journal) gone; the clone stays in the cluster, the marker in store_dir.
-    w.sim.mapped = [];
+t.test(
+  "a crash leaves a transient clone in the cluster: this host's marker lets the next add replace it and gc delete it; another host's clone stays refused",
+  async (t) => {
+    const w = await world(t);
+    const config = w.configFor('state');
+    const crash = async (d: DiskNodes) => {
+      // Every mapping and /run (the journal) gone; the clone stays in the cluster, the marker in store_dir.
+      w.sim.mapped = [];
+      w.sim.watchers.clear();
+      rmSync(join(w.root, 'state'), { recursive: true, force: true });
+      await destroyNodes(w.xs, d);
+    };
+    const d5 = w.disk(5, 'rbd/golden@base');
+    t.equal((await w.hook('add', d5)).code, 0);
+    const marker = cloneMarkerPath(config, 'rbd', 'xbh-dom5-xvda');
+    t.match(
+      JSON.parse(readFileSync(marker, 'utf8')),
+      { pool: 'rbd', image: 'xbh-dom5-xvda', backendPath: `backend/vbd/5/${d5.devid}` },
+      'the marker names the clone and its disk',
+    );
+    await crash(d5);
+
+    // The same domain and vdev again: its own leftover is deleted and cloned afresh.
+    w.sim.calls = [];
+    const again = w.disk(5, 'rbd/golden@base');
+    const a = await w.hook('add', again);
+    t.equal(a.code, 0, a.error ?? '');
+    t.strictSame(w.sim.calls, [
+      'info rbd/golden@base',
+      'clone rbd/xbh-dom5-xvda',
+      'info rbd/xbh-dom5-xvda',
+      'status rbd/xbh-dom5-xvda',
+      'rm rbd/xbh-dom5-xvda',
+      'clone rbd/xbh-dom5-xvda',
+      'map rbd/xbh-dom5-xvda',
+    ]);
+    t.ok(
+      a.log.lines.some(
+        (l) =>
+          l.level === 'warn' &&
+          /deleting leftover transient clone rbd\/xbh-dom5-xvda \(made by this host .* for backend\/vbd\/5\/\d+; no record holds it and nobody has it open\)/.test(
+            l.msg,
+          ),
+      ),
+    );
+    t.equal((await w.hook('remove', again)).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden']);
+    t.notOk(existsSync(marker), 'the remove deletes the marker with the clone');
+
+    // A leftover no add comes for: gc deletes it (once it is older than a minute).
+    const d6 = w.disk(6, 'rbd/golden@base');
+    t.equal((await w.hook('add', d6)).code, 0);
+    await crash(d6);
+    const marker6 = cloneMarkerPath(config, 'rbd', 'xbh-dom6-xvda');
+    const journal = new Journal(config.stateDir);
+    const quiet = { dmAvailable: false, dm: [], loops: [], nbds: [] };
+    const young = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
+    t.strictSame(
+      young.rows.filter((r) => r.kind === 'rbd'),
+      [],
+      "a marker younger than a minute is nobody's leftover yet",
+    );
+    const old = Date.now() / 1000 - 600;
+    utimesSync(marker6, old, old);
+    const inv = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
+    const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
+    t.equal(plan.length, 1);
+    t.match(
+      plan[0]?.action,
+      /^rbd rm rbd\/xbh-dom6-xvda: transient RBD clone this host made .* for backend\/vbd\/6\/\d+, which no record holds \(left by a crash or a reboot\)$/,
+    );
+    // Mapped again somewhere before gc gets to it: left alone, the marker kept.
+    w.sim.watchers.set('rbd/xbh-dom6-xvda', [42]);
+    const busy = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
+    t.match(busy[0]?.error, /rbd\/xbh-dom6-xvda is open somewhere \(it has watchers\); left alone/);
+    t.ok(existsSync(marker6));
     w.sim.watchers.clear();
-    rmSync(join(w.root, 'state'), { recursive: true, force: true });
-    await destroyNodes(w.xs, d);
-  };
-  const d5 = w.disk(5, 'rbd/golden@base');
-  t.equal((await w.hook('add', d5)).code, 0);
-  const marker = cloneMarkerPath(config, 'rbd', 'xbh-dom5-xvda');
-  t.match(JSON.parse(readFileSync(marker, 'utf8')), { pool: 'rbd', image: 'xbh-dom5-xvda', backendPath: `backend/vbd/5/${d5.devid}` }, 'the marker names the clone and its disk');
-  await crash(d5);
+    const done = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
+    t.strictSame(
+      done.map((r) => r.ok),
+      [true],
+    );
+    t.strictSame(w.sim.images_(), ['rbd/golden']);
+    t.notOk(existsSync(marker6));
 
-  // The same domain and vdev again: its own leftover is deleted and cloned afresh.
-  w.sim.calls = [];
-  const again = w.disk(5, 'rbd/golden@base');
-  const a = await w.hook('add', again);
-  t.equal(a.code, 0, a.error ?? '');
-  t.strictSame(w.sim.calls, ['info rbd/golden@base', 'clone rbd/xbh-dom5-xvda', 'info rbd/xbh-dom5-xvda', 'status rbd/xbh-dom5-xvda', 'rm rbd/xbh-dom5-xvda', 'clone rbd/xbh-dom5-xvda', 'map rbd/xbh-dom5-xvda']);
-  t.ok(a.log.lines.some((l) => l.level === 'warn' && /deleting leftover transient clone rbd\/xbh-dom5-xvda \(made by this host .* for backend\/vbd\/5\/\d+; no record holds it and nobody has it open\)/.test(l.msg)));
-  t.equal((await w.hook('remove', again)).code, 0);
-  t.strictSame(w.sim.images_(), ['rbd/golden']);
-  t.notOk(existsSync(marker), 'the remove deletes the marker with the clone');
+    // The same domain and vdev made persistent after a crash of its transient disk: the clone
+    // becomes the persistent one, and the old marker goes, so neither gc nor a later add deletes it.
+    const d8 = w.disk(8, 'rbd/golden@base');
+    t.equal((await w.hook('add', d8)).code, 0);
+    await crash(d8);
+    const marker8 = cloneMarkerPath(config, 'rbd', 'xbh-dom8-xvda');
+    t.ok(existsSync(marker8));
+    utimesSync(marker8, old, old);
+    const p8 = w.disk(8, 'rbd/golden@base clone=persistent');
+    t.equal((await w.hook('add', p8)).code, 0);
+    t.notOk(existsSync(marker8), 'the persistent add drops the transient marker of that name');
+    t.equal((await w.hook('remove', p8)).code, 0);
+    t.ok(w.sim.images.has('rbd/xbh-dom8-xvda'), 'the persistent clone stays after its remove');
+    const inv8 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
+    t.strictSame(
+      inv8.rows.filter((r) => r.kind === 'rbd'),
+      [],
+      'gc never plans the persistent clone',
+    );
+    w.sim.images.delete('rbd/xbh-dom8-xvda');
 
-  // A leftover no add comes for: gc deletes it (once it is older than a minute).
-  const d6 = w.disk(6, 'rbd/golden@base');
-  t.equal((await w.hook('add', d6)).code, 0);
-  await crash(d6);
-  const marker6 = cloneMarkerPath(config, 'rbd', 'xbh-dom6-xvda');
-  const journal = new Journal(config.stateDir);
-  const quiet = { dmAvailable: false, dm: [], loops: [], nbds: [] };
-  const young = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
-  t.strictSame(young.rows.filter((r) => r.kind === 'rbd'), [], 'a marker younger than a minute is nobody\'s leftover yet');
-  const old = Date.now() / 1000 - 600;
-  utimesSync(marker6, old, old);
-  const inv = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
-  const plan = gcPlan(inv, { withoutXenstore: false }).filter((i) => i.row.kind === 'rbd');
-  t.equal(plan.length, 1);
-  t.match(plan[0]?.action, /^rbd rm rbd\/xbh-dom6-xvda: transient RBD clone this host made .* for backend\/vbd\/6\/\d+, which no record holds \(left by a crash or a reboot\)$/);
-  // Mapped again somewhere before gc gets to it: left alone, the marker kept.
-  w.sim.watchers.set('rbd/xbh-dom6-xvda', [42]);
-  const busy = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
-  t.match(busy[0]?.error, /rbd\/xbh-dom6-xvda is open somewhere \(it has watchers\); left alone/);
-  t.ok(existsSync(marker6));
-  w.sim.watchers.clear();
-  const done = await applyGc(plan, { config, run: w.sim.runner(), log: memoryLogger(), xs: undefined, journal });
-  t.strictSame(done.map((r) => r.ok), [true]);
-  t.strictSame(w.sim.images_(), ['rbd/golden']);
-  t.notOk(existsSync(marker6));
-
-  // The same domain and vdev made persistent after a crash of its transient disk: the clone
-  // becomes the persistent one, and the old marker goes, so neither gc nor a later add deletes it.
-  const d8 = w.disk(8, 'rbd/golden@base');
-  t.equal((await w.hook('add', d8)).code, 0);
-  await crash(d8);
-  const marker8 = cloneMarkerPath(config, 'rbd', 'xbh-dom8-xvda');
-  t.ok(existsSync(marker8));
-  utimesSync(marker8, old, old);
-  const p8 = w.disk(8, 'rbd/golden@base clone=persistent');
-  t.equal((await w.hook('add', p8)).code, 0);
-  t.notOk(existsSync(marker8), 'the persistent add drops the transient marker of that name');
-  t.equal((await w.hook('remove', p8)).code, 0);
-  t.ok(w.sim.images.has('rbd/xbh-dom8-xvda'), 'the persistent clone stays after its remove');
-  const inv8 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
-  t.strictSame(inv8.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans the persistent clone');
-  w.sim.images.delete('rbd/xbh-dom8-xvda');
-
-  // Another host's marker (a shared store_dir) does not make its clone this host's leftover.
-  w.sim.images.set('rbd/xbh-dom7-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
-  const marker7 = cloneMarkerPath(config, 'rbd', 'xbh-dom7-xvda');
-  const other = JSON.stringify({ pool: 'rbd', image: 'xbh-dom7-xvda', cluster: {}, backendPath: 'backend/vbd/7/51712', machine: 'another-machine', host: 'elsewhere', boot: 'b', made: '2026-01-01T00:00:00.000Z' });
-  writeFileSync(marker7, other);
-  utimesSync(marker7, old, old);
-  const tr = await w.hook('add', w.disk(7, 'rbd/golden@base'));
-  t.equal(tr.status, 'busy');
-  t.match(tr.error, /transient clone rbd\/xbh-dom7-xvda already exists and no record on this host made it/);
-  t.ok(w.sim.images.has('rbd/xbh-dom7-xvda'), 'left alone');
-  t.equal(readFileSync(marker7, 'utf8'), other, 'the other host\'s marker is untouched');
-  const inv7 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
-  t.strictSame(inv7.rows.filter((r) => r.kind === 'rbd'), [], 'gc never plans another host\'s clone');
-});
+    // Another host's marker (a shared store_dir) does not make its clone this host's leftover.
+    w.sim.images.set('rbd/xbh-dom7-xvda', { parent: 'rbd/golden@base', snaps: new Map() });
+    const marker7 = cloneMarkerPath(config, 'rbd', 'xbh-dom7-xvda');
+    const other = JSON.stringify({
+      pool: 'rbd',
+      image: 'xbh-dom7-xvda',
+      cluster: {},
+      backendPath: 'backend/vbd/7/51712',
+      machine: 'another-machine',
+      host: 'elsewhere',
+      boot: 'b',
+      made: '2026-01-01T00:00:00.000Z',
+    });
+    writeFileSync(marker7, other);
+    utimesSync(marker7, old, old);
+    const tr = await w.hook('add', w.disk(7, 'rbd/golden@base'));
+    t.equal(tr.status, 'busy');
+    t.match(tr.error, /transient clone rbd\/xbh-dom7-xvda already exists and no record on this host made it/);
+    t.ok(w.sim.images.has('rbd/xbh-dom7-xvda'), 'left alone');
+    t.equal(readFileSync(marker7, 'utf8'), other, "the other host's marker is untouched");
+    const inv7 = await takeInventory({ config, run: w.sim.runner(), xs: undefined, journal, kernel: quiet });
+    t.strictSame(
+      inv7.rows.filter((r) => r.kind === 'rbd'),
+      [],
+      "gc never plans another host's clone",
+    );
+  },
+);

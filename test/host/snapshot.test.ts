@@ -6,7 +6,21 @@
  */
 import t from 'tap';
 import { spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  realpathSync,
+  renameSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { harness, hexOf } from '../lib/block-harness.js';
@@ -24,14 +38,19 @@ function tmp(t: { teardown(f: () => void): void }, prefix = 'xbh-snap-'): string
 }
 
 function make(dir: string, bundle: string, name = 'block') {
-  const r = spawnSync(process.execPath, [join(DIST, 'snapshot.cjs'), bundle, join(dir, `${name}.snapshot`)], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [join(DIST, 'snapshot.cjs'), bundle, join(dir, `${name}.snapshot`)], {
+    encoding: 'utf8',
+  });
   return { code: r.status, out: r.stdout, err: r.stderr };
 }
 
 /** The installed tree in a DESTDIR, post-install run in it, with wrappers pointed at the staged library. */
 function installed(t: { teardown(f: () => void): void }, node = process.execPath) {
   const dest = tmp(t, 'xbh-snap-dest-');
-  const r = spawnSync(join(ROOT, 'install'), ['--replace-block'], { encoding: 'utf8', env: { ...process.env, DESTDIR: dest, NODE: node } });
+  const r = spawnSync(join(ROOT, 'install'), ['--replace-block'], {
+    encoding: 'utf8',
+    env: { ...process.env, DESTDIR: dest, NODE: node },
+  });
   if (r.status !== 0) throw new Error(`install failed: ${r.stderr}`);
   const lib = join(dest, LIB);
   // What the target does after a DESTDIR install: post-install, with the node that will run the hooks.
@@ -59,11 +78,23 @@ t.test('made by this Node, checked, and stamped with the node binary it belongs 
   const r = make(dir, join(dir, 'block.cjs'));
   t.equal(r.code, 0, r.err);
   const node = realpathSync(process.execPath);
-  t.match(r.out, new RegExp(`^node ${node.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\n`), 'prints the node binary it belongs to');
+  t.match(
+    r.out,
+    new RegExp(`^node ${node.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\n`),
+    'prints the node binary it belongs to',
+  );
   t.equal(readFileSync(join(dir, 'block.snapshot.node'), 'utf8'), `${node}\n`, 'the .node stamp names it');
-  t.equal(statSync(join(dir, 'block.snapshot.node')).mtimeMs, statSync(node).mtimeMs, 'and carries its modification time');
+  t.equal(
+    statSync(join(dir, 'block.snapshot.node')).mtimeMs,
+    statSync(node).mtimeMs,
+    'and carries its modification time',
+  );
   t.ok(statSync(join(dir, 'block.snapshot')).size > 1_000_000, 'the snapshot holds a heap');
-  t.same(readdirSync(dir).sort(), ['block.cjs', 'block.snapshot', 'block.snapshot.node'], 'no entry or temporary file left');
+  t.same(
+    readdirSync(dir).sort(),
+    ['block.cjs', 'block.snapshot', 'block.snapshot.node'],
+    'no entry or temporary file left',
+  );
   const v = run(process.execPath, ['--snapshot-blob', join(dir, 'block.snapshot'), '--', '--version']);
   t.equal(v.code, 0, v.err);
   t.match(v.out, /^block \(xen-blockhooks\) \S+ \(startup snapshot\)\n$/, 'it starts and answers as the hook');
@@ -78,7 +109,10 @@ t.test('a bundle that is not a hook, or reads a deferred module while it loads, 
   t.equal(cli.code, 1, 'the command (no hook main) is refused');
   t.match(cli.err, /did not hand over a main function/);
   const reads = join(dir, 'reads.cjs');
-  writeFileSync(reads, "const net = require('node:net');\nconst connect = net.connect;\nglobalThis.__xbhSnapshot.setMain(() => connect);\n");
+  writeFileSync(
+    reads,
+    "const net = require('node:net');\nconst connect = net.connect;\nglobalThis.__xbhSnapshot.setMain(() => connect);\n",
+  );
   const bad = make(dir, reads, 'reads');
   t.equal(bad.code, 1);
   t.match(bad.err, /reads node:net\.connect while it loads/, 'the read is named');
@@ -99,12 +133,16 @@ t.test('the installed wrapper uses the snapshot: a real file: add and remove wit
   const be = await h.disk({ domid: 41, devid: 51712, params: img, mode: 'w' });
   const add = await h.run('add', be, {}, block);
   t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
-  t.equal(add.stderr, '', 'nothing on stderr (xl shows a hook\'s stderr to its user)');
+  t.equal(add.stderr, '', "nothing on stderr (xl shows a hook's stderr to its user)");
   const node = await h.read(`${be}/node`);
   t.match(node, /^\/dev\/loop\d+$/);
   t.equal(await h.read(`${be}/physical-device`), hexOf(node as string), 'physical-device is the loop');
   t.equal(await h.read(`${be}/hotplug-status`), 'connected');
-  t.same(h.loopsOnImages().map((l) => l.name), [node], 'one loop over the image');
+  t.same(
+    h.loopsOnImages().map((l) => l.name),
+    [node],
+    'one loop over the image',
+  );
   const rm = await h.run('remove', be, {}, block);
   t.equal(rm.code, 0, `remove exits 0 (stderr: ${rm.stderr})`);
   t.same(h.loopsOnImages(), [], 'the loop is detached');
@@ -122,47 +160,64 @@ t.test('the installed wrapper uses the snapshot: a real file: add and remove wit
   for (const f of ['block.cjs', 'block.mjs']) renameSync(join(ins.lib, `${f}.away`), join(ins.lib, f));
 });
 
-t.test('a changed node (stamp time differs), a missing libnode or a missing snapshot: the wrapper falls back to the code cache', async (t) => {
-  const ins = installed(t);
-  const block = ins.wrapper('block');
-  const stamp = join(ins.lib, 'block.snapshot.node');
-  const st = statSync(stamp);
-  utimesSync(stamp, st.atime, new Date(st.mtimeMs - 5000));
-  let v = run(block, ['--version']);
-  t.equal(v.code, 0, v.err);
-  t.match(v.out, /^block \(xen-blockhooks\) \S+\n$/, 'an older stamp: the bundle runs, not the snapshot');
-  utimesSync(stamp, st.atime, new Date(st.mtimeMs + 5000));
-  t.notMatch(run(block, ['--version']).out, /snapshot/, 'a newer stamp: the bundle runs');
-  utimesSync(stamp, st.atime, st.mtime);
-  t.match(run(block, ['--version']).out, /\(startup snapshot\)/, 'the same time again: the snapshot');
+t.test(
+  'a changed node (stamp time differs), a missing libnode or a missing snapshot: the wrapper falls back to the code cache',
+  async (t) => {
+    const ins = installed(t);
+    const block = ins.wrapper('block');
+    const stamp = join(ins.lib, 'block.snapshot.node');
+    const st = statSync(stamp);
+    utimesSync(stamp, st.atime, new Date(st.mtimeMs - 5000));
+    let v = run(block, ['--version']);
+    t.equal(v.code, 0, v.err);
+    t.match(v.out, /^block \(xen-blockhooks\) \S+\n$/, 'an older stamp: the bundle runs, not the snapshot');
+    utimesSync(stamp, st.atime, new Date(st.mtimeMs + 5000));
+    t.notMatch(run(block, ['--version']).out, /snapshot/, 'a newer stamp: the bundle runs');
+    utimesSync(stamp, st.atime, st.mtime);
+    t.match(run(block, ['--version']).out, /\(startup snapshot\)/, 'the same time again: the snapshot');
 
-  writeFileSync(join(ins.lib, 'block.snapshot.lib'), '/nonexistent/libnode.so.108\n');
-  v = run(block, ['--version']);
-  t.equal(v.code, 0, v.err);
-  t.notMatch(v.out, /snapshot/, 'a libnode that is gone: the bundle runs');
-  t.equal(v.err, '', 'quietly');
-  rmSync(join(ins.lib, 'block.snapshot.lib'));
+    writeFileSync(join(ins.lib, 'block.snapshot.lib'), '/nonexistent/libnode.so.108\n');
+    v = run(block, ['--version']);
+    t.equal(v.code, 0, v.err);
+    t.notMatch(v.out, /snapshot/, 'a libnode that is gone: the bundle runs');
+    t.equal(v.err, '', 'quietly');
+    rmSync(join(ins.lib, 'block.snapshot.lib'));
 
-  rmSync(join(ins.lib, 'block.snapshot'));
-  v = run(block, ['--version']);
-  t.equal(v.code, 0, v.err);
-  t.notMatch(v.out, /snapshot/, 'no snapshot: the bundle runs');
-  t.equal(v.err, '', 'quietly');
+    rmSync(join(ins.lib, 'block.snapshot'));
+    v = run(block, ['--version']);
+    t.equal(v.code, 0, v.err);
+    t.notMatch(v.out, /snapshot/, 'no snapshot: the bundle runs');
+    t.equal(v.err, '', 'quietly');
 
-  const un = spawnSync(join(ROOT, 'install'), ['--uninstall'], { encoding: 'utf8', env: { ...process.env, DESTDIR: ins.dest } });
-  t.equal(un.status, 0, un.stderr);
-  t.notOk(existsSync(join(ins.lib)), 'uninstall removes the snapshots and their stamps with the rest');
-});
+    const un = spawnSync(join(ROOT, 'install'), ['--uninstall'], {
+      encoding: 'utf8',
+      env: { ...process.env, DESTDIR: ins.dest },
+    });
+    t.equal(un.status, 0, un.stderr);
+    t.notOk(existsSync(join(ins.lib)), 'uninstall removes the snapshots and their stamps with the rest');
+  },
+);
 
-t.test('a node whose modification time has nanoseconds (built or unpacked, not from dpkg) still gets its snapshot used', async (t) => {
-  const dir = tmp(t, 'xbh-snap-node-');
-  const node = join(dir, 'node');
-  copyFileSync(process.execPath, node);
-  chmodSync(node, 0o755);
-  spawnSync('touch', ['-d', '2026-01-02 03:04:05.123456789', '--', node]);
-  t.equal(statSync(node, { bigint: true }).mtimeNs % 1_000_000_000n, 123_456_789n, 'the copy has a sub-second time');
-  const ins = installed(t, node);
-  const stamp = join(ins.lib, 'block.snapshot.node');
-  t.equal(statSync(stamp, { bigint: true }).mtimeNs, statSync(node, { bigint: true }).mtimeNs, 'the stamp carries it to the nanosecond');
-  t.match(run(ins.wrapper('block'), ['--version']).out, /\(startup snapshot\)/, 'the wrapper starts from the snapshot');
-});
+t.test(
+  'a node whose modification time has nanoseconds (built or unpacked, not from dpkg) still gets its snapshot used',
+  async (t) => {
+    const dir = tmp(t, 'xbh-snap-node-');
+    const node = join(dir, 'node');
+    copyFileSync(process.execPath, node);
+    chmodSync(node, 0o755);
+    spawnSync('touch', ['-d', '2026-01-02 03:04:05.123456789', '--', node]);
+    t.equal(statSync(node, { bigint: true }).mtimeNs % 1_000_000_000n, 123_456_789n, 'the copy has a sub-second time');
+    const ins = installed(t, node);
+    const stamp = join(ins.lib, 'block.snapshot.node');
+    t.equal(
+      statSync(stamp, { bigint: true }).mtimeNs,
+      statSync(node, { bigint: true }).mtimeNs,
+      'the stamp carries it to the nanosecond',
+    );
+    t.match(
+      run(ins.wrapper('block'), ['--version']).out,
+      /\(startup snapshot\)/,
+      'the wrapper starts from the snapshot',
+    );
+  },
+);

@@ -12,7 +12,12 @@ import { listScenarios, runXenTier, describeFailure, formatLogs, type XenRun } f
 const BOOT_LIMIT_MS = 2_100_000;
 t.setTimeout(BOOT_LIMIT_MS + 60_000);
 
-interface Point { ok: boolean; name: string; skip?: string; diag: string[] }
+interface Point {
+  ok: boolean;
+  name: string;
+  skip?: string;
+  diag: string[];
+}
 
 /** `ok - NAME`, `not ok - NAME`, `ok - NAME # SKIP WHY`, with the `#   ` lines after a point as its detail. */
 function points(stdout: string): Point[] {
@@ -32,7 +37,10 @@ function tail(text: string, lines = 40): string {
 }
 
 // XBH_XEN_SCENARIOS=00,40 runs only the scenarios whose file names contain one of the words.
-const only = (process.env['XBH_XEN_SCENARIOS'] ?? '').split(',').map((w) => w.trim()).filter(Boolean);
+const only = (process.env['XBH_XEN_SCENARIOS'] ?? '')
+  .split(',')
+  .map((w) => w.trim())
+  .filter(Boolean);
 const scenarios = listScenarios().filter((f) => !only.length || only.some((w) => basename(f).includes(w)));
 
 let run: XenRun | undefined;
@@ -58,18 +66,34 @@ if (run) {
       const why = describeFailure(r, r0);
       if (why) {
         st.fail(`${r.name}: ${why.split('\n')[0]}`, {
-          problem: why, stdoutTail: tail(r.stdout), stderrTail: tail(r.stderr), consoleTail: tail(r0.consoleTail), logs: logs(),
+          problem: why,
+          stdoutTail: tail(r.stdout),
+          stderrTail: tail(r.stderr),
+          consoleTail: tail(r0.consoleTail),
+          logs: logs(),
         });
       }
-      if (ps.length === 0 && !why) st.fail(`${r.name} printed no assertions`, { stdoutTail: tail(r.stdout), stderrTail: tail(r.stderr) });
+      if (ps.length === 0 && !why)
+        st.fail(`${r.name} printed no assertions`, { stdoutTail: tail(r.stdout), stderrTail: tail(r.stderr) });
     });
   }
   t.test('dom0 came up and ran every scenario', async (st) => {
-    st.notOk(r0.setupError, r0.setupError ? `dom0 setup failed: ${r0.setupError}` : 'dom0 setup (xenstored, xen-init-dom0, xenconsoled)', {
-      consoleTail: tail(r0.consoleTail, 80), logs: logs(),
-    });
-    const problem = r0.timedOut ? `hit its ${BOOT_LIMIT_MS} ms limit and QEMU was killed` : 'stopped before the end marker';
-    st.ok(r0.done, r0.done ? 'dom0 ran every scenario' : `the boot ${problem}`, r0.done ? {} : { consoleTail: tail(r0.consoleTail, 80), logs: logs() });
+    st.notOk(
+      r0.setupError,
+      r0.setupError ? `dom0 setup failed: ${r0.setupError}` : 'dom0 setup (xenstored, xen-init-dom0, xenconsoled)',
+      {
+        consoleTail: tail(r0.consoleTail, 80),
+        logs: logs(),
+      },
+    );
+    const problem = r0.timedOut
+      ? `hit its ${BOOT_LIMIT_MS} ms limit and QEMU was killed`
+      : 'stopped before the end marker';
+    st.ok(
+      r0.done,
+      r0.done ? 'dom0 ran every scenario' : `the boot ${problem}`,
+      r0.done ? {} : { consoleTail: tail(r0.consoleTail, 80), logs: logs() },
+    );
     st.ok(r0.results.length > 0, `${r0.results.length} scenarios in test/xen/`);
   });
 }

@@ -26,11 +26,16 @@ function findTool(name: string): string | undefined {
   return undefined;
 }
 
-const found = Object.fromEntries(TOOLS.map((n) => [n, findTool(n)])) as Record<(typeof TOOLS)[number], string | undefined>;
+const found = Object.fromEntries(TOOLS.map((n) => [n, findTool(n)])) as Record<
+  (typeof TOOLS)[number],
+  string | undefined
+>;
 const missing = TOOLS.filter((n) => !found[n]);
 
 if (missing.length > 0) {
-  t.fail(`xenstore-${missing.join(', xenstore-')} not found: these tests need Debian's xenstore clients; run: apt-get install xenstore-utils`);
+  t.fail(
+    `xenstore-${missing.join(', xenstore-')} not found: these tests need Debian's xenstore clients; run: apt-get install xenstore-utils`,
+  );
 } else {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'xbh-xscli-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -81,11 +86,15 @@ if (missing.length > 0) {
   });
 
   t.test('xenstore-read of a missing key: exit 1, "couldn\'t read path"', async (t) => {
-    t.same(await run('read', '/cli/none'), { code: 1, stdout: '', stderr: 'xenstore-read: couldn\'t read path /cli/none\n' });
+    t.same(await run('read', '/cli/none'), {
+      code: 1,
+      stdout: '',
+      stderr: "xenstore-read: couldn't read path /cli/none\n",
+    });
     await client.write('/cli/r2/x', '1');
     const r = await run('read', '/cli/r2/x', '/cli/r2/none');
     // the keys before the failing one are still printed (the tool flushes its buffer on exit)
-    t.same(r, { code: 1, stdout: '1\n', stderr: 'xenstore-read: couldn\'t read path /cli/r2/none\n' });
+    t.same(r, { code: 1, stdout: '1\n', stderr: "xenstore-read: couldn't read path /cli/r2/none\n" });
   });
 
   t.test('xenstore-write with several pairs: one transaction', async (t) => {
@@ -119,8 +128,11 @@ if (missing.length > 0) {
     t.same(await run('rm', '/cli/rm/t'), { code: 0, stdout: '', stderr: '' });
     t.equal(await client.tryRead('/cli/rm/t/x/y'), undefined, 'recursive');
     t.same(await run('rm', '/cli/rm/never'), { code: 0, stdout: '', stderr: '' }, 'missing node whose parent exists');
-    t.same(await run('rm', '/cli/rm/gone/never'), { code: 1, stdout: '', stderr: 'xenstore-rm: could not remove path /cli/rm/gone/never\n' },
-      'parent missing too');
+    t.same(
+      await run('rm', '/cli/rm/gone/never'),
+      { code: 1, stdout: '', stderr: 'xenstore-rm: could not remove path /cli/rm/gone/never\n' },
+      'parent missing too',
+    );
     await client.write('/cli/rm/tidy/a/b', '');
     t.same(await run('rm', '-t', '/cli/rm/tidy/a/b'), { code: 0, stdout: '', stderr: '' });
     t.equal(await client.tryRead('/cli/rm/tidy'), undefined, '-t removes empty valueless parents');
@@ -142,7 +154,11 @@ if (missing.length > 0) {
     await client.mkdir('/cli/ls/empty');
     t.same(await run('list', '/cli/ls/vm'), { code: 0, stdout: 'name\ndisk\n', stderr: '' });
     t.equal((await run('list', '-p', '/cli/ls/vm')).stdout, '/cli/ls/vm/name\n/cli/ls/vm/disk\n');
-    t.same(await run('list', '/cli/ls/none'), { code: 1, stdout: '', stderr: 'xenstore-list: could not list path /cli/ls/none\n' });
+    t.same(await run('list', '/cli/ls/none'), {
+      code: 1,
+      stdout: '',
+      stderr: 'xenstore-list: could not list path /cli/ls/none\n',
+    });
     t.same(await run('ls', '/cli/ls'), {
       code: 0,
       stdout: [
@@ -156,8 +172,10 @@ if (missing.length > 0) {
       ].join('\n'),
       stderr: '',
     });
-    t.equal((await run('ls', '-f', '/cli/ls/vm/disk')).stdout,
-      '/cli/ls/vm/disk/params = "/images/\\xc3\\xbcn \\xc3\\xafcode.img"\n/cli/ls/vm/disk/mode = "w"\n');
+    t.equal(
+      (await run('ls', '-f', '/cli/ls/vm/disk')).stdout,
+      '/cli/ls/vm/disk/params = "/images/\\xc3\\xbcn \\xc3\\xafcode.img"\n/cli/ls/vm/disk/mode = "w"\n',
+    );
     const withPerms = await run('ls', '-p', '/cli/ls/vm/disk');
     t.match(withPerms.stdout, /^mode = "w" [ .]+\(n0\)\n$/m, '-p shows permissions from GET_PERMS');
     const none = await run('ls', '/cli/ls/none');
@@ -181,7 +199,10 @@ if (missing.length > 0) {
     const child = spawn(found.watch!, ['-n', '2', '/cli/watch'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     const firstLine = new Promise<void>((resolve) => {
-      child.stdout.on('data', (d: Buffer) => { out += d.toString(); if (out.includes('\n')) resolve(); });
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('\n')) resolve();
+      });
     });
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);

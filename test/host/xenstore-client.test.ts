@@ -16,7 +16,10 @@ let n = 0;
 const sockPath = (): string => path.join(dir, `s${n++}`);
 
 const XS_ERR = /^Xs(Store)?Error$/;
-const isXsError = (errno: string) => (e: unknown): boolean => e instanceof XsError && e.errno === errno;
+const isXsError =
+  (errno: string) =>
+  (e: unknown): boolean =>
+    e instanceof XsError && e.errno === errno;
 
 t.test('conformance: our client against our server', async (t) => {
   const server = await startXenstoreServer({ socketPath: sockPath() });
@@ -57,29 +60,42 @@ t.test('connect: missing socket is ECONNECT naming the paths tried', async (t) =
 });
 
 /** A fake daemon: answers with `onFrame` (or not at all). */
-async function fakeDaemon(onFrame: (sock: net.Socket, f: { type: number; reqId: number; txId: number; payload: Buffer }) => void) {
+async function fakeDaemon(
+  onFrame: (sock: net.Socket, f: { type: number; reqId: number; txId: number; payload: Buffer }) => void,
+) {
   const socketPath = sockPath();
   const conns = new Set<net.Socket>();
   const srv = net.createServer((sock) => {
     conns.add(sock);
     const d = new FrameDecoder();
-    sock.on('data', (c: Buffer) => { for (const f of d.push(c)) onFrame(sock, f); });
+    sock.on('data', (c: Buffer) => {
+      for (const f of d.push(c)) onFrame(sock, f);
+    });
     sock.on('error', () => {});
   });
   await new Promise<void>((r) => srv.listen(socketPath, r));
   return {
     socketPath,
-    close: () => new Promise<void>((r) => { for (const s of conns) s.destroy(); srv.close(() => r()); }),
+    close: () =>
+      new Promise<void>((r) => {
+        for (const s of conns) s.destroy();
+        srv.close(() => r());
+      }),
   };
 }
 
 t.test('daemon closing the connection mid-request: ECLOSED for every pending request', async (t) => {
   let seen = 0;
-  const fake = await fakeDaemon((sock) => { if (++seen === 3) sock.destroy(); });
+  const fake = await fakeDaemon((sock) => {
+    if (++seen === 3) sock.destroy();
+  });
   t.teardown(fake.close);
   const c = await connectXenstore({ path: fake.socketPath });
   const results = await Promise.allSettled([c.read('/a'), c.write('/b', 'x'), c.directory('/c')]);
-  t.same(results.map((r) => r.status), ['rejected', 'rejected', 'rejected']);
+  t.same(
+    results.map((r) => r.status),
+    ['rejected', 'rejected', 'rejected'],
+  );
   for (const r of results) t.ok(r.status === 'rejected' && isXsError('ECLOSED')(r.reason), 'ECLOSED');
   t.match((results[0] as PromiseRejectedResult).reason.message, /READ \/a failed: ECLOSED/);
   await t.rejects(c.read('/d'), { name: XS_ERR, errno: 'ECLOSED' }, 'later requests fail at once');
@@ -102,7 +118,8 @@ t.test('replies are matched by req_id, in any order; errors carry the daemon err
     // answer in reverse order, one of them with an error, and a watch event in between
     for (const [s, g] of held.reverse()) {
       const arg = g.payload.toString().split('\0')[0];
-      if (arg === '/err') s.write(encodeFrame({ type: XsOp.ERROR, reqId: g.reqId, txId: 0, payload: nulStrings('EACCES') }));
+      if (arg === '/err')
+        s.write(encodeFrame({ type: XsOp.ERROR, reqId: g.reqId, txId: 0, payload: nulStrings('EACCES') }));
       else s.write(encodeFrame({ type: g.type, reqId: g.reqId, txId: 0, payload: Buffer.from(`value of ${arg}`) }));
       s.write(encodeFrame({ type: XsOp.WATCH_EVENT, reqId: 0, txId: 0, payload: nulStrings('/w', 'unknown-token') }));
     }
@@ -130,7 +147,11 @@ t.test('kernel-device transport: frames through read/write on a non-socket fd (F
 
 t.test('server specifics', async (t) => {
   const requests: string[] = [];
-  const server = await startXenstoreServer({ socketPath: sockPath(), domid: 3, onRequest: (op) => requests.push(opName(op)) });
+  const server = await startXenstoreServer({
+    socketPath: sockPath(),
+    domid: 3,
+    onRequest: (op) => requests.push(opName(op)),
+  });
   t.teardown(() => server.close());
   const c = await connectXenstore({ path: server.socketPath });
   t.teardown(() => c.close());
@@ -138,7 +159,10 @@ t.test('server specifics', async (t) => {
   t.test('relative paths resolve under the configured domid', async (t) => {
     await c.write('rel/x', '1');
     t.equal(server.store.read('/local/domain/3/rel/x').toString(), '1');
-    t.same(server.store.dump('/local/domain/3/rel'), [['/local/domain/3/rel', ''], ['/local/domain/3/rel/x', '1']]);
+    t.same(server.store.dump('/local/domain/3/rel'), [
+      ['/local/domain/3/rel', ''],
+      ['/local/domain/3/rel/x', '1'],
+    ]);
   });
 
   t.test('path validation mirrors the daemon', async (t) => {
@@ -148,7 +172,11 @@ t.test('server specifics', async (t) => {
     for (const bad of ['', '/a//b', '/a/', 'a b', '/a:b', `/${'x'.repeat(3072)}`, 'x'.repeat(2049)]) {
       t.throws(() => store.canonical(bad), { name: XS_ERR, errno: 'EINVAL' }, JSON.stringify(bad.slice(0, 20)));
     }
-    t.equal(store.canonical(`/local/domain/3/${'x'.repeat(2048)}`).length, 16 + 2048, 'relative limit below /local/domain/N/');
+    t.equal(
+      store.canonical(`/local/domain/3/${'x'.repeat(2048)}`).length,
+      16 + 2048,
+      'relative limit below /local/domain/N/',
+    );
     t.throws(() => store.canonical(`/local/domain/3/${'x'.repeat(2049)}`), { name: XS_ERR, errno: 'EINVAL' });
     await t.rejects(c.rm('/'), { name: XS_ERR, errno: 'EINVAL' });
   });
@@ -192,7 +220,9 @@ t.test('server specifics', async (t) => {
 
   t.test('a big directory comes in parts (DIRECTORY E2BIG → DIRECTORY_PART)', async (t) => {
     const names = Array.from({ length: 150 }, (_, i) => `child-with-a-rather-long-name-${String(i).padStart(4, '0')}`);
-    await c.transaction(async (tx) => { for (const nm of names) await tx.write(`/big/${nm}`, ''); });
+    await c.transaction(async (tx) => {
+      for (const nm of names) await tx.write(`/big/${nm}`, '');
+    });
     requests.length = 0;
     t.same(await c.directory('/big'), names);
     t.ok(requests.filter((r) => r === 'DIRECTORY_PART').length >= 2, 'several DIRECTORY_PART requests');
@@ -214,12 +244,15 @@ t.test('server specifics', async (t) => {
   t.test('transaction retries are bounded', async (t) => {
     const c2 = await connectXenstore({ path: server.socketPath, transactionAttempts: 3 });
     let runs = 0;
-    await t.rejects(c2.transaction(async (tx) => {
-      runs++;
-      await tx.read('/ro');
-      server.store.write('/ro', String(runs));
-      await tx.write('/ro2', 'x');
-    }), { name: XS_ERR, errno: 'EAGAIN' });
+    await t.rejects(
+      c2.transaction(async (tx) => {
+        runs++;
+        await tx.read('/ro');
+        server.store.write('/ro', String(runs));
+        await tx.write('/ro2', 'x');
+      }),
+      { name: XS_ERR, errno: 'EAGAIN' },
+    );
     t.equal(runs, 3);
     t.equal(server.store.exists('/ro2'), false);
     await c2.close();
@@ -257,9 +290,14 @@ t.test('a process that connects and closes exits by itself', async (t) => {
   // run the child through the same TypeScript loader tap uses
   const loader = process.execArgv.find((a) => a.includes('@tapjs/typescript'));
   const code = await new Promise<number | null>((resolve) => {
-    const child = spawn(process.execPath, [...(loader ? [loader] : []), '--input-type=module', '-e', script], { stdio: 'inherit' });
+    const child = spawn(process.execPath, [...(loader ? [loader] : []), '--input-type=module', '-e', script], {
+      stdio: 'inherit',
+    });
     const timer = setTimeout(() => child.kill('SIGKILL'), 15000);
-    child.on('exit', (code) => { clearTimeout(timer); resolve(code); });
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve(code);
+    });
   });
   t.equal(code, 0, 'child exited on its own');
   t.equal(server.store.read('/exit').toString(), 'child');

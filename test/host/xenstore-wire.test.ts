@@ -1,6 +1,14 @@
 import t from 'tap';
 import {
-  FrameDecoder, FrameTooLargeError, HEADER_SIZE, XsOp, encodeFrame, nulStrings, parseErrno, splitStrings, writePayload,
+  FrameDecoder,
+  FrameTooLargeError,
+  HEADER_SIZE,
+  XsOp,
+  encodeFrame,
+  nulStrings,
+  parseErrno,
+  splitStrings,
+  writePayload,
 } from '../../src/xenstore/wire.js';
 import { XENSTORE_PAYLOAD_MAX, XsError } from '../../src/xenstore/types.js';
 
@@ -14,7 +22,11 @@ t.test('header is four little-endian u32s followed by the payload', async (t) =>
 t.test('payload encodings', async (t) => {
   t.same(nulStrings('/x', 'tok'), Buffer.from('/x\0tok\0'));
   t.same(nulStrings(''), Buffer.from([0]), 'TRANSACTION_START body is a single NUL');
-  t.same(writePayload('/p', 'ün'), Buffer.concat([Buffer.from('/p\0'), Buffer.from('ün', 'utf8')]), 'value not NUL-terminated');
+  t.same(
+    writePayload('/p', 'ün'),
+    Buffer.concat([Buffer.from('/p\0'), Buffer.from('ün', 'utf8')]),
+    'value not NUL-terminated',
+  );
   t.same(writePayload('/p', ''), Buffer.from('/p\0'));
   t.same(splitStrings(Buffer.from('a\0b\0')), ['a', 'b'], 'empty tail dropped');
   t.same(splitStrings(Buffer.alloc(0)), []);
@@ -50,11 +62,14 @@ t.test('decoder: byte-by-byte, several frames in one chunk, split across chunks'
 
   const d2 = new FrameDecoder();
   const got2 = d2.push(all);
-  t.same(got2.map((f) => [f.type, f.reqId, f.txId, f.payload.toString()]), [
-    [XsOp.READ, 1, 0, 'value'],
-    [XsOp.WATCH_EVENT, 0, 0, '/w\0t\0'],
-    [XsOp.DIRECTORY, 3, 9, ''],
-  ]);
+  t.same(
+    got2.map((f) => [f.type, f.reqId, f.txId, f.payload.toString()]),
+    [
+      [XsOp.READ, 1, 0, 'value'],
+      [XsOp.WATCH_EVENT, 0, 0, '/w\0t\0'],
+      [XsOp.DIRECTORY, 3, 9, ''],
+    ],
+  );
   t.same(got1, got2);
 
   const d3 = new FrameDecoder();

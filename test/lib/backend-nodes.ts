@@ -60,7 +60,13 @@ export async function writeBackendNodes(xs: XenstoreClient, d: DiskNodes): Promi
       kv.push(['script', d.script ?? '/etc/xen/scripts/block-cow'], ['discard-enable', '0'], ['specification', 'xen']);
     }
     for (const [k, v] of kv) await tx.write(`${be}/${k}`, v);
-    for (const [k, v] of [['backend-id', '0'], ['backend', `/local/domain/0/${be}`], ['state', '1'], ['virtual-device', String(d.devid)], ['device-type', 'disk']]) {
+    for (const [k, v] of [
+      ['backend-id', '0'],
+      ['backend', `/local/domain/0/${be}`],
+      ['state', '1'],
+      ['virtual-device', String(d.devid)],
+      ['device-type', 'disk'],
+    ]) {
       await tx.write(`${fe}/${k}`, v as string);
     }
     if (d.domainName !== undefined) await tx.write(`/local/domain/${d.domid}/name`, d.domainName);
@@ -92,7 +98,13 @@ export interface HookRun {
 }
 
 /** Run a bundled hook (`node HOOK action`) with XENBUS_PATH set, the way libxl execs a script. */
-export function runHookProcess(hook: string, action: string, xenbusPath: string, env: NodeJS.ProcessEnv, node = process.execPath): Promise<HookRun> {
+export function runHookProcess(
+  hook: string,
+  action: string,
+  xenbusPath: string,
+  env: NodeJS.ProcessEnv,
+  node = process.execPath,
+): Promise<HookRun> {
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
     const child = spawn(node, [hook, action], {
@@ -104,6 +116,8 @@ export function runHookProcess(hook: string, action: string, xenbusPath: string,
     child.stdout.setEncoding('utf8').on('data', (s: string) => (stdout += s));
     child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
     child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr, ms: Math.round(performance.now() - t0) }));
+    child.on('close', (code, signal) =>
+      resolve({ code, signal, stdout, stderr, ms: Math.round(performance.now() - t0) }),
+    );
   });
 }

@@ -75,7 +75,11 @@ export interface HookRun {
 }
 
 /** The environment libxl gives a block script (plus `extra`). */
-export function hookEnv(socketPath: string, xenbusPath: string, extra: Record<string, string> = {}): Record<string, string> {
+export function hookEnv(
+  socketPath: string,
+  xenbusPath: string,
+  extra: Record<string, string> = {},
+): Record<string, string> {
   return {
     PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
     XENSTORED_PATH: socketPath,
@@ -87,12 +91,22 @@ export function hookEnv(socketPath: string, xenbusPath: string, extra: Record<st
 }
 
 /** Run `file args` (a bundled hook with process.execPath when it ends in .mjs, else the file itself), stdin /dev/null. */
-export function runProcess(file: string, args: string[], env: Record<string, string>, timeoutMs = 60_000): Promise<HookRun> {
+export function runProcess(
+  file: string,
+  args: string[],
+  env: Record<string, string>,
+  timeoutMs = 60_000,
+): Promise<HookRun> {
   const [cmd, argv] = file.endsWith('.mjs') ? [process.execPath, [file, ...args]] : [file, args];
   return new Promise((resolve) => {
     const child = execFile(cmd, argv, { env, timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
       const e = err as (Error & { code?: number | string; signal?: string }) | null;
-      resolve({ code: e ? (typeof e.code === 'number' ? e.code : null) : 0, signal: e?.signal ?? null, stdout, stderr });
+      resolve({
+        code: e ? (typeof e.code === 'number' ? e.code : null) : 0,
+        signal: e?.signal ?? null,
+        stdout,
+        stderr,
+      });
     });
     child.stdin?.end();
   });
@@ -116,12 +130,22 @@ export interface LoopRow {
 
 /** Every attached loop device (`losetup --list --json`). */
 export function loops(): LoopRow[] {
-  const text = execFileSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE,BACK-MAJ:MIN,BACK-INO,RO'], { encoding: 'utf8' });
+  const text = execFileSync('losetup', ['--list', '--json', '--output', 'NAME,BACK-FILE,BACK-MAJ:MIN,BACK-INO,RO'], {
+    encoding: 'utf8',
+  });
   if (!text.trim()) return [];
   const doc = JSON.parse(text) as { loopdevices: Record<string, unknown>[] };
   return doc.loopdevices.map((d) => {
-    const mm = String(d['back-maj:min'] ?? '').trim().split(':').map(Number);
-    return { name: String(d.name), backFile: String(d['back-file'] ?? ''), back: `${mm[0]}:${mm[1]}:${String(d['back-ino'] ?? '').trim()}`, ro: d.ro === true || d.ro === '1' };
+    const mm = String(d['back-maj:min'] ?? '')
+      .trim()
+      .split(':')
+      .map(Number);
+    return {
+      name: String(d.name),
+      backFile: String(d['back-file'] ?? ''),
+      back: `${mm[0]}:${mm[1]}:${String(d['back-ino'] ?? '').trim()}`,
+      ro: d.ro === true || d.ro === '1',
+    };
   });
 }
 
@@ -192,7 +216,12 @@ export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarn
     },
     async disk(d) {
       if (!domains.has(d.domid)) {
-        await writeDomain(store.xs, { domid: d.domid, ...(d.name ? { name: d.name } : {}), ...(d.uuid !== undefined ? { uuid: d.uuid } : {}), ...(d.target !== undefined ? { target: d.target } : {}) });
+        await writeDomain(store.xs, {
+          domid: d.domid,
+          ...(d.name ? { name: d.name } : {}),
+          ...(d.uuid !== undefined ? { uuid: d.uuid } : {}),
+          ...(d.target !== undefined ? { target: d.target } : {}),
+        });
         domains.add(d.domid);
       }
       return writeBackendNodes(store.xs, { script: '/etc/xen/scripts/block', ...d });
@@ -234,11 +263,15 @@ export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarn
  * A harness torn down with the test: whatever is left on its images is detached (tests assert
  * "nothing left" themselves before they end; this only keeps a failing test from leaking).
  */
-export async function harness(t: { teardown(fn: () => unknown): void }, opts: HarnessOptions = {}): Promise<BlockHarness> {
+export async function harness(
+  t: { teardown(fn: () => unknown): void },
+  opts: HarnessOptions = {},
+): Promise<BlockHarness> {
   const h = await blockHarness(opts);
   t.teardown(async () => {
     const leaked = await h.cleanup();
-    if (leaked.length) process.stderr.write(`# block harness: detached loop devices a test left behind: ${leaked.join(', ')}\n`);
+    if (leaked.length)
+      process.stderr.write(`# block harness: detached loop devices a test left behind: ${leaked.join(', ')}\n`);
   });
   return h;
 }

@@ -11,7 +11,16 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { appendFileSync, lstatSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync, writeFileSync } from 'node:fs';
+import {
+  appendFileSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  realpathSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { devString } from '../../src/devices/sysfs.js';
 import type { Backend } from '../../src/backends/types.js';
@@ -43,7 +52,13 @@ export function reportRow(row: ReliabilityRow): void {
  * `failures` counts the failed assertions of a framework whose assertions do not throw (tap:
  * `() => t.counts.fail`): an assertion that failed inside `fn` makes the row fail too.
  */
-export async function checked<T>(hook: string, fault: string, what: string, fn: () => Promise<T> | T, failures?: () => number): Promise<T> {
+export async function checked<T>(
+  hook: string,
+  fault: string,
+  what: string,
+  fn: () => Promise<T> | T,
+  failures?: () => number,
+): Promise<T> {
   const before = failures?.() ?? 0;
   try {
     const r = await fn();
@@ -52,7 +67,15 @@ export async function checked<T>(hook: string, fault: string, what: string, fn: 
     reportRow({ hook, fault, checked: what, result: 'pass' });
     return r;
   } catch (e) {
-    reportRow({ hook, fault, checked: what, result: 'fail', detail: String((e as Error)?.message ?? e).split('\n')[0]?.slice(0, 300) });
+    reportRow({
+      hook,
+      fault,
+      checked: what,
+      result: 'fail',
+      detail: String((e as Error)?.message ?? e)
+        .split('\n')[0]
+        ?.slice(0, 300),
+    });
     throw e;
   }
 }
@@ -100,14 +123,23 @@ export function snapshotTree(dir: string): Map<string, TreeEntry> {
  * (directories that are expected to change, e.g. the state directory's lock and journal folders,
  * which must be empty again anyway) and except empty directories created there.
  */
-export function treeChanges(before: Map<string, TreeEntry>, after: Map<string, TreeEntry>, allowed: string[] = []): string[] {
+export function treeChanges(
+  before: Map<string, TreeEntry>,
+  after: Map<string, TreeEntry>,
+  allowed: string[] = [],
+): string[] {
   const ok = (p: string): boolean => allowed.some((a) => p === a || p.startsWith(`${a}/`));
   const out: string[] = [];
   for (const [p, e] of after) {
     const b = before.get(p);
     if (!b) {
       if (!(ok(p) && e.type === 'dir')) out.push(`created ${p} (${e.type})`);
-    } else if (b.type !== e.type || b.size !== e.size || b.mode !== e.mode || (e.type === 'file' && b.mtimeMs !== e.mtimeMs)) {
+    } else if (
+      b.type !== e.type ||
+      b.size !== e.size ||
+      b.mode !== e.mode ||
+      (e.type === 'file' && b.mtimeMs !== e.mtimeMs)
+    ) {
       if (!(ok(p) && e.type === 'dir')) out.push(`changed ${p}`);
     }
   }
@@ -122,11 +154,34 @@ export function sha256(path: string): string {
 // ---------------------------------------------------------------------------------------------
 // a recording Runner with losetup and dmsetup played in memory
 
-export interface FakeLoop { name: string; minor: number; file: string; dev: string; ino: string; ro: boolean }
-export interface FakeDm { name: string; minor: number; table: string; ro: boolean; open: number; uuid?: string }
+export interface FakeLoop {
+  name: string;
+  minor: number;
+  file: string;
+  dev: string;
+  ino: string;
+  ro: boolean;
+}
+export interface FakeDm {
+  name: string;
+  minor: number;
+  table: string;
+  ro: boolean;
+  open: number;
+  uuid?: string;
+}
 
 function result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
-  return { command: cmd, exitCode: ok ? 0 : 1, signal: undefined, stdout, stderr, durationMs: 1, failed: !ok, timedOut: false };
+  return {
+    command: cmd,
+    exitCode: ok ? 0 : 1,
+    signal: undefined,
+    stdout,
+    stderr,
+    durationMs: 1,
+    failed: !ok,
+    timedOut: false,
+  };
 }
 
 /**
@@ -166,7 +221,16 @@ export class FakeDeviceRunner implements Runner {
 
   private losetup(cmd: string, args: readonly string[]): RunResult {
     if (args[0] === '--list') {
-      const devs = this.loops.map((l) => ({ name: l.name, 'back-file': l.file, 'back-ino': Number(l.ino), 'back-maj:min': l.dev, 'maj:min': `7:${l.minor}`, ro: l.ro, offset: 0, sizelimit: 0 }));
+      const devs = this.loops.map((l) => ({
+        name: l.name,
+        'back-file': l.file,
+        'back-ino': Number(l.ino),
+        'back-maj:min': l.dev,
+        'maj:min': `7:${l.minor}`,
+        ro: l.ro,
+        offset: 0,
+        sizelimit: 0,
+      }));
       return result(cmd, true, devs.length ? JSON.stringify({ loopdevices: devs }) : '');
     }
     if (args[0] === '--find') {
@@ -179,7 +243,14 @@ export class FakeDeviceRunner implements Runner {
       }
       let minor = 0;
       while (this.loops.some((l) => l.minor === minor)) minor++;
-      const l: FakeLoop = { name: `/dev/loop${minor}`, minor, file, dev: devString(st.dev), ino: st.ino.toString(), ro: args.includes('--read-only') };
+      const l: FakeLoop = {
+        name: `/dev/loop${minor}`,
+        minor,
+        file,
+        dev: devString(st.dev),
+        ino: st.ino.toString(),
+        ro: args.includes('--read-only'),
+      };
       this.loops.push(l);
       const dir = join(this.sysRoot, 'block', `loop${minor}`);
       mkdirSync(dir, { recursive: true });
@@ -209,14 +280,30 @@ export class FakeDeviceRunner implements Runner {
         if (dm) return result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
         let minor = 0;
         while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({ name, minor, table: args[args.indexOf('--table') + 1] as string, ro: args.includes('--readonly'), open: 0, uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '' });
+        this.dms.push({
+          name,
+          minor,
+          table: args[args.indexOf('--table') + 1] as string,
+          ro: args.includes('--readonly'),
+          open: 0,
+          uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '',
+        });
         return result(cmd, true);
       }
       case 'info':
-        return dm ? result(cmd, true, `${name}|254|${dm.minor}|${dm.open}|${dm.uuid ?? ''}\n`) : result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
+        return dm
+          ? result(cmd, true, `${name}|254|${dm.minor}|${dm.open}|${dm.uuid ?? ''}\n`)
+          : result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
       case 'remove':
-        if (!dm) return result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
-        if (dm.open > 0) return result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: Device or resource busy\nCommand failed.`);
+        if (!dm)
+          return result(cmd, false, '', `device-mapper: remove ioctl on ${name}  failed: No such device or address`);
+        if (dm.open > 0)
+          return result(
+            cmd,
+            false,
+            '',
+            `device-mapper: remove ioctl on ${name}  failed: Device or resource busy\nCommand failed.`,
+          );
         this.dms = this.dms.filter((d) => d !== dm);
         return result(cmd, true);
       default:
@@ -261,24 +348,29 @@ export interface CensusDirs {
 
 /** Connected nbd devices (/sys/block/nbdN/pid exists while connected). */
 export function connectedNbds(): string[] {
-  return list('/sys/block').filter((n) => /^nbd\d+$/.test(n)).filter((n) => {
-    try {
-      return readFileSync(`/sys/block/${n}/pid`, 'utf8').trim() !== '';
-    } catch {
-      return false;
-    }
-  });
+  return list('/sys/block')
+    .filter((n) => /^nbd\d+$/.test(n))
+    .filter((n) => {
+      try {
+        return readFileSync(`/sys/block/${n}/pid`, 'utf8').trim() !== '';
+      } catch {
+        return false;
+      }
+    });
 }
 
 /** qemu-nbd processes alive (by /proc/PID/comm). */
 export function qemuNbdProcesses(): string[] {
-  return list('/proc').filter((p) => /^\d+$/.test(p)).filter((p) => {
-    try {
-      return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'qemu-nbd';
-    } catch {
-      return false;
-    }
-  }).map((p) => `qemu-nbd pid ${p}`);
+  return list('/proc')
+    .filter((p) => /^\d+$/.test(p))
+    .filter((p) => {
+      try {
+        return readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'qemu-nbd';
+      } catch {
+        return false;
+      }
+    })
+    .map((p) => `qemu-nbd pid ${p}`);
 }
 
 /** Lock files and POSIX/flock locks held on files below `dirs` (from /proc/locks by inode). */
@@ -314,14 +406,26 @@ export function census(c: CensusDirs): string[] {
     }
   }
   const loops = out('losetup', ['-a']);
-  if (loops) for (const l of loops.split('\n')) if (!(c.keepLoops ?? []).includes(l.split(':')[0] as string)) left.push(`loop ${l}`);
+  if (loops)
+    for (const l of loops.split('\n'))
+      if (!(c.keepLoops ?? []).includes(l.split(':')[0] as string)) left.push(`loop ${l}`);
   left.push(...connectedNbds().map((n) => `nbd ${n} connected`));
   left.push(...qemuNbdProcesses());
   if (c.vg) {
     const lvs = out('lvm', ['lvs', '--noheadings', '-o', 'lv_name', c.vg]);
-    left.push(...lvs.split('\n').map((s) => s.trim()).filter((s) => s.startsWith('xbh')).map((s) => `lv ${c.vg}/${s}`));
+    left.push(
+      ...lvs
+        .split('\n')
+        .map((s) => s.trim())
+        .filter((s) => s.startsWith('xbh'))
+        .map((s) => `lv ${c.vg}/${s}`),
+    );
   }
-  left.push(...list(c.storeDir).filter((f) => !(c.keepStores ?? []).includes(f)).map((f) => `store ${f}`));
+  left.push(
+    ...list(c.storeDir)
+      .filter((f) => !(c.keepStores ?? []).includes(f))
+      .map((f) => `store ${f}`),
+  );
   left.push(...list(join(c.stateDir, 'journal')).map((f) => `journal ${f}`));
   left.push(...list(join(c.stateDir, 'locks')).map((f) => `lock file ${f}`));
   left.push(...list(c.xenLockDir).map((f) => `xen lock file ${f}`));
@@ -333,9 +437,19 @@ export function census(c: CensusDirs): string[] {
  * A hook run in this process (the runtime its bundle runs), with its output collected: under TCG a
  * child costs seconds of node start-up, so only the runs that are to be killed need one.
  */
-export async function hookInProcess(backend: Backend, action: string, xenbusPath: string, env: NodeJS.ProcessEnv): Promise<{ code: number; text: string }> {
+export async function hookInProcess(
+  backend: Backend,
+  action: string,
+  xenbusPath: string,
+  env: NodeJS.ProcessEnv,
+): Promise<{ code: number; text: string }> {
   let text = '';
-  const code = await runHook(backend, [action], { ...env, XENBUS_PATH: xenbusPath }, { out: (s) => (text += s), err: (s) => (text += s) });
+  const code = await runHook(
+    backend,
+    [action],
+    { ...env, XENBUS_PATH: xenbusPath },
+    { out: (s) => (text += s), err: (s) => (text += s) },
+  );
   return { code, text };
 }
 

@@ -10,7 +10,13 @@
 import t from 'tap';
 import { basename } from 'node:path';
 import { describeJobFailure } from '../../scripts/vm/run-guest.mjs';
-import { guestMemoryMb, guestTestFiles, npmTestEnv, runGuestTests, type GuestTestRun } from '../../scripts/vm/run-guest-tests.mjs';
+import {
+  guestMemoryMb,
+  guestTestFiles,
+  npmTestEnv,
+  runGuestTests,
+  type GuestTestRun,
+} from '../../scripts/vm/run-guest-tests.mjs';
 import { assertionPoints, errorSummary } from '../../scripts/vm/tap.mjs';
 import { stockScriptsDir } from './stock-scripts.js';
 
@@ -49,7 +55,13 @@ export async function foldGuestShard(shard: string): Promise<void> {
     // The 64-way concurrency test (fault-concurrency) takes ~12 minutes of one emulated CPU at full
     // size: `npm test` runs it 16-way, `npm run reliability` (RELIABILITY.md) at full size.
     const env = npmTestEnv();
-    run = await runGuestTests({ prefixes, timeoutMs: limitMs, fileTimeoutMs: fileLimitMs, env, memoryMb: shard === 'fault' ? guestMemoryMb(Number(env.XBH_FAULT_CONCURRENCY)) : undefined });
+    run = await runGuestTests({
+      prefixes,
+      timeoutMs: limitMs,
+      fileTimeoutMs: fileLimitMs,
+      env,
+      memoryMb: shard === 'fault' ? guestMemoryMb(Number(env.XBH_FAULT_CONCURRENCY)) : undefined,
+    });
   } catch (e) {
     t.fail(`the guest tier could not run: ${(e as Error).message}`);
   }
@@ -70,15 +82,24 @@ export async function foldGuestShard(shard: string): Promise<void> {
       if (why) {
         const leak = r.leftovers.length && !why.startsWith('left') ? ' and left devices behind' : '';
         st.fail(`${basename(r.source)} ${why.split('\n')[0]}${leak}`, {
-          problem: why, stdoutTail: tail(r.stdout), stderrTail: tail(r.stderr),
+          problem: why,
+          stdoutTail: tail(r.stdout),
+          stderrTail: tail(r.stderr),
           ...(r.finished ? {} : { consoleTail: r0.consoleTail }),
         });
       }
-      if (points.length === 0 && !why) st.fail(`${basename(r.source)} printed no test points`, { stdoutTail: tail(r.stdout) });
+      if (points.length === 0 && !why)
+        st.fail(`${basename(r.source)} printed no test points`, { stdoutTail: tail(r.stdout) });
     });
   }
   t.test(`the guest (${shard}) finished and powered off`, async (st) => {
     const problem = r0.timedOut ? `hit its ${limitMs} ms limit and was killed` : 'stopped before the agent finished';
-    st.ok(r0.done, r0.done ? `ran ${r0.results.length} file(s) and powered off in ${Math.round(r0.totalMs / 1000)} s` : `the guest ${problem}`, r0.done ? {} : { consoleTail: r0.consoleTail });
+    st.ok(
+      r0.done,
+      r0.done
+        ? `ran ${r0.results.length} file(s) and powered off in ${Math.round(r0.totalMs / 1000)} s`
+        : `the guest ${problem}`,
+      r0.done ? {} : { consoleTail: r0.consoleTail },
+    );
   });
 }

@@ -29,19 +29,29 @@ export interface MiniCeph {
   stop(): Promise<void>;
 }
 
-function sh(file: string, args: string[], env: NodeJS.ProcessEnv, opts: { input?: string | Buffer; timeoutMs?: number } = {}): string {
+function sh(
+  file: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+  opts: { input?: string | Buffer; timeoutMs?: number } = {},
+): string {
   return execFileSync(file, args, {
     env,
     encoding: 'utf8',
     maxBuffer: 256 * 1024 * 1024,
     timeout: opts.timeoutMs ?? 120_000,
-    ...(opts.input === undefined ? { stdio: ['ignore', 'pipe', 'pipe'] } : { input: opts.input, stdio: ['pipe', 'pipe', 'pipe'] }),
+    ...(opts.input === undefined
+      ? { stdio: ['ignore', 'pipe', 'pipe'] }
+      : { input: opts.input, stdio: ['pipe', 'pipe', 'pipe'] }),
   });
 }
 
 /** test/lib/mini-ceph.conf (shared with the Xen tier's scenario 70) for this cluster. */
 function confText(d: string, fsid: string, block: string): string {
-  return readFileSync(join(projectRoot(), 'test', 'lib', 'mini-ceph.conf'), 'utf8').replaceAll('@DIR@', d).replaceAll('@FSID@', fsid).replaceAll('@BLOCK@', block);
+  return readFileSync(join(projectRoot(), 'test', 'lib', 'mini-ceph.conf'), 'utf8')
+    .replaceAll('@DIR@', d)
+    .replaceAll('@FSID@', fsid)
+    .replaceAll('@BLOCK@', block);
 }
 
 function pidOf(file: string): number | undefined {
@@ -53,18 +63,25 @@ function pidOf(file: string): number | undefined {
   }
 }
 
-
 /**
  * Start the cluster in `dir` (created). `osdBlock`: a block device for bluestore (the guest passes
  * a loop device); default a 4 GiB sparse file in `dir`. With `loopOnScratch`, the helper makes
  * that loop device itself over `<dir>/osd.img` and detaches it in stop().
  */
-export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loopBlock?: boolean; pool?: string } = {}): Promise<MiniCeph> {
+export async function startMiniCeph(
+  dir: string,
+  opts: { osdBlock?: string; loopBlock?: boolean; pool?: string } = {},
+): Promise<MiniCeph> {
   const t0 = performance.now();
   const pool = opts.pool ?? 'rbd';
   mkdirSync(dir, { recursive: true });
   for (const d of ['mon', 'osd', 'run', 'log']) mkdirSync(join(dir, d), { recursive: true });
-  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', HOME: process.env.HOME ?? '/root', LANG: 'C', CEPH_CONF: join(dir, 'ceph.conf') };
+  const env: NodeJS.ProcessEnv = {
+    PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin',
+    HOME: process.env.HOME ?? '/root',
+    LANG: 'C',
+    CEPH_CONF: join(dir, 'ceph.conf'),
+  };
   let loop: string | undefined;
   let block = opts.osdBlock ?? join(dir, 'osd-block.img');
   if (opts.loopBlock) {
@@ -79,7 +96,9 @@ export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loop
   const conf = join(dir, 'ceph.conf');
   writeFileSync(conf, confText(dir, fsid, block));
   const stop = async (): Promise<void> => {
-    const pids = ['osd.0', 'mon.a'].map((n) => pidOf(join(dir, 'run', `${n}.pid`))).filter((p): p is number => p !== undefined && processAlive(p));
+    const pids = ['osd.0', 'mon.a']
+      .map((n) => pidOf(join(dir, 'run', `${n}.pid`)))
+      .filter((p): p is number => p !== undefined && processAlive(p));
     for (const p of pids) {
       try {
         process.kill(p, 'SIGTERM');
@@ -101,7 +120,11 @@ export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loop
     rmSync(dir, { recursive: true, force: true });
   };
   try {
-    sh('monmaptool', ['--create', '--fsid', fsid, '--addv', 'a', '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]', join(dir, 'monmap')], env);
+    sh(
+      'monmaptool',
+      ['--create', '--fsid', fsid, '--addv', 'a', '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]', join(dir, 'monmap')],
+      env,
+    );
     sh('ceph-mon', ['--mkfs', '-i', 'a', '--monmap', join(dir, 'monmap')], env);
     sh('ceph-mon', ['-i', 'a'], env);
     const osdUuid = randomUUID();
@@ -124,7 +147,11 @@ export async function startMiniCeph(dir: string, opts: { osdBlock?: string; loop
     pool,
     env,
     startMs: Math.round(performance.now() - t0),
-    rbd: (args, o = {}) => sh('rbd', args, env, { ...(o.input ? { input: o.input } : {}), ...(o.timeoutMs ? { timeoutMs: o.timeoutMs } : {}) }),
+    rbd: (args, o = {}) =>
+      sh('rbd', args, env, {
+        ...(o.input ? { input: o.input } : {}),
+        ...(o.timeoutMs ? { timeoutMs: o.timeoutMs } : {}),
+      }),
     stop,
   };
 }

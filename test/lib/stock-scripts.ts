@@ -49,7 +49,8 @@ export async function stockScriptsDir(): Promise<string> {
   const unpacked = join(STOCK_CACHE, 'root');
   if (existsSync(join(scriptsIn(unpacked), 'block'))) return scriptsIn(unpacked);
   mkdirSync(STOCK_CACHE, { recursive: true });
-  const debs = (): string[] => readdirSync(STOCK_CACHE).filter((f) => f.startsWith(`${STOCK_PACKAGE}_`) && f.endsWith('.deb'));
+  const debs = (): string[] =>
+    readdirSync(STOCK_CACHE).filter((f) => f.startsWith(`${STOCK_PACKAGE}_`) && f.endsWith('.deb'));
   if (debs().length === 0) {
     let r = await run('apt-get', ['download', STOCK_PACKAGE], STOCK_CACHE);
     if (!r.ok) {
@@ -85,9 +86,11 @@ export async function stockScriptsDir(): Promise<string> {
 export async function stockPrerequisites(): Promise<string[]> {
   const missing: string[] = [];
   for (const tool of ['xenstore-read', 'xenstore-write', 'xenstore-list', 'flock', 'losetup', 'logger', 'stat']) {
-    if (!onPath(tool)) missing.push(`${tool} (${tool.startsWith('xenstore') ? 'apt-get install xenstore-utils' : 'not on PATH'})`);
+    if (!onPath(tool))
+      missing.push(`${tool} (${tool.startsWith('xenstore') ? 'apt-get install xenstore-utils' : 'not on PATH'})`);
   }
-  if (!existsSync('/dev/stdin')) missing.push('/dev/stdin (the stock lock spins forever without it: ln -s /proc/self/fd/0 /dev/stdin)');
+  if (!existsSync('/dev/stdin'))
+    missing.push('/dev/stdin (the stock lock spins forever without it: ln -s /proc/self/fd/0 /dev/stdin)');
   try {
     mkdirSync('/var/log/xen', { recursive: true });
   } catch (e) {

@@ -15,7 +15,9 @@ const via: Array<[string, string]> = [
 async function main(): Promise<number> {
   let failed = 0;
   for (const [label, path] of via) {
-    const cases = xenstoreConformance(() => connectXenstore({ path, timeoutMs: 60_000 }), { base: `/xbh-conformance-${label.replace(/\W/g, '')}` });
+    const cases = xenstoreConformance(() => connectXenstore({ path, timeoutMs: 60_000 }), {
+      base: `/xbh-conformance-${label.replace(/\W/g, '')}`,
+    });
     for (const c of cases) {
       const t0 = Date.now();
       try {
@@ -24,7 +26,10 @@ async function main(): Promise<number> {
       } catch (e) {
         failed++;
         console.log(`not ok - real xenstored via ${label}: ${c.name}`);
-        for (const line of String((e as Error)?.stack ?? e).split('\n').slice(0, 12)) console.log(`#   ${line}`);
+        for (const line of String((e as Error)?.stack ?? e)
+          .split('\n')
+          .slice(0, 12))
+          console.log(`#   ${line}`);
       }
       console.log(`# (${Date.now() - t0} ms)`);
     }
