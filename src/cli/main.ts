@@ -36,6 +36,8 @@ import { SIMULATE_HELP, simulate } from './simulate.js';
 import { STATUS_HELP, renderStatus, rowJson, statusPlan, statusWarnings, type StatusOptions } from './status.js';
 import { VdevError, vdevToDevid } from './vdev.js';
 import { WATCH_HELP, watch } from './watch.js';
+import { SERVE_HELP, serve } from './serve.js';
+import { ServeSetupError } from '../serve/service.js';
 import { AlreadyRunningError } from '../lock/instance.js';
 
 export const MAIN_HELP = `Usage: xen-blockhooks COMMAND [options]
@@ -48,6 +50,8 @@ Commands:
   grow DOMAIN VDEV +SIZE enlarge a copy-on-write store, thin pool or snapshot while the guest runs
   resize DOMAIN VDEV SIZE change the size the guest sees of one disk (online where the hook can)
   watch [--once]         grow stores before they overflow; report devices the kernel dropped
+  serve                  the resident service: run the hooks' events without starting Node
+                         for each, and watch as above
   open DOMAIN VDEV|IMAGE map a disk's partitions in dom0 (read-only unless --rw) and print them
   close DOMAIN VDEV|IMAGE
                          take away what open made
@@ -169,6 +173,15 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       specs: [
         HELP,
         { name: 'once', type: 'flag' },
+        { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' },
+      ],
+    },
+    serve: {
+      help: SERVE_HELP,
+      specs: [
+        HELP,
+        { name: 'dir', type: 'string' },
+        { name: 'no-watch', type: 'flag' },
         { name: 'interval', type: 'int', min: 100, max: 86_400_000, unit: 'ms' },
       ],
     },
@@ -410,6 +423,34 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (!deps.logger) await log.close();
         }
       }
+      case 'serve': {
+        if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        const dir = str(p, 'dir');
+        if (dir !== undefined && !dir.startsWith('/')) return usage(`--dir needs an absolute path, not "${dir}"`, cmd);
+        const interval = int(p, 'interval');
+        const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
+        try {
+          return await serve(
+            {
+              ...(dir !== undefined ? { dir } : {}),
+              watch: !flag(p, 'no-watch'),
+              ...(interval !== undefined ? { intervalMs: interval } : {}),
+            },
+            {
+              config,
+              run,
+              log,
+              out,
+              err,
+              env,
+              version: deps.version ?? 'development',
+              ...(deps.stopSignal ? { stop: deps.stopSignal } : {}),
+            },
+          );
+        } finally {
+          if (!deps.logger) await log.close();
+        }
+      }
       case 'open':
       case 'close': {
         let target: OpenTarget;
@@ -465,6 +506,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       e instanceof VdevError ||
       e instanceof GrowError ||
       e instanceof AlreadyRunningError ||
+      e instanceof ServeSetupError ||
       e instanceof OpenError
     )
       return fail(e.message);

@@ -104,6 +104,9 @@ function faultPoint(): void {
   // Read at run time, not when the module loads: a startup snapshot would keep the value its builder had.
   const killAfter = Number(process.env.XEN_BLOCKHOOKS_FAULT_KILL_AFTER ?? 0);
   if (killAfter > 0 && commandsRun >= killAfter) process.kill(process.pid, 'SIGKILL');
+  // A process that hangs instead (stopped: alive, holding its locks, answering nothing).
+  const stopAfter = Number(process.env.XEN_BLOCKHOOKS_FAULT_STOP_AFTER ?? 0);
+  if (stopAfter > 0 && commandsRun >= stopAfter) process.kill(process.pid, 'SIGSTOP');
 }
 
 /** Run one command to its end; never throws, never rejects. */

@@ -144,7 +144,7 @@ t.test('without a command, or an unknown one', async (t) => {
   t.equal(await cliMain(['help', 'frobnicate'], {}, deps), 2);
   t.same(err, [
     'xen-blockhooks: no command given; run "xen-blockhooks --help" for usage',
-    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
-    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, serve, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
+    'xen-blockhooks: unknown command "frobnicate" (simulate, status, gc, grow, resize, watch, serve, xenstored, check, open, close, version); run "xen-blockhooks --help" for usage',
   ]);
 });

@@ -120,7 +120,7 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   t.same(tree(h.dest), INSTALLED, 'exactly these files, with these modes');
   t.equal(readFileSync(join(h.dest, 'etc/xen/scripts/block'), 'utf8'), h.stock, 'the stock block is untouched');
   const wrapper = readFileSync(join(h.dest, 'etc/xen/scripts/block-cow'), 'utf8');
-  t.match(wrapper, /^#!\/bin\/sh\n/);
+  t.match(wrapper, /^#!\/bin\/bash\n/);
   t.match(wrapper, /unset NODE_OPTIONS NODE_PATH/);
   t.ok(
     wrapper.includes(`exec "$n" '/usr/lib/xen-blockhooks/block-cow.mjs' "$@"`),

@@ -1,0 +1,292 @@
+/**
+ * `xen-blockhooks serve`: the resident service. It keeps Node, the bundled hooks and their
+ * modules loaded, takes each hook event a wrapper hands over (protocol.ts) and runs it through
+ * the same `runHook` a per-event hook runs: same journal, xenstore writes, log lines and locks.
+ * Events run concurrently; what two of them share (a backend path, a base, a pool, Xen's block
+ * lock) serialises them through those same flocks, whose owner is an open file description, so
+ * two events of one process exclude each other as two processes do.
+ *
+ * Its contract with the wrapper: a taken request is answered with `a` at once, then `h` every
+ * HEARTBEAT_MS until `x CODE`. A wrapper that hears nothing for a few seconds takes the service
+ * for dead or hung, kills it if it still runs, and runs the event itself, where the journal
+ * record finishes or undoes what the service began. So the service never has to be trusted to
+ * finish: it only has to be fast when it is up.
+ *
+ * SIGTERM or SIGINT: no new event is taken (a wrapper waiting for `a` revokes its request and
+ * runs the event itself), the events in flight finish, then the service exits 0.
+ */
+import { constants, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, unlinkSync } from 'node:fs';
+import { closeSync, writeSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import type { Backend } from '../backends/types.js';
+import type { Runner } from '../devices/runner.js';
+import { messageOf } from '../disk/errors.js';
+import { runHook } from '../hotplug/main.js';
+import type { Logger } from '../log/logger.js';
+import { HEARTBEAT_MS, outputLines, parseRequest, parseSlotLine, ProtocolError, SLOTS } from './protocol.js';
+
+export const DEFAULT_SERVE_DIR = '/run/xen-blockhooks/serve';
+
+export interface ServeDeps {
+  dir: string;
+  hooks: (name: string) => Backend | undefined;
+  run: Runner;
+  log: Logger;
+  version: string;
+  /** The environment an event starts from; the wrapper's forwarded variables are laid over it. */
+  baseEnv: NodeJS.ProcessEnv;
+  /** Resolves when the service should stop. */
+  stop: Promise<void>;
+}
+
+export class ServeSetupError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ServeSetupError';
+  }
+}
+
+function isEnoent(e: unknown): boolean {
+  return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Only the service's own user (root) may enter the channel directory; refuse to use one others can. */
+export function prepareDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = lstatSync(dir);
+  const uid = process.getuid?.() ?? 0;
+  if (!st.isDirectory()) throw new ServeSetupError(`${dir} is not a directory`);
+  if (st.uid !== uid) throw new ServeSetupError(`${dir} belongs to uid ${st.uid}, not to this service's uid ${uid}`);
+  if ((st.mode & 0o077) !== 0)
+    throw new ServeSetupError(
+      `${dir} has mode ${(st.mode & 0o777).toString(8)}: others could hand over events; it must be 0700`,
+    );
+}
+
+/** The FIFOs of the channel that are missing (an entry of another kind is removed first). */
+function missingFifos(dir: string): string[] {
+  const want = ['in', ...Array.from({ length: SLOTS }, (_, k) => `${k}.out`)];
+  const out: string[] = [];
+  for (const name of want) {
+    const p = join(dir, name);
+    try {
+      if (lstatSync(p).isFIFO()) continue;
+      unlinkSync(p);
+    } catch (e) {
+      if (!isEnoent(e)) throw e;
+    }
+    out.push(p);
+  }
+  return out;
+}
+
+function claimPid(dir: string, slot: number): number | undefined {
+  try {
+    const s = readFileSync(join(dir, `${slot}.claim`), 'utf8').trim();
+    return /^\d+$/.test(s) ? Number(s) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function unlinkQuiet(p: string): void {
+  try {
+    unlinkSync(p);
+  } catch {}
+}
+
+/** A slot is free again once its claim's wrapper has ended: claim, request and revoked copies go. */
+function freeSlot(dir: string, slot: number): void {
+  for (const s of ['req', 'taken', 'revoked', 'claim']) unlinkQuiet(join(dir, `${slot}.${s}`));
+}
+
+export class Service {
+  private readonly inFlight = new Set<Promise<void>>();
+  private stopping = false;
+  private sweepTimer: NodeJS.Timeout | undefined;
+  private input: Socket | undefined;
+
+  constructor(private readonly d: ServeDeps) {}
+
+  /** Make the channel and start taking events; returns when stopped and every event in flight ended. */
+  async run(): Promise<void> {
+    const { dir } = this.d;
+    prepareDir(dir);
+    const fifos = missingFifos(dir);
+    if (fifos.length) await this.d.run.run('mkfifo', ['-m', '0600', '--', ...fifos]);
+    // A request left by a wrapper that is still waiting (handed over to a service that stopped)
+    // is taken now; everything of a wrapper that has ended goes.
+    const pending: number[] = [];
+    for (let k = 0; k < SLOTS; k++) {
+      const pid = claimPid(dir, k);
+      if (pid === undefined || !pidAlive(pid)) freeSlot(dir, k);
+      else {
+        unlinkQuiet(join(dir, `${k}.taken`));
+        pending.push(k);
+      }
+    }
+    for (const name of readdirSync(dir)) if (name.endsWith('.tmp')) unlinkQuiet(join(dir, name));
+    const fd = openSync(join(dir, 'in'), constants.O_RDWR | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+    const input = new Socket({ fd, readable: true, writable: false });
+    this.input = input;
+    let buffered = '';
+    input.setEncoding('latin1');
+    input.on('data', (chunk: string) => {
+      buffered += chunk;
+      let nl: number;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        this.take(line);
+      }
+      if (buffered.length > 64) buffered = ''; // no line is this long: noise
+    });
+    input.on('error', (e) => this.d.log.warn(`serve: reading ${dir}/in: ${messageOf(e)}`));
+    this.writePid();
+    for (const k of pending) this.take(String(k));
+    this.sweepTimer = setInterval(() => this.sweep(), 30_000);
+    this.sweepTimer.unref();
+    this.d.log.info(`serve: started, channel ${dir}`);
+    await this.d.stop;
+    this.stopping = true;
+    input.destroy();
+    clearInterval(this.sweepTimer);
+    unlinkQuiet(join(dir, 'pid'));
+    while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    this.sweep();
+    this.d.log.info('serve: stopped');
+  }
+
+  private writePid(): void {
+    const tmp = join(this.d.dir, `pid.${process.pid}.tmp`);
+    const fd = openSync(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o600);
+    writeSync(fd, `${process.pid}\n`);
+    closeSync(fd);
+    renameSync(tmp, join(this.d.dir, 'pid'));
+  }
+
+  /** Free every slot whose wrapper has ended (a wrapper that fell back and ended, one that died). */
+  private sweep(): void {
+    for (let k = 0; k < SLOTS; k++) {
+      const pid = claimPid(this.d.dir, k);
+      if (pid !== undefined && !pidAlive(pid)) freeSlot(this.d.dir, k);
+    }
+  }
+
+  private take(line: string): void {
+    if (this.stopping) return;
+    const slot = parseSlotLine(line);
+    if (slot === undefined) {
+      this.d.log.warn(`serve: refused a line on ${this.d.dir}/in that names no slot`);
+      return;
+    }
+    const p = this.event(slot).catch((e: unknown) =>
+      this.d.log.error(`serve: slot ${slot}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`),
+    );
+    this.inFlight.add(p);
+    void p.finally(() => this.inFlight.delete(p));
+  }
+
+  private async event(slot: number): Promise<void> {
+    const { dir } = this.d;
+    const taken = join(dir, `${slot}.taken`);
+    try {
+      renameSync(join(dir, `${slot}.req`), taken);
+    } catch (e) {
+      if (isEnoent(e)) return; // revoked by its wrapper, or a line naming an idle slot
+      throw e;
+    }
+    let bytes: Buffer;
+    try {
+      const st = lstatSync(taken);
+      if (!st.isFile() || st.uid !== (process.getuid?.() ?? 0) || st.nlink !== 1)
+        throw new ProtocolError('request is not a plain file of the service owner');
+      bytes = readFileSync(taken);
+    } finally {
+      unlinkQuiet(taken);
+    }
+    const out = this.openReply(slot);
+    if (out === undefined) return;
+    const say = (s: string): boolean => {
+      try {
+        writeSync(out, s);
+        return true;
+      } catch {
+        return false; // its wrapper is gone (nobody reads, the FIFO is full): it runs the event itself
+      }
+    };
+    try {
+      let req;
+      try {
+        req = parseRequest(bytes, slot, (n) => this.d.hooks(n) !== undefined);
+        if (claimPid(dir, slot) !== req.pid) throw new ProtocolError(`the slot's claim is not pid ${req.pid}'s`);
+      } catch (e) {
+        if (!(e instanceof ProtocolError)) throw e;
+        this.d.log.warn(`serve: refused the request on slot ${slot}: ${e.message}`);
+        say(`r ${e.message}\n`);
+        return;
+      }
+      const backend = this.d.hooks(req.hook) as Backend;
+      say('a\n');
+      const beat = setInterval(() => say('h\n'), HEARTBEAT_MS);
+      let code: number;
+      try {
+        code = await runHook(
+          backend,
+          req.argv,
+          { ...this.d.baseEnv, ...req.env },
+          {
+            version: this.d.version,
+            out: (s) => void say(outputLines('o', s)),
+            err: (s) => void say(outputLines('e', s)),
+            ...(backend.script === 'block' ? { typeDispatch: true } : {}),
+          },
+        );
+      } catch (e) {
+        say(
+          outputLines('e', `${req.hook}: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`),
+        );
+        code = 70;
+      } finally {
+        clearInterval(beat);
+      }
+      say(`x ${code}\n`);
+      this.release(slot, req.pid);
+    } finally {
+      closeSync(out);
+    }
+  }
+
+  /** The reply FIFO, opened without blocking whether or not its wrapper is there. */
+  private openReply(slot: number): number | undefined {
+    const p = join(this.d.dir, `${slot}.out`);
+    try {
+      if (!lstatSync(p).isFIFO()) throw new Error('not a FIFO');
+      return openSync(p, constants.O_RDWR | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+    } catch (e) {
+      this.d.log.warn(`serve: slot ${slot}: cannot open ${p}: ${messageOf(e)}`);
+      return undefined;
+    }
+  }
+
+  /** Free the slot once its wrapper has read its answer and ended. */
+  private release(slot: number, pid: number): void {
+    let tries = 0;
+    const check = (): void => {
+      if (!pidAlive(pid)) freeSlot(this.d.dir, slot);
+      else if (++tries < 300) setTimeout(check, 20 + Math.min(tries * 10, 500)).unref();
+      // beyond that the 30 s sweep frees it
+    };
+    setTimeout(check, 5).unref();
+  }
+}
