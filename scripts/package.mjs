@@ -10,7 +10,7 @@
  *   /usr/sbin/xen-blockhooks        the command's wrapper; xen-blockhooks-replace-block
  *   /etc/xen/blockhooks.conf        the defaults, all commented (a conffile)
  *   /etc/logrotate.d/xen-blockhooks the log's rotation (a conffile)
- *   /lib/systemd/system/            xen-blockhooks-boot.service (enabled), xen-blockhooks-watch.service
+ *   /lib/systemd/system/            xen-blockhooks-boot.service and xen-blockhooks.service (both enabled)
  *   /usr/share/man/                 the man pages, gzipped
  *   /usr/share/doc/xen-blockhooks/  copyright (ours and every bundled npm package's, from
  *                                   dist/licenses.json), changelog.gz
@@ -105,7 +105,7 @@ try {
 
   copy(join(root, 'packaging/blockhooks.conf'), '/etc/xen/blockhooks.conf');
   copy(join(root, 'packaging/logrotate'), '/etc/logrotate.d/xen-blockhooks');
-  for (const u of ['xen-blockhooks-boot.service', 'xen-blockhooks-watch.service']) {
+  for (const u of ['xen-blockhooks-boot.service', 'xen-blockhooks.service']) {
     put(`${UNITS}/${u}`, readFileSync(join(root, 'packaging', `${u}.in`), 'utf8').replaceAll('@SBINDIR@', '/usr/sbin'));
   }
   for (const page of readdirSync(join(root, 'packaging/man')).sort()) {

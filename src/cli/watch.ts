@@ -22,7 +22,7 @@ watch.step percent (default 25) — block-cow store files (online, losetup -c), 
 pool (data or metadata, reload), block-lvsnap snapshots (lvextend). A device the kernel has
 already dropped (Invalid snapshot, full pool) is reported once, and again only when its state
 changes: growing cannot save it. A device whose problem is gone is reported as recovered, once.
-The installer ships a systemd unit, xen-blockhooks-watch.service, that runs this command.
+The resident service (xen-blockhooks serve, unit xen-blockhooks.service) runs this loop too.
 
 Options:
   --once          one pass, then exit (1 when a device needs a person, 0 otherwise)

@@ -74,7 +74,7 @@ t.test('file list and modes: bundles, wrappers, configuration, man pages, units;
     f('-rw-r--r--', '/etc/xen/blockhooks.conf'),
     ...hooks.map((h) => f('-rwxr-xr-x', `/etc/xen/scripts/${h}`)),
     f('-rw-r--r--', '/lib/systemd/system/xen-blockhooks-boot.service'),
-    f('-rw-r--r--', '/lib/systemd/system/xen-blockhooks-watch.service'),
+    f('-rw-r--r--', '/lib/systemd/system/xen-blockhooks.service'),
     ...bundles.flatMap((b) => [
       f('-rw-r--r--', `/usr/lib/xen-blockhooks/${b}.cjs`),
       f('-rwxr-xr-x', `/usr/lib/xen-blockhooks/${b}.mjs`),

@@ -63,7 +63,7 @@ function setup(t: { teardown(f: () => void): void }) {
   // check: says which configuration and script directory it was given; FAKE_CHECK_EXIT makes it find problems.
   writeFileSync(
     join(src, 'dist', 'xen-blockhooks.mjs'),
-    `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'watch') process.exitCode = 2;\n` +
+    `${hook('xen-blockhooks').replace(/\n$/, '')}\nif (process.argv[2] === 'serve') process.exitCode = 2;\n` +
       "if (process.argv[2] === 'check') { process.stdout.write(`\\ncheck env: ${process.env.XEN_BLOCKHOOKS_CONF} ${process.env.XEN_SCRIPT_DIR}\\n`); if (process.env.FAKE_CHECK_EXIT) { process.stdout.write('problem: the fake check found one\\n1 problem found.\\n'); process.exitCode = Number(process.env.FAKE_CHECK_EXIT); } }\n",
   );
   const dest = join(top, 'dest');
@@ -137,8 +137,8 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
     ),
   );
   t.notOk(
-    existsSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service')),
-    'no watch unit when the command has no watch',
+    existsSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks.service')),
+    'no service unit when the command has no serve',
   );
   const boot = readFileSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-boot.service'), 'utf8');
   t.match(boot, /^ExecStart=\/usr\/sbin\/xen-blockhooks gc --apply$/m, 'the boot cleanup runs gc --apply');
@@ -334,17 +334,22 @@ t.test('the shipped configuration documents every key and parses', async (t) => 
   t.same(parseConfig(active, 'blockhooks.conf'), defaultConfig(), 'uncommented, it states exactly the defaults');
 });
 
-t.test('the watch unit is installed (and uninstalled) when the CLI has the watch command', async (t) => {
+t.test('the service unit is installed, enabled (and uninstalled) when the CLI has the serve command', async (t) => {
   const h = setup(t);
   h.seed();
   writeFileSync(join(h.src, 'dist', 'xen-blockhooks.mjs'), '#!/usr/bin/env node\n');
   const r = h.install([]);
   t.equal(r.code, 0, r.err);
-  const unit = join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-watch.service');
+  const unit = join(h.dest, 'usr/lib/systemd/system/xen-blockhooks.service');
+  const wants = join(h.dest, 'etc/systemd/system/multi-user.target.wants/xen-blockhooks.service');
   t.ok(existsSync(unit), 'unit written');
-  t.match(readFileSync(unit, 'utf8'), /^ExecStart=\/usr\/sbin\/xen-blockhooks watch$/m);
+  const text = readFileSync(unit, 'utf8');
+  t.match(text, /^ExecStart=\/usr\/sbin\/xen-blockhooks serve$/m);
+  t.match(text, /^KillMode=process$/m, "a stop signals the service alone, never a disk's qemu-nbd");
+  t.equal(readlinkSync(wants), '/usr/lib/systemd/system/xen-blockhooks.service', 'enabled as systemctl enable would');
   t.equal(h.install(['--uninstall']).code, 0);
   t.notOk(existsSync(unit), 'removed by --uninstall');
+  t.notOk(existsSync(wants), 'and its enabling link');
 });
 
 t.test('a check that finds problems is shown, and the installation is still complete', async (t) => {

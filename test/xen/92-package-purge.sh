@@ -16,7 +16,7 @@ check "the diversion is undone and block.stock is gone" sh -c '[ -z "$(dpkg-dive
 check "/etc/xen/scripts/block is xen-utils-common's, unchanged" cmp "$stock" /etc/xen/scripts/block
 left=
 for f in $LIB /usr/sbin/xen-blockhooks /usr/sbin/xen-blockhooks-replace-block /etc/xen/blockhooks.conf /etc/logrotate.d/xen-blockhooks \
-	/lib/systemd/system/xen-blockhooks-boot.service /lib/systemd/system/xen-blockhooks-watch.service /run/xen-blockhooks; do
+	/lib/systemd/system/xen-blockhooks-boot.service /lib/systemd/system/xen-blockhooks.service /run/xen-blockhooks; do
 	[ -e "$f" ] && left="$left $f"
 done
 for h in $HOOKS; do [ "$h" = block ] || { [ -e /etc/xen/scripts/$h ] && left="$left /etc/xen/scripts/$h"; }; done
