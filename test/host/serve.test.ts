@@ -7,73 +7,20 @@
  * messages on the channel, and a user who is not root.
  */
 import t from 'tap';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
 import { formatRequest } from '../../src/serve/protocol.js';
 import { destroyNodes } from '../lib/backend-nodes.js';
-import { harness, ROOT, runProcess, type BlockHarness } from '../lib/block-harness.js';
+import { harness, runProcess, type BlockHarness } from '../lib/block-harness.js';
+import { startServe as serveOn, writeWrapper, type Served } from '../lib/serve-harness.js';
 
 t.setTimeout(600_000);
 
-const CLI = join(ROOT, 'dist', 'xen-blockhooks.mjs');
-
-/** The wrapper as ./install writes it for `block`, running dist/block.mjs with this node. */
-function writeWrapper(dir: string): string {
-  const lib = join(dir, 'lib');
-  mkdirSync(lib, { recursive: true });
-  writeFileSync(join(lib, 'node'), `${process.execPath}\n`);
-  const text = readFileSync(join(ROOT, 'packaging/wrapper.sh.in'), 'utf8')
-    .replaceAll('@NAME@', 'block')
-    .replaceAll('@LIBDIR@', lib)
-    .replace('@BUNDLE@', join(ROOT, 'dist', 'block.mjs'))
-    .replace('@SNAPSHOT@', '')
-    .replace('@CONF@', '');
-  const path = join(dir, 'block');
-  writeFileSync(path, text, { mode: 0o755 });
-  return path;
-}
-
-interface Served {
-  child: ChildProcess;
-  dir: string;
-  pid: number;
-  exited: Promise<number | null>;
-  stderr: () => string;
-  stop(): Promise<number | null>;
-}
-
-/** `xen-blockhooks serve --no-watch` on `dir`, ready once its pid file names it. */
-async function startServe(h: BlockHarness, dir: string, env: Record<string, string> = {}): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, 'serve', '--no-watch', '--dir', dir], {
-    env: { ...h.env('backend/vbd/0/0'), ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let err = '';
-  child.stderr?.on('data', (b: Buffer) => (err += b.toString()));
-  child.stdout?.resume();
-  const exited = new Promise<number | null>((res) => child.on('exit', (code) => res(code)));
-  const pid = child.pid as number;
-  for (let i = 0; i < 200; i++) {
-    try {
-      if (readFileSync(join(dir, 'pid'), 'utf8').trim() === String(pid)) break;
-    } catch {}
-    if (child.exitCode !== null) throw new Error(`serve exited ${child.exitCode}: ${err}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  if (!existsSync(join(dir, 'pid'))) throw new Error(`serve did not start: ${err}`);
-  return {
-    child,
-    dir,
-    pid,
-    exited,
-    stderr: () => err,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
-      return exited;
-    },
-  };
+/** `xen-blockhooks serve` with the harness's environment (its configuration, state and log). */
+function startServe(h: BlockHarness, dir: string, env: Record<string, string> = {}): Promise<Served> {
+  return serveOn(dir, { ...h.env('backend/vbd/0/0'), ...env });
 }
 
 function recordPid(h: BlockHarness, be: string): number | undefined {
@@ -83,7 +30,7 @@ function recordPid(h: BlockHarness, be: string): number | undefined {
 async function setup(t: { teardown(fn: () => unknown): void }) {
   const h = await harness(t);
   const dir = join(h.dir, 'serve');
-  const wrapper = writeWrapper(h.dir);
+  const wrapper = writeWrapper(h.dir, 'block');
   return { h, dir, wrapper, env: { XEN_BLOCKHOOKS_SERVE_DIR: dir } };
 }
 
