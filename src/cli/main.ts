@@ -216,16 +216,19 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
     for (const l of renderCheck(report)) out(l);
     return report.problems.length ? 1 : 0;
   }
-  let config: Config;
+  // A configuration that does not load is reported (exit 1) only by needConfig(), which each
+  // command calls after its own usage checks: bad usage exits 2 whatever the file says.
+  let config!: Config;
+  let configError: ConfigError | undefined;
   try {
     config = deps.config ?? loadConfig(env);
   } catch (e) {
-    if (e instanceof ConfigError) {
-      err(`xen-blockhooks: configuration error: ${e.message}`);
-      return 1;
-    }
-    throw e;
+    if (!(e instanceof ConfigError)) throw e;
+    configError = e;
   }
+  const needConfig = () => {
+    if (configError) throw configError;
+  };
   const run = deps.run ?? execRunner(env);
   const connect = deps.connect ?? (() => connectXenstore({ env, timeoutMs: 5000 }));
   const tryConnect = async () => {
@@ -273,6 +276,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (e instanceof DiskSpecError || e instanceof VdevError) return usage(e.message, cmd);
           throw e;
         }
+        needConfig();
         return await simulate(
           {
             spec,
@@ -305,6 +309,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (e instanceof UsageError) return usage(e.message, cmd);
           throw e;
         }
+        needConfig();
         const xs = await tryConnect();
         try {
           const inv = await inventory('status: reading the journal, xenstore and the kernel', xs);
@@ -318,6 +323,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
       case 'gc': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        needConfig();
         const xs = await tryConnect();
         // Only --apply logs (and so may create the log file): a plan changes nothing on the machine.
         let log: Logger | undefined;
@@ -394,6 +400,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
             return usage(e.message, cmd);
           throw e;
         }
+        needConfig();
         const log = deps.logger ?? cliLogger(config);
         const d = { config, run, log, out };
         try {
@@ -412,6 +419,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
       case 'watch': {
         if (p.positional.length) return usage(`unexpected argument "${p.positional[0]}"`, cmd);
+        needConfig();
         const interval = int(p, 'interval');
         const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
         try {
@@ -460,6 +468,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
           if (e instanceof OpenError || e instanceof VdevError) return usage(e.message, cmd);
           throw e;
         }
+        needConfig();
         // Only --rw asks xenstore (whether a domain has the disk).
         const xs = cmd === 'open' && flag(p, 'rw') ? await tryConnect() : undefined;
         const log = deps.logger ?? cliLogger(config);
@@ -499,6 +508,10 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
       }
     }
   } catch (e) {
+    if (e instanceof ConfigError) {
+      err(`xen-blockhooks: configuration error: ${e.message}`);
+      return 1;
+    }
     const denied = permissionSentence(e, isRoot);
     if (denied) return fail(denied);
     if (

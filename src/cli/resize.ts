@@ -35,8 +35,8 @@ blkfront); grow the filesystem inside it then (resize2fs /dev/xvda).
   block-rbd     the clone is resized (rbd resize); the kernel's rbd device follows
 
 A persistent disk that is not attached is named by its DOMAIN (a name) and its DISKSPEC as in
-the domain's configuration (xl: 'vdev=xvda,access=w,script=block-cow,target=/srv/base.img 64
-persistent'; xm: 'cow:/srv/base.img 64 persistent,xvda,w'): its store's tail, its thin volume's
+the domain's configuration (xl: 'vdev=xvda,access=w,script=block-cow,target=/srv/xen/base.img 64
+persistent'; xm: 'cow:/srv/xen/base.img 64 persistent,xvda,w'): its store's tail, its thin volume's
 recorded size, its qcow2 overlay or its image is resized in place, for its next add. Refused
 while anything uses it, for a transient disk (it exists only while attached), and for block-lvsnap
 and block-rbd (attach them, then resize).

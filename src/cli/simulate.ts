@@ -9,6 +9,20 @@
  * /dev/null, SIGKILL after 40 s. Before add the backend is put in state 2 (what blkback does);
  * before remove `online` = 0 and state 6 (libxl's Closing, then blkback's Closed); after remove
  * the backend, frontend and /libxl nodes are deleted (libxl__device_destroy).
+ *
+ * Safety. With the embedded server the hook keeps its journal and locks under
+ * <state_dir>/simulate, so a real disk's record is never its to find or undo. What a hook shares
+ * host-wide beyond its journal is not namespaced: block-thin's one pool (the dm device
+ * xbh-thinpool, its files and thin-pool.transient.json in store_dir; its thin ids and its
+ * teardown are decided from the journal) and block-qcow's choice of a free /dev/nbdN (reserved by
+ * journal records). A simulated hook would decide those from simulate's journal alone, blind to
+ * the real disks. So the rule is refusal, before anything is built: in embedded mode, block-thin
+ * is refused while the real journal holds a block-thin record (or any record of the pool) or the
+ * pool, its devices or its files exist and simulate itself did not make them; block-qcow is
+ * refused while the real journal holds a block-qcow record. A remove is refused only for the
+ * first reason (the pool a kept simulated disk made is expected to be there). With
+ * --real-xenstore the hooks use the real journal and locks, so they share as real disks do.
+ * Either way the hook writes no line to the hotplug log unless XEN_BLOCKHOOKS_LOG_FILE names one.
  */
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
@@ -25,6 +39,8 @@ import { parseDisk, type Disk } from './diskspec.js';
 import { readKernel, type KernelState } from './kernel.js';
 import { recordStrings } from './inventory.js';
 import { paramsSource } from '../backends/index.js';
+import { THIN_POOL_NAME, THIN_STEP, poolFiles } from '../backends/thin.js';
+import { dmInfo } from '../devices/dmsetup.js';
 
 export const SIMULATE_HELP = `Usage: xen-blockhooks simulate [options] DISKSPEC
 
@@ -53,9 +69,12 @@ Options:
   -h, --help         this text
 
 Safety: with the embedded server the hook keeps its journal and locks in a namespace of its own
-(<state_dir>/simulate) and writes no line to the hotplug log unless XEN_BLOCKHOOKS_LOG_FILE names
-one; a backend path that has a record in the real journal, or a node in a running xenstored, is
-refused. Real devices are still built (loop, device-mapper, nbd): that is what is simulated for.
+(<state_dir>/simulate); a backend path that has a record in the real journal, or a node in a
+running xenstored, is refused, and so are block-thin while real block-thin disks or the thin pool
+exist (they share one pool) and block-qcow while real block-qcow disks exist (they share the nbd
+devices): use --real-xenstore for those. The hook writes no line to the hotplug log unless
+XEN_BLOCKHOOKS_LOG_FILE names one. Real devices are still built (loop, device-mapper, nbd): that
+is what is simulated for.
 
 Exit status: 0 the hook did its job (and remove left nothing), 1 the hook failed or left
 something behind (what, is printed), or was refused, 2 bad usage (a DISKSPEC that
@@ -70,6 +89,53 @@ export function simulateStateDir(config: Config): string {
 }
 
 const BACKEND_DOMID = 0;
+
+/**
+ * Why the hook `script`, run with simulate's own journal, would share host-wide state with the
+ * real disks (see the header), or undefined when it would not.
+ */
+export async function sharedStateConflict(
+  script: string,
+  action: SimulateOptions['action'],
+  deps: { config: Config; run: Runner },
+): Promise<string | undefined> {
+  const hook = script.includes('/') ? script.slice(script.lastIndexOf('/') + 1) : script;
+  if (hook !== 'block-thin' && hook !== 'block-qcow') return undefined;
+  const real = new Journal(deps.config.stateDir);
+  const { entries, unreadable } = real.list();
+  const users = entries.filter(
+    (e) =>
+      e.script === hook ||
+      (hook === 'block-thin' && e.steps.some((s) => s.kind === THIN_STEP.pool || s.kind === THIN_STEP.thin)),
+  );
+  const what = hook === 'block-thin' ? `the thin pool ${THIN_POOL_NAME}` : 'the choice of a free nbd device';
+  if (users.length)
+    return `${hook} disks share ${what} with the real ${hook} disks, and the real journal holds ${users.length === 1 ? 'one' : users.length}: ${users.map((e) => `${e.backendPath} (${real.file(e.backendPath)})`).join(', ')}`;
+  if (unreadable.length)
+    return `${hook} disks share ${what} with the real ${hook} disks, and the real journal has records that cannot be read (${unreadable.map((u) => u.file).join(', ')})`;
+  if (hook !== 'block-thin' || action === 'remove') return undefined;
+  // Made by a simulated disk that is still kept: simulate's own pool.
+  const own = new Journal(simulateStateDir(deps.config))
+    .list()
+    .entries.some((e) => e.steps.some((s) => s.kind === THIN_STEP.pool));
+  if (own) return undefined;
+  const f = poolFiles(deps.config);
+  const found: string[] = [];
+  let running;
+  try {
+    running = await dmInfo(deps.run, THIN_POOL_NAME);
+  } catch {
+    running = undefined;
+  }
+  if (running) found.push(`the device /dev/mapper/${THIN_POOL_NAME} is running`);
+  if (deps.config.thin.dataDevice || deps.config.thin.metadataDevice)
+    found.push(
+      `it is on the administrator's devices (thin.data_device ${deps.config.thin.dataDevice || '-'}, thin.metadata_device ${deps.config.thin.metadataDevice || '-'})`,
+    );
+  for (const file of [f.data, f.meta, f.volumes, f.transient]) if (existsSync(file)) found.push(`${file} exists`);
+  if (found.length) return `block-thin disks share ${what} with the real block-thin disks: ${found.join('; ')}`;
+  return undefined;
+}
 
 export interface SimulateOptions {
   spec: string;
@@ -358,12 +424,23 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
     );
     return 1;
   }
+  if (!o.realXenstore) {
+    const shared = await sharedStateConflict(script, o.action, deps);
+    if (shared) {
+      err(
+        `xen-blockhooks simulate: ${shared}; with the embedded xenstore simulate keeps a journal of its own and could take or tear down what a real disk uses, so it builds nothing: run it with --real-xenstore (the hooks' own journal and locks)`,
+      );
+      return 1;
+    }
+  }
   const journal = o.realXenstore ? realJournal : new Journal(simulateStateDir(deps.config));
 
   let server: XenstoreServer | undefined;
   let sockDir: string | undefined;
   let xs: XenstoreClient | undefined;
   const hookEnv: NodeJS.ProcessEnv = { ...deps.env };
+  // The real hotplug log gets no simulated line unless the caller names a log.
+  if (deps.env.XEN_BLOCKHOOKS_LOG_FILE === undefined) hookEnv.XEN_BLOCKHOOKS_LOG_FILE = '';
   try {
     if (o.realXenstore) {
       xs = await connectXenstore({ env: deps.env, timeoutMs: 10_000 });
@@ -381,7 +458,6 @@ export async function simulate(o: SimulateOptions, deps: SimulateDeps): Promise<
       xs = await connectXenstore({ path: server.socketPath, timeoutMs: 10_000 });
       hookEnv.XENSTORED_PATH = server.socketPath;
       hookEnv.XEN_BLOCKHOOKS_STATE_DIR = simulateStateDir(deps.config);
-      if (deps.env.XEN_BLOCKHOOKS_LOG_FILE === undefined) hookEnv.XEN_BLOCKHOOKS_LOG_FILE = '';
       out(
         `xenstore: embedded server on ${server.socketPath} (lives as long as this command); journal and locks in ${simulateStateDir(deps.config)}`,
       );

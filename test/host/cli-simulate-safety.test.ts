@@ -2,8 +2,13 @@
  * `xen-blockhooks simulate` never endangers a real disk: a backend path with a record in the
  * real journal, or a node in a running xenstored, is refused with its record and devices
  * untouched; a --real-xenstore domain id that a real domain has is refused; the embedded
- * simulation keeps its journal in a namespace of its own and writes nothing to the hotplug log.
- * Tier: host, the bundled `block` hook on real loop devices, xenstore served in-process.
+ * simulation keeps its journal in a namespace of its own; neither it nor a --real-xenstore run
+ * writes to the hotplug log unless asked. block-thin and block-qcow, which share host-wide state
+ * beyond the journal (the thin pool, the nbd devices), are refused in embedded mode while real
+ * disks of theirs are recorded (or the pool exists), with the record untouched.
+ * Tier: host, the bundled `block` hook on real loop devices, xenstore served in-process; the
+ * block-thin and block-qcow refusals come before anything is built, from journal records and
+ * pool files written by the test (no real pool or nbd device is made).
  */
 import t from 'tap';
 import { execFileSync } from 'node:child_process';
@@ -149,5 +154,95 @@ t.test(
     );
     t.equal(rm.code, 0, `simulate's own domain can be taken down again: ${rm.err}`);
     t.same(w.loopsOnImg(), [], 'nothing left');
+    t.notOk(existsSync(w.log), 'with --real-xenstore too, the configured hotplug log got no simulated line');
   },
 );
+
+/** A real block-thin disk's record (what block-thin writes): its pool reference and thin id. */
+function realThinDisk(w: ReturnType<typeof world>, domid: number): { file: string; text: string } {
+  const journal = new Journal(join(w.dir, 'state'));
+  const entry = Journal.begin('block-thin', `backend/vbd/${domid}/51712`, {
+    params: `${w.img} 8M`,
+    mode: 'w',
+    frontendId: domid,
+    vdev: 'xvda',
+    domainName: 'prod',
+  });
+  entry.phase = 'ready';
+  const store = join(w.dir, 'store');
+  entry.steps.push(
+    {
+      kind: 'thin-pool',
+      data: { pool: 'xbh-thinpool', data: join(store, 'thin-pool.data'), meta: join(store, 'thin-pool.meta') },
+      done: true,
+    },
+    { kind: 'thin', data: { pool: 'xbh-thinpool', id: 0, persistent: false, key: 'x', existed: false }, done: true },
+  );
+  journal.save(entry);
+  const file = journal.file(entry.backendPath);
+  return { file, text: readFileSync(file, 'utf8') };
+}
+
+t.test(
+  'embedded block-thin is refused while a real block-thin disk is recorded; the record is untouched',
+  async (t) => {
+    // Host tier: the refusal comes before anything is built, so the record needs no real pool.
+    const w = world(t);
+    const real = realThinDisk(w, 2);
+    const spec = `vdev=xvda,access=w,script=block-thin,target=${w.img} 8M`;
+    for (const args of [
+      ['simulate', spec],
+      ['simulate', '--action', 'remove', spec],
+    ]) {
+      const r = await w.cli(args);
+      t.equal(r.code, 1, `${args.join(' ')}: refused`);
+      t.equal(
+        r.err,
+        `xen-blockhooks simulate: block-thin disks share the thin pool xbh-thinpool with the real block-thin disks, and the real journal holds one: backend/vbd/2/51712 (${real.file}); with the embedded xenstore simulate keeps a journal of its own and could take or tear down what a real disk uses, so it builds nothing: run it with --real-xenstore (the hooks' own journal and locks)`,
+      );
+      t.equal(r.out, '', 'nothing was written or run');
+    }
+    t.equal(readFileSync(real.file, 'utf8'), real.text, 'the record is unchanged');
+    t.notOk(existsSync(join(w.dir, 'state', 'simulate')), 'simulate made no journal');
+    t.notOk(existsSync(join(w.dir, 'store')), 'no pool file was made');
+  },
+);
+
+t.test('embedded block-thin is refused while the thin pool files exist, with no record', async (t) => {
+  const w = world(t);
+  const store = join(w.dir, 'store');
+  mkdirSync(store);
+  writeFileSync(join(store, 'thin-pool.transient.json'), '{"0":"backend/vbd/9/51712"}\n');
+  const before = readFileSync(join(store, 'thin-pool.transient.json'), 'utf8');
+  const r = await w.cli(['simulate', `vdev=xvda,access=w,script=block-thin,target=${w.img} 8M`]);
+  t.equal(r.code, 1);
+  t.equal(
+    r.err,
+    `xen-blockhooks simulate: block-thin disks share the thin pool xbh-thinpool with the real block-thin disks: ${join(store, 'thin-pool.transient.json')} exists; with the embedded xenstore simulate keeps a journal of its own and could take or tear down what a real disk uses, so it builds nothing: run it with --real-xenstore (the hooks' own journal and locks)`,
+  );
+  t.equal(readFileSync(join(store, 'thin-pool.transient.json'), 'utf8'), before, 'the transient list is unchanged');
+});
+
+t.test('embedded block-qcow is refused while a real block-qcow disk is recorded', async (t) => {
+  const w = world(t);
+  const journal = new Journal(join(w.dir, 'state'));
+  const entry = Journal.begin('block-qcow', 'backend/vbd/5/51712', {
+    params: w.img,
+    mode: 'w',
+    frontendId: 5,
+    vdev: 'xvda',
+    domainName: 'prod5',
+  });
+  entry.phase = 'ready';
+  entry.steps.push({ kind: 'nbd', data: { device: '/dev/nbd0', pidFile: '/run/x.pid' }, done: true });
+  journal.save(entry);
+  const file = journal.file(entry.backendPath);
+  const text = readFileSync(file, 'utf8');
+  const r = await w.cli(['simulate', `vdev=xvda,access=w,script=block-qcow,target=${w.img}`]);
+  t.equal(r.code, 1);
+  t.equal(
+    r.err,
+    `xen-blockhooks simulate: block-qcow disks share the choice of a free nbd device with the real block-qcow disks, and the real journal holds one: backend/vbd/5/51712 (${file}); with the embedded xenstore simulate keeps a journal of its own and could take or tear down what a real disk uses, so it builds nothing: run it with --real-xenstore (the hooks' own journal and locks)`,
+  );
+  t.equal(readFileSync(file, 'utf8'), text, 'the record is unchanged');
+});

@@ -1,8 +1,13 @@
 /**
  * Every command's bad usage exits 2 with one sentence naming what is wrong (the option, the
  * argument) and where the help is; nothing runs. A survey of each command's options and arguments.
+ * The arguments are checked before the configuration is read: with a configuration file that does
+ * not load, bad usage still exits 2, and only a well-formed command reports the file (exit 1).
  */
 import t from 'tap';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { cliMain } from '../../src/cli/main.js';
 import { defaultConfig } from '../../src/config/config.js';
 import type { Runner } from '../../src/devices/runner.js';
@@ -133,6 +138,62 @@ t.test('bad usage: exit 2, the exact sentence, and nothing run', async (t) => {
       argv.join(' '),
     );
   }
+  t.same(calls, [], 'no command was run');
+});
+
+t.test('with a broken configuration file: bad usage still exits 2; good usage reports the file, exit 1', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'xbh-usage-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const conf = join(dir, 'blockhooks.conf');
+  writeFileSync(conf, 'store-dir = /var/lib/xen-blockhooks\n');
+  const env = { XEN_BLOCKHOOKS_CONF: conf, XEN_BLOCKHOOKS_STATE_DIR: join(dir, 'state'), XEN_BLOCKHOOKS_LOG_FILE: '' };
+  const calls: string[] = [];
+  const run: Runner = {
+    run: async (f, a) => {
+      calls.push([f, ...a].join(' '));
+      throw new Error('nothing may run');
+    },
+    probe: async (f, a) => {
+      calls.push([f, ...a].join(' '));
+      throw new Error('nothing may run');
+    },
+  };
+  const cli = async (argv: string[]) => {
+    const out: string[] = [];
+    const err: string[] = [];
+    const code = await cliMain(argv, env, {
+      run,
+      connect: async () => {
+        throw new Error('no xenstore');
+      },
+      out: (s) => out.push(s),
+      err: (s) => err.push(s),
+    });
+    return { code, out, err };
+  };
+  for (const [argv, message] of CASES.filter(([a]) => a[0] !== 'check')) {
+    t.same(
+      await cli(argv),
+      {
+        code: 2,
+        out: [],
+        err: [`xen-blockhooks ${argv[0]}: ${message}; run "xen-blockhooks ${argv[0]} --help" for usage`],
+      },
+      argv.join(' '),
+    );
+  }
+  const broken = `xen-blockhooks: configuration error: ${conf}:1: unknown key \`store-dir\`; did you mean \`store_dir\`?`;
+  for (const argv of [
+    ['grow', '1', 'xvda', '+1G'],
+    ['resize', '1', 'xvda', '2G'],
+    ['status'],
+    ['gc'],
+    ['watch', '--once'],
+    ['open', 'web', 'xvda'],
+    ['close', 'web', 'xvda'],
+    ['simulate', 'vdev=xvda,target=/srv/xen/base.img'],
+  ])
+    t.same(await cli(argv), { code: 1, out: [], err: [broken] }, `${argv.join(' ')}: the configuration is reported`);
   t.same(calls, [], 'no command was run');
 });
 

@@ -106,8 +106,10 @@ const INSTALLED = [
   '644 /usr/lib/xen-blockhooks/xen-blockhooks.cjs',
   '644 /usr/lib/xen-blockhooks/xen-blockhooks.mjs',
   '755 /usr/sbin/xen-blockhooks',
+  '644 /usr/share/man/man5/blockhooks.conf.5',
   '644 /usr/share/man/man8/block-cow.8',
   '644 /usr/share/man/man8/block-qcow.8',
+  '644 /usr/share/man/man8/xen-blockhooks-block.8',
   '644 /usr/share/man/man8/xen-blockhooks.8',
 ];
 
@@ -312,6 +314,7 @@ t.test('PREFIX, XEN_SCRIPT_DIR, and a logrotate file that already rotates the lo
   t.ok(files.includes('755 /opt/xbh/sbin/xen-blockhooks'));
   t.ok(files.includes('755 /usr/local/etc/xen/scripts/block-cow'));
   t.ok(files.includes('644 /opt/xbh/share/man/man8/block-cow.8'));
+  t.ok(files.includes('644 /opt/xbh/share/man/man5/blockhooks.conf.5'), 'the configuration page under PREFIX');
   t.notOk(files.includes('644 /etc/logrotate.d/xen-blockhooks'), 'no duplicate logrotate entry');
   t.match(r.out, /xen-utils-common already rotates the log/);
   t.ok(

@@ -1,7 +1,9 @@
 /**
  * The man pages in packaging/man: each renders with groff without a single warning, and says what
- * the program's own --help says: every subcommand and every long option a page names exists in
- * the corresponding help, and every one the help names is on the page. xen-blockhooks(8) is
+ * the program's own --help says: every subcommand and every option, long (`--select`) and short
+ * (`-S`), a page names exists in the corresponding help, and every one the help names is on the
+ * page. A short option quoted from another program is not ours: after that program's name
+ * (`losetup -d`, `lvcreate -s -L`, `mount -o ro`), or a mount option list (`-o ro`). xen-blockhooks(8) is
  * compared command by command (its SYNOPSIS line and its DESCRIPTION entry against
  * `xen-blockhooks COMMAND --help`); a hook's page against the hook's --help (its actions and
  * options); an option written after "install" against `./install --help`;
@@ -26,6 +28,20 @@ const NOT_HOOKS = new Set(['xen-blockhooks.8', 'xen-blockhooks-replace-block.8',
 /** Long options in plain text: `--name` not glued to a word before it (`NAME--incoming` is a domain name). */
 function longOptions(text: string): Set<string> {
   return new Set([...text.matchAll(/(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]/g)].map((m) => m[0]));
+}
+
+/** Another program's name and the options (and their arguments) quoted after it, or a mount option list. */
+const FOREIGN =
+  /\b(?:losetup|qemu-nbd|mount|kpartx|lvcreate|lvremove|lvextend|dmsetup|dd)(?: +-[A-Za-z](?![\w-])(?: +[^\s-][^\s,;)]*)?)+|(?<![\w-])-o ro\b/g;
+
+/** Short options in plain text: `-S` alone (not `-Sx`, `a-b` or `--s`), other programs' options left out. */
+function shortOptions(text: string): Set<string> {
+  return new Set([...text.replace(FOREIGN, ' ').matchAll(/(?<![\w-])-[A-Za-z](?![\w-])/g)].map((m) => m[0]));
+}
+
+/** Long and short options. */
+function options(text: string): Set<string> {
+  return new Set([...longOptions(text), ...shortOptions(text)]);
 }
 
 /** A roff request's arguments, quotes honoured. */
@@ -144,6 +160,15 @@ t.test('the test reads a page as groff does: its checks can fail', async (t) => 
     ['--fast'],
     'NAME--incoming is no option; the paragraph after .PP is not the entry',
   );
+  t.same(
+    sorted(
+      shortOptions(
+        'status [-o F] [-S C], -h; losetup -d, qemu-nbd -d, (lvcreate -s -L); mount -o ro /x; with -o ro,noload; a-b -xy',
+      ),
+    ),
+    ['-S', '-h', '-o'],
+    "ours, not another program's",
+  );
   t.same(splitInstallOptions('run install --replace-block, then --apply'), {
     install: new Set(['--replace-block']),
     own: new Set(['--apply']),
@@ -163,14 +188,16 @@ t.test("xen-blockhooks(8) and the command's help name the same commands and opti
   const entryCommands = new Set(page.entries.keys());
   t.same(sorted(synopsisCommands.keys()), sorted(helpCommands), 'SYNOPSIS: the commands of "xen-blockhooks --help"');
   t.same(sorted(entryCommands), sorted(helpCommands), 'DESCRIPTION: an entry for each of them');
-  const everyHelp = new Set<string>(['--help', '--version']);
+  const everyHelp = new Set<string>(['--help', '--version', '-h', '-V']);
   for (const cmd of sorted(helpCommands)) {
     const help = await commandHelp([cmd, '--help']);
-    const inHelp = longOptions(help);
+    const inHelp = options(help);
     inHelp.delete('--help');
-    for (const o of longOptions(help)) everyHelp.add(o);
-    const onPage = longOptions(`${synopsisCommands.get(cmd) ?? ''}\n${page.entries.get(cmd) ?? ''}`);
+    inHelp.delete('-h');
+    for (const o of options(help)) everyHelp.add(o);
+    const onPage = options(`${synopsisCommands.get(cmd) ?? ''}\n${page.entries.get(cmd) ?? ''}`);
     onPage.delete('--help');
+    onPage.delete('-h');
     t.same(
       { onPageOnly: minus(onPage, inHelp), inHelpOnly: minus(inHelp, onPage) },
       { onPageOnly: [], inHelpOnly: [] },
@@ -179,6 +206,11 @@ t.test("xen-blockhooks(8) and the command's help name the same commands and opti
   }
   const all = splitInstallOptions([...page.sections.values()].join('\n'));
   t.same(minus(all.own, everyHelp), [], "every option anywhere on the page is one of the command's");
+  t.same(
+    minus(shortOptions([...page.sections.values()].join('\n')), everyHelp),
+    [],
+    "every short option anywhere on the page is one of the command's",
+  );
   t.same(minus(all.install, longOptions(installHelp)), [], "every installer option on the page is the installer's");
 });
 
@@ -214,6 +246,14 @@ t.test("each hook's page and the hook's --help name the same actions and options
       `${hook}: the page's options are "${hook} --help"'s`,
     );
     t.same(
+      {
+        onPageOnly: minus(shortOptions(text), shortOptions(help)),
+        inHelpOnly: minus(shortOptions(help), shortOptions(text)),
+      },
+      { onPageOnly: [], inHelpOnly: [] },
+      `${hook}: the page's short options are "${hook} --help"'s`,
+    );
+    t.same(
       minus(install, longOptions(installHelp)),
       [],
       `${hook}: the installer options on its page are the installer's`,
@@ -230,13 +270,21 @@ t.test(
     });
     t.equal(r.status, 0, r.stderr);
     const page = readPage(readFileSync(join(MAN, 'xen-blockhooks-replace-block.8'), 'utf8'));
-    const { install, own } = splitInstallOptions([...page.sections.values()].join('\n'));
+    const text = [...page.sections.values()].join('\n');
+    const { install, own } = splitInstallOptions(text);
     const inHelp = longOptions(r.stdout);
     inHelp.delete('--help');
     t.same(
       { onPageOnly: minus(own, inHelp), inHelpOnly: minus(inHelp, own) },
       { onPageOnly: [], inHelpOnly: [] },
       "the page's options are its --help's",
+    );
+    const shortInHelp = shortOptions(r.stdout);
+    shortInHelp.delete('-h');
+    t.same(
+      { onPageOnly: minus(shortOptions(text), shortInHelp), inHelpOnly: minus(shortInHelp, shortOptions(text)) },
+      { onPageOnly: [], inHelpOnly: [] },
+      "the page's short options are its --help's",
     );
     t.same(minus(install, longOptions(installHelp)), [], "the installer options on the page are the installer's");
     const { CONFIG_KEYS } = await import('../../src/config/config.js');
@@ -245,3 +293,23 @@ t.test(
       t.match(conf, new RegExp(`(^|\\s)${k.replace(/\./g, '\\.')}(\\s|$)`, 'm'), `blockhooks.conf(5) names ${k}`);
   },
 );
+
+t.test("every state of status --help is on xen-blockhooks(8)'s status entry and in docs/cli.md", async (t) => {
+  const help = await commandHelp(['status', '--help']);
+  const block = help.split('States:\n')[1]?.split('\n\n')[0] ?? '';
+  const states = [...block.matchAll(/^ {2}(\w+) {2,}/gm)].map((m) => m[1] as string);
+  t.ok(states.includes('open') && states.includes('missing') && states.length >= 11, `states: ${states.join(' ')}`);
+  const page = readPage(readFileSync(join(MAN, 'xen-blockhooks.8'), 'utf8')).entries.get('status') ?? '';
+  const cli = readFileSync(join(ROOT, 'docs/cli.md'), 'utf8');
+  const docs = cli.slice(cli.indexOf('\n## status'), cli.indexOf('\n## gc'));
+  t.same(
+    states.filter((s) => !new RegExp(`(^|\\s)${s}\\s`, 'm').test(page)),
+    [],
+    'on the page (each followed by what it means)',
+  );
+  t.same(
+    states.filter((s) => !docs.includes(`\`${s}\``)),
+    [],
+    'in the status section of docs/cli.md',
+  );
+});
