@@ -1,8 +1,8 @@
 // The parts of the benchmark that run natively on this machine (loop devices, no device-mapper):
 // our `block` against Debian's stock `block` for a file: disk (latency, with a breakdown of ours;
 // 10 concurrent adds on different files), and start-up of the bundles against a bare `node -e 0`.
-import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -47,6 +47,8 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
     XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS: '60000',
   };
   let nextDomid = 1;
+  const chan = join(dir, 'serve');
+  let served;
   const w = {
     dir,
     sock,
@@ -74,8 +76,24 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
      * wrapper the installer wrote (startup snapshot); with `probe` (a JSON file for the breakdown) it
      * runs as `node --import probe.mjs block.mjs`, the code-cache start, which the probe can see into.
      */
+    /** The resident service (xen-blockhooks serve) on a channel of this run, started once. */
+    async serve() {
+      if (served) return;
+      const child = spawn(NODE, [join(runDir, 'dist', 'xen-blockhooks.mjs'), 'serve', '--no-watch', '--dir', chan], {
+        env: ours,
+        stdio: 'ignore',
+      });
+      served = child;
+      for (let i = 0; i < 400 && !existsSync(join(chan, 'pid')); i++) await new Promise((r) => setTimeout(r, 25));
+      if (readFileSync(join(chan, 'pid'), 'utf8').trim() !== String(child.pid)) throw new Error('serve did not start');
+    },
     run(kind, action, be, probe) {
       const cpuDir = probe ? undefined : join(dir, 'probe');
+      if (kind === 'served')
+        return timed(wrappers.block, [action], {
+          env: { ...ours, XENBUS_PATH: be, script: '/etc/xen/scripts/block', XEN_BLOCKHOOKS_SERVE_DIR: chan },
+          cpuDir,
+        });
       if (kind === 'stock')
         return timed(w.stockBlock, [action], {
           env: { ...base, XENBUS_PATH: be, script: '/etc/xen/scripts/block' },
@@ -102,6 +120,11 @@ export async function nativeWorld(lib, { hooks, wrappers, runDir }) {
       }
     },
     async close() {
+      if (served) {
+        const gone = new Promise((r) => served.once('exit', r));
+        served.kill('SIGTERM');
+        await gone;
+      }
       const left = loopsUnder(dir);
       for (const l of left) execFileSync('losetup', ['--detach', l]);
       await xs.close().catch(() => {});
@@ -133,12 +156,14 @@ export async function nativeLatency(lib, w, { runs = 30, warmup = 3 } = {}) {
   const image = w.image('latency.img');
   const res = {
     ours: { add: [], remove: [], addCpu: [], removeCpu: [] },
+    served: { add: [], remove: [], addCpu: [], removeCpu: [] },
     stock: { add: [], remove: [], addCpu: [], removeCpu: [] },
     node: [],
     nodeCpu: [],
     breakdown: { add: [], remove: [] },
   };
-  const variants = ['ours', 'stock', 'node', 'probed'];
+  await w.serve();
+  const variants = ['ours', 'served', 'stock', 'node', 'probed'];
   log(`native latency: ${warmup} warm-up + ${runs} interleaved rounds of ${variants.join(', ')}`);
   for (let round = 0; round < warmup + runs; round++) {
     const keep = round >= warmup;
@@ -213,12 +238,13 @@ async function concurrentOnce(w, kind, images) {
 export async function nativeConcurrency(lib, w, { n = 10, trials = 20, warmup = 1 } = {}) {
   w.lib = lib;
   const images = Array.from({ length: n }, (_, i) => w.image(`conc${i}.img`, 16));
-  const res = { n, ours: [], stock: [] };
+  const res = { n, ours: [], served: [], stock: [] };
+  await w.serve();
   log(
     `native concurrency: ${warmup} warm-up + ${trials} alternating trials of ${n} concurrent adds/removes, ours and stock`,
   );
   for (let t = 0; t < warmup + trials; t++) {
-    for (const kind of rotation(['ours', 'stock'], t)) {
+    for (const kind of rotation(['ours', 'served', 'stock'], t)) {
       const r = await concurrentOnce(w, kind, images);
       if (t >= warmup) res[kind].push(r);
     }

@@ -40,7 +40,25 @@ function nativeLatency(l) {
       ...cpu(l.stock.addCpu),
     ]),
   );
+  if (l.served?.add.length)
+    out.push(
+      row([
+        `ours \`block add\`, service up (${l.served.add.length})`,
+        ms(p50(l.served.add)),
+        ms(p95(l.served.add)),
+        ...cpu(l.served.addCpu),
+      ]),
+    );
   out.push(row([`ours \`block remove\``, ms(p50(l.ours.remove)), ms(p95(l.ours.remove)), ...cpu(l.ours.removeCpu)]));
+  if (l.served?.remove.length)
+    out.push(
+      row([
+        `ours \`block remove\`, service up`,
+        ms(p50(l.served.remove)),
+        ms(p95(l.served.remove)),
+        ...cpu(l.served.removeCpu),
+      ]),
+    );
   out.push(
     row([`stock \`block remove\``, ms(p50(l.stock.remove)), ms(p95(l.stock.remove)), ...cpu(l.stock.removeCpu)]),
   );
@@ -49,6 +67,12 @@ function nativeLatency(l) {
   out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(diffs)), '≤ 20 ms']));
   out.push(row(['ours add / stock add (p50)', ratio(p50(l.ours.add), p50(l.stock.add)), '–']));
   out.push(row(['ours remove / stock remove (p50)', ratio(p50(l.ours.remove), p50(l.stock.remove)), '–']));
+  if (l.served?.add.length) {
+    out.push(row(['service up: ours add / stock add (p50)', ratio(p50(l.served.add), p50(l.stock.add)), '≤ 0.5×']));
+    out.push(
+      row(['service up: ours remove / stock remove (p50)', ratio(p50(l.served.remove), p50(l.stock.remove)), '–']),
+    );
+  }
   out.push(row(['`node -e 0` / stock add (p50)', ratio(p50(l.node), p50(l.stock.add)), '–']));
   if (l.ours.addCpu?.length && l.nodeCpu?.length) {
     out.push(
@@ -106,15 +130,16 @@ function nativeConcurrency(c) {
   const out = [
     `### ${c.n} concurrent adds on ${c.n} different files, then ${c.n} concurrent removes (native)`,
     '',
-    `Load average: ${c.loadStart} at start, ${c.loadEnd} at end. ${c.ours.length} trials each, ours and stock alternating.`,
+    `Load average: ${c.loadStart} at start, ${c.loadEnd} at end. ${c.ours.length} trials each, ours (service down)${c.served?.length ? ', ours with the service up' : ''} and stock in rotation.`,
     '',
   ];
   out.push(head(['', 'adds wall p50', 'p95', 'slowest single add p50', 'removes wall p50', 'p95', 'failures']));
-  for (const k of ['ours', 'stock']) {
+  for (const k of ['ours', 'served', 'stock']) {
     const t = c[k];
+    if (!t?.length) continue;
     out.push(
       row([
-        k,
+        k === 'served' ? 'ours, service up' : k === 'ours' ? 'ours, service down' : k,
         ms(p50(t.map((x) => x.addWall))),
         ms(p95(t.map((x) => x.addWall))),
         ms(p50(t.map((x) => x.maxAdd))),
@@ -139,6 +164,22 @@ function nativeConcurrency(c) {
       '–',
     ]),
   );
+  if (c.served?.length) {
+    out.push(
+      row([
+        'service up: ours / stock, adds wall (p50)',
+        ratio(p50(c.served.map((x) => x.addWall)), p50(c.stock.map((x) => x.addWall))),
+        '≤ 0.4×',
+      ]),
+    );
+    out.push(
+      row([
+        'service up: ours / stock, removes wall (p50)',
+        ratio(p50(c.served.map((x) => x.removeWall)), p50(c.stock.map((x) => x.removeWall))),
+        '–',
+      ]),
+    );
+  }
   return out.join('\n');
 }
 

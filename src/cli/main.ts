@@ -436,6 +436,7 @@ export async function cliMain(argv: readonly string[], env: NodeJS.ProcessEnv, d
         const dir = str(p, 'dir');
         if (dir !== undefined && !dir.startsWith('/')) return usage(`--dir needs an absolute path, not "${dir}"`, cmd);
         const interval = int(p, 'interval');
+        needConfig();
         const log = deps.logger ?? createLogger({ tag: 'xen-blockhooks', file: config.logFile, stderr: false });
         try {
           return await serve(
