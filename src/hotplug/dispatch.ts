@@ -28,10 +28,41 @@ export function dispatchTarget(type: string | undefined, scriptDir: string): str
   return file;
 }
 
-export function runScript(file: string, argv: readonly string[], env: NodeJS.ProcessEnv): Promise<number> {
+export function runScript(
+  file: string,
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv,
+  io?: { out: (line: string) => void; err: (line: string) => void },
+): Promise<number> {
   return new Promise((resolve) => {
-    const child = spawn(file, [...argv], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+    // Its output is ours: inherited by a hook process, relayed line by line by the service.
+    const child = spawn(file, [...argv], { env, stdio: ['ignore', io ? 'pipe' : 'inherit', io ? 'pipe' : 'inherit'] });
+    const relay = (stream: NodeJS.ReadableStream | null, to: (line: string) => void) => {
+      let rest = '';
+      stream?.setEncoding('utf8');
+      stream?.on('data', (s: string) => {
+        const lines = (rest + s).split('\n');
+        rest = lines.pop() ?? '';
+        for (const l of lines) to(l);
+      });
+      stream?.on('end', () => {
+        if (rest) to(rest);
+      });
+    };
+    if (io) {
+      relay(child.stdout, io.out);
+      relay(child.stderr, io.err);
+    }
     child.on('error', () => resolve(1));
-    child.on('exit', (code, signal) => resolve(signal ? 1 : (code ?? 1)));
+    // Its exit decides; its output is waited for a second at most (a daemon it started may hold the pipes).
+    child.on('exit', (code, signal) => {
+      const done = () => resolve(signal ? 1 : (code ?? 1));
+      if (!io) return done();
+      const t = setTimeout(done, 1000);
+      child.once('close', () => {
+        clearTimeout(t);
+        done();
+      });
+    });
   });
 }

@@ -99,7 +99,14 @@ export async function runHook(
     err(`${backend.script}: configuration error: ${e.message}`);
     return 1;
   }
-  const log = deps.logger ?? createLogger({ tag: backend.script, file: config.logFile, verbose: req.verbose });
+  const log =
+    deps.logger ??
+    createLogger({
+      tag: backend.script,
+      file: config.logFile,
+      verbose: req.verbose,
+      ...(deps.err ? { stderrLine: err } : {}),
+    });
   const started = process.hrtime.bigint(); // not performance.now(): that loads perf_hooks on first use
   const ctx: Env = {
     req,
@@ -127,7 +134,7 @@ export async function runHook(
       const target = dispatchTarget(await xs.tryRead(`${req.xenbusPath}/type`), config.xenScriptDir);
       if (target) {
         log.info(`${req.action} ${req.xenbusPath}: type dispatch to ${target}`);
-        return await runScript(target, argv, env);
+        return await runScript(target, argv, env, deps.out && deps.err ? { out, err } : undefined);
       }
     }
     const code = req.action === 'add' ? await add(ctx, xs as XenstoreClient) : await remove(ctx, xs);

@@ -39,6 +39,11 @@ export interface LoggerOptions {
   stderr?: boolean;
   /** Print every level to stderr (`--verbose`). */
   verbose?: boolean;
+  /**
+   * Where the stderr lines go instead of this process's stderr: the resident service relays
+   * them to the wrapper whose event it runs.
+   */
+  stderrLine?: (line: string) => void;
 }
 
 function render(fields: Fields): string {
@@ -75,7 +80,8 @@ export function createLogger(opts: LoggerOptions): Logger {
     file.on('error', () => {});
     transports.push(file);
   }
-  if (opts.stderr !== false) {
+  const relay = opts.stderr !== false ? opts.stderrLine : undefined;
+  if (opts.stderr !== false && !relay) {
     const levels = ['error', 'warn', 'info', 'debug'];
     transports.push(
       new ConsoleTransport({
@@ -90,8 +96,11 @@ export function createLogger(opts: LoggerOptions): Logger {
   // ends the process: a log file we may not write (not root, a read-only /var/log) must not.
   w.on('error', () => {});
   let closed: Promise<void> | undefined;
+  const relayed = new Set(opts.verbose ? ['error', 'warn', 'info', 'debug'] : ['error', 'warn']);
   const log = (level: string) => (msg: string, fields?: Fields) => {
-    if (!closed) w.log({ level, message: msg, fields });
+    if (closed) return;
+    w.log({ level, message: msg, fields });
+    if (relay && relayed.has(level)) relay(`${opts.tag}: ${msg}`);
   };
   return {
     debug: log('debug'),

@@ -60,6 +60,15 @@ t.test('an event handed over is run by the service; with the service down, by th
   t.same(h.loopsOnImages(), [], 'the loop is gone');
   t.same(readdirSync(join(h.stateDir, 'journal')), [], 'the record is gone');
 
+  const missing = await h.disk({ domid: 8, devid: 51712, params: `${h.dir}/img/no-such.img`, mode: 'w' });
+  const bad = await h.run('add', missing, env, wrapper);
+  t.equal(bad.code, 1, 'a failed add exits 1 through the service');
+  t.match(
+    bad.stderr,
+    /^block: add backend\/vbd\/8\/51712: /m,
+    "the hook's error line is relayed to the wrapper's stderr",
+  );
+  t.match(await h.read(`${missing}/hotplug-error`), /no-such\.img/, 'and hotplug-error says why');
   const usage = await h.run('frobnicate', be, env, wrapper);
   t.equal(usage.code, 2, 'bad usage exits 2 through the service too');
   t.match(usage.stderr, /block: .*run "block --help" for usage/, "the hook's usage sentence is relayed to stderr");
