@@ -70,7 +70,6 @@ export async function serve(opts: ServeOptions, deps: ServeCliDeps): Promise<num
     run: deps.run,
     log: deps.log,
     version: `${deps.version} (serve)`,
-    baseEnv: deps.env,
     stop: stopAll,
   }).run();
   serving.catch(() => stopNow());

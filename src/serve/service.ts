@@ -34,8 +34,6 @@ export interface ServeDeps {
   run: Runner;
   log: Logger;
   version: string;
-  /** The environment an event starts from; the wrapper's forwarded variables are laid over it. */
-  baseEnv: NodeJS.ProcessEnv;
   /** Resolves when the service should stop. */
   stop: Promise<void>;
 }
@@ -244,7 +242,8 @@ export class Service {
         code = await runHook(
           backend,
           req.argv,
-          { ...this.d.baseEnv, ...req.env },
+          // The wrapper's own variables, and none of the service's: the event sees what the hook would.
+          { ...req.env },
           {
             version: this.d.version,
             out: (s) => void say(outputLines('o', s)),
