@@ -284,3 +284,49 @@ export async function startup(hooks, wrappers, { runs = 30, warmup = 3 } = {}) {
   const sizes = Object.fromEntries(names.map((n) => [n, statSync(hooks[n].replace(/\.mjs$/, '.cjs')).size]));
   return { times: res, cpu, sizes };
 }
+
+/**
+ * How an add's cost grows with the disks already on the host: N other vbds in xenstore (each with
+ * its physical-device, as connected disks have), for N in `counts`, then interleaved add+remove
+ * cycles of stock, ours with the service down and ours with it up. The stock script's sharing
+ * check reads every other vbd; ours reads what it needs of them in one transaction.
+ */
+export async function nativeScaling(lib, w, { counts = [0, 50, 200], runs = 10, warmup = 2 } = {}) {
+  w.lib = lib;
+  await w.serve();
+  const image = w.image('scaling.img');
+  const res = { counts, ours: {}, served: {}, stock: {} };
+  let present = 0;
+  for (const n of counts) {
+    for (; present < n; present++) {
+      const domid = 20000 + present;
+      const be = await lib.writeBackendNodes(w.xs, {
+        domid,
+        devid: 51712,
+        params: `/srv/xen/other-${present}.img`,
+        mode: 'w',
+        vdev: 'xvda',
+        script: '/etc/xen/scripts/block',
+        domainName: `other${present}`,
+        state: 4,
+      });
+      await w.xs.write(`${be}/physical-device`, `7:${(200 + present).toString(16)}`);
+      await w.xs.write(`${be}/physical-device-path`, `/dev/loop${200 + present}`);
+      await w.xs.write(`${be}/hotplug-status`, 'connected');
+    }
+    log(
+      `scaling: ${n} other vbds, ${warmup} warm-up + ${runs} interleaved cycles of stock, ours, ours with the service up`,
+    );
+    for (const k of ['ours', 'served', 'stock']) res[k][n] = { add: [], remove: [] };
+    for (let round = 0; round < warmup + runs; round++) {
+      for (const v of rotation(['ours', 'served', 'stock'], round)) {
+        const c = await cycle(w, v, image);
+        if (round >= warmup) {
+          res[v][n].add.push(c.add);
+          res[v][n].remove.push(c.remove);
+        }
+      }
+    }
+  }
+  return res;
+}

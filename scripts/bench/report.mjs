@@ -183,6 +183,26 @@ function nativeConcurrency(c) {
   return out.join('\n');
 }
 
+function nativeScaling(s) {
+  const label = { stock: 'stock `block`', ours: 'ours, service down', served: 'ours, service up' };
+  const out = [
+    `### How an add grows with the disks already present (native, file: disk)`,
+    '',
+    `N other vbds in xenstore, each with a physical-device. Load average: ${s.loadStart} at start, ${s.loadEnd} at end. ${s.stock[s.counts[0]].add.length} cycles each, interleaved.`,
+    '',
+  ];
+  out.push(head(['add p50', ...s.counts.map((n) => `N = ${n}`), 'slope per 100 vbds']));
+  const first = s.counts[0];
+  const last = s.counts[s.counts.length - 1];
+  const slope = (k) => ((p50(s[k][last].add) - p50(s[k][first].add)) * 100) / (last - first);
+  for (const k of ['stock', 'ours', 'served'])
+    out.push(row([label[k], ...s.counts.map((n) => ms(p50(s[k][n].add))), ms(slope(k))]));
+  out.push('', head(['ratio', 'value', 'target']));
+  for (const k of ['ours', 'served'])
+    out.push(row([`slope: ${label[k]} / stock`, ratio(slope(k), slope('stock')), k === 'served' ? '≤ 0.1×' : '–']));
+  return out.join('\n');
+}
+
 function startup(s) {
   const out = [`### Start-up (native)`, '', `Load average: ${s.loadStart} at start, ${s.loadEnd} at end.`, ''];
   const base = s.times['node -e 0'];
@@ -470,6 +490,7 @@ export function render(r) {
   const n = r.native ?? {};
   if (n.latency) parts.push(nativeLatency(n.latency), '');
   if (n.concurrency) parts.push(nativeConcurrency(n.concurrency), '');
+  if (n.scaling) parts.push(nativeScaling(n.scaling), '');
   if (n.startup) parts.push(startup(n.startup), '');
   const g = r.guest ?? {};
   if (Object.keys(g).length) {

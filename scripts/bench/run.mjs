@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // `npm run bench [-- PART...] [--runs N] [--native-only|--guest-only]`: the benchmarks of
-// BENCHMARKS.md. PARTs: latency, concurrency, datapath, space, origin, startup, dom0 (default: all).
+// BENCHMARKS.md. PARTs: latency, concurrency, scaling, datapath, space, origin, startup, dom0 (default: all).
 // Native parts run on this machine; guest parts (block-cow, -qcow, -thin need device-mapper/nbd)
 // run in one boot of the QEMU guest tier; dom0 runs stock and our `block` in a real Xen dom0 (the
 // Xen tier), after the guest parts. Everything of a run (hook bundles, helpers, results.json,
@@ -12,12 +12,12 @@ import { copyFileSync, existsSync, mkdirSync, readdirSync, writeFileSync } from 
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { log, machine, loadNow } from './common.mjs';
-import { nativeConcurrency, nativeLatency, nativeWorld, startup } from './native.mjs';
+import { nativeConcurrency, nativeLatency, nativeScaling, nativeWorld, startup } from './native.mjs';
 import { render } from './report.mjs';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = join(HERE, '..', '..');
-const PARTS = ['latency', 'concurrency', 'datapath', 'space', 'origin', 'startup', 'dom0'];
+const PARTS = ['latency', 'concurrency', 'scaling', 'datapath', 'space', 'origin', 'startup', 'dom0'];
 // Guest parts in the order they are dealt to boots with --guest-boots N (heaviest first).
 const GUEST_PARTS = ['latency', 'datapath', 'space', 'concurrency', 'origin'];
 
@@ -160,7 +160,7 @@ async function main(argv) {
   const { hooks, wrappers, lib } = await prepare(runDir);
   const save = () => writeFileSync(join(runDir, 'results.json'), `${JSON.stringify(results, null, 1)}\n`);
 
-  if (o.native && (o.parts.includes('latency') || o.parts.includes('concurrency'))) {
+  if (o.native && ['latency', 'concurrency', 'scaling'].some((p) => o.parts.includes(p))) {
     const w = await nativeWorld(lib, { hooks, wrappers, runDir });
     try {
       if (o.parts.includes('latency')) {
@@ -177,6 +177,16 @@ async function main(argv) {
         results.native.concurrency = {
           loadStart: load,
           ...(await nativeConcurrency(lib, w, { n: 10, trials: Math.max(20, Math.round(o.runs / 1.5)) })),
+          loadEnd: loadNow(),
+        };
+        save();
+      }
+      // Last: the other vbds it writes stay in this world's xenstore.
+      if (o.parts.includes('scaling')) {
+        const load = loadNow();
+        results.native.scaling = {
+          loadStart: load,
+          ...(await nativeScaling(lib, w, { runs: Math.max(5, Math.round(o.runs / 3)) })),
           loadEnd: loadNow(),
         };
         save();
