@@ -186,7 +186,7 @@ function nativeConcurrency(c) {
 function nativeScaling(s) {
   const label = { stock: 'stock `block`', ours: 'ours, service down', served: 'ours, service up' };
   const out = [
-    `### How an add grows with the disks already present (native, file: disk)`,
+    `### How an add grows with the disks already present (native, phy: disk on a loop device)`,
     '',
     `N other vbds in xenstore, each with a physical-device. Load average: ${s.loadStart} at start, ${s.loadEnd} at end. ${s.stock[s.counts[0]].add.length} cycles each, interleaved.`,
     '',
