@@ -240,7 +240,11 @@ t.test('embedded block-qcow is refused while a real block-qcow disk is recorded'
     domainName: 'prod5',
   });
   entry.phase = 'ready';
-  entry.steps.push({ kind: 'nbd', data: { device: '/dev/nbd0', pidFile: '/run/x.pid' }, done: true });
+  entry.steps.push({
+    kind: 'nbd',
+    data: { pidFile: '/run/x.pid', image: w.img, format: 'raw', readOnly: false, device: '/dev/nbd0' },
+    done: true,
+  });
   journal.save(entry);
   const file = journal.file(entry.backendPath);
   const text = readFileSync(file, 'utf8');
