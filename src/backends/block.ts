@@ -47,7 +47,7 @@ import {
 } from './growth.js';
 import { decodeDev, deviceSectors, devString, loopAutoclear, loopBackingFile, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../disk/errors.js';
-import type { StepRecord, JournalEntry } from '../journal/journal.js';
+import { findStep, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
 import { takeXenBlockLock } from '../lock/xen-lock.js';
 import type { XsOps } from '../xenstore/types.js';
@@ -63,7 +63,7 @@ export interface BlockPlan {
 }
 
 /** The step kind of this backend: one loop over a file that other disks may share read-only. */
-export const BLOCK_LOOP_STEP = 'block-loop';
+export const BLOCK_LOOP_STEP = 'block-loop' satisfies StepKind;
 
 // ---------------------------------------------------------------------------------------------
 // device numbers and loop devices
@@ -241,10 +241,6 @@ async function addBlock(ctx: HookContext, plan: BlockPlan): Promise<BuiltDevice>
 // ---------------------------------------------------------------------------------------------
 // remove
 
-function str(v: unknown): string | undefined {
-  return typeof v === 'string' ? v : undefined;
-}
-
 /** Loops whose device number is some vbd's physical-device (they belong to a disk, maybe not ours). */
 async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: LoopInfo[]): Promise<Set<string>> {
   const used = new Set<string>();
@@ -261,31 +257,24 @@ async function loopsInUse(xs: XsOps | undefined, entry: JournalEntry, loops: Loo
  * the file that were not there before, are not any vbd's physical-device and are not mounted or
  * stacked on are this add's.
  */
-export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const dev = str(step.data.dev);
-  const ino = str(step.data.ino);
-  if (!dev || !ino) return;
+export async function undoBlockLoop(step: StepRecord<'block-loop'>, ctx: UndoContext): Promise<void> {
+  const { file, dev, ino, device } = step.data;
   const loops = await listLoops(ctx.run);
   const onFile = new Set(filterBacking(loops, { dev, ino }).map((l) => l.name));
   let targets: LoopInfo[];
-  const device = str(step.data.device);
   if (device) {
     const l = loops.find((x) => x.name === device);
     if (!l) return;
     if (!onFile.has(l.name)) {
       ctx.log.warn(
-        `${ctx.entry.backendPath}: ${device} no longer backs ${String(step.data.file)} (it was detached by someone else); leaving it alone`,
+        `${ctx.entry.backendPath}: ${device} no longer backs ${file} (it was detached by someone else); leaving it alone`,
       );
       return;
     }
     targets = [l];
   } else {
-    const before = new Set(
-      Array.isArray(step.data.before) ? step.data.before.filter((x): x is string => typeof x === 'string') : [],
-    );
-    const fresh = loops.filter(
-      (l) => onFile.has(l.name) && !before.has(l.name) && l.readOnly === (step.data.readOnly === true),
-    );
+    const before = new Set(step.data.before);
+    const fresh = loops.filter((l) => onFile.has(l.name) && !before.has(l.name) && l.readOnly === step.data.readOnly);
     const used = await loopsInUse(ctx.xs, ctx.entry, fresh);
     targets = fresh.filter((l) => !used.has(l.name));
   }
@@ -299,7 +288,7 @@ export async function undoBlockLoop(step: StepRecord, ctx: UndoContext): Promise
   }
   if (left.length) {
     throw new Error(
-      `${left.map((l) => l.name).join(', ')} (loop of ${String(step.data.file)}) is still open by something; the kernel detaches it when it is closed`,
+      `${left.map((l) => l.name).join(', ')} (loop of ${file}) is still open by something; the kernel detaches it when it is closed`,
     );
   }
 }
@@ -371,21 +360,22 @@ async function resizeBlock(entry: JournalEntry, bytes: number, deps: ResizeDeps)
       `${who} is ${human(before)}: the block hook never shrinks a disk (nothing says which sectors the guest wrote)`,
     );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
-  const loop = entry.steps.find((s) => s.kind === BLOCK_LOOP_STEP && s.done && typeof s.data.device === 'string');
+  const loop = findStep(entry.steps, BLOCK_LOOP_STEP, (s) => s.done && s.data.device !== undefined)?.data;
   let target: string;
   let how: string;
-  if (loop) {
-    target = loop.data.file as string;
+  if (loop?.device !== undefined) {
+    const device = loop.device;
+    target = loop.file;
     const st = statSync(target, { bigint: true });
-    if (devString(st.dev) !== loop.data.dev || st.ino.toString() !== loop.data.ino)
+    if (devString(st.dev) !== loop.dev || st.ino.toString() !== loop.ino)
       throw new GrowError(`${target} is not the file ${who} was attached from any more (replaced since): not resized`);
     if (Number(st.size) >= after)
       throw new GrowError(
-        `${target} is already ${human(Number(st.size))}; its loop is re-read by "losetup -c ${loop.data.device as string}"`,
+        `${target} is already ${human(Number(st.size))}; its loop is re-read by "losetup -c ${device}"`,
       );
     truncateSync(target, after);
-    await resizeLoop(deps.run, loop.data.device as string);
-    how = `${target} extended, ${loop.data.device as string} re-read`;
+    await resizeLoop(deps.run, device);
+    how = `${target} extended, ${device} re-read`;
   } else {
     target = planBlock(entry.disk.params, entry.backendPath).path;
     await lvExtendTo(deps.run, target, after);

@@ -34,7 +34,7 @@ import { sourceOf, spacedPathHint } from './params-words.js';
 import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
 import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
 import type { Runner } from '../devices/runner.js';
-import { recordsHolding, type JournalEntry } from '../journal/journal.js';
+import { findStep, recordsHolding, type JournalEntry } from '../journal/journal.js';
 import { Build } from '../journal/steps.js';
 import {
   diskLabel,
@@ -69,6 +69,7 @@ import {
   addStoreOwner,
   checkStoreSpace,
   ensureStoreDir,
+  recordedLoop,
   sharedUndo,
   STEP,
   type StepEnv,
@@ -450,15 +451,11 @@ export interface CowParts {
 
 /** The snapshot and its store as block-cow recorded them, or undefined for a read-only disk. */
 export function cowParts(entry: JournalEntry): CowParts | undefined {
-  const dm = entry.steps.find((s) => s.kind === STEP.dm && s.data.readOnly !== true && typeof s.data.name === 'string');
-  const store = entry.steps.find((s) => s.kind === STEP.storeFile && typeof s.data.path === 'string');
+  const dm = findStep(entry.steps, STEP.dm, (s) => !s.data.readOnly);
+  const store = findStep(entry.steps, STEP.storeFile);
   if (!dm || !store) return undefined;
-  const loopStep = entry.steps.find((s) => s.kind === STEP.loop && s.data.file === store.data.path);
-  return {
-    dmName: dm.data.name as string,
-    storeFile: store.data.path as string,
-    loop: typeof loopStep?.data.loop === 'string' ? loopStep.data.loop : undefined,
-  };
+  const loopStep = findStep(entry.steps, STEP.loop, (s) => s.data.file === store.data.path);
+  return { dmName: dm.data.name, storeFile: store.data.path, loop: loopStep?.data.loop };
 }
 
 export async function snapshotState(run: Runner, name: string): Promise<SnapshotStatus> {
@@ -576,22 +573,21 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   const after = baseSectors * 512 + tailBytes;
   if (after <= before) throw new GrowError(`${diskLabel(entry)} is already ${human(before)}`);
   const file = tailPath(p.storeFile);
-  const had = entry.steps.find(
-    (s) => s.kind === STEP.loop && s.data.file === file && s.done && typeof s.data.loop === 'string',
-  );
+  const hadStep = findStep(entry.steps, STEP.loop, (s) => s.data.file === file && s.done && s.data.loop !== undefined);
+  const had = hadStep && recordedLoop(hadStep.data);
   let made = false;
   let table: string;
   try {
     let loop: { name: string; major: number; minor: number };
     if (had) {
       truncateSync(file, tailBytes);
-      await resizeLoop(deps.run, had.data.loop as string);
-      loop = { name: had.data.loop as string, major: had.data.major as number, minor: had.data.minor as number };
+      await resizeLoop(deps.run, had.name);
+      loop = had;
     } else {
       if (existsSync(file))
         throw new GrowError(`${file} exists but is not part of ${diskLabel(entry)}: move it away first`);
       const persistent =
-        entry.steps.find((s) => s.kind === STEP.storeFile && s.data.path === p.storeFile)?.data.persistent === true;
+        findStep(entry.steps, STEP.storeFile, (s) => s.data.path === p.storeFile)?.data.persistent === true;
       // The tail's steps go in front of the device's own, so that a remove takes the device away first.
       const at = entry.steps.findIndex((s) => s.kind === STEP.dm && s.data.name === p.dmName);
       const env: StepEnv = {
@@ -616,12 +612,14 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
         for (const l of await loopsBacking(deps.run, id).catch(() => []))
           await detachLoop(deps.run, l.name).catch(() => false);
       if (existsSync(file)) unlinkSync(file);
-      entry.steps = entry.steps.filter((s) => s.data.file !== file && s.data.path !== file);
+      entry.steps = entry.steps.filter(
+        (s) => !((s.kind === STEP.loop && s.data.file === file) || (s.kind === STEP.storeFile && s.data.path === file)),
+      );
       deps.journal.save(entry);
     }
     throw e;
   }
-  const dmStep = entry.steps.find((s) => s.kind === STEP.dm && s.data.name === p.dmName);
+  const dmStep = findStep(entry.steps, STEP.dm, (s) => s.data.name === p.dmName);
   if (dmStep) dmStep.data.table = table;
   deps.journal.save(entry);
   const how = `${file} ${made ? 'made' : 'extended'} (${human(tailBytes)} past the base), ${p.dmName} reloaded`;

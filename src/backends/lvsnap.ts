@@ -35,7 +35,7 @@ import {
 import { CommandError, type Runner } from '../devices/runner.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import { recordsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
+import { findStep, recordsHolding, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
 import { parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
 import { looksLikeSize, notASize, sizeGrammar } from '../units/size.js';
@@ -56,7 +56,7 @@ import {
   type WatchOutcome,
 } from './growth.js';
 
-export const LVSNAP_STEP = 'lv-snapshot';
+export const LVSNAP_STEP = 'lv-snapshot' satisfies StepKind;
 export const TAG_TRANSIENT = 'xbh_transient';
 export const TAG_PERSISTENT = 'xbh_persistent';
 
@@ -283,11 +283,9 @@ export async function removeSnapshot(run: Runner, r: LvRef, busyRetryMs: number)
   }
 }
 
-async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const vg = typeof step.data.vg === 'string' ? step.data.vg : undefined;
-  const lv = typeof step.data.lv === 'string' ? step.data.lv : undefined;
-  if (!vg || !lv) return;
-  if (step.data.persistent === true && (step.data.existed === true || ctx.entry.device !== undefined)) {
+async function undoLvsnap(step: StepRecord<'lv-snapshot'>, ctx: UndoContext): Promise<void> {
+  const { vg, lv } = step.data;
+  if (step.data.persistent && (step.data.existed || ctx.entry.device !== undefined)) {
     ctx.log.debug(`persistent snapshot ${vg}/${lv} kept`);
     return;
   }
@@ -304,10 +302,8 @@ async function undoLvsnap(step: StepRecord, ctx: UndoContext): Promise<void> {
 // (data, or `--poolmetadatasize +N` for metadata). An Invalid snapshot cannot be saved by growing.
 
 export function lvsnapRef(entry: JournalEntry): LvRef | undefined {
-  const s = entry.steps.find((x) => x.kind === LVSNAP_STEP);
-  return s && typeof s.data.vg === 'string' && typeof s.data.lv === 'string'
-    ? { vg: s.data.vg, lv: s.data.lv }
-    : undefined;
+  const s = findStep(entry.steps, LVSNAP_STEP);
+  return s ? { vg: s.data.vg, lv: s.data.lv } : undefined;
 }
 
 function lvDropped(l: LvInfo): string {

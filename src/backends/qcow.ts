@@ -67,7 +67,8 @@ import {
 } from '../devices/nbd.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import type { JournalEntry, StepRecord } from '../journal/journal.js';
+import { findStep, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
+import type { QcowClaim } from '../journal/step-data.js';
 import { backendPathKey } from '../disk/request.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
@@ -90,7 +91,10 @@ import {
 } from './growth.js';
 
 export const SCRIPT = 'block-qcow';
-export const STEP = { use: 'qcow-use', overlay: 'qcow-overlay', nbd: 'nbd' } as const;
+export const STEP = { use: 'qcow-use', overlay: 'qcow-overlay', nbd: 'nbd' } as const satisfies Record<
+  string,
+  StepKind
+>;
 
 export type OverlayKind = 'no' | 'transient' | 'persistent';
 
@@ -327,12 +331,8 @@ export function checkChain(chain: ImageInfo[], config: Config, topWhat: string):
 // ---------------------------------------------------------------------------------------------
 // claims (sharing)
 
-export interface Claim {
-  /** `dev:ino` of an image file, or `path:<abs>` for a persistent overlay not created yet. */
-  key: string;
-  path: string;
-  role: 'r' | 'w';
-}
+/** One file of the image chain as this disk uses it (journal/step-data.ts). */
+export type Claim = QcowClaim;
 
 interface OtherUse {
   backendPath: string;
@@ -347,8 +347,8 @@ export function usersOf(entries: JournalEntry[], key: string, self: string): Oth
   for (const e of entries) {
     if (e.backendPath === self) continue;
     for (const s of e.steps) {
-      if (s.kind === STEP.use && Array.isArray(s.data.claims)) {
-        for (const c of s.data.claims as Claim[]) {
+      if (s.kind === STEP.use) {
+        for (const c of s.data.claims) {
           if (c.key === key)
             out.push({
               backendPath: e.backendPath,
@@ -476,7 +476,7 @@ export function reservedDevices(entries: JournalEntry[], self: string): Set<stri
   const out = new Set<string>();
   for (const e of entries) {
     if (e.backendPath === self) continue;
-    for (const st of e.steps) if (st.kind === STEP.nbd && typeof st.data.device === 'string') out.add(st.data.device);
+    for (const st of e.steps) if (st.kind === STEP.nbd && st.data.device !== undefined) out.add(st.data.device);
   }
   return out;
 }
@@ -511,7 +511,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
   const info = await ctx.build.step(
     STEP.nbd,
     { pidFile: plan.pidFile, image, format, readOnly: plan.readOnly },
-    async () => {
+    async (note) => {
       // The nbd lock covers only the choice: a device the kernel shows free and no other record
       // names (a record is the reservation, written before the lock is released), so concurrent
       // adds connect in parallel and a killed add's device stays reserved until its record goes.
@@ -525,7 +525,7 @@ async function connect(ctx: HookContext, plan: QcowPlan, image: string, format: 
           throw new HotplugError(
             `${SCRIPT}: every nbd device is in use or reserved; remove a disk, or reload the nbd module with a larger nbds_max.`,
           );
-        ctx.build.note({ device });
+        note({ device });
       } finally {
         await lock.release();
       }
@@ -669,8 +669,8 @@ async function applyPendingResize(ctx: HookContext, overlay: string): Promise<vo
 
 async function resizeQcow(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const who = diskLabel(entry);
-  const overlay = entry.steps.find((s) => s.kind === STEP.overlay && s.done && typeof s.data.path === 'string');
-  if (!overlay || overlay.data.persistent !== true) {
+  const overlay = findStep(entry.steps, STEP.overlay, (s) => s.done);
+  if (!overlay || !overlay.data.persistent) {
     throw new GrowError(
       `${who}: qemu-nbd serves a fixed size, so block-qcow resizes only a persistent overlay, at its next add; this disk has ${overlay ? 'a transient overlay (a new one is made at every add)' : 'no overlay (resize the image with qemu-img while no domain uses it)'}`,
     );
@@ -682,7 +682,7 @@ async function resizeQcow(entry: JournalEntry, bytes: number, deps: ResizeDeps):
       `${who} is ${human(before)}: block-qcow never shrinks an overlay (the guest's data past the new end would be cut off)`,
     );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
-  const path = overlay.data.path as string;
+  const path = overlay.data.path;
   writeFileSync(pendingPath(path), `${JSON.stringify({ bytes: after, asked: new Date().toISOString() })}\n`, {
     mode: 0o600,
   });
@@ -734,23 +734,18 @@ async function resizeQcowDetached(plan: QcowPlan, bytes: number, deps: ResizeDep
 // ---------------------------------------------------------------------------------------------
 // undo
 
-async function undoNbd(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const pidFile = typeof step.data.pidFile === 'string' ? step.data.pidFile : undefined;
-  if (!pidFile) return;
-  const device = typeof step.data.device === 'string' ? step.data.device : undefined;
-  const pid = typeof step.data.pid === 'number' ? step.data.pid : undefined;
+async function undoNbd(step: StepRecord<'nbd'>, ctx: UndoContext): Promise<void> {
+  const { pidFile, device, pid } = step.data;
   await disconnectOurs(ctx.run, { device, pidFile, pid }, Math.min(ctx.config.busyRetryMs, 10_000));
 }
 
-async function undoOverlay(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const path = typeof step.data.path === 'string' ? step.data.path : undefined;
-  if (!path) return;
-  const tmp = typeof step.data.tmp === 'string' ? step.data.tmp : undefined;
-  if (tmp) rmSync(tmp, { force: true });
-  if (step.data.persistent === true) {
+async function undoOverlay(step: StepRecord<'qcow-overlay'>, ctx: UndoContext): Promise<void> {
+  const { path, tmp } = step.data;
+  if (tmp !== undefined) rmSync(tmp, { force: true });
+  if (step.data.persistent) {
     // Kept, unless this very add created it (the claim made the name ours alone) and never
     // handed it to a guest.
-    if (step.data.existed === false && ctx.entry.device === undefined) {
+    if (!step.data.existed && ctx.entry.device === undefined) {
       if (qemuNbdUsing(path)) throw new Error(`overlay ${path} is still open by qemu-nbd; not deleting it`);
       rmSync(path, { force: true });
     }

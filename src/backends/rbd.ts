@@ -74,7 +74,14 @@ import {
 import type { DiskSpec } from '../disk/spec.js';
 import { isIncoming } from '../disk/migration.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import { recordsHolding, stepsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
+import {
+  findStep,
+  recordsHolding,
+  stepsHolding,
+  type JournalEntry,
+  type StepKind,
+  type StepRecord,
+} from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock } from '../lock/flock.js';
 import { lockOptions, stateLockPath } from '../lock/paths.js';
@@ -87,7 +94,7 @@ import { backendIds, domainOwner, persistentOwner } from './naming.js';
 import { optionPairs, sourceOf, splitPathWords } from './params-words.js';
 
 export const SCRIPT = 'block-rbd';
-export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const;
+export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const satisfies Record<string, StepKind>;
 
 /** Each rbd call; several fit in libxl's 40 s only when the cluster answers. */
 export const RBD_TIMEOUT_MS = 30_000;
@@ -612,7 +619,7 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
     await ctx.build.step(
       STEP.clone,
       { cluster: p.cluster, pool: p.pool, image, parent: plan.parent, persistent, existed, incoming: plan.incoming },
-      async () => {
+      async (note) => {
         if (existed) return;
         const transient = !persistent && !plan.incoming;
         // A marker from before this add: this host's says a clone found now is this host's
@@ -633,7 +640,7 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
         }
         // Not made by this add: whatever happens next, undo never deletes it unless it was handed out.
         existed = true;
-        ctx.build.note({ existed: true });
+        note({ existed: true });
         if (leftoverMarker) {
           // Made by this host (its marker says so): when no record here holds it and nobody has
           // it open, it is a crash's or a reboot's leftover, whose data died with its domain.
@@ -647,7 +654,7 @@ async function claimClone(ctx: HookContext, plan: RbdPlan): Promise<boolean> {
               'busy',
             );
           existed = false;
-          ctx.build.note({ existed: false });
+          note({ existed: false });
           r = await rbd(run, cloneArgs(p.cluster, plan.parent, target));
           if (!r.failed) return;
           throw failure(r, `cannot clone ${specString(plan.parent)} to ${specString(target)}`, p.cluster);
@@ -673,7 +680,7 @@ async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec, fresh:
   const info = await ctx.build.step(
     STEP.map,
     { cluster: c, spec, readOnly: plan.readOnly, noudev, before },
-    async () => {
+    async (note) => {
       const r = await rbd(run, mapArgs(c, spec, { readOnly: plan.readOnly, noudev, options: plan.params.mapOptions }));
       if (r.failed) {
         const hint =
@@ -683,7 +690,7 @@ async function mapImage(ctx: HookContext, plan: RbdPlan, spec: ImageSpec, fresh:
         throw failure(r, `cannot map ${specString(spec)}${hint}`, c);
       }
       const device = parseMapOutput(r.stdout);
-      ctx.build.note({ device });
+      note({ device });
       const mm = sysDev(device);
       if (plan.readOnly && readOnlyFlag(device) !== true)
         throw new HotplugError(`${SCRIPT}: ${device} should be read-only but the kernel says it is writable.`);
@@ -715,11 +722,10 @@ export async function addRbd(ctx: HookContext, plan: RbdPlan): Promise<BuiltDevi
 
 async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
   const who = diskLabel(entry);
-  const clone = entry.steps.find(
-    (s) => s.kind === STEP.clone && s.done && typeof s.data.pool === 'string' && typeof s.data.image === 'string',
-  );
-  const map = entry.steps.find((s) => s.kind === STEP.map && s.done && typeof s.data.device === 'string');
-  if (!clone || !map || !entry.device)
+  const clone = findStep(entry.steps, STEP.clone, (s) => s.done);
+  const map = findStep(entry.steps, STEP.map, (s) => s.done && s.data.device !== undefined);
+  const mapped = map?.data.device;
+  if (!clone || !map || mapped === undefined || !entry.device)
     throw new GrowError(`${who} (${entry.backendPath}) maps the golden snapshot read-only: it is the snapshot's size`);
   const before = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   const after = wholeMiB(bytes);
@@ -728,7 +734,7 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
       `${who} is ${human(before)}: block-rbd never shrinks a clone (nothing says which blocks the guest wrote)`,
     );
   if (after === before) throw new GrowError(`${who} is already ${human(before)}`);
-  const target = { pool: clone.data.pool as string, image: clone.data.image as string };
+  const target = { pool: clone.data.pool, image: clone.data.image };
   const c = clusterOf(map);
   const r = await rbd(deps.run, resizeArgs(c, target, after / MiB));
   if (r.failed) throw failure(r, `cannot resize ${specString(target)}`, c);
@@ -738,7 +744,7 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
     await sleep(100);
     now = deviceSectors(deps.run, entry.device.major, entry.device.minor) * 512;
   }
-  const how = `${specString(target)} resized (rbd resize)${now < after ? `; ${map.data.device as string} still shows ${human(now)}` : ''}`;
+  const how = `${specString(target)} resized (rbd resize)${now < after ? `; ${mapped} still shows ${human(now)}` : ''}`;
   deps.log.info(`resize ${entry.backendPath} (${who}): ${human(before)} → ${human(after)}: ${how}`, {
     action: 'resize',
   });
@@ -756,13 +762,9 @@ async function resizeRbd(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
 // ---------------------------------------------------------------------------------------------
 // undo
 
-function clusterOf(step: StepRecord): Cluster {
-  const c = (typeof step.data.cluster === 'object' && step.data.cluster !== null ? step.data.cluster : {}) as Record<
-    string,
-    unknown
-  >;
-  const s = (v: unknown) => (typeof v === 'string' ? v : undefined);
-  return { conf: s(c.conf), id: s(c.id), keyring: s(c.keyring) };
+function clusterOf(step: StepRecord<typeof STEP.clone | typeof STEP.map>): Cluster {
+  const { conf, id, keyring } = step.data.cluster;
+  return { conf, id, keyring };
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -782,12 +784,10 @@ async function unmapDevice(ctx: UndoContext, c: Cluster, device: string): Promis
   }
 }
 
-async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const s = step.data.spec as ImageSpec | undefined;
-  if (!s || typeof s.pool !== 'string' || typeof s.image !== 'string') return;
+async function undoMap(step: StepRecord<'rbd-map'>, ctx: UndoContext): Promise<void> {
+  const { spec: s, device } = step.data;
   const c = clusterOf(step);
-  const device = typeof step.data.device === 'string' ? step.data.device : undefined;
-  const before = new Set(Array.isArray(step.data.before) ? (step.data.before as string[]) : []);
+  const before = new Set(step.data.before);
   const mapped = (await showMapped(ctx.run, c)).filter((m) => mapsSpec(m, s));
   let ours: Mapping[];
   if (device !== undefined) ours = mapped.filter((m) => m.device === device);
@@ -806,15 +806,12 @@ async function undoMap(step: StepRecord, ctx: UndoContext): Promise<void> {
   for (const m of ours) await unmapDevice(ctx, c, m.device);
 }
 
-async function undoClone(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const pool = typeof step.data.pool === 'string' ? step.data.pool : undefined;
-  const image = typeof step.data.image === 'string' ? step.data.image : undefined;
-  if (!pool || !image) return;
+async function undoClone(step: StepRecord<'rbd-clone'>, ctx: UndoContext): Promise<void> {
+  const { pool, image, existed } = step.data;
   const c = clusterOf(step);
   const target = { pool, image };
   const handedOut = ctx.entry.device !== undefined;
-  const existed = step.data.existed === true;
-  if (step.data.persistent === true) {
+  if (step.data.persistent) {
     // A persistent clone stays, unless this very add created it and never handed it out.
     if (existed || handedOut) return;
   } else if (existed && !handedOut) {

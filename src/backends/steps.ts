@@ -34,7 +34,7 @@ import {
 import { dirname, join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { Runner } from '../devices/runner.js';
-import { stepsHolding, type Journal, type JournalEntry, type StepRecord } from '../journal/journal.js';
+import { stepsHolding, type Journal, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
 import type { Build, UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import type { Logger } from '../log/logger.js';
@@ -71,7 +71,7 @@ export const STEP = {
   storeFile: 'store-file',
   loop: 'loop',
   dm: 'dm',
-} as const;
+} as const satisfies Record<string, StepKind>;
 
 export interface StepEnv {
   build: Build;
@@ -81,8 +81,19 @@ export interface StepEnv {
   journal: Journal;
 }
 
-function idOf(data: Record<string, unknown>): FileId | undefined {
-  return typeof data.dev === 'string' && typeof data.ino === 'string' ? { dev: data.dev, ino: data.ino } : undefined;
+function idOf(data: { dev?: string; ino?: string }): FileId | undefined {
+  return data.dev !== undefined && data.ino !== undefined ? { dev: data.dev, ino: data.ino } : undefined;
+}
+
+/** The loop a step recorded (its name and number), once its attach finished. */
+export function recordedLoop(data: {
+  loop?: string;
+  major?: number;
+  minor?: number;
+}): { name: string; major: number; minor: number } | undefined {
+  return data.loop !== undefined && data.major !== undefined && data.minor !== undefined
+    ? { name: data.loop, major: data.major, minor: data.minor }
+    : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -102,7 +113,7 @@ export function baseRefHolders(
   const { entries, unreadable } = journal.list();
   const holders = stepsHolding(entries, STEP.baseRef, { key, counted: true }, exceptPath).map(({ entry, step }) => ({
     backendPath: entry.backendPath,
-    loop: typeof step.data.loop === 'string' ? step.data.loop : undefined,
+    loop: step.data.loop,
   }));
   return { holders, unreadable: unreadable.map((u) => u.file) };
 }
@@ -128,12 +139,12 @@ export async function addBaseRef(
     return await env.build.step(
       STEP.baseRef,
       { key, file, dev: id.dev, ino: id.ino, counted: false },
-      async () => {
+      async (note) => {
         lock = await acquireFlock(
           baseImageLockPath(env.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }),
           lockOptions(env.config, env.run),
         );
-        env.build.note({ counted: true });
+        note({ counted: true });
         const { holders } = baseRefHolders(env.journal, key, env.build.entry.backendPath);
         return withFlock(
           xenBlockLockPath(env.config.xenLockDir),
@@ -183,10 +194,9 @@ async function vbdDevices(xs: XsOps | undefined): Promise<Set<string>> {
   return out;
 }
 
-async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const id = idOf(step.data);
-  const key = typeof step.data.key === 'string' ? step.data.key : undefined;
-  if (!id || !key) return; // nothing was ever looked up
+async function undoBaseRef(step: StepRecord<'base-ref'>, ctx: UndoContext): Promise<void> {
+  const { key, file, dev, ino, loop } = step.data;
+  const id: FileId = { dev, ino };
   const lock = await acquireFlock(
     baseImageLockPath(ctx.config.stateDir, { dev: devT(id.dev), ino: BigInt(id.ino) }),
     lockOptions(ctx.config, ctx.run),
@@ -197,24 +207,22 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
     await withFlock(
       xenBlockLockPath(ctx.config.xenLockDir),
       async () => {
-        if (step.data.counted !== true) return; // the lock was never ours: nothing was attached
+        if (!step.data.counted) return; // the lock was never ours: nothing was attached
         const { holders, unreadable } = baseRefHolders(ctx.journal, key, ctx.entry.backendPath);
         if (holders.length > 0) {
-          ctx.log.debug(
-            `base ${String(step.data.file)}: ${holders.length} other disk(s) still use it; keeping its loop`,
-          );
+          ctx.log.debug(`base ${file}: ${holders.length} other disk(s) still use it; keeping its loop`);
           return;
         }
         if (unreadable.length > 0) {
           ctx.log.warn(
-            `base ${String(step.data.file)}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`,
+            `base ${file}: keeping its loop because journal records ${unreadable.join(', ')} cannot be read (they may use it)`,
           );
           return;
         }
         const onBase = (await loopsBacking(ctx.run, id)).filter((l) => l.readOnly);
         let targets: LoopInfo[];
-        if (typeof step.data.loop === 'string') {
-          targets = onBase.filter((l) => l.name === step.data.loop);
+        if (loop !== undefined) {
+          targets = onBase.filter((l) => l.name === loop);
         } else {
           // Intent only: the loop may have been attached without being recorded. Take read-only loops
           // on the base that no vbd reports as its device (a stock `block` r-disk has its own loop)
@@ -226,7 +234,7 @@ async function undoBaseRef(step: StepRecord, ctx: UndoContext): Promise<void> {
           );
         }
         for (const l of targets) await detachLoop(ctx.run, l.name);
-        await assertGone(ctx.run, targets, `base image ${String(step.data.file)}`);
+        await assertGone(ctx.run, targets, `base image ${file}`);
       },
       lockOptions(ctx.config, ctx.run),
     );
@@ -271,10 +279,9 @@ export async function addStoreOwner(env: StepEnv, script: string, path: string):
   );
 }
 
-export async function undoStoreOwner(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const path = typeof step.data.path === 'string' ? step.data.path : undefined;
-  const backendPath = typeof step.data.backendPath === 'string' ? step.data.backendPath : undefined;
-  if (!path || !backendPath || step.data.ours === false) return;
+export async function undoStoreOwner(step: StepRecord<'store-owner'>, ctx: UndoContext): Promise<void> {
+  const { path, backendPath } = step.data;
+  if (step.data.ours === false) return;
   // A newer step still in the record failed to go (a busy loop, a dm device, an nbd server): the
   // store is still open here, so the claim stays, and says so.
   const newer = ctx.entry.steps.slice(ctx.entry.steps.indexOf(step) + 1);
@@ -443,17 +450,15 @@ async function unlinkUnattached(run: Runner, path: string, expect: FileId | unde
   unlinkSync(path);
 }
 
-async function undoStoreFile(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const path = typeof step.data.path === 'string' ? step.data.path : undefined;
-  if (!path) return;
+async function undoStoreFile(step: StepRecord<'store-file'>, ctx: UndoContext): Promise<void> {
+  const { path, tmp } = step.data;
   const recorded = idOf(step.data);
-  if (step.data.persistent !== true) {
+  if (!step.data.persistent) {
     // Transient stores are unique to their disk: whatever is at the path is this disk's.
     await unlinkUnattached(ctx.run, path, step.done ? recorded : undefined);
     return;
   }
-  const tmp = typeof step.data.tmp === 'string' ? step.data.tmp : undefined;
-  if (tmp) {
+  if (tmp !== undefined) {
     const t = statId(tmp);
     if (t) {
       const p = statId(path);
@@ -503,24 +508,22 @@ function loopsOfOthers(journal: Journal, id: FileId, exceptPath: string): Set<st
   for (const e of journal.list().entries) {
     if (e.backendPath === exceptPath) continue;
     for (const s of e.steps) {
-      if (s.data.dev === id.dev && s.data.ino === id.ino && typeof s.data.loop === 'string') out.add(s.data.loop);
+      if (s.kind !== STEP.baseRef && s.kind !== STEP.loop && s.kind !== 'open-loop') continue;
+      if (s.data.dev === id.dev && s.data.ino === id.ino && s.data.loop !== undefined) out.add(s.data.loop);
     }
   }
   return out;
 }
 
-async function undoLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const id = idOf(step.data);
-  if (!id) return;
+async function undoLoop(step: StepRecord<'loop'>, ctx: UndoContext): Promise<void> {
+  const { file, dev, ino, loop } = step.data;
+  const id: FileId = { dev, ino };
   const onFile = await loopsBacking(ctx.run, id);
   // Ours: the loop recorded, or (intent only) any loop on the file that no other record claims.
-  const others =
-    typeof step.data.loop === 'string' ? new Set<string>() : loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
-  const loops = onFile.filter((l) =>
-    typeof step.data.loop === 'string' ? l.name === step.data.loop : !others.has(l.name),
-  );
+  const others = loop !== undefined ? new Set<string>() : loopsOfOthers(ctx.journal, id, ctx.entry.backendPath);
+  const loops = onFile.filter((l) => (loop !== undefined ? l.name === loop : !others.has(l.name)));
   for (const l of loops) await detachLoop(ctx.run, l.name);
-  await assertGone(ctx.run, loops, String(step.data.file));
+  await assertGone(ctx.run, loops, file);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,13 +562,12 @@ export async function addDm(
   );
 }
 
-async function undoDm(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const name = typeof step.data.name === 'string' ? step.data.name : undefined;
-  if (!name) return;
-  if (!step.done && typeof step.data.uuid === 'string') {
+async function undoDm(step: StepRecord<'dm'>, ctx: UndoContext): Promise<void> {
+  const { name, uuid } = step.data;
+  if (!step.done && uuid !== undefined) {
     // Intent only: the create may not have happened, and the name may be another disk's.
     const info = await dmInfo(ctx.run, name);
-    if (!info || info.uuid !== step.data.uuid) return;
+    if (!info || info.uuid !== uuid) return;
   }
   await dmRemove(ctx.run, name, ctx.config.busyRetryMs);
 }

@@ -77,7 +77,7 @@ import {
 import { lvExtendTo } from '../devices/lvm.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import { recordsHolding, type JournalEntry, type StepRecord } from '../journal/journal.js';
+import { findStep, recordsHolding, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
 import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { lockOptions, thinPoolLockPath } from '../lock/paths.js';
@@ -107,7 +107,7 @@ import {
 } from './growth.js';
 
 export const THIN_POOL_NAME = 'xbh-thinpool';
-export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const;
+export const THIN_STEP = { pool: 'thin-pool', thin: 'thin' } as const satisfies Record<string, StepKind>;
 
 // ---------------------------------------------------------------------------------------------
 // params
@@ -248,8 +248,7 @@ export function leftoverThinIds(
 ): number[] {
   const f = poolFiles(config);
   const held = new Set<number>(Object.values(readVolumes(f.volumes)).map((v) => v.id));
-  for (const e of entries)
-    for (const st of e.steps) if (st.kind === THIN_STEP.thin && typeof st.data.id === 'number') held.add(st.data.id);
+  for (const e of entries) for (const st of e.steps) if (st.kind === THIN_STEP.thin) held.add(st.data.id);
   return Object.keys(readTransientIds(f.transient))
     .map(Number)
     .filter((id) => Number.isInteger(id) && !held.has(id))
@@ -573,7 +572,7 @@ async function createPoolOnDevices(run: Runner, config: Config, log: Logger): Pr
 /** Journal records other than `except` that hold a step of `kind` (the pool's users). */
 function holders(
   ctx: UndoContext | { journal: UndoContext['journal'] },
-  kind: string,
+  kind: StepKind,
   except: string,
 ): { paths: string[]; unreadable: string[] } {
   const { entries, unreadable } = ctx.journal.list();
@@ -620,7 +619,7 @@ export async function teardownPool(run: Runner, config: Config, log: Logger): Pr
   log.info(`block-thin: thin pool ${f.name} stopped and its files deleted (no persistent volumes)`);
 }
 
-async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
+async function undoPool(_step: StepRecord<'thin-pool'>, ctx: UndoContext): Promise<void> {
   const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
     const h = holders(ctx, THIN_STEP.pool, ctx.entry.backendPath);
@@ -648,22 +647,19 @@ async function undoPool(_step: StepRecord, ctx: UndoContext): Promise<void> {
 function usedIds(ctx: { journal: UndoContext['journal'] }, volumes: Record<string, PersistentVolume>): number[] {
   const ids: number[] = Object.values(volumes).map((v) => v.id);
   for (const e of ctx.journal.list().entries) {
-    for (const s of e.steps) if (s.kind === THIN_STEP.thin && typeof s.data.id === 'number') ids.push(s.data.id);
+    for (const s of e.steps) if (s.kind === THIN_STEP.thin) ids.push(s.data.id);
   }
   return ids;
 }
 
-async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const id = typeof step.data.id === 'number' ? step.data.id : undefined;
-  if (id === undefined) return;
-  const pool = typeof step.data.pool === 'string' ? step.data.pool : THIN_POOL_NAME;
+async function undoThin(step: StepRecord<'thin'>, ctx: UndoContext): Promise<void> {
+  const { id, pool, key } = step.data;
   const f = poolFiles(ctx.config);
   const lock = await acquireFlock(poolLockPath(ctx.config), lockOptions(ctx.config, ctx.run));
   try {
-    const key = typeof step.data.key === 'string' ? step.data.key : undefined;
-    if (step.data.persistent === true && key) {
+    if (step.data.persistent) {
       // Kept unless this very add made it and never finished.
-      if (step.data.existed === true || ctx.entry.device !== undefined) return;
+      if (step.data.existed || ctx.entry.device !== undefined) return;
       const vols = readVolumes(f.volumes);
       if (vols[key]?.id === id) {
         delete vols[key];
@@ -676,7 +672,7 @@ async function undoThin(step: StepRecord, ctx: UndoContext): Promise<void> {
       return;
     }
     const deleted = await deleteThin(ctx.run, pool, id);
-    if (step.data.persistent !== true) noteTransientId(ctx.config, id, undefined);
+    if (!step.data.persistent) noteTransientId(ctx.config, id, undefined);
     ctx.log.debug(`thin id ${id}: ${deleted ? 'deleted' : 'was not in the pool'}`);
   } finally {
     await lock.release();
@@ -1004,13 +1000,13 @@ async function isLooped(run: Runner, file: string): Promise<boolean> {
 // highest one it mapped.
 
 async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps): Promise<ResizeResult> {
-  const vol = entry.steps.find((s) => s.kind === THIN_STEP.thin && s.done);
-  const dmStep = entry.steps.find((s) => s.kind === 'dm' && typeof s.data.name === 'string');
+  const vol = findStep(entry.steps, THIN_STEP.thin, (s) => s.done);
+  const dmStep = findStep(entry.steps, 'dm');
   if (!vol || !dmStep)
     throw new GrowError(
       `${diskLabel(entry)} (${entry.backendPath}) is a read-only disk over its base: it is as large as the base image`,
     );
-  const name = dmStep.data.name as string;
+  const name = dmStep.data.name;
   const line = (await dmTableLines(deps.run, name))[0];
   if (!line || line.target !== 'thin')
     throw new GrowError(`${name} is not a thin volume (${line?.target ?? 'no table'})`);
@@ -1032,7 +1028,7 @@ async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps):
   await dmReload(deps.run, name, table);
   dmStep.data.table = table;
   deps.journal.save(entry);
-  if (vol.data.persistent === true && typeof vol.data.key === 'string') {
+  if (vol.data.persistent) {
     const key = vol.data.key;
     const lock = await acquireFlock(poolLockPath(deps.config), lockOptions(deps.config, deps.run));
     try {
@@ -1047,7 +1043,7 @@ async function resizeThin(entry: JournalEntry, bytes: number, deps: ResizeDeps):
       await lock.release();
     }
   }
-  const how = `${name} reloaded${vol.data.persistent === true ? ', the persistent volume keeps the size' : ''}`;
+  const how = `${name} reloaded${vol.data.persistent ? ', the persistent volume keeps the size' : ''}`;
   deps.log.info(`resize ${entry.backendPath} (${diskLabel(entry)}): ${human(before)} → ${human(after)}: ${how}`, {
     action: 'resize',
   });

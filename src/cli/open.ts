@@ -41,7 +41,15 @@ import { decimalDevice, decodeDev, devString, dmDevicePath, fileIdKey, type File
 import { attachLoopChecked, STEP as HOOK_STEP } from '../backends/steps.js';
 import { findUsers, parseMountinfo, type AccessDevice, type SharingUser } from '../backends/sharing.js';
 import { HotplugError } from '../disk/errors.js';
-import { Journal, processAlive, recordStrings, type JournalEntry, type StepRecord } from '../journal/journal.js';
+import {
+  findStep,
+  Journal,
+  processAlive,
+  recordStrings,
+  type JournalEntry,
+  type StepKind,
+  type StepRecord,
+} from '../journal/journal.js';
 import { Build, undoAll, type UndoContext, type UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, withFlock, xenBlockLockPath, type HeldLock } from '../lock/flock.js';
 import { lockOptions, pathLockPath } from '../lock/paths.js';
@@ -97,7 +105,11 @@ export const OPEN_SCRIPT = 'open';
 const KEY_PREFIX = 'open/';
 
 /** The steps of an open's record. */
-export const OPEN_STEP = { xenLock: 'xen-block-lock', loop: 'open-loop', partitions: 'partitions' } as const;
+export const OPEN_STEP = {
+  xenLock: 'xen-block-lock',
+  loop: 'open-loop',
+  partitions: 'partitions',
+} as const satisfies Record<string, StepKind>;
 
 /** A refusal or failure of open or close: one sentence, exit 1. */
 export class OpenError extends Error {
@@ -368,11 +380,7 @@ async function nodeOf(run: Runner, m: { name: string; major: number; minor: numb
 export function recordedMaps(
   e: JournalEntry,
 ): { name: string; major: number; minor: number; number: number; sectors: number }[] {
-  const s = e.steps.find((x) => x.kind === OPEN_STEP.partitions);
-  const maps = s?.data.maps;
-  return Array.isArray(maps)
-    ? (maps as { name: string; major: number; minor: number; number: number; sectors: number }[])
-    : [];
+  return findStep(e.steps, OPEN_STEP.partitions)?.data.maps ?? [];
 }
 
 function wrap(e: unknown): Error {
@@ -560,7 +568,13 @@ function findOpen(t: OpenTarget, journal: Journal, cwd: string): JournalEntry {
   if (t.kind === 'image') {
     const given = resolve(cwd, t.path);
     const byPath = opens.find(
-      (e) => e.disk.params === given || e.steps.some((s) => s.data.image === given || s.data.file === given),
+      (e) =>
+        e.disk.params === given ||
+        e.steps.some(
+          (s) =>
+            (s.kind === OPEN_STEP.partitions && s.data.image === given) ||
+            (s.kind === OPEN_STEP.loop && s.data.file === given),
+        ),
     );
     if (byPath) return byPath;
   } else {
@@ -629,17 +643,12 @@ function statKey(p: string): string | undefined {
 }
 
 /** Remove the partition maps: the recorded ones, or (intent only) the maps over the parent named as kpartx names them. */
-async function undoPartitions(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const majmin = typeof step.data.majmin === 'string' ? step.data.majmin : undefined;
-  const prefix = typeof step.data.prefix === 'string' ? step.data.prefix : undefined;
+async function undoPartitions(step: StepRecord<'partitions'>, ctx: UndoContext): Promise<void> {
+  const { majmin, prefix, maps } = step.data;
   let names: { name: string; majmin?: string }[];
-  if (Array.isArray(step.data.maps)) {
-    names = (step.data.maps as { name: string; major: number; minor: number }[]).map((m) => ({
-      name: m.name,
-      majmin: `${m.major}:${m.minor}`,
-    }));
+  if (maps !== undefined) {
+    names = maps.map((m) => ({ name: m.name, majmin: `${m.major}:${m.minor}` }));
   } else {
-    if (!majmin || !prefix) return;
     const { tables } = await dmTablesAndStatus(ctx.run);
     names = partitionMapsIn(tables, majmin, prefix).map((name) => ({ name }));
   }
@@ -663,16 +672,14 @@ async function undoPartitions(step: StepRecord, ctx: UndoContext): Promise<void>
 }
 
 /** Detach the image's loop: the recorded one, or (intent only) a loop on the image that was not there before and no record names. */
-async function undoOpenLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
-  const dev = typeof step.data.dev === 'string' ? step.data.dev : undefined;
-  const ino = typeof step.data.ino === 'string' ? step.data.ino : undefined;
-  if (!dev || !ino) return;
+async function undoOpenLoop(step: StepRecord<'open-loop'>, ctx: UndoContext): Promise<void> {
+  const { file, dev, ino, loop } = step.data;
   const onFile = await loopsBacking(ctx.run, { dev, ino });
   let targets;
-  if (typeof step.data.loop === 'string') {
-    targets = onFile.filter((l) => l.name === step.data.loop);
+  if (loop !== undefined) {
+    targets = onFile.filter((l) => l.name === loop);
   } else {
-    const before = new Set(Array.isArray(step.data.before) ? (step.data.before as string[]) : []);
+    const before = new Set(step.data.before);
     const named = new Set<string>();
     for (const e of ctx.journal.list().entries)
       if (e.backendPath !== ctx.entry.backendPath) for (const s of recordStrings(e)) named.add(s);
@@ -682,12 +689,12 @@ async function undoOpenLoop(step: StepRecord, ctx: UndoContext): Promise<void> {
   const left = (await listLoops(ctx.run)).filter((l) => targets.some((t) => t.name === l.name) && l.backIno === ino);
   if (left.length)
     throw new Error(
-      `${left.map((l) => l.name).join(', ')} over ${String(step.data.file)} is still open by something and goes once it is closed (autoclear set)`,
+      `${left.map((l) => l.name).join(', ')} over ${file} is still open by something and goes once it is closed (autoclear set)`,
     );
 }
 
 /** Take Xen's block lock and let it go: nobody is between a check and a device set-up, and the lock file of a killed holder goes. */
-async function undoXenLock(_step: StepRecord, ctx: UndoContext): Promise<void> {
+async function undoXenLock(_step: StepRecord<'xen-block-lock'>, ctx: UndoContext): Promise<void> {
   await withFlock(xenBlockLockPath(ctx.config.xenLockDir), async () => {}, lockOptions(ctx.config, ctx.run));
 }
 
@@ -710,7 +717,7 @@ export function openRow(
   k: { dm: { name: string; major: number; minor: number }[] },
   alive: (pid: number) => boolean = processAlive,
 ): Row {
-  const part = e.steps.find((s) => s.kind === OPEN_STEP.partitions)?.data ?? {};
+  const part = findStep(e.steps, OPEN_STEP.partitions)?.data;
   const maps = recordedMaps(e);
   const ro = e.disk.mode === 'r' ? 'read-only' : 'writable';
   const running = alive(e.pid) && e.pid !== process.pid;
@@ -733,20 +740,17 @@ export function openRow(
     state = 'orphan';
     why = `${e.phase === 'adding' ? 'open' : 'close'} by process ${e.pid} stopped half-way (gc undoes it)`;
   }
-  const str = (v: unknown) => (typeof v === 'string' ? v : undefined);
-  const domid = typeof part.domid === 'number' ? part.domid : undefined;
-  const parentMm = str(part.majmin);
   return {
     kind: 'record',
     entry: e,
     backendPath: e.backendPath,
-    domid,
-    domain: str(part.domain),
-    vdev: str(part.vdev),
+    domid: part?.domid ?? undefined,
+    domain: part?.domain ?? undefined,
+    vdev: part?.vdev ?? undefined,
     hook: OPEN_SCRIPT,
-    device: str(part.parent),
-    majmin: parentMm,
-    base: str(part.image) ?? str(part.disk) ?? e.disk.params,
+    device: part?.parent,
+    majmin: part?.majmin,
+    base: part?.image ?? part?.disk ?? e.disk.params,
     store: undefined,
     usage: undefined,
     state,

@@ -226,9 +226,7 @@ export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry):
 
 /** The persistent stores this record claimed for this host (lock/store-owner.ts). */
 export function claimedStores(entry: JournalEntry): string[] {
-  return entry.steps
-    .filter((s) => s.kind === 'store-owner' && s.done && s.data.ours === true && typeof s.data.path === 'string')
-    .map((s) => s.data.path as string);
+  return entry.steps.flatMap((s) => (s.kind === 'store-owner' && s.done && s.data.ours === true ? [s.data.path] : []));
 }
 
 /**

@@ -13,14 +13,10 @@ import { linkSync, mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync,
 import { join } from 'node:path';
 import { backendPathKey } from '../disk/request.js';
 import type { DiskSpec } from '../disk/spec.js';
+import { isStep, stepProblem, type StepData, type StepKind, type StepRecord } from './step-data.js';
 
-export interface StepRecord {
-  /** Which undoer applies, e.g. `loop`, `dm`, `store-file`, `base-ref`. */
-  kind: string;
-  /** Everything the undoer needs; filled in further as the step completes (e.g. the loop device). */
-  data: Record<string, unknown>;
-  done: boolean;
-}
+export type { StepData, StepKind, StepRecord } from './step-data.js';
+export { findStep, isStep } from './step-data.js';
 
 export type Phase = 'adding' | 'ready' | 'removing' | 'failed' | 'held';
 
@@ -91,6 +87,13 @@ export class Journal {
     const entry = JSON.parse(text) as JournalEntry;
     if (entry.version !== 1 || !Array.isArray(entry.steps))
       throw new Error(`${file} is not a journal record this version understands`);
+    // Each step as its kind's undoer will read it (step-data.ts): a record with a step that is not
+    // is unreadable too, never half undone.
+    (entry.steps as unknown[]).forEach((step, i) => {
+      const why = stepProblem(step);
+      if (why !== undefined)
+        throw new Error(`${file} is not a journal record this version understands: step ${i + 1} ${why}`);
+    });
     return entry;
   }
 
@@ -184,38 +187,41 @@ export class Journal {
   }
 }
 
-/** Every string anywhere in a record's steps and device (devices, names, files it mentions). */
 /**
  * The steps of `kind` in `entries` whose data has every value `match` gives, with their record;
  * records of `except` (a backend path: the asking disk's own) left out. One question asked in many
  * places: who else holds this loop, this snapshot, this thin id, this clone?
  */
-export function stepsHolding(
+export function stepsHolding<K extends StepKind>(
   entries: readonly JournalEntry[],
-  kind: string,
-  match: Record<string, unknown> = {},
+  kind: K,
+  match: Partial<StepData<K>> = {},
   except?: string,
-): { entry: JournalEntry; step: StepRecord }[] {
-  const out: { entry: JournalEntry; step: StepRecord }[] = [];
+): { entry: JournalEntry; step: StepRecord<K> }[] {
+  const out: { entry: JournalEntry; step: StepRecord<K> }[] = [];
+  const wanted = Object.entries(match);
   for (const entry of entries) {
     if (entry.backendPath === except) continue;
     for (const step of entry.steps) {
-      if (step.kind === kind && Object.entries(match).every(([k, v]) => step.data[k] === v)) out.push({ entry, step });
+      if (!isStep(step, kind)) continue;
+      const data = step.data as unknown as Partial<Record<string, unknown>>;
+      if (wanted.every(([k, v]) => data[k] === v)) out.push({ entry, step });
     }
   }
   return out;
 }
 
 /** The records (other than `except`'s) with a step of `kind` that matches (stepsHolding), each once. */
-export function recordsHolding(
+export function recordsHolding<K extends StepKind>(
   entries: readonly JournalEntry[],
-  kind: string,
-  match: Record<string, unknown> = {},
+  kind: K,
+  match: Partial<StepData<K>> = {},
   except?: string,
 ): JournalEntry[] {
   return [...new Set(stepsHolding(entries, kind, match, except).map((h) => h.entry))];
 }
 
+/** Every string anywhere in a record's steps and device (devices, names, files it mentions). */
 export function recordStrings(entry: JournalEntry): Set<string> {
   const out = new Set<string>();
   const walk = (v: unknown): void => {

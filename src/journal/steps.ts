@@ -3,7 +3,8 @@
  * each is journaled before it runs, and each `kind` has an undoer registered by the backend that
  * knows how to take it away again from the recorded data alone (no closures survive a crash).
  */
-import type { Journal, JournalEntry, StepRecord } from './journal.js';
+import type { Journal, JournalEntry } from './journal.js';
+import type { StepData, StepKind, StepRecord } from './step-data.js';
 import type { Runner } from '../devices/runner.js';
 import type { Logger } from '../log/logger.js';
 import type { Config } from '../config/config.js';
@@ -21,8 +22,14 @@ export interface UndoContext {
 }
 
 /** Undo one step. Must be idempotent, and must cope with `done: false` (the step may or may not have happened). */
-export type Undoer = (step: StepRecord, ctx: UndoContext) => Promise<void>;
-export type UndoRegistry = Record<string, Undoer>;
+export type Undoer<K extends StepKind = StepKind> = (step: StepRecord<K>, ctx: UndoContext) => Promise<void>;
+/** A backend's undoers, by the kinds of step it records. */
+export type UndoRegistry = { [K in StepKind]?: Undoer<K> };
+
+/** The undoer of `step`'s kind in `registry`, typed for that step. */
+function undoerOf(registry: UndoRegistry, step: StepRecord): Undoer | undefined {
+  return registry[step.kind] as Undoer | undefined;
+}
 
 export class Build {
   /**
@@ -39,29 +46,28 @@ export class Build {
   /**
    * Record `kind` with `data`, run `doIt`, merge what it returns into the record, mark it done.
    * If `doIt` throws, the record stays (done: false) for the rollback to undo whatever part of it happened.
+   * `doIt` gets `note`, which adds facts to this step's record and saves it at once (e.g. a device
+   * chosen before the command that uses it runs).
    */
-  async step<R>(
-    kind: string,
-    data: Record<string, unknown>,
-    doIt: () => Promise<R>,
-    recordResult?: (r: R) => Record<string, unknown>,
+  async step<K extends StepKind, R>(
+    kind: K,
+    data: StepData<K>,
+    doIt: (note: (facts: Partial<StepData<K>>) => void) => Promise<R>,
+    recordResult?: (r: R) => Partial<StepData<K>>,
   ): Promise<R> {
-    const rec: StepRecord = { kind, data: { ...data }, done: false };
+    const rec = { kind, data: { ...data }, done: false } as StepRecord<K>;
     if (this.before === undefined) this.entry.steps.push(rec);
     else this.entry.steps.splice(this.before++, 0, rec);
     this.journal.save(this.entry);
-    const r = await doIt();
+    const note = (facts: Partial<StepData<K>>): void => {
+      Object.assign(rec.data, facts);
+      this.journal.save(this.entry);
+    };
+    const r = await doIt(note);
     if (recordResult) Object.assign(rec.data, recordResult(r));
     rec.done = true;
     this.journal.save(this.entry);
     return r;
-  }
-
-  /** Add facts to the last step without running anything (e.g. a device learned after the fact). */
-  note(data: Record<string, unknown>): void {
-    const last = this.entry.steps[this.entry.steps.length - 1];
-    if (last) Object.assign(last.data, data);
-    this.journal.save(this.entry);
   }
 }
 
@@ -81,7 +87,7 @@ export async function undoAll(
   ctx.journal.save(entry);
   for (let i = entry.steps.length - 1; i >= 0; i--) {
     const step = entry.steps[i] as StepRecord;
-    const undo = registry[step.kind];
+    const undo = undoerOf(registry, step);
     if (!undo) {
       failures.push(new Error(`no undo known for step "${step.kind}" recorded by ${entry.script}`));
       continue;

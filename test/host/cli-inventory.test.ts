@@ -81,16 +81,37 @@ function setup(t: { teardown(f: () => void): void }) {
     const steps: StepRecord[] = [
       {
         kind: 'base-ref',
-        data: { key: '254:0:12', file: '/srv/xen/base.img', loop: '/dev/loop0', major: 7, minor: 0 },
+        data: {
+          key: '8:1:12',
+          file: '/srv/xen/base.img',
+          dev: '8:1',
+          ino: '12',
+          counted: true,
+          loop: '/dev/loop0',
+          major: 7,
+          minor: 0,
+        },
         done: true,
       },
       { kind: 'store-file', data: { path: `/var/lib/xen-blockhooks/${name}.cow`, persistent: false }, done: true },
       {
         kind: 'loop',
-        data: { file: `/var/lib/xen-blockhooks/${name}.cow`, loop: `/dev/loop${domid}`, major: 7, minor: domid },
+        data: {
+          file: `/var/lib/xen-blockhooks/${name}.cow`,
+          dev: '8:2',
+          ino: String(100 + domid),
+          readOnly: false,
+          loop: `/dev/loop${domid}`,
+          major: 7,
+          minor: domid,
+        },
         done: true,
       },
-      { kind: 'dm', data: { name: dm, table: `0 131072 snapshot 7:0 7:${domid} N 128` }, done: true },
+      {
+        kind: 'dm',
+        data: { name: dm, table: `0 131072 snapshot 7:0 7:${domid} N 128`, readOnly: false },
+        done: true,
+      },
     ];
     const e: JournalEntry = {
       ...Journal.begin('block-cow', bp, {
@@ -264,10 +285,9 @@ t.test('gc: plan, then apply through the hook undoers and direct removal', async
   t.match(plan[0]?.action, /undo block-cow record for backend\/vbd\/2\/51712/);
   const undone: string[] = [];
   const registry: UndoRegistry = {};
-  for (const k of ['base-ref', 'store-file', 'loop', 'dm'])
-    registry[k] = async (s) => {
+  for (const k of ['base-ref', 'store-file', 'loop', 'dm'] as const)
+    registry[k] = async () => {
       undone.push(k);
-      void s;
     };
   run.calls.length = 0;
   const results = await applyGc(plan, {

@@ -17,6 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cliMain } from '../../src/cli/main.js';
 import { Journal } from '../../src/journal/journal.js';
+import { fileIdOf } from '../../src/devices/sysfs.js';
 import { startTestStore, writeDomain } from '../lib/block-harness.js';
 import { writeBackendNodes } from '../lib/backend-nodes.js';
 import { projectRoot } from '../lib/project-root.js';
@@ -73,7 +74,12 @@ function realDisk(w: ReturnType<typeof world>, domid: number): { file: string; t
     domainName: 'prod',
   });
   entry.phase = 'ready';
-  entry.steps.push({ kind: 'loop', data: { file: w.img, loop }, done: true });
+  const id = fileIdOf(w.img);
+  entry.steps.push({
+    kind: 'block-loop',
+    data: { file: w.img, ...id, readOnly: false, before: [], device: loop },
+    done: true,
+  });
   journal.save(entry);
   const file = journal.file(entry.backendPath);
   return { file, text: readFileSync(file, 'utf8'), loop };
@@ -234,7 +240,11 @@ t.test('embedded block-qcow is refused while a real block-qcow disk is recorded'
     domainName: 'prod5',
   });
   entry.phase = 'ready';
-  entry.steps.push({ kind: 'nbd', data: { device: '/dev/nbd0', pidFile: '/run/x.pid' }, done: true });
+  entry.steps.push({
+    kind: 'nbd',
+    data: { pidFile: '/run/x.pid', image: w.img, format: 'raw', readOnly: false, device: '/dev/nbd0' },
+    done: true,
+  });
   journal.save(entry);
   const file = journal.file(entry.backendPath);
   const text = readFileSync(file, 'utf8');

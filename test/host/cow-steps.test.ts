@@ -555,7 +555,7 @@ t.test('an add that fails at any command never takes the loop an open of the bas
       steps: [
         {
           kind: 'open-loop',
-          data: { file: w.base, ...id, readOnly: true, loop: '/dev/loop7', major: 7, minor: 7 },
+          data: { file: w.base, ...id, readOnly: true, before: [], loop: '/dev/loop7', major: 7, minor: 7 },
           done: true,
         },
       ],

@@ -109,12 +109,28 @@ function setup(t: { teardown: (f: () => void) => void }): {
   entry.steps.push(
     {
       kind: 'base-ref',
-      data: { key: '1:2:3', file: '/srv/xen/base.img', dev: '1:2', ino: '3', loop: '/dev/loop6' },
+      data: { key: '1:2:3', file: '/srv/xen/base.img', dev: '1:2', ino: '3', counted: true, loop: '/dev/loop6' },
       done: true,
     },
     { kind: 'store-file', data: { path: store, persistent: false }, done: true },
-    { kind: 'loop', data: { file: store, loop: '/dev/loop7' }, done: true },
-    { kind: 'dm', data: { name: 'xbh-cow-alpha-xvda-51712', readOnly: false }, done: true },
+    {
+      kind: 'loop',
+      data: {
+        file: store,
+        dev: `${d.major}:${d.minor}`,
+        ino: st.ino.toString(),
+        readOnly: false,
+        loop: '/dev/loop7',
+        major: 7,
+        minor: 7,
+      },
+      done: true,
+    },
+    {
+      kind: 'dm',
+      data: { name: 'xbh-cow-alpha-xvda-51712', table: '0 8192 snapshot 7:6 7:7 N 8', readOnly: false },
+      done: true,
+    },
   );
   journal.save(entry);
   return { config, journal, store, loops };

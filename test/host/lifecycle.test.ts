@@ -29,7 +29,7 @@ import { takeInventory } from '../../src/cli/inventory.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
-import { decodeDev } from '../../src/devices/sysfs.js';
+import { decodeDev, fileIdOf } from '../../src/devices/sysfs.js';
 import {
   deviceIsTheRecords,
   stateIsSuspended,
@@ -38,7 +38,7 @@ import {
   xlStateOf,
 } from '../../src/hotplug/lifecycle.js';
 import { markerPath } from '../../src/journal/saved.js';
-import { Journal } from '../../src/journal/journal.js';
+import { Journal, type StepRecord } from '../../src/journal/journal.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { backendPath, closeBackend, writeBackendNodes } from '../lib/backend-nodes.js';
@@ -134,17 +134,17 @@ function loopHook(file: string): Backend<{ transient: boolean; claim: boolean }>
           file,
         );
       const dev = await ctx.build.step(
-        'test-loop',
-        { file },
+        'block-loop',
+        { file, ...fileIdOf(file), readOnly: false, before: [] },
         async () => execFileSync('losetup', ['--find', '--show', '--', file], { encoding: 'utf8' }).trim(),
-        (d) => ({ dev: d }),
+        (d) => ({ device: d }),
       );
       const { major, minor } = decodeDev(statSync(dev).rdev);
       return { path: dev, major, minor };
     },
     undo: {
-      'test-loop': async (step) => {
-        if (typeof step.data.dev === 'string') execFileSync('losetup', ['-d', step.data.dev]);
+      'block-loop': async (step) => {
+        if (step.data.device !== undefined) execFileSync('losetup', ['-d', step.data.device]);
       },
       'store-owner': undoStoreOwner,
     },
@@ -595,7 +595,7 @@ t.test(
     dev('254:4', 'dm-4', { 'dm/name': 'xbh-cow-web-xvda-51712' });
     dev('7:2', 'loop2', { 'loop/backing_file': '/var/lib/xen-blockhooks/transient-5-51712.cow' });
     dev('43:0', 'nbd0', {});
-    const rec = (device: { path: string; major: number; minor: number }, data: Record<string, unknown>) => ({
+    const rec = (device: { path: string; major: number; minor: number }, step: StepRecord) => ({
       ...Journal.begin('block-x', 'held/u/51712', {
         params: 'p',
         mode: 'w' as const,
@@ -604,40 +604,62 @@ t.test(
         domainName: 'web',
       }),
       device,
-      steps: [{ kind: 'k', data, done: true }],
+      steps: [step],
     });
+    const dmStep = (name: string): StepRecord => ({
+      kind: 'dm',
+      data: { name, table: '0 8192 snapshot 7:1 7:2 N 8', readOnly: false },
+      done: true,
+    });
+    const storeStep = (path: string): StepRecord => ({
+      kind: 'store-file',
+      data: { path, persistent: false },
+      done: true,
+    });
+    const nbdStep: StepRecord = {
+      kind: 'nbd',
+      data: { pidFile: '/run/xen-blockhooks/qcow/web.pid', image: '/srv/web.qcow2', format: 'qcow2', readOnly: false },
+      done: true,
+    };
     t.ok(
       deviceIsTheRecords(
-        rec({ path: '/dev/mapper/xbhvg-xbh--web--xvda', major: 254, minor: 3 }, { vg: 'xbhvg', lv: 'xbh-web-xvda' }),
+        rec(
+          { path: '/dev/mapper/xbhvg-xbh--web--xvda', major: 254, minor: 3 },
+          {
+            kind: 'lv-snapshot',
+            data: { vg: 'xbhvg', lv: 'xbh-web-xvda', origin: 'golden', persistent: false, existed: false, thin: true },
+            done: true,
+          },
+        ),
         sys,
       ),
       'an LV, by its /dev/mapper path',
     );
     t.ok(
-      deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, { name: 'xbh-cow-web-xvda-51712' }), sys),
+      deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, dmStep('xbh-cow-web-xvda-51712')), sys),
       'a dm device, by its name',
     );
     t.notOk(
-      deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, { name: 'xbh-cow-other-xvda-51712' }), sys),
+      deviceIsTheRecords(rec({ path: '/dev/dm-4', major: 254, minor: 4 }, dmStep('xbh-cow-other-xvda-51712')), sys),
       'another dm device at the same number',
     );
     t.ok(
       deviceIsTheRecords(
-        rec({ path: '/dev/loop2', major: 7, minor: 2 }, { path: '/var/lib/xen-blockhooks/transient-5-51712.cow' }),
+        rec({ path: '/dev/loop2', major: 7, minor: 2 }, storeStep('/var/lib/xen-blockhooks/transient-5-51712.cow')),
         sys,
       ),
       'a loop, by its file',
     );
     t.notOk(
       deviceIsTheRecords(
-        rec({ path: '/dev/loop2', major: 7, minor: 2 }, { path: '/var/lib/xen-blockhooks/other.cow' }),
+        rec({ path: '/dev/loop2', major: 7, minor: 2 }, storeStep('/var/lib/xen-blockhooks/other.cow')),
         sys,
       ),
       'a loop on another file',
     );
-    t.ok(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 0 }, {}), sys), 'an nbd, by its node');
+    t.ok(deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 0 }, nbdStep), sys), 'an nbd, by its node');
     t.notOk(
-      deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 16 }, {}), sys),
+      deviceIsTheRecords(rec({ path: '/dev/nbd0', major: 43, minor: 16 }, nbdStep), sys),
       'a number that is not there',
     );
   },
@@ -654,7 +676,7 @@ t.test(
     const heldFile = join(w.config.stateDir, 'journal', `held~${uuid}~51712.json`);
     const [stuckLoop] = w.loopsOnFile();
     const rec = JSON.parse(readFileSync(heldFile, 'utf8'));
-    rec.steps[0].data.dev = '/dev/no-such-loop';
+    rec.steps[0].data.device = '/dev/no-such-loop';
     writeFileSync(heldFile, JSON.stringify(rec));
     t.teardown(() => {
       try {

@@ -245,7 +245,13 @@ t.test('--rw refusals come before anything is built, and leave no record', async
     }),
     phase: 'ready' as const,
   };
-  cow.steps = [{ kind: 'base-ref', data: { key: `${s.id.dev}:${s.id.ino}`, file: s.img, counted: true }, done: true }];
+  cow.steps = [
+    {
+      kind: 'base-ref',
+      data: { key: `${s.id.dev}:${s.id.ino}`, file: s.img, dev: s.id.dev, ino: s.id.ino, counted: true },
+      done: true,
+    },
+  ];
   s.journal.save(cow);
   await refuse(
     recorder({ [LOSETUP_LIST]: s.loopsJson([]) }),

@@ -229,7 +229,11 @@ t.test('sharing: readers share, a writer is alone, block-cow bases count as read
     'beta',
   );
   const cowC = {
-    ...entry('backend/vbd/3/51712', [{ kind: 'base-ref', done: true, data: { key, file: '/srv/b.raw' } }], 'gamma'),
+    ...entry(
+      'backend/vbd/3/51712',
+      [{ kind: 'base-ref', done: true, data: { key, file: '/srv/b.raw', dev: '254:0', ino: '1234', counted: true } }],
+      'gamma',
+    ),
     script: 'block-cow',
   };
   const self = 'backend/vbd/9/51712';
@@ -250,13 +254,14 @@ t.test('sharing: readers share, a writer is alone, block-cow bases count as read
 });
 
 t.test('nbd reservations: devices other records name are not handed out, ours is', async (t) => {
+  const nbd = { image: '/srv/b.qcow2', format: 'qcow2', readOnly: false };
   const a = entry('backend/vbd/1/51712', [
-    { kind: 'nbd', done: false, data: { pidFile: '/run/a.pid', device: '/dev/nbd0' } },
+    { kind: 'nbd', done: false, data: { pidFile: '/run/a.pid', ...nbd, device: '/dev/nbd0' } },
   ]);
   const b = entry('backend/vbd/2/51712', [
-    { kind: 'nbd', done: true, data: { pidFile: '/run/b.pid', device: '/dev/nbd3', pid: 42 } },
+    { kind: 'nbd', done: true, data: { pidFile: '/run/b.pid', ...nbd, device: '/dev/nbd3', pid: 42 } },
   ]);
-  const c = entry('backend/vbd/3/51712', [{ kind: 'nbd', done: false, data: { pidFile: '/run/c.pid' } }]);
+  const c = entry('backend/vbd/3/51712', [{ kind: 'nbd', done: false, data: { pidFile: '/run/c.pid', ...nbd } }]);
   t.strictSame([...reservedDevices([a, b, c], 'backend/vbd/9/51712')].sort(), ['/dev/nbd0', '/dev/nbd3']);
   t.strictSame(
     [...reservedDevices([a, b], 'backend/vbd/1/51712')],

@@ -251,14 +251,32 @@ t.test('growth arithmetic and journal lookups', async (t) => {
     domainName: 'a',
   });
   entry.steps.push(
-    { kind: 'base-ref', data: { file: '/a', loop: '/dev/loop0' }, done: true },
-    { kind: 'store-file', data: { path: '/s/t.cow' }, done: true },
-    { kind: 'loop', data: { file: '/s/t.cow', loop: '/dev/loop1' }, done: true },
-    { kind: 'dm', data: { name: 'xbh-cow-a-xvda-51712', readOnly: false }, done: true },
+    {
+      kind: 'base-ref',
+      data: { key: '8:1:12', file: '/a', dev: '8:1', ino: '12', counted: true, loop: '/dev/loop0' },
+      done: true,
+    },
+    { kind: 'store-file', data: { path: '/s/t.cow', persistent: false }, done: true },
+    {
+      kind: 'loop',
+      data: { file: '/s/t.cow', dev: '8:1', ino: '13', readOnly: false, loop: '/dev/loop1' },
+      done: true,
+    },
+    {
+      kind: 'dm',
+      data: { name: 'xbh-cow-a-xvda-51712', table: '0 16384 snapshot 7:0 7:1 N 8', readOnly: false },
+      done: true,
+    },
   );
   t.same(cowParts(entry), { dmName: 'xbh-cow-a-xvda-51712', storeFile: '/s/t.cow', loop: '/dev/loop1' });
   t.equal(lvsnapRef(entry), undefined);
-  entry.steps = [{ kind: 'lv-snapshot', data: { vg: 'vg0', lv: 'xbh-a-xvda' }, done: true }];
+  entry.steps = [
+    {
+      kind: 'lv-snapshot',
+      data: { vg: 'vg0', lv: 'xbh-a-xvda', origin: 'golden', persistent: false, existed: false, thin: false },
+      done: true,
+    },
+  ];
   t.same(lvsnapRef(entry), { vg: 'vg0', lv: 'xbh-a-xvda' });
   t.equal(cowParts(entry), undefined);
 });
