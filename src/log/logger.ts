@@ -74,10 +74,13 @@ export function createLogger(opts: LoggerOptions): Logger {
   );
   const transports: winston.transport[] = [];
   let file: winston.transports.FileTransportInstance | undefined;
+  let fileFailed = false;
   if (opts.file) {
     file = new FileTransport({ filename: opts.file, format: line, options: { flags: 'a', mode: 0o640 } });
     // A log we cannot write must never fail the hook: the device matters more than the line.
-    file.on('error', () => {});
+    file.on('error', () => {
+      fileFailed = true;
+    });
     transports.push(file);
   }
   const relay = opts.stderr !== false ? opts.stderrLine : undefined;
@@ -109,7 +112,10 @@ export function createLogger(opts: LoggerOptions): Logger {
     error: log('error'),
     close() {
       closed ??= new Promise<void>((resolve) => {
-        if (!file) {
+        // A file that failed (EACCES at open: not root, a read-only /var/log) never finishes: its
+        // error came before, and waiting for it would let the process end with nothing pending,
+        // exit code 0, before the caller returned its own.
+        if (!file || fileFailed) {
           w.end();
           resolve();
           return;
@@ -118,9 +124,12 @@ export function createLogger(opts: LoggerOptions): Logger {
         const finish = () => {
           if (!done) {
             done = true;
+            clearTimeout(bound);
             resolve();
           }
         };
+        // And whatever else keeps it from finishing, the lines are given a few seconds, not forever.
+        const bound = setTimeout(finish, 5000);
         file.once('finish', finish);
         file.once('error', finish);
         w.end();

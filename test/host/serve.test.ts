@@ -277,7 +277,7 @@ t.test('a user who is not root cannot hand over an event', async (t) => {
     ['--reuid=65534', '--regid=65534', '--clear-groups', wrapper, 'add'],
     h.env(be, env),
   );
-  t.not(r.code, 0, 'the add fails');
+  t.not(r.code, 0, `the add fails (exit ${r.code}, stderr: ${r.stderr})`);
   t.notMatch(r.stderr, /serve/, 'without reaching the service');
   t.not(recordPid(h, be), s.pid, 'the service ran nothing');
   t.equal(await h.read(`${be}/physical-device`), undefined, 'no device was reported');
