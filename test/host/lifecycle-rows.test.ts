@@ -8,8 +8,8 @@
  *   - block-lvsnap, with LVM played (lvs/lvcreate/lvchange/lvremove as lvm 2.03.16 answers):
  *     a persistent snapshot through a save and a restart is the same LV, never a new one; a
  *     transient one is held at the save and refused after a restart, with nothing run;
- *   - block-thin and block-qcow: what is decided before a device is made (the refusal after a
- *     restart, the bootloader's refusal of a thing named after its domain, the persistent volume
+ *   - block-thin, block-qcow (and block-rbd's transient clone): what is decided before a device
+ *     is made (the refusal after a restart, the bootloader's refusal of a thing named after its domain, the persistent volume
  *     or overlay a restore's new domid finds, a migration's receiver refused busy), and
  *     block-qcow's reuse of a persistent overlay left by a save or a restart (nbd played absent:
  *     this host has no nbd module, so the add stops at the export, after the overlay step).
@@ -38,7 +38,8 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { blockBackend } from '../../src/backends/block.js';
-import { lvsnapBackend, TAG_PERSISTENT, TAG_TRANSIENT } from '../../src/backends/lvsnap.js';
+import { lvsnapBackend, planLvsnap, TAG_PERSISTENT, TAG_TRANSIENT } from '../../src/backends/lvsnap.js';
+import { cloneName, parseRbdParams, rbdBackend } from '../../src/backends/rbd.js';
 import { planQcow, qcowBackend } from '../../src/backends/qcow.js';
 import { planThin, thinBackend } from '../../src/backends/thin.js';
 import type { Backend } from '../../src/backends/types.js';
@@ -584,10 +585,26 @@ t.test(
     const forGuest = planQcow(disk('web', 5, named), { config: w.config, xenbusPath: 'backend/vbd/5/51712' });
     t.equal(forDom0.overlayPath, join(w.config.storeDir, 'qcow', 'web-root.qcow2'));
     t.equal(forDom0.overlayPath, forGuest.overlayPath, 'name=NAME: the same overlay for both attaches');
-    t.match(
-      planThin(disk('Domain-0', 0, base), { config: w.config, xenbusPath: 'backend/vbd/0/51712' }).name,
-      /^xbh-thin-Domain-0-xvda-51712$/,
+    const dom0 = { config: w.config, xenbusPath: 'backend/vbd/0/51712' };
+    t.equal(
+      planThin(disk('Domain-0', 0, base), dom0).name,
+      'xbh-thin-Domain-0-xvda-51712',
       "a transient thin volume: the bootloader's own",
+    );
+    t.match(
+      planQcow(disk('Domain-0', 0, `${join(w.images, 'disk.qcow2')} overlay=transient`), dom0).overlayPath,
+      /\/qcow\/transient-0-51712-[0-9a-f]{8}\.qcow2$/,
+      "a transient overlay: the bootloader's own",
+    );
+    t.equal(
+      planLvsnap(disk('Domain-0', 0, 'vg0/golden 8M'), dom0).snap.lv,
+      'xbh-Domain-0-xvda',
+      "a transient snapshot: the bootloader's own",
+    );
+    t.equal(
+      cloneName(parseRbdParams('rbd/golden@base'), disk('Domain-0', 0, 'rbd/golden@base'), 'backend/vbd/0/51712'),
+      'xbh-Domain-0-xvda',
+      "a transient clone: the bootloader's own",
     );
   },
 );
@@ -595,43 +612,47 @@ t.test(
 // ---------------------------------------------------------------------------------------------
 // block-thin and block-qcow: decided before a device is made
 
-t.test('block-thin and block-qcow transient: after a restart the restore is refused and runs nothing', async (t) => {
-  const w = await world(t);
-  const base = join(w.images, 'base.img');
-  writeFileSync(base, Buffer.alloc(4 * MiB));
-  const cases: [Backend<never>, string, string, string][] = [
-    [thinBackend as unknown as Backend<never>, 'block-thin', base, 'transient thin volume xbh-thin-web-xvda-51712'],
-    [
-      qcowBackend as unknown as Backend<never>,
-      'block-qcow',
-      `${base} overlay=transient`,
-      `transient qcow2 overlay ${join(w.config.storeDir, 'qcow', 'transient-5-51712-0a1b2c3d.qcow2')}`,
-    ],
-  ];
-  let n = 0;
-  for (const [backend, script, params, transient] of cases) {
-    const uuid = `d${++n}d1d1d1-2222-4333-8444-555555555555`;
-    const marker = markerFromEarlierBoot(w, uuid, script, params, transient);
-    for (const attempt of [1, 2]) {
-      await domain(w, 6, 'web', uuid, params, `/etc/xen/scripts/${script}`);
-      const run = runner(w.xl);
-      const r = await w.hook(backend, 'add', 6, run);
-      t.equal(r.code, 1, `${script}: restore attempt ${attempt} is refused`);
-      t.match(
-        r.error,
-        new RegExp(
-          `${script}: the saved domain web's transient .* did not survive: dom0 has restarted since.*nothing was built`,
-        ),
-      );
-      t.same(deviceCalls(run.calls), [], `${script}: nothing run`);
-      t.same(w.journalKeys(), []);
-      t.ok(existsSync(marker), 'the marker stays');
-      await gone(w, 6);
+t.test(
+  'block-thin, block-qcow and block-rbd transient: after a restart the restore is refused and runs nothing',
+  async (t) => {
+    const w = await world(t);
+    const base = join(w.images, 'base.img');
+    writeFileSync(base, Buffer.alloc(4 * MiB));
+    const cases: [Backend<never>, string, string, string][] = [
+      [thinBackend as unknown as Backend<never>, 'block-thin', base, 'transient thin volume xbh-thin-web-xvda-51712'],
+      [
+        qcowBackend as unknown as Backend<never>,
+        'block-qcow',
+        `${base} overlay=transient`,
+        `transient qcow2 overlay ${join(w.config.storeDir, 'qcow', 'transient-5-51712-0a1b2c3d.qcow2')}`,
+      ],
+      [rbdBackend as unknown as Backend<never>, 'block-rbd', 'rbd/golden@base', 'transient clone rbd/xbh-web-xvda'],
+    ];
+    let n = 0;
+    for (const [backend, script, params, transient] of cases) {
+      const uuid = `d${++n}d1d1d1-2222-4333-8444-555555555555`;
+      const marker = markerFromEarlierBoot(w, uuid, script, params, transient);
+      for (const attempt of [1, 2]) {
+        await domain(w, 6, 'web', uuid, params, `/etc/xen/scripts/${script}`);
+        const run = runner(w.xl);
+        const r = await w.hook(backend, 'add', 6, run);
+        t.equal(r.code, 1, `${script}: restore attempt ${attempt} is refused`);
+        t.match(
+          r.error,
+          new RegExp(
+            `${script}: the saved domain web's transient .* did not survive: dom0 has restarted since.*nothing was built`,
+          ),
+        );
+        t.same(deviceCalls(run.calls), [], `${script}: nothing run`);
+        t.same(w.journalKeys(), []);
+        t.ok(existsSync(marker), 'the marker stays');
+        await gone(w, 6);
+      }
     }
-  }
-  t.notOk(existsSync(join(w.config.storeDir, 'qcow')), 'no overlay made');
-  t.notOk(existsSync(join(w.config.storeDir, 'thin-pool.data')), 'no pool made');
-});
+    t.notOk(existsSync(join(w.config.storeDir, 'qcow')), 'no overlay made');
+    t.notOk(existsSync(join(w.config.storeDir, 'thin-pool.data')), 'no pool made');
+  },
+);
 
 t.test(
   'a restore (new domid, same domain) names the same persistent volume or overlay; only transient data is held',
