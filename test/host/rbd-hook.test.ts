@@ -658,7 +658,7 @@ t.test(
 );
 
 t.test(
-  'clone=persistent through a save, a dom0 restart and a bootloader attach: the same clone every time, never a new one',
+  'clone=persistent through a save, a dom0 restart, a migration and a bootloader attach: the same clone every time, never a new one',
   async (t) => {
     const w = await world(t);
     const params = 'rbd/golden@base clone=persistent';
@@ -703,6 +703,25 @@ t.test(
     t.ok(w.sim.calls.includes('map rbd/xbh-web-xvda'), 'the same clone mapped');
     t.equal((await w.hook('remove', d3)).code, 0);
     t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
+
+    // A live migration on one host: the receiver (NAME--incoming) maps the same clone while the
+    // sender still has it; the sender's remove and then the receiver's keep it.
+    const src = w.disk(5, params, { domainName: 'web' });
+    t.equal((await w.hook('add', src)).code, 0);
+    w.sim.calls = [];
+    const dst = w.disk(6, params, { domainName: 'web--incoming' });
+    const recv = await w.hook('add', dst, 'state-dst');
+    t.equal(recv.code, 0, recv.error ?? 'the receiver');
+    t.strictSame(clones(), [], 'no new clone');
+    t.strictSame(
+      w.sim.mapped.map((m) => m.spec),
+      ['rbd/xbh-web-xvda', 'rbd/xbh-web-xvda'],
+      'both ends map the same clone',
+    );
+    t.equal((await w.hook('remove', src)).code, 0, "the sender's remove");
+    t.equal((await w.hook('remove', dst, 'state-dst')).code, 0, "the receiver's remove");
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'the clone stays');
+    t.strictSame(w.sim.mapped, []);
 
     // pygrub: the disk attached to dom0 (frontend 0). Named after its domain, the clone would be
     // dom0's own: refused, nothing run.
