@@ -172,6 +172,7 @@ const INITRD_APPLETS = [
   'df',
   'tail',
   'dmesg',
+  'sed',
 ];
 
 function run(file, args, opts = {}) {

@@ -69,8 +69,10 @@ $XENBIN/xenconsoled --pid-file=/run/xen/xenconsoled.pid --log=guest --log-dir=/v
 echo "$(($(ms) - T0))" >$S/ready-ms
 say "ready"
 
-# What a scenario left behind (domains, rbd mappings, Ceph daemons, dm devices, loops, nbd):
-# printed, then cleared so the next scenario starts clean.
+# What a scenario left behind (domains, rbd mappings, Ceph daemons, dm devices, loops, nbd, lock
+# files): printed, then cleared so the next scenario starts clean. Lock files: ours in
+# /run/xen-blockhooks/locks and Xen's in /run/xen-hotplug; every holder unlinks its own on
+# release, and only `watch` (a running xen-blockhooks watch) stays by design (src/lock/paths.ts).
 leftovers() {
 	doms=$(xl list 2>/dev/null | awk 'NR > 1 && $1 != "Domain-0" { print $1 }')
 	rbds=$(ls /sys/bus/rbd/devices 2>/dev/null)
@@ -78,18 +80,23 @@ leftovers() {
 	dm=$(dmsetup ls 2>/dev/null | grep -v '^No devices found')
 	loops=$(losetup -a 2>/dev/null)
 	nbds=$(for p in /sys/block/nbd*/pid; do [ -e "$p" ] && echo "${p%/pid}"; done)
+	locks=$(for f in /run/xen-blockhooks/locks/* /run/xen-hotplug/*; do
+		[ -e "$f" ] && [ "$f" != /run/xen-blockhooks/locks/watch ] && echo "$f"
+	done)
 	[ -n "$doms" ] && echo "domains: $doms"
 	[ -n "$rbds" ] && echo "rbd mappings: $rbds"
 	[ -n "$cephs" ] && echo "Ceph daemons: $cephs"
 	[ -n "$dm" ] && printf 'dmsetup ls:\n%s\n' "$dm"
 	[ -n "$loops" ] && printf 'losetup -a:\n%s\n' "$loops"
 	[ -n "$nbds" ] && echo "connected nbd: $nbds"
+	[ -n "$locks" ] && printf 'lock files:\n%s\n' "$locks"
 	for d in $doms; do xl destroy "$d" >/dev/null 2>&1; done
 	for r in $rbds; do echo "$r force" >/sys/bus/rbd/remove_single_major 2>/dev/null || echo "$r force" >/sys/bus/rbd/remove; done
 	[ -n "$cephs" ] && kill -9 $cephs
 	[ -n "$dm" ] && dmsetup remove_all -f >/dev/null 2>&1
 	for n in $nbds; do qemu-nbd -d /dev/${n##*/} >/dev/null 2>&1; done
 	[ -n "$loops" ] && losetup -D
+	[ -n "$locks" ] && rm -f $locks
 	rm -rf /scratch/* 2>/dev/null
 	return 0
 }

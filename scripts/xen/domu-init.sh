@@ -4,6 +4,10 @@
 #   xbh_mode=marker xbh_marker=WORD  wait for /dev/xvda, print the 16 bytes at 4096 (what the
 #                                    base holds), write "XBH:WORD" at 0 with fsync, read it
 #                                    back, print it, power off
+#   xbh_regrub=WORD                  (marker mode, a disk holding an ext2/ext4 filesystem with
+#                                    /boot/grub/grub.cfg: a pygrub guest) then mount it, change
+#                                    the grub.cfg's xbh_marker= to WORD, unmount: the next boot's
+#                                    bootloader reads it from this disk ("regrub xbh_marker=WORD")
 #   xbh_hold=1                       after "done", stay up (dom0 inspects, then xl destroy)
 #   xbh_linger=S                     after "done", wait S seconds before powering off
 #   xbh_mode=reread xbh_marker=WORD  wait for /dev/xvda, write "XBH:WORD" at 0 and "XBH2:WORD" at
@@ -51,6 +55,23 @@ for m in $(cat /lib/modules/order); do
 	insmod "/lib/modules/$m.ko" || say "insmod $m failed"
 done
 
+load_fs() {
+	for m in $(cat /lib/modules/fs.order); do
+		insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+	done
+}
+
+# xbh_regrub: the next boot's command line, in the grub.cfg on the disk.
+regrub() {
+	load_fs
+	mount -t ext2 /dev/xvda /mnt 2>/dev/null || mount -t ext4 /dev/xvda /mnt || { say "regrub: mount failed"; return; }
+	sed -i "s/xbh_marker=[A-Za-z0-9_-]*/xbh_marker=$xbh_regrub/" /mnt/boot/grub/grub.cfg || say "regrub: sed failed"
+	now=$(grep -o 'xbh_marker=[A-Za-z0-9_-]*' /mnt/boot/grub/grub.cfg)
+	sync
+	umount /mnt || say "regrub: umount failed"
+	say "regrub $now"
+}
+
 wait_for() { # wait_for PATH SECONDS
 	n=0
 	while [ ! -e "$1" ]; do
@@ -73,6 +94,7 @@ marker)
 	# conv=fsync: the write reaches the backend before dd exits (dom0 checks it there).
 	printf 'XBH:%s\n' "$xbh_marker" | dd of=/dev/xvda bs=16 count=1 conv=sync,notrunc,fsync 2>/dev/null || say "write failed"
 	say "xvda readback=$(peek /dev/xvda 0)"
+	[ -n "${xbh_regrub:-}" ] && regrub
 	finish
 	;;
 reread)
@@ -92,9 +114,7 @@ reread)
 	done
 	;;
 resize)
-	for m in $(cat /lib/modules/fs.order); do
-		insmod "/lib/modules/$m.ko" || say "insmod $m failed"
-	done
+	load_fs
 	wait_for /dev/xvda 30 || { say "no /dev/xvda"; finish; }
 	mount -t ext4 /dev/xvda /mnt || { say "mount failed"; finish; }
 	printf 'XBH:%s\n' "$xbh_marker" >/mnt/guest.txt && sync || say "write failed"

@@ -144,7 +144,12 @@ t.test('install into a DESTDIR: files, modes, wrappers; uninstall puts the tree 
   );
   const boot = readFileSync(join(h.dest, 'usr/lib/systemd/system/xen-blockhooks-boot.service'), 'utf8');
   t.match(boot, /^ExecStart=\/usr\/sbin\/xen-blockhooks gc --apply$/m, 'the boot cleanup runs gc --apply');
-  t.match(boot, /^Before=xendomains\.service$/m, 'before xendomains restores saved domains');
+  t.match(boot, /^Before=xendomains\.service libvirt-guests\.service$/m, 'before xendomains restores saved domains');
+  t.match(
+    boot,
+    /^After=local-fs\.target remote-fs\.target xen\.service xenstored\.service xen-init-dom0\.service$/m,
+    "after xenstore: Debian 12's sysv xen (xen.service), upstream's xenstored.service",
+  );
   t.equal(
     readlinkSync(join(h.dest, 'etc/systemd/system/multi-user.target.wants/xen-blockhooks-boot.service')),
     '/usr/lib/systemd/system/xen-blockhooks-boot.service',
@@ -470,5 +475,39 @@ t.test(
     const refused = spawnSync(join(lib, 'post-install'), [old], { encoding: 'utf8' });
     t.equal(refused.status, 1);
     t.match(refused.stderr, /is Node\.js 18\.19\.0; xen-blockhooks needs 18\.20\.4 or newer/);
+  },
+);
+
+const analyze = spawnSync('systemd-analyze', ['--version'], { encoding: 'utf8' });
+
+t.test(
+  'systemd-analyze verify accepts the staged boot and watch units',
+  {
+    skip: analyze.error ? 'systemd-analyze is not installed (apt-get install systemd)' : false,
+  },
+  async (t) => {
+    const h = setup(t);
+    h.seed();
+    // The stand-in CLI has the watch command, so both units are staged.
+    writeFileSync(join(h.src, 'dist', 'xen-blockhooks.mjs'), '#!/usr/bin/env node\n');
+    const r = h.install([]);
+    t.equal(r.code, 0, r.err);
+    const units = join(h.dest, 'usr/lib/systemd/system');
+    const check = join(h.top, 'verify');
+    mkdirSync(check);
+    for (const unit of readdirSync(units)) {
+      // The command lives in the staged tree, not on this machine: verify checks that it is
+      // executable, so the copy verified names the staged one; everything else is as installed.
+      const text = readFileSync(join(units, unit), 'utf8');
+      t.match(text, /^ExecStart=\/usr\/sbin\/xen-blockhooks /m, `${unit} runs the installed command`);
+      writeFileSync(
+        join(check, unit),
+        text.replaceAll('=/usr/sbin/xen-blockhooks ', `=${h.dest}/usr/sbin/xen-blockhooks `),
+      );
+      const v = spawnSync('systemd-analyze', ['verify', '--man=no', join(check, unit)], { encoding: 'utf8' });
+      t.equal(v.status, 0, `systemd-analyze verify ${unit}: ${v.stderr}`);
+      t.equal(v.stderr, '', `${unit}: no warning (an unknown key, a bad value, a unit that cannot load)`);
+    }
+    t.ok(readdirSync(units).includes('xen-blockhooks-boot.service'), 'the boot unit was verified');
   },
 );

@@ -47,6 +47,8 @@ class Sim {
   nextClient = 4100;
   /** Per subcommand: a failure to inject once. */
   fail = new Map<string, { code: number; stderr: string; thenDo?: () => void }>();
+  /** `xl list DOMID`: the state letters of each domain the hypervisor knows (none: xl says it does not exist). */
+  xl = new Map<number, string>();
 
   freeDevice(): string {
     for (let i = 0; ; i++) if (!this.mapped.some((m) => m.device === `/dev/rbd${i}`)) return `/dev/rbd${i}`;
@@ -196,8 +198,24 @@ class Sim {
         timedOut: false,
       };
     };
+    const xl = async (args: readonly string[]): Promise<RunResult> => {
+      const id = Number(args[1]);
+      const st = this.xl.get(id);
+      const line = `${`dom${id}`.padEnd(40)} ${String(id).padStart(5)}   256     1     ${st}      12.3`;
+      return {
+        command: `xl ${args.join(' ')}`,
+        exitCode: st ? 0 : 1,
+        signal: undefined,
+        stdout: st ? `Name                                        ID   Mem VCPUs\tState\tTime(s)\n${line}\n` : '',
+        stderr: st ? '' : `Invalid domain identifier: ${id}`,
+        durationMs: 1,
+        failed: !st,
+        timedOut: false,
+      };
+    };
     return {
-      probe: (file, args, opts) => (file === 'rbd' ? exec(file, args) : real.probe(file, args, opts)),
+      probe: (file, args, opts) =>
+        file === 'rbd' ? exec(file, args) : file === 'xl' ? xl(args) : real.probe(file, args, opts),
       run: async (file, args, opts) => {
         if (file !== 'rbd') return real.run(file, args, opts);
         const r = await exec(file, args);
@@ -636,5 +654,96 @@ t.test(
       [],
       "gc never plans another host's clone",
     );
+  },
+);
+
+t.test(
+  'clone=persistent through a save, a dom0 restart, a migration and a bootloader attach: the same clone every time, never a new one',
+  async (t) => {
+    const w = await world(t);
+    const params = 'rbd/golden@base clone=persistent';
+    const clones = () => w.sim.calls.filter((c) => c.startsWith('clone'));
+    const d1 = w.disk(1, params, { domainName: 'web' });
+    const a = await w.hook('add', d1);
+    t.equal(a.code, 0, a.error ?? 'xl create');
+    t.strictSame(clones(), ['clone rbd/xbh-web-xvda']);
+
+    // xl save: the domain is suspended while its remove runs. Its data is in the clone, so the
+    // mapping goes as at any remove and the clone stays.
+    w.sim.xl.set(1, '--pss-');
+    const saved = await w.hook('remove', d1);
+    w.sim.xl.delete(1);
+    t.equal(saved.code, 0, "the save's remove");
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'the clone stays');
+    t.strictSame(w.sim.mapped, []);
+    t.strictSame(w.journal(), []);
+    t.notOk(
+      w.sim.calls.some((c) => c.startsWith('rm')),
+      'nothing deleted',
+    );
+
+    // xl restore: a new domid, the same name.
+    w.sim.calls = [];
+    const d2 = w.disk(2, params, { domainName: 'web' });
+    const restored = await w.hook('add', d2);
+    t.equal(restored.code, 0, restored.error ?? 'xl restore');
+    t.strictSame(clones(), [], 'no new clone');
+    t.ok(w.sim.calls.includes('map rbd/xbh-web-xvda'), 'the same clone mapped');
+
+    // A dom0 restart: every mapping and /run go; the clone stays in the cluster.
+    w.sim.mapped = [];
+    w.sim.watchers.clear();
+    rmSync(join(w.root, 'state'), { recursive: true, force: true });
+    await destroyNodes(w.xs, d2);
+    w.sim.calls = [];
+    const d3 = w.disk(3, params, { domainName: 'web' });
+    const after = await w.hook('add', d3);
+    t.equal(after.code, 0, after.error ?? 'restore after the restart');
+    t.strictSame(clones(), [], 'no new clone');
+    t.ok(w.sim.calls.includes('map rbd/xbh-web-xvda'), 'the same clone mapped');
+    t.equal((await w.hook('remove', d3)).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda']);
+
+    // A live migration on one host: the receiver (NAME--incoming) maps the same clone while the
+    // sender still has it; the sender's remove and then the receiver's keep it.
+    const src = w.disk(5, params, { domainName: 'web' });
+    t.equal((await w.hook('add', src)).code, 0);
+    w.sim.calls = [];
+    const dst = w.disk(6, params, { domainName: 'web--incoming' });
+    const recv = await w.hook('add', dst, 'state-dst');
+    t.equal(recv.code, 0, recv.error ?? 'the receiver');
+    t.strictSame(clones(), [], 'no new clone');
+    t.strictSame(
+      w.sim.mapped.map((m) => m.spec),
+      ['rbd/xbh-web-xvda', 'rbd/xbh-web-xvda'],
+      'both ends map the same clone',
+    );
+    t.equal((await w.hook('remove', src)).code, 0, "the sender's remove");
+    t.equal((await w.hook('remove', dst, 'state-dst')).code, 0, "the receiver's remove");
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'the clone stays');
+    t.strictSame(w.sim.mapped, []);
+
+    // pygrub: the disk attached to dom0 (frontend 0). Named after its domain, the clone would be
+    // dom0's own: refused, nothing run.
+    w.sim.calls = [];
+    const boot = await w.hook('add', w.disk(0, params, { domainName: 'Domain-0' }));
+    t.equal(boot.code, 1);
+    t.match(boot.error, /block-rbd: this disk is being attached to dom0 .*name it explicitly with name=IMAGE/);
+    t.strictSame(w.sim.calls, [], 'no rbd command');
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/xbh-web-xvda'], 'no clone of its own');
+    // Named explicitly, the bootloader maps the very clone the guest gets.
+    const named = 'rbd/golden@base clone=persistent name=web-root';
+    const g = w.disk(4, named, { domainName: 'web' });
+    t.equal((await w.hook('add', g)).code, 0);
+    t.equal((await w.hook('remove', g)).code, 0);
+    w.sim.calls = [];
+    const b = w.disk(0, named, { domainName: 'Domain-0' });
+    const booted = await w.hook('add', b);
+    t.equal(booted.code, 0, booted.error ?? 'bootloader attach');
+    t.strictSame(clones(), [], "no clone: the guest's");
+    t.ok(w.sim.calls.includes('map rbd/web-root'), 'the guest clone mapped for the bootloader');
+    t.equal((await w.hook('remove', b)).code, 0);
+    t.strictSame(w.sim.images_(), ['rbd/golden', 'rbd/web-root', 'rbd/xbh-web-xvda'], 'both clones kept');
+    t.strictSame(w.sim.mapped, []);
   },
 );

@@ -5,7 +5,10 @@
 # grub.cfg whose command line is the only place the guest's mode comes from.
 #   1. transient store: the guest boots from what pygrub read, the dom0 attach leaves nothing;
 #   2. persistent store named after the domain: refused at the dom0 attach, with the reason;
-#   3. persistent store named with store=: boots, twice, the store kept in between.
+#   3. persistent store named with store=: boots twice, the store kept in between. The first
+#      guest changes grub.cfg on its disk (xbh_regrub: the next command line's xbh_marker), and
+#      the second boot's pygrub follows that change: the bootloader's dom0 attach and the guest
+#      see the same store, not a store of dom0's own or the bare base.
 . "$XBH_PROJECT/test/xen/lib.sh"
 
 require_hooks
@@ -19,7 +22,7 @@ cat >$tree/boot/grub/grub.cfg <<'EOF'
 set default=0
 set timeout=0
 menuentry 'xen-blockhooks pygrub test' {
-	linux /boot/vmlinux console=hvc0 quiet xbh_mode=marker xbh_marker=pyg xbh_hold=1
+	linux /boot/vmlinux console=hvc0 quiet xbh_mode=marker xbh_marker=pyg xbh_regrub=py2 xbh_hold=1
 	initrd /boot/initrd.cpio
 }
 EOF
@@ -46,11 +49,15 @@ EOF
 
 dom0_vbds() { xenstore-list /local/domain/0/backend/vbd/0 2>/dev/null; }
 
-# boots NAME: the guest came up in the mode only grub.cfg gives it, on its own CoW disk.
+# boots NAME [MARKER]: the guest came up in the mode only grub.cfg gives it, with the marker
+# (default pyg, the base image's) that grub.cfg names, on its own CoW disk, and changed that
+# grub.cfg on its disk to name py2.
 boots() {
+	m=${2:-pyg}
 	if wait_console "$1" "xbh-domu: holding" 120; then ok "$1 booted the kernel pygrub found, and wrote its disk"; else not_ok "$1 booted through pygrub" "$(console_log "$1" | tail -20)"; return 1; fi
 	if console_has "$1" "booted mode=marker"; then ok "$1's command line came from the image's grub.cfg"; else not_ok "$1's command line came from grub.cfg" "$(console_log "$1" | grep xbh-domu)"; fi
-	if console_has "$1" "readback=XBH:pyg"; then ok "$1 read back its own marker"; else not_ok "$1 read back its marker" "$(console_log "$1" | grep xbh-domu)"; fi
+	if console_has "$1" "readback=XBH:$m"; then ok "$1 read back its own marker, $m, which grub.cfg named"; else not_ok "$1 read back its marker $m" "$(console_log "$1" | grep xbh-domu)"; fi
+	if console_has "$1" "regrub xbh_marker=py2"; then ok "$1 changed grub.cfg on its disk"; else not_ok "$1 changed grub.cfg on its disk" "$(console_log "$1" | grep xbh-domu)"; fi
 	if [ -z "$(dom0_vbds)" ]; then ok "the bootloader's dom0 attach is gone"; else not_ok "the bootloader's dom0 attach is gone" "$(xenstore-ls -f /local/domain/0/backend/vbd/0 2>&1)"; fi
 	check "one snapshot device: the guest's own" sh -c '[ "$(dmsetup table | grep -c " snapshot ")" = 1 ]'
 }
@@ -82,11 +89,20 @@ for v in $(dom0_vbds); do
 done
 
 # --- 3. persistent store named with store= ---------------------------------------------------------
+# Boot 1's pygrub reads the base's grub.cfg (marker pyg) through a fresh store; its guest changes
+# grub.cfg to name py2. Boot 2's pygrub reads grub.cfg through the dom0 attach of the same store:
+# only if it is the guest's store does boot 2 come up with py2.
 for n in 1 2; do
+	want=pyg
+	[ $n = 2 ] && want=py2
 	if xl_create "xl create xbhpyg3, boot $n (persistent store=xbhpyg3.cow)" "$(pygrub_cfg xbhpyg3 '32 store=xbhpyg3.cow')"; then
-		boots xbhpyg3
+		boots xbhpyg3 $want
+		[ $n = 2 ] && if console_has xbhpyg3 "readback=XBH:py2"; then ok "boot 2's pygrub followed the grub.cfg boot 1's guest wrote into the named store"; else not_ok "boot 2's pygrub followed the grub.cfg boot 1's guest wrote" "$(console_log xbhpyg3 | grep xbh-domu)"; fi
 		check "xl destroy xbhpyg3" xl destroy xbhpyg3
 		until_true 20 sh -c '[ -z "$(dmsetup ls 2>/dev/null | grep xbh-)" ]'
+		until_true 20 domain_gone xbhpyg3
+		# The console log is per domain name and appended to: boot 2 is judged on its own lines.
+		rm -f "$XBH_CONSOLE_LOGS/guest-xbhpyg3.log"
 	fi
 	if [ -f /var/lib/xen-blockhooks/xbhpyg3.cow ]; then ok "the named store is kept after boot $n"; else not_ok "the named store is kept after boot $n" "$(find /var/lib/xen-blockhooks -type f)"; fi
 done
