@@ -3,6 +3,9 @@
 # run directly the way libxl runs them (XENBUS_PATH relative, the backend nodes written first into
 # the real xenstored), and a bare `node -e 0`, interleaved, the order rotating every round.
 # Then 10 concurrent adds (10 files, 10 backends) and their removes, stock and ours in turn.
+# Ours runs twice over: with the resident service (xen-blockhooks serve, started here) taking the
+# events (variants served, cowsrv), and with XEN_BLOCKHOOKS_SERVE=0 running them in the wrapper
+# as when the service is down (ours, cow).
 # Prints `sample VARIANT OP WALL_MS CPU_MS` lines, `concurrent VARIANT OP WALL_MS FAILURES`, and
 # TAP lines: a failed or unverified run is `not ok`.
 . "$XBH_PROJECT/test/xen/lib.sh"
@@ -55,18 +58,21 @@ timed() {
 	return $rc
 }
 
+# served_env VARIANT: what keeps a variant's event out of the service (all but served, cowsrv).
+served_env() { case $1 in served | cowsrv) ;; *) echo XEN_BLOCKHOOKS_SERVE=0 ;; esac; }
+
 # one VARIANT SCRIPT DOMID [PARAMS]: add, check, remove, check (PARAMS default: the file d0.img).
 one() {
 	v=$1 script=$2 d=$3
 	nodes "$d" "${4:-$IMG/d0.img}"
-	if ! timed "$v" add env XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" add; then
+	if ! timed "$v" add env $(served_env "$v") XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" add; then
 		not_ok "$v add" "$(cat $XBH_SCRATCH/run.out)"
 	fi
 	pd=$(xenstore-read "/local/domain/0/backend/vbd/$d/51712/physical-device" 2>/dev/null)
 	st=$(xenstore-read "/local/domain/0/backend/vbd/$d/51712/hotplug-status" 2>/dev/null)
 	if [ -z "$pd" ] || [ "$st" != connected ]; then not_ok "$v add wrote physical-device and hotplug-status=connected" "pd=$pd status=$st"; fi
 	closed "$d"
-	if ! timed "$v" remove env XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" remove; then
+	if ! timed "$v" remove env $(served_env "$v") XENBUS_PATH=backend/vbd/$d/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block "$script" remove; then
 		not_ok "$v remove" "$(cat $XBH_SCRATCH/run.out)"
 	fi
 	gone "$d"
@@ -79,6 +85,19 @@ COW=/etc/xen/scripts/block-cow
 BASE=/var/lib/xen/images/xbh-bench-base.img
 dd if=/dev/zero of=$BASE bs=1M count=16 status=none
 cowone() { if [ -x $COW ]; then one cow $COW 2 "$BASE 16"; fi; }
+
+# The resident service, as its unit runs it (the channel in /run/xen-blockhooks/serve).
+xen-blockhooks serve --no-watch >$XBH_SCRATCH/serve.out 2>&1 &
+SPID=$!
+if until_true 60 sh -c "[ \"\$(cat /run/xen-blockhooks/serve/pid 2>/dev/null)\" = $SPID ]"; then
+	note "xen-blockhooks serve is up, pid $SPID"
+else
+	not_ok "xen-blockhooks serve is up" "$(cat $XBH_SCRATCH/serve.out)"
+fi
+srvone() {
+	one served $OURS 3
+	if [ -x $COW ]; then one cowsrv $COW 4 "$BASE 16"; fi
+}
 
 # Ours once more under another Node (XBH_BENCH_DOM0_ALT_NODE: the host's NodeSource build), installed
 # by the same installer under /opt/xbh-alt: variants oursalt (its block) and nodealt (its node -e 0).
@@ -102,19 +121,20 @@ altone() { if [ -n "$ALTNODE" ]; then one oursalt $ALT 1; timed nodealt start "$
 one stock $STOCK 1 >/dev/null
 one ours $OURS 1 >/dev/null
 cowone >/dev/null
+srvone >/dev/null
 altone >/dev/null
 node -e 0
 r=0
 while [ $r -lt "$ROUNDS" ]; do
 	case $((r % 4)) in
-	0) one stock $STOCK 1; one ours $OURS 1; cowone; altone; timed node start node -e 0 ;;
-	1) one ours $OURS 1; cowone; altone; timed node start node -e 0; one stock $STOCK 1 ;;
-	2) cowone; altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
-	3) altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1; cowone ;;
+	0) one stock $STOCK 1; one ours $OURS 1; cowone; srvone; altone; timed node start node -e 0 ;;
+	1) one ours $OURS 1; cowone; srvone; altone; timed node start node -e 0; one stock $STOCK 1 ;;
+	2) cowone; srvone; altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1 ;;
+	3) srvone; altone; timed node start node -e 0; one stock $STOCK 1; one ours $OURS 1; cowone ;;
 	esac
 	r=$((r + 1))
 done
-ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow${ALTNODE:+, block under the other node}) add+remove, and node -e 0"
+ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow, each with the service up and down${ALTNODE:+, block under the other node}) add+remove, and node -e 0"
 
 # conc VARIANT SCRIPT [LOCK_TIMEOUT_MS]: CONC adds at once (domids 11.., one file each), then CONC
 # removes at once; with LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms).
@@ -127,7 +147,7 @@ conc() {
 		t0=$(date +%s%N)
 		i=0
 		while [ $i -lt "$CONC" ]; do
-			(env XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
+			(env $(served_env "$v") XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
 				${wait:+XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait} "$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
 			i=$((i + 1))
 		done
@@ -173,8 +193,12 @@ fi
 conc stock $STOCK
 conc ours $OURS
 conc ours-wait $OURS "$WAIT"
+conc served $OURS
 conc stock $STOCK
-ok "concurrency: $CONC adds and removes at once: stock (twice), ours (lock_timeout_ms default 20 s), ours waiting up to $WAIT ms for the lock"
+conc served $OURS
+ok "concurrency: $CONC adds and removes at once: stock (twice), ours (lock_timeout_ms default 20 s), ours waiting up to $WAIT ms for the lock, ours with the service up (twice)"
+kill -TERM $SPID
+wait $SPID || not_ok "the service stopped with exit 0" "$(cat $XBH_SCRATCH/serve.out)"
 rm -rf $IMG $BASE
 expect_nothing_left "after the dom0 benchmark"
 finish

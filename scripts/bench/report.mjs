@@ -440,6 +440,10 @@ function dom0(d) {
     ['ours remove', 'ours `block remove`'],
     ['stock remove', 'stock `block remove`'],
     ['cow remove', '`block-cow remove`'],
+    ['served add', 'ours `block add`, service up'],
+    ['served remove', 'ours `block remove`, service up'],
+    ['cowsrv add', '`block-cow add`, service up'],
+    ['cowsrv remove', '`block-cow remove`, service up'],
     ['nodealt start', `bare \`node -e 0\`, ${alt}`],
     ['oursalt add', `ours \`block add\`, ${alt}`],
     ['oursalt remove', `ours \`block remove\`, ${alt}`],
@@ -459,6 +463,24 @@ function dom0(d) {
   out.push(
     row(['ours remove / stock remove (p50)', ratio(p50(get('ours remove').wall), p50(get('stock remove').wall)), '–']),
   );
+  if (s['served add']) {
+    out.push(row(['service up: ours add / stock add (p50)', ratio(p50(get('served add').wall), p50(sa)), '≤ 0.25×']));
+    out.push(
+      row([
+        'service up: ours remove / stock remove (p50)',
+        ratio(p50(get('served remove').wall), p50(get('stock remove').wall)),
+        '–',
+      ]),
+    );
+  }
+  if (s['cowsrv add'])
+    out.push(
+      row([
+        'service up: block-cow add / stock `block` add (p50)',
+        ratio(p50(get('cowsrv add').wall), p50(sa)),
+        '≤ 0.3×',
+      ]),
+    );
   out.push(row(['ours add − `node -e 0`, median of per-round differences', ms(p50(oa.map((a, i) => a - n[i]))), '–']));
   out.push(row(['CPU: ours add / stock add (p50)', ratio(p50(get('ours add').cpu), p50(get('stock add').cpu)), '–']));
   if (s['oursalt add']) {
@@ -476,6 +498,10 @@ function dom0(d) {
       '',
       `${d.concurrency} concurrent adds, ours / stock (mean of the trials): ${ratio(mean('ours', 'add'), mean('stock', 'add'))}; removes: ${ratio(mean('ours', 'remove'), mean('stock', 'remove'))}.`,
     );
+    if (d.concurrent.some((c) => c.variant === 'served'))
+      out.push(
+        `With the service up: adds ${ratio(mean('served', 'add'), mean('stock', 'add'))} (target ≤ 0.3×), removes ${ratio(mean('served', 'remove'), mean('stock', 'remove'))} of stock.`,
+      );
     if (d.concurrent.some((c) => c.variant === 'ours-wait'))
       out.push(
         `With a longer lock wait (ours-wait): adds ${ratio(mean('ours-wait', 'add'), mean('stock', 'add'))}, removes ${ratio(mean('ours-wait', 'remove'), mean('stock', 'remove'))} of stock.`,
