@@ -208,8 +208,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
   const w = await world(t);
   const I = w.images;
   const cases: Case[] = [
-    { name: 'relative base path', params: 'images/base.img 16', re: /not an absolute path/ },
-    { name: 'relative ./ base path', params: './base.img', re: /not an absolute path/ },
     { name: 'missing base', params: `${I}/nope.img 16`, re: /does not exist/ },
     {
       name: 'base is a directory',
@@ -273,9 +271,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
     { name: 'base outside via ..', params: `${I}/../outside/x.img`, re: /contains "\.\."/ },
     { name: '.. that resolves back inside', params: `${I}/../images/base.img`, re: /contains "\.\."/ },
     { name: 'base is the image directory itself', params: `${I}`, re: /is a directory/ },
-    { name: 'params starting with --', params: '--help', re: /not an absolute path/ },
-    { name: 'params starting with - and a path', params: `-o ${I}/base.img`, re: /not an absolute path/ },
-    { name: 'option before the base', params: `persistent ${I}/base.img`, re: /not an absolute path/ },
     {
       name: 'shell metacharacters ;',
       setup: (w) => `${w.images}/base.img;touch ${w.dir}/pwned`,
@@ -291,8 +286,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
       setup: (w) => `${w.images}/\`id\`|cat&.img`,
       re: /does not exist/,
     },
-    { name: 'newline in params', setup: (w) => `${w.images}/base.img\n/etc/shadow`, re: /holds a tab or a line break/ },
-    { name: 'newline inside the path', setup: (w) => `${w.images}/ba\nse.img`, re: /holds a tab or a line break/ },
     {
       name: 'terminal escape sequence in the path',
       setup: (w) => `${w.images}/base.img\u001b[2J\u0007`,
@@ -309,33 +302,10 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
       re: /cannot resolve|does not exist|too long/i,
     },
     {
-      name: 'many words (1000)',
-      setup: (w) => `${w.images}/base.img ${'16 '.repeat(1000)}`,
-      re: /second size|not an option/,
-    },
-    { name: 'size zero', setup: (w) => `${w.images}/base.img 0`, re: /at least 1 MiB/ },
-    { name: 'size negative', setup: (w) => `${w.images}/base.img -16`, re: /"-16" is not a size/ },
-    {
       name: 'size not numeric (a path with a space, then)',
       setup: (w) => `${w.images}/base.img lots`,
       re: /base\.img lots does not exist/,
     },
-    { name: 'size with a decimal comma', setup: (w) => `${w.images}/base.img 1,5G`, re: /"1,5G" is not a size/ },
-    {
-      name: 'size huge (beyond 16 TiB)',
-      setup: (w) => `${w.images}/base.img 99999999999999999999G`,
-      re: /more than 16 TiB/,
-    },
-    { name: 'size hex', setup: (w) => `${w.images}/base.img 0x10`, re: /"0x10" is not a size/ },
-    { name: 'unknown option', setup: (w) => `${w.images}/base.img 16 frobnicate=1`, re: /unknown option "frobnicate"/ },
-    { name: 'persistent=maybe', setup: (w) => `${w.images}/base.img persistent=maybe`, re: /must be yes or no/ },
-    { name: 'chunk not a power of two', setup: (w) => `${w.images}/base.img chunk=3K`, re: /power of two/ },
-    { name: 'store= with a path', setup: (w) => `${w.images}/base.img store=../../etc/x`, re: /plain file name/ },
-    { name: 'store= absolute', setup: (w) => `${w.images}/base.img store=/etc/cron.d/x`, re: /plain file name/ },
-    { name: 'store= hidden name', setup: (w) => `${w.images}/base.img store=.x`, re: /must not start with/ },
-    { name: 'store= with shell characters', setup: (w) => `${w.images}/base.img store=a;b`, re: /letters, digits/ },
-    { name: 'store given twice', setup: (w) => `${w.images}/base.img store=a store=b`, re: /given twice/ },
-    { name: 'two sizes', setup: (w) => `${w.images}/base.img 16 32`, re: /second size/ },
     { name: 'empty params', params: '', re: /params is missing or empty/ },
     { name: 'whitespace-only params', params: '   \t ', re: /params is missing or empty/ },
     { name: 'params missing', params: 'x', after: async (w, be) => w.xs.rm(`${be}/params`), re: /params is missing/ },
