@@ -1,20 +1,12 @@
 /**
  * block-cow through the real runtime (runHook) with a recording runner that plays losetup and
- * dmsetup (and a fake sysfs): plan refusals leave nothing, the add/remove command sequence, and
- * undo after a failure at every step of an add.
+ * dmsetup (and a fake sysfs): the add/remove command sequence, undo after a failure at every step
+ * of an add, and the refusals that depend on what is already attached or claimed. The refusals of
+ * bad params and bad base images are in cow-params.test.ts (the grammar) and hostile-cow.test.ts
+ * (through the runtime: nothing run, nothing left).
  */
 import t, { type Test } from 'tap';
-import {
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  symlinkSync,
-  writeFileSync,
-} from 'node:fs';
-import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
@@ -245,43 +237,6 @@ function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): Di
   return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `g${domid}`, ...extra };
 }
 
-t.test('plan refusals: hotplug-error, exit 1, nothing run, nothing created', async (t) => {
-  const w = await world(t);
-  mkdirSync(join(w.images, 'dir.img'));
-  execFileSync('mkfifo', [join(w.images, 'fifo.img')]);
-  const outside = join(w.dir, 'outside.img');
-  writeFileSync(outside, Buffer.alloc(4096));
-  symlinkSync(outside, join(w.images, 'escape.img'));
-  symlinkSync('/etc', join(w.images, 'etc'));
-  writeFileSync(join(w.images, 'empty.img'), '');
-  const cases: [string, RegExp][] = [
-    [`${w.images}/../outside.img 30`, /contains "\.\."/],
-    [`${w.images}/../images/base.img`, /contains "\.\."/],
-    ['base.img 30', /not an absolute path/],
-    [`${outside} 30`, /not inside an image directory/],
-    [`${w.images}/escape.img 30`, /escape\.img \(it resolves to .*outside\.img\) is not inside an image directory/],
-    [`${w.images}/etc/passwd`, /resolves to \/etc\/passwd\) is not inside/],
-    [`${w.images}/missing.img`, /does not exist/],
-    [`${w.images}/dir.img 30`, /is a directory/],
-    [`${w.images}/fifo.img 30`, /is a FIFO/],
-    [`${w.images}/empty.img`, /0 bytes/],
-    [`${w.base} 30 frobnicate`, /base\.img 30 frobnicate does not exist.*a path may hold spaces/],
-  ];
-  let domid = 1;
-  for (const [params, why] of cases) {
-    const d = disk(domid++, params);
-    await writeBackendNodes(w.xs, d);
-    const r = await w.hook('add', d);
-    t.equal(r.code, 1, `${params}: exit 1`);
-    t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), why, params);
-    t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'error');
-    t.equal(await w.xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
-    t.same(w.fake.log, [], `${params}: no device command ran`);
-    w.nothingLeft(t, params);
-  }
-  t.notOk(statSafe(w.config.storeDir), 'the store directory was not even created');
-});
-
 function statSafe(p: string): boolean {
   try {
     statSync(p);
@@ -420,33 +375,6 @@ t.test('a failure at each device command of an add is undone completely', async 
       w.nothingLeft(t, what);
     }
   }
-});
-
-t.test('a persistent store in use is refused busy, and the refusal leaves the user its loop', async (t) => {
-  const w = await world(t);
-  const a = disk(1, `${w.base} 8 store=shared.cow`);
-  const b = disk(2, `${w.base} 8 store=shared.cow`);
-  await writeBackendNodes(w.xs, a);
-  await writeBackendNodes(w.xs, b);
-  t.equal((await w.hook('add', a)).code, 0);
-  const before = JSON.stringify([w.fake.loops, w.fake.dms]);
-  const r = await w.hook('add', b);
-  t.equal(r.code, 1);
-  t.equal(await w.xs.read(`${backendPath(b)}/hotplug-status`), 'busy');
-  t.match(
-    await w.xs.read(`${backendPath(b)}/hotplug-error`),
-    /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/,
-  );
-  t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the first disk keeps its loops and dm device');
-  t.ok(statSync(join(w.config.storeDir, 'shared.cow')).isFile(), 'the store stays');
-  t.same(
-    readdirSync(join(w.config.stateDir, 'journal')),
-    ['backend~vbd~1~51712.json'],
-    'only the first disk has a record',
-  );
-  t.equal((await w.hook('remove', a)).code, 0);
-  rmSync(join(w.config.storeDir, 'shared.cow'));
-  w.nothingLeft(t, 'the end');
 });
 
 t.test(
