@@ -12,154 +12,45 @@ import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
 import { devString } from '../../src/devices/sysfs.js';
 import { defaultConfig, type Config } from '../../src/config/config.js';
-import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
+import type { RunOptions, RunResult } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
 import { startXenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { FakeDeviceRunner } from '../lib/fault-lib.js';
 
 type TT = Test;
 
-interface Loop {
-  name: string;
-  minor: number;
-  file: string;
-  dev: string;
-  ino: string;
-  ro: boolean;
-}
-interface Dm {
-  name: string;
-  minor: number;
-  table: string;
-  ro: boolean;
-  uuid: string;
-}
-
-/** losetup and dmsetup played in memory; every command is recorded; `failAt` fails the n-th device command. */
-class FakeDevices implements Runner {
-  loops: Loop[] = [];
-  dms: Dm[] = [];
+/**
+ * The shared fake (test/lib/fault-lib.ts), with every device command kept as one line (temporary
+ * folders shortened to …/) and `failAt` failing the n-th device command (flock is not one).
+ */
+class FakeDevices extends FakeDeviceRunner {
   log: string[] = [];
   failAt = -1;
   deviceCommands = 0;
-  constructor(readonly sysRoot: string) {}
 
-  private result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
-    return {
-      command: cmd,
-      exitCode: ok ? 0 : 1,
-      signal: undefined,
-      stdout,
-      stderr,
-      durationMs: 1,
-      failed: !ok,
-      timedOut: false,
-    };
-  }
-
-  async probe(file: string, args: readonly string[], _opts?: RunOptions): Promise<RunResult> {
-    const cmd = [file, ...args].join(' ');
-    if (file === 'flock') return this.result(cmd, true);
-    this.log.push(cmd.replace(/\/tmp\/[^ ]*\//g, '…/'));
-    const n = this.deviceCommands++;
-    if (n === this.failAt) return this.result(cmd, false, '', `${file}: injected failure`);
-    if (file === 'losetup') return this.losetup(cmd, args);
-    if (file === 'dmsetup') return this.dmsetup(cmd, args);
-    return this.result(cmd, false, '', `${file}: not played by the fake`);
-  }
-
-  async run(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult> {
-    const r = await this.probe(file, args, opts);
-    if (r.failed) {
-      const { CommandError } = await import('../../src/devices/runner.js');
-      throw new CommandError(r);
-    }
-    return r;
-  }
-
-  private losetup(cmd: string, args: readonly string[]): RunResult {
-    if (args[0] === '--list') {
-      const devs = this.loops.map((l) => ({
-        name: l.name,
-        'back-file': l.file,
-        'back-ino': Number(l.ino),
-        'back-maj:min': l.dev,
-        'maj:min': `7:${l.minor}`,
-        ro: l.ro,
-        offset: 0,
-        sizelimit: 0,
-      }));
-      return this.result(cmd, true, devs.length ? JSON.stringify({ loopdevices: devs }) : '');
-    }
-    if (args[0] === '--find') {
-      const file = args[args.length - 1] as string;
-      const st = statSync(file, { bigint: true });
-      let minor = 0;
-      while (this.loops.some((l) => l.minor === minor)) minor++;
-      const l: Loop = {
-        name: `/dev/loop${minor}`,
-        minor,
-        file,
-        dev: devString(st.dev),
-        ino: st.ino.toString(),
-        ro: args.includes('--read-only'),
-      };
-      this.loops.push(l);
-      const dir = join(this.sysRoot, 'block', `loop${minor}`);
-      mkdirSync(dir, { recursive: true });
-      writeFileSync(join(dir, 'dev'), `7:${minor}\n`);
-      writeFileSync(join(dir, 'ro'), l.ro ? '1\n' : '0\n');
-      mkdirSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`), { recursive: true });
-      writeFileSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
-      return this.result(cmd, true, `${l.name}\n`);
-    }
-    if (args[0] === '--detach') {
-      const i = this.loops.findIndex((l) => l.name === args[1]);
-      if (i < 0) return this.result(cmd, false, '', `losetup: ${args[1]}: detach failed: No such device or address`);
-      this.loops.splice(i, 1);
-      return this.result(cmd, true);
-    }
-    return this.result(cmd, false, '', 'losetup: unexpected arguments');
-  }
-
-  private dmsetup(cmd: string, args: readonly string[]): RunResult {
-    const name = args[args.length - 1] as string;
-    const dm = this.dms.find((d) => d.name === name);
-    switch (args[0]) {
-      case 'create': {
-        if (dm)
-          return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
-        let minor = 0;
-        while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({
-          name,
-          minor,
-          table: args[args.indexOf('--table') + 1] as string,
-          ro: args.includes('--readonly'),
-          uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '',
-        });
-        return this.result(cmd, true);
+  override async probe(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult> {
+    if (file !== 'flock') {
+      const cmd = [file, ...args].join(' ');
+      this.log.push(cmd.replace(/\/tmp\/[^ ]*\//g, '…/'));
+      if (this.deviceCommands++ === this.failAt) {
+        this.calls.push({ file, args: [...args] });
+        return {
+          command: cmd,
+          exitCode: 1,
+          signal: undefined,
+          stdout: '',
+          stderr: `${file}: injected failure`,
+          durationMs: 1,
+          failed: true,
+          timedOut: false,
+        };
       }
-      case 'info':
-        return dm
-          ? this.result(cmd, true, `${name}|254|${dm.minor}|0|${dm.uuid}\n`)
-          : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
-      case 'remove':
-        if (!dm)
-          return this.result(
-            cmd,
-            false,
-            '',
-            `device-mapper: remove ioctl on ${name}  failed: No such device or address`,
-          );
-        this.dms = this.dms.filter((d) => d !== dm);
-        return this.result(cmd, true);
-      default:
-        return this.result(cmd, false, '', 'dmsetup: unexpected arguments');
     }
+    return super.probe(file, args, opts);
   }
 }
 
