@@ -6,20 +6,19 @@
  * (through the runtime: nothing run, nothing left).
  */
 import t, { type Test } from 'tap';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
 import { devString } from '../../src/devices/sysfs.js';
-import { defaultConfig, type Config } from '../../src/config/config.js';
+import type { Config } from '../../src/config/config.js';
 import type { RunOptions, RunResult } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { FakeDeviceRunner } from '../lib/fault-lib.js';
+import { hookDir } from '../lib/hook-dir.js';
 
 type TT = Test;
 
@@ -66,30 +65,12 @@ interface World {
 }
 
 async function world(t: TT): Promise<World> {
-  const dir = mkdtempSync(join(tmpdir(), 'xbh-cow-'));
+  const h = await hookDir({ prefix: 'xbh-cow-', base: Buffer.alloc(1024 * 1024, 1) });
+  t.teardown(() => h.close());
+  const { dir, config, xs, images, base } = h;
   const sys = join(dir, 'sys');
   mkdirSync(sys);
-  const images = join(dir, 'images');
-  mkdirSync(images);
-  const base = join(images, 'base.img');
-  writeFileSync(base, Buffer.alloc(1024 * 1024, 1));
-  const server = await startXenstoreServer({ socketPath: join(dir, 'xs.sock') });
-  const xs = await connectXenstore({ path: join(dir, 'xs.sock') });
-  const config: Config = {
-    ...defaultConfig(),
-    storeDir: join(dir, 'store'),
-    stateDir: join(dir, 'state'),
-    imageDirs: [images],
-    xenLockDir: join(dir, 'xen-hotplug'),
-    logFile: '',
-    busyRetryMs: 100,
-  };
   const fake = new FakeDevices(sys);
-  t.teardown(async () => {
-    await xs.close();
-    await server.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
   const w: World = {
     dir,
     config,
@@ -103,7 +84,7 @@ async function world(t: TT): Promise<World> {
         cowBackend,
         [action],
         { XENBUS_PATH: backendPath(d) },
-        { connect: () => connectXenstore({ path: join(dir, 'xs.sock') }), run: f, config, logger, err: () => {} },
+        { connect: () => connectXenstore({ path: h.sock }), run: f, config, logger, err: () => {} },
       );
       return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
     },

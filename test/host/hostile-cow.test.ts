@@ -13,20 +13,17 @@ import {
   chmodSync,
   existsSync,
   mkdirSync,
-  mkdtempSync,
   readdirSync,
   renameSync,
-  rmSync,
   statSync,
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
-import { defaultConfig, type Config } from '../../src/config/config.js';
+import type { Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
@@ -36,6 +33,7 @@ import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/ser
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { FakeDeviceRunner, checked, sha256, snapshotTree, treeChanges } from '../lib/fault-lib.js';
+import { hookDir } from '../lib/hook-dir.js';
 
 const HOOK = 'block-cow';
 
@@ -52,34 +50,19 @@ interface World {
 }
 
 async function world(t: Test): Promise<World> {
-  const dir = mkdtempSync(join(tmpdir(), 'xbh-hostile-'));
-  const images = join(dir, 'images');
-  const outside = join(dir, 'outside');
-  mkdirSync(images);
-  mkdirSync(outside);
-  const base = join(images, 'base.img');
   const buf = Buffer.alloc(1024 * 1024);
   for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
-  writeFileSync(base, buf);
-  const sock = join(dir, 'xs.sock');
   const reads: string[] = [];
-  const server = await startXenstoreServer({ socketPath: sock, onRequest: (_op, args) => reads.push(args[0] ?? '') });
-  const xs = await connectXenstore({ path: sock });
-  const config: Config = {
-    ...defaultConfig(),
-    storeDir: join(dir, 'store'),
-    stateDir: join(dir, 'state'),
-    imageDirs: [images],
-    xenLockDir: join(dir, 'xen-hotplug'),
-    logFile: '',
-    busyRetryMs: 100,
-    lockTimeoutMs: 5000,
-  };
-  t.teardown(async () => {
-    await xs.close().catch(() => {});
-    await server.close().catch(() => {});
-    rmSync(dir, { recursive: true, force: true });
+  const h = await hookDir({
+    prefix: 'xbh-hostile-',
+    base: buf,
+    onRequest: (_op, args) => reads.push(args[0] ?? ''),
+    config: { lockTimeoutMs: 5000 },
   });
+  t.teardown(() => h.close());
+  const { dir, images, base, config, server, xs, sock } = h;
+  const outside = join(dir, 'outside');
+  mkdirSync(outside);
   return { dir, images, outside, base, config, server, xs, sock, reads };
 }
 
