@@ -290,7 +290,7 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
     {
       name: 'size not numeric (a path with a space, then)',
       setup: (w) => `${w.images}/base.img lots`,
-      re: /base\.img lots does not exist.*a path may hold spaces/,
+      re: /^block-cow: the base image \/\S+\/images\/base\.img lots does not exist \(or is a symbolic link to nothing\); check the path and that its filesystem is mounted\. The params were read as the path "\/\S+\/images\/base\.img lots" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it\.$/,
     },
     { name: 'empty params', params: '', re: /params is missing or empty/ },
     { name: 'whitespace-only params', params: '   \t ', re: /params is missing or empty/ },
