@@ -1,4 +1,8 @@
-/** block-cow on a real kernel: two domains on one base, idempotence, persistent stores, both dialects, refusals. */
+/**
+ * block-cow on a real kernel: two domains on one base, idempotence, persistent stores, both dialects,
+ * and the refusals that depend on what the kernel already has attached. Bad params and bad base
+ * images are refused before any device is touched: those are host tests (cow-params, hostile-cow).
+ */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
@@ -15,7 +19,6 @@ import {
   disk,
   explain,
   hook,
-  images,
   leftovers,
   listDir,
   loopsOnBase,
@@ -164,27 +167,4 @@ test('a base attached writable elsewhere is refused as busy, and nothing is buil
     sh('losetup', ['-d', rw]);
   }
   assert.deepEqual(leftovers(), []);
-});
-
-test('bad params: hotplug-error, exit 1, nothing created', async () => {
-  const cases: [string, RegExp][] = [
-    [`${base} 30 bogus=1`, /unknown option "bogus"/],
-    [`${base} 64X`, /"64X" is not a size/],
-    [`${base} lots`, /rootfs\.img lots does not exist.*a path may hold spaces/],
-    ['rootfs.img 30', /not an absolute path/],
-    [`${images}/../images/rootfs.img`, /contains "\.\."/],
-    ['/etc/passwd', /not inside an image directory/],
-    [`${images}/missing.img`, /does not exist/],
-    [`${base} 30 chunk=3K`, /power of two/],
-  ];
-  for (const [params, why] of cases) {
-    const d = disk(13, { params });
-    await writeBackendNodes(xs, d);
-    const r = await hook('add', d);
-    assert.equal(r.code, 1, `${params}: ${explain(r)}`);
-    assert.match(await xs.read(`${backendPath(d)}/hotplug-error`), why);
-    assert.equal(await xs.read(`${backendPath(d)}/hotplug-status`), 'error');
-    await destroyNodes(xs, d);
-    assert.deepEqual(leftovers(), [], params);
-  }
 });

@@ -9,8 +9,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -20,46 +19,17 @@ import { memoryLogger } from '../../src/log/logger.js';
 import { growStore, watchOnce } from '../../src/grow/index.js';
 import { applyGc, gcPlan } from '../../src/cli/gc.js';
 import { takeInventory } from '../../src/cli/inventory.js';
-import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import {
-  backendPath,
-  closeBackend,
-  destroyNodes,
-  runHookProcess,
-  writeBackendNodes,
-  type DiskNodes,
-  type HookRun,
-} from '../lib/backend-nodes.js';
-import { block, pread, pwrite, sh } from '../lib/disk-io.js';
+import { backendPath, destroyNodes, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { block, MiB, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { hookWorld, worldRoot } from '../lib/hook-world.js';
 
-const MiB = 1024 * 1024;
-const HOOK = join(process.cwd(), 'dist', 'block-lvsnap.mjs');
-const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `lvsnap-${process.pid}`);
-const stateDir = join(root, 'state');
-const logFile = join(root, 'hook.log');
-const sock = join(root, 'xenstored.sock');
+const world = hookWorld({ name: 'lvsnap', bundle: 'block-lvsnap', imageDirs: worldRoot('lvsnap') });
+const { root, stateDir, env, explain, hook, addOk, removeOk } = world;
 const VG = 'xbhtestvg';
 const pvs: string[] = [];
 
-let server: XenstoreServer;
 let xs: XenstoreClient;
-
-const env: NodeJS.ProcessEnv = {
-  PATH: process.env.PATH,
-  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
-  XENSTORED_PATH: sock,
-  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
-  XEN_BLOCKHOOKS_STORE_DIR: join(root, 'store'),
-  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
-  XEN_BLOCKHOOKS_IMAGE_DIRS: root,
-  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
-  XEN_BLOCKHOOKS_LOG_FILE: logFile,
-  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
-};
-
-const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 
 function lvNames(): string[] {
   return sh('lvm', ['lvs', '--noheadings', '-o', 'lv_name', VG])
@@ -82,38 +52,11 @@ function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): Di
   };
 }
 
-function explain(r: HookRun): string {
-  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
-  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
-}
-
-const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) =>
-  runHookProcess(HOOK, action, backendPath(d), env);
-
-async function addOk(d: DiskNodes): Promise<string> {
-  await writeBackendNodes(xs, d);
-  const r = await hook('add', d);
-  assert.equal(r.code, 0, `add ${backendPath(d)}: ${explain(r)}`);
-  const pd = await xs.read(`${backendPath(d)}/physical-device`);
-  const path = await xs.read(`${backendPath(d)}/physical-device-path`);
-  assert.equal(sh('stat', ['-L', '-c', '%t:%T', path]), pd);
-  return path;
-}
-
-async function removeOk(d: DiskNodes): Promise<void> {
-  await closeBackend(xs, d);
-  const r = await hook('remove', d);
-  assert.equal(r.code, 0, `remove ${backendPath(d)}: ${explain(r)}`);
-  await destroyNodes(xs, d);
-}
-
 let originSum = '';
 const originPath = `/dev/${VG}/golden`;
 
 before(async () => {
-  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(root, { recursive: true });
+  xs = await world.start();
   for (const n of ['pv1', 'pv2']) {
     const f = join(root, `${n}.img`);
     sh('truncate', ['-s', '96M', f]);
@@ -126,25 +69,20 @@ before(async () => {
   sh('lvm', ['lvcreate', '-q', '-y', '--type', 'thin-pool', '-n', 'tpool', '-L', '24M', VG]);
   sh('lvm', ['lvcreate', '-q', '-y', '--type', 'thin', '-n', 'tgolden', '-V', '16M', '--thinpool', 'tpool', VG]);
   for (let i = 0; i < 16; i++) pwrite(`/dev/${VG}/tgolden`, i * MiB, block(i, 'tgolden'));
-  originSum = sha(originPath);
-  server = await startXenstoreServer({ socketPath: sock });
-  xs = await connectXenstore({ path: sock });
+  originSum = sha256File(originPath);
 });
 
 after(async () => {
-  await xs?.close().catch(() => {});
-  await server?.close().catch(() => {});
   spawnSync('lvm', ['vgremove', '-q', '-f', VG]);
   spawnSync('lvm', ['pvremove', '-q', ...pvs]);
-  for (const p of pvs) spawnSync('losetup', ['-d', p]);
-  rmSync(root, { recursive: true, force: true });
+  await world.stop(); // detaches the loops of the PVs
 });
 
 test('two classic snapshots of one origin: isolation, origin unchanged, removal leaves only the origin', async () => {
   const a = disk(1, `${VG}/golden 8M`, { domainName: 'alpha' });
   const b = disk(2, `${VG}/golden 8M`, { domainName: 'beta' });
-  const pa = await addOk(a);
-  const pb = await addOk(b);
+  const { path: pa } = await addOk(a);
+  const { path: pb } = await addOk(b);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-alpha-xvda', 'xbh-beta-xvda']);
   const info = await lvInfo(execRunner(env), { vg: VG, lv: 'xbh-alpha-xvda' });
   assert.ok(info);
@@ -157,7 +95,7 @@ test('two classic snapshots of one origin: isolation, origin unchanged, removal 
   assert.deepEqual(pread(pa, 4 * MiB), block(4, 'alpha'));
   assert.deepEqual(pread(pb, 4 * MiB), block(4, 'beta'));
   assert.deepEqual(pread(pa, 5 * MiB), block(5, 'golden'));
-  assert.equal(sha(originPath), originSum, 'origin unchanged');
+  assert.equal(sha256File(originPath), originSum, 'origin unchanged');
   await removeOk(a);
   await removeOk(b);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
@@ -172,7 +110,7 @@ test('two classic snapshots of one origin: isolation, origin unchanged, removal 
 
 test("a persistent snapshot serves one writer: a migration's receiver on this host is refused, not given a new one", async () => {
   const a = disk(3, `${VG}/golden 8M persistent`, { domainName: 'gamma' });
-  const pa = await addOk(a);
+  const { path: pa } = await addOk(a);
   pwrite(pa, 4 * MiB, block(4, 'gamma'));
   const recv = disk(4, `${VG}/golden 8M persistent`, { domainName: 'gamma--incoming' });
   await writeBackendNodes(xs, recv);
@@ -194,8 +132,8 @@ test("a persistent snapshot serves one writer: a migration's receiver on this ho
 test('a thin origin gets thin snapshots (no size); a size is refused', async () => {
   const a = disk(3, `${VG}/tgolden`, { domainName: 'gamma' });
   const b = disk(4, `${VG}/tgolden`, { domainName: 'delta' });
-  const pa = await addOk(a);
-  const pb = await addOk(b);
+  const { path: pa } = await addOk(a);
+  const { path: pb } = await addOk(b);
   const info = await lvInfo(execRunner(env), { vg: VG, lv: 'xbh-gamma-xvda' });
   assert.ok(info);
   assert.equal(info.kind, 'thin');
@@ -224,7 +162,7 @@ test('resize: a thin snapshot grows online (lvextend), keeping its data; a class
     });
   const size = (dev: string) => Number(sh('blockdev', ['--getsize64', dev]));
   const t1 = disk(6, `${VG}/tgolden`, { domainName: 'tres' });
-  const dev = await addOk(t1);
+  const { path: dev } = await addOk(t1);
   pwrite(dev, 1 * MiB, block(1, 'tres'));
   const r = cli('resize', 'tres', 'xvda', '+8M');
   assert.equal(r.status, 0, r.stderr);
@@ -235,7 +173,7 @@ test('resize: a thin snapshot grows online (lvextend), keeping its data; a class
   await removeOk(t1);
 
   const c1 = disk(7, `${VG}/golden 8M`, { domainName: 'cls' });
-  const cdev = await addOk(c1);
+  const { path: cdev } = await addOk(c1);
   const before = size(cdev);
   const refused = cli('resize', 'cls', 'xvda', '+8M');
   assert.equal(refused.status, 1);
@@ -247,7 +185,7 @@ test('resize: a thin snapshot grows online (lvextend), keeping its data; a class
 
 test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, never grown silently', async () => {
   const a = disk(6, `${VG}/golden 4M`, { domainName: 'eps' });
-  const p = await addOk(a);
+  const { path: p } = await addOk(a);
   const config = loadConfig(env);
   const run = execRunner(env);
   const log = memoryLogger();
@@ -284,7 +222,7 @@ test('growth: lvextend by the step; an overflowed snapshot is reported Invalid, 
   await assert.rejects(growStore(entry, undefined, { config, run, log }), /Invalid/);
   await removeOk(a);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
-  assert.equal(sha(originPath), originSum);
+  assert.equal(sha256File(originPath), originSum);
 });
 
 test('a crash leaves transient snapshots behind: gc removes those nothing holds, never a persistent, an open or a recorded one', async () => {
@@ -353,7 +291,7 @@ test('a crash leaves transient snapshots behind: gc removes those nothing holds,
   await removeOk(live);
   sh('lvm', ['lvremove', '-q', '-f', `${VG}/xbh-g23-xvda`]);
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
-  assert.equal(sha(originPath), originSum);
+  assert.equal(sha256File(originPath), originSum);
 });
 
 test('bad params: hotplug-error, exit 1, nothing created', async () => {

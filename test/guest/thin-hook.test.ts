@@ -6,18 +6,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import {
-  closeSync,
-  existsSync,
-  fsyncSync,
-  mkdirSync,
-  openSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  utimesSync,
-  writeSync,
-} from 'node:fs';
+import { closeSync, fsyncSync, openSync, readFileSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -27,50 +16,24 @@ import { memoryLogger } from '../../src/log/logger.js';
 import { growStore, watchOnce } from '../../src/grow/index.js';
 import { applyGc, gcPlan } from '../../src/cli/gc.js';
 import { takeInventory } from '../../src/cli/inventory.js';
-import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import {
-  backendPath,
-  closeBackend,
-  destroyNodes,
-  runHookProcess,
-  writeBackendNodes,
-  type DiskNodes,
-  type HookRun,
-} from '../lib/backend-nodes.js';
-import { block, listDir, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { backendPath, destroyNodes, runHookProcess, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { block, listDir, MiB, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { hookWorld } from '../lib/hook-world.js';
 
-const MiB = 1024 * 1024;
-const HOOK = join(process.cwd(), 'dist', 'block-thin.mjs');
-const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `thin-${process.pid}`);
-const images = join(root, 'images');
-const storeDir = join(root, 'store');
-const stateDir = join(root, 'state');
-const logFile = join(root, 'hook.log');
-const sock = join(root, 'xenstored.sock');
+const world = hookWorld({
+  name: 'thin',
+  bundle: 'block-thin',
+  env: { XEN_BLOCKHOOKS_THIN_DATA_SIZE: '8M', XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M' },
+});
+const { root, images, storeDir, stateDir, logFile, env, explain, hook, addOk, removeOk, leftovers } = world;
+const HOOK = world.hookPath;
 const base = join(images, 'rootfs.img');
 const BASE_MIB = 16;
 const POOL = 'xbh-thinpool';
 
-let server: XenstoreServer;
 let xs: XenstoreClient;
 let baseSum = '';
-
-const env: NodeJS.ProcessEnv = {
-  PATH: process.env.PATH,
-  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
-  XENSTORED_PATH: sock,
-  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
-  XEN_BLOCKHOOKS_STORE_DIR: storeDir,
-  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
-  XEN_BLOCKHOOKS_IMAGE_DIRS: images,
-  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
-  XEN_BLOCKHOOKS_LOG_FILE: logFile,
-  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
-  XEN_BLOCKHOOKS_THIN_DATA_SIZE: '8M',
-  XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M',
-};
 
 /** Write `mib` MiB from `offsetMiB` with O_DIRECT-free fsync'ed writes; the first error code, or null. */
 function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): string | null {
@@ -98,18 +61,6 @@ function writeMiB(path: string, offsetMiB: number, mib: number, fill: number): s
   }
 }
 
-function leftovers(): string[] {
-  const out: string[] = [];
-  const dm = sh('dmsetup', ['ls']);
-  if (!/No devices found/.test(dm)) out.push(...dm.split('\n').map((l) => `dm ${l}`));
-  const loops = sh('losetup', ['-a']);
-  if (loops) out.push(...loops.split('\n').map((l) => `loop ${l}`));
-  out.push(...listDir(storeDir).map((f) => `store ${f}`));
-  out.push(...listDir(join(stateDir, 'journal')).map((f) => `journal ${f}`));
-  out.push(...listDir(join(stateDir, 'locks')).map((f) => `lock ${f}`));
-  return out;
-}
-
 function disk(domid: number, extra: Partial<DiskNodes> = {}): DiskNodes {
   return {
     domid,
@@ -123,33 +74,6 @@ function disk(domid: number, extra: Partial<DiskNodes> = {}): DiskNodes {
   };
 }
 
-function explain(r: HookRun): string {
-  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
-  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
-}
-
-const hook = (action: string, d: Pick<DiskNodes, 'domid' | 'devid'>) =>
-  runHookProcess(HOOK, action, backendPath(d), env);
-
-async function addOk(d: DiskNodes): Promise<{ path: string; pd: string }> {
-  await writeBackendNodes(xs, d);
-  const r = await hook('add', d);
-  assert.equal(r.code, 0, `add ${backendPath(d)}: ${explain(r)}`);
-  const be = backendPath(d);
-  const pd = await xs.read(`${be}/physical-device`);
-  const path = await xs.read(`${be}/physical-device-path`);
-  assert.equal(await xs.read(`${be}/hotplug-status`), 'connected');
-  assert.equal(sh('stat', ['-L', '-c', '%t:%T', path]), pd, 'physical-device-path is the device physical-device names');
-  return { path, pd };
-}
-
-async function removeOk(d: DiskNodes): Promise<void> {
-  await closeBackend(xs, d);
-  const r = await hook('remove', d);
-  assert.equal(r.code, 0, `remove ${backendPath(d)}: ${explain(r)}`);
-  await destroyNodes(xs, d);
-}
-
 function poolStatus() {
   const l = parseStatus(sh('dmsetup', ['status', POOL]))[0];
   assert.ok(l && l.target === 'thin-pool');
@@ -157,26 +81,11 @@ function poolStatus() {
 }
 
 before(async () => {
-  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(images, { recursive: true });
-  server = await startXenstoreServer({ socketPath: sock });
-  xs = await connectXenstore({ path: sock });
+  xs = await world.start();
   baseSum = patternedImage(base, BASE_MIB, 'base');
 });
 
-after(async () => {
-  await xs?.close().catch(() => {});
-  await server?.close().catch(() => {});
-  for (const l of sh('dmsetup', ['ls']).split('\n')) {
-    const name = l.split(/\s+/)[0];
-    if (name?.startsWith('xbh-thin-')) spawnSync('dmsetup', ['remove', name]);
-  }
-  spawnSync('dmsetup', ['remove', POOL]);
-  for (const l of sh('losetup', ['-a']).split('\n'))
-    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
-  rmSync(root, { recursive: true, force: true });
-});
+after(() => world.stop({ dmPrefixes: ['xbh-thin-', POOL] }));
 
 test('two domains on one base: isolation, one shared pool, one base loop, base unchanged, a size past the base reads zeros', async () => {
   const a = disk(1, { domainName: 'alpha' });

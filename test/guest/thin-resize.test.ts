@@ -8,56 +8,25 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
-import type { XenstoreClient } from '../../src/xenstore/types.js';
-import {
-  backendPath,
-  closeBackend,
-  destroyNodes,
-  runHookProcess,
-  writeBackendNodes,
-  type DiskNodes,
-  type HookRun,
-} from '../lib/backend-nodes.js';
+import type { DiskNodes } from '../lib/backend-nodes.js';
 import { block, MiB, patternedImage, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
+import { hookWorld } from '../lib/hook-world.js';
 import { projectRoot } from '../lib/project-root.js';
 
-const HOOK = join(projectRoot(), 'dist', 'block-thin.mjs');
+const world = hookWorld({
+  name: 'thin-resize',
+  bundle: 'block-thin',
+  env: { XEN_BLOCKHOOKS_THIN_DATA_SIZE: '64M', XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M' },
+});
+const { images, logFile, env, addOk, removeOk } = world;
 const CLI = join(projectRoot(), 'dist', 'xen-blockhooks.mjs');
-const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `thin-resize-${process.pid}`);
-const images = join(root, 'images');
-const logFile = join(root, 'hook.log');
-const sock = join(root, 'xenstored.sock');
 const base = join(images, 'rootfs.img');
 const BASE_MIB = 16;
 const zeros = Buffer.alloc(4096);
 
-const env: NodeJS.ProcessEnv = {
-  PATH: process.env.PATH,
-  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
-  XENSTORED_PATH: sock,
-  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
-  XEN_BLOCKHOOKS_STORE_DIR: join(root, 'store'),
-  XEN_BLOCKHOOKS_STATE_DIR: join(root, 'state'),
-  XEN_BLOCKHOOKS_IMAGE_DIRS: images,
-  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
-  XEN_BLOCKHOOKS_LOG_FILE: logFile,
-  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
-  XEN_BLOCKHOOKS_THIN_DATA_SIZE: '64M',
-  XEN_BLOCKHOOKS_THIN_METADATA_SIZE: '4M',
-};
-
-let server: XenstoreServer;
-let xs: XenstoreClient;
 let baseSum = '';
-
-function explain(r: HookRun): string {
-  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
-  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
-}
 
 function disk(domid: number, params = base): DiskNodes {
   return {
@@ -69,20 +38,6 @@ function disk(domid: number, params = base): DiskNodes {
     domainName: `guest${domid}`,
     script: '/etc/xen/scripts/block-thin',
   };
-}
-
-async function addOk(d: DiskNodes): Promise<string> {
-  await writeBackendNodes(xs, d);
-  const r = await runHookProcess(HOOK, 'add', backendPath(d), env);
-  assert.equal(r.code, 0, explain(r));
-  return xs.read(`${backendPath(d)}/physical-device-path`);
-}
-
-async function removeOk(d: DiskNodes): Promise<void> {
-  await closeBackend(xs, d);
-  const r = await runHookProcess(HOOK, 'remove', backendPath(d), env);
-  assert.equal(r.code, 0, explain(r));
-  await destroyNodes(xs, d);
 }
 
 function cli(...args: string[]): { code: number | null; out: string; err: string } {
@@ -97,27 +52,16 @@ const ourDevices = () =>
     .filter((l) => l.startsWith('xbh-thin-'));
 
 before(async () => {
-  assert.ok(existsSync(HOOK) && existsSync(CLI), 'run npm run build first');
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(images, { recursive: true });
-  server = await startXenstoreServer({ socketPath: sock });
-  xs = await connectXenstore({ path: sock });
+  assert.ok(existsSync(CLI), `${CLI} is missing: run npm run build first`);
+  await world.start();
   baseSum = patternedImage(base, BASE_MIB, 'base');
 });
 
-after(async () => {
-  await xs?.close().catch(() => {});
-  await server?.close().catch(() => {});
-  for (const l of ourDevices()) spawnSync('dmsetup', ['remove', l.split(/\s+/)[0] as string]);
-  spawnSync('dmsetup', ['remove', 'xbh-thinpool']);
-  for (const l of sh('losetup', ['-a']).split('\n'))
-    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
-  rmSync(root, { recursive: true, force: true });
-});
+after(() => world.stop({ dmPrefixes: ['xbh-thin-', 'xbh-thinpool'] }));
 
 test('a transient volume grows online; --shrink stops at the highest sector the guest wrote', async () => {
   const d = disk(5);
-  const path = await addOk(d);
+  const { path } = await addOk(d);
   assert.equal(sizeOf(path), BASE_MIB * MiB);
   pwrite(path, 1 * MiB, block(1, 'guest'));
   const r = cli('resize', 'guest5', 'xvda', '32M');
@@ -146,12 +90,12 @@ test('a transient volume grows online; --shrink stops at the highest sector the 
 
 test('a persistent volume comes back at its new size, even when its params name the old one', async () => {
   const d = disk(6, `${base} 16 persistent`);
-  const path = await addOk(d);
+  const { path } = await addOk(d);
   const r = cli('resize', 'guest6', 'xvda', '+16M');
   assert.equal(r.code, 0, r.err);
   pwrite(path, 20 * MiB, block(20, 'kept'));
   await removeOk(d);
-  const again = await addOk(d);
+  const { path: again } = await addOk(d);
   assert.equal(sizeOf(again), 32 * MiB, 'the size it was resized to');
   assert.deepEqual(pread(again, 20 * MiB, 4096), block(20, 'kept'), 'with the data written past the old end');
   assert.match(
@@ -162,7 +106,7 @@ test('a persistent volume comes back at its new size, even when its params name 
   const detached = cli('resize', 'guest6', `vdev=xvda,access=w,script=block-thin,target=${base} 16 persistent`, '40M');
   assert.equal(detached.code, 0, detached.err);
   assert.match(detached.out, /resized guest6's xvda \(not attached\): 32.0M → 40.0M/);
-  const third = await addOk(d);
+  const { path: third } = await addOk(d);
   assert.equal(sizeOf(third), 40 * MiB, 'not attached, its recorded size grew for the next add');
   assert.deepEqual(pread(third, 20 * MiB, 4096), block(20, 'kept'));
   await removeOk(d);

@@ -7,19 +7,8 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import {
-  closeSync,
-  existsSync,
-  mkdirSync,
-  openSync,
-  readFileSync,
-  readSync,
-  rmSync,
-  statSync,
-  truncateSync,
-  writeFileSync,
-} from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { closeSync, openSync, readSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { loadConfig, type Config } from '../../src/config/config.js';
@@ -27,72 +16,27 @@ import { execRunner } from '../../src/devices/exec.js';
 import { parseSnapshotStatus, parseStatus } from '../../src/devices/dmsetup.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { watchOnce, type WatchReport } from '../../src/grow/index.js';
-import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/server.js';
-import type { XenstoreClient } from '../../src/xenstore/types.js';
-import {
-  backendPath,
-  closeBackend,
-  destroyNodes,
-  runHookProcess,
-  writeBackendNodes,
-  type DiskNodes,
-  type HookRun,
-} from '../lib/backend-nodes.js';
+import { backendPath, type DiskNodes } from '../lib/backend-nodes.js';
+import { MiB } from '../lib/disk-io.js';
+import { hookWorld } from '../lib/hook-world.js';
 
-const MiB = 1024 * 1024;
-const HOOK = join(process.cwd(), 'dist', 'block-cow.mjs');
-const root = join(process.env.XEN_BLOCKHOOKS_SCRATCH ?? '/tmp', `watch-${process.pid}`);
-const images = join(root, 'images');
-const storeDir = join(root, 'store');
-const stateDir = join(root, 'state');
-const logFile = join(root, 'hook.log');
-const sock = join(root, 'xenstored.sock');
+const world = hookWorld({
+  name: 'watch',
+  bundle: 'block-cow',
+  env: {
+    // Growth must outpace the writer: the first growth happens at 2 MiB of 8, leaving 6 MiB (9 s of
+    // writing at the pace below) for one watch pass, which takes seconds under TCG on a loaded host.
+    XEN_BLOCKHOOKS_WATCH_THRESHOLD: '25',
+    XEN_BLOCKHOOKS_WATCH_STEP: '200',
+  },
+});
+const { images, storeDir, env, addOk, removeOk } = world;
 const base = join(images, 'base.img');
 const STORE_MIB = 8;
 const WRITE_MIB = 3 * STORE_MIB;
 
-const env: NodeJS.ProcessEnv = {
-  PATH: process.env.PATH,
-  DM_DISABLE_UDEV: process.env.DM_DISABLE_UDEV ?? '1',
-  XENSTORED_PATH: sock,
-  XEN_BLOCKHOOKS_CONF: join(root, 'no-such.conf'),
-  XEN_BLOCKHOOKS_STORE_DIR: storeDir,
-  XEN_BLOCKHOOKS_STATE_DIR: stateDir,
-  XEN_BLOCKHOOKS_IMAGE_DIRS: images,
-  XEN_BLOCKHOOKS_XEN_LOCK_DIR: join(root, 'xen-hotplug'),
-  XEN_BLOCKHOOKS_LOG_FILE: logFile,
-  XEN_BLOCKHOOKS_BUSY_RETRY_MS: '5000',
-  // Growth must outpace the writer: the first growth happens at 2 MiB of 8, leaving 6 MiB (9 s of
-  // writing at the pace below) for one watch pass, which takes seconds under TCG on a loaded host.
-  XEN_BLOCKHOOKS_WATCH_THRESHOLD: '25',
-  XEN_BLOCKHOOKS_WATCH_STEP: '200',
-};
-
-let server: XenstoreServer;
-let xs: XenstoreClient;
-
-function explain(r: HookRun): string {
-  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8').split('\n').slice(-15).join('\n') : '';
-  return `exit ${r.code} signal ${r.signal}\nstderr: ${r.stderr}\nlog tail:\n${log}`;
-}
-
 function disk(domid: number, name: string): DiskNodes {
   return { domid, devid: 51712, params: `${base} ${STORE_MIB}M`, mode: 'w', vdev: 'xvda', domainName: name };
-}
-
-async function addOk(d: DiskNodes): Promise<string> {
-  await writeBackendNodes(xs, d);
-  const r = await runHookProcess(HOOK, 'add', backendPath(d), env);
-  assert.equal(r.code, 0, explain(r));
-  return xs.read(`${backendPath(d)}/physical-device-path`);
-}
-
-async function removeOk(d: DiskNodes): Promise<void> {
-  await closeBackend(xs, d);
-  const r = await runHookProcess(HOOK, 'remove', backendPath(d), env);
-  assert.equal(r.code, 0, explain(r));
-  await destroyNodes(xs, d);
 }
 
 /** A separate process writes `mib` MiB (fill byte = MiB index + 1), fsync after each, pausing `pauseMs`; it prints the errors it met. */
@@ -154,30 +98,16 @@ function readMiBFill(dev: string, i: number): number {
 }
 
 before(async () => {
-  rmSync(root, { recursive: true, force: true });
-  mkdirSync(images, { recursive: true });
+  await world.start();
   writeFileSync(base, '');
   truncateSync(base, 32 * MiB);
-  server = await startXenstoreServer({ socketPath: sock });
-  xs = await connectXenstore({ path: sock });
 });
 
-after(async () => {
-  await xs?.close().catch(() => {});
-  await server?.close().catch(() => {});
-  for (const l of execFileSync('dmsetup', ['ls'], { encoding: 'utf8' }).split('\n')) {
-    const name = l.split(/\s+/)[0];
-    if (name?.startsWith('xbh-cow-')) spawnSync('dmsetup', ['remove', name]);
-  }
-  for (const l of execFileSync('losetup', ['-a'], { encoding: 'utf8' }).split('\n'))
-    if (l.includes(root)) spawnSync('losetup', ['-d', l.split(':')[0] as string]);
-  rmSync(root, { recursive: true, force: true });
-});
+after(() => world.stop({ dmPrefixes: ['xbh-cow-'] }));
 
 test('with watchOnce in a loop, a domain writes 3× its copy-on-write allotment with zero I/O errors', async (t) => {
-  assert.ok(existsSync(HOOK), `${HOOK} is missing: run npm run build first`);
   const d = disk(1, 'watched');
-  const dev = await addOk(d);
+  const { path: dev } = await addOk(d);
   const config: Config = loadConfig(env);
   assert.equal(config.watch.thresholdPercent, 25);
   const run = execRunner(env);
@@ -221,7 +151,7 @@ test('with watchOnce in a loop, a domain writes 3× its copy-on-write allotment 
 
 test('without the watcher the store overflows: the writer gets errors, the snapshot is Invalid, status and watchOnce say so', async (t) => {
   const d = disk(2, 'unwatched');
-  const dev = await addOk(d);
+  const { path: dev } = await addOk(d);
   t.after(() => removeOk(d));
   const w = await startWriter(dev, WRITE_MIB, 0);
   assert.ok(w.errors > 0, `the writer must see errors: ${w.stderr}`);

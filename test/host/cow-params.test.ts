@@ -36,18 +36,29 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
     ['', /no base image/],
     ['   ', /no base image/],
     ['rootfs.img 30', /not an absolute path.*\/srv\/xen\/rootfs\.img/],
+    ['./base.img', /the base image "\.\/base\.img" is not an absolute path/],
+    ['--help', /the base image "--help" is not an absolute path/],
+    ['-o /i/b.img', /the base image "-o" is not an absolute path/],
+    ['persistent /i/b.img', /the base image "persistent" is not an absolute path/],
     ['store=x /i/b.img', /looks like an option/],
+    ['/i/b.img\n/etc/shadow', /the base image "\/i\/b\.img\\n\/etc\/shadow" holds a tab or a line break/],
+    ['/i/ba\nse.img', /holds a tab or a line break/],
     ['/i/b.img 64X', /"64X" is not a size: a number with an optional unit K, M, G or T/],
     ['/i/b.img 30 40', /"40" is a second size/],
+    [`/i/b.img ${'16 '.repeat(1000)}`, /"16" is a second size/],
     ['/i/b.img persistent 30', /size "30" must come right after/],
     ['/i/b.img 0', /at least 1 MiB/],
     ['/i/b.img 99999999', /more than 16 TiB/],
     ['/i/b.img 30T', /"30T" is more than 16 TiB/],
+    ['/i/b.img 99999999999999999999G', /"99999999999999999999G" is more than 16 TiB/],
     ['/i/b.img -5', /"-5" is not a size/],
+    ['/i/b.img 1,5G', /"1,5G" is not a size/],
+    ['/i/b.img 0x10', /"0x10" is not a size/],
     ['/i/b.img bogus=1', /unknown option "bogus"/],
     ['/i/b.img persistent=maybe', /persistent=maybe: the value must be yes or no/],
     ['/i/b.img persistent persistent', /"persistent" is given twice/],
     ['/i/b.img chunk=4K chunk=8K', /"chunk" is given twice/],
+    ['/i/b.img store=a store=b', /"store" is given twice/],
     ['/i/b.img store=', /store= needs a file name/],
     ['/i/b.img store=../etc/shadow', /plain file name, not a path/],
     ['/i/b.img store=/var/lib/x', /plain file name, not a path/],
@@ -62,12 +73,13 @@ t.test('bad params are refused with a message naming the word and the fix', asyn
     ['/i/b.img store', /store needs a value/],
   ];
   for (const [params, why] of cases) {
-    t.throws(() => parseCowParams(params), HotplugError, params);
+    const name = JSON.stringify(params.length > 60 ? `${params.slice(0, 60)}…` : params);
+    t.throws(() => parseCowParams(params), HotplugError, name);
     try {
       parseCowParams(params);
     } catch (e) {
-      t.match((e as Error).message, why, params);
-      t.match((e as Error).message, /Expected: <base-image> \[<cow-size>\]/, `${params}: says what is expected`);
+      t.match((e as Error).message, why, name);
+      t.match((e as Error).message, /Expected: <base-image> \[<cow-size>\]/, `${name}: says what is expected`);
       t.equal((e as HotplugError).status, 'error');
     }
   }
@@ -158,9 +170,11 @@ t.test('plan: a base under a directory with a space (cow needs dm to run; the pl
   t.equal(p.store?.bytes, 1536 * 1048576, '1.5G store');
   t.equal(cowBackend.source?.(disk.params), base, 'status shows the whole path');
   t.equal(cowBackend.source?.('/i/b.img 64X'), undefined, 'params that do not parse name no source');
-  t.throws(() => planCow({ ...disk, params: `${base} 64 extra` }, { config, xenbusPath: 'backend/vbd/7/51712' }), {
-    message: `block-cow: the base image ${base} 64 extra does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted. The params were read as the path "${base} 64 extra" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it.`,
-  });
+  t.match(
+    parseCowParams(`${base} 64 extra`),
+    { base: `${base} 64 extra`, sizeMiB: undefined },
+    'a word that is neither a size nor an option makes the words before it part of the path (hostile-cow: the sentence a missing base gets)',
+  );
 });
 
 t.test('names: dm name says whose it is, stores are per disk or per domain+vdev', async (t) => {

@@ -1,173 +1,55 @@
 /**
  * block-cow through the real runtime (runHook) with a recording runner that plays losetup and
- * dmsetup (and a fake sysfs): plan refusals leave nothing, the add/remove command sequence, and
- * undo after a failure at every step of an add.
+ * dmsetup (and a fake sysfs): the add/remove command sequence, undo after a failure at every step
+ * of an add, and the refusals that depend on what is already attached or claimed. The refusals of
+ * bad params and bad base images are in cow-params.test.ts (the grammar) and hostile-cow.test.ts
+ * (through the runtime: nothing run, nothing left).
  */
 import t, { type Test } from 'tap';
-import {
-  mkdirSync,
-  mkdtempSync,
-  readdirSync,
-  readFileSync,
-  rmSync,
-  statSync,
-  symlinkSync,
-  writeFileSync,
-} from 'node:fs';
-import { execFileSync } from 'node:child_process';
-import { tmpdir } from 'node:os';
+import { mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
 import { devString } from '../../src/devices/sysfs.js';
-import { defaultConfig, type Config } from '../../src/config/config.js';
-import type { RunOptions, RunResult, Runner } from '../../src/devices/runner.js';
+import type { Config } from '../../src/config/config.js';
+import type { RunOptions, RunResult } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer } from '../../src/xenstore/server.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { backendPath, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { FakeDeviceRunner } from '../lib/fault-lib.js';
+import { hookDir } from '../lib/hook-dir.js';
 
 type TT = Test;
 
-interface Loop {
-  name: string;
-  minor: number;
-  file: string;
-  dev: string;
-  ino: string;
-  ro: boolean;
-}
-interface Dm {
-  name: string;
-  minor: number;
-  table: string;
-  ro: boolean;
-  uuid: string;
-}
-
-/** losetup and dmsetup played in memory; every command is recorded; `failAt` fails the n-th device command. */
-class FakeDevices implements Runner {
-  loops: Loop[] = [];
-  dms: Dm[] = [];
+/**
+ * The shared fake (test/lib/fault-lib.ts), with every device command kept as one line (temporary
+ * folders shortened to …/) and `failAt` failing the n-th device command (flock is not one).
+ */
+class FakeDevices extends FakeDeviceRunner {
   log: string[] = [];
   failAt = -1;
   deviceCommands = 0;
-  constructor(readonly sysRoot: string) {}
 
-  private result(cmd: string, ok: boolean, stdout = '', stderr = ''): RunResult {
-    return {
-      command: cmd,
-      exitCode: ok ? 0 : 1,
-      signal: undefined,
-      stdout,
-      stderr,
-      durationMs: 1,
-      failed: !ok,
-      timedOut: false,
-    };
-  }
-
-  async probe(file: string, args: readonly string[], _opts?: RunOptions): Promise<RunResult> {
-    const cmd = [file, ...args].join(' ');
-    if (file === 'flock') return this.result(cmd, true);
-    this.log.push(cmd.replace(/\/tmp\/[^ ]*\//g, '…/'));
-    const n = this.deviceCommands++;
-    if (n === this.failAt) return this.result(cmd, false, '', `${file}: injected failure`);
-    if (file === 'losetup') return this.losetup(cmd, args);
-    if (file === 'dmsetup') return this.dmsetup(cmd, args);
-    return this.result(cmd, false, '', `${file}: not played by the fake`);
-  }
-
-  async run(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult> {
-    const r = await this.probe(file, args, opts);
-    if (r.failed) {
-      const { CommandError } = await import('../../src/devices/runner.js');
-      throw new CommandError(r);
-    }
-    return r;
-  }
-
-  private losetup(cmd: string, args: readonly string[]): RunResult {
-    if (args[0] === '--list') {
-      const devs = this.loops.map((l) => ({
-        name: l.name,
-        'back-file': l.file,
-        'back-ino': Number(l.ino),
-        'back-maj:min': l.dev,
-        'maj:min': `7:${l.minor}`,
-        ro: l.ro,
-        offset: 0,
-        sizelimit: 0,
-      }));
-      return this.result(cmd, true, devs.length ? JSON.stringify({ loopdevices: devs }) : '');
-    }
-    if (args[0] === '--find') {
-      const file = args[args.length - 1] as string;
-      const st = statSync(file, { bigint: true });
-      let minor = 0;
-      while (this.loops.some((l) => l.minor === minor)) minor++;
-      const l: Loop = {
-        name: `/dev/loop${minor}`,
-        minor,
-        file,
-        dev: devString(st.dev),
-        ino: st.ino.toString(),
-        ro: args.includes('--read-only'),
-      };
-      this.loops.push(l);
-      const dir = join(this.sysRoot, 'block', `loop${minor}`);
-      mkdirSync(dir, { recursive: true });
-      writeFileSync(join(dir, 'dev'), `7:${minor}\n`);
-      writeFileSync(join(dir, 'ro'), l.ro ? '1\n' : '0\n');
-      mkdirSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`), { recursive: true });
-      writeFileSync(join(this.sysRoot, 'dev', 'block', `7:${minor}`, 'size'), `${Number(st.size / 512n)}\n`);
-      return this.result(cmd, true, `${l.name}\n`);
-    }
-    if (args[0] === '--detach') {
-      const i = this.loops.findIndex((l) => l.name === args[1]);
-      if (i < 0) return this.result(cmd, false, '', `losetup: ${args[1]}: detach failed: No such device or address`);
-      this.loops.splice(i, 1);
-      return this.result(cmd, true);
-    }
-    return this.result(cmd, false, '', 'losetup: unexpected arguments');
-  }
-
-  private dmsetup(cmd: string, args: readonly string[]): RunResult {
-    const name = args[args.length - 1] as string;
-    const dm = this.dms.find((d) => d.name === name);
-    switch (args[0]) {
-      case 'create': {
-        if (dm)
-          return this.result(cmd, false, '', `device-mapper: create ioctl on ${name} failed: Device or resource busy`);
-        let minor = 0;
-        while (this.dms.some((d) => d.minor === minor)) minor++;
-        this.dms.push({
-          name,
-          minor,
-          table: args[args.indexOf('--table') + 1] as string,
-          ro: args.includes('--readonly'),
-          uuid: args.includes('--uuid') ? (args[args.indexOf('--uuid') + 1] as string) : '',
-        });
-        return this.result(cmd, true);
+  override async probe(file: string, args: readonly string[], opts?: RunOptions): Promise<RunResult> {
+    if (file !== 'flock') {
+      const cmd = [file, ...args].join(' ');
+      this.log.push(cmd.replace(/\/tmp\/[^ ]*\//g, '…/'));
+      if (this.deviceCommands++ === this.failAt) {
+        this.calls.push({ file, args: [...args] });
+        return {
+          command: cmd,
+          exitCode: 1,
+          signal: undefined,
+          stdout: '',
+          stderr: `${file}: injected failure`,
+          durationMs: 1,
+          failed: true,
+          timedOut: false,
+        };
       }
-      case 'info':
-        return dm
-          ? this.result(cmd, true, `${name}|254|${dm.minor}|0|${dm.uuid}\n`)
-          : this.result(cmd, false, '', `Device ${name} does not exist.\nCommand failed.`);
-      case 'remove':
-        if (!dm)
-          return this.result(
-            cmd,
-            false,
-            '',
-            `device-mapper: remove ioctl on ${name}  failed: No such device or address`,
-          );
-        this.dms = this.dms.filter((d) => d !== dm);
-        return this.result(cmd, true);
-      default:
-        return this.result(cmd, false, '', 'dmsetup: unexpected arguments');
     }
+    return super.probe(file, args, opts);
   }
 }
 
@@ -183,30 +65,12 @@ interface World {
 }
 
 async function world(t: TT): Promise<World> {
-  const dir = mkdtempSync(join(tmpdir(), 'xbh-cow-'));
+  const h = await hookDir({ prefix: 'xbh-cow-', base: Buffer.alloc(1024 * 1024, 1) });
+  t.teardown(() => h.close());
+  const { dir, config, xs, images, base } = h;
   const sys = join(dir, 'sys');
   mkdirSync(sys);
-  const images = join(dir, 'images');
-  mkdirSync(images);
-  const base = join(images, 'base.img');
-  writeFileSync(base, Buffer.alloc(1024 * 1024, 1));
-  const server = await startXenstoreServer({ socketPath: join(dir, 'xs.sock') });
-  const xs = await connectXenstore({ path: join(dir, 'xs.sock') });
-  const config: Config = {
-    ...defaultConfig(),
-    storeDir: join(dir, 'store'),
-    stateDir: join(dir, 'state'),
-    imageDirs: [images],
-    xenLockDir: join(dir, 'xen-hotplug'),
-    logFile: '',
-    busyRetryMs: 100,
-  };
   const fake = new FakeDevices(sys);
-  t.teardown(async () => {
-    await xs.close();
-    await server.close();
-    rmSync(dir, { recursive: true, force: true });
-  });
   const w: World = {
     dir,
     config,
@@ -220,7 +84,7 @@ async function world(t: TT): Promise<World> {
         cowBackend,
         [action],
         { XENBUS_PATH: backendPath(d) },
-        { connect: () => connectXenstore({ path: join(dir, 'xs.sock') }), run: f, config, logger, err: () => {} },
+        { connect: () => connectXenstore({ path: h.sock }), run: f, config, logger, err: () => {} },
       );
       return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
     },
@@ -244,43 +108,6 @@ async function world(t: TT): Promise<World> {
 function disk(domid: number, params: string, extra: Partial<DiskNodes> = {}): DiskNodes {
   return { domid, devid: 51712, params, mode: 'w', vdev: 'xvda', domainName: `g${domid}`, ...extra };
 }
-
-t.test('plan refusals: hotplug-error, exit 1, nothing run, nothing created', async (t) => {
-  const w = await world(t);
-  mkdirSync(join(w.images, 'dir.img'));
-  execFileSync('mkfifo', [join(w.images, 'fifo.img')]);
-  const outside = join(w.dir, 'outside.img');
-  writeFileSync(outside, Buffer.alloc(4096));
-  symlinkSync(outside, join(w.images, 'escape.img'));
-  symlinkSync('/etc', join(w.images, 'etc'));
-  writeFileSync(join(w.images, 'empty.img'), '');
-  const cases: [string, RegExp][] = [
-    [`${w.images}/../outside.img 30`, /contains "\.\."/],
-    [`${w.images}/../images/base.img`, /contains "\.\."/],
-    ['base.img 30', /not an absolute path/],
-    [`${outside} 30`, /not inside an image directory/],
-    [`${w.images}/escape.img 30`, /escape\.img \(it resolves to .*outside\.img\) is not inside an image directory/],
-    [`${w.images}/etc/passwd`, /resolves to \/etc\/passwd\) is not inside/],
-    [`${w.images}/missing.img`, /does not exist/],
-    [`${w.images}/dir.img 30`, /is a directory/],
-    [`${w.images}/fifo.img 30`, /is a FIFO/],
-    [`${w.images}/empty.img`, /0 bytes/],
-    [`${w.base} 30 frobnicate`, /base\.img 30 frobnicate does not exist.*a path may hold spaces/],
-  ];
-  let domid = 1;
-  for (const [params, why] of cases) {
-    const d = disk(domid++, params);
-    await writeBackendNodes(w.xs, d);
-    const r = await w.hook('add', d);
-    t.equal(r.code, 1, `${params}: exit 1`);
-    t.match(await w.xs.read(`${backendPath(d)}/hotplug-error`), why, params);
-    t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'error');
-    t.equal(await w.xs.tryRead(`${backendPath(d)}/physical-device`), undefined);
-    t.same(w.fake.log, [], `${params}: no device command ran`);
-    w.nothingLeft(t, params);
-  }
-  t.notOk(statSafe(w.config.storeDir), 'the store directory was not even created');
-});
 
 function statSafe(p: string): boolean {
   try {
@@ -420,33 +247,6 @@ t.test('a failure at each device command of an add is undone completely', async 
       w.nothingLeft(t, what);
     }
   }
-});
-
-t.test('a persistent store in use is refused busy, and the refusal leaves the user its loop', async (t) => {
-  const w = await world(t);
-  const a = disk(1, `${w.base} 8 store=shared.cow`);
-  const b = disk(2, `${w.base} 8 store=shared.cow`);
-  await writeBackendNodes(w.xs, a);
-  await writeBackendNodes(w.xs, b);
-  t.equal((await w.hook('add', a)).code, 0);
-  const before = JSON.stringify([w.fake.loops, w.fake.dms]);
-  const r = await w.hook('add', b);
-  t.equal(r.code, 1);
-  t.equal(await w.xs.read(`${backendPath(b)}/hotplug-status`), 'busy');
-  t.match(
-    await w.xs.read(`${backendPath(b)}/hotplug-error`),
-    /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/1\/51712\)/,
-  );
-  t.equal(JSON.stringify([w.fake.loops, w.fake.dms]), before, 'the first disk keeps its loops and dm device');
-  t.ok(statSync(join(w.config.storeDir, 'shared.cow')).isFile(), 'the store stays');
-  t.same(
-    readdirSync(join(w.config.stateDir, 'journal')),
-    ['backend~vbd~1~51712.json'],
-    'only the first disk has a record',
-  );
-  t.equal((await w.hook('remove', a)).code, 0);
-  rmSync(join(w.config.storeDir, 'shared.cow'));
-  w.nothingLeft(t, 'the end');
 });
 
 t.test(

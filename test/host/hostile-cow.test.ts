@@ -11,21 +11,19 @@ import t, { type Test } from 'tap';
 import { execFileSync } from 'node:child_process';
 import {
   chmodSync,
+  existsSync,
   mkdirSync,
-  mkdtempSync,
   readdirSync,
   renameSync,
-  rmSync,
   statSync,
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cowBackend } from '../../src/backends/cow.js';
 import { qcowBackend } from '../../src/backends/qcow.js';
 import type { Backend } from '../../src/backends/types.js';
-import { defaultConfig, type Config } from '../../src/config/config.js';
+import type { Config } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
 import type { Runner } from '../../src/devices/runner.js';
 import { runHook } from '../../src/hotplug/main.js';
@@ -35,6 +33,7 @@ import { startXenstoreServer, type XenstoreServer } from '../../src/xenstore/ser
 import type { XenstoreClient } from '../../src/xenstore/types.js';
 import { writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { FakeDeviceRunner, checked, sha256, snapshotTree, treeChanges } from '../lib/fault-lib.js';
+import { hookDir } from '../lib/hook-dir.js';
 
 const HOOK = 'block-cow';
 
@@ -51,34 +50,19 @@ interface World {
 }
 
 async function world(t: Test): Promise<World> {
-  const dir = mkdtempSync(join(tmpdir(), 'xbh-hostile-'));
-  const images = join(dir, 'images');
-  const outside = join(dir, 'outside');
-  mkdirSync(images);
-  mkdirSync(outside);
-  const base = join(images, 'base.img');
   const buf = Buffer.alloc(1024 * 1024);
   for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
-  writeFileSync(base, buf);
-  const sock = join(dir, 'xs.sock');
   const reads: string[] = [];
-  const server = await startXenstoreServer({ socketPath: sock, onRequest: (_op, args) => reads.push(args[0] ?? '') });
-  const xs = await connectXenstore({ path: sock });
-  const config: Config = {
-    ...defaultConfig(),
-    storeDir: join(dir, 'store'),
-    stateDir: join(dir, 'state'),
-    imageDirs: [images],
-    xenLockDir: join(dir, 'xen-hotplug'),
-    logFile: '',
-    busyRetryMs: 100,
-    lockTimeoutMs: 5000,
-  };
-  t.teardown(async () => {
-    await xs.close().catch(() => {});
-    await server.close().catch(() => {});
-    rmSync(dir, { recursive: true, force: true });
+  const h = await hookDir({
+    prefix: 'xbh-hostile-',
+    base: buf,
+    onRequest: (_op, args) => reads.push(args[0] ?? ''),
+    config: { lockTimeoutMs: 5000 },
   });
+  t.teardown(() => h.close());
+  const { dir, images, base, config, server, xs, sock } = h;
+  const outside = join(dir, 'outside');
+  mkdirSync(outside);
   return { dir, images, outside, base, config, server, xs, sock, reads };
 }
 
@@ -156,6 +140,7 @@ async function refused(t: Test, w: World, c: Case, domid: number, deviceFree = t
   const mtimeBefore = statSync(w.base).mtimeMs;
   const treeBefore = snapshotTree(w.dir);
   const storeBefore = new Map(w.server.store.dump('/'));
+  const storeDirBefore = existsSync(w.config.storeDir);
   const r = await runCow(w, 'add', { XENBUS_PATH: be });
   const f0 = t.counts.fail;
   await checked(
@@ -176,6 +161,7 @@ async function refused(t: Test, w: World, c: Case, domid: number, deviceFree = t
       t.same(ls(join(w.config.stateDir, 'journal')), [], `${c.name}: no journal record`);
       t.same(ls(join(w.config.stateDir, 'locks')), [], `${c.name}: no lock file`);
       t.same(ls(w.config.storeDir), [], `${c.name}: no store`);
+      t.equal(existsSync(w.config.storeDir), storeDirBefore, `${c.name}: the store directory was not even created`);
       t.equal(sha256(w.base), sumBefore, `${c.name}: base checksum unchanged`);
       t.equal(statSync(w.base).mtimeMs, mtimeBefore, `${c.name}: base mtime unchanged`);
       const changes = treeChanges(treeBefore, snapshotTree(w.dir), [
@@ -208,8 +194,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
   const w = await world(t);
   const I = w.images;
   const cases: Case[] = [
-    { name: 'relative base path', params: 'images/base.img 16', re: /not an absolute path/ },
-    { name: 'relative ./ base path', params: './base.img', re: /not an absolute path/ },
     { name: 'missing base', params: `${I}/nope.img 16`, re: /does not exist/ },
     {
       name: 'base is a directory',
@@ -273,9 +257,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
     { name: 'base outside via ..', params: `${I}/../outside/x.img`, re: /contains "\.\."/ },
     { name: '.. that resolves back inside', params: `${I}/../images/base.img`, re: /contains "\.\."/ },
     { name: 'base is the image directory itself', params: `${I}`, re: /is a directory/ },
-    { name: 'params starting with --', params: '--help', re: /not an absolute path/ },
-    { name: 'params starting with - and a path', params: `-o ${I}/base.img`, re: /not an absolute path/ },
-    { name: 'option before the base', params: `persistent ${I}/base.img`, re: /not an absolute path/ },
     {
       name: 'shell metacharacters ;',
       setup: (w) => `${w.images}/base.img;touch ${w.dir}/pwned`,
@@ -291,8 +272,6 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
       setup: (w) => `${w.images}/\`id\`|cat&.img`,
       re: /does not exist/,
     },
-    { name: 'newline in params', setup: (w) => `${w.images}/base.img\n/etc/shadow`, re: /holds a tab or a line break/ },
-    { name: 'newline inside the path', setup: (w) => `${w.images}/ba\nse.img`, re: /holds a tab or a line break/ },
     {
       name: 'terminal escape sequence in the path',
       setup: (w) => `${w.images}/base.img\u001b[2J\u0007`,
@@ -309,33 +288,10 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
       re: /cannot resolve|does not exist|too long/i,
     },
     {
-      name: 'many words (1000)',
-      setup: (w) => `${w.images}/base.img ${'16 '.repeat(1000)}`,
-      re: /second size|not an option/,
-    },
-    { name: 'size zero', setup: (w) => `${w.images}/base.img 0`, re: /at least 1 MiB/ },
-    { name: 'size negative', setup: (w) => `${w.images}/base.img -16`, re: /"-16" is not a size/ },
-    {
       name: 'size not numeric (a path with a space, then)',
       setup: (w) => `${w.images}/base.img lots`,
-      re: /base\.img lots does not exist/,
+      re: /^block-cow: the base image \/\S+\/images\/base\.img lots does not exist \(or is a symbolic link to nothing\); check the path and that its filesystem is mounted\. The params were read as the path "\/\S+\/images\/base\.img lots" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it\.$/,
     },
-    { name: 'size with a decimal comma', setup: (w) => `${w.images}/base.img 1,5G`, re: /"1,5G" is not a size/ },
-    {
-      name: 'size huge (beyond 16 TiB)',
-      setup: (w) => `${w.images}/base.img 99999999999999999999G`,
-      re: /more than 16 TiB/,
-    },
-    { name: 'size hex', setup: (w) => `${w.images}/base.img 0x10`, re: /"0x10" is not a size/ },
-    { name: 'unknown option', setup: (w) => `${w.images}/base.img 16 frobnicate=1`, re: /unknown option "frobnicate"/ },
-    { name: 'persistent=maybe', setup: (w) => `${w.images}/base.img persistent=maybe`, re: /must be yes or no/ },
-    { name: 'chunk not a power of two', setup: (w) => `${w.images}/base.img chunk=3K`, re: /power of two/ },
-    { name: 'store= with a path', setup: (w) => `${w.images}/base.img store=../../etc/x`, re: /plain file name/ },
-    { name: 'store= absolute', setup: (w) => `${w.images}/base.img store=/etc/cron.d/x`, re: /plain file name/ },
-    { name: 'store= hidden name', setup: (w) => `${w.images}/base.img store=.x`, re: /must not start with/ },
-    { name: 'store= with shell characters', setup: (w) => `${w.images}/base.img store=a;b`, re: /letters, digits/ },
-    { name: 'store given twice', setup: (w) => `${w.images}/base.img store=a store=b`, re: /given twice/ },
-    { name: 'two sizes', setup: (w) => `${w.images}/base.img 16 32`, re: /second size/ },
     { name: 'empty params', params: '', re: /params is missing or empty/ },
     { name: 'whitespace-only params', params: '   \t ', re: /params is missing or empty/ },
     { name: 'params missing', params: 'x', after: async (w, be) => w.xs.rm(`${be}/params`), re: /params is missing/ },
@@ -550,7 +506,11 @@ t.test('persistent store already attached to another domain: busy, the other dis
       t.equal(await w.xs.tryRead(`${beB}/hotplug-status`), 'busy', 'busy');
       const msg = await w.xs.tryRead(`${beB}/hotplug-error`);
       readable(t, msg, 'store busy');
-      t.match(msg ?? '', /already in use/, 'says the store is in use');
+      t.match(
+        msg ?? '',
+        /shared\.cow is already in use by \/dev\/loop1 \(disk backend\/vbd\/7\/51712\)/,
+        'says the store is in use, by which loop and which disk',
+      );
       t.equal(JSON.stringify(fake.loops), loopsBefore, 'the first disk keeps its loops');
       t.equal(JSON.stringify(fake.dms), dmsBefore, 'the first disk keeps its dm device');
       t.same(
@@ -560,7 +520,7 @@ t.test('persistent store already attached to another domain: busy, the other dis
       );
       t.equal((statSync(join(w.config.storeDir, 'shared.cow')).mode & 0o777).toString(8), '600', 'store mode 0600');
       t.equal(sha256(w.base), sumBefore, 'base unchanged');
-      t.same(ls(join(w.config.stateDir, 'journal')).length, 1, 'only the first disk has a record');
+      t.same(ls(join(w.config.stateDir, 'journal')), ['backend~vbd~7~51712.json'], 'only the first disk has a record');
       if (t.counts.fail > f0) throw new Error(msg ?? rb.log.join(' | '));
     },
     () => t.counts.fail,
@@ -569,6 +529,8 @@ t.test('persistent store already attached to another domain: busy, the other dis
   t.equal(rr.code, 0, 'first disk removed');
   t.same(fake.loops, [], 'no loops');
   t.same(fake.dms, [], 'no dm');
+  t.same(ls(w.config.storeDir), ['shared.cow'], "the store stays, its claim goes with the first disk's remove");
+  t.same(ls(join(w.config.stateDir, 'journal')), [], 'no record');
 });
 
 t.test('a symlinked directory swapped after the check: the loop must be over the checked file', async (t) => {

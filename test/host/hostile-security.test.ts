@@ -13,7 +13,6 @@ import {
   existsSync,
   lstatSync,
   mkdirSync,
-  mkdtempSync,
   readdirSync,
   readFileSync,
   rmSync,
@@ -21,18 +20,17 @@ import {
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cowBackend } from '../../src/backends/cow.js';
-import { defaultConfig, type Config } from '../../src/config/config.js';
+import type { Config } from '../../src/config/config.js';
 import { runHook } from '../../src/hotplug/main.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
-import { startXenstoreServer } from '../../src/xenstore/server.js';
 import { XsOp } from '../../src/xenstore/wire.js';
 import { backendPath, closeBackend, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { FakeDeviceRunner, checked, sha256 } from '../lib/fault-lib.js';
+import { hookDir } from '../lib/hook-dir.js';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
@@ -101,33 +99,15 @@ interface World {
 }
 
 async function world(t: Test): Promise<World & { xs: Awaited<ReturnType<typeof connectXenstore>> }> {
-  const dir = mkdtempSync(join(tmpdir(), 'xbh-sec-'));
-  const images = join(dir, 'images');
-  mkdirSync(images);
-  const base = join(images, 'base.img');
-  writeFileSync(base, Buffer.alloc(1024 * 1024, 0x5a));
-  const sock = join(dir, 'xs.sock');
   const reqs: { op: number; path: string }[] = [];
-  const server = await startXenstoreServer({
-    socketPath: sock,
+  const h = await hookDir({
+    prefix: 'xbh-sec-',
+    base: Buffer.alloc(1024 * 1024, 0x5a),
     onRequest: (op, args) => reqs.push({ op, path: args[0] ?? '' }),
+    config: { lockTimeoutMs: 5000 },
   });
-  const xs = await connectXenstore({ path: sock });
-  const config: Config = {
-    ...defaultConfig(),
-    storeDir: join(dir, 'store'),
-    stateDir: join(dir, 'state'),
-    imageDirs: [images],
-    xenLockDir: join(dir, 'xen-hotplug'),
-    logFile: '',
-    busyRetryMs: 100,
-    lockTimeoutMs: 5000,
-  };
-  t.teardown(async () => {
-    await xs.close().catch(() => {});
-    await server.close().catch(() => {});
-    rmSync(dir, { recursive: true, force: true });
-  });
+  t.teardown(() => h.close());
+  const { dir, images, base, config, sock, xs } = h;
   return { dir, images, base, config, sock, reqs, xs };
 }
 
