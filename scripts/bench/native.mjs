@@ -298,6 +298,9 @@ export async function nativeScaling(lib, w, { counts = [0, 50, 200], runs = 10, 
   await w.serve();
   const loop = execFileSync('losetup', ['--find', '--show', '--', w.image('scaling.img')], { encoding: 'utf8' }).trim();
   const res = { counts, device: 'phy:', ours: {}, served: {}, stock: {} };
+  // The earlier parts' cycles leave an empty backend/vbd/<domid> each (libxl removes it with the
+  // domain): the stock walk would list those too, so N counts from a clean start.
+  await w.xs.rm('backend/vbd');
   try {
     let present = 0;
     for (const n of counts) {
