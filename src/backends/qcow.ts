@@ -6,26 +6,18 @@
  *            ──qemu-nbd──→ /dev/nbdN ─→ guest; transient (deleted on remove) or persistent
  *
  * params: `<image> [overlay=no|transient|persistent] [format=FMT] [name=NAME] [cache=MODE]`
- * (docs/block-qcow.md). Default: direct, because a disk that silently forgets its writes is a
- * worse surprise than a second writer refused with "busy"; LiveCD-style sharing is one word away
- * (`overlay=transient`).
+ * (docs/block-qcow.md). Default direct: a disk that silently forgets its writes is a worse
+ * surprise than a second writer refused with "busy".
  *
- * add, each step journaled before it runs:
- *   (checks, nothing built) image path below image_dirs → format detected once (`qemu-img info`,
- *     or pinned with format=) → the whole backing chain read with that format given, every file
- *     checked (below image_dirs, a regular file, its format recorded, no external data file,
- *     not encrypted)
- *   qcow-use      the claim: which files this disk reads and which it writes (by dev:inode, a
- *                 persistent overlay by path). Made under the base locks of those files; refused
- *                 with `busy` naming the other disk when it would give a file a second writer, or
- *                 a writer to a file others read (another qcow disk, a block-cow base, a loop).
- *   qcow-overlay  (overlay mode) `qemu-img create -f qcow2 -b BASE -F FMT` into a file made 0600,
- *                 O_EXCL; a persistent one is reused when it exists and its backing is this base.
- *   nbd           under the nbd lock: a /dev/nbdN the kernel shows free and no other record names,
- *                 noted in the record (the reservation); then, lock released, `qemu-nbd --connect`
- *                 (the daemon outlives the hook), checked to be served by the daemon of our pid file.
- * remove/rollback undo newest first: disconnect and wait for the daemon, delete a transient (or
- * never-used persistent) overlay, drop the claim (the record going away is the release).
+ * add first checks the image and its whole backing chain: below image_dirs, regular files, format
+ * detected once (or pinned with format=), no external data file, not encrypted. Steps, journaled
+ * before each runs and undone newest first:
+ *   qcow-use      the claim on the files this disk reads and writes, made under their base locks;
+ *                 `busy` when a file would get a second writer, or a writer while others read it.
+ *   qcow-overlay  (overlay mode) `qemu-img create` into a 0600 O_EXCL file; a persistent one is
+ *                 reused when its backing is this base. Undo deletes a transient or unused one.
+ *   nbd           a free /dev/nbdN reserved in the record under the nbd lock, then `qemu-nbd
+ *                 --connect`, checked to be served by the daemon of our pid file.
  */
 import {
   closeSync,

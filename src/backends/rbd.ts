@@ -7,40 +7,26 @@
  * params: `<pool>/<image>@<snapshot> [clone=transient|persistent] [name=IMAGE] [conf=PATH] [id=ID]
  * [keyring=PATH] [map_options=OPT,…]` (docs/block-rbd.md).
  *
- * add, each step journaled before it runs:
- *   (checks, nothing built) `rbd info pool/image@snap`: pool, image and snapshot exist; access=w:
- *     the snapshot is protected (`rbd snap protect` when it is not: v1 clones need it).
- *   rbd-clone  under a local lock: no other record on this host uses the clone. A persistent
- *              clone (or one a migration's receiver takes over) is looked at first; a transient
- *              one is simply `rbd clone`d, and EEXIST says it was there. A clone that already
- *              exists must be a clone of this snapshot and have no watcher (no client has it
- *              open, i.e. it is mapped nowhere), unless this is the receiving end of a live
- *              migration (domain `NAME--incoming`, see below); a transient clone that exists and
- *              is not ours is refused too. The record says whether the clone existed before.
- *   rbd-map    the devices already mapping the spec are noted, then `rbd map` (`-o noudev` when no
- *              udevd runs); the device and its major:minor are recorded.
- * remove/rollback undo newest first: unmap our mapping (found in `rbd showmapped` by spec and
- * device, never by device name alone: the kernel reuses names), then `rbd rm` of a transient
- * clone, or of a persistent one this very add created and never handed out; rbd rm itself
- * refuses an image some client still watches (the other end of a live migration keeps it).
+ * add checks pool, image and snapshot first (`rbd info`); access=w needs the snapshot protected
+ * (v1 clones do). Steps, journaled before each runs and undone newest first:
+ *   rbd-clone  under a local lock. An existing clone must be a clone of this snapshot with no
+ *              watcher (mapped nowhere), except on a migration's receiving end; a transient clone
+ *              that exists and is not this host's is refused. Undo deletes a transient clone, or a
+ *              persistent one this add created and never handed out.
+ *   rbd-map    records the device and its major:minor. Undo unmaps our mapping, found in
+ *              `rbd showmapped` by spec and device, never by name alone (the kernel reuses names).
  *
- * Transient clones this host made: a marker `<store_dir>/rbd/<pool>@<image>.json` naming this
- * host is written before `rbd clone` and deleted once the clone is gone. The journal is in /run,
- * the clone in the cluster: after a crash or a reboot, the marker is what tells this host's own
- * leftover from another host's clone. The next add of that domain and vdev finds the clone with
- * its marker, no local record and no watcher, deletes it and clones afresh; `gc` deletes such a
- * clone too (the boot cleanup). A transient clone without this host's marker is still refused.
+ * Sharing is the watcher check (`rbd status`), not the exclusive-lock feature: krbd hands that lock
+ * to any client that asks, so two hosts could write in turns.
  *
- * Sharing: the watcher check (`rbd status`), not the exclusive-lock feature: krbd hands the
- * exclusive lock over to any client that asks for it, so the lock alone would let two hosts write
- * in turns; a watcher means "mapped or open somewhere", on any host.
+ * A marker `<store_dir>/rbd/<pool>@<image>.json`, written before `rbd clone` and deleted once the
+ * clone is gone, tells this host's transient leftovers (the journal in /run does not survive a
+ * reboot) from another host's clone: only a marked clone with no record and no watcher is deleted,
+ * by the next add of that disk or by `gc`.
  *
- * Live migration (xl migrate): the receiving host creates the domain as `NAME--incoming` while the
- * sender still runs it with the disk mapped; the sender is suspended before the receiver resumes.
- * The clone is named after NAME without the suffix, so both ends name the same image; an add for a
- * `--incoming` domain accepts an existing clone that is watched (the sender's mapping) and maps
- * it too. When the sender's remove runs afterwards, the clone still has the receiver's watcher,
- * so even a transient clone is kept, and the receiver's own remove deletes it later.
+ * Live migration: the receiver (`NAME--incoming`) uses the clone named after NAME and may map it
+ * while the sender still watches it; the sender's remove then finds it watched and keeps it (rbd rm
+ * refuses a watched image), and the receiver's remove deletes it later.
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { isAbsolute, join } from 'node:path';

@@ -1,30 +1,18 @@
 /**
- * Xen's sharing check (docs/misc/block-scripts.txt: "Block scripts are responsible for making
- * sure that if a file is provided to a VM read/write, that it is not provided to any other VM"),
- * as block-common.sh's check_sharing does it, with its gaps closed:
+ * Xen's sharing check (docs/misc/block-scripts.txt: a file provided to a VM read/write is not
+ * provided to any other VM), as block-common.sh's check_sharing does it, with its gaps closed:
  *
- *   - A device or file given writable to one domain is never given to another; read-only may be
- *     shared with read-only. Domains that are the same VM (a guest and its device-model stub
- *     domain, related through `target`) may share freely, as same_vm() allows.
- *   - "Users" of what is asked for are found through its access devices: the block device itself
- *     for phy:, every loop device backing the same file (same st_dev:st_ino, so hard links and
- *     other spellings of the path are the same file) for file:. For each access device, and for
- *     every device stacked on it (sysfs `holders`, e.g. a dm-snapshot over a base loop), a user is
- *       - a vbd under our backend directory whose `physical-device` names it (a guest), with the
- *         vbd's `mode`;
- *       - a mount in this domain (/proc/self/mountinfo) of it (local), rw or ro.
- *     A user reached through a read-only loop device can only read, whatever its own mode says.
- *   - Request w: any user conflicts (except the same VM). Request r: a writing user conflicts
- *     (except the same VM).
+ *   - Writable to one domain means given to no other; read-only may be shared with read-only. A
+ *     guest and its device-model stub domain (related through `target`) are one VM (same_vm()).
+ *   - Users are found through the access devices (the block device for phy:, every loop over the
+ *     same file by st_dev:st_ino for file:) and every device stacked on them (sysfs `holders`):
+ *     a vbd under our backend directory whose `physical-device` names one (with the vbd's `mode`),
+ *     or a mount in this domain (rw or ro). A user through a read-only loop only reads.
+ *   - Request w: any user of another VM conflicts. Request r: a writing user of another VM does.
  *
- * Differences from the stock check, on purpose:
- *   - Loop devices are matched by device and inode numbers as numbers. The stock script compares
- *     `losetup -a`'s decimal device number with `stat %D`'s hex one, so its loop check never
- *     fires and a second writer of one file is let through.
- *   - physical-device values are compared as numbers (`fd:3` = `FD:03`).
- *   - A vbd whose domain has no `vm` node counts as another VM. The stock same_vm() treats it as
- *     the same VM (a xend-era race allowance) and so lets the device be shared.
- *   - Devices stacked on the access device are followed (the stock check stops at the loop).
+ * Unlike the stock check: loop devices and physical-device values are compared as numbers (the
+ * stock decimal-against-hex comparison never matches, so a second writer of a file gets through);
+ * a vbd whose domain has no `vm` node counts as another VM; stacked devices are followed.
  *
  * Everything here only reads; the caller holds Xen's `block` lock around the check, the device
  * set-up and the writing of physical-device, so that no other instance decides in between.

@@ -1,8 +1,7 @@
 /**
- * block-thin: thin-provisioned copy-on-write disks. One dm thin-pool (data and metadata on sparse
- * files in the store directory) serves every domain; each disk is a `thin` device whose external
- * origin is the read-only base image (its loop shared by every disk on that image, as block-cow
- * shares it), so a disk has no size limit but the pool's, and origin writes cost nothing extra.
+ * block-thin: thin-provisioned copy-on-write disks. One dm thin-pool serves every domain; each disk
+ * is a `thin` device whose external origin is the read-only base image (its loop shared as
+ * block-cow shares it).
  *
  *   base image ──losetup -r (shared, base-ref)────────────────────────┐
  *   pool data file ──loop──┐                                          │
@@ -10,29 +9,22 @@
  *   mode r:  base image ──losetup -r (shared)── dm linear, read-only ─→ guest
  *
  * Steps (journaled before each runs; undone newest first):
- *   base-ref      the shared base loop (steps.ts)
- *   thin-pool     a reference on the pool; created on first use under the pool lock. Its undo
- *                 tears the pool down when no other record refers to it (unless thin.keep_pool)
- *                 and deletes the pool files when no persistent volume lives in them.
- *   thin          the thin id, chosen under the pool lock from the ids no record and no
- *                 persistent volume holds, then `create_thin`. Undo: `delete` (not for a
- *                 persistent volume, which is kept in the pool's volume list).
- *   dm            the thin device (steps.ts)
+ *   base-ref   the shared base loop (steps.ts)
+ *   thin-pool  a reference on the pool, created on first use under the pool lock; torn down when no
+ *              other record refers to it (unless thin.keep_pool)
+ *   thin       an id no record and no persistent volume holds, chosen under the pool lock; undo
+ *              deletes it, except a persistent volume
+ *   dm         the thin device (steps.ts)
  *
- * Pool files: <store_dir>/thin-pool.data, thin-pool.meta, and thin-pool.volumes.json, the
- * persistent volumes (owner-vdev → id, size, base), replaced atomically under the pool lock.
- * thin-pool.transient.json lists the transient ids made in the pool (id → backend path), written
- * before `create_thin` and dropped after `delete`. The journal lives in /run, the pool's metadata
- * on disk: after a crash or a reboot this list is what tells the transient volumes left in the
- * pool from the persistent ones. When the pool starts again, the listed ids no record holds are
- * deleted (their data died with their domain's devices); `gc` deletes them from a running pool,
- * and deletes the pool files themselves when no record and no persistent volume needs them.
+ * Pool files in store_dir: thin-pool.data, thin-pool.meta, thin-pool.volumes.json (the persistent
+ * volumes) and thin-pool.transient.json (transient ids, written before `create_thin`, dropped after
+ * `delete`). The journal is in /run, the pool on disk: after a crash or reboot the transient list
+ * tells leftovers from persistent volumes; they are deleted when the pool starts again or by `gc`,
+ * as are pool files no record and no persistent volume needs.
  *
- * Pool on devices (thin.data_device and thin.metadata_device, e.g. two LVs): the pool uses them
- * directly, no files and no loops. A metadata device whose first 4 KiB are zero starts a new pool
- * (dm-thin formats it); anything else must be this pool's metadata. When the pool is torn down
- * with no persistent volume, its metadata superblock is zeroed, as the files would be deleted:
- * the next pool starts empty. The devices themselves are the administrator's (never removed).
+ * Pool on devices (thin.data_device, thin.metadata_device): a metadata device whose first 4 KiB are
+ * zero starts a new pool, anything else must be this pool's metadata; it is zeroed at teardown when
+ * no persistent volume remains. The devices themselves are the administrator's, never removed.
  */
 import {
   closeSync,

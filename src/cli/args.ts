@@ -6,7 +6,7 @@
  * Node's own `util.parseArgs` splits the command line; this file only adds what it cannot say:
  *   - whole numbers and their ranges (`int`, `min`, `max`): parseArgs knows strings and booleans;
  *   - an argument that looks like a negative number (`grow web xvda -1G`, `--timeout -5`) is an
- *     argument or a value, as before: strict mode would take `-1G` for the options -1 -G and refuse
+ *     argument or a value: strict mode would take `-1G` for the options -1 -G and refuse
  *     `--timeout -5` as "ambiguous". So parseArgs runs with strict: false and the tokens it returns
  *     are checked here instead: an option no spec names is refused, a flag given a value is refused,
  *     an option that needs a value and has none is refused;

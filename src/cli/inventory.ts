@@ -12,11 +12,10 @@
  *   orphan      recorded, but its backend path or its domain no longer exists in xenstore
  *   held        kept for a saved domain until its restore reattaches it (src/hotplug/lifecycle.ts)
  *   missing     recorded as built, but its device is not in the kernel any more
- *   leaked      in the kernel, named or backed like ours, but in no record; or what a crash leaves:
- *               a transient store or overlay file that no record, loop or nbd server uses, a
- *               block-lvsnap transient snapshot LV or a block-thin transient volume no record
- *               holds, thin pool files nothing needs, a block-rbd transient clone this host
- *               made that no record holds
+ *   leaked      in the kernel, named or backed like ours, but in no record; or a crash's leftover
+ *               no record holds: a transient store or overlay file no loop or nbd server uses, a
+ *               block-lvsnap snapshot LV, a block-thin volume, thin pool files nothing needs, a
+ *               block-rbd transient clone this host made
  *   lost        a saved domain's disk whose transient data died with an earlier boot: its restore
  *               is refused until the marker is deleted
  */

@@ -1,34 +1,24 @@
 /**
  * `xen-blockhooks open DOMAIN VDEV | IMAGE [--rw]` and `close`: a disk's partitions in dom0.
  *
- * open maps the partitions of a domain's disk (the device the hooks built and handed to the
- * backend, as its journal record names it: for block-cow the snapshot, so dom0 sees the guest's
- * view, the base plus its changes) or of an image file or block device, with kpartx
- * (src/devices/kpartx.ts), to /dev/mapper names, and prints them. close takes them away.
- *
- * Why kpartx and not the kernel's own partition scan of a loop (`losetup -P`): it is what the
- * field uses for this task, its maps have the /dev/mapper names people look for, a read-only map
- * is read-only in the kernel whatever opens it, and it works on every device a hook hands out.
- * The kernel never scans a device-mapper device for partitions (dm disks are created with
- * GENHD_FL_NO_PART), so a block-cow, block-thin or block-lvsnap disk cannot be opened that way
- * without a second loop over the dm device.
+ * open maps with kpartx (src/devices/kpartx.ts) the partitions of a domain's disk (the device its
+ * journal record handed to the backend: for block-cow the snapshot, the guest's view) or of an
+ * image file or block device, and prints the /dev/mapper names; close takes them away. kpartx
+ * rather than `losetup -P`: the kernel never scans a dm device for partitions, and a `kpartx -r`
+ * map is read-only in the kernel whatever opens it.
  *
  * Safety:
- *   - read-only by default: an image is attached to a read-only loop and every map is made
- *     read-only (kpartx -r);
- *   - --rw is refused while anything else uses the disk: a guest (any vbd whose physical-device
- *     is the device, a loop on the image or a device stacked on those, or any vbd or qdisk whose
- *     params name the image), a mount in dom0, a loop someone else attached, or a journal record
- *     of the hooks that names the image (a base image shared by copy-on-write disks, a qcow2
- *     image, a store): a base is never opened writable, even while no guest runs, since its
- *     copy-on-write stores depend on it;
+ *   - read-only by default: an image gets a read-only loop and every map is made with kpartx -r;
+ *   - --rw is refused while anything else uses the disk: a guest (a vbd on the device or on
+ *     anything stacked on it, or a vbd or qdisk whose params name the image), a mount in dom0, a
+ *     loop someone else attached, or a journal record of the hooks naming the image: a base is
+ *     never opened writable, since its copy-on-write stores depend on it;
  *   - a domain's disk is opened writable only when no domain has it any more, and never a
  *     read-only disk (for block-cow that is the base itself).
  *
- * Everything open builds is a journaled step (src/journal) of a record of its own, script
- * `open`, keyed `open/…`: the loop over an image, then the partition maps. close undoes the
- * record; a killed open or close leaves it with a dead process, which `status` shows as orphan
- * and `gc --apply` undoes; an open that fails undoes itself before it reports.
+ * What open builds is a journaled record of its own (script `open`, key `open/…`): close undoes
+ * it; a killed open or close leaves it to `status` as orphan and to `gc --apply`; an open that
+ * fails undoes itself before it reports.
  */
 import { mkdirSync, readFileSync, realpathSync, statSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';

@@ -1,28 +1,20 @@
 /**
  * `xen-blockhooks simulate`: be the domain builder for one disk, without Xen.
  *
- * The nodes are the ones libxl's device_disk_add() writes (xl syntax) or xend's blkif controller
- * wrote (xm syntax, `type` = the prefix), in one transaction, into an embedded xenstore server
- * (or the real xenstored with --real-xenstore). The hook then runs as libxl runs it: a child
- * process, argv `add`, environment = ours plus script, XENBUS_TYPE=vbd,
- * XENBUS_PATH=backend/vbd/<domid>/<devid> (relative), XENBUS_BASE_PATH=backend, stdin
- * /dev/null, SIGKILL after 40 s. Before add the backend is put in state 2 (what blkback does);
- * before remove `online` = 0 and state 6 (libxl's Closing, then blkback's Closed); after remove
- * the backend, frontend and /libxl nodes are deleted (libxl__device_destroy).
+ * It writes the nodes libxl's device_disk_add() writes (xl syntax) or xend's blkif controller's
+ * (xm syntax) in one transaction into an embedded xenstore server (or the real xenstored with
+ * --real-xenstore), runs the hook as libxl runs it (child process, environment, timeout), and
+ * moves the backend through the states blkback and libxl would.
  *
- * Safety. With the embedded server the hook keeps its journal and locks under
- * <state_dir>/simulate, so a real disk's record is never its to find or undo. What a hook shares
- * host-wide beyond its journal is not namespaced: block-thin's one pool (the dm device
- * xbh-thinpool, its files and thin-pool.transient.json in store_dir; its thin ids and its
- * teardown are decided from the journal) and block-qcow's choice of a free /dev/nbdN (reserved by
- * journal records). A simulated hook would decide those from simulate's journal alone, blind to
- * the real disks. So the rule is refusal, before anything is built: in embedded mode, block-thin
- * is refused while the real journal holds a block-thin record (or any record of the pool) or the
- * pool, its devices or its files exist and simulate itself did not make them; block-qcow is
- * refused while the real journal holds a block-qcow record. A remove is refused only for the
- * first reason (the pool a kept simulated disk made is expected to be there). With
- * --real-xenstore the hooks use the real journal and locks, so they share as real disks do.
- * Either way the hook writes no line to the hotplug log unless XEN_BLOCKHOOKS_LOG_FILE names one.
+ * Safety: with the embedded server the hook keeps its journal and locks under
+ * <state_dir>/simulate, so a real disk's record is never its to find or undo. What is shared
+ * host-wide beyond the journal (block-thin's one pool, block-qcow's choice of a free /dev/nbdN) a
+ * simulated hook would decide blind to the real disks, so it is refused before anything is built:
+ * block-thin while the real journal holds a block-thin or pool record, or while the pool, its
+ * devices or files exist and simulate did not make them (a remove only for the first reason);
+ * block-qcow while the real journal holds a block-qcow record. With --real-xenstore the hooks use
+ * the real journal and locks. Either way no hotplug log line is written unless
+ * XEN_BLOCKHOOKS_LOG_FILE names a file.
  */
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';

@@ -1,31 +1,19 @@
 /**
  * The production Runner: node:child_process.spawn with argument arrays (never a shell), a clean
- * environment and bounded time. Errors are values: a command that fails, cannot start or times
- * out gives a RunResult with `failed: true`; `run` turns that into a CommandError.
- *
- * Why spawn and not execa: a hook runs two or three short commands and exits, so the first
- * call's cost is most of the cost, and execa's was two to three times spawn's; in the Xen tier's
- * dom0 its stream, signal and abort machinery took a third of a `block add` (BENCHMARKS.md,
- * section 1, change 6, and section 6). What we used of execa is here: argument arrays, no PATH or
- * environment from the caller, a timeout that sends SIGTERM and then SIGKILL, output as text,
- * the command line quoted for messages.
+ * environment and bounded time (SIGTERM, then SIGKILL). Errors are values: a command that fails,
+ * cannot start or times out gives a RunResult with `failed: true`; `run` turns that into a
+ * CommandError. spawn rather than execa: a hook runs a few short commands, so the first call's
+ * cost is most of the cost (BENCHMARKS.md).
  *
  * A command ends when its output streams close, so everything it printed is in; if something it
- * left running still holds them (a daemon that did not close its stdio), it ends OUTPUT_GRACE_MS
- * after the command itself exited, with the output so far, instead of waiting on the daemon.
- * That time is counted in GRACE_TICKS ticks of an interval, not read off the clock once: the
- * loop polls the pipes between two ticks, so output already written is read before the command
- * is cut. A single timer is not enough: libuv reaps every exited child whenever it handles a
- * SIGCHLD, after that turn's poll, so a child's exit can be seen before its output is read; if
- * callbacks later in that turn (another child's exit, a close) then run for longer than the
- * grace, the loop reaches its timers before it polls the pipes again. With in-process hooks
- * under load that cut whole `losetup --list` outputs to nothing.
+ * left running still holds them (a daemon), it ends OUTPUT_GRACE_MS after the command exited, with
+ * the output so far. The grace is counted in GRACE_TICKS interval ticks, not one timer: libuv may
+ * reap a child before polling its pipes, and a long turn would let a single timer fire before
+ * output already written is read.
  * Commands still running when this process exits (a thrown error mid-command) are killed.
  *
- * Test-only fault point: when XEN_BLOCKHOOKS_FAULT_KILL_AFTER=N is set, the process SIGKILLs
- * itself right after its N-th external command has finished, the way libxl's timeout kills a
- * hook. Nothing sets it in production; the fault-injection suite uses it to stop a hook after
- * every step in turn.
+ * Test-only fault point: XEN_BLOCKHOOKS_FAULT_KILL_AFTER=N makes the process SIGKILL itself right
+ * after its N-th external command, as libxl's timeout kills a hook. Nothing sets it in production.
  */
 import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
 import { DEFAULT_TIMEOUT_MS, type RunOptions, type RunResult, type Runner, CommandError } from './runner.js';

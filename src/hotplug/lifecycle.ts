@@ -1,38 +1,25 @@
 /**
- * A domain's disks through the toolstack's operations beyond create and destroy. The contract
- * (docs/lifecycle.md has the table per hook):
+ * A domain's disks through the toolstack's operations beyond create and destroy (docs/lifecycle.md
+ * has the table per hook):
  *
- *   xl save (and xendomains at dom0 shutdown): libxl suspends the domain, writes its memory out,
- *     then destroys it; our remove runs while the domain still exists, shut down with reason
- *     "suspend" (`xl list DOMID` state `--pss-`, reason letter `s`). A record that holds guest
- *     data living only as long as its devices (JournalEntry.transient: a transient store, overlay,
- *     volume or clone) is then *held*: nothing is undone, the record moves to the journal key
- *     `held/<uuid>/<devid>`, and a marker `<store_dir>/saved/<uuid>-<devid>.json` says so, with
- *     the boot it was made in.
- *   xl restore: a new domid, the same uuid, name and disks. Before planning, the add looks for a
- *     marker of its domain's uuid and devid:
- *       - held record there, same hook, params and mode, device still in the kernel: the record is
- *         adopted (moved to the new backend path) and the same device reported: the guest resumes
- *         on exactly the disk it had;
- *       - anything else (a dom0 reboot or crash since, a changed disk spec): refused with a
- *         hotplug-error that says what happened and what to do; nothing is built; the marker stays,
- *         so trying again is refused again rather than handed a fresh disk.
- *   A restore that fails after its disks were added (a vif script, a device model) destroys the
- *     domain before the guest ran: its remove finds no `sectors` on the backend (blkback writes it
- *     only when the frontend connects) and holds the record again for the next attempt.
- *   xl migrate: the receiving domain is named NAME--incoming while its disks are added; a disk
- *     with transient data is refused there (the migration fails and the sender resumes its guest)
- *     unless the backend hands it over itself (Backend.migrates). The sender, once the receiver
- *     has taken over, is renamed NAME--migratedaway before it is destroyed: its remove undoes as
+ *   xl save: our remove runs while the domain is shut down with reason "suspend". A record whose
+ *     guest data lives only as long as its devices (JournalEntry.transient) is *held*: nothing is
+ *     undone, the record moves to `held/<uuid>/<devid>`, and a marker
+ *     `<store_dir>/saved/<uuid>-<devid>.json` says so, with its boot.
+ *   xl restore: before planning, the add looks for its uuid and devid's marker. A held record with
+ *     the same hook, params and mode whose device is still in the kernel is adopted and the same
+ *     device reported; anything else (a dom0 reboot or crash since, a changed disk spec) is refused
+ *     with a hotplug-error, nothing built and the marker kept, so a retry is never handed a fresh
+ *     disk. A restore that fails before the guest ran (no `sectors` on the backend) holds the
+ *     record again.
+ *   xl migrate: on the receiving `NAME--incoming`, a disk with transient data is refused unless the
+ *     backend hands it over itself (Backend.migrates); the sender (`NAME--migratedaway`) undoes as
  *     usual.
- *   Bootloader (pygrub): libxl attaches the disk to dom0 (frontend-id 0) before the domain's own
- *     add; nothing is held for dom0, which is never saved.
+ *   Bootloader (pygrub, frontend-id 0): nothing is held for dom0, which is never saved.
  *
- * Nothing here holds a record whose data outlives its devices: a persistent store is undone as
- * at destroy and found again by the restore's add. Only its claim (lock/store-owner.ts: which host
- * may attach it, for storage several hosts share) is kept at a save, named by a marker of the same
- * kind (`claims`), so that no other host takes the store while the saved domain waits, and gc
- * does not release it as stale; the restore's add hands the claim to its new backend path.
+ * A persistent store is undone at save as at destroy; only its claim (lock/store-owner.ts) is kept,
+ * named by a `claims` marker, so that no other host takes the store and gc does not release it
+ * while the saved domain waits; the restore's add hands the claim to its new backend path.
  */
 import { readFileSync, readlinkSync } from 'node:fs';
 import type { Config } from '../config/config.js';

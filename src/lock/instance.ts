@@ -2,16 +2,9 @@
  * Single-instance guard for long-running commands (`xen-blockhooks watch`).
  *
  * The guard is a flock with the protocol of flock.ts, taken without waiting and held for the
- * life of the process. proper-lockfile was the other candidate, since a takeover after N
- * seconds is acceptable for a daemon; it is still the worse tool here:
- *   - a SIGKILLed or crashed daemon's flock is gone at once, so a restart (systemd
- *     Restart=, an admin) succeeds immediately instead of failing until `stale` expires;
- *   - proper-lockfile keeps its lock alive with a heartbeat timer; a daemon whose event loop is
- *     blocked longer than `stale` (a slow synchronous call, a suspended VM) gets ECOMPROMISED,
- *     by default an uncaught exception that kills the daemon;
- *   - it installs signal-exit handlers at import time, in every hook that bundles it.
- * Its one strength, mkdir being atomic on NFS, is irrelevant for a lock in /run. So the project
- * uses flock for every lock and proper-lockfile for none.
+ * life of the process. Not proper-lockfile: a crashed daemon's flock is gone at once, so a restart
+ * succeeds immediately; there is no heartbeat whose stall (a blocked event loop, a suspended VM)
+ * kills the daemon; and mkdir's atomicity on NFS does not matter for a lock in /run.
  */
 import { tryAcquireFlock, type HeldLock, type LockOptions } from './flock.js';
 

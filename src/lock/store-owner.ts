@@ -1,36 +1,28 @@
 /**
- * Which host holds a persistent store. A store on storage that several dom0s share (NFS, the
- * usual live-migration setup) must be attached by one host at a time: two hosts' loop devices over
- * one file each keep their own page cache, so the second would read stale blocks and both would
- * write over each other's exceptions.
+ * Which host holds a persistent store. A store on storage that several dom0s share (NFS) must be
+ * attached by one host at a time: two hosts' loops over one file keep their own page cache, so
+ * each would read stale blocks and write over the other's.
  *
  * Protocol (one claim directory next to the store, `<store>.owner/`, holding `owner.json`):
- *   claim    mkdir(<store>.owner). On success write owner.json {machine, host, boot, backendPath,
- *            since} into it (written to a temporary name and renamed). On EEXIST read owner.json:
+ *   claim    mkdir(<store>.owner); on success write owner.json {machine, host, boot, backendPath,
+ *            since} (to a temporary name, then renamed). On EEXIST read owner.json:
  *              - another machine: refused (busy), naming the host, the disk and since when;
- *              - this machine, an earlier boot: left by this host's own crash or restart (its
- *                devices are gone): taken over;
- *              - this machine, this boot: another disk here, or this disk's earlier attempt; the
- *                loop check of the store (the one writer rule) decides, and the claim is not ours
- *                to release unless it names this backend path;
- *              - no owner.json: a claim cut between mkdir and the write; when the directory is
- *                older than a minute it is renamed away (rename is atomic: of two hosts trying,
- *                one wins) and the claim starts again; younger, busy.
+ *              - this machine, an earlier boot: a crash or restart's leftover: taken over;
+ *              - this machine, this boot: the loop check of the store (one writer) decides, and
+ *                the claim is not ours to release unless it names this backend path;
+ *              - no owner.json (cut between mkdir and write): older than a minute, the directory
+ *                is renamed away (atomic: one of two hosts wins) and the claim starts again;
+ *                younger, busy.
  *            "This machine" is /etc/machine-id and the host name together: dom0s cloned from one
  *            image share a machine-id, not a host name.
  *   release  only by the machine, boot and backend path owner.json names: owner.json, then the
  *            directory.
- * The claim lasts as long as the disk is attached, across the hook processes that add and remove
- * it, and across a crash of its host (a restart of that host takes it over). A save keeps it for
- * the restore (hotplug/lifecycle.ts), which hands it to the restored disk's backend path.
+ * The claim lasts while the disk is attached, across hook processes and a crash of its host; a
+ * save keeps it for the restore (hotplug/lifecycle.ts).
  *
- * Why mkdir: it is one NFS MKDIR call that the server decides (EEXIST when the name exists), so it
- * is atomic for every client; it is what lockfile(1) and proper-lockfile use for the same reason.
- * flock(2) over NFS is emulated with byte-range locks (Linux ≥ 2.6.12), and both it and
- * proper-lockfile hold a lock only while a process lives (proper-lockfile refreshes the lock's
- * mtime and others take it over as stale once that stops), while a store stays held after the
- * hook that attached it has exited. So the claim uses mkdir itself, with an owner record instead
- * of a refresh.
+ * Why mkdir: one NFS MKDIR call that the server decides, so atomic for every client. flock(2) over
+ * NFS and proper-lockfile hold a lock only while a process lives, but a store stays claimed after
+ * the hook that attached it has exited; so the claim is a directory with an owner record.
  */
 import { mkdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';

@@ -6,11 +6,11 @@
  *                           unit:   K, M, G or T, binary (KiB, MiB, GiB, TiB), any case, and
  *                                   optionally followed by B or iB: 2G = 2g = 2GB = 2GiB
  *
- * A bare number is in the place's default unit: MiB for store, disk and pool sizes (as it always
- * was there), KiB for the config file's chunk and block sizes; chunk= in block-cow params takes no
- * bare number. Nothing else is a size: no spaces inside, no sign, no exponent, no hex, no `B`
- * alone. Fractions are rounded up, never down: to whole bytes here, and to whole MiB (or KiB)
- * where a place keeps MiB (KiB), so a size is never smaller than what was written.
+ * A bare number is in the place's default unit: MiB for store, disk and pool sizes, KiB for the
+ * config file's chunk and block sizes; chunk= in block-cow params takes no bare number. Nothing
+ * else is a size: no spaces inside, no sign, no exponent, no hex, no `B` alone. Fractions are
+ * rounded up, never down: to whole bytes here, and to whole MiB (or KiB) where a place keeps MiB
+ * (KiB), so a size is never smaller than what was written.
  */
 
 export type SizeUnit = 'K' | 'M' | 'G' | 'T';
