@@ -16,7 +16,8 @@ event exactly as the hook would on its own (same journal, xenstore writes, log l
 without starting Node for every event. When the service is not running, is stopped, or stops
 answering, a wrapper runs the hook itself: only the speed differs. The service also does what
 "xen-blockhooks watch" does, so one daemon grows stores before they overflow.
-The installer ships a systemd unit, xen-blockhooks.service, that runs this command.
+The installer ships a systemd unit, xen-blockhooks.service, that runs this command
+(not enabled: systemctl enable --now xen-blockhooks).
 
 Options:
   --dir DIR       the channel directory the wrappers use (default ${DEFAULT_SERVE_DIR},

@@ -14,8 +14,10 @@
  *   - `pid`, the service's pid, for the wrapper's liveness check (`kill -0`).
  * The service takes a request by renaming `K.req` to `K.taken` (atomic): a wrapper that waited
  * too long for the `a` line revokes it by renaming it away first, and then exactly one of them
- * runs the event. The reply is lines (REPLY): `a` taken, `h` heartbeat (every HEARTBEAT_MS while
- * the event runs), `o TEXT` a stdout line, `e TEXT` a stderr line, `x CODE` the exit code, last.
+ * runs the event. The reply is whole lines, none lost: `a PID` taken by the service of that pid
+ * (watched from then on), `h` heartbeat (every HEARTBEAT_MS while the event runs), `o TEXT` a
+ * stdout line, `e TEXT` a stderr line, `x CODE` the exit code, last. A slot is freed only once
+ * its event has ended and its wrapper too.
  */
 
 export const SLOTS = 256;
@@ -27,7 +29,7 @@ export const MAX_ARGS = 16;
 export const HEARTBEAT_MS = 1000;
 
 /** Environment names the wrapper forwards (the rest of an event's environment is the service's). */
-export const FORWARDED_ENV = /^(XEN\w*|DM_\w+|LVM_\w+|PATH|script)$/;
+export const FORWARDED_ENV = /^(XEN\w*|DM_\w+|LVM_\w+|CEPH_\w+|PATH|script)$/;
 
 export interface EventRequest {
   slot: number;

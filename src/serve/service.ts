@@ -6,8 +6,8 @@
  * lock) serialises them through those same flocks, whose owner is an open file description, so
  * two events of one process exclude each other as two processes do.
  *
- * Its contract with the wrapper: a taken request is answered with `a` at once, then `h` every
- * HEARTBEAT_MS until `x CODE`. A wrapper that hears nothing for a few seconds takes the service
+ * Its contract with the wrapper: a taken request is answered with `a PID` at once, then `h` every
+ * HEARTBEAT_MS until `x CODE`. A wrapper that hears nothing for 10 s takes the service
  * for dead or hung, kills it if it still runs, and runs the event itself, where the journal
  * record finishes or undoes what the service began. So the service never has to be trusted to
  * finish: it only has to be fast when it is up.
@@ -24,6 +24,8 @@ import type { Runner } from '../devices/runner.js';
 import { messageOf } from '../disk/errors.js';
 import { runHook } from '../hotplug/main.js';
 import type { Logger } from '../log/logger.js';
+import { claimSingleInstance } from '../lock/instance.js';
+import type { HeldLock } from '../lock/flock.js';
 import { HEARTBEAT_MS, outputLines, parseRequest, parseSlotLine, ProtocolError, SLOTS } from './protocol.js';
 
 export const DEFAULT_SERVE_DIR = '/run/xen-blockhooks/serve';
@@ -110,6 +112,9 @@ function freeSlot(dir: string, slot: number): void {
 
 export class Service {
   private readonly inFlight = new Set<Promise<void>>();
+  /** Slots whose event runs: never freed, whatever became of their wrapper. */
+  private readonly busy = new Set<number>();
+  private instance: HeldLock | undefined;
   private stopping = false;
   private sweepTimer: NodeJS.Timeout | undefined;
   private input: Socket | undefined;
@@ -120,6 +125,19 @@ export class Service {
   async run(): Promise<void> {
     const { dir } = this.d;
     prepareDir(dir);
+    // One service per channel: a second one would take the first one's events and its pid file.
+    this.instance = await claimSingleInstance(join(dir, 'serve.lock'), 'xen-blockhooks serve', {
+      runner: this.d.run,
+    });
+    try {
+      await this.serve();
+    } finally {
+      await this.instance.release();
+    }
+  }
+
+  private async serve(): Promise<void> {
+    const { dir } = this.d;
     const fifos = missingFifos(dir);
     if (fifos.length) await this.d.run.run('mkfifo', ['-m', '0600', '--', ...fifos]);
     // A request left by a wrapper that is still waiting (handed over to a service that stopped)
@@ -176,6 +194,7 @@ export class Service {
   /** Free every slot whose wrapper has ended (a wrapper that fell back and ended, one that died). */
   private sweep(): void {
     for (let k = 0; k < SLOTS; k++) {
+      if (this.busy.has(k)) continue;
       const pid = claimPid(this.d.dir, k);
       if (pid !== undefined && !pidAlive(pid)) freeSlot(this.d.dir, k);
     }
@@ -196,6 +215,16 @@ export class Service {
   }
 
   private async event(slot: number): Promise<void> {
+    if (this.busy.has(slot)) return; // a second line naming a slot whose event runs
+    this.busy.add(slot);
+    try {
+      await this.eventIn(slot);
+    } finally {
+      this.busy.delete(slot);
+    }
+  }
+
+  private async eventIn(slot: number): Promise<void> {
     const { dir } = this.d;
     const taken = join(dir, `${slot}.taken`);
     try {
@@ -215,13 +244,34 @@ export class Service {
     }
     const out = this.openReply(slot);
     if (out === undefined) return;
-    const say = (s: string): boolean => {
-      try {
-        writeSync(out, s);
-        return true;
-      } catch {
-        return false; // its wrapper is gone (nobody reads, the FIFO is full): it runs the event itself
+    // Replies are whole lines, written in order; what the FIFO cannot take now (a wrapper slow to
+    // read a lot of output) waits and is retried, so no line is cut or lost. Nothing is written
+    // after the fd is closed (its number may belong to something else by then).
+    let pending = Buffer.alloc(0);
+    let closed = false;
+    let retry: NodeJS.Timeout | undefined;
+    const flush = (): void => {
+      retry = undefined;
+      while (!closed && pending.length) {
+        try {
+          const n = writeSync(out, pending);
+          pending = pending.subarray(n);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') pending = Buffer.alloc(0);
+          break;
+        }
       }
+      if (!closed && pending.length && !retry) retry = setTimeout(flush, 20);
+    };
+    const say = (s: string): void => {
+      if (closed) return;
+      pending = Buffer.concat([pending, Buffer.from(s)]);
+      flush();
+    };
+    /** Until every line is read, or its wrapper has ended (10 s at most). */
+    const drained = async (pid: number | undefined): Promise<void> => {
+      for (let i = 0; i < 500 && pending.length && (pid === undefined || pidAlive(pid)); i++)
+        await new Promise((r) => setTimeout(r, 20));
     };
     try {
       let req;
@@ -232,10 +282,12 @@ export class Service {
         if (!(e instanceof ProtocolError)) throw e;
         this.d.log.warn(`serve: refused the request on slot ${slot}: ${e.message}`);
         say(`r ${e.message}\n`);
+        await drained(claimPid(dir, slot));
         return;
       }
       const backend = this.d.hooks(req.hook) as Backend;
-      say('a\n');
+      // Its pid: the wrapper watches this process from now on, not the one whose pid file it read.
+      say(`a ${process.pid}\n`);
       const beat = setInterval(() => say('h\n'), HEARTBEAT_MS);
       let code: number;
       try {
@@ -260,8 +312,11 @@ export class Service {
         clearInterval(beat);
       }
       say(`x ${code}\n`);
+      await drained(req.pid);
       this.release(slot, req.pid);
     } finally {
+      closed = true;
+      if (retry) clearTimeout(retry);
       closeSync(out);
     }
   }
@@ -282,6 +337,7 @@ export class Service {
   private release(slot: number, pid: number): void {
     let tries = 0;
     const check = (): void => {
+      if (this.busy.has(slot) || claimPid(this.d.dir, slot) !== pid) return; // taken again, or freed
       if (!pidAlive(pid)) freeSlot(this.d.dir, slot);
       else if (++tries < 300) setTimeout(check, 20 + Math.min(tries * 10, 500)).unref();
       // beyond that the 30 s sweep frees it

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
 import { formatRequest } from '../../src/serve/protocol.js';
 import { destroyNodes } from '../lib/backend-nodes.js';
-import { harness, runProcess, type BlockHarness } from '../lib/block-harness.js';
+import { harness, ROOT, runProcess, type BlockHarness } from '../lib/block-harness.js';
 import { startServe as serveOn, writeWrapper, type Served } from '../lib/serve-harness.js';
 
 t.setTimeout(600_000);
@@ -146,9 +146,11 @@ t.test('a hung service is killed by the wrapper, which runs the event', async (t
   t.equal(add.code, 0, `add exits 0 (stderr: ${add.stderr})`);
   t.equal(await h.read(`${be}/hotplug-status`), 'connected');
   t.not(recordPid(h, be), s.pid, 'run by the wrapper');
-  // Not taken: the request was revoked, so the stopped service never runs it.
-  t.notOk(existsSync(join(dir, `${(add as { pid?: number }).pid ?? 0}.req`)));
+  // Not taken: the request was revoked, so the service, running again, never runs it.
   process.kill(s.pid, 'SIGCONT');
+  await new Promise((r) => setTimeout(r, 1000));
+  t.not(recordPid(h, be), s.pid, 'the resumed service did not run the revoked add');
+  t.equal(h.loopsOnImages().length, 1, 'one loop: the add ran once');
   t.equal((await h.run('remove', be, env, wrapper)).code, 0);
   await s.stop();
   t.same(h.loopsOnImages(), [], 'nothing left');
@@ -174,12 +176,18 @@ t.test('a stop with events in flight finishes them', async (t) => {
   for (let i = 0; i < 4; i++)
     bes.push(await h.disk({ domid: 50 + i, devid: 51712, params: h.image(`inflight-${i}.img`), mode: 'w' }));
   const runs = bes.map((be) => h.run('add', be, env, wrapper));
-  await new Promise((r) => setTimeout(r, 150));
+  // SIGTERM once the service has taken an event (its record names the service).
+  for (let i = 0; i < 400 && !bes.some((be) => recordPid(h, be) === s.pid); i++)
+    await new Promise((r) => setTimeout(r, 10));
   s.child.kill('SIGTERM');
   const results = await Promise.all(runs);
   t.equal(await s.exited, 0, 'the service exits 0');
   for (const [i, r] of results.entries()) t.equal(r.code, 0, `add ${i} exits 0 (stderr: ${r.stderr})`);
   for (const be of bes) t.equal(await h.read(`${be}/hotplug-status`), 'connected');
+  t.ok(
+    bes.some((be) => recordPid(h, be) === s.pid),
+    'an event the service had taken when it was told to stop was finished there',
+  );
   t.equal(h.loopsOnImages().length, 4, 'four loops');
   for (const be of bes) t.equal((await h.run('remove', be, env, wrapper)).code, 0);
   t.same(h.loopsOnImages(), []);
@@ -284,4 +292,25 @@ t.test('a user who is not root cannot hand over an event', async (t) => {
   t.same(h.loopsOnImages(), [], 'no loop');
   const chan = readdirSync(dir).filter((n) => /\.(claim|req)$/.test(n));
   t.same(chan, [], 'nothing was written into the channel');
+});
+
+t.test('one service per channel; long output reaches the wrapper whole', async (t) => {
+  const { h, dir, wrapper, env } = await setup(t);
+  const s = await startServe(h, dir);
+  t.teardown(() => s.stop());
+  const second = await runProcess(
+    process.execPath,
+    [join(ROOT, 'dist', 'xen-blockhooks.mjs'), 'serve', '--no-watch', '--dir', dir],
+    h.env('backend/vbd/0/0'),
+  );
+  t.equal(second.code, 1, 'a second service on the channel exits 1');
+  t.match(second.stderr, /xen-blockhooks serve is already running/);
+  t.equal(readFileSync(join(dir, 'pid'), 'utf8').trim(), String(s.pid), "the first one's pid file stands");
+  const be = await h.disk({ domid: 80, devid: 51712, params: h.image('verbose.img'), mode: 'w' });
+  const add = await h.run('add', be, { ...env, XEN_BLOCKHOOKS_VERBOSE: '1' }, wrapper);
+  t.equal(add.code, 0, `a verbose add through the service exits 0 (stderr: ${add.stderr.slice(-300)})`);
+  t.equal(recordPid(h, be), s.pid, 'the service ran it');
+  t.match(add.stderr, /^block: add backend\/vbd\/80\/51712: connected /m, 'its info lines are relayed');
+  t.equal((await h.run('remove', be, env, wrapper)).code, 0);
+  t.same(h.loopsOnImages(), []);
 });
