@@ -86,8 +86,21 @@ function track(child: ChildProcess): void {
 // ---------------------------------------------------------------------------------------------
 
 let commandsRun = 0;
+let faultsHeld = false;
+
+/** No fault point fires until countFaultsFromHere(): a long-running process's own start. */
+export function holdFaults(): void {
+  faultsHeld = true;
+}
+
+/** The fault points count from here: a long-running process counts its events' commands only. */
+export function countFaultsFromHere(): void {
+  commandsRun = 0;
+  faultsHeld = false;
+}
 
 function faultPoint(): void {
+  if (faultsHeld) return;
   commandsRun += 1;
   // Read at run time, not when the module loads: a startup snapshot would keep the value its builder had.
   const killAfter = Number(process.env.XEN_BLOCKHOOKS_FAULT_KILL_AFTER ?? 0);

@@ -25,6 +25,7 @@ import { messageOf } from '../disk/errors.js';
 import { runHook } from '../hotplug/main.js';
 import type { Logger } from '../log/logger.js';
 import { claimSingleInstance } from '../lock/instance.js';
+import { countFaultsFromHere, holdFaults } from '../devices/exec.js';
 import type { HeldLock } from '../lock/flock.js';
 import { HEARTBEAT_MS, outputLines, parseRequest, parseSlotLine, ProtocolError, SLOTS } from './protocol.js';
 
@@ -124,6 +125,7 @@ export class Service {
   /** Make the channel and start taking events; returns when stopped and every event in flight ended. */
   async run(): Promise<void> {
     const { dir } = this.d;
+    holdFaults();
     prepareDir(dir);
     // One service per channel: a second one would take the first one's events and its pid file.
     this.instance = await claimSingleInstance(join(dir, 'serve.lock'), 'xen-blockhooks serve', {
@@ -169,6 +171,7 @@ export class Service {
     });
     input.on('error', (e) => this.d.log.warn(`serve: reading ${dir}/in: ${messageOf(e)}`));
     this.writePid();
+    countFaultsFromHere();
     for (const k of pending) this.take(String(k));
     this.sweepTimer = setInterval(() => this.sweep(), 30_000);
     this.sweepTimer.unref();
