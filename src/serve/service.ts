@@ -23,6 +23,7 @@ import type { Backend } from '../backends/types.js';
 import type { Runner } from '../devices/runner.js';
 import { messageOf } from '../disk/errors.js';
 import { runHook } from '../hotplug/main.js';
+import { processAlive } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 import { claimSingleInstance } from '../lock/instance.js';
 import { countFaultsFromHere, holdFaults } from '../devices/exec.js';
@@ -50,15 +51,6 @@ export class ServeSetupError extends Error {
 
 function isEnoent(e: unknown): boolean {
   return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
-}
-
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /** Only the service's own user (root) may enter the channel directory; refuse to use one others can. */
@@ -118,7 +110,6 @@ export class Service {
   private instance: HeldLock | undefined;
   private stopping = false;
   private sweepTimer: NodeJS.Timeout | undefined;
-  private input: Socket | undefined;
 
   constructor(private readonly d: ServeDeps) {}
 
@@ -147,7 +138,7 @@ export class Service {
     const pending: number[] = [];
     for (let k = 0; k < SLOTS; k++) {
       const pid = claimPid(dir, k);
-      if (pid === undefined || !pidAlive(pid)) freeSlot(dir, k);
+      if (pid === undefined || !processAlive(pid)) freeSlot(dir, k);
       else {
         unlinkQuiet(join(dir, `${k}.taken`));
         pending.push(k);
@@ -156,7 +147,6 @@ export class Service {
     for (const name of readdirSync(dir)) if (name.endsWith('.tmp')) unlinkQuiet(join(dir, name));
     const fd = openSync(join(dir, 'in'), constants.O_RDWR | constants.O_NONBLOCK | constants.O_NOFOLLOW);
     const input = new Socket({ fd, readable: true, writable: false });
-    this.input = input;
     let buffered = '';
     input.setEncoding('latin1');
     input.on('data', (chunk: string) => {
@@ -199,7 +189,7 @@ export class Service {
     for (let k = 0; k < SLOTS; k++) {
       if (this.busy.has(k)) continue;
       const pid = claimPid(this.d.dir, k);
-      if (pid !== undefined && !pidAlive(pid)) freeSlot(this.d.dir, k);
+      if (pid !== undefined && !processAlive(pid)) freeSlot(this.d.dir, k);
     }
   }
 
@@ -236,12 +226,11 @@ export class Service {
       if (isEnoent(e)) return; // revoked by its wrapper, or a line naming an idle slot
       throw e;
     }
-    let bytes: Buffer;
+    // Read only a plain file of ours: a link would make the service read what it points to.
+    let bytes: Buffer | undefined;
     try {
       const st = lstatSync(taken);
-      if (!st.isFile() || st.uid !== (process.getuid?.() ?? 0) || st.nlink !== 1)
-        throw new ProtocolError('request is not a plain file of the service owner');
-      bytes = readFileSync(taken);
+      if (st.isFile() && st.uid === (process.getuid?.() ?? 0) && st.nlink === 1) bytes = readFileSync(taken);
     } finally {
       unlinkQuiet(taken);
     }
@@ -273,12 +262,13 @@ export class Service {
     };
     /** Until every line is read, or its wrapper has ended (10 s at most). */
     const drained = async (pid: number | undefined): Promise<void> => {
-      for (let i = 0; i < 500 && pending.length && (pid === undefined || pidAlive(pid)); i++)
+      for (let i = 0; i < 500 && pending.length && (pid === undefined || processAlive(pid)); i++)
         await new Promise((r) => setTimeout(r, 20));
     };
     try {
       let req;
       try {
+        if (!bytes) throw new ProtocolError('request is not a plain file of the service owner');
         req = parseRequest(bytes, slot, (n) => this.d.hooks(n) !== undefined);
         if (claimPid(dir, slot) !== req.pid) throw new ProtocolError(`the slot's claim is not pid ${req.pid}'s`);
       } catch (e) {
@@ -341,7 +331,7 @@ export class Service {
     let tries = 0;
     const check = (): void => {
       if (this.busy.has(slot) || claimPid(this.d.dir, slot) !== pid) return; // taken again, or freed
-      if (!pidAlive(pid)) freeSlot(this.d.dir, slot);
+      if (!processAlive(pid)) freeSlot(this.d.dir, slot);
       else if (++tries < 300) setTimeout(check, 20 + Math.min(tries * 10, 500)).unref();
       // beyond that the 30 s sweep frees it
     };

@@ -294,7 +294,7 @@ t.test('a user who is not root cannot hand over an event', async (t) => {
   t.same(chan, [], 'nothing was written into the channel');
 });
 
-t.test('one service per channel; long output reaches the wrapper whole', async (t) => {
+t.test("one service per channel; a verbose event's lines reach the wrapper", async (t) => {
   const { h, dir, wrapper, env } = await setup(t);
   const s = await startServe(h, dir);
   t.teardown(() => s.stop());
