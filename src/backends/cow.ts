@@ -576,10 +576,12 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
   const hadStep = findStep(entry.steps, STEP.loop, (s) => s.data.file === file && s.done && s.data.loop !== undefined);
   const had = hadStep && recordedLoop(hadStep.data);
   let made = false;
+  let hadBytes: number | undefined;
   let table: string;
   try {
     let loop: { name: string; major: number; minor: number };
     if (had) {
+      hadBytes = statSync(file).size;
       truncateSync(file, tailBytes);
       await resizeLoop(deps.run, had.name);
       loop = had;
@@ -616,6 +618,11 @@ async function resizeCow(entry: JournalEntry, bytes: number, deps: ResizeDeps): 
         (s) => !((s.kind === STEP.loop && s.data.file === file) || (s.kind === STEP.storeFile && s.data.path === file)),
       );
       deps.journal.save(entry);
+    } else if (had && hadBytes !== undefined) {
+      // The table still maps the tail's old length: the file goes back to it, so a persistent
+      // disk's next add maps the size the guest has, not the one this resize failed to give.
+      truncateSync(file, hadBytes);
+      await resizeLoop(deps.run, had.name).catch(() => {});
     }
     throw e;
   }
