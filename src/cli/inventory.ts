@@ -421,40 +421,41 @@ async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kerne
 function lostSaved(config: Config): Row[] {
   const boot = bootId();
   const markers = listMarkers(config);
+  const row = (m: (typeof markers)[number]['marker'], state: string, store: string | undefined, why: string): Row => ({
+    kind: 'saved' as const,
+    domid: undefined,
+    domain: m.name,
+    vdev: m.vdev,
+    hook: m.script,
+    device: undefined,
+    majmin: undefined,
+    base: paramsSource(m.script, m.params),
+    store,
+    usage: undefined,
+    state,
+    backendPath: undefined,
+    why,
+  });
   const claims = markers
     .filter(({ marker }) => marker.claims)
-    .map(({ file, marker: m }) => ({
-      kind: 'saved' as const,
-      domid: undefined,
-      domain: m.name,
-      vdev: m.vdev,
-      hook: m.script,
-      device: undefined,
-      majmin: undefined,
-      base: paramsSource(m.script, m.params),
-      store: m.claims?.join(', '),
-      usage: undefined,
-      state: 'held',
-      backendPath: undefined,
-      why: `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
-    }));
+    .map(({ file, marker: m }) =>
+      row(
+        m,
+        'held',
+        m.claims?.join(', '),
+        `this host's claim on ${m.claims?.join(', ')} is kept for saved domain ${m.name ?? m.key} since ${m.savedAt} (was ${m.from}), so that no other host takes the store before its restore. To give it up: delete ${file}, then gc --apply`,
+      ),
+    );
   return claims.concat(
     markers
       .filter(({ marker }) => !marker.claims && (marker.bootId !== boot || !marker.held))
-      .map(({ file, marker: m }) => ({
-        kind: 'saved' as const,
-        domid: undefined,
-        domain: m.name,
-        vdev: m.vdev,
-        hook: m.script,
-        device: undefined,
-        majmin: undefined,
-        base: paramsSource(m.script, m.params),
-        store: undefined,
-        usage: undefined,
-        state: 'lost',
-        backendPath: undefined,
-        why: `saved ${m.savedAt} ${m.held ? 'in an earlier boot; its ' + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
-      })),
+      .map(({ file, marker: m }) =>
+        row(
+          m,
+          'lost',
+          undefined,
+          `saved ${m.savedAt} ${m.held ? 'in an earlier boot; its ' + m.transient + " died with that boot's devices" : 'but its ' + m.transient + ' could not be kept (see the hotplug log)'}, so its restore is refused (delete ${file} to start the domain afresh with the same uuid)`,
+        ),
+      ),
   );
 }
