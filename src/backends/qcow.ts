@@ -803,6 +803,7 @@ export const qcowBackend: Backend<QcowPlan> = {
   undo: qcowUndo,
   resize: resizeQcow,
   resizeDetached: resizeQcowDetached,
+  shared: { what: 'the choice of a free nbd device' },
 };
 
 /** For tests and diagnostics: the qemu-nbd daemons a record's pid file names. */

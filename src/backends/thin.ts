@@ -28,6 +28,7 @@
  */
 import {
   closeSync,
+  existsSync,
   constants as fsc,
   fstatSync,
   fsyncSync,
@@ -1120,6 +1121,26 @@ async function collectThin(l: Leftover, ctx: CollectContext): Promise<void> {
   }
 }
 
+/** The pool's traces on the host that no record needs to show: its running device, its devices or files. */
+async function poolPresent(deps: { config: Config; run: Runner }): Promise<string[]> {
+  const found: string[] = [];
+  let running;
+  try {
+    running = await dmInfo(deps.run, THIN_POOL_NAME);
+  } catch {
+    running = undefined;
+  }
+  if (running) found.push(`the device /dev/mapper/${THIN_POOL_NAME} is running`);
+  const { dataDevice, metadataDevice } = deps.config.thin;
+  if (dataDevice || metadataDevice)
+    found.push(
+      `it is on the administrator's devices (thin.data_device ${dataDevice || '-'}, thin.metadata_device ${metadataDevice || '-'})`,
+    );
+  const f = poolFiles(deps.config);
+  for (const file of [f.data, f.meta, f.volumes, f.transient]) if (existsSync(file)) found.push(`${file} exists`);
+  return found;
+}
+
 export const thinBackend: Backend<ThinPlan> = {
   source: (params) => sourceOf(() => parseThinParams(params).base),
   transient: (plan) => (!plan.readOnly && !plan.params.persistent ? `transient thin volume ${plan.name}` : undefined),
@@ -1153,4 +1174,10 @@ export const thinBackend: Backend<ThinPlan> = {
   watchShared: watchPool,
   leftovers: thinLeftovers,
   collect: collectThin,
+  shared: {
+    what: `the thin pool ${THIN_POOL_NAME}`,
+    alsoUsedBy: (e) => e.steps.some((s) => s.kind === THIN_STEP.pool || s.kind === THIN_STEP.thin),
+    madeBy: (e) => e.steps.some((s) => s.kind === THIN_STEP.pool),
+    present: poolPresent,
+  },
 };

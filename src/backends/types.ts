@@ -135,6 +135,24 @@ export interface Backend<Plan = unknown> {
   leftovers?(ctx: LeftoverContext): Promise<Leftover[]>;
   /** Take one of its leftovers away (`gc --apply`); gc has judged it again just before. */
   collect?(leftover: Leftover, ctx: CollectContext): Promise<void>;
+  /**
+   * What this hook's disks share host-wide beyond their own records, which a disk recorded in
+   * another journal (`simulate`'s) would decide blind to the disks of the real one. Absent when
+   * the hook's disks share nothing.
+   */
+  readonly shared?: SharedState;
+}
+
+/** The host-wide state a hook's disks share (block-thin's pool, block-qcow's free nbd choice). */
+export interface SharedState {
+  /** What they share, in a few words, e.g. `the thin pool xbh-thinpool`. */
+  readonly what: string;
+  /** A record of another hook that uses it too (the hook's own records always do). */
+  alsoUsedBy?(entry: JournalEntry): boolean;
+  /** A record that made it (so a journal holding one made what exists). */
+  madeBy?(entry: JournalEntry): boolean;
+  /** What on the host shows it exists without a record: a running device, its files. */
+  present?(deps: { config: Config; run: Runner }): Promise<string[]>;
 }
 
 /** One leftover, as `status` lists it and `gc` plans it. */

@@ -30,9 +30,7 @@ import type { XenstoreClient, XsOps } from '../xenstore/types.js';
 import { parseDisk, type Disk } from './diskspec.js';
 import { readKernel, type KernelState } from './kernel.js';
 import { recordStrings } from './inventory.js';
-import { paramsSource } from '../backends/index.js';
-import { THIN_POOL_NAME, THIN_STEP, poolFiles } from '../backends/thin.js';
-import { dmInfo } from '../devices/dmsetup.js';
+import { hookNamed, paramsSource } from '../backends/index.js';
 
 export const SIMULATE_HELP = `Usage: xen-blockhooks simulate [options] DISKSPEC
 
@@ -91,41 +89,24 @@ export async function sharedStateConflict(
   action: SimulateOptions['action'],
   deps: { config: Config; run: Runner },
 ): Promise<string | undefined> {
-  const hook = script.includes('/') ? script.slice(script.lastIndexOf('/') + 1) : script;
-  if (hook !== 'block-thin' && hook !== 'block-qcow') return undefined;
+  const backend = hookNamed(script);
+  const shared = backend?.shared;
+  if (!backend || !shared) return undefined;
+  const hook = backend.script;
   const real = new Journal(deps.config.stateDir);
   const { entries, unreadable } = real.list();
-  const users = entries.filter(
-    (e) =>
-      e.script === hook ||
-      (hook === 'block-thin' && e.steps.some((s) => s.kind === THIN_STEP.pool || s.kind === THIN_STEP.thin)),
-  );
-  const what = hook === 'block-thin' ? `the thin pool ${THIN_POOL_NAME}` : 'the choice of a free nbd device';
+  const users = entries.filter((e) => e.script === hook || shared.alsoUsedBy?.(e));
+  const what = shared.what;
   if (users.length)
     return `${hook} disks share ${what} with the real ${hook} disks, and the real journal holds ${users.length === 1 ? 'one' : users.length}: ${users.map((e) => `${e.backendPath} (${real.file(e.backendPath)})`).join(', ')}`;
   if (unreadable.length)
     return `${hook} disks share ${what} with the real ${hook} disks, and the real journal has records that cannot be read (${unreadable.map((u) => u.file).join(', ')})`;
-  if (hook !== 'block-thin' || action === 'remove') return undefined;
-  // Made by a simulated disk that is still kept: simulate's own pool.
-  const own = new Journal(simulateStateDir(deps.config))
-    .list()
-    .entries.some((e) => e.steps.some((s) => s.kind === THIN_STEP.pool));
-  if (own) return undefined;
-  const f = poolFiles(deps.config);
-  const found: string[] = [];
-  let running;
-  try {
-    running = await dmInfo(deps.run, THIN_POOL_NAME);
-  } catch {
-    running = undefined;
-  }
-  if (running) found.push(`the device /dev/mapper/${THIN_POOL_NAME} is running`);
-  if (deps.config.thin.dataDevice || deps.config.thin.metadataDevice)
-    found.push(
-      `it is on the administrator's devices (thin.data_device ${deps.config.thin.dataDevice || '-'}, thin.metadata_device ${deps.config.thin.metadataDevice || '-'})`,
-    );
-  for (const file of [f.data, f.meta, f.volumes, f.transient]) if (existsSync(file)) found.push(`${file} exists`);
-  if (found.length) return `block-thin disks share ${what} with the real block-thin disks: ${found.join('; ')}`;
+  if (!shared.present || action === 'remove') return undefined;
+  // Made by a simulated disk that is still kept: simulate's own.
+  const madeBy = shared.madeBy;
+  if (madeBy && new Journal(simulateStateDir(deps.config)).list().entries.some((e) => madeBy(e))) return undefined;
+  const found = await shared.present(deps);
+  if (found.length) return `${hook} disks share ${what} with the real ${hook} disks: ${found.join('; ')}`;
   return undefined;
 }
 
