@@ -217,11 +217,14 @@ export function claimedStores(entry: JournalEntry): string[] {
 }
 
 /**
- * A persistent disk of a domain being saved: its devices go as at any remove, but its claims stay
- * for the restore. The marker naming them is written first; throws (and keeps nothing) when the
- * domain has neither uuid nor name.
+ * The key a saved domain's markers are filed under, from its uuid (or name) in xenstore now, else
+ * as the record has them; throws "cannot <what> for its saved domain" when it has neither.
  */
-export async function keepClaims(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+async function savedDomainKey(
+  xs: XsOps,
+  entry: JournalEntry,
+  what: string,
+): Promise<{ key: string; name: string | undefined }> {
   const domid = domidOf(entry);
   const [vm, name] = await Promise.all([
     xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
@@ -232,9 +235,17 @@ export async function keepClaims(e: LifecycleEnv, xs: XsOps, entry: JournalEntry
     domainName: name ?? entry.disk.domainName,
   });
   if (!key)
-    throw new Error(
-      `cannot keep the claims of ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`,
-    );
+    throw new Error(`cannot ${what} for its saved domain: the domain has neither a uuid nor a name in xenstore`);
+  return { key, name };
+}
+
+/**
+ * A persistent disk of a domain being saved: its devices go as at any remove, but its claims stay
+ * for the restore. The marker naming them is written first; throws (and keeps nothing) when the
+ * domain has neither uuid nor name.
+ */
+export async function keepClaims(e: LifecycleEnv, xs: XsOps, entry: JournalEntry, reason: string): Promise<SavedDisk> {
+  const { key, name } = await savedDomainKey(xs, entry, `keep the claims of ${entry.backendPath}`);
   const marker = { ...savedMarker(entry, key, devidOf(entry.backendPath), name, ''), claims: claimedStores(entry) };
   writeMarker(e.config, marker);
   e.log.info(
@@ -249,19 +260,7 @@ export async function holdRecord(
   entry: JournalEntry,
   reason: string,
 ): Promise<SavedDisk> {
-  const domid = domidOf(entry);
-  const [vm, name] = await Promise.all([
-    xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
-    xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined),
-  ]);
-  const key = domainKey({
-    domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid,
-    domainName: name ?? entry.disk.domainName,
-  });
-  if (!key)
-    throw new Error(
-      `cannot hold ${entry.backendPath} for its saved domain: the domain has neither a uuid nor a name in xenstore`,
-    );
+  const { key, name } = await savedDomainKey(xs, entry, `hold ${entry.backendPath}`);
   const devid = devidOf(entry.backendPath);
   const target = heldKey(key, devid);
   const other = e.journal.load(target);
