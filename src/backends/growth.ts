@@ -59,6 +59,33 @@ export interface WatchOutcome {
   grown: GrowAction[];
 }
 
+/**
+ * The end of one disk's watch pass once its store is known to be sound: `used` percent below
+ * watch.threshold is a finding 'ok'; at or past it the store is grown once and the finding says how.
+ */
+export async function growPastThreshold(
+  out: WatchOutcome,
+  at: Omit<WatchFinding, 'state' | 'message' | 'usedPercent'>,
+  used: number,
+  deps: GrowDeps,
+  how: { store: string; grow: () => Promise<GrowAction>; grown: string },
+): Promise<WatchOutcome> {
+  const threshold = deps.config.watch.thresholdPercent;
+  if (used < threshold) {
+    out.findings.push({ ...at, usedPercent: used, state: 'ok', message: `${used}% of the ${how.store} used` });
+    return out;
+  }
+  const g = await how.grow();
+  out.grown.push(g);
+  out.findings.push({
+    ...at,
+    usedPercent: used,
+    state: 'grown',
+    message: `${used}% used ≥ ${threshold}%: ${how.grown} ${g.afterBytes} bytes`,
+  });
+  return out;
+}
+
 export const MiB = 1048576;
 
 export function human(n: number): string {

@@ -45,6 +45,7 @@ import type { Backend, BuiltDevice, HookContext, Leftover, LeftoverContext } fro
 import {
   diskLabel,
   GrowError,
+  growPastThreshold,
   human,
   MiB,
   wholeMiB,
@@ -400,20 +401,11 @@ async function watchLv(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutcom
     });
     return out;
   }
-  const used = l.dataPercent ?? 0;
-  if (used < threshold) {
-    out.findings.push({ ...at, usedPercent: used, state: 'ok', message: `${used}% of the snapshot used` });
-    return out;
-  }
-  const g = await growLv(entry, undefined, deps);
-  out.grown.push(g);
-  out.findings.push({
-    ...at,
-    usedPercent: used,
-    state: 'grown',
-    message: `${used}% used ≥ ${threshold}%: lvextend to ${g.afterBytes} bytes`,
+  return growPastThreshold(out, at, l.dataPercent ?? 0, deps, {
+    store: 'snapshot',
+    grow: () => growLv(entry, undefined, deps),
+    grown: 'lvextend to',
   });
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
