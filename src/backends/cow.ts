@@ -16,7 +16,6 @@ import {
   fstatSync,
   lstatSync,
   openSync,
-  readFileSync,
   realpathSync,
   statSync,
   truncateSync,
@@ -26,12 +25,12 @@ import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
-import type { XsOps } from '../xenstore/types.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
+import { refuseWritableBase } from './sharing.js';
 import { sourceOf, spacedPathHint } from './params-words.js';
-import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
+import { detachLoop, loopsBacking, resizeLoop } from '../devices/losetup.js';
 import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
 import type { Runner } from '../devices/runner.js';
 import { findStep, recordsHolding, type JournalEntry } from '../journal/journal.js';
@@ -41,6 +40,7 @@ import {
   GrowError,
   human,
   MiB,
+  growPastThreshold,
   percent,
   targetBytes,
   wholeMiB,
@@ -52,15 +52,7 @@ import {
   type WatchOutcome,
   refuseIfRecorded,
 } from './growth.js';
-import {
-  decodeDev,
-  deviceSectors,
-  devString,
-  dmDevicePath,
-  fileIdKey,
-  fileIdOf,
-  type FileId,
-} from '../devices/sysfs.js';
+import { decodeDev, deviceSectors, devString, dmDevicePath, fileIdOf, type FileId } from '../devices/sysfs.js';
 import {
   addBaseRef,
   addDm,
@@ -222,113 +214,6 @@ export function planCow(disk: DiskSpec, ctx: { config: Config; xenbusPath: strin
 // ---------------------------------------------------------------------------------------------
 // sharing
 
-function hexMM(major: number, minor: number): string {
-  return `${major.toString(16)}:${minor.toString(16)}`;
-}
-
-function decToHex(mm: string): string {
-  const [a, b] = mm.split(':').map(Number);
-  return hexMM(a ?? 0, b ?? 0);
-}
-
-/** Read-write mounts of any of `devs` (decimal major:minor), from /proc/self/mountinfo. */
-export function rwMounts(devs: Set<string>, mountinfo?: string): { dev: string; at: string }[] {
-  let text = mountinfo;
-  if (text === undefined) {
-    try {
-      text = readFileSync('/proc/self/mountinfo', 'utf8');
-    } catch {
-      return [];
-    }
-  }
-  const out: { dev: string; at: string }[] = [];
-  for (const line of text.split('\n')) {
-    const f = line.split(' ');
-    const dev = f[2];
-    if (!dev || !devs.has(dev)) continue;
-    if ((f[5] ?? '').split(',').includes('rw')) out.push({ dev, at: f[4] ?? '?' });
-  }
-  return out;
-}
-
-function stripHome(p: string): string {
-  return p.replace(/^\/local\/domain\/\d+\//, '');
-}
-
-/** vbds (other than `self`) with mode w on one of `hexDevs`, or whose plain params name the base file. */
-async function writableVbds(xs: XsOps, self: string, hexDevs: Set<string>, baseKey: string): Promise<string[]> {
-  const found: string[] = [];
-  let doms: string[];
-  try {
-    doms = await xs.directory('backend/vbd');
-  } catch {
-    return found;
-  }
-  await Promise.all(
-    doms.map(async (d) => {
-      const devs = await xs.directory(`backend/vbd/${d}`).catch(() => [] as string[]);
-      await Promise.all(
-        devs.map(async (v) => {
-          const p = `backend/vbd/${d}/${v}`;
-          if (p === stripHome(self)) return;
-          const [mode, pd, params, script, type] = await Promise.all(
-            ['mode', 'physical-device', 'params', 'script', 'type'].map((k) =>
-              xs.tryRead(`${p}/${k}`).catch(() => undefined),
-            ),
-          );
-          if (!mode || !mode.includes('w')) return;
-          if (pd && hexDevs.has(pd.toLowerCase())) {
-            found.push(`${p} (mode ${mode}, device ${pd})`);
-            return;
-          }
-          const ours = (script ?? '').endsWith('block-cow') || type === 'cow';
-          if (ours || !params || !params.startsWith('/')) return;
-          try {
-            const st = statSync(params, { bigint: true });
-            if (fileIdKey({ dev: devString(st.dev), ino: st.ino.toString() }) === baseKey)
-              found.push(`${p} (mode ${mode}, params ${params})`);
-          } catch {
-            // not a path we can see
-          }
-        }),
-      );
-    }),
-  );
-  return found.sort();
-}
-
-/** Refuse (busy) a base that is writable anywhere else: a writable loop, a rw mount, a vbd with mode w. */
-async function checkBaseSharing(ctx: HookContext, plan: CowPlan, onBase: LoopInfo[]): Promise<void> {
-  const writable = onBase.filter((l) => !l.readOnly);
-  if (writable.length) {
-    throw new HotplugError(
-      `block-cow: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its copy-on-write disks: detach it (losetup -d) or stop its user first.`,
-      'busy',
-    );
-  }
-  const devs = new Set(onBase.map((l) => `${l.major}:${l.minor}`));
-  if (plan.baseRdev) devs.add(plan.baseRdev);
-  const mounts = rwMounts(devs);
-  if (mounts.length) {
-    throw new HotplugError(
-      `block-cow: the base image ${plan.base} is mounted read-write at ${mounts.map((m) => m.at).join(', ')}; unmount it or remount it read-only first.`,
-      'busy',
-    );
-  }
-  const vbds = await writableVbds(
-    ctx.xs,
-    ctx.request.xenbusPath,
-    new Set([...devs].map(decToHex)),
-    fileIdKey(plan.baseId),
-  );
-  if (vbds.length) {
-    throw new HotplugError(
-      `block-cow: the base image ${plan.base} is given writable to another guest: ${vbds.join(', ')}; detach that disk or make it access=r first.`,
-      'busy',
-    );
-  }
-}
-
 /** The journal record (backend path) whose loop step is on file `id`, for messages. */
 function loopOwner(ctx: HookContext, id: FileId): string | undefined {
   return recordsHolding(
@@ -346,7 +231,16 @@ async function addCow(ctx: HookContext, plan: CowPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
   // Before anything is built: a full store filesystem is the administrator's to fix.
   if (plan.store) checkStoreSpace(ctx.config.storeDir);
-  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseSharing(ctx, plan, onBase));
+  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) =>
+    refuseWritableBase(ctx.xs, {
+      hook: 'block-cow',
+      base: plan.base,
+      baseId: plan.baseId,
+      onBase,
+      self: ctx.request.xenbusPath,
+      disks: 'copy-on-write disks',
+    }),
+  );
   const sectors = deviceSectors(ctx.run, baseLoop.major, baseLoop.minor);
   if (sectors === 0) throw new HotplugError(`block-cow: the base image ${plan.base} has no whole 512-byte sector.`);
   const origin = `${baseLoop.major}:${baseLoop.minor}`;
@@ -518,20 +412,11 @@ async function watchCow(entry: JournalEntry, deps: GrowDeps): Promise<WatchOutco
     return out;
   }
   const used = percent(s.allocatedSectors + s.metadataSectors, s.totalSectors);
-  const threshold = deps.config.watch.thresholdPercent;
-  if (used < threshold) {
-    out.findings.push({ ...at, usedPercent: used, state: 'ok', message: `${used}% of the store used` });
-    return out;
-  }
-  const g = await growCowStore(entry, undefined, deps);
-  out.grown.push(g);
-  out.findings.push({
-    ...at,
-    usedPercent: used,
-    state: 'grown',
-    message: `${used}% used ≥ ${threshold}%: store grown to ${g.afterBytes} bytes`,
+  return growPastThreshold(out, at, used, deps, {
+    store: 'store',
+    grow: () => growCowStore(entry, undefined, deps),
+    grown: 'store grown to',
   });
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@
  * set-up and the writing of physical-device, so that no other instance decides in between.
  */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
-import { decodeDev } from '../devices/sysfs.js';
+import { basename } from 'node:path';
+import type { LoopInfo } from '../devices/losetup.js';
+import { decodeDev, devString, fileIdKey, type FileId } from '../devices/sysfs.js';
 import { HotplugError } from '../disk/errors.js';
 import type { Mode } from '../disk/spec.js';
 import { XsError, type XsOps } from '../xenstore/types.js';
@@ -183,12 +185,19 @@ async function listOrEmpty(xs: XsOps, path: string): Promise<string[]> {
 /** Every current user of `devices` (and what is stacked on them), in this domain and in guests. */
 export async function findUsers(
   xs: XsOps,
-  q: Pick<SharingQuery, 'devices' | 'self'>,
+  q: Pick<SharingQuery, 'devices' | 'self'> & {
+    /**
+     * The file the devices are loops of: a vbd of the stock `block` script whose params name it
+     * is a user too, before its hotplug has attached a loop (no physical-device yet).
+     */
+    file?: FileId;
+  },
   opts: SharingOptions = {},
 ): Promise<SharingUser[]> {
   const targets = stackedDevices(q.devices, opts.sysfs);
   const users: SharingUser[] = [];
-  if (targets.size === 0) return users;
+  if (targets.size === 0 && !q.file) return users;
+  const fileKey = q.file && fileIdKey(q.file);
   const toHex = (key: string): string => {
     const [a, b] = key.split(':').map(Number) as [number, number];
     return hexDev(a, b);
@@ -224,22 +233,75 @@ export async function findUsers(
   await Promise.all(
     vbds.map(async (v, i) => {
       const pd = parsePhysicalDevice(pds[i]);
-      if (!pd) return;
-      const t = targets.get(`${pd[0]}:${pd[1]}`);
-      if (!t) return;
-      const mode = t.readOnly ? 'r' : vbdMode(await xs.tryRead(`${v.path}/mode`));
+      const t = pd && targets.get(`${pd[0]}:${pd[1]}`);
       const domid = /^\d+$/.test(v.dom) ? Number(v.dom) : undefined;
-      users.push({
-        kind: 'guest',
-        mode,
-        via: t.via,
-        dev: toHex(t.key),
-        backendPath: v.path,
-        ...(domid === undefined ? {} : { domid }),
-      });
+      const at = { kind: 'guest' as const, backendPath: v.path, ...(domid === undefined ? {} : { domid }) };
+      if (t) {
+        const mode = t.readOnly ? 'r' : vbdMode(await xs.tryRead(`${v.path}/mode`));
+        users.push({ ...at, mode, via: t.via, dev: toHex(t.key) });
+        return;
+      }
+      if (!fileKey || pd) return;
+      const [script, params] = await Promise.all([xs.tryRead(`${v.path}/script`), xs.tryRead(`${v.path}/params`)]);
+      if (!params?.startsWith('/') || basename(script ?? 'block') !== 'block') return;
+      if (statKey(params) !== fileKey) return;
+      users.push({ ...at, mode: vbdMode(await xs.tryRead(`${v.path}/mode`)), via: params, dev: '' });
     }),
   );
   return users;
+}
+
+function statKey(p: string): string | undefined {
+  try {
+    const st = statSync(p, { bigint: true });
+    return fileIdKey({ dev: devString(st.dev), ino: st.ino.toString() });
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Refuse (busy) a base image that could change under the disks built on it (`disks`, e.g.
+ * `copy-on-write disks`): a writable loop on it, or a writing user of its loops or (a block
+ * device) of itself: a read-write mount in this domain, or a vbd given it writable, attached or
+ * still waiting for the stock script. Called under Xen's `block` lock with every loop on the base.
+ */
+export async function refuseWritableBase(
+  xs: XsOps,
+  q: { hook: string; base: string; baseId: FileId; onBase: LoopInfo[]; self: string; disks: string },
+  opts: SharingOptions = {},
+): Promise<void> {
+  const prefix = `${q.hook}: the base image ${q.base} is`;
+  const writable = q.onBase.filter((l) => !l.readOnly);
+  if (writable.length)
+    throw new HotplugError(
+      `${prefix} attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its ${q.disks}: detach it (losetup -d) or stop its user first.`,
+      'busy',
+    );
+  const devices: AccessDevice[] = q.onBase.map((l) => ({
+    path: l.name,
+    major: l.major,
+    minor: l.minor,
+    readOnly: true,
+  }));
+  const rdev = statBlock(q.base);
+  if (rdev) {
+    const [major, minor] = rdev.split(':').map(Number) as [number, number];
+    devices.push({ path: q.base, major, minor, readOnly: false });
+  }
+  const users = await findUsers(xs, { devices, self: q.self, file: q.baseId }, opts);
+  const u = users
+    .filter((x) => x.mode === 'w')
+    .sort((a, b) => (a.backendPath ?? a.mountPoint ?? '').localeCompare(b.backendPath ?? b.mountPoint ?? ''))[0];
+  if (!u) return;
+  const [who, then] =
+    u.kind === 'local'
+      ? [`mounted read-write on ${u.mountPoint}`, 'unmount it or remount it read-only first']
+      : [`given writable to ${u.backendPath}`, 'detach that disk or make it access=r first'];
+  throw new HotplugError(
+    `${prefix} ${who} (through ${u.via}); a base must not change under its ${q.disks}: ${then}.`,
+    'busy',
+  );
 }
 
 /**

@@ -81,7 +81,7 @@ import { sizeLikeEnd } from './cow-params.js';
 import { basePathOf, parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
-import { findUsers } from './sharing.js';
+import { refuseWritableBase } from './sharing.js';
 import { addBaseRef, addDm, attachLoopChecked, ensureStoreDir, sharedUndo, type StepEnv } from './steps.js';
 import type { Backend, BuiltDevice, CollectContext, HookContext, Leftover, LeftoverContext } from './types.js';
 import {
@@ -675,29 +675,18 @@ async function undoThin(step: StepRecord<'thin'>, ctx: UndoContext): Promise<voi
 // ---------------------------------------------------------------------------------------------
 // add
 
-async function checkBaseReadOnly(ctx: HookContext, plan: ThinPlan, onBase: LoopInfo[]): Promise<void> {
-  const writable = onBase.filter((l) => !l.readOnly);
-  if (writable.length) {
-    throw new HotplugError(
-      `block-thin: the base image ${plan.base} is attached writable to ${writable.map((l) => l.name).join(', ')}; a base must not change under its thin disks: detach it (losetup -d) or stop its user first.`,
-      'busy',
-    );
-  }
-  const devices = onBase.map((l) => ({ path: l.name, major: l.major, minor: l.minor, readOnly: l.readOnly }));
-  const users = (await findUsers(ctx.xs, { devices, self: ctx.request.xenbusPath })).filter((u) => u.mode === 'w');
-  const u = users[0];
-  if (u) {
-    const who = u.kind === 'local' ? `mounted read-write on ${u.mountPoint}` : `given writable to ${u.backendPath}`;
-    throw new HotplugError(
-      `block-thin: the base image ${plan.base} is ${who} (through ${u.via}); a base must not change under its thin disks: stop that user first.`,
-      'busy',
-    );
-  }
-}
-
 async function addThin(ctx: HookContext, plan: ThinPlan): Promise<BuiltDevice> {
   const env: StepEnv = { build: ctx.build, run: ctx.run, config: ctx.config, log: ctx.log, journal: ctx.journal };
-  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) => checkBaseReadOnly(ctx, plan, onBase));
+  const baseLoop = await addBaseRef(env, plan.base, plan.baseId, (onBase) =>
+    refuseWritableBase(ctx.xs, {
+      hook: 'block-thin',
+      base: plan.base,
+      baseId: plan.baseId,
+      onBase,
+      self: ctx.request.xenbusPath,
+      disks: 'thin disks',
+    }),
+  );
   const baseSectors = deviceSectors(ctx.run, baseLoop.major, baseLoop.minor);
   if (baseSectors === 0)
     throw new HotplugError(`block-thin: the base image ${plan.base} has no whole 512-byte sector.`);

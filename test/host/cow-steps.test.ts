@@ -333,6 +333,39 @@ t.test('a base attached writable elsewhere is refused busy before anything is bu
   t.notOk(statSafe(w.config.storeDir));
 });
 
+t.test('a base given writable to another guest by the stock script, not yet attached, is refused busy', async (t) => {
+  const w = await world(t);
+  // xl's file: disk of domain 7, written but not yet hotplugged: no loop, no physical-device.
+  await writeBackendNodes(w.xs, { ...disk(7, w.base), script: '/etc/xen/scripts/block', type: 'phy' });
+  const d = disk(1, `${w.base} 8`);
+  await writeBackendNodes(w.xs, d);
+  const r = await w.hook('add', d);
+  t.equal(r.code, 1);
+  t.equal(await w.xs.read(`${backendPath(d)}/hotplug-status`), 'busy');
+  t.equal(
+    await w.xs.read(`${backendPath(d)}/hotplug-error`),
+    `block-cow: the base image ${w.base} is given writable to backend/vbd/7/51712 (through ${w.base}); a base must not change under its copy-on-write disks: detach that disk or make it access=r first.`,
+  );
+  t.same(w.fake.loops, [], 'no loop');
+  t.same(w.fake.dms, []);
+  t.notOk(statSafe(w.config.storeDir));
+
+  // The same file given read-only, or named by another copy-on-write disk (which only reads it): no conflict.
+  for (const other of [
+    { ...disk(7, w.base), script: '/etc/xen/scripts/block', mode: 'r' as const },
+    { ...disk(7, w.base), script: '/etc/xen/scripts/block-cow' },
+  ]) {
+    await w.xs.rm(backendPath(other));
+    await writeBackendNodes(w.xs, other);
+    const ok = await w.hook('add', d);
+    t.equal(ok.code, 0, `${other.script} mode ${other.mode}: added`);
+    t.equal(await w.hook('remove', d).then((x) => x.code), 0);
+    await w.xs.rm(`${backendPath(d)}/hotplug-status`).catch(() => {});
+    await w.xs.rm(`${backendPath(d)}/hotplug-error`).catch(() => {});
+  }
+  w.nothingLeft(t, 'after the adds that were allowed');
+});
+
 t.test('an add that fails at any command never takes the loop an open of the base holds', async (t) => {
   for (let n = 0; n < 20; n++) {
     const w = await world(t);
