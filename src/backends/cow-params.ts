@@ -17,9 +17,8 @@
  *
  * Everything else is refused with a message naming the word, why, and what to write instead.
  */
-import { HotplugError } from '../disk/errors.js';
 import { looksLikeSize, notASize, sizeKiB, sizeMiB } from '../units/size.js';
-import { basePathOf, MAX_STORE_MIB, splitPathWords } from './params-words.js';
+import { basePathOf, MAX_STORE_MIB, paramsRefusal, splitPathWords } from './params-words.js';
 
 export interface CowParams {
   base: string;
@@ -36,11 +35,11 @@ export { MAX_STORE_MIB } from './params-words.js';
 
 const STORE_NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}$/;
 
-function bad(params: string, what: string): HotplugError {
-  return new HotplugError(
-    `block-cow params "${params}": ${what}. Expected: <base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE], e.g. "/srv/xen/rootfs.img 512M".`,
-  );
-}
+const bad = paramsRefusal(
+  'block-cow',
+  '<base-image> [<cow-size>] [persistent] [store=NAME] [chunk=SIZE]',
+  '/srv/xen/rootfs.img 512M',
+);
 
 /** `4K`, `64k`, `64KiB`, `1M` → KiB, or undefined when not a size with a unit. */
 export function parseChunkKiB(word: string): number | undefined {

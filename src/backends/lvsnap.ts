@@ -37,7 +37,7 @@ import type { DiskSpec } from '../disk/spec.js';
 import { HotplugError, messageOf } from '../disk/errors.js';
 import { findStep, recordsHolding, type JournalEntry, type StepKind, type StepRecord } from '../journal/journal.js';
 import type { UndoContext } from '../journal/steps.js';
-import { parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
+import { paramsRefusal, parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
 import { looksLikeSize, notASize, sizeGrammar } from '../units/size.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { findUsers } from './sharing.js';
@@ -70,9 +70,7 @@ export interface LvsnapParams {
 
 const USAGE_LINE = '<vg>/<origin-lv> [<cow-size>] [persistent[=yes|no]]';
 
-function bad(params: string, what: string): HotplugError {
-  return new HotplugError(`block-lvsnap params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "vg0/golden 2G".`);
-}
+const bad = paramsRefusal('block-lvsnap', USAGE_LINE, 'vg0/golden 2G');
 
 export function parseLvsnapParams(params: string): LvsnapParams {
   const split = splitPathWords(params, sizeOrPersistentWord);

@@ -7,6 +7,7 @@
  * a path whose last word looks like a size or an option.
  */
 
+import { HotplugError } from '../disk/errors.js';
 import { sizeMiB } from '../units/size.js';
 
 /** 16 TiB: far beyond any sensible store; stops typos such as `30000000`. */
@@ -125,4 +126,17 @@ export function basePathOf(split: PathWords, bad: (what: string) => Error): stri
   const ws = whitespaceProblem(base, 'base image');
   if (ws) throw bad(ws);
   return base;
+}
+
+/**
+ * The refusal of one hook's params: `<hook> params "<params>": <what>. Expected: <grammar>, e.g.
+ * "<example>".`, the same sentence for every hook.
+ */
+export function paramsRefusal(
+  hook: string,
+  grammar: string,
+  example: string,
+): (params: string, what: string) => HotplugError {
+  return (params, what) =>
+    new HotplugError(`${hook} params "${params}": ${what}. Expected: ${grammar}, e.g. "${example}".`);
 }

@@ -66,7 +66,7 @@ import type { UndoContext, UndoRegistry } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { baseImageLockPath, lockOptions, nbdLockPath, stateLockPath } from '../lock/paths.js';
 import { checkImagePath } from './image-path.js';
-import { optionPairs, sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
+import { optionPairs, paramsRefusal, sourceOf, splitPathWords, whitespaceProblem } from './params-words.js';
 import { looksLikeSize } from '../units/size.js';
 import { deviceSectors, devString, devT } from '../devices/sysfs.js';
 import { addStoreOwner, ensureStoreDir, STEP as SHARED_STEP, undoStoreOwner } from './steps.js';
@@ -103,11 +103,7 @@ export interface QcowParams {
 const NAME = /^[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,99}$/;
 const GRAMMAR = '<image> [overlay=no|transient|persistent] [format=FMT] [name=NAME] [cache=MODE]';
 
-function bad(params: string, what: string): HotplugError {
-  return new HotplugError(
-    `${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "/srv/xen/debian.qcow2 overlay=transient".`,
-  );
-}
+const bad = paramsRefusal(SCRIPT, GRAMMAR, '/srv/xen/debian.qcow2 overlay=transient');
 
 /** Bare words that were meant as an option: a path cannot end in one. */
 const OPTION_WORDS = new Set<string>([

@@ -77,7 +77,7 @@ import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { deviceSectors } from '../devices/sysfs.js';
 import { diskLabel, GrowError, human, MiB, wholeMiB, type ResizeDeps, type ResizeResult } from './growth.js';
 import { backendIds, domainOwner, persistentOwner } from './naming.js';
-import { optionPairs, sourceOf, splitPathWords } from './params-words.js';
+import { optionPairs, paramsRefusal, sourceOf, splitPathWords } from './params-words.js';
 
 export const SCRIPT = 'block-rbd';
 export const STEP = { clone: 'rbd-clone', map: 'rbd-map' } as const satisfies Record<string, StepKind>;
@@ -108,11 +108,7 @@ const MAP_OPTION = /^[a-z_]{1,32}(=[A-Za-z0-9._:-]{1,64})?$/;
 /** Map options the hook decides itself. */
 const RESERVED_MAP_OPTIONS = new Set(['ro', 'rw', 'read_only', 'read_write', 'noudev', 'udev', 'share', 'noshare']);
 
-function bad(params: string, what: string): HotplugError {
-  return new HotplugError(
-    `${SCRIPT} params "${params}": ${what}. Expected: ${GRAMMAR}, e.g. "rbd/debian12@golden clone=transient".`,
-  );
-}
+const bad = paramsRefusal(SCRIPT, GRAMMAR, 'rbd/debian12@golden clone=transient');
 
 function checkName(params: string, kind: string, v: string): string {
   if (v === '') throw bad(params, `the ${kind} name is empty`);

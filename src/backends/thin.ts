@@ -78,7 +78,14 @@ import type { Logger } from '../log/logger.js';
 import { detachLoop, loopsBacking, resizeLoop, type LoopInfo } from '../devices/losetup.js';
 import { deviceSectors, devString, dmDevicePath, fileIdOf, type FileId } from '../devices/sysfs.js';
 import { sizeLikeEnd } from './cow-params.js';
-import { basePathOf, parseSizePersistent, sizeOrPersistentWord, sourceOf, splitPathWords } from './params-words.js';
+import {
+  basePathOf,
+  paramsRefusal,
+  parseSizePersistent,
+  sizeOrPersistentWord,
+  sourceOf,
+  splitPathWords,
+} from './params-words.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { checkImagePath } from './image-path.js';
 import { refuseWritableBase } from './sharing.js';
@@ -114,11 +121,7 @@ export interface ThinParams {
 
 const USAGE_LINE = '<base-image> [<size>] [persistent[=yes|no]]';
 
-function bad(params: string, what: string): HotplugError {
-  return new HotplugError(
-    `block-thin params "${params}": ${what}. Expected: ${USAGE_LINE}, e.g. "/srv/xen/rootfs.img 20G".`,
-  );
-}
+const bad = paramsRefusal('block-thin', USAGE_LINE, '/srv/xen/rootfs.img 20G');
 
 export function parseThinParams(params: string): ThinParams {
   const split = splitPathWords(params, sizeOrPersistentWord);
