@@ -60,6 +60,25 @@ export interface Row {
   leftover?: Leftover;
 }
 
+/** A row of what no ready record accounts for (state leaked unless given): the fields not named are unknown. */
+function leakedRow(kind: Row['kind'], fields: Partial<Row> & { why: string }): Row {
+  return {
+    kind,
+    domid: undefined,
+    domain: undefined,
+    vdev: undefined,
+    hook: undefined,
+    device: undefined,
+    majmin: undefined,
+    base: undefined,
+    store: undefined,
+    usage: undefined,
+    state: 'leaked',
+    backendPath: undefined,
+    ...fields,
+  };
+}
+
 export interface Inventory {
   rows: Row[];
   /** True when xenstore was reachable, so orphan states mean something. */
@@ -208,21 +227,14 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     for (const l of d.table) for (const w of l.split(/\s+/)) if (/^\d+:\d+$/.test(w)) leakedDmDeps.add(w);
   for (const d of leakedDm) {
     const usage = parseUsage(d.status, d.table);
-    rows.push({
-      kind: 'dm',
-      domid: undefined,
-      domain: undefined,
-      vdev: undefined,
-      hook: undefined,
-      device: `/dev/mapper/${d.name}`,
-      majmin: `${d.major}:${d.minor}`,
-      base: undefined,
-      store: undefined,
-      usage,
-      state: 'leaked',
-      why: 'device-mapper device named like ours that no record mentions',
-      backendPath: undefined,
-    });
+    rows.push(
+      leakedRow('dm', {
+        device: `/dev/mapper/${d.name}`,
+        majmin: `${d.major}:${d.minor}`,
+        usage,
+        why: 'device-mapper device named like ours that no record mentions',
+      }),
+    );
   }
   for (const l of kernel.loops) {
     if (loopReferenced(l, allRefs)) continue;
@@ -230,23 +242,17 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     const inStore = backing !== undefined && under(deps.config.storeDir, backing);
     const underLeak = leakedDmDeps.has(`${l.major}:${l.minor}`);
     if (!inStore && !underLeak) continue;
-    rows.push({
-      kind: 'loop',
-      domid: undefined,
-      domain: undefined,
-      vdev: undefined,
-      hook: undefined,
-      device: l.name,
-      majmin: `${l.major}:${l.minor}`,
-      base: inStore ? undefined : backing,
-      store: inStore ? backing : undefined,
-      usage: undefined,
-      state: 'leaked',
-      why: inStore
-        ? `loop device on ${backing} in the store directory that no record mentions`
-        : 'loop device under a leaked device-mapper device',
-      backendPath: undefined,
-    });
+    rows.push(
+      leakedRow('loop', {
+        device: l.name,
+        majmin: `${l.major}:${l.minor}`,
+        base: inStore ? undefined : backing,
+        store: inStore ? backing : undefined,
+        why: inStore
+          ? `loop device on ${backing} in the store directory that no record mentions`
+          : 'loop device under a leaked device-mapper device',
+      }),
+    );
   }
   rows.push(
     ...leakedStores(deps.config, allRefs, kernel),
@@ -258,21 +264,13 @@ export async function takeInventory(deps: InventoryDeps): Promise<Inventory> {
     if (allRefs.has(n.name)) continue;
     const file = n.cmdline.find((a) => under(deps.config.storeDir, a));
     if (!file) continue;
-    rows.push({
-      kind: 'nbd',
-      domid: undefined,
-      domain: undefined,
-      vdev: undefined,
-      hook: undefined,
-      device: n.name,
-      majmin: undefined,
-      base: undefined,
-      store: file,
-      usage: undefined,
-      state: 'leaked',
-      why: `nbd served by process ${n.pid} for ${file} that no record mentions`,
-      backendPath: undefined,
-    });
+    rows.push(
+      leakedRow('nbd', {
+        device: n.name,
+        store: file,
+        why: `nbd served by process ${n.pid} for ${file} that no record mentions`,
+      }),
+    );
   }
   return { rows, xenstore: deps.xs !== undefined, dmAvailable: kernel.dmAvailable, unreadable, kernel };
 }
@@ -321,21 +319,12 @@ function leakedStores(config: Config, refs: Set<string>, kernel: KernelState): R
       if (!olderThan(file, LEFTOVER_AGE_MS)) continue;
       if (kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === file)) continue;
       if (kernel.nbds.some((b) => b.cmdline.includes(file))) continue;
-      rows.push({
-        kind: 'store',
-        domid: undefined,
-        domain: undefined,
-        vdev: undefined,
-        hook: undefined,
-        device: undefined,
-        majmin: undefined,
-        base: undefined,
-        store: file,
-        usage: undefined,
-        state: 'leaked',
-        backendPath: undefined,
-        why: 'transient store file that no record, loop or nbd server uses (left by a crash or a reboot)',
-      });
+      rows.push(
+        leakedRow('store', {
+          store: file,
+          why: 'transient store file that no record, loop or nbd server uses (left by a crash or a reboot)',
+        }),
+      );
     }
   }
   return rows;
@@ -361,22 +350,14 @@ function staleOwnClaims(config: Config, entries: JournalEntry[], kernel: KernelS
         !kernel.loops.some((l) => l.backFile?.replace(/ \(deleted\)$/, '') === store) &&
         !kernel.nbds.some((n) => n.cmdline.includes(store)),
     )
-    .map(({ store, owner }) => ({
-      kind: 'claim' as const,
-      domid: undefined,
-      domain: undefined,
-      vdev: undefined,
-      hook: undefined,
-      device: undefined,
-      majmin: undefined,
-      base: undefined,
-      store,
-      usage: undefined,
-      state: 'leaked',
-      backendPath: owner.backendPath,
-      owner,
-      why: `this host's claim on ${store} (${owner.boot === thisHost().boot ? `for ${owner.backendPath}, which no record knows` : `from an earlier boot, ${owner.since}`}); other hosts are refused the store while it stands`,
-    }));
+    .map(({ store, owner }) =>
+      leakedRow('claim', {
+        store,
+        backendPath: owner.backendPath,
+        owner,
+        why: `this host's claim on ${store} (${owner.boot === thisHost().boot ? `for ${owner.backendPath}, which no record knows` : `from an earlier boot, ${owner.since}`}); other hosts are refused the store while it stands`,
+      }),
+    );
 }
 
 /** What each hook's leftovers facet finds: crash leftovers only the hook can recognise as its own. */
@@ -393,22 +374,17 @@ async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kerne
   const rows: Row[] = [];
   for (const [hook, backend] of Object.entries(HOOKS)) {
     for (const l of (await backend.leftovers?.(ctx)) ?? []) {
-      rows.push({
-        kind: l.kind,
-        domid: undefined,
-        domain: undefined,
-        vdev: undefined,
-        hook,
-        device: l.device,
-        majmin: l.majmin,
-        base: l.base,
-        store: l.store,
-        usage: undefined,
-        state: 'leaked',
-        why: l.why,
-        backendPath: undefined,
-        leftover: l,
-      });
+      rows.push(
+        leakedRow(l.kind, {
+          hook,
+          device: l.device,
+          majmin: l.majmin,
+          base: l.base,
+          store: l.store,
+          why: l.why,
+          leftover: l,
+        }),
+      );
     }
   }
   return rows;
@@ -421,21 +397,16 @@ async function hookLeftovers(deps: InventoryDeps, entries: JournalEntry[], kerne
 function lostSaved(config: Config): Row[] {
   const boot = bootId();
   const markers = listMarkers(config);
-  const row = (m: (typeof markers)[number]['marker'], state: string, store: string | undefined, why: string): Row => ({
-    kind: 'saved' as const,
-    domid: undefined,
-    domain: m.name,
-    vdev: m.vdev,
-    hook: m.script,
-    device: undefined,
-    majmin: undefined,
-    base: paramsSource(m.script, m.params),
-    store,
-    usage: undefined,
-    state,
-    backendPath: undefined,
-    why,
-  });
+  const row = (m: (typeof markers)[number]['marker'], state: string, store: string | undefined, why: string): Row =>
+    leakedRow('saved', {
+      domain: m.name,
+      vdev: m.vdev,
+      hook: m.script,
+      base: paramsSource(m.script, m.params),
+      store,
+      state,
+      why,
+    });
   const claims = markers
     .filter(({ marker }) => marker.claims)
     .map(({ file, marker: m }) =>

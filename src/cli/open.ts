@@ -510,13 +510,7 @@ export async function openTarget(t: OpenTarget, opts: { rw: boolean }, deps: Ope
     );
     return result;
   } catch (e) {
-    const failures = await undoAll(entry, openUndo, {
-      run: deps.run,
-      config: deps.config,
-      log: deps.log,
-      journal,
-      xs: undefined,
-    });
+    const failures = await undoOpen(entry, deps, journal);
     const err = wrap(e);
     if (failures.length)
       throw new OpenError(
@@ -597,13 +591,7 @@ export async function closeTarget(t: OpenTarget, deps: OpenDeps): Promise<{ what
     if (entry.phase === 'adding' && entry.pid !== process.pid && processAlive(entry.pid))
       throw new OpenError(`${entry.disk.params} is being opened by process ${entry.pid} right now`);
     const removed = recordedMaps(entry).map((m) => `/dev/mapper/${m.name}`);
-    const failures = await undoAll(entry, openUndo, {
-      run: deps.run,
-      config: deps.config,
-      log: deps.log,
-      journal,
-      xs: undefined,
-    });
+    const failures = await undoOpen(entry, deps, journal);
     if (failures.length)
       throw new OpenError(`closing ${entry.disk.params}: ${failures.map((f) => f.message).join('; ')}`);
     deps.log.info(`close: removed the partition maps of ${entry.disk.params}`, {
@@ -686,6 +674,11 @@ async function undoOpenLoop(step: StepRecord<'open-loop'>, ctx: UndoContext): Pr
 /** Take Xen's block lock and let it go: nobody is between a check and a device set-up, and the lock file of a killed holder goes. */
 async function undoXenLock(_step: StepRecord<'xen-block-lock'>, ctx: UndoContext): Promise<void> {
   await withFlock(xenBlockLockPath(ctx.config.xenLockDir), async () => {}, lockOptions(ctx.config, ctx.run));
+}
+
+/** Undo every step of an open's record (no xenstore: an open makes no vbd); the failures gathered. */
+function undoOpen(entry: JournalEntry, deps: OpenDeps, journal: Journal): ReturnType<typeof undoAll> {
+  return undoAll(entry, openUndo, { run: deps.run, config: deps.config, log: deps.log, journal, xs: undefined });
 }
 
 export const openUndo: UndoRegistry = {

@@ -172,13 +172,8 @@ export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPa
     b('discard-enable', disk.discard ? '1' : '0');
     b('specification', disk.specification ?? 'xen');
     if (disk.directIoSafe) b('direct-io-safe', '1');
-    const f = (k: string, v: string) => nodes.push([`${p.front}/${k}`, v]);
-    f('backend', p.back);
-    f('backend-id', String(BACKEND_DOMID));
-    f('state', '1');
-    f('virtual-device', String(disk.devid));
-    f('device-type', disk.cdrom ? 'cdrom' : 'disk');
-    f('trusted', disk.trusted === false ? '0' : '1');
+    frontendNodes(nodes, p.front, p.back, disk);
+    nodes.push([`${p.front}/trusted`, disk.trusted === false ? '0' : '1']);
     nodes.push([`${p.libxl}/frontend`, p.front], [`${p.libxl}/backend`, p.back]);
   } else {
     const b = (k: string, v: string) => nodes.push([`${p.back}/${k}`, v]);
@@ -191,14 +186,20 @@ export function toolstackNodes(disk: Disk, domid: number, name: string, scriptPa
     b('type', disk.type);
     b('params', disk.params);
     b('mode', disk.mode);
-    const f = (k: string, v: string) => nodes.push([`${p.front}/${k}`, v]);
-    f('backend', p.back);
-    f('backend-id', String(BACKEND_DOMID));
-    f('state', '1');
-    f('virtual-device', String(disk.devid));
-    f('device-type', disk.cdrom ? 'cdrom' : 'disk');
+    frontendNodes(nodes, p.front, p.back, disk);
   }
   return nodes;
+}
+
+/** The frontend nodes both toolstacks write (xl adds `trusted` after them). */
+function frontendNodes(nodes: [string, string][], front: string, back: string, disk: Disk): void {
+  nodes.push(
+    [`${front}/backend`, back],
+    [`${front}/backend-id`, String(BACKEND_DOMID)],
+    [`${front}/state`, '1'],
+    [`${front}/virtual-device`, String(disk.devid)],
+    [`${front}/device-type`, disk.cdrom ? 'cdrom' : 'disk'],
+  );
 }
 
 /**

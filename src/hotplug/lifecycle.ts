@@ -198,17 +198,8 @@ function savedMarker(
  * caller then takes the devices down. Throws when the domain has neither uuid nor name.
  */
 export async function markLost(e: LifecycleEnv, xs: XsOps, entry: JournalEntry): Promise<void> {
-  const domid = domidOf(entry);
-  const [vm, name] = await Promise.all([
-    xs.tryRead(`/local/domain/${domid}/vm`).catch(() => undefined),
-    xs.tryRead(`/local/domain/${domid}/name`).catch(() => undefined),
-  ]);
-  const key = domainKey({
-    domainUuid: uuidOfVmPath(vm) ?? entry.disk.domainUuid,
-    domainName: name ?? entry.disk.domainName,
-  });
-  if (!key) throw new Error(`the domain of ${entry.backendPath} has neither a uuid nor a name in xenstore`);
-  writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name ?? undefined, ''));
+  const { key, name } = await savedDomainKey(xs, entry, `mark ${entry.backendPath} lost`);
+  writeMarker(e.config, savedMarker(entry, key, devidOf(entry.backendPath), name, ''));
 }
 
 /** The persistent stores this record claimed for this host (lock/store-owner.ts). */

@@ -183,18 +183,17 @@ function describeUnplanned(e: Env, error: unknown): string {
   return `${e.backend.script} failed unexpectedly on ${e.req.xenbusPath}: ${messageOf(error)}`;
 }
 
+/** Undo every step of `entry` with this hook's undoers; the failures gathered. */
+function undoRecord(e: Env, xs: XenstoreClient | undefined, entry: JournalEntry): ReturnType<typeof undoAll> {
+  return undoAll(entry, e.backend.undo, { run: e.run, config: e.config, log: e.log, journal: e.journal, xs });
+}
+
 /** Take away what an earlier, unfinished or forgotten record built before building again. */
 async function clearStale(e: Env, xs: XenstoreClient | undefined, entry: JournalEntry): Promise<void> {
   e.log.warn(
     `${e.req.xenbusPath}: found a ${entry.phase} record from pid ${entry.pid}; undoing it before building again`,
   );
-  const failures = await undoAll(entry, e.backend.undo, {
-    run: e.run,
-    config: e.config,
-    log: e.log,
-    journal: e.journal,
-    xs,
-  });
+  const failures = await undoRecord(e, xs, entry);
   if (failures.length)
     throw new TeardownError(`${e.req.xenbusPath}: could not clear what an earlier attempt left`, failures);
 }
@@ -373,13 +372,7 @@ async function remove(e: Env, xs: XenstoreClient | undefined): Promise<number> {
         }
       }
     }
-    const failures = await undoAll(entry, e.backend.undo, {
-      run: e.run,
-      config: e.config,
-      log: e.log,
-      journal: e.journal,
-      xs,
-    });
+    const failures = await undoRecord(e, xs, entry);
     if (failures.length === 0) return 0;
     const error = new TeardownError(
       `${e.backend.script} remove ${e.req.xenbusPath} left devices behind (the record stays for "xen-blockhooks gc")`,
