@@ -13,10 +13,8 @@ import {
   closeSync,
   constants as fsc,
   existsSync,
-  fstatSync,
   lstatSync,
   openSync,
-  realpathSync,
   statSync,
   truncateSync,
   unlinkSync,
@@ -24,12 +22,13 @@ import {
 import { join } from 'node:path';
 import type { Config } from '../config/config.js';
 import type { DiskSpec } from '../disk/spec.js';
-import { HotplugError, messageOf } from '../disk/errors.js';
+import { HotplugError } from '../disk/errors.js';
 import type { Backend, BuiltDevice, HookContext } from './types.js';
 import { backendIds, ownerName, persistentOwner } from './naming.js';
 import { parseCowParams, type CowParams } from './cow-params.js';
 import { refuseWritableBase } from './sharing.js';
-import { sourceOf, spacedPathHint } from './params-words.js';
+import { checkImagePath } from './image-path.js';
+import { sourceOf } from './params-words.js';
 import { detachLoop, loopsBacking, resizeLoop } from '../devices/losetup.js';
 import { dmReload, dmStatus, dmTableLines, parseSnapshotStatus, type SnapshotStatus } from '../devices/dmsetup.js';
 import type { Runner } from '../devices/runner.js';
@@ -102,87 +101,27 @@ export function storeName(
   return `transient-${domid}-${devid}.cow`;
 }
 
-function inside(path: string, dir: string): boolean {
-  return dir === '/' || path === dir || path.startsWith(`${dir}/`);
-}
-
 /**
- * The base image: absolute, no `..`, symlinks resolved before the directory check, a regular file
- * or a block device below one of config.imageDirs, opened read-only (non-blocking, so a FIFO
- * cannot hang us) to prove it is what we stat'ed.
+ * The base image: checkImagePath's rules (a regular file or a block device below image_dirs,
+ * resolved and opened read-only), and a file holds at least one sector.
  */
 export function checkBase(
   raw: string,
   config: Config,
 ): { base: string; id: FileId; rdev: string | undefined; bytes: bigint } {
-  if (!raw.startsWith('/'))
-    throw new HotplugError(`block-cow: the base image "${raw}" is not an absolute path; give the full path.`);
-  if (raw.split('/').includes('..'))
-    throw new HotplugError(`block-cow: the base image "${raw}" contains "..": give the path without ".." components.`);
-  let base: string;
-  try {
-    base = realpathSync(raw);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT')
-      throw new HotplugError(
-        `block-cow: the base image ${raw} does not exist (or is a symbolic link to nothing); check the path and that its filesystem is mounted.${spacedPathHint(raw)}`,
-      );
-    throw new HotplugError(`block-cow: cannot resolve the base image ${raw}: ${messageOf(e)}.`);
-  }
-  const dirs = config.imageDirs.flatMap((d) => {
-    try {
-      return [realpathSync(d)];
-    } catch {
-      return [];
-    }
-  });
-  if (!dirs.some((d) => inside(base, d))) {
-    const via = base === raw ? '' : ` (it resolves to ${base})`;
+  const img = checkImagePath(raw, config.imageDirs, { allowBlockDevice: true, what: 'base image', fromParams: true });
+  // A block device's st_size is 0: its size comes from sysfs once its loop exists (add()).
+  const bytes = img.isBlockDevice ? 0n : img.stat.size;
+  if (!img.isBlockDevice && bytes < 512n)
     throw new HotplugError(
-      `block-cow: the base image ${raw}${via} is not inside an image directory (${config.imageDirs.join(', ')}); move it there or add its directory to image_dirs in /etc/xen/blockhooks.conf.`,
+      `block-cow: the base image ${img.real} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`,
     );
-  }
-  const st = lstatSync(base, { bigint: true });
-  const kind = st.isDirectory()
-    ? 'a directory'
-    : st.isFIFO()
-      ? 'a FIFO'
-      : st.isSocket()
-        ? 'a socket'
-        : st.isCharacterDevice()
-          ? 'a character device'
-          : undefined;
-  if (kind || !(st.isFile() || st.isBlockDevice())) {
-    throw new HotplugError(
-      `block-cow: the base image ${raw} is ${kind ?? 'not a regular file'}; give a disk image file or a block device.`,
-    );
-  }
-  let fd: number;
-  try {
-    fd = openSync(base, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
-  } catch (e) {
-    throw new HotplugError(`block-cow: cannot open the base image ${base} for reading: ${messageOf(e)}.`);
-  }
-  try {
-    const fst = fstatSync(fd, { bigint: true });
-    if (fst.dev !== st.dev || fst.ino !== st.ino)
-      throw new HotplugError(`block-cow: the base image ${base} changed while it was being checked; try again.`);
-    // A block device's st_size is 0: its size comes from sysfs once its loop exists (add()).
-    const bytes = fst.size;
-    if (fst.isFile() && bytes < 512n)
-      throw new HotplugError(
-        `block-cow: the base image ${base} is ${bytes} bytes; a disk image needs at least one 512-byte sector.`,
-      );
-    return {
-      base,
-      id: { dev: devString(fst.dev), ino: fst.ino.toString() },
-      rdev: fst.isBlockDevice() ? devString(fst.rdev) : undefined,
-      bytes,
-    };
-  } finally {
-    closeSync(fd);
-  }
+  return {
+    base: img.real,
+    id: { dev: devString(img.stat.dev), ino: img.stat.ino.toString() },
+    rdev: img.isBlockDevice ? devString(img.stat.rdev) : undefined,
+    bytes,
+  };
 }
 
 export function planCow(disk: DiskSpec, ctx: { config: Config; xenbusPath: string }): CowPlan {

@@ -4,12 +4,13 @@
  * image directories (config.imageDirs, themselves resolved). Refused, each with a sentence that
  * says what to do: relative paths, `..` components, control characters, a missing file, a symlink
  * leading out of the directories, a directory, a device node (unless the caller allows block
- * devices), a socket or fifo.
+ * devices), a socket or fifo, and what cannot be opened for reading (read-only and non-blocking,
+ * so a FIFO swapped in cannot hang the caller) or is not, once open, what was checked.
  *
  * The answer carries the resolved path: callers open that one, not the spelling they were given,
  * so a symlink swapped after the check does not redirect them.
  */
-import { realpathSync, statSync, type BigIntStats } from 'node:fs';
+import { closeSync, constants as fsc, fstatSync, openSync, realpathSync, statSync, type BigIntStats } from 'node:fs';
 import { isAbsolute, sep } from 'node:path';
 import { HotplugError } from '../disk/errors.js';
 import { spacedPathHint } from './params-words.js';
@@ -72,6 +73,11 @@ export function checkImagePath(path: string, imageDirs: readonly string[], opts:
       throw new HotplugError(
         `The ${what} ${path} does not exist (or a symlink on the way leads nowhere).${opts.fromParams ? spacedPathHint(path) : ''}`,
       );
+    if (code === 'ENAMETOOLONG')
+      throw new HotplugError(
+        `The ${what} path is too long for the kernel (${Buffer.byteLength(path)} bytes, ENAMETOOLONG): ${path.slice(0, 80)}…`,
+      );
+    if (code === 'ELOOP') throw new HotplugError(`The ${what} ${path} cannot be resolved: a loop of symbolic links.`);
     throw new HotplugError(`The ${what} ${path} cannot be resolved: ${(e as Error).message}.`);
   }
   const dir = resolvedImageDirs(imageDirs).find((d) => isBelow(real, d));
@@ -88,10 +94,28 @@ export function checkImagePath(path: string, imageDirs: readonly string[], opts:
   if (!st.isFile() && !isBlockDevice) {
     const kind = st.isDirectory()
       ? 'a directory'
-      : st.isCharacterDevice()
-        ? 'a character device'
-        : 'not a regular file';
+      : st.isFIFO()
+        ? 'a FIFO'
+        : st.isSocket()
+          ? 'a socket'
+          : st.isCharacterDevice()
+            ? 'a character device'
+            : 'not a regular file';
     throw new HotplugError(`The ${what} ${path} is ${kind}; give an image file.`);
+  }
+  // Opened (read-only, non-blocking, no symlink followed) to prove it is what was stat'ed.
+  let fd: number;
+  try {
+    fd = openSync(real, fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+  } catch (e) {
+    throw new HotplugError(`The ${what} ${path} cannot be opened for reading: ${(e as Error).message}.`);
+  }
+  try {
+    const fst = fstatSync(fd, { bigint: true });
+    if (fst.dev !== st.dev || fst.ino !== st.ino)
+      throw new HotplugError(`The ${what} ${path} changed while it was being checked; try again.`);
+  } finally {
+    closeSync(fd);
   }
   return { given: path, real, dir, stat: st, isBlockDevice };
 }

@@ -229,7 +229,7 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
         symlinkSync(join(w.outside, 'secret.img'), join(w.images, 'esc.img')),
         `${w.images}/esc.img 16`
       ),
-      re: /resolves to .*secret\.img\) is not inside an image directory/,
+      re: /resolves to .*secret\.img\) lies outside the allowed image directories/,
     },
     {
       name: 'dangling symlink',
@@ -246,14 +246,18 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
         symlinkSync(join(w.images, 'loop-a.img'), join(w.images, 'loop-b.img')),
         `${w.images}/loop-a.img`
       ),
-      re: /cannot resolve|does not exist/,
+      re: /cannot be resolved: a loop of symbolic links/,
     },
     {
       name: 'symlinked directory leading out',
       setup: (w) => (symlinkSync('/etc', join(w.images, 'etc')), `${w.images}/etc/passwd`),
-      re: /resolves to \/etc\/passwd\) is not inside/,
+      re: /resolves to \/etc\/passwd\) lies outside/,
     },
-    { name: 'base outside the image directories', params: '/etc/passwd 16', re: /not inside an image directory/ },
+    {
+      name: 'base outside the image directories',
+      params: '/etc/passwd 16',
+      re: /lies outside the allowed image directories/,
+    },
     { name: 'base outside via ..', params: `${I}/../outside/x.img`, re: /contains "\.\."/ },
     { name: '.. that resolves back inside', params: `${I}/../images/base.img`, re: /contains "\.\."/ },
     { name: 'base is the image directory itself', params: `${I}`, re: /is a directory/ },
@@ -275,7 +279,7 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
     {
       name: 'terminal escape sequence in the path',
       setup: (w) => `${w.images}/base.img\u001b[2J\u0007`,
-      re: /does not exist/,
+      re: /contains control characters/,
     },
     {
       name: 'NUL byte in the path',
@@ -285,12 +289,12 @@ t.test('base image and params: refused in the plan, nothing touched', async (t) 
     {
       name: "very long path (3000 bytes, the error sentence would pass xenstore's limit)",
       setup: (w) => `${w.images}/${'a'.repeat(3000)}.img`,
-      re: /cannot resolve|does not exist|too long/i,
+      re: /^The base image path is too long for the kernel \(\d+ bytes, ENAMETOOLONG\)/,
     },
     {
       name: 'size not numeric (a path with a space, then)',
       setup: (w) => `${w.images}/base.img lots`,
-      re: /^block-cow: the base image \/\S+\/images\/base\.img lots does not exist \(or is a symbolic link to nothing\); check the path and that its filesystem is mounted\. The params were read as the path "\/\S+\/images\/base\.img lots" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it\.$/,
+      re: /^The base image \/\S+\/images\/base\.img lots does not exist \(or a symlink on the way leads nowhere\)\. The params were read as the path "\/\S+\/images\/base\.img lots" and the words the grammar takes after it: a path may hold spaces, and a word after it that is neither a size nor an option is part of it\.$/,
     },
     { name: 'empty params', params: '', re: /params is missing or empty/ },
     { name: 'whitespace-only params', params: '   \t ', re: /params is missing or empty/ },
