@@ -2,7 +2,8 @@
 # this file as its one scenario): add+remove of a file: disk by Debian's stock `block` and by ours,
 # run directly the way libxl runs them (XENBUS_PATH relative, the backend nodes written first into
 # the real xenstored), and a bare `node -e 0`, interleaved, the order rotating every round.
-# Then 10 concurrent adds (10 files, 10 backends) and their removes, stock and ours in turn.
+# Then 10 concurrent adds (10 files, 10 backends) and their removes, stock and ours in turn, and 40
+# block-cow adds on one base at once with the service up, each killed at 40 s as libxl would.
 # Ours runs twice over: with the resident service (xen-blockhooks serve, started here) taking the
 # events (variants served, cowsrv), and with XEN_BLOCKHOOKS_SERVE=0 running them in the wrapper
 # as when the service is down (ours, cow).
@@ -136,19 +137,23 @@ while [ $r -lt "$ROUNDS" ]; do
 done
 ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow, each with the service up and down${ALTNODE:+, block under the other node}) add+remove, and node -e 0"
 
-# conc VARIANT SCRIPT [LOCK_TIMEOUT_MS]: CONC adds at once (domids 11.., one file each), then CONC
-# removes at once; with LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms).
+# conc VARIANT SCRIPT [LOCK_TIMEOUT_MS [COUNT PARAMS]]: COUNT (default CONC) adds at once (domids
+# 11.., one file each, or every one with PARAMS), then as many removes at once; with
+# LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms). With PARAMS each run
+# is killed at 40 s, as libxl kills a hotplug script.
 conc() {
-	v=$1 script=$2 wait=${3:-}
+	v=$1 script=$2 wait=${3:-} n=${4:-$CONC} params=${5:-}
+	kill40=
+	if [ -n "$params" ]; then kill40="timeout -s KILL 40"; fi
 	i=0
-	while [ $i -lt "$CONC" ]; do nodes $((11 + i)) $IMG/d$i.img; i=$((i + 1)); done
+	while [ $i -lt "$n" ]; do nodes $((11 + i)) "${params:-$IMG/d$i.img}"; i=$((i + 1)); done
 	for op in add remove; do
-		if [ $op = remove ]; then i=0; while [ $i -lt "$CONC" ]; do closed $((11 + i)); i=$((i + 1)); done; fi
+		if [ $op = remove ]; then i=0; while [ $i -lt "$n" ]; do closed $((11 + i)); i=$((i + 1)); done; fi
 		t0=$(date +%s%N)
 		i=0
-		while [ $i -lt "$CONC" ]; do
+		while [ $i -lt "$n" ]; do
 			(env $(served_env "$v") XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
-				${wait:+XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait} "$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
+				${wait:+XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait} $kill40 "$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
 			i=$((i + 1))
 		done
 		wait
@@ -156,7 +161,7 @@ conc() {
 		# Runs that failed: a non-zero exit, or an add whose backend is not connected (counted once).
 		fail=0
 		i=0
-		while [ $i -lt "$CONC" ]; do
+		while [ $i -lt "$n" ]; do
 			if [ "$(cat $XBH_SCRATCH/c$i.rc)" != 0 ] ||
 				{ [ $op = add ] && [ "$(xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/hotplug-status 2>/dev/null)" != connected ]; }; then
 				fail=$((fail + 1))
@@ -165,20 +170,20 @@ conc() {
 		done
 		if [ $op = add ]; then
 			# Every connected disk has its own device (no loop handed out twice).
-			pds=$(i=0; while [ $i -lt "$CONC" ]; do xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/physical-device 2>/dev/null; echo; i=$((i + 1)); done | grep .)
+			pds=$(i=0; while [ $i -lt "$n" ]; do xenstore-read /local/domain/0/backend/vbd/$((11 + i))/51712/physical-device 2>/dev/null; echo; i=$((i + 1)); done | grep .)
 			[ "$(printf '%s\n' "$pds" | sort -u | grep -c .)" = "$(printf '%s\n' "$pds" | grep -c .)" ] || not_ok "$v: a device was handed out twice" "$pds"
 		fi
 		echo "concurrent $v $op $(((t1 - t0) / 1000000)) $fail"
 		if [ "$fail" != 0 ]; then
 			i=0
-			while [ $i -lt "$CONC" ]; do
+			while [ $i -lt "$n" ]; do
 				[ "$(cat $XBH_SCRATCH/c$i.rc)" = 0 ] || note "$v $op $((11 + i)): $(tail -c 300 $XBH_SCRATCH/c$i.out | tr '\n' ' ')"
 				i=$((i + 1))
 			done
 		fi
 	done
 	i=0
-	while [ $i -lt "$CONC" ]; do gone $((11 + i)); i=$((i + 1)); done
+	while [ $i -lt "$n" ]; do gone $((11 + i)); i=$((i + 1)); done
 	# A remove that failed (e.g. its lock wait ran out) keeps its record for gc, as it should; the
 	# benchmark takes it away so the next trial starts clean, and the failure is in the table.
 	node "$XBH_DIST/xen-blockhooks.mjs" gc --apply >/dev/null 2>&1
@@ -197,6 +202,12 @@ conc served $OURS
 conc stock $STOCK
 conc served $OURS
 ok "concurrency: $CONC adds and removes at once: stock (twice), ours (lock_timeout_ms default 20 s), ours waiting up to $WAIT ms for the lock, ours with the service up (twice)"
+# COW_CONC block-cow disks on one base at once, with the service up, each killed at 40 s as libxl would.
+COW_CONC=${XBH_BENCH_DOM0_COW_CONCURRENCY:-40}
+if [ -x $COW ] && [ "$COW_CONC" -gt 0 ]; then
+	conc cowsrv$COW_CONC $COW "" "$COW_CONC" "$BASE 16"
+	ok "concurrency: $COW_CONC block-cow adds on one base and their removes at once, with the service up"
+fi
 kill -TERM $SPID
 wait $SPID || not_ok "the service stopped with exit 0" "$(cat $XBH_SCRATCH/serve.out)"
 rm -rf $IMG $BASE

@@ -55,8 +55,8 @@ export async function dom0Bench({
   const { runXenTier } = await import(pathToFileURL(join(HERE, '..', 'xen', 'run.mjs')).href);
   const run = await runXenTier({
     scenarios: [join(HERE, 'dom0-block.sh')],
-    scenarioTimeoutS: 1500,
-    timeoutMs: 2_400_000,
+    scenarioTimeoutS: 2400,
+    timeoutMs: 3_300_000,
     log,
     onConsole,
     env: {

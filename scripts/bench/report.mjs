@@ -488,7 +488,7 @@ function dom0(d) {
     out.push(row([`\`node -e 0\`, ${alt} / stock add (p50)`, ratio(p50(get('nodealt start').wall), p50(sa)), '–']));
   }
   if (d.concurrent?.length) {
-    out.push('', head([`${d.concurrency} at once`, 'wall', 'failures']));
+    out.push('', head([`at once (${d.concurrency} unless the name says)`, 'wall', 'failures']));
     for (const c of d.concurrent) out.push(row([`${c.variant} ${c.op}`, ms(c.wallMs), String(c.failures)]));
     const mean = (v, op) => {
       const w = d.concurrent.filter((c) => c.variant === v && c.op === op).map((c) => c.wallMs);
@@ -501,6 +501,10 @@ function dom0(d) {
     if (d.concurrent.some((c) => c.variant === 'served'))
       out.push(
         `With the service up: adds ${ratio(mean('served', 'add'), mean('stock', 'add'))} (target ≤ 0.3×), removes ${ratio(mean('served', 'remove'), mean('stock', 'remove'))} of stock.`,
+      );
+    for (const c of d.concurrent.filter((x) => /^cowsrv\d+$/.test(x.variant) && x.op === 'add'))
+      out.push(
+        `${c.variant.slice(6)} block-cow adds on one base at once, service up, each killed at 40 s as libxl would: ${c.failures} failed (target 0), ${ms(c.wallMs)} for all.`,
       );
     if (d.concurrent.some((c) => c.variant === 'ours-wait'))
       out.push(

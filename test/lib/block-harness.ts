@@ -4,7 +4,7 @@
  * detaches every loop device left on the test's images (by device and inode numbers, so deleted
  * images are found too) and reports them, so a leak fails the test instead of staying on the host.
  */
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -178,6 +178,38 @@ export interface BlockHarness {
 
 const harnessDirs = new Set<string>();
 
+/**
+ * The stock script takes a loop device in two steps (find a free one, then attach it), safe only
+ * under Xen's `block` lock, which the other files' harnesses do not share. So test files do not
+ * attach loops while it runs: a harness of the stock script (realXenLock) holds this host-wide
+ * lock exclusively, every other harness shared, for its life.
+ */
+const LOOP_TEST_LOCK = join(tmpdir(), 'xbh-host-loop-tests.lock');
+
+async function holdLoopTestLock(exclusive: boolean): Promise<() => Promise<void>> {
+  const child = spawn(
+    'flock',
+    [
+      exclusive ? '-x' : '-s',
+      LOOP_TEST_LOCK,
+      process.execPath,
+      '-e',
+      "process.stdout.write('1'); process.stdin.resume()",
+    ],
+    { stdio: ['pipe', 'pipe', 'inherit'] },
+  );
+  const exited = new Promise<void>((res) => child.once('exit', () => res()));
+  await new Promise<void>((res, rej) => {
+    child.stdout.once('data', () => res());
+    child.once('exit', (code) => rej(new Error(`flock ${LOOP_TEST_LOCK} exited ${code} before the lock was held`)));
+    child.once('error', rej);
+  });
+  return async () => {
+    child.stdin.end();
+    await exited;
+  };
+}
+
 export interface HarnessOptions {
   /** Use Xen's real lock directory (/var/run/xen-hotplug), as the stock scripts do. */
   realXenLock?: boolean;
@@ -185,6 +217,7 @@ export interface HarnessOptions {
 
 export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarness> {
   const hook = blockBundle();
+  const releaseLoops = await holdLoopTestLock(opts.realXenLock === true);
   const store = await startTestStore('xbh-block-');
   const dir = store.dir;
   harnessDirs.add(dir);
@@ -253,6 +286,7 @@ export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarn
         }
       }
       await store.close();
+      await releaseLoops();
       return left.map((l) => l.name);
     },
   };
