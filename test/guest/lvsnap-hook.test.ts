@@ -9,7 +9,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, fsyncSync, openSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../../src/config/config.js';
 import { execRunner } from '../../src/devices/exec.js';
@@ -20,9 +20,10 @@ import { growStore, watchOnce } from '../../src/grow/index.js';
 import { applyGc, gcPlan } from '../../src/cli/gc.js';
 import { takeInventory } from '../../src/cli/inventory.js';
 import type { XenstoreClient } from '../../src/xenstore/types.js';
-import { backendPath, destroyNodes, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
+import { backendPath, closeBackend, destroyNodes, writeBackendNodes, type DiskNodes } from '../lib/backend-nodes.js';
 import { block, MiB, pread, pwrite, sh, sha256File } from '../lib/disk-io.js';
 import { hookWorld, worldRoot } from '../lib/hook-world.js';
+import { runWrapper, startServe, writeWrapper } from '../lib/serve-harness.js';
 
 const world = hookWorld({ name: 'lvsnap', bundle: 'block-lvsnap', imageDirs: worldRoot('lvsnap') });
 const { root, stateDir, env, explain, hook, addOk, removeOk } = world;
@@ -310,4 +311,34 @@ test('bad params: hotplug-error, exit 1, nothing created', async () => {
     await destroyNodes(xs, d);
   }
   assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool']);
+});
+
+test('block-lvsnap handed to the resident service: the snapshot built and removed by the service, its writes its own, the origin unchanged', async () => {
+  const wrappers = join(root, 'serve-wrappers');
+  mkdirSync(wrappers, { recursive: true });
+  const w = writeWrapper(wrappers, 'block-lvsnap');
+  const chan = join(root, 'serve');
+  const s = await startServe(chan, env);
+  const e = { ...env, XEN_BLOCKHOOKS_SERVE_DIR: chan };
+  try {
+    const d = disk(41, `${VG}/golden 8M`, { domainName: 'served' });
+    await writeBackendNodes(xs, d);
+    const a = await runWrapper(w, 'add', backendPath(d), e);
+    assert.equal(a.code, 0, explain(a));
+    assert.equal(await xs.read(`${backendPath(d)}/hotplug-status`), 'connected');
+    assert.equal(new Journal(stateDir).load(backendPath(d))?.pid, s.pid, "the record is the service's");
+    assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool', 'xbh-served-xvda']);
+    const path = await xs.read(`${backendPath(d)}/physical-device-path`);
+    assert.deepEqual(pread(path, 5 * MiB), block(5, 'golden'), 'reads the origin');
+    pwrite(path, 4 * MiB, block(4, 'served'));
+    assert.deepEqual(pread(path, 4 * MiB), block(4, 'served'), 'reads back what it wrote');
+    await closeBackend(xs, d);
+    const r = await runWrapper(w, 'remove', backendPath(d), e);
+    assert.equal(r.code, 0, explain(r));
+    await destroyNodes(xs, d);
+  } finally {
+    await s.stop();
+  }
+  assert.deepEqual(lvNames(), ['golden', 'tgolden', 'tpool'], 'no snapshot left');
+  assert.equal(sha256File(originPath), originSum, 'origin unchanged');
 });

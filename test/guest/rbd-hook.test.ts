@@ -34,6 +34,7 @@ import { execRunner } from '../../src/devices/exec.js';
 import { Journal } from '../../src/journal/journal.js';
 import { memoryLogger } from '../../src/log/logger.js';
 import { block, pread, pwrite } from '../lib/disk-io.js';
+import { runWrapper, startServe, writeWrapper } from '../lib/serve-harness.js';
 
 const HOOK = join(process.cwd(), 'dist', 'block-rbd.mjs');
 const MiB = 1024 * 1024;
@@ -433,6 +434,40 @@ test('a crash leaves a transient clone: the next add of that disk starts afresh 
   );
   assert.ok(!existsSync(marker), 'the marker goes with the clone');
   assertClean('after gc');
+});
+
+test('block-rbd handed to the resident service: the clone made and mapped by the service, its writes its own, nothing left', async () => {
+  const wrappers = join(root, 'serve-wrappers');
+  mkdirSync(wrappers, { recursive: true });
+  const w = writeWrapper(wrappers, 'block-rbd');
+  const chan = join(root, 'serve');
+  const s = await startServe(chan, env);
+  const e = { ...env, XEN_BLOCKHOOKS_SERVE_DIR: chan };
+  try {
+    const d = disk(31, p());
+    const be = await writeBackendNodes(xs, d);
+    const a = await runWrapper(w, 'add', be, e);
+    assert.equal(a.code, 0, `add: ${await xs.tryRead(`${be}/hotplug-error`)} ${a.stderr}`);
+    assert.equal(await xs.tryRead(`${be}/hotplug-status`), 'connected');
+    assert.equal(
+      new Journal(env.XEN_BLOCKHOOKS_STATE_DIR as string).load(be)?.pid,
+      s.pid,
+      "the record is the service's",
+    );
+    assert.deepEqual(images(), ['golden', 'xbh-dom31-xvda'], 'one clone');
+    const dev = await xs.read(`${be}/physical-device-path`);
+    assert.ok(pread(dev, 0, 4096).equals(block(0, 'golden')), 'reads the golden block 0');
+    pwrite(dev, 0, block(0, 'S'));
+    assert.ok(pread(dev, 0, 4096).equals(block(0, 'S')), 'reads back what it wrote');
+    await closeBackend(xs, d);
+    const r = await runWrapper(w, 'remove', be, e);
+    assert.equal(r.code, 0, `remove: ${r.stderr}`);
+    await destroyNodes(xs, d);
+  } finally {
+    await s.stop();
+  }
+  assertClean('after the served add and remove');
+  assert.equal(exportSum(`${ceph.pool}/golden@base`), goldenSum, 'the golden snapshot is unchanged');
 });
 
 test('a missing pool, image or snapshot: a clear hotplug-error, exit 1, nothing created', async () => {
