@@ -242,8 +242,13 @@ export async function findUsers(
         return;
       }
       if (!fileKey || pd) return;
-      const [script, params] = await Promise.all([xs.tryRead(`${v.path}/script`), xs.tryRead(`${v.path}/params`)]);
+      const [script, type, params] = await Promise.all(
+        ['script', 'type', 'params'].map((k) => xs.tryRead(`${v.path}/${k}`)),
+      );
+      // The stock script's disks only (libxl: script block; xend: no script, type file or phy):
+      // the params of a hook's disk (cow:, thin:, ...) name what it only reads.
       if (!params?.startsWith('/') || basename(script ?? 'block') !== 'block') return;
+      if (type !== undefined && type !== 'file' && type !== 'phy') return;
       if (statKey(params) !== fileKey) return;
       users.push({ ...at, mode: vbdMode(await xs.tryRead(`${v.path}/mode`)), via: params, dev: '' });
     }),

@@ -354,11 +354,13 @@ t.test('a base given writable to another guest by the stock script, not yet atta
   for (const other of [
     { ...disk(7, w.base), script: '/etc/xen/scripts/block', mode: 'r' as const },
     { ...disk(7, w.base), script: '/etc/xen/scripts/block-cow' },
+    // xend writes no script node: its type is the disk's prefix.
+    { ...disk(7, w.base), dialect: 'xend' as const, type: 'cow' },
   ]) {
     await w.xs.rm(backendPath(other));
     await writeBackendNodes(w.xs, other);
     const ok = await w.hook('add', d);
-    t.equal(ok.code, 0, `${other.script} mode ${other.mode}: added`);
+    t.equal(ok.code, 0, `${other.dialect ?? 'libxl'} ${other.script} type ${other.type} mode ${other.mode}: added`);
     t.equal(await w.hook('remove', d).then((x) => x.code), 0);
     await w.xs.rm(`${backendPath(d)}/hotplug-status`).catch(() => {});
     await w.xs.rm(`${backendPath(d)}/hotplug-error`).catch(() => {});
