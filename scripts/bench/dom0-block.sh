@@ -107,7 +107,7 @@ ALT=/opt/xbh-alt/scripts/block
 if [ -n "$ALTNODE" ] && [ -x "$ALTNODE" ]; then
 	if NODE=$ALTNODE PREFIX=/opt/xbh-alt SYSCONFDIR=/opt/xbh-alt/etc XEN_SCRIPT_DIR=/opt/xbh-alt/scripts DESTDIR= \
 		"$XBH_INSTALL" --replace-block >$XBH_SCRATCH/install-alt.log 2>&1 &&
-		v=$($ALT --version 2>&1) && printf '%s' "$v" | grep -q '(startup snapshot)'; then
+		v=$(XEN_BLOCKHOOKS_SERVE=0 $ALT --version 2>&1) && printf '%s' "$v" | grep -q '(startup snapshot)'; then
 		note "also installed under /opt/xbh-alt with node $($ALTNODE --version) ($ALTNODE): $v"
 	else
 		not_ok "ours installed under /opt/xbh-alt with $ALTNODE, started from its snapshot" "$v" "$(tail -5 $XBH_SCRATCH/install-alt.log)"
@@ -151,12 +151,15 @@ conc() {
 		if [ $op = remove ]; then i=0; while [ $i -lt "$n" ]; do closed $((11 + i)); i=$((i + 1)); done; fi
 		t0=$(date +%s%N)
 		i=0
+		jobs_=
 		while [ $i -lt "$n" ]; do
 			(env $(served_env "$v") XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
 				${wait:+XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait} $kill40 "$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
+			jobs_="$jobs_ $!"
 			i=$((i + 1))
 		done
-		wait
+		# These runs only: a bare `wait` would wait for the service too.
+		wait $jobs_
 		t1=$(date +%s%N)
 		# Runs that failed: a non-zero exit, or an add whose backend is not connected (counted once).
 		fail=0

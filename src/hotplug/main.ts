@@ -19,7 +19,7 @@ import { CommandError, type Runner } from '../devices/runner.js';
 import { shortageOf } from '../devices/shortage.js';
 import { execRunner } from '../devices/exec.js';
 import { Journal, processAlive, type JournalEntry } from '../journal/journal.js';
-import { Build, undoAll } from '../journal/steps.js';
+import { Build, BuildStopped, undoAll } from '../journal/steps.js';
 import { acquireFlock, type HeldLock } from '../lock/flock.js';
 import { createLogger, type Logger } from '../log/logger.js';
 import { connectXenstore } from '../xenstore/client.js';
@@ -46,6 +46,13 @@ export interface RuntimeDeps {
   /** The drop-in `block` sets this: xend `type` values it does not handle go to block-<type>. */
   typeDispatch?: boolean;
   version?: string;
+  /**
+   * Fires when whoever asked for the event is gone (the service's wrapper, killed as libxl kills a
+   * script at its timeout). An add then stops before its next step, undoes what it built and
+   * writes nothing to xenstore: what a killed hook leaves, minus the record (libxl's remove that
+   * follows finds nothing to do). A remove goes on to its end.
+   */
+  abandoned?: AbortSignal;
 }
 
 interface Env {
@@ -56,6 +63,7 @@ interface Env {
   log: Logger;
   journal: Journal;
   env: NodeJS.ProcessEnv;
+  abandoned: AbortSignal | undefined;
 }
 
 export async function runHook(
@@ -116,6 +124,7 @@ export async function runHook(
     log,
     journal: new Journal(config.stateDir),
     env,
+    abandoned: deps.abandoned,
   };
   let xs: XenstoreClient | undefined;
   try {
@@ -267,7 +276,7 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     if (transient) entry.transient = transient;
     e.journal.save(entry);
     built = entry;
-    const build = new Build(entry, e.journal);
+    const build = new Build(entry, e.journal, undefined, e.abandoned);
     const dev: BuiltDevice = await e.backend.add(
       {
         request: e.req,
@@ -284,6 +293,7 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
       plan,
     );
     held = dev.release;
+    if (e.abandoned?.aborted) throw new BuildStopped('the report');
     entry.phase = 'ready';
     entry.device = { path: dev.path, major: dev.major, minor: dev.minor };
     e.journal.save(entry);
@@ -300,13 +310,14 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
     await releaseHeld();
     let reported = error;
     if (built) {
-      const failures = await undoAll(built, e.backend.undo, {
-        run: e.run,
-        config: e.config,
-        log: e.log,
-        journal: e.journal,
-        xs,
-      });
+      const failures = await undoRecord(e, xs, built);
+      if (error instanceof BuildStopped) {
+        e.log.warn(
+          `add ${e.req.xenbusPath}: ${error.message} (killed at libxl's timeout?); undid what was built${failures.length ? `, but not all (${failures.map((f) => f.message).join('; ')}; the record stays for "xen-blockhooks gc")` : ''}; nothing written to xenstore`,
+          { outcome: 'abandoned' },
+        );
+        return 1;
+      }
       if (failures.length) {
         const extra = new TeardownError('and undoing the partial device also failed', failures);
         e.log.error(`${e.req.xenbusPath}: ${extra.message}; the record stays for "xen-blockhooks gc"`);

@@ -12,6 +12,11 @@
  * record finishes or undoes what the service began. So the service never has to be trusted to
  * finish: it only has to be fast when it is up.
  *
+ * An add whose wrapper dies (libxl kills a script at 40 s) is abandoned: checked every
+ * WRAPPER_POLL_MS, it stops before its next step, undoes what it built and writes nothing to
+ * xenstore, so the remove libxl runs next does not wait behind an add nobody is waiting for. A
+ * remove whose wrapper dies runs to its end.
+ *
  * SIGTERM or SIGINT: no new event is taken (a wrapper waiting for `a` revokes its request and
  * runs the event itself), the events in flight finish, then the service exits 0.
  */
@@ -31,6 +36,9 @@ import type { HeldLock } from '../lock/flock.js';
 import { HEARTBEAT_MS, outputLines, parseRequest, parseSlotLine, ProtocolError, SLOTS } from './protocol.js';
 
 export const DEFAULT_SERVE_DIR = '/run/xen-blockhooks/serve';
+
+/** How often an add's wrapper is checked for life. */
+export const WRAPPER_POLL_MS = 250;
 
 export interface ServeDeps {
   dir: string;
@@ -282,6 +290,16 @@ export class Service {
       // Its pid: the wrapper watches this process from now on, not the one whose pid file it read.
       say(`a ${process.pid}\n`);
       const beat = setInterval(() => say('h\n'), HEARTBEAT_MS);
+      // An add whose wrapper is gone (libxl kills a script at its timeout) is abandoned: it stops
+      // before its next step and undoes itself, as the killed hook would have left it to be.
+      const abandoned = new AbortController();
+      const action = req.argv[0];
+      const watchWrapper =
+        action === 'add' || action === 'create'
+          ? setInterval(() => {
+              if (!processAlive(req.pid)) abandoned.abort();
+            }, WRAPPER_POLL_MS)
+          : undefined;
       let code: number;
       try {
         code = await runHook(
@@ -294,6 +312,7 @@ export class Service {
             out: (s) => void say(outputLines('o', s)),
             err: (s) => void say(outputLines('e', s)),
             ...(backend.script === 'block' ? { typeDispatch: true } : {}),
+            abandoned: abandoned.signal,
           },
         );
       } catch (e) {
@@ -303,6 +322,7 @@ export class Service {
         code = 70;
       } finally {
         clearInterval(beat);
+        if (watchWrapper) clearInterval(watchWrapper);
       }
       say(`x ${code}\n`);
       await drained(req.pid);

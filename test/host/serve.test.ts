@@ -7,8 +7,8 @@
  * messages on the channel, and a user who is not root.
  */
 import t from 'tap';
-import { spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
 import { formatRequest } from '../../src/serve/protocol.js';
@@ -168,6 +168,52 @@ t.test('a hung service is killed by the wrapper, which runs the event', async (t
   t.equal((await h.run('remove', be2, env, wrapper)).code, 0);
   t.same(h.loopsOnImages(), [], 'nothing left');
 });
+
+t.test(
+  "an add whose wrapper is killed (libxl's timeout) is abandoned: undone, nothing written to xenstore",
+  async (t) => {
+    const { h, dir, wrapper, env } = await setup(t);
+    const s = await startServe(h, dir);
+    t.teardown(() => s.stop());
+    const be = await h.disk({ domid: 90, devid: 51712, params: h.image('abandoned.img'), mode: 'w' });
+    // Another script holds Xen's block lock: the add waits for it, as a slow add would.
+    mkdirSync(h.xenLockDir, { recursive: true });
+    const holder = spawn(
+      'flock',
+      ['-x', join(h.xenLockDir, 'block'), process.execPath, '-e', "process.stdout.write('1'); process.stdin.resume()"],
+      { stdio: ['pipe', 'pipe', 'ignore'] },
+    );
+    t.teardown(() => holder.kill());
+    await new Promise((r) => holder.stdout.once('data', r));
+    const w = spawn(wrapper, ['add'], { env: h.env(be, env), stdio: 'ignore' });
+    const wExit = new Promise((r) => w.once('exit', r));
+    // The service takes an event within milliseconds (a wrapper it has not answered in 2 s runs the
+    // event itself, and that one, killed, would log nothing of the kind checked below).
+    await new Promise((r) => setTimeout(r, 1000));
+    w.kill('SIGKILL');
+    await wExit;
+    holder.stdin.end(); // the lock is free: the add goes on, and finds its caller gone
+    const log = join(h.dir, 'hotplug.log');
+    let abandoned = false;
+    for (let i = 0; i < 200 && !abandoned; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      abandoned =
+        existsSync(log) &&
+        /add backend\/vbd\/90\/51712: stopped before step .*the event's caller is gone/.test(readFileSync(log, 'utf8'));
+    }
+    t.ok(abandoned, 'the hotplug log says the add was abandoned', {
+      log: existsSync(log) ? readFileSync(log, 'utf8') : '',
+    });
+    for (const k of ['hotplug-status', 'hotplug-error', 'physical-device', 'node'])
+      t.equal(await h.read(`${be}/${k}`), undefined, `no ${k} written`);
+    t.same(h.loopsOnImages(), [], 'no loop');
+    t.notOk(new Journal(h.stateDir).load(be), 'no record');
+    // libxl's remove that follows: nothing to do.
+    const rm = await h.run('remove', be, env, wrapper);
+    t.equal(rm.code, 0, `remove exits 0 (${rm.stderr})`);
+    await destroyNodes(h.store.xs, { domid: 90, devid: 51712 });
+  },
+);
 
 t.test('a stop with events in flight finishes them', async (t) => {
   const { h, dir, wrapper, env } = await setup(t);
