@@ -59,8 +59,8 @@ timed() {
 	return $rc
 }
 
-# served_env VARIANT: what keeps a variant's event out of the service (all but served, cowsrv).
-served_env() { case $1 in served | cowsrv) ;; *) echo XEN_BLOCKHOOKS_SERVE=0 ;; esac; }
+# served_env VARIANT: what keeps a variant's event out of the service (all but served, cowsrv*).
+served_env() { case $1 in served | cowsrv*) ;; *) echo XEN_BLOCKHOOKS_SERVE=0 ;; esac; }
 
 # one VARIANT SCRIPT DOMID [PARAMS]: add, check, remove, check (PARAMS default: the file d0.img).
 one() {

@@ -187,8 +187,9 @@ export async function findUsers(
   xs: XsOps,
   q: Pick<SharingQuery, 'devices' | 'self'> & {
     /**
-     * The file the devices are loops of: a vbd of the stock `block` script whose params name it
-     * is a user too, before its hotplug has attached a loop (no physical-device yet).
+     * The file the devices are loops of: a vbd whose params name it is a user too (before its
+     * hotplug attached a loop, or when it reaches it another way, e.g. block-qcow's qemu-nbd),
+     * unless its hook only reads its params' file (block-cow, block-thin).
      */
     file?: FileId;
   },
@@ -241,20 +242,23 @@ export async function findUsers(
         users.push({ ...at, mode, via: t.via, dev: toHex(t.key) });
         return;
       }
-      if (!fileKey || pd) return;
+      if (!fileKey) return;
       const [script, type, params] = await Promise.all(
         ['script', 'type', 'params'].map((k) => xs.tryRead(`${v.path}/${k}`)),
       );
-      // The stock script's disks only (libxl: script block; xend: no script, type file or phy):
-      // the params of a hook's disk (cow:, thin:, ...) name what it only reads.
-      if (!params?.startsWith('/') || basename(script ?? 'block') !== 'block') return;
-      if (type !== undefined && type !== 'file' && type !== 'phy') return;
+      // A vbd whose params are the file itself, attached or not (a stock file: disk, block-qcow
+      // serving it directly, ...), unless its hook only reads what its params name.
+      if (!params?.startsWith('/') || READERS.has(basename(script ?? '')) || READER_TYPES.has(type ?? '')) return;
       if (statKey(params) !== fileKey) return;
       users.push({ ...at, mode: vbdMode(await xs.tryRead(`${v.path}/mode`)), via: params, dev: '' });
     }),
   );
   return users;
 }
+
+/** Hooks whose params name a base they only read (libxl: the script; xend: the type, its prefix). */
+const READERS = new Set(['block-cow', 'block-thin']);
+const READER_TYPES = new Set(['cow', 'thin']);
 
 function statKey(p: string): string | undefined {
   try {
@@ -268,8 +272,9 @@ function statKey(p: string): string | undefined {
 /**
  * Refuse (busy) a base image that could change under the disks built on it (`disks`, e.g.
  * `copy-on-write disks`): a writable loop on it, or a writing user of its loops or (a block
- * device) of itself: a read-write mount in this domain, or a vbd given it writable, attached or
- * still waiting for the stock script. Called under Xen's `block` lock with every loop on the base.
+ * device) of itself: a read-write mount in this domain, or a vbd given it writable, through a
+ * loop or by params naming the file (attached or not). Called under Xen's `block` lock with every
+ * loop on the base.
  */
 export async function refuseWritableBase(
   xs: XsOps,

@@ -47,12 +47,12 @@ export interface RuntimeDeps {
   typeDispatch?: boolean;
   version?: string;
   /**
-   * Fires when whoever asked for the event is gone (the service's wrapper, killed as libxl kills a
-   * script at its timeout). An add then stops before its next step, undoes what it built and
-   * writes nothing to xenstore: what a killed hook leaves, minus the record (libxl's remove that
-   * follows finds nothing to do). A remove goes on to its end.
+   * True once whoever asked for the event is gone (the service's wrapper, killed as libxl kills a
+   * script at its timeout); asked before each step of an add. The add then stops, undoes what it
+   * built and writes nothing to xenstore: what a killed hook leaves, minus the record (libxl's
+   * remove that follows finds nothing to do). A remove goes on to its end.
    */
-  abandoned?: AbortSignal;
+  abandoned?: () => boolean;
 }
 
 interface Env {
@@ -63,7 +63,7 @@ interface Env {
   log: Logger;
   journal: Journal;
   env: NodeJS.ProcessEnv;
-  abandoned: AbortSignal | undefined;
+  abandoned: (() => boolean) | undefined;
 }
 
 export async function runHook(
@@ -293,7 +293,7 @@ async function add(e: Env, xs: XenstoreClient): Promise<number> {
       plan,
     );
     held = dev.release;
-    if (e.abandoned?.aborted) throw new BuildStopped('the report');
+    if (e.abandoned?.()) throw new BuildStopped('the report');
     entry.phase = 'ready';
     entry.device = { path: dev.path, major: dev.major, minor: dev.minor };
     e.journal.save(entry);

@@ -31,7 +31,7 @@ function undoerOf(registry: UndoRegistry, step: StepRecord): Undoer | undefined 
   return registry[step.kind] as Undoer | undefined;
 }
 
-/** A build stopped before its next step because its `stop` signal fired (see Build). */
+/** A build stopped before its next step because its `stopped` test said so (see Build). */
 export class BuildStopped extends Error {
   constructor(readonly nextStep: string) {
     super(`stopped before step ${nextStep}: the event's caller is gone`);
@@ -44,14 +44,14 @@ export class Build {
    * `before`: record new steps in front of the step at this index instead of at the end (a
    * finished record that gains a device under one it already has: the new device must be undone
    * after the one that uses it, and undo runs newest first).
-   * `stop`: once it fires, the next step throws BuildStopped instead of running (the caller then
-   * undoes what was built, as after any failure).
+   * `stopped`: asked before each step; once it says true, the step throws BuildStopped instead of
+   * running (the caller then undoes what was built, as after any failure).
    */
   constructor(
     readonly entry: JournalEntry,
     private readonly journal: Journal,
     private before?: number,
-    private readonly stop?: AbortSignal,
+    private readonly stopped?: () => boolean,
   ) {}
 
   /**
@@ -66,7 +66,7 @@ export class Build {
     doIt: (note: (facts: Partial<StepData<K>>) => void) => Promise<R>,
     recordResult?: (r: R) => Partial<StepData<K>>,
   ): Promise<R> {
-    if (this.stop?.aborted) throw new BuildStopped(kind);
+    if (this.stopped?.()) throw new BuildStopped(kind);
     const rec = { kind, data: { ...data }, done: false } as StepRecord<K>;
     if (this.before === undefined) this.entry.steps.push(rec);
     else this.entry.steps.splice(this.before++, 0, rec);

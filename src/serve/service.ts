@@ -12,9 +12,8 @@
  * record finishes or undoes what the service began. So the service never has to be trusted to
  * finish: it only has to be fast when it is up.
  *
- * An add whose wrapper dies (libxl kills a script at 40 s) is abandoned: checked every
- * WRAPPER_POLL_MS, it stops before its next step, undoes what it built and writes nothing to
- * xenstore, so the remove libxl runs next does not wait behind an add nobody is waiting for. A
+ * An add whose wrapper dies (libxl kills a script at 40 s) is abandoned: checked before each of
+ * its steps, it stops before the next one, undoes what it built and writes nothing to xenstore, so the remove libxl runs next does not wait behind an add nobody is waiting for. A
  * remove whose wrapper dies runs to its end.
  *
  * SIGTERM or SIGINT: no new event is taken (a wrapper waiting for `a` revokes its request and
@@ -28,6 +27,7 @@ import type { Backend } from '../backends/types.js';
 import type { Runner } from '../devices/runner.js';
 import { messageOf } from '../disk/errors.js';
 import { runHook } from '../hotplug/main.js';
+import { parseArgs } from '../hotplug/request.js';
 import { processAlive } from '../journal/journal.js';
 import type { Logger } from '../log/logger.js';
 import { claimSingleInstance } from '../lock/instance.js';
@@ -37,8 +37,15 @@ import { HEARTBEAT_MS, outputLines, parseRequest, parseSlotLine, ProtocolError, 
 
 export const DEFAULT_SERVE_DIR = '/run/xen-blockhooks/serve';
 
-/** How often an add's wrapper is checked for life. */
-export const WRAPPER_POLL_MS = 250;
+/** The event is an add (in either dialect, whatever options come first). */
+function isAdd(hook: string, argv: readonly string[], env: NodeJS.ProcessEnv): boolean {
+  try {
+    const p = parseArgs(hook, argv, env);
+    return p.kind === 'request' && p.request.action === 'add';
+  } catch {
+    return false; // a usage error: refused by the hook itself, nothing built
+  }
+}
 
 export interface ServeDeps {
   dir: string;
@@ -292,14 +299,7 @@ export class Service {
       const beat = setInterval(() => say('h\n'), HEARTBEAT_MS);
       // An add whose wrapper is gone (libxl kills a script at its timeout) is abandoned: it stops
       // before its next step and undoes itself, as the killed hook would have left it to be.
-      const abandoned = new AbortController();
-      const action = req.argv[0];
-      const watchWrapper =
-        action === 'add' || action === 'create'
-          ? setInterval(() => {
-              if (!processAlive(req.pid)) abandoned.abort();
-            }, WRAPPER_POLL_MS)
-          : undefined;
+      const wrapperGone = isAdd(req.hook, req.argv, req.env) ? () => !processAlive(req.pid) : undefined;
       let code: number;
       try {
         code = await runHook(
@@ -312,7 +312,7 @@ export class Service {
             out: (s) => void say(outputLines('o', s)),
             err: (s) => void say(outputLines('e', s)),
             ...(backend.script === 'block' ? { typeDispatch: true } : {}),
-            abandoned: abandoned.signal,
+            ...(wrapperGone ? { abandoned: wrapperGone } : {}),
           },
         );
       } catch (e) {
@@ -322,7 +322,6 @@ export class Service {
         code = 70;
       } finally {
         clearInterval(beat);
-        if (watchWrapper) clearInterval(watchWrapper);
       }
       say(`x ${code}\n`);
       await drained(req.pid);

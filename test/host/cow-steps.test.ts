@@ -350,6 +350,20 @@ t.test('a base given writable to another guest by the stock script, not yet atta
   t.same(w.fake.dms, []);
   t.notOk(statSafe(w.config.storeDir));
 
+  // block-qcow serving the file itself to domain 8 (no overlay), attached through an nbd device.
+  await w.xs.rm(backendPath({ domid: 7, devid: 51712 }));
+  const qcow = { ...disk(8, w.base), script: '/etc/xen/scripts/block-qcow' };
+  await writeBackendNodes(w.xs, qcow);
+  await w.xs.write(`${backendPath(qcow)}/physical-device`, '2b:0');
+  const q = await w.hook('add', d);
+  t.equal(q.code, 1);
+  t.match(
+    await w.xs.read(`${backendPath(d)}/hotplug-error`),
+    /is given writable to backend\/vbd\/8\/51712 \(through .*\); a base must not change/,
+  );
+  await w.xs.rm(backendPath(qcow));
+  await writeBackendNodes(w.xs, { ...disk(7, w.base), script: '/etc/xen/scripts/block' });
+
   // The same file given read-only, or named by another copy-on-write disk (which only reads it): no conflict.
   for (const other of [
     { ...disk(7, w.base), script: '/etc/xen/scripts/block', mode: 'r' as const },

@@ -218,7 +218,13 @@ export interface HarnessOptions {
 export async function blockHarness(opts: HarnessOptions = {}): Promise<BlockHarness> {
   const hook = blockBundle();
   const releaseLoops = await holdLoopTestLock(opts.realXenLock === true);
-  const store = await startTestStore('xbh-block-');
+  let store: TestStore;
+  try {
+    store = await startTestStore('xbh-block-');
+  } catch (e) {
+    await releaseLoops();
+    throw e;
+  }
   const dir = store.dir;
   harnessDirs.add(dir);
   const stateDir = join(dir, 'state');

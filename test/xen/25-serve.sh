@@ -71,14 +71,15 @@ if wait $spid; then ok "SIGTERM stops the service, exit 0"; else not_ok "SIGTERM
 check "its pid file is gone" sh -c "[ ! -e $CHAN/pid ]"
 from=$(($(wc -l <$LOG) + 1))
 round "service stopped" ""
-# The lines the stopped round wrote: its adds, each by a hook process of its own, none by the service.
+# The lines the stopped round wrote: its 3 adds and 3 removes, each add by a hook process of its own.
 tail -n +$from $LOG >$XBH_SCRATCH/round2.log
-served2=$(grep -c "block-cow\[$spid\]" $XBH_SCRATCH/round2.log)
 adds2=$(grep -c "block-cow\[[0-9]*\] info add .*: connected" $XBH_SCRATCH/round2.log)
-if [ "$served2" = 0 ] && [ "$adds2" -ge 3 ]; then
-	ok "with the service stopped, the wrappers ran the events themselves ($adds2 adds connected, none by the service)"
+removes2=$(grep -c "block-cow\[[0-9]*\] info remove .*: done" $XBH_SCRATCH/round2.log)
+pids2=$(grep -o "block-cow\[[0-9]*\] info add .*: connected" $XBH_SCRATCH/round2.log | grep -o '^block-cow\[[0-9]*\]' | sort -u | grep -c .)
+if [ "$adds2" = 3 ] && [ "$removes2" = 3 ] && [ "$pids2" = 3 ]; then
+	ok "with the service stopped, the wrappers ran the events themselves (3 adds by 3 processes, 3 removes)"
 else
-	not_ok "with the service stopped, the wrappers ran the events themselves" "lines by the service: $served2; adds connected: $adds2" "$(grep 'block-cow' $XBH_SCRATCH/round2.log | grep -v debug | tail -12)"
+	not_ok "with the service stopped, the wrappers ran the events themselves" "adds $adds2 by $pids2 processes, removes $removes2" "$(grep 'block-cow' $XBH_SCRATCH/round2.log | grep -v debug | tail -12)"
 fi
 if [ "$(sha256sum <$BASE)" = "$sum0" ]; then ok "the base image is unchanged (sha256)"; else not_ok "the base image is unchanged"; fi
 rm -f $BASE
