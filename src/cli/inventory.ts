@@ -60,10 +60,9 @@ export interface Row {
   leftover?: Leftover;
 }
 
-/** A row of what no ready record accounts for (state leaked unless given): the fields not named are unknown. */
-function leakedRow(kind: Row['kind'], fields: Partial<Row> & { why: string }): Row {
+/** A row with the given fields; every other field is unknown (undefined). */
+export function makeRow(fields: Partial<Row> & Pick<Row, 'kind' | 'state'>): Row {
   return {
-    kind,
     domid: undefined,
     domain: undefined,
     vdev: undefined,
@@ -73,10 +72,15 @@ function leakedRow(kind: Row['kind'], fields: Partial<Row> & { why: string }): R
     base: undefined,
     store: undefined,
     usage: undefined,
-    state: 'leaked',
+    why: undefined,
     backendPath: undefined,
     ...fields,
   };
+}
+
+/** A row of what no ready record accounts for (state leaked unless given). */
+function leakedRow(kind: Row['kind'], fields: Partial<Row> & { why: string }): Row {
+  return makeRow({ kind, state: 'leaked', ...fields });
 }
 
 export interface Inventory {

@@ -9,29 +9,14 @@ import { join } from 'node:path';
 import { cliMain } from '../../src/cli/main.js';
 import { defaultConfig } from '../../src/config/config.js';
 import type { Runner } from '../../src/devices/runner.js';
-import type { Inventory, Row } from '../../src/cli/inventory.js';
+import { makeRow, type Inventory, type Row } from '../../src/cli/inventory.js';
 import { parseUsage, type KernelState } from '../../src/cli/kernel.js';
 import { formatSize, renderStatus, rowJson, shorten, statusPlan } from '../../src/cli/status.js';
 
 const MiB = 2 ** 20;
 
 function row(over: Partial<Row>): Row {
-  return {
-    kind: 'record',
-    domid: undefined,
-    domain: undefined,
-    vdev: undefined,
-    hook: undefined,
-    device: undefined,
-    majmin: undefined,
-    base: undefined,
-    store: undefined,
-    usage: undefined,
-    state: 'active',
-    why: undefined,
-    backendPath: undefined,
-    ...over,
-  };
+  return makeRow({ kind: 'record', state: 'active', ...over });
 }
 
 const snap = (used: number, total: number) => ({
