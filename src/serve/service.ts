@@ -118,8 +118,18 @@ function freeSlot(dir: string, slot: number): void {
   for (const s of ['req', 'taken', 'revoked', 'claim']) unlinkQuiet(join(dir, `${slot}.${s}`));
 }
 
+/**
+ * Events run at once; more wait their turn, answered and sent heartbeats meanwhile. Starting a
+ * child process holds Node's loop for a moment (100 ms and more in a slow dom0), so forty events
+ * starting their commands together would hold back the heartbeats of all of them until wrappers
+ * took the service for hung. What the events share serialises most of their work anyway.
+ */
+export const MAX_RUNNING_EVENTS = 6;
+
 export class Service {
   private readonly inFlight = new Set<Promise<void>>();
+  private running = 0;
+  private readonly waiting: (() => void)[] = [];
   /** Slots whose event runs: never freed, whatever became of their wrapper. */
   private readonly busy = new Set<number>();
   private instance: HeldLock | undefined;
@@ -222,6 +232,19 @@ export class Service {
     void p.finally(() => this.inFlight.delete(p));
   }
 
+  /** Wait for a free place among the MAX_RUNNING_EVENTS; the function given back frees it. */
+  private async turn(): Promise<() => void> {
+    while (this.running >= MAX_RUNNING_EVENTS) await new Promise<void>((r) => this.waiting.push(r));
+    this.running += 1;
+    let freed = false;
+    return () => {
+      if (freed) return;
+      freed = true;
+      this.running -= 1;
+      this.waiting.shift()?.();
+    };
+  }
+
   private async event(slot: number): Promise<void> {
     if (this.busy.has(slot)) return; // a second line naming a slot whose event runs
     this.busy.add(slot);
@@ -301,26 +324,35 @@ export class Service {
       // before its next step and undoes itself, as the killed hook would have left it to be.
       const wrapperGone = isAdd(req.hook, req.argv, req.env) ? () => !processAlive(req.pid) : undefined;
       let code: number;
+      const done = await this.turn();
       try {
-        code = await runHook(
-          backend,
-          req.argv,
-          // The wrapper's own variables, and none of the service's: the event sees what the hook would.
-          { ...req.env },
-          {
-            version: this.d.version,
-            out: (s) => void say(outputLines('o', s)),
-            err: (s) => void say(outputLines('e', s)),
-            ...(backend.script === 'block' ? { typeDispatch: true } : {}),
-            ...(wrapperGone ? { abandoned: wrapperGone } : {}),
-          },
-        );
+        if (wrapperGone?.()) {
+          // Its wrapper died while the event waited for its turn: nothing was begun.
+          this.d.log.warn(
+            `serve: ${req.hook} ${req.argv.join(' ')} ${req.env.XENBUS_PATH ?? ''}: its wrapper is gone before it began (killed at libxl's timeout?); not run`,
+          );
+          code = 1;
+        } else
+          code = await runHook(
+            backend,
+            req.argv,
+            // The wrapper's own variables, and none of the service's: the event sees what the hook would.
+            { ...req.env },
+            {
+              version: this.d.version,
+              out: (s) => void say(outputLines('o', s)),
+              err: (s) => void say(outputLines('e', s)),
+              ...(backend.script === 'block' ? { typeDispatch: true } : {}),
+              ...(wrapperGone ? { abandoned: wrapperGone } : {}),
+            },
+          );
       } catch (e) {
         say(
           outputLines('e', `${req.hook}: internal error: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`),
         );
         code = 70;
       } finally {
+        done();
         clearInterval(beat);
       }
       say(`x ${code}\n`);
