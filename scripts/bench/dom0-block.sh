@@ -205,8 +205,13 @@ fi
 # COW_CONC block-cow disks on one base at once, with the service up, each killed at 40 s as libxl would.
 COW_CONC=${XBH_BENCH_DOM0_COW_CONCURRENCY:-40}
 if [ -x $COW ] && [ "$COW_CONC" -gt 0 ]; then
+	logfrom=$(($(wc -l </var/log/xen/xen-hotplug.log 2>/dev/null || echo 0) + 1))
 	conc cowsrv$COW_CONC $COW "" "$COW_CONC" "$BASE 16"
 	ok "concurrency: $COW_CONC block-cow adds on one base and their removes at once, with the service up"
+	if [ -n "${XBH_BENCH_DOM0_SHOW_LOG:-}" ]; then
+		tail -n +$logfrom /var/log/xen/xen-hotplug.log | grep -v ' debug ' | head -n 150 | sed 's/^/# log: /'
+		sed 's/^/# serve: /' $XBH_SCRATCH/serve.out | tail -n 20
+	fi
 fi
 kill -TERM $SPID
 wait $SPID || not_ok "the service stopped with exit 0" "$(cat $XBH_SCRATCH/serve.out)"

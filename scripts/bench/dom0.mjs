@@ -63,6 +63,10 @@ export async function dom0Bench({
       XBH_BENCH_DOM0_ROUNDS: String(rounds),
       XBH_BENCH_DOM0_CONCURRENCY: String(concurrency),
       XBH_BENCH_DOM0_ALT_NODE: hostNodeCopy(),
+      ...(process.env.XBH_BENCH_DOM0_SHOW_LOG ? { XBH_BENCH_DOM0_SHOW_LOG: '1' } : {}),
+      ...(process.env.XBH_BENCH_DOM0_COW_CONCURRENCY
+        ? { XBH_BENCH_DOM0_COW_CONCURRENCY: process.env.XBH_BENCH_DOM0_COW_CONCURRENCY }
+        : {}),
     },
   });
   const r = run.results[0];

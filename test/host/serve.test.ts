@@ -12,6 +12,7 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSyn
 import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
 import { formatRequest } from '../../src/serve/protocol.js';
+import { MAX_RUNNING_EVENTS } from '../../src/serve/service.js';
 import { destroyNodes } from '../lib/backend-nodes.js';
 import { harness, ROOT, runProcess, type BlockHarness } from '../lib/block-harness.js';
 import { startServe as serveOn, writeWrapper, type Served } from '../lib/serve-harness.js';
@@ -214,6 +215,23 @@ t.test(
     await destroyNodes(h.store.xs, { domid: 90, devid: 51712 });
   },
 );
+
+t.test('more events at once than run at once: the others wait their turn and all are served', async (t) => {
+  const { h, dir, wrapper, env } = await setup(t);
+  const s = await startServe(h, dir);
+  t.teardown(() => s.stop());
+  const n = MAX_RUNNING_EVENTS + 4;
+  const bes: string[] = [];
+  for (let i = 0; i < n; i++)
+    bes.push(await h.disk({ domid: 60 + i, devid: 51712, params: h.image(`burst-${i}.img`), mode: 'w' }));
+  const adds = await Promise.all(bes.map((be) => h.run('add', be, env, wrapper)));
+  for (const [i, r] of adds.entries()) t.equal(r.code, 0, `add ${i} exits 0 (stderr: ${r.stderr})`);
+  for (const be of bes) t.equal(recordPid(h, be), s.pid, `${be}: the service ran it`);
+  t.equal(new Set(await Promise.all(bes.map((be) => h.read(`${be}/node`)))).size, n, 'each its own loop');
+  const removes = await Promise.all(bes.map((be) => h.run('remove', be, env, wrapper)));
+  for (const [i, r] of removes.entries()) t.equal(r.code, 0, `remove ${i} exits 0 (stderr: ${r.stderr})`);
+  t.same(h.loopsOnImages(), [], 'nothing left');
+});
 
 t.test('a stop with events in flight finishes them', async (t) => {
   const { h, dir, wrapper, env } = await setup(t);
