@@ -37,6 +37,9 @@ test('simulate, xm syntax: type=cow, sda1 → devid 2049', () => {
 test('simulate reports a hook failure in one sentence and exits 1', () => {
   const r = cli(['simulate', `vdev=xvdb,access=w,script=block-cow,target=/etc/passwd 8`]);
   assert.equal(r.code, 1);
-  assert.match(r.err, /^xen-blockhooks simulate: block-cow add failed: block-cow/m);
+  assert.match(
+    r.err,
+    /^xen-blockhooks simulate: block-cow add failed: The base image \/etc\/passwd lies outside the allowed image directories/m,
+  );
   assert.deepEqual(loopsOn('/etc/passwd'), []);
 });
