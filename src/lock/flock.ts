@@ -51,9 +51,11 @@
  *   the instant between getting the lock and exiting, after which the description is closed.)
  *
  * * Rules for callers:
- *     - Locks are not re-entrant. Two acquires of one path in one process are two open file
- *       descriptions and exclude each other: concurrent tasks are serialised (correct), but a
- *       task that re-acquires a lock it holds waits for itself until its timeout.
+ *     - Locks are not re-entrant. Two acquires of one path in one process exclude each other:
+ *       concurrent tasks (the events of the resident service) are serialised in this process's
+ *       own queue for the path, and a release hands the lock to the next of them (see
+ *       LocalQueue), but a task that re-acquires a lock it holds waits for itself until its
+ *       timeout.
  *     - Order: our own locks (base image, then thin pool, then nbd allocation) are taken before
  *       Xen's `block` lock, which is taken last, held only around what the stock scripts also
  *       do under it (loop allocation, the sharing check, writing physical-device) and never
@@ -84,7 +86,10 @@
  *   Linux (O_EXLOCK is BSD-only), and /proc/locks can only tell whether an inode is locked,
  *   which is a test, not an acquisition (test-then-lock races). So every acquire spawns one
  *   `flock -x -w <secs> 3` (or `flock -n 3`) with our fd as its fd 3: flock(2) applies to the
- *   open file description we share with it, so the lock stays with us after it exits.
+ *   open file description we share with it, so the lock stays with us after it exits. Tasks of
+ *   one process that want the same lock queue here instead, and a release hands it to the next
+ *   of them without a child: in the resident service, a burst of events on one base costs one
+ *   `flock` child per MAX_HANDOVERS events, not one per event.
  */
 import {
   closeSync,
@@ -187,13 +192,82 @@ export async function withFlock<T>(path: string, fn: () => Promise<T>, opts?: Lo
   }
 }
 
+/**
+ * Tasks of this process that want one lock wait for one another here, in order, rather than each
+ * in a `flock` child of its own: a path has an entry while a task of this process holds it or is
+ * asking the kernel for it. A release with a task waiting hands the held lock (the same open file
+ * description, still linked at the path) straight to it: no `flock` child, nothing unlinked. To
+ * other processes the lock was simply held a while longer, so after MAX_HANDOVERS hand-overs in a
+ * row it is released to the kernel, and a stock script waiting in flock(2) gets its turn.
+ */
+interface LocalQueue {
+  waiters: ((fd: number | undefined) => void)[];
+  handovers: number;
+}
+const queues = new Map<string, LocalQueue>();
+
+/** Hand-overs in a row within this process before a release goes to the kernel. */
+export const MAX_HANDOVERS = 8;
+
+/** Wait in this process's queue: the lock handed over (its fd), or undefined when it is this task's turn to ask the kernel. */
+function waitLocal(path: string, q: LocalQueue, deadline: number, timeoutMs: number): Promise<number | undefined> {
+  return new Promise((resolveWait, reject) => {
+    const wake = (fd: number | undefined): void => {
+      clearTimeout(timer);
+      resolveWait(fd);
+    };
+    const timer = setTimeout(
+      () => {
+        const i = q.waiters.indexOf(wake);
+        if (i >= 0) q.waiters.splice(i, 1);
+        reject(new LockTimeoutError(path, timeoutMs, holderDetail(path)));
+      },
+      Math.max(0, deadline - Date.now()),
+    );
+    q.waiters.push(wake);
+  });
+}
+
+/** This task is done asking the kernel (or holding): the next waiter asks next, or the entry goes. */
+function passOn(path: string): void {
+  const q = queues.get(path);
+  if (!q) return;
+  q.handovers = 0;
+  const next = q.waiters.shift();
+  if (next) next(undefined);
+  else queues.delete(path);
+}
+
 async function lockLoop(rawPath: string, opts: LockOptions, mode: 'wait' | 'try'): Promise<HeldLock | null> {
   const path = resolve(rawPath);
   const timeoutMs = opts.timeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
   if (!Number.isFinite(timeoutMs) || timeoutMs < 0)
     throw new RangeError(`lock ${path}: timeoutMs must be >= 0, got ${timeoutMs}`);
-  const run = runnerOf(opts);
   const deadline = Date.now() + timeoutMs;
+  const q = queues.get(path);
+  if (q) {
+    if (mode === 'try') return null;
+    const fd = await waitLocal(path, q, deadline, timeoutMs);
+    if (fd !== undefined) return heldLock(path, fd);
+  } else queues.set(path, { waiters: [], handovers: 0 });
+  let got: HeldLock | null = null;
+  try {
+    got = await kernelLoop(path, opts, mode, deadline, timeoutMs);
+    return got;
+  } finally {
+    if (!got) passOn(path);
+  }
+}
+
+/** Xen's locking.sh protocol through flock(1), for the one task of this process asking now. */
+async function kernelLoop(
+  path: string,
+  opts: LockOptions,
+  mode: 'wait' | 'try',
+  deadline: number,
+  timeoutMs: number,
+): Promise<HeldLock | null> {
+  const run = runnerOf(opts);
   mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
 
   for (let attempt = 1; ; attempt++) {
@@ -233,6 +307,14 @@ function heldLock(path: string, fd: number): HeldLock {
     async release() {
       if (released) return;
       released = true;
+      const q = queues.get(path);
+      // Still the lock (nobody broke the rule and removed the file): the next task of this
+      // process takes it over as it is.
+      if (q && q.waiters.length && q.handovers < MAX_HANDOVERS && sameFile(fstatSync(fd), statOrNull(path))) {
+        q.handovers += 1;
+        (q.waiters.shift() as (fd: number) => void)(fd);
+        return;
+      }
       heldHere.delete(path);
       try {
         // Unlink only the file we hold: if the rule "only the holder unlinks" was broken by
@@ -240,6 +322,7 @@ function heldLock(path: string, fd: number): HeldLock {
         if (sameFile(fstatSync(fd), statOrNull(path))) unlinkSync(path);
       } finally {
         closeSync(fd);
+        passOn(path);
       }
     },
   };
@@ -263,7 +346,8 @@ function formatMs(ms: number): string {
 }
 
 function holderDetail(path: string): string {
-  if (heldHere.has(path)) return ' (this process holds it already: locks are not re-entrant)';
+  if (heldHere.has(path))
+    return ' (this process holds it: another of its events, or this one, since locks are not re-entrant)';
   const holders = lockHolders(path);
   if (holders.length === 0) return '';
   return ` (held by ${holders.map((h) => `pid ${h.pid} ${h.command}`).join(', ')})`;

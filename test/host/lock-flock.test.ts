@@ -17,6 +17,7 @@ import {
   acquireFlock,
   DEFAULT_LOCK_TIMEOUT_MS,
   LockTimeoutError,
+  MAX_HANDOVERS,
   tryAcquireFlock,
   withFlock,
   xenBlockLockPath,
@@ -126,7 +127,7 @@ t.test('timeouts give a clear error naming the lock file', async (t) => {
     t.equal(e.timeoutMs, 300);
     t.equal(
       e.message,
-      `lock ${path} not acquired within 300 ms (this process holds it already: locks are not re-entrant)`,
+      `lock ${path} not acquired within 300 ms (this process holds it: another of its events, or this one, since locks are not re-entrant)`,
     );
     t.ok(Date.now() - t0 >= 250, 'waited about the timeout');
     const busy = await acquireFlock(path, { timeoutMs: 0 }).then(
@@ -159,6 +160,76 @@ t.test('timeouts give a clear error naming the lock file', async (t) => {
     await t.rejects(acquireFlock(path, { timeoutMs: -1 }), RangeError);
     await t.rejects(acquireFlock(path, { timeoutMs: Number.NaN }), RangeError);
   });
+});
+
+t.test('tasks of one process queue for a lock, and a release hands it on without a flock child', async (t) => {
+  const dir = t.testdir();
+  const path = join(dir, 'block');
+  const real = execRunner();
+  let flocks = 0;
+  const runner: Runner = {
+    run: (f, a, o) => real.run(f, a, o),
+    probe: (f, a, o) => {
+      if (f === 'flock') flocks += 1;
+      return real.probe(f, a, o);
+    },
+  };
+  const first = await acquireFlock(path, { runner });
+  t.equal(flocks, 1, 'the first acquire runs flock(1)');
+  t.equal(await tryAcquireFlock(path, { runner }), null, 'a try while a task of this process holds it: busy');
+  t.equal(flocks, 1, '... found out without a flock child');
+
+  // MAX_HANDOVERS + 2 tasks wait: MAX_HANDOVERS of them are handed the same lock (same file, no
+  // child), then one release goes to the kernel (the file unlinked; the next task locks a new one
+  // with flock(1)), and the count starts again.
+  const n = MAX_HANDOVERS + 2;
+  const seen: { i: number; flocks: number; locked: boolean }[] = [];
+  const tasks = Array.from({ length: n }, (_, i) =>
+    acquireFlock(path, { runner, timeoutMs: 20_000 }).then(async (l) => {
+      seen.push({ i, flocks, locked: pathIsLocked(path) });
+      await new Promise((r) => setTimeout(r, 5));
+      await l.release();
+    }),
+  );
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal(flocks, 1, 'waiting tasks run no flock child');
+  await first.release();
+  await Promise.all(tasks);
+  t.same(
+    seen.map((s) => s.i),
+    Array.from({ length: n }, (_, i) => i),
+    'first come, first served',
+  );
+  t.ok(
+    seen.every((s) => s.locked),
+    'every task held a real flock on the linked file',
+  );
+  // (A file's inode number is reused at once after an unlink, so the flock(1) children are what
+  // tells a hand-over from a new acquire.)
+  t.same(
+    seen.map((s) => s.flocks),
+    Array.from({ length: n }, (_, i) => (i < MAX_HANDOVERS ? 1 : 2)),
+    `the first ${MAX_HANDOVERS} were handed the lock; the next one locked it anew with flock(1)`,
+  );
+  t.equal(flocks, 2, 'one flock(1) for the first task and one after MAX_HANDOVERS hand-overs');
+  t.notOk(existsSync(path), 'the last release unlinked the path');
+  t.notOk(pathIsLocked(path));
+
+  // A task whose wait runs out leaves the queue; the ones behind it still get the lock.
+  const held = await acquireFlock(path, { runner });
+  const late = acquireFlock(path, { runner, timeoutMs: 100 }).then(
+    () => null,
+    (e: unknown) => e as Error,
+  );
+  const patient = acquireFlock(path, { runner, timeoutMs: 20_000 });
+  const err = await late;
+  t.ok(err instanceof LockTimeoutError, 'the impatient one timed out');
+  t.match(err?.message, /this process holds it: another of its events/);
+  await held.release();
+  const got = await patient;
+  t.ok(pathIsLocked(path), 'the one behind it holds the lock');
+  await got.release();
+  t.notOk(existsSync(path));
 });
 
 t.test('flock argv, bounded runner time, and failures other than a timeout', async (t) => {

@@ -117,12 +117,13 @@ t.test('interop with locking.sh: we block a stock shell claim_lock', async (t) =
 
 t.test('interop with locking.sh: the shell re-checks the inode after we release by unlinking', async (t) => {
   // Our holder and a queued shell: our release unlinks, the shell's flock lands on the
-  // unlinked file, its stat comparison fails and it must retry on a new file, as we do.
+  // unlinked file, its stat comparison fails and it must retry on a new file, as we do. The
+  // holder is another process of ours: tasks of one process queue in that process, not in flock(2).
   const base = join(dir, 'xen-hotplug-3');
   const path = join(base, 'block');
   const sh = writeLockingSh(dir);
   const go = join(dir, 'go-3');
-  const first = await acquireFlock(path);
+  const { child: first } = await spawnUntil(process.execPath, [holder, 'hold', path], 'locked');
   const child = spawn('bash', [sh, base, 'block', go], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout.on('data', (d: Buffer) => {
@@ -132,7 +133,7 @@ t.test('interop with locking.sh: the shell re-checks the inode after we release 
   // A second waiter of ours queues too; exactly one of the two may win at a time.
   const w = tracked(acquireFlock(path, { timeoutMs: 30_000 }));
   await until(() => flockWaiters(path) === 2, 'both waiters queued');
-  await first.release();
+  first.stdin!.end();
   await until(() => out.includes('locked') || w.settled(), 'one of them to win');
   const weWonFirst = w.settled();
   if (weWonFirst) {
