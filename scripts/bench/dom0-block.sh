@@ -3,7 +3,8 @@
 # run directly the way libxl runs them (XENBUS_PATH relative, the backend nodes written first into
 # the real xenstored), and a bare `node -e 0`, interleaved, the order rotating every round.
 # Then 10 concurrent adds (10 files, 10 backends) and their removes, stock and ours in turn, and 40
-# block-cow adds on one base at once with the service up, each killed at 40 s as libxl would.
+# block-cow adds on one base at once with the service up, then 40 stock file: adds at once, each
+# killed at 40 s as libxl would.
 # Ours runs twice over: with the resident service (xen-blockhooks serve, started here) taking the
 # events (variants served, cowsrv), and with XEN_BLOCKHOOKS_SERVE=0 running them in the wrapper
 # as when the service is down (ours, cow).
@@ -137,30 +138,49 @@ while [ $r -lt "$ROUNDS" ]; do
 done
 ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow, each with the service up and down${ALTNODE:+, block under the other node}) add+remove, and node -e 0"
 
-# conc VARIANT SCRIPT [LOCK_TIMEOUT_MS [COUNT PARAMS]]: COUNT (default CONC) adds at once (domids
-# 11.., one file each, or every one with PARAMS), then as many removes at once; with
-# LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms). With PARAMS each run
-# is killed at 40 s, as libxl kills a hotplug script.
+# conc VARIANT SCRIPT [LOCK_TIMEOUT_MS [COUNT [PARAMS]]]: COUNT (default CONC) adds at once
+# (domids 11.., one file each, or every one with PARAMS), then as many removes at once; with
+# LOCK_TIMEOUT_MS, our hooks wait that long for Xen's lock (lock_timeout_ms). Each run is started
+# as libxl starts a hotplug script (one fork and one exec, nothing else: a helper process per run
+# would take the one vCPU from the runs being measured). With KILL_AT=S, every run still going
+# S seconds after the start is killed with SIGKILL, as libxl kills a script at 40 s.
 conc() {
 	v=$1 script=$2 wait=${3:-} n=${4:-$CONC} params=${5:-}
-	kill40=
-	if [ -n "$params" ]; then kill40="timeout -s KILL 40"; fi
+	off=$(served_env "$v")
 	i=0
 	while [ $i -lt "$n" ]; do nodes $((11 + i)) "${params:-$IMG/d$i.img}"; i=$((i + 1)); done
 	for op in add remove; do
 		if [ $op = remove ]; then i=0; while [ $i -lt "$n" ]; do closed $((11 + i)); i=$((i + 1)); done; fi
 		t0=$(date +%s%N)
 		i=0
-		jobs_=
+		pids=
 		while [ $i -lt "$n" ]; do
-			(env $(served_env "$v") XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block \
-				${wait:+XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait} $kill40 "$script" $op >$XBH_SCRATCH/c$i.out 2>&1; echo $? >$XBH_SCRATCH/c$i.rc) &
-			jobs_="$jobs_ $!"
+			(
+				export XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block
+				if [ -n "$off" ]; then export XEN_BLOCKHOOKS_SERVE=0; fi
+				if [ -n "$wait" ]; then export XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait; fi
+				exec "$script" $op >$XBH_SCRATCH/c$i.out 2>&1
+			) &
+			pids="$pids $!"
 			i=$((i + 1))
 		done
+		dog=
+		if [ -n "${KILL_AT:-}" ]; then
+			(
+				sleep "$KILL_AT"
+				kill -KILL $pids 2>/dev/null
+			) &
+			dog=$!
+		fi
 		# These runs only: a bare `wait` would wait for the service too.
-		wait $jobs_
+		i=0
+		for p in $pids; do
+			wait "$p"
+			echo $? >$XBH_SCRATCH/c$i.rc
+			i=$((i + 1))
+		done
 		t1=$(date +%s%N)
+		if [ -n "$dog" ]; then kill "$dog" 2>/dev/null; wait "$dog" 2>/dev/null; fi
 		# Runs that failed: a non-zero exit, or an add whose backend is not connected (counted once).
 		fail=0
 		i=0
@@ -179,8 +199,12 @@ conc() {
 		echo "concurrent $v $op $(((t1 - t0) / 1000000)) $fail"
 		if [ "$fail" != 0 ]; then
 			i=0
-			while [ $i -lt "$n" ]; do
-				[ "$(cat $XBH_SCRATCH/c$i.rc)" = 0 ] || note "$v $op $((11 + i)): $(tail -c 300 $XBH_SCRATCH/c$i.out | tr '\n' ' ')"
+			shown=0
+			while [ $i -lt "$n" ] && [ $shown -lt 12 ]; do
+				if [ "$(cat $XBH_SCRATCH/c$i.rc)" != 0 ]; then
+					note "$v $op $((11 + i)): exit $(cat $XBH_SCRATCH/c$i.rc) $(tail -c 300 $XBH_SCRATCH/c$i.out | tr '\n' ' ')"
+					shown=$((shown + 1))
+				fi
 				i=$((i + 1))
 			done
 		fi
@@ -191,6 +215,9 @@ conc() {
 	# benchmark takes it away so the next trial starts clean, and the failure is in the table.
 	node "$XBH_DIST/xen-blockhooks.mjs" gc --apply >/dev/null 2>&1
 	if [ -n "$(losetup -a)" ]; then note "$v: loops left after the concurrent removes and gc: $(losetup -a | tr '\n' ' ')"; losetup -D; fi
+	# A stock script killed while it held Xen's lock leaves the lock file linked (locking.sh
+	# allows that: the next holder takes it over); every run has ended, so nobody holds it now.
+	if [ -e /run/xen-hotplug/block ]; then note "$v: a killed run left /run/xen-hotplug/block linked"; rm -f /run/xen-hotplug/block; fi
 }
 WAIT=${XBH_BENCH_DOM0_LOCK_WAIT_MS:-120000}
 if [ "$CONC" != 0 ]; then
@@ -202,14 +229,21 @@ if [ "$CONC" != 0 ]; then
 	conc served $OURS
 	ok "concurrency: $CONC adds and removes at once: stock (twice), ours (lock_timeout_ms default 20 s), ours waiting up to $WAIT ms for the lock, ours with the service up (twice)"
 fi
-# COW_CONC block-cow disks on one base at once, with the service up, each killed at 40 s as libxl would.
+# COW_CONC block-cow disks on one base at once, with the service up, then as many stock file:
+# disks at once (one file each), every run killed at 40 s as libxl would.
 COW_CONC=${XBH_BENCH_DOM0_COW_CONCURRENCY:-40}
 if [ -x $COW ] && [ "$COW_CONC" -gt 0 ]; then
 	logfrom=$(($(wc -l </var/log/xen/xen-hotplug.log 2>/dev/null || echo 0) + 1))
-	conc cowsrv$COW_CONC $COW "" "$COW_CONC" "$BASE 16"
-	ok "concurrency: $COW_CONC block-cow adds on one base and their removes at once, with the service up"
+	KILL_AT=40 conc cowsrv$COW_CONC $COW "" "$COW_CONC" "$BASE 16"
+	i=$CONC
+	while [ $i -lt "$COW_CONC" ]; do
+		dd if=/dev/zero of=$IMG/d$i.img bs=1M count=1 status=none
+		i=$((i + 1))
+	done
+	KILL_AT=40 conc stock$COW_CONC $STOCK "" "$COW_CONC"
+	ok "concurrency: $COW_CONC block-cow adds on one base and their removes at once, with the service up; $COW_CONC stock file: adds and removes at once"
 	if [ -n "${XBH_BENCH_DOM0_SHOW_LOG:-}" ]; then
-		tail -n +$logfrom /var/log/xen/xen-hotplug.log | grep -v ' debug ' | head -n 150 | sed 's/^/# log: /'
+		tail -n +$logfrom /var/log/xen/xen-hotplug.log | grep -v ' debug ' | grep -v '^+' | head -n 150 | sed 's/^/# log: /'
 		sed 's/^/# serve: /' $XBH_SCRATCH/serve.out | tail -n 20
 	fi
 fi

@@ -506,6 +506,10 @@ function dom0(d) {
       out.push(
         `${c.variant.slice(6)} block-cow adds on one base at once, service up, each killed at 40 s as libxl would: ${c.failures} failed (target 0), ${ms(c.wallMs)} for all.`,
       );
+    for (const c of d.concurrent.filter((x) => /^stock\d+$/.test(x.variant) && x.op === 'add'))
+      out.push(
+        `${c.variant.slice(5)} stock file: adds at once (one file each), killed at 40 s the same way: ${c.failures} failed, ${ms(c.wallMs)} for all.`,
+      );
     if (d.concurrent.some((c) => c.variant === 'ours-wait'))
       out.push(
         `With a longer lock wait (ours-wait): adds ${ratio(mean('ours-wait', 'add'), mean('stock', 'add'))}, removes ${ratio(mean('ours-wait', 'remove'), mean('stock', 'remove'))} of stock.`,

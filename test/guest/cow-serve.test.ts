@@ -8,9 +8,11 @@
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
+import { formatRequest } from '../../src/serve/protocol.js';
 import { runWrapper, startServe, writeWrapper, type Served } from '../lib/serve-harness.js';
 import {
   backendPath,
@@ -23,6 +25,7 @@ import {
   explain,
   leftovers,
   listDir,
+  logFile,
   pread,
   pwrite,
   root,
@@ -154,5 +157,95 @@ test('block-thin and block-qcow handed to the service: real dm-thin and qemu-nbd
   // block-qcow keeps its overlay directory in the store (empty), as it does run on its own.
   assert.deepEqual(leftovers(['qcow']), [], 'nothing left');
   assert.deepEqual(listDir(join(storeDir, 'qcow')), [], 'no overlay left');
+  assert.equal(sha256File(base), baseSum, 'the base is unchanged');
+});
+
+test('block-cow: hostile messages on the channel and a user who is not root are refused; no device, store or record is made', async () => {
+  const s = await serveWith();
+  const d = disk(90, { domainName: 'hostile' });
+  await writeBackendNodes(xs, d);
+  const be = backendPath(d);
+  const send = (line: string) => writeFileSync(join(chan, 'in'), line, { flag: 'a' });
+  const self = process.pid;
+  const good = { slot: 7, pid: self, hook: 'block-cow', argv: ['add'], env: { XENBUS_PATH: be } };
+  const request = (bytes: string | Buffer) => {
+    writeFileSync(join(chan, '7.claim'), `${self}\n`);
+    writeFileSync(join(chan, '7.req'), bytes);
+    send('7\n');
+  };
+  const cases: [string, () => void][] = [
+    ['a line that is no slot', () => send('../../etc/passwd\n')],
+    ['a slot out of range', () => send('999\n')],
+    ['an idle slot', () => send('3\n')],
+    ['garbage in a request', () => request('hello\n')],
+    ['a request for an unknown hook', () => request(formatRequest({ ...good, hook: '../../bin/sh' }))],
+    [
+      'an environment name that is not forwarded',
+      () => request(formatRequest({ ...good, env: { ...good.env, LD_PRELOAD: '/tmp/x.so' } })),
+    ],
+    ["a request whose pid is not the slot claim's", () => request(formatRequest({ ...good, pid: 2 }))],
+    [
+      'a request that is a symbolic link',
+      () => {
+        writeFileSync(join(chan, '7.claim'), `${self}\n`);
+        writeFileSync(join(root, 'elsewhere.req'), formatRequest(good));
+        symlinkSync(join(root, 'elsewhere.req'), join(chan, '7.req'));
+        send('7\n');
+      },
+    ],
+    ['a flood of noise', () => send('x'.repeat(100_000) + '\n')],
+  ];
+  for (const [what, act] of cases) {
+    act();
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(s.child.exitCode, null, `${what}: the service still runs`);
+    assert.equal(await xs.read(`${be}/hotplug-status`).catch(() => undefined), undefined, `${what}: nothing in xenstore`);
+    assert.deepEqual(leftovers(), [], `${what}: no device, store or record`);
+  }
+  const log = existsSync(logFile) ? readFileSync(logFile, 'utf8') : '';
+  for (const why of [
+    /serve: refused the request on slot 7: request does not end in NUL/,
+    /unknown hook/,
+    /environment name "LD_PRELOAD" is not forwarded/,
+    /claim is not pid 2's/,
+    /request is not a plain file/,
+  ])
+    assert.match(log, why);
+
+  // nobody (uid 65534) runs the installed wrapper: it cannot enter the channel directory.
+  chmodSync(root, 0o755);
+  chmodSync(join(root, 'wrappers'), 0o755);
+  const r = await new Promise<{ code: number | null; stderr: string }>((res, rej) => {
+    const child = spawn(wrapper, ['add'], {
+      uid: 65534,
+      gid: 65534,
+      env: { ...wenv(), XENBUS_PATH: be, XENBUS_TYPE: 'vbd', XENBUS_BASE_PATH: 'backend' },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (x: string) => (stderr += x));
+    child.on('error', rej);
+    child.on('close', (code) => res({ code, stderr }));
+  });
+  assert.notEqual(r.code, 0, `nobody's add fails (stderr: ${r.stderr.slice(-300)})`);
+  assert.doesNotMatch(r.stderr, /serve/, 'without reaching the service');
+  assert.equal(await xs.read(`${be}/physical-device`).catch(() => undefined), undefined, 'no device reported');
+  assert.deepEqual(leftovers(), [], "nobody's add left nothing");
+  assert.deepEqual(
+    listDir(chan).filter((n) => /\.(claim|req)$/.test(n) && !n.startsWith('7.')),
+    [],
+    'nothing of it in the channel',
+  );
+
+  // The service still serves a real event afterwards, on real dm.
+  const dev = await add(d);
+  assert.equal(new Journal(stateDir).load(be)?.pid, s.pid, 'through the service');
+  const mine = Buffer.alloc(4096, 0x3c);
+  pwrite(dev, 1024 * 1024, mine);
+  assert.deepEqual(pread(dev, 1024 * 1024, 4096), mine);
+  await remove(d);
+  await s.stop();
+  current = undefined;
+  assert.deepEqual(leftovers(), [], 'nothing left');
   assert.equal(sha256File(base), baseSum, 'the base is unchanged');
 });
