@@ -60,8 +60,8 @@ timed() {
 	return $rc
 }
 
-# served_env VARIANT: what keeps a variant's event out of the service (all but served, cowsrv*).
-served_env() { case $1 in served | cowsrv*) ;; *) echo XEN_BLOCKHOOKS_SERVE=0 ;; esac; }
+# served_env VARIANT: what keeps a variant's event out of the service (all but served*, cowsrv*).
+served_env() { case $1 in served | served@* | cowsrv*) ;; *) echo XEN_BLOCKHOOKS_SERVE=0 ;; esac; }
 
 # one VARIANT SCRIPT DOMID [PARAMS]: add, check, remove, check (PARAMS default: the file d0.img).
 one() {
@@ -78,7 +78,12 @@ one() {
 		not_ok "$v remove" "$(cat $XBH_SCRATCH/run.out)"
 	fi
 	gone "$d"
-	if [ -n "$(losetup -a)" ]; then not_ok "$v remove left no loop device" "$(losetup -a)"; losetup -D; fi
+	# (KEEP_LOOP: a loop of the benchmark's own, the phy: disk of the scaling part.)
+	left=$(losetup -a | grep -v "^${KEEP_LOOP:-/nothing}:")
+	if [ -n "$left" ]; then
+		not_ok "$v remove left no loop device" "$left"
+		for l in $(printf '%s\n' "$left" | cut -d: -f1); do losetup -d "$l"; done
+	fi
 	if [ -n "$(dmsetup ls 2>/dev/null | grep -v '^No devices found')" ]; then not_ok "$v remove left no dm device" "$(dmsetup ls)"; fi
 }
 
@@ -145,7 +150,7 @@ ok "latency: $ROUNDS interleaved rounds of stock and ours (block, block-cow, eac
 # would take the one vCPU from the runs being measured). With KILL_AT=S, every run still going
 # S seconds after the start is killed with SIGKILL, as libxl kills a script at 40 s.
 conc() {
-	v=$1 script=$2 wait=${3:-} n=${4:-$CONC} params=${5:-}
+	v=$1 hook=$2 wait=${3:-} n=${4:-$CONC} params=${5:-}
 	off=$(served_env "$v")
 	i=0
 	while [ $i -lt "$n" ]; do nodes $((11 + i)) "${params:-$IMG/d$i.img}"; i=$((i + 1)); done
@@ -159,7 +164,7 @@ conc() {
 				export XENBUS_PATH=backend/vbd/$((11 + i))/51712 XENBUS_TYPE=vbd XENBUS_BASE_PATH=backend script=/etc/xen/scripts/block
 				if [ -n "$off" ]; then export XEN_BLOCKHOOKS_SERVE=0; fi
 				if [ -n "$wait" ]; then export XEN_BLOCKHOOKS_LOCK_TIMEOUT_MS=$wait; fi
-				exec "$script" $op >$XBH_SCRATCH/c$i.out 2>&1
+				exec "$hook" $op >$XBH_SCRATCH/c$i.out 2>&1
 			) &
 			pids="$pids $!"
 			i=$((i + 1))
@@ -246,6 +251,47 @@ if [ -x $COW ] && [ "$COW_CONC" -gt 0 ]; then
 		tail -n +$logfrom /var/log/xen/xen-hotplug.log | grep -v ' debug ' | grep -v '^+' | head -n 150 | sed 's/^/# log: /'
 		sed 's/^/# serve: /' $XBH_SCRATCH/serve.out | tail -n 20
 	fi
+fi
+# How an add grows with the vbds already present (XBH_BENCH_DOM0_SCALING, default 0,50,200; empty: skipped):
+# N other vbds in xenstore, each with the keys libxl writes, a physical-device and
+# hotplug-status connected, as connected disks have. On a phy: disk (a loop device: for a block
+# device the stock script's sharing check reads every other vbd's physical-device with a
+# xenstore-read each; for a file: disk not yet on a loop it skips that walk): stock, and ours with
+# the service up. And block-cow with the service up, whose base check reads every other vbd.
+# SCALE_ROUNDS interleaved cycles each (sample lines VARIANT@N).
+SCALING=$(echo "${XBH_BENCH_DOM0_SCALING-0,50,200}" | tr , ' ')
+SCALE_ROUNDS=${XBH_BENCH_DOM0_SCALE_ROUNDS:-3}
+if [ -n "$SCALING" ]; then
+	PHY=$(losetup --find --show -- $IMG/d0.img)
+	KEEP_LOOP=$PHY
+	present=0
+	for N in $SCALING; do
+		set --
+		while [ $present -lt "$N" ]; do
+			be=/local/domain/0/backend/vbd/$((20000 + present))/51712
+			set -- "$@" "$be/params" "/srv/xen/other-$present.img" "$be/mode" w "$be/type" phy \
+				"$be/script" /etc/xen/scripts/block "$be/state" 4 "$be/hotplug-status" connected \
+				"$be/physical-device" "7:$(printf %x $((200 + present)))" "$be/physical-device-path" "/dev/loop$((200 + present))"
+			present=$((present + 1))
+			# One xenstore-write per 25 vbds (its argument list stays short).
+			if [ $((present % 25)) = 0 ]; then xenstore-write "$@"; set --; fi
+		done
+		if [ $# -gt 0 ]; then xenstore-write "$@"; set --; fi
+		r=0
+		while [ $r -lt "$SCALE_ROUNDS" ]; do
+			case $((r % 3)) in
+			0) one stock@$N $STOCK 5 "$PHY"; one served@$N $OURS 6 "$PHY"; one cowsrv@$N $COW 7 "$BASE 16" ;;
+			1) one served@$N $OURS 6 "$PHY"; one cowsrv@$N $COW 7 "$BASE 16"; one stock@$N $STOCK 5 "$PHY" ;;
+			2) one cowsrv@$N $COW 7 "$BASE 16"; one stock@$N $STOCK 5 "$PHY"; one served@$N $OURS 6 "$PHY" ;;
+			esac
+			r=$((r + 1))
+		done
+		note "scaling: $N other vbds present, $SCALE_ROUNDS rounds"
+	done
+	xenstore-rm /local/domain/0/backend/vbd 2>/dev/null
+	losetup --detach "$PHY"
+	KEEP_LOOP=
+	ok "scaling: stock and ours (block phy:, block-cow) add+remove with $SCALING other vbds present"
 fi
 kill -TERM $SPID
 wait $SPID || not_ok "the service stopped with exit 0" "$(cat $XBH_SCRATCH/serve.out)"

@@ -64,9 +64,11 @@ export async function dom0Bench({
       XBH_BENCH_DOM0_CONCURRENCY: String(concurrency),
       XBH_BENCH_DOM0_ALT_NODE: hostNodeCopy(),
       ...(process.env.XBH_BENCH_DOM0_SHOW_LOG ? { XBH_BENCH_DOM0_SHOW_LOG: '1' } : {}),
-      ...(process.env.XBH_BENCH_DOM0_COW_CONCURRENCY
-        ? { XBH_BENCH_DOM0_COW_CONCURRENCY: process.env.XBH_BENCH_DOM0_COW_CONCURRENCY }
-        : {}),
+      ...Object.fromEntries(
+        ['XBH_BENCH_DOM0_COW_CONCURRENCY', 'XBH_BENCH_DOM0_SCALING', 'XBH_BENCH_DOM0_SCALE_ROUNDS']
+          .filter((k) => process.env[k] !== undefined)
+          .map((k) => [k, process.env[k]]),
+      ),
     },
   });
   const r = run.results[0];

@@ -515,6 +515,33 @@ function dom0(d) {
         `With a longer lock wait (ours-wait): adds ${ratio(mean('ours-wait', 'add'), mean('stock', 'add'))}, removes ${ratio(mean('ours-wait', 'remove'), mean('stock', 'remove'))} of stock.`,
       );
   }
+  const scaled = Object.keys(s).filter((k) => /^\w+@\d+ add$/.test(k));
+  if (scaled.length) {
+    const counts = [...new Set(scaled.map((k) => Number(/@(\d+) /.exec(k)[1])))].sort((a, b) => a - b);
+    const lo = counts[0];
+    const hi = counts[counts.length - 1];
+    const slope = (v) => ((p50(get(`${v}@${hi} add`).wall) - p50(get(`${v}@${lo} add`).wall)) / (hi - lo)) * 100;
+    out.push(
+      '',
+      `How an add grows with the vbds already present (N other vbds in xenstore, connected, each with a physical-device; ${get(`stock@${lo} add`).wall.length} cycles each):`,
+      '',
+      head(['add p50', ...counts.map((n) => `N = ${n}`), 'slope per 100 vbds']),
+    );
+    for (const [v, label] of [
+      ['stock', 'stock `block`, phy:'],
+      ['served', 'ours `block`, phy:, service up'],
+      ['cowsrv', 'block-cow, service up'],
+    ]) {
+      if (!counts.every((n) => s[`${v}@${n} add`])) continue;
+      out.push(row([label, ...counts.map((n) => ms(p50(get(`${v}@${n} add`).wall))), ms(slope(v))]));
+    }
+    out.push('', head(['ratio', 'value', 'target']));
+    for (const [v, label] of [
+      ['served', 'slope: ours `block`, service up / stock'],
+      ['cowsrv', 'slope: block-cow, service up / stock'],
+    ])
+      if (s[`${v}@${hi} add`]) out.push(row([label, ratio(slope(v), slope('stock')), '≤ 0.1×']));
+  }
   if (d.notes?.length) out.push('', ...d.notes.map((l) => `> ${l}`));
   return out.join('\n');
 }

@@ -104,6 +104,8 @@ export interface LifecycleEnv {
   run: Runner;
   log: Logger;
   journal: Journal;
+  /** The process that started the hook (default: this process's parent; see RuntimeDeps.parentPid). */
+  parentPid?: number | undefined;
 }
 
 function devidOf(backendPath: string): string {
@@ -138,7 +140,7 @@ export async function savingReason(e: LifecycleEnv, xs: XsOps, entry: JournalEnt
   if (isMigratedAway(name)) return undefined;
   // Run by xl for a command that never saves (destroy, shutdown, block-detach, create's own
   // clean-up): nothing to ask. Otherwise (xl save or migrate, or another toolstack) ask xl.
-  const parent = xlParentCommand();
+  const parent = xlParentCommand('/proc', e.parentPid ?? process.ppid);
   if (parent !== undefined && !SUSPENDING_XL.has(parent) && !entry.restored) return undefined;
   const dom = await xlDomain(e.run, domid, e.log);
   if (dom && stateIsSuspended(dom.state)) return `domain ${domid}${name ? ` (${name})` : ''} is being saved`;

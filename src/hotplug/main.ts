@@ -53,6 +53,11 @@ export interface RuntimeDeps {
    * remove that follows finds nothing to do). A remove goes on to its end.
    */
   abandoned?: () => boolean;
+  /**
+   * The process that started the hook, when this process is not it (the service runs the event
+   * its wrapper handed over: the wrapper's parent, xl when xl ran it). Default: our parent.
+   */
+  parentPid?: number;
 }
 
 interface Env {
@@ -64,6 +69,7 @@ interface Env {
   journal: Journal;
   env: NodeJS.ProcessEnv;
   abandoned: (() => boolean) | undefined;
+  parentPid: number | undefined;
 }
 
 export async function runHook(
@@ -125,6 +131,7 @@ export async function runHook(
     journal: new Journal(config.stateDir),
     env,
     abandoned: deps.abandoned,
+    parentPid: deps.parentPid,
   };
   let xs: XenstoreClient | undefined;
   try {

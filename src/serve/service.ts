@@ -68,6 +68,18 @@ function isEnoent(e: unknown): boolean {
   return (e as NodeJS.ErrnoException)?.code === 'ENOENT';
 }
 
+/** The parent of process `pid` (from /proc/PID/stat), or undefined when it is gone. */
+export function parentOf(pid: number, procRoot = '/proc'): number | undefined {
+  try {
+    const stat = readFileSync(`${procRoot}/${pid}/stat`, 'latin1');
+    // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; the last ")" ends it.
+    const m = /^[A-Za-z] (\d+) /.exec(stat.slice(stat.lastIndexOf(')') + 2));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Only the service's own user (root) may enter the channel directory; refuse to use one others can. */
 export function prepareDir(dir: string): void {
   mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -330,6 +342,7 @@ export class Service {
       // An add whose wrapper is gone (libxl kills a script at its timeout) is abandoned: it stops
       // before its next step and undoes itself, as the killed hook would have left it to be.
       const wrapperGone = isAdd(req.hook, req.argv, req.env) ? () => !processAlive(req.pid) : undefined;
+      const caller = parentOf(req.pid);
       let code: number;
       const done = await this.turn();
       try {
@@ -351,6 +364,8 @@ export class Service {
               err: (s) => void say(outputLines('e', s)),
               ...(backend.script === 'block' ? { typeDispatch: true } : {}),
               ...(wrapperGone ? { abandoned: wrapperGone } : {}),
+              // Who ran the wrapper (xl save or xl destroy?) is what the hook asks its own parent.
+              ...(caller !== undefined ? { parentPid: caller } : {}),
             },
           );
       } catch (e) {

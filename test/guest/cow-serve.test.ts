@@ -199,7 +199,11 @@ test('block-cow: hostile messages on the channel and a user who is not root are 
     act();
     await new Promise((r) => setTimeout(r, 500));
     assert.equal(s.child.exitCode, null, `${what}: the service still runs`);
-    assert.equal(await xs.read(`${be}/hotplug-status`).catch(() => undefined), undefined, `${what}: nothing in xenstore`);
+    assert.equal(
+      await xs.read(`${be}/hotplug-status`).catch(() => undefined),
+      undefined,
+      `${what}: nothing in xenstore`,
+    );
     assert.deepEqual(leftovers(), [], `${what}: no device, store or record`);
   }
   const log = existsSync(logFile) ? readFileSync(logFile, 'utf8') : '';

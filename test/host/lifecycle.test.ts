@@ -5,7 +5,7 @@
  * real loop devices, xl played. The same path on real xl save/restore: test/xen/80-save-restore.sh.
  */
 import t, { type Test } from 'tap';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import {
   existsSync,
   mkdirSync,
@@ -111,7 +111,12 @@ interface World {
   /** CPU seconds xl reports per domain (default 12.3). */
   xlCpu: Map<number, number>;
   xlCalls: string[];
-  hook(action: 'add' | 'remove', domid: number, devid?: number): Promise<{ code: number; log: string[] }>;
+  hook(
+    action: 'add' | 'remove',
+    domid: number,
+    devid?: number,
+    parentPid?: number,
+  ): Promise<{ code: number; log: string[] }>;
   loopsOnFile(): string[];
 }
 
@@ -174,7 +179,7 @@ async function world(t: Test, inStore = false): Promise<World> {
     xl: new Map(),
     xlCpu: new Map(),
     xlCalls: [],
-    async hook(action, domid, devid = 51712) {
+    async hook(action, domid, devid = 51712, parentPid) {
       const logger = memoryLogger();
       // The runtime closes the client it is given: each run gets its own, as a hook process would.
       const code = await runHook(
@@ -187,6 +192,7 @@ async function world(t: Test, inStore = false): Promise<World> {
           config,
           logger,
           err: () => {},
+          ...(parentPid !== undefined ? { parentPid } : {}),
         },
       );
       return { code, log: logger.lines.map((l) => `${l.level} ${l.msg}`) };
@@ -313,6 +319,45 @@ t.test('save, restore, a failed restore and a destroy: the same device all along
   t.same(journalKeys(w), [], 'no record');
   t.notOk(existsSync(marker), 'no marker');
   t.same(w.xlCalls, ['xl list 5', 'xl list 6', 'xl list 7'], 'xl asked once per remove that could hold');
+});
+
+t.test("the hook's parent as the service names it (parentPid): xl destroy is not asked, xl save is", async (t) => {
+  const w = await world(t);
+  // Two living processes whose command lines read "xl destroy" and "xl save" (node running a
+  // script of that name, started as xl), the parents a service is told its wrappers had.
+  const fake = (sub: string) => {
+    writeFileSync(join(w.dir, sub), 'setTimeout(() => {}, 60_000);\n');
+    const p = spawn(process.execPath, [sub], { cwd: w.dir, argv0: 'xl', stdio: 'ignore' });
+    t.teardown(() => p.kill());
+    return p.pid as number;
+  };
+  const destroy = fake('destroy');
+  const save = fake('save');
+  await new Promise((r) => setTimeout(r, 200));
+  t.equal(xlParentCommand('/proc', destroy), 'destroy');
+  t.equal(xlParentCommand('/proc', save), 'save');
+
+  // Suspended as for a save, but the remove comes from xl destroy: undone, xl not asked.
+  await domain(w, 8, 'web', U1);
+  t.equal((await w.hook('add', 8)).code, 0);
+  w.xl.set(8, '--pss-');
+  await closeBackend(w.store.xs, { domid: 8, devid: 51712 });
+  t.equal((await w.hook('remove', 8, 51712, destroy)).code, 0);
+  t.same(w.loopsOnFile(), [], 'undone');
+  t.same(w.xlCalls, [], 'xl destroy ran it: xl was not asked');
+  await destroyNodes(w, 8);
+  w.xl.delete(8);
+
+  // From xl save: xl is asked, and the device is held for the restore.
+  await domain(w, 9, 'web', U1);
+  t.equal((await w.hook('add', 9)).code, 0);
+  w.xl.set(9, '--pss-');
+  await closeBackend(w.store.xs, { domid: 9, devid: 51712 });
+  const saved = await w.hook('remove', 9, 51712, save);
+  t.equal(saved.code, 0);
+  t.same(w.xlCalls, ['xl list 9'], 'xl save ran it: xl was asked');
+  t.equal(w.loopsOnFile().length, 1, 'held for the restore');
+  t.match(saved.log.join('\n'), /is being saved; keeping/);
 });
 
 async function holdOne(t: Test, w: World, domid: number, uuid: string): Promise<void> {

@@ -12,7 +12,7 @@ import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, symlinkSyn
 import { join } from 'node:path';
 import { Journal } from '../../src/journal/journal.js';
 import { formatRequest } from '../../src/serve/protocol.js';
-import { MAX_RUNNING_EVENTS } from '../../src/serve/service.js';
+import { MAX_RUNNING_EVENTS, parentOf } from '../../src/serve/service.js';
 import { destroyNodes } from '../lib/backend-nodes.js';
 import { harness, ROOT, runProcess, type BlockHarness } from '../lib/block-harness.js';
 import { startServe as serveOn, writeWrapper, type Served } from '../lib/serve-harness.js';
@@ -377,4 +377,13 @@ t.test("one service per channel; a verbose event's lines reach the wrapper", asy
   t.match(add.stderr, /^block: add backend\/vbd\/80\/51712: connected /m, 'its info lines are relayed');
   t.equal((await h.run('remove', be, env, wrapper)).code, 0);
   t.same(h.loopsOnImages(), []);
+});
+
+t.test("parentOf: a process's parent from /proc/PID/stat, whatever its command name holds", async (t) => {
+  t.equal(parentOf(process.pid), process.ppid, 'this process');
+  const proc = join(t.testdir(), 'proc');
+  mkdirSync(join(proc, '42'), { recursive: true });
+  writeFileSync(join(proc, '42', 'stat'), '42 (a) b (c) 7) S 1234 42 42 0 -1 4194560 0 0\n');
+  t.equal(parentOf(42, proc), 1234, 'a name with spaces and parentheses');
+  t.equal(parentOf(43, proc), undefined, 'no such process');
 });
