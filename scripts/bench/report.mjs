@@ -434,6 +434,7 @@ function dom0(d) {
   const alt = `node ${d.altNodeVersion ?? '(other)'}`;
   for (const [k, label] of [
     ['node start', 'bare `node -e 0`'],
+    ['true start', 'bare `/bin/true` (the same timer around the smallest program)'],
     ['ours add', 'ours `block add`'],
     ['stock add', 'stock `block add`'],
     ['cow add', '`block-cow add`'],
