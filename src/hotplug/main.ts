@@ -28,7 +28,7 @@ import type { Backend, BuiltDevice } from '../backends/types.js';
 import { readDisk } from '../disk/spec.js';
 import { dispatchTarget, runScript } from './dispatch.js';
 import { HotplugError, TeardownError, UsageError, messageOf } from '../disk/errors.js';
-import { takeXenBlockLock } from '../lock/xen-lock.js';
+import { eventAgeMs, takeXenBlockLock } from '../lock/xen-lock.js';
 import { adoptSaved, claimedStores, holdReason, holdRecord, keepClaims, markLost, savingReason } from './lifecycle.js';
 import { isIncoming } from '../disk/migration.js';
 import { reportFailure, reportSuccess } from './report.js';
@@ -167,7 +167,8 @@ export async function runHook(
 
 /** The lock held around the whole add or remove (Backend.lockScope). */
 async function lockPath(e: Env): Promise<HeldLock> {
-  if (e.backend.lockScope === 'xen-block') return takeXenBlockLock(e.req.xenbusPath, e.config, e.run);
+  if (e.backend.lockScope === 'xen-block')
+    return takeXenBlockLock(e.req.xenbusPath, e.config, e.run, eventAgeMs(e.env));
   mkdirSync(join(e.config.stateDir, 'locks'), { recursive: true, mode: 0o700 });
   return acquireFlock(pathLockPath(e.config.stateDir, e.req.xenbusPath), lockOptions(e.config, e.run));
 }

@@ -220,7 +220,13 @@ function waitLocal(path: string, q: LocalQueue, deadline: number, timeoutMs: num
       () => {
         const i = q.waiters.indexOf(wake);
         if (i >= 0) q.waiters.splice(i, 1);
-        reject(new LockTimeoutError(path, timeoutMs, holderDetail(path)));
+        let detail = '';
+        try {
+          detail = holderDetail(path);
+        } catch {
+          // Only for the message: a path that cannot be looked at names no holder.
+        }
+        reject(new LockTimeoutError(path, timeoutMs, detail));
       },
       Math.max(0, deadline - Date.now()),
     );
@@ -309,8 +315,14 @@ function heldLock(path: string, fd: number): HeldLock {
       released = true;
       const q = queues.get(path);
       // Still the lock (nobody broke the rule and removed the file): the next task of this
-      // process takes it over as it is.
-      if (q && q.waiters.length && q.handovers < MAX_HANDOVERS && sameFile(fstatSync(fd), statOrNull(path))) {
+      // process takes it over as it is. A path that cannot be looked at is released for real.
+      let stillOurs = false;
+      try {
+        stillOurs = sameFile(fstatSync(fd), statOrNull(path));
+      } catch {
+        stillOurs = false;
+      }
+      if (q && q.waiters.length && q.handovers < MAX_HANDOVERS && stillOurs) {
         q.handovers += 1;
         (q.waiters.shift() as (fd: number) => void)(fd);
         return;
@@ -319,10 +331,13 @@ function heldLock(path: string, fd: number): HeldLock {
       try {
         // Unlink only the file we hold: if the rule "only the holder unlinks" was broken by
         // someone (an admin's rm), the path may name another holder's file by now.
-        if (sameFile(fstatSync(fd), statOrNull(path))) unlinkSync(path);
+        if (stillOurs) unlinkSync(path);
       } finally {
-        closeSync(fd);
-        passOn(path);
+        try {
+          closeSync(fd);
+        } finally {
+          passOn(path);
+        }
       }
     },
   };

@@ -116,8 +116,8 @@ function missingFifos(dir: string): string[] {
  */
 function claimPid(dir: string, slot: number): number | undefined {
   const p = join(dir, `${slot}.claim`);
-  if (!lstatSync(p, { throwIfNoEntry: false })) return undefined;
   try {
+    if (!lstatSync(p, { throwIfNoEntry: false })) return undefined;
     const s = readFileSync(p, 'utf8').trim();
     return /^\d+$/.test(s) ? Number(s) : undefined;
   } catch {
@@ -126,8 +126,8 @@ function claimPid(dir: string, slot: number): number | undefined {
 }
 
 function unlinkQuiet(p: string): void {
-  if (!lstatSync(p, { throwIfNoEntry: false })) return;
   try {
+    if (!lstatSync(p, { throwIfNoEntry: false })) return;
     unlinkSync(p);
   } catch {}
 }

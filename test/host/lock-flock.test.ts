@@ -5,7 +5,10 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  mkdirSync,
   readlinkSync,
+  renameSync,
+  rmSync,
   statSync,
   unlinkSync,
   writeFileSync,
@@ -24,6 +27,7 @@ import {
   XEN_LOCK_BUDGET_MS,
   xenLockWaitMs,
 } from '../../src/lock/flock.js';
+import { eventAgeMs, STARTED_ENV } from '../../src/lock/xen-lock.js';
 import { baseImageLockPath, nbdLockPath, stateLockPath, thinPoolLockPath } from '../../src/lock/paths.js';
 import { AlreadyRunningError, claimSingleInstance } from '../../src/lock/instance.js';
 import {
@@ -230,6 +234,50 @@ t.test('tasks of one process queue for a lock, and a release hands it on without
   t.ok(pathIsLocked(path), 'the one behind it holds the lock');
   await got.release();
   t.notOk(existsSync(path));
+});
+
+t.test('a release whose path cannot be looked at still frees the lock in this process', async (t) => {
+  const dir = t.testdir();
+  const sub = join(dir, 'sub');
+  mkdirSync(sub);
+  const path = join(sub, 'lock');
+  const held = await acquireFlock(path);
+  const waiter = acquireFlock(path, { timeoutMs: 5_000 }).then(
+    (l) => l,
+    (e: unknown) => e as Error,
+  );
+  await new Promise((r) => setTimeout(r, 50));
+  // The directory is replaced by a plain file: stat of the path fails with ENOTDIR.
+  renameSync(sub, join(dir, 'moved'));
+  writeFileSync(sub, '');
+  await held.release();
+  const got = await waiter;
+  t.ok(
+    got instanceof LockTimeoutError || got instanceof Error,
+    `the waiter asked the kernel itself and failed: ${String(got)}`,
+  );
+  t.notMatch(String(got), /not acquired within/, 'it did not wait out its time in the queue');
+  rmSync(sub);
+  mkdirSync(sub);
+  const again = await acquireFlock(path, { timeoutMs: 2_000 });
+  t.ok(pathIsLocked(path), 'the path can be locked again: no queue entry was left behind');
+  await again.release();
+  t.notOk(existsSync(path));
+});
+
+t.test("an event's age: from the wrapper's start when it says so, else this process's", async (t) => {
+  const now = 1_764_900_000_000;
+  t.equal(eventAgeMs({ [STARTED_ENV]: '1764899990.250000' }, now, 5), 9_750, "bash's $EPOCHREALTIME");
+  t.equal(eventAgeMs({ [STARTED_ENV]: '1764899990,5' }, now, 5), 9_500, 'a decimal comma');
+  t.equal(eventAgeMs({ [STARTED_ENV]: '1764899000' }, now, 5), 5, 'older than two minutes: not this event');
+  t.equal(eventAgeMs({ [STARTED_ENV]: '1764900010' }, now, 5), 5, 'in the future: not this event');
+  t.equal(eventAgeMs({ [STARTED_ENV]: 'soon' }, now, 5), 5, 'not a time');
+  t.equal(eventAgeMs({}, now, 5), 5, 'unset: the process uptime');
+  t.equal(
+    xenLockWaitMs(20_000, eventAgeMs({ [STARTED_ENV]: '1764899990' }, now, 5)),
+    25_000,
+    'the wait is what is left',
+  );
 });
 
 t.test('flock argv, bounded runner time, and failures other than a timeout', async (t) => {
