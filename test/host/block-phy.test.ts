@@ -7,7 +7,7 @@ import t from 'tap';
 import { execFileSync } from 'node:child_process';
 import { chmodSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import { harness, harnessLoops, hexOf, runProcess, type BlockHarness } from '../lib/block-harness.js';
+import { detachIfBacks, harness, harnessLoops, hexOf, runProcess, type BlockHarness } from '../lib/block-harness.js';
 
 t.setTimeout(180_000);
 
@@ -24,13 +24,7 @@ function attachLoop(t: { teardown(fn: () => void): void }, file: string, ro = fa
   const loop = execFileSync('losetup', ['--find', '--show', ...(ro ? ['--read-only'] : []), '--', file], {
     encoding: 'utf8',
   }).trim();
-  t.teardown(() => {
-    try {
-      execFileSync('losetup', ['--detach', loop]);
-    } catch {
-      /* gone */
-    }
-  });
+  t.teardown(() => detachIfBacks(loop, file));
   return loop;
 }
 

@@ -6,7 +6,7 @@ import t from 'tap';
 import { execFileSync } from 'node:child_process';
 import { linkSync } from 'node:fs';
 import { join } from 'node:path';
-import { harness, harnessLoops, hexOf } from '../lib/block-harness.js';
+import { detachIfBacks, harness, harnessLoops, hexOf } from '../lib/block-harness.js';
 
 t.setTimeout(180_000);
 
@@ -73,13 +73,7 @@ t.test(
     // A loop attached outside our hook (as the stock block does: losetup <dev> <file>), given
     // writable to domain 4: its vbd's physical-device names that loop.
     const loop = execFileSync('losetup', ['--find', '--show', '--', img], { encoding: 'utf8' }).trim();
-    t.teardown(() => {
-      try {
-        execFileSync('losetup', ['--detach', loop]);
-      } catch {
-        /* already gone */
-      }
-    });
+    t.teardown(() => detachIfBacks(loop, img));
     const other = await h.disk({ domid: 4, devid: 51712, params: img, mode: 'w', domainName: 'delta' });
     await h.store.xs.write(`${other}/physical-device`, hexOf(loop));
     await h.store.xs.write(`${other}/node`, loop);
@@ -181,11 +175,7 @@ t.test('mounted in the backend domain: writable use refused', async (t) => {
     } catch {
       /* not mounted */
     }
-    try {
-      execFileSync('losetup', ['--detach', loop]);
-    } catch {
-      /* gone */
-    }
+    detachIfBacks(loop, img);
   });
   const w = await h.disk({ domid: 11, devid: 51712, params: img, mode: 'w' });
   t.equal((await h.run('add', w)).code, 1, 'w refused while mounted (even read-only)');

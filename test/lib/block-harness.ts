@@ -5,9 +5,18 @@
  * images are found too) and reports them, so a leak fails the test instead of staying on the host.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  realpathSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { decodeDev } from '../../src/devices/sysfs.js';
 import { connectXenstore } from '../../src/xenstore/client.js';
@@ -322,6 +331,21 @@ export function harnessLoops(): LoopRow[] {
 }
 
 /** A block device's major:minor in hex, as physical-device holds it. */
+/**
+ * Detach `loop` only while it is still a loop of `file`. A test's teardown that detaches a loop
+ * by name after the test already detached it would take whatever loop the kernel handed out under
+ * that name since, another test's or a hook's.
+ */
+export function detachIfBacks(loop: string, file: string): void {
+  try {
+    const back = readFileSync(`/sys/block/${basename(loop)}/loop/backing_file`, 'utf8').trim();
+    if (back !== realpathSync(file)) return;
+    execFileSync('losetup', ['--detach', loop]);
+  } catch {
+    // Not bound any more, or the file is gone: nothing of ours to detach.
+  }
+}
+
 export function hexOf(dev: string): string {
   const { major, minor } = decodeDev(statSync(dev, { bigint: true }).rdev);
   return `${major.toString(16)}:${minor.toString(16)}`;
