@@ -228,7 +228,8 @@ function waitLocal(path: string, q: LocalQueue, deadline: number, timeoutMs: num
         }
         reject(new LockTimeoutError(path, timeoutMs, detail));
       },
-      Math.max(0, deadline - Date.now()),
+      // setTimeout's longest delay; a longer lock_timeout_ms would otherwise fire at once.
+      Math.min(Math.max(0, deadline - Date.now()), 2 ** 31 - 1),
     );
     q.waiters.push(wake);
   });

@@ -321,44 +321,47 @@ t.test('save, restore, a failed restore and a destroy: the same device all along
   t.same(w.xlCalls, ['xl list 5', 'xl list 6', 'xl list 7'], 'xl asked once per remove that could hold');
 });
 
-t.test("the hook's parent as the service names it (parentPid): xl destroy is not asked, xl save is", async (t) => {
-  const w = await world(t);
-  // Two living processes whose command lines read "xl destroy" and "xl save" (node running a
-  // script of that name, started as xl), the parents a service is told its wrappers had.
-  const fake = (sub: string) => {
-    writeFileSync(join(w.dir, sub), 'setTimeout(() => {}, 60_000);\n');
-    const p = spawn(process.execPath, [sub], { cwd: w.dir, argv0: 'xl', stdio: 'ignore' });
-    t.teardown(() => p.kill());
-    return p.pid as number;
-  };
-  const destroy = fake('destroy');
-  const save = fake('save');
-  await new Promise((r) => setTimeout(r, 200));
-  t.equal(xlParentCommand('/proc', destroy), 'destroy');
-  t.equal(xlParentCommand('/proc', save), 'save');
+t.test(
+  "runHook's parentPid (what the service passes: its wrapper's parent): xl destroy is not asked, xl save is",
+  async (t) => {
+    const w = await world(t);
+    // Two living processes whose command lines read "xl destroy" and "xl save" (node running a
+    // script of that name, started as xl), the parents a service is told its wrappers had.
+    const fake = (sub: string) => {
+      writeFileSync(join(w.dir, sub), 'setTimeout(() => {}, 60_000);\n');
+      const p = spawn(process.execPath, [sub], { cwd: w.dir, argv0: 'xl', stdio: 'ignore' });
+      t.teardown(() => p.kill());
+      return p.pid as number;
+    };
+    const destroy = fake('destroy');
+    const save = fake('save');
+    await new Promise((r) => setTimeout(r, 200));
+    t.equal(xlParentCommand('/proc', destroy), 'destroy');
+    t.equal(xlParentCommand('/proc', save), 'save');
 
-  // Suspended as for a save, but the remove comes from xl destroy: undone, xl not asked.
-  await domain(w, 8, 'web', U1);
-  t.equal((await w.hook('add', 8)).code, 0);
-  w.xl.set(8, '--pss-');
-  await closeBackend(w.store.xs, { domid: 8, devid: 51712 });
-  t.equal((await w.hook('remove', 8, 51712, destroy)).code, 0);
-  t.same(w.loopsOnFile(), [], 'undone');
-  t.same(w.xlCalls, [], 'xl destroy ran it: xl was not asked');
-  await destroyNodes(w, 8);
-  w.xl.delete(8);
+    // Suspended as for a save, but the remove comes from xl destroy: undone, xl not asked.
+    await domain(w, 8, 'web', U1);
+    t.equal((await w.hook('add', 8)).code, 0);
+    w.xl.set(8, '--pss-');
+    await closeBackend(w.store.xs, { domid: 8, devid: 51712 });
+    t.equal((await w.hook('remove', 8, 51712, destroy)).code, 0);
+    t.same(w.loopsOnFile(), [], 'undone');
+    t.same(w.xlCalls, [], 'xl destroy ran it: xl was not asked');
+    await destroyNodes(w, 8);
+    w.xl.delete(8);
 
-  // From xl save: xl is asked, and the device is held for the restore.
-  await domain(w, 9, 'web', U1);
-  t.equal((await w.hook('add', 9)).code, 0);
-  w.xl.set(9, '--pss-');
-  await closeBackend(w.store.xs, { domid: 9, devid: 51712 });
-  const saved = await w.hook('remove', 9, 51712, save);
-  t.equal(saved.code, 0);
-  t.same(w.xlCalls, ['xl list 9'], 'xl save ran it: xl was asked');
-  t.equal(w.loopsOnFile().length, 1, 'held for the restore');
-  t.match(saved.log.join('\n'), /is being saved; keeping/);
-});
+    // From xl save: xl is asked, and the device is held for the restore.
+    await domain(w, 9, 'web', U1);
+    t.equal((await w.hook('add', 9)).code, 0);
+    w.xl.set(9, '--pss-');
+    await closeBackend(w.store.xs, { domid: 9, devid: 51712 });
+    const saved = await w.hook('remove', 9, 51712, save);
+    t.equal(saved.code, 0);
+    t.same(w.xlCalls, ['xl list 9'], 'xl save ran it: xl was asked');
+    t.equal(w.loopsOnFile().length, 1, 'held for the restore');
+    t.match(saved.log.join('\n'), /is being saved; keeping/);
+  },
+);
 
 async function holdOne(t: Test, w: World, domid: number, uuid: string): Promise<void> {
   await domain(w, domid, 'db', uuid);
